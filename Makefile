@@ -1,0 +1,35 @@
+# blockhorn — `make demo`, `make test`, `make bench` each run `make setup` first.
+# setup is idempotent: apt packages are installed only when missing (one apt-get update),
+# the venv is built with Debian's python3 (the interpreter nbdkit embeds) so the plugin and
+# the CLI share one set of dependencies.
+
+PY_SYS   := /usr/bin/python3
+VENV     := .venv
+PY       := $(VENV)/bin/python
+APT_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
+            e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc
+STAMP    := $(VENV)/.setup-stamp
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	APT_PKGS="$(APT_PKGS)" PY_SYS="$(PY_SYS)" VENV="$(VENV)" bash scripts/setup.sh
+	touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup lint
+	$(VENV)/bin/pytest -q -ra $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check blockhorn tests scripts
+	$(VENV)/bin/mypy blockhorn
+
+bench: setup
+	$(PY) scripts/bench.py $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,114 @@
+"""Config files of the per-volume processes: one replica server, one engine.
+
+The daemon writes them under its home; hand-run hosts write them for the systemd templates
+(`blockhorn-replica@NAME.service` reads `/etc/blockhorn/replica/NAME.json`). JSON, one object.
+Addresses are `HOST:PORT` (TCP) or `unix:/PATH` (a unix socket, same host only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+from blockhorn.fsutil import atomic_write_json
+from blockhorn.types import InvalidArgument, NotFound, check_name
+
+REPLICA_TIMEOUT_S = 8.0   # seconds a replica may take to answer before it is set ERR
+MIN_RW = 1                # fewest RW replicas that still acknowledge I/O
+
+
+def parse_address(address: str) -> tuple[str, str | int]:
+    """`unix:/p` -> ("unix", "/p"); `host:port` -> (host, port)."""
+    if address.startswith("unix:"):
+        path = address[5:]
+        if not path:
+            raise InvalidArgument(f"bad address {address!r}: unix socket path missing")
+        return "unix", path
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"bad address {address!r}: use HOST:PORT or unix:/PATH")
+    return host.strip("[]"), int(port)
+
+
+class _Loadable:
+    @classmethod
+    def load(cls, path: str) -> Self:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise NotFound(f"config file {path} does not exist") from None
+        except ValueError as e:
+            raise InvalidArgument(f"config file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - names
+        if unknown:
+            raise InvalidArgument(f"{where}: unknown keys {sorted(unknown)}")
+        try:
+            obj = cls(**data)
+        except TypeError as e:
+            raise InvalidArgument(f"{where}: {e}") from None
+        obj.validate()  # type: ignore[attr-defined]
+        return obj
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload, no-any-return]
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write_json(path, self.to_dict(), mode=0o600)
+
+
+@dataclass
+class ReplicaConfig(_Loadable):
+    volume: str
+    name: str
+    directory: str
+    size: int
+    listen: str          # address to listen on
+    key_file: str
+
+    def validate(self) -> None:
+        check_name(self.volume)
+        check_name(self.name, "replica")
+        parse_address(self.listen)
+
+
+@dataclass
+class ReplicaRef:
+    name: str
+    address: str
+    path: str = ""       # directory, when the replica is on this host (enables local reads)
+
+
+@dataclass
+class EngineConfig(_Loadable):
+    volume: str
+    size: int
+    replicas: list[ReplicaRef]
+    key_file: str
+    control_socket: str
+    min_rw: int = MIN_RW
+    timeout_s: float = REPLICA_TIMEOUT_S
+    local_reads: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        check_name(self.volume)
+        self.replicas = [r if isinstance(r, ReplicaRef) else ReplicaRef(**r)
+                         for r in self.replicas]
+        if not self.replicas:
+            raise InvalidArgument("engine config lists no replicas")
+        for r in self.replicas:
+            parse_address(r.address)
+        if not 1 <= self.min_rw <= len(self.replicas):
+            raise InvalidArgument(f"min_rw={self.min_rw} must be between 1 and the replica count")
+        if self.timeout_s <= 0:
+            raise InvalidArgument("timeout_s must be positive")

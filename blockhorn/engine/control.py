@@ -1,0 +1,101 @@
+"""The engine's control socket: JSON lines over a unix socket, for the daemon and the CLI.
+
+Requests: {"op": "status"}, {"op": "rebuild", "replica": NAME}. Reply: a JSON object; errors
+are {"error": message, "errno": n}.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from blockhorn.engine.engine import Engine
+from blockhorn.types import BlockhornError
+
+log = logging.getLogger("blockhorn.engine")
+MAX_LINE = 1 << 20   # bytes
+
+
+class ControlServer:
+    def __init__(self, engine: Engine, path: str) -> None:
+        self.engine = engine
+        self.path = path
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        sock.listen(16)
+        self.sock = sock
+        threading.Thread(target=self._accept, name="control", daemon=True).start()
+
+    def stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+
+    def _accept(self) -> None:
+        while self.sock is not None:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # socket closed by stop()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                if len(line) > MAX_LINE:
+                    return
+                f.write(json.dumps(self.handle(line)).encode() + b"\n")
+                f.flush()
+
+    def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            op = req.get("op")
+            if op == "status":
+                return self.engine.status()
+            if op == "rebuild":
+                self.engine.rebuild(str(req["replica"]))
+                return self.engine.status()
+            raise BlockhornError(f"unknown control op {op!r}", errno.EINVAL)
+        except BlockhornError as e:
+            return {"error": str(e), "errno": e.errno}
+        except (ValueError, KeyError, AttributeError) as e:
+            return {"error": f"bad request: {e}", "errno": errno.EINVAL}
+
+
+class ControlClient:
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def call(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                sock.sendall(json.dumps(req).encode() + b"\n")
+                with sock.makefile("rb") as f:
+                    line = f.readline(MAX_LINE)
+        except OSError as e:
+            raise BlockhornError(f"engine control socket {self.path}: {e.strerror or e}",
+                                 e.errno or errno.EIO) from None
+        if not line:
+            raise BlockhornError(f"engine at {self.path} closed the control connection")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise BlockhornError(reply["error"], int(reply.get("errno", errno.EIO)))
+        return reply

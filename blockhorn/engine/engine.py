@@ -1,0 +1,412 @@
+"""The engine: replicates every write of one volume to its replicas.
+
+Invariants (docs/DURABILITY.md):
+- Every data-changing request is *sent* to all non-ERR replicas under one lock (`order_lock`),
+  so every replica receives and executes mutations in the same order. Overlapping concurrent
+  writes therefore land identically everywhere, and a read or copy sent to a replica after a
+  write sees it.
+- A write is acknowledged when every RW and WO replica acknowledged it; a replica that errors
+  or does not answer within `timeout_s` is set ERR and the write still succeeds while at least
+  `min_rw` RW replicas acknowledged it. Otherwise the request fails with EIO (ENOSPC when every
+  replica said ENOSPC).
+- FLUSH and FUA reach every RW/WO replica's disk (fdatasync) before the reply.
+- Reads go to one RW replica: the local one when it lives on this host (read directly from its
+  head file), else round-robin; on error, the next RW replica.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockhorn.config import EngineConfig, ReplicaRef
+from blockhorn.engine.client import Call, ReplicaClient
+from blockhorn.fsutil import preadv_full
+from blockhorn.keys import load_key
+from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op
+from blockhorn.types import (
+    BlockhornError,
+    InvalidArgument,
+    NoSpace,
+    ReplicaMode,
+    ReplicaUnavailable,
+    Robustness,
+)
+
+log = logging.getLogger("blockhorn.engine")
+
+REBUILD_CHUNK = 2 << 20      # bytes copied per step of a rebuild (Longhorn's batch size)
+PING_INTERVAL_S = 2.0        # idle replicas are pinged this often to notice hangs
+
+
+@dataclass
+class ReplicaState:
+    ref: ReplicaRef
+    mode: ReplicaMode = ReplicaMode.ERR
+    client: ReplicaClient | None = None
+    local_fd: int | None = None          # head file opened directly, for local reads
+    error: str = ""
+    stat: dict[str, Any] = field(default_factory=dict)
+    rebuild: dict[str, Any] | None = None
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.size = cfg.size
+        self.key = load_key(cfg.key_file)
+        self.replicas = {r.name: ReplicaState(r) for r in cfg.replicas}
+        self.order_lock = threading.Lock()     # see module docstring
+        self.state_lock = threading.Lock()     # guards modes and the RW list
+        self._rr = 0
+        self._readers: list[ReplicaState] = []
+        self.counters = {"reads": 0, "writes": 0, "flushes": 0, "trims": 0, "zeros": 0,
+                         "read_bytes": 0, "write_bytes": 0, "errors": 0}
+        self._stop = threading.Event()
+        self._rebuilds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebuild")
+        self._maint: threading.Thread | None = None
+
+    # --- start / stop ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to every replica, choose modes, and start rebuilding stale ones."""
+        with ThreadPoolExecutor(max_workers=len(self.replicas)) as pool:
+            list(pool.map(self._connect, self.replicas.values()))
+        candidates = [r for r in self.replicas.values()
+                      if r.client and not r.stat.get("rebuilding") and not r.stat.get("error")]
+        if not candidates:
+            raise ReplicaUnavailable(f"volume {self.cfg.volume}: no usable replica ("
+                                     + "; ".join(f"{r.ref.name}: {r.error or 'stale'}"
+                                                 for r in self.replicas.values()) + ")")
+        # A replica that opened dirty (its process or host crashed) may hold unflushed writes
+        # its counter does not count: trust it only when no cleanly opened replica is left.
+        clean = [r for r in candidates if not r.stat.get("opened_dirty")]
+        pool_ = clean or candidates
+        best = max(r.stat["revision"] for r in pool_)
+        chosen = [r for r in pool_ if r.stat["revision"] == best]
+        if not clean:
+            chosen = chosen[:1]
+        for r in chosen:
+            r.mode = ReplicaMode.RW
+            self._open_local(r)
+        for r in self.replicas.values():
+            if r.client:
+                r.client.control({"op": "bump_generation"})
+        self._update_readers()
+        stale = [r for r in self.replicas.values() if r.client and r.mode != ReplicaMode.RW]
+        log.info("volume %s: RW %s, rebuilding %s", self.cfg.volume,
+                 [r.ref.name for r in chosen], [r.ref.name for r in stale])
+        for r in stale:
+            r.mode = ReplicaMode.ERR
+            self.rebuild(r.ref.name)
+        self._maint = threading.Thread(target=self._maintain, name="maintain", daemon=True)
+        self._maint.start()
+
+    def _connect(self, r: ReplicaState) -> None:
+        client = ReplicaClient(r.ref, self.key, self.cfg.volume, on_lost=self._on_lost,
+                               send_timeout=self.cfg.timeout_s)
+        try:
+            client.connect()
+            r.stat = client.stat()
+            if r.stat["size"] != self.size:
+                raise BlockhornError(f"size {r.stat['size']} differs from the volume's "
+                                     f"{self.size}", errno.EINVAL)
+        except BlockhornError as e:
+            client.close()
+            r.error = str(e)
+            log.warning("replica %s unavailable: %s", r.ref.name, e)
+            return
+        r.client = client
+        r.error = ""
+
+    def _open_local(self, r: ReplicaState) -> None:
+        """Read this replica's head file directly when it is on this host and the same file."""
+        if not self.cfg.local_reads or not r.ref.path or r.stat.get("layers") != 1:
+            return
+        path = os.path.join(r.ref.path, str(r.stat.get("head", "")))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_dev) != (r.stat.get("head_ino"), r.stat.get("head_dev")):
+            os.close(fd)
+            return
+        r.local_fd = fd
+
+    def close(self) -> None:
+        """Flush every replica and drop the connections."""
+        self._stop.set()
+        self._rebuilds.shutdown(wait=False, cancel_futures=True)
+        try:
+            if self._writable():
+                self.flush()
+        except BlockhornError as e:
+            log.warning("final flush failed: %s", e)
+        for r in self.replicas.values():
+            if r.client:
+                r.client.close()
+            if r.local_fd is not None:
+                os.close(r.local_fd)
+                r.local_fd = None
+
+    # --- modes -------------------------------------------------------------------------------
+
+    def _writable(self) -> list[ReplicaState]:
+        return [r for r in self.replicas.values()
+                if r.mode in (ReplicaMode.RW, ReplicaMode.WO) and r.client]
+
+    def _update_readers(self) -> None:
+        rw = [r for r in self.replicas.values() if r.mode == ReplicaMode.RW]
+        rw.sort(key=lambda r: r.local_fd is None)      # local replicas first
+        self._readers = rw
+
+    def set_error(self, r: ReplicaState, reason: str) -> None:
+        with self.state_lock:
+            if r.mode == ReplicaMode.ERR:
+                return
+            log.error("replica %s -> ERR: %s", r.ref.name, reason)
+            r.mode = ReplicaMode.ERR
+            r.error = reason
+            if r.local_fd is not None:
+                os.close(r.local_fd)
+                r.local_fd = None
+            self._update_readers()
+        if r.client:
+            r.client.close(reason)
+
+    def _on_lost(self, client: ReplicaClient, reason: str) -> None:
+        r = self.replicas.get(client.name)
+        if r is not None and r.client is client:
+            self.set_error(r, reason)
+
+    def robustness(self) -> Robustness:
+        rw = sum(r.mode == ReplicaMode.RW for r in self.replicas.values())
+        if rw < self.cfg.min_rw:
+            return Robustness.FAULTED
+        return Robustness.HEALTHY if rw == len(self.replicas) else Robustness.DEGRADED
+
+    # --- data path ---------------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"bad range {offset}+{length}")
+        if offset + length > self.size:
+            raise NoSpace(f"{offset}+{length} is past the end of the volume ({self.size})")
+
+    def _fan_out(self, op: int, offset: int, length: int, data: Any = None,
+                 flags: int = 0) -> None:
+        """Send one mutation to every RW/WO replica (in the global order) and wait for all."""
+        with self.order_lock:
+            targets = self._writable()
+            if sum(r.mode == ReplicaMode.RW for r in targets) < self.cfg.min_rw:
+                raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
+                                         f"{self.cfg.min_rw} RW replicas")
+            call = Call(len(targets))
+            for r in targets:
+                assert r.client is not None  # _writable() returns connected replicas only
+                r.client.submit(call, op, offset, length, data, flags)
+        if not call.wait(self.cfg.timeout_s):
+            for r in targets:
+                if r.ref.name not in call.results:
+                    self.set_error(r, f"no answer within {self.cfg.timeout_s:g} s")
+        ok_rw = 0
+        failures = []
+        for r in targets:
+            status = call.results.get(r.ref.name, errno.ETIMEDOUT)
+            if status:
+                failures.append(status)
+                self.set_error(r, f"op {op} failed: {os.strerror(status)}")
+            elif r.mode == ReplicaMode.RW:
+                ok_rw += 1
+        if ok_rw < self.cfg.min_rw:
+            self.counters["errors"] += 1
+            if failures and all(s == errno.ENOSPC for s in failures):
+                raise NoSpace("every replica is out of space")
+            raise ReplicaUnavailable(f"volume {self.cfg.volume}: write reached only {ok_rw} RW "
+                                     f"replicas, {self.cfg.min_rw} needed")
+
+    def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
+        self._check_range(offset, len(buf))
+        self._fan_out(Op.WRITE, offset, len(buf), buf, FLAG_FUA if fua else 0)
+        self.counters["writes"] += 1
+        self.counters["write_bytes"] += len(buf)
+
+    def flush(self) -> None:
+        self._fan_out(Op.FLUSH, 0, 0)
+        self.counters["flushes"] += 1
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check_range(offset, length)
+        self._fan_out(Op.TRIM, offset, length, None, FLAG_FUA if fua else 0)
+        self.counters["trims"] += 1
+
+    def zero(self, offset: int, length: int, may_trim: bool = False, fua: bool = False) -> None:
+        self._check_range(offset, length)
+        flags = (FLAG_MAY_TRIM if may_trim else 0) | (FLAG_FUA if fua else 0)
+        self._fan_out(Op.ZERO, offset, length, None, flags)
+        self.counters["zeros"] += 1
+
+    def pread(self, buf: Any, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        self._check_range(offset, len(view))
+        self.counters["reads"] += 1
+        self.counters["read_bytes"] += len(view)
+        tried = 0
+        while True:
+            readers = self._readers
+            if not readers or tried >= len(self.replicas):
+                self.counters["errors"] += 1
+                raise ReplicaUnavailable(f"volume {self.cfg.volume}: no RW replica can read")
+            if readers[0].local_fd is not None:
+                r = readers[0]
+            else:
+                self._rr += 1
+                r = readers[self._rr % len(readers)]
+            tried += 1
+            fd = r.local_fd
+            if fd is not None:
+                try:
+                    preadv_full(fd, view, offset)
+                    return
+                except OSError as e:
+                    self.set_error(r, f"local read failed: {e}")
+                    continue
+            if r.client is None:
+                continue
+            call = Call(1, dest=view)
+            r.client.submit(call, Op.READ, offset, len(view))
+            if not call.wait(self.cfg.timeout_s):
+                self.set_error(r, f"read: no answer within {self.cfg.timeout_s:g} s")
+                continue
+            status = call.results[r.ref.name]
+            if status == 0:
+                return
+            self.set_error(r, f"read failed: {os.strerror(status)}")
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Data ranges in [offset, offset+length) as (start, length), from one RW replica."""
+        for r in list(self._readers):
+            if r.client is None:
+                continue
+            try:
+                reply = r.client.control({"op": "extents", "offset": offset, "length": length},
+                                         timeout=self.cfg.timeout_s)
+                return [(int(s), int(n)) for s, n in reply["extents"]]
+            except BlockhornError as e:
+                self.set_error(r, f"extents failed: {e}")
+        raise ReplicaUnavailable(f"volume {self.cfg.volume}: no RW replica answers")
+
+    # --- rebuild -----------------------------------------------------------------------------
+
+    def rebuild(self, name: str) -> None:
+        """(Re)connect replica `name` and resync it fully from a RW replica, in the background."""
+        r = self.replicas.get(name)
+        if r is None:
+            raise InvalidArgument(f"volume {self.cfg.volume} has no replica {name!r}")
+        if r.mode == ReplicaMode.RW or (r.rebuild and r.rebuild.get("state") == "running"):
+            return
+        r.rebuild = {"state": "queued", "done": 0, "total": 0, "started": time.time()}
+        self._rebuilds.submit(self._rebuild, r)
+
+    def _rebuild(self, r: ReplicaState) -> None:
+        assert r.rebuild is not None
+        progress = r.rebuild
+        progress["state"] = "running"
+        try:
+            self._do_rebuild(r, progress)
+            progress.update(state="done", finished=time.time())
+            log.info("replica %s rebuilt: %d bytes copied", r.ref.name, progress["done"])
+        except BlockhornError as e:
+            progress.update(state="failed", error=str(e))
+            log.error("rebuild of %s failed: %s", r.ref.name, e)
+            self.set_error(r, f"rebuild failed: {e}")
+
+    def _do_rebuild(self, r: ReplicaState, progress: dict[str, Any]) -> None:
+        if r.client:
+            r.client.close("reconnecting for rebuild")
+        r.mode = ReplicaMode.ERR
+        self._connect(r)
+        target = r.client
+        if target is None:
+            raise BlockhornError(r.error or "cannot connect", errno.EHOSTUNREACH)
+        target.control({"op": "set_rebuilding", "value": True})
+        target.control({"op": "reset"})
+        # From here on the target receives every write (WO): the copy below only has to
+        # bring over what was written before.
+        with self.order_lock:
+            with self.state_lock:
+                r.mode = ReplicaMode.WO
+        sources = [s for s in self._readers if s.client]
+        if not sources:
+            raise ReplicaUnavailable("no RW replica to rebuild from")
+        source = sources[0].client
+        assert source is not None
+        extents = source.control({"op": "extents", "offset": 0, "length": self.size})["extents"]
+        progress["total"] = sum(n for _, n in extents)
+        for start, length in extents:
+            pos, end = start, start + length
+            while pos < end:
+                if self._stop.is_set() or r.mode != ReplicaMode.WO:
+                    raise BlockhornError("rebuild interrupted", errno.EINTR)
+                n = min(REBUILD_CHUNK, end - pos)
+                self._copy_chunk(source, target, pos, n)
+                pos += n
+                progress["done"] += n
+        with self.order_lock:
+            final = source.stat()
+            target.request(Op.FLUSH, timeout=self.cfg.timeout_s * 4)
+            target.control({"op": "set_revision", "revision": final["revision"]})
+            target.control({"op": "set_rebuilding", "value": False})
+            r.stat = target.stat()
+            with self.state_lock:
+                r.mode = ReplicaMode.RW
+                r.error = ""
+                self._open_local(r)
+                self._update_readers()
+
+    def _copy_chunk(self, source: ReplicaClient, target: ReplicaClient, offset: int,
+                    length: int) -> None:
+        """Copy one chunk under `order_lock`: the source read is ordered after every write sent
+        before it, and the target write before every write sent after it."""
+        buf = bytearray(length)
+        with self.order_lock:
+            call = Call(1, dest=memoryview(buf))
+            source.submit(call, Op.READ, offset, length)
+            if not call.wait(self.cfg.timeout_s) or call.results.get(source.name):
+                raise BlockhornError(f"rebuild read from {source.name} failed", errno.EIO)
+            call = Call(1)
+            target.submit(call, Op.WRITE, offset, length, buf)
+        if not call.wait(self.cfg.timeout_s) or call.results.get(target.name):
+            raise BlockhornError(f"rebuild write to {target.name} failed", errno.EIO)
+
+    # --- maintenance and status --------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        while not self._stop.wait(PING_INTERVAL_S):
+            for r in list(self.replicas.values()):
+                if r.mode == ReplicaMode.ERR or r.client is None:
+                    continue
+                call = Call(1)
+                r.client.submit(call, Op.PING)
+                if not call.wait(self.cfg.timeout_s):
+                    self.set_error(r, f"ping: no answer within {self.cfg.timeout_s:g} s")
+
+    def status(self) -> dict[str, Any]:
+        replicas = []
+        for r in self.replicas.values():
+            replicas.append({
+                "name": r.ref.name, "address": r.ref.address, "path": r.ref.path,
+                "mode": str(r.mode), "error": r.error or None, "local": r.local_fd is not None,
+                "revision": r.stat.get("revision"),
+                "rebuild": dict(r.rebuild) if r.rebuild else None,
+            })
+        return {"volume": self.cfg.volume, "size": self.size,
+                "robustness": str(self.robustness()), "min_rw": self.cfg.min_rw,
+                "replicas": replicas, "counters": dict(self.counters)}

@@ -1,0 +1,277 @@
+"""The daemon's state store: SQLite in WAL mode, one short transaction per change.
+
+Vocabulary:
+- *desired* state of a volume: `attached` or `detached`, what the operator asked for; the
+  supervisor keeps the processes of attached volumes running.
+- a *process record* (pid, create_time) names one replica or engine process. A pid alone is not
+  an identity (pids are reused); pid + psutil's create_time is, and that is what lets a restarted
+  daemon adopt the processes its predecessor started.
+
+The store is used from several threads (API requests run lifecycle steps in worker threads; the
+supervisor has its own): every call opens its own connection, which SQLite makes cheap, so no
+connection is ever shared between threads.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from blockhorn.types import AlreadyExists, NoSpace, NotFound
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
+PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS volumes (
+    name          TEXT PRIMARY KEY,
+    size          INTEGER NOT NULL,
+    replica_count INTEGER NOT NULL,
+    access_mode   TEXT NOT NULL DEFAULT 'rwo',
+    desired       TEXT NOT NULL DEFAULT 'detached',
+    frontend      TEXT,
+    attachment    TEXT,            -- JSON of blockhorn.nbd.attach.Attachment.to_dict()
+    robustness    TEXT,            -- last robustness seen from the engine
+    message       TEXT,            -- last problem worth telling the operator
+    tcp_port      INTEGER,         -- NBD TCP port of the engine, if asked for
+    created       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    name        TEXT PRIMARY KEY,
+    volume      TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    idx         INTEGER NOT NULL,
+    directory   TEXT NOT NULL,
+    address     TEXT NOT NULL,
+    pid         INTEGER,
+    create_time REAL,
+    restarts    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS engines (
+    volume         TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
+    pid            INTEGER,
+    create_time    REAL,
+    nbd_socket     TEXT NOT NULL,
+    control_socket TEXT NOT NULL,
+    restarts       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS ports (
+    port   INTEGER PRIMARY KEY,
+    volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
+    owner  TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    pid: int
+    create_time: float
+
+
+@dataclass
+class ReplicaRow:
+    name: str
+    volume: str
+    idx: int
+    directory: str
+    address: str
+    process: ProcessRecord | None
+    restarts: int = 0
+
+
+@dataclass
+class EngineRow:
+    volume: str
+    nbd_socket: str
+    control_socket: str
+    process: ProcessRecord | None
+    restarts: int = 0
+
+
+@dataclass
+class VolumeRow:
+    name: str
+    size: int
+    replica_count: int
+    access_mode: str
+    desired: str
+    frontend: str | None
+    attachment: dict[str, Any] | None
+    robustness: str | None
+    message: str | None
+    tcp_port: int | None
+    created: str
+
+
+def _proc(row: sqlite3.Row) -> ProcessRecord | None:
+    if row["pid"] is None:
+        return None
+    return ProcessRecord(int(row["pid"]), float(row["create_time"] or 0.0))
+
+
+def _volume(row: sqlite3.Row) -> VolumeRow:
+    att = row["attachment"]
+    return VolumeRow(row["name"], row["size"], row["replica_count"], row["access_mode"],
+                     row["desired"], row["frontend"], json.loads(att) if att else None,
+                     row["robustness"], row["message"], row["tcp_port"], row["created"])
+
+
+def _replica(row: sqlite3.Row) -> ReplicaRow:
+    return ReplicaRow(row["name"], row["volume"], row["idx"], row["directory"],
+                      row["address"], _proc(row), row["restarts"])
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with self.tx() as db:
+            db.executescript(_SCHEMA)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        return db
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One atomic transaction (BEGIN IMMEDIATE: writers queue up instead of deadlocking)."""
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    # --- volumes ---------------------------------------------------------------------------
+
+    def add_volume(self, name: str, size: int, replicas: list[tuple[str, str, str | None]],
+                   engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
+        """Insert a volume with its replicas [(name, directory, address)] and its engine
+        (nbd_socket, control_socket), atomically. A replica address of None gets
+        `127.0.0.1:PORT` with a port allocated here, in the same transaction."""
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
+                raise AlreadyExists(f"volume {name!r} already exists")
+            db.execute("INSERT INTO volumes (name, size, replica_count, created) "
+                       "VALUES (?, ?, ?, ?)", (name, size, len(replicas), created))
+            for idx, (rname, directory, address) in enumerate(replicas):
+                if address is None:
+                    address = f"127.0.0.1:{_allocate(db, name, rname, is_free)}"
+                db.execute("INSERT INTO replicas (name, volume, idx, directory, address) "
+                           "VALUES (?, ?, ?, ?, ?)", (rname, name, idx, directory, address))
+            db.execute("INSERT INTO engines (volume, nbd_socket, control_socket) VALUES (?, ?, ?)",
+                       (name, engine[0], engine[1]))
+        return self.volume(name)
+
+    def volume(self, name: str) -> VolumeRow:
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM volumes WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"volume {name!r} does not exist")
+        return _volume(row)
+
+    def volumes(self) -> list[VolumeRow]:
+        with self.tx() as db:
+            return [_volume(r) for r in db.execute("SELECT * FROM volumes ORDER BY name")]
+
+    def update_volume(self, name: str, **fields: Any) -> None:
+        allowed = {"desired", "frontend", "attachment", "robustness", "message", "tcp_port",
+                   "access_mode"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"cannot update volume fields {sorted(set(fields) - allowed)}")
+        if "attachment" in fields and fields["attachment"] is not None:
+            fields["attachment"] = json.dumps(fields["attachment"], sort_keys=True)
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            cur = db.execute(f"UPDATE volumes SET {sets} WHERE name=?", (*fields.values(), name))
+            if cur.rowcount == 0:
+                raise NotFound(f"volume {name!r} does not exist")
+
+    def delete_volume(self, name: str) -> None:
+        """Remove the volume, its replicas, engine record and ports (ON DELETE CASCADE)."""
+        with self.tx() as db:
+            cur = db.execute("DELETE FROM volumes WHERE name=?", (name,))
+            if cur.rowcount == 0:
+                raise NotFound(f"volume {name!r} does not exist")
+
+    # --- replicas and engines --------------------------------------------------------------
+
+    def replicas(self, volume: str) -> list[ReplicaRow]:
+        with self.tx() as db:
+            rows = db.execute("SELECT * FROM replicas WHERE volume=? ORDER BY idx", (volume,))
+            return [_replica(r) for r in rows]
+
+    def set_replica_process(self, name: str, proc: ProcessRecord | None,
+                            restarted: bool = False) -> None:
+        pid, ct = (proc.pid, proc.create_time) if proc else (None, None)
+        with self.tx() as db:
+            db.execute("UPDATE replicas SET pid=?, create_time=?, restarts=restarts+? "
+                       "WHERE name=?", (pid, ct, int(restarted), name))
+
+    def set_replica_address(self, name: str, address: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE replicas SET address=? WHERE name=?", (address, name))
+
+    def engine(self, volume: str) -> EngineRow:
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM engines WHERE volume=?", (volume,)).fetchone()
+        if row is None:
+            raise NotFound(f"volume {volume!r} has no engine record")
+        return EngineRow(row["volume"], row["nbd_socket"], row["control_socket"], _proc(row),
+                         row["restarts"])
+
+    def set_engine_process(self, volume: str, proc: ProcessRecord | None,
+                           restarted: bool = False) -> None:
+        pid, ct = (proc.pid, proc.create_time) if proc else (None, None)
+        with self.tx() as db:
+            db.execute("UPDATE engines SET pid=?, create_time=?, restarts=restarts+? "
+                       "WHERE volume=?", (pid, ct, int(restarted), volume))
+
+    # --- ports -----------------------------------------------------------------------------
+
+    def allocate_port(self, volume: str, owner: str, is_free: Callable[[int], bool]) -> int:
+        """Record and return a TCP port that no volume holds and `is_free` accepts; it
+        replaces the port `owner` held before (used when a stored port was taken meanwhile)."""
+        with self.tx() as db:
+            return _allocate(db, volume, owner, is_free)
+
+    def ports(self, volume: str) -> dict[str, int]:
+        with self.tx() as db:
+            rows = db.execute("SELECT owner, port FROM ports WHERE volume=?", (volume,))
+            return {r["owner"]: r["port"] for r in rows}
+
+
+def _allocate(db: sqlite3.Connection, volume: str, owner: str,
+              is_free: Callable[[int], bool]) -> int:
+    taken = {r[0] for r in db.execute("SELECT port FROM ports")}
+    first, last = PORT_RANGE
+    span = last - first
+    # Start at a random point so that two homes on one host (tests, hand-run setups) rarely
+    # pick the same port before either binds it; scan the range once from there.
+    start = random.randrange(span)
+    for i in range(span):
+        port = first + (start + i) % span
+        if port not in taken and is_free(port):
+            db.execute("DELETE FROM ports WHERE owner=? AND volume=?", (owner, volume))
+            db.execute("INSERT INTO ports VALUES (?, ?, ?)", (port, volume, owner))
+            return port
+    raise NoSpace(f"no free TCP port in {first}-{last - 1} for {owner}")

@@ -1,0 +1,223 @@
+"""Turning a running engine into a block device, and back.
+
+Where the kernel has NBD (`/dev/nbd*`), `nbd-client` connects the engine's unix socket to a
+free `/dev/nbdN`. Elsewhere (containers, this CI), `nbdfuse` exposes the engine as one file in a
+FUSE mount and `losetup` puts a loop device on it. `detach_device` undoes every step in reverse
+order and keeps going after a failed step, so a half-attached volume can always be cleaned up.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from blockhorn.types import BlockhornError
+
+PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
+NBDKIT_PYTHON_PLUGIN = "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-python-plugin.so"
+READY_TIMEOUT_S = 20.0
+NBDKIT_THREADS = 16       # nbdkit worker threads per connection (its default is 16 too)
+
+PACKAGES = {  # command -> Debian package that provides it
+    "nbdkit": "nbdkit", "nbdfuse": "libnbd-bin", "losetup": "mount",
+    "fusermount3": "fuse3", "nbd-client": "nbd-client",
+}
+
+
+@dataclass
+class Attachment:
+    device: str
+    frontend: str
+    pids: dict[str, int] = field(default_factory=dict)
+    fuse_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Attachment:
+        return cls(**data)
+
+
+def require(command: str) -> str:
+    path = shutil.which(command)
+    if path is None:
+        raise BlockhornError(f"{command} is not installed: apt-get install {PACKAGES[command]}",
+                             errno.ENOENT)
+    return path
+
+
+def check_dependencies(frontend: str = "auto") -> None:
+    require("nbdkit")
+    if not glob.glob("/usr/lib/*/nbdkit/plugins/nbdkit-python-plugin.so"):
+        raise BlockhornError("nbdkit's Python plugin is not installed: "
+                             "apt-get install nbdkit-plugin-python", errno.ENOENT)
+    frontend = choose_frontend(frontend)
+    if frontend == "nbd":
+        require("nbd-client")
+    elif frontend == "nbdfuse":
+        for cmd in ("nbdfuse", "losetup", "fusermount3"):
+            require(cmd)
+        if not os.path.exists("/dev/fuse"):
+            raise BlockhornError("/dev/fuse is missing: this host cannot use the nbdfuse "
+                                 "frontend", errno.ENODEV)
+
+
+def choose_frontend(frontend: str) -> str:
+    if frontend == "auto":
+        return "nbd" if glob.glob("/dev/nbd[0-9]*") and shutil.which("nbd-client") else "nbdfuse"
+    if frontend not in ("nbd", "nbdfuse", "none"):
+        raise BlockhornError(f"unknown frontend {frontend!r}: use auto, nbd, nbdfuse or none",
+                             errno.EINVAL)
+    return frontend
+
+
+def engine_argv(config_path: str, nbd_socket: str, tcp_port: int | None = None) -> list[str]:
+    """The command line of one engine: nbdkit in the foreground with the blockhorn plugin."""
+    argv = [require("nbdkit"), "--foreground", "--threads", str(NBDKIT_THREADS),
+            "--unix", nbd_socket]
+    if tcp_port is not None:
+        argv += ["--port", str(tcp_port)]
+    return argv + ["python", PLUGIN, f"config={os.path.abspath(config_path)}"]
+
+
+def nbd_uri(nbd_socket: str) -> str:
+    return f"nbd+unix:///?socket={os.path.abspath(nbd_socket)}"
+
+
+def _run(argv: list[str], timeout: float = 30.0) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BlockhornError(f"{argv[0]} did not finish in {timeout:g} s", errno.ETIMEDOUT) from None
+    if proc.returncode != 0:
+        raise BlockhornError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.returncode}",
+                             errno.EIO)
+    return proc.stdout.strip()
+
+
+def wait_for(predicate: Any, what: str, timeout: float = READY_TIMEOUT_S,
+             log_path: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            tail = ""
+            if log_path and os.path.exists(log_path):
+                with open(log_path, errors="replace") as f:
+                    tail = "; log: " + " | ".join(f.read().splitlines()[-5:])
+            raise BlockhornError(f"{what} not ready after {timeout:g} s{tail}", errno.ETIMEDOUT)
+        time.sleep(0.05)
+
+
+def attach_device(uri: str, fuse_dir: str, log_path: str, frontend: str = "auto") -> Attachment:
+    frontend = choose_frontend(frontend)
+    if frontend == "nbd":
+        return _attach_nbd(uri)
+    if frontend == "none":
+        return Attachment(device="", frontend="none")
+    return _attach_nbdfuse(uri, fuse_dir, log_path)
+
+
+def _attach_nbd(uri: str) -> Attachment:
+    socket_path = uri.split("socket=", 1)[1]
+    for dev in sorted(glob.glob("/dev/nbd[0-9]*")):
+        size_file = f"/sys/block/{os.path.basename(dev)}/size"
+        if os.path.exists(size_file) and open(size_file).read().strip() != "0":
+            continue  # in use
+        _run([require("nbd-client"), "-unix", socket_path, dev, "-b", "4096"])
+        return Attachment(device=dev, frontend="nbd")
+    raise BlockhornError("no free /dev/nbd device", errno.EBUSY)
+
+
+def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
+    os.makedirs(fuse_dir, exist_ok=True)
+    _cleanup_stale_mount(fuse_dir)
+    image = os.path.join(fuse_dir, "nbd")
+    pidfile = fuse_dir.rstrip("/") + ".pid"
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    att = Attachment(device="", frontend="nbdfuse", fuse_dir=fuse_dir)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([require("nbdfuse"), "-P", pidfile, image, uri],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    att.pids["nbdfuse"] = proc.pid
+    try:
+        wait_for(lambda: os.path.exists(pidfile) or proc.poll() is not None,
+                 "nbdfuse", log_path=log_path)
+        if proc.poll() is not None:
+            raise BlockhornError(f"nbdfuse exited with status {proc.returncode}; "
+                                 f"see {log_path}", errno.EIO)
+        att.device = _run([require("losetup"), "--find", "--show", "--direct-io=on", image])
+    except BaseException:
+        detach_device(att)
+        raise
+    return att
+
+
+def _cleanup_stale_mount(fuse_dir: str) -> None:
+    """A FUSE mount whose process died answers ENOTCONN: unmount it before reuse."""
+    try:
+        os.stat(os.path.join(fuse_dir, "nbd"))
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            subprocess.run(["fusermount3", "-u", "-z", fuse_dir], capture_output=True)
+
+
+def detach_device(att: Attachment) -> None:
+    """Undo `attach_device` in reverse order; every step is tried, the first error re-raised."""
+    errors: list[str] = []
+    if att.frontend == "nbd" and att.device:
+        try:
+            _run([require("nbd-client"), "-d", att.device])
+        except BlockhornError as e:
+            errors.append(str(e))
+    if att.frontend == "nbdfuse":
+        if att.device:
+            try:
+                _run([require("losetup"), "-d", att.device])
+            except BlockhornError as e:
+                if "No such device" not in str(e):
+                    errors.append(str(e))
+        if att.fuse_dir and os.path.ismount(att.fuse_dir):
+            proc = subprocess.run(["fusermount3", "-u", att.fuse_dir], capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", att.fuse_dir], capture_output=True)
+        pid = att.pids.get("nbdfuse")
+        if pid:
+            _wait_exit(pid)
+    if errors:
+        raise BlockhornError("; ".join(errors), errno.EBUSY)
+
+
+def _wait_exit(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return
+        except ChildProcessError:
+            if not _alive(pid):
+                return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # exited between the check and the kill
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -1,0 +1,156 @@
+"""The engine <-> replica wire protocol: a pure codec (no I/O). See docs/FORMAT.md.
+
+Every message, request or reply, starts with the same 28-byte little-endian header:
+
+    magic u16 | version u8 | op u8 | flags u16 | status u16 | seq u32 | offset u64
+    | length u32 | payload u32
+
+A request's `op` is one of `Op`; its reply carries `op | REPLY` and the same `seq`. Replies may
+arrive in any order. `status` is 0 in requests and an errno in replies. `payload` bytes follow
+the header (write data in a WRITE request, read data in a READ reply, JSON in STAT/CONTROL).
+
+Before any message, a mutual HMAC-SHA256 handshake proves both sides hold the cluster key and
+names the volume, so a stranger can neither read nor write replica data.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import struct
+from typing import Any, NamedTuple
+
+from blockhorn.types import MAX_REQUEST, AuthError, ProtocolError
+
+MAGIC = 0xB10C
+VERSION = 1
+HEADER = struct.Struct("<HBBHHIQII")
+HEADER_SIZE = HEADER.size  # 28
+REPLY = 0x80
+FLAG_FUA = 0x0001          # WRITE/ZERO: data durable (fdatasync) before the reply
+FLAG_MAY_TRIM = 0x0002     # ZERO: the replica may punch a hole instead of writing zeros
+MAX_PAYLOAD = MAX_REQUEST + 4096
+
+
+class Op(enum.IntEnum):
+    READ = 1
+    WRITE = 2
+    FLUSH = 3
+    TRIM = 4
+    ZERO = 5
+    PING = 6
+    STAT = 7       # reply payload: JSON object describing the replica
+    CONTROL = 8    # request and reply payload: JSON object {"op": ..., ...}
+
+
+class Header(NamedTuple):
+    op: int
+    flags: int
+    status: int
+    seq: int
+    offset: int
+    length: int
+    payload: int
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.op & REPLY)
+
+
+def pack(op: int, seq: int, offset: int = 0, length: int = 0, payload: int = 0,
+         flags: int = 0, status: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, flags, status, seq, offset, length, payload)
+
+
+def unpack(buf: bytes | bytearray | memoryview, pos: int = 0) -> Header:
+    magic, version, op, flags, status, seq, offset, length, payload = HEADER.unpack_from(buf, pos)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic 0x{magic:04x} (not a blockhorn replica peer?)")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}")
+    if payload > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {payload} bytes exceeds the limit")
+    return Header(op, flags, status, seq, offset, length, payload)
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def decode_json(buf: bytes | bytearray | memoryview) -> Any:
+    try:
+        return json.loads(bytes(buf))
+    except ValueError as e:
+        raise ProtocolError(f"bad JSON payload: {e}") from e
+
+
+# --- handshake -------------------------------------------------------------------------------
+# server -> client: HELLO   = b"BHRP" | version u16 | reserved u16 | server nonce (32)
+# client -> server: AUTH    = name length u16 | volume name (UTF-8) | client nonce (32) | mac_c (32)
+# server -> client: WELCOME = status u8 (0 ok, 1 refused) | mac_s (32, zero when refused)
+# mac_c = HMAC-SHA256(key, b"client" | server nonce | client nonce | name)
+# mac_s = HMAC-SHA256(key, b"server" | client nonce | server nonce | name)
+
+HELLO = struct.Struct("<4sHH32s")
+HELLO_MAGIC = b"BHRP"
+NONCE_SIZE = 32
+MAC_SIZE = 32
+WELCOME_SIZE = 1 + MAC_SIZE
+MAX_NAME = 255
+
+
+def mac(key: bytes, role: bytes, first: bytes, second: bytes, name: str) -> bytes:
+    return hmac.new(key, role + first + second + name.encode(), hashlib.sha256).digest()
+
+
+def pack_hello(server_nonce: bytes) -> bytes:
+    return HELLO.pack(HELLO_MAGIC, VERSION, 0, server_nonce)
+
+
+def unpack_hello(buf: bytes) -> bytes:
+    magic, version, _reserved, nonce = HELLO.unpack(buf)
+    if magic != HELLO_MAGIC:
+        raise ProtocolError("peer is not a blockhorn replica (bad hello)")
+    if version != VERSION:
+        raise ProtocolError(f"replica speaks protocol version {version}, we speak {VERSION}")
+    return bytes(nonce)
+
+
+def pack_auth(key: bytes, volume: str, server_nonce: bytes, client_nonce: bytes) -> bytes:
+    name = volume.encode()
+    return (struct.pack("<H", len(name)) + name + client_nonce
+            + mac(key, b"client", server_nonce, client_nonce, volume))
+
+
+def auth_size(name_len: int) -> int:
+    return name_len + NONCE_SIZE + MAC_SIZE
+
+
+def verify_auth(key: bytes, volume: str, server_nonce: bytes, body: bytes) -> bytes:
+    """Check the AUTH body (after the u16 name length); return the client nonce."""
+    name_len = len(body) - NONCE_SIZE - MAC_SIZE
+    name = body[:name_len].decode(errors="replace")
+    client_nonce = body[name_len:name_len + NONCE_SIZE]
+    got = body[name_len + NONCE_SIZE:]
+    want = mac(key, b"client", server_nonce, client_nonce, volume)
+    if name != volume or not hmac.compare_digest(got, want):
+        raise AuthError("handshake refused: wrong cluster key or volume name")
+    return client_nonce
+
+
+def pack_welcome(key: bytes | None, volume: str, server_nonce: bytes,
+                 client_nonce: bytes) -> bytes:
+    if key is None:
+        return b"\x01" + bytes(MAC_SIZE)
+    return b"\x00" + mac(key, b"server", client_nonce, server_nonce, volume)
+
+
+def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: bytes,
+                   buf: bytes) -> None:
+    if buf[0] != 0:
+        raise AuthError(f"replica refused the handshake for volume {volume!r}: "
+                        "wrong cluster key or volume name")
+    if not hmac.compare_digest(buf[1:], mac(key, b"server", client_nonce, server_nonce, volume)):
+        raise AuthError("replica failed to prove it holds the cluster key")

@@ -1,0 +1,273 @@
+"""The replica server: one trio process serving one replica directory over the wire protocol.
+
+Each connection runs one loop: receive what the socket has, execute every complete request in
+arrival order, answer them all with one `sendmsg`. That batching is what makes a pipelined
+engine fast (docs/FORMAT.md). Data operations run inline on the trio thread on purpose: they
+are page-cache copies, cheaper than a thread hop, and one replica's requests are serialized by
+its disk anyway. FLUSH (fdatasync) runs in a worker thread while I/O on this replica waits —
+the replica lock keeps the store single-threaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import signal
+import socket as stdsocket
+import sys
+from typing import Any
+
+import trio
+
+from blockhorn.config import ReplicaConfig, parse_address
+from blockhorn.keys import load_key
+from blockhorn.replica import proto
+from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
+from blockhorn.replica.store import Replica
+from blockhorn.types import BlockhornError, ProtocolError
+
+log = logging.getLogger("blockhorn.replica")
+
+RECV_BUFFER = 4 << 20        # bytes; one receive buffer per connection
+HANDSHAKE_TIMEOUT_S = 10.0
+BUFFERS_PER_SEND = 512       # sendmsg takes at most IOV_MAX (1024) buffers
+
+
+class ReplicaServer:
+    def __init__(self, replica: Replica, key: bytes, volume: str) -> None:
+        self.replica = replica
+        self.key = key
+        self.volume = volume
+        self.lock = trio.Lock()
+        self.connections = 0
+        self.fault: dict[str, Any] = {}   # fault-injection hook: {"delay_s": float, ...}
+
+    async def serve(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        kind, where = parse_address(listen)
+        if kind == "unix":
+            path = str(where)
+            remove_socket(path)
+            sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+            await sock.bind(path)
+            os.chmod(path, 0o600)
+        else:
+            family = stdsocket.AF_INET6 if ":" in kind else stdsocket.AF_INET
+            sock = trio.socket.socket(family, stdsocket.SOCK_STREAM)
+            sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
+            await sock.bind((kind, where))
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        log.info("replica %s of %s listening on %s", self.replica.directory, self.volume, listen)
+        async with trio.open_nursery() as nursery:
+            task_status.started(listen)
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self.handle, stream.socket)
+
+    async def handle(self, sock: trio.socket.SocketType) -> None:
+        self.connections += 1
+        try:
+            if sock.family != stdsocket.AF_UNIX:
+                sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await self.handshake(sock)
+            await self.loop(sock)
+        except (BlockhornError, OSError, trio.TooSlowError) as e:
+            log.warning("connection closed: %s", e)
+        finally:
+            self.connections -= 1
+            sock.close()
+
+    async def handshake(self, sock: trio.socket.SocketType) -> None:
+        server_nonce = secrets.token_bytes(proto.NONCE_SIZE)
+        await send_all(sock, [proto.pack_hello(server_nonce)])
+        name_len = int.from_bytes(await recv_exact(sock, 2), "little")
+        if name_len > proto.MAX_NAME:
+            raise ProtocolError("volume name too long in handshake")
+        body = await recv_exact(sock, proto.auth_size(name_len))
+        try:
+            client_nonce = proto.verify_auth(self.key, self.volume, server_nonce, body)
+        except BlockhornError:
+            await send_all(sock, [proto.pack_welcome(None, self.volume, server_nonce, b"")])
+            raise
+        await send_all(sock, [proto.pack_welcome(self.key, self.volume, server_nonce,
+                                                 client_nonce)])
+
+    async def loop(self, sock: trio.socket.SocketType) -> None:
+        buf = bytearray(RECV_BUFFER)
+        view = memoryview(buf)
+        filled = 0
+        while True:
+            n = await sock.recv_into(view[filled:])
+            if n == 0:
+                return
+            filled += n
+            pos = 0
+            replies: list[Any] = []
+            async with self.lock:
+                while filled - pos >= HEADER_SIZE:
+                    h = proto.unpack(buf, pos)
+                    end = pos + HEADER_SIZE + h.payload
+                    if end > filled:
+                        if end - pos > len(buf):
+                            # Larger than the buffer: receive this one into its own.
+                            big = bytearray(h.payload)
+                            have = filled - pos - HEADER_SIZE
+                            big[:have] = view[pos + HEADER_SIZE:filled]
+                            await recv_into_exact(sock, memoryview(big)[have:])
+                            replies += await self.execute(h, memoryview(big))
+                            pos = filled
+                        break
+                    replies += await self.execute(h, view[pos + HEADER_SIZE:end])
+                    pos = end
+            if pos:
+                buf[:filled - pos] = view[pos:filled]
+                filled -= pos
+            if replies:
+                await send_all(sock, replies)
+
+    async def execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
+        """Run one request; return the reply buffers (header first)."""
+        try:
+            if self.fault.get("delay_s"):
+                await trio.sleep(self.fault["delay_s"])
+            r = self.replica
+            if h.op == Op.WRITE:
+                r.write(h.offset, payload, fua=bool(h.flags & FLAG_FUA))
+            elif h.op == Op.READ:
+                data = bytearray(h.length)
+                r.read_into(memoryview(data), h.offset)
+                return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, len(data)), data]
+            elif h.op == Op.FLUSH:
+                await trio.to_thread.run_sync(r.flush)
+            elif h.op == Op.TRIM:
+                r.trim(h.offset, h.length)
+            elif h.op == Op.ZERO:
+                r.zero(h.offset, h.length, may_trim=bool(h.flags & FLAG_MAY_TRIM),
+                       fua=bool(h.flags & FLAG_FUA))
+            elif h.op == Op.PING:
+                pass
+            elif h.op in (Op.STAT, Op.CONTROL):
+                request = proto.decode_json(payload) if h.op == Op.CONTROL else {"op": "stat"}
+                body = proto.encode_json(await self.control(request))
+                return [proto.pack(h.op | REPLY, h.seq, payload=len(body)), body]
+            else:
+                raise ProtocolError(f"unknown op {h.op}")
+        except BlockhornError as e:
+            log.warning("op %d at %d+%d failed: %s", h.op, h.offset, h.length, e)
+            return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, status=e.errno)]
+        except OSError as e:
+            log.error("op %d at %d+%d: I/O error: %s", h.op, h.offset, h.length, e)
+            return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
+                               status=e.errno or errno.EIO)]
+        return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length)]
+
+    async def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        r = self.replica
+        op = req.get("op")
+        if op == "stat":
+            return dict(r.stat(), connections=self.connections)
+        if op == "extents":
+            return {"extents": r.extents(int(req["offset"]), int(req["length"]))}
+        if op == "set_rebuilding":
+            r.update_meta(Rebuilding=bool(req["value"]))
+        elif op == "set_revision":
+            await trio.to_thread.run_sync(r.set_revision, int(req["revision"]))
+        elif op == "reset":
+            await trio.to_thread.run_sync(r.reset)
+        elif op == "bump_generation":
+            r.update_meta(Generation=int(r.meta.get("Generation", 0)) + 1)
+        elif op == "fault":
+            # Test hook: make this replica slow (delay_s) to exercise engine timeouts.
+            self.fault = {k: v for k, v in req.items() if k != "op"}
+        else:
+            raise ProtocolError(f"unknown control op {op!r}")
+        return dict(r.stat(), connections=self.connections)
+
+
+async def recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
+    buf = bytearray(n)
+    await recv_into_exact(sock, memoryview(buf))
+    return bytes(buf)
+
+
+async def recv_into_exact(sock: trio.socket.SocketType, view: memoryview) -> None:
+    while view:
+        n = await sock.recv_into(view)
+        if n == 0:
+            raise ProtocolError("peer closed the connection mid-message", errno.ECONNRESET)
+        view = view[n:]
+
+
+async def send_all(sock: trio.socket.SocketType, buffers: list[Any]) -> None:
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        n = await sock.sendmsg(pending[:BUFFERS_PER_SEND])
+        while n:
+            if n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][n:]
+                n = 0
+
+
+def open_replica(cfg: ReplicaConfig) -> Replica:
+    if not os.path.exists(os.path.join(cfg.directory, "volume.meta")):
+        Replica.create(cfg.directory, cfg.size, cfg.volume).close()
+    replica = Replica.open(cfg.directory)
+    if replica.size != cfg.size:
+        replica.close()
+        raise BlockhornError(f"replica {cfg.directory} has size {replica.size}, "
+                             f"config says {cfg.size}", errno.EINVAL)
+    return replica
+
+
+async def run(cfg: ReplicaConfig) -> None:
+    replica = open_replica(cfg)
+    server = ReplicaServer(replica, load_key(cfg.key_file), cfg.volume)
+    try:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(server.serve, cfg.listen)
+                notify_ready()
+                async for signum in signals:
+                    log.info("signal %d: closing replica", signum)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        replica.close()
+        kind, where = parse_address(cfg.listen)
+        if kind == "unix":
+            remove_socket(str(where))
+
+
+def remove_socket(path: str) -> None:
+    """Remove a stale unix socket file (a fast local call; fine on the trio thread)."""
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def notify_ready() -> None:
+    """Tell systemd (Type=notify units) we serve; a no-op elsewhere."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1", path)
+
+
+def main(config_path: str) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = ReplicaConfig.load(config_path)
+        trio.run(run, cfg)
+    except BlockhornError as e:
+        log.error("%s", e)
+        return 1
+    return 0

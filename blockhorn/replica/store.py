@@ -1,0 +1,312 @@
+"""A replica's directory: the layer chain on disk. Plain synchronous code over file descriptors.
+
+Directory (Longhorn-compatible names, see docs/FORMAT.md):
+
+    volume.meta                  JSON: Size, Head, Dirty, Rebuilding, Error, Parent, SectorSize,
+                                 BackingFilePath + blockhorn's Volume, Generation, FormatVersion
+    volume-head-NNN.img          sparse raw file of Size bytes: the writable top layer
+    volume-head-NNN.img.meta     JSON: Name, Parent, Removed, UserCreated, Created, Labels
+    volume-snap-<name>.img(.meta) read-only snapshot layers (the snapshot issue adds them)
+    revision.counter             4096 bytes: decimal count of mutations, NUL padded
+
+A read finds each range in the newest layer holding it (`ExtentMap`). Writes always go to the
+head. Requests are executed one at a time by the replica server, so the copy-up of a partial
+4 KiB block (read from an older layer, patch, write the whole block to the head) never races
+another request for the same block.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from blockhorn.fsutil import (
+    atomic_write,
+    atomic_write_json,
+    data_extents,
+    preadv_full,
+    punch_hole,
+    pwrite_full,
+    read_json,
+)
+from blockhorn.replica.extentmap import ZERO, ExtentMap
+from blockhorn.types import BLOCK_SIZE, BlockhornError, InvalidArgument, NoSpace, NotFound
+
+FORMAT_VERSION = 1
+VOLUME_META = "volume.meta"
+REVISION_COUNTER = "revision.counter"
+REVISION_SIZE = 4096
+HEAD_FMT = "volume-head-{:03d}.img"
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def layer_meta(name: str, parent: str, user_created: bool = False,
+               labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"Name": name, "Parent": parent, "Removed": False, "UserCreated": user_created,
+            "Created": now_rfc3339(), "Labels": labels}
+
+
+def encode_revision(n: int) -> bytes:
+    return str(n).encode().ljust(REVISION_SIZE, b"\0")
+
+
+def decode_revision(buf: bytes) -> int:
+    text = buf.split(b"\0", 1)[0].strip()
+    if not text.isdigit():
+        raise BlockhornError(f"corrupt revision counter {buf[:32]!r}", errno.EUCLEAN)
+    return int(text)
+
+
+@dataclass
+class Layer:
+    name: str       # file name in the replica directory
+    fd: int
+    meta: dict[str, Any]
+
+
+class Replica:
+    """An open replica directory. Not thread-safe: one caller (the server loop) at a time."""
+
+    def __init__(self, directory: str, meta: dict[str, Any], layers: list[Layer],
+                 revision: int) -> None:
+        self.directory = directory
+        self.meta = meta
+        self.layers = layers            # oldest first; layers[-1] is the head
+        self.revision = revision
+        self._persisted_revision = revision
+        # Dirty at open: the last process or host holding it did not close it cleanly, so it
+        # may hold writes its revision counter does not count (the engine resyncs it).
+        self.opened_dirty = bool(meta.get("Dirty"))
+        self.map = ExtentMap()
+        if len(layers) > 1:
+            for index, layer in enumerate(layers):
+                for start, end in data_extents(layer.fd, 0, self.size):
+                    self.map.overlay(start, end, index)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, directory: str, size: int, volume: str = "") -> Replica:
+        if size <= 0 or size % BLOCK_SIZE:
+            raise InvalidArgument(f"replica size {size} is not a positive multiple of 4096")
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(os.path.join(directory, VOLUME_META)):
+            raise BlockhornError(f"{directory} already holds a replica", errno.EEXIST)
+        head = HEAD_FMT.format(0)
+        path = os.path.join(directory, head)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        atomic_write_json(path + ".meta", layer_meta(head, ""))
+        atomic_write(os.path.join(directory, REVISION_COUNTER), encode_revision(0))
+        # volume.meta last: its presence is what makes the directory a replica.
+        atomic_write_json(os.path.join(directory, VOLUME_META), {
+            "Size": size, "Head": head, "Dirty": False, "Rebuilding": False, "Error": "",
+            "Parent": "", "SectorSize": 512, "BackingFilePath": "",
+            "Volume": volume, "Generation": 0, "FormatVersion": FORMAT_VERSION,
+        })
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory: str) -> Replica:
+        meta_path = os.path.join(directory, VOLUME_META)
+        if not os.path.exists(meta_path):
+            raise NotFound(f"{directory} holds no replica ({VOLUME_META} missing)")
+        meta = read_json(meta_path)
+        if meta.get("FormatVersion", 1) > FORMAT_VERSION:
+            raise BlockhornError(f"{directory}: replica format {meta['FormatVersion']} is newer "
+                                 "than this blockhorn understands", errno.EPROTO)
+        names = []
+        name = meta["Head"]
+        while name:
+            if name in names or len(names) > 100000:
+                raise BlockhornError(f"{directory}: layer chain loops at {name}", errno.EUCLEAN)
+            names.append(name)
+            name = read_json(os.path.join(directory, name + ".meta")).get("Parent", "")
+        names.reverse()
+        layers = []
+        try:
+            for i, name in enumerate(names):
+                flags = os.O_RDWR if i == len(names) - 1 else os.O_RDONLY
+                path = os.path.join(directory, name)
+                layers.append(Layer(name, os.open(path, flags | os.O_CLOEXEC),
+                                    read_json(path + ".meta")))
+            with open(os.path.join(directory, REVISION_COUNTER), "rb") as f:
+                revision = decode_revision(f.read(REVISION_SIZE))
+        except BaseException:
+            for layer in layers:
+                os.close(layer.fd)
+            raise
+        return cls(directory, meta, layers, revision)
+
+    def close(self) -> None:
+        """Persist the revision counter and clear Dirty: a clean close."""
+        if self.layers:
+            self.flush()
+            if self.meta.get("Dirty"):
+                self.update_meta(Dirty=False)
+            for layer in self.layers:
+                os.close(layer.fd)
+            self.layers = []
+
+    # --- metadata --------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["Size"])
+
+    @property
+    def head(self) -> Layer:
+        return self.layers[-1]
+
+    def update_meta(self, **changes: Any) -> None:
+        meta = dict(self.meta, **changes)
+        atomic_write_json(os.path.join(self.directory, VOLUME_META), meta)
+        self.meta = meta
+
+    def _mutating(self) -> None:
+        self.revision += 1
+        if not self.meta.get("Dirty"):
+            # Durable before the first write lands: a crash from here on is visible at start.
+            self.update_meta(Dirty=True)
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"bad range offset={offset} length={length}")
+        if offset + length > self.size:
+            raise NoSpace(f"range {offset}+{length} is past the end ({self.size})")
+
+    # --- data ------------------------------------------------------------------------------
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        self._check(offset, len(buf))
+        if len(self.layers) == 1:
+            preadv_full(self.head.fd, buf, offset)
+            return
+        for start, end, index in self.map.lookup(offset, offset + len(buf)):
+            part = buf[start - offset:end - offset]
+            if index == ZERO:
+                part[:] = bytes(len(part))
+            else:
+                preadv_full(self.layers[index].fd, part, start)
+
+    def read(self, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        self.read_into(memoryview(buf), offset)
+        return buf
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._check(offset, len(data))
+        self._mutating()
+        self._write(offset, data, os.RWF_DSYNC if fua else 0)
+
+    def _write(self, offset: int, data: bytes | bytearray | memoryview, flags: int) -> None:
+        length = len(data)
+        if len(self.layers) == 1:
+            pwrite_full(self.head.fd, data, offset, flags)
+            return
+        # Widen partial edge blocks that live in older layers (copy-up), then write.
+        start = offset - offset % BLOCK_SIZE
+        end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
+        if (start, end) != (offset, offset + length) and self._needs_copy_up(start, end):
+            block = self.read(start, end - start)
+            block[offset - start:offset - start + length] = data
+            data, offset = block, start
+        pwrite_full(self.head.fd, data, offset, flags)
+        self.map.overlay(start, end, len(self.layers) - 1)
+
+    def _needs_copy_up(self, start: int, end: int) -> bool:
+        head = len(self.layers) - 1
+        edges = [(start, start + BLOCK_SIZE), (end - BLOCK_SIZE, end)]
+        return any(index not in (head, ZERO)
+                   for s, e in edges for _, _, index in self.map.lookup(s, e))
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard: the range reads as zeros afterwards (blockhorn guarantees zeros on trim)."""
+        self.zero(offset, length, may_trim=True)
+
+    def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        self._check(offset, length)
+        self._mutating()
+        if len(self.layers) == 1 and may_trim:
+            # Punch whole blocks, write zeros on the partial edges (holes are block-granular).
+            s = -(-offset // BLOCK_SIZE) * BLOCK_SIZE
+            e = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
+            if s < e:
+                pwrite_full(self.head.fd, bytes(s - offset), offset)
+                pwrite_full(self.head.fd, bytes(offset + length - e), e)
+                punch_hole(self.head.fd, s, e - s)
+                if fua:
+                    os.fdatasync(self.head.fd)
+                return
+        # Older layers may hold data here: write real zeros so they stay hidden.
+        chunk = bytes(min(length, 1 << 20))
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(len(chunk), end - pos)
+            self._write(pos, memoryview(chunk)[:n], 0)
+            pos += n
+        if fua:
+            os.fdatasync(self.head.fd)
+
+    def flush(self) -> None:
+        """Make every completed write durable: fdatasync the head, then the revision counter."""
+        os.fdatasync(self.head.fd)
+        if self.revision != self._persisted_revision:
+            fd = os.open(os.path.join(self.directory, REVISION_COUNTER), os.O_WRONLY)
+            try:
+                pwrite_full(fd, encode_revision(self.revision), 0)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            self._persisted_revision = self.revision
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Ranges of [offset, offset+length) that hold data in any layer, as (start, length)."""
+        self._check(offset, length)
+        out: list[tuple[int, int]] = []
+        if len(self.layers) == 1:
+            ranges = ((s, e) for s, e in data_extents(self.head.fd, offset, length))
+        else:
+            ranges = ((s, e) for s, e, i in self.map.lookup(offset, offset + length) if i != ZERO)
+        for s, e in ranges:
+            if out and out[-1][0] + out[-1][1] == s:
+                out[-1] = (out[-1][0], e - out[-1][0])
+            else:
+                out.append((s, e - s))
+        return out
+
+    def stat(self) -> dict[str, Any]:
+        head_stat = os.fstat(self.head.fd)
+        return {
+            "volume": self.meta.get("Volume", ""), "size": self.size, "head": self.head.name,
+            "revision": self.revision, "dirty": bool(self.meta.get("Dirty")),
+            "opened_dirty": self.opened_dirty,
+            "rebuilding": bool(self.meta.get("Rebuilding")), "error": self.meta.get("Error", ""),
+            "generation": int(self.meta.get("Generation", 0)), "layers": len(self.layers),
+            "directory": os.path.abspath(self.directory), "head_ino": head_stat.st_ino,
+            "head_dev": head_stat.st_dev, "allocated": head_stat.st_blocks * 512,
+        }
+
+    def set_revision(self, revision: int) -> None:
+        """End of a full resync: the content now equals a replica at `revision`."""
+        self.revision = revision
+        self.flush()
+        self.opened_dirty = False
+
+    def reset(self) -> None:
+        """Drop all data (start of a full rebuild): the head reads as zeros."""
+        if len(self.layers) != 1:
+            raise BlockhornError("reset of a replica with snapshots is not supported yet",
+                                 errno.EOPNOTSUPP)
+        punch_hole(self.head.fd, 0, self.size)
+        os.fdatasync(self.head.fd)

@@ -1,0 +1,147 @@
+"""Real processes for tests and benchmarks: replica servers and an nbdkit engine.
+
+No daemon involved: each piece is started the way the daemon and the systemd units start it,
+so lower-tier tests exercise the same command lines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
+from blockhorn.engine.control import ControlClient
+from blockhorn.keys import ensure_key
+from blockhorn.nbd.attach import engine_argv, nbd_uri, wait_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def connectable(address: str) -> bool:
+    kind, where = parse_address(address)
+    fam = socket.AF_UNIX if kind == "unix" else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(where if kind == "unix" else (kind, where))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class ReplicaProc:
+    cfg: ReplicaConfig
+    config_path: str
+    log_path: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "blockhorn.replica", self.config_path],
+            stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+        log.close()
+        wait_for(lambda: connectable(self.cfg.listen) or self.proc.poll() is not None,  # type: ignore[union-attr]
+                 f"replica {self.cfg.name}", log_path=self.log_path)
+        assert self.proc.poll() is None, open(self.log_path).read()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+@dataclass
+class Cluster:
+    """N replica processes plus one engine (nbdkit) for one volume, under `home`."""
+
+    home: str
+    volume: str = "vol"
+    size: int = 64 << 20
+    replicas: int = 3
+    transport: str = "tcp"
+    min_rw: int = 1
+    timeout_s: float = 8.0
+    reps: list[ReplicaProc] = field(default_factory=list)
+    engine: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.key_file = ensure_key(os.path.join(self.home, "cluster.key"))
+        self.nbd_socket = os.path.join(self.home, "nbd.sock")
+        self.control_socket = os.path.join(self.home, "control.sock")
+        self.engine_config = os.path.join(self.home, "engine.json")
+        self.engine_log = os.path.join(self.home, "engine.log")
+        for i in range(self.replicas):
+            name = f"{self.volume}-r{i}"
+            listen = (f"unix:{self.home}/{name}.sock" if self.transport == "unix"
+                      else f"127.0.0.1:{free_port()}")
+            cfg = ReplicaConfig(self.volume, name, os.path.join(self.home, name), self.size,
+                                listen, self.key_file)
+            path = os.path.join(self.home, f"{name}.json")
+            cfg.save(path)
+            self.reps.append(ReplicaProc(cfg, path, os.path.join(self.home, f"{name}.log")))
+        EngineConfig(self.volume, self.size,
+                     [ReplicaRef(r.cfg.name, r.cfg.listen, r.cfg.directory) for r in self.reps],
+                     self.key_file, self.control_socket, min_rw=self.min_rw,
+                     timeout_s=self.timeout_s).save(self.engine_config)
+
+    @property
+    def uri(self) -> str:
+        return nbd_uri(self.nbd_socket)
+
+    def start(self) -> Cluster:
+        for r in self.reps:
+            r.start()
+        self.start_engine()
+        return self
+
+    def start_engine(self) -> None:
+        log = open(self.engine_log, "ab")
+        self.engine = subprocess.Popen(engine_argv(self.engine_config, self.nbd_socket),
+                                       stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        wait_for(lambda: os.path.exists(self.control_socket) or self.engine.poll() is not None,  # type: ignore[union-attr]
+                 "engine", log_path=self.engine_log)
+        assert self.engine.poll() is None, open(self.engine_log).read()
+
+    def stop_engine(self, sig: int = signal.SIGTERM) -> None:
+        if self.engine and self.engine.poll() is None:
+            self.engine.send_signal(sig)
+            self.engine.wait(20)
+        if os.path.exists(self.control_socket):
+            os.unlink(self.control_socket)
+
+    def control(self) -> ControlClient:
+        return ControlClient(self.control_socket)
+
+    def status(self) -> dict:
+        return self.control().call({"op": "status"})
+
+    def modes(self) -> dict[str, str]:
+        return {r["name"]: r["mode"] for r in self.status()["replicas"]}
+
+    def wait_modes(self, want: dict[str, str], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.modes() != want:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"modes {self.modes()} != {want}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.stop_engine()
+        for r in self.reps:
+            r.stop()
