@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS volumes (
     robustness    TEXT,            -- last robustness seen from the engine
     message       TEXT,            -- last problem worth telling the operator
     tcp_port      INTEGER,         -- NBD TCP port of the engine, if asked for
+    device_stale  INTEGER NOT NULL DEFAULT 0,  -- 1: the engine under the device restarted
     created       TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS replicas (
@@ -109,6 +110,7 @@ class VolumeRow:
     message: str | None
     tcp_port: int | None
     created: str
+    device_stale: bool = False
 
 
 def _proc(row: sqlite3.Row) -> ProcessRecord | None:
@@ -121,7 +123,8 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
     att = row["attachment"]
     return VolumeRow(row["name"], row["size"], row["replica_count"], row["access_mode"],
                      row["desired"], row["frontend"], json.loads(att) if att else None,
-                     row["robustness"], row["message"], row["tcp_port"], row["created"])
+                     row["robustness"], row["message"], row["tcp_port"], row["created"],
+                     bool(row["device_stale"]))
 
 
 def _replica(row: sqlite3.Row) -> ReplicaRow:
@@ -132,10 +135,14 @@ def _replica(row: sqlite3.Row) -> ReplicaRow:
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
-        with self.tx() as db:
+        db = self._connect()
+        try:
+            # executescript commits on its own; every statement in the schema is idempotent.
             db.executescript(_SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
+        finally:
+            db.close()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -195,7 +202,7 @@ class Store:
 
     def update_volume(self, name: str, **fields: Any) -> None:
         allowed = {"desired", "frontend", "attachment", "robustness", "message", "tcp_port",
-                   "access_mode"}
+                   "access_mode", "device_stale"}
         if not fields or set(fields) - allowed:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - allowed)}")
         if "attachment" in fields and fields["attachment"] is not None:

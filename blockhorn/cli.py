@@ -1,0 +1,291 @@
+"""The `blockhorn` command: a client of the daemon's REST API, plus the process entry points
+(`daemon`, `replica serve`, `engine serve`) that the daemon and the systemd units run.
+
+Errors are one line, `blockhorn: error: <message>`, on stderr; exit status 2 for usage and
+invalid input, 1 for everything else. No tracebacks for errors a user can cause.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+from typing import Any, NoReturn
+
+from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
+from blockhorn.types import BlockhornError, InvalidArgument, check_name, format_size, parse_size
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line naming the `--help` to read."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"blockhorn: error: {message} (see '{self.prog} --help')\n")
+
+
+def _home_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # On sub-commands the default is SUPPRESS, so `blockhorn --home H volume ls` and
+    # `blockhorn volume ls --home H` both work and neither overrides the other with a default.
+    p.add_argument("--home", metavar="DIR", default=None if top else argparse.SUPPRESS,
+                   help=f"blockhorn home (state, logs, sockets); default ${HOME_ENV} or "
+                        f"{DEFAULT_HOME}")
+
+
+def build_parser() -> Parser:
+    top = Parser(prog="blockhorn",
+                 description="Replicated block storage: volumes served by an nbdkit engine that "
+                             "replicates every write to N replica processes.")
+    _home_arg(top, top=True)
+    cmds = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    cmds.required = True
+
+    vol = cmds.add_parser("volume", help="create, attach, inspect and remove volumes",
+                          description="Manage volumes (talks to the daemon; starts it if needed).")
+    vcmds = vol.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    vcmds.required = True
+
+    p = vcmds.add_parser("create", help="create a volume",
+                         description="Create a volume with N replicas, each in its own "
+                                     "directory (under the home, or one per --disk).")
+    p.add_argument("name", help="volume name: 1-63 of a-z 0-9 - . (replicas are NAME-r0, ...)")
+    p.add_argument("--size", required=True,
+                   help="size in bytes or with a unit: KiB, MiB, GiB, TiB (multiple of 4096)")
+    p.add_argument("--replicas", type=int, default=3, metavar="N",
+                   help="number of replicas (default 3)")
+    p.add_argument("--disk", action="append", default=[], metavar="PATH", dest="disks",
+                   help="directory for one replica; repeat it, one per replica")
+    p.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
+                   help="engine-to-replica transport: tcp on 127.0.0.1 (default) or unix "
+                        "sockets under the home")
+    _home_arg(p)
+
+    p = vcmds.add_parser("attach", help="start the volume and make a block device",
+                         description="Start the replicas and the engine, then attach a block "
+                                     "device; prints the device path (with --frontend none, "
+                                     "the NBD endpoint).")
+    p.add_argument("name")
+    p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "none"), default="auto",
+                   help="auto: nbd-client where /dev/nbd* exists, else nbdfuse + loop; "
+                        "none: only the NBD endpoint (for fio, nbdsh, qemu)")
+    p.add_argument("--port", type=int, metavar="PORT", dest="tcp_port",
+                   help="also serve NBD on this TCP port (127.0.0.1)")
+    _home_arg(p)
+
+    p = vcmds.add_parser("detach", help="remove the device and stop the volume's processes",
+                         description="Undo attach in reverse order; safe to repeat.")
+    p.add_argument("name")
+    _home_arg(p)
+
+    p = vcmds.add_parser("ls", help="list volumes", description="List volumes.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _home_arg(p)
+
+    p = vcmds.add_parser("show", help="show one volume", description="Show one volume: state, "
+                         "robustness, endpoint, device and its replicas.")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON (fields in docs/API.md)")
+    _home_arg(p)
+
+    p = vcmds.add_parser("rm", help="remove a volume and its replica data",
+                         description="Remove a volume, its configs and replica directories.")
+    p.add_argument("name")
+    p.add_argument("--force", action="store_true", help="detach first if it is attached")
+    _home_arg(p)
+
+    p = cmds.add_parser("daemon", help="run (or stop) the blockhorn daemon",
+                        description="Run the manager + node agent in the foreground (systemd "
+                                    "runs this), or stop / query a running one.")
+    p.add_argument("op", nargs="?", choices=("run", "stop", "status"), default="run",
+                   help="run (default), stop, or status")
+    p.add_argument("--quiet", action="store_true",
+                   help="log only to <home>/logs/daemon.log, not to stderr")
+    _home_arg(p)
+
+    rep = cmds.add_parser("replica", help="replica server process",
+                          description="Run one replica server (the daemon and "
+                                      "blockhorn-replica@.service use this).")
+    rcmds = rep.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    rcmds.required = True
+    p = rcmds.add_parser("serve", help="serve one replica in the foreground",
+                         description="Serve one replica in the foreground.")
+    p.add_argument("--config", required=True, metavar="FILE", help="replica config (JSON)")
+
+    eng = cmds.add_parser("engine", help="engine (nbdkit) process",
+                          description="Run one engine (the daemon and "
+                                      "blockhorn-engine@.service use this).")
+    ecmds = eng.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    ecmds.required = True
+    p = ecmds.add_parser("serve", help="exec nbdkit with the blockhorn plugin",
+                         description="Replace this process with nbdkit serving one volume.")
+    p.add_argument("--config", required=True, metavar="FILE", help="engine config (JSON)")
+    p.add_argument("--socket", required=True, metavar="PATH", help="NBD unix socket to serve")
+    p.add_argument("--port", type=int, metavar="PORT", help="also serve NBD on this TCP port")
+    return top
+
+
+# --- output ----------------------------------------------------------------------------------
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None or v == "" else str(v)
+
+
+def format_show(v: dict[str, Any]) -> str:
+    lines = [
+        f"Name:        {v['name']}",
+        f"Size:        {format_size(v['size'])} ({v['size']} bytes)",
+        f"State:       {v['state']}",
+        f"Robustness:  {v['robustness']}",
+        f"Frontend:    {_dash(v.get('frontend'))}",
+        f"Device:      {_dash(v.get('device'))}",
+        f"Endpoint:    {_dash(v.get('endpoint'))}",
+        f"Created:     {_dash(v.get('created'))}",
+    ]
+    if v.get("message"):
+        lines.append(f"Message:     {v['message']}")
+    rows = [["REPLICA", "MODE", "PID", "ADDRESS", "REBUILD", "PATH"]]
+    for r in v["replicas"]:
+        rb = r.get("rebuild")
+        progress = "-"
+        if isinstance(rb, dict):
+            pct = rb.get("percent", rb.get("progress"))
+            progress = f"{pct}%" if pct is not None else "running"
+        rows.append([r["name"], _dash(r.get("mode")), _dash(r.get("pid")), r["address"],
+                     progress, r["path"]])
+    return "\n".join(lines) + "\n\n" + _table(rows)
+
+
+def format_list(vols: list[dict[str, Any]]) -> str:
+    if not vols:
+        return "no volumes"
+    rows = [["NAME", "SIZE", "STATE", "ROBUSTNESS", "REPLICAS", "DEVICE"]]
+    for v in vols:
+        rows.append([v["name"], format_size(v["size"]), v["state"], v["robustness"],
+                     str(len(v["replicas"])), _dash(v.get("device") or v.get("endpoint"))])
+    return _table(rows)
+
+
+# --- commands --------------------------------------------------------------------------------
+
+def _volume(args: argparse.Namespace, home: Home) -> int:
+    from blockhorn.manager.client import connect
+    if args.action == "create":
+        # Validate here too, so bad input neither starts a daemon nor creates a home.
+        check_name(args.name)
+        parse_size(args.size)
+        if args.replicas < 1:
+            raise InvalidArgument(f"invalid replica count {args.replicas}: at least 1")
+        if args.disks and args.replicas > len(args.disks):
+            raise InvalidArgument(
+                f"{args.replicas} replicas need {args.replicas} disks (one per replica) but "
+                f"only {len(args.disks)} given with --disk: add disks or use --replicas "
+                f"{len(args.disks)}")
+        disks = [os.path.abspath(d) for d in args.disks]
+        with connect(home) as c:
+            v = c.create(args.name, args.size, args.replicas, disks, args.transport)
+        print(f"created volume {v['name']}: {format_size(v['size'])}, "
+              f"{len(v['replicas'])} replicas")
+        return 0
+    if args.action in ("attach", "detach", "show", "rm"):
+        check_name(args.name)
+    with connect(home) as c:
+        if args.action == "attach":
+            v = c.attach(args.name, args.frontend, args.tcp_port)
+            print(v.get("device") or v.get("endpoint"))
+        elif args.action == "detach":
+            c.detach(args.name)
+        elif args.action == "rm":
+            c.remove(args.name, force=args.force)
+        elif args.action == "show":
+            v = c.show(args.name)
+            print(json.dumps(v, indent=2, sort_keys=True) if args.json else format_show(v))
+        elif args.action == "ls":
+            vols = c.list()
+            print(json.dumps(vols, indent=2, sort_keys=True) if args.json else format_list(vols))
+    return 0
+
+
+def _daemon(args: argparse.Namespace, home: Home) -> int:
+    if args.op == "run":
+        from blockhorn.manager import daemon
+        return daemon.main(home.root, to_stderr=not args.quiet)
+    from blockhorn.manager.client import connect
+    try:
+        c = connect(home, autostart=False)
+    except BlockhornError:
+        if args.op == "status":
+            print(f"no daemon answers on {home.socket}")
+            return 3
+        print(f"no daemon runs for {home.root}")
+        return 0
+    with c:
+        if args.op == "status":
+            print(json.dumps(c.ping(), indent=2, sort_keys=True))
+        else:
+            pid = (c.ping() or {}).get("pid")
+            c.stop_daemon()
+            _wait_gone(pid)
+            print(f"stopped daemon {pid}")
+    return 0
+
+
+def _wait_gone(pid: int | None, timeout: float = 15.0) -> None:
+    import psutil
+    if not pid:
+        return
+    try:
+        psutil.Process(pid).wait(timeout)
+    except psutil.NoSuchProcess:
+        pass   # gone already
+    except psutil.TimeoutExpired:
+        raise BlockhornError(f"daemon {pid} did not stop within {timeout:.0f} s",
+                             errno.ETIMEDOUT) from None
+
+
+def _replica(args: argparse.Namespace) -> int:
+    from blockhorn.replica.server import main as replica_main
+    return replica_main(args.config)
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from blockhorn.nbd.attach import engine_argv
+    argv = engine_argv(args.config, args.socket, args.port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as e:
+        raise BlockhornError(f"cannot run {argv[0]}: {e.strerror} (apt-get install nbdkit "
+                             "nbdkit-plugin-python)", e.errno) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        home = Home.at(args.home)
+        if args.command == "volume":
+            return _volume(args, home)
+        if args.command == "daemon":
+            return _daemon(args, home)
+        if args.command == "replica":
+            return _replica(args)
+        return _engine(args)
+    except BlockhornError as e:
+        print(f"blockhorn: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if e.errno == errno.EINVAL else EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

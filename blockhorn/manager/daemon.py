@@ -1,0 +1,142 @@
+"""`blockhorn daemon`: manager + node agent in one trio process.
+
+Start-up: take the home's lock (one daemon per home), open the store, serve the REST API on
+`<home>/daemon.sock` (0600), start the supervisor (which adopts the processes a previous daemon
+left running), then tell systemd `READY=1`. SIGTERM/SIGINT or `POST /v1/daemon/stop` end the
+daemon; replica and engine processes keep running and attached volumes keep serving I/O — the
+next daemon adopts them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import logging
+import os
+import signal
+import sys
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from blockhorn.keys import ensure_key
+from blockhorn.manager.api import make_app
+from blockhorn.manager.paths import Home
+from blockhorn.manager.state import Store
+from blockhorn.manager.supervisor import Supervisor
+from blockhorn.manager.volumes import VolumeManager
+from blockhorn.sdnotify import notify
+from blockhorn.types import BlockhornError, Busy
+
+log = logging.getLogger("blockhorn.manager")
+
+GRACEFUL_STOP_S = 2.0   # seconds in-flight API requests get when the daemon stops
+
+
+def setup_logging(home: Home, to_stderr: bool = True) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    fh = logging.FileHandler(home.log("daemon.log"))
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if to_stderr:
+        sh = logging.StreamHandler(sys.stderr)
+        # journald adds its own timestamps; keep the stderr lines short.
+        sh.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        root.addHandler(sh)
+
+
+def take_lock(home: Home) -> int:
+    """Hold `<home>/daemon.lock` for the life of the process; fail if another daemon has it."""
+    fd = os.open(home.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise Busy(f"a blockhorn daemon (pid {other}) already runs for home {home.root}") \
+            from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def main(home_root: str | None = None, to_stderr: bool = True) -> int:
+    home = Home.at(home_root)
+    try:
+        home.ensure()
+    except OSError as e:
+        raise BlockhornError(f"cannot create home {home.root}: {e.strerror}", e.errno) from None
+    setup_logging(home, to_stderr)
+    lock_fd = take_lock(home)
+    try:
+        trio.run(run, home)
+    except BaseException as e:
+        if not isinstance(e, BlockhornError | KeyboardInterrupt):
+            log.exception("daemon failed")
+        raise
+    finally:
+        try:
+            os.unlink(home.socket)
+        except FileNotFoundError:
+            pass   # never bound, or removed already
+        os.close(lock_fd)
+    log.info("daemon stopped")
+    return 0
+
+
+async def run(home: Home) -> None:
+    store = Store(home.db)
+    ensure_key(home.key)
+    volumes = VolumeManager(home, store)
+    supervisor = Supervisor(volumes)
+    shutdown = trio.Event()
+
+    config = Config()
+    config.bind = [f"unix:{home.socket}"]
+    config.umask = 0o177                     # the socket is created 0600: root's API only
+    config.accesslog = None
+    config.errorlog = logging.getLogger("blockhorn.api")
+    config.graceful_timeout = GRACEFUL_STOP_S
+    app = make_app(volumes, shutdown.set)
+
+    async with trio.open_nursery() as nursery:
+        # cast: starlette's ASGI types and hypercorn's describe the same protocol differently
+        await nursery.start(functools.partial(serve, cast(Any, app), config,
+                                              shutdown_trigger=shutdown.wait))
+        os.chmod(home.socket, 0o600)
+        helpers = trio.CancelScope()
+
+        async def run_helpers() -> None:
+            with helpers:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(supervisor.run)
+                    inner.start_soon(_on_signals, shutdown)
+
+        nursery.start_soon(run_helpers)
+        log.info("daemon ready: pid %d, home %s, API on %s", os.getpid(), home.root,
+                 home.socket)
+        notify("READY=1")
+        notify(f"STATUS=serving {home.socket}")
+        await shutdown.wait()
+        notify("STOPPING=1")
+        log.info("daemon stopping; replica and engine processes keep running")
+        helpers.cancel()
+
+
+async def _on_signals(shutdown: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("got %s", signal.Signals(signum).name)
+            shutdown.set()
+            return
+
+
+def exit_code(e: BlockhornError) -> int:
+    return 2 if e.errno == errno.EINVAL else 1

@@ -1,0 +1,430 @@
+"""Volume lifecycle on one host: create, attach, detach, remove, show.
+
+Everything here is synchronous (it starts processes, waits for sockets, runs losetup): the API
+runs each call in a worker thread, the supervisor in its own. A per-volume lock serialises the
+operations on one volume; different volumes proceed in parallel.
+
+Attach order: replicas -> engine -> device. Detach undoes it in reverse, every step attempted
+even when an earlier one failed, so a detach after a partial failure leaves nothing behind and
+a second detach is a no-op.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
+from blockhorn.keys import ensure_key
+from blockhorn.manager import process
+from blockhorn.manager.paths import UNIX_PATH_MAX, Home
+from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
+from blockhorn.types import (
+    AlreadyExists,
+    BlockhornError,
+    Busy,
+    InvalidArgument,
+    NotFound,
+    check_name,
+    parse_size,
+)
+
+log = logging.getLogger("blockhorn.manager")
+
+FRONTENDS = ("auto", "nbdfuse", "nbd", "none")
+TRANSPORTS = ("tcp", "unix")
+DEFAULT_REPLICAS = 3
+MAX_REPLICAS = 16
+STATUS_TIMEOUT_S = 3.0     # seconds to wait for the engine's status answer in `show`
+
+
+def engine_status(control_socket: str, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+    from blockhorn.engine.control import ControlClient
+    return ControlClient(control_socket, timeout=timeout).call({"op": "status"})
+
+
+def engine_rebuild(control_socket: str, replica: str) -> dict[str, Any]:
+    from blockhorn.engine.control import ControlClient
+    return ControlClient(control_socket).call({"op": "rebuild", "replica": replica})
+
+
+class VolumeManager:
+    def __init__(self, home: Home, store: Store) -> None:
+        self.home = home
+        self.store = store
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    @contextmanager
+    def locked(self, name: str, blocking: bool = True) -> Iterator[bool]:
+        """Hold the volume's lock; yields False (lock not held) when not blocking and busy."""
+        with self._locks_guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        got = lock.acquire(blocking)
+        try:
+            yield got
+        finally:
+            if got:
+                lock.release()
+
+    # --- create ----------------------------------------------------------------------------
+
+    def create(self, name: str, size: int | str, replicas: int = DEFAULT_REPLICAS,
+               disks: list[str] | None = None, transport: str = "tcp") -> dict[str, Any]:
+        check_name(name)
+        size = parse_size(size)
+        disks = [os.path.abspath(d) for d in disks or []]
+        if not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+            raise InvalidArgument(f"invalid replica count {replicas!r}: use 1 to {MAX_REPLICAS}")
+        if transport not in TRANSPORTS:
+            raise InvalidArgument(f"invalid transport {transport!r}: use tcp or unix")
+        for d in disks:
+            if not os.path.isdir(d):
+                raise InvalidArgument(f"disk {d} is not a directory")
+        if len(set(disks)) != len(disks):
+            raise InvalidArgument("the same --disk was given twice: each replica needs its own")
+        if disks and replicas > len(disks):
+            raise InvalidArgument(
+                f"{replicas} replicas need {replicas} disks (one per replica) but only "
+                f"{len(disks)} given with --disk: add disks or use --replicas {len(disks)}")
+        names = [f"{name}-r{i}" for i in range(replicas)]
+        for rname in names:
+            check_name(rname, "replica")   # the suffix may push a long volume name over 63
+        try:
+            self.store.volume(name)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"volume {name!r} already exists")
+        dirs = [self.home.replica_dir(name, r, disks[i] if disks else None)
+                for i, r in enumerate(names)]
+        for d in dirs:
+            if os.path.exists(d) and os.listdir(d):
+                raise AlreadyExists(f"replica directory {d} already exists and is not empty: "
+                                    "remove it or use another disk")
+        sockets = [self.home.nbd_socket(name), self.home.control_socket(name)]
+        if transport == "unix":
+            sockets += [self.home.replica_socket(name, r) for r in names]
+        for s in sockets:
+            if len(s.encode()) > UNIX_PATH_MAX:
+                raise InvalidArgument(f"socket path {s} is longer than {UNIX_PATH_MAX} bytes: "
+                                      "use a shorter --home or volume name")
+        ensure_key(self.home.key)
+        addresses = [None if transport == "tcp" else f"unix:{self.home.replica_socket(name, r)}"
+                     for r in names]
+        self.store.add_volume(
+            name, size, list(zip(names, dirs, addresses, strict=True)),
+            (self.home.nbd_socket(name), self.home.control_socket(name)),
+            is_free=process.tcp_port_free)
+        created: list[str] = []
+        try:
+            from blockhorn.replica.store import Replica
+            for d in dirs:
+                created.append(d)
+                Replica.create(d, size, name).close()
+            self._write_configs(name)
+        except BaseException:
+            for d in created:
+                shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(self.home.volume_dir(name), ignore_errors=True)
+            self.store.delete_volume(name)
+            raise
+        log.info("created volume %s: %d bytes, %d replicas in %s", name, size, replicas,
+                 ", ".join(dirs))
+        return self.show(name)
+
+    def _write_configs(self, name: str) -> None:
+        vol = self.store.volume(name)
+        reps = self.store.replicas(name)
+        for r in reps:
+            ReplicaConfig(volume=name, name=r.name, directory=r.directory, size=vol.size,
+                          listen=r.address, key_file=self.home.key
+                          ).save(self.home.replica_config(name, r.name))
+        EngineConfig(volume=name, size=vol.size,
+                     replicas=[ReplicaRef(r.name, r.address, r.directory) for r in reps],
+                     key_file=self.home.key, control_socket=self.home.control_socket(name)
+                     ).save(self.home.engine_config(name))
+
+    # --- attach ----------------------------------------------------------------------------
+
+    def attach(self, name: str, frontend: str = "auto",
+               tcp_port: int | None = None) -> dict[str, Any]:
+        if frontend not in FRONTENDS:
+            raise InvalidArgument(f"invalid frontend {frontend!r}: use one of "
+                                  f"{', '.join(FRONTENDS)}")
+        if tcp_port is not None and not 0 < tcp_port < 65536:
+            raise InvalidArgument(f"invalid TCP port {tcp_port}")
+        with self.locked(name):
+            vol = self.store.volume(name)
+            if vol.desired == "attached":
+                where = (vol.attachment or {}).get("device") or self._endpoint(name)
+                raise Busy(f"volume {name!r} is already attached"
+                           + (f" ({where})" if where else "") + ": detach it first")
+            check_system(frontend)
+            self.store.update_volume(name, desired="attached", frontend=frontend,
+                                     tcp_port=tcp_port, robustness=None, message=None,
+                                     attachment=None, device_stale=False)
+            try:
+                self._write_configs(name)
+                reps = self.store.replicas(name)
+                self.start_replicas(name, reps)
+                self.start_engine(name)
+                if frontend != "none":
+                    self._attach_device(name, frontend)
+            except BaseException as e:
+                log.error("attach of %s failed: %s; undoing", name, e)
+                self._teardown(name)
+                self.store.update_volume(name, desired="detached", frontend=None,
+                                         tcp_port=None)
+                raise
+        log.info("attached volume %s (frontend %s)", name, frontend)
+        return self.show(name)
+
+    def start_replicas(self, name: str, reps: list[ReplicaRow], restarted: bool = False) -> None:
+        """Start the given replica processes (all at once) and wait until each accepts."""
+        started = []
+        for r in reps:
+            address = self._usable_address(name, r)
+            log_path = self.home.log(f"{name}-{r.name}.log")
+            argv = [sys.executable, "-m", "blockhorn", "replica", "serve",
+                    "--config", self.home.replica_config(name, r.name)]
+            rec = process.spawn(argv, log_path)
+            self.store.set_replica_process(r.name, rec, restarted=restarted)
+            log.info("started replica %s of %s: pid %d on %s", r.name, name, rec.pid, address)
+            started.append((r.name, address, rec, log_path))
+        for rname, address, rec, log_path in started:
+            process.wait_ready(f"replica {rname}", address, rec, log_path)
+
+    def _usable_address(self, name: str, r: ReplicaRow) -> str:
+        """The replica's address, with a new TCP port if something else took the stored one
+        (the engine config is rewritten to match), and no stale unix socket in the way."""
+        host, port = parse_address(r.address)
+        if host == "unix":
+            _unlink_stale(str(port))
+            return r.address
+        if process.tcp_port_free(int(port), host):
+            return r.address
+        new = self.store.allocate_port(name, r.name, process.tcp_port_free)
+        address = f"{host}:{new}"
+        log.warning("port %s of replica %s is taken by another program: moving to %s",
+                    port, r.name, address)
+        self.store.set_replica_address(r.name, address)
+        self._write_configs(name)
+        return address
+
+    def start_engine(self, name: str, restarted: bool = False) -> None:
+        from blockhorn.nbd.attach import engine_argv
+        vol = self.store.volume(name)
+        eng = self.store.engine(name)
+        for sock in (eng.nbd_socket, eng.control_socket):
+            _unlink_stale(sock)
+        os.makedirs(os.path.dirname(eng.nbd_socket), mode=0o700, exist_ok=True)
+        argv = engine_argv(self.home.engine_config(name), eng.nbd_socket, vol.tcp_port)
+        log_path = self.home.log(f"{name}-engine.log")
+        rec = process.spawn(argv, log_path)
+        self.store.set_engine_process(name, rec, restarted=restarted)
+        log.info("started engine of %s: pid %d", name, rec.pid)
+        process.wait_ready(f"engine of {name}", f"unix:{eng.nbd_socket}", rec, log_path)
+
+    def _attach_device(self, name: str, frontend: str) -> None:
+        from blockhorn.nbd.attach import attach_device
+        eng = self.store.engine(name)
+        fuse_dir = self.home.fuse_dir(name)
+        os.makedirs(fuse_dir, mode=0o700, exist_ok=True)
+        kwargs = {} if frontend == "auto" else {"frontend": frontend}
+        att = attach_device(self._uri(eng.nbd_socket), fuse_dir,
+                            self.home.log(f"{name}-nbdfuse.log"), **kwargs)
+        self.store.update_volume(name, attachment=att.to_dict())
+        log.info("volume %s is %s (%s)", name, att.device, att.frontend)
+
+    # --- detach and remove -----------------------------------------------------------------
+
+    def detach(self, name: str) -> dict[str, Any]:
+        with self.locked(name):
+            self.store.volume(name)
+            last = self._robustness_from_engine(name)
+            errors = self._teardown(name)
+            self.store.update_volume(name, desired="detached", tcp_port=None,
+                                     robustness=last, device_stale=False, message="; ".join(errors) or None)
+        if errors:
+            raise BlockhornError(f"detach of {name!r} incomplete: {'; '.join(errors)}; "
+                                 "run detach again after fixing the cause", errno.EIO)
+        log.info("detached volume %s", name)
+        return self.show(name)
+
+    def _teardown(self, name: str) -> list[str]:
+        """Device, engine, replicas, in that order; every step tried; returns the errors."""
+        errors: list[str] = []
+        vol = self.store.volume(name)
+        if vol.attachment:
+            try:
+                from blockhorn.nbd.attach import Attachment, detach_device
+                detach_device(Attachment.from_dict(vol.attachment))
+                self.store.update_volume(name, attachment=None)
+            except (BlockhornError, OSError, ImportError) as e:
+                errors.append(f"device {vol.attachment.get('device')}: {e}")
+        eng = self.store.engine(name)
+        try:
+            process.terminate([eng.process])
+            self.store.set_engine_process(name, None)
+            for sock in (eng.nbd_socket, eng.control_socket):
+                _unlink_stale(sock)
+        except (BlockhornError, OSError) as e:
+            errors.append(f"engine: {e}")
+        reps = self.store.replicas(name)
+        try:
+            process.terminate([r.process for r in reps])
+            for r in reps:
+                self.store.set_replica_process(r.name, None)
+        except (BlockhornError, OSError) as e:
+            errors.append(f"replicas: {e}")
+        return errors
+
+    def remove(self, name: str, force: bool = False) -> None:
+        with self.locked(name):
+            vol = self.store.volume(name)
+            reps = self.store.replicas(name)
+            if vol.desired == "attached" or self._any_alive(name):
+                if not force:
+                    raise Busy(f"volume {name!r} is attached: detach it first, or use --force")
+                errors = self._teardown(name)
+                if errors:
+                    raise BlockhornError(f"cannot remove {name!r}: detach failed: "
+                                         f"{'; '.join(errors)}", errno.EBUSY)
+                self.store.update_volume(name, desired="detached")
+            for path in [r.directory for r in reps] + [self.home.volume_dir(name),
+                                                       self.home.run_dir(name)]:
+                shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
+            for r in reps:
+                _rmdir_if_empty(os.path.dirname(r.directory))
+            self.store.delete_volume(name)
+        log.info("removed volume %s", name)
+
+    def _any_alive(self, name: str) -> bool:
+        eng = self.store.engine(name)
+        return process.alive(eng.process) or any(
+            process.alive(r.process) for r in self.store.replicas(name))
+
+    # --- show ------------------------------------------------------------------------------
+
+    def show(self, name: str) -> dict[str, Any]:
+        vol = self.store.volume(name)
+        reps = self.store.replicas(name)
+        eng = self.store.engine(name)
+        engine_up = process.alive(eng.process)
+        status: dict[str, Any] | None = None
+        status_error = None
+        if engine_up:
+            try:
+                status = engine_status(eng.control_socket)
+            except (BlockhornError, OSError, ImportError) as e:
+                status_error = f"engine status unavailable: {e}"
+        by_name = {r.get("name"): r for r in (status or {}).get("replicas", [])}
+        replicas = []
+        for r in reps:
+            st = by_name.get(r.name, {})
+            up = process.alive(r.process)
+            replicas.append({
+                "name": r.name, "mode": st.get("mode") if engine_up else None,
+                "address": r.address, "path": r.directory,
+                "pid": r.process.pid if up and r.process else None,
+                "revision": st.get("revision"), "rebuild": st.get("rebuild"),
+                "restarts": r.restarts,
+            })
+        endpoints = []
+        if engine_up:
+            endpoints.append(self._uri(eng.nbd_socket))
+            if vol.tcp_port:
+                endpoints.append(f"nbd://127.0.0.1:{vol.tcp_port}/")
+        return {
+            "name": vol.name, "size": vol.size, "state": vol.desired,
+            "robustness": self._robustness(vol, reps, engine_up, status),
+            "endpoint": endpoints[0] if endpoints else None, "endpoints": endpoints,
+            "device": (vol.attachment or {}).get("device"),
+            "frontend": (vol.attachment or {}).get("frontend") or vol.frontend,
+            "replicas": replicas, "replica_count": vol.replica_count,
+            "access_mode": vol.access_mode, "created": vol.created,
+            "engine": {"pid": eng.process.pid if engine_up and eng.process else None,
+                       "restarts": eng.restarts},
+            "counters": (status or {}).get("counters"),
+            "message": status_error or vol.message,
+        }
+
+    def list_volumes(self) -> list[dict[str, Any]]:
+        out = []
+        for vol in self.store.volumes():
+            try:
+                out.append(self.show(vol.name))
+            except NotFound:
+                continue   # removed while we listed
+        return out
+
+    def _robustness(self, vol: VolumeRow, reps: list[ReplicaRow], engine_up: bool,
+                    status: dict[str, Any] | None) -> str:
+        if vol.desired == "attached" and vol.device_stale:
+            return "faulted"   # the device lost its engine; only detach + attach recovers it
+        if status and status.get("robustness"):
+            return str(status["robustness"])
+        if vol.desired == "attached":
+            return "faulted" if not engine_up else (vol.robustness or "healthy")
+        present = sum(os.path.exists(os.path.join(r.directory, "volume.meta")) for r in reps)
+        if present == 0:
+            return "faulted"
+        if present < len(reps):
+            return "degraded"
+        return vol.robustness or "healthy"
+
+    def _robustness_from_engine(self, name: str) -> str | None:
+        eng = self.store.engine(name)
+        if not process.alive(eng.process):
+            return self.store.volume(name).robustness
+        try:
+            return str(engine_status(eng.control_socket).get("robustness"))
+        except (BlockhornError, OSError, ImportError):
+            return None
+
+    def _endpoint(self, name: str) -> str | None:
+        eng = self.store.engine(name)
+        return self._uri(eng.nbd_socket) if process.alive(eng.process) else None
+
+    @staticmethod
+    def _uri(nbd_socket: str) -> str:
+        return f"nbd+unix:///?socket={os.path.abspath(nbd_socket)}"
+
+
+def check_system(frontend: str) -> None:
+    """Fail with the Debian package to install when a program the attach needs is missing."""
+    if not shutil.which("nbdkit"):
+        raise BlockhornError("nbdkit is not installed: apt-get install nbdkit "
+                             "nbdkit-plugin-python", errno.ENOENT)
+    if frontend != "none":
+        from blockhorn.nbd.attach import check_dependencies
+        check_dependencies(frontend)
+
+
+def _unlink_stale(path: str) -> None:
+    """Remove a unix socket file that nothing listens on any more."""
+    if os.path.exists(path) and not process.accepts(f"unix:{path}"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass   # removed concurrently: what we wanted
+
+
+def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
+
+
+def _rmdir_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass   # not empty (other volumes) or already gone: leave it
