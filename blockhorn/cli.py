@@ -155,14 +155,20 @@ def format_show(v: dict[str, Any]) -> str:
         lines.append(f"Message:     {v['message']}")
     rows = [["REPLICA", "MODE", "PID", "ADDRESS", "REBUILD", "PATH"]]
     for r in v["replicas"]:
-        rb = r.get("rebuild")
-        progress = "-"
-        if isinstance(rb, dict):
-            pct = rb.get("percent", rb.get("progress"))
-            progress = f"{pct}%" if pct is not None else "running"
         rows.append([r["name"], _dash(r.get("mode")), _dash(r.get("pid")), r["address"],
-                     progress, r["path"]])
+                     _rebuild_text(r.get("rebuild")), r["path"]])
     return "\n".join(lines) + "\n\n" + _table(rows)
+
+
+def _rebuild_text(rb: Any) -> str:
+    """`42%` while a rebuild runs, else its last state (`done`, `failed`...), `-` if none."""
+    if not isinstance(rb, dict):
+        return "-"
+    state = str(rb.get("state") or "?")
+    total = rb.get("total") or 0
+    if state in ("queued", "running") and total:
+        return f"{100 * (rb.get('done') or 0) // total}%"
+    return state
 
 
 def format_list(vols: list[dict[str, Any]]) -> str:

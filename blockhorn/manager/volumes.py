@@ -192,7 +192,7 @@ class VolumeManager:
         started = []
         for r in reps:
             address = self._usable_address(name, r)
-            log_path = self.home.log(f"{name}-{r.name}.log")
+            log_path = self.home.log(f"{r.name}.log")   # replica names start with the volume name
             argv = [sys.executable, "-m", "blockhorn", "replica", "serve",
                     "--config", self.home.replica_config(name, r.name)]
             rec = process.spawn(argv, log_path)
