@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
 from blockhorn.engine.control import ControlClient
 from blockhorn.keys import ensure_key
-from blockhorn.nbd.attach import engine_argv, nbd_uri, wait_for
+from blockhorn.nbd.attach import nbd_uri, start_engine, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +59,8 @@ class ReplicaProc:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(10)
+            if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+                self.proc.wait(10)
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
@@ -110,18 +111,21 @@ class Cluster:
         return self
 
     def start_engine(self) -> None:
-        log = open(self.engine_log, "ab")
-        self.engine = subprocess.Popen(engine_argv(self.engine_config, self.nbd_socket),
-                                       stdout=log, stderr=log, start_new_session=True)
-        log.close()
+        self.engine = start_engine(self.engine_config, self.nbd_socket, self.engine_log)
         wait_for(lambda: os.path.exists(self.control_socket) or self.engine.poll() is not None,  # type: ignore[union-attr]
                  "engine", log_path=self.engine_log)
         assert self.engine.poll() is None, open(self.engine_log).read()
 
     def stop_engine(self, sig: int = signal.SIGTERM) -> None:
+        """nbdkit waits for connected clients on SIGTERM; a client a test left open is cut
+        off with SIGKILL after a grace period."""
         if self.engine and self.engine.poll() is None:
             self.engine.send_signal(sig)
-            self.engine.wait(20)
+            try:
+                self.engine.wait(5)
+            except subprocess.TimeoutExpired:
+                self.engine.kill()
+                self.engine.wait(10)
         if os.path.exists(self.control_socket):
             os.unlink(self.control_socket)
 

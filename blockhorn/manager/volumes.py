@@ -190,6 +190,7 @@ class VolumeManager:
     def start_replicas(self, name: str, reps: list[ReplicaRow], restarted: bool = False) -> None:
         """Start the given replica processes (all at once) and wait until each accepts."""
         started = []
+        os.makedirs(self.home.run_dir(name), mode=0o700, exist_ok=True)   # unix sockets
         for r in reps:
             address = self._usable_address(name, r)
             log_path = self.home.log(f"{r.name}.log")   # replica names start with the volume name

@@ -13,6 +13,7 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -86,6 +87,33 @@ def engine_argv(config_path: str, nbd_socket: str, tcp_port: int | None = None) 
     if tcp_port is not None:
         argv += ["--port", str(tcp_port)]
     return argv + ["python", PLUGIN, f"config={os.path.abspath(config_path)}"]
+
+
+def start_engine(config_path: str, nbd_socket: str, log_path: str,
+                 tcp_port: int | None = None) -> subprocess.Popen[bytes]:
+    """Start one engine in its own session (it outlives its starter) logging to `log_path`.
+    nbdkit leaves its unix socket behind when it exits: a stale one is removed first."""
+    remove_stale_socket(nbd_socket)
+    argv = engine_argv(config_path, nbd_socket, tcp_port)
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+
+
+def remove_stale_socket(path: str) -> None:
+    """Unlink `path` if it is a unix socket nobody listens on (refuse to touch a live one)."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise BlockhornError(f"{path} is in use by a running engine", errno.EBUSY)
 
 
 def nbd_uri(nbd_socket: str) -> str:

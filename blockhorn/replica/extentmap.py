@@ -31,7 +31,7 @@ class ExtentMap:
         starts, ends, layers = self._starts, self._ends, self._layers
         # First extent that may overlap or touch: the one before the insertion point.
         i = bisect.bisect_right(starts, start)
-        if i > 0 and ends[i - 1] >= start:
+        while i > 0 and ends[i - 1] >= start:
             i -= 1
         j = i
         new_start, new_end = start, end

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import Cluster  # noqa: E402
+
+
+def needs_root() -> pytest.MarkDecorator:
+    """Root-only tests (FUSE, loop, mount). CI runs as root, so there they always run."""
+    if os.environ.get("CI") and os.geteuid() != 0:
+        raise RuntimeError("CI must run as root: root tests may not be skipped there")
+    return pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE, loop and mount")
+
+
+@pytest.fixture
+def cluster_factory(tmp_path) -> Iterator:
+    made: list[Cluster] = []
+
+    def make(**kw) -> Cluster:
+        home = tmp_path / f"c{len(made)}"
+        home.mkdir()
+        c = Cluster(str(home), **kw)
+        made.append(c)
+        return c.start()
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+@pytest.fixture
+def cluster(cluster_factory) -> Cluster:
+    return cluster_factory()
+
+
+def head_digest(directory: str) -> str:
+    h = hashlib.sha256()
+    with open(os.path.join(directory, "volume-head-000.img"), "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def assert_replicas_identical(c: Cluster, names: list[str] | None = None) -> None:
+    """The invariant after every data test: RW replicas hold the same bytes."""
+    digests = {r.cfg.name: head_digest(r.cfg.directory) for r in c.reps
+               if names is None or r.cfg.name in names}
+    assert len(set(digests.values())) == 1, f"replicas differ: {digests}"
