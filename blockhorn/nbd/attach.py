@@ -165,8 +165,8 @@ def _attach_nbd(uri: str) -> Attachment:
 
 
 def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
-    os.makedirs(fuse_dir, exist_ok=True)
     _cleanup_stale_mount(fuse_dir)
+    os.makedirs(fuse_dir, exist_ok=True)
     image = os.path.join(fuse_dir, "nbd")
     pidfile = fuse_dir.rstrip("/") + ".pid"
     if os.path.exists(pidfile):
@@ -190,13 +190,29 @@ def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
     return att
 
 
+def is_mounted(path: str) -> bool:
+    """From /proc/self/mounts: `os.path.ismount` cannot see a FUSE mount whose process died
+    (stat answers ENOTCONN)."""
+    path = os.path.abspath(path)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1].replace("\\040", " ") == path for line in f)
+
+
+def _unmount_fuse(fuse_dir: str) -> None:
+    if not is_mounted(fuse_dir):
+        return
+    if subprocess.run(["fusermount3", "-u", fuse_dir], capture_output=True).returncode != 0:
+        # Still busy, or its process is gone: detach it lazily so the name is free again.
+        subprocess.run(["fusermount3", "-u", "-z", fuse_dir], capture_output=True)
+
+
 def _cleanup_stale_mount(fuse_dir: str) -> None:
     """A FUSE mount whose process died answers ENOTCONN: unmount it before reuse."""
     try:
         os.stat(os.path.join(fuse_dir, "nbd"))
     except OSError as e:
         if e.errno == errno.ENOTCONN:
-            subprocess.run(["fusermount3", "-u", "-z", fuse_dir], capture_output=True)
+            _unmount_fuse(fuse_dir)
 
 
 def detach_device(att: Attachment) -> None:
@@ -214,11 +230,8 @@ def detach_device(att: Attachment) -> None:
             except BlockhornError as e:
                 if "No such device" not in str(e):
                     errors.append(str(e))
-        if att.fuse_dir and os.path.ismount(att.fuse_dir):
-            proc = subprocess.run(["fusermount3", "-u", att.fuse_dir], capture_output=True,
-                                  text=True)
-            if proc.returncode != 0:
-                subprocess.run(["fusermount3", "-u", "-z", att.fuse_dir], capture_output=True)
+        if att.fuse_dir:
+            _unmount_fuse(att.fuse_dir)
         pid = att.pids.get("nbdfuse")
         if pid:
             _wait_exit(pid)
