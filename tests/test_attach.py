@@ -77,7 +77,7 @@ def test_ha_replica_killed_under_fio_verify(cluster, tmp_path) -> None:
     att = attach_device(cluster.uri, fuse_dir, str(tmp_path / "nbdfuse.log"), "nbdfuse")
     common = ["fio", "--name=v", f"--filename={att.device}", "--direct=1", "--bs=16k",
               "--size=48m", "--ioengine=psync", "--verify=crc32c", "--verify_backlog=0",
-              "--randrepeat=1", "--rw=randwrite"]
+              "--randrepeat=1", "--rw=randwrite", "--verify_state_save=0"]
     try:
         writer = subprocess.Popen(common + ["--do_verify=0"], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
