@@ -43,6 +43,7 @@ log = logging.getLogger("blockhorn.engine")
 
 REBUILD_CHUNK = 2 << 20      # bytes copied per step of a rebuild (Longhorn's batch size)
 PING_INTERVAL_S = 2.0        # idle replicas are pinged this often to notice hangs
+REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
 
 
 @dataclass
@@ -310,9 +311,11 @@ class Engine:
         r = self.replicas.get(name)
         if r is None:
             raise InvalidArgument(f"volume {self.cfg.volume} has no replica {name!r}")
-        if r.mode == ReplicaMode.RW or (r.rebuild and r.rebuild.get("state") == "running"):
-            return
-        r.rebuild = {"state": "queued", "done": 0, "total": 0, "started": time.time()}
+        with self.state_lock:
+            busy = r.rebuild is not None and r.rebuild.get("state") in ("queued", "running")
+            if r.mode == ReplicaMode.RW or busy:
+                return
+            r.rebuild = {"state": "queued", "done": 0, "total": 0, "started": time.time()}
         self._rebuilds.submit(self._rebuild, r)
 
     def _rebuild(self, r: ReplicaState) -> None:
@@ -389,7 +392,15 @@ class Engine:
     # --- maintenance and status --------------------------------------------------------------
 
     def _maintain(self) -> None:
+        """Ping live replicas; retry ERR ones (a restarted process, a healed network)."""
+        last_retry = time.monotonic()
         while not self._stop.wait(PING_INTERVAL_S):
+            if time.monotonic() - last_retry >= REBUILD_RETRY_S:
+                last_retry = time.monotonic()
+                for r in list(self.replicas.values()):
+                    if r.mode == ReplicaMode.ERR and (
+                            r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
+                        self.rebuild(r.ref.name)
             for r in list(self.replicas.values()):
                 if r.mode == ReplicaMode.ERR or r.client is None:
                     continue

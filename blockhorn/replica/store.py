@@ -125,7 +125,7 @@ class Replica:
         if meta.get("FormatVersion", 1) > FORMAT_VERSION:
             raise BlockhornError(f"{directory}: replica format {meta['FormatVersion']} is newer "
                                  "than this blockhorn understands", errno.EPROTO)
-        names = []
+        names: list[str] = []
         name = meta["Head"]
         while name:
             if name in names or len(names) > 100000:
