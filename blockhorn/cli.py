@@ -125,6 +125,10 @@ def build_parser() -> Parser:
     p.add_argument("--config", required=True, metavar="FILE", help="engine config (JSON)")
     p.add_argument("--socket", required=True, metavar="PATH", help="NBD unix socket to serve")
     p.add_argument("--port", type=int, metavar="PORT", help="also serve NBD on this TCP port")
+    p.add_argument("--keeper", action="store_true",
+                   help="stay as nbdkit's parent (forwarding signals) instead of exec'ing it: "
+                        "nbdkit in the foreground exits when its parent does, so the daemon "
+                        "starts engines this way to let them outlive it")
     return top
 
 
@@ -269,10 +273,32 @@ def _engine(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execvp(argv[0], argv)
+        if not args.keeper:
+            os.execvp(argv[0], argv)
+        return _keep(argv)
     except OSError as e:
         raise BlockhornError(f"cannot run {argv[0]}: {e.strerror} (apt-get install nbdkit "
                              "nbdkit-plugin-python)", e.errno) from None
+
+
+def _keep(argv: list[str]) -> int:
+    """Run `argv` as a child, pass SIGTERM/SIGINT/SIGHUP on, exit with its status.
+
+    nbdkit run with --foreground sets PR_SET_PDEATHSIG(SIGTERM): it stops when its parent
+    exits. Its parent must therefore be a process that lives exactly as long as it — this one —
+    and not the daemon, whose restart must not interrupt I/O. Killing this process (even with
+    SIGKILL) still stops nbdkit, through that same death signal."""
+    import signal
+    import subprocess
+    child = subprocess.Popen(argv)
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    rc = child.wait()   # PEP 475: retried after each forwarded signal
+    return rc if rc >= 0 else 128 - rc
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,13 +221,17 @@ class VolumeManager:
         return address
 
     def start_engine(self, name: str, restarted: bool = False) -> None:
-        from blockhorn.nbd.attach import engine_argv
         vol = self.store.volume(name)
         eng = self.store.engine(name)
         for sock in (eng.nbd_socket, eng.control_socket):
             _unlink_stale(sock)
         os.makedirs(os.path.dirname(eng.nbd_socket), mode=0o700, exist_ok=True)
-        argv = engine_argv(self.home.engine_config(name), eng.nbd_socket, vol.tcp_port)
+        # Through `engine serve --keeper`: nbdkit exits with its parent (see cli._keep), and
+        # the daemon must not be that parent.
+        argv = [sys.executable, "-m", "blockhorn", "engine", "serve", "--keeper",
+                "--config", self.home.engine_config(name), "--socket", eng.nbd_socket]
+        if vol.tcp_port:
+            argv += ["--port", str(vol.tcp_port)]
         log_path = self.home.log(f"{name}-engine.log")
         rec = process.spawn(argv, log_path)
         self.store.set_engine_process(name, rec, restarted=restarted)
