@@ -1,0 +1,296 @@
+"""`make bench`: fio against the local file, nbdkit's C file plugin and blockhorn, in one run.
+
+Targets: (a) local file, O_DIRECT via io_uring (libaio if refused); (b) nbdkit `file` plugin on
+the same disk; (c) blockhorn 1 replica; (d) blockhorn 3 replicas (tcp); (e) 3 replicas (unix).
+Each target's data area is prefilled with one sequential 1 MiB pass, then every job runs
+time_based and stonewalled. Results go to stdout and to bench-results/ as JSON and text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class BenchError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str
+    label: str
+    rw: str
+    bs: str
+    qd: int
+    metric: str  # "iops", "bw" (MB/s) or "lat" (mean µs)
+
+    @property
+    def unit(self) -> str:
+        return {"iops": "IOPS", "bw": "MB/s", "lat": "µs"}[self.metric]
+
+
+JOBS = [
+    Job("randread4k", "4k randread QD32", "randread", "4k", 32, "iops"),
+    Job("randwrite4k", "4k randwrite QD32", "randwrite", "4k", 32, "iops"),
+    Job("read1m", "1M seq read QD16", "read", "1M", 16, "bw"),
+    Job("write1m", "1M seq write QD16", "write", "1M", 16, "bw"),
+    Job("latwrite", "4k randwrite QD1 lat", "randwrite", "4k", 1, "lat"),
+    Job("latread", "4k randread QD1 lat", "randread", "4k", 1, "lat"),
+]
+TARGETS = {
+    "a": "local file O_DIRECT",
+    "b": "nbdkit C file plugin",
+    "c": "blockhorn 1 replica tcp",
+    "d": "blockhorn 3 replicas tcp",
+    "e": "blockhorn 3 replicas unix",
+}
+FLOORS = {"randread4k": 25.0, "randwrite4k": 15.0, "read1m": 50.0, "write1m": 30.0}  # % of (b), by (d)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    n = int(t[:-1]) * units[t[-1]] if t and t[-1] in units else int(t)
+    if n <= 0 or n % (1 << 20):
+        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 1 MiB: {text}")
+    return n
+
+
+def check_deps(targets: str) -> None:
+    fio = shutil.which("fio")
+    if not fio:
+        raise BenchError("fio not found: install the Debian package 'fio'")
+    engines = subprocess.run([fio, "--enghelp"], capture_output=True, text=True).stdout.split()
+    if "nbd" not in engines:
+        raise BenchError("fio lacks the nbd ioengine: install Debian's 'fio' (built with libnbd)")
+    if set(targets) & set("bcde") and not shutil.which("nbdkit"):
+        raise BenchError("nbdkit not found: install the Debian package 'nbdkit'")
+    if set(targets) & set("cde"):
+        probe = subprocess.run(["nbdkit", "--dump-plugin", "python"], capture_output=True)
+        if probe.returncode != 0:
+            raise BenchError("nbdkit python plugin missing: install 'nbdkit-plugin-python'")
+        try:
+            import blockhorn  # noqa: F401
+        except ImportError:
+            raise BenchError("blockhorn is not importable: run via `make bench` "
+                             "(or .venv/bin/python after `make setup`)") from None
+
+
+def make_file(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def wait_ready(ready: Callable[[], bool], proc_alive: Callable[[], bool], what: str,
+               log: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if not proc_alive() or time.monotonic() > deadline:
+            raise BenchError(f"{what} did not start; log tail:\n{tail(log)}")
+        time.sleep(0.05)
+
+
+def tail(path: str, lines: int = 8) -> str:
+    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+        return "\n".join(f.read().splitlines()[-lines:])
+    return "(no log)"
+
+
+def run_fio(argv: list[str], log: str = "") -> dict[str, Any]:
+    proc = subprocess.run(["fio", "--eta=never", "--output-format=json", *argv],
+                          capture_output=True, text=True)
+    start = proc.stdout.find("{")
+    if proc.returncode != 0 or start < 0:
+        msg = f"fio failed (exit {proc.returncode}): {' '.join(argv)}\n{proc.stderr.strip()}"
+        raise BenchError(msg + (f"\ntarget log tail:\n{tail(log)}" if log else ""))
+    return dict(json.loads(proc.stdout[start:]))
+
+
+def probe_engine(path: str) -> str:
+    """io_uring unless the kernel or a sandbox refuses it; then libaio."""
+    for engine in ("io_uring", "libaio"):
+        probe = subprocess.run(["fio", "--name=probe", f"--filename={path}", f"--ioengine={engine}",
+                                "--direct=1", "--rw=read", "--bs=4k", "--size=1M"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return engine
+    raise BenchError("fio can use neither io_uring nor libaio with O_DIRECT on " + path)
+
+
+@contextlib.contextmanager
+def serve(key: str, workdir: str, size: int) -> Iterator[tuple[list[str], str, str]]:
+    """Start target `key`; yield (fio target options, label, log path). Stops it on exit."""
+    os.makedirs(workdir)
+    if key == "a":
+        path = os.path.join(workdir, "local.img")
+        make_file(path, size)
+        engine = probe_engine(path)
+        yield [f"--ioengine={engine}", "--direct=1", f"--filename={path}"], f"{TARGETS[key]} ({engine})", ""
+    elif key == "b":
+        path, sock, log = (os.path.join(workdir, n) for n in ("file.img", "nbd.sock", "nbdkit.log"))
+        make_file(path, size)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", sock, "file", path],
+                                    stdout=out, stderr=out, start_new_session=True)
+        try:
+            wait_ready(lambda: os.path.exists(sock), lambda: proc.poll() is None, "nbdkit file", log)
+            yield ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}"], TARGETS[key], log
+        finally:
+            stop_procs([proc])
+    else:
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from harness import Cluster
+
+        cluster = Cluster(home=workdir, size=size, replicas=1 if key == "c" else 3,
+                          transport="unix" if key == "e" else "tcp")
+        try:
+            cluster.start()
+            wait_ready(lambda: os.path.exists(cluster.nbd_socket),
+                       lambda: cluster.engine is not None and cluster.engine.poll() is None,
+                       "blockhorn engine", cluster.engine_log)
+            yield ["--ioengine=nbd", f"--uri={cluster.uri}"], TARGETS[key], cluster.engine_log
+        finally:
+            try:
+                cluster.stop()
+            finally:
+                stop_procs([cluster.engine, *(r.proc for r in cluster.reps)])
+
+
+def stop_procs(procs: list[subprocess.Popen[bytes] | None]) -> None:
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def bench_target(opts: list[str], log: str, size: int, ramp: int, runtime: int) -> dict[str, float]:
+    argv = [f"--size={size}", *opts, "--name=prefill", "--rw=write", "--bs=1M", "--iodepth=16"]
+    for j in JOBS:
+        argv += [f"--name={j.key}", "--stonewall", f"--rw={j.rw}", f"--bs={j.bs}",
+                 f"--iodepth={j.qd}", "--time_based", f"--ramp_time={ramp}", f"--runtime={runtime}"]
+    out = run_fio(argv, log)
+    by_name = {job["jobname"]: job for job in out["jobs"]}
+    results: dict[str, float] = {}
+    for j in JOBS:
+        if by_name[j.key].get("error"):
+            raise BenchError(f"fio job {j.key} reported error {by_name[j.key]['error']}")
+        stats = by_name[j.key]["read" if "read" in j.rw else "write"]
+        results[j.key] = {"iops": stats["iops"], "bw": stats["bw_bytes"] / 1e6,
+                          "lat": stats["lat_ns"]["mean"] / 1e3}[j.metric]
+    return results
+
+
+def pct(value: float, base: float | None) -> float | None:
+    return round(100.0 * value / base, 1) if base else None
+
+
+def render(results: dict[str, dict[str, float]], labels: dict[str, str]) -> tuple[str, dict[str, Any]]:
+    fmt = "{:<22} {:<38} {:>10} {:<5} {:>8} {:>8}"
+    lines = [fmt.format("job", "target", "value", "unit", "% of b", "% of a"), "-" * 96]
+    ratios: dict[str, dict[str, dict[str, float | None]]] = {}
+    for j in JOBS:
+        for key, res in results.items():
+            vb, va = (pct(res[j.key], results.get(t, {}).get(j.key)) for t in "ba")
+            if key in "cde":
+                ratios.setdefault(key, {})[j.key] = {"vs_b": vb, "vs_a": va}
+            show = [f"{v:.1f} %" if key in "cde" and v is not None else "" for v in (vb, va)]
+            lines.append(fmt.format(j.label if key == next(iter(results)) else "",
+                                    f"({key}) {labels[key]}", f"{res[j.key]:,.0f}", j.unit, *show))
+    lines.append("(latency rows: lower is better, so % of b/a above 100 means slower)")
+    floors: dict[str, Any] = {}
+    if "b" in results and "d" in results:
+        lines += ["", "Issue #2 floors, (d) 3 replicas vs (b) nbdkit file plugin (informational):"]
+        for key, floor in FLOORS.items():
+            got = pct(results["d"][key], results["b"][key]) or 0.0
+            ok = got >= floor
+            floors[key] = {"floor_pct": floor, "got_pct": got, "pass": ok}
+            label = next(j.label for j in JOBS if j.key == key)
+            lines.append(f"  {label:<22} {got:6.1f} % (floor {floor:.0f} %)  {'PASS' if ok else 'FAIL'}")
+    else:
+        lines.append("\n(floors need targets b and d)")
+    return "\n".join(lines), {"ratios": ratios, "floors": floors}
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwind the finally blocks: stop every process, remove the work dir
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short run: 5 s jobs, 2 s ramp, 256 MiB")
+    ap.add_argument("--runtime", type=int, help="seconds per job (default 20, --quick 5)")
+    ap.add_argument("--size", type=parse_size, help="data size per target (default 1G, --quick 256M)")
+    ap.add_argument("--dir", default="/var/tmp", help="where the temporary work dir goes (default /var/tmp)")
+    ap.add_argument("--only", default="a,b,c,d,e", help="comma-separated targets from a,b,c,d,e")
+    args = ap.parse_args()
+    keys = [k.strip() for k in args.only.split(",") if k.strip()]
+    if not keys or set(keys) - set(TARGETS):
+        ap.error(f"--only takes a comma-separated subset of {','.join(TARGETS)}")
+    keys = [k for k in TARGETS if k in keys]
+    size = args.size or (256 << 20 if args.quick else 1 << 30)
+    runtime = args.runtime or (5 if args.quick else 20)
+    ramp = 2 if args.quick else 5
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+    work = ""
+    try:
+        check_deps("".join(keys))
+        work = tempfile.mkdtemp(prefix="blockhorn-bench-", dir=args.dir)
+        print(f"blockhorn bench: size {size >> 20} MiB, {runtime} s per job (+{ramp} s ramp), "
+              f"targets {','.join(keys)}, work dir {work}", flush=True)
+        results: dict[str, dict[str, float]] = {}
+        labels: dict[str, str] = {}
+        for key in keys:
+            t0 = time.monotonic()
+            print(f"  ({key}) {TARGETS[key]} ...", end=" ", flush=True)
+            tdir = os.path.join(work, key)
+            with serve(key, tdir, size) as (opts, label, log):
+                results[key] = bench_target(opts, log, size, ramp, runtime)
+            labels[key] = label
+            shutil.rmtree(tdir, ignore_errors=True)
+            print(f"done in {time.monotonic() - t0:.0f} s", flush=True)
+    except (BenchError, OSError) as e:
+        print(f"\nbench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    text, extra = render(results, labels)
+    print("\n" + text)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    outdir = os.path.join(ROOT, "bench-results")
+    os.makedirs(outdir, exist_ok=True)
+    meta = {"timestamp": stamp, "size": size, "runtime_s": runtime, "ramp_s": ramp, "targets": labels,
+            "jobs": {j.key: {"label": j.label, "unit": j.unit} for j in JOBS}, "results": results}
+    with open(os.path.join(outdir, f"bench-{stamp}.json"), "w") as f:
+        json.dump(meta | extra, f, indent=2)
+    with open(os.path.join(outdir, f"bench-{stamp}.txt"), "w") as f:
+        f.write(text + "\n")
+    print(f"\nwritten: bench-results/bench-{stamp}.json and .txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
