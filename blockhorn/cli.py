@@ -238,28 +238,39 @@ def _daemon(args: argparse.Namespace, home: Home) -> int:
             return 3
         print(f"no daemon runs for {home.root}")
         return 0
+    pid = None
     with c:
         if args.op == "status":
             print(json.dumps(c.ping(), indent=2, sort_keys=True))
         else:
             pid = (c.ping() or {}).get("pid")
             c.stop_daemon()
-            _wait_gone(pid)
-            print(f"stopped daemon {pid}")
+    if args.op == "stop":
+        # Wait with the connection closed: the daemon lets open connections finish first.
+        _wait_gone(pid)
+        print(f"stopped daemon {pid}")
     return 0
 
 
 def _wait_gone(pid: int | None, timeout: float = 15.0) -> None:
+    """Wait for the daemon to exit. It is not our child, and its parent (init in a container)
+    may reap it late: a zombie counts as gone."""
+    import time
+
     import psutil
     if not pid:
         return
-    try:
-        psutil.Process(pid).wait(timeout)
-    except psutil.NoSuchProcess:
-        pass   # gone already
-    except psutil.TimeoutExpired:
-        raise BlockhornError(f"daemon {pid} did not stop within {timeout:.0f} s",
-                             errno.ETIMEDOUT) from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        if time.monotonic() > deadline:
+            raise BlockhornError(f"daemon {pid} did not stop within {timeout:.0f} s",
+                                 errno.ETIMEDOUT)
+        time.sleep(0.02)
 
 
 def _replica(args: argparse.Namespace) -> int:

@@ -302,3 +302,21 @@ def test_daemon_restart_under_io(env: Env) -> None:
     replicas_identical(env.show("v"))
     dev = env.cli("volume", "attach", "v").stdout.strip()
     assert read_blocks(dev, blocks) == want
+
+
+@pytest.mark.skipif(not (IS_ROOT and HAVE_FUSE), reason=DEVICE_SKIP)
+def test_frontend_killed_is_reported_and_detach_cleans_up(env: Env) -> None:
+    env.cli("volume", "create", "v", "--size", "16MiB", "--replicas", "1")
+    dev = env.cli("volume", "attach", "v", "--frontend", "nbdfuse").stdout.strip()
+    show = env.show("v")
+    nbdfuse = show["attachment"]["pids"]["nbdfuse"]
+    os.kill(nbdfuse, signal.SIGKILL)
+    show = wait_until(lambda: (lambda s: s if s["robustness"] == "faulted" else None)(
+        env.show("v")), 20, "faulted after nbdfuse died")
+    assert "detach and attach" in show["message"]
+    env.cli("volume", "detach", "v")
+    assert not os.path.ismount(env.home.fuse_dir("v"))
+    assert f"{dev}:" not in subprocess.run(["losetup", "-a"], capture_output=True,
+                                           text=True).stdout
+    dev = env.cli("volume", "attach", "v").stdout.strip()
+    assert env.show("v")["robustness"] == "healthy"

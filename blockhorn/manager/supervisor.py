@@ -17,9 +17,11 @@ not is treated as dead and restarted by the tick.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
+import psutil
 import trio
 
 from blockhorn.manager import process
@@ -109,6 +111,7 @@ class Supervisor:
         except (BlockhornError, OSError) as e:
             log.warning("engine of %s does not answer status: %s", name, e)
             status = None
+        self._check_frontend(vol)
         modes = {r.get("name"): r for r in (status or {}).get("replicas", [])}
         for r in self.store.replicas(name):
             key = f"replica/{r.name}"
@@ -131,6 +134,25 @@ class Supervisor:
                 self._failed(key)
         if status and status.get("robustness") != vol.robustness:
             self.store.update_volume(name, robustness=status.get("robustness"))
+
+    def _check_frontend(self, vol: VolumeRow) -> None:
+        """Reap a dead frontend helper (nbdfuse is our child when this daemon attached the
+        volume) and report the device as lost: only detach + attach brings it back."""
+        att = vol.attachment or {}
+        for what, pid in (att.get("pids") or {}).items():
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass   # not our child (adopted from an earlier daemon): init reaps it
+            try:
+                gone = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone and not vol.device_stale:
+                msg = (f"{what} (pid {pid}) exited; {att.get('device')} fails I/O: detach and "
+                       "attach the volume again")
+                log.error("%s: %s", vol.name, msg)
+                self.store.update_volume(vol.name, device_stale=True, message=msg)
 
     def _restart_engine(self, vol: VolumeRow, was_running: bool) -> None:
         name = vol.name

@@ -237,6 +237,8 @@ class VolumeManager:
         self.store.set_engine_process(name, rec, restarted=restarted)
         log.info("started engine of %s: pid %d", name, rec.pid)
         process.wait_ready(f"engine of {name}", f"unix:{eng.nbd_socket}", rec, log_path)
+        process.wait_ready(f"engine control of {name}", f"unix:{eng.control_socket}", rec,
+                           log_path)
 
     def _attach_device(self, name: str, frontend: str) -> None:
         from blockhorn.nbd.attach import attach_device
@@ -359,7 +361,8 @@ class VolumeManager:
             "engine": {"pid": eng.process.pid if engine_up and eng.process else None,
                        "restarts": eng.restarts},
             "counters": (status or {}).get("counters"),
-            "message": status_error or vol.message,
+            "attachment": vol.attachment,
+            "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
 
     def list_volumes(self) -> list[dict[str, Any]]:
