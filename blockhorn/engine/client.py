@@ -163,7 +163,9 @@ class ReplicaClient:
                 if data is None:
                     self.sock.sendall(header)
                 else:
-                    _sendmsg_all(self.sock, [header, data])
+                    sent = self.sock.sendmsg([header, data])
+                    if sent != len(header) + payload:   # socket buffer full: send the rest
+                        _sendmsg_all(self.sock, [header, data], sent)
         except OSError as e:
             self.pending.pop(seq, None)
             call.complete(self.name, e.errno or errno.EIO)
@@ -276,8 +278,16 @@ def _discard(sock: socket.socket, n: int) -> None:
         n -= got
 
 
-def _sendmsg_all(sock: socket.socket, buffers: list[Any]) -> None:
+def _sendmsg_all(sock: socket.socket, buffers: list[Any], skip: int = 0) -> None:
+    """Send every byte of `buffers` but the first `skip` (already sent)."""
     pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while skip:
+        if skip >= len(pending[0]):
+            skip -= len(pending[0])
+            pending.pop(0)
+        else:
+            pending[0] = pending[0][skip:]
+            skip = 0
     while pending:
         n = sock.sendmsg(pending)
         while n:

@@ -66,7 +66,8 @@ class Engine:
         self.order_lock = threading.Lock()     # see module docstring
         self.state_lock = threading.Lock()     # guards modes and the RW list
         self._rr = 0
-        self._readers: list[ReplicaState] = []
+        self._readers: list[ReplicaState] = []   # RW replicas, local first
+        self._targets: list[ReplicaState] = []   # RW and WO replicas: every mutation goes here
         self.counters = {"reads": 0, "writes": 0, "flushes": 0, "trims": 0, "zeros": 0,
                          "read_bytes": 0, "write_bytes": 0, "errors": 0}
         self._stop = threading.Event()
@@ -164,9 +165,12 @@ class Engine:
                 if r.mode in (ReplicaMode.RW, ReplicaMode.WO) and r.client]
 
     def _update_readers(self) -> None:
+        """Recompute the lists the data path reads without locking; call after every mode
+        change. The lists are replaced, never mutated, so a reader holds a consistent one."""
         rw = [r for r in self.replicas.values() if r.mode == ReplicaMode.RW]
         rw.sort(key=lambda r: r.local_fd is None)      # local replicas first
         self._readers = rw
+        self._targets = self._writable()
 
     def set_error(self, r: ReplicaState, reason: str) -> None:
         with self.state_lock:
@@ -205,14 +209,13 @@ class Engine:
                  flags: int = 0) -> None:
         """Send one mutation to every RW/WO replica (in the global order) and wait for all."""
         with self.order_lock:
-            targets = self._writable()
-            if sum(r.mode == ReplicaMode.RW for r in targets) < self.cfg.min_rw:
+            targets = self._targets
+            if len(self._readers) < self.cfg.min_rw:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
                                          f"{self.cfg.min_rw} RW replicas")
             call = Call(len(targets))
             for r in targets:
-                assert r.client is not None  # _writable() returns connected replicas only
-                r.client.submit(call, op, offset, length, data, flags)
+                r.client.submit(call, op, offset, length, data, flags)  # type: ignore[union-attr]
         if not call.wait(self.cfg.timeout_s):
             for r in targets:
                 if r.ref.name not in call.results:
@@ -346,6 +349,7 @@ class Engine:
         with self.order_lock:
             with self.state_lock:
                 r.mode = ReplicaMode.WO
+                self._update_readers()
         sources = [s for s in self._readers if s.client]
         if not sources:
             raise ReplicaUnavailable("no RW replica to rebuild from")
