@@ -10,6 +10,7 @@ the caller's buffer.
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
@@ -31,6 +32,7 @@ log = logging.getLogger("blockhorn.engine")
 RECV_BUFFER = 1 << 20        # bytes
 SOCKET_BUFFER = 4 << 20      # bytes; SO_SNDBUF/SO_RCVBUF so 1 MiB writes rarely block
 CONNECT_TIMEOUT_S = 5.0
+BUFFERS_PER_SEND = 512       # sendmsg takes at most IOV_MAX (1024) buffers
 
 
 class Call:
@@ -74,7 +76,8 @@ class ReplicaClient:
         self.volume = volume
         self.on_lost = on_lost
         self.sock: socket.socket | None = None
-        self.send_lock = threading.Lock()
+        self.send_lock = threading.Lock()      # held by the one thread sending (see pump)
+        self.queue: collections.deque[list[Any]] = collections.deque()  # buffers to send
         self.pending: dict[int, tuple[Call, bytearray | None]] = {}
         self._seq = itertools.count(1)
         self.closed = False
@@ -131,6 +134,7 @@ class ReplicaClient:
             self.closed = True
             self.error = reason
             sock, self.sock = self.sock, None
+            self.queue.clear()
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -149,27 +153,46 @@ class ReplicaClient:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def submit(self, call: Call, op: int, offset: int = 0, length: int = 0,
-               data: Any = None, flags: int = 0, reply_buf: bytearray | None = None) -> None:
-        """Send one request that completes `call`. Never raises: failures complete the call."""
+    def enqueue(self, call: Call, op: int, offset: int = 0, length: int = 0,
+                data: Any = None, flags: int = 0, reply_buf: bytearray | None = None) -> None:
+        """Queue one request that completes `call` (no system call: cheap under a lock).
+        `pump` sends it. `data` must stay valid until the call completes."""
         seq = next(self._seq)
         payload = len(data) if data is not None else 0
-        header = proto.pack(op, seq, offset, length, payload, flags)
         self.pending[seq] = (call, reply_buf)
-        try:
-            with self.send_lock:
+        header = proto.pack(op, seq, offset, length, payload, flags)
+        self.queue.append([header] if data is None else [header, data])
+
+    def pump(self) -> None:
+        """Send everything queued. Flat combining: whoever holds `send_lock` sends the whole
+        queue in one `sendmsg`; a thread that finds the lock taken leaves its request to the
+        holder, which looks at the queue again after releasing. Under load one syscall carries
+        many requests; never raises (a failed send drops the connection, failing its calls)."""
+        queue = self.queue
+        while queue:
+            if not self.send_lock.acquire(blocking=False):
+                return
+            try:
+                buffers: list[Any] = []
+                while queue and len(buffers) < BUFFERS_PER_SEND:
+                    buffers += queue.popleft()
                 if self.sock is None:
                     raise OSError(errno.EIO, self.error or "not connected")
-                if data is None:
-                    self.sock.sendall(header)
-                else:
-                    sent = self.sock.sendmsg([header, data])
-                    if sent != len(header) + payload:   # socket buffer full: send the rest
-                        _sendmsg_all(self.sock, [header, data], sent)
-        except OSError as e:
-            self.pending.pop(seq, None)
-            call.complete(self.name, e.errno or errno.EIO)
-            self._lost(f"send failed: {e}")
+                total = sum(len(b) for b in buffers)
+                sent = self.sock.sendmsg(buffers)
+                if sent != total:           # socket buffer full: send the rest
+                    _sendmsg_all(self.sock, buffers, sent)
+            except OSError as e:
+                self.send_lock.release()
+                self._lost(f"send failed: {e}")
+                return
+            self.send_lock.release()
+
+    def submit(self, call: Call, op: int, offset: int = 0, length: int = 0,
+               data: Any = None, flags: int = 0, reply_buf: bytearray | None = None) -> None:
+        """Queue and send one request that completes `call`. Never raises."""
+        self.enqueue(call, op, offset, length, data, flags, reply_buf)
+        self.pump()
 
     def _lost(self, reason: str) -> None:
         if not self.closed:

@@ -215,7 +215,9 @@ class Engine:
                                          f"{self.cfg.min_rw} RW replicas")
             call = Call(len(targets))
             for r in targets:
-                r.client.submit(call, op, offset, length, data, flags)  # type: ignore[union-attr]
+                r.client.enqueue(call, op, offset, length, data, flags)  # type: ignore[union-attr]
+        for r in targets:
+            r.client.pump()  # type: ignore[union-attr]
         if not call.wait(self.cfg.timeout_s):
             for r in targets:
                 if r.ref.name not in call.results:

@@ -10,6 +10,7 @@ the replica lock keeps the store single-threaded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,6 +18,8 @@ import secrets
 import signal
 import socket as stdsocket
 import sys
+import threading
+import time
 from typing import Any
 
 import trio
@@ -33,6 +36,7 @@ log = logging.getLogger("blockhorn.replica")
 RECV_BUFFER = 4 << 20        # bytes; one receive buffer per connection
 HANDSHAKE_TIMEOUT_S = 10.0
 BUFFERS_PER_SEND = 512       # sendmsg takes at most IOV_MAX (1024) buffers
+MAX_CONNECTIONS = 64         # concurrent data connections (one thread each)
 
 
 class ReplicaServer:
@@ -40,7 +44,8 @@ class ReplicaServer:
         self.replica = replica
         self.key = key
         self.volume = volume
-        self.lock = trio.Lock()
+        self.lock = threading.Lock()          # the store is single-threaded
+        self.threads = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.connections = 0
         self.fault: dict[str, Any] = {}   # fault-injection hook: {"delay_s": float, ...}
 
@@ -96,65 +101,56 @@ class ReplicaServer:
                                                  client_nonce)])
 
     async def loop(self, sock: trio.socket.SocketType) -> None:
+        """Hand the authenticated connection to a worker thread running `serve_blocking`;
+        on cancellation (shutdown) the socket is shut down, which ends the thread."""
+        conn = stdsocket.socket(sock.family, sock.type, fileno=sock.detach())
+        conn.setblocking(True)
+        try:
+            await trio.to_thread.run_sync(self.serve_blocking, conn, limiter=self.threads)
+        finally:
+            with contextlib.suppress(OSError):
+                conn.shutdown(stdsocket.SHUT_RDWR)
+            conn.close()
+
+    def serve_blocking(self, sock: stdsocket.socket) -> None:
+        """The data loop of one connection, in its own thread: receive what the socket has,
+        execute every complete request in order, answer them all with one sendmsg."""
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         filled = 0
         while True:
-            n = await sock.recv_into(view[filled:])
+            n = sock.recv_into(view[filled:])
             if n == 0:
                 return
             filled += n
             pos = 0
             replies: list[Any] = []
-            async with self.lock:
-                while filled - pos >= HEADER_SIZE:
-                    h = proto.unpack(buf, pos)
-                    end = pos + HEADER_SIZE + h.payload
-                    if end > filled:
-                        if end - pos > len(buf):
-                            # Larger than the buffer: receive this one into its own.
-                            big = bytearray(h.payload)
-                            have = filled - pos - HEADER_SIZE
-                            big[:have] = view[pos + HEADER_SIZE:filled]
-                            await recv_into_exact(sock, memoryview(big)[have:])
-                            replies += await self.execute(h, memoryview(big))
-                            pos = filled
-                        break
-                    replies += await self.execute(h, view[pos + HEADER_SIZE:end])
-                    pos = end
+            while filled - pos >= HEADER_SIZE:
+                h = proto.unpack(buf, pos)
+                end = pos + HEADER_SIZE + h.payload
+                if end > filled:
+                    if end - pos > len(buf):
+                        # Larger than the buffer: receive this one into its own.
+                        big = bytearray(h.payload)
+                        have = filled - pos - HEADER_SIZE
+                        big[:have] = view[pos + HEADER_SIZE:filled]
+                        recv_into_exact(sock, memoryview(big)[have:])
+                        replies += self.execute(h, memoryview(big))
+                        pos = filled
+                    break
+                replies += self.execute(h, view[pos + HEADER_SIZE:end])
+                pos = end
             if pos:
                 buf[:filled - pos] = view[pos:filled]
                 filled -= pos
             if replies:
-                await send_all(sock, replies)
+                sendmsg_all(sock, replies)
 
-    async def execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
-        """Run one request; return the reply buffers (header first)."""
+    def execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
+        """Run one request under the store lock; return the reply buffers (header first)."""
         try:
-            if self.fault.get("delay_s"):
-                await trio.sleep(self.fault["delay_s"])
-            r = self.replica
-            if h.op == Op.WRITE:
-                r.write(h.offset, payload, fua=bool(h.flags & FLAG_FUA))
-            elif h.op == Op.READ:
-                data = bytearray(h.length)
-                r.read_into(memoryview(data), h.offset)
-                return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, len(data)), data]
-            elif h.op == Op.FLUSH:
-                await trio.to_thread.run_sync(r.flush)
-            elif h.op == Op.TRIM:
-                r.trim(h.offset, h.length)
-            elif h.op == Op.ZERO:
-                r.zero(h.offset, h.length, may_trim=bool(h.flags & FLAG_MAY_TRIM),
-                       fua=bool(h.flags & FLAG_FUA))
-            elif h.op == Op.PING:
-                pass
-            elif h.op in (Op.STAT, Op.CONTROL):
-                request = proto.decode_json(payload) if h.op == Op.CONTROL else {"op": "stat"}
-                body = proto.encode_json(await self.control(request))
-                return [proto.pack(h.op | REPLY, h.seq, payload=len(body)), body]
-            else:
-                raise ProtocolError(f"unknown op {h.op}")
+            with self.lock:
+                return self._execute(h, payload)
         except BlockhornError as e:
             log.warning("op %d at %d+%d failed: %s", h.op, h.offset, h.length, e)
             return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, status=e.errno)]
@@ -162,9 +158,35 @@ class ReplicaServer:
             log.error("op %d at %d+%d: I/O error: %s", h.op, h.offset, h.length, e)
             return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
                                status=e.errno or errno.EIO)]
+
+    def _execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
+        if self.fault.get("delay_s"):
+            time.sleep(self.fault["delay_s"])
+        r = self.replica
+        if h.op == Op.WRITE:
+            r.write(h.offset, payload, fua=bool(h.flags & FLAG_FUA))
+        elif h.op == Op.READ:
+            data = bytearray(h.length)
+            r.read_into(memoryview(data), h.offset)
+            return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, len(data)), data]
+        elif h.op == Op.FLUSH:
+            r.flush()
+        elif h.op == Op.TRIM:
+            r.trim(h.offset, h.length)
+        elif h.op == Op.ZERO:
+            r.zero(h.offset, h.length, may_trim=bool(h.flags & FLAG_MAY_TRIM),
+                   fua=bool(h.flags & FLAG_FUA))
+        elif h.op == Op.PING:
+            pass
+        elif h.op in (Op.STAT, Op.CONTROL):
+            request = proto.decode_json(payload) if h.op == Op.CONTROL else {"op": "stat"}
+            body = proto.encode_json(self.control(request))
+            return [proto.pack(h.op | REPLY, h.seq, payload=len(body)), body]
+        else:
+            raise ProtocolError(f"unknown op {h.op}")
         return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length)]
 
-    async def control(self, req: dict[str, Any]) -> dict[str, Any]:
+    def control(self, req: dict[str, Any]) -> dict[str, Any]:
         r = self.replica
         op = req.get("op")
         if op == "stat":
@@ -174,9 +196,9 @@ class ReplicaServer:
         if op == "set_rebuilding":
             r.update_meta(Rebuilding=bool(req["value"]))
         elif op == "set_revision":
-            await trio.to_thread.run_sync(r.set_revision, int(req["revision"]))
+            r.set_revision(int(req["revision"]))
         elif op == "reset":
-            await trio.to_thread.run_sync(r.reset)
+            r.reset()
         elif op == "bump_generation":
             r.update_meta(Generation=int(r.meta.get("Generation", 0)) + 1)
         elif op == "fault":
@@ -189,16 +211,34 @@ class ReplicaServer:
 
 async def recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
     buf = bytearray(n)
-    await recv_into_exact(sock, memoryview(buf))
+    view = memoryview(buf)
+    while view:
+        got = await sock.recv_into(view)
+        if got == 0:
+            raise ProtocolError("peer closed the connection mid-message", errno.ECONNRESET)
+        view = view[got:]
     return bytes(buf)
 
 
-async def recv_into_exact(sock: trio.socket.SocketType, view: memoryview) -> None:
+def recv_into_exact(sock: stdsocket.socket, view: memoryview) -> None:
     while view:
-        n = await sock.recv_into(view)
+        n = sock.recv_into(view)
         if n == 0:
             raise ProtocolError("peer closed the connection mid-message", errno.ECONNRESET)
         view = view[n:]
+
+
+def sendmsg_all(sock: stdsocket.socket, buffers: list[Any]) -> None:
+    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while pending:
+        n = sock.sendmsg(pending[:BUFFERS_PER_SEND])
+        while n:
+            if n >= len(pending[0]):
+                n -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][n:]
+                n = 0
 
 
 async def send_all(sock: trio.socket.SocketType, buffers: list[Any]) -> None:
