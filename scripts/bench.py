@@ -1,7 +1,8 @@
 """`make bench`: fio against the local file, nbdkit's C file plugin and blockhorn, in one run.
 
 Targets: (a) local file, O_DIRECT via io_uring (libaio if refused); (b) nbdkit `file` plugin on
-the same disk; (c) blockhorn 1 replica; (d) blockhorn 3 replicas (tcp); (e) 3 replicas (unix).
+the same disk; (p) nbdkit Python plugin doing plain pread/pwrite on a file (the ceiling of any
+Python plugin); (c) blockhorn 1 replica; (d) blockhorn 3 replicas (tcp); (e) 3 replicas (unix).
 Each target's data area is prefilled with one sequential 1 MiB pass, then every job runs
 time_based and stonewalled. Results go to stdout and to bench-results/ as JSON and text.
 """
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from blockhorn.nbd.attach import NBDKIT_THREADS  # noqa: E402  (same thread count as the engine)
 
 
 class BenchError(Exception):
@@ -54,6 +58,7 @@ JOBS = [
 TARGETS = {
     "a": "local file O_DIRECT",
     "b": "nbdkit C file plugin",
+    "p": "nbdkit Python plugin, plain file",
     "c": "blockhorn 1 replica tcp",
     "d": "blockhorn 3 replicas tcp",
     "e": "blockhorn 3 replicas unix",
@@ -140,11 +145,14 @@ def serve(key: str, workdir: str, size: int) -> Iterator[tuple[list[str], str, s
         make_file(path, size)
         engine = probe_engine(path)
         yield [f"--ioengine={engine}", "--direct=1", f"--filename={path}"], f"{TARGETS[key]} ({engine})", ""
-    elif key == "b":
+    elif key in "bp":
         path, sock, log = (os.path.join(workdir, n) for n in ("file.img", "nbd.sock", "nbdkit.log"))
         make_file(path, size)
+        plugin = ["file", path] if key == "b" else [
+            "--threads", str(NBDKIT_THREADS), "python",
+            os.path.join(ROOT, "scripts", "plain_plugin.py"), f"file={path}"]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", sock, "file", path],
+            proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", sock, *plugin],
                                     stdout=out, stderr=out, start_new_session=True)
         try:
             wait_ready(lambda: os.path.exists(sock), lambda: proc.poll() is None, "nbdkit file", log)
@@ -203,15 +211,18 @@ def pct(value: float, base: float | None) -> float | None:
 
 
 def render(results: dict[str, dict[str, float]], labels: dict[str, str]) -> tuple[str, dict[str, Any]]:
-    fmt = "{:<22} {:<38} {:>10} {:<5} {:>8} {:>8}"
-    lines = [fmt.format("job", "target", "value", "unit", "% of b", "% of a"), "-" * 96]
+    fmt = "{:<22} {:<38} {:>10} {:<5} {:>8} {:>8} {:>8}"
+    lines = [fmt.format("job", "target", "value", "unit", "% of b", "% of a", "% of p"),
+             "-" * 105]
     ratios: dict[str, dict[str, dict[str, float | None]]] = {}
     for j in JOBS:
         for key, res in results.items():
-            vb, va = (pct(res[j.key], results.get(t, {}).get(j.key)) for t in "ba")
+            vb, va, vp = (pct(res[j.key], results.get(t, {}).get(j.key)) for t in "bap")
             if key in "cde":
-                ratios.setdefault(key, {})[j.key] = {"vs_b": vb, "vs_a": va}
-            show = [f"{v:.1f} %" if key in "cde" and v is not None else "" for v in (vb, va)]
+                ratios.setdefault(key, {})[j.key] = {"vs_b": vb, "vs_a": va, "vs_p": vp}
+            show = [f"{v:.1f} %" if key in "cdep" and v is not None else "" for v in (vb, va, vp)]
+            if key == "p":
+                show[2] = ""
             lines.append(fmt.format(j.label if key == next(iter(results)) else "",
                                     f"({key}) {labels[key]}", f"{res[j.key]:,.0f}", j.unit, *show))
     lines.append("(latency rows: lower is better, so % of b/a above 100 means slower)")
