@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
-from blockhorn.engine.client import Call, ReplicaClient
+from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.fsutil import preadv_full
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op
@@ -73,6 +73,7 @@ class Engine:
         self._stop = threading.Event()
         self._rebuilds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebuild")
         self._maint: threading.Thread | None = None
+        self.receiver = Receiver()   # one thread receives every replica's replies
 
     # --- start / stop ------------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class Engine:
 
     def _connect(self, r: ReplicaState) -> None:
         client = ReplicaClient(r.ref, self.key, self.cfg.volume, on_lost=self._on_lost,
-                               send_timeout=self.cfg.timeout_s)
+                               send_timeout=self.cfg.timeout_s, receiver=self.receiver)
         try:
             client.connect()
             r.stat = client.stat()
@@ -157,6 +158,7 @@ class Engine:
             if r.local_fd is not None:
                 os.close(r.local_fd)
                 r.local_fd = None
+        self.receiver.close()
 
     # --- modes -------------------------------------------------------------------------------
 
