@@ -410,12 +410,13 @@ class Engine:
                             r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
                         self.rebuild(r.ref.name)
             for r in list(self.replicas.values()):
-                if r.mode == ReplicaMode.ERR or r.client is None:
+                client = r.client
+                if r.mode == ReplicaMode.ERR or client is None:
                     continue
-                call = Call(1)
-                r.client.submit(call, Op.PING)
-                if not call.wait(self.cfg.timeout_s):
-                    self.set_error(r, f"ping: no answer within {self.cfg.timeout_s:g} s")
+                try:   # STAT doubles as the ping and keeps status() current
+                    r.stat = client.stat(timeout=self.cfg.timeout_s)
+                except BlockhornError as e:
+                    self.set_error(r, f"ping: {e}")
 
     def status(self) -> dict[str, Any]:
         replicas = []
