@@ -198,8 +198,11 @@ def test_engine_killed_is_restarted_and_reported(env: Env, tmp_path: object) -> 
     nbd_write(uri, data, str(tmp_path))
     before = env.show("v")
     os.kill(before["engine"]["pid"], signal.SIGKILL)
+    # Restarted means a new pid *and* an engine answering its control socket again.
     after = wait_until(lambda: (lambda s: s if s["engine"]["pid"] not in
-                                (None, before["engine"]["pid"]) else None)(env.show("v")),
+                                (None, before["engine"]["pid"])
+                                and "engine restarted" in (s["message"] or "") else None)(
+                                    env.show("v")),
                        30, "engine restart")
     assert after["engine"]["restarts"] == 1
     assert "engine restarted" in after["message"]
