@@ -250,7 +250,7 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, help="seconds per job (default 20, --quick 5)")
     ap.add_argument("--size", type=parse_size, help="data size per target (default 1G, --quick 256M)")
     ap.add_argument("--dir", default="/var/tmp", help="where the temporary work dir goes (default /var/tmp)")
-    ap.add_argument("--only", default="a,b,c,d,e", help="comma-separated targets from a,b,c,d,e")
+    ap.add_argument("--only", default=",".join(TARGETS), help=f"comma-separated targets from {','.join(TARGETS)}")
     args = ap.parse_args()
     keys = [k.strip() for k in args.only.split(",") if k.strip()]
     if not keys or set(keys) - set(TARGETS):

@@ -27,6 +27,7 @@ from typing import Any
 from blockhorn.config import ReplicaRef, parse_address
 from blockhorn.replica import proto
 from blockhorn.replica.proto import HEADER_SIZE, REPLY, Op
+from blockhorn.sockio import BUFFERS_PER_SEND, recv_exact, sendmsg_all
 from blockhorn.types import BlockhornError, ProtocolError
 
 log = logging.getLogger("blockhorn.engine")
@@ -34,7 +35,6 @@ log = logging.getLogger("blockhorn.engine")
 RECV_BUFFER = 1 << 20        # bytes
 SOCKET_BUFFER = 4 << 20      # bytes; SO_SNDBUF/SO_RCVBUF so 1 MiB writes rarely block
 CONNECT_TIMEOUT_S = 5.0
-BUFFERS_PER_SEND = 512       # sendmsg takes at most IOV_MAX (1024) buffers
 
 
 class Call:
@@ -128,11 +128,11 @@ class ReplicaClient:
         self.receiver.add(self)
 
     def _handshake(self, sock: socket.socket) -> None:
-        server_nonce = proto.unpack_hello(_recv_exact(sock, proto.HELLO.size))
+        server_nonce = proto.unpack_hello(recv_exact(sock, proto.HELLO.size))
         client_nonce = secrets.token_bytes(proto.NONCE_SIZE)
         sock.sendall(proto.pack_auth(self.key, self.volume, server_nonce, client_nonce))
         proto.verify_welcome(self.key, self.volume, server_nonce, client_nonce,
-                             _recv_exact(sock, proto.WELCOME_SIZE))
+                             recv_exact(sock, proto.WELCOME_SIZE))
 
     def close(self, reason: str = "closed") -> None:
         """Drop the connection; pending calls fail with EIO. Safe to call more than once."""
@@ -190,7 +190,7 @@ class ReplicaClient:
                 total = sum(len(b) for b in buffers)
                 sent = self.sock.sendmsg(buffers)
                 if sent != total:           # socket buffer full: send the rest
-                    _sendmsg_all(self.sock, buffers, sent)
+                    sendmsg_all(self.sock, buffers, sent)
             except OSError as e:
                 self.send_lock.release()
                 self._lost(f"send failed: {e}")
@@ -356,38 +356,3 @@ class Receiver:
 
     def close(self) -> None:
         self.epoll.close()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    _recv_into_exact(sock, memoryview(buf))
-    return bytes(buf)
-
-
-def _recv_into_exact(sock: socket.socket, view: memoryview) -> None:
-    while view:
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ProtocolError("replica closed the connection mid-message")
-        view = view[n:]
-
-
-def _sendmsg_all(sock: socket.socket, buffers: list[Any], skip: int = 0) -> None:
-    """Send every byte of `buffers` but the first `skip` (already sent)."""
-    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while skip:
-        if skip >= len(pending[0]):
-            skip -= len(pending[0])
-            pending.pop(0)
-        else:
-            pending[0] = pending[0][skip:]
-            skip = 0
-    while pending:
-        n = sock.sendmsg(pending)
-        while n:
-            if n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][n:]
-                n = 0

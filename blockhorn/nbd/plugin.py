@@ -9,10 +9,13 @@ standard library. nbdkit forks after `get_ready`, so the engine's threads start 
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _ROOT not in sys.path:
@@ -77,8 +80,16 @@ def cleanup() -> None:
         _engine.close()
 
 
-def _fail(e: BlockhornError) -> None:
-    nbdkit.set_error(e.errno)
+def _errors_to_nbdkit(fn: Callable[..., None]) -> Callable[..., None]:
+    """The edge where blockhorn errors become NBD errors: set nbdkit's errno, then raise."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> None:
+        try:
+            fn(*args)
+        except BlockhornError as e:
+            nbdkit.set_error(e.errno)
+            raise
+    return wrapper
 
 
 def open(readonly: bool) -> int:  # noqa: A001  (the name nbdkit calls)
@@ -127,47 +138,27 @@ def can_cache(h: int) -> int:
     return nbdkit.CACHE_NONE
 
 
+@_errors_to_nbdkit
 def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
-    assert _engine is not None
-    try:
-        _engine.pread(buf, offset)
-    except BlockhornError as e:
-        _fail(e)
-        raise
+    _engine.pread(buf, offset)  # type: ignore[union-attr]
 
 
+@_errors_to_nbdkit
 def pwrite(h: int, buf: bytes, offset: int, flags: int) -> None:
-    assert _engine is not None
-    try:
-        _engine.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))
-    except BlockhornError as e:
-        _fail(e)
-        raise
+    _engine.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
 
 
+@_errors_to_nbdkit
 def flush(h: int, flags: int) -> None:
-    assert _engine is not None
-    try:
-        _engine.flush()
-    except BlockhornError as e:
-        _fail(e)
-        raise
+    _engine.flush()  # type: ignore[union-attr]
 
 
+@_errors_to_nbdkit
 def trim(h: int, count: int, offset: int, flags: int) -> None:
-    assert _engine is not None
-    try:
-        _engine.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))
-    except BlockhornError as e:
-        _fail(e)
-        raise
+    _engine.trim(offset, count, fua=bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
 
 
+@_errors_to_nbdkit
 def zero(h: int, count: int, offset: int, flags: int) -> None:
-    assert _engine is not None
-    try:
-        _engine.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
-                     fua=bool(flags & nbdkit.FLAG_FUA))
-    except BlockhornError as e:
-        _fail(e)
-        raise
+    _engine.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),  # type: ignore[union-attr]
+                 fua=bool(flags & nbdkit.FLAG_FUA))

@@ -30,13 +30,13 @@ from blockhorn.keys import load_key
 from blockhorn.replica import proto
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import Replica
+from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
 from blockhorn.types import AuthError, BlockhornError, ProtocolError
 
 log = logging.getLogger("blockhorn.replica")
 
 RECV_BUFFER = 4 << 20        # bytes; one receive buffer per connection
 HANDSHAKE_TIMEOUT_S = 10.0
-BUFFERS_PER_SEND = 512       # sendmsg takes at most IOV_MAX (1024) buffers
 MAX_CONNECTIONS = 64         # concurrent data connections (one thread each)
 
 
@@ -227,38 +227,10 @@ async def recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
     return bytes(buf)
 
 
-def recv_into_exact(sock: stdsocket.socket, view: memoryview) -> None:
-    while view:
-        n = sock.recv_into(view)
-        if n == 0:
-            raise ProtocolError("peer closed the connection mid-message", errno.ECONNRESET)
-        view = view[n:]
-
-
-def sendmsg_all(sock: stdsocket.socket, buffers: list[Any]) -> None:
-    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while pending:
-        n = sock.sendmsg(pending[:BUFFERS_PER_SEND])
-        while n:
-            if n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][n:]
-                n = 0
-
-
 async def send_all(sock: trio.socket.SocketType, buffers: list[Any]) -> None:
-    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while pending:
-        n = await sock.sendmsg(pending[:BUFFERS_PER_SEND])
-        while n:
-            if n >= len(pending[0]):
-                n -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][n:]
-                n = 0
+    views = as_views(buffers)
+    while views:
+        advance(views, await sock.sendmsg(views[:BUFFERS_PER_SEND]))
 
 
 def open_replica(cfg: ReplicaConfig) -> Replica:
