@@ -1,7 +1,9 @@
 """The engine's control socket: JSON lines over a unix socket, for the daemon and the CLI.
 
-Requests: {"op": "status"}, {"op": "rebuild", "replica": NAME}. Reply: a JSON object; errors
-are {"error": message, "errno": n}.
+Requests: {"op": "status"}, {"op": "rebuild", "replica": NAME}, {"op": "snapshot", "name": N,
+"labels": {...}}, {"op": "snapshot_rm", "name": N}, {"op": "snapshots"}, {"op": "purge",
+"wait": bool}, {"op": "expand", "size": BYTES}. Reply: a JSON object; errors are
+{"error": message, "errno": n}.
 """
 
 from __future__ import annotations
@@ -70,6 +72,18 @@ class ControlServer:
             if op == "rebuild":
                 self.engine.rebuild(str(req["replica"]))
                 return self.engine.status()
+            if op == "snapshot":
+                return self.engine.snapshot(str(req["name"]), req.get("labels") or None,
+                                            bool(req.get("user_created", True)))
+            if op == "snapshot_rm":
+                self.engine.snapshot_remove(str(req["name"]))
+                return self.engine.snapshots()
+            if op == "snapshots":
+                return self.engine.snapshots()
+            if op == "purge":
+                return self.engine.purge(wait=bool(req.get("wait", True)))
+            if op == "expand":
+                return self.engine.expand(int(req["size"]))
             raise BlockhornError(f"unknown control op {op!r}", errno.EINVAL)
         except BlockhornError as e:
             return {"error": str(e), "errno": e.errno}

@@ -27,11 +27,15 @@ from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
+from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.fsutil import preadv_full
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op
+from blockhorn.replica.proto import encode_json as proto_json
 from blockhorn.types import (
+    BLOCK_SIZE,
     BlockhornError,
+    Busy,
     InvalidArgument,
     NoSpace,
     ReplicaMode,
@@ -41,9 +45,10 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.engine")
 
-REBUILD_CHUNK = 2 << 20      # bytes copied per step of a rebuild (Longhorn's batch size)
 PING_INTERVAL_S = 2.0        # idle replicas are pinged this often to notice hangs
 REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
+MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
+PURGE_WAIT_S = 3600.0        # purge(wait=True) gives up after this long
 
 
 @dataclass
@@ -64,10 +69,12 @@ class Engine:
         self.key = load_key(cfg.key_file)
         self.replicas = {r.name: ReplicaState(r) for r in cfg.replicas}
         self.order_lock = threading.Lock()     # see module docstring
+        self.maint_lock = threading.Lock()     # one of rebuild / snapshot / purge / expand
         self.state_lock = threading.Lock()     # guards modes and the RW list
         self._rr = 0
         self._readers: list[ReplicaState] = []   # RW replicas, local first
         self._targets: list[ReplicaState] = []   # RW and WO replicas: every mutation goes here
+        self._rebuilding = False                  # a WO replica exists: widen partial writes
         self.counters = {"reads": 0, "writes": 0, "flushes": 0, "trims": 0, "zeros": 0,
                          "read_bytes": 0, "write_bytes": 0, "errors": 0}
         self._stop = threading.Event()
@@ -80,7 +87,7 @@ class Engine:
     def start(self) -> None:
         """Connect to every replica, choose modes, and start rebuilding stale ones."""
         with ThreadPoolExecutor(max_workers=len(self.replicas)) as pool:
-            list(pool.map(self._connect, self.replicas.values()))
+            list(pool.map(self.connect_replica, self.replicas.values()))
         candidates = [r for r in self.replicas.values()
                       if r.client and not r.stat.get("rebuilding") and not r.stat.get("error")]
         if not candidates:
@@ -89,6 +96,11 @@ class Engine:
                                                  for r in self.replicas.values()) + ")")
         # A replica that opened dirty (its process or host crashed) may hold unflushed writes
         # its counter does not count: trust it only when no cleanly opened replica is left.
+        # An expansion a replica missed (it was down) is caught up here: the largest wins.
+        self.size = max([self.size] + [r.stat["size"] for r in candidates])
+        for r in candidates:
+            if r.stat["size"] < self.size and r.client:
+                r.stat = r.client.control({"op": "expand", "size": self.size})
         clean = [r for r in candidates if not r.stat.get("opened_dirty")]
         pool_ = clean or candidates
         best = max(r.stat["revision"] for r in pool_)
@@ -111,15 +123,12 @@ class Engine:
         self._maint = threading.Thread(target=self._maintain, name="maintain", daemon=True)
         self._maint.start()
 
-    def _connect(self, r: ReplicaState) -> None:
+    def connect_replica(self, r: ReplicaState) -> None:
         client = ReplicaClient(r.ref, self.key, self.cfg.volume, on_lost=self._on_lost,
                                send_timeout=self.cfg.timeout_s, receiver=self.receiver)
         try:
             client.connect()
             r.stat = client.stat()
-            if r.stat["size"] != self.size:
-                raise BlockhornError(f"size {r.stat['size']} differs from the volume's "
-                                     f"{self.size}", errno.EINVAL)
         except BlockhornError as e:
             client.close()
             r.error = str(e)
@@ -173,6 +182,27 @@ class Engine:
         rw.sort(key=lambda r: r.local_fd is None)      # local replicas first
         self._readers = rw
         self._targets = self._writable()
+        self._rebuilding = any(r.mode == ReplicaMode.WO for r in self._targets)
+
+    def readers(self) -> list[ReplicaState]:
+        return self._readers
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def set_mode(self, r: ReplicaState, mode: ReplicaMode, order_held: bool = False) -> None:
+        """Change a replica's mode in the global order: a mutation is sent before or after.
+        `order_held`: the caller already holds `order_lock`."""
+        if not order_held:
+            with self.order_lock:
+                self.set_mode(r, mode, order_held=True)
+            return
+        with self.state_lock:
+            r.mode = mode
+            if mode == ReplicaMode.RW:
+                r.error = ""
+                self._open_local(r)
+            self._update_readers()
 
     def set_error(self, r: ReplicaState, reason: str) -> None:
         with self.state_lock:
@@ -211,6 +241,9 @@ class Engine:
                  flags: int = 0) -> None:
         """Send one mutation to every RW/WO replica (in the global order) and wait for all."""
         with self.order_lock:
+            if self._rebuilding and op in (Op.WRITE, Op.TRIM, Op.ZERO) and (
+                    offset % BLOCK_SIZE or length % BLOCK_SIZE):
+                op, offset, length, data = self._widen(op, offset, length, data)
             targets = self._targets
             if len(self._readers) < self.cfg.min_rw:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
@@ -239,6 +272,27 @@ class Engine:
                 raise NoSpace("every replica is out of space")
             raise ReplicaUnavailable(f"volume {self.cfg.volume}: write reached only {ok_rw} RW "
                                      f"replicas, {self.cfg.min_rw} needed")
+
+    def _widen(self, op: int, offset: int, length: int, data: Any) -> tuple[int, int, int, Any]:
+        """Under the order lock, while a replica rebuilds: turn a partial-block mutation into a
+        write of whole blocks, read first from a RW replica (ordered after every earlier
+        write). A rebuilding replica then never copies up a block from a layer it has not
+        received yet."""
+        start = offset - offset % BLOCK_SIZE
+        end = -(-(offset + length) // BLOCK_SIZE) * BLOCK_SIZE
+        block = bytearray(end - start)
+        for r in self._readers:
+            if r.client is None:
+                continue
+            call = Call(1, dest=memoryview(block))
+            r.client.submit(call, Op.READ, start, end - start)
+            if call.wait(self.cfg.timeout_s) and not call.results.get(r.ref.name):
+                break
+        else:
+            raise ReplicaUnavailable("no RW replica answers the read of a partial-block write")
+        patch = bytes(length) if op != Op.WRITE else data
+        block[offset - start:offset - start + length] = patch
+        return Op.WRITE, start, end - start, block
 
     def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
         self._check_range(offset, len(buf))
@@ -330,7 +384,7 @@ class Engine:
         progress = r.rebuild
         progress["state"] = "running"
         try:
-            self._do_rebuild(r, progress)
+            rebuild_replica(self, r, progress)
             progress.update(state="done", finished=time.time())
             log.info("replica %s rebuilt: %d bytes copied", r.ref.name, progress["done"])
         except BlockhornError as e:
@@ -338,64 +392,117 @@ class Engine:
             log.error("rebuild of %s failed: %s", r.ref.name, e)
             self.set_error(r, f"rebuild failed: {e}")
 
-    def _do_rebuild(self, r: ReplicaState, progress: dict[str, Any]) -> None:
-        if r.client:
-            r.client.close("reconnecting for rebuild")
-        r.mode = ReplicaMode.ERR
-        self._connect(r)
-        target = r.client
-        if target is None:
-            raise BlockhornError(r.error or "cannot connect", errno.EHOSTUNREACH)
-        target.control({"op": "set_rebuilding", "value": True})
-        target.control({"op": "reset"})
-        # From here on the target receives every write (WO): the copy below only has to
-        # bring over what was written before.
-        with self.order_lock:
-            with self.state_lock:
-                r.mode = ReplicaMode.WO
-                self._update_readers()
-        sources = [s for s in self._readers if s.client]
-        if not sources:
-            raise ReplicaUnavailable("no RW replica to rebuild from")
-        source = sources[0].client
-        assert source is not None
-        extents = source.control({"op": "extents", "offset": 0, "length": self.size})["extents"]
-        progress["total"] = sum(n for _, n in extents)
-        for start, length in extents:
-            pos, end = start, start + length
-            while pos < end:
-                if self._stop.is_set() or r.mode != ReplicaMode.WO:
-                    raise BlockhornError("rebuild interrupted", errno.EINTR)
-                n = min(REBUILD_CHUNK, end - pos)
-                self._copy_chunk(source, target, pos, n)
-                pos += n
-                progress["done"] += n
-        with self.order_lock:
-            final = source.stat()
-            target.request(Op.FLUSH, timeout=self.cfg.timeout_s * 4)
-            target.control({"op": "set_revision", "revision": final["revision"]})
-            target.control({"op": "set_rebuilding", "value": False})
-            r.stat = target.stat()
-            with self.state_lock:
-                r.mode = ReplicaMode.RW
-                r.error = ""
-                self._open_local(r)
-                self._update_readers()
+    # --- snapshots and expansion -------------------------------------------------------------
 
-    def _copy_chunk(self, source: ReplicaClient, target: ReplicaClient, offset: int,
-                    length: int) -> None:
-        """Copy one chunk under `order_lock`: the source read is ordered after every write sent
-        before it, and the target write before every write sent after it."""
-        buf = bytearray(length)
+    def _maintenance(self) -> Any:
+        """The maintenance lock, or a clear EBUSY after a short wait (a rebuild holds it)."""
+        engine = self
+
+        class _Guard:
+            def __enter__(self) -> None:
+                if not engine.maint_lock.acquire(timeout=MAINT_WAIT_S):
+                    raise Busy(f"volume {engine.cfg.volume} is busy (a rebuild, purge or "
+                               "snapshot is running): try again when it has finished")
+
+            def __exit__(self, *exc: object) -> None:
+                engine.maint_lock.release()
+
+        return _Guard()
+
+    def _everywhere(self, req: dict[str, Any], include_wo: bool = False) -> list[str]:
+        """Send one control request to every RW (and WO) replica in the global order; replicas
+        that fail it go ERR. Mutations sent after it land after it on every replica — this is
+        what makes a snapshot consistent without pausing I/O. Returns who succeeded."""
+        body = proto_json(req)
         with self.order_lock:
-            call = Call(1, dest=memoryview(buf))
-            source.submit(call, Op.READ, offset, length)
-            if not call.wait(self.cfg.timeout_s) or call.results.get(source.name):
-                raise BlockhornError(f"rebuild read from {source.name} failed", errno.EIO)
-            call = Call(1)
-            target.submit(call, Op.WRITE, offset, length, buf)
-        if not call.wait(self.cfg.timeout_s) or call.results.get(target.name):
-            raise BlockhornError(f"rebuild write to {target.name} failed", errno.EIO)
+            targets = [r for r in self._targets
+                       if include_wo or r.mode == ReplicaMode.RW]
+            if req["op"] == "snapshot":
+                # Reads from local head files stop: the head file is about to change.
+                with self.state_lock:
+                    for r in targets:
+                        if r.local_fd is not None:
+                            os.close(r.local_fd)
+                            r.local_fd = None
+                    self._update_readers()
+            call = Call(len(targets))
+            for r in targets:
+                r.client.enqueue(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
+        for r in targets:
+            r.client.pump()  # type: ignore[union-attr]
+        call.wait(self.cfg.timeout_s * 2)
+        ok = []
+        for r in targets:
+            status = call.results.get(r.ref.name, errno.ETIMEDOUT)
+            if status == 0:
+                ok.append(r.ref.name)
+            elif status in (errno.EEXIST, errno.ENOENT, errno.EINVAL) and not ok:
+                raise BlockhornError(f"{req['op']} refused: {os.strerror(status)}", status)
+            else:
+                self.set_error(r, f"{req['op']} failed: {os.strerror(status)}")
+        if len(ok) < self.cfg.min_rw:
+            raise ReplicaUnavailable(f"{req['op']} reached only {len(ok)} RW replicas")
+        return ok
+
+    def snapshot(self, name: str, labels: dict[str, str] | None = None,
+                 user_created: bool = True) -> dict[str, Any]:
+        with self._maintenance():
+            if self._rebuilding:
+                raise Busy("a replica is rebuilding: snapshot after it has finished")
+            ok = self._everywhere({"op": "snapshot", "name": name, "labels": labels or {},
+                                   "user_created": user_created})
+        return {"name": name, "replicas": ok}
+
+    def snapshot_remove(self, name: str) -> None:
+        with self._maintenance():
+            self._everywhere({"op": "snapshot_rm", "name": name})
+            self._everywhere({"op": "purge"})
+
+    def purge(self, wait: bool = True) -> dict[str, Any]:
+        """Fold removed snapshots on every replica (each in the background, beside I/O)."""
+        with self._maintenance():
+            self._everywhere({"op": "purge"})
+            deadline = time.monotonic() + PURGE_WAIT_S
+            while wait:
+                states = self.snapshots()["purge"]
+                if all(s.get("state") != "running" for s in states.values()):
+                    return {"purge": states}
+                if time.monotonic() > deadline:
+                    raise Busy("purge still running; see `snapshot ls`")
+                time.sleep(0.1)
+        return {"purge": "started"}
+
+    def snapshots(self) -> dict[str, Any]:
+        """The snapshot tree (from the first RW replica) and every replica's purge state."""
+        tree: list[dict[str, Any]] | None = None
+        purge_states = {}
+        for r in list(self._readers):
+            if r.client is None:
+                continue
+            try:
+                reply = r.client.control({"op": "snapshots"}, timeout=self.cfg.timeout_s)
+            except BlockhornError as e:
+                self.set_error(r, f"snapshots failed: {e}")
+                continue
+            purge_states[r.ref.name] = reply["purge"]
+            if tree is None:
+                tree = reply["snapshots"]
+        if tree is None:
+            raise ReplicaUnavailable(f"volume {self.cfg.volume}: no RW replica answers")
+        return {"snapshots": tree, "purge": purge_states}
+
+    def expand(self, size: int) -> dict[str, Any]:
+        """Grow the volume online. NBD clients see the new size when they reconnect."""
+        if size % BLOCK_SIZE:
+            raise InvalidArgument(f"size {size} is not a multiple of 4096")
+        if size < self.size:
+            raise InvalidArgument(f"shrinking is not supported: the volume has {self.size} "
+                                  f"bytes, asked for {size}")
+        with self._maintenance():
+            if size > self.size:
+                self._everywhere({"op": "expand", "size": size}, include_wo=True)
+                self.size = size
+        return {"size": self.size}
 
     # --- maintenance and status --------------------------------------------------------------
 

@@ -43,6 +43,8 @@ class Op(enum.IntEnum):
     PING = 6
     STAT = 7       # reply payload: JSON object describing the replica
     CONTROL = 8    # request and reply payload: JSON object {"op": ..., ...}
+    READ_LAYER = 9   # request payload: layer file name; reply: data of that layer only
+    WRITE_LAYER = 10  # payload: u16 name length | layer name | data (rebuild target only)
 
 
 class Header(NamedTuple):

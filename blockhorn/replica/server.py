@@ -26,8 +26,9 @@ from typing import Any
 import trio
 
 from blockhorn.config import ReplicaConfig, parse_address
+from blockhorn.fsutil import data_extents, preadv_full
 from blockhorn.keys import load_key
-from blockhorn.replica import proto
+from blockhorn.replica import proto, snapshots
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import Replica
 from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
@@ -48,7 +49,8 @@ class ReplicaServer:
         self.lock = threading.Lock()          # the store is single-threaded
         self.threads = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.connections = 0
-        self.fault: dict[str, Any] = {}   # fault-injection hook: {"delay_s": float, ...}
+        self.fault: dict[str, Any] = {}
+        self.purge_state: dict[str, Any] = {"state": "idle"}   # fault-injection hook: {"delay_s": float, ...}
 
     async def serve(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         kind, where = parse_address(listen)
@@ -185,6 +187,15 @@ class ReplicaServer:
                    fua=bool(h.flags & FLAG_FUA))
         elif h.op == Op.PING:
             pass
+        elif h.op == Op.READ_LAYER:
+            fd = snapshots.layer_fd(r, bytes(payload).decode())
+            data = bytearray(h.length)
+            preadv_full(fd, memoryview(data), h.offset)
+            return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, len(data)), data]
+        elif h.op == Op.WRITE_LAYER:
+            name_len = int.from_bytes(payload[:2], "little")
+            name = bytes(payload[2:2 + name_len]).decode()
+            snapshots.write_layer(r, name, h.offset, payload[2 + name_len:])
         elif h.op in (Op.STAT, Op.CONTROL):
             request = proto.decode_json(payload) if h.op == Op.CONTROL else {"op": "stat"}
             body = proto.encode_json(self.control(request))
@@ -193,19 +204,56 @@ class ReplicaServer:
             raise ProtocolError(f"unknown op {h.op}")
         return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length)]
 
+    def start_purge(self) -> None:
+        """Fold removed snapshots in a thread of its own: the copy runs beside I/O (it only
+        touches data no read can reach); the store lock is taken for the commits."""
+        if self.purge_state.get("state") == "running":
+            return
+        self.purge_state = {"state": "running", "folded": []}
+
+        def work() -> None:
+            try:
+                folded = snapshots.purge(self.replica, self.lock)
+                self.purge_state = {"state": "done", "folded": folded}
+            except (BlockhornError, OSError) as e:
+                log.error("purge failed: %s", e)
+                self.purge_state = {"state": "failed", "error": str(e)}
+
+        threading.Thread(target=work, name="purge", daemon=True).start()
+
     def control(self, req: dict[str, Any]) -> dict[str, Any]:
         r = self.replica
         op = req.get("op")
         if op == "stat":
             return dict(r.stat(), connections=self.connections)
         if op == "extents":
-            return {"extents": r.extents(int(req["offset"]), int(req["length"]))}
+            offset, length = int(req["offset"]), int(req["length"])
+            if req.get("layer"):     # one layer only (a rebuild copies layer by layer)
+                fd = snapshots.layer_fd(r, str(req["layer"]))
+                return {"extents": [[s, e - s] for s, e in data_extents(fd, offset, length)]}
+            return {"extents": r.extents(offset, length)}
+        if op == "snapshots":
+            return {"snapshots": snapshots.list_snapshots(r), "purge": self.purge_state}
+        if op == "chain":
+            return {"chain": snapshots.chain_metas(r), "head": r.head.name}
         if op == "set_rebuilding":
             r.update_meta(Rebuilding=bool(req["value"]))
-        elif op == "set_revision":
+        elif op == "reset_chain":
+            snapshots.reset_chain(r, list(req["chain"]))
+        elif op == "finish_rebuild":
+            snapshots.sync_layers(r)
             r.set_revision(int(req["revision"]))
-        elif op == "reset":
-            r.reset()
+            r.update_meta(Rebuilding=False)
+            r.reload()
+        elif op == "snapshot":
+            snapshots.create_snapshot(r, str(req["name"]), bool(req.get("user_created", True)),
+                                      req.get("labels") or None)
+        elif op == "snapshot_rm":
+            snapshots.mark_removed(r, str(req["name"]))
+        elif op == "purge":
+            self.start_purge()
+        elif op == "expand":
+            snapshots.expand(r, int(req["size"]))
         elif op == "bump_generation":
             r.update_meta(Generation=int(r.meta.get("Generation", 0)) + 1)
         elif op == "fault":
@@ -237,10 +285,10 @@ def open_replica(cfg: ReplicaConfig) -> Replica:
     if not os.path.exists(os.path.join(cfg.directory, "volume.meta")):
         Replica.create(cfg.directory, cfg.size, cfg.volume).close()
     replica = Replica.open(cfg.directory)
-    if replica.size != cfg.size:
-        replica.close()
-        raise BlockhornError(f"replica {cfg.directory} has size {replica.size}, "
-                             f"config says {cfg.size}", errno.EINVAL)
+    if replica.size < cfg.size:
+        # The volume was expanded while this replica was away: catch up.
+        log.info("expanding %s from %d to %d bytes", cfg.directory, replica.size, cfg.size)
+        snapshots.expand(replica, cfg.size)
     return replica
 
 

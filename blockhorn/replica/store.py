@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,7 @@ HEAD_FMT = "volume-head-{:03d}.img"
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def layer_meta(name: str, parent: str, user_created: bool = False,
@@ -84,8 +85,14 @@ class Replica:
         # may hold writes its revision counter does not count (the engine resyncs it).
         self.opened_dirty = bool(meta.get("Dirty"))
         self.map = ExtentMap()
-        if len(layers) > 1:
-            for index, layer in enumerate(layers):
+        self._map_layers()
+        # Test hook: called with a step name before each step of a multi-file change.
+        self.crash_hook: Callable[[str], None] | None = None
+
+    def _map_layers(self) -> None:
+        self.map = ExtentMap()
+        if len(self.layers) > 1:
+            for index, layer in enumerate(self.layers):
                 for start, end in data_extents(layer.fd, 0, self.size):
                     self.map.overlay(start, end, index)
 
@@ -125,6 +132,21 @@ class Replica:
         if meta.get("FormatVersion", 1) > FORMAT_VERSION:
             raise BlockhornError(f"{directory}: replica format {meta['FormatVersion']} is newer "
                                  "than this blockhorn understands", errno.EPROTO)
+        layers = cls._open_chain(directory, meta)
+        try:
+            with open(os.path.join(directory, REVISION_COUNTER), "rb") as f:
+                revision = decode_revision(f.read(REVISION_SIZE))
+        except BaseException:
+            for layer in layers:
+                os.close(layer.fd)
+            raise
+        replica = cls(directory, meta, layers, revision)
+        from blockhorn.replica.snapshots import recover  # a layer on top of this module
+        recover(replica)
+        return replica
+
+    @staticmethod
+    def _open_chain(directory: str, meta: dict[str, Any]) -> list[Layer]:
         names: list[str] = []
         name = meta["Head"]
         while name:
@@ -133,20 +155,27 @@ class Replica:
             names.append(name)
             name = read_json(os.path.join(directory, name + ".meta")).get("Parent", "")
         names.reverse()
-        layers = []
+        layers: list[Layer] = []
         try:
             for i, name in enumerate(names):
                 flags = os.O_RDWR if i == len(names) - 1 else os.O_RDONLY
                 path = os.path.join(directory, name)
                 layers.append(Layer(name, os.open(path, flags | os.O_CLOEXEC),
                                     read_json(path + ".meta")))
-            with open(os.path.join(directory, REVISION_COUNTER), "rb") as f:
-                revision = decode_revision(f.read(REVISION_SIZE))
         except BaseException:
             for layer in layers:
                 os.close(layer.fd)
             raise
-        return cls(directory, meta, layers, revision)
+        return layers
+
+    def reload(self) -> None:
+        """Reopen the chain named by volume.meta and rebuild the layer map (after a revert,
+        a rebuild, a fold)."""
+        layers = self._open_chain(self.directory, self.meta)
+        for layer in self.layers:
+            os.close(layer.fd)
+        self.layers = layers
+        self._map_layers()
 
     def close(self) -> None:
         """Persist the revision counter and clear Dirty: a clean close."""
@@ -295,6 +324,7 @@ class Replica:
             "generation": int(self.meta.get("Generation", 0)), "layers": len(self.layers),
             "directory": os.path.abspath(self.directory), "head_ino": head_stat.st_ino,
             "head_dev": head_stat.st_dev, "allocated": head_stat.st_blocks * 512,
+            "chain": [layer.name for layer in self.layers],
         }
 
     def set_revision(self, revision: int) -> None:
@@ -303,10 +333,3 @@ class Replica:
         self.flush()
         self.opened_dirty = False
 
-    def reset(self) -> None:
-        """Drop all data (start of a full rebuild): the head reads as zeros."""
-        if len(self.layers) != 1:
-            raise BlockhornError("reset of a replica with snapshots is not supported yet",
-                                 errno.EOPNOTSUPP)
-        punch_hole(self.head.fd, 0, self.size)
-        os.fdatasync(self.head.fd)

@@ -1,0 +1,126 @@
+"""Layer-aware online rebuild: make a replica an exact copy of a RW replica while I/O runs.
+
+1. The target is marked Rebuilding (durably) and given the source's chain: empty snapshot
+   layers with the source's metadata, oldest first, under an empty head.
+2. Under the order lock it becomes WO: from then on it receives every mutation. While any WO
+   replica exists the engine widens unaligned writes to whole 4 KiB blocks, so a target never
+   copies up a block from a layer that is not filled yet (Longhorn bug #4354).
+3. Snapshot layers are immutable: they are copied extent by extent without the order lock.
+4. The head is copied in chunks, each under the order lock: the source read is ordered after
+   every write sent before it, the target write before every write sent after it.
+5. A final FLUSH, the source's revision, Rebuilding cleared, the layer map rebuilt: RW.
+The engine's maintenance lock keeps snapshots, purges and expansion out meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from typing import TYPE_CHECKING, Any
+
+from blockhorn.engine.client import Call, ReplicaClient
+from blockhorn.replica.proto import Op
+from blockhorn.types import BlockhornError, ReplicaMode, ReplicaUnavailable
+
+if TYPE_CHECKING:
+    from blockhorn.engine.engine import Engine, ReplicaState
+
+REBUILD_CHUNK = 2 << 20      # bytes per copy step (Longhorn's batch size)
+PURGE_WAIT_S = 600.0         # how long a rebuild waits for a running purge on its source
+
+
+def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> None:
+    if r.client:
+        r.client.close("reconnecting for rebuild")
+    r.mode = ReplicaMode.ERR
+    eng.connect_replica(r)
+    target = r.client
+    if target is None:
+        raise BlockhornError(r.error or "cannot connect", errno.EHOSTUNREACH)
+    with eng.maint_lock:
+        sources = [s for s in eng.readers() if s.client]
+        if not sources:
+            raise ReplicaUnavailable("no RW replica to rebuild from")
+        source = sources[0].client
+        assert source is not None
+        _wait_purge_idle(source)
+        chain = source.control({"op": "chain"})
+        if r.stat.get("size", 0) < eng.size:
+            target.control({"op": "expand", "size": eng.size})
+        target.control({"op": "set_rebuilding", "value": True})
+        target.control({"op": "reset_chain", "chain": chain["chain"]})
+        eng.set_mode(r, ReplicaMode.WO)
+        layers = [m["Name"] for m in chain["chain"]]
+        plan = {layer: _extents(source, eng.size, layer) for layer in layers + [chain["head"]]}
+        progress["total"] = sum(n for ext in plan.values() for _, n in ext)
+        for layer in layers:
+            for start, length in plan[layer]:
+                for pos, n in _chunks(start, length):
+                    _check_running(eng, r)
+                    data = _read_layer(eng, source, layer, pos, n)
+                    _request(eng, target, Op.WRITE_LAYER, pos, n, _layer_payload(layer, data))
+                    progress["done"] += n
+        for start, length in plan[chain["head"]]:
+            for pos, n in _chunks(start, length):
+                _check_running(eng, r)
+                with eng.order_lock:
+                    data = _read_layer(eng, source, chain["head"], pos, n)
+                    call = Call(1)
+                    target.submit(call, Op.WRITE, pos, n, data)
+                _wait(eng, call, target, "rebuild write")
+                progress["done"] += n
+        with eng.order_lock:
+            final = source.stat()
+            target.request(Op.FLUSH, timeout=eng.cfg.timeout_s * 4)
+            target.control({"op": "finish_rebuild", "revision": final["revision"]})
+            r.stat = target.stat()
+            eng.set_mode(r, ReplicaMode.RW, order_held=True)
+
+
+def _wait_purge_idle(source: ReplicaClient) -> None:
+    deadline = time.monotonic() + PURGE_WAIT_S
+    while source.control({"op": "snapshots"})["purge"].get("state") == "running":
+        if time.monotonic() > deadline:
+            raise BlockhornError("the source replica is still purging snapshots", errno.EBUSY)
+        time.sleep(0.2)
+
+
+def _extents(source: ReplicaClient, size: int, layer: str) -> list[tuple[int, int]]:
+    reply = source.control({"op": "extents", "offset": 0, "length": size, "layer": layer})
+    return [(int(s), int(n)) for s, n in reply["extents"]]
+
+
+def _chunks(start: int, length: int) -> list[tuple[int, int]]:
+    return [(pos, min(REBUILD_CHUNK, start + length - pos))
+            for pos in range(start, start + length, REBUILD_CHUNK)]
+
+
+def _check_running(eng: Engine, r: ReplicaState) -> None:
+    if eng.stopping() or r.mode != ReplicaMode.WO:
+        raise BlockhornError("rebuild interrupted", errno.EINTR)
+
+
+def _layer_payload(layer: str, data: bytearray) -> bytes:
+    name = layer.encode()
+    return len(name).to_bytes(2, "little") + name + bytes(data)
+
+
+def _read_layer(eng: Engine, source: ReplicaClient, layer: str, offset: int,
+                length: int) -> bytearray:
+    buf = bytearray(length)
+    call = Call(1, dest=memoryview(buf))
+    source.submit(call, Op.READ_LAYER, offset, length, layer.encode())
+    _wait(eng, call, source, "rebuild read")
+    return buf
+
+
+def _request(eng: Engine, client: ReplicaClient, op: int, offset: int, length: int,
+             data: bytes) -> None:
+    call = Call(1)
+    client.submit(call, op, offset, length, data)
+    _wait(eng, call, client, "rebuild write")
+
+
+def _wait(eng: Engine, call: Call, client: ReplicaClient, what: str) -> None:
+    if not call.wait(eng.cfg.timeout_s) or call.results.get(client.name):
+        raise BlockhornError(f"{what} on {client.name} failed", errno.EIO)
