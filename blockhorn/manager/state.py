@@ -202,7 +202,7 @@ class Store:
 
     def update_volume(self, name: str, **fields: Any) -> None:
         allowed = {"desired", "frontend", "attachment", "robustness", "message", "tcp_port",
-                   "access_mode", "device_stale"}
+                   "access_mode", "device_stale", "size"}
         if not fields or set(fields) - allowed:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - allowed)}")
         if "attachment" in fields and fields["attachment"] is not None:

@@ -388,6 +388,20 @@ def recover(r: Replica) -> None:
         fsync_dir(d)
 
 
+def snapshot_view(directory: str, name: str) -> Replica:
+    """A read-only view of snapshot `name` of the replica in `directory` (its chain from that
+    snapshot down). Safe while the replica serves: snapshot layers never change in place, a
+    fold replaces a file by one that reads the same, and no recovery runs. For clones."""
+    snap = snap_file(name)
+    path = os.path.join(directory, snap + ".meta")
+    if not os.path.exists(path) or read_json(path).get("Removed"):
+        raise NotFound(f"snapshot {name!r} does not exist in {directory}")
+    meta = dict(read_json(os.path.join(directory, "volume.meta")), Head=snap)
+    layers = Replica._open_chain(directory, meta, readonly=True)
+    size = max(os.fstat(layer.fd).st_size for layer in layers)
+    return Replica(directory, dict(meta, Size=size), layers, 0)
+
+
 # --- layer access for a layer-aware rebuild ------------------------------------------------
 
 def chain_metas(r: Replica) -> list[dict[str, Any]]:

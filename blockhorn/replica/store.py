@@ -146,7 +146,7 @@ class Replica:
         return replica
 
     @staticmethod
-    def _open_chain(directory: str, meta: dict[str, Any]) -> list[Layer]:
+    def _open_chain(directory: str, meta: dict[str, Any], readonly: bool = False) -> list[Layer]:
         names: list[str] = []
         name = meta["Head"]
         while name:
@@ -158,7 +158,7 @@ class Replica:
         layers: list[Layer] = []
         try:
             for i, name in enumerate(names):
-                flags = os.O_RDWR if i == len(names) - 1 else os.O_RDONLY
+                flags = os.O_RDWR if i == len(names) - 1 and not readonly else os.O_RDONLY
                 path = os.path.join(directory, name)
                 layers.append(Layer(name, os.open(path, flags | os.O_CLOEXEC),
                                     read_json(path + ".meta")))
