@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
+from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
 from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
 from blockhorn.types import BlockhornError, InvalidArgument, check_name, format_size, parse_size
 
@@ -53,8 +55,12 @@ def build_parser() -> Parser:
                          description="Create a volume with N replicas, each in its own "
                                      "directory (under the home, or one per --disk).")
     p.add_argument("name", help="volume name: 1-63 of a-z 0-9 - . (replicas are NAME-r0, ...)")
-    p.add_argument("--size", required=True,
-                   help="size in bytes or with a unit: KiB, MiB, GiB, TiB (multiple of 4096)")
+    p.add_argument("--size",
+                   help="size in bytes or with a unit: KiB, MiB, GiB, TiB (multiple of 4096); "
+                        "required unless --from-snapshot")
+    p.add_argument("--from-snapshot", metavar="VOL/SNAP",
+                   help="create the volume as a full, independent copy of snapshot SNAP of "
+                        "volume VOL (sparse; progress shown)")
     p.add_argument("--replicas", type=int, default=3, metavar="N",
                    help="number of replicas (default 3)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH", dest="disks",
@@ -96,6 +102,8 @@ def build_parser() -> Parser:
     p.add_argument("name")
     p.add_argument("--force", action="store_true", help="detach first if it is attached")
     _home_arg(p)
+
+    add_snapshot_parsers(cmds, vcmds)
 
     p = cmds.add_parser("daemon", help="run (or stop) the blockhorn daemon",
                         description="Run the manager + node agent in the foreground (systemd "
@@ -189,6 +197,12 @@ def format_list(vols: list[dict[str, Any]]) -> str:
 
 def _volume(args: argparse.Namespace, home: Home) -> int:
     from blockhorn.manager.client import connect
+    if args.action == "expand":
+        return run_expand(args, home)
+    if args.action == "create" and args.from_snapshot:
+        return run_clone(args, home)
+    if args.action == "create" and not args.size:
+        raise InvalidArgument("volume create needs --size (or --from-snapshot VOL/SNAP)")
     if args.action == "create":
         # Validate here too, so bad input neither starts a daemon nor creates a home.
         check_name(args.name)
@@ -318,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         home = Home.at(args.home)
         if args.command == "volume":
             return _volume(args, home)
+        if args.command == "snapshot":
+            return run_snapshot(args, home)
         if args.command == "daemon":
             return _daemon(args, home)
         if args.command == "replica":

@@ -129,7 +129,7 @@ class VolumeManager:
             for d in dirs:
                 created.append(d)
                 Replica.create(d, size, name).close()
-            self._write_configs(name)
+            self.write_configs(name)
         except BaseException:
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
@@ -140,7 +140,7 @@ class VolumeManager:
                  ", ".join(dirs))
         return self.show(name)
 
-    def _write_configs(self, name: str) -> None:
+    def write_configs(self, name: str) -> None:
         vol = self.store.volume(name)
         reps = self.store.replicas(name)
         for r in reps:
@@ -172,7 +172,7 @@ class VolumeManager:
                                      tcp_port=tcp_port, robustness=None, message=None,
                                      attachment=None, device_stale=False)
             try:
-                self._write_configs(name)
+                self.write_configs(name)
                 reps = self.store.replicas(name)
                 self.start_replicas(name, reps)
                 self.start_engine(name)
@@ -217,7 +217,7 @@ class VolumeManager:
         log.warning("port %s of replica %s is taken by another program: moving to %s",
                     port, r.name, address)
         self.store.set_replica_address(r.name, address)
-        self._write_configs(name)
+        self.write_configs(name)
         return address
 
     def start_engine(self, name: str, restarted: bool = False) -> None:

@@ -1,0 +1,101 @@
+"""REST routes for snapshots, revert, expansion and clones (docs/API.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from blockhorn.manager.snapshots import SnapshotManager
+from blockhorn.manager.volumes import VolumeManager
+from blockhorn.types import InvalidArgument, format_size
+
+Run = Callable[..., Awaitable[Any]]
+
+
+def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, only: Any,
+                    prefix: str) -> list[Route]:
+    snaps = SnapshotManager(volumes.store)
+
+    def locked(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        with volumes.locked(name):
+            return fn(name, *args)
+
+    @endpoint
+    async def list_snapshots(request: Request) -> Any:
+        name = request.path_params["name"]
+        return {"snapshots": await run(locked, name, snaps.list)}
+
+    @endpoint
+    async def create_snapshot(request: Request) -> Any:
+        data = only(await body(request), {"name", "labels"})
+        labels = data.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise InvalidArgument("labels must be an object of strings")
+        result = await run(locked, request.path_params["name"], snaps.create,
+                           data.get("name"), {str(k): str(v) for k, v in labels.items()})
+        return JSONResponse(result, status_code=201)
+
+    @endpoint
+    async def remove_snapshot(request: Request) -> Any:
+        await run(locked, request.path_params["name"], snaps.remove, request.path_params["snap"])
+        return {"removed": request.path_params["snap"]}
+
+    @endpoint
+    async def purge(request: Request) -> Any:
+        return await run(locked, request.path_params["name"], snaps.purge)
+
+    @endpoint
+    async def revert(request: Request) -> Any:
+        await run(locked, request.path_params["name"], snaps.revert, request.path_params["snap"])
+        return {"reverted": request.path_params["snap"]}
+
+    @endpoint
+    async def expand(request: Request) -> Any:
+        data = only(await body(request), {"size"})
+        if "size" not in data:
+            raise InvalidArgument("expand needs a size")
+        size = await run(locked, request.path_params["name"], snaps.expand, data["size"],
+                         volumes.write_configs)
+        return {"size": size, "note": "NBD clients see the new size after they reconnect"}
+
+    @endpoint
+    async def clone(request: Request) -> Any:
+        """Create volume NAME as a full, independent copy of snapshot VOL/SNAP."""
+        name = request.path_params["name"]
+        data = only(await body(request), {"source", "replicas", "disks", "transport", "size"})
+        source, sep, snap = str(data.get("source", "")).partition("/")
+        if not sep or not source or not snap:
+            raise InvalidArgument("clone source must be VOLUME/SNAPSHOT")
+        src = volumes.store.volume(source)
+        size = data.get("size") or src.size
+        await run(volumes.create, name, size, replicas=data.get("replicas", 3),
+                  disks=data.get("disks") or [], transport=data.get("transport", "tcp"))
+
+        def progress(done: int, total: int) -> None:
+            volumes.store.update_volume(name, message=f"cloning from {source}/{snap}: "
+                                        f"{format_size(done)} of {format_size(total)}")
+
+        try:
+            copied = await run(snaps.clone_into, source, snap, name, progress)
+        except BaseException:
+            await run(volumes.remove, name, force=True)   # a half clone is no volume
+            raise
+        volumes.store.update_volume(name, message=None)
+        result = await run(volumes.show, name)
+        result["cloned_bytes"] = copied
+        return JSONResponse(result, status_code=201)
+
+    p = f"{prefix}/volumes/{{name}}"
+    return [
+        Route(f"{p}/snapshots", list_snapshots, methods=["GET"]),
+        Route(f"{p}/snapshots", create_snapshot, methods=["POST"]),
+        Route(f"{p}/snapshots/purge", purge, methods=["POST"]),
+        Route(f"{p}/snapshots/{{snap}}", remove_snapshot, methods=["DELETE"]),
+        Route(f"{p}/snapshots/{{snap}}/revert", revert, methods=["POST"]),
+        Route(f"{p}/expand", expand, methods=["POST"]),
+        Route(f"{p}/clone", clone, methods=["POST"]),
+    ]
