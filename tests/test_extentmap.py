@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockhorn.replica.extentmap import ZERO, ExtentMap
+from blockhorn.replica.extentmap import ZERO, ExtentMap, LayerMap
 
 SPAN = 64
 
@@ -43,3 +43,28 @@ def test_memory_grows_with_extents_not_size() -> None:
     m.overlay(0, tib, 0)
     m.overlay(tib // 2, tib // 2 + 4096, 1)
     assert len(m) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, SPAN - 1), st.integers(1, 8)), max_size=6),
+                min_size=1, max_size=6))
+def test_bulk_sweep_and_layer_map_match_overlays(layers) -> None:
+    """The O(n log n) bulk build and the base+head LayerMap agree with one-by-one overlays."""
+    per_layer = []
+    for extents in layers:           # make each layer's extents disjoint, like SEEK_DATA's
+        m = ExtentMap()
+        for start, length in extents:
+            m.overlay(start, min(SPAN, start + length), 0)
+        per_layer.append([(s, e) for s, e, _ in m.extents()])
+    reference = ExtentMap()
+    for index, extents in enumerate(per_layer):
+        for s, e in extents:
+            reference.overlay(s, e, index)
+    swept = ExtentMap.sweep((s, e, i) for i, ext in enumerate(per_layer) for s, e in ext)
+    assert list(swept.extents()) == list(reference.extents())
+    lm = LayerMap.build(per_layer)
+    assert list(lm.lookup(0, SPAN)) == list(reference.lookup(0, SPAN))
+    lm.push_head()
+    lm.overlay_head(3, 9)
+    reference.overlay(3, 9, len(per_layer))
+    assert list(lm.lookup(0, SPAN)) == list(reference.lookup(0, SPAN))

@@ -24,7 +24,6 @@ from blockhorn.fsutil import (
     pwrite_full,
     read_json,
 )
-from blockhorn.replica.extentmap import ExtentMap
 from blockhorn.replica.store import HEAD_FMT, Layer, Replica, layer_meta
 from blockhorn.types import (
     BLOCK_SIZE,
@@ -148,8 +147,10 @@ def create_snapshot(r: Replica, name: str, user_created: bool = True,
     r.layers[-1] = Layer(snap, old.fd, read_json(snap_path + ".meta"))
     fd = os.open(os.path.join(r.directory, new), os.O_RDWR | os.O_CLOEXEC)
     r.layers.append(Layer(new, fd, read_json(os.path.join(r.directory, new + ".meta"))))
-    if not had_map:
-        _build_map(r)
+    if had_map:
+        r.map.push_head()
+    else:
+        r._map_layers()
     return {"name": name, "file": snap}
 
 
@@ -159,14 +160,6 @@ def _remove_files(directory: str, layer_file: str) -> None:
             os.unlink(os.path.join(directory, path))
         except FileNotFoundError:
             pass  # already gone: removal is idempotent (recovery may repeat it)
-
-
-def _build_map(r: Replica) -> None:
-    r.map = ExtentMap()
-    if len(r.layers) > 1:
-        for index, layer in enumerate(r.layers):
-            for start, end in data_extents(layer.fd, 0, r.size):
-                r.map.overlay(start, end, index)
 
 
 # --- remove and purge ----------------------------------------------------------------------
@@ -298,7 +291,7 @@ def _finish_fold(r: Replica, parent: str, child: str) -> None:
         fd = os.open(os.path.join(d, child), os.O_RDONLY | os.O_CLOEXEC)
         r.layers[pi] = Layer(child, fd, read_json(os.path.join(d, child + ".meta")))
         del r.layers[ci]
-        _build_map(r)
+        r._map_layers()
 
 
 def _punch_under_head(r: Replica, snap: str) -> None:
@@ -457,8 +450,7 @@ def write_layer(r: Replica, layer_file: str, offset: int, data: bytes | memoryvi
         pwrite_full(fd, data, offset)
     finally:
         os.close(fd)
-    r.map.overlay(offset - offset % BLOCK_SIZE, -(-(offset + len(data)) // BLOCK_SIZE) * BLOCK_SIZE,
-                  index)
+    # The map is rebuilt from the files when the rebuild finishes (finish_rebuild).
 
 
 def sync_layers(r: Replica) -> None:

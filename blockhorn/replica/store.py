@@ -33,7 +33,7 @@ from blockhorn.fsutil import (
     pwrite_full,
     read_json,
 )
-from blockhorn.replica.extentmap import ZERO, ExtentMap
+from blockhorn.replica.extentmap import ZERO, ExtentMap, LayerMap
 from blockhorn.types import BLOCK_SIZE, BlockhornError, InvalidArgument, NoSpace, NotFound
 
 FORMAT_VERSION = 1
@@ -84,17 +84,18 @@ class Replica:
         # Dirty at open: the last process or host holding it did not close it cleanly, so it
         # may hold writes its revision counter does not count (the engine resyncs it).
         self.opened_dirty = bool(meta.get("Dirty"))
-        self.map = ExtentMap()
+        self.map = LayerMap(ExtentMap(), ExtentMap(), 0)
         self._map_layers()
         # Test hook: called with a step name before each step of a multi-file change.
         self.crash_hook: Callable[[str], None] | None = None
 
     def _map_layers(self) -> None:
-        self.map = ExtentMap()
+        """Build the layer map from the files (a single-layer chain needs none)."""
         if len(self.layers) > 1:
-            for index, layer in enumerate(self.layers):
-                for start, end in data_extents(layer.fd, 0, self.size):
-                    self.map.overlay(start, end, index)
+            self.map = LayerMap.build([list(data_extents(layer.fd, 0, self.size))
+                                       for layer in self.layers])
+        else:
+            self.map = LayerMap(ExtentMap(), ExtentMap(), 0)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -251,7 +252,7 @@ class Replica:
             block[offset - start:offset - start + length] = data
             data, offset = block, start
         pwrite_full(self.head.fd, data, offset, flags)
-        self.map.overlay(start, end, len(self.layers) - 1)
+        self.map.overlay_head(start, end)
 
     def _needs_copy_up(self, start: int, end: int) -> bool:
         head = len(self.layers) - 1
