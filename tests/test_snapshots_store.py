@@ -167,3 +167,18 @@ def test_crash_at_every_step_leaves_a_consistent_replica(tmp_path, step) -> None
     snaps.purge(r2)
     assert image(r2)[:SIZE] == after[:SIZE]
     r2.close()
+
+
+def test_trim_frees_space_where_no_snapshot_holds_data(tmp_path) -> None:
+    r = Replica.create(str(tmp_path / "r"), SIZE)
+    r.write(0, b"S" * MiB)                     # held by the snapshot below
+    snaps.create_snapshot(r, "s")
+    r.write(0, b"H" * (2 * MiB))               # head over the snapshot and beyond it
+    blocks = os.fstat(r.head.fd).st_blocks
+    r.trim(0, 2 * MiB)
+    assert bytes(r.read(0, 2 * MiB)) == bytes(2 * MiB)
+    # The second MiB had nothing beneath: punched. The first hides the snapshot: zeros.
+    assert os.fstat(r.head.fd).st_blocks <= blocks - (MiB // 512)
+    snaps.revert(r, "s")
+    assert bytes(r.read(0, MiB)) == b"S" * MiB
+    r.close()

@@ -265,28 +265,43 @@ class Replica:
         self.zero(offset, length, may_trim=True)
 
     def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
+        """Make a range read as zeros. With `may_trim`, space is freed where that is safe:
+        everywhere on a single-layer chain, and where no snapshot beneath holds data on a
+        longer chain; over snapshot data real zeros are written so it stays hidden."""
         self._check(offset, length)
         self._mutating()
-        if len(self.layers) == 1 and may_trim:
-            # Punch whole blocks, write zeros on the partial edges (holes are block-granular).
-            s = -(-offset // BLOCK_SIZE) * BLOCK_SIZE
-            e = (offset + length) // BLOCK_SIZE * BLOCK_SIZE
-            if s < e:
-                pwrite_full(self.head.fd, bytes(s - offset), offset)
-                pwrite_full(self.head.fd, bytes(offset + length - e), e)
-                punch_hole(self.head.fd, s, e - s)
-                if fua:
-                    os.fdatasync(self.head.fd)
-                return
-        # Older layers may hold data here: write real zeros so they stay hidden.
-        chunk = bytes(min(length, 1 << 20))
-        pos, end = offset, offset + length
-        while pos < end:
-            n = min(len(chunk), end - pos)
-            self._write(pos, memoryview(chunk)[:n], 0)
-            pos += n
+        end = offset + length
+        if not may_trim:
+            self._write_zeros(offset, end)
+        elif len(self.layers) == 1:
+            self._punch(offset, end)
+        else:
+            for s, e, layer in self.map.base.lookup(offset, end):
+                if layer == ZERO:
+                    self._punch(s, e)      # nothing beneath: a hole in the head reads zeros
+                else:
+                    self._write_zeros(s, e)
         if fua:
             os.fdatasync(self.head.fd)
+
+    def _punch(self, start: int, end: int) -> None:
+        """Punch whole blocks of the head, write zeros on partial edges (holes are per block)."""
+        s = -(-start // BLOCK_SIZE) * BLOCK_SIZE
+        e = end // BLOCK_SIZE * BLOCK_SIZE
+        if s >= e:
+            self._write_zeros(start, end)
+            return
+        self._write_zeros(start, s)
+        self._write_zeros(e, end)
+        punch_hole(self.head.fd, s, e - s)
+
+    def _write_zeros(self, start: int, end: int) -> None:
+        chunk = memoryview(bytes(min(end - start, 1 << 20)))
+        pos = start
+        while pos < end:
+            n = min(len(chunk), end - pos)
+            self._write(pos, chunk[:n], 0)
+            pos += n
 
     def flush(self) -> None:
         """Make every completed write durable: fdatasync the head, then the revision counter."""
