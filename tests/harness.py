@@ -77,6 +77,7 @@ class Cluster:
     transport: str = "tcp"
     min_rw: int = 1
     timeout_s: float = 8.0
+    local_reads: bool = True
     reps: list[ReplicaProc] = field(default_factory=list)
     engine: subprocess.Popen[bytes] | None = None
 
@@ -98,7 +99,8 @@ class Cluster:
         EngineConfig(self.volume, self.size,
                      [ReplicaRef(r.cfg.name, r.cfg.listen, r.cfg.directory) for r in self.reps],
                      self.key_file, self.control_socket, min_rw=self.min_rw,
-                     timeout_s=self.timeout_s).save(self.engine_config)
+                     timeout_s=self.timeout_s, local_reads=self.local_reads
+                     ).save(self.engine_config)
 
     @property
     def uri(self) -> str:
