@@ -115,7 +115,8 @@ def crash_at(r: Replica, step: str) -> None:
 
 SNAPSHOT_STEPS = ["snapshot:new-head", "snapshot:link", "snapshot:commit", "snapshot:cleanup"]
 REVERT_STEPS = ["revert:new-head", "revert:commit", "revert:cleanup"]
-PURGE_STEPS = ["purge:copy", "purge:journal", "purge:rename", "purge:cleanup"]
+PURGE_STEPS = ["purge:copy", "purge:journal", "purge:rename", "purge:reparent",
+               "purge:cleanup"]
 EXPAND_STEPS = ["expand:truncate", "expand:commit"]
 
 

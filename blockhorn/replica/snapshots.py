@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable
 from typing import Any
 
 from blockhorn.fsutil import (
@@ -268,30 +269,46 @@ def _fold_copy(r: Replica, parent: str, child: str) -> None:
 
 
 def _finish_fold(r: Replica, parent: str, child: str) -> None:
-    """Idempotent second half of a fold: rename parent over child, child inherits parent's
-    parent, parent's meta goes, journal goes. Run again by `recover()` after a crash."""
-    d = r.directory
-    grandparent = read_json(os.path.join(d, parent + ".meta")).get("Parent", "") \
-        if os.path.exists(os.path.join(d, parent + ".meta")) else None
-    _hook(r, "purge:rename")
-    if os.path.exists(os.path.join(d, parent)):
-        os.replace(os.path.join(d, parent), os.path.join(d, child))
-    if grandparent is not None:
-        child_meta = read_json(os.path.join(d, child + ".meta"))
-        atomic_write_json(os.path.join(d, child + ".meta"), dict(child_meta, Parent=grandparent))
-        _hook(r, "purge:cleanup")
-        _remove_files(d, parent + ".meta")
-    os.unlink(os.path.join(d, PURGE_JOURNAL))
-    fsync_dir(d)
+    """Second half of a fold (journaled), then the in-memory chain follows."""
+    fold_commit(r.directory, parent, child, lambda step: _hook(r, step))
     # In memory: the child's layer takes the parent's place in the chain (when on it).
     pi, ci = _layer_index(r, parent), _layer_index(r, child)
     if pi is not None and ci is not None:
         os.close(r.layers[ci].fd)
         os.close(r.layers[pi].fd)
-        fd = os.open(os.path.join(d, child), os.O_RDONLY | os.O_CLOEXEC)
-        r.layers[pi] = Layer(child, fd, read_json(os.path.join(d, child + ".meta")))
+        fd = os.open(os.path.join(r.directory, child), os.O_RDONLY | os.O_CLOEXEC)
+        r.layers[pi] = Layer(child, fd, read_json(os.path.join(r.directory, child + ".meta")))
         del r.layers[ci]
         r._map_layers()
+
+
+def fold_commit(d: str, parent: str, child: str,
+                hook: Callable[[str], None] | None = None) -> None:
+    """Idempotent: rename parent over child, child inherits parent's parent, parent's meta
+    goes, journal goes. `roll_forward` re-runs it after a crash, before the chain is read."""
+    step = hook or (lambda name: None)
+    grandparent = read_json(os.path.join(d, parent + ".meta")).get("Parent", "") \
+        if os.path.exists(os.path.join(d, parent + ".meta")) else None
+    step("purge:rename")
+    if os.path.exists(os.path.join(d, parent)):
+        os.replace(os.path.join(d, parent), os.path.join(d, child))
+    step("purge:reparent")
+    if grandparent is not None:
+        child_meta = read_json(os.path.join(d, child + ".meta"))
+        atomic_write_json(os.path.join(d, child + ".meta"), dict(child_meta, Parent=grandparent))
+        step("purge:cleanup")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(d, parent + ".meta"))
+    os.unlink(os.path.join(d, PURGE_JOURNAL))
+    fsync_dir(d)
+
+
+def roll_forward(directory: str) -> None:
+    """Before a replica's chain is read: finish a fold whose journal survived a crash."""
+    journal = os.path.join(directory, PURGE_JOURNAL)
+    if os.path.exists(journal):
+        j = read_json(journal)
+        fold_commit(directory, j["parent"], j["child"])
 
 
 def _punch_under_head(r: Replica, snap: str) -> None:
@@ -350,12 +367,9 @@ def expand(r: Replica, size: int) -> None:
 # --- recovery ------------------------------------------------------------------------------
 
 def recover(r: Replica) -> None:
-    """At open: finish a journaled fold; drop layer files no commit made reachable."""
+    """At open: drop layer files no commit made reachable (a journaled fold was already
+    finished by `roll_forward`)."""
     d = r.directory
-    journal = os.path.join(d, PURGE_JOURNAL)
-    if os.path.exists(journal):
-        j = read_json(journal)
-        _finish_fold(r, j["parent"], j["child"])
     head = r.meta["Head"]
     head_ino = os.stat(os.path.join(d, head)).st_ino
     changed = False

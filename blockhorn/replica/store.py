@@ -133,6 +133,8 @@ class Replica:
         if meta.get("FormatVersion", 1) > FORMAT_VERSION:
             raise BlockhornError(f"{directory}: replica format {meta['FormatVersion']} is newer "
                                  "than this blockhorn understands", errno.EPROTO)
+        from blockhorn.replica.snapshots import recover, roll_forward  # a layer on top of this
+        roll_forward(directory)
         layers = cls._open_chain(directory, meta)
         try:
             with open(os.path.join(directory, REVISION_COUNTER), "rb") as f:
@@ -142,7 +144,6 @@ class Replica:
                 os.close(layer.fd)
             raise
         replica = cls(directory, meta, layers, revision)
-        from blockhorn.replica.snapshots import recover  # a layer on top of this module
         recover(replica)
         return replica
 
