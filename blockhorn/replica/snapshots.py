@@ -25,7 +25,7 @@ from blockhorn.fsutil import (
     pwrite_full,
     read_json,
 )
-from blockhorn.replica.store import HEAD_FMT, Layer, Replica, layer_meta
+from blockhorn.replica.store import HEAD_FMT, Layer, Replica, layer_meta, new_head_file
 from blockhorn.types import (
     BLOCK_SIZE,
     AlreadyExists,
@@ -106,17 +106,6 @@ def _next_head(r: Replica) -> str:
     return HEAD_FMT.format(number)
 
 
-def _new_head_file(r: Replica, name: str, parent: str, size: int) -> None:
-    path = os.path.join(r.directory, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    atomic_write_json(path + ".meta", layer_meta(name, parent))
-
-
 def create_snapshot(r: Replica, name: str, user_created: bool = True,
                     labels: dict[str, str] | None = None) -> dict[str, Any]:
     """Freeze the head as snapshot `name` and continue on a new, empty head. Copies no data.
@@ -130,7 +119,7 @@ def create_snapshot(r: Replica, name: str, user_created: bool = True,
     old, new = r.head, _next_head(r)
     r.flush()
     _hook(r, "snapshot:new-head")
-    _new_head_file(r, new, snap, r.size)
+    new_head_file(r.directory, new, snap, r.size)
     _hook(r, "snapshot:link")
     snap_path = os.path.join(r.directory, snap)
     if os.path.exists(snap_path):
@@ -339,7 +328,7 @@ def revert(r: Replica, name: str) -> None:
         raise NotFound(f"snapshot {name!r} does not exist")
     old, new = r.head, _next_head(r)
     _hook(r, "revert:new-head")
-    _new_head_file(r, new, snap, r.size)
+    new_head_file(r.directory, new, snap, r.size)
     _hook(r, "revert:commit")
     r.update_meta(Head=new)
     _hook(r, "revert:cleanup")
@@ -446,7 +435,7 @@ def reset_chain(r: Replica, chain: list[dict[str, Any]]) -> None:
         atomic_write_json(path + ".meta", dict(meta, Parent=parent))
         parent = name
     head = HEAD_FMT.format(0)
-    _new_head_file(r, head, parent, r.size)
+    new_head_file(r.directory, head, parent, r.size)
     fsync_dir(d)
     r.update_meta(Head=head)
     r.reload()

@@ -53,6 +53,18 @@ def layer_meta(name: str, parent: str, user_created: bool = False,
             "Created": now_rfc3339(), "Labels": labels}
 
 
+def new_head_file(directory: str, name: str, parent: str, size: int) -> None:
+    """An empty sparse head layer of `size` bytes (fsynced) and its meta."""
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    atomic_write_json(path + ".meta", layer_meta(name, parent))
+
+
 def encode_revision(n: int) -> bytes:
     return str(n).encode().ljust(REVISION_SIZE, b"\0")
 
@@ -107,14 +119,7 @@ class Replica:
         if os.path.exists(os.path.join(directory, VOLUME_META)):
             raise BlockhornError(f"{directory} already holds a replica", errno.EEXIST)
         head = HEAD_FMT.format(0)
-        path = os.path.join(directory, head)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        atomic_write_json(path + ".meta", layer_meta(head, ""))
+        new_head_file(directory, head, "", size)
         atomic_write(os.path.join(directory, REVISION_COUNTER), encode_revision(0))
         # volume.meta last: its presence is what makes the directory a replica.
         atomic_write_json(os.path.join(directory, VOLUME_META), {
