@@ -6,7 +6,8 @@
 PY_SYS   := /usr/bin/python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
-APT_PKGS := nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
+APT_PKGS := nfs-ganesha nfs-ganesha-vfs libnfs-utils \
+            nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
             e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc
 STAMP    := $(VENV)/.setup-stamp
 

@@ -68,6 +68,26 @@ def build_parser() -> Parser:
     p.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
                    help="engine-to-replica transport: tcp on 127.0.0.1 (default) or unix "
                         "sockets under the home")
+    p.add_argument("--access", choices=("rwo", "rwx"), default="rwo",
+                   help="rwo: one host uses the block device (default); rwx: attaching it "
+                        "exports an ext4 filesystem on it over NFSv4 (see `share show`)")
+    p.add_argument("--nfs-client", action="append", default=[], metavar="CIDR[=ro]",
+                   dest="nfs_clients",
+                   help="RWX: a client allowed to mount the share (repeat); default only "
+                        "the attaching host's own addresses")
+    p.add_argument("--no-root-squash", action="store_true",
+                   help="RWX: let clients act as root (default: root is squashed)")
+    p.add_argument("--mkfs-options", default="", metavar="OPTS",
+                   help="RWX: extra mkfs.ext4 options, e.g. '-E root_owner=1000:1000'")
+    p.add_argument("--nfs-port", type=int, metavar="PORT",
+                   help="RWX: NFS TCP port (default: one allocated for the volume)")
+    p.add_argument("--grace", type=int, default=None, metavar="SECONDS",
+                   help="RWX: NFSv4 grace period after a restart (default 15)")
+    p.add_argument("--lease", type=int, default=None, metavar="SECONDS",
+                   help="RWX: NFSv4 lease time (default 10)")
+    p.add_argument("--nfs-minor-versions", default=None, metavar="LIST",
+                   help="RWX: NFSv4 minor versions served, default 1,2; add 0 for NFSv4.0 "
+                        "clients such as libnfs (nfs-cp, nfs-ls)")
     _home_arg(p)
 
     p = vcmds.add_parser("attach", help="start the volume and make a block device",
@@ -104,6 +124,22 @@ def build_parser() -> Parser:
     _home_arg(p)
 
     add_snapshot_parsers(cmds, vcmds)
+
+    sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
+                         description="Inspect the NFSv4 share of an RWX volume, or run a "
+                                     "share manager (the daemon and "
+                                     "blockhorn-share@.service use `serve`).")
+    scmds = sh.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    scmds.required = True
+    p = scmds.add_parser("show", help="endpoint, mount command, allow-list and health",
+                         description="Show the share of an attached RWX volume.")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON (fields in docs/API.md)")
+    _home_arg(p)
+    p = scmds.add_parser("serve", help="run one share manager in the foreground",
+                         description="Format/check and mount the device, run NFS-Ganesha, "
+                                     "restart it when it dies, check health.")
+    p.add_argument("--config", required=True, metavar="FILE", help="share config (JSON)")
 
     p = cmds.add_parser("daemon", help="run (or stop) the blockhorn daemon",
                         description="Run the manager + node agent in the foreground (systemd "
@@ -163,6 +199,9 @@ def format_show(v: dict[str, Any]) -> str:
         f"Endpoint:    {_dash(v.get('endpoint'))}",
         f"Created:     {_dash(v.get('created'))}",
     ]
+    if v.get("share"):
+        lines.append(f"Share:       {_dash(v['share'].get('endpoint'))} "
+                     f"({v['share'].get('health')})")
     if v.get("message"):
         lines.append(f"Message:     {v['message']}")
     rows = [["REPLICA", "MODE", "PID", "ADDRESS", "REBUILD", "PATH"]]
@@ -215,8 +254,10 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
                 f"only {len(args.disks)} given with --disk: add disks or use --replicas "
                 f"{len(args.disks)}")
         disks = [os.path.abspath(d) for d in args.disks]
+        share = _share_settings(args)
         with connect(home) as c:
-            v = c.create(args.name, args.size, args.replicas, disks, args.transport)
+            v = c.create(args.name, args.size, args.replicas, disks, args.transport,
+                         args.access, share)
         print(f"created volume {v['name']}: {format_size(v['size'])}, "
               f"{len(v['replicas'])} replicas")
         return 0
@@ -236,6 +277,66 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
         elif args.action == "ls":
             vols = c.list()
             print(json.dumps(vols, indent=2, sort_keys=True) if args.json else format_list(vols))
+    return 0
+
+
+def _int_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise InvalidArgument(f"bad list {text!r}: use numbers separated by commas") from None
+
+
+def _share_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    given: dict[str, Any] = {k: v for k, v in (("clients", args.nfs_clients), ("port", args.nfs_port),
+                               ("grace_s", args.grace), ("lease_s", args.lease),
+                               ("minor_versions", _int_list(args.nfs_minor_versions)),
+                               ("mkfs_options", args.mkfs_options.split()),
+                               ("squash", "no_root_squash" if args.no_root_squash else None))
+             if v is not None and v != []}
+    if args.access == "rwo":
+        if given:
+            raise InvalidArgument("--nfs-client, --nfs-port, --grace, --lease, --mkfs-options, "
+                                  "--nfs-minor-versions and --no-root-squash need --access rwx")
+        return None
+    from blockhorn.sharemgr.config import share_options
+    share_options(**given)   # validate before a daemon starts
+    return given
+
+
+def format_share(s: dict[str, Any]) -> str:
+    lines = [
+        f"Volume:      {s['volume']}",
+        f"Health:      {s['health']}",
+        f"Endpoint:    {_dash(s.get('endpoint'))}",
+        f"Mount:       {_dash(s.get('mount_command'))}",
+        "Clients:     " + ", ".join(f"{c['cidr']} ({c['access']})" for c in s["clients"]),
+        f"Squash:      {s['squash']}",
+        f"Ganesha:     pid {_dash(s['ganesha'].get('pid'))}, "
+        f"{s['ganesha'].get('restarts', 0)} restarts, last outage "
+        f"{_dash(s['ganesha'].get('last_outage_s'))} s",
+        "Checks:      " + (", ".join(f"{k} {v}" for k, v in sorted(s["checks"].items()))
+                           or "-"),
+    ]
+    if s.get("fs"):
+        lines.append(f"Filesystem:  {format_size(s['fs']['size'])}, "
+                     f"{format_size(s['fs']['free'])} free, mounted at {s['mount_dir']}")
+    if s.get("message"):
+        lines.append(f"Message:     {s['message']}")
+    return "\n".join(lines)
+
+
+def _share(args: argparse.Namespace, home: Home) -> int:
+    if args.action == "serve":
+        from blockhorn.sharemgr.server import main as share_main
+        return share_main(args.config)
+    from blockhorn.manager.client import connect
+    check_name(args.name)
+    with connect(home) as c:
+        s = c.share(args.name)
+    print(json.dumps(s, indent=2, sort_keys=True) if args.json else format_share(s))
     return 0
 
 
@@ -332,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         home = Home.at(args.home)
         if args.command == "volume":
             return _volume(args, home)
+        if args.command == "share":
+            return _share(args, home)
         if args.command == "snapshot":
             return run_snapshot(args, home)
         if args.command == "daemon":

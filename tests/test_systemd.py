@@ -25,7 +25,7 @@ def unit_names() -> list[str]:
 
 def test_expected_units_exist() -> None:
     assert unit_names() == ["blockhorn-engine@.service", "blockhorn-replica@.service",
-                            "blockhorn.service"]
+                            "blockhorn-share@.service", "blockhorn.service"]
 
 
 @pytest.mark.parametrize("unit", unit_names())

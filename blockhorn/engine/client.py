@@ -169,6 +169,11 @@ class ReplicaClient:
         seq = next(self._seq)
         payload = len(data) if data is not None else 0
         self.pending[seq] = (call, reply_buf)
+        if self.closed:
+            # Closed before or while registering: _fail_pending may already have run.
+            self.pending.pop(seq, None)
+            call.complete(self.name, errno.EIO)
+            return
         header = proto.pack(op, seq, offset, length, payload, flags)
         self.queue.append([header] if data is None else [header, data])
 
@@ -194,6 +199,7 @@ class ReplicaClient:
             except OSError as e:
                 self.send_lock.release()
                 self._lost(f"send failed: {e}")
+                self._fail_pending(errno.EIO)   # also calls queued after the connection closed
                 return
             self.send_lock.release()
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
+from blockhorn.engine.local import LocalChain
 from blockhorn.engine.rebuild import rebuild_replica
-from blockhorn.fsutil import preadv_full
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op
 from blockhorn.replica.proto import encode_json as proto_json
@@ -56,7 +56,7 @@ class ReplicaState:
     ref: ReplicaRef
     mode: ReplicaMode = ReplicaMode.ERR
     client: ReplicaClient | None = None
-    local_fd: int | None = None          # head file opened directly, for local reads
+    local: LocalChain | None = None      # layer files opened directly, for local reads
     error: str = ""
     stat: dict[str, Any] = field(default_factory=dict)
     rebuild: dict[str, Any] | None = None
@@ -138,19 +138,22 @@ class Engine:
         r.error = ""
 
     def _open_local(self, r: ReplicaState) -> None:
-        """Read this replica's head file directly when it is on this host and the same file."""
-        if not self.cfg.local_reads or not r.ref.path or r.stat.get("layers") != 1:
+        """Read this replica's layer files directly when it is on this host (its head file
+        here is the very file the replica writes: same inode and device)."""
+        self._close_local(r)
+        if not self.cfg.local_reads or not r.ref.path or not r.stat.get("chain"):
             return
-        path = os.path.join(r.ref.path, str(r.stat.get("head", "")))
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        st = os.fstat(fd)
-        if (st.st_ino, st.st_dev) != (r.stat.get("head_ino"), r.stat.get("head_dev")):
-            os.close(fd)
-            return
-        r.local_fd = fd
+            r.local = LocalChain(r.ref.path, list(r.stat["chain"]), r.stat["head_ino"],
+                                 r.stat["head_dev"])
+        except OSError as e:
+            log.info("replica %s: no local reads (%s)", r.ref.name, e)
+
+    @staticmethod
+    def _close_local(r: ReplicaState) -> None:
+        if r.local is not None:
+            r.local.close()
+            r.local = None
 
     def close(self) -> None:
         """Flush every replica and drop the connections."""
@@ -164,9 +167,7 @@ class Engine:
         for r in self.replicas.values():
             if r.client:
                 r.client.close()
-            if r.local_fd is not None:
-                os.close(r.local_fd)
-                r.local_fd = None
+            self._close_local(r)
         self.receiver.close()
 
     # --- modes -------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ class Engine:
         """Recompute the lists the data path reads without locking; call after every mode
         change. The lists are replaced, never mutated, so a reader holds a consistent one."""
         rw = [r for r in self.replicas.values() if r.mode == ReplicaMode.RW]
-        rw.sort(key=lambda r: r.local_fd is None)      # local replicas first
+        rw.sort(key=lambda r: r.local is None)      # local replicas first
         self._readers = rw
         self._targets = self._writable()
         self._rebuilding = any(r.mode == ReplicaMode.WO for r in self._targets)
@@ -204,16 +205,17 @@ class Engine:
                 self._open_local(r)
             self._update_readers()
 
-    def set_error(self, r: ReplicaState, reason: str) -> None:
+    def set_error(self, r: ReplicaState, reason: str,
+                  client: ReplicaClient | None = None) -> None:
+        """Set `r` ERR. With `client`: only if that is still r's connection — a failure seen
+        on an old connection must not fail a replica that was reconnected and rebuilt since."""
         with self.state_lock:
-            if r.mode == ReplicaMode.ERR:
+            if r.mode == ReplicaMode.ERR or (client is not None and r.client is not client):
                 return
             log.error("replica %s -> ERR: %s", r.ref.name, reason)
             r.mode = ReplicaMode.ERR
             r.error = reason
-            if r.local_fd is not None:
-                os.close(r.local_fd)
-                r.local_fd = None
+            self._close_local(r)
             self._update_readers()
         if r.client:
             r.client.close(reason)
@@ -249,21 +251,22 @@ class Engine:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
                                          f"{self.cfg.min_rw} RW replicas")
             call = Call(len(targets))
-            for r in targets:
-                r.client.enqueue(call, op, offset, length, data, flags)  # type: ignore[union-attr]
-        for r in targets:
-            r.client.pump()  # type: ignore[union-attr]
+            sent = [(r, r.client) for r in targets]
+            for _, client in sent:
+                client.enqueue(call, op, offset, length, data, flags)  # type: ignore[union-attr]
+        for _, client in sent:
+            client.pump()  # type: ignore[union-attr]
         if not call.wait(self.cfg.timeout_s):
-            for r in targets:
+            for r, client in sent:
                 if r.ref.name not in call.results:
-                    self.set_error(r, f"no answer within {self.cfg.timeout_s:g} s")
+                    self.set_error(r, f"no answer within {self.cfg.timeout_s:g} s", client)
         ok_rw = 0
         failures = []
-        for r in targets:
+        for r, client in sent:
             status = call.results.get(r.ref.name, errno.ETIMEDOUT)
             if status:
                 failures.append(status)
-                self.set_error(r, f"op {op} failed: {os.strerror(status)}")
+                self.set_error(r, f"op {op} failed: {os.strerror(status)}", client)
             elif r.mode == ReplicaMode.RW:
                 ok_rw += 1
         if ok_rw < self.cfg.min_rw:
@@ -326,31 +329,32 @@ class Engine:
             if not readers or tried >= len(self.replicas):
                 self.counters["errors"] += 1
                 raise ReplicaUnavailable(f"volume {self.cfg.volume}: no RW replica can read")
-            if readers[0].local_fd is not None:
+            if readers[0].local is not None:
                 r = readers[0]
             else:
                 self._rr += 1
                 r = readers[self._rr % len(readers)]
             tried += 1
-            fd = r.local_fd
-            if fd is not None:
+            local = r.local
+            if local is not None:
                 try:
-                    preadv_full(fd, view, offset)
-                    return
+                    if local.read(view, offset):
+                        return
                 except OSError as e:
                     self.set_error(r, f"local read failed: {e}")
                     continue
             if r.client is None:
                 continue
+            client = r.client
             call = Call(1, dest=view)
-            r.client.submit(call, Op.READ, offset, len(view))
+            client.submit(call, Op.READ, offset, len(view))
             if not call.wait(self.cfg.timeout_s):
-                self.set_error(r, f"read: no answer within {self.cfg.timeout_s:g} s")
+                self.set_error(r, f"read: no answer within {self.cfg.timeout_s:g} s", client)
                 continue
             status = call.results[r.ref.name]
             if status == 0:
                 return
-            self.set_error(r, f"read failed: {os.strerror(status)}")
+            self.set_error(r, f"read failed: {os.strerror(status)}", client)
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Data ranges in [offset, offset+length) as (start, length), from one RW replica."""
@@ -418,28 +422,39 @@ class Engine:
             targets = [r for r in self._targets
                        if include_wo or r.mode == ReplicaMode.RW]
             if req["op"] == "snapshot":
-                # Reads from local head files stop: the head file is about to change.
+                # Local reads pause: the head file is about to become a snapshot.
                 with self.state_lock:
                     for r in targets:
-                        if r.local_fd is not None:
-                            os.close(r.local_fd)
-                            r.local_fd = None
+                        self._close_local(r)
                     self._update_readers()
             call = Call(len(targets))
-            for r in targets:
-                r.client.enqueue(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
-        for r in targets:
-            r.client.pump()  # type: ignore[union-attr]
+            sent = [(r, r.client) for r in targets]
+            for _, client in sent:
+                client.enqueue(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
+        for _, client in sent:
+            client.pump()  # type: ignore[union-attr]
         call.wait(self.cfg.timeout_s * 2)
         ok = []
-        for r in targets:
+        for r, client in sent:
             status = call.results.get(r.ref.name, errno.ETIMEDOUT)
             if status == 0:
                 ok.append(r.ref.name)
             elif status in (errno.EEXIST, errno.ENOENT, errno.EINVAL) and not ok:
                 raise BlockhornError(f"{req['op']} refused: {os.strerror(status)}", status)
             else:
-                self.set_error(r, f"{req['op']} failed: {os.strerror(status)}")
+                self.set_error(r, f"{req['op']} failed: {os.strerror(status)}", client)
+        if req["op"] == "snapshot":
+            for r in targets:
+                if r.ref.name in ok and r.client is not None:
+                    try:
+                        r.stat = r.client.stat(timeout=self.cfg.timeout_s)
+                    except BlockhornError as e:
+                        self.set_error(r, f"stat failed: {e}")
+                        continue
+                    with self.state_lock:
+                        if r.mode == ReplicaMode.RW:
+                            self._open_local(r)
+                        self._update_readers()
         if len(ok) < self.cfg.min_rw:
             raise ReplicaUnavailable(f"{req['op']} reached only {len(ok)} RW replicas")
         return ok
@@ -530,7 +545,7 @@ class Engine:
         for r in self.replicas.values():
             replicas.append({
                 "name": r.ref.name, "address": r.ref.address, "path": r.ref.path,
-                "mode": str(r.mode), "error": r.error or None, "local": r.local_fd is not None,
+                "mode": str(r.mode), "error": r.error or None, "local": r.local is not None,
                 "revision": r.stat.get("revision"),
                 "rebuild": dict(r.rebuild) if r.rebuild else None,
             })

@@ -39,6 +39,8 @@ HTTP_STATUS = {
     errno.EBUSY: 409,
     errno.ENOSPC: 507,
     errno.ETIMEDOUT: 504,
+    errno.ENOTCONN: 409,       # e.g. the share of a detached volume
+    errno.EMEDIUMTYPE: 409,    # a device holding a foreign filesystem
 }
 
 
@@ -115,13 +117,19 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
 
     @endpoint
     async def create_volume(request: Request) -> Any:
-        data = _only(await _body(request), {"name", "size", "replicas", "disks", "transport"})
+        data = _only(await _body(request), {"name", "size", "replicas", "disks", "transport",
+                                            "access", "share"})
         if "name" not in data or "size" not in data:
             raise InvalidArgument("a volume needs a name and a size")
         result = await run(volumes.create, str(data["name"]), data["size"],
                            replicas=data.get("replicas", 3), disks=data.get("disks") or [],
-                           transport=data.get("transport", "tcp"))
+                           transport=data.get("transport", "tcp"),
+                           access=data.get("access", "rwo"), share=data.get("share"))
         return JSONResponse(result, status_code=201)
+
+    @endpoint
+    async def show_share(request: Request) -> Any:
+        return await run(volumes.share, request.path_params["name"])
 
     @endpoint
     async def show_volume(request: Request) -> Any:
@@ -159,6 +167,7 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
         Route(f"{API_PREFIX}/volumes/{{name}}", delete_volume, methods=["DELETE"]),
         Route(f"{API_PREFIX}/volumes/{{name}}/attach", attach_volume, methods=["POST"]),
         Route(f"{API_PREFIX}/volumes/{{name}}/detach", detach_volume, methods=["POST"]),
+        Route(f"{API_PREFIX}/volumes/{{name}}/share", show_share, methods=["GET"]),
         Route(f"{API_PREFIX}/daemon/stop", stop_daemon, methods=["POST"]),
     ]
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)

@@ -92,10 +92,16 @@ class Client:
     # --- volumes ---------------------------------------------------------------------------
 
     def create(self, name: str, size: int | str, replicas: int = 3,
-               disks: list[str] | None = None, transport: str = "tcp") -> dict[str, Any]:
-        return dict(self.request("POST", "/volumes", {
-            "name": name, "size": size, "replicas": replicas, "disks": disks or [],
-            "transport": transport}))
+               disks: list[str] | None = None, transport: str = "tcp", access: str = "rwo",
+               share: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "size": size, "replicas": replicas,
+                                "disks": disks or [], "transport": transport, "access": access}
+        if share is not None:
+            body["share"] = share
+        return dict(self.request("POST", "/volumes", body))
+
+    def share(self, name: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/volumes/{name}/share"))
 
     def attach(self, name: str, frontend: str = "auto",
                tcp_port: int | None = None) -> dict[str, Any]:

@@ -112,6 +112,8 @@ class Supervisor:
             log.warning("engine of %s does not answer status: %s", name, e)
             status = None
         self._check_frontend(vol)
+        if vol.access_mode == "rwx":
+            self._check_share(vol)
         modes = {r.get("name"): r for r in (status or {}).get("replicas", [])}
         for r in self.store.replicas(name):
             key = f"replica/{r.name}"
@@ -153,6 +155,22 @@ class Supervisor:
                        "attach the volume again")
                 log.error("%s: %s", vol.name, msg)
                 self.store.update_volume(vol.name, device_stale=True, message=msg)
+
+    def _check_share(self, vol: VolumeRow) -> None:
+        """Restart a share manager that died (it restarts Ganesha itself; this covers the
+        share manager process) unless the device under it is gone."""
+        key = f"share/{vol.name}"
+        if vol.device_stale or self.volumes.shares.alive(vol.name) or not self._due(key):
+            return
+        log.error("share manager of %s is not running: restarting it", vol.name)
+        try:
+            self.volumes.start_share(vol.name, restarted=True)
+        except (BlockhornError, OSError) as e:
+            log.error("restarting the share manager of %s failed: %s", vol.name, e)
+            self.store.update_volume(vol.name, message=f"share: {e}")
+            self._failed(key)
+            return
+        self._succeeded(key)
 
     def _restart_engine(self, vol: VolumeRow, was_running: bool) -> None:
         name = vol.name

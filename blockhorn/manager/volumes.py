@@ -26,6 +26,7 @@ from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
 from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
+from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
     AlreadyExists,
     BlockhornError,
@@ -40,6 +41,7 @@ log = logging.getLogger("blockhorn.manager")
 
 FRONTENDS = ("auto", "nbdfuse", "nbd", "none")
 TRANSPORTS = ("tcp", "unix")
+ACCESS_MODES = ("rwo", "rwx")   # rwx: exported over NFSv4 by a share manager (blockhorn.sharemgr)
 DEFAULT_REPLICAS = 3
 MAX_REPLICAS = 16
 STATUS_TIMEOUT_S = 3.0     # seconds to wait for the engine's status answer in `show`
@@ -59,6 +61,7 @@ class VolumeManager:
     def __init__(self, home: Home, store: Store) -> None:
         self.home = home
         self.store = store
+        self.shares = ShareControl(home, store)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -77,9 +80,11 @@ class VolumeManager:
     # --- create ----------------------------------------------------------------------------
 
     def create(self, name: str, size: int | str, replicas: int = DEFAULT_REPLICAS,
-               disks: list[str] | None = None, transport: str = "tcp") -> dict[str, Any]:
+               disks: list[str] | None = None, transport: str = "tcp", access: str = "rwo",
+               share: dict[str, Any] | None = None) -> dict[str, Any]:
         check_name(name)
         size = parse_size(size)
+        share_opts = _share_options(access, size, share)
         disks = [os.path.abspath(d) for d in disks or []]
         if not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
             raise InvalidArgument(f"invalid replica count {replicas!r}: use 1 to {MAX_REPLICAS}")
@@ -130,6 +135,9 @@ class VolumeManager:
                 created.append(d)
                 Replica.create(d, size, name).close()
             self.write_configs(name)
+            if share_opts is not None:
+                self.store.update_volume(name, access_mode="rwx")
+                self.shares.add(name, share_opts)
         except BaseException:
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
@@ -168,6 +176,9 @@ class VolumeManager:
                 raise Busy(f"volume {name!r} is already attached"
                            + (f" ({where})" if where else "") + ": detach it first")
             check_system(frontend)
+            if vol.access_mode == "rwx" and frontend == "none":
+                raise InvalidArgument(f"volume {name!r} is RWX: its share needs a block "
+                                      "device, so --frontend none cannot be used")
             self.store.update_volume(name, desired="attached", frontend=frontend,
                                      tcp_port=tcp_port, robustness=None, message=None,
                                      attachment=None, device_stale=False)
@@ -178,6 +189,8 @@ class VolumeManager:
                 self.start_engine(name)
                 if frontend != "none":
                     self._attach_device(name, frontend)
+                if vol.access_mode == "rwx":
+                    self.start_share(name)
             except BaseException as e:
                 log.error("attach of %s failed: %s; undoing", name, e)
                 self._teardown(name)
@@ -251,6 +264,22 @@ class VolumeManager:
         self.store.update_volume(name, attachment=att.to_dict())
         log.info("volume %s is %s (%s)", name, att.device, att.frontend)
 
+    def start_share(self, name: str, restarted: bool = False) -> None:
+        """Start the share manager of an RWX volume on its device (mkfs/fsck, mount, Ganesha)."""
+        dev = (self.store.volume(name).attachment or {}).get("device")
+        if not dev:
+            raise NotShared(f"volume {name!r} has no block device to share")
+        self.shares.start(name, dev, restarted=restarted)
+
+    def share(self, name: str) -> dict[str, Any]:
+        """The share of an RWX volume: endpoint, allow-list, health."""
+        vol = self.store.volume(name)
+        self.shares.require_rwx(name, vol.access_mode)
+        if vol.desired != "attached":
+            raise NotShared(f"volume {name!r} is detached, so it is not shared: "
+                            f"`blockhorn volume attach {name}` starts its share")
+        return self.shares.show(name, attached=True)
+
     # --- detach and remove -----------------------------------------------------------------
 
     def detach(self, name: str) -> dict[str, Any]:
@@ -270,6 +299,8 @@ class VolumeManager:
         """Device, engine, replicas, in that order; every step tried; returns the errors."""
         errors: list[str] = []
         vol = self.store.volume(name)
+        if vol.access_mode == "rwx":
+            errors += self.shares.stop(name)   # Ganesha and the mount go before the device
         if vol.attachment:
             try:
                 from blockhorn.nbd.attach import Attachment, detach_device
@@ -311,6 +342,7 @@ class VolumeManager:
                 shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
             for r in reps:
                 _rmdir_if_empty(os.path.dirname(r.directory))
+            self.shares.remove_files(name)
             self.store.delete_volume(name)
         log.info("removed volume %s", name)
 
@@ -358,6 +390,8 @@ class VolumeManager:
             "frontend": (vol.attachment or {}).get("frontend") or vol.frontend,
             "replicas": replicas, "replica_count": vol.replica_count,
             "access_mode": vol.access_mode, "created": vol.created,
+            "share": (self.shares.show(name, attached=vol.desired == "attached")
+                      if vol.access_mode == "rwx" else None),
             "engine": {"pid": eng.process.pid if engine_up and eng.process else None,
                        "restarts": eng.restarts},
             "counters": (status or {}).get("counters"),
@@ -405,6 +439,26 @@ class VolumeManager:
     @staticmethod
     def _uri(nbd_socket: str) -> str:
         return f"nbd+unix:///?socket={os.path.abspath(nbd_socket)}"
+
+
+def _share_options(access: str, size: int,
+                   share: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validated share settings for an RWX volume; None for RWO (which takes none)."""
+    from blockhorn.sharemgr.config import share_options
+    from blockhorn.sharemgr.device import MIN_SIZE
+    if access not in ACCESS_MODES:
+        raise InvalidArgument(f"invalid access mode {access!r}: use rwo or rwx")
+    if access == "rwo":
+        if share:
+            raise InvalidArgument("NFS share settings need --access rwx")
+        return None
+    if size < MIN_SIZE:
+        raise InvalidArgument(f"an RWX volume needs at least {MIN_SIZE >> 20} MiB (ext4 with "
+                              f"a journal): {size >> 20} MiB is too small")
+    try:
+        return share_options(**(share or {}))
+    except TypeError as e:
+        raise InvalidArgument(f"bad share settings: {e}") from None
 
 
 def check_system(frontend: str) -> None:

@@ -1,0 +1,146 @@
+"""The volume's block device under a share: probe, format, check, mount, grow, remount.
+
+`blkid -p` (low-level probe, no cache) decides what happens to a device:
+- nothing found            -> `mkfs.ext4 -F -m0` (+ the volume's extra mkfs options)
+- ext4                     -> `fsck.ext4 -p` (repairs what is safe to repair without asking)
+- anything else (another filesystem, a partition table, LVM, RAID...) -> refused, untouched.
+An ext4 smaller than the device (the volume was expanded) is grown before it is mounted.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+from blockhorn.types import BlockhornError, InvalidArgument
+
+MiB = 1 << 20
+MIN_SIZE = 32 * MiB      # bytes; below this ext4 with a journal leaves next to nothing to share
+COMMAND_TIMEOUT_S = 600.0  # seconds; mkfs and fsck of a large volume take a while
+
+
+class ForeignDevice(BlockhornError):
+    """The device holds something that is not ext4: we never format it."""
+
+    errno = errno.EMEDIUMTYPE
+
+
+def _run(argv: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+    except FileNotFoundError:
+        raise BlockhornError(f"{argv[0]} is not installed: apt-get install e2fsprogs "
+                             "util-linux", errno.ENOENT) from None
+    except subprocess.TimeoutExpired:
+        raise BlockhornError(f"{argv[0]} did not finish in {COMMAND_TIMEOUT_S:.0f} s",
+                             errno.ETIMEDOUT) from None
+    if proc.returncode not in ok:
+        out = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-3:]
+        raise BlockhornError(f"{' '.join(argv)} failed ({proc.returncode}): {' | '.join(out)}",
+                             errno.EIO)
+    return proc
+
+
+def device_size(device: str) -> int:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def probe(device: str) -> dict[str, str]:
+    """What blkid finds on `device`: {} for nothing, else e.g. {"TYPE": "ext4", ...} or
+    {"PTTYPE": "gpt", ...}. blkid exits 2 when it finds nothing."""
+    proc = _run(["blkid", "-p", "-o", "export", device], ok=(0, 2))
+    info = {}
+    for line in proc.stdout.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            info[key] = value
+    return info
+
+
+def is_mounted(path: str) -> str | None:
+    """The mount options of `path` if something is mounted there, else None."""
+    path = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1].replace("\\040", " ") == path:
+                return fields[3]
+    return None
+
+
+def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) -> list[str]:
+    """Make `device` an ext4 filesystem mounted at `mount_dir`; returns what was done.
+    Refuses (ForeignDevice / InvalidArgument) before writing anything to the device."""
+    if not os.path.exists(device):
+        raise BlockhornError(f"device {device} does not exist: is the volume attached?",
+                             errno.ENODEV)
+    done: list[str] = []
+    os.makedirs(mount_dir, mode=0o755, exist_ok=True)
+    if is_mounted(mount_dir) is not None:
+        # A share manager restarted while the filesystem stayed mounted: keep it (fsck needs an
+        # unmounted filesystem, and clients hold files open on it).
+        done.append("already mounted")
+    else:
+        size = device_size(device)
+        if size < MIN_SIZE:
+            raise InvalidArgument(f"{device} has {size // MiB} MiB: an RWX volume needs at "
+                                  f"least {MIN_SIZE // MiB} MiB; nothing was formatted")
+        info = probe(device)
+        if "PTTYPE" in info:
+            raise ForeignDevice(f"{device} holds a {info['PTTYPE']} partition table: refusing "
+                                "to format it (nothing was changed); use an empty volume or "
+                                "one with ext4 on the whole device")
+        fstype = info.get("TYPE")
+        if fstype is None:
+            _run(["mkfs.ext4", "-F", "-q", "-m0", *(mkfs_options or []), device])
+            done.append("formatted ext4")
+        elif fstype != "ext4":
+            raise ForeignDevice(f"{device} holds a {fstype} filesystem: refusing to format or "
+                                "share it (nothing was changed); an RWX volume must be empty "
+                                "or ext4")
+        else:
+            # fsck -p: 0 clean, 1 errors corrected; 2 'reboot' only matters for a mounted root.
+            proc = _run(["fsck.ext4", "-p", device], ok=(0, 1, 2, 4))
+            if proc.returncode & 4:
+                raise BlockhornError(f"{device}: the ext4 filesystem has errors that fsck -p "
+                                     f"cannot repair; run `fsck.ext4 {device}` by hand",
+                                     errno.EUCLEAN)
+            done.append("checked" + (" and repaired" if proc.returncode else ""))
+            if fs_size(device) < size:
+                # Offline, before the mount: online growth needs CAP_SYS_RESOURCE, which
+                # containers often lack, and the volume only grows while detached anyway.
+                _run(["e2fsck", "-f", "-p", device], ok=(0, 1))
+                _run(["resize2fs", device])
+                done.append("grown to the device")
+        _run(["mount", "-t", "ext4", device, mount_dir])
+        done.append("mounted")
+    return done
+
+
+def fs_size(device: str) -> int:
+    """Bytes the ext4 filesystem on `device` spans (from its superblock)."""
+    fields = {}
+    for line in _run(["dumpe2fs", "-h", device]).stdout.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return int(fields["Block count"]) * int(fields["Block size"])
+
+
+def remount_rw(mount_dir: str) -> None:
+    _run(["mount", "-o", "remount,rw", mount_dir])
+
+
+def unmount(mount_dir: str) -> None:
+    """Unmount; a mount still busy (a stuck reader) is detached lazily so the device can go."""
+    if is_mounted(mount_dir) is None:
+        return
+    try:
+        _run(["umount", mount_dir])
+    except BlockhornError:
+        _run(["umount", "-l", mount_dir])

@@ -1,0 +1,244 @@
+"""RWX volumes end to end: the daemon attaches the volume, the share manager formats and mounts
+it and runs a real NFS-Ganesha; real NFSv4 clients (libnfs-utils: nfs-cp, nfs-cat, nfs-ls) use
+it. Each client command is its own NFSv4 client (own client id, own state).
+
+libnfs 4.0 (Debian 12) speaks NFSv4.0 only, and its NFSv4 WRITE cannot encode more than about
+2 KB ("ZDR error: Failed to encode COMPOUND4args"), while nfs-cp writes in one call: the files
+written here stay below that (CHUNK)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import pytest
+from daemon_util import HAVE_FUSE, IS_ROOT, Env, wait_until
+
+from blockhorn.manager.state import Store
+from blockhorn.sharemgr.control import ShareControl
+from blockhorn.sharemgr.device import probe
+
+MISSING = [c for c in ("ganesha.nfsd", "nfs-cp", "nfs-cat", "nfs-ls") if not shutil.which(c)]
+REASON = ("needs root, /dev/fuse, NFS-Ganesha and libnfs-utils "
+          "(apt-get install nfs-ganesha nfs-ganesha-vfs libnfs-utils)")
+if os.environ.get("CI") and (MISSING or not (IS_ROOT and HAVE_FUSE)):
+    raise RuntimeError(f"CI cannot run the NFS tests: {REASON}; missing {MISSING}")
+pytestmark = pytest.mark.skipif(bool(MISSING) or not (IS_ROOT and HAVE_FUSE), reason=REASON)
+
+CHUNK = 1800        # bytes; the largest file nfs-cp (libnfs 4.0, NFSv4) can write, see above
+UID = 1000          # the clients' user; the filesystem root is made theirs at mkfs time
+# libnfs speaks only NFSv4.0: the test volumes add minor version 0 to the default 1, 2.
+RWX = ["--access", "rwx", "--replicas", "1", "--size", "64MiB", "--nfs-minor-versions", "0,1,2",
+       "--mkfs-options", f"-E root_owner={UID}:{UID}"]
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    e = Env()
+    try:
+        yield e
+    finally:
+        try:
+            if os.path.exists(e.home.db):
+                for vol in e.ls():
+                    e.cli("volume", "rm", vol["name"], "--force", check=False)
+        finally:
+            _safety_net(e)
+            e.close()
+
+
+def _safety_net(e: Env) -> None:
+    """Kill a share manager or Ganesha of this home that survived, unmount its exports."""
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if e.home.root in cmd and ("ganesha.nfsd" in cmd or "share serve" in cmd):
+            p.kill()
+    export = os.path.join(e.home.root, "export")
+    if os.path.isdir(export):
+        for vol in os.listdir(export):
+            subprocess.run(["umount", "-l", os.path.join(export, vol)], capture_output=True)
+
+
+def url(share: dict[str, Any], path: str = "", uid: int = UID) -> str:
+    return (f"nfs://127.0.0.1/{share['volume']}/{path}?version=4&nfsport={share['port']}"
+            f"&uid={uid}&gid={uid}")
+
+
+def nfs(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+def put(share: dict[str, Any], name: str, data: bytes, tmp: str, uid: int = UID
+        ) -> subprocess.CompletedProcess[str]:
+    src = os.path.join(tmp, f"src-{threading.get_ident()}")
+    with open(src, "wb") as f:
+        f.write(data)
+    return nfs("nfs-cp", src, url(share, name, uid))
+
+
+def get(share: dict[str, Any], name: str) -> bytes:
+    proc = subprocess.run(["nfs-cat", url(share, name)], capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def listing(share: dict[str, Any]) -> str:
+    proc = nfs("nfs-ls", url(share))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def share_of(env: Env, name: str) -> dict[str, Any]:
+    return dict(json.loads(env.cli("share", "show", name, "--json").stdout))
+
+
+def test_rwx_two_clients_see_each_others_files(env: Env, tmp_path: object) -> None:
+    tmp = str(tmp_path)
+    env.cli("volume", "create", "shared", *RWX)
+    env.cli("volume", "attach", "shared")
+    share = share_of(env, "shared")
+    assert share["health"] == "healthy" and share["squash"] == "root_squash"
+    assert share["endpoint"].endswith(f":{share['port']}/shared")
+    assert "mount -t nfs4" in share["mount_command"]
+    assert any(c["cidr"] == "127.0.0.1/32" for c in share["clients"])   # the attaching host
+    text = env.cli("share", "show", "shared").stdout
+    assert "Health:      healthy" in text and "Ganesha:     pid" in text
+
+    a, b = os.urandom(CHUNK), os.urandom(1000)
+    assert put(share, "from-a.bin", a, tmp).returncode == 0          # client A
+    assert put(share, "from-b.bin", b, tmp).returncode == 0          # client B
+    names = listing(share)
+    assert "from-a.bin" in names and "from-b.bin" in names
+    assert get(share, "from-a.bin") == a and get(share, "from-b.bin") == b
+
+    # root_squash: uid 0 is the anonymous user, which may not write in the owner's directory.
+    assert put(share, "as-root.bin", b"x", tmp, uid=0).returncode != 0
+    assert "as-root.bin" not in listing(share)
+
+    # Detach and attach again: the same files, checked by fsck, served again on the same port.
+    env.cli("volume", "detach", "shared")
+    with pytest.raises(AssertionError, match="is detached"):
+        env.cli("share", "show", "shared")
+    env.cli("volume", "attach", "shared")
+    again = share_of(env, "shared")
+    assert again["port"] == share["port"]
+    assert get(again, "from-a.bin") == a
+
+
+def test_allow_list_refuses_other_hosts_and_read_only_clients(env: Env, tmp_path: object
+                                                               ) -> None:
+    tmp = str(tmp_path)
+    # Only a network this host is not on: 127.0.0.1 is refused.
+    env.cli("volume", "create", "closed", *RWX, "--nfs-client", "192.0.2.0/24")
+    env.cli("volume", "attach", "closed")
+    closed = share_of(env, "closed")
+    assert closed["clients"] == [{"cidr": "192.0.2.0/24", "access": "rw"}]
+    refused = nfs("nfs-ls", url(closed))
+    assert refused.returncode != 0, refused.stdout
+    assert put(closed, "x", b"x", tmp).returncode != 0
+    env.cli("volume", "detach", "closed")
+
+    # This host read-only: it lists and reads, but cannot write.
+    env.cli("volume", "create", "readonly", *RWX, "--nfs-client", "127.0.0.1/32=ro")
+    env.cli("volume", "attach", "readonly")
+    ro = share_of(env, "readonly")
+    assert ro["clients"] == [{"cidr": "127.0.0.1/32", "access": "ro"}]
+    listing(ro)
+    assert put(ro, "y", b"y", tmp).returncode != 0
+    assert "y" not in listing(ro).split()
+
+
+def test_ganesha_killed_under_writes_restarted_no_acknowledged_loss(
+        env: Env, tmp_path: object) -> None:
+    tmp = str(tmp_path)
+    env.cli("volume", "create", "crash", *RWX)
+    env.cli("volume", "attach", "crash")
+    share = share_of(env, "crash")
+    acked: dict[str, bytes] = {}
+    done: list[tuple[float, float]] = []     # (start, end) of every acknowledged write
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            data = f"record {i:05d}\n".encode() * 100
+            start = time.monotonic()
+            try:
+                ok = put(share, f"w{i:05d}", data, tmp).returncode == 0
+            except subprocess.TimeoutExpired:
+                ok = False
+            if ok:
+                acked[f"w{i:05d}"] = data      # nfs-cp closed the file: acknowledged
+                done.append((start, time.monotonic()))
+            else:
+                time.sleep(0.1)
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_until(lambda: len(done) >= 5, 60, "writes before the kill")
+        killed_at = time.monotonic()
+        os.kill(share["ganesha"]["pid"], signal.SIGKILL)
+        # The first write started after the kill that was acknowledged: service is back.
+        resumed = wait_until(lambda: next((e for s, e in done if s > killed_at), None), 120,
+                             "a write after the restart")
+        wait_until(lambda: sum(s > killed_at for s, _ in done) >= 3, 60, "more writes")
+    finally:
+        stop.set()
+        t.join(60)
+    outage = resumed - killed_at
+    now = share_of(env, "crash")
+    print(f"\nganesha kill -9: port back after {now['ganesha']['last_outage_s']} s, writes "
+          f"resumed after {outage:.1f} s (grace {now['grace_s']} s); {len(acked)} files")
+    assert now["ganesha"]["restarts"] == 1 and now["ganesha"]["pid"] != share["ganesha"]["pid"]
+    assert now["health"] in ("healthy", "degraded")
+    assert outage < 60
+    for name, data in sorted(acked.items()):
+        assert get(now, name) == data, name
+
+
+def test_share_bad_inputs_are_clear_errors_nothing_formatted(env: Env) -> None:
+    def error(*args: str) -> str:
+        proc = env.cli(*args, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        return proc.stderr
+
+    assert "at least 32 MiB" in error("volume", "create", "tiny", "--access", "rwx",
+                                      "--size", "16MiB")
+    assert "need --access rwx" in error("volume", "create", "v", "--size", "64MiB",
+                                        "--nfs-client", "10.0.0.1")
+    assert "bad NFS client" in error("volume", "create", "v", "--size", "64MiB",
+                                     "--access", "rwx", "--nfs-client", "everyone")
+    assert "does not exist" in error("share", "show", "nosuch")
+    env.cli("volume", "create", "block", "--size", "64MiB", "--replicas", "1")
+    assert "is RWO" in error("share", "show", "block")
+    env.cli("volume", "create", "idle", *RWX)
+    assert "is detached" in error("share", "show", "idle")
+
+    # An existing volume holding another filesystem, turned RWX: the attach refuses it and
+    # leaves its bytes alone. (Written as RWO through its device, then switched in the store,
+    # as an operator changing the access mode of a detached volume would.)
+    dev = env.cli("volume", "attach", "block").stdout.strip().splitlines()[-1]
+    subprocess.run(["mkswap", "-L", "keepme", dev], check=True, capture_output=True)
+    env.cli("volume", "detach", "block")
+    store = Store(env.home.db)
+    store.update_volume("block", access_mode="rwx")
+    ShareControl(env.home, store).add("block", {"clients": [], "squash": "root_squash",
+                                                "mkfs_options": [], "port": None,
+                                                "lease_s": 10, "grace_s": 15,
+                                                "minor_versions": [0, 1, 2]})
+    assert "swap filesystem: refusing" in error("volume", "attach", "block")
+    assert env.show("block")["state"] == "detached"
+    store.update_volume("block", access_mode="rwo")
+    dev = env.cli("volume", "attach", "block").stdout.strip().splitlines()[-1]
+    info = probe(dev)
+    assert info["TYPE"] == "swap" and info["LABEL"] == "keepme"
