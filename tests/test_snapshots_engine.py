@@ -139,3 +139,29 @@ def test_snapshots_purge_rebuild_expand_revert(cluster_factory) -> None:
         store_snaps.revert(rep, "s0")
         assert bytes(rep.read(0, size)) == images["s0"]
         rep.close()
+
+
+def test_replica_failing_a_snapshot_goes_err_and_is_rebuilt_with_it(cluster_factory) -> None:
+    from blockhorn.config import ReplicaRef
+    from blockhorn.engine.client import ReplicaClient
+    from blockhorn.keys import load_key
+
+    c = cluster_factory(size=8 * MiB)
+    h = connect(c)
+    h.pwrite(b"a" * MiB, 0)
+    rep = c.reps[1].cfg
+    side = ReplicaClient(ReplicaRef(rep.name, rep.listen), load_key(rep.key_file), "vol")
+    side.connect()
+    side.control({"op": "fault", "fail_control": ["snapshot"]})
+    call(c, op="snapshot", name="s")
+    assert c.modes() == {"vol-r0": "RW", "vol-r1": "ERR", "vol-r2": "RW"}
+    h.pwrite(b"b" * MiB, 0)                       # I/O goes on with the others
+    side.control({"op": "fault"})                 # healed
+    side.close()
+    call(c, op="rebuild", replica="vol-r1")
+    c.wait_modes({"vol-r0": "RW", "vol-r1": "RW", "vol-r2": "RW"})
+    assert [s["name"] for s in call(c, op="snapshots")["snapshots"]] == ["s"]
+    assert h.pread(MiB, 0) == b"b" * MiB
+    h.flush()
+    h.shutdown()
+    assert_chains_identical(c)

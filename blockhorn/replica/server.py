@@ -224,6 +224,8 @@ class ReplicaServer:
     def control(self, req: dict[str, Any]) -> dict[str, Any]:
         r = self.replica
         op = req.get("op")
+        if op in self.fault.get("fail_control", ()):
+            raise BlockhornError(f"injected failure of {op}", errno.EIO)
         if op == "stat":
             return dict(r.stat(), connections=self.connections)
         if op == "extents":
@@ -257,7 +259,8 @@ class ReplicaServer:
         elif op == "bump_generation":
             r.update_meta(Generation=int(r.meta.get("Generation", 0)) + 1)
         elif op == "fault":
-            # Test hook: make this replica slow (delay_s) to exercise engine timeouts.
+            # Test hook: make this replica slow ({"delay_s": s}) or fail control ops
+            # ({"fail_control": ["snapshot", ...]}) to exercise the engine's error paths.
             self.fault = {k: v for k, v in req.items() if k != "op"}
         else:
             raise ProtocolError(f"unknown control op {op!r}")
