@@ -1,14 +1,15 @@
 # blockhorn — `make demo`, `make test`, `make bench` each run `make setup` first.
 # setup is idempotent: apt packages are installed only when missing (one apt-get update),
 # the venv is built with Debian's python3 (the interpreter nbdkit embeds) so the plugin and
-# the CLI share one set of dependencies.
+# the CLI share one set of dependencies. libfuse3-dev, pkg-config and gcc build pyfuse3 (an sdist).
 
 PY_SYS   := /usr/bin/python3
 VENV     := .venv
 PY       := $(VENV)/bin/python
 APT_PKGS := nfs-ganesha nfs-ganesha-vfs libnfs-utils \
             nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
-            e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc
+            e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc \
+            libfuse3-dev pkg-config gcc
 STAMP    := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test bench lint clean

@@ -1,5 +1,5 @@
 """The `blockhorn` command: a client of the daemon's REST API, plus the process entry points
-(`daemon`, `replica serve`, `engine serve`) that the daemon and the systemd units run.
+(`daemon`, `replica serve`, `engine serve`, `fuse serve`) that the daemon and the systemd units run.
 
 Errors are one line, `blockhorn: error: <message>`, on stderr; exit status 2 for usage and
 invalid input, 1 for everything else. No tracebacks for errors a user can cause.
@@ -95,8 +95,10 @@ def build_parser() -> Parser:
                                      "device; prints the device path (with --frontend none, "
                                      "the NBD endpoint).")
     p.add_argument("name")
-    p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "none"), default="auto",
+    p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "fuse", "none"),
+                   default="auto",
                    help="auto: nbd-client where /dev/nbd* exists, else nbdfuse + loop; "
+                        "fuse: the engine in a pyfuse3 process + loop (no NBD); "
                         "none: only the NBD endpoint (for fio, nbdsh, qemu)")
     p.add_argument("--port", type=int, metavar="PORT", dest="tcp_port",
                    help="also serve NBD on this TCP port (127.0.0.1)")
@@ -173,6 +175,21 @@ def build_parser() -> Parser:
                    help="stay as nbdkit's parent (forwarding signals) instead of exec'ing it: "
                         "nbdkit in the foreground exits when its parent does, so the daemon "
                         "starts engines this way to let them outlive it")
+
+    fuse = cmds.add_parser("fuse", help="FUSE frontend process",
+                           description="Run one engine inside a FUSE filesystem (the daemon "
+                                       "and blockhorn-fuse@.service use this).")
+    fcmds = fuse.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    fcmds.required = True
+    p = fcmds.add_parser("serve", help="serve one volume as DIR/volume in the foreground",
+                         description="Start the engine and mount a FUSE filesystem on DIR "
+                                     "holding one file, DIR/volume, the volume; put a loop "
+                                     "device on it with `losetup --find --show "
+                                     "--direct-io=on DIR/volume`.")
+    p.add_argument("--config", required=True, metavar="FILE", help="engine config (JSON)")
+    p.add_argument("--mount", required=True, metavar="DIR", help="mount point")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="engine calls in flight at once (worker threads)")
     return top
 
 
@@ -393,6 +410,14 @@ def _replica(args: argparse.Namespace) -> int:
     return replica_main(args.config)
 
 
+def _fuse(args: argparse.Namespace) -> int:
+    from blockhorn.fuse.serve import FUSE_THREADS
+    from blockhorn.fuse.serve import main as fuse_main
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgument(f"invalid --threads {args.threads}: at least 1")
+    return fuse_main(args.config, args.mount, args.threads or FUSE_THREADS)
+
+
 def _engine(args: argparse.Namespace) -> int:
     from blockhorn.nbd.attach import engine_argv
     argv = engine_argv(args.config, args.socket, args.port)
@@ -441,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             return _daemon(args, home)
         if args.command == "replica":
             return _replica(args)
+        if args.command == "fuse":
+            return _fuse(args)
         return _engine(args)
     except BlockhornError as e:
         print(f"blockhorn: error: {e}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Targets: (a) local file, O_DIRECT via io_uring (libaio if refused); (b) nbdkit `file` plugin on
 the same disk; (p) nbdkit Python plugin doing plain pread/pwrite on a file (the ceiling of any
-Python plugin); (c) blockhorn 1 replica; (d) blockhorn 3 replicas (tcp); (e) 3 replicas (unix).
+Python plugin); (c) blockhorn 1 replica; (d) blockhorn 3 replicas (tcp); (e) 3 replicas (unix);
+(f) 3 replicas (tcp) through nbdfuse + loop device and (g) through the pyfuse3 frontend + loop
+device, both with fio libaio O_DIRECT on the loop device (root only).
 Each target's data area is prefilled with one sequential 1 MiB pass, then every job runs
 time_based and stonewalled. Results go to stdout and to bench-results/ as JSON and text.
 """
@@ -62,8 +64,11 @@ TARGETS = {
     "c": "blockhorn 1 replica tcp",
     "d": "blockhorn 3 replicas tcp",
     "e": "blockhorn 3 replicas unix",
+    "f": "blockhorn 3 tcp, nbdfuse + loop",
+    "g": "blockhorn 3 tcp, fuse frontend + loop",
 }
 FLOORS = {"randread4k": 25.0, "randwrite4k": 15.0, "read1m": 50.0, "write1m": 30.0}  # % of (b), by (d)
+FUSE_TARGETS = {"randread4k": 1.5, "randwrite4k": 1.5, "read1m": 1.0, "write1m": 1.0}  # (g)/(f)
 
 
 def parse_size(text: str) -> int:
@@ -84,7 +89,9 @@ def check_deps(targets: str) -> None:
         raise BenchError("fio lacks the nbd ioengine: install Debian's 'fio' (built with libnbd)")
     if set(targets) & set("bcde") and not shutil.which("nbdkit"):
         raise BenchError("nbdkit not found: install the Debian package 'nbdkit'")
-    if set(targets) & set("cde"):
+    if set(targets) & set("fg") and os.geteuid() != 0:
+        raise BenchError("targets f and g attach loop devices and mount FUSE: run as root")
+    if set(targets) & set("cdefg"):
         probe = subprocess.run(["nbdkit", "--dump-plugin", "python"], capture_output=True)
         if probe.returncode != 0:
             raise BenchError("nbdkit python plugin missing: install 'nbdkit-plugin-python'")
@@ -159,6 +166,30 @@ def serve(key: str, workdir: str, size: int) -> Iterator[tuple[list[str], str, s
             yield ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}"], TARGETS[key], log
         finally:
             stop_procs([proc])
+    elif key in "fg":
+        sys.path.insert(0, os.path.join(ROOT, "tests"))
+        from fuse_harness import FuseCluster
+        from harness import Cluster
+
+        from blockhorn.nbd.attach import attach_device, detach_device
+
+        fuse = key == "g"
+        cluster = (FuseCluster if fuse else Cluster)(home=workdir, size=size, replicas=3)
+        try:
+            cluster.start()
+            att = attach_device(cluster.uri,
+                                cluster.mount if fuse else os.path.join(workdir, "fuse"),  # type: ignore[attr-defined]
+                                os.path.join(workdir, "attach.log"), "fuse" if fuse else "nbdfuse")
+            try:
+                yield (["--ioengine=libaio", "--direct=1", f"--filename={att.device}"],
+                       TARGETS[key], cluster.engine_log)
+            finally:
+                detach_device(att)
+        finally:
+            try:
+                cluster.stop()
+            finally:
+                stop_procs([cluster.engine, *(r.proc for r in cluster.reps)])
     else:
         sys.path.insert(0, os.path.join(ROOT, "tests"))
         from harness import Cluster
@@ -218,9 +249,9 @@ def render(results: dict[str, dict[str, float]], labels: dict[str, str]) -> tupl
     for j in JOBS:
         for key, res in results.items():
             vb, va, vp = (pct(res[j.key], results.get(t, {}).get(j.key)) for t in "bap")
-            if key in "cde":
+            if key in "cdefg":
                 ratios.setdefault(key, {})[j.key] = {"vs_b": vb, "vs_a": va, "vs_p": vp}
-            show = [f"{v:.1f} %" if key in "cdep" and v is not None else "" for v in (vb, va, vp)]
+            show = [f"{v:.1f} %" if key in "cdefgp" and v is not None else "" for v in (vb, va, vp)]
             if key == "p":
                 show[2] = ""
             lines.append(fmt.format(j.label if key == next(iter(results)) else "",
@@ -237,7 +268,16 @@ def render(results: dict[str, dict[str, float]], labels: dict[str, str]) -> tupl
             lines.append(f"  {label:<22} {got:6.1f} % (floor {floor:.0f} %)  {'PASS' if ok else 'FAIL'}")
     else:
         lines.append("\n(floors need targets b and d)")
-    return "\n".join(lines), {"ratios": ratios, "floors": floors}
+    fuse: dict[str, Any] = {}
+    if "f" in results and "g" in results:
+        lines += ["", "Issue #5 targets, (g) fuse frontend vs (f) nbdfuse, both + loop:"]
+        for key, want in FUSE_TARGETS.items():
+            got = results["g"][key] / results["f"][key] if results["f"][key] else 0.0
+            fuse[key] = {"target_ratio": want, "ratio": round(got, 2), "pass": got >= want}
+            label = next(j.label for j in JOBS if j.key == key)
+            lines.append(f"  {label:<22} {got:5.2f} x (target {want:.1f} x)  "
+                         f"{'PASS' if got >= want else 'FAIL'}")
+    return "\n".join(lines), {"ratios": ratios, "floors": floors, "fuse_vs_nbdfuse": fuse}
 
 
 def on_sigterm(signum: int, frame: object) -> None:
@@ -250,7 +290,8 @@ def main() -> int:
     ap.add_argument("--runtime", type=int, help="seconds per job (default 20, --quick 5)")
     ap.add_argument("--size", type=parse_size, help="data size per target (default 1G, --quick 256M)")
     ap.add_argument("--dir", default="/var/tmp", help="where the temporary work dir goes (default /var/tmp)")
-    ap.add_argument("--only", default=",".join(TARGETS), help=f"comma-separated targets from {','.join(TARGETS)}")
+    ap.add_argument("--only", default=",".join(k for k in TARGETS if k not in "fg" or os.geteuid() == 0),
+                    help=f"comma-separated targets from {','.join(TARGETS)} (default: all; f and g only as root)")
     args = ap.parse_args()
     keys = [k.strip() for k in args.only.split(",") if k.strip()]
     if not keys or set(keys) - set(TARGETS):

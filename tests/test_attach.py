@@ -1,5 +1,6 @@
-"""Tier 4: a volume as a real block device — nbdfuse + loop + mkfs.ext4 + mount — through
-detach and attach again, and a replica killed under fio with verification."""
+"""Tier 4: a volume as a real block device — nbdfuse + loop, or the pyfuse3 frontend + loop —
+then mkfs.ext4 + mount, through detach and attach again, and a replica killed under fio with
+verification. Every test runs on both frontends."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import hashlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import assert_replicas_identical, needs_root
+from fuse_harness import FuseCluster
+from harness import Cluster
 
-from blockhorn.nbd.attach import attach_device, detach_device, is_mounted
+from blockhorn.nbd.attach import Attachment, attach_device, detach_device, is_mounted
 
 pytestmark = needs_root()
 MiB = 1 << 20
@@ -21,10 +25,36 @@ def sh(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
 
 
+@pytest.fixture(params=["nbdfuse", "fuse"])
+def frontend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def cluster(tmp_path, frontend: str) -> Iterator[Cluster]:
+    """nbdkit engine for nbdfuse; the engine inside `blockhorn fuse serve` for fuse."""
+    home = tmp_path / "c"
+    home.mkdir()
+    c = FuseCluster(str(home)) if frontend == "fuse" else Cluster(str(home))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def fuse_dir(c: Cluster, tmp_path) -> str:
+    return c.mount if isinstance(c, FuseCluster) else str(tmp_path / "fuse")
+
+
+def attach(c: Cluster, tmp_path) -> Attachment:
+    frontend = "fuse" if isinstance(c, FuseCluster) else "nbdfuse"
+    return attach_device(c.uri, fuse_dir(c, tmp_path), str(tmp_path / "nbdfuse.log"), frontend)
+
+
 def test_mkfs_mount_write_detach_attach_read_back(cluster, tmp_path) -> None:
-    fuse_dir, mnt = str(tmp_path / "fuse"), str(tmp_path / "mnt")
+    mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
-    att = attach_device(cluster.uri, fuse_dir, str(tmp_path / "nbdfuse.log"), "nbdfuse")
+    att = attach(cluster, tmp_path)
     try:
         assert att.device.startswith("/dev/loop")
         assert int(sh("blockdev", "--getsize64", att.device)) == 64 * MiB
@@ -39,13 +69,13 @@ def test_mkfs_mount_write_detach_attach_read_back(cluster, tmp_path) -> None:
     finally:
         subprocess.run(["umount", mnt], capture_output=True)
         detach_device(att)
-    assert not is_mounted(fuse_dir)
+    assert not is_mounted(fuse_dir(cluster, tmp_path))
     assert att.device not in sh("losetup", "-a")
+    cluster.stop_engine()   # the fuse engine exits after its unmount: wait for its last FLUSH
     assert_replicas_identical(cluster)
 
-    cluster.stop_engine()
     cluster.start_engine()
-    att = attach_device(cluster.uri, fuse_dir, str(tmp_path / "nbdfuse.log"), "nbdfuse")
+    att = attach(cluster, tmp_path)
     try:
         sh("fsck.ext4", "-n", att.device)
         sh("mount", att.device, mnt)
@@ -57,15 +87,22 @@ def test_mkfs_mount_write_detach_attach_read_back(cluster, tmp_path) -> None:
         detach_device(att)
 
 
-def test_detach_cleans_up_after_nbdfuse_crash(cluster, tmp_path) -> None:
-    fuse_dir = str(tmp_path / "fuse")
-    att = attach_device(cluster.uri, fuse_dir, str(tmp_path / "nbdfuse.log"), "nbdfuse")
-    os.kill(att.pids["nbdfuse"], 9)
+def test_detach_cleans_up_after_frontend_crash(cluster, tmp_path) -> None:
+    """The process behind the FUSE file dies (nbdfuse; for fuse the engine process itself):
+    detach releases the loop device and the dead mount, and a new attach works."""
+    att = attach(cluster, tmp_path)
+    if isinstance(cluster, FuseCluster):
+        cluster.engine.kill()  # type: ignore[union-attr]
+        cluster.engine.wait(10)  # type: ignore[union-attr]
+    else:
+        os.kill(att.pids["nbdfuse"], 9)
     time.sleep(0.2)
     detach_device(att)           # must not raise, must release the loop device and the mount
-    assert not is_mounted(fuse_dir)
+    assert not is_mounted(fuse_dir(cluster, tmp_path))
     assert att.device not in sh("losetup", "-a")
-    att = attach_device(cluster.uri, fuse_dir, str(tmp_path / "nbdfuse.log"), "nbdfuse")
+    if isinstance(cluster, FuseCluster):
+        cluster.start_engine()
+    att = attach(cluster, tmp_path)
     detach_device(att)
 
 
@@ -73,8 +110,7 @@ def test_detach_cleans_up_after_nbdfuse_crash(cluster, tmp_path) -> None:
 def test_ha_replica_killed_under_fio_verify(cluster, tmp_path) -> None:
     """fio writes with crc32c verification headers through the loop device while a replica
     dies; a second fio pass verifies every block after the fault."""
-    fuse_dir = str(tmp_path / "fuse")
-    att = attach_device(cluster.uri, fuse_dir, str(tmp_path / "nbdfuse.log"), "nbdfuse")
+    att = attach(cluster, tmp_path)
     common = ["fio", "--name=v", f"--filename={att.device}", "--direct=1", "--bs=16k",
               "--size=48m", "--ioengine=psync", "--verify=crc32c", "--verify_backlog=0",
               "--randrepeat=1", "--rw=randwrite", "--verify_state_save=0"]

@@ -24,8 +24,8 @@ def unit_names() -> list[str]:
 
 
 def test_expected_units_exist() -> None:
-    assert unit_names() == ["blockhorn-engine@.service", "blockhorn-replica@.service",
-                            "blockhorn-share@.service", "blockhorn.service"]
+    assert unit_names() == ["blockhorn-engine@.service", "blockhorn-fuse@.service",
+                            "blockhorn-replica@.service", "blockhorn-share@.service", "blockhorn.service"]
 
 
 @pytest.mark.parametrize("unit", unit_names())
@@ -53,3 +53,13 @@ def test_daemon_unit_contract() -> None:
     for line in ("Type=notify", "KillMode=process", "Restart=on-failure",
                  f"ExecStart={INSTALLED} daemon"):
         assert line in text.splitlines(), line
+
+
+def test_fuse_unit_contract() -> None:
+    """READY=1 comes from `fuse serve` once the file is mounted; the loop device is removed
+    before the stop signal reaches it (teardown order: loop, FUSE unmount, engine close)."""
+    with open(os.path.join(UNITS, "blockhorn-fuse@.service")) as f:
+        lines = f.read().splitlines()
+    assert "Type=notify" in lines
+    assert any(line.startswith(f"ExecStart={INSTALLED} fuse serve ") for line in lines)
+    assert any(line.startswith("ExecStop=") and "losetup -d" in line for line in lines)

@@ -39,7 +39,7 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.manager")
 
-FRONTENDS = ("auto", "nbdfuse", "nbd", "none")
+FRONTENDS = ("auto", "nbdfuse", "nbd", "fuse", "none")
 TRANSPORTS = ("tcp", "unix")
 ACCESS_MODES = ("rwo", "rwx")   # rwx: exported over NFSv4 by a share manager (blockhorn.sharemgr)
 DEFAULT_REPLICAS = 3
@@ -169,6 +169,8 @@ class VolumeManager:
                                   f"{', '.join(FRONTENDS)}")
         if tcp_port is not None and not 0 < tcp_port < 65536:
             raise InvalidArgument(f"invalid TCP port {tcp_port}")
+        if tcp_port is not None and frontend == "fuse":
+            raise InvalidArgument("the fuse frontend serves no NBD: drop the TCP port")
         with self.locked(name):
             vol = self.store.volume(name)
             if vol.desired == "attached":
@@ -179,6 +181,9 @@ class VolumeManager:
             if vol.access_mode == "rwx" and frontend == "none":
                 raise InvalidArgument(f"volume {name!r} is RWX: its share needs a block "
                                       "device, so --frontend none cannot be used")
+            # Decided once, here: the supervisor restarts the engine process of that frontend.
+            from blockhorn.nbd.attach import choose_frontend
+            frontend = choose_frontend(frontend)
             self.store.update_volume(name, desired="attached", frontend=frontend,
                                      tcp_port=tcp_port, robustness=None, message=None,
                                      attachment=None, device_stale=False)
@@ -239,19 +244,27 @@ class VolumeManager:
         for sock in (eng.nbd_socket, eng.control_socket):
             _unlink_stale(sock)
         os.makedirs(os.path.dirname(eng.nbd_socket), mode=0o700, exist_ok=True)
-        # Through `engine serve --keeper`: nbdkit exits with its parent (see cli._keep), and
-        # the daemon must not be that parent.
-        argv = [sys.executable, "-m", "blockhorn", "engine", "serve", "--keeper",
-                "--config", self.home.engine_config(name), "--socket", eng.nbd_socket]
-        if vol.tcp_port:
-            argv += ["--port", str(vol.tcp_port)]
+        if vol.frontend == "fuse":
+            # The engine runs inside the FUSE process; its control socket appears only once
+            # the volume file is mounted (blockhorn/fuse/serve.py). No NBD socket.
+            argv = [sys.executable, "-m", "blockhorn", "fuse", "serve",
+                    "--config", self.home.engine_config(name), "--mount", self.home.fuse_dir(name)]
+            ready = [eng.control_socket]
+        else:
+            # Through `engine serve --keeper`: nbdkit exits with its parent (see cli._keep), and
+            # the daemon must not be that parent.
+            argv = [sys.executable, "-m", "blockhorn", "engine", "serve", "--keeper",
+                    "--config", self.home.engine_config(name), "--socket", eng.nbd_socket]
+            if vol.tcp_port:
+                argv += ["--port", str(vol.tcp_port)]
+            ready = [eng.nbd_socket, eng.control_socket]
         log_path = self.home.log(f"{name}-engine.log")
         rec = process.spawn(argv, log_path)
         self.store.set_engine_process(name, rec, restarted=restarted)
         log.info("started engine of %s: pid %d", name, rec.pid)
-        process.wait_ready(f"engine of {name}", f"unix:{eng.nbd_socket}", rec, log_path)
-        process.wait_ready(f"engine control of {name}", f"unix:{eng.control_socket}", rec,
-                           log_path)
+        for sock in ready:
+            process.wait_ready(f"engine of {name} ({os.path.basename(sock)})", f"unix:{sock}",
+                               rec, log_path)
 
     def _attach_device(self, name: str, frontend: str) -> None:
         from blockhorn.nbd.attach import attach_device
@@ -378,7 +391,7 @@ class VolumeManager:
                 "restarts": r.restarts,
             })
         endpoints = []
-        if engine_up:
+        if engine_up and vol.frontend != "fuse":   # the fuse frontend serves no NBD
             endpoints.append(self._uri(eng.nbd_socket))
             if vol.tcp_port:
                 endpoints.append(f"nbd://127.0.0.1:{vol.tcp_port}/")
@@ -434,7 +447,9 @@ class VolumeManager:
 
     def _endpoint(self, name: str) -> str | None:
         eng = self.store.engine(name)
-        return self._uri(eng.nbd_socket) if process.alive(eng.process) else None
+        vol = self.store.volume(name)
+        up = process.alive(eng.process) and vol.frontend != "fuse"
+        return self._uri(eng.nbd_socket) if up else None
 
     @staticmethod
     def _uri(nbd_socket: str) -> str:

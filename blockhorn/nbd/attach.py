@@ -2,8 +2,10 @@
 
 Where the kernel has NBD (`/dev/nbd*`), `nbd-client` connects the engine's unix socket to a
 free `/dev/nbdN`. Elsewhere (containers, this CI), `nbdfuse` exposes the engine as one file in a
-FUSE mount and `losetup` puts a loop device on it. `detach_device` undoes every step in reverse
-order and keeps going after a failed step, so a half-attached volume can always be cleaned up.
+FUSE mount and `losetup` puts a loop device on it. The `fuse` frontend skips NBD: the engine
+runs inside a pyfuse3 process (`blockhorn.fuse`) that exposes the volume as a file, and only the
+loop device is attached here. `detach_device` undoes every step in reverse order and keeps going
+after a failed step, so a half-attached volume can always be cleaned up.
 """
 
 from __future__ import annotations
@@ -72,14 +74,25 @@ def check_dependencies(frontend: str = "auto") -> None:
         if not os.path.exists("/dev/fuse"):
             raise BlockhornError("/dev/fuse is missing: this host cannot use the nbdfuse "
                                  "frontend", errno.ENODEV)
+    elif frontend == "fuse":
+        for cmd in ("losetup", "fusermount3"):
+            require(cmd)
+        if not os.path.exists("/dev/fuse"):
+            raise BlockhornError("/dev/fuse is missing: this host cannot use the fuse "
+                                 "frontend", errno.ENODEV)
+        try:
+            import pyfuse3  # noqa: F401
+        except ImportError:
+            raise BlockhornError("pyfuse3 is not installed: run `make setup` (needs "
+                                 "libfuse3-dev to build)", errno.ENOENT) from None
 
 
 def choose_frontend(frontend: str) -> str:
     if frontend == "auto":
         return "nbd" if glob.glob("/dev/nbd[0-9]*") and shutil.which("nbd-client") else "nbdfuse"
-    if frontend not in ("nbd", "nbdfuse", "none"):
-        raise BlockhornError(f"unknown frontend {frontend!r}: use auto, nbd, nbdfuse or none",
-                             errno.EINVAL)
+    if frontend not in ("nbd", "nbdfuse", "fuse", "none"):
+        raise BlockhornError(f"unknown frontend {frontend!r}: use auto, nbd, nbdfuse, fuse "
+                             "or none", errno.EINVAL)
     return frontend
 
 
@@ -153,6 +166,13 @@ def attach_device(uri: str, fuse_dir: str, log_path: str, frontend: str = "auto"
         return _attach_nbd(uri)
     if frontend == "none":
         return Attachment(device="", frontend="none")
+    if frontend == "fuse":
+        # The FUSE process (`blockhorn fuse serve`) runs the engine and is the engine process
+        # the daemon supervises: here only the loop device goes on its file.
+        from blockhorn.fuse import IMAGE
+        att = Attachment(device="", frontend="fuse", fuse_dir=fuse_dir)
+        att.device = loop_setup(os.path.join(fuse_dir, IMAGE))
+        return att
     return _attach_nbdfuse(uri, fuse_dir, log_path)
 
 
@@ -168,7 +188,7 @@ def _attach_nbd(uri: str) -> Attachment:
 
 
 def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
-    _cleanup_stale_mount(fuse_dir)
+    cleanup_stale_mount(fuse_dir)
     os.makedirs(fuse_dir, exist_ok=True)
     image = os.path.join(fuse_dir, "nbd")
     pidfile = fuse_dir.rstrip("/") + ".pid"
@@ -186,11 +206,16 @@ def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
         if proc.poll() is not None:
             raise BlockhornError(f"nbdfuse exited with status {proc.returncode}; "
                                  f"see {log_path}", errno.EIO)
-        att.device = _run([require("losetup"), "--find", "--show", "--direct-io=on", image])
+        att.device = loop_setup(image)
     except BaseException:
         detach_device(att)
         raise
     return att
+
+
+def loop_setup(image: str) -> str:
+    """A loop device on `image`, with direct I/O (no second page cache above the FUSE file)."""
+    return _run([require("losetup"), "--find", "--show", "--direct-io=on", image])
 
 
 def is_mounted(path: str) -> bool:
@@ -209,10 +234,12 @@ def _unmount_fuse(fuse_dir: str) -> None:
         subprocess.run(["fusermount3", "-u", "-z", fuse_dir], capture_output=True)
 
 
-def _cleanup_stale_mount(fuse_dir: str) -> None:
-    """A FUSE mount whose process died answers ENOTCONN: unmount it before reuse."""
+def cleanup_stale_mount(fuse_dir: str) -> None:
+    """A FUSE mount whose process died answers ENOTCONN: unmount it before reuse. statfs is
+    the probe because the kernel always asks the FUSE server for it (stat may be answered
+    from cached attributes)."""
     try:
-        os.stat(os.path.join(fuse_dir, "nbd"))
+        os.statvfs(fuse_dir)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             _unmount_fuse(fuse_dir)
@@ -226,7 +253,7 @@ def detach_device(att: Attachment) -> None:
             _run([require("nbd-client"), "-d", att.device])
         except BlockhornError as e:
             errors.append(str(e))
-    if att.frontend == "nbdfuse":
+    if att.frontend in ("nbdfuse", "fuse"):
         if att.device:
             try:
                 _run([require("losetup"), "-d", att.device])

@@ -1,0 +1,143 @@
+"""The filesystem: a root directory holding one regular file, the volume.
+
+Vocabulary: the *image* is that file (inode 2, named `IMAGE`); its size is the volume size and
+never changes. Reads, writes and fsync on it go to the engine, whose methods block: each runs in
+a worker thread (`trio.to_thread.run_sync` under one `CapacityLimiter`), so the trio loop keeps
+reading FUSE requests while earlier ones wait for replicas. Handlers raise only `FUSEError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from typing import Any
+
+import pyfuse3
+import trio
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FUSEError,
+    InodeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+)
+
+from blockhorn.engine.engine import Engine
+from blockhorn.fuse import IMAGE
+from blockhorn.types import BlockhornError
+
+ROOT = pyfuse3.ROOT_INODE
+IMAGE_INODE = InodeT(ROOT + 1)
+IMAGE_NAME = IMAGE.encode()
+ATTR_TIMEOUT_S = 3600.0   # seconds the kernel may cache attributes: they never change
+BLOCK = 4096              # bytes; st_blksize and statfs block size
+
+
+class VolumeFS(pyfuse3.Operations):
+    def __init__(self, engine: Engine, threads: int, direct_io: bool = False) -> None:
+        super().__init__()
+        self.engine = engine
+        self.threads = threads
+        self.direct_io = direct_io
+        self.limiter: trio.CapacityLimiter | None = None   # made in the trio loop (`run`)
+        self._stamp = time.time_ns()
+
+    async def _call(self, fn: Any, *args: Any) -> None:
+        """Run one blocking engine call in a worker thread; engine errors become errnos."""
+        if self.limiter is None:
+            self.limiter = trio.CapacityLimiter(self.threads)
+        try:
+            await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+        except BlockhornError as e:
+            raise FUSEError(e.errno) from None
+
+    # --- metadata ------------------------------------------------------------------------
+
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None) -> EntryAttributes:
+        entry = EntryAttributes()
+        if inode == ROOT:
+            entry.st_mode = stat.S_IFDIR | 0o755
+            entry.st_nlink = 2
+        elif inode == IMAGE_INODE:
+            entry.st_mode = stat.S_IFREG | 0o600
+            entry.st_nlink = 1
+            entry.st_size = self.engine.size
+            entry.st_blocks = self.engine.size // 512
+        else:
+            raise FUSEError(errno.ENOENT)
+        entry.st_ino = inode
+        entry.st_blksize = BLOCK
+        entry.st_uid = os.getuid()
+        entry.st_gid = os.getgid()
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = self._stamp
+        entry.attr_timeout = entry.entry_timeout = ATTR_TIMEOUT_S
+        return entry
+
+    async def lookup(self, parent_inode: InodeT, name: bytes,
+                     ctx: RequestContext) -> EntryAttributes:
+        if parent_inode != ROOT or name != IMAGE_NAME:
+            raise FUSEError(errno.ENOENT)
+        return await self.getattr(IMAGE_INODE, ctx)
+
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
+        # The size is the volume's (O_TRUNC, truncate(2) would destroy it); times and modes
+        # are not stored, so such changes are accepted and forgotten.
+        if fields.update_size and attr.st_size != self.engine.size:
+            raise FUSEError(errno.EPERM)
+        return await self.getattr(inode, ctx)
+
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
+        if inode != ROOT:
+            raise FUSEError(errno.ENOTDIR)
+        return FileHandleT(ROOT)
+
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, IMAGE_NAME, await self.getattr(IMAGE_INODE), 1)
+
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
+        st = StatvfsData()
+        st.f_bsize = st.f_frsize = BLOCK
+        st.f_blocks = self.engine.size // BLOCK
+        st.f_files = 2
+        st.f_namemax = 255
+        return st
+
+    # --- data ----------------------------------------------------------------------------
+
+    async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> FileInfo:
+        if inode != IMAGE_INODE:
+            raise FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)
+        # keep_cache off: the page cache of an earlier open may predate writes made through
+        # another path (a second mount, a rebuild); direct_io bypasses it altogether.
+        return FileInfo(fh=FileHandleT(IMAGE_INODE), direct_io=self.direct_io, keep_cache=False)
+
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        size = max(0, min(size, self.engine.size - off))
+        buf = bytearray(size)
+        if size:
+            await self._call(self.engine.pread, buf, off)
+        return buf  # type: ignore[return-value]  # any buffer will do (PyObject_GetBuffer)
+
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        await self._call(self.engine.pwrite, buf, off)
+        return len(buf)
+
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        # FUSE has no FUA: an O_SYNC/O_DSYNC write arrives as write + fsync, a block-layer
+        # FLUSH through the loop device as fsync. Either way: FLUSH to every replica.
+        await self._call(self.engine.flush)
+
+    async def flush(self, fh: FileHandleT) -> None:
+        # close(2): no durability promise (as on any file); fsync is the barrier.
+        return None
+
+    async def release(self, fh: FileHandleT) -> None:
+        return None

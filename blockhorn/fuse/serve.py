@@ -1,0 +1,96 @@
+"""`blockhorn fuse serve`: the engine, its control socket and the FUSE mount in one process.
+
+    blockhorn fuse serve --config ENGINE.json --mount DIR     ->  DIR/volume, the volume
+
+Start order: engine (replicas connected, modes chosen) -> FUSE mount -> control socket ->
+`READY=1`. The control socket appearing therefore means the file is there, which is what the
+daemon waits for. Stop (SIGTERM/SIGINT/SIGHUP, or the mount being unmounted) runs it backwards
+under one exit stack: control socket, FUSE unmount, engine close (final FLUSH to every replica).
+Whoever put a loop device on the file detaches it first (`detach_device`); a SIGTERM with the
+loop still attached unmounts lazily, and the loop device fails I/O from then on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from blockhorn import sdnotify
+from blockhorn.config import EngineConfig
+from blockhorn.engine.control import ControlServer
+from blockhorn.engine.engine import Engine
+from blockhorn.fuse.fs import VolumeFS
+from blockhorn.nbd.attach import cleanup_stale_mount, is_mounted
+from blockhorn.types import BlockhornError, Busy
+
+log = logging.getLogger("blockhorn.fuse")
+
+# Engine calls in flight at once (worker threads; `--threads`). The kernel has at most 12
+# asynchronous FUSE requests in flight by default (max_background), so more threads than that
+# rarely run at once.
+FUSE_THREADS = 16
+# FOPEN_DIRECT_IO: every read/write of the file goes to the engine, never the page cache.
+# The loop device's own O_DIRECT does that already; this covers plain opens of the file too.
+DIRECT_IO = True
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def main(config_path: str, mountpoint: str, threads: int = FUSE_THREADS,
+         direct_io: bool = DIRECT_IO) -> int:
+    cfg = EngineConfig.load(config_path)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s fuse[{cfg.volume}] %(levelname)s %(message)s")
+    mountpoint = os.path.abspath(mountpoint)
+    cleanup_stale_mount(mountpoint)
+    if is_mounted(mountpoint):
+        raise Busy(f"{mountpoint} is already mounted: is this volume attached elsewhere?")
+    os.makedirs(mountpoint, mode=0o700, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        engine = Engine(cfg)
+        stack.callback(engine.close)
+        engine.start()
+        fs = VolumeFS(engine, threads, direct_io)
+        options = set(pyfuse3.default_options)
+        options |= {f"fsname=blockhorn:{cfg.volume}", "subtype=blockhorn"}
+        try:
+            pyfuse3.init(fs, mountpoint, options)
+        except RuntimeError as e:   # pyfuse3 says only "fuse_session_mount failed"
+            raise BlockhornError(f"cannot mount FUSE on {mountpoint}: {e} (is /dev/fuse "
+                                 "there, and are we root?)", errno.EIO) from None
+        stack.callback(pyfuse3.close, unmount=True)
+        control = ControlServer(engine, cfg.control_socket)
+        control.start()
+        stack.callback(control.stop)
+        log.info("volume %s (%d bytes) mounted at %s", cfg.volume, engine.size, mountpoint)
+        # Inside trio.run the signal receiver handles these; it restores the handlers it found
+        # when it exits, and a second SIGTERM (the daemon's, right after its unmount) must not
+        # kill the process in the middle of the final FLUSH below: ignored from then on.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        trio.run(_serve)
+        log.info("volume %s: stopping", cfg.volume)
+    return 0
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal)
+        sdnotify.notify("READY=1")
+        await pyfuse3.main()   # returns after terminate() or when the mount is unmounted
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            sdnotify.notify("STOPPING=1")
+            pyfuse3.terminate()
+            return
