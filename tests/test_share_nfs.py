@@ -242,3 +242,38 @@ def test_share_bad_inputs_are_clear_errors_nothing_formatted(env: Env) -> None:
     dev = env.cli("volume", "attach", "block").stdout.strip().splitlines()[-1]
     info = probe(dev)
     assert info["TYPE"] == "swap" and info["LABEL"] == "keepme"
+
+
+def test_share_manager_killed_restarted_and_readonly_fs_remounted(env: Env, tmp_path: object
+                                                                   ) -> None:
+    tmp = str(tmp_path)
+    env.cli("volume", "create", "heal", *RWX)
+    env.cli("volume", "attach", "heal")
+    first = share_of(env, "heal")
+    # The filesystem goes read-only (as ext4 does after an I/O error): the health check
+    # remounts it read-write and clients write again.
+    subprocess.run(["mount", "-o", "remount,ro", first["mount_dir"]], check=True)
+    wait_until(lambda: "rw" in _mount_options(first["mount_dir"]), 20, "remount read-write")
+    assert put(first, "after-ro.bin", b"ok", tmp).returncode == 0
+
+    # The share manager itself dies (kill -9): the daemon starts a new one, which replaces the
+    # Ganesha left running by the old one and serves the same port.
+    os.kill(first["pid"], signal.SIGKILL)
+    again = wait_until(lambda: (s := share_of(env, "heal"))["restarts"] >= 1 and
+                       s["health"] == "healthy" and s, 60, "share manager restart")
+    assert again["pid"] != first["pid"] and again["port"] == first["port"]
+    assert again["ganesha"]["pid"] != first["ganesha"]["pid"]
+    assert not psutil.pid_exists(first["ganesha"]["pid"])
+    # The client that wrote holds state from before: it is reclaimable, so reads may wait
+    # out the grace period.
+    wait_until(lambda: nfs("nfs-cat", url(again, "after-ro.bin")).stdout == "ok", 40,
+               "read after the restart")
+
+
+def _mount_options(path: str) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == path:
+                return fields[3].split(",")
+    return []

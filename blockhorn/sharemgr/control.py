@@ -133,6 +133,7 @@ class ShareControl:
 
     def start(self, name: str, dev: str, restarted: bool = False) -> None:
         """Start the share manager on `dev` and wait until it serves (or says why not)."""
+        self._kill_stale_ganesha(name)   # it holds the port, which the volume keeps
         cfg = self.config(name, dev)
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         cfg.save(self.config_path(name))
@@ -174,17 +175,22 @@ class ShareControl:
             self._set_process(name, None, False)
         except (BlockhornError, OSError) as e:
             errors.append(f"share manager: {e}")
-        try:
-            cfg = ShareConfig.load(self.config_path(name))
-        except BlockhornError:
-            cfg = None   # never started
+        cfg = self._kill_stale_ganesha(name)
         if cfg is not None:
-            ganesha.kill_stale(cfg)
             try:
                 device.unmount(cfg.mount_dir)
             except BlockhornError as e:
                 errors.append(f"unmount {cfg.mount_dir}: {e}")
         return errors
+
+    def _kill_stale_ganesha(self, name: str) -> ShareConfig | None:
+        """Stop a Ganesha that a killed share manager left running; the last config."""
+        try:
+            cfg = ShareConfig.load(self.config_path(name))
+        except BlockhornError:
+            return None   # never started
+        ganesha.kill_stale(cfg)
+        return cfg
 
     def remove_files(self, name: str) -> None:
         try:
