@@ -47,6 +47,7 @@ log = logging.getLogger("blockhorn.engine")
 
 PING_INTERVAL_S = 2.0        # idle replicas are pinged this often to notice hangs
 REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
+LOCAL_RETIRE_S = 60.0        # replaced local-read descriptors are closed after this long
 MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
 PURGE_WAIT_S = 3600.0        # purge(wait=True) gives up after this long
 
@@ -81,6 +82,7 @@ class Engine:
         self._rebuilds = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rebuild")
         self._maint: threading.Thread | None = None
         self.receiver = Receiver()   # one thread receives every replica's replies
+        self._retired: list[tuple[float, LocalChain]] = []
 
     # --- start / stop ------------------------------------------------------------------------
 
@@ -149,11 +151,18 @@ class Engine:
         except OSError as e:
             log.info("replica %s: no local reads (%s)", r.ref.name, e)
 
-    @staticmethod
-    def _close_local(r: ReplicaState) -> None:
+    def _close_local(self, r: ReplicaState) -> None:
+        """Stop local reads from `r`. The descriptors are closed only later: a read running
+        in another thread may still use them, and a descriptor number closed now could be
+        reused for another file before that read's preadv runs."""
         if r.local is not None:
-            r.local.close()
+            self._retired.append((time.monotonic(), r.local))
             r.local = None
+
+    def _close_retired(self, older_than: float = LOCAL_RETIRE_S) -> None:
+        now = time.monotonic()
+        while self._retired and now - self._retired[0][0] >= older_than:
+            self._retired.pop(0)[1].close()
 
     def close(self) -> None:
         """Flush every replica and drop the connections."""
@@ -169,6 +178,7 @@ class Engine:
                 r.client.close()
             self._close_local(r)
         self.receiver.close()
+        self._close_retired(older_than=0)
 
     # --- modes -------------------------------------------------------------------------------
 
@@ -525,6 +535,8 @@ class Engine:
         """Ping live replicas; retry ERR ones (a restarted process, a healed network)."""
         last_retry = time.monotonic()
         while not self._stop.wait(PING_INTERVAL_S):
+            self._close_retired()
+            self._refresh_local()
             if time.monotonic() - last_retry >= REBUILD_RETRY_S:
                 last_retry = time.monotonic()
                 for r in list(self.replicas.values()):
@@ -539,6 +551,19 @@ class Engine:
                     r.stat = client.stat(timeout=self.cfg.timeout_s)
                 except BlockhornError as e:
                     self.set_error(r, f"ping: {e}")
+
+    def _refresh_local(self) -> None:
+        """A purge changes a replica's chain behind the engine's back: when the chain the
+        replica reports (STAT, every ping) differs from the files open here, reopen them —
+        the old descriptors would keep folded-away files alive on disk."""
+        for r in list(self.replicas.values()):
+            local = r.local
+            if local is not None and r.mode == ReplicaMode.RW \
+                    and local.names != list(r.stat.get("chain") or []):
+                with self.state_lock:
+                    if r.local is local and r.mode == ReplicaMode.RW:
+                        self._open_local(r)
+                        self._update_readers()
 
     def status(self) -> dict[str, Any]:
         replicas = []

@@ -37,6 +37,7 @@ class LocalChain:
             raise
         self.fds = fds
         self.head = fds[-1]
+        self.names = list(chain)
 
     def close(self) -> None:
         for fd in self.fds:
