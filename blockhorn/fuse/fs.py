@@ -2,8 +2,8 @@
 
 Vocabulary: the *image* is that file (inode 2, named `IMAGE`); its size is the volume size and
 never changes. Reads, writes and fsync on it go to the engine, whose methods block: each runs in
-a worker thread (`trio.to_thread.run_sync` under one `CapacityLimiter`), so the trio loop keeps
-reading FUSE requests while earlier ones wait for replicas. Handlers raise only `FUSEError`.
+one of a fixed set of worker threads (`workers.Workers`), so the trio loop keeps reading FUSE
+requests while earlier ones wait for replicas. Handlers raise only `FUSEError`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import pyfuse3
-import trio
 from pyfuse3 import (
     EntryAttributes,
     FileHandleT,
@@ -30,6 +29,7 @@ from pyfuse3 import (
 
 from blockhorn.engine.engine import Engine
 from blockhorn.fuse import IMAGE
+from blockhorn.fuse.workers import Workers
 from blockhorn.types import BlockhornError
 
 ROOT = pyfuse3.ROOT_INODE
@@ -43,17 +43,14 @@ class VolumeFS(pyfuse3.Operations):
     def __init__(self, engine: Engine, threads: int, direct_io: bool = False) -> None:
         super().__init__()
         self.engine = engine
-        self.threads = threads
+        self.workers = Workers(threads)
         self.direct_io = direct_io
-        self.limiter: trio.CapacityLimiter | None = None   # made in the trio loop (`run`)
         self._stamp = time.time_ns()
 
     async def _call(self, fn: Any, *args: Any) -> None:
         """Run one blocking engine call in a worker thread; engine errors become errnos."""
-        if self.limiter is None:
-            self.limiter = trio.CapacityLimiter(self.threads)
         try:
-            await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+            await self.workers.run(fn, *args)
         except BlockhornError as e:
             raise FUSEError(e.errno) from None
 
