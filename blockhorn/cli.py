@@ -88,6 +88,11 @@ def build_parser() -> Parser:
     p.add_argument("--nfs-minor-versions", default=None, metavar="LIST",
                    help="RWX: NFSv4 minor versions served, default 1,2; add 0 for NFSv4.0 "
                         "clients such as libnfs (nfs-cp, nfs-ls)")
+    p.add_argument("--service-address", default=None, metavar="CIDR",
+                   help="RWX: an address (e.g. 10.0.0.50/24) added to --service-interface "
+                        "while the share serves; Ganesha listens on it and clients mount it")
+    p.add_argument("--service-interface", default=None, metavar="IF",
+                   help="RWX: the interface that carries --service-address")
     _home_arg(p)
 
     p = vcmds.add_parser("attach", help="start the volume and make a block device",
@@ -310,13 +315,16 @@ def _share_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     given: dict[str, Any] = {k: v for k, v in (("clients", args.nfs_clients), ("port", args.nfs_port),
                                ("grace_s", args.grace), ("lease_s", args.lease),
                                ("minor_versions", _int_list(args.nfs_minor_versions)),
+                               ("service_address", args.service_address),
+                               ("interface", args.service_interface),
                                ("mkfs_options", args.mkfs_options.split()),
                                ("squash", "no_root_squash" if args.no_root_squash else None))
              if v is not None and v != []}
     if args.access == "rwo":
         if given:
             raise InvalidArgument("--nfs-client, --nfs-port, --grace, --lease, --mkfs-options, "
-                                  "--nfs-minor-versions and --no-root-squash need --access rwx")
+                                  "--nfs-minor-versions, --service-address/-interface and "
+                                  "--no-root-squash need --access rwx")
         return None
     from blockhorn.sharemgr.config import share_options
     share_options(**given)   # validate before a daemon starts

@@ -23,6 +23,7 @@ import pytest
 from daemon_util import HAVE_FUSE, IS_ROOT, Env, wait_until
 
 from blockhorn.manager.state import Store
+from blockhorn.sharemgr import address
 from blockhorn.sharemgr.control import ShareControl
 from blockhorn.sharemgr.device import probe
 
@@ -34,6 +35,7 @@ if os.environ.get("CI") and (MISSING or not (IS_ROOT and HAVE_FUSE)):
 pytestmark = pytest.mark.skipif(bool(MISSING) or not (IS_ROOT and HAVE_FUSE), reason=REASON)
 
 CHUNK = 1800        # bytes; the largest file nfs-cp (libnfs 4.0, NFSv4) can write, see above
+SERVICE = "127.0.0.53/32"   # a service address on lo, reachable from this host
 UID = 1000          # the clients' user; the filesystem root is made theirs at mkfs time
 # libnfs speaks only NFSv4.0: the test volumes add minor version 0 to the default 1, 2.
 RWX = ["--access", "rwx", "--replicas", "1", "--size", "64MiB", "--nfs-minor-versions", "0,1,2",
@@ -154,6 +156,34 @@ def test_allow_list_refuses_other_hosts_and_read_only_clients(env: Env, tmp_path
     listing(ro)
     assert put(ro, "y", b"y", tmp).returncode != 0
     assert "y" not in listing(ro).split()
+
+
+def test_service_address_added_while_serving_and_removed_at_detach(env: Env, tmp_path: object
+                                                                    ) -> None:
+    """The volume's service address (here 127.0.0.53 on lo, so this host reaches it) is added
+    when the share starts, Ganesha listens only there, and it is removed at detach."""
+    tmp = str(tmp_path)
+    if address.present("lo", SERVICE):
+        pytest.skip(f"{SERVICE} is already on lo (another test run?)")
+    # Connections to an address on lo come from that address: allow all of 127/8.
+    env.cli("volume", "create", "svc", *RWX, "--service-address", SERVICE,
+            "--service-interface", "lo", "--nfs-client", "127.0.0.0/8")
+    env.cli("volume", "attach", "svc")
+    try:
+        share = share_of(env, "svc")
+        assert share["address"] == "127.0.0.53" and share["endpoint"].startswith(
+            "nfs://127.0.0.53:")
+        assert address.present("lo", SERVICE)
+        via_service = url(share, "f").replace("127.0.0.1", "127.0.0.53")
+        src = os.path.join(tmp, "f")
+        with open(src, "wb") as f:
+            f.write(b"via the service address")
+        assert nfs("nfs-cp", src, via_service).returncode == 0
+        assert nfs("nfs-ls", url(share)).returncode != 0     # not bound to 127.0.0.1
+        env.cli("volume", "detach", "svc")
+        assert not address.present("lo", SERVICE)
+    finally:
+        address.remove("lo", SERVICE)
 
 
 def test_ganesha_killed_under_writes_restarted_no_acknowledged_loss(

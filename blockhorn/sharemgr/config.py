@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.config import _Loadable
+from blockhorn.sharemgr.address import parse as parse_address
 from blockhorn.types import InvalidArgument, check_name
 
 SQUASH = ("root_squash", "no_root_squash")
@@ -54,6 +55,8 @@ class ShareConfig(_Loadable):
     lease_s: int = LEASE_S
     grace_s: int = GRACE_S
     minor_versions: list[int] = field(default_factory=lambda: list(MINOR_VERSIONS))
+    service_address: str = ""   # CIDR added to `interface` while serving; Ganesha binds to it
+    interface: str = ""
     log_file: str = ""     # Ganesha's own log; default <state_dir>/ganesha.log
 
     def validate(self) -> None:
@@ -61,6 +64,9 @@ class ShareConfig(_Loadable):
         _check(self.squash, self.port, self.lease_s, self.grace_s, self.minor_versions)
         if not self.clients:
             raise InvalidArgument("a share needs at least one allowed client")
+        _check_service(self.service_address, self.interface)
+        if self.service_address:
+            self.bind = parse_address(self.service_address)[0]
         self.clients = [parse_client(f"{c['cidr']}={c.get('access', 'rw')}")
                         for c in self.clients]
         ipaddress.ip_address(self.bind)
@@ -92,11 +98,13 @@ class ShareConfig(_Loadable):
 def share_options(clients: list[str] | None = None, squash: str = "root_squash",
                   mkfs_options: list[str] | None = None, port: int | None = None,
                   lease_s: int = LEASE_S, grace_s: int = GRACE_S,
-                  minor_versions: list[int] | None = None) -> dict[str, Any]:
+                  minor_versions: list[int] | None = None, service_address: str = "",
+                  interface: str = "") -> dict[str, Any]:
     """Validated per-volume share settings as stored by the daemon (JSON)."""
     minor_versions = sorted(set(minor_versions or MINOR_VERSIONS))
     _check(squash, port, lease_s, grace_s, minor_versions)
-    return {"clients": [parse_client(c) for c in clients or []], "squash": squash,
+    _check_service(service_address, interface)
+    return {"service_address": service_address, "interface": interface,"clients": [parse_client(c) for c in clients or []], "squash": squash,
             "mkfs_options": list(mkfs_options or []), "port": port, "lease_s": lease_s,
             "grace_s": grace_s, "minor_versions": minor_versions}
 
@@ -112,3 +120,11 @@ def _check(squash: str, port: int | None, lease_s: int, grace_s: int,
             raise InvalidArgument(f"{name} must be 1 to 180 seconds")
     if not minor_versions or any(v not in (0, 1, 2) for v in minor_versions):
         raise InvalidArgument(f"invalid NFSv4 minor versions {minor_versions}: use 0, 1 and/or 2")
+
+
+def _check_service(service_address: str, interface: str) -> None:
+    if bool(service_address) != bool(interface):
+        raise InvalidArgument("a service address needs its interface and the reverse "
+                              "(--service-address CIDR --service-interface IF)")
+    if service_address:
+        parse_address(service_address)

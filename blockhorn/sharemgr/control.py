@@ -122,7 +122,9 @@ class ShareControl:
                           clients=allow_list(options), squash=options["squash"],
                           mkfs_options=options["mkfs_options"], lease_s=options["lease_s"],
                           grace_s=options["grace_s"],
-                          minor_versions=options.get("minor_versions") or MINOR_VERSIONS)
+                          minor_versions=options.get("minor_versions") or MINOR_VERSIONS,
+                          service_address=options.get("service_address") or "",
+                          interface=options.get("interface") or "")
         cfg.validate()
         return cfg
 
@@ -214,6 +216,8 @@ class ShareControl:
         port = options.get("port") or self.store.ports(name).get("nfs")
         addresses = host_addresses()
         address = next((a for a in addresses if not a.startswith("127.")), addresses[0])
+        if options.get("service_address"):
+            address = options["service_address"].split("/")[0]
         if not attached:
             health = "detached"
         elif not up:
@@ -231,6 +235,8 @@ class ShareControl:
             "mkfs_options": options["mkfs_options"],
             "lease_s": options["lease_s"], "grace_s": options["grace_s"],
             "minor_versions": options.get("minor_versions") or MINOR_VERSIONS,
+            "service_address": options.get("service_address") or None,
+            "interface": options.get("interface") or None,
             "pid": rec.pid if up and rec else None, "restarts": restarts,
             "ganesha": {"pid": status.get("ganesha_pid"),
                         "restarts": status.get("ganesha_restarts", 0),

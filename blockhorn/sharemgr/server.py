@@ -1,7 +1,8 @@
 """The share manager process: `blockhorn share serve --config FILE`.
 
 Start-up, in order: prepare the device (see `device`), write ganesha.conf, stop a ganesha.nfsd
-that a killed predecessor left running, start Ganesha and wait until its NFS port accepts, then
+that a killed predecessor left running, add the service address (if the volume has one; see
+`address`; it is removed again at stop), start Ganesha and wait until its NFS port accepts, then
 report `serving` (status file, and `READY=1` to systemd).
 
 While serving, two tasks run in one nursery:
@@ -34,7 +35,7 @@ import trio
 from blockhorn.fsutil import atomic_write, atomic_write_json
 from blockhorn.manager.process import accepts, log_tail
 from blockhorn.sdnotify import notify
-from blockhorn.sharemgr import device, ganesha
+from blockhorn.sharemgr import address, device, ganesha
 from blockhorn.sharemgr.config import ShareConfig
 from blockhorn.types import BlockhornError
 
@@ -82,6 +83,10 @@ class ShareServer:
             self.publish(prepared=done)
             atomic_write(cfg.ganesha_conf, ganesha.render(cfg).encode(), mode=0o600)
             await trio.to_thread.run_sync(ganesha.kill_stale, cfg)
+            if cfg.service_address:
+                await trio.to_thread.run_sync(address.ensure, cfg.interface,
+                                              cfg.service_address)
+                log.info("service address %s on %s", cfg.service_address, cfg.interface)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._run_ganesha)
                 self.publish(state="serving", health="healthy", message=None)
@@ -96,6 +101,9 @@ class ShareServer:
             with trio.CancelScope(shield=True):
                 notify("STOPPING=1")
                 await self._stop_ganesha()
+                if cfg.service_address:
+                    await trio.to_thread.run_sync(address.remove, cfg.interface,
+                                                  cfg.service_address)
                 if self.stopping:
                     # A requested stop (detach) ends every client's state on purpose: forget
                     # the clients, so the next start has no grace period waiting for them.

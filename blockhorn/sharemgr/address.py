@@ -1,0 +1,74 @@
+"""The share's service address: a per-volume IP address that the share manager adds to a
+configured interface of the serving host while it serves, and that Ganesha binds to.
+
+Clients mount the service address, not the host: it is what would move to another host on
+failover (not implemented yet: today it lives and dies with the share manager on one host).
+pyroute2 is synchronous; these small idempotent functions run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+from blockhorn.types import BlockhornError, InvalidArgument
+
+
+def parse(cidr: str) -> tuple[str, int]:
+    """`10.0.0.50/24` -> ("10.0.0.50", 24); a bare address is a /32."""
+    try:
+        iface = ipaddress.ip_interface(cidr)
+    except ValueError:
+        raise InvalidArgument(f"bad service address {cidr!r}: use ADDRESS/PREFIX, "
+                              "e.g. 10.0.0.50/24") from None
+    if iface.version != 4:
+        raise InvalidArgument(f"service address {cidr!r}: only IPv4 is supported")
+    return str(iface.ip), iface.network.prefixlen
+
+
+def _index(ip: object, ifname: str) -> int:
+    found = ip.link_lookup(ifname=ifname)   # type: ignore[attr-defined]
+    if not found:
+        raise BlockhornError(f"interface {ifname!r} does not exist on this host: set the "
+                             "volume's service interface to one that does", errno.ENODEV)
+    return int(found[0])
+
+
+def present(ifname: str, cidr: str) -> bool:
+    from pyroute2 import IPRoute
+    address, _ = parse(cidr)
+    with IPRoute() as ip:
+        idx = _index(ip, ifname)
+        return any(a.get_attr("IFA_ADDRESS") == address for a in ip.get_addr(index=idx))
+
+
+def ensure(ifname: str, cidr: str) -> bool:
+    """Add `cidr` to `ifname` unless it is there; True when this call added it."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    address, prefix = parse(cidr)
+    with IPRoute() as ip:
+        idx = _index(ip, ifname)
+        try:
+            ip.addr("add", index=idx, address=address, prefixlen=prefix)
+        except NetlinkError as e:
+            if e.code == errno.EEXIST:
+                return False
+            raise BlockhornError(f"cannot add {cidr} to {ifname}: {e}", e.code) from None
+    return True
+
+
+def remove(ifname: str, cidr: str) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    address, prefix = parse(cidr)
+    with IPRoute() as ip:
+        try:
+            idx = _index(ip, ifname)
+            ip.addr("del", index=idx, address=address, prefixlen=prefix)
+        except NetlinkError as e:
+            if e.code != errno.EADDRNOTAVAIL:   # already gone: what we wanted
+                raise BlockhornError(f"cannot remove {cidr} from {ifname}: {e}",
+                                     e.code) from None
+        except BlockhornError:
+            pass   # the interface went away, and the address with it
