@@ -208,3 +208,23 @@ def test_daemon_attach_fuse_frontend(tmp_path) -> None:
         assert "detach and attach" in show["message"]
         env.cli("volume", "detach", "v")
         assert not is_mounted(env.home.fuse_dir("v"))
+
+
+def test_expand_grows_the_file_and_the_loop_device(fc: FuseCluster, loop: Attachment) -> None:
+    """`expand` through the control socket: the file grows; `losetup -c` grows the device."""
+    new = fc.size + 8 * MiB
+    fc.control().call({"op": "expand", "size": new})
+    wait_until(lambda: os.path.getsize(fc.image) == new, 10, "the file to grow")
+    subprocess.run(["losetup", "-c", loop.device], check=True)
+    size = subprocess.run(["blockdev", "--getsize64", loop.device], check=True,
+                          capture_output=True, text=True).stdout
+    assert int(size) == new
+    fd = os.open(loop.device, os.O_RDWR | os.O_DIRECT)
+    try:
+        data = os.urandom(MiB)
+        os.pwritev(fd, [aligned(data)], new - MiB)   # in the new part
+        buf = aligned(bytes(MiB))
+        os.preadv(fd, [buf], new - MiB)
+        assert bytes(buf) == data
+    finally:
+        os.close(fd)
