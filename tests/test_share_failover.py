@@ -1,0 +1,160 @@
+"""Share failover between two "hosts" (network namespaces): the host serving the share dies,
+another one starts the share manager on the same volume and takes over the service address;
+a client in a third namespace, reaching the service address over a bridge, resumes.
+
+The daemon is single-host, so this drives `blockhorn share serve` directly: both hosts see the
+same device (a loop device; on real hosts the new host attaches the volume first) and the same
+state directory (the recovery records: on real hosts they need shared storage, or clients get
+no reclaim after a failover). `ip netns exec` gives each host its own mount namespace too, so
+host A's mount dies with it and host B checks and mounts the filesystem itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from daemon_util import IS_ROOT, ROOT, wait_until
+from test_share_nfs import MISSING
+
+from blockhorn.sharemgr import device
+from blockhorn.sharemgr.config import ShareConfig
+
+pytestmark = pytest.mark.skipif(bool(MISSING) or not IS_ROOT,
+                                reason="needs root, NFS-Ganesha and libnfs-utils")
+
+NET = "10.77.0"
+SERVICE = f"{NET}.100/24"
+PORT = 20490
+HOSTS = {"bhfa": f"{NET}.1/24", "bhfb": f"{NET}.2/24", "bhfc": f"{NET}.3/24"}   # A, B, client
+BRIDGE = "bhfbr0"
+MiB = 1 << 20
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def hosts() -> Iterator[None]:
+    """Three namespaces, each with eth0 on one bridge in the root namespace."""
+    from pyroute2 import IPRoute, NetNS, netns
+    for ns in HOSTS:
+        if ns in netns.listnetns():
+            netns.remove(ns)
+    with IPRoute() as ip:
+        for link in (BRIDGE, *(f"{ns}-v" for ns in HOSTS)):
+            if ip.link_lookup(ifname=link):
+                ip.link("del", index=ip.link_lookup(ifname=link)[0])
+        ip.link("add", ifname=BRIDGE, kind="bridge")
+        br = ip.link_lookup(ifname=BRIDGE)[0]
+        ip.link("set", index=br, state="up")
+        for ns, cidr in HOSTS.items():
+            netns.create(ns)
+            ip.link("add", ifname=f"{ns}-v", kind="veth", peer="eth0tmp")
+            ip.link("set", index=ip.link_lookup(ifname=f"{ns}-v")[0], master=br, state="up")
+            ip.link("set", index=ip.link_lookup(ifname="eth0tmp")[0], net_ns_fd=ns)
+            with NetNS(ns) as nsip:
+                idx = nsip.link_lookup(ifname="eth0tmp")[0]
+                nsip.link("set", index=idx, ifname="eth0", state="up")
+                addr, prefix = cidr.split("/")
+                nsip.addr("add", index=idx, address=addr, prefixlen=int(prefix))
+                nsip.link("set", index=nsip.link_lookup(ifname="lo")[0], state="up")
+    try:
+        yield
+    finally:
+        for ns in HOSTS:
+            if ns in netns.listnetns():
+                netns.remove(ns)
+        with IPRoute() as ip:
+            for idx in ip.link_lookup(ifname=BRIDGE):
+                ip.link("del", index=idx)
+
+
+def serve(ns: str, config: str, log: str) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "blockhorn",
+                                 "share", "serve", "--config", config], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def status(cfg: ShareConfig) -> dict:   # type: ignore[type-arg]
+    try:
+        with open(cfg.status_file) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return {}
+
+
+def client_put(name: str, data: bytes, tmp: str) -> bool:
+    src = os.path.join(tmp, "src")
+    with open(src, "wb") as f:
+        f.write(data)
+    url = (f"nfs://{SERVICE.split('/')[0]}/vol/{name}?version=4&nfsport={PORT}"
+           "&uid=1000&gid=1000")
+    try:
+        return subprocess.run(["ip", "netns", "exec", "bhfc", "nfs-cp", src, url],
+                              capture_output=True, timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def test_failover_to_another_host_moves_service_address(hosts: None, tmp_path: object) -> None:
+    tmp = str(tmp_path)
+    backing = os.path.join(tmp, "volume.img")
+    with open(backing, "wb") as f:
+        f.truncate(64 * MiB)
+    dev = subprocess.run(["losetup", "--find", "--show", backing], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    cfg = ShareConfig(volume="vol", device=dev, mount_dir=os.path.join(tmp, "export"),
+                      state_dir=os.path.join(tmp, "state"), port=PORT,
+                      clients=[{"cidr": HOSTS["bhfc"], "access": "rw"}],
+                      mkfs_options=["-E", "root_owner=1000:1000"], minor_versions=[0, 1, 2],
+                      service_address=SERVICE, interface="eth0")
+    cfg.validate()
+    path = os.path.join(tmp, "share.json")
+    cfg.save(path)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(serve("bhfa", path, os.path.join(tmp, "a.log")))
+        wait_until(lambda: status(cfg).get("state") == "serving", 60, "host A serving")
+        assert client_put("before", b"written through host A", tmp)
+
+        # Host A dies: its share manager and Ganesha are gone at once, and its network with
+        # them (the namespace and so the service address on its eth0).
+        ganesha_a = status(cfg)["ganesha_pid"]
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        os.kill(ganesha_a, signal.SIGKILL)
+        died = time.monotonic()
+        from pyroute2 import netns
+        netns.remove("bhfa")
+
+        procs.append(serve("bhfb", path, os.path.join(tmp, "b.log")))
+        wait_until(lambda: status(cfg).get("state") == "serving" and
+                   status(cfg).get("pid") == procs[1].pid, 60, "host B serving")
+        serving = time.monotonic() - died
+        wait_until(lambda: client_put("after", b"written through host B", tmp), 90,
+                   "a client write after the failover")
+        outage = time.monotonic() - died
+        print(f"\nfailover: host B serving after {serving:.1f} s, client writes again after "
+              f"{outage:.1f} s (grace {cfg.grace_s} s)")
+        assert serving < 20 and outage < 60
+        got = subprocess.run(["ip", "netns", "exec", "bhfc", "nfs-cat",
+                              f"nfs://{SERVICE.split('/')[0]}/vol/before?version=4&nfsport="
+                              f"{PORT}&uid=1000&gid=1000"], capture_output=True, timeout=20)
+        assert got.stdout == b"written through host A", got.stderr
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass   # host A, killed above
+            p.wait(30)
+        device.unmount(cfg.mount_dir)
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
