@@ -1,6 +1,7 @@
-"""Share failover between two "hosts" (network namespaces): the host serving the share dies,
-another one starts the share manager on the same volume and takes over the service address;
-a client in a third namespace, reaching the service address over a bridge, resumes.
+"""Shares across "hosts" (network namespaces on one bridge): clients on two hosts share files
+and a host outside the allow-list is refused; and failover: the host serving the share dies,
+another one starts the share manager on the same volume and takes over the service address,
+and a client, reaching the service address over the bridge, resumes.
 
 The daemon is single-host, so this drives `blockhorn share serve` directly: both hosts see the
 same device (a loop device; on real hosts the new host attaches the volume first) and the same
@@ -32,7 +33,9 @@ pytestmark = pytest.mark.skipif(bool(MISSING) or not IS_ROOT,
 NET = "10.77.0"
 SERVICE = f"{NET}.100/24"
 PORT = 20490
-HOSTS = {"bhfa": f"{NET}.1/24", "bhfb": f"{NET}.2/24", "bhfc": f"{NET}.3/24"}   # A, B, client
+# servers A and B, clients C and D, E outside the allow-list
+HOSTS = {"bhfa": f"{NET}.1/24", "bhfb": f"{NET}.2/24", "bhfc": f"{NET}.3/24",
+         "bhfd": f"{NET}.4/24", "bhfe": f"{NET}.5/24"}
 BRIDGE = "bhfbr0"
 MiB = 1 << 20
 
@@ -92,20 +95,29 @@ def status(cfg: ShareConfig) -> dict:   # type: ignore[type-arg]
         return {}
 
 
-def client_put(name: str, data: bytes, tmp: str) -> bool:
-    src = os.path.join(tmp, "src")
+def url(name: str) -> str:
+    return (f"nfs://{SERVICE.split('/')[0]}/vol/{name}?version=4&nfsport={PORT}"
+            "&uid=1000&gid=1000")
+
+
+def client(ns: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, timeout=20)
+
+
+def client_put(name: str, data: bytes, tmp: str, ns: str = "bhfc") -> bool:
+    src = os.path.join(tmp, f"src-{ns}")
     with open(src, "wb") as f:
         f.write(data)
-    url = (f"nfs://{SERVICE.split('/')[0]}/vol/{name}?version=4&nfsport={PORT}"
-           "&uid=1000&gid=1000")
     try:
-        return subprocess.run(["ip", "netns", "exec", "bhfc", "nfs-cp", src, url],
-                              capture_output=True, timeout=20).returncode == 0
+        return client(ns, "nfs-cp", src, url(name)).returncode == 0
     except subprocess.TimeoutExpired:
         return False
 
 
-def test_failover_to_another_host_moves_service_address(hosts: None, tmp_path: object) -> None:
+@pytest.fixture
+def volume(tmp_path: object) -> Iterator[tuple[ShareConfig, str]]:
+    """A 64 MiB loop device as the volume and a share config for it: (config, config path);
+    clients C and D allowed."""
     tmp = str(tmp_path)
     backing = os.path.join(tmp, "volume.img")
     with open(backing, "wb") as f:
@@ -114,12 +126,55 @@ def test_failover_to_another_host_moves_service_address(hosts: None, tmp_path: o
                          capture_output=True, text=True).stdout.strip()
     cfg = ShareConfig(volume="vol", device=dev, mount_dir=os.path.join(tmp, "export"),
                       state_dir=os.path.join(tmp, "state"), port=PORT,
-                      clients=[{"cidr": HOSTS["bhfc"], "access": "rw"}],
+                      clients=[{"cidr": HOSTS[ns].split("/")[0] + "/32", "access": "rw"}
+                               for ns in ("bhfc", "bhfd")],
                       mkfs_options=["-E", "root_owner=1000:1000"], minor_versions=[0, 1, 2],
                       service_address=SERVICE, interface="eth0")
     cfg.validate()
     path = os.path.join(tmp, "share.json")
     cfg.save(path)
+    try:
+        yield cfg, path
+    finally:
+        device.unmount(cfg.mount_dir)
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass   # killed by the test (a dead host)
+        p.wait(30)
+
+
+def test_clients_on_two_hosts_share_files_third_host_refused(
+        hosts: None, volume: tuple[ShareConfig, str], tmp_path: object) -> None:
+    cfg, path = volume
+    tmp = str(tmp_path)
+    procs = [serve("bhfa", path, os.path.join(tmp, "a.log"))]
+    try:
+        wait_until(lambda: status(cfg).get("state") == "serving", 60, "host A serving")
+        assert client_put("from-c", b"client C", tmp, "bhfc")
+        assert client_put("from-d", b"client D", tmp, "bhfd")
+        for ns in ("bhfc", "bhfd"):
+            listing = client(ns, "nfs-ls", url("")).stdout.decode()
+            assert "from-c" in listing and "from-d" in listing, listing
+        assert client("bhfc", "nfs-cat", url("from-d")).stdout == b"client D"
+        assert client("bhfd", "nfs-cat", url("from-c")).stdout == b"client C"
+        # Host E reaches the service address over the same bridge but is not on the list.
+        assert not client_put("from-e", b"client E", tmp, "bhfe")
+        refused = client("bhfe", "nfs-ls", url(""))
+        assert refused.returncode != 0 and b"from-c" not in refused.stdout
+    finally:
+        stop(procs)
+
+
+def test_failover_to_another_host_moves_service_address(
+        hosts: None, volume: tuple[ShareConfig, str], tmp_path: object) -> None:
+    cfg, path = volume
+    tmp = str(tmp_path)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         procs.append(serve("bhfa", path, os.path.join(tmp, "a.log")))
@@ -145,16 +200,7 @@ def test_failover_to_another_host_moves_service_address(hosts: None, tmp_path: o
         print(f"\nfailover: host B serving after {serving:.1f} s, client writes again after "
               f"{outage:.1f} s (grace {cfg.grace_s} s)")
         assert serving < 20 and outage < 60
-        got = subprocess.run(["ip", "netns", "exec", "bhfc", "nfs-cat",
-                              f"nfs://{SERVICE.split('/')[0]}/vol/before?version=4&nfsport="
-                              f"{PORT}&uid=1000&gid=1000"], capture_output=True, timeout=20)
+        got = client("bhfc", "nfs-cat", url("before"))
         assert got.stdout == b"written through host A", got.stderr
     finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass   # host A, killed above
-            p.wait(30)
-        device.unmount(cfg.mount_dir)
-        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        stop(procs)
