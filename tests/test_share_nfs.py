@@ -4,10 +4,12 @@ it. Each client command is its own NFSv4 client (own client id, own state).
 
 libnfs 4.0 (Debian 12) speaks NFSv4.0 only, and its NFSv4 WRITE cannot encode more than about
 2 KB ("ZDR error: Failed to encode COMPOUND4args"), while nfs-cp writes in one call: the files
-written here stay below that (CHUNK)."""
+written here stay below that (CHUNK). No libnfs-utils tool appends, so the append test drives
+libnfs itself through ctypes (Appender)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from ctypes import POINTER, c_char_p, c_int, c_uint64, c_void_p
 from typing import Any
 
 import psutil
@@ -98,6 +101,58 @@ def listing(share: dict[str, Any]) -> str:
     return proc.stdout
 
 
+class _Url(ctypes.Structure):
+    _fields_ = [("server", c_char_p), ("path", c_char_p), ("file", c_char_p)]
+
+
+class Appender:
+    """One NFS client holding a file open for appending: libnfs through ctypes, because no
+    libnfs-utils tool appends. Each record is one WRITE (below libnfs' 2 KB limit)."""
+
+    def __init__(self, url: str) -> None:
+        lib = ctypes.CDLL("libnfs.so.13")
+        lib.nfs_init_context.restype = c_void_p
+        lib.nfs_parse_url_full.restype = POINTER(_Url)
+        lib.nfs_parse_url_full.argtypes = [c_void_p, c_char_p]
+        lib.nfs_mount.argtypes = [c_void_p, c_char_p, c_char_p]
+        lib.nfs_open.argtypes = [c_void_p, c_char_p, c_int, POINTER(c_void_p)]
+        lib.nfs_write.argtypes = [c_void_p, c_void_p, c_uint64, c_char_p]
+        lib.nfs_fsync.argtypes = [c_void_p, c_void_p]
+        lib.nfs_close.argtypes = [c_void_p, c_void_p]
+        lib.nfs_destroy_context.argtypes = [c_void_p]
+        lib.nfs_get_error.argtypes = [c_void_p]
+        lib.nfs_get_error.restype = c_char_p
+        self.lib = lib
+        self.ctx = lib.nfs_init_context()
+        u = lib.nfs_parse_url_full(self.ctx, url.encode())
+        if not u:
+            raise OSError(self.error())
+        self._check(lib.nfs_mount(self.ctx, u.contents.server, u.contents.path))
+        self.fh = c_void_p()
+        self._check(lib.nfs_open(self.ctx, u.contents.file, os.O_WRONLY | os.O_APPEND,
+                                 ctypes.byref(self.fh)))
+
+    def error(self) -> str:
+        return (self.lib.nfs_get_error(self.ctx) or b"?").decode()
+
+    def _check(self, rc: int) -> int:
+        if rc < 0:
+            raise OSError(-rc, self.error())
+        return rc
+
+    def append(self, data: bytes) -> None:
+        n = self._check(self.lib.nfs_write(self.ctx, self.fh, len(data), data))
+        if n != len(data):
+            raise OSError(f"short write: {n} of {len(data)} bytes")
+
+    def fsync(self) -> None:
+        self._check(self.lib.nfs_fsync(self.ctx, self.fh))
+
+    def close(self) -> None:
+        self._check(self.lib.nfs_close(self.ctx, self.fh))
+        self.lib.nfs_destroy_context(self.ctx)
+
+
 def share_of(env: Env, name: str) -> dict[str, Any]:
     return dict(json.loads(env.cli("share", "show", name, "--json").stdout))
 
@@ -120,6 +175,37 @@ def test_rwx_two_clients_see_each_others_files(env: Env, tmp_path: object) -> No
     names = listing(share)
     assert "from-a.bin" in names and "from-b.bin" in names
     assert get(share, "from-a.bin") == a and get(share, "from-b.bin") == b
+
+    # One client appends records (fsync every 20) while another reads the file again and
+    # again: every read is a prefix of what is being written.
+    empty = os.path.join(tmp, "empty")
+    open(empty, "wb").close()
+    assert nfs("nfs-cp", empty, url(share, "log")).returncode == 0
+    records = b"".join(f"record {i:05d}\n".encode() for i in range(300))
+    appender = Appender(url(share, "log"))
+    done = threading.Event()
+
+    def write() -> None:
+        try:
+            for i in range(300):
+                appender.append(records[i * 13:(i + 1) * 13])
+                if i % 20 == 19:
+                    appender.fsync()
+            appender.fsync()
+        finally:
+            appender.close()
+            done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    partial = 0
+    while not done.is_set():
+        seen = get(share, "log")
+        assert records.startswith(seen), f"read {len(seen)} bytes that are no prefix"
+        partial += 0 < len(seen) < len(records)
+    t.join()
+    assert get(share, "log") == records
+    print(f"\nappend: {partial} reads saw a partial, consistent prefix")
 
     # root_squash: uid 0 is the anonymous user, which may not write in the owner's directory.
     assert put(share, "as-root.bin", b"x", tmp, uid=0).returncode != 0
