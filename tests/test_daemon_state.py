@@ -70,7 +70,7 @@ def test_store_duplicate_and_missing(tmp_path: object) -> None:
         with pytest.raises(NotFound):
             call()
     with pytest.raises(ValueError):
-        store.update_volume("v", size=1)
+        store.update_volume("v", name="w")   # the name is the key: never updated
 
 
 def test_store_delete_cascades(tmp_path: object) -> None:
