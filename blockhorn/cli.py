@@ -38,6 +38,15 @@ def _home_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
                         f"{DEFAULT_HOME}")
 
 
+def _serve_parser(cmds: Any, name: str, help: str, description: str, serve_help: str,
+                  serve_description: str) -> Parser:
+    """`blockhorn NAME serve`: the entry point of one kind of process the daemon starts."""
+    top = cmds.add_parser(name, help=help, description=description)
+    sub = top.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    sub.required = True
+    return sub.add_parser("serve", help=serve_help, description=serve_description)
+
+
 def build_parser() -> Parser:
     top = Parser(prog="blockhorn",
                  description="Replicated block storage: volumes served by an nbdkit engine that "
@@ -157,22 +166,16 @@ def build_parser() -> Parser:
                    help="log only to <home>/logs/daemon.log, not to stderr")
     _home_arg(p)
 
-    rep = cmds.add_parser("replica", help="replica server process",
-                          description="Run one replica server (the daemon and "
-                                      "blockhorn-replica@.service use this).")
-    rcmds = rep.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
-    rcmds.required = True
-    p = rcmds.add_parser("serve", help="serve one replica in the foreground",
-                         description="Serve one replica in the foreground.")
+    p = _serve_parser(cmds, "replica", "replica server process",
+                      "Run one replica server (the daemon and blockhorn-replica@.service use "
+                      "this).", "serve one replica in the foreground",
+                      "Serve one replica in the foreground.")
     p.add_argument("--config", required=True, metavar="FILE", help="replica config (JSON)")
 
-    eng = cmds.add_parser("engine", help="engine (nbdkit) process",
-                          description="Run one engine (the daemon and "
-                                      "blockhorn-engine@.service use this).")
-    ecmds = eng.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
-    ecmds.required = True
-    p = ecmds.add_parser("serve", help="exec nbdkit with the blockhorn plugin",
-                         description="Replace this process with nbdkit serving one volume.")
+    p = _serve_parser(cmds, "engine", "engine (nbdkit) process",
+                      "Run one engine (the daemon and blockhorn-engine@.service use this).",
+                      "exec nbdkit with the blockhorn plugin",
+                      "Replace this process with nbdkit serving one volume.")
     p.add_argument("--config", required=True, metavar="FILE", help="engine config (JSON)")
     p.add_argument("--socket", required=True, metavar="PATH", help="NBD unix socket to serve")
     p.add_argument("--port", type=int, metavar="PORT", help="also serve NBD on this TCP port")
@@ -181,16 +184,13 @@ def build_parser() -> Parser:
                         "nbdkit in the foreground exits when its parent does, so the daemon "
                         "starts engines this way to let them outlive it")
 
-    fuse = cmds.add_parser("fuse", help="FUSE frontend process",
-                           description="Run one engine inside a FUSE filesystem (the daemon "
-                                       "and blockhorn-fuse@.service use this).")
-    fcmds = fuse.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
-    fcmds.required = True
-    p = fcmds.add_parser("serve", help="serve one volume as DIR/volume in the foreground",
-                         description="Start the engine and mount a FUSE filesystem on DIR "
-                                     "holding one file, DIR/volume, the volume; put a loop "
-                                     "device on it with `losetup --find --show "
-                                     "--direct-io=on DIR/volume`.")
+    p = _serve_parser(cmds, "fuse", "FUSE frontend process",
+                      "Run one engine inside a FUSE filesystem (the daemon and "
+                      "blockhorn-fuse@.service use this).",
+                      "serve one volume as DIR/volume in the foreground",
+                      "Start the engine and mount a FUSE filesystem on DIR holding one file, "
+                      "DIR/volume, the volume; put a loop device on it with `losetup --find "
+                      "--show --direct-io=on DIR/volume`.")
     p.add_argument("--config", required=True, metavar="FILE", help="engine config (JSON)")
     p.add_argument("--mount", required=True, metavar="DIR", help="mount point")
     p.add_argument("--threads", type=int, default=None, metavar="N",
