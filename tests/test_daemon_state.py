@@ -70,7 +70,7 @@ def test_store_duplicate_and_missing(tmp_path: object) -> None:
         with pytest.raises(NotFound):
             call()
     with pytest.raises(ValueError):
-        store.update_volume("v", name="w")   # the name is the key: never updated
+        store.update_volume("v", replica_count=5)   # fixed at creation
 
 
 def test_store_delete_cascades(tmp_path: object) -> None:
