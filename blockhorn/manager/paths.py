@@ -8,6 +8,9 @@
     <home>/volumes/<vol>/          engine.json and <replica>.json process configs
     <home>/run/<vol>/              nbd.sock, control.sock, fuse/ (nbdfuse mount point)
     <home>/replicas/<vol>/<rep>/   replica data when no --disk was given
+    <home>/export/<vol>/           RWX: the volume's ext4, mounted while its share serves
+    <home>/volumes/<vol>/share.json, share/   RWX: share manager config; ganesha.conf,
+                                   ganesha.log, status.json, recovery/ (blockhorn.sharemgr)
 
 With `--disk PATH` a replica lives in `PATH/replicas/<vol>/<rep>/` instead.
 """

@@ -188,26 +188,31 @@ class ShareServer:
 
     async def _health_loop(self) -> None:
         while True:
+            await self._check_health()
             await trio.sleep(HEALTH_INTERVAL_S)
-            checks: dict[str, str] = {}
-            fs = None
-            try:
-                with trio.fail_after(CHECK_TIMEOUT_S):
-                    fs = await trio.to_thread.run_sync(self._check_storage, checks,
-                                                       abandon_on_cancel=True)
-            except trio.TooSlowError:
-                checks.setdefault("mount", f"no answer within {CHECK_TIMEOUT_S:.0f} s")
-            proc = self.proc
-            if proc is None or proc.returncode is not None:
-                checks["ganesha"] = "not running (being restarted)"
-            elif not await trio.to_thread.run_sync(accepts, self.probe_address):
-                checks["ganesha"] = f"does not accept connections on {self.probe_address}"
-            else:
-                checks["ganesha"] = "ok"
-            bad = sorted(k for k, v in checks.items() if not v.startswith("ok"))
-            # Ganesha alone down is being restarted (degraded); storage trouble is failed.
-            health = "healthy" if not bad else "degraded" if bad == ["ganesha"] else "failed"
-            self.publish(health=health, checks=checks, fs=fs)
+
+    async def _check_health(self) -> None:
+        """One pass of the checks (the first right after start-up, so `share show` has
+        them at once); the result goes to the status file."""
+        checks: dict[str, str] = {}
+        fs = None
+        try:
+            with trio.fail_after(CHECK_TIMEOUT_S):
+                fs = await trio.to_thread.run_sync(self._check_storage, checks,
+                                                   abandon_on_cancel=True)
+        except trio.TooSlowError:
+            checks.setdefault("mount", f"no answer within {CHECK_TIMEOUT_S:.0f} s")
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            checks["ganesha"] = "not running (being restarted)"
+        elif not await trio.to_thread.run_sync(accepts, self.probe_address):
+            checks["ganesha"] = f"does not accept connections on {self.probe_address}"
+        else:
+            checks["ganesha"] = "ok"
+        bad = sorted(k for k, v in checks.items() if not v.startswith("ok"))
+        # Ganesha alone down is being restarted (degraded); storage trouble is failed.
+        health = "healthy" if not bad else "degraded" if bad == ["ganesha"] else "failed"
+        self.publish(health=health, checks=checks, fs=fs)
 
     def _check_storage(self, checks: dict[str, str]) -> dict[str, int] | None:
         """Device, then mount (remounting rw when the filesystem went read-only)."""
