@@ -77,6 +77,7 @@ class ShareServer:
         os.makedirs(cfg.recovery_dir, mode=0o700, exist_ok=True)
         self.publish()
         try:
+            ganesha.argv(cfg)   # Ganesha missing: say so before the device is formatted
             done = await trio.to_thread.run_sync(device.prepare, cfg.device, cfg.mount_dir,
                                                  cfg.mkfs_options)
             log.info("%s on %s: %s", cfg.device, cfg.mount_dir, ", ".join(done))
