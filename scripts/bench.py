@@ -5,6 +5,8 @@ the same disk; (p) nbdkit Python plugin doing plain pread/pwrite on a file (the 
 Python plugin); (c) blockhorn 1 replica; (d) blockhorn 3 replicas (tcp); (e) 3 replicas (unix);
 (f) 3 replicas (tcp) through nbdfuse + loop device and (g) through the pyfuse3 frontend + loop
 device, both with fio libaio O_DIRECT on the loop device (root only).
+As root with NFS-Ganesha and libnfs-utils: sequential read of one file through an RWX share
+(nfs-cat, NFSv4.0) against the same ext4 read locally, cold caches (--no-nfs skips it).
 Each target's data area is prefilled with one sequential 1 MiB pass, then every job runs
 time_based and stonewalled. Results go to stdout and to bench-results/ as JSON and text.
 """
@@ -280,6 +282,52 @@ def render(results: dict[str, dict[str, float]], labels: dict[str, str]) -> tupl
     return "\n".join(lines), {"ratios": ratios, "floors": floors, "fuse_vs_nbdfuse": fuse}
 
 
+def bench_nfs(work: str, size: int) -> dict[str, float]:
+    """Sequential read of one `size` file through Ganesha (nfs-cat) and locally from the same
+    ext4, both with cold page caches; bytes/s. Writes are not measured: libnfs 4.0, the NFS
+    client here, cannot encode an NFSv4 WRITE over about 2 KB."""
+    home = os.path.join(work, "nfs")
+    bh = [sys.executable, "-m", "blockhorn", "--home", home]
+
+    def run(*argv: str) -> str:
+        return subprocess.run([*bh, *argv], check=True, capture_output=True, text=True,
+                              cwd=ROOT).stdout
+
+    def cold() -> None:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+
+    try:
+        run("volume", "create", "nfsbench", "--size", str(size + (128 << 20)), "--replicas", "1",
+            "--access", "rwx", "--nfs-minor-versions", "0,1,2")
+        run("volume", "attach", "nfsbench")
+        share = json.loads(run("share", "show", "nfsbench", "--json"))
+        path = os.path.join(share["mount_dir"], "seq")
+        chunk = os.urandom(1 << 20)
+        with open(path, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(chunk)
+            os.fsync(f.fileno())
+        cold()
+        t0 = time.monotonic()
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+        local = size / (time.monotonic() - t0)
+        cold()
+        t0 = time.monotonic()
+        subprocess.run(["nfs-cat", f"nfs://127.0.0.1/nfsbench/seq?version=4&nfsport={share['port']}"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        nfs = size / (time.monotonic() - t0)
+        return {"local_read": local, "nfs_read": nfs}
+    except subprocess.CalledProcessError as e:
+        raise BenchError(f"NFS bench: {' '.join(map(str, e.cmd))}: {e.stderr}") from None
+    finally:
+        subprocess.run([*bh, "volume", "rm", "--force", "nfsbench"], capture_output=True, cwd=ROOT)
+        subprocess.run([*bh, "daemon", "stop"], capture_output=True, cwd=ROOT)
+
+
 def on_sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # unwind the finally blocks: stop every process, remove the work dir
 
@@ -292,6 +340,7 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where the temporary work dir goes (default /var/tmp)")
     ap.add_argument("--only", default=",".join(k for k in TARGETS if k not in "fg" or os.geteuid() == 0),
                     help=f"comma-separated targets from {','.join(TARGETS)} (default: all; f and g only as root)")
+    ap.add_argument("--no-nfs", action="store_true", help="skip the NFS read through an RWX share")
     args = ap.parse_args()
     keys = [k.strip() for k in args.only.split(",") if k.strip()]
     if not keys or set(keys) - set(TARGETS):
@@ -319,6 +368,12 @@ def main() -> int:
             labels[key] = label
             shutil.rmtree(tdir, ignore_errors=True)
             print(f"done in {time.monotonic() - t0:.0f} s", flush=True)
+        nfs: dict[str, float] = {}
+        if not args.no_nfs and os.geteuid() == 0 and shutil.which("ganesha.nfsd") and \
+                shutil.which("nfs-cat"):
+            print("  (n) NFS sequential read through an RWX share ...", end=" ", flush=True)
+            nfs = bench_nfs(work, size)
+            print("done", flush=True)
     except (BenchError, OSError) as e:
         print(f"\nbench: error: {e}", file=sys.stderr)
         return 1
@@ -330,6 +385,13 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     text, extra = render(results, labels)
+    if nfs:
+        text += (f"\n\nNFS sequential read, one file, cold caches: through Ganesha (nfs-cat, "
+                 f"NFSv4.0) {nfs['nfs_read'] / 1e6:.0f} MB/s, the same ext4 locally "
+                 f"{nfs['local_read'] / 1e6:.0f} MB/s: {100 * nfs['nfs_read'] / nfs['local_read']:.0f} % "
+                 "(target >= 50 %). NFS writes are not measured: libnfs 4.0 cannot send an "
+                 "NFSv4 WRITE over about 2 KB.")
+        extra["nfs"] = nfs
     print("\n" + text)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     outdir = os.path.join(ROOT, "bench-results")
