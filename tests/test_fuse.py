@@ -203,8 +203,12 @@ def test_daemon_attach_fuse_frontend(tmp_path) -> None:
             assert f.read(MiB) == data
         # The FUSE process is the engine: killed, it is restarted and the device reported.
         os.kill(env.show("v")["engine"]["pid"], signal.SIGKILL)
-        show = wait_until(lambda: (lambda s: s if "engine restarted" in (s["message"] or "")
-                                   else None)(env.show("v")), 30, "engine restart")
+        try:
+            show = wait_until(lambda: (lambda s: s if "engine restarted" in (s["message"] or "")
+                                       else None)(env.show("v")), 30, "engine restart")
+        except AssertionError:
+            with open(env.home.log("v-engine.log")) as f:
+                raise AssertionError(f"{env.show('v')['message']}\n{f.read()[-2000:]}") from None
         assert "detach and attach" in show["message"]
         env.cli("volume", "detach", "v")
         assert not is_mounted(env.home.fuse_dir("v"))

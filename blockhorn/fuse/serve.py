@@ -69,23 +69,48 @@ def main(config_path: str, mountpoint: str, threads: int = FUSE_THREADS,
             raise BlockhornError(f"cannot mount FUSE on {mountpoint}: {e} (is /dev/fuse "
                                  "there, and are we root?)", errno.EIO) from None
         stack.callback(pyfuse3.close, unmount=True)
+        stop = _StopRequest()
+        for sig in STOP_SIGNALS:   # before the control socket: from then on we look ready
+            signal.signal(sig, stop.handler)
         control = ControlServer(engine, cfg.control_socket)
         control.start()
         stack.callback(control.stop)
         log.info("volume %s (%d bytes) mounted at %s", cfg.volume, engine.size, mountpoint)
-        # Inside trio.run the signal receiver handles these; it restores the handlers it found
-        # when it exits, and a second SIGTERM (the daemon's, right after its unmount) must not
-        # kill the process in the middle of the final FLUSH below: ignored from then on.
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        trio.run(_serve, fs)
+        trio.run(_serve, fs, stop)
         log.info("volume %s: stopping", cfg.volume)
     return 0
 
 
-async def _serve(fs: VolumeFS) -> None:
+class _StopRequest:
+    """SIGTERM/SIGINT/SIGHUP -> `pyfuse3.terminate()` in the trio loop. A handler of our own
+    rather than `trio.open_signal_receiver`, because it must be in place before the loop runs
+    (a signal right after the control socket appeared would otherwise be lost or kill us) and
+    after it (the daemon's SIGTERM right after its unmount must not kill the final FLUSH)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.token: trio.lowlevel.TrioToken | None = None
+
+    def handler(self, signum: int, frame: object) -> None:
+        self.requested = True
+        if self.token is not None:
+            try:
+                self.token.run_sync_soon(_terminate, signum)   # safe from a signal handler
+            except trio.RunFinishedError:
+                pass   # the loop has ended: we are stopping already
+
+
+def _terminate(signum: int) -> None:
+    log.info("%s: stopping", signal.Signals(signum).name)
+    sdnotify.notify("STOPPING=1")
+    pyfuse3.terminate()
+
+
+async def _serve(fs: VolumeFS, stop: _StopRequest) -> None:
+    stop.token = trio.lowlevel.current_trio_token()
+    if stop.requested:   # arrived before the loop ran
+        _terminate(signal.SIGTERM)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal)
         nursery.start_soon(_follow_size, fs)
         sdnotify.notify("READY=1")
         await pyfuse3.main()   # returns after terminate() or when the mount is unmounted
@@ -104,12 +129,3 @@ async def _follow_size(fs: VolumeFS) -> None:
             log.info("volume grew to %d bytes", known)
             # Never from the loop thread itself: the kernel may wait for a FUSE reply.
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, IMAGE_INODE, True)
-
-
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-        async for signum in signals:
-            log.info("%s: stopping", signal.Signals(signum).name)
-            sdnotify.notify("STOPPING=1")
-            pyfuse3.terminate()
-            return
