@@ -366,6 +366,25 @@ class Engine:
                 return
             self.set_error(r, f"read failed: {os.strerror(status)}", client)
 
+    def pread_nowait(self, buf: Any, offset: int) -> bool:
+        """`pread` for a caller on an event loop (the FUSE frontend): served only from a local
+        single-layer replica's page cache (`RWF_NOWAIT`), so it never blocks; False when that
+        cannot be done (no local replica, a snapshot chain, data not cached, a short read, an
+        error): then call `pread`, which handles every one of those."""
+        readers = self._readers
+        local = readers[0].local if readers else None
+        view = memoryview(buf).cast("B")
+        if local is None or len(local.fds) != 1 or offset < 0 or offset + len(view) > self.size:
+            return False
+        try:
+            if os.preadv(local.head, [view], offset, os.RWF_NOWAIT) != len(view):
+                return False
+        except OSError:
+            return False   # EAGAIN: not in the page cache; anything else: `pread` meets it
+        self.counters["reads"] += 1
+        self.counters["read_bytes"] += len(view)
+        return True
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Data ranges in [offset, offset+length) as (start, length), from one RW replica."""
         for r in list(self._readers):
