@@ -83,6 +83,26 @@ def test_volume_file_unaligned_io_reaches_every_replica(fc: FuseCluster) -> None
     assert_replicas_identical(fc)
 
 
+def test_reads_not_in_the_page_cache_take_the_blocking_path(fc: FuseCluster) -> None:
+    """Reads are served inline only from the page cache (RWF_NOWAIT); evicted data comes
+    through the engine's blocking `pread` in a worker thread, with the same bytes."""
+    data = os.urandom(256 << 10)
+    fd = os.open(fc.image, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 4 * MiB)
+        os.fsync(fd)   # clean pages can be evicted
+        for r in fc.reps:
+            head = os.open(os.path.join(r.cfg.directory, "volume-head-000.img"), os.O_RDONLY)
+            os.posix_fadvise(head, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(head)
+        before = fc.status()["counters"]["reads"]
+        assert os.pread(fd, len(data), 4 * MiB) == data
+        assert fc.status()["counters"]["reads"] > before
+        assert os.pread(fd, len(data), 4 * MiB) == data   # now cached: the inline path
+    finally:
+        os.close(fd)
+
+
 def test_loop_o_direct_and_unaligned_io(fc: FuseCluster, loop: Attachment) -> None:
     direct = [(0, os.urandom(4096)), (5 * 4096, os.urandom(64 << 10)),
               (3 * MiB, os.urandom(MiB + 4096))]
