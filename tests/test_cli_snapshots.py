@@ -144,3 +144,15 @@ def test_tree_of_twelve_snapshots_on_four_branches_every_one_checked(env: Env) -
         assert read(uri, 8 * MiB)[:8 * MiB] == data, name
         env.cli("volume", "detach", "t")
         identical()
+
+
+def test_online_expand_resizes_the_fuse_frontends_block_device(env: Env) -> None:
+    import subprocess
+
+    env.cli("volume", "create", "x", "--size", "16MiB", "--replicas", "2")
+    dev = env.cli("volume", "attach", "x", "--frontend", "fuse").stdout.strip()
+    size = lambda: int(subprocess.check_output(["blockdev", "--getsize64", dev]))  # noqa: E731
+    assert size() == 16 * MiB
+    env.cli("volume", "expand", "x", "--size", "48MiB")
+    assert size() == 48 * MiB
+    env.cli("volume", "detach", "x")

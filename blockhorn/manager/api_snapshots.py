@@ -60,7 +60,8 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
             raise InvalidArgument("expand needs a size")
         size = await run(locked, request.path_params["name"], snaps.expand, data["size"],
                          volumes.write_configs)
-        return {"size": size, "note": "NBD clients see the new size after they reconnect"}
+        return {"size": size, "note": "a fuse-frontend device is resized online; NBD clients "
+                "(nbdfuse, nbd-client) see the new size after they reconnect"}
 
     @endpoint
     async def clone(request: Request) -> Any:

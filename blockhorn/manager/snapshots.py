@@ -129,6 +129,10 @@ class SnapshotManager:
         self.store.update_volume(name, size=new)
         write_configs(name)
         log.info("volume %s expanded to %d bytes", name, new)
+        if eng is not None and vol.attachment:
+            from blockhorn.nbd.attach import Attachment, refresh_size
+            if refresh_size(Attachment.from_dict(vol.attachment), new):
+                log.info("device of %s resized online", name)
         return new
 
     def clone_into(self, source: str, snap: str, target: str,

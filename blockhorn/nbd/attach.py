@@ -191,6 +191,19 @@ def _attach_nbd(uri: str) -> Attachment:
     raise BlockhornError("no free /dev/nbd device", errno.EBUSY)
 
 
+def refresh_size(att: Attachment, size: int, timeout: float = 10.0) -> bool:
+    """After an online expand: make the block device show `size`. The fuse frontend's file
+    grows by itself; the loop device on it re-reads its size with `losetup -c`. nbdfuse and
+    nbd-client read the size only when they connect: False (detach and attach)."""
+    if att.frontend != "fuse" or not att.device:
+        return False
+    from blockhorn.fuse import IMAGE  # (pyfuse3 is imported only by the fuse frontend)
+    image = os.path.join(att.fuse_dir, IMAGE)
+    wait_for(lambda: os.stat(image).st_size >= size, f"{image} to grow", timeout)
+    _run([require("losetup"), "-c", att.device])
+    return True
+
+
 def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
     cleanup_stale_mount(fuse_dir)
     os.makedirs(fuse_dir, exist_ok=True)
