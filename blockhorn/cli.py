@@ -74,9 +74,10 @@ def build_parser() -> Parser:
                    help="number of replicas (default 3)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH", dest="disks",
                    help="directory for one replica; repeat it, one per replica")
-    p.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
-                   help="engine-to-replica transport: tcp on 127.0.0.1 (default) or unix "
-                        "sockets under the home")
+    p.add_argument("--transport", choices=("auto", "tcp", "unix"), default="auto",
+                   help="engine-to-replica transport: unix sockets under the home (faster on "
+                        "one host), tcp on 127.0.0.1, or auto (default: unix unless a socket "
+                        "path would be too long)")
     p.add_argument("--access", choices=("rwo", "rwx"), default="rwo",
                    help="rwo: one host uses the block device (default); rwx: attaching it "
                         "exports an ext4 filesystem on it over NFSv4 (see `share show`)")

@@ -123,7 +123,7 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
             raise InvalidArgument("a volume needs a name and a size")
         result = await run(volumes.create, str(data["name"]), data["size"],
                            replicas=data.get("replicas", 3), disks=data.get("disks") or [],
-                           transport=data.get("transport", "tcp"),
+                           transport=data.get("transport", "auto"),
                            access=data.get("access", "rwo"), share=data.get("share"))
         return JSONResponse(result, status_code=201)
 

@@ -74,7 +74,7 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
         src = volumes.store.volume(source)
         size = data.get("size") or src.size
         await run(volumes.create, name, size, replicas=data.get("replicas", 3),
-                  disks=data.get("disks") or [], transport=data.get("transport", "tcp"))
+                  disks=data.get("disks") or [], transport=data.get("transport", "auto"))
 
         def progress(done: int, total: int) -> None:
             volumes.store.update_volume(name, message=f"cloning from {source}/{snap}: "

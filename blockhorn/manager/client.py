@@ -92,7 +92,7 @@ class Client:
     # --- volumes ---------------------------------------------------------------------------
 
     def create(self, name: str, size: int | str, replicas: int = 3,
-               disks: list[str] | None = None, transport: str = "tcp", access: str = "rwo",
+               disks: list[str] | None = None, transport: str = "auto", access: str = "rwo",
                share: dict[str, Any] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "size": size, "replicas": replicas,
                                 "disks": disks or [], "transport": transport, "access": access}
