@@ -9,7 +9,7 @@ PY       := $(VENV)/bin/python
 APT_PKGS := nfs-ganesha nfs-ganesha-vfs libnfs-utils \
             nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
             e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc \
-            libfuse3-dev pkg-config gcc
+            libfuse3-dev pkg-config gcc mount iproute2
 STAMP    := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test bench lint clean
