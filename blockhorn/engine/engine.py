@@ -16,11 +16,13 @@ Invariants (docs/DURABILITY.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -385,19 +387,6 @@ class Engine:
         self.counters["read_bytes"] += len(view)
         return True
 
-    def extents(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Data ranges in [offset, offset+length) as (start, length), from one RW replica."""
-        for r in list(self._readers):
-            if r.client is None:
-                continue
-            try:
-                reply = r.client.control({"op": "extents", "offset": offset, "length": length},
-                                         timeout=self.cfg.timeout_s)
-                return [(int(s), int(n)) for s, n in reply["extents"]]
-            except BlockhornError as e:
-                self.set_error(r, f"extents failed: {e}")
-        raise ReplicaUnavailable(f"volume {self.cfg.volume}: no RW replica answers")
-
     # --- rebuild -----------------------------------------------------------------------------
 
     def rebuild(self, name: str) -> None:
@@ -427,20 +416,16 @@ class Engine:
 
     # --- snapshots and expansion -------------------------------------------------------------
 
-    def _maintenance(self) -> Any:
+    @contextlib.contextmanager
+    def _maintenance(self) -> Iterator[None]:
         """The maintenance lock, or a clear EBUSY after a short wait (a rebuild holds it)."""
-        engine = self
-
-        class _Guard:
-            def __enter__(self) -> None:
-                if not engine.maint_lock.acquire(timeout=MAINT_WAIT_S):
-                    raise Busy(f"volume {engine.cfg.volume} is busy (a rebuild, purge or "
-                               "snapshot is running): try again when it has finished")
-
-            def __exit__(self, *exc: object) -> None:
-                engine.maint_lock.release()
-
-        return _Guard()
+        if not self.maint_lock.acquire(timeout=MAINT_WAIT_S):
+            raise Busy(f"volume {self.cfg.volume} is busy (a rebuild, purge or snapshot is "
+                       "running): try again when it has finished")
+        try:
+            yield
+        finally:
+            self.maint_lock.release()
 
     def _everywhere(self, req: dict[str, Any], include_wo: bool = False) -> list[str]:
         """Send one control request to every RW (and WO) replica in the global order; replicas
