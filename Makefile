@@ -1,7 +1,8 @@
 # blockhorn — `make demo`, `make test`, `make bench` each run `make setup` first.
 # setup is idempotent: apt packages are installed only when missing (one apt-get update),
 # the venv is built with Debian's python3 (the interpreter nbdkit embeds) so the plugin and
-# the CLI share one set of dependencies. libfuse3-dev, pkg-config and gcc build pyfuse3 (an sdist).
+# the CLI share one set of dependencies. libfuse3-dev, pkg-config, gcc and patch build pyfuse3
+# from its sdist plus patches/pyfuse3-fallocate.patch (scripts/setup.sh).
 
 PY_SYS   := /usr/bin/python3
 VENV     := .venv
@@ -9,14 +10,14 @@ PY       := $(VENV)/bin/python
 APT_PKGS := nfs-ganesha nfs-ganesha-vfs libnfs-utils \
             nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
             e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc \
-            libfuse3-dev pkg-config gcc mount iproute2
+            libfuse3-dev pkg-config gcc patch mount iproute2 etcd-server etcd-client
 STAMP    := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh
+$(STAMP): pyproject.toml scripts/setup.sh patches/pyfuse3-fallocate.patch
 	APT_PKGS="$(APT_PKGS)" PY_SYS="$(PY_SYS)" VENV="$(VENV)" bash scripts/setup.sh
 	touch $(STAMP)
 
