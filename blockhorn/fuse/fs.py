@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -28,6 +29,7 @@ from pyfuse3 import (
 )
 
 from blockhorn.engine.engine import Engine
+from blockhorn.fsutil import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from blockhorn.fuse import IMAGE
 from blockhorn.fuse.workers import Workers
 from blockhorn.types import BlockhornError
@@ -37,6 +39,10 @@ IMAGE_INODE = InodeT(ROOT + 1)
 IMAGE_NAME = IMAGE.encode()
 ATTR_TIMEOUT_S = 3600.0   # seconds the kernel may cache attributes: they never change
 BLOCK = 4096              # bytes; st_blksize and statfs block size
+# bytes per engine call of a fallocate: a replica zeroes by writing zeros (ZERO_RANGE, and
+# TRIM over snapshot data) and must answer within the replica timeout (8 s), so a whole-device
+# discard is not one request.
+FALLOCATE_CHUNK = 64 << 20
 
 
 class VolumeFS(pyfuse3.Operations):
@@ -141,3 +147,37 @@ class VolumeFS(pyfuse3.Operations):
 
     async def release(self, fh: FileHandleT) -> None:
         return None
+
+    # --- space ---------------------------------------------------------------------------
+
+    async def fallocate(self, fh: FileHandleT, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the image. Needs pyfuse3 built with patches/pyfuse3-fallocate.patch
+        (scripts/setup.sh); stock pyfuse3 never calls this. A loop device on the image sends
+        DISCARD as PUNCH_HOLE|KEEP_SIZE and WRITE_ZEROES as ZERO_RANGE (NOUNMAP) or
+        PUNCH_HOLE, so this is how TRIM reaches the replicas."""
+        size = self.engine.size
+        grows = offset + length > size and not mode & FALLOC_FL_KEEP_SIZE
+        end = min(offset + length, size)   # KEEP_SIZE past the end: only the part inside
+        if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+            # Reads as zeros afterwards; the replicas free whole blocks (DURABILITY.md).
+            op: Callable[[int, int], None] = self.engine.trim
+        elif mode & ~FALLOC_FL_KEEP_SIZE == FALLOC_FL_ZERO_RANGE:
+            # Reads as zeros; the replicas write zeros (the caller asked not to unmap).
+            op = self.engine.zero
+        elif mode & ~FALLOC_FL_KEEP_SIZE == 0:
+            # Preallocation: the volume is thin-provisioned (replicas allocate on write), so
+            # there is nothing to reserve, and this cannot promise what fallocate(2) does: a
+            # later write may still fail with ENOSPC when a replica's disk is full.
+            if grows:
+                raise FUSEError(errno.EFBIG)
+            return
+        else:
+            # COLLAPSE/INSERT/UNSHARE_RANGE, WRITE_ZEROES, PUNCH_HOLE without KEEP_SIZE:
+            # nothing the volume can do (its size is fixed).
+            raise FUSEError(errno.EOPNOTSUPP)
+        if grows:
+            raise FUSEError(errno.EFBIG)   # the size is the volume's (as for truncate)
+        while offset < end:   # one bounded engine call at a time: see FALLOCATE_CHUNK
+            n = min(end - offset, FALLOCATE_CHUNK)
+            await self._call(op, offset, n)
+            offset += n
