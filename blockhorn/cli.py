@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
 from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
 from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
@@ -157,6 +158,7 @@ def build_parser() -> Parser:
                          description="Format/check and mount the device, run NFS-Ganesha, "
                                      "restart it when it dies, check health.")
     p.add_argument("--config", required=True, metavar="FILE", help="share config (JSON)")
+    add_failover_parsers(scmds, _home_arg)
 
     p = cmds.add_parser("daemon", help="run (or stop) the blockhorn daemon",
                         description="Run the manager + node agent in the foreground (systemd "
@@ -358,6 +360,8 @@ def _share(args: argparse.Namespace, home: Home) -> int:
     if args.action == "serve":
         from blockhorn.sharemgr.server import main as share_main
         return share_main(args.config)
+    if args.action in FAILOVER_ACTIONS:
+        return run_failover(args, home)
     from blockhorn.manager.client import connect
     check_name(args.name)
     with connect(home) as c:

@@ -1,0 +1,231 @@
+"""A small etcd v3 client over etcd's HTTP/JSON gateway (grpc-gateway, etcd >= 3.4: `/v3/...`).
+
+Only what the failover agent needs: range (one key or a prefix), put, delete, a transaction,
+and leases (grant, one keepalive round, revoke). Keys and values are bytes on the wire in
+base64; 64-bit numbers come back as JSON strings. Every request has a bounded timeout, and with
+several endpoints (`http://a:2379,http://b:2379`) a request that cannot reach one tries the next.
+
+Errors: `EtcdUnavailable` when no endpoint answers (connection refused, timeout), `LeaseNotFound`
+when a lease has expired or was revoked, `EtcdError` for any other refusal by etcd.
+
+A watch would need the gateway's streaming endpoint; callers poll instead (`range` is cheap),
+which bounds how late they see a change by their poll interval.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from blockhorn.types import BlockhornError, InvalidArgument
+
+TIMEOUT_S = 2.0         # seconds per request (connect, read, write)
+GRPC_NOT_FOUND = 5      # gRPC status code in the gateway's error body
+
+
+class EtcdError(BlockhornError):
+    errno = errno.EIO
+
+
+class EtcdUnavailable(EtcdError):
+    errno = errno.EHOSTUNREACH
+
+
+class LeaseNotFound(EtcdError):
+    errno = errno.ENOENT
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+    @classmethod
+    def from_json(cls, kv: dict[str, Any]) -> KeyValue:
+        return cls(_dec(kv.get("key")), _dec(kv.get("value")),
+                   int(kv.get("create_revision", 0)), int(kv.get("mod_revision", 0)),
+                   int(kv.get("version", 0)), int(kv.get("lease", 0)))
+
+
+def _enc(data: bytes | str) -> str:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
+
+
+def _dec(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that selects every key starting with `prefix` (etcd's convention)."""
+    p = bytearray(prefix)
+    while p:
+        if p[-1] < 0xFF:
+            p[-1] += 1
+            return bytes(p)
+        p.pop()
+    return b"\0"
+
+
+def parse_endpoints(urls: str) -> list[str]:
+    """`http://10.0.0.1:2379,http://10.0.0.2:2379` -> a list; clear error for anything else."""
+    out = []
+    for url in (u.strip() for u in urls.split(",")):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidArgument(f"bad etcd URL {url!r}: use http://HOST:PORT "
+                                  "(comma-separated for several)")
+        try:
+            parts.port   # noqa: B018 (raises on a bad port)
+        except ValueError:
+            raise InvalidArgument(f"bad etcd URL {url!r}: bad port") from None
+        out.append(url.rstrip("/"))
+    if not out:
+        raise InvalidArgument("no etcd URL given")
+    return out
+
+
+# Transaction building blocks (the JSON the gateway takes).
+
+def cmp_create(key: bytes | str, revision: int) -> dict[str, Any]:
+    """Compare: the key's create_revision equals `revision` (0: the key does not exist)."""
+    return {"key": _enc(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": str(revision)}
+
+
+def op_put(key: bytes | str, value: bytes | str, lease: int = 0) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": _enc(key), "value": _enc(value)}
+    if lease:
+        body["lease"] = str(lease)
+    return {"request_put": body}
+
+
+def op_range(key: bytes | str) -> dict[str, Any]:
+    return {"request_range": {"key": _enc(key)}}
+
+
+def op_delete(key: bytes | str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": _enc(key)}}
+
+
+class Etcd:
+    """One client (a pooled HTTP connection per endpoint); thread-safe like httpx.Client."""
+
+    def __init__(self, urls: str | list[str], timeout: float = TIMEOUT_S) -> None:
+        self.endpoints = parse_endpoints(urls) if isinstance(urls, str) else list(urls)
+        self.timeout = timeout
+        self._http = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Etcd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        errors = []
+        for i, base in enumerate(self.endpoints):
+            try:
+                r = self._http.post(base + path, json=body)
+            except httpx.TransportError as e:
+                errors.append(f"{base}: {e or type(e).__name__}")
+                continue
+            try:
+                data = r.json()
+            except ValueError:
+                raise EtcdError(f"{base}{path}: HTTP {r.status_code}, not etcd's JSON "
+                                "(is this URL an etcd client URL?)") from None
+            if r.status_code != 200 or "error" in data:
+                message = data.get("message") or data.get("error") or f"HTTP {r.status_code}"
+                if data.get("code") == GRPC_NOT_FOUND and "lease" in message:
+                    raise LeaseNotFound(f"etcd: {message}")
+                raise EtcdError(f"etcd {base}{path}: {message}")
+            if i:   # this one answered: try it first next time
+                self.endpoints.insert(0, self.endpoints.pop(i))
+            return dict(data)
+        raise EtcdUnavailable(f"etcd is unreachable ({'; '.join(errors)}): is etcd running "
+                              f"and the URL right (--etcd)?")
+
+    # --- keys --------------------------------------------------------------------------------
+
+    def get(self, key: bytes | str) -> KeyValue | None:
+        kvs = self._call("/v3/kv/range", {"key": _enc(key)}).get("kvs") or []
+        return KeyValue.from_json(kvs[0]) if kvs else None
+
+    def get_prefix(self, prefix: bytes | str) -> list[KeyValue]:
+        p = prefix.encode() if isinstance(prefix, str) else prefix
+        data = self._call("/v3/kv/range", {"key": _enc(p), "range_end": _enc(prefix_end(p))})
+        return [KeyValue.from_json(kv) for kv in data.get("kvs") or []]
+
+    def put(self, key: bytes | str, value: bytes | str, lease: int = 0) -> int:
+        """Put; returns the store revision after it."""
+        data = self._call("/v3/kv/put", op_put(key, value, lease)["request_put"])
+        return int(data["header"]["revision"])
+
+    def delete(self, key: bytes | str, prefix: bool = False) -> int:
+        """Delete a key (or every key under a prefix); returns how many were deleted."""
+        body = {"key": _enc(key)}
+        if prefix:
+            body["range_end"] = _enc(prefix_end(key.encode() if isinstance(key, str) else key))
+        return int(self._call("/v3/kv/deleterange", body).get("deleted", 0))
+
+    def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+            failure: list[dict[str, Any]] | None = None) -> tuple[bool, list[dict[str, Any]]]:
+        """One transaction: (whether every compare held, the responses of the branch taken)."""
+        data = self._call("/v3/kv/txn", {"compare": compare, "success": success,
+                                         "failure": failure or []})
+        return bool(data.get("succeeded")), list(data.get("responses") or [])
+
+    def create(self, key: bytes | str, value: bytes | str,
+               lease: int = 0) -> tuple[bool, KeyValue | None]:
+        """Put `key` only if it does not exist. (True, the new key) or (False, the holder's
+        key; None if it vanished between the compare and the read)."""
+        won, responses = self.txn([cmp_create(key, 0)], [op_put(key, value, lease)],
+                                  [op_range(key)])
+        if won:
+            return True, self.get(key)
+        kvs = responses[0].get("response_range", {}).get("kvs") if responses else None
+        return False, KeyValue.from_json(kvs[0]) if kvs else None
+
+    # --- leases ------------------------------------------------------------------------------
+
+    def grant(self, ttl: int) -> tuple[int, int]:
+        """A new lease: (id, granted TTL in seconds)."""
+        data = self._call("/v3/lease/grant", {"TTL": str(ttl)})
+        return int(data["ID"]), int(data["TTL"])
+
+    def keepalive(self, lease: int) -> int:
+        """Renew `lease` once; its TTL from now. LeaseNotFound when it has expired."""
+        data = self._call("/v3/lease/keepalive", {"ID": str(lease)})
+        ttl = int(data.get("result", {}).get("TTL", 0))
+        if ttl <= 0:
+            raise LeaseNotFound(f"etcd lease {lease:x} has expired")
+        return ttl
+
+    def revoke(self, lease: int) -> None:
+        """Revoke `lease` (its keys are deleted); an expired lease is not an error."""
+        try:
+            self._call("/v3/lease/revoke", {"ID": str(lease)})
+        except LeaseNotFound:
+            pass   # expired already: its keys are gone, which is what revoking wanted
+
+    def revision(self) -> int:
+        """The current store revision (also a reachability check)."""
+        data = self._call("/v3/kv/range", {"key": _enc(b"\0"), "count_only": True})
+        return int(data["header"]["revision"])
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
