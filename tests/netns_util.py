@@ -30,6 +30,10 @@ def hosts_on_bridge(hosts: dict[str, str], bridge: str, bridge_cidr: str = "") -
     with IPRoute() as ip:
         ip.link("add", ifname=bridge, kind="bridge")
         br = ip.link_lookup(ifname=bridge)[0]
+        # A fixed MAC: by default a bridge takes the lowest MAC of its ports and changes it
+        # when that port goes (a host "dies"), and the other hosts' ARP entries for the
+        # bridge's own address then point nowhere for up to ~30 s.
+        ip.link("set", index=br, address="02:00:00:00:00:01")
         if bridge_cidr:
             addr, prefix = bridge_cidr.split("/")
             ip.addr("add", index=br, address=addr, prefixlen=int(prefix))
