@@ -1,0 +1,247 @@
+"""A failover "site" for tests and `make bench`: hosts as network namespaces on one bridge,
+etcd and three replica servers in the root namespace (the storage host, on the bridge's own
+address), a volume defined in etcd, and `blockhorn share agent` started on hosts on demand.
+
+Hosts A and B (namespaces bhxa, bhxb) run agents; C (bhxc) is the NFS client. libnfs 4.0 here
+speaks NFSv4.0 only and writes at most about 2 KB per call (see test_share_nfs): files written
+by `put` stay below CHUNK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psutil
+from daemon_util import ROOT, wait_until
+from harness import ReplicaProc, free_port
+from netns_util import hosts_on_bridge
+
+from blockhorn.cluster.agent import loops_on
+from blockhorn.cluster.etcd import Etcd, EtcdError
+from blockhorn.cluster.spec import recovery_key
+from blockhorn.config import ReplicaConfig
+from blockhorn.keys import ensure_key
+
+CHUNK = 1800        # bytes; the largest file nfs-cp (libnfs 4.0, NFSv4) can write
+NET = "10.78.0"
+STORAGE = f"{NET}.254"                # the bridge's address: etcd and the replicas
+SERVICE = f"{NET}.100/24"
+PORT = 20492
+HOSTS = {"bhxa": f"{NET}.1/24", "bhxb": f"{NET}.2/24", "bhxc": f"{NET}.3/24"}
+BRIDGE = "bhxbr0"
+VOLUME = "fvol"
+MiB = 1 << 20
+
+
+@dataclass
+class Site:
+    tmp: str
+    etcd_url: str
+    etcd: subprocess.Popen[bytes]
+    replicas: list[ReplicaProc]
+    agents: dict[str, subprocess.Popen[bytes]]
+
+    def home(self, host: str) -> str:
+        return os.path.join(self.tmp, host)
+
+    def agent_status(self, host: str) -> dict:   # type: ignore[type-arg]
+        try:
+            with open(os.path.join(self.home(host), "agent", VOLUME, "agent.json")) as f:
+                return dict(json.load(f))
+        except (OSError, ValueError):
+            return {}
+
+    def start_agent(self, host: str) -> None:
+        with open(os.path.join(self.tmp, f"agent-{host}.log"), "ab") as log:
+            self.agents[host] = subprocess.Popen(
+                ["ip", "netns", "exec", f"bhx{host}", sys.executable, "-m", "blockhorn",
+                 "--home", self.home(host), "share", "agent", VOLUME, "--etcd", self.etcd_url,
+                 "--host-id", f"host-{host}",
+                 "--key-file", os.path.join(self.tmp, "cluster.key")],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def serving(self, host: str) -> bool:
+        if self.agents[host].poll() is not None:
+            raise AssertionError(f"agent {host} exited: {self.log(host)}")
+        st = self.agent_status(host)
+        return st.get("role") == "owner" and st.get("state") == "serving"
+
+    def records(self) -> list[str]:
+        """Ganesha's client records (one directory per client) as copied to etcd."""
+        with Etcd(self.etcd_url) as e:
+            kv = e.get(recovery_key(VOLUME))
+        return [d for d in json.loads(kv.value)["dirs"] if "Libnfs" in d] if kv else []
+
+    def log(self, host: str) -> str:
+        with open(os.path.join(self.tmp, f"agent-{host}.log"), errors="replace") as f:
+            return f.read()[-3000:]
+
+    def kill_host(self, host: str) -> None:
+        """Everything host `host` runs dies at once, and its network with it."""
+        agent = self.agents[host]
+        procs = [psutil.Process(agent.pid)]
+        procs += procs[0].children(recursive=True)
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass   # exited meanwhile
+        psutil.wait_procs(procs, timeout=10)
+        agent.wait(10)
+        from pyroute2 import netns
+        netns.remove(f"bhx{host}")
+        self.release_loops(host)
+
+    def release_loops(self, host: str) -> None:
+        """The loop device of a dead host's FUSE file (the kernel keeps it, like a real host
+        would keep nothing: it is global state on this one machine)."""
+        for dev in loops_on(os.path.join(self.home(host), "agent", VOLUME, "fuse", "nbd")):
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def start_etcd(tmp: str) -> tuple[str, subprocess.Popen[bytes]]:
+    url = f"http://{STORAGE}:{free_port()}"
+    peer = f"http://127.0.0.1:{free_port()}"
+    with open(os.path.join(tmp, "etcd.log"), "ab") as log:
+        proc = subprocess.Popen(
+            ["etcd", "--name", "bhx", "--data-dir", os.path.join(tmp, "etcd"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"bhx={peer}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        try:
+            with Etcd(url, timeout=1.0) as e:
+                e.revision()
+            return True
+        except EtcdError:
+            assert proc.poll() is None, "etcd exited; see etcd.log"
+            return False
+    wait_until(up, 30, "etcd")
+    return url, proc
+
+
+@contextlib.contextmanager
+def failover_site(tmp: str) -> Iterator[Site]:
+    """Bridge + hosts, etcd, three replicas and the volume defined in etcd; at exit every
+    agent is stopped (SIGTERM, then SIGKILL) and everything else goes too."""
+    with hosts_on_bridge(HOSTS, BRIDGE, f"{STORAGE}/24"):
+        url, etcd = start_etcd(tmp)
+        key = ensure_key(os.path.join(tmp, "cluster.key"))
+        reps = []
+        s = Site(tmp, url, etcd, reps, {})
+        try:
+            for i in range(3):
+                name = f"{VOLUME}-r{i}"
+                cfg = ReplicaConfig(VOLUME, name, os.path.join(tmp, name), 64 * MiB,
+                                    f"{STORAGE}:{free_port()}", key)
+                path = os.path.join(tmp, f"{name}.json")
+                cfg.save(path)
+                rep = ReplicaProc(cfg, path, os.path.join(tmp, f"{name}.log"))
+                rep.start()
+                reps.append(rep)
+            spec = {"size": "64MiB", "replicas": [f"{r.cfg.name}={r.cfg.listen}" for r in reps],
+                    "nfs": {"clients": [HOSTS["bhxc"].split("/")[0] + "/32"], "port": PORT,
+                            "service_address": SERVICE, "interface": "eth0",
+                            "mkfs_options": ["-E", "root_owner=1000:1000"],
+                            "minor_versions": [0, 1, 2]}}
+            with open(os.path.join(tmp, "spec.json"), "w") as f:
+                json.dump(spec, f)
+            subprocess.run([sys.executable, "-m", "blockhorn", "share", "define", VOLUME,
+                            "--etcd", url, "--spec", os.path.join(tmp, "spec.json")],
+                           cwd=ROOT, check=True, capture_output=True)
+            yield s
+        finally:
+            for agent in s.agents.values():   # graceful: Ganesha, unmount, detach, engine
+                if agent.poll() is None:
+                    agent.send_signal(signal.SIGTERM)
+            for host, agent in s.agents.items():
+                try:
+                    agent.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(agent.pid, signal.SIGKILL)
+                    agent.wait(10)
+                s.release_loops(host)
+            for r in reps:
+                r.stop()
+            etcd.terminate()
+            etcd.wait(10)
+
+
+def url(name: str) -> str:
+    return (f"nfs://{SERVICE.split('/')[0]}/{VOLUME}/{name}?version=4&nfsport={PORT}"
+            "&uid=1000&gid=1000")
+
+
+def put(tmp: str, name: str, data: bytes) -> bool:
+    """One NFSv4 client on host C writes file `name`; True when nfs-cp reports success."""
+    src = os.path.join(tmp, "client-src")
+    with open(src, "wb") as f:
+        f.write(data)
+    try:
+        return subprocess.run(["ip", "netns", "exec", "bhxc", "nfs-cp", src, url(name)],
+                              capture_output=True, timeout=20).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def cat(name: str) -> bytes:
+    got = subprocess.run(["ip", "netns", "exec", "bhxc", "nfs-cat", url(name)],
+                         capture_output=True, timeout=20)
+    assert got.returncode == 0, got.stderr
+    return got.stdout
+
+
+def payload(i: int) -> bytes:
+    return hashlib.sha512(str(i).encode()).digest() * (CHUNK // 64)
+
+
+@dataclass
+class Failover:
+    serving_s: float       # host death -> the heir's share manager serves (Ganesha accepts)
+    write_s: float         # host death -> a client's write succeeds again (after NFS grace)
+    acked: dict[str, str]  # every file a client wrote successfully -> its sha256
+
+
+def write_acked(tmp: str, names: range, prefix: str, acked: dict[str, str]) -> None:
+    for i in names:
+        if not put(tmp, f"{prefix}-{i}", payload(i)):
+            raise AssertionError(f"client write {prefix}-{i} failed")
+        acked[f"{prefix}-{i}"] = hashlib.sha256(payload(i)).hexdigest()
+
+
+def run_failover(site: Site, clients: int = 5, timeout: float = 90.0) -> Failover:
+    """A serves and clients write; B stands by; A dies; measure until B serves and until a
+    client write succeeds again, then write a few more. Checksums are the caller's to check."""
+    site.start_agent("a")
+    wait_until(lambda: site.serving("a"), 60, "host A serving")
+    site.start_agent("b")
+    wait_until(lambda: site.agent_status("b").get("role") == "standby", 30, "host B standby")
+    acked: dict[str, str] = {}
+    write_acked(site.tmp, range(clients), "before", acked)
+    # A copies Ganesha's client records to etcd (within a second), so that B lets these
+    # clients reclaim their state: B keeps its grace period for them.
+    wait_until(lambda: len(site.records()) >= clients, 10, "host A's client records in etcd")
+
+    site.kill_host("a")
+    died = time.monotonic()
+    wait_until(lambda: site.serving("b"), timeout, "host B serving")
+    serving = time.monotonic() - died
+    while not put(site.tmp, "after-0", payload(0)):
+        if time.monotonic() - died > timeout:
+            raise AssertionError(f"no client write succeeded; {site.log('b')}")
+        time.sleep(0.5)
+    written = time.monotonic() - died
+    acked["after-0"] = hashlib.sha256(payload(0)).hexdigest()
+    write_acked(site.tmp, range(1, 4), "after", acked)
+    return Failover(serving, written, acked)
