@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 from daemon_util import IS_ROOT, ROOT, wait_until
+from netns_util import hosts_on_bridge
 from test_share_nfs import MISSING
 
 from blockhorn.sharemgr import device
@@ -46,38 +47,9 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture
 def hosts() -> Iterator[None]:
-    """Three namespaces, each with eth0 on one bridge in the root namespace."""
-    from pyroute2 import IPRoute, NetNS, netns
-    for ns in HOSTS:
-        if ns in netns.listnetns():
-            netns.remove(ns)
-    with IPRoute() as ip:
-        for link in (BRIDGE, *(f"{ns}-v" for ns in HOSTS)):
-            if ip.link_lookup(ifname=link):
-                ip.link("del", index=ip.link_lookup(ifname=link)[0])
-        ip.link("add", ifname=BRIDGE, kind="bridge")
-        br = ip.link_lookup(ifname=BRIDGE)[0]
-        ip.link("set", index=br, state="up")
-        for ns, cidr in HOSTS.items():
-            netns.create(ns)
-            ip.link("add", ifname=f"{ns}-v", kind="veth", peer="eth0tmp")
-            ip.link("set", index=ip.link_lookup(ifname=f"{ns}-v")[0], master=br, state="up")
-            ip.link("set", index=ip.link_lookup(ifname="eth0tmp")[0], net_ns_fd=ns)
-            with NetNS(ns) as nsip:
-                idx = nsip.link_lookup(ifname="eth0tmp")[0]
-                nsip.link("set", index=idx, ifname="eth0", state="up")
-                addr, prefix = cidr.split("/")
-                nsip.addr("add", index=idx, address=addr, prefixlen=int(prefix))
-                nsip.link("set", index=nsip.link_lookup(ifname="lo")[0], state="up")
-    try:
+    """The namespaces, each with eth0 on one bridge in the root namespace."""
+    with hosts_on_bridge(HOSTS, BRIDGE):
         yield
-    finally:
-        for ns in HOSTS:
-            if ns in netns.listnetns():
-                netns.remove(ns)
-        with IPRoute() as ip:
-            for idx in ip.link_lookup(ifname=BRIDGE):
-                ip.link("del", index=idx)
 
 
 def serve(ns: str, config: str, log: str) -> subprocess.Popen[bytes]:
