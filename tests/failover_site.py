@@ -108,8 +108,9 @@ class Site:
             subprocess.run(["losetup", "-d", dev], capture_output=True)
 
 
-def start_etcd(tmp: str) -> tuple[str, subprocess.Popen[bytes]]:
-    url = f"http://{STORAGE}:{free_port()}"
+def start_etcd(tmp: str, host: str = STORAGE) -> tuple[str, subprocess.Popen[bytes]]:
+    """A one-member etcd with its data under `tmp`, clients on `host`: (URL, process)."""
+    url = f"http://{host}:{free_port()}"
     peer = f"http://127.0.0.1:{free_port()}"
     with open(os.path.join(tmp, "etcd.log"), "ab") as log:
         proc = subprocess.Popen(
