@@ -41,12 +41,16 @@ class Call:
     """A request fanned out to `expected` replicas; the caller waits on `wait()`.
 
     Completion is counted with `itertools.count` (atomic under the GIL) and signalled by
-    releasing a lock that was taken at creation: the cheapest wake-up CPython offers."""
+    releasing a lock that was taken at creation: the cheapest wake-up CPython offers. A caller
+    that cannot block (an event loop) passes `on_done` instead, called once by the thread that
+    completes the call (it must be quick and must not raise)."""
 
-    __slots__ = ("expected", "results", "_done", "_lock", "dest")
+    __slots__ = ("expected", "results", "_done", "_lock", "dest", "on_done")
 
-    def __init__(self, expected: int, dest: memoryview | None = None) -> None:
+    def __init__(self, expected: int, dest: memoryview | None = None,
+                 on_done: Callable[[], None] | None = None) -> None:
         self.expected = expected
+        self.on_done = on_done
         self.results: dict[str, int] = {}     # replica name -> status (0 ok, else errno)
         self._done = itertools.count(1)
         self._lock = threading.Lock()
@@ -59,6 +63,8 @@ class Call:
         self.results[name] = status
         if next(self._done) == self.expected:
             self._lock.release()
+            if self.on_done is not None:
+                self.on_done()
 
     def wait(self, timeout: float) -> bool:
         return self._lock.acquire(timeout=timeout)
@@ -325,12 +331,21 @@ class ReplicaClient:
 
 class Receiver:
     """One thread receiving the replies of every replica connection of an engine (epoll).
-    One thread instead of one per replica: fewer wake-ups and less GIL contention."""
+    One thread instead of one per replica: fewer wake-ups and less GIL contention.
+
+    An event loop in the same process can take the receiving over (`hand_over`): it waits
+    for the epoll descriptor to be readable and calls `poll_once`, so replies complete calls
+    in the loop's own thread, with no thread switch at all; `take_back` gives it back."""
 
     def __init__(self) -> None:
         self.epoll = select.epoll()
         self.clients: dict[int, ReplicaClient] = {}
         self.lock = threading.Lock()
+        self._own = threading.Event()        # set: the thread receives
+        self._own.set()
+        self._parked = threading.Event()     # set: the thread waits for `_own`
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.epoll.register(self._wake_r, select.EPOLLIN)
         self.thread = threading.Thread(target=self._loop, name="receiver", daemon=True)
         self.thread.start()
 
@@ -347,18 +362,48 @@ class Receiver:
                 with contextlib.suppress(OSError):
                     self.epoll.unregister(fd)
 
+    def hand_over(self) -> None:
+        """From now on the caller receives (`poll_once`); returns once the thread is idle."""
+        self._parked.clear()
+        self._own.clear()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._parked.wait()
+
+    def take_back(self) -> None:
+        self._own.set()
+
+    def poll_once(self) -> None:
+        """Handle every reply that has arrived, without waiting (after `hand_over`)."""
+        self._dispatch(self.epoll.poll(0))
+
+    def _dispatch(self, events: list[tuple[int, int]]) -> None:
+        for fd, _ in events:
+            if fd == self._wake_r:
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 4096)
+                continue
+            client = self.clients.get(fd)
+            if client is not None:
+                client.on_readable()
+
     def _loop(self) -> None:
         while True:
+            if not self._own.is_set():
+                self._parked.set()
+                self._own.wait()
             try:
                 events = self.epoll.poll()
             except InterruptedError:
                 continue
             except (OSError, ValueError):
                 return  # epoll closed
-            for fd, _ in events:
-                client = self.clients.get(fd)
-                if client is not None:
-                    client.on_readable()
+            if self._own.is_set():
+                self._dispatch(events)
 
     def close(self) -> None:
+        self._own.set()
         self.epoll.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +52,18 @@ REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) t
 LOCAL_RETIRE_S = 60.0        # replaced local-read descriptors are closed after this long
 MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
 PURGE_WAIT_S = 3600.0        # purge(wait=True) gives up after this long
+
+
+_COUNTER: dict[int, str] = {Op.WRITE: "writes", Op.FLUSH: "flushes", Op.TRIM: "trims", Op.ZERO: "zeros"}
+
+
+@dataclass(slots=True)
+class Pending:
+    """A mutation sent to replicas and not yet settled (`Engine._send` / `_settle`)."""
+    op: int
+    length: int
+    call: Call
+    sent: list[tuple[ReplicaState, ReplicaClient | None]]
 
 
 @dataclass
@@ -254,21 +266,45 @@ class Engine:
     def _fan_out(self, op: int, offset: int, length: int, data: Any = None,
                  flags: int = 0) -> None:
         """Send one mutation to every RW/WO replica (in the global order) and wait for all."""
-        with self.order_lock:
+        pending = self._send(op, offset, length, data, flags)
+        assert pending is not None
+        self._settle(pending, pending.call.wait(self.cfg.timeout_s))
+
+    def _send(self, op: int, offset: int, length: int, data: Any = None, flags: int = 0,
+              on_done: Callable[[], None] | None = None,
+              may_block: bool = True) -> Pending | None:
+        """Queue one mutation to every RW/WO replica under the order lock, and send it.
+        `on_done` runs (in whichever thread completes the call) once every replica answered.
+        With `may_block` False, returns None instead of waiting: for the order lock (another
+        thread may hold it while it waits for replies the caller's thread receives), or for
+        a read (a partial-block write during a rebuild must be widened: see `_widen`)."""
+        if not self.order_lock.acquire(blocking=may_block):
+            return None
+        try:
             if self._rebuilding and op in (Op.WRITE, Op.TRIM, Op.ZERO) and (
                     offset % BLOCK_SIZE or length % BLOCK_SIZE):
+                if not may_block:
+                    return None
                 op, offset, length, data = self._widen(op, offset, length, data)
             targets = self._targets
             if len(self._readers) < self.cfg.min_rw:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
                                          f"{self.cfg.min_rw} RW replicas")
-            call = Call(len(targets))
+            call = Call(len(targets), on_done=on_done)
             sent = [(r, r.client) for r in targets]
             for _, client in sent:
                 client.enqueue(call, op, offset, length, data, flags)  # type: ignore[union-attr]
+        finally:
+            self.order_lock.release()
         for _, client in sent:
             client.pump()  # type: ignore[union-attr]
-        if not call.wait(self.cfg.timeout_s):
+        return Pending(op, length, call, sent)
+
+    def _settle(self, pending: Pending, answered: bool) -> None:
+        """After every replica answered (or `timeout_s` passed: `answered` False): replicas
+        that failed or stayed silent go ERR; raise unless `min_rw` RW replicas have it."""
+        op, call, sent = pending.op, pending.call, pending.sent
+        if not answered:
             for r, client in sent:
                 if r.ref.name not in call.results:
                     self.set_error(r, f"no answer within {self.cfg.timeout_s:g} s", client)
@@ -287,6 +323,27 @@ class Engine:
                 raise NoSpace("every replica is out of space")
             raise ReplicaUnavailable(f"volume {self.cfg.volume}: write reached only {ok_rw} RW "
                                      f"replicas, {self.cfg.min_rw} needed")
+        kind = _COUNTER[op]
+        self.counters[kind] += 1
+        if op == Op.WRITE:
+            self.counters["write_bytes"] += pending.length
+
+    # The same mutations for callers that must not block (the FUSE frontend's event loop):
+    # `*_begin` sends and returns a Pending, or None when only the blocking method will do;
+    # `on_done` is called from another thread once every replica answered; then `end` (in
+    # the caller's thread) settles the result exactly as the blocking methods do.
+
+    def pwrite_begin(self, buf: Any, offset: int, on_done: Callable[[], None],
+                     fua: bool = False) -> Pending | None:
+        self._check_range(offset, len(buf))
+        return self._send(Op.WRITE, offset, len(buf), buf, FLAG_FUA if fua else 0,
+                          on_done, may_block=False)
+
+    def flush_begin(self, on_done: Callable[[], None]) -> Pending | None:
+        return self._send(Op.FLUSH, 0, 0, None, 0, on_done, may_block=False)
+
+    def end(self, pending: Pending, answered: bool) -> None:
+        self._settle(pending, answered)
 
     def _widen(self, op: int, offset: int, length: int, data: Any) -> tuple[int, int, int, Any]:
         """Under the order lock, while a replica rebuilds: turn a partial-block mutation into a
@@ -312,23 +369,18 @@ class Engine:
     def pwrite(self, buf: Any, offset: int, fua: bool = False) -> None:
         self._check_range(offset, len(buf))
         self._fan_out(Op.WRITE, offset, len(buf), buf, FLAG_FUA if fua else 0)
-        self.counters["writes"] += 1
-        self.counters["write_bytes"] += len(buf)
 
     def flush(self) -> None:
         self._fan_out(Op.FLUSH, 0, 0)
-        self.counters["flushes"] += 1
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_range(offset, length)
         self._fan_out(Op.TRIM, offset, length, None, FLAG_FUA if fua else 0)
-        self.counters["trims"] += 1
 
     def zero(self, offset: int, length: int, may_trim: bool = False, fua: bool = False) -> None:
         self._check_range(offset, length)
         flags = (FLAG_MAY_TRIM if may_trim else 0) | (FLAG_FUA if fua else 0)
         self._fan_out(Op.ZERO, offset, length, None, flags)
-        self.counters["zeros"] += 1
 
     def pread(self, buf: Any, offset: int) -> None:
         view = memoryview(buf).cast("B")

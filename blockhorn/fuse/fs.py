@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
+import trio
 from pyfuse3 import (
     EntryAttributes,
     FileHandleT,
@@ -31,7 +32,7 @@ from pyfuse3 import (
 from blockhorn.engine.engine import Engine
 from blockhorn.fsutil import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from blockhorn.fuse import IMAGE
-from blockhorn.fuse.workers import Workers
+from blockhorn.fuse.workers import Waiter, Workers
 from blockhorn.types import BlockhornError
 
 ROOT = pyfuse3.ROOT_INODE
@@ -57,6 +58,24 @@ class VolumeFS(pyfuse3.Operations):
         """Run one blocking engine call in a worker thread; engine errors become errnos."""
         try:
             await self.workers.run(fn, *args)
+        except BlockhornError as e:
+            raise FUSEError(e.errno) from None
+
+    async def _mutate(self, begin: Any, blocking: Any, *args: Any) -> None:
+        """Send a mutation from this thread and sleep until the replicas answered; the
+        blocking variant, in a worker thread, when `begin` declines (a partial-block write
+        during a rebuild must read first)."""
+        waiter = Waiter()
+        try:
+            pending = begin(*args, on_done=waiter.done)
+            if pending is None:
+                await self._call(blocking, *args)
+                return
+            answered = False
+            with trio.move_on_after(self.engine.cfg.timeout_s):
+                await waiter.wait()
+                answered = True
+            self.engine.end(pending, answered)
         except BlockhornError as e:
             raise FUSEError(e.errno) from None
 
@@ -133,13 +152,13 @@ class VolumeFS(pyfuse3.Operations):
         return buf  # type: ignore[return-value]  # any buffer will do (PyObject_GetBuffer)
 
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        await self._call(self.engine.pwrite, buf, off)
+        await self._mutate(self.engine.pwrite_begin, self.engine.pwrite, buf, off)
         return len(buf)
 
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         # FUSE has no FUA: an O_SYNC/O_DSYNC write arrives as write + fsync, a block-layer
         # FLUSH through the loop device as fsync. Either way: FLUSH to every replica.
-        await self._call(self.engine.flush)
+        await self._mutate(self.engine.flush_begin, self.engine.flush)
 
     async def flush(self, fh: FileHandleT) -> None:
         # close(2): no durability promise (as on any file); fsync is the barrier.

@@ -24,6 +24,7 @@ import trio
 
 from blockhorn import sdnotify
 from blockhorn.config import EngineConfig
+from blockhorn.engine.client import Receiver
 from blockhorn.engine.control import ControlServer
 from blockhorn.engine.engine import Engine
 from blockhorn.fuse.fs import IMAGE_INODE, VolumeFS
@@ -42,6 +43,10 @@ FUSE_THREADS = 8
 # The loop device's own O_DIRECT does that already; this covers plain opens of the file too,
 # and measured no slower through the loop device (without it: 4k randread 6.6k vs 8.3k IOPS).
 DIRECT_IO = True
+# pyfuse3 tasks kept waiting for requests. With its default of 1, a task is started for
+# nearly every request under load and ended after it; 16 keeps them (measured, 3 replicas,
+# fio QD32 4k randwrite on the loop device: about 15 % more IOPS).
+FUSE_TASKS = 16
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SIZE_POLL_S = 1.0   # seconds between checks whether the volume grew (an expand)
 
@@ -113,9 +118,22 @@ async def _serve(fs: VolumeFS, stop: _StopRequest) -> None:
         _terminate(signal.SIGTERM)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_follow_size, fs)
+        nursery.start_soon(_receive, fs.engine.receiver)
         sdnotify.notify("READY=1")
-        await pyfuse3.main()   # returns after terminate() or when the mount is unmounted
+        await pyfuse3.main(min_tasks=FUSE_TASKS)   # returns after terminate() or when the mount is unmounted
         nursery.cancel_scope.cancel()
+
+
+async def _receive(receiver: Receiver) -> None:
+    """Receive the replicas' replies in this thread, the one that answers FUSE: a write's
+    completion then wakes its task directly, with no thread switch (see `Receiver`)."""
+    receiver.hand_over()
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(receiver.epoll.fileno())
+            receiver.poll_once()
+    finally:
+        receiver.take_back()   # the final FLUSH in engine.close() needs it, after the loop
 
 
 async def _follow_size(fs: VolumeFS) -> None:

@@ -56,3 +56,52 @@ class Workers:
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:
                 return   # the loop is gone (shutdown); nobody waits for this result
+
+
+TRIO_THREAD = [threading.get_ident()]   # set by Waiter: the thread the trio loop runs in
+
+
+class Waiter:
+    """Wakes one trio task when an engine call it started without blocking completes: the
+    engine calls `done` from its receiver thread (`Call.on_done`). No thread hand-off at all:
+    measured on 2 vCPUs, 3 replicas, fio QD32 4k randwrite on the loop device, this took the
+    FUSE process from ~330 to ~135 µs of CPU per write."""
+
+    __slots__ = ("task", "token", "waiting", "fired")
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.token = trio.lowlevel.current_trio_token()
+        TRIO_THREAD[0] = threading.get_ident()
+        self.waiting = False
+        self.fired = False
+
+    def done(self) -> None:
+        """Any thread, once. Runs `_wake` in the trio thread, which alone touches the flags:
+        at once when called there (replies are received in that thread: `serve._receive`)."""
+        if threading.get_ident() == TRIO_THREAD[0]:
+            self._wake()
+            return
+        try:
+            self.token.run_sync_soon(self._wake)
+        except trio.RunFinishedError:
+            pass   # shutting down: nobody waits
+
+    def _wake(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            trio.lowlevel.reschedule(self.task)
+        else:
+            self.fired = True   # before `wait` started, or after it gave up
+
+    async def wait(self) -> None:
+        """Until `done` (cancellable: the caller bounds it with a deadline)."""
+        if self.fired:
+            return
+        self.waiting = True
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.waiting = False
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
