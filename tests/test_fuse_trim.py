@@ -269,7 +269,7 @@ def test_mkfs_and_fstrim_free_replica_space(fc: FuseCluster, loop: Attachment,
         os.unlink(os.path.join(mnt, "f1"))
         os.sync()
         wait_until(lambda: all(b - u >= 7 * MiB for b, u in zip(before, usage(fc), strict=True)),
-                   timeout=10, what="online discard to free f1's blocks on every replica")
+                   timeout=30, what="online discard to free f1's blocks on every replica")
     finally:
         subprocess.run(["umount", mnt], check=True)
     assert_replicas_identical(fc)
