@@ -41,6 +41,7 @@ from failover_site import (
 from netns_util import addresses, set_link
 from test_share_nfs import MISSING
 
+from blockhorn.cluster.agent import loops_on
 from blockhorn.cluster.etcd import Etcd
 from blockhorn.cluster.spec import owner_key
 
@@ -50,6 +51,14 @@ REASON = ("needs root, etcd, NFS-Ganesha, nbdkit/nbdfuse and libnfs-utils "
 if os.environ.get("CI") and (NEEDS or not IS_ROOT):
     raise RuntimeError(f"CI cannot run the failover tests: {REASON}; missing {NEEDS}")
 pytestmark = pytest.mark.skipif(bool(NEEDS) or not IS_ROOT, reason=REASON)
+
+
+def gone(proc: psutil.Process) -> bool:
+    """Exited (a zombie nobody reaped yet counts: its parent was killed)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.fixture
@@ -80,14 +89,13 @@ def test_owner_cut_off_fences_itself_before_another_host_serves(site: Site) -> N
     assert SERVICE.split("/")[0] in addresses("bhxa")
     share_a = os.path.join(site.home("a"), "agent", VOLUME, "share", "status.json")
     with open(share_a) as f:
-        ganesha_pid = json.load(f)["ganesha_pid"]
+        ganesha = psutil.Process(json.load(f)["ganesha_pid"])
 
     set_link("bhxa", up=False)   # etcd, replicas and clients all unreachable from A
     cut = time.time()
     wait_until(lambda: site.agent_status("a").get("role") == "fenced", 30, "host A fenced")
     fenced = site.agent_status("a")
-    assert not psutil.pid_exists(ganesha_pid) or \
-        psutil.Process(ganesha_pid).status() == psutil.STATUS_ZOMBIE
+    assert gone(ganesha)
     assert SERVICE.split("/")[0] not in addresses("bhxa")
     wait_until(lambda: site.serving("b"), 60, "host B serving")
     took = site.agent_status("b")
@@ -104,3 +112,35 @@ def test_owner_cut_off_fences_itself_before_another_host_serves(site: Site) -> N
     assert SERVICE.split("/")[0] not in addresses("bhxa")
     wait_until(lambda: put(site.tmp, "after", payload(2)), 60, "a client write through B")
     assert cat("before") == payload(1) and cat("after") == payload(2)
+
+
+def test_agent_killed_alone_its_dead_mans_switch_stops_serving(site: Site) -> None:
+    """Only the agent process dies (the host stays up): its dead man's switch kills the
+    engine, nbdfuse and Ganesha and drops the service address, so A neither writes to the
+    replicas nor answers clients; B takes over; an agent started again on A removes what is
+    left (the loop device) and stands by."""
+    site.start_agent("a")
+    wait_until(lambda: site.serving("a"), 60, "host A serving")
+    site.start_agent("b")
+    wait_until(lambda: site.agent_status("b").get("role") == "standby", 30, "host B standby")
+    agent = psutil.Process(site.agents["a"].pid)
+    engine = next(p for p in agent.children() if p.name() == "nbdkit")
+    share_a = os.path.join(site.home("a"), "agent", VOLUME, "share", "status.json")
+    with open(share_a) as f:
+        ganesha = psutil.Process(json.load(f)["ganesha_pid"])
+
+    agent.kill()
+    site.agents["a"].wait(10)
+    wait_until(lambda: gone(engine) and gone(ganesha) and
+               SERVICE.split("/")[0] not in addresses("bhxa"), 10,
+               "the engine and Ganesha to die and the service address to go")
+    wait_until(lambda: site.serving("b"), 60, "host B serving")
+
+    site.start_agent("a")
+    wait_until(lambda: site.agent_status("a").get("role") == "standby" and
+               site.agent_status("a").get("owner") == "host-b", 30, "host A standby")
+    assert gone(ganesha)
+    assert SERVICE.split("/")[0] not in addresses("bhxa")
+    assert not loops_on(os.path.join(site.home("a"), "agent", VOLUME, "fuse", "nbd"))
+    wait_until(lambda: put(site.tmp, "after", payload(3)), 60, "a client write through B")
+    assert cat("after") == payload(3)

@@ -5,7 +5,8 @@ One agent per host and shared volume. Every agent contends for the volume's owne
 TTL_S seconds. The winner serves the share; the others poll the key every POLL_S and contend
 again when it is gone — when the owner stepped down (lease revoked) or died (lease expired).
 
-Serving, in order: an engine (nbdkit with the blockhorn plugin, `--exit-with-parent`)
+Serving, in order: a dead man's switch (`deadman`: kills what follows if this process
+dies), an engine (nbdkit with the blockhorn plugin)
 connected to the replicas over TCP; nbdfuse + a loop device on it; the share manager
 (`ShareServer`, in this process) on that device: fsck/mount, the service address, Ganesha.
 Stopping runs it backwards.
@@ -44,6 +45,7 @@ from typing import Any
 
 import trio
 
+from blockhorn.cluster import deadman
 from blockhorn.cluster import spec as spec_mod
 from blockhorn.cluster.etcd import (
     Etcd,
@@ -72,6 +74,7 @@ BACKOFF_S = 5.0          # seconds a host waits after it stepped down before con
 RECOVERY_SYNC_S = 1.0    # seconds between copies of Ganesha's client records to etcd
 ENGINE_STOP_S = 5.0      # seconds between SIGTERM and SIGKILL for the engine
 ENGINE_READY_S = 30.0    # seconds the engine has to connect its replicas
+DEADMAN_EXIT_S = 10.0    # seconds the dead man's switch has to exit after a clean stop
 
 
 class Agent:
@@ -284,10 +287,10 @@ class Agent:
                                   local_reads=False)
         engine_cfg.save(self.path("engine.json"))
         att: attach.Attachment | None = None
+        switch, armed = self._arm_deadman()
         try:
-            # From this (the main) thread: --exit-with-parent ties nbdkit to this process.
             self.engine = attach.start_engine(self.path("engine.json"), self.path("nbd.sock"),
-                                              self.path("engine.log"), exit_with_parent=True)
+                                              self.path("engine.log"))
             await self._wait_engine()
             att = await trio.to_thread.run_sync(
                 attach.attach_device, attach.nbd_uri(self.path("nbd.sock")), self.path("fuse"),
@@ -310,6 +313,26 @@ class Agent:
                     except BlockhornError as e:
                         log.error("detaching %s: %s", att.device, e)
                 await trio.to_thread.run_sync(self._stop_engine)
+                os.close(armed)   # a clean stop: the helper finds nothing left, and exits
+                await trio.to_thread.run_sync(switch.wait, DEADMAN_EXIT_S)
+
+    def _arm_deadman(self) -> tuple[subprocess.Popen[bytes], int]:
+        """Start the dead man's switch (see `deadman`): (the helper, the pipe's write end,
+        which only this process holds)."""
+        nfs = self.spec["nfs"]
+        read_end, write_end = os.pipe()   # not inherited by the other children
+        try:
+            with open(self.path("deadman.log"), "ab") as log:
+                helper = subprocess.Popen(
+                    [sys.executable, "-m", "blockhorn.cluster.deadman", self.workdir,
+                     nfs["interface"], nfs["service_address"]],
+                    stdin=read_end, stdout=log, stderr=log, start_new_session=True)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        return helper, write_end
 
     async def _wait_engine(self) -> None:
         engine = self.engine
@@ -375,26 +398,21 @@ class Agent:
     # --- leftovers of an agent that was killed -------------------------------------------------
 
     def cleanup_leftovers(self) -> None:
-        """Undo what a killed agent on this host left: Ganesha, the service address, the
-        mount, loop devices on the nbdfuse file, nbdfuse itself."""
+        """Undo what a killed agent on this host left (its dead man's switch normally has):
+        processes working in its directory (Ganesha, nbdfuse, the engine), the service
+        address, the mount, loop devices on the nbdfuse file."""
+        deadman.kill_all(self.workdir)
         try:
             old = ShareConfig.load(self.path("share.json"))
         except BlockhornError:
             old = None   # never served here
         if old is not None:
-            ganesha.kill_stale(old)
             if old.service_address:
                 address.remove(old.interface, old.service_address)
             device.unmount(old.mount_dir)
         fuse_dir = self.path("fuse")
         for dev in loops_on(os.path.join(fuse_dir, "nbd")):
             subprocess.run(["losetup", "-d", dev], capture_output=True)
-        pid = _read_pid(fuse_dir + ".pid")
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass   # gone already
         attach.detach_device(attach.Attachment(device="", frontend="nbdfuse", fuse_dir=fuse_dir))
 
 
@@ -403,14 +421,6 @@ def first_leaf(group: BaseException) -> BaseException:
     while isinstance(group, BaseExceptionGroup):
         group = group.exceptions[0]
     return group
-
-
-def _read_pid(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0
 
 
 def loops_on(image: str) -> list[str]:

@@ -100,27 +100,21 @@ def choose_frontend(frontend: str) -> str:
     return frontend
 
 
-def engine_argv(config_path: str, nbd_socket: str, tcp_port: int | None = None,
-                exit_with_parent: bool = False) -> list[str]:
+def engine_argv(config_path: str, nbd_socket: str, tcp_port: int | None = None) -> list[str]:
     """The command line of one engine: nbdkit in the foreground with the blockhorn plugin."""
     argv = [require("nbdkit"), "--foreground", "--threads", str(NBDKIT_THREADS),
             "--unix", nbd_socket]
     if tcp_port is not None:
         argv += ["--port", str(tcp_port)]
-    if exit_with_parent:
-        argv.append("--exit-with-parent")
     return argv + ["python", PLUGIN, f"config={os.path.abspath(config_path)}"]
 
 
 def start_engine(config_path: str, nbd_socket: str, log_path: str,
-                 tcp_port: int | None = None,
-                 exit_with_parent: bool = False) -> subprocess.Popen[bytes]:
-    """Start one engine in its own session logging to `log_path`: it outlives its starter,
-    unless `exit_with_parent` (nbdkit then exits when the thread that started it does: call
-    this from the main thread). nbdkit leaves its unix socket behind when it exits: a stale
-    one is removed first."""
+                 tcp_port: int | None = None) -> subprocess.Popen[bytes]:
+    """Start one engine in its own session (it outlives its starter) logging to `log_path`.
+    nbdkit leaves its unix socket behind when it exits: a stale one is removed first."""
     remove_stale_socket(nbd_socket)
-    argv = engine_argv(config_path, nbd_socket, tcp_port, exit_with_parent)
+    argv = engine_argv(config_path, nbd_socket, tcp_port)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
