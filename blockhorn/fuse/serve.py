@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import signal
+import subprocess
 import sys
 
 import pyfuse3
@@ -47,6 +48,12 @@ DIRECT_IO = True
 # nearly every request under load and ended after it; 16 keeps them (measured, 3 replicas,
 # fio QD32 4k randwrite on the loop device: about 15 % more IOPS).
 FUSE_TASKS = 16
+# FUSE requests the kernel keeps in flight for asynchronous direct I/O (what the loop device
+# issues). The kernel's default, 12, caps the writes replicated at once; 128 matches the loop
+# device's queue depth. Measured, 3 replicas, fio QD32 4k randwrite on the loop device:
+# 12 -> ~4.1k IOPS, 48 -> ~5.0k, 128 -> ~5.5-6.7k (noisy machine, interleaved runs).
+MAX_BACKGROUND = 128
+FUSECTL = "/sys/fs/fuse/connections"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SIZE_POLL_S = 1.0   # seconds between checks whether the volume grew (an expand)
 
@@ -75,6 +82,7 @@ def main(config_path: str, mountpoint: str, threads: int = FUSE_THREADS,
             raise BlockhornError(f"cannot mount FUSE on {mountpoint}: {e} (is /dev/fuse "
                                  "there, and are we root?)", errno.EIO) from None
         stack.callback(pyfuse3.close, unmount=True)
+        tune_connection(mountpoint)
         stop = _StopRequest()
         for sig in STOP_SIGNALS:   # before the control socket: from then on we look ready
             signal.signal(sig, stop.handler)
@@ -85,6 +93,29 @@ def main(config_path: str, mountpoint: str, threads: int = FUSE_THREADS,
         trio.run(_serve, fs, stop)
         log.info("volume %s: stopping", cfg.volume)
     return 0
+
+
+def tune_connection(mountpoint: str) -> None:
+    """Raise the mount's `max_background` through fusectl (root; mounted here if it is not).
+    Found through /proc/self/mountinfo: a stat of the mount would send a request that this
+    process cannot answer before its loop runs. Only speed depends on it: failures are logged."""
+    conn = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].replace("\\040", " ") == mountpoint:
+                conn = int(fields[2].split(":")[1])
+    where = os.path.join(FUSECTL, str(conn))
+    if conn is not None and not os.path.isdir(where) and os.path.isdir(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)
+    try:
+        for name, value in (("max_background", MAX_BACKGROUND),
+                            ("congestion_threshold", MAX_BACKGROUND * 3 // 4)):
+            with open(os.path.join(where, name), "w") as f:
+                f.write(str(value))
+    except OSError as e:
+        log.info("FUSE connection %s: max_background left at the kernel default (%s)",
+                 conn, e.strerror or e)
 
 
 class _StopRequest:
