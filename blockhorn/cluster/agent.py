@@ -183,7 +183,7 @@ class Agent:
         create revision), or None while another host owns the share."""
         kv = await self._etcd(self.etcd.get, self.owner_key)
         if kv is not None:
-            owner = json.loads(kv.value).get("host")
+            owner = _owner_host(kv.value)
             if self.status.get("owner") != owner or self.status["role"] != "standby":
                 log.info("standby: %s serves %s", owner, self.volume)
                 self.publish(role="standby", owner=owner, message=None)
@@ -414,6 +414,13 @@ class Agent:
         for dev in loops_on(os.path.join(fuse_dir, "nbd")):
             subprocess.run(["losetup", "-d", dev], capture_output=True)
         attach.detach_device(attach.Attachment(device="", frontend="nbdfuse", fuse_dir=fuse_dir))
+
+
+def _owner_host(value: bytes) -> str:
+    try:
+        return str(json.loads(value).get("host"))
+    except (ValueError, AttributeError):
+        return "?"   # not written by an agent: still someone else's key
 
 
 def first_leaf(group: BaseException) -> BaseException:
