@@ -5,8 +5,9 @@ the same disk; (p) nbdkit Python plugin doing plain pread/pwrite on a file (the 
 Python plugin); (c) blockhorn 1 replica; (d) blockhorn 3 replicas (tcp); (e) 3 replicas (unix);
 (f) 3 replicas (tcp) through nbdfuse + loop device and (g) through the pyfuse3 frontend + loop
 device, both with fio libaio O_DIRECT on the loop device (root only).
-As root with NFS-Ganesha and libnfs-utils: sequential read of one file through an RWX share
-(nfs-cat, NFSv4.0) against the same ext4 read locally, cold caches (--no-nfs skips it).
+As root with NFS-Ganesha and libnfs-utils: sequential read (nfs-cat, NFSv4.0, cold caches) and
+write (nfs-cp + sync, NFSv3: see bench_nfs) of one file through Ganesha against the same ext4
+used locally (--no-nfs skips it).
 Each target's data area is prefilled with one sequential 1 MiB pass, then every job runs
 time_based and stonewalled. Results go to stdout and to bench-results/ as JSON and text.
 """
@@ -284,12 +285,21 @@ def render(results: dict[str, dict[str, float]], labels: dict[str, str]) -> tupl
     return "\n".join(lines), {"ratios": ratios, "floors": floors, "fuse_vs_nbdfuse": fuse}
 
 
+NFS3_PORTS = (20749, 20750)   # NFS and MOUNT ports of the write-measuring Ganesha
+
+
 def bench_nfs(work: str, size: int) -> dict[str, float]:
-    """Sequential read of one `size` file through Ganesha (nfs-cat) and locally from the same
-    ext4, both with cold page caches; bytes/s. Writes are not measured: libnfs 4.0, the NFS
-    client here, cannot encode an NFSv4 WRITE over about 2 KB."""
+    """Sequential read and write of one `size` file through Ganesha and locally on the same
+    ext4 (a 1-replica RWX volume), with cold page caches for the reads; bytes/s.
+
+    Reads go through the share's own Ganesha (NFSv4.0, nfs-cat). libnfs 4.0, the only NFS
+    client here, cannot send an NFSv4 WRITE over about 2 KB, so writes are measured through
+    a second Ganesha on the same export directory, same FSAL VFS, speaking NFSv3 (which needs
+    rpcbind): nfs-cp of a file from tmpfs, then syncfs on the server, against a local write
+    of the same file plus fsync."""
     home = os.path.join(work, "nfs")
     bh = [sys.executable, "-m", "blockhorn", "--home", home]
+    procs: list[subprocess.Popen[bytes]] = []
 
     def run(*argv: str) -> str:
         return subprocess.run([*bh, *argv], check=True, capture_output=True, text=True,
@@ -300,17 +310,32 @@ def bench_nfs(work: str, size: int) -> dict[str, float]:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3")
 
+    def syncfs(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)   # the directory; then the whole filesystem:
+            subprocess.run(["sync", "-f", path], check=True)
+        finally:
+            os.close(fd)
+
+    src = os.path.join("/dev/shm", f"bh-nfs-src-{os.getpid()}")
     try:
-        run("volume", "create", "nfsbench", "--size", str(size + (128 << 20)), "--replicas", "1",
-            "--access", "rwx", "--nfs-minor-versions", "0,1,2")
+        run("volume", "create", "nfsbench", "--size", str(2 * size + (256 << 20)),
+            "--replicas", "1", "--access", "rwx", "--nfs-minor-versions", "0,1,2")
         run("volume", "attach", "nfsbench")
         share = json.loads(run("share", "show", "nfsbench", "--json"))
-        path = os.path.join(share["mount_dir"], "seq")
+        export = share["mount_dir"]
+        path = os.path.join(export, "seq")
         chunk = os.urandom(1 << 20)
+        with open(src, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(chunk)
+        t0 = time.monotonic()
         with open(path, "wb") as f:
             for _ in range(size >> 20):
                 f.write(chunk)
             os.fsync(f.fileno())
+        local_write = size / (time.monotonic() - t0)
         cold()
         t0 = time.monotonic()
         with open(path, "rb") as f:
@@ -322,12 +347,87 @@ def bench_nfs(work: str, size: int) -> dict[str, float]:
         subprocess.run(["nfs-cat", f"nfs://127.0.0.1/nfsbench/seq?version=4&nfsport={share['port']}"],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         nfs = size / (time.monotonic() - t0)
-        return {"local_read": local, "nfs_read": nfs}
+        out: dict[str, float] = {"local_read": local, "nfs_read": nfs, "local_write": local_write}
+        if shutil.which("rpcbind"):
+            procs += start_nfs3_ganesha(work, export)
+            os.chmod(export, 0o777)
+            t0 = time.monotonic()
+            subprocess.run(["nfs-cp", src, f"nfs://127.0.0.1{export}/seq-nfs?version=3"
+                            f"&nfsport={NFS3_PORTS[0]}&mountport={NFS3_PORTS[1]}"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            syncfs(export)
+            out["nfs_write"] = size / (time.monotonic() - t0)
+            if os.path.getsize(os.path.join(export, "seq-nfs")) != size:
+                raise BenchError("NFS bench: the file written over NFS has the wrong size")
+        return out
     except subprocess.CalledProcessError as e:
         raise BenchError(f"NFS bench: {' '.join(map(str, e.cmd))}: {e.stderr}") from None
     finally:
+        stop_procs(procs)
+        with contextlib.suppress(OSError):
+            os.unlink(src)
         subprocess.run([*bh, "volume", "rm", "--force", "nfsbench"], capture_output=True, cwd=ROOT)
         subprocess.run([*bh, "daemon", "stop"], capture_output=True, cwd=ROOT)
+
+
+def start_nfs3_ganesha(work: str, export: str) -> list[subprocess.Popen[bytes]]:
+    """rpcbind (unless one runs) and a Ganesha exporting `export` over NFSv3 on loopback."""
+    d = os.path.join(work, "nfs3")
+    os.makedirs(os.path.join(d, "recovery"), exist_ok=True)
+    conf = os.path.join(d, "ganesha.conf")
+    with open(conf, "w") as f:
+        f.write(f"""NFS_CORE_PARAM {{
+    Protocols = 3;
+    NFS_Port = {NFS3_PORTS[0]};
+    MNT_Port = {NFS3_PORTS[1]};
+    Bind_addr = 127.0.0.1;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+}}
+NFSv4 {{
+    RecoveryBackend = fs;
+    RecoveryRoot = "{d}/recovery";
+}}
+NFS_KRB5 {{
+    Active_krb5 = false;
+}}
+EXPORT {{
+    Export_Id = 3;
+    Path = "{export}";
+    Pseudo = "/bench3";
+    Protocols = 3;
+    Transports = TCP;
+    SecType = sys;
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    CLIENT {{
+        Clients = 127.0.0.1;
+        Access_Type = RW;
+    }}
+    FSAL {{
+        Name = VFS;
+    }}
+}}
+""")
+    procs: list[subprocess.Popen[bytes]] = []
+    if subprocess.run(["pgrep", "-x", "rpcbind"], capture_output=True).returncode != 0:
+        procs.append(subprocess.Popen([shutil.which("rpcbind") or "rpcbind", "-f", "-w"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)
+    log = os.path.join(d, "ganesha.log")
+    procs.append(subprocess.Popen(["ganesha.nfsd", "-F", "-L", log, "-f", conf,
+                                   "-p", os.path.join(d, "ganesha.pid")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + 30
+    while subprocess.run(["nfs-ls", f"nfs://127.0.0.1{export}?version=3&nfsport="
+                          f"{NFS3_PORTS[0]}&mountport={NFS3_PORTS[1]}"],
+                         capture_output=True).returncode != 0:
+        if procs[-1].poll() is not None or time.monotonic() > deadline:
+            stop_procs(procs)
+            raise BenchError(f"the NFSv3 Ganesha for the write bench did not start:\n{tail(log)}")
+        time.sleep(0.5)
+    return procs
 
 
 def on_sigterm(signum: int, frame: object) -> None:
@@ -373,7 +473,7 @@ def main() -> int:
         nfs: dict[str, float] = {}
         if not args.no_nfs and os.geteuid() == 0 and shutil.which("ganesha.nfsd") and \
                 shutil.which("nfs-cat"):
-            print("  (n) NFS sequential read through an RWX share ...", end=" ", flush=True)
+            print("  (n) NFS sequential read and write through an RWX share ...", end=" ", flush=True)
             nfs = bench_nfs(work, size)
             print("done", flush=True)
     except (BenchError, OSError) as e:
@@ -391,8 +491,15 @@ def main() -> int:
         text += (f"\n\nNFS sequential read, one file, cold caches: through Ganesha (nfs-cat, "
                  f"NFSv4.0) {nfs['nfs_read'] / 1e6:.0f} MB/s, the same ext4 locally "
                  f"{nfs['local_read'] / 1e6:.0f} MB/s: {100 * nfs['nfs_read'] / nfs['local_read']:.0f} % "
-                 "(target >= 50 %). NFS writes are not measured: libnfs 4.0 cannot send an "
-                 "NFSv4 WRITE over about 2 KB.")
+                 "(target >= 50 %).")
+        if "nfs_write" in nfs:
+            text += (f"\nNFS sequential write, one file + sync: through Ganesha (nfs-cp, NFSv3: "
+                     f"libnfs 4.0 cannot send an NFSv4 WRITE over ~2 KB) "
+                     f"{nfs['nfs_write'] / 1e6:.0f} MB/s, locally + fsync "
+                     f"{nfs['local_write'] / 1e6:.0f} MB/s: "
+                     f"{100 * nfs['nfs_write'] / nfs['local_write']:.0f} % (target >= 50 %).")
+        else:
+            text += "\nNFS writes not measured: rpcbind (for the NFSv3 Ganesha) is missing."
         extra["nfs"] = nfs
     print("\n" + text)
     stamp = time.strftime("%Y%m%d-%H%M%S")
