@@ -99,6 +99,7 @@ class EngineConfig(_Loadable):
     timeout_s: float = REPLICA_TIMEOUT_S
     local_reads: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0       # fencing epoch sent to the replicas (failover owners; 0: none)
 
     def validate(self) -> None:
         check_name(self.volume)
@@ -112,3 +113,5 @@ class EngineConfig(_Loadable):
             raise InvalidArgument(f"min_rw={self.min_rw} must be between 1 and the replica count")
         if self.timeout_s <= 0:
             raise InvalidArgument("timeout_s must be positive")
+        if not isinstance(self.epoch, int) or self.epoch < 0:
+            raise InvalidArgument("epoch must be a non-negative integer")

@@ -74,6 +74,9 @@ def test_host_dies_other_host_takes_over(site: Site) -> None:
     with Etcd(site.etcd_url) as e:
         kv = e.get(owner_key(VOLUME))
         assert kv is not None and json.loads(kv.value)["host"] == "host-b"
+    for rep in site.replicas:   # B's engine fenced A's epoch at every replica
+        with open(os.path.join(rep.cfg.directory, "fence.epoch")) as f:
+            assert int(f.read()) == kv.create_revision
     for name, digest in result.acked.items():   # everything acknowledged, through host B
         assert hashlib.sha256(cat(name)).hexdigest() == digest, name
     assert result.serving_s < 20 and result.write_s < 60

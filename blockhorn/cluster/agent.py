@@ -284,7 +284,7 @@ class Agent:
                                   [ReplicaRef(r["name"], r["address"]) for r in spec["replicas"]],
                                   self.key_file, self.path("control.sock"),
                                   min_rw=spec["min_rw"], timeout_s=spec["timeout_s"],
-                                  local_reads=False)
+                                  local_reads=False, epoch=rev)
         engine_cfg.save(self.path("engine.json"))
         att: attach.Attachment | None = None
         switch, armed = self._arm_deadman()

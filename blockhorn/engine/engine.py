@@ -32,7 +32,7 @@ from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.local import LocalChain
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
-from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op
+from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
 from blockhorn.replica.proto import encode_json as proto_json
 from blockhorn.types import (
     BLOCK_SIZE,
@@ -140,7 +140,8 @@ class Engine:
         self._maint.start()
 
     def connect_replica(self, r: ReplicaState) -> None:
-        client = ReplicaClient(r.ref, self.key, self.cfg.volume, on_lost=self._on_lost,
+        client = ReplicaClient(r.ref, self.key, handshake_name(self.cfg.volume, self.cfg.epoch),
+                               on_lost=self._on_lost,
                                send_timeout=self.cfg.timeout_s, receiver=self.receiver)
         try:
             client.connect()

@@ -101,6 +101,9 @@ NONCE_SIZE = 32
 MAC_SIZE = 32
 WELCOME_SIZE = 1 + MAC_SIZE
 MAX_NAME = 255
+EPOCH_SEP = "@"         # AUTH name `vol@<epoch>`: an owner's fencing epoch (volume names have no @)
+WELCOME_REFUSED = 1     # wrong key or volume name
+WELCOME_FENCED = 2      # the epoch is below the highest this replica has seen
 
 
 def mac(key: bytes, role: bytes, first: bytes, second: bytes, name: str) -> bytes:
@@ -132,25 +135,51 @@ def auth_size(name_len: int) -> int:
 
 def verify_auth(key: bytes, volume: str, server_nonce: bytes, body: bytes) -> bytes:
     """Check the AUTH body (after the u16 name length); return the client nonce."""
+    return verify_auth_epoch(key, volume, server_nonce, body)[0]
+
+
+def handshake_name(volume: str, epoch: int) -> str:
+    """The name an owner with fencing epoch `epoch` (> 0) sends: `vol@epoch`; 0: `vol`."""
+    return f"{volume}{EPOCH_SEP}{epoch}" if epoch else volume
+
+
+def split_name(name: str) -> tuple[str, int]:
+    """`vol@7` -> ("vol", 7); `vol` -> ("vol", 0)."""
+    base, sep, epoch = name.partition(EPOCH_SEP)
+    if not sep:
+        return name, 0
+    if not epoch.isdigit() or int(epoch) <= 0:
+        raise ProtocolError(f"bad fencing epoch in handshake name {name!r}")
+    return base, int(epoch)
+
+
+def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes,
+                      body: bytes) -> tuple[bytes, str, int]:
+    """Check the AUTH body; (client nonce, the name as sent, its fencing epoch or 0)."""
     name_len = len(body) - NONCE_SIZE - MAC_SIZE
     name = body[:name_len].decode(errors="replace")
     client_nonce = body[name_len:name_len + NONCE_SIZE]
     got = body[name_len + NONCE_SIZE:]
-    want = mac(key, b"client", server_nonce, client_nonce, volume)
-    if name != volume or not hmac.compare_digest(got, want):
+    want = mac(key, b"client", server_nonce, client_nonce, name)
+    base, epoch = split_name(name)
+    if base != volume or not hmac.compare_digest(got, want):
         raise AuthError("handshake refused: wrong cluster key or volume name")
-    return client_nonce
+    return client_nonce, name, epoch
 
 
 def pack_welcome(key: bytes | None, volume: str, server_nonce: bytes,
-                 client_nonce: bytes) -> bytes:
+                 client_nonce: bytes, status: int = WELCOME_REFUSED) -> bytes:
+    """`key` None: a refusal (`status` WELCOME_REFUSED or WELCOME_FENCED)."""
     if key is None:
-        return b"\x01" + bytes(MAC_SIZE)
+        return bytes([status]) + bytes(MAC_SIZE)
     return b"\x00" + mac(key, b"server", client_nonce, server_nonce, volume)
 
 
 def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: bytes,
                    buf: bytes) -> None:
+    if buf[0] == WELCOME_FENCED:
+        raise AuthError(f"replica refused {volume!r}: fenced, a newer owner of the volume "
+                        "(higher epoch) has connected to it")
     if buf[0] != 0:
         raise AuthError(f"replica refused the handshake for volume {volume!r}: "
                         "wrong cluster key or volume name")

@@ -29,6 +29,7 @@ from blockhorn.config import ReplicaConfig, parse_address
 from blockhorn.fsutil import data_extents, preadv_full
 from blockhorn.keys import load_key
 from blockhorn.replica import proto, snapshots
+from blockhorn.replica.fencing import Fenced, Fencing
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import Replica
 from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
@@ -49,6 +50,7 @@ class ReplicaServer:
         self.lock = threading.Lock()          # the store is single-threaded
         self.threads = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.connections = 0
+        self.fencing = Fencing(replica.directory)   # owners' epochs (replica/fencing.py)
         self.fault: dict[str, Any] = {}
         self.purge_state: dict[str, Any] = {"state": "idle"}   # fault-injection hook: {"delay_s": float, ...}
 
@@ -81,20 +83,21 @@ class ReplicaServer:
                 sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    await self.handshake(sock)
+                    epoch = await self.handshake(sock)
             except (BlockhornError, OSError, trio.TooSlowError) as e:
                 # Readiness probes connect and hang up: not worth a warning. Refusals are.
                 level = logging.WARNING if isinstance(e, AuthError) else logging.DEBUG
                 log.log(level, "handshake failed: %s", e)
                 return
-            await self.loop(sock)
+            await self.loop(sock, epoch)
         except (BlockhornError, OSError) as e:
             log.warning("connection closed: %s", e)
         finally:
             self.connections -= 1
             sock.close()
 
-    async def handshake(self, sock: trio.socket.SocketType) -> None:
+    async def handshake(self, sock: trio.socket.SocketType) -> int:
+        """Authenticate the peer; its fencing epoch (0: none)."""
         server_nonce = secrets.token_bytes(proto.NONCE_SIZE)
         await send_all(sock, [proto.pack_hello(server_nonce)])
         name_len = int.from_bytes(await recv_exact(sock, 2), "little")
@@ -102,21 +105,30 @@ class ReplicaServer:
             raise ProtocolError("volume name too long in handshake")
         body = await recv_exact(sock, proto.auth_size(name_len))
         try:
-            client_nonce = proto.verify_auth(self.key, self.volume, server_nonce, body)
+            client_nonce, name, epoch = proto.verify_auth_epoch(self.key, self.volume,
+                                                                server_nonce, body)
+            await trio.to_thread.run_sync(self.fencing.admit, epoch)
+        except Fenced:
+            await send_all(sock, [proto.pack_welcome(None, self.volume, server_nonce, b"",
+                                                     proto.WELCOME_FENCED)])
+            raise
         except BlockhornError:
             await send_all(sock, [proto.pack_welcome(None, self.volume, server_nonce, b"")])
             raise
-        await send_all(sock, [proto.pack_welcome(self.key, self.volume, server_nonce,
-                                                 client_nonce)])
+        await send_all(sock, [proto.pack_welcome(self.key, name, server_nonce, client_nonce)])
+        return epoch
 
-    async def loop(self, sock: trio.socket.SocketType) -> None:
+    async def loop(self, sock: trio.socket.SocketType, epoch: int = 0) -> None:
         """Hand the authenticated connection to a worker thread running `serve_blocking`;
-        on cancellation (shutdown) the socket is shut down, which ends the thread."""
+        on cancellation (shutdown) the socket is shut down, which ends the thread, as does
+        a newer owner's epoch (`Fencing`)."""
         conn = stdsocket.socket(sock.family, sock.type, fileno=sock.detach())
         conn.setblocking(True)
+        self.fencing.register(conn, epoch)
         try:
             await trio.to_thread.run_sync(self.serve_blocking, conn, limiter=self.threads)
         finally:
+            self.fencing.unregister(conn)
             with contextlib.suppress(OSError):
                 conn.shutdown(stdsocket.SHUT_RDWR)
             conn.close()
