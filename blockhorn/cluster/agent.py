@@ -17,7 +17,10 @@ it *received* the renewal, so the deadline falls at least FENCE_MARGIN_S before 
 expire in etcd. When the deadline passes (etcd unreachable, this host cut off) or etcd says the
 lease or the key is gone, the owner fences itself at once: SIGKILL Ganesha (no NFS reply after
 this), SIGKILL the engine (no write reaches a replica after this), remove the service address;
-unmounting and detaching follow. What this guarantees and what it does not: docs/DURABILITY.md.
+unmounting and detaching follow. The replicas fence as well: the engine presents the owner
+key's creation revision as its epoch, and a replica that has seen a newer owner's epoch refuses
+and disconnects older ones (blockhorn/replica/fencing.py). What this guarantees and what it
+does not: docs/DURABILITY.md.
 
 NFSv4 reclaim needs Ganesha's client records where the next owner finds them: the owner copies
 its recovery directory into etcd (`spec.recovery_key`, only while the owner key is still its
