@@ -37,8 +37,12 @@ if os.environ.get("CI") and (MISSING or not (IS_ROOT and HAVE_FUSE)):
     raise RuntimeError(f"CI cannot run the NFS tests: {REASON}; missing {MISSING}")
 pytestmark = pytest.mark.skipif(bool(MISSING) or not (IS_ROOT and HAVE_FUSE), reason=REASON)
 
+MiB = 1 << 20
 CHUNK = 1800        # bytes; the largest file nfs-cp (libnfs 4.0, NFSv4) can write, see above
 SERVICE = "127.0.0.53/32"   # a service address on lo, reachable from this host
+# Growing a mounted ext4 (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE; some sandboxes lack it.
+HAVE_SYS_RESOURCE = bool(int(next(line.split()[1] for line in open("/proc/self/status")
+                                  if line.startswith("CapEff:")), 16) >> 24 & 1)
 UID = 1000          # the clients' user; the filesystem root is made theirs at mkfs time
 # libnfs speaks only NFSv4.0: the test volumes add minor version 0 to the default 1, 2.
 RWX = ["--access", "rwx", "--replicas", "1", "--size", "64MiB", "--nfs-minor-versions", "0,1,2",
@@ -393,3 +397,41 @@ def _mount_options(path: str) -> list[str]:
             if fields[1] == path:
                 return fields[3].split(",")
     return []
+
+
+def test_expand_while_attached_grows_the_shared_filesystem(env: Env, tmp_path: object) -> None:
+    """An RWX volume on the fuse frontend (whose loop device follows an expand at once) is
+    expanded while clients use it: the share manager grows the mounted ext4 online where it
+    may (CAP_SYS_RESOURCE), else it keeps serving, says why in its mount check, and the next
+    attach grows it offline. Either way, what was written before stays."""
+    tmp = str(tmp_path)
+    env.cli("volume", "create", "grow", *RWX)
+    env.cli("volume", "attach", "grow", "--frontend", "fuse")
+    share = share_of(env, "grow")
+    before = share["fs"]["size"]
+    data = os.urandom(CHUNK)
+    assert put(share, "kept.bin", data, tmp).returncode == 0
+    env.cli("volume", "expand", "grow", "--size", "128MiB")
+
+    def grown(s: dict[str, Any]) -> bool:
+        return bool(s["fs"]) and s["fs"]["size"] > before + 48 * MiB
+
+    if HAVE_SYS_RESOURCE:
+        show = wait_until(lambda: (lambda s: s if grown(s) else None)(share_of(env, "grow")),
+                          30, "the filesystem grown online")
+        assert show["checks"]["mount"].startswith("ok"), show["checks"]
+    else:
+        show = wait_until(lambda: (lambda s: s if "CAP_SYS_RESOURCE" in s["checks"].get(
+            "mount", "") else None)(share_of(env, "grow")), 30, "the reason growth waits")
+        assert show["health"] == "healthy" and not grown(show)
+        assert get(share, "kept.bin") == data            # still served at the old size
+        env.cli("volume", "detach", "grow")
+        env.cli("volume", "attach", "grow", "--frontend", "fuse")
+        share = share_of(env, "grow")
+        assert grown(share), share["fs"]
+        with open(env.home.log("grow-share.log")) as f:
+            assert "grown to the device" in f.read()
+    assert get(share, "kept.bin") == data
+    more = os.urandom(CHUNK)
+    assert put(share, "after.bin", more, tmp).returncode == 0
+    assert get(share, "after.bin") == more

@@ -4,7 +4,8 @@
 - nothing found            -> `mkfs.ext4 -F -m0` (+ the volume's extra mkfs options)
 - ext4                     -> `fsck.ext4 -p` (repairs what is safe to repair without asking)
 - anything else (another filesystem, a partition table, LVM, RAID...) -> refused, untouched.
-An ext4 smaller than the device (the volume was expanded) is grown before it is mounted.
+An ext4 smaller than the device (the volume was expanded) is grown before it is mounted; one
+that the device outgrows while mounted is grown online (`grow_online`, from the health check).
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) 
                                      errno.EUCLEAN)
             done.append("checked" + (" and repaired" if proc.returncode else ""))
             if fs_size(device) < size:
-                # Offline, before the mount: online growth needs CAP_SYS_RESOURCE, which
-                # containers often lack, and the volume only grows while detached anyway.
+                # Offline, before the mount, where that is possible (the volume grew while
+                # detached): no CAP_SYS_RESOURCE needed. Online growth: `grow_online`.
                 _run(["e2fsck", "-f", "-p", device], ok=(0, 1))
                 _run(["resize2fs", device])
                 done.append("grown to the device")
@@ -124,12 +125,35 @@ def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) 
 
 def fs_size(device: str) -> int:
     """Bytes the ext4 filesystem on `device` spans (from its superblock)."""
+    blocks, block_size = _geometry(device)
+    return blocks * block_size
+
+
+def _geometry(device: str) -> tuple[int, int]:
+    """(block count, block size) of the ext4 on `device`."""
     fields = {}
     for line in _run(["dumpe2fs", "-h", device]).stdout.splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields[key.strip()] = value.strip()
-    return int(fields["Block count"]) * int(fields["Block size"])
+    return int(fields["Block count"]), int(fields["Block size"])
+
+
+def grow_online(device: str) -> bool:
+    """Grow the mounted ext4 on `device` to the device's size (the volume was expanded while
+    attached); True when it grew. resize2fs grows a mounted ext4 in place (as root)."""
+    blocks, block_size = _geometry(device)
+    if blocks >= device_size(device) // block_size:
+        return False
+    try:
+        _run(["resize2fs", device])
+    except BlockhornError as e:
+        if "Permission denied" in str(e):
+            raise BlockhornError("growing a mounted ext4 needs CAP_SYS_RESOURCE, which this "
+                                 "process lacks: the filesystem is grown at the next attach "
+                                 "(offline)", errno.EPERM) from None
+        raise
+    return True
 
 
 def remount_rw(mount_dir: str) -> None:

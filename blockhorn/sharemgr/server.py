@@ -12,7 +12,8 @@ While serving, two tasks run in one nursery:
 - the health task, every HEALTH_INTERVAL_S: the device answers a read, the filesystem is
   mounted, answers statfs and a directory read (each in a thread, bounded by CHECK_TIMEOUT_S so
   a hung device shows as failed instead of hanging the loop), is remounted read-write when it
-  went read-only after a transient error, and Ganesha accepts connections.
+  went read-only after a transient error, and grown online when the device grew (an expand
+  while attached), and Ganesha accepts connections.
 
 The status (`<state_dir>/status.json`, written atomically) is what `blockhorn share show` and
 the daemon's API report. SIGTERM/SIGINT (detach): Ganesha is stopped, its client records
@@ -59,6 +60,8 @@ class ShareServer:
         self.serving = trio.Event()   # set once Ganesha first accepts connections
         self.proc: trio.Process | None = None
         self.stopping = False     # a requested stop (detach), not a crash
+        self._device_size = 0     # bytes, last seen by the health check (see _follow_growth)
+        self._grow_error: str | None = None
         self.status: dict[str, Any] = {
             "volume": cfg.volume, "state": "starting", "health": "unknown", "checks": {},
             "ganesha_pid": None, "ganesha_restarts": 0, "last_outage_s": None,
@@ -252,7 +255,30 @@ class ShareServer:
             checks["mount"] = f"{cfg.mount_dir}: {e.strerror}"
             return None
         checks.setdefault("mount", "ok")
+        self._follow_growth(checks)
         return {"size": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
+
+    def _follow_growth(self, checks: dict[str, str]) -> None:
+        """The device grew (an online expand): grow the filesystem to it, once per size. A
+        failure (no CAP_SYS_RESOURCE) keeps the share serving at the old size and shows in
+        the mount check until the next attach grows it offline."""
+        try:
+            size = device.device_size(self.cfg.device)
+        except OSError:
+            return   # the device check above reports it
+        if size != self._device_size:
+            self._device_size = size
+            self._grow_error = None
+            try:
+                if device.grow_online(self.cfg.device):
+                    log.info("%s grew to %d bytes: filesystem grown online", self.cfg.device,
+                             size)
+                    checks["mount"] = "ok (filesystem grown online)"
+            except BlockhornError as e:
+                log.warning("%s", e)
+                self._grow_error = str(e)
+        if self._grow_error:
+            checks["mount"] = f"ok, but not grown to the device: {self._grow_error}"
 
 
 def main(config_path: str) -> int:
