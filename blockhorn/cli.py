@@ -146,7 +146,9 @@ def build_parser() -> Parser:
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
                          description="Inspect the NFSv4 share of an RWX volume, or run a "
                                      "share manager (the daemon and "
-                                     "blockhorn-share@.service use `serve`).")
+                                     "blockhorn-share@.service use `serve`), or serve a share "
+                                     "from whichever of several hosts is alive (`define`, "
+                                     "`agent`, `owner`: state in etcd).")
     scmds = sh.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     scmds.required = True
     p = scmds.add_parser("show", help="endpoint, mount command, allow-list and health",

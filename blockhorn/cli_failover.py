@@ -46,7 +46,9 @@ def add_failover_parsers(scmds: Any, home_arg: Any) -> None:
                     "and takes the service address; the others wait and take over when the "
                     "owner's lease ends. An owner that cannot renew its lease stops serving "
                     "(kills Ganesha and the engine, drops the address) 2 s before the lease "
-                    "can expire in etcd. SIGTERM: stop serving and hand over at once. Status: "
+                    "can expire in etcd; if the agent itself dies, a helper it started kills "
+                    "them; the replicas refuse a former owner's engine (fencing epoch). "
+                    "SIGTERM: stop serving and hand over at once. Status: "
                     "<home>/agent/VOLUME/agent.json.")
     p.add_argument("volume")
     _etcd_arg(p)
