@@ -3,6 +3,7 @@ the records copy, and the CLI's answers to bad input (no root needed)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -177,3 +178,12 @@ def test_cli_bad_input_is_one_clear_line(etcd: Etcd, etcd_url: str, tmp_path: ob
     got = cli("--home", home, "share", "agent", "vol", "--etcd", etcd_url, "--host-id", "a",
               "--key-file", "/nonexistent.key")
     assert got.returncode == 1 and "cluster key /nonexistent.key does not exist" in got.stderr
+    # A second agent for the same volume and home is refused before it touches anything.
+    key = os.path.join(home, "cluster.key")
+    with open(key, "w") as f:
+        f.write("00" * 32)
+    os.makedirs(os.path.join(home, "agent", "vol"))
+    with open(os.path.join(home, "agent", "vol", "agent.lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        got = cli("--home", home, "share", "agent", "vol", "--etcd", etcd_url, "--host-id", "a")
+    assert got.returncode == 1 and "another agent for 'vol' runs" in got.stderr, got.stderr

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import fcntl
 import functools
 import json
 import logging
@@ -65,7 +66,7 @@ from blockhorn.nbd import attach
 from blockhorn.sharemgr import address, device, ganesha
 from blockhorn.sharemgr.config import ShareConfig
 from blockhorn.sharemgr.server import ShareServer
-from blockhorn.types import BlockhornError, NotFound, check_name
+from blockhorn.types import BlockhornError, Busy, NotFound, check_name
 
 log = logging.getLogger("blockhorn.agent")
 
@@ -96,6 +97,7 @@ class Agent:
         self.server: ShareServer | None = None
         self.fenced = False
         self.fence_at = 0.0
+        self._lock_fd = -1
         self.status: dict[str, Any] = {"volume": volume, "host": host_id, "pid": os.getpid(),
                                        "role": "starting", "owner": None, "message": None}
 
@@ -133,6 +135,19 @@ class Agent:
                            "replicas use to this host (--key-file)")
         attach.check_dependencies("nbdfuse")
         ganesha.argv(self.share_config(""))
+
+    def lock(self) -> None:
+        """One agent per volume and home: a second one would take the first one's processes
+        for leftovers of a dead agent. Held (flock) until this process exits."""
+        os.makedirs(self.workdir, mode=0o700, exist_ok=True)
+        fd = os.open(self.path("agent.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Busy(f"another agent for {self.volume!r} runs with this home "
+                       f"({self.workdir}): see its agent.json") from None
+        self._lock_fd = fd   # kept open: the lock lives as long as this process
 
     def share_config(self, dev: str) -> ShareConfig:
         nfs = self.spec["nfs"]
@@ -488,5 +503,6 @@ def main(etcd_urls: str, volume: str, host_id: str, workdir: str, key_file: str,
     with Etcd(etcd_urls) as etcd:
         agent = Agent(etcd, volume, host_id, workdir, key_file, ttl)
         agent.check()
+        agent.lock()
         trio.run(agent.run)
     return 0
