@@ -25,7 +25,7 @@ from daemon_util import ROOT, wait_until
 from harness import ReplicaProc, free_port
 from netns_util import hosts_on_bridge
 
-from blockhorn.cluster.agent import loops_on
+from blockhorn.cluster.agent import release_loop
 from blockhorn.cluster.etcd import Etcd, EtcdError
 from blockhorn.cluster.spec import recovery_key
 from blockhorn.config import ReplicaConfig
@@ -102,10 +102,9 @@ class Site:
         self.release_loops(host)
 
     def release_loops(self, host: str) -> None:
-        """The loop device of a dead host's FUSE file (the kernel keeps it, like a real host
-        would keep nothing: it is global state on this one machine)."""
-        for dev in loops_on(os.path.join(self.home(host), "agent", VOLUME, "fuse", "nbd")):
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
+        """The loop device of a dead host's FUSE file: the kernel keeps it, global state on
+        this one machine (a real dead host takes its loop devices along)."""
+        release_loop(os.path.join(self.home(host), "agent", VOLUME))
 
 
 def start_etcd(tmp: str, host: str = STORAGE) -> tuple[str, subprocess.Popen[bytes]]:
@@ -173,10 +172,15 @@ def failover_site(tmp: str) -> Iterator[Site]:
                     os.killpg(agent.pid, signal.SIGKILL)
                     agent.wait(10)
                 s.release_loops(host)
-            for r in reps:
-                r.stop()
-            etcd.terminate()
-            etcd.wait(10)
+            try:
+                for r in reps:
+                    try:
+                        r.stop()
+                    except subprocess.TimeoutExpired:
+                        r.kill()   # a connection it still serves (an engine left behind)
+            finally:
+                etcd.terminate()
+                etcd.wait(10)
 
 
 def url(name: str) -> str:

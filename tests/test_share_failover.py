@@ -41,7 +41,7 @@ from failover_site import (
 from netns_util import addresses, set_link
 from test_share_nfs import MISSING
 
-from blockhorn.cluster.agent import loops_on
+from blockhorn.cluster.agent import recorded_loop
 from blockhorn.cluster.etcd import Etcd
 from blockhorn.cluster.spec import owner_key
 
@@ -128,6 +128,7 @@ def test_agent_killed_alone_its_dead_mans_switch_stops_serving(site: Site) -> No
     wait_until(lambda: site.agent_status("b").get("role") == "standby", 30, "host B standby")
     agent = psutil.Process(site.agents["a"].pid)
     engine = next(p for p in agent.children() if p.name() == "nbdkit")
+    assert recorded_loop(os.path.join(site.home("a"), "agent", VOLUME))
     share_a = os.path.join(site.home("a"), "agent", VOLUME, "share", "status.json")
     with open(share_a) as f:
         ganesha = psutil.Process(json.load(f)["ganesha_pid"])
@@ -144,6 +145,6 @@ def test_agent_killed_alone_its_dead_mans_switch_stops_serving(site: Site) -> No
                site.agent_status("a").get("owner") == "host-b", 30, "host A standby")
     assert gone(ganesha)
     assert SERVICE.split("/")[0] not in addresses("bhxa")
-    assert not loops_on(os.path.join(site.home("a"), "agent", VOLUME, "fuse", "nbd"))
+    assert not recorded_loop(os.path.join(site.home("a"), "agent", VOLUME))
     wait_until(lambda: put(site.tmp, "after", payload(3)), 60, "a client write through B")
     assert cat("after") == payload(3)

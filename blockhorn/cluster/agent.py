@@ -34,6 +34,7 @@ the share manager's `<workdir>/share/status.json`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import functools
@@ -78,6 +79,7 @@ BACKOFF_S = 5.0          # seconds a host waits after it stepped down before con
 RECOVERY_SYNC_S = 1.0    # seconds between copies of Ganesha's client records to etcd
 ENGINE_STOP_S = 5.0      # seconds between SIGTERM and SIGKILL for the engine
 ENGINE_READY_S = 30.0    # seconds the engine has to connect its replicas
+ATTACHMENT = "attachment.json"   # the device attached while owning (for leftovers)
 DEADMAN_EXIT_S = 10.0    # seconds the dead man's switch has to exit after a clean stop
 
 
@@ -313,6 +315,7 @@ class Agent:
             att = await trio.to_thread.run_sync(
                 attach.attach_device, attach.nbd_uri(self.path("nbd.sock")), self.path("fuse"),
                 self.path("nbdfuse.log"), "nbdfuse")
+            atomic_write_json(self.path(ATTACHMENT), att.to_dict())   # for leftovers
             cfg = self.share_config(att.device)
             cfg.save(self.path("share.json"))
             await self._restore_records(cfg)
@@ -328,7 +331,8 @@ class Agent:
                 if att is not None:
                     try:
                         await trio.to_thread.run_sync(attach.detach_device, att)
-                    except BlockhornError as e:
+                        os.unlink(self.path(ATTACHMENT))
+                    except (BlockhornError, OSError) as e:
                         log.error("detaching %s: %s", att.device, e)
                 await trio.to_thread.run_sync(self._stop_engine)
                 os.close(armed)   # a clean stop: the helper finds nothing left, and exits
@@ -428,9 +432,8 @@ class Agent:
             if old.service_address:
                 address.remove(old.interface, old.service_address)
             device.unmount(old.mount_dir)
+        release_loop(self.workdir)
         fuse_dir = self.path("fuse")
-        for dev in loops_on(os.path.join(fuse_dir, "nbd")):
-            subprocess.run(["losetup", "-d", dev], capture_output=True)
         attach.detach_device(attach.Attachment(device="", frontend="nbdfuse", fuse_dir=fuse_dir))
 
 
@@ -448,16 +451,28 @@ def first_leaf(group: BaseException) -> BaseException:
     return group
 
 
-def loops_on(image: str) -> list[str]:
-    """Loop devices whose backing file is `image`."""
-    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
-                         text=True).stdout
-    found = []
-    for line in out.splitlines():
-        name, _, back = line.strip().partition(" ")
-        if back.strip().removesuffix(" (deleted)") == image:
-            found.append(name)
-    return found
+def recorded_loop(workdir: str) -> str:
+    """The loop device an agent in `workdir` attached and that is still bound to an nbdfuse
+    file ("" if none). Recorded in attachment.json: the backing file's path cannot be
+    compared, because the FUSE mount lives in the agent's mount namespace and the kernel
+    shows it from elsewhere as `/nbd`."""
+    try:
+        with open(os.path.join(workdir, ATTACHMENT)) as f:
+            dev = str(json.load(f).get("device") or "")
+    except (OSError, ValueError):
+        return ""
+    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE", dev],
+                         capture_output=True, text=True).stdout.split()
+    return dev if len(out) == 2 and out[1].endswith("/nbd") else ""
+
+
+def release_loop(workdir: str) -> None:
+    """Detach the loop device a dead agent in `workdir` left (see `recorded_loop`)."""
+    dev = recorded_loop(workdir)
+    if dev:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(workdir, ATTACHMENT))
 
 
 def snapshot_tree(root: str) -> dict[str, Any]:
