@@ -502,17 +502,22 @@ def main() -> int:
             text += "\nNFS writes not measured: rpcbind (for the NFSv3 Ganesha) is missing."
         extra["nfs"] = nfs
     print("\n" + text)
+    meta = {"size": size, "runtime_s": runtime, "ramp_s": ramp, "targets": labels,
+            "jobs": {j.key: {"label": j.label, "unit": j.unit} for j in JOBS}, "results": results}
+    write_results("bench", meta | extra, text)
+    return 0
+
+
+def write_results(prefix: str, data: dict[str, Any], text: str) -> None:
+    """bench-results/PREFIX-STAMP.json (`data` plus the stamp) and .txt (`text`)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     outdir = os.path.join(ROOT, "bench-results")
     os.makedirs(outdir, exist_ok=True)
-    meta = {"timestamp": stamp, "size": size, "runtime_s": runtime, "ramp_s": ramp, "targets": labels,
-            "jobs": {j.key: {"label": j.label, "unit": j.unit} for j in JOBS}, "results": results}
-    with open(os.path.join(outdir, f"bench-{stamp}.json"), "w") as f:
-        json.dump(meta | extra, f, indent=2)
-    with open(os.path.join(outdir, f"bench-{stamp}.txt"), "w") as f:
+    with open(os.path.join(outdir, f"{prefix}-{stamp}.json"), "w") as f:
+        json.dump({"timestamp": stamp} | data, f, indent=2)
+    with open(os.path.join(outdir, f"{prefix}-{stamp}.txt"), "w") as f:
         f.write(text + "\n")
-    print(f"\nwritten: bench-results/bench-{stamp}.json and .txt")
-    return 0
+    print(f"\nwritten: bench-results/{prefix}-{stamp}.json and .txt")
 
 
 if __name__ == "__main__":

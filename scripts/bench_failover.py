@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from bench import write_results  # noqa: E402
 
 NEEDS = ("etcd", "ganesha.nfsd", "nfs-cp", "nfs-cat", "nbdkit", "nbdfuse")
 
@@ -70,15 +71,8 @@ def main() -> int:
             f"back after {serving:.1f} s (target < 20 s), client writes again after "
             f"{write:.1f} s including the NFS grace period (target < 60 s).")
     print("\n" + text)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    outdir = os.path.join(ROOT, "bench-results")
-    os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, f"failover-{stamp}.json"), "w") as f:
-        json.dump({"timestamp": stamp, "runs": results, "median_serving_s": serving,
-                   "median_write_s": write}, f, indent=2)
-    with open(os.path.join(outdir, f"failover-{stamp}.txt"), "w") as f:
-        f.write(text + "\n")
-    print(f"written: bench-results/failover-{stamp}.json and .txt")
+    write_results("failover", {"runs": results, "median_serving_s": serving,
+                               "median_write_s": write}, text)
     return 0
 
 
