@@ -9,7 +9,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from fuse_harness import FuseCluster  # noqa: E402
 from harness import Cluster  # noqa: E402
+
+from blockhorn.nbd.attach import Attachment, attach_device, detach_device  # noqa: E402
 
 
 def needs_root() -> pytest.MarkDecorator:
@@ -53,3 +56,23 @@ def assert_replicas_identical(c: Cluster, names: list[str] | None = None) -> Non
     digests = {r.cfg.name: head_digest(r.cfg.directory) for r in c.reps
                if names is None or r.cfg.name in names}
     assert len(set(digests.values())) == 1, f"replicas differ: {digests}"
+
+
+# The fuse tests' fixtures: a started FuseCluster (size by indirect parametrization, default
+# 64 MiB) and a loop device on its file.
+@pytest.fixture
+def fc(tmp_path, request) -> Iterator[FuseCluster]:
+    c = FuseCluster(str(tmp_path), size=getattr(request, "param", 64 << 20))
+    try:
+        yield c.start()   # type: ignore[misc]
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def loop(fc: FuseCluster, tmp_path) -> Iterator[Attachment]:
+    att = attach_device(fc.uri, fc.mount, str(tmp_path / "attach.log"), "fuse")
+    try:
+        yield att
+    finally:
+        detach_device(att)

@@ -9,35 +9,16 @@ import mmap
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 from conftest import assert_replicas_identical, needs_root
 from daemon_util import Env, wait_until
 from fuse_harness import FuseCluster
 
-from blockhorn.nbd.attach import Attachment, attach_device, detach_device, is_mounted
+from blockhorn.nbd.attach import Attachment, is_mounted
 
 pytestmark = needs_root()
 MiB = 1 << 20
-
-
-@pytest.fixture
-def fc(tmp_path) -> Iterator[FuseCluster]:
-    c = FuseCluster(str(tmp_path))
-    try:
-        yield c.start()   # type: ignore[misc]
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def loop(fc: FuseCluster, tmp_path) -> Iterator[Attachment]:
-    att = attach_device(fc.uri, fc.mount, str(tmp_path / "attach.log"), "fuse")
-    try:
-        yield att
-    finally:
-        detach_device(att)
 
 
 def replica_bytes(fc: FuseCluster, offset: int, length: int) -> bytes:

@@ -10,7 +10,6 @@ import importlib.metadata
 import mmap
 import os
 import subprocess
-from collections.abc import Iterator
 
 import pyfuse3
 import pytest
@@ -26,30 +25,12 @@ from blockhorn.fsutil import (
     fallocate,
 )
 from blockhorn.fuse.fs import FALLOCATE_CHUNK
-from blockhorn.nbd.attach import Attachment, attach_device, detach_device
+from blockhorn.nbd.attach import Attachment
 from blockhorn.types import BlockhornError
 
 MiB = 1 << 20
 FALLOC_FL_COLLAPSE_RANGE = 0x08
 HEAD = "volume-head-000.img"
-
-
-@pytest.fixture
-def fc(tmp_path, request) -> Iterator[FuseCluster]:
-    c = FuseCluster(str(tmp_path), size=getattr(request, "param", 64 * MiB))
-    try:
-        yield c.start()   # type: ignore[misc]
-    finally:
-        c.stop()
-
-
-@pytest.fixture
-def loop(fc: FuseCluster, tmp_path) -> Iterator[Attachment]:
-    att = attach_device(fc.uri, fc.mount, str(tmp_path / "attach.log"), "fuse")
-    try:
-        yield att
-    finally:
-        detach_device(att)
 
 
 def counters(fc: FuseCluster) -> dict[str, int]:
