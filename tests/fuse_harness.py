@@ -37,4 +37,3 @@ class FuseCluster(Cluster):
     def stop_engine(self, sig: int = signal.SIGTERM) -> None:
         super().stop_engine(sig)
         cleanup_stale_mount(self.mount)   # left behind when the process was killed
-
