@@ -59,7 +59,7 @@ _COUNTER: dict[int, str] = {Op.WRITE: "writes", Op.FLUSH: "flushes", Op.TRIM: "t
 
 @dataclass(slots=True)
 class Pending:
-    """A mutation sent to replicas and not yet settled (`Engine._send` / `_settle`)."""
+    """A mutation sent to replicas and not yet settled (`Engine._send` / `end`)."""
     op: int
     length: int
     call: Call
@@ -269,7 +269,7 @@ class Engine:
         """Send one mutation to every RW/WO replica (in the global order) and wait for all."""
         pending = self._send(op, offset, length, data, flags)
         assert pending is not None
-        self._settle(pending, pending.call.wait(self.cfg.timeout_s))
+        self.end(pending, pending.call.wait(self.cfg.timeout_s))
 
     def _send(self, op: int, offset: int, length: int, data: Any = None, flags: int = 0,
               on_done: Callable[[], None] | None = None,
@@ -301,7 +301,7 @@ class Engine:
             client.pump()  # type: ignore[union-attr]
         return Pending(op, length, call, sent)
 
-    def _settle(self, pending: Pending, answered: bool) -> None:
+    def end(self, pending: Pending, answered: bool) -> None:
         """After every replica answered (or `timeout_s` passed: `answered` False): replicas
         that failed or stayed silent go ERR; raise unless `min_rw` RW replicas have it."""
         op, call, sent = pending.op, pending.call, pending.sent
@@ -324,15 +324,14 @@ class Engine:
                 raise NoSpace("every replica is out of space")
             raise ReplicaUnavailable(f"volume {self.cfg.volume}: write reached only {ok_rw} RW "
                                      f"replicas, {self.cfg.min_rw} needed")
-        kind = _COUNTER[op]
-        self.counters[kind] += 1
+        self.counters[_COUNTER[op]] += 1
         if op == Op.WRITE:
             self.counters["write_bytes"] += pending.length
 
     # The same mutations for callers that must not block (the FUSE frontend's event loop):
     # `*_begin` sends and returns a Pending, or None when only the blocking method will do;
-    # `on_done` is called from another thread once every replica answered; then `end` (in
-    # the caller's thread) settles the result exactly as the blocking methods do.
+    # `on_done` is called by the thread that received the last reply; then `end` (in the
+    # caller's thread) settles the result exactly as the blocking methods do.
 
     def pwrite_begin(self, buf: Any, offset: int, on_done: Callable[[], None],
                      fua: bool = False) -> Pending | None:
@@ -342,9 +341,6 @@ class Engine:
 
     def flush_begin(self, on_done: Callable[[], None]) -> Pending | None:
         return self._send(Op.FLUSH, 0, 0, None, 0, on_done, may_block=False)
-
-    def end(self, pending: Pending, answered: bool) -> None:
-        self._settle(pending, answered)
 
     def _widen(self, op: int, offset: int, length: int, data: Any) -> tuple[int, int, int, Any]:
         """Under the order lock, while a replica rebuilds: turn a partial-block mutation into a

@@ -1,9 +1,11 @@
 """The filesystem: a root directory holding one regular file, the volume.
 
 Vocabulary: the *image* is that file (inode 2, named `IMAGE`); its size is the volume size and
-never changes. Reads, writes and fsync on it go to the engine, whose methods block: each runs in
-one of a fixed set of worker threads (`workers.Workers`), so the trio loop keeps reading FUSE
-requests while earlier ones wait for replicas. Handlers raise only `FUSEError`.
+never changes. Reads, writes and fsync on it go to the engine without blocking the trio loop:
+writes and fsync are sent from the loop itself and their task sleeps until the replicas answered
+(`_mutate`); reads the page cache serves are done inline; everything else (other reads, trims,
+the rare write that must block) runs in one of a fixed set of worker threads
+(`workers.Workers`). Handlers raise only `FUSEError`.
 """
 
 from __future__ import annotations

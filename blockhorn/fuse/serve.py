@@ -34,11 +34,10 @@ from blockhorn.types import BlockhornError, Busy
 
 log = logging.getLogger("blockhorn.fuse")
 
-# Engine calls in flight at once (worker threads; `--threads`): writes, flushes, and reads the
-# page cache cannot serve. Measured on 2 vCPUs, 3 local replicas, fio libaio QD32 on the loop
-# device: 4 and 8 within noise of each other (2.3-2.9k 4k randwrite IOPS), 16 and 32 lower
-# (more threads contending for the GIL). 8 leaves room for more writes in flight when replicas
-# are remote (higher latency).
+# Blocking engine calls in flight at once (worker threads; `--threads`): reads the page cache
+# cannot serve, trims and zeroes, and writes/flushes only when they cannot be sent from the
+# loop (see `VolumeFS._mutate`). Chosen when writes still went through these threads (2 vCPUs,
+# 3 replicas, fio QD32: 4 and 8 within noise, 16 and 32 lower from GIL contention).
 FUSE_THREADS = 8
 # FOPEN_DIRECT_IO: every read/write of the file goes to the engine, never the page cache.
 # The loop device's own O_DIRECT does that already; this covers plain opens of the file too,
