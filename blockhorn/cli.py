@@ -42,10 +42,15 @@ def _home_arg(p: argparse.ArgumentParser, top: bool = False) -> None:
 def _serve_parser(cmds: Any, name: str, help: str, description: str, serve_help: str,
                   serve_description: str) -> Parser:
     """`blockhorn NAME serve`: the entry point of one kind of process the daemon starts."""
+    return _actions(cmds, name, help, description).add_parser(
+        "serve", help=serve_help, description=serve_description)
+
+
+def _actions(cmds: Any, name: str, help: str, description: str) -> Any:
     top = cmds.add_parser(name, help=help, description=description)
     sub = top.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     sub.required = True
-    return sub.add_parser("serve", help=serve_help, description=serve_description)
+    return sub
 
 
 def build_parser() -> Parser:
@@ -171,10 +176,18 @@ def build_parser() -> Parser:
                    help="log only to <home>/logs/daemon.log, not to stderr")
     _home_arg(p)
 
-    p = _serve_parser(cmds, "replica", "replica server process",
-                      "Run one replica server (the daemon and blockhorn-replica@.service use "
-                      "this).", "serve one replica in the foreground",
-                      "Serve one replica in the foreground.")
+    rcmds = _actions(cmds, "replica", "replica server process",
+                     "Create or run one replica server (the daemon and "
+                     "blockhorn-replica@.service use this).")
+    p = rcmds.add_parser("serve", help="serve one replica in the foreground",
+                         description="Serve one replica in the foreground. Its directory must "
+                                     "hold a replica (volume.meta): a missing one is an error, "
+                                     "never a reason to start empty.")
+    p.add_argument("--config", required=True, metavar="FILE", help="replica config (JSON)")
+    p = rcmds.add_parser("create", help="create an empty replica directory for a config",
+                         description="Create the empty replica directory a config names, for "
+                                     "hand-run hosts. It is marked Rebuilding: no engine trusts "
+                                     "it before its first resync from a current replica.")
     p.add_argument("--config", required=True, metavar="FILE", help="replica config (JSON)")
 
     p = _serve_parser(cmds, "engine", "engine (nbdkit) process",
@@ -421,6 +434,14 @@ def _wait_gone(pid: int | None, timeout: float = 15.0) -> None:
 
 
 def _replica(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        from blockhorn.config import ReplicaConfig
+        from blockhorn.replica.store import Replica
+        cfg = ReplicaConfig.load(args.config)
+        Replica.create(cfg.directory, cfg.size, cfg.volume, {"Rebuilding": True}).close()
+        print(f"created replica {cfg.name} of {cfg.volume} in {cfg.directory} (empty, "
+              "Rebuilding until the engine resyncs it)")
+        return 0
     from blockhorn.replica.server import main as replica_main
     return replica_main(args.config)
 

@@ -100,6 +100,8 @@ class EngineConfig(_Loadable):
     local_reads: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0       # fencing epoch sent to the replicas (failover owners; 0: none)
+    record: str = ""     # generation record (engine/generation.py); "" = replicas' own sets
+    salvage: str = ""    # operator override for one start: this replica is the source
 
     def validate(self) -> None:
         check_name(self.volume)
@@ -115,3 +117,5 @@ class EngineConfig(_Loadable):
             raise InvalidArgument("timeout_s must be positive")
         if not isinstance(self.epoch, int) or self.epoch < 0:
             raise InvalidArgument("epoch must be a non-negative integer")
+        if self.salvage and self.salvage not in {r.name for r in self.replicas}:
+            raise InvalidArgument(f"salvage: {self.salvage!r} is not a replica of this volume")

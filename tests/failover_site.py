@@ -147,7 +147,8 @@ def failover_site(tmp: str) -> Iterator[Site]:
                                     f"{STORAGE}:{free_port()}", key)
                 path = os.path.join(tmp, f"{name}.json")
                 cfg.save(path)
-                rep = ReplicaProc(cfg, path, os.path.join(tmp, f"{name}.log"))
+                rep = ReplicaProc(cfg, path, os.path.join(tmp, f"{name}.log"),
+                                  members=[f"{VOLUME}-r{j}" for j in range(3)])
                 rep.start()
                 reps.append(rep)
             spec = {"size": "64MiB", "replicas": [f"{r.cfg.name}={r.cfg.listen}" for r in reps],

@@ -18,6 +18,7 @@ from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_addr
 from blockhorn.engine.control import ControlClient
 from blockhorn.keys import ensure_key
 from blockhorn.nbd.attach import nbd_uri, start_engine, wait_for
+from blockhorn.replica.store import Replica
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,8 +46,17 @@ class ReplicaProc:
     config_path: str
     log_path: str
     proc: subprocess.Popen[bytes] | None = None
+    members: list[str] = field(default_factory=list)   # the volume's replicas at creation
+
+    def create(self) -> None:
+        """What `volume create` does for each replica: an empty replica, in sync at
+        generation 0 with its siblings. `replica serve` refuses a directory without one."""
+        if not os.path.exists(os.path.join(self.cfg.directory, "volume.meta")):
+            Replica.create(self.cfg.directory, self.cfg.size, self.cfg.volume,
+                           {"Members": self.members or [self.cfg.name]}).close()
 
     def start(self) -> None:
+        self.create()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "blockhorn.replica", self.config_path],
@@ -87,6 +97,8 @@ class Cluster:
         self.control_socket = os.path.join(self.home, "control.sock")
         self.engine_config = os.path.join(self.home, "engine.json")
         self.engine_log = os.path.join(self.home, "engine.log")
+        self.record = os.path.join(self.home, "generation.json")
+        names = [f"{self.volume}-r{i}" for i in range(self.replicas)]
         for i in range(self.replicas):
             name = f"{self.volume}-r{i}"
             listen = (f"unix:{self.home}/{name}.sock" if self.transport == "unix"
@@ -95,11 +107,16 @@ class Cluster:
                                 listen, self.key_file)
             path = os.path.join(self.home, f"{name}.json")
             cfg.save(path)
-            self.reps.append(ReplicaProc(cfg, path, os.path.join(self.home, f"{name}.log")))
+            self.reps.append(ReplicaProc(cfg, path, os.path.join(self.home, f"{name}.log"),
+                                         members=names))
+        self.write_engine_config()
+
+    def write_engine_config(self, **extra: object) -> None:
         EngineConfig(self.volume, self.size,
                      [ReplicaRef(r.cfg.name, r.cfg.listen, r.cfg.directory) for r in self.reps],
                      self.key_file, self.control_socket, min_rw=self.min_rw,
-                     timeout_s=self.timeout_s, local_reads=self.local_reads
+                     timeout_s=self.timeout_s, local_reads=self.local_reads,
+                     record=self.record, **extra  # type: ignore[arg-type]
                      ).save(self.engine_config)
 
     @property

@@ -10,6 +10,8 @@ Invariants (docs/DURABILITY.md):
   `min_rw` RW replicas acknowledged it. Otherwise the request fails with EIO (ENOSPC when every
   replica said ENOSPC).
 - FLUSH and FUA reach every RW/WO replica's disk (fdatasync) before the reply.
+- Every change of the RW set is committed (engine/generation.py) before the next mutation is
+  acknowledged: `end` runs the pending commit (`commit_if_needed`) before it returns.
 - Reads go to one RW replica: the local one when it lives on this host (read directly from its
   head file), else round-robin; on error, the next RW replica.
 """
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
+from blockhorn.engine import generation
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.local import LocalChain
 from blockhorn.engine.rebuild import rebuild_replica
@@ -97,47 +100,127 @@ class Engine:
         self._maint: threading.Thread | None = None
         self.receiver = Receiver()   # one thread receives every replica's replies
         self._retired: list[tuple[float, LocalChain]] = []
+        # Generations (engine/generation.py): the last completed commit, the RW set now, and
+        # replicas set RW by a resync whose join commit has not reached them yet.
+        self.generation = 0
+        self.commit_lock = threading.Lock()
+        self._committed: frozenset[str] = frozenset()
+        self._rw_set: frozenset[str] = frozenset()
+        self._joining: set[str] = set()
+        self.decision: generation.Decision | None = None
 
     # --- start / stop ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect to every replica, choose modes, and start rebuilding stale ones."""
+        """Connect to every replica, choose the source by the generation rule, commit the new
+        in-sync set, and resync every other reachable replica from the source."""
         with ThreadPoolExecutor(max_workers=len(self.replicas)) as pool:
             list(pool.map(self.connect_replica, self.replicas.values()))
-        candidates = [r for r in self.replicas.values()
-                      if r.client and not r.stat.get("rebuilding") and not r.stat.get("error")]
-        if not candidates:
-            raise ReplicaUnavailable(f"volume {self.cfg.volume}: no usable replica ("
-                                     + "; ".join(f"{r.ref.name}: {r.error or 'stale'}"
-                                                 for r in self.replicas.values()) + ")")
-        # A replica that opened dirty (its process or host crashed) may hold unflushed writes
-        # its counter does not count: trust it only when no cleanly opened replica is left.
+        reachable = [r for r in self.replicas.values() if r.client]
+        seen = [generation.Seen.from_stat(r.ref.name, r.stat) for r in reachable]
+        if self.cfg.salvage:
+            decision = generation.salvage(seen, self.cfg.salvage)
+        else:
+            try:
+                decision = generation.choose(list(self.replicas), seen,
+                                             generation.load_record(self.cfg.record))
+            except ReplicaUnavailable as e:
+                raise ReplicaUnavailable(f"volume {self.cfg.volume}: {e}"
+                                         + "".join(f"; {r.ref.name}: {r.error}"
+                                                   for r in self.replicas.values()
+                                                   if not r.client)) from None
+        log.info("volume %s: start rule: %s", self.cfg.volume, decision.why)
+        self.decision = decision
+        chosen = [self.replicas[n] for n in decision.rw]
         # An expansion a replica missed (it was down) is caught up here: the largest wins.
-        self.size = max([self.size] + [r.stat["size"] for r in candidates])
-        for r in candidates:
+        self.size = max([self.size] + [r.stat["size"] for r in reachable])
+        for r in chosen:
             if r.stat["size"] < self.size and r.client:
                 r.stat = r.client.control({"op": "expand", "size": self.size})
-        clean = [r for r in candidates if not r.stat.get("opened_dirty")]
-        pool_ = clean or candidates
-        best = max(r.stat["revision"] for r in pool_)
-        chosen = [r for r in pool_ if r.stat["revision"] == best]
-        if not clean:
-            chosen = chosen[:1]
+        if decision.adopt:
+            src = self.replicas[decision.source]
+            assert src.client is not None
+            src.stat = src.client.control({"op": "adopt"})
         for r in chosen:
             r.mode = ReplicaMode.RW
             self._open_local(r)
-        for r in self.replicas.values():
-            if r.client:
-                r.client.control({"op": "bump_generation"})
+        self._joining = {r.ref.name for r in chosen if r.stat.get("rebuilding")}  # salvage
+        self.generation = decision.generation
         self._update_readers()
+        self.commit_if_needed()
         stale = [r for r in self.replicas.values() if r.client and r.mode != ReplicaMode.RW]
-        log.info("volume %s: RW %s, rebuilding %s", self.cfg.volume,
-                 [r.ref.name for r in chosen], [r.ref.name for r in stale])
+        log.info("volume %s: generation %d, RW %s, resyncing %s", self.cfg.volume,
+                 self.generation, decision.rw, [r.ref.name for r in stale])
         for r in stale:
             r.mode = ReplicaMode.ERR
             self.rebuild(r.ref.name)
         self._maint = threading.Thread(target=self._maintain, name="maintain", daemon=True)
         self._maint.start()
+
+    # --- generations -------------------------------------------------------------------------
+
+    def commit_pending(self) -> bool:
+        return self._committed != self._rw_set or bool(self._joining)
+
+    def commit_if_needed(self) -> None:
+        """Make the current RW set durable as a new generation: the record first, then every
+        member that stays, then joining replicas (clearing their Rebuilding flag). A member
+        that fails it goes ERR and the commit starts over without it. Blocks; never call it
+        from the thread that receives replies (the FUSE frontend runs it in a worker)."""
+        while self.commit_pending():
+            with self.commit_lock:
+                if not self.commit_pending():
+                    return
+                with self.state_lock:
+                    members = [r for r in self.replicas.values()
+                               if r.mode == ReplicaMode.RW and r.client]
+                    names = frozenset(r.ref.name for r in members)
+                    joining = {n for n in self._joining if n in names}
+                if len(names) < self.cfg.min_rw:
+                    raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
+                                             f"{self.cfg.min_rw} RW replicas")
+                gen = self.generation + 1
+                if self.cfg.record:
+                    try:
+                        generation.save_record(self.cfg.record, gen, sorted(names))
+                    except OSError as e:
+                        raise BlockhornError(f"cannot write the generation record "
+                                             f"{self.cfg.record}: {e}", e.errno or errno.EIO
+                                             ) from None
+                stay = [r for r in members if r.ref.name not in joining]
+                join = [r for r in members if r.ref.name in joining]
+                failed = self._set_generation(stay, gen, sorted(names), False)
+                if not failed:
+                    failed = self._set_generation(join, gen, sorted(names), True)
+                if failed:
+                    continue      # the failed ones are ERR now: commit the smaller set
+                self.generation = gen
+                self._committed = names
+                self._joining -= joining
+                log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
+                         sorted(names))
+
+    def _set_generation(self, targets: list[ReplicaState], gen: int, members: list[str],
+                        clear_rebuilding: bool) -> bool:
+        """Send set_generation to `targets` at once; set the ones that fail ERR. True when
+        any failed."""
+        req = {"op": "set_generation", "generation": gen, "members": members,
+               "clear_rebuilding": clear_rebuilding}
+        body = proto_json(req)
+        call = Call(len(targets))
+        sent = [(r, r.client) for r in targets]
+        for _, client in sent:
+            client.submit(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
+        if targets:
+            call.wait(self.cfg.timeout_s)
+        failed = False
+        for r, client in sent:
+            status = call.results.get(r.ref.name, errno.ETIMEDOUT)
+            if status:
+                failed = True
+                self.set_error(r, f"generation {gen} not recorded: {os.strerror(status)}",
+                               client)
+        return failed
 
     def connect_replica(self, r: ReplicaState) -> None:
         client = ReplicaClient(r.ref, self.key, handshake_name(self.cfg.volume, self.cfg.epoch),
@@ -207,6 +290,7 @@ class Engine:
         rw = [r for r in self.replicas.values() if r.mode == ReplicaMode.RW]
         rw.sort(key=lambda r: r.local is None)      # local replicas first
         self._readers = rw
+        self._rw_set = frozenset(r.ref.name for r in rw)
         self._targets = self._writable()
         self._rebuilding = any(r.mode == ReplicaMode.WO for r in self._targets)
 
@@ -218,7 +302,8 @@ class Engine:
 
     def set_mode(self, r: ReplicaState, mode: ReplicaMode, order_held: bool = False) -> None:
         """Change a replica's mode in the global order: a mutation is sent before or after.
-        `order_held`: the caller already holds `order_lock`."""
+        `order_held`: the caller already holds `order_lock`. A replica set RW here joins:
+        the next commit reaches it last and clears its Rebuilding flag."""
         if not order_held:
             with self.order_lock:
                 self.set_mode(r, mode, order_held=True)
@@ -227,6 +312,7 @@ class Engine:
             r.mode = mode
             if mode == ReplicaMode.RW:
                 r.error = ""
+                self._joining.add(r.ref.name)
                 self._open_local(r)
             self._update_readers()
 
@@ -270,6 +356,7 @@ class Engine:
         pending = self._send(op, offset, length, data, flags)
         assert pending is not None
         self.end(pending, pending.call.wait(self.cfg.timeout_s))
+        self.commit_if_needed()
 
     def _send(self, op: int, offset: int, length: int, data: Any = None, flags: int = 0,
               on_done: Callable[[], None] | None = None,
@@ -331,7 +418,9 @@ class Engine:
     # The same mutations for callers that must not block (the FUSE frontend's event loop):
     # `*_begin` sends and returns a Pending, or None when only the blocking method will do;
     # `on_done` is called by the thread that received the last reply; then `end` (in the
-    # caller's thread) settles the result exactly as the blocking methods do.
+    # caller's thread) settles the result exactly as the blocking methods do, and when
+    # `commit_pending()` the caller runs `commit_if_needed` in a worker thread before it
+    # acknowledges.
 
     def pwrite_begin(self, buf: Any, offset: int, on_done: Callable[[], None],
                      fua: bool = False) -> Pending | None:
@@ -590,6 +679,10 @@ class Engine:
         while not self._stop.wait(PING_INTERVAL_S):
             self._close_retired()
             self._refresh_local()
+            try:      # a replica lost while idle: record it before the next write needs to
+                self.commit_if_needed()
+            except BlockhornError as e:
+                log.error("volume %s: commit failed: %s", self.cfg.volume, e)
             if time.monotonic() - last_retry >= REBUILD_RETRY_S:
                 last_retry = time.monotonic()
                 for r in list(self.replicas.values()):
@@ -627,6 +720,6 @@ class Engine:
                 "revision": r.stat.get("revision"),
                 "rebuild": dict(r.rebuild) if r.rebuild else None,
             })
-        return {"volume": self.cfg.volume, "size": self.size,
+        return {"volume": self.cfg.volume, "size": self.size, "generation": self.generation,
                 "robustness": str(self.robustness()), "min_rw": self.cfg.min_rw,
                 "replicas": replicas, "counters": dict(self.counters)}

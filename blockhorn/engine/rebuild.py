@@ -8,7 +8,9 @@
 3. Snapshot layers are immutable: they are copied extent by extent without the order lock.
 4. The head is copied in chunks, each under the order lock: the source read is ordered after
    every write sent before it, the target write before every write sent after it.
-5. A final FLUSH, the source's revision, Rebuilding cleared, the layer map rebuilt: RW.
+5. A final FLUSH, the source's revision, the layer map rebuilt: RW. The join commit
+   (Engine.commit_if_needed) then records the new set, reaching the target last and clearing
+   its Rebuilding flag in that same write: until then no engine start trusts it.
 The engine's maintenance lock keeps snapshots, purges and expansion out meanwhile.
 """
 
@@ -75,6 +77,7 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
             target.control({"op": "finish_rebuild", "revision": final["revision"]})
             r.stat = target.stat()
             eng.set_mode(r, ReplicaMode.RW, order_held=True)
+    eng.commit_if_needed()
 
 
 def _wait_purge_idle(source: ReplicaClient) -> None:

@@ -78,6 +78,10 @@ class VolumeFS(pyfuse3.Operations):
                 await waiter.wait()
                 answered = True
             self.engine.end(pending, answered)
+            if self.engine.commit_pending():
+                # A replica left the in-sync set: its commit waits for replies this thread
+                # receives, so it runs in a worker, and the mutation is acknowledged after it.
+                await self._call(self.engine.commit_if_needed)
         except BlockhornError as e:
             raise FUSEError(e.errno) from None
 

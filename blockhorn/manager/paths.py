@@ -69,6 +69,10 @@ class Home:
     def engine_config(self, vol: str) -> str:
         return self._p("volumes", vol, "engine.json")
 
+    def generation_record(self, vol: str) -> str:
+        """The engine's generation record (engine/generation.py): written before replicas."""
+        return self._p("volumes", vol, "generation.json")
+
     def replica_config(self, vol: str, replica: str) -> str:
         return self._p("volumes", vol, f"{replica}.json")
 

@@ -139,7 +139,8 @@ class VolumeManager:
             from blockhorn.replica.store import Replica
             for d in dirs:
                 created.append(d)
-                Replica.create(d, size, name).close()
+                # In sync at generation 0 with each other (engine/generation.py).
+                Replica.create(d, size, name, {"Members": names}).close()
             self.write_configs(name)
             if share_opts is not None:
                 self.store.update_volume(name, access_mode="rwx")
@@ -163,7 +164,8 @@ class VolumeManager:
                           ).save(self.home.replica_config(name, r.name))
         EngineConfig(volume=name, size=vol.size,
                      replicas=[ReplicaRef(r.name, r.address, r.directory) for r in reps],
-                     key_file=self.home.key, control_socket=self.home.control_socket(name)
+                     key_file=self.home.key, control_socket=self.home.control_socket(name),
+                     record=self.home.generation_record(name)
                      ).save(self.home.engine_config(name))
 
     # --- attach ----------------------------------------------------------------------------

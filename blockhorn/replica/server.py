@@ -31,9 +31,9 @@ from blockhorn.keys import load_key
 from blockhorn.replica import proto, snapshots
 from blockhorn.replica.fencing import Fenced, Fencing
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
-from blockhorn.replica.store import Replica
+from blockhorn.replica.store import VOLUME_META, Replica
 from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
-from blockhorn.types import AuthError, BlockhornError, ProtocolError
+from blockhorn.types import AuthError, BlockhornError, InvalidArgument, NotFound, ProtocolError
 
 log = logging.getLogger("blockhorn.replica")
 
@@ -255,10 +255,16 @@ class ReplicaServer:
         elif op == "reset_chain":
             snapshots.reset_chain(r, list(req["chain"]))
         elif op == "finish_rebuild":
+            # The copy is complete; Rebuilding is cleared only by the engine's join commit
+            # (set_generation with clear_rebuilding), so a crash in between leaves it untrusted.
             snapshots.sync_layers(r)
             r.set_revision(int(req["revision"]))
-            r.update_meta(Rebuilding=False)
             r.reload()
+        elif op == "set_generation":
+            r.set_generation(int(req["generation"]), [str(m) for m in req["members"]],
+                             bool(req.get("clear_rebuilding", False)))
+        elif op == "adopt":
+            r.adopt()
         elif op == "snapshot":
             snapshots.create_snapshot(r, str(req["name"]), bool(req.get("user_created", True)),
                                       req.get("labels") or None)
@@ -268,8 +274,6 @@ class ReplicaServer:
             self.start_purge()
         elif op == "expand":
             snapshots.expand(r, int(req["size"]))
-        elif op == "bump_generation":
-            r.update_meta(Generation=int(r.meta.get("Generation", 0)) + 1)
         elif op == "fault":
             # Test hook: make this replica slow ({"delay_s": s}) or fail control ops
             # ({"fail_control": ["snapshot", ...]}) to exercise the engine's error paths.
@@ -297,9 +301,19 @@ async def send_all(sock: trio.socket.SocketType, buffers: list[Any]) -> None:
 
 
 def open_replica(cfg: ReplicaConfig) -> Replica:
-    if not os.path.exists(os.path.join(cfg.directory, "volume.meta")):
-        Replica.create(cfg.directory, cfg.size, cfg.volume).close()
+    """Open the configured replica directory. A directory without its metadata is an error,
+    never a reason to start empty: an empty replica that opens cleanly could otherwise be
+    taken for a current one (its disk not mounted, a wrong path). Replicas are created by
+    `volume create`, `replica create` or the daemon's replacement of a failed replica."""
+    if not os.path.exists(os.path.join(cfg.directory, VOLUME_META)):
+        raise NotFound(f"{cfg.directory} holds no replica ({VOLUME_META} is missing): is its "
+                       "disk mounted? A new replica is made with `blockhorn replica create "
+                       "--config FILE` (it starts empty and is rebuilt by the engine)")
     replica = Replica.open(cfg.directory)
+    if replica.meta.get("Volume") and replica.meta["Volume"] != cfg.volume:
+        replica.close()
+        raise InvalidArgument(f"{cfg.directory} is a replica of volume "
+                              f"{replica.meta['Volume']!r}, not of {cfg.volume!r}")
     if replica.size < cfg.size:
         # The volume was expanded while this replica was away: catch up.
         log.info("expanding %s from %d to %d bytes", cfg.directory, replica.size, cfg.size)

@@ -3,7 +3,8 @@
 Directory (Longhorn-compatible names, see docs/FORMAT.md):
 
     volume.meta                  JSON: Size, Head, Dirty, Rebuilding, Error, Parent, SectorSize,
-                                 BackingFilePath + blockhorn's Volume, Generation, FormatVersion
+                                 BackingFilePath + blockhorn's Volume, Generation, Members,
+                                 FormatVersion
     volume-head-NNN.img          sparse raw file of Size bytes: the writable top layer
     volume-head-NNN.img.meta     JSON: Name, Parent, Removed, UserCreated, Created, Labels
     volume-snap-<name>.img(.meta) read-only snapshot layers (the snapshot issue adds them)
@@ -13,14 +14,26 @@ A read finds each range in the newest layer holding it (`ExtentMap`). Writes alw
 head. Requests are executed one at a time by the replica server, so the copy-up of a partial
 4 KiB block (read from an older layer, patch, write the whole block to the head) never races
 another request for the same block.
+
+Revisions and suspicion (docs/DURABILITY.md, "Generations"):
+- `revision` counts mutations that *succeeded*, bumped after the change is made; it is
+  persisted by every FLUSH. After a crash the persisted count may be lower than the writes the
+  files hold (they are then Dirty), never higher.
+- A replica is *suspect* when its content may not be a prefix of the volume's history: it
+  opened Dirty (a crash), or a mutation failed part-way (`halted`). A halted replica refuses
+  every later mutation (ECANCELED), so what it holds stays a prefix plus at most one torn
+  request. A suspect replica keeps `Dirty` through an orderly close; only the engine clears
+  it: by a resync (`set_generation(..., clear_rebuilding=True)`) or by adopting the replica as
+  the source of truth at start (`adopt`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +41,7 @@ from blockhorn.fsutil import (
     atomic_write,
     atomic_write_json,
     data_extents,
+    fsync_dir,
     preadv_full,
     punch_hole,
     pwrite_full,
@@ -96,6 +110,8 @@ class Replica:
         # Dirty at open: the last process or host holding it did not close it cleanly, so it
         # may hold writes its revision counter does not count (the engine resyncs it).
         self.opened_dirty = bool(meta.get("Dirty"))
+        self.suspect = self.opened_dirty     # see the module docstring
+        self.halted = ""                     # why mutations are refused, after a failed one
         self.map = LayerMap(ExtentMap(), ExtentMap(), 0)
         self._map_layers()
         # Test hook: called with a step name before each step of a multi-file change.
@@ -112,10 +128,17 @@ class Replica:
     # --- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, directory: str, size: int, volume: str = "") -> Replica:
+    def create(cls, directory: str, size: int, volume: str = "",
+               extra_meta: dict[str, Any] | None = None) -> Replica:
+        """A new, empty replica. `extra_meta`: e.g. {"Rebuilding": True} for a replacement,
+        which must never be trusted before its first resync has finished."""
         if size <= 0 or size % BLOCK_SIZE:
             raise InvalidArgument(f"replica size {size} is not a positive multiple of 4096")
+        parent = os.path.dirname(os.path.abspath(directory))
+        existed = os.path.isdir(directory)
         os.makedirs(directory, exist_ok=True)
+        if not existed:
+            fsync_dir(parent)      # the new directory itself survives a power cut
         if os.path.exists(os.path.join(directory, VOLUME_META)):
             raise BlockhornError(f"{directory} already holds a replica", errno.EEXIST)
         head = HEAD_FMT.format(0)
@@ -125,7 +148,8 @@ class Replica:
         atomic_write_json(os.path.join(directory, VOLUME_META), {
             "Size": size, "Head": head, "Dirty": False, "Rebuilding": False, "Error": "",
             "Parent": "", "SectorSize": 512, "BackingFilePath": "",
-            "Volume": volume, "Generation": 0, "FormatVersion": FORMAT_VERSION,
+            "Volume": volume, "Generation": 0, "Members": [], "FormatVersion": FORMAT_VERSION,
+            **(extra_meta or {}),
         })
         return cls.open(directory)
 
@@ -140,7 +164,15 @@ class Replica:
                                  "than this blockhorn understands", errno.EPROTO)
         from blockhorn.replica.snapshots import recover, roll_forward  # a layer on top of this
         roll_forward(directory)
-        layers = cls._open_chain(directory, meta)
+        try:
+            layers = cls._open_chain(directory, meta)
+        except (OSError, BlockhornError):
+            if not meta.get("Rebuilding"):
+                raise
+            # A crash inside a rebuild's chain reset (snapshots.reset_chain) left the chain
+            # half-made. The replica holds nothing anyone trusts: give it a fresh, empty head.
+            meta = cls._fresh_head(directory, meta)
+            layers = cls._open_chain(directory, meta)
         try:
             with open(os.path.join(directory, REVISION_COUNTER), "rb") as f:
                 revision = decode_revision(f.read(REVISION_SIZE))
@@ -151,6 +183,18 @@ class Replica:
         replica = cls(directory, meta, layers, revision)
         recover(replica)
         return replica
+
+    @staticmethod
+    def _fresh_head(directory: str, meta: dict[str, Any]) -> dict[str, Any]:
+        for entry in os.listdir(directory):
+            if entry.startswith(("volume-snap-", "volume-head-")):
+                os.unlink(os.path.join(directory, entry))
+        head = HEAD_FMT.format(0)
+        new_head_file(directory, head, "", int(meta["Size"]))
+        fsync_dir(directory)
+        meta = dict(meta, Head=head)
+        atomic_write_json(os.path.join(directory, VOLUME_META), meta)
+        return meta
 
     @staticmethod
     def _open_chain(directory: str, meta: dict[str, Any], readonly: bool = False) -> list[Layer]:
@@ -185,10 +229,11 @@ class Replica:
         self._map_layers()
 
     def close(self) -> None:
-        """Persist the revision counter and clear Dirty: a clean close."""
+        """Persist the revision counter; clear Dirty unless the replica is suspect (a clean
+        close must not launder a replica that crashed or failed a write: module docstring)."""
         if self.layers:
             self.flush()
-            if self.meta.get("Dirty"):
+            if self.meta.get("Dirty") and not self.suspect:
                 self.update_meta(Dirty=False)
             for layer in self.layers:
                 os.close(layer.fd)
@@ -210,10 +255,45 @@ class Replica:
         self.meta = meta
 
     def _mutating(self) -> None:
-        self.revision += 1
+        """Before a mutation changes anything (after its arguments were checked)."""
+        if self.halted:
+            raise BlockhornError(f"replica refuses writes after a failed one ({self.halted}): "
+                                 "it must be resynced", errno.ECANCELED)
         if not self.meta.get("Dirty"):
             # Durable before the first write lands: a crash from here on is visible at start.
             self.update_meta(Dirty=True)
+
+    @contextlib.contextmanager
+    def _mutation(self) -> Iterator[None]:
+        """Count a mutation only once it succeeded; a failure halts the replica."""
+        self._mutating()
+        try:
+            yield
+        except BaseException as e:
+            self.halted = f"{type(e).__name__}: {e}"
+            self.suspect = True
+            raise
+        self.revision += 1
+
+    # --- generations (engine-driven; docs/DURABILITY.md) ---------------------------------
+
+    def set_generation(self, generation: int, members: list[str],
+                       clear_rebuilding: bool = False) -> None:
+        """Record that this replica is in sync at `generation` with `members` (one atomic,
+        durable write). `clear_rebuilding`: the end of a resync — the replica now equals the
+        source, so it stops being suspect and may be trusted from this write on."""
+        changes: dict[str, Any] = {"Generation": int(generation), "Members": list(members)}
+        if clear_rebuilding:
+            changes["Rebuilding"] = False
+            self.suspect = False
+            self.halted = ""
+        self.update_meta(**changes)
+
+    def adopt(self) -> None:
+        """The engine chose this replica as the source of truth (its content defines the
+        volume now): it is no longer suspect, and mutations are accepted again."""
+        self.suspect = False
+        self.halted = ""
 
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0:
@@ -242,8 +322,8 @@ class Replica:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._check(offset, len(data))
-        self._mutating()
-        self._write(offset, data, os.RWF_DSYNC if fua else 0)
+        with self._mutation():
+            self._write(offset, data, os.RWF_DSYNC if fua else 0)
 
     def _write(self, offset: int, data: bytes | bytearray | memoryview, flags: int) -> None:
         length = len(data)
@@ -266,29 +346,34 @@ class Replica:
         return any(index not in (head, ZERO)
                    for s, e in edges for _, _, index in self.map.lookup(s, e))
 
-    def trim(self, offset: int, length: int) -> None:
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
         """Discard: the range reads as zeros afterwards (blockhorn guarantees zeros on trim)."""
-        self.zero(offset, length, may_trim=True)
+        self.zero(offset, length, may_trim=True, fua=fua)
 
     def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:
         """Make a range read as zeros. With `may_trim`, space is freed where that is safe:
         everywhere on a single-layer chain, and where no snapshot beneath holds data on a
         longer chain; over snapshot data real zeros are written so it stays hidden."""
         self._check(offset, length)
-        self._mutating()
-        end = offset + length
-        if not may_trim:
-            self._write_zeros(offset, end)
-        elif len(self.layers) == 1:
-            self._punch(offset, end)
-        else:
-            for s, e, layer in self.map.base.lookup(offset, end):
-                if layer == ZERO:
-                    self._punch(s, e)      # nothing beneath: a hole in the head reads zeros
-                else:
-                    self._write_zeros(s, e)
-        if fua:
-            os.fdatasync(self.head.fd)
+        with self._mutation():
+            end = offset + length
+            if not may_trim:
+                self._write_zeros(offset, end)
+            elif len(self.layers) == 1:
+                self._punch(offset, end)
+            elif self.meta.get("Rebuilding"):
+                # A rebuild target's snapshot layers are still being filled, so its base map
+                # does not yet say where older data lies: a hole punched now could let data
+                # copied later show through. Real zeros hide whatever arrives beneath.
+                self._write_zeros(offset, end)
+            else:
+                for s, e, layer in self.map.base.lookup(offset, end):
+                    if layer == ZERO:
+                        self._punch(s, e)      # nothing beneath: a hole in the head reads zeros
+                    else:
+                        self._write_zeros(s, e)
+            if fua:
+                os.fdatasync(self.head.fd)
 
     def _punch(self, start: int, end: int) -> None:
         """Punch whole blocks of the head, write zeros on partial edges (holes are per block)."""
@@ -310,8 +395,14 @@ class Replica:
             pos += n
 
     def flush(self) -> None:
-        """Make every completed write durable: fdatasync the head, then the revision counter."""
-        os.fdatasync(self.head.fd)
+        """Make every completed write durable: fdatasync the head, then the revision counter.
+        A failed fdatasync may have lost written pages: the replica halts (module docstring)."""
+        try:
+            os.fdatasync(self.head.fd)
+        except OSError as e:
+            self.halted = f"flush failed: {e}"
+            self.suspect = True
+            raise
         if self.revision != self._persisted_revision:
             fd = os.open(os.path.join(self.directory, REVISION_COUNTER), os.O_WRONLY)
             try:
@@ -343,14 +434,17 @@ class Replica:
             "revision": self.revision, "dirty": bool(self.meta.get("Dirty")),
             "opened_dirty": self.opened_dirty,
             "rebuilding": bool(self.meta.get("Rebuilding")), "error": self.meta.get("Error", ""),
-            "generation": int(self.meta.get("Generation", 0)), "layers": len(self.layers),
+            "generation": int(self.meta.get("Generation", 0)),
+            "members": list(self.meta.get("Members") or []),
+            "suspect": self.suspect, "halted": self.halted, "layers": len(self.layers),
             "directory": os.path.abspath(self.directory), "head_ino": head_stat.st_ino,
             "head_dev": head_stat.st_dev, "allocated": head_stat.st_blocks * 512,
             "chain": [layer.name for layer in self.layers],
         }
 
     def set_revision(self, revision: int) -> None:
-        """End of a full resync: the content now equals a replica at `revision`."""
+        """End of a resync's copy: the content now equals a replica at `revision`. It stays
+        suspect (and Rebuilding) until the engine's join commit (`set_generation`)."""
         self.revision = revision
         self.flush()
         self.opened_dirty = False

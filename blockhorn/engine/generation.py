@@ -1,0 +1,160 @@
+"""Generations: which replicas an engine may trust at start (docs/DURABILITY.md, "Generations").
+
+Vocabulary:
+- The *in-sync set* is the set of RW replicas. Every change of it is a *commit* (G+1, S'):
+  a replica set ERR, a resync finishing (the replica joins), an engine starting.
+- A commit is written first to the engine's *record* (`generation.json`, when the engine has
+  one), then to every replica that stays in the set, and last to a joining replica — whose
+  `Rebuilding` flag is cleared in that same atomic write. No write, TRIM, ZERO or FLUSH is
+  acknowledged while a commit is pending.
+- A replica is *current* when it is a member of the newest set, not Rebuilding and not in
+  Error. The newest set is the record's; without a usable record, the set carried by the
+  replica with the highest generation — and then every member of it must be reachable, since
+  an unreachable one may carry a newer set.
+
+Why a current replica holds every acknowledged write: a replica leaves the set only by a
+commit, and a commit completes — so acknowledgements resume — only once every member holds
+it; a replica rejoins only through a resync, which marks it Rebuilding until the join commit
+reaches it. So a member that is not Rebuilding was in the set at every commit since the last
+one it holds, and none of those commits completed without it: every write acknowledged in
+that time reached it. Among current replicas the highest revision (mutations that
+succeeded) is the source; the others are resynced from it, never promoted.
+
+The functions here are pure (no I/O but the record file), so the rule is checked by a
+hypothesis state machine (tests/t1_generation_rule.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from blockhorn.fsutil import atomic_write_json, read_json
+from blockhorn.types import BlockhornError, ReplicaUnavailable
+
+RECORD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What an engine learns of one reachable replica at start (its STAT)."""
+    name: str
+    generation: int
+    members: frozenset[str]
+    rebuilding: bool
+    error: bool
+    revision: int
+    suspect: bool       # opened Dirty (a crash) or halted after a failed mutation
+
+    @classmethod
+    def from_stat(cls, name: str, stat: dict[str, Any]) -> Seen:
+        return cls(name, int(stat.get("generation", 0)), frozenset(stat.get("members") or ()),
+                   bool(stat.get("rebuilding")), bool(stat.get("error")),
+                   int(stat.get("revision", 0)),
+                   bool(stat.get("suspect", stat.get("opened_dirty"))))
+
+
+@dataclass(frozen=True)
+class Record:
+    generation: int
+    members: frozenset[str]
+
+
+@dataclass
+class Decision:
+    generation: int                 # the newest generation known; the start commits this + 1
+    rw: list[str]                   # replicas that start RW (identical to the source)
+    source: str                     # the replica whose content defines the volume
+    adopt: bool                     # the source is suspect: the engine adopts it explicitly
+    resync: list[str] = field(default_factory=list)   # reachable replicas to resync
+    why: str = ""
+
+
+def newest_set(seen: list[Seen], record: Record | None) -> tuple[int, frozenset[str], bool]:
+    """(generation, members, authoritative): the record when it is at least as new as every
+    replica; else the highest generation any reachable replica carries (not authoritative:
+    its members must all be reachable)."""
+    top = max((s.generation for s in seen), default=0)
+    if record is not None and record.generation >= top:
+        return record.generation, record.members, True
+    carried = [s.members for s in seen if s.generation == top]
+    # Two replicas at the same generation carry the same set (one commit); if they ever
+    # disagree, trust only replicas named by both (`choose` requires everyone named by either).
+    members = frozenset.intersection(*carried) if carried else frozenset()
+    return top, members, False
+
+
+def choose(configured: list[str], seen: list[Seen], record: Record | None) -> Decision:
+    """Apply the start rule; raise ReplicaUnavailable (with the reason) when it cannot."""
+    by_name = {s.name: s for s in seen}
+    generation, members, authoritative = newest_set(seen, record)
+    if not authoritative:
+        carried = [s.members for s in seen if s.generation == generation]
+        required = frozenset.union(*carried) if carried else frozenset()
+        if not required:
+            # Replicas made before generations carried members: every configured replica is
+            # a member, and all must answer before one of them is trusted.
+            members = required = frozenset(configured)
+        missing = sorted(m for m in required if m in configured and m not in by_name)
+        if missing:
+            raise ReplicaUnavailable(
+                f"replica(s) {', '.join(missing)} of the newest in-sync set (generation "
+                f"{generation}) are unreachable and may hold newer data: bring them back, or "
+                "salvage explicitly from a replica you choose (`blockhorn volume salvage`)")
+    current = [s for s in seen if s.name in members and not s.rebuilding and not s.error]
+    if not current:
+        raise ReplicaUnavailable(
+            "no current replica: none of the in-sync set "
+            f"({', '.join(sorted(members)) or 'empty'}, generation {generation}) is reachable "
+            "and whole" + _describe(seen))
+    best = max(s.revision for s in current)
+    top = [s for s in current if s.revision == best]
+    clean = [s for s in top if not s.suspect]
+    rw = [s.name for s in clean] if clean else [top[0].name]
+    source = rw[0]
+    resync = [s.name for s in seen if s.name not in rw]
+    why = (f"generation {generation}, members {sorted(members)}, revision {best}; "
+           f"{'clean' if clean else 'suspect'} source {source}")
+    return Decision(generation, rw, source, not clean, resync, why)
+
+
+def salvage(seen: list[Seen], name: str) -> Decision:
+    """The operator's override: `name` is the source whatever the rule says."""
+    by_name = {s.name: s for s in seen}
+    if name not in by_name:
+        raise ReplicaUnavailable(f"cannot salvage from {name}: it is not reachable")
+    generation = max((s.generation for s in seen), default=0)
+    return Decision(generation, [name], name, True, [s.name for s in seen if s.name != name],
+                    f"salvage from {name} (operator's choice)")
+
+
+def _describe(seen: list[Seen]) -> str:
+    if not seen:
+        return "; no replica answered"
+    return "; seen: " + ", ".join(
+        f"{s.name} (gen {s.generation}, rev {s.revision}"
+        + (", rebuilding" if s.rebuilding else "") + (", error" if s.error else "") + ")"
+        for s in seen)
+
+
+# --- the record ------------------------------------------------------------------------------
+
+def load_record(path: str) -> Record | None:
+    if not path or not os.path.exists(path):
+        return None
+    data = read_json(path)
+    if int(data.get("version", 0)) > RECORD_VERSION:
+        raise BlockhornError(f"{path}: generation record version {data['version']} is newer "
+                             "than this blockhorn understands", errno.EPROTO)
+    try:
+        return Record(int(data["generation"]), frozenset(str(m) for m in data["members"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise BlockhornError(f"{path}: corrupt generation record ({e})", errno.EUCLEAN) from None
+
+
+def save_record(path: str, generation: int, members: list[str]) -> None:
+    """Durably (temp file, fsync, rename, fsync of the directory) before any replica."""
+    atomic_write_json(path, {"version": RECORD_VERSION, "generation": generation,
+                             "members": sorted(members)})
