@@ -35,6 +35,9 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
     if r.client:
         r.client.close("reconnecting for rebuild")
     r.mode = ReplicaMode.ERR
+    # Its leaving the in-sync set is on record before it is emptied (the Rebuilding flag
+    # guards that as well: docs/DURABILITY.md, "Generations").
+    eng.commit_if_needed()
     eng.connect_replica(r)
     target = r.client
     if target is None:
