@@ -25,6 +25,7 @@ from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_addr
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
+from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
 from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
 from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
@@ -163,7 +164,8 @@ class VolumeManager:
                           ).save(self.home.replica_config(name, r.name))
         EngineConfig(volume=name, size=vol.size,
                      replicas=[ReplicaRef(r.name, r.address, r.directory) for r in reps],
-                     key_file=self.home.key, control_socket=self.home.control_socket(name)
+                     key_file=self.home.key, control_socket=self.home.control_socket(name),
+                     timeout_s=float(Settings(self.store).get(ENGINE_REPLICA_TIMEOUT))
                      ).save(self.home.engine_config(name))
 
     # --- attach ----------------------------------------------------------------------------
