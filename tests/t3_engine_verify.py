@@ -7,15 +7,19 @@ wrote must read back unchanged."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
 import threading
+import time
 
 import nbd
+import pytest
 from conftest import assert_replicas_identical
 
 from blockhorn.engine.control import ControlClient
+from blockhorn.types import BlockhornError
 
 MiB = 1 << 20
 VERIFY_TIMEOUT_S = 60.0
@@ -189,4 +193,31 @@ def test_verify_finds_and_repairs_a_flip_in_a_snapshot_layer(cluster_factory) ->
     assert verify(c)["differing_chunks"] == 0
     # r0 serves the engine's local reads: what it returns is the written data again.
     assert hashlib.sha256(h.pread(6 * MiB, 0)).digest() == hashlib.sha256(model).digest()
+    h.shutdown()
+
+
+def test_verify_drops_a_replica_that_dies_during_the_run(cluster_factory) -> None:
+    c = cluster_factory(size=16 * MiB)
+    h = nbd.NBD()
+    h.connect_uri(c.uri)
+    data = os.urandom(16 * MiB)
+    h.pwrite(data, 0)
+    h.flush()
+    ctl = ControlClient(c.control_socket)
+    st = ctl.call({"op": "verify", "rate_mib_s": 8})     # about 2 s
+    assert st["verify"]["state"] == "running"
+    with pytest.raises(BlockhornError) as e:
+        ctl.call({"op": "verify"})
+    assert e.value.errno == errno.EBUSY and "already running" in str(e.value)
+    c.reps[2].kill()
+    deadline = time.monotonic() + VERIFY_TIMEOUT_S
+    while (st := ctl.call({"op": "verify_status"}))["verify"]["state"] == "running":
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
+    report = st["report"]
+    assert st["verify"]["state"] == "done", st
+    assert list(report["failed_replicas"]) == [c.reps[2].cfg.name]
+    assert report["differing_chunks"] == 0 and report["ok"] is False
+    assert report["bytes_compared"] == c.size
+    assert hashlib.sha256(h.pread(16 * MiB, 0)).digest() == hashlib.sha256(data).digest()
     h.shutdown()
