@@ -37,7 +37,7 @@ def verify_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
 
     def start(name: str, repair: bool, rate: float | None) -> dict[str, Any]:
         if rate is None:
-            rate = settings.get(VERIFY_BANDWIDTH)
+            rate = settings.get_int(VERIFY_BANDWIDTH)
         return engine(name).call({"op": "verify", "repair": repair, "rate_mib_s": rate})
 
     def status(name: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ and ignored. The table in docs/OPERATIONS.md lists every setting and when it tak
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,17 +26,27 @@ VERIFY_BANDWIDTH = "volume-verify-bandwidth-limit"
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting. Its default's type is its type: an int (with a range) or a str (checked
+    by `check`, which raises InvalidArgument; e.g. a URL)."""
+
     name: str
-    default: int
-    unit: str             # "s", "MiB/s" or "" (a count)
+    default: int | str
+    unit: str             # "s", "MiB/s" or "" (a count, or a string setting)
     minimum: int
     maximum: int | None   # None: no upper bound
     description: str      # one line
     applies: str          # when a change takes effect
+    check: Callable[[str], None] | None = None
 
-    def parse(self, value: Any) -> int:
-        """`value` (a JSON number or the CLI's text) as this setting's integer, or a clear
-        InvalidArgument naming the allowed range."""
+    def parse(self, value: Any) -> int | str:
+        """`value` (JSON, or the CLI's text) as this setting's type, or a clear
+        InvalidArgument naming what is allowed."""
+        if isinstance(self.default, str):
+            if not isinstance(value, str):
+                raise InvalidArgument(f"invalid value {value!r} for {self.name}: a string")
+            if self.check is not None:
+                self.check(value)
+            return value
         if isinstance(value, bool):
             value = None   # JSON true/false are not numbers here
         elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
@@ -91,8 +102,15 @@ class Settings:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def get(self, name: str) -> int:
-        return int(self.describe(name)["value"])
+    def get(self, name: str) -> int | str:
+        value: int | str = self.describe(name)["value"]
+        return value
+
+    def get_int(self, name: str) -> int:
+        value = self.get(name)
+        if not isinstance(value, int):
+            raise TypeError(f"setting {name} is not a number")
+        return value
 
     def describe(self, name: str) -> dict[str, Any]:
         return self._describe(lookup(name), self.store.setting_values())

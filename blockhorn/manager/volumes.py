@@ -165,7 +165,7 @@ class VolumeManager:
         EngineConfig(volume=name, size=vol.size,
                      replicas=[ReplicaRef(r.name, r.address, r.directory) for r in reps],
                      key_file=self.home.key, control_socket=self.home.control_socket(name),
-                     timeout_s=float(Settings(self.store).get(ENGINE_REPLICA_TIMEOUT))
+                     timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT))
                      ).save(self.home.engine_config(name))
 
     # --- attach ----------------------------------------------------------------------------
