@@ -34,7 +34,8 @@ def add_parser(vcmds: Any, home_arg: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument("--json", action="store_true", help="print the report as JSON "
                    "(fields in docs/API.md)")
     p.add_argument("--rate", type=float, default=None, metavar="MiB/s",
-                   help="read at most this fast (each replica reads it); 0 = unlimited; "
+                   help="compare at most this many MiB of the volume per second (each "
+                        "replica reads at most that); 0 = unlimited; "
                         "default: the setting volume-verify-bandwidth-limit")
     home_arg(p)
 

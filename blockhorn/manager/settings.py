@@ -82,7 +82,7 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in [
             "most replica rebuilds running at once on one node; 0 disables rebuilding",
             "stored only: the rebuild does not read it yet (issue 9, bounded rebuild)"),
     Setting(VERIFY_BANDWIDTH, 0, "MiB/s", 0, None,
-            "default read rate of `volume verify` (each replica reads this much); "
+            "default rate of `volume verify`: volume MiB compared per second; "
             "0 = unlimited",
             "the next `volume verify` without --rate"),
 ]}
