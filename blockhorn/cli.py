@@ -15,8 +15,12 @@ import sys
 from typing import Any, NoReturn
 
 from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
+from blockhorn.cli_settings import add_parsers as add_setting_parsers
+from blockhorn.cli_settings import run_setting
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
 from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
+from blockhorn.cli_verify import add_parser as add_verify_parser
+from blockhorn.cli_verify import run_verify
 from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
 from blockhorn.types import BlockhornError, InvalidArgument, check_name, format_size, parse_size
 
@@ -147,6 +151,8 @@ def build_parser() -> Parser:
     _home_arg(p)
 
     add_snapshot_parsers(cmds, vcmds)
+    add_verify_parser(vcmds, _home_arg)
+    add_setting_parsers(cmds, _home_arg)
 
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
                          description="Inspect the NFSv4 share of an RWX volume, or run a "
@@ -278,6 +284,8 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
     from blockhorn.manager.client import connect
     if args.action == "expand":
         return run_expand(args, home)
+    if args.action == "verify":
+        return run_verify(args, home)
     if args.action == "create" and args.from_snapshot:
         return run_clone(args, home)
     if args.action == "create" and not args.size:
@@ -498,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             return _share(args, home)
         if args.command == "snapshot":
             return run_snapshot(args, home)
+        if args.command == "setting":
+            return run_setting(args, home)
         if args.command == "daemon":
             return _daemon(args, home)
         if args.command == "replica":

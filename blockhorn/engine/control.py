@@ -2,8 +2,9 @@
 
 Requests: {"op": "status"}, {"op": "rebuild", "replica": NAME}, {"op": "snapshot", "name": N,
 "labels": {...}}, {"op": "snapshot_rm", "name": N}, {"op": "snapshots"}, {"op": "purge",
-"wait": bool}, {"op": "expand", "size": BYTES}. Reply: a JSON object; errors are
-{"error": message, "errno": n}.
+"wait": bool}, {"op": "expand", "size": BYTES}, {"op": "verify", "repair": bool,
+"rate_mib_s": MiB/s, "wait": seconds} (starts a scrub: engine/verify.py), {"op":
+"verify_status"}. Reply: a JSON object; errors are {"error": message, "errno": n}.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 from typing import Any
 
 from blockhorn.engine.engine import Engine
+from blockhorn.engine.verify import Verifier
 from blockhorn.types import BlockhornError
 
 log = logging.getLogger("blockhorn.engine")
@@ -28,6 +30,7 @@ class ControlServer:
         self.engine = engine
         self.path = path
         self.sock: socket.socket | None = None
+        self.verifier = Verifier(engine)
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -84,6 +87,12 @@ class ControlServer:
                 return self.engine.purge(wait=bool(req.get("wait", True)))
             if op == "expand":
                 return self.engine.expand(int(req["size"]))
+            if op == "verify":
+                return self.verifier.start(bool(req.get("repair")),
+                                           float(req.get("rate_mib_s") or 0),
+                                           float(req.get("wait") or 0))
+            if op == "verify_status":
+                return self.verifier.status()
             raise BlockhornError(f"unknown control op {op!r}", errno.EINVAL)
         except BlockhornError as e:
             return {"error": str(e), "errno": e.errno}

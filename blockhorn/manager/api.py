@@ -23,7 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from blockhorn.manager.api_settings import setting_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
+from blockhorn.manager.api_verify import verify_routes
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, InvalidArgument
 
@@ -171,4 +173,6 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
         Route(f"{API_PREFIX}/daemon/stop", stop_daemon, methods=["POST"]),
     ]
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    routes += verify_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    routes += setting_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     return Starlette(routes=routes)

@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS engines (
     control_socket TEXT NOT NULL,
     restarts       INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,        -- a name of manager/settings.py's registry
+    value TEXT NOT NULL            -- JSON; no row: the default
+);
 CREATE TABLE IF NOT EXISTS ports (
     port   INTEGER PRIMARY KEY,
     volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
@@ -252,6 +256,21 @@ class Store:
         with self.tx() as db:
             db.execute("UPDATE engines SET pid=?, create_time=?, restarts=restarts+? "
                        "WHERE volume=?", (pid, ct, int(restarted), volume))
+
+    # --- settings (typed and validated by manager/settings.py) -----------------------------
+
+    def setting_values(self) -> dict[str, str]:
+        with self.tx() as db:
+            return {r["name"]: r["value"] for r in db.execute("SELECT name, value FROM settings")}
+
+    def put_setting(self, name: str, value: str) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
+                       "value=excluded.value", (name, value))
+
+    def delete_setting(self, name: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM settings WHERE name=?", (name,))
 
     # --- ports -----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_addr
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
+from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
 from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
 from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
@@ -165,7 +166,8 @@ class VolumeManager:
         EngineConfig(volume=name, size=vol.size,
                      replicas=[ReplicaRef(r.name, r.address, r.directory) for r in reps],
                      key_file=self.home.key, control_socket=self.home.control_socket(name),
-                     record=self.home.generation_record(name)
+                     record=self.home.generation_record(name),
+                     timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT))
                      ).save(self.home.engine_config(name))
 
     # --- attach ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import trio
 from blockhorn.config import ReplicaConfig, parse_address
 from blockhorn.fsutil import data_extents, preadv_full
 from blockhorn.keys import load_key
-from blockhorn.replica import proto, snapshots
+from blockhorn.replica import digest, proto, snapshots
 from blockhorn.replica.fencing import Fenced, Fencing
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import VOLUME_META, Replica
@@ -250,6 +250,9 @@ class ReplicaServer:
             return {"snapshots": snapshots.list_snapshots(r), "purge": self.purge_state}
         if op == "chain":
             return {"chain": snapshots.chain_metas(r), "head": r.head.name}
+        if op == "digest":   # the scrub: see blockhorn/replica/digest.py
+            return {"digests": digest.chunk_digests(r, int(req["offset"]), int(req["length"]),
+                                                    int(req.get("chunk", digest.CHUNK_SIZE)))}
         if op == "set_rebuilding":
             r.update_meta(Rebuilding=bool(req["value"]))
         elif op == "reset_chain":

@@ -1,0 +1,142 @@
+"""Cluster settings: Longhorn's names, typed, validated, stored in the daemon's state store.
+
+A setting that was never set reads as its default; `reset` forgets the stored value, so a later
+change of the default reaches it. Values are stored as JSON in the `settings` table
+(manager/state.py). A stored name this version does not know (written by a newer one) is kept
+and ignored. The table in docs/OPERATIONS.md lists every setting and when it takes effect.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from blockhorn.config import REPLICA_TIMEOUT_S
+from blockhorn.manager.state import Store
+from blockhorn.types import InvalidArgument, NotFound
+
+ENGINE_REPLICA_TIMEOUT = "engine-replica-timeout"
+REPLENISHMENT_WAIT = "replica-replenishment-wait-interval"
+REBUILD_BANDWIDTH = "replica-rebuilding-bandwidth-limit"
+REBUILDS_PER_NODE = "concurrent-replica-rebuild-per-node-limit"
+VERIFY_BANDWIDTH = "volume-verify-bandwidth-limit"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting. Its default's type is its type: an int (with a range) or a str (checked
+    by `check`, which raises InvalidArgument; e.g. a URL)."""
+
+    name: str
+    default: int | str
+    unit: str             # "s", "MiB/s" or "" (a count, or a string setting)
+    minimum: int
+    maximum: int | None   # None: no upper bound
+    description: str      # one line
+    applies: str          # when a change takes effect
+    check: Callable[[str], None] | None = None
+
+    def parse(self, value: Any) -> int | str:
+        """`value` (JSON, or the CLI's text) as this setting's type, or a clear
+        InvalidArgument naming what is allowed."""
+        if isinstance(self.default, str):
+            if not isinstance(value, str):
+                raise InvalidArgument(f"invalid value {value!r} for {self.name}: a string")
+            if self.check is not None:
+                self.check(value)
+            return value
+        if isinstance(value, bool):
+            value = None   # JSON true/false are not numbers here
+        elif isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            value = int(value.strip())
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise InvalidArgument(f"invalid value {value!r} for {self.name}: "
+                                  f"a whole number{self._range_text()} is needed")
+        if value < self.minimum or (self.maximum is not None and value > self.maximum):
+            raise InvalidArgument(f"{self.name}={value} is out of range: "
+                                  f"use{self._range_text()}")
+        return value
+
+    def _range_text(self) -> str:
+        unit = f" {self.unit}" if self.unit else ""
+        if self.maximum is None:
+            return f" >= {self.minimum}{unit}"
+        return f" from {self.minimum} to {self.maximum}{unit}"
+
+
+REGISTRY: dict[str, Setting] = {s.name: s for s in [
+    Setting(REPLENISHMENT_WAIT, 600, "s", 0, None,
+            "how long a failed replica may stay ERR before a new one replaces it",
+            "stored only: nothing replaces ERR replicas yet (issue 9, self-healing)"),
+    Setting(ENGINE_REPLICA_TIMEOUT, int(REPLICA_TIMEOUT_S), "s", 8, 30,
+            "how long the engine waits for a replica's answer before setting it ERR",
+            "engines started after the change (attach, or an engine restart)"),
+    Setting(REBUILD_BANDWIDTH, 0, "MiB/s", 0, None,
+            "most bandwidth one replica rebuild may use; 0 = unlimited",
+            "stored only: the rebuild does not read it yet (issue 9, bounded rebuild)"),
+    Setting(REBUILDS_PER_NODE, 5, "", 0, None,
+            "most replica rebuilds running at once on one node; 0 disables rebuilding",
+            "stored only: the rebuild does not read it yet (issue 9, bounded rebuild)"),
+    Setting(VERIFY_BANDWIDTH, 0, "MiB/s", 0, None,
+            "default rate of `volume verify`: volume MiB compared per second; "
+            "0 = unlimited",
+            "the next `volume verify` without --rate"),
+]}
+
+
+def lookup(name: str) -> Setting:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise NotFound(f"unknown setting {name!r}; known settings: "
+                       f"{', '.join(sorted(REGISTRY))}") from None
+
+
+class Settings:
+    """The settings of one daemon home, over its state store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def get(self, name: str) -> int | str:
+        value: int | str = self.describe(name)["value"]
+        return value
+
+    def get_int(self, name: str) -> int:
+        value = self.get(name)
+        if not isinstance(value, int):
+            raise TypeError(f"setting {name} is not a number")
+        return value
+
+    def describe(self, name: str) -> dict[str, Any]:
+        return self._describe(lookup(name), self.store.setting_values())
+
+    def list(self) -> list[dict[str, Any]]:
+        stored = self.store.setting_values()
+        return [self._describe(REGISTRY[n], stored) for n in sorted(REGISTRY)]
+
+    def set(self, name: str, value: Any) -> dict[str, Any]:
+        setting = lookup(name)
+        self.store.put_setting(name, json.dumps(setting.parse(value)))
+        return self.describe(name)
+
+    def reset(self, name: str) -> dict[str, Any]:
+        lookup(name)
+        self.store.delete_setting(name)
+        return self.describe(name)
+
+    @staticmethod
+    def _describe(s: Setting, stored: dict[str, str]) -> dict[str, Any]:
+        value = s.default
+        if s.name in stored:
+            try:
+                value = s.parse(json.loads(stored[s.name]))
+            except (ValueError, InvalidArgument):
+                value = s.default   # unreadable (hand-edited database): the default holds
+        return {"name": s.name, "value": value, "default": s.default,
+                "is_default": s.name not in stored, "unit": s.unit, "minimum": s.minimum,
+                "maximum": s.maximum, "description": s.description, "applies": s.applies}
