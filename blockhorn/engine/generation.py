@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.fsutil import atomic_write_json, read_json
+from blockhorn.replica.store import REVISION_COUNTER, REVISION_SIZE, VOLUME_META, decode_revision
 from blockhorn.types import BlockhornError, ReplicaUnavailable
 
 RECORD_VERSION = 1
@@ -137,6 +138,29 @@ def _describe(seen: list[Seen]) -> str:
         f"{s.name} (gen {s.generation}, rev {s.revision}"
         + (", rebuilding" if s.rebuilding else "") + (", error" if s.error else "") + ")"
         for s in seen)
+
+
+def seen_on_disk(name: str, directory: str) -> Seen | None:
+    """What the rule needs of a replica that is not running (offline clones, backups), read
+    from its files; None when the directory holds no readable replica."""
+    try:
+        meta = read_json(os.path.join(directory, VOLUME_META))
+        with open(os.path.join(directory, REVISION_COUNTER), "rb") as f:
+            revision = decode_revision(f.read(REVISION_SIZE))
+    except (OSError, ValueError, BlockhornError):
+        return None
+    return Seen(name, int(meta.get("Generation", 0)), frozenset(meta.get("Members") or ()),
+                bool(meta.get("Rebuilding")), bool(meta.get("Error")), revision,
+                bool(meta.get("Dirty")))
+
+
+def trusted_on_disk(replicas: list[tuple[str, str]]) -> list[str]:
+    """Directories of the replicas [(name, directory)] the start rule trusts, source first:
+    where an offline reader (a clone) may read. Raises ReplicaUnavailable like `choose`."""
+    seen = [s for s in (seen_on_disk(n, d) for n, d in replicas) if s is not None]
+    decision = choose([n for n, _ in replicas], seen, None)
+    where = dict(replicas)
+    return [where[n] for n in decision.rw]
 
 
 # --- the record ------------------------------------------------------------------------------

@@ -14,12 +14,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from blockhorn.engine import generation
 from blockhorn.engine.control import ControlClient
 from blockhorn.manager import process
 from blockhorn.manager.state import Store
 from blockhorn.replica import snapshots as store_snaps
 from blockhorn.replica.store import Replica
-from blockhorn.types import Busy, InvalidArgument, NotFound, check_name, parse_size
+from blockhorn.types import (
+    BlockhornError,
+    Busy,
+    InvalidArgument,
+    NotFound,
+    check_name,
+    parse_size,
+)
 
 log = logging.getLogger("blockhorn.manager")
 
@@ -141,11 +149,13 @@ class SnapshotManager:
         `target` (sparse: only ranges holding data are copied). Returns bytes copied."""
         self.find(source, snap)
         view = None
-        for r in self.store.replicas(source):
+        # Only replicas the start rule trusts: a rebuilding or stale one may read as zeros.
+        for directory in generation.trusted_on_disk(
+                [(r.name, r.directory) for r in self.store.replicas(source)]):
             try:
-                view = store_snaps.snapshot_view(r.directory, snap)
+                view = store_snaps.snapshot_view(directory, snap)
                 break
-            except (NotFound, OSError):
+            except (NotFound, OSError, BlockhornError):
                 continue
         if view is None:
             raise NotFound(f"no replica of {source!r} holds snapshot {snap!r}")

@@ -126,11 +126,21 @@ class ReplicaServer:
         conn.setblocking(True)
         self.fencing.register(conn, epoch)
         try:
-            await trio.to_thread.run_sync(self.serve_blocking, conn, limiter=self.threads)
+            # abandon_on_cancel: a SIGTERM must not wait for the engine to hang up; the
+            # shutdown below ends the thread's recv, and the thread closes the socket.
+            await trio.to_thread.run_sync(self._serve_and_close, conn, limiter=self.threads,
+                                          abandon_on_cancel=True)
         finally:
             self.fencing.unregister(conn)
             with contextlib.suppress(OSError):
                 conn.shutdown(stdsocket.SHUT_RDWR)
+
+    def _serve_and_close(self, conn: stdsocket.socket) -> None:
+        try:
+            self.serve_blocking(conn)
+        except OSError as e:
+            log.info("connection ended: %s", e)
+        finally:
             conn.close()
 
     def serve_blocking(self, sock: stdsocket.socket) -> None:
@@ -337,7 +347,8 @@ async def run(cfg: ReplicaConfig) -> None:
                     nursery.cancel_scope.cancel()
                     break
     finally:
-        replica.close()
+        with server.lock:      # a connection thread may still be executing a request
+            replica.close()
         kind, where = parse_address(cfg.listen)
         if kind == "unix":
             remove_socket(str(where))

@@ -392,7 +392,12 @@ def snapshot_view(directory: str, name: str) -> Replica:
     path = os.path.join(directory, snap + ".meta")
     if not os.path.exists(path) or read_json(path).get("Removed"):
         raise NotFound(f"snapshot {name!r} does not exist in {directory}")
-    meta = dict(read_json(os.path.join(directory, "volume.meta")), Head=snap)
+    meta = read_json(os.path.join(directory, "volume.meta"))
+    if meta.get("Rebuilding") or meta.get("Error"):
+        # Its layers may be empty or half-copied: reading them would give zeros.
+        raise BlockhornError(f"{directory} is being rebuilt or failed: not readable",
+                             errno.EAGAIN)
+    meta = dict(meta, Head=snap)
     layers = Replica._open_chain(directory, meta, readonly=True)
     size = max(os.fstat(layer.fd).st_size for layer in layers)
     return Replica(directory, dict(meta, Size=size), layers, 0)
