@@ -204,3 +204,46 @@ def test_the_record_is_written_before_the_replicas(cluster) -> None:
         meta = stat_on_disk(r.cfg.directory)
         assert meta["Generation"] <= rec["generation"]
     assert sorted(rec["members"]) == sorted(HEALTHY)
+
+
+def _wait_rebuilt(c, name: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = {r["name"]: r for r in c.status()["replicas"]}[name]
+        if st["mode"] == "RW" and st["rebuild"] and st["rebuild"].get("state") == "done":
+            return st["rebuild"]
+        assert time.monotonic() < deadline, st
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("blip", ["sigstop", "kill"])
+def test_a_returning_replica_resyncs_only_what_changed(cluster_factory, blip) -> None:
+    """Scenario 4 (SIGSTOP past the timeout, then SIGCONT) and a process restart (kill -9):
+    the replica catches up from the source's change log, copying about what was written
+    while it was away — not the volume."""
+    c = cluster_factory(timeout_s=1.0, size=64 * MiB)
+    h = connect(c)
+    base = write_blocks(h, 7, [i * MiB for i in range(48)])     # 3 MiB of data before
+    h.flush()
+    r1 = c.reps[1]
+    if blip == "sigstop":
+        r1.kill(signal.SIGSTOP)
+    else:
+        r1.kill(signal.SIGKILL)
+    away = [i * MiB + 512 * 1024 for i in range(0, 48, 4)]       # 12 x 64 KiB while away
+    during = write_blocks(h, 8, away[:1])                        # times out, r1 -> ERR
+    c.wait_modes({"vol-r0": "RW", "vol-r1": "ERR", "vol-r2": "RW"})
+    during.update(write_blocks(h, 8, away))
+    written = len(away) * 64 * 1024
+    if blip == "sigstop":
+        r1.kill(signal.SIGCONT)
+    else:
+        r1.start()
+    c.control().call({"op": "rebuild", "replica": "vol-r1"})
+    progress = _wait_rebuilt(c, "vol-r1")
+    assert progress["mode"] == "incremental", progress
+    assert 0 < progress["total"] <= 2 * written, (progress, written)
+    check(h, {**base, **during})
+    h.flush()
+    h.shutdown()
+    assert_replicas_identical(c)

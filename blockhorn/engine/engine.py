@@ -107,6 +107,7 @@ class Engine:
         self._committed: frozenset[str] = frozenset()
         self._rw_set: frozenset[str] = frozenset()
         self._joining: set[str] = set()
+        self._started = False           # the first commit of this engine is its start commit
         self.decision: generation.Decision | None = None
 
     # --- start / stop ------------------------------------------------------------------------
@@ -197,6 +198,7 @@ class Engine:
                 self.generation = gen
                 self._committed = names
                 self._joining -= joining
+                self._started = True
                 log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
                          sorted(names))
 
@@ -205,7 +207,7 @@ class Engine:
         """Send set_generation to `targets` at once; set the ones that fail ERR. True when
         any failed."""
         req = {"op": "set_generation", "generation": gen, "members": members,
-               "clear_rebuilding": clear_rebuilding}
+               "clear_rebuilding": clear_rebuilding, "start": not self._started}
         body = proto_json(req)
         call = Call(len(targets))
         sent = [(r, r.client) for r in targets]
@@ -355,8 +357,13 @@ class Engine:
         """Send one mutation to every RW/WO replica (in the global order) and wait for all."""
         pending = self._send(op, offset, length, data, flags)
         assert pending is not None
-        self.end(pending, pending.call.wait(self.cfg.timeout_s))
+        self.end(pending, pending.call.wait(self.answer_timeout()))
         self.commit_if_needed()
+
+    def answer_timeout(self) -> float:
+        """How long a mutation waits for its replies: `timeout_s`, twice that when a single
+        RW replica is left (setting it ERR would fault the volume: Longhorn's rule)."""
+        return self.cfg.timeout_s * (2 if len(self._readers) <= 1 else 1)
 
     def _send(self, op: int, offset: int, length: int, data: Any = None, flags: int = 0,
               on_done: Callable[[], None] | None = None,
@@ -395,7 +402,7 @@ class Engine:
         if not answered:
             for r, client in sent:
                 if r.ref.name not in call.results:
-                    self.set_error(r, f"no answer within {self.cfg.timeout_s:g} s", client)
+                    self.set_error(r, f"no answer within {self.answer_timeout():g} s", client)
         ok_rw = 0
         failures = []
         for r, client in sent:

@@ -52,6 +52,11 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
         chain = source.control({"op": "chain"})
         if r.stat.get("size", 0) < eng.size:
             target.control({"op": "expand", "size": eng.size})
+        since = _incremental_since(target.stat(), source.stat(), chain, eng.size)
+        if since is not None and _resync_changes(eng, r, target, source, since, progress):
+            eng.commit_if_needed()
+            return
+        progress["mode"] = "full"
         target.control({"op": "set_rebuilding", "value": True})
         target.control({"op": "reset_chain", "chain": chain["chain"]})
         eng.set_mode(r, ReplicaMode.WO)
@@ -74,13 +79,83 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
                     target.submit(call, Op.WRITE, pos, n, data)
                 _wait(eng, call, target, "rebuild write")
                 progress["done"] += n
-        with eng.order_lock:
-            final = source.stat()
-            target.request(Op.FLUSH, timeout=eng.cfg.timeout_s * 4)
-            target.control({"op": "finish_rebuild", "revision": final["revision"]})
-            r.stat = target.stat()
-            eng.set_mode(r, ReplicaMode.RW, order_held=True)
+        _finish(eng, r, target, source)
     eng.commit_if_needed()
+
+
+def _incremental_since(tstat: dict[str, Any], sstat: dict[str, Any], chain: dict[str, Any],
+                       size: int) -> int | None:
+    """The revision from which the target may be resynced incrementally, or None (a full
+    rebuild). It may when its first `since` mutations are the source's first `since`: it was
+    in sync with the source after the source's log began (its generation is at least the
+    log's) under the engine that runs now (no start commit since), its snapshot chain and
+    size equal the source's, and it was not emptied by an interrupted full rebuild
+    (Rebuilding without `resync_since`). Mutations it applied beyond its counter (unflushed
+    before a crash) were sent to the source too, in the same order, so the source's log
+    names their ranges. docs/DURABILITY.md, "Incremental resync"."""
+    gen = int(tstat.get("generation", -1))
+    if sstat.get("log_generation") is None or gen < int(sstat["log_generation"]):
+        return None
+    if int(sstat.get("start_generation", 0)) > gen:
+        # An engine started after the target left: the engine before it may have crashed
+        # between sending a mutation to the target and to the source, so their revision
+        # numbers may name different mutations since.
+        return None
+    if tstat.get("rebuilding"):
+        if tstat.get("resync_since") is None:
+            return None       # a full rebuild was interrupted: its content is not a prefix
+        since = min(int(tstat["resync_since"]), int(tstat.get("revision", 0)))
+    else:
+        since = int(tstat.get("revision", 0))
+    chain_names = [m["Name"] for m in chain["chain"]]
+    if tstat.get("chain", [])[:-1] != chain_names or int(tstat.get("size", 0)) != size:
+        return None
+    if since < int(sstat.get("log_start", since + 1)):
+        return None
+    return since
+
+
+def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient,
+                    since: int, progress: dict[str, Any]) -> bool:
+    """Copy to the target only the chunks the source changed after revision `since`. False
+    when the source's log no longer reaches back that far (then: a full rebuild)."""
+    # Durable first: a crash from here on resumes from the same revision (the content stays).
+    target.control({"op": "set_rebuilding", "value": True, "since": since})
+    with eng.order_lock:
+        # Atomically with the switch to WO: what changed before it is in `ranges`, what
+        # changes after it reaches the target directly.
+        reply = source.control({"op": "changes_since", "revision": since})
+        if reply.get("ranges") is None:
+            return False
+        eng.set_mode(r, ReplicaMode.WO, order_held=True)
+    ranges = [(s, min(n, eng.size - s)) for s, n in reply["ranges"] if s < eng.size]
+    progress.update(mode="incremental", since=since,
+                    total=sum(n for _, n in ranges), done=0)
+    for start, length in ranges:
+        for pos, n in _chunks(start, length):
+            _check_running(eng, r)
+            with eng.order_lock:
+                buf = bytearray(n)
+                call = Call(1, dest=memoryview(buf))
+                source.submit(call, Op.READ, pos, n)
+                _wait(eng, call, source, "resync read")
+                call = Call(1)
+                target.submit(call, Op.WRITE, pos, n, buf)
+            _wait(eng, call, target, "resync write")
+            progress["done"] += n
+    _finish(eng, r, target, source)
+    return True
+
+
+def _finish(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient) -> None:
+    """Under the order lock: a final FLUSH, the source's revision, then RW (the join commit
+    follows in `rebuild_replica`'s caller path)."""
+    with eng.order_lock:
+        final = source.stat()
+        target.request(Op.FLUSH, timeout=eng.cfg.timeout_s * 4)
+        target.control({"op": "finish_rebuild", "revision": final["revision"]})
+        r.stat = target.stat()
+        eng.set_mode(r, ReplicaMode.RW, order_held=True)
 
 
 def _wait_purge_idle(source: ReplicaClient) -> None:

@@ -74,7 +74,7 @@ class VolumeFS(pyfuse3.Operations):
                 await self._call(blocking, *args)
                 return
             answered = False
-            with trio.move_on_after(self.engine.cfg.timeout_s):
+            with trio.move_on_after(self.engine.answer_timeout()):
                 await waiter.wait()
                 answered = True
             self.engine.end(pending, answered)

@@ -263,8 +263,15 @@ class ReplicaServer:
         if op == "digest":   # the scrub: see blockhorn/replica/digest.py
             return {"digests": digest.chunk_digests(r, int(req["offset"]), int(req["length"]),
                                                     int(req.get("chunk", digest.CHUNK_SIZE)))}
+        if op == "changes_since":
+            ranges = r.changes.since(int(req["revision"]))
+            return {"ranges": ranges}
         if op == "set_rebuilding":
-            r.update_meta(Rebuilding=bool(req["value"]))
+            # `since`: an incremental resync from that revision, which leaves the content in
+            # place (a restart may resume it); absent: a full rebuild, which empties it.
+            since = req.get("since")
+            r.update_meta(Rebuilding=bool(req["value"]),
+                          ResyncSince=None if since is None else int(since))
         elif op == "reset_chain":
             snapshots.reset_chain(r, list(req["chain"]))
         elif op == "finish_rebuild":
@@ -275,7 +282,8 @@ class ReplicaServer:
             r.reload()
         elif op == "set_generation":
             r.set_generation(int(req["generation"]), [str(m) for m in req["members"]],
-                             bool(req.get("clear_rebuilding", False)))
+                             bool(req.get("clear_rebuilding", False)),
+                             bool(req.get("start", False)))
         elif op == "adopt":
             r.adopt()
         elif op == "snapshot":

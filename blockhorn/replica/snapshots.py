@@ -442,7 +442,7 @@ def reset_chain(r: Replica, chain: list[dict[str, Any]]) -> None:
     head = HEAD_FMT.format(0)
     new_head_file(r.directory, head, parent, r.size)
     fsync_dir(d)
-    r.update_meta(Head=head)
+    r.update_meta(Head=head, ResyncSince=None)
     r.reload()
 
 

@@ -47,6 +47,7 @@ from blockhorn.fsutil import (
     pwrite_full,
     read_json,
 )
+from blockhorn.replica.changes import ChangeLog
 from blockhorn.replica.extentmap import ZERO, ExtentMap, LayerMap
 from blockhorn.types import BLOCK_SIZE, BlockhornError, InvalidArgument, NoSpace, NotFound
 
@@ -112,6 +113,12 @@ class Replica:
         self.opened_dirty = bool(meta.get("Dirty"))
         self.suspect = self.opened_dirty     # see the module docstring
         self.halted = ""                     # why mutations are refused, after a failed one
+        # What changed after which revision, since this open (replica/changes.py), and the
+        # first generation committed to this replica since then: a returning sibling at that
+        # generation or later may resync from this log (docs/DURABILITY.md).
+        self.changes = ChangeLog(revision)
+        self.log_generation: int | None = None
+        self.start_generation = 0       # the last engine start commit received (in memory)
         self.map = LayerMap(ExtentMap(), ExtentMap(), 0)
         self._map_layers()
         # Test hook: called with a step name before each step of a multi-file change.
@@ -264,7 +271,7 @@ class Replica:
             self.update_meta(Dirty=True)
 
     @contextlib.contextmanager
-    def _mutation(self) -> Iterator[None]:
+    def _mutation(self, offset: int, length: int) -> Iterator[None]:
         """Count a mutation only once it succeeded; a failure halts the replica."""
         self._mutating()
         try:
@@ -274,20 +281,26 @@ class Replica:
             self.suspect = True
             raise
         self.revision += 1
+        self.changes.record(self.revision, offset, length)
 
     # --- generations (engine-driven; docs/DURABILITY.md) ---------------------------------
 
     def set_generation(self, generation: int, members: list[str],
-                       clear_rebuilding: bool = False) -> None:
+                       clear_rebuilding: bool = False, start: bool = False) -> None:
         """Record that this replica is in sync at `generation` with `members` (one atomic,
         durable write). `clear_rebuilding`: the end of a resync — the replica now equals the
         source, so it stops being suspect and may be trusted from this write on."""
         changes: dict[str, Any] = {"Generation": int(generation), "Members": list(members)}
         if clear_rebuilding:
             changes["Rebuilding"] = False
+            changes["ResyncSince"] = None
             self.suspect = False
             self.halted = ""
         self.update_meta(**changes)
+        if self.log_generation is None:
+            self.log_generation = int(generation)
+        if start:
+            self.start_generation = int(generation)
 
     def adopt(self) -> None:
         """The engine chose this replica as the source of truth (its content defines the
@@ -322,7 +335,7 @@ class Replica:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._check(offset, len(data))
-        with self._mutation():
+        with self._mutation(offset, len(data)):
             self._write(offset, data, os.RWF_DSYNC if fua else 0)
 
     def _write(self, offset: int, data: bytes | bytearray | memoryview, flags: int) -> None:
@@ -355,7 +368,7 @@ class Replica:
         everywhere on a single-layer chain, and where no snapshot beneath holds data on a
         longer chain; over snapshot data real zeros are written so it stays hidden."""
         self._check(offset, length)
-        with self._mutation():
+        with self._mutation(offset, length):
             end = offset + length
             if not may_trim:
                 self._write_zeros(offset, end)
@@ -403,6 +416,7 @@ class Replica:
             self.halted = f"flush failed: {e}"
             self.suspect = True
             raise
+        self.changes.cut()
         if self.revision != self._persisted_revision:
             fd = os.open(os.path.join(self.directory, REVISION_COUNTER), os.O_WRONLY)
             try:
@@ -437,6 +451,9 @@ class Replica:
             "generation": int(self.meta.get("Generation", 0)),
             "members": list(self.meta.get("Members") or []),
             "suspect": self.suspect, "halted": self.halted, "layers": len(self.layers),
+            "log_start": self.changes.start, "log_generation": self.log_generation,
+            "start_generation": self.start_generation,
+            "resync_since": self.meta.get("ResyncSince"),
             "directory": os.path.abspath(self.directory), "head_ino": head_stat.st_ino,
             "head_dev": head_stat.st_dev, "allocated": head_stat.st_blocks * 512,
             "chain": [layer.name for layer in self.layers],
@@ -448,4 +465,6 @@ class Replica:
         self.revision = revision
         self.flush()
         self.opened_dirty = False
+        self.changes.reset(revision)      # its history before this is not this content's
+        self.log_generation = None
 
