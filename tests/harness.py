@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
@@ -45,12 +46,16 @@ class ReplicaProc:
     config_path: str
     log_path: str
     proc: subprocess.Popen[bytes] | None = None
+    # What runs the server: the production module, or a test server (tests/support/).
+    program: tuple[str, ...] = ("-m", "blockhorn.replica")
+    preexec_fn: Callable[[], None] | None = None    # e.g. a lower RLIMIT_NOFILE
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blockhorn.replica", self.config_path],
-            stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
+            [sys.executable, *self.program, self.config_path],
+            stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
+            preexec_fn=self.preexec_fn)
         log.close()
         wait_for(lambda: connectable(self.cfg.listen) or self.proc.poll() is not None,  # type: ignore[union-attr]
                  f"replica {self.cfg.name}", log_path=self.log_path)
@@ -78,6 +83,7 @@ class Cluster:
     min_rw: int = 1
     timeout_s: float = 8.0
     local_reads: bool = True
+    replica_program: tuple[str, ...] = ("-m", "blockhorn.replica")
     reps: list[ReplicaProc] = field(default_factory=list)
     engine: subprocess.Popen[bytes] | None = None
 
@@ -95,7 +101,8 @@ class Cluster:
                                 listen, self.key_file)
             path = os.path.join(self.home, f"{name}.json")
             cfg.save(path)
-            self.reps.append(ReplicaProc(cfg, path, os.path.join(self.home, f"{name}.log")))
+            self.reps.append(ReplicaProc(cfg, path, os.path.join(self.home, f"{name}.log"),
+                                         program=self.replica_program))
         EngineConfig(self.volume, self.size,
                      [ReplicaRef(r.cfg.name, r.cfg.listen, r.cfg.directory) for r in self.reps],
                      self.key_file, self.control_socket, min_rw=self.min_rw,

@@ -19,6 +19,7 @@ import enum
 import hashlib
 import hmac
 import json
+import re
 import struct
 from typing import Any, NamedTuple
 
@@ -106,8 +107,9 @@ WELCOME_REFUSED = 1     # wrong key or volume name
 WELCOME_FENCED = 2      # the epoch is below the highest this replica has seen
 
 
-def mac(key: bytes, role: bytes, first: bytes, second: bytes, name: str) -> bytes:
-    return hmac.new(key, role + first + second + name.encode(), hashlib.sha256).digest()
+def mac(key: bytes, role: bytes, first: bytes, second: bytes, name: str | bytes) -> bytes:
+    raw = name.encode() if isinstance(name, str) else name
+    return hmac.new(key, role + first + second + raw, hashlib.sha256).digest()
 
 
 def pack_hello(server_nonce: bytes) -> bytes:
@@ -143,28 +145,43 @@ def handshake_name(volume: str, epoch: int) -> str:
     return f"{volume}{EPOCH_SEP}{epoch}" if epoch else volume
 
 
-def split_name(name: str) -> tuple[str, int]:
-    """`vol@7` -> ("vol", 7); `vol` -> ("vol", 0)."""
-    base, sep, epoch = name.partition(EPOCH_SEP)
-    if not sep:
-        return name, 0
-    if not epoch.isdigit() or int(epoch) <= 0:
-        raise ProtocolError(f"bad fencing epoch in handshake name {name!r}")
-    return base, int(epoch)
+# A volume name is ASCII (types.check_name); an epoch is decimal ASCII digits without sign,
+# leading zero or `_`, below 2^63 (etcd revisions are int64). `str.isdigit` is not enough:
+# '²'.isdigit() is true and int('²') raises.
+NAME_RE = re.compile(rb"([\x21-\x3f\x41-\x7e]{1,255})(?:@([1-9][0-9]{0,18}))?")
+MAX_EPOCH = (1 << 63) - 1
+
+
+def split_name(name: str | bytes) -> tuple[str, int]:
+    """`vol@7` -> ("vol", 7); `vol` -> ("vol", 0). Strict: printable ASCII, one `@`."""
+    raw = name.encode(errors="replace") if isinstance(name, str) else name
+    m = NAME_RE.fullmatch(raw)
+    if m is None or (m.group(2) is not None and int(m.group(2)) > MAX_EPOCH):
+        raise ProtocolError(f"bad volume name or fencing epoch in handshake name {raw!r}")
+    return m.group(1).decode("ascii"), int(m.group(2) or 0)
 
 
 def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes,
                       body: bytes) -> tuple[bytes, str, int]:
-    """Check the AUTH body; (client nonce, the name as sent, its fencing epoch or 0)."""
+    """Check the AUTH body; (client nonce, the name as sent, its fencing epoch or 0).
+
+    The MAC is checked over the raw name bytes before anything parses them: a stranger's
+    bytes never reach a parser (the name parser once crashed the listener on `vol@²`)."""
     name_len = len(body) - NONCE_SIZE - MAC_SIZE
-    name = body[:name_len].decode(errors="replace")
-    client_nonce = body[name_len:name_len + NONCE_SIZE]
-    got = body[name_len + NONCE_SIZE:]
-    want = mac(key, b"client", server_nonce, client_nonce, name)
-    base, epoch = split_name(name)
-    if base != volume or not hmac.compare_digest(got, want):
+    if name_len < 0:
+        raise ProtocolError("short AUTH message")
+    raw = bytes(body[:name_len])
+    client_nonce = bytes(body[name_len:name_len + NONCE_SIZE])
+    got = bytes(body[name_len + NONCE_SIZE:])
+    if not hmac.compare_digest(got, mac(key, b"client", server_nonce, client_nonce, raw)):
         raise AuthError("handshake refused: wrong cluster key or volume name")
-    return client_nonce, name, epoch
+    try:
+        base, epoch = split_name(raw)
+    except ProtocolError:
+        raise AuthError(f"handshake refused: bad name {raw!r}") from None
+    if base != volume:
+        raise AuthError("handshake refused: wrong cluster key or volume name")
+    return client_nonce, raw.decode("ascii"), epoch
 
 
 def pack_welcome(key: bytes | None, volume: str, server_nonce: bytes,
