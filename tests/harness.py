@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
@@ -48,14 +47,12 @@ class ReplicaProc:
     proc: subprocess.Popen[bytes] | None = None
     # What runs the server: the production module, or a test server (tests/support/).
     program: tuple[str, ...] = ("-m", "blockhorn.replica")
-    preexec_fn: Callable[[], None] | None = None    # e.g. a lower RLIMIT_NOFILE
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, *self.program, self.config_path],
-            stdout=log, stderr=log, cwd=ROOT, start_new_session=True,
-            preexec_fn=self.preexec_fn)
+            stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
         log.close()
         wait_for(lambda: connectable(self.cfg.listen) or self.proc.poll() is not None,  # type: ignore[union-attr]
                  f"replica {self.cfg.name}", log_path=self.log_path)

@@ -9,8 +9,11 @@ import errno
 import hashlib
 import json
 import os
+import resource
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,12 +21,13 @@ from harness import Cluster, ReplicaProc
 from support.faulty_replica import PROGRAM as FAULTY
 from support.rawpeer import RawPeer
 
-from blockhorn.config import ReplicaRef
+from blockhorn.config import ReplicaRef, parse_address
 from blockhorn.engine.client import Call, ReplicaClient
 from blockhorn.keys import load_key
 from blockhorn.nbd.attach import wait_for
 from blockhorn.replica import proto
 from blockhorn.replica.proto import FLAG_FUA, REPLY, Op, handshake_name
+from blockhorn.replica.server import HANDSHAKE_TIMEOUT_S, MAX_HANDSHAKES
 from blockhorn.types import MAX_REQUEST, AuthError, BlockhornError
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -246,4 +250,65 @@ def test_trim_with_fua_is_durable_before_the_reply(replica, tmp_path) -> None:
     h, data = peer.call(Op.READ, 6, MiB, 64 * KiB)
     assert h.status == 0 and data == bytes(64 * KiB)
     peer.close()
+    assert_serves(replica)
+
+
+# --- item 2: connection exhaustion --------------------------------------------------------------
+
+def idle_connections(rep: ReplicaProc, n: int) -> list[socket.socket]:
+    kind, port = parse_address(rep.cfg.listen)
+    out = []
+    for _ in range(n):
+        s = socket.create_connection((kind, port), timeout=5)   # type: ignore[arg-type]
+        out.append(s)
+    return out
+
+
+def greeted(s: socket.socket) -> bool:
+    """True if the server sent HELLO, False if it closed the connection unanswered."""
+    try:
+        return len(s.recv(proto.HELLO.size)) > 0
+    except ConnectionResetError:
+        return False
+
+
+def connects_within(rep: ReplicaProc, seconds: float) -> ReplicaClient:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return engine(rep)
+        except BlockhornError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_unauthenticated_connections_are_capped_and_time_out(replica) -> None:
+    idle = idle_connections(replica, MAX_HANDSHAKES + 8)
+    answers = [greeted(s) for s in idle]
+    assert answers.count(True) == MAX_HANDSHAKES and answers.count(False) == 8
+    start = time.monotonic()
+    c = connects_within(replica, HANDSHAKE_TIMEOUT_S + 10)   # once the idle ones time out
+    assert time.monotonic() - start < HANDSHAKE_TIMEOUT_S + 5
+    assert all(s.recv(1) == b"" for s in idle if s.fileno() >= 0)  # timed-out ones closed
+    c.close()
+    for s in idle:
+        s.close()
+    assert_serves(replica)
+
+
+def test_out_of_descriptors_backs_off_instead_of_dying(replica) -> None:
+    """At RLIMIT_NOFILE, accept() fails with EMFILE: the server waits and goes on."""
+    assert replica.proc is not None
+    pid = replica.proc.pid
+    base = len(os.listdir(f"/proc/{pid}/fd"))
+    _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (base + 8, hard))
+    idle = idle_connections(replica, 40)
+    wait_for(lambda: "Too many open files" in open(replica.log_path).read(),
+             "EMFILE in the replica's log", timeout=10)
+    assert replica.proc.poll() is None
+    for s in idle:
+        s.close()          # the flood goes away: descriptors free up
+    connects_within(replica, 10).close()
     assert_serves(replica)
