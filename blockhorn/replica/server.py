@@ -20,6 +20,7 @@ import signal
 import socket as stdsocket
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -51,11 +52,22 @@ ACCEPT_BACKOFF_S = 0.1       # pause after EMFILE/ENFILE in accept (descriptors 
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
+@dataclass
+class Session:
+    """What the handshake established for one connection."""
+    epoch: int                            # the owner's fencing epoch (0: none)
+    rx: proto.FrameMac | None = None      # checks request tags (frame MACs on)
+    tx: proto.FrameMac | None = None      # tags replies
+
+
 class ReplicaServer:
-    def __init__(self, replica: Replica, key: bytes, volume: str) -> None:
+    def __init__(self, replica: Replica, key: bytes, volume: str,
+                 frame_auth: str = "auto") -> None:
         self.replica = replica
         self.key = key
         self.volume = volume
+        self.frame_auth = frame_auth          # "auto" (TCP yes, unix no), "on", "off"
+        proto.frame_mac_wanted(frame_auth, False)    # reject a bad setting at start
         self.lock = threading.Lock()          # the store is single-threaded
         self.threads = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.connections = 0
@@ -116,7 +128,7 @@ class ReplicaServer:
                 if sock.family != stdsocket.AF_UNIX:
                     sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    epoch = await self.handshake(sock)
+                    session = await self.handshake(sock)
             except (BlockhornError, OSError, trio.TooSlowError) as e:
                 # Readiness probes connect and hang up: not worth a warning. Refusals are.
                 level = logging.WARNING if isinstance(e, AuthError) else logging.DEBUG
@@ -126,7 +138,7 @@ class ReplicaServer:
                 self.handshakes -= 1
             authenticated = True
             self.connections += 1
-            await self.loop(sock, epoch)
+            await self.loop(sock, session)
         except (BlockhornError, OSError) as e:
             log.warning("connection closed: %s", e)
         except Exception:
@@ -136,37 +148,46 @@ class ReplicaServer:
                 self.connections -= 1
             sock.close()
 
-    async def handshake(self, sock: trio.socket.SocketType) -> int:
-        """Authenticate the peer; its fencing epoch (0: none)."""
+    async def handshake(self, sock: trio.socket.SocketType) -> Session:
+        """Authenticate the peer: its fencing epoch (0: none) and, when the session uses
+        frame MACs, one `FrameMac` per direction."""
         server_nonce = secrets.token_bytes(proto.NONCE_SIZE)
-        await send_all(sock, [proto.pack_hello(server_nonce)])
-        name_len = int.from_bytes(await recv_exact(sock, 2), "little")
+        required = (proto.FEATURE_FRAME_MAC
+                    if proto.frame_mac_wanted(self.frame_auth, sock.family == stdsocket.AF_UNIX)
+                    else 0)
+        await send_all(sock, [proto.pack_hello(server_nonce, required)])
+        name_len, features = proto.AUTH_PREFIX.unpack(
+            await recv_exact(sock, proto.AUTH_PREFIX.size))
         if name_len > proto.MAX_NAME:
             raise ProtocolError("volume name too long in handshake")
         body = await recv_exact(sock, proto.auth_size(name_len))
         try:
-            client_nonce, name, epoch = proto.verify_auth_epoch(self.key, self.volume,
-                                                                server_nonce, body)
+            client_nonce, name, epoch = proto.verify_auth_epoch(
+                self.key, self.volume, server_nonce, body, required, features)
             await trio.to_thread.run_sync(self.fencing.admit, epoch)
-        except Fenced:
+        except BlockhornError as e:
+            status = (proto.WELCOME_FENCED if isinstance(e, Fenced) else
+                      proto.WELCOME_FEATURES if isinstance(e, proto.FeatureRefused) else
+                      proto.WELCOME_REFUSED)
             await send_all(sock, [proto.pack_welcome(None, self.volume, server_nonce, b"",
-                                                     proto.WELCOME_FENCED)])
+                                                     status)])
             raise
-        except BlockhornError:
-            await send_all(sock, [proto.pack_welcome(None, self.volume, server_nonce, b"")])
-            raise
-        await send_all(sock, [proto.pack_welcome(self.key, name, server_nonce, client_nonce)])
-        return epoch
+        await send_all(sock, [proto.pack_welcome(self.key, name, server_nonce, client_nonce,
+                                                 features=features)])
+        if not features & proto.FEATURE_FRAME_MAC:
+            return Session(epoch)
+        c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, name)
+        return Session(epoch, proto.FrameMac(c2s), proto.FrameMac(s2c))
 
-    async def loop(self, sock: trio.socket.SocketType, epoch: int = 0) -> None:
+    async def loop(self, sock: trio.socket.SocketType, session: Session) -> None:
         """Hand the authenticated connection to a worker thread running `serve_blocking`;
         on cancellation (shutdown) the socket is shut down, which ends the thread, as does
         a newer owner's epoch (`Fencing`)."""
         conn = stdsocket.socket(sock.family, sock.type, fileno=sock.detach())
         conn.setblocking(True)
-        self.fencing.register(conn, epoch)
+        self.fencing.register(conn, session.epoch)
         try:
-            await trio.to_thread.run_sync(self.serve_blocking, conn, epoch,
+            await trio.to_thread.run_sync(self.serve_blocking, conn, session,
                                           limiter=self.threads)
         finally:
             self.fencing.unregister(conn)
@@ -174,10 +195,14 @@ class ReplicaServer:
                 conn.shutdown(stdsocket.SHUT_RDWR)
             conn.close()
 
-    def serve_blocking(self, sock: stdsocket.socket, epoch: int = 0) -> None:
+    def serve_blocking(self, sock: stdsocket.socket, session: Session | None = None) -> None:
         """The data loop of one connection, in its own thread: receive what the socket has,
-        execute every complete request in order, answer them all with one sendmsg. A request
-        of a fenced owner (`epoch` below the highest seen) is answered ESTALE and ends it."""
+        execute every complete request in order, answer them all with one sendmsg. With frame
+        MACs each request's tag is checked before it executes (a bad one ends the connection)
+        and each reply is tagged. A request of a fenced owner is answered ESTALE and ends it."""
+        session = session or Session(0)
+        epoch, rx, tx = session.epoch, session.rx, session.tx
+        tag = proto.TAG_SIZE if rx is not None else 0
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         filled = 0
@@ -191,26 +216,32 @@ class ReplicaServer:
             fenced = False
             while filled - pos >= HEADER_SIZE and not fenced:
                 h = proto.unpack(buf, pos)
-                end = pos + HEADER_SIZE + h.payload
+                end = pos + HEADER_SIZE + h.payload + tag
                 if end <= filled:
-                    payload = view[pos + HEADER_SIZE:end]
+                    frame = view[pos:end]
                     pos = end
                 elif end - pos > len(buf):
                     # Larger than the buffer (payload <= MAX_PAYLOAD): receive it into its own.
-                    big = bytearray(h.payload)
-                    have = filled - pos - HEADER_SIZE
-                    big[:have] = view[pos + HEADER_SIZE:filled]
-                    recv_into_exact(sock, memoryview(big)[have:])
-                    payload, pos = memoryview(big), filled
+                    big = bytearray(end - pos)
+                    big[:filled - pos] = view[pos:filled]
+                    recv_into_exact(sock, memoryview(big)[filled - pos:])
+                    frame, pos = memoryview(big), filled
                 else:
                     break
+                if rx is not None:
+                    m = rx.begin()
+                    m.update(frame[:len(frame) - tag])
+                    proto.FrameMac.check(m, frame[len(frame) - tag:])
                 try:
-                    replies += self.execute(h, payload, epoch)
+                    reply = self.execute(h, frame[HEADER_SIZE:HEADER_SIZE + h.payload], epoch)
                 except Fenced as e:
                     log.warning("op %d of a fenced owner refused: %s", h.op, e)
-                    replies.append(proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
-                                              status=e.errno))
+                    reply = [proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
+                                        status=e.errno)]
                     fenced = True
+                if tx is not None:
+                    reply.append(tx.tag(reply))
+                replies += reply
             if pos:
                 buf[:filled - pos] = view[pos:filled]
                 filled -= pos
@@ -422,7 +453,7 @@ def open_replica(cfg: ReplicaConfig) -> Replica:
 
 async def run(cfg: ReplicaConfig, server_class: type[ReplicaServer] = ReplicaServer) -> None:
     replica = open_replica(cfg)
-    server = server_class(replica, load_key(cfg.key_file), cfg.volume)
+    server = server_class(replica, load_key(cfg.key_file), cfg.volume, cfg.frame_auth)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:

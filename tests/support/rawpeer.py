@@ -31,28 +31,47 @@ def dial(address: str, timeout: float = TIMEOUT_S) -> socket.socket:
 class RawPeer:
     """An authenticated connection whose frames the test writes itself."""
 
-    def __init__(self, address: str, key: bytes, name: bytes | str = b"vol") -> None:
+    def __init__(self, address: str, key: bytes, name: bytes | str = b"vol",
+                 features: int | None = None) -> None:
+        """`features` None: what the server requires (HELLO), like the engine on a unix
+        socket; frame MACs are used (and checked) when the session turns them on."""
         self.sock = dial(address)
         raw = name.encode() if isinstance(name, str) else name
-        server_nonce = proto.unpack_hello(recv_exact(self.sock, proto.HELLO.size))
+        server_nonce, required = proto.unpack_hello(recv_exact(self.sock, proto.HELLO.size))
+        self.features = required if features is None else features
         client_nonce = os.urandom(proto.NONCE_SIZE)
-        self.sock.sendall(len(raw).to_bytes(2, "little") + raw + client_nonce
-                          + proto.mac(key, b"client", server_nonce, client_nonce, raw))
+        self.sock.sendall(proto.AUTH_PREFIX.pack(len(raw), self.features) + raw + client_nonce
+                          + proto.mac(key, b"client", server_nonce, client_nonce, raw,
+                                      proto.AUTH_PREFIX.pack(required, self.features)))
         welcome = recv_exact(self.sock, proto.WELCOME_SIZE)
         self.status = welcome[0]
+        self.tx = self.rx = None
+        if self.status == 0 and self.features & proto.FEATURE_FRAME_MAC:
+            c2s, s2c = proto.session_keys(key, server_nonce, client_nonce, raw)
+            self.tx, self.rx = proto.FrameMac(c2s), proto.FrameMac(s2c)
 
     def send(self, op: int, seq: int = 1, offset: int = 0, length: int = 0,
              payload: bytes = b"", flags: int = 0) -> None:
         self.send_raw(proto.pack(op, seq, offset, length, len(payload), flags) + payload)
 
-    def send_raw(self, frame: bytes) -> None:
+    def send_raw(self, frame: bytes, tagged: bool = True) -> None:
+        """Send `frame` (header + payload) as is, plus its tag when the session has MACs
+        (`tagged` False: without one, as an attacker without the session key would)."""
+        if self.tx is not None and tagged:
+            frame += self.tx.tag([frame])
         self.sock.sendall(frame)
 
     def reply(self) -> tuple[proto.Header, bytes]:
-        """The next reply (header, payload); raises OSError/ProtocolError if the server
-        closed the connection instead."""
-        h = proto.unpack(recv_exact(self.sock, proto.HEADER_SIZE))
-        return h, recv_exact(self.sock, h.payload)
+        """The next reply (header, payload), its tag checked; raises OSError/ProtocolError
+        if the server closed the connection instead."""
+        head = recv_exact(self.sock, proto.HEADER_SIZE)
+        h = proto.unpack(head)
+        payload = recv_exact(self.sock, h.payload)
+        if self.rx is not None:
+            m = self.rx.begin()
+            m.update(head + payload)
+            proto.FrameMac.check(m, recv_exact(self.sock, proto.TAG_SIZE))
+        return h, payload
 
     def call(self, op: int, seq: int = 1, offset: int = 0, length: int = 0,
              payload: bytes = b"", flags: int = 0) -> tuple[proto.Header, bytes]:
