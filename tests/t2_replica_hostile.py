@@ -312,3 +312,15 @@ def test_out_of_descriptors_backs_off_instead_of_dying(replica) -> None:
         s.close()          # the flood goes away: descriptors free up
     connects_within(replica, 10).close()
     assert_serves(replica)
+
+
+def test_sigterm_stops_a_replica_with_engines_connected(replica) -> None:
+    """Shutdown does not wait for connected engines to hang up (their data threads are
+    abandoned and their sockets shut down)."""
+    held = [engine(replica), engine(replica)]
+    held[0].request(Op.WRITE, 0, 4096, b"s" * 4096)
+    assert replica.proc is not None
+    replica.proc.send_signal(signal.SIGTERM)
+    assert replica.proc.wait(10) == 0
+    for c in held:
+        c.close()

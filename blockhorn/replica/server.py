@@ -187,8 +187,11 @@ class ReplicaServer:
         conn.setblocking(True)
         self.fencing.register(conn, session.epoch)
         try:
+            # abandon_on_cancel: at shutdown the `finally` shuts the socket down, which ends
+            # the thread (a blocked recv returns); waiting for it first would wait forever
+            # on an engine that keeps its connection open.
             await trio.to_thread.run_sync(self.serve_blocking, conn, session,
-                                          limiter=self.threads)
+                                          limiter=self.threads, abandon_on_cancel=True)
         finally:
             self.fencing.unregister(conn)
             with contextlib.suppress(OSError):
@@ -464,7 +467,8 @@ async def run(cfg: ReplicaConfig, server_class: type[ReplicaServer] = ReplicaSer
                     nursery.cancel_scope.cancel()
                     break
     finally:
-        replica.close()
+        with server.lock:        # a data thread still executing finishes its request first
+            replica.close()
         kind, where = parse_address(cfg.listen)
         if kind == "unix":
             remove_socket(str(where))
