@@ -329,7 +329,7 @@ class ReplicaClient:
                 if not h.op & REPLY:
                     raise ProtocolError(f"expected a reply, got op {h.op}")
                 if self.rx is not None:
-                    self._mac = self.rx.begin()
+                    self._mac = self.rx.begin(h.payload)
                     self._mac.update(view[pos:pos + HEADER_SIZE])
                     self._tag_have = 0
                 pos += HEADER_SIZE

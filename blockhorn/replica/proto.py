@@ -254,45 +254,81 @@ def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: b
 
 # --- frame authentication (FEATURE_FRAME_MAC) -------------------------------------------------
 # Session keys: HKDF-SHA256 (RFC 5869) of the cluster key, salted with both nonces, bound to
-# the name; one key per direction. Tag of the i-th frame in a direction (i from 0, not sent):
-# HMAC-SHA256(direction key, i u64 | header | payload), first TAG_SIZE bytes, after the
-# payload. A replayed, reordered, dropped or altered frame fails the next check. HMAC, not an
-# AEAD: measured on 4 KiB frames it costs half of AES-GCM through `cryptography` (whose fixed
-# per-call cost dominates small frames), and it needs no dependency (docs/SECURITY.md).
+# the name: per direction one HMAC key and one AES-256 key. Each direction counts its frames
+# from 0 (the counter is never sent). The tag of frame i (16 bytes, after the payload):
+#   payload < BULK_MIN: HMAC-SHA256(hmac key, i u64 | header | payload), first 16 bytes;
+#   payload >= BULK_MIN: AES-256-GCM with the AES key, nonce i u64 | 00 00 00 00, no plaintext
+#     and associated data header | payload (that is, GMAC), its 16-byte tag.
+# A replayed, reordered, dropped or altered frame fails the next check. Two algorithms because
+# each is fast where the other is slow (measured here: HMAC 1.1 us + 0.57 us/KiB, OpenSSL
+# SHA-NI; GMAC through `cryptography` ~12 us + 0.08 us/KiB): a 4 KiB frame costs 3.4 us with
+# HMAC against 12 us, a 1 MiB frame 80 us with GMAC against 600 us.
 
 TAG_SIZE = 16            # bytes; a 128-bit tag
+BULK_MIN = 32 << 10      # payload bytes from which a frame is tagged with GMAC
 KDF_INFO = b"blockhorn frame keys v2|"
 
 
 def session_keys(key: bytes, server_nonce: bytes, client_nonce: bytes,
                  name: str | bytes) -> tuple[bytes, bytes]:
-    """(client->server key, server->client key) for one connection."""
+    """(client->server key, server->client key) for one connection: 64 bytes each, the
+    HMAC key then the AES-256 key."""
     raw = name.encode() if isinstance(name, str) else name
     prk = hmac.new(server_nonce + client_nonce, key, hashlib.sha256).digest()
-    t1 = hmac.new(prk, KDF_INFO + raw + b"\x01", hashlib.sha256).digest()
-    t2 = hmac.new(prk, t1 + KDF_INFO + raw + b"\x02", hashlib.sha256).digest()
-    return t1, t2
+    blocks, t = [], b""
+    for i in range(1, 5):
+        t = hmac.new(prk, t + KDF_INFO + raw + bytes([i]), hashlib.sha256).digest()
+        blocks.append(t)
+    return blocks[0] + blocks[2], blocks[1] + blocks[3]
+
+
+class _Gmac:
+    """GMAC of a bulk frame, with the `update`/`digest` of a hashlib object."""
+
+    __slots__ = ("e",)
+
+    def __init__(self, e: Any) -> None:
+        self.e = e
+
+    def update(self, b: bytes | bytearray | memoryview) -> None:
+        if len(b):
+            self.e.authenticate_additional_data(b)
+
+    def digest(self) -> bytes:
+        self.e.finalize()
+        return bytes(self.e.tag)
 
 
 class FrameMac:
     """One direction of a session: tags frames in order (sender) or checks them (receiver).
     Not thread-safe: the owner serialises (the client's send lock, the server's loop)."""
 
-    __slots__ = ("_base", "counter")
+    __slots__ = ("_hmac", "_aes", "counter")
 
     def __init__(self, key: bytes) -> None:
-        self._base = hmac.new(key, digestmod=hashlib.sha256)
+        # Imported here: only sessions with frame MACs need `cryptography`.
+        from cryptography.hazmat.primitives.ciphers import algorithms
+
+        self._hmac = hmac.new(key[:32], digestmod=hashlib.sha256)
+        self._aes = algorithms.AES(key[32:64])
         self.counter = 0
 
-    def begin(self) -> Any:
-        """A MAC over the next frame: feed it the header and payload, then `check`."""
-        m = self._base.copy()
-        m.update(self.counter.to_bytes(8, "little"))
+    def begin(self, payload: int) -> Any:
+        """The MAC of the next frame, whose payload has `payload` bytes: feed it the header
+        and the payload (`update`), then `check` (receiver) or `digest()[:TAG_SIZE]`."""
+        counter = self.counter.to_bytes(8, "little")
         self.counter += 1
-        return m
+        if payload < BULK_MIN:
+            m = self._hmac.copy()      # an HMAC object as is: no wrapper on the hot path
+            m.update(counter)
+            return m
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+        return _Gmac(Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor())
 
     def tag(self, buffers: list[Any]) -> bytes:
-        m = self.begin()
+        """The tag of a frame given as [header, payload pieces...]."""
+        m = self.begin(sum(len(b) for b in buffers) - HEADER_SIZE)
         for b in buffers:
             m.update(b)
         return bytes(m.digest()[:TAG_SIZE])

@@ -232,7 +232,7 @@ class ReplicaServer:
                 else:
                     break
                 if rx is not None:
-                    m = rx.begin()
+                    m = rx.begin(h.payload)
                     m.update(frame[:len(frame) - tag])
                     proto.FrameMac.check(m, frame[len(frame) - tag:])
                 try:

@@ -68,7 +68,7 @@ class RawPeer:
         h = proto.unpack(head)
         payload = recv_exact(self.sock, h.payload)
         if self.rx is not None:
-            m = self.rx.begin()
+            m = self.rx.begin(h.payload)
             m.update(head + payload)
             proto.FrameMac.check(m, recv_exact(self.sock, proto.TAG_SIZE))
         return h, payload
