@@ -22,6 +22,21 @@ def flip_at(position: int) -> Hook:
     return hook
 
 
+class FlipNext:
+    """A hook that forwards untouched until armed, then flips one bit of the last byte of the
+    next chunk (inside a frame's payload or tag, past the header a receiver parses first)."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+        self.fired = threading.Event()
+
+    def __call__(self, offset: int, chunk: bytes) -> bytes:
+        if not self.armed.is_set() or self.fired.is_set() or not chunk:
+            return chunk
+        self.fired.set()
+        return chunk[:-1] + bytes([chunk[-1] ^ 0x01])
+
+
 class Mitm:
     def __init__(self, upstream: tuple[str, int], c2s: Hook | None = None,
                  s2c: Hook | None = None) -> None:
