@@ -10,10 +10,11 @@ PY       := $(VENV)/bin/python
 APT_PKGS := nfs-ganesha nfs-ganesha-vfs libnfs-utils \
             nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
             e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc \
-            libfuse3-dev pkg-config gcc patch mount iproute2 etcd-server etcd-client rpcbind
+            libfuse3-dev pkg-config gcc patch mount iproute2 etcd-server etcd-client rpcbind \
+            python3-cryptography
 STAMP    := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench fuzz lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +37,13 @@ bench: setup
 	$(PY) scripts/bench_snapshots.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_failover.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_verify.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_frames.py $(if $(QUICK),--quick,)
+
+# The fuzz tests of `make test` (tests/t0_proto_fuzz.py, tests/t2_replica_fuzz.py), run longer.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -ra -p no:cacheprovider \
+	    tests/t0_proto_fuzz.py tests/t2_replica_fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

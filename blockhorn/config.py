@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from blockhorn.fsutil import atomic_write_json
+from blockhorn.replica.proto import FRAME_AUTH_SETTINGS  # docs/SECURITY.md
 from blockhorn.types import InvalidArgument, NotFound, check_name
 
 REPLICA_TIMEOUT_S = 8.0   # seconds a replica may take to answer before it is set ERR
@@ -74,11 +75,13 @@ class ReplicaConfig(_Loadable):
     size: int
     listen: str          # address to listen on
     key_file: str
+    frame_auth: str = "auto"   # frame MACs: "auto" (TCP yes, unix socket no), "on", "off"
 
     def validate(self) -> None:
         check_name(self.volume)
         check_name(self.name, "replica")
         parse_address(self.listen)
+        check_frame_auth(self.frame_auth)
 
 
 @dataclass
@@ -86,6 +89,13 @@ class ReplicaRef:
     name: str
     address: str
     path: str = ""       # directory, when the replica is on this host (enables local reads)
+    frame_auth: str = "auto"   # frame MACs on this link: "auto" (TCP yes, unix no), "on", "off"
+
+
+def check_frame_auth(value: str) -> None:
+    if value not in FRAME_AUTH_SETTINGS:
+        raise InvalidArgument(f"frame_auth must be one of {', '.join(FRAME_AUTH_SETTINGS)}, "
+                              f"not {value!r}")
 
 
 @dataclass
@@ -111,6 +121,7 @@ class EngineConfig(_Loadable):
             raise InvalidArgument("engine config lists no replicas")
         for r in self.replicas:
             parse_address(r.address)
+            check_frame_auth(r.frame_auth)
         if not 1 <= self.min_rw <= len(self.replicas):
             raise InvalidArgument(f"min_rw={self.min_rw} must be between 1 and the replica count")
         if self.timeout_s <= 0:

@@ -47,6 +47,8 @@ class ReplicaProc:
     log_path: str
     proc: subprocess.Popen[bytes] | None = None
     members: list[str] = field(default_factory=list)   # the volume's replicas at creation
+    # What runs the server: the production module, or a test server (tests/support/).
+    program: tuple[str, ...] = ("-m", "blockhorn.replica")
 
     def create(self) -> None:
         """What `volume create` does for each replica: an empty replica, in sync at
@@ -59,7 +61,7 @@ class ReplicaProc:
         self.create()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blockhorn.replica", self.config_path],
+            [sys.executable, *self.program, self.config_path],
             stdout=log, stderr=log, cwd=ROOT, start_new_session=True)
         log.close()
         wait_for(lambda: connectable(self.cfg.listen) or self.proc.poll() is not None,  # type: ignore[union-attr]
@@ -88,6 +90,7 @@ class Cluster:
     min_rw: int = 1
     timeout_s: float = 8.0
     local_reads: bool = True
+    replica_program: tuple[str, ...] = ("-m", "blockhorn.replica")
     reps: list[ReplicaProc] = field(default_factory=list)
     engine: subprocess.Popen[bytes] | None = None
 
@@ -108,7 +111,7 @@ class Cluster:
             path = os.path.join(self.home, f"{name}.json")
             cfg.save(path)
             self.reps.append(ReplicaProc(cfg, path, os.path.join(self.home, f"{name}.log"),
-                                         members=names))
+                                         members=names, program=self.replica_program))
         self.write_engine_config()
 
     def write_engine_config(self, **extra: object) -> None:

@@ -32,20 +32,54 @@ def test_revision_counter_example() -> None:
 
 
 def test_hello_example() -> None:
-    assert proto.unpack_hello(hex_blocks()[1]) == bytes(range(32))
+    assert proto.unpack_hello(hex_blocks()[1]) == (bytes(range(32)), proto.FEATURE_FRAME_MAC)
 
 
 def test_auth_example_verifies_and_wrong_key_is_refused() -> None:
     auth = hex_blocks()[2]
-    key = bytes(32)
-    name_len = int.from_bytes(auth[:2], "little")
-    assert auth[2 : 2 + name_len] == b"vol"
-    client_nonce = proto.verify_auth(key, "vol", bytes(range(32)), auth[2:])
+    key, server_nonce, mac_on = bytes(32), bytes(range(32)), proto.FEATURE_FRAME_MAC
+    name_len, features = proto.AUTH_PREFIX.unpack(auth[:4])
+    assert auth[4 : 4 + name_len] == b"vol" and features == mac_on
+    client_nonce = proto.verify_auth(key, "vol", server_nonce, auth[4:], mac_on, features)
     assert client_nonce == bytes(range(32, 64))
     with pytest.raises(AuthError):
-        proto.verify_auth(b"\x01" * 32, "vol", bytes(range(32)), auth[2:])
+        proto.verify_auth(b"\x01" * 32, "vol", server_nonce, auth[4:], mac_on, features)
     with pytest.raises(AuthError):
-        proto.verify_auth(key, "other", bytes(range(32)), auth[2:])
+        proto.verify_auth(key, "other", server_nonce, auth[4:], mac_on, features)
+    with pytest.raises(AuthError):      # a stripped requirement (downgrade) breaks the MAC
+        proto.verify_auth(key, "vol", server_nonce, auth[4:], 0, 0)
+    assert proto.pack_auth(key, "vol", server_nonce, client_nonce, mac_on, mac_on) == auth
+
+
+def test_frame_mac_examples() -> None:
+    welcome, ping, pong, bulk_tag = hex_blocks()[6:10]
+    key, server_nonce, client_nonce = bytes(32), bytes(range(32)), bytes(range(32, 64))
+    mac_on = proto.FEATURE_FRAME_MAC
+    proto.verify_welcome(key, "vol", server_nonce, client_nonce, welcome, mac_on)
+    with pytest.raises(AuthError):      # the same WELCOME for a session without MACs
+        proto.verify_welcome(key, "vol", server_nonce, client_nonce, welcome, 0)
+    c2s, s2c = proto.session_keys(key, server_nonce, client_nonce, "vol")
+    assert [c2s[:4].hex(), s2c[:4].hex(), c2s[32:36].hex(), s2c[32:36].hex()] == [
+        "c4d3fe19", "90cb2692", "c5458e7b", "47ff4996"]
+    for frame, k, op in ((ping, c2s, Op.PING), (pong, s2c, Op.PING | REPLY)):
+        h = proto.unpack(frame)
+        assert (h.op, h.seq, h.payload) == (op, 1, 0)
+        rx = proto.FrameMac(k)
+        m = rx.begin(0)
+        m.update(frame[:proto.HEADER_SIZE])
+        proto.FrameMac.check(m, frame[proto.HEADER_SIZE:])
+        assert len(frame) == proto.HEADER_SIZE + proto.TAG_SIZE
+        if k == c2s:                     # the client's second frame: a bulk WRITE (GMAC)
+            write = proto.pack(Op.WRITE, 2, 0, 32768, 32768)
+            assert proto.FrameMac(k).tag([write, bytes(32768)]) != bulk_tag   # counter 0
+            m = rx.begin(32768)
+            m.update(write)
+            m.update(bytes(32768))
+            proto.FrameMac.check(m, bulk_tag)
+        m = rx.begin(0)                  # the first frame again (a replay) fails
+        m.update(frame[:proto.HEADER_SIZE])
+        with pytest.raises(ProtocolError):
+            proto.FrameMac.check(m, frame[proto.HEADER_SIZE:])
 
 
 def test_message_examples() -> None:

@@ -142,11 +142,13 @@ def test_snapshots_purge_rebuild_expand_revert(cluster_factory) -> None:
 
 
 def test_replica_failing_a_snapshot_goes_err_and_is_rebuilt_with_it(cluster_factory) -> None:
+    from support.faulty_replica import PROGRAM
+
     from blockhorn.config import ReplicaRef
     from blockhorn.engine.client import ReplicaClient
     from blockhorn.keys import load_key
 
-    c = cluster_factory(size=8 * MiB)
+    c = cluster_factory(size=8 * MiB, replica_program=PROGRAM)
     h = connect(c)
     h.pwrite(b"a" * MiB, 0)
     rep = c.reps[1].cfg

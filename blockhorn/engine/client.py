@@ -91,6 +91,13 @@ class ReplicaClient:
         self.closed = False
         self.receiver = receiver or Receiver()
         self.error = ""
+        # Frame MACs (proto.FrameMac), when the handshake turned them on: `tx` tags requests
+        # in send order (under send_lock), `rx` checks replies (receiver thread only).
+        self.tx: proto.FrameMac | None = None
+        self.rx: proto.FrameMac | None = None
+        self._mac: Any = None               # the MAC of the reply being received
+        self._tag = bytearray(proto.TAG_SIZE)
+        self._tag_have = 0
         # Reply parser state (only the receiver thread touches it).
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
@@ -134,11 +141,19 @@ class ReplicaClient:
         self.receiver.add(self)
 
     def _handshake(self, sock: socket.socket) -> None:
-        server_nonce = proto.unpack_hello(recv_exact(sock, proto.HELLO.size))
+        """Authenticate both ways; with frame MACs (TCP by default: `ReplicaRef.frame_auth`,
+        or when the replica requires them) derive the per-direction session keys."""
+        server_nonce, required = proto.unpack_hello(recv_exact(sock, proto.HELLO.size))
+        wanted = proto.frame_mac_wanted(self.ref.frame_auth, sock.family == socket.AF_UNIX)
+        features = required | (proto.FEATURE_FRAME_MAC if wanted else 0)
         client_nonce = secrets.token_bytes(proto.NONCE_SIZE)
-        sock.sendall(proto.pack_auth(self.key, self.volume, server_nonce, client_nonce))
+        sock.sendall(proto.pack_auth(self.key, self.volume, server_nonce, client_nonce,
+                                     required, features))
         proto.verify_welcome(self.key, self.volume, server_nonce, client_nonce,
-                             recv_exact(sock, proto.WELCOME_SIZE))
+                             recv_exact(sock, proto.WELCOME_SIZE), features)
+        if features & proto.FEATURE_FRAME_MAC:
+            c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, self.volume)
+            self.tx, self.rx = proto.FrameMac(c2s), proto.FrameMac(s2c)
 
     def close(self, reason: str = "closed") -> None:
         """Drop the connection; pending calls fail with EIO. Safe to call more than once."""
@@ -194,8 +209,12 @@ class ReplicaClient:
                 return
             try:
                 buffers: list[Any] = []
+                tx = self.tx
                 while queue and len(buffers) < BUFFERS_PER_SEND:
-                    buffers += queue.popleft()
+                    item = queue.popleft()
+                    if tx is not None:       # tags follow the send order: under send_lock
+                        item.append(tx.tag(item))
+                    buffers += item
                 if self.sock is None:
                     raise OSError(errno.EIO, self.error or "not connected")
                 total = sum(len(b) for b in buffers)
@@ -258,14 +277,16 @@ class ReplicaClient:
             if self._cur is not None and self._pos == self._filled and self._left >= 65536:
                 # A large payload with nothing buffered: receive straight into its buffer.
                 dest = self._cur_dest
-                n = sock.recv_into(dest[len(dest) - self._left:] if dest is not None
-                                   else self._scratch[:min(self._left, len(self._scratch))],
-                                   0, socket.MSG_DONTWAIT)
+                into = (dest[len(dest) - self._left:] if dest is not None
+                        else self._scratch[:min(self._left, len(self._scratch))])
+                n = sock.recv_into(into, 0, socket.MSG_DONTWAIT)
                 if n == 0:
                     raise ProtocolError("replica closed the connection")
+                if self._mac is not None:
+                    self._mac.update(into[:n])
                 self._left -= n
-                if self._left == 0:
-                    self._finish()
+                if self._left == 0 and self._mac is None:
+                    self._finish()      # (with a MAC, its tag follows: `_parse` takes it)
                 return
             n = sock.recv_into(self._view[self._filled:], 0, socket.MSG_DONTWAIT)
             if n == 0:
@@ -284,19 +305,33 @@ class ReplicaClient:
             if self._cur is not None:
                 take = min(self._left, filled - pos)
                 if take:
+                    chunk = view[pos:pos + take]
                     dest = self._cur_dest
                     if dest is not None:
                         at = len(dest) - self._left
-                        dest[at:at + take] = view[pos:pos + take]
+                        dest[at:at + take] = chunk
+                    if self._mac is not None:
+                        self._mac.update(chunk)
                     pos += take
                     self._left -= take
                 if self._left:
                     break
+                if self._mac is not None:       # the reply's tag follows its payload
+                    take = min(proto.TAG_SIZE - self._tag_have, filled - pos)
+                    self._tag[self._tag_have:self._tag_have + take] = view[pos:pos + take]
+                    self._tag_have += take
+                    pos += take
+                    if self._tag_have < proto.TAG_SIZE:
+                        break
                 self._finish()
             elif filled - pos >= HEADER_SIZE:
                 h = proto.unpack(view, pos)
                 if not h.op & REPLY:
                     raise ProtocolError(f"expected a reply, got op {h.op}")
+                if self.rx is not None:
+                    self._mac = self.rx.begin(h.payload)
+                    self._mac.update(view[pos:pos + HEADER_SIZE])
+                    self._tag_have = 0
                 pos += HEADER_SIZE
                 entry = self.pending.pop(h.seq, None)
                 self._cur = (entry[0] if entry else None, h.status)
@@ -309,8 +344,6 @@ class ReplicaClient:
                     elif reply_buf is not None:
                         reply_buf[:] = bytes(h.payload)
                         self._cur_dest = memoryview(reply_buf)
-                if not self._left:
-                    self._finish()
             else:
                 break
         if pos == filled:
@@ -322,9 +355,19 @@ class ReplicaClient:
             self._pos = pos
 
     def _finish(self) -> None:
+        """The current reply is complete: check its tag (frame MACs), complete its call. A
+        bad tag fails the call and raises, which drops the connection (replica lost)."""
         call, status = self._cur  # type: ignore[misc]
         self._cur = None
         self._cur_dest = None
+        m, self._mac = self._mac, None
+        if m is not None:
+            try:
+                proto.FrameMac.check(m, self._tag)
+            except ProtocolError:
+                if call is not None:
+                    call.complete(self.name, errno.EIO)
+                raise
         if call is not None:
             call.complete(self.name, status)
 

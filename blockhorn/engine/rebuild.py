@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockhorn.engine.client import Call, ReplicaClient
 from blockhorn.replica.proto import Op
+from blockhorn.replica.proto import encode_json as proto_json
 from blockhorn.types import BlockhornError, ReplicaMode, ReplicaUnavailable
 
 if TYPE_CHECKING:
@@ -131,17 +132,24 @@ def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source:
     ranges = [(s, min(n, eng.size - s)) for s, n in reply["ranges"] if s < eng.size]
     progress.update(mode="incremental", since=since,
                     total=sum(n for _, n in ranges), done=0)
+    head = source.control({"op": "chain"})["head"]
     for start, length in ranges:
         for pos, n in _chunks(start, length):
             _check_running(eng, r)
+            # Layer-exact: the target's head range becomes the source's head range, holes
+            # and all (older layers are equal: same chain), so the replicas stay identical
+            # file by file, not only in what reads return.
             with eng.order_lock:
-                buf = bytearray(n)
-                call = Call(1, dest=memoryview(buf))
-                source.submit(call, Op.READ, pos, n)
-                _wait(eng, call, source, "resync read")
-                call = Call(1)
-                target.submit(call, Op.WRITE, pos, n, buf)
-            _wait(eng, call, target, "resync write")
+                extents = _head_extents(source, head, pos, n)
+                calls = [_submit_control(target, {"op": "punch_head", "offset": pos,
+                                                  "length": n})]
+                for s_, n_ in extents:
+                    data = _read_layer(eng, source, head, s_, n_)
+                    call = Call(1)
+                    target.submit(call, Op.WRITE, s_, n_, data)
+                    calls.append(call)
+            for call in calls:
+                _wait(eng, call, target, "resync write")
             progress["done"] += n
     _finish(eng, r, target, source)
     return True
@@ -156,6 +164,19 @@ def _finish(eng: Engine, r: ReplicaState, target: ReplicaClient, source: Replica
         target.control({"op": "finish_rebuild", "revision": final["revision"]})
         r.stat = target.stat()
         eng.set_mode(r, ReplicaMode.RW, order_held=True)
+
+
+def _head_extents(source: ReplicaClient, head: str, offset: int,
+                  length: int) -> list[tuple[int, int]]:
+    reply = source.control({"op": "extents", "offset": offset, "length": length,
+                            "layer": head})
+    return [(int(s), int(n)) for s, n in reply["extents"]]
+
+
+def _submit_control(client: ReplicaClient, req: dict[str, Any]) -> Call:
+    call = Call(1)
+    client.submit(call, Op.CONTROL, data=proto_json(req))
+    return call
 
 
 def _wait_purge_idle(source: ReplicaClient) -> None:

@@ -10,22 +10,26 @@ arrive in any order. `status` is 0 in requests and an errno in replies. `payload
 the header (write data in a WRITE request, read data in a READ reply, JSON in STAT/CONTROL).
 
 Before any message, a mutual HMAC-SHA256 handshake proves both sides hold the cluster key and
-names the volume, so a stranger can neither read nor write replica data.
+names the volume. With the FRAME_MAC feature (on by default over TCP) every frame after it
+carries a tag under per-connection session keys, so an on-path attacker cannot alter, inject,
+replay, reorder or drop frames unnoticed. Nothing is encrypted (docs/SECURITY.md).
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import hmac
 import json
+import re
 import struct
 from typing import Any, NamedTuple
 
 from blockhorn.types import MAX_REQUEST, AuthError, ProtocolError
 
 MAGIC = 0xB10C
-VERSION = 1
+VERSION = 2              # 2: handshake features and frame MACs
 HEADER = struct.Struct("<HBBHHIQII")
 HEADER_SIZE = HEADER.size  # 28
 REPLY = 0x80
@@ -89,53 +93,84 @@ def decode_json(buf: bytes | bytearray | memoryview) -> Any:
 
 
 # --- handshake -------------------------------------------------------------------------------
-# server -> client: HELLO   = b"BHRP" | version u16 | reserved u16 | server nonce (32)
-# client -> server: AUTH    = name length u16 | volume name (UTF-8) | client nonce (32) | mac_c (32)
-# server -> client: WELCOME = status u8 (0 ok, 1 refused) | mac_s (32, zero when refused)
-# mac_c = HMAC-SHA256(key, b"client" | server nonce | client nonce | name)
-# mac_s = HMAC-SHA256(key, b"server" | client nonce | server nonce | name)
+# server -> client: HELLO   = b"BHRP" | version u16 | features u16 | server nonce (32)
+# client -> server: AUTH    = name length u16 | features u16 | name (ASCII) | client nonce (32)
+#                             | mac_c (32)
+# server -> client: WELCOME = status u8 (0 ok, 1 refused, 2 fenced, 3 features) | mac_s (32)
+# mac_c = HMAC-SHA256(key, b"client" | server nonce | client nonce | HELLO features u16
+#                          | AUTH features u16 | name)
+# mac_s = HMAC-SHA256(key, b"server" | client nonce | server nonce | AUTH features u16 | name)
+# HELLO features: what the server requires; AUTH features: what the session uses (a superset).
+# Both are under mac_c, so an on-path attacker cannot strip a requirement (downgrade).
 
 HELLO = struct.Struct("<4sHH32s")
 HELLO_MAGIC = b"BHRP"
 NONCE_SIZE = 32
 MAC_SIZE = 32
 WELCOME_SIZE = 1 + MAC_SIZE
+AUTH_PREFIX = struct.Struct("<HH")     # name length, features
 MAX_NAME = 255
 EPOCH_SEP = "@"         # AUTH name `vol@<epoch>`: an owner's fencing epoch (volume names have no @)
 WELCOME_REFUSED = 1     # wrong key or volume name
 WELCOME_FENCED = 2      # the epoch is below the highest this replica has seen
+WELCOME_FEATURES = 3    # AUTH lacks a feature HELLO required, or names one unknown to the server
+FEATURE_FRAME_MAC = 0x0001   # every frame after WELCOME carries a tag (FrameMac)
+KNOWN_FEATURES = FEATURE_FRAME_MAC
+FRAME_AUTH_SETTINGS = ("auto", "on", "off")
 
 
-def mac(key: bytes, role: bytes, first: bytes, second: bytes, name: str) -> bytes:
-    return hmac.new(key, role + first + second + name.encode(), hashlib.sha256).digest()
+def frame_mac_wanted(setting: str, unix: bool) -> bool:
+    """Does this side ask for frame MACs? `auto`: on TCP yes, on a unix socket (one host, a
+    0600 socket) no. The session uses them when either side asks."""
+    if setting not in FRAME_AUTH_SETTINGS:
+        raise ProtocolError(f"frame_auth must be one of {FRAME_AUTH_SETTINGS}, not {setting!r}")
+    return setting == "on" or (setting == "auto" and not unix)
 
 
-def pack_hello(server_nonce: bytes) -> bytes:
-    return HELLO.pack(HELLO_MAGIC, VERSION, 0, server_nonce)
+def mac(key: bytes, role: bytes, first: bytes, second: bytes, name: str | bytes,
+        features: bytes = b"") -> bytes:
+    raw = name.encode() if isinstance(name, str) else name
+    return hmac.new(key, role + first + second + features + raw, hashlib.sha256).digest()
 
 
-def unpack_hello(buf: bytes) -> bytes:
-    magic, version, _reserved, nonce = HELLO.unpack(buf)
+def _u16(n: int) -> bytes:
+    return n.to_bytes(2, "little")
+
+
+def pack_hello(server_nonce: bytes, features: int = 0) -> bytes:
+    return HELLO.pack(HELLO_MAGIC, VERSION, features, server_nonce)
+
+
+def unpack_hello(buf: bytes) -> tuple[bytes, int]:
+    """(server nonce, the features the server requires)."""
+    magic, version, features, nonce = HELLO.unpack(buf)
     if magic != HELLO_MAGIC:
         raise ProtocolError("peer is not a blockhorn replica (bad hello)")
     if version != VERSION:
         raise ProtocolError(f"replica speaks protocol version {version}, we speak {VERSION}")
-    return bytes(nonce)
+    if features & ~KNOWN_FEATURES:
+        raise ProtocolError(f"replica requires features 0x{features:04x} this engine "
+                            "does not know: upgrade the engine")
+    return bytes(nonce), features
 
 
-def pack_auth(key: bytes, volume: str, server_nonce: bytes, client_nonce: bytes) -> bytes:
+def pack_auth(key: bytes, volume: str, server_nonce: bytes, client_nonce: bytes,
+              hello_features: int = 0, features: int = 0) -> bytes:
     name = volume.encode()
-    return (struct.pack("<H", len(name)) + name + client_nonce
-            + mac(key, b"client", server_nonce, client_nonce, volume))
+    return (AUTH_PREFIX.pack(len(name), features) + name + client_nonce
+            + mac(key, b"client", server_nonce, client_nonce, name,
+                  _u16(hello_features) + _u16(features)))
 
 
 def auth_size(name_len: int) -> int:
+    """Bytes of AUTH after its 4-byte prefix."""
     return name_len + NONCE_SIZE + MAC_SIZE
 
 
-def verify_auth(key: bytes, volume: str, server_nonce: bytes, body: bytes) -> bytes:
-    """Check the AUTH body (after the u16 name length); return the client nonce."""
-    return verify_auth_epoch(key, volume, server_nonce, body)[0]
+def verify_auth(key: bytes, volume: str, server_nonce: bytes, body: bytes,
+                hello_features: int = 0, features: int = 0) -> bytes:
+    """Check the AUTH body (after the 4-byte prefix); return the client nonce."""
+    return verify_auth_epoch(key, volume, server_nonce, body, hello_features, features)[0]
 
 
 def handshake_name(volume: str, epoch: int) -> str:
@@ -143,45 +178,163 @@ def handshake_name(volume: str, epoch: int) -> str:
     return f"{volume}{EPOCH_SEP}{epoch}" if epoch else volume
 
 
-def split_name(name: str) -> tuple[str, int]:
-    """`vol@7` -> ("vol", 7); `vol` -> ("vol", 0)."""
-    base, sep, epoch = name.partition(EPOCH_SEP)
-    if not sep:
-        return name, 0
-    if not epoch.isdigit() or int(epoch) <= 0:
-        raise ProtocolError(f"bad fencing epoch in handshake name {name!r}")
-    return base, int(epoch)
+# A volume name is ASCII (types.check_name); an epoch is decimal ASCII digits without sign,
+# leading zero or `_`, below 2^63 (etcd revisions are int64). `str.isdigit` is not enough:
+# '²'.isdigit() is true and int('²') raises.
+NAME_RE = re.compile(rb"([\x21-\x3f\x41-\x7e]{1,255})(?:@([1-9][0-9]{0,18}))?")
+MAX_EPOCH = (1 << 63) - 1
 
 
-def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes,
-                      body: bytes) -> tuple[bytes, str, int]:
-    """Check the AUTH body; (client nonce, the name as sent, its fencing epoch or 0)."""
+def split_name(name: str | bytes) -> tuple[str, int]:
+    """`vol@7` -> ("vol", 7); `vol` -> ("vol", 0). Strict: printable ASCII, one `@`."""
+    raw = name.encode(errors="replace") if isinstance(name, str) else name
+    m = NAME_RE.fullmatch(raw)
+    if m is None or (m.group(2) is not None and int(m.group(2)) > MAX_EPOCH):
+        raise ProtocolError(f"bad volume name or fencing epoch in handshake name {raw!r}")
+    return m.group(1).decode("ascii"), int(m.group(2) or 0)
+
+
+def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes, body: bytes,
+                      hello_features: int = 0, features: int = 0) -> tuple[bytes, str, int]:
+    """Check the AUTH body; (client nonce, the name as sent, its fencing epoch or 0).
+
+    The MAC is checked over the raw name bytes before anything parses them: a stranger's
+    bytes never reach a parser (the name parser once crashed the listener on `vol@²`).
+    A session that lacks a required feature, or names an unknown one, is `FeatureRefused`."""
     name_len = len(body) - NONCE_SIZE - MAC_SIZE
-    name = body[:name_len].decode(errors="replace")
-    client_nonce = body[name_len:name_len + NONCE_SIZE]
-    got = body[name_len + NONCE_SIZE:]
-    want = mac(key, b"client", server_nonce, client_nonce, name)
-    base, epoch = split_name(name)
-    if base != volume or not hmac.compare_digest(got, want):
+    if name_len < 0:
+        raise ProtocolError("short AUTH message")
+    raw = bytes(body[:name_len])
+    client_nonce = bytes(body[name_len:name_len + NONCE_SIZE])
+    got = bytes(body[name_len + NONCE_SIZE:])
+    want = mac(key, b"client", server_nonce, client_nonce, raw,
+               _u16(hello_features) + _u16(features))
+    if not hmac.compare_digest(got, want):
         raise AuthError("handshake refused: wrong cluster key or volume name")
-    return client_nonce, name, epoch
+    try:
+        base, epoch = split_name(raw)
+    except ProtocolError:
+        raise AuthError(f"handshake refused: bad name {raw!r}") from None
+    if base != volume:
+        raise AuthError("handshake refused: wrong cluster key or volume name")
+    if features & ~KNOWN_FEATURES or hello_features & ~features:
+        raise FeatureRefused(f"handshake refused: features 0x{features:04x} asked, "
+                             f"0x{hello_features:04x} required")
+    return client_nonce, raw.decode("ascii"), epoch
+
+
+class FeatureRefused(AuthError):
+    pass
 
 
 def pack_welcome(key: bytes | None, volume: str, server_nonce: bytes,
-                 client_nonce: bytes, status: int = WELCOME_REFUSED) -> bytes:
-    """`key` None: a refusal (`status` WELCOME_REFUSED or WELCOME_FENCED)."""
+                 client_nonce: bytes, status: int = WELCOME_REFUSED, features: int = 0) -> bytes:
+    """`key` None: a refusal (`status` WELCOME_REFUSED, _FENCED or _FEATURES)."""
     if key is None:
         return bytes([status]) + bytes(MAC_SIZE)
-    return b"\x00" + mac(key, b"server", client_nonce, server_nonce, volume)
+    return b"\x00" + mac(key, b"server", client_nonce, server_nonce, volume, _u16(features))
 
 
 def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: bytes,
-                   buf: bytes) -> None:
+                   buf: bytes, features: int = 0) -> None:
     if buf[0] == WELCOME_FENCED:
         raise AuthError(f"replica refused {volume!r}: fenced, a newer owner of the volume "
                         "(higher epoch) has connected to it")
+    if buf[0] == WELCOME_FEATURES:
+        raise AuthError(f"replica refused {volume!r}: it does not accept the session "
+                        f"features 0x{features:04x} (frame_auth settings of engine and "
+                        "replica disagree, or versions differ)")
     if buf[0] != 0:
         raise AuthError(f"replica refused the handshake for volume {volume!r}: "
                         "wrong cluster key or volume name")
-    if not hmac.compare_digest(buf[1:], mac(key, b"server", client_nonce, server_nonce, volume)):
+    want = mac(key, b"server", client_nonce, server_nonce, volume, _u16(features))
+    if not hmac.compare_digest(buf[1:], want):
         raise AuthError("replica failed to prove it holds the cluster key")
+
+
+# --- frame authentication (FEATURE_FRAME_MAC) -------------------------------------------------
+# Session keys: HKDF-SHA256 (RFC 5869) of the cluster key, salted with both nonces, bound to
+# the name: per direction one HMAC key and one AES-256 key. Each direction counts its frames
+# from 0 (the counter is never sent). The tag of frame i (16 bytes, after the payload):
+#   payload < BULK_MIN: HMAC-SHA256(hmac key, i u64 | header | payload), first 16 bytes;
+#   payload >= BULK_MIN: AES-256-GCM with the AES key, nonce i u64 | 00 00 00 00, no plaintext
+#     and associated data header | payload (that is, GMAC), its 16-byte tag.
+# A replayed, reordered, dropped or altered frame fails the next check. Two algorithms because
+# each is fast where the other is slow (measured here: HMAC 1.1 us + 0.57 us/KiB, OpenSSL
+# SHA-NI; GMAC through `cryptography` ~12 us + 0.08 us/KiB): a 4 KiB frame costs 3.4 us with
+# HMAC against 12 us, a 1 MiB frame 80 us with GMAC against 600 us.
+
+TAG_SIZE = 16            # bytes; a 128-bit tag
+BULK_MIN = 32 << 10      # payload bytes from which a frame is tagged with GMAC
+KDF_INFO = b"blockhorn frame keys v2|"
+
+
+def session_keys(key: bytes, server_nonce: bytes, client_nonce: bytes,
+                 name: str | bytes) -> tuple[bytes, bytes]:
+    """(client->server key, server->client key) for one connection: 64 bytes each, the
+    HMAC key then the AES-256 key."""
+    raw = name.encode() if isinstance(name, str) else name
+    prk = hmac.new(server_nonce + client_nonce, key, hashlib.sha256).digest()
+    blocks, t = [], b""
+    for i in range(1, 5):
+        t = hmac.new(prk, t + KDF_INFO + raw + bytes([i]), hashlib.sha256).digest()
+        blocks.append(t)
+    return blocks[0] + blocks[2], blocks[1] + blocks[3]
+
+
+class _Gmac:
+    """GMAC of a bulk frame, with the `update`/`digest` of a hashlib object."""
+
+    __slots__ = ("e",)
+
+    def __init__(self, e: Any) -> None:
+        self.e = e
+
+    def update(self, b: bytes | bytearray | memoryview) -> None:
+        if len(b):
+            self.e.authenticate_additional_data(b)
+
+    def digest(self) -> bytes:
+        self.e.finalize()
+        return bytes(self.e.tag)
+
+
+class FrameMac:
+    """One direction of a session: tags frames in order (sender) or checks them (receiver).
+    Not thread-safe: the owner serialises (the client's send lock, the server's loop)."""
+
+    __slots__ = ("_hmac", "_aes", "counter")
+
+    def __init__(self, key: bytes) -> None:
+        # Imported here: only sessions with frame MACs need `cryptography`.
+        from cryptography.hazmat.primitives.ciphers import algorithms
+
+        self._hmac = hmac.new(key[:32], digestmod=hashlib.sha256)
+        self._aes = algorithms.AES(key[32:64])
+        self.counter = 0
+
+    def begin(self, payload: int) -> Any:
+        """The MAC of the next frame, whose payload has `payload` bytes: feed it the header
+        and the payload (`update`), then `check` (receiver) or `digest()[:TAG_SIZE]`."""
+        counter = self.counter.to_bytes(8, "little")
+        self.counter += 1
+        if payload < BULK_MIN:
+            m = self._hmac.copy()      # an HMAC object as is: no wrapper on the hot path
+            m.update(counter)
+            return m
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+        return _Gmac(Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor())
+
+    def tag(self, buffers: list[Any]) -> bytes:
+        """The tag of a frame given as [header, payload pieces...]."""
+        m = self.begin(sum(len(b) for b in buffers) - HEADER_SIZE)
+        for b in buffers:
+            m.update(b)
+        return bytes(m.digest()[:TAG_SIZE])
+
+    @staticmethod
+    def check(m: Any, tag: bytes | bytearray | memoryview) -> None:
+        if not hmac.compare_digest(m.digest()[:TAG_SIZE], bytes(tag)):
+            raise ProtocolError("frame failed authentication (altered, replayed, reordered or "
+                                "dropped on the way): closing the connection", errno.EBADMSG)

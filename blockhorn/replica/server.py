@@ -20,39 +20,61 @@ import signal
 import socket as stdsocket
 import sys
 import threading
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from blockhorn.config import ReplicaConfig, parse_address
-from blockhorn.fsutil import data_extents, preadv_full
+from blockhorn.fsutil import data_extents, preadv_full, punch_hole
 from blockhorn.keys import load_key
 from blockhorn.replica import digest, proto, snapshots
 from blockhorn.replica.fencing import Fenced, Fencing
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import VOLUME_META, Replica
 from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
-from blockhorn.types import AuthError, BlockhornError, InvalidArgument, NotFound, ProtocolError
+from blockhorn.types import (
+    MAX_REQUEST,
+    AuthError,
+    BlockhornError,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    ProtocolError,
+)
 
 log = logging.getLogger("blockhorn.replica")
 
 RECV_BUFFER = 4 << 20        # bytes; one receive buffer per connection
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 5.0    # a peer that has not authenticated by then is dropped
+MAX_HANDSHAKES = 32          # connections not yet authenticated; more are closed at once
 MAX_CONNECTIONS = 64         # concurrent data connections (one thread each)
+ACCEPT_BACKOFF_S = 0.1       # pause after EMFILE/ENFILE in accept (descriptors run out)
+ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass
+class Session:
+    """What the handshake established for one connection."""
+    epoch: int                            # the owner's fencing epoch (0: none)
+    rx: proto.FrameMac | None = None      # checks request tags (frame MACs on)
+    tx: proto.FrameMac | None = None      # tags replies
 
 
 class ReplicaServer:
-    def __init__(self, replica: Replica, key: bytes, volume: str) -> None:
+    def __init__(self, replica: Replica, key: bytes, volume: str,
+                 frame_auth: str = "auto") -> None:
         self.replica = replica
         self.key = key
         self.volume = volume
+        self.frame_auth = frame_auth          # "auto" (TCP yes, unix no), "on", "off"
+        proto.frame_mac_wanted(frame_auth, False)    # reject a bad setting at start
         self.lock = threading.Lock()          # the store is single-threaded
         self.threads = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.connections = 0
+        self.handshakes = 0                   # connections not yet authenticated
         self.fencing = Fencing(replica.directory)   # owners' epochs (replica/fencing.py)
-        self.fault: dict[str, Any] = {}
-        self.purge_state: dict[str, Any] = {"state": "idle"}   # fault-injection hook: {"delay_s": float, ...}
+        self.purge_state: dict[str, Any] = {"state": "idle"}
 
     async def serve(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         kind, where = parse_address(listen)
@@ -68,84 +90,122 @@ class ReplicaServer:
             sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)
             await sock.bind((kind, where))
         sock.listen(64)
-        listener = trio.SocketListener(sock)
         log.info("replica %s of %s listening on %s", self.replica.directory, self.volume, listen)
         async with trio.open_nursery() as nursery:
             task_status.started(listen)
             while True:
-                stream = await listener.accept()
-                nursery.start_soon(self.handle, stream.socket)
+                conn = await self.accept(sock)
+                if self.handshakes >= MAX_HANDSHAKES:
+                    # Unauthenticated peers cost a descriptor each: cap them, so a flood of
+                    # idle connections cannot starve the engine (it retries on refusal).
+                    log.debug("too many handshakes in progress: closing a new connection")
+                    conn.close()
+                    continue
+                self.handshakes += 1
+                nursery.start_soon(self.handle, conn)
+
+    async def accept(self, sock: trio.socket.SocketType) -> trio.socket.SocketType:
+        """The next connection. Out of descriptors (EMFILE/ENFILE) or memory, wait and retry:
+        connections that end (handshake timeouts) free descriptors; dying would not."""
+        while True:
+            try:
+                conn, _ = await sock.accept()
+                return conn
+            except OSError as e:
+                if e.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                        continue    # that peer went away before we took it
+                    raise
+                log.warning("accept: %s; retrying in %.1f s", os.strerror(e.errno),
+                            ACCEPT_BACKOFF_S)
+                await trio.sleep(ACCEPT_BACKOFF_S)
 
     async def handle(self, sock: trio.socket.SocketType) -> None:
-        self.connections += 1
+        """One connection from accept to close. Nothing raised here may end the server: an
+        unexpected error is logged with its traceback and closes this connection only."""
+        authenticated = False
         try:
-            if sock.family != stdsocket.AF_UNIX:
-                sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
             try:
+                if sock.family != stdsocket.AF_UNIX:
+                    sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-                    epoch = await self.handshake(sock)
+                    session = await self.handshake(sock)
             except (BlockhornError, OSError, trio.TooSlowError) as e:
                 # Readiness probes connect and hang up: not worth a warning. Refusals are.
                 level = logging.WARNING if isinstance(e, AuthError) else logging.DEBUG
                 log.log(level, "handshake failed: %s", e)
                 return
-            await self.loop(sock, epoch)
+            finally:
+                self.handshakes -= 1
+            authenticated = True
+            self.connections += 1
+            await self.loop(sock, session)
         except (BlockhornError, OSError) as e:
             log.warning("connection closed: %s", e)
+        except Exception:
+            log.exception("connection closed after an unexpected error")
         finally:
-            self.connections -= 1
+            if authenticated:
+                self.connections -= 1
             sock.close()
 
-    async def handshake(self, sock: trio.socket.SocketType) -> int:
-        """Authenticate the peer; its fencing epoch (0: none)."""
+    async def handshake(self, sock: trio.socket.SocketType) -> Session:
+        """Authenticate the peer: its fencing epoch (0: none) and, when the session uses
+        frame MACs, one `FrameMac` per direction."""
         server_nonce = secrets.token_bytes(proto.NONCE_SIZE)
-        await send_all(sock, [proto.pack_hello(server_nonce)])
-        name_len = int.from_bytes(await recv_exact(sock, 2), "little")
+        required = (proto.FEATURE_FRAME_MAC
+                    if proto.frame_mac_wanted(self.frame_auth, sock.family == stdsocket.AF_UNIX)
+                    else 0)
+        await send_all(sock, [proto.pack_hello(server_nonce, required)])
+        name_len, features = proto.AUTH_PREFIX.unpack(
+            await recv_exact(sock, proto.AUTH_PREFIX.size))
         if name_len > proto.MAX_NAME:
             raise ProtocolError("volume name too long in handshake")
         body = await recv_exact(sock, proto.auth_size(name_len))
         try:
-            client_nonce, name, epoch = proto.verify_auth_epoch(self.key, self.volume,
-                                                                server_nonce, body)
+            client_nonce, name, epoch = proto.verify_auth_epoch(
+                self.key, self.volume, server_nonce, body, required, features)
             await trio.to_thread.run_sync(self.fencing.admit, epoch)
-        except Fenced:
+        except BlockhornError as e:
+            status = (proto.WELCOME_FENCED if isinstance(e, Fenced) else
+                      proto.WELCOME_FEATURES if isinstance(e, proto.FeatureRefused) else
+                      proto.WELCOME_REFUSED)
             await send_all(sock, [proto.pack_welcome(None, self.volume, server_nonce, b"",
-                                                     proto.WELCOME_FENCED)])
+                                                     status)])
             raise
-        except BlockhornError:
-            await send_all(sock, [proto.pack_welcome(None, self.volume, server_nonce, b"")])
-            raise
-        await send_all(sock, [proto.pack_welcome(self.key, name, server_nonce, client_nonce)])
-        return epoch
+        await send_all(sock, [proto.pack_welcome(self.key, name, server_nonce, client_nonce,
+                                                 features=features)])
+        if not features & proto.FEATURE_FRAME_MAC:
+            return Session(epoch)
+        c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, name)
+        return Session(epoch, proto.FrameMac(c2s), proto.FrameMac(s2c))
 
-    async def loop(self, sock: trio.socket.SocketType, epoch: int = 0) -> None:
+    async def loop(self, sock: trio.socket.SocketType, session: Session) -> None:
         """Hand the authenticated connection to a worker thread running `serve_blocking`;
         on cancellation (shutdown) the socket is shut down, which ends the thread, as does
         a newer owner's epoch (`Fencing`)."""
         conn = stdsocket.socket(sock.family, sock.type, fileno=sock.detach())
         conn.setblocking(True)
-        self.fencing.register(conn, epoch)
+        self.fencing.register(conn, session.epoch)
         try:
-            # abandon_on_cancel: a SIGTERM must not wait for the engine to hang up; the
-            # shutdown below ends the thread's recv, and the thread closes the socket.
-            await trio.to_thread.run_sync(self._serve_and_close, conn, limiter=self.threads,
-                                          abandon_on_cancel=True)
+            # abandon_on_cancel: at shutdown the `finally` shuts the socket down, which ends
+            # the thread (a blocked recv returns); waiting for it first would wait forever
+            # on an engine that keeps its connection open.
+            await trio.to_thread.run_sync(self.serve_blocking, conn, session,
+                                          limiter=self.threads, abandon_on_cancel=True)
         finally:
             self.fencing.unregister(conn)
             with contextlib.suppress(OSError):
                 conn.shutdown(stdsocket.SHUT_RDWR)
 
-    def _serve_and_close(self, conn: stdsocket.socket) -> None:
-        try:
-            self.serve_blocking(conn)
-        except OSError as e:
-            log.info("connection ended: %s", e)
-        finally:
-            conn.close()
-
-    def serve_blocking(self, sock: stdsocket.socket) -> None:
+    def serve_blocking(self, sock: stdsocket.socket, session: Session | None = None) -> None:
         """The data loop of one connection, in its own thread: receive what the socket has,
-        execute every complete request in order, answer them all with one sendmsg."""
+        execute every complete request in order, answer them all with one sendmsg. With frame
+        MACs each request's tag is checked before it executes (a bad one ends the connection)
+        and each reply is tagged. A request of a fenced owner is answered ESTALE and ends it."""
+        session = session or Session(0)
+        epoch, rx, tx = session.epoch, session.rx, session.tx
+        tag = proto.TAG_SIZE if rx is not None else 0
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         filled = 0
@@ -156,32 +216,56 @@ class ReplicaServer:
             filled += n
             pos = 0
             replies: list[Any] = []
-            while filled - pos >= HEADER_SIZE:
+            fenced = False
+            while filled - pos >= HEADER_SIZE and not fenced:
                 h = proto.unpack(buf, pos)
-                end = pos + HEADER_SIZE + h.payload
-                if end > filled:
-                    if end - pos > len(buf):
-                        # Larger than the buffer: receive this one into its own.
-                        big = bytearray(h.payload)
-                        have = filled - pos - HEADER_SIZE
-                        big[:have] = view[pos + HEADER_SIZE:filled]
-                        recv_into_exact(sock, memoryview(big)[have:])
-                        replies += self.execute(h, memoryview(big))
-                        pos = filled
+                end = pos + HEADER_SIZE + h.payload + tag
+                if end <= filled:
+                    frame = view[pos:end]
+                    pos = end
+                elif end - pos > len(buf):
+                    # Larger than the buffer (payload <= MAX_PAYLOAD): receive it into its own.
+                    big = bytearray(end - pos)
+                    big[:filled - pos] = view[pos:filled]
+                    recv_into_exact(sock, memoryview(big)[filled - pos:])
+                    frame, pos = memoryview(big), filled
+                else:
                     break
-                replies += self.execute(h, view[pos + HEADER_SIZE:end])
-                pos = end
+                if rx is not None:
+                    m = rx.begin(h.payload)
+                    m.update(frame[:len(frame) - tag])
+                    proto.FrameMac.check(m, frame[len(frame) - tag:])
+                try:
+                    reply = self.execute(h, frame[HEADER_SIZE:HEADER_SIZE + h.payload], epoch)
+                except Fenced as e:
+                    log.warning("op %d of a fenced owner refused: %s", h.op, e)
+                    reply = [proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
+                                        status=e.errno)]
+                    fenced = True
+                if tx is not None:
+                    reply.append(tx.tag(reply))
+                replies += reply
             if pos:
                 buf[:filled - pos] = view[pos:filled]
                 filled -= pos
             if replies:
                 sendmsg_all(sock, replies)
+            if fenced:
+                return
 
-    def execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
-        """Run one request under the store lock; return the reply buffers (header first)."""
+    def execute(self, h: proto.Header, payload: memoryview, epoch: int = 0) -> list[Any]:
+        """Run one request under the store lock; return the reply buffers (header first).
+        Every failure is an error reply: a peer can end its own connection, never the server.
+        The fencing check sits under the store lock, so once a newer owner has been admitted
+        no request of an older one executes, not even one already queued (raises `Fenced`)."""
         try:
             with self.lock:
+                if 0 < epoch < self.fencing.highest:
+                    raise Fenced(f"epoch {epoch} is fenced: epoch {self.fencing.highest} "
+                                 "has connected")
                 return self._execute(h, payload)
+        except Fenced:
+            raise
         except BlockhornError as e:
             log.warning("op %d at %d+%d failed: %s", h.op, h.offset, h.length, e)
             return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, status=e.errno)]
@@ -189,42 +273,62 @@ class ReplicaServer:
             log.error("op %d at %d+%d: I/O error: %s", h.op, h.offset, h.length, e)
             return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
                                status=e.errno or errno.EIO)]
+        except Exception:
+            log.exception("op %d at %d+%d: unexpected error", h.op, h.offset, h.length)
+            return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, status=errno.EIO)]
+
+    def check_range(self, offset: int, length: int) -> None:
+        """Before any allocation: a request may move at most MAX_REQUEST bytes, inside the
+        volume (the header's u64 offset and u32 length are the peer's to choose)."""
+        if length > MAX_REQUEST:
+            raise InvalidArgument(f"request of {length} bytes exceeds {MAX_REQUEST}")
+        if offset + length > self.replica.size:
+            raise NoSpace(f"range {offset}+{length} is past the end ({self.replica.size})")
 
     def _execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
-        if self.fault.get("delay_s"):
-            time.sleep(self.fault["delay_s"])
         r = self.replica
-        if h.op == Op.WRITE:
+        op = h.op
+        if op == Op.WRITE:
+            if h.length != len(payload):
+                raise InvalidArgument(f"WRITE of {h.length} bytes carries {len(payload)}")
+            self.check_range(h.offset, h.length)
             r.write(h.offset, payload, fua=bool(h.flags & FLAG_FUA))
-        elif h.op == Op.READ:
+        elif op in (Op.READ, Op.READ_LAYER):
+            self.check_range(h.offset, h.length)
+            fd = snapshots.layer_fd(r, layer_name(payload)) if op == Op.READ_LAYER else -1
             data = bytearray(h.length)
-            r.read_into(memoryview(data), h.offset)
-            return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, len(data)), data]
-        elif h.op == Op.FLUSH:
+            if op == Op.READ:
+                r.read_into(memoryview(data), h.offset)
+            else:
+                preadv_full(fd, memoryview(data), h.offset)
+            return [proto.pack(op | REPLY, h.seq, h.offset, h.length, len(data)), data]
+        elif op == Op.FLUSH:
             r.flush()
-        elif h.op == Op.TRIM:
-            r.trim(h.offset, h.length)
-        elif h.op == Op.ZERO:
+        elif op == Op.TRIM:
+            self.check_range(h.offset, 0)
+            r.trim(h.offset, h.length, fua=bool(h.flags & FLAG_FUA))
+        elif op == Op.ZERO:
+            self.check_range(h.offset, 0)
             r.zero(h.offset, h.length, may_trim=bool(h.flags & FLAG_MAY_TRIM),
                    fua=bool(h.flags & FLAG_FUA))
-        elif h.op == Op.PING:
+        elif op == Op.PING:
             pass
-        elif h.op == Op.READ_LAYER:
-            fd = snapshots.layer_fd(r, bytes(payload).decode())
-            data = bytearray(h.length)
-            preadv_full(fd, memoryview(data), h.offset)
-            return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, len(data)), data]
-        elif h.op == Op.WRITE_LAYER:
+        elif op == Op.WRITE_LAYER:
             name_len = int.from_bytes(payload[:2], "little")
-            name = bytes(payload[2:2 + name_len]).decode()
-            snapshots.write_layer(r, name, h.offset, payload[2 + name_len:])
-        elif h.op in (Op.STAT, Op.CONTROL):
-            request = proto.decode_json(payload) if h.op == Op.CONTROL else {"op": "stat"}
+            if len(payload) < 2 or len(payload) < 2 + name_len:
+                raise InvalidArgument("WRITE_LAYER payload shorter than its layer name")
+            layer_data = payload[2 + name_len:]
+            self.check_range(h.offset, len(layer_data))
+            snapshots.write_layer(r, layer_name(payload[2:2 + name_len]), h.offset, layer_data)
+        elif op in (Op.STAT, Op.CONTROL):
+            request = proto.decode_json(payload) if op == Op.CONTROL else {"op": "stat"}
+            if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+                raise InvalidArgument('a CONTROL payload is a JSON object with a string "op"')
             body = proto.encode_json(self.control(request))
-            return [proto.pack(h.op | REPLY, h.seq, payload=len(body)), body]
+            return [proto.pack(op | REPLY, h.seq, payload=len(body)), body]
         else:
-            raise ProtocolError(f"unknown op {h.op}")
-        return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length)]
+            raise InvalidArgument(f"unknown op {op}")
+        return [proto.pack(op | REPLY, h.seq, h.offset, h.length)]
 
     def start_purge(self) -> None:
         """Fold removed snapshots in a thread of its own: the copy runs beside I/O (it only
@@ -244,16 +348,17 @@ class ReplicaServer:
         threading.Thread(target=work, name="purge", daemon=True).start()
 
     def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        """One CONTROL op (a plain dispatch; `field` checks each argument's type first)."""
         r = self.replica
-        op = req.get("op")
-        if op in self.fault.get("fail_control", ()):
-            raise BlockhornError(f"injected failure of {op}", errno.EIO)
+        op = req["op"]
         if op == "stat":
             return dict(r.stat(), connections=self.connections)
         if op == "extents":
-            offset, length = int(req["offset"]), int(req["length"])
+            offset, length = field(req, "offset", int), field(req, "length", int)
+            if offset + length > r.size:
+                raise NoSpace(f"range {offset}+{length} is past the end ({r.size})")
             if req.get("layer"):     # one layer only (a rebuild copies layer by layer)
-                fd = snapshots.layer_fd(r, str(req["layer"]))
+                fd = snapshots.layer_fd(r, field(req, "layer", str))
                 return {"extents": [[s, e - s] for s, e in data_extents(fd, offset, length)]}
             return {"extents": r.extents(offset, length)}
         if op == "snapshots":
@@ -261,47 +366,91 @@ class ReplicaServer:
         if op == "chain":
             return {"chain": snapshots.chain_metas(r), "head": r.head.name}
         if op == "digest":   # the scrub: see blockhorn/replica/digest.py
-            return {"digests": digest.chunk_digests(r, int(req["offset"]), int(req["length"]),
-                                                    int(req.get("chunk", digest.CHUNK_SIZE)))}
+            return {"digests": digest.chunk_digests(
+                r, field(req, "offset", int), field(req, "length", int),
+                field(req, "chunk", int, digest.CHUNK_SIZE))}
         if op == "changes_since":
-            ranges = r.changes.since(int(req["revision"]))
-            return {"ranges": ranges}
+            return {"ranges": r.changes.since(field(req, "revision", int))}
+        if op == "punch_head":
+            # An incremental resync makes a range of the target's head exactly the source's:
+            # holes first (this op), then the source's head data (WRITE). Rebuild targets only.
+            if not r.meta.get("Rebuilding"):
+                raise BlockhornError("punch_head: only a replica being rebuilt", errno.EROFS)
+            offset, length = field(req, "offset", int), field(req, "length", int)
+            if offset % 4096 or length % 4096 or offset + length > r.size:
+                raise InvalidArgument(f"punch_head: bad range {offset}+{length}")
+            punch_hole(r.head.fd, offset, length)
+            return {}
         if op == "set_rebuilding":
             # `since`: an incremental resync from that revision, which leaves the content in
             # place (a restart may resume it); absent: a full rebuild, which empties it.
-            since = req.get("since")
-            r.update_meta(Rebuilding=bool(req["value"]),
-                          ResyncSince=None if since is None else int(since))
+            since = field(req, "since", int) if req.get("since") is not None else None
+            r.update_meta(Rebuilding=field(req, "value", bool), ResyncSince=since)
         elif op == "reset_chain":
-            snapshots.reset_chain(r, list(req["chain"]))
+            chain = field(req, "chain", list)
+            if not all(isinstance(m, dict) and isinstance(m.get("Name"), str) for m in chain):
+                raise InvalidArgument('reset_chain: "chain" must list layer metas with a Name')
+            snapshots.reset_chain(r, chain)
         elif op == "finish_rebuild":
             # The copy is complete; Rebuilding is cleared only by the engine's join commit
             # (set_generation with clear_rebuilding), so a crash in between leaves it untrusted.
+            revision = field(req, "revision", int)
             snapshots.sync_layers(r)
-            r.set_revision(int(req["revision"]))
+            r.set_revision(revision)
             r.reload()
         elif op == "set_generation":
-            r.set_generation(int(req["generation"]), [str(m) for m in req["members"]],
-                             bool(req.get("clear_rebuilding", False)),
-                             bool(req.get("start", False)))
+            members = field(req, "members", list)
+            if not all(isinstance(m, str) for m in members):
+                raise InvalidArgument('set_generation: "members" must list replica names')
+            r.set_generation(field(req, "generation", int), members,
+                             field(req, "clear_rebuilding", bool, False),
+                             field(req, "start", bool, False))
         elif op == "adopt":
             r.adopt()
         elif op == "snapshot":
-            snapshots.create_snapshot(r, str(req["name"]), bool(req.get("user_created", True)),
-                                      req.get("labels") or None)
+            labels = req.get("labels") or None
+            if labels is not None and not (isinstance(labels, dict) and all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):
+                raise InvalidArgument('snapshot: "labels" must map strings to strings')
+            snapshots.create_snapshot(r, field(req, "name", str),
+                                      field(req, "user_created", bool, True), labels)
         elif op == "snapshot_rm":
-            snapshots.mark_removed(r, str(req["name"]))
+            snapshots.mark_removed(r, field(req, "name", str))
         elif op == "purge":
             self.start_purge()
         elif op == "expand":
-            snapshots.expand(r, int(req["size"]))
-        elif op == "fault":
-            # Test hook: make this replica slow ({"delay_s": s}) or fail control ops
-            # ({"fail_control": ["snapshot", ...]}) to exercise the engine's error paths.
-            self.fault = {k: v for k, v in req.items() if k != "op"}
+            snapshots.expand(r, field(req, "size", int))
         else:
-            raise ProtocolError(f"unknown control op {op!r}")
+            raise InvalidArgument(f"unknown control op {op!r}")
         return dict(r.stat(), connections=self.connections)
+
+
+_MISSING: Any = object()
+
+
+def field(req: dict[str, Any], key: str, kind: type, default: Any = _MISSING) -> Any:
+    """`req[key]`, checked to be a `kind` (an int: not a bool, not negative); a missing or
+    mistyped field is EINVAL, not an exception deep in the store."""
+    value = req.get(key, default)
+    if value is _MISSING:
+        raise InvalidArgument(f"control {req['op']}: field {key!r} is missing")
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise InvalidArgument(f"control {req['op']}: field {key!r} must be a "
+                              f"{'non-negative int' if kind is int else kind.__name__}")
+    return value
+
+
+def layer_name(raw: bytes | memoryview) -> str:
+    """A layer file name from the wire: printable ASCII without '/', at most 255 bytes."""
+    name = bytes(raw)
+    if not 0 < len(name) <= proto.MAX_NAME or not all(0x20 < c < 0x7f for c in name) \
+            or b"/" in name:
+        raise InvalidArgument(f"bad layer name {name[:64]!r}")
+    return name.decode("ascii")
 
 
 async def recv_exact(sock: trio.socket.SocketType, n: int) -> bytes:
@@ -342,9 +491,9 @@ def open_replica(cfg: ReplicaConfig) -> Replica:
     return replica
 
 
-async def run(cfg: ReplicaConfig) -> None:
+async def run(cfg: ReplicaConfig, server_class: type[ReplicaServer] = ReplicaServer) -> None:
     replica = open_replica(cfg)
-    server = ReplicaServer(replica, load_key(cfg.key_file), cfg.volume)
+    server = server_class(replica, load_key(cfg.key_file), cfg.volume, cfg.frame_auth)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as nursery:
@@ -355,7 +504,7 @@ async def run(cfg: ReplicaConfig) -> None:
                     nursery.cancel_scope.cancel()
                     break
     finally:
-        with server.lock:      # a connection thread may still be executing a request
+        with server.lock:        # a data thread still executing finishes its request first
             replica.close()
         kind, where = parse_address(cfg.listen)
         if kind == "unix":
@@ -379,12 +528,14 @@ def notify_ready() -> None:
         s.sendto(b"READY=1", path)
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, server_class: type[ReplicaServer] = ReplicaServer) -> int:
+    """Run one replica server; `server_class` lets tests run a subclass with fault hooks
+    (tests/support/faulty_replica.py) through the same start-up path."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = ReplicaConfig.load(config_path)
-        trio.run(run, cfg)
+        trio.run(run, cfg, server_class)
     except BlockhornError as e:
         log.error("%s", e)
         return 1

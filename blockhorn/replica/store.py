@@ -360,7 +360,8 @@ class Replica:
                    for s, e in edges for _, _, index in self.map.lookup(s, e))
 
     def trim(self, offset: int, length: int, fua: bool = False) -> None:
-        """Discard: the range reads as zeros afterwards (blockhorn guarantees zeros on trim)."""
+        """Discard: the range reads as zeros afterwards (blockhorn guarantees zeros on trim);
+        with `fua`, durably so before it returns."""
         self.zero(offset, length, may_trim=True, fua=fua)
 
     def zero(self, offset: int, length: int, may_trim: bool = True, fua: bool = False) -> None:

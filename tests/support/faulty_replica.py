@@ -1,0 +1,52 @@
+"""A replica server with fault hooks, for tests only (never shipped in the production protocol).
+
+`python tests/support/faulty_replica.py CONFIG` runs `FaultyReplicaServer` through the same
+start-up path as `python -m blockhorn.replica CONFIG`. One extra CONTROL op, `fault`, sets the
+hooks (a later `fault` replaces them; `{"op": "fault"}` heals):
+
+- `delay_s`: sleep that long before executing each request (under the store lock, as a slow
+  disk would), so requests queue up on the connection;
+- `fail_control`: CONTROL op names answered EIO, to exercise the engine's error paths.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from blockhorn.replica import proto  # noqa: E402
+from blockhorn.replica.server import ReplicaServer, main  # noqa: E402
+from blockhorn.types import BlockhornError  # noqa: E402
+
+# What tests/harness.py runs instead of `-m blockhorn.replica` for a faulty replica.
+PROGRAM = (os.path.abspath(__file__),)
+
+
+class FaultyReplicaServer(ReplicaServer):
+    fault: dict[str, Any] = {}
+
+    def _execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
+        delay = self.fault.get("delay_s")
+        if delay:
+            time.sleep(float(delay))
+        return super()._execute(h, payload)
+
+    def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req["op"]
+        if op == "fault":
+            self.fault = {k: v for k, v in req.items() if k != "op"}
+            return {"fault": self.fault}
+        if op in self.fault.get("fail_control", ()):
+            raise BlockhornError(f"injected failure of {op}", errno.EIO)
+        return super().control(req)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: faulty_replica.py CONFIG.json")
+    sys.exit(main(sys.argv[1], FaultyReplicaServer))
