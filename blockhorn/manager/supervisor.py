@@ -142,6 +142,8 @@ class Supervisor:
         self._check_frontend(vol)
         if vol.access_mode == "rwx":
             self._check_share(vol)
+        if waiting:
+            self.store.update_volume(name, message=f"{WAITING}{'; '.join(waiting)}")
         if status is None:
             return
         self._succeeded(f"engine/{name}")
@@ -155,8 +157,6 @@ class Supervisor:
             update["robustness"] = robustness
         if robustness == "healthy" and vol.message and vol.message.startswith(WAITING):
             update["message"] = None   # what it waited for has happened
-        elif waiting:
-            update["message"] = f"{WAITING}{'; '.join(waiting)}"
         if update:
             self.store.update_volume(name, **update)
 
