@@ -7,9 +7,9 @@ Vocabulary:
   an identity (pids are reused); pid + psutil's create_time is, and that is what lets a restarted
   daemon adopt the processes its predecessor started.
 - a replica's *failed_since* (wall-clock seconds) is when it was first seen failed (ERR in its
-  engine, or its process could not be started) without having been in sync since: the
-  supervisor replaces it once that is longer ago than `replica-replenishment-wait-interval`.
-  Stored, so the wait survives a daemon restart.
+  engine, or its process could not be started) without having been RW since (a resync that
+  fails does not reset it): the supervisor replaces it once that is longer ago than
+  `replica-replenishment-wait-interval`. Stored, so the wait survives a daemon restart.
 
 The store is used from several threads (API requests run lifecycle steps in worker threads; the
 supervisor has its own): every call opens its own connection, which SQLite makes cheap, so no

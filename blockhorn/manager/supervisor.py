@@ -196,14 +196,16 @@ class Supervisor:
         key = f"replica/{r.name}"
         mode = st.get("mode")
         rebuilding = (st.get("rebuild") or {}).get("state") in ("queued", "running")
-        if mode in (ReplicaMode.RW, ReplicaMode.WO) or rebuilding:
+        if mode == ReplicaMode.RW:
             if r.failed_since is not None:
                 self.store.set_replica_failed_since(r.name, None)
-            if mode == ReplicaMode.RW:
-                self._succeeded(key)
+            self._succeeded(key)
             return
-        if mode != ReplicaMode.ERR:
-            return   # not known to this engine (yet)
+        if mode != ReplicaMode.ERR or rebuilding:
+            # Being resynced: wait for it. The failure time stays: a replica whose resyncs
+            # keep failing (a disk that fails writes) must not escape replacement by
+            # restarting its resync every few seconds.
+            return
         now = time.time()
         since = r.failed_since
         if since is None:
