@@ -6,6 +6,8 @@
   the volume comes back by itself and holds every acknowledged write;
 - replenishment: a replica whose directory is unusable is replaced on another disk after
   `replica-replenishment-wait-interval`, resynced, and the old directory is kept aside.
+- without a free disk nothing is replaced: the volume says what it waits for, stays degraded
+  under writes, and the replica returns by itself when its directory does.
 
 Each ends by comparing checksums of everything acknowledged with what is read back, and, after
 a detach, checks that the replicas hold identical bytes.
@@ -236,3 +238,37 @@ def test_failed_replica_is_replaced_on_another_disk(env: Env) -> None:
     env.cli("volume", "detach", "v")
     replicas_identical(env.show("v"))
     print(f"replacement: healthy {recovery:.1f} s after the kill (wait interval 2 s)")
+
+
+def test_unstartable_replica_without_a_free_disk_waits_for_its_disk(env: Env) -> None:
+    # Both replicas in the home: no disk is free for a replacement.
+    env.cli("volume", "create", "v", "--size", "16MiB", "--replicas", "2")
+    env.cli("setting", "set", "replica-replenishment-wait-interval", "1")
+    uri = env.cli("volume", "attach", "v", "--frontend", "none").stdout.strip()
+    victim = env.show("v")["replicas"][1]
+    meta = os.path.join(victim["path"], "volume.meta")
+    os.rename(meta, meta + ".away")       # its disk "is not mounted"
+    os.kill(victim["pid"], signal.SIGKILL)
+    w = Writer(uri, 16 * MiB)
+    w.start()
+    s = wait_until(lambda: (lambda s: s if "cannot be replaced: no free disk" in
+                            (s["message"] or "") else None)(env.show("v")), 30,
+                   "the volume to say it cannot replace the replica")
+    assert s["message"].startswith("waiting for replica v-r1 to start")
+    assert "holds no replica" in s["message"], s["message"]
+    assert s["robustness"] == "degraded" and s["replicas"][1]["failed_since"]
+    assert s["replicas"][1]["path"] == victim["path"]       # nothing was moved
+    wait_writes(w, 200, 2)               # I/O goes on, degraded
+    os.rename(meta + ".away", meta)      # the disk is back: the next try starts it
+    t0 = time.monotonic()
+    # The message is the daemon's record: cleared by the pass after the one that saw healthy.
+    after = wait_until(lambda: healthy(env, "v", cleared=lambda s: s["message"] is None), 45,
+                       "the replica to return")
+    print(f"returned disk: healthy {time.monotonic() - t0:.1f} s after it came back")
+    assert after["replicas"][1]["failed_since"] is None
+    assert after["replicas"][1]["path"] == victim["path"]
+    w.finish()
+    assert w.error is None, w.error
+    w.check(uri)
+    env.cli("volume", "detach", "v")
+    replicas_identical(env.show("v"))

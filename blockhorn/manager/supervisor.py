@@ -57,6 +57,7 @@ class Supervisor:
         self.volumes = volumes
         self.store = volumes.store
         self._next_try: dict[str, tuple[float, float]] = {}   # key -> (monotonic time, delay)
+        self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
 
     async def run(self, tick: float = TICK_S) -> None:
         await trio.to_thread.run_sync(self.adopt)
@@ -129,10 +130,14 @@ class Supervisor:
         name = vol.name
         eng = self.store.engine(name)
         engine_up = process.alive(eng.process)
-        waiting = [w for r in self.store.replicas(name) if not process.alive(r.process)
-                   for w in [self._restart_replica(vol, r, engine_up, eng.control_socket)] if w]
+        waiting: dict[str, str] = {}   # replica -> what the volume waits for
+        for r in self.store.replicas(name):
+            if not process.alive(r.process):
+                w = self._restart_replica(vol, r, engine_up, eng.control_socket)
+                if w:
+                    waiting[r.name] = w
         if not engine_up:
-            self._restart_engine(vol, eng.process is not None, waiting)
+            self._restart_engine(vol, eng.process is not None, list(waiting.values()))
             return
         try:
             status: dict[str, Any] | None = engine_status(eng.control_socket)
@@ -142,21 +147,24 @@ class Supervisor:
         self._check_frontend(vol)
         if vol.access_mode == "rwx":
             self._check_share(vol)
-        if waiting:
-            self.store.update_volume(name, message=f"{WAITING}{'; '.join(waiting)}")
-        if status is None:
-            return
-        self._succeeded(f"engine/{name}")
-        modes = {r.get("name"): r for r in status.get("replicas", [])}
-        for r in self.store.replicas(name):
-            self._check_replica(vol, r, modes.get(r.name, {}), eng.control_socket, status)
+        if status is not None:
+            self._succeeded(f"engine/{name}")
+            modes = {r.get("name"): r for r in status.get("replicas", [])}
+            for r in self.store.replicas(name):
+                self._check_replica(vol, r, modes.get(r.name, {}), eng.control_socket, status,
+                                    waiting)
         vol = self.store.volume(name)
-        robustness = status.get("robustness")
+        robustness = (status or {}).get("robustness", vol.robustness)
         update: dict[str, Any] = {}
         if robustness != vol.robustness:
             update["robustness"] = robustness
-        if robustness == "healthy" and vol.message and vol.message.startswith(WAITING):
-            update["message"] = None   # what it waited for has happened
+        message = vol.message
+        if waiting:
+            message = WAITING + "; ".join(waiting.values())
+        elif robustness == "healthy" and message and message.startswith(WAITING):
+            message = None   # what it waited for has happened
+        if message != vol.message:
+            update["message"] = message
         if update:
             self.store.update_volume(name, **update)
 
@@ -173,7 +181,7 @@ class Supervisor:
                         vol.name, r.process.pid if r.process else "-")
             self.volumes.start_replicas(vol.name, [r], restarted=r.process is not None)
         except (BlockhornError, OSError) as e:
-            first = str(e).splitlines()[0]
+            first = _short(e)
             log.error("starting replica %s of %s failed: %s", r.name, vol.name, first)
             self.store.set_replica_failed_since(r.name, time.time())
             return f"replica {r.name} to start ({first}; next try in {delay:.0f} s)"
@@ -189,10 +197,11 @@ class Supervisor:
             log.error("asking the engine of %s to rebuild %s failed: %s", vol.name, r.name, e)
 
     def _check_replica(self, vol: VolumeRow, r: ReplicaRow, st: dict[str, Any],
-                       control_socket: str, status: dict[str, Any]) -> None:
+                       control_socket: str, status: dict[str, Any],
+                       waiting: dict[str, str]) -> None:
         """Track how long replica `r` has been failed (in the store: survives a daemon
         restart); hand a failed one whose process runs to a resync; replace one that stayed
-        failed longer than the replenishment wait."""
+        failed longer than the replenishment wait. Adds to `waiting` what is waited for."""
         key = f"replica/{r.name}"
         mode = st.get("mode")
         rebuilding = (st.get("rebuild") or {}).get("state") in ("queued", "running")
@@ -200,6 +209,7 @@ class Supervisor:
             if r.failed_since is not None:
                 self.store.set_replica_failed_since(r.name, None)
             self._succeeded(key)
+            self._replace_error.pop(r.name, None)
             return
         if mode != ReplicaMode.ERR or rebuilding:
             # Being resynced: wait for it. The failure time stays: a replica whose resyncs
@@ -215,8 +225,12 @@ class Supervisor:
         others_rw = any(x.get("mode") == ReplicaMode.RW for x in status.get("replicas", [])
                         if x.get("name") != r.name)
         if now - since >= wait and others_rw and self._due(f"replace/{r.name}"):
-            self._replace(vol, r, now - since)
-            return
+            if self._replace(vol, r, now - since):
+                waiting.pop(r.name, None)
+                return
+        if r.name in self._replace_error:
+            waiting[r.name] = (waiting.get(r.name, f"replica {r.name} to resync")
+                               + f"; it cannot be replaced: {self._replace_error[r.name]}")
         if st.get("path") and st.get("path") != r.directory:
             # A replacement the engine was not told of (the daemon stopped in between).
             self._tell_engine(vol, r, control_socket)
@@ -224,7 +238,9 @@ class Supervisor:
             self._attempted(key)
             self._ask_rebuild(vol, r, control_socket)
 
-    def _replace(self, vol: VolumeRow, r: ReplicaRow, failed_for: float) -> None:
+    def _replace(self, vol: VolumeRow, r: ReplicaRow, failed_for: float) -> bool:
+        """Replace replica `r` (manager/replenish.py); False (the reason remembered for the
+        volume's message, and retried with back-off) when that fails."""
         key = f"replace/{r.name}"
         log.error("replica %s of %s has been failed for %.0f s (%s): replacing it", r.name,
                   vol.name, failed_for, REPLENISHMENT_WAIT)
@@ -232,15 +248,16 @@ class Supervisor:
         try:
             new_dir = replenish.replace(self.volumes, vol.name, r.name)
         except (BlockhornError, OSError) as e:
-            first = str(e).splitlines()[0]
+            first = _short(e)
             log.error("replacing replica %s of %s failed: %s", r.name, vol.name, first)
-            self.store.update_volume(vol.name, message=f"{WAITING}a replacement of replica "
-                                     f"{r.name} ({first})")
-            return
+            self._replace_error[r.name] = first
+            return False
         self._succeeded(key)
         self._succeeded(f"replica/{r.name}")
+        self._replace_error.pop(r.name, None)
         self.store.update_volume(vol.name, message=f"replica {r.name} was failed for "
                                  f"{failed_for:.0f} s: replaced by {new_dir}")
+        return True
 
     def _tell_engine(self, vol: VolumeRow, r: ReplicaRow, control_socket: str) -> None:
         try:
@@ -299,7 +316,7 @@ class Supervisor:
         try:
             self.volumes.start_engine(name, restarted=True)
         except (BlockhornError, OSError) as e:
-            first = str(e).splitlines()[0]
+            first = _short(e)
             log.error("restarting the engine of %s failed: %s", name, e)
             self.store.update_volume(name, robustness="faulted", message=(
                 f"{WAITING}the engine to start ({first}; next try in {delay:.0f} s)"
@@ -311,3 +328,14 @@ class Supervisor:
                     "volume again")
         log.warning("%s: %s", name, msg)
         self.store.update_volume(name, device_stale=bool(device), message=msg)
+
+
+def _short(e: Exception) -> str:
+    """One line for a volume's message: an error's first line, and for a process that exited
+    during start-up (whose error carries its log tail) the last line of that log — the
+    process's own reason, e.g. a replica directory without volume.meta."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    head = lines[0].split("; last lines of")[0]
+    return f"{head}: {lines[-1]}" if len(lines) > 1 else head
