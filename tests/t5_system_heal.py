@@ -185,7 +185,7 @@ def test_scenario3_everything_killed_comes_back(env: Env) -> None:
     wait_writes(w, 500, 4)
     # Every process of the volume at once, each with its process group (the engine's holds
     # nbdkit under its keeper): no orderly shutdown, no final flush.
-    for pid in [before["engine"]["pid"]] + [r["pid"] for r in before["replicas"]]:
+    for pid in [r["pid"] for r in before["replicas"]] + [before["engine"]["pid"]]:
         os.killpg(pid, signal.SIGKILL)
     t0 = time.monotonic()
     w.join(30)
@@ -195,7 +195,8 @@ def test_scenario3_everything_killed_comes_back(env: Env) -> None:
                        RECOVERY_LIMIT_S, "the volume to come back by itself")
     recovery = time.monotonic() - t0
     assert recovery < RECOVERY_LIMIT_S
-    assert all(r["restarts"] == 1 for r in after["replicas"]) and after["engine"]["restarts"] == 1
+    # At least once each (a supervision pass that ran between the kills may start one early).
+    assert all(r["restarts"] >= 1 for r in after["replicas"]) and after["engine"]["restarts"] >= 1
     flushed = w.check(after["endpoint"])
     assert flushed >= 100
     env.cli("volume", "detach", "v")
