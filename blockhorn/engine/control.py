@@ -1,6 +1,8 @@
 """The engine's control socket: JSON lines over a unix socket, for the daemon and the CLI.
 
-Requests: {"op": "status"}, {"op": "rebuild", "replica": NAME}, {"op": "snapshot", "name": N,
+Requests: {"op": "status"}, {"op": "rebuild", "replica": NAME}, {"op": "replace_replica",
+"replica": NAME, "address": ADDRESS, "path": DIR} (the daemon's replacement of a failed
+replica: Engine.replace_replica), {"op": "snapshot", "name": N,
 "labels": {...}}, {"op": "snapshot_rm", "name": N}, {"op": "snapshots"}, {"op": "purge",
 "wait": bool}, {"op": "expand", "size": BYTES}, {"op": "verify", "repair": bool,
 "rate_mib_s": MiB/s, "wait": seconds} (starts a scrub: engine/verify.py), {"op":
@@ -17,6 +19,7 @@ import socket
 import threading
 from typing import Any
 
+from blockhorn.config import ReplicaRef
 from blockhorn.engine.engine import Engine
 from blockhorn.engine.verify import Verifier
 from blockhorn.types import BlockhornError
@@ -74,6 +77,10 @@ class ControlServer:
                 return self.engine.status()
             if op == "rebuild":
                 self.engine.rebuild(str(req["replica"]))
+                return self.engine.status()
+            if op == "replace_replica":
+                self.engine.replace_replica(ReplicaRef(str(req["replica"]), str(req["address"]),
+                                                       str(req["path"])))
                 return self.engine.status()
             if op == "snapshot":
                 return self.engine.snapshot(str(req["name"]), req.get("labels") or None,

@@ -546,6 +546,27 @@ class Engine:
             r.rebuild = {"state": "queued", "done": 0, "total": 0, "started": time.time()}
         self._rebuilds.submit(self._rebuild, r)
 
+    def replace_replica(self, ref: ReplicaRef) -> None:
+        """Point replica `ref.name` at a new replica (the daemon's replacement: another
+        directory, created Rebuilding) and resync it fully. Only an ERR replica that no
+        rebuild is working on can be replaced (else EBUSY: try again later)."""
+        r = self.replicas.get(ref.name)
+        if r is None:
+            raise InvalidArgument(f"volume {self.cfg.volume} has no replica {ref.name!r}")
+        with self.state_lock:
+            busy = r.rebuild is not None and r.rebuild.get("state") in ("queued", "running")
+            if r.mode != ReplicaMode.ERR or busy:
+                raise Busy(f"replica {ref.name} is {r.mode}{', rebuilding' if busy else ''}: "
+                           "only a failed replica can be replaced")
+            old, r.client = r.client, None
+            r.ref, r.stat, r.error = ref, {}, "replaced: waiting for its resync"
+            self._close_local(r)
+        if old is not None:
+            old.close("replaced")
+        log.warning("replica %s replaced by %s (%s): resyncing it", ref.name, ref.path,
+                    ref.address)
+        self.rebuild(ref.name)
+
     def _rebuild(self, r: ReplicaState) -> None:
         assert r.rebuild is not None
         progress = r.rebuild

@@ -70,8 +70,9 @@ class Setting:
 
 REGISTRY: dict[str, Setting] = {s.name: s for s in [
     Setting(REPLENISHMENT_WAIT, 600, "s", 0, None,
-            "how long a failed replica may stay ERR before a new one replaces it",
-            "stored only: nothing replaces ERR replicas yet (issue 9, self-healing)"),
+            "how long a failed replica may stay ERR (or unstartable) before a new one on "
+            "another disk replaces it",
+            "at once: the daemon's next supervision pass (about a second)"),
     Setting(ENGINE_REPLICA_TIMEOUT, int(REPLICA_TIMEOUT_S), "s", 8, 30,
             "how long the engine waits for a replica's answer before setting it ERR",
             "engines started after the change (attach, or an engine restart)"),

@@ -6,6 +6,10 @@ Vocabulary:
 - a *process record* (pid, create_time) names one replica or engine process. A pid alone is not
   an identity (pids are reused); pid + psutil's create_time is, and that is what lets a restarted
   daemon adopt the processes its predecessor started.
+- a replica's *failed_since* (wall-clock seconds) is when it was first seen failed (ERR in its
+  engine, or its process could not be started) without having been RW since (a resync that
+  fails does not reset it): the supervisor replaces it once that is longer ago than
+  `replica-replenishment-wait-interval`. Stored, so the wait survives a daemon restart.
 
 The store is used from several threads (API requests run lifecycle steps in worker threads; the
 supervisor has its own): every call opens its own connection, which SQLite makes cheap, so no
@@ -25,7 +29,7 @@ from typing import Any
 
 from blockhorn.types import AlreadyExists, NoSpace, NotFound
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: replicas.failed_since
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
 PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
 
@@ -53,7 +57,8 @@ CREATE TABLE IF NOT EXISTS replicas (
     address     TEXT NOT NULL,
     pid         INTEGER,
     create_time REAL,
-    restarts    INTEGER NOT NULL DEFAULT 0
+    restarts    INTEGER NOT NULL DEFAULT 0,
+    failed_since REAL              -- see the module docstring; NULL: not failed
 );
 CREATE TABLE IF NOT EXISTS engines (
     volume         TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
@@ -90,6 +95,7 @@ class ReplicaRow:
     address: str
     process: ProcessRecord | None
     restarts: int = 0
+    failed_since: float | None = None
 
 
 @dataclass
@@ -133,7 +139,7 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
 
 def _replica(row: sqlite3.Row) -> ReplicaRow:
     return ReplicaRow(row["name"], row["volume"], row["idx"], row["directory"],
-                      row["address"], _proc(row), row["restarts"])
+                      row["address"], _proc(row), row["restarts"], row["failed_since"])
 
 
 class Store:
@@ -143,7 +149,12 @@ class Store:
         try:
             # executescript commits on its own; every statement in the schema is idempotent.
             db.executescript(_SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+            # Version 1 stores lack replicas.failed_since (CREATE TABLE IF NOT EXISTS keeps an
+            # old table as it is); adding a NULL column is safe for a version-1 reader too.
+            cols = {r["name"] for r in db.execute("PRAGMA table_info(replicas)")}
+            if "failed_since" not in cols:
+                db.execute("ALTER TABLE replicas ADD COLUMN failed_since REAL")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                        (str(SCHEMA_VERSION),))
         finally:
             db.close()
@@ -241,6 +252,27 @@ class Store:
     def set_replica_address(self, name: str, address: str) -> None:
         with self.tx() as db:
             db.execute("UPDATE replicas SET address=? WHERE name=?", (address, name))
+
+    def set_replica_failed_since(self, name: str, when: float | None) -> None:
+        """Record when replica `name` was first seen failed (None: it is fine again).
+        An earlier time already stored is kept: the wait counts from the first failure."""
+        with self.tx() as db:
+            if when is None:
+                db.execute("UPDATE replicas SET failed_since=NULL WHERE name=?", (name,))
+            else:
+                db.execute("UPDATE replicas SET failed_since=? WHERE name=? AND "
+                           "failed_since IS NULL", (when, name))
+
+    def clear_failed(self, volume: str) -> None:
+        """Forget every failure time of `volume`'s replicas (an attach starts afresh)."""
+        with self.tx() as db:
+            db.execute("UPDATE replicas SET failed_since=NULL WHERE volume=?", (volume,))
+
+    def set_replica_directory(self, name: str, directory: str) -> None:
+        """Point replica `name` at a new directory (a replacement); its failure is over."""
+        with self.tx() as db:
+            db.execute("UPDATE replicas SET directory=?, failed_since=NULL WHERE name=?",
+                       (directory, name))
 
     def engine(self, volume: str) -> EngineRow:
         with self.tx() as db:

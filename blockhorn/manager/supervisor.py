@@ -1,13 +1,22 @@
-"""Supervision: keep the processes of attached volumes running.
+"""Supervision: keep the processes of attached volumes running, and heal their replicas.
 
-Every tick (about a second) for each attached volume:
-- a replica process that died is started again and the engine is asked to `rebuild` it (the
-  engine reconnects and resyncs it; robustness goes degraded -> healthy). A replica whose process
-  runs but which the engine holds in ERR is also handed to `rebuild`.
-- an engine that died is recorded (robustness faulted, a message) and started again, so the NBD
-  endpoint works for new clients; a device above it (nbdfuse + loop) does not reconnect, which the
-  message says: detach and attach the volume.
-Failed restarts back off exponentially, so a replica that cannot start does not spin.
+Every tick (about a second) for each attached volume, in this order:
+- a replica process that is not running is started again; when the engine runs, it is asked
+  to `rebuild` (resync) the replica. Replicas come before the engine: an engine can start only
+  when the replicas it must trust answer, so after every process of a volume died (a power
+  cut, a kill of everything) the replicas are started, then the engine, which chooses its
+  source by the generation rule (engine/generation.py) and resyncs the others by itself.
+- an engine that is not running is started again, so the NBD endpoint works for new clients;
+  a device above it (nbdfuse + loop) does not reconnect, which the message says: detach and
+  attach the volume.
+- a replica whose process runs but which the engine holds in ERR is handed to `rebuild`.
+- a replica that stayed failed (ERR in the engine, or its process cannot be started) longer
+  than the setting `replica-replenishment-wait-interval` is replaced by a new, empty one on
+  another disk (manager/replenish.py) while another replica is RW to resync it from. The time
+  it was first seen failed is in the state store, so the wait survives a daemon restart.
+Every restart retries forever with exponential back-off (BACKOFF_FIRST_S doubling up to
+BACKOFF_MAX_S), reset once the replica is RW again or the engine answers; meanwhile the
+volume's message starts with "waiting for " and says what for.
 
 Adoption: after a daemon restart nothing special happens. The records in the store name each
 process by pid + create_time; a process that still matches is simply left running, one that does
@@ -24,9 +33,15 @@ from typing import Any
 import psutil
 import trio
 
-from blockhorn.manager import process
-from blockhorn.manager.state import VolumeRow
-from blockhorn.manager.volumes import VolumeManager, engine_rebuild, engine_status
+from blockhorn.manager import process, replenish
+from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
+from blockhorn.manager.state import ReplicaRow, VolumeRow
+from blockhorn.manager.volumes import (
+    VolumeManager,
+    engine_rebuild,
+    engine_replace,
+    engine_status,
+)
 from blockhorn.types import BlockhornError, ReplicaMode
 
 log = logging.getLogger("blockhorn.manager")
@@ -34,6 +49,7 @@ log = logging.getLogger("blockhorn.manager")
 TICK_S = 1.0              # seconds between supervision passes
 BACKOFF_FIRST_S = 1.0     # seconds before retrying a failed restart
 BACKOFF_MAX_S = 30.0
+WAITING = "waiting for "  # prefix of a volume message about a recovery in progress
 
 
 class Supervisor:
@@ -41,6 +57,7 @@ class Supervisor:
         self.volumes = volumes
         self.store = volumes.store
         self._next_try: dict[str, tuple[float, float]] = {}   # key -> (monotonic time, delay)
+        self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
 
     async def run(self, tick: float = TICK_S) -> None:
         await trio.to_thread.run_sync(self.adopt)
@@ -92,19 +109,35 @@ class Supervisor:
         when, _ = self._next_try.get(key, (0.0, 0.0))
         return time.monotonic() >= when
 
-    def _failed(self, key: str) -> None:
+    def _attempted(self, key: str) -> float:
+        """Count one restart attempt of `key` (successful or not): the next one may come only
+        after the back-off, which doubles up to BACKOFF_MAX_S. Returns that delay (seconds).
+        A process that starts and dies at once therefore does not spin."""
         _, delay = self._next_try.get(key, (0.0, 0.0))
         delay = min(max(delay * 2, BACKOFF_FIRST_S), BACKOFF_MAX_S)
         self._next_try[key] = (time.monotonic() + delay, delay)
+        return delay
 
     def _succeeded(self, key: str) -> None:
         self._next_try.pop(key, None)
 
     def _check(self, vol: VolumeRow) -> None:
+        """One supervision pass over an attached volume. Replicas come first: an engine can
+        only start once the replicas it must trust answer, so after everything died (power
+        cut, kill of every process) the replicas are restarted, then the engine, and the
+        engine resyncs the rest by itself. Every restart retries forever with back-off; the
+        volume's message says what is being waited for."""
         name = vol.name
         eng = self.store.engine(name)
-        if not process.alive(eng.process):
-            self._restart_engine(vol, eng.process is not None)
+        engine_up = process.alive(eng.process)
+        waiting: dict[str, str] = {}   # replica -> what the volume waits for
+        for r in self.store.replicas(name):
+            if not process.alive(r.process):
+                w = self._restart_replica(vol, r, engine_up, eng.control_socket)
+                if w:
+                    waiting[r.name] = w
+        if not engine_up:
+            self._restart_engine(vol, eng.process is not None, list(waiting.values()))
             return
         try:
             status: dict[str, Any] | None = engine_status(eng.control_socket)
@@ -114,28 +147,127 @@ class Supervisor:
         self._check_frontend(vol)
         if vol.access_mode == "rwx":
             self._check_share(vol)
-        modes = {r.get("name"): r for r in (status or {}).get("replicas", [])}
-        for r in self.store.replicas(name):
-            key = f"replica/{r.name}"
-            dead = not process.alive(r.process)
-            st = modes.get(r.name, {})
-            in_err = st.get("mode") == ReplicaMode.ERR and not st.get("rebuild")
-            if not (dead or in_err) or not self._due(key):
-                continue
-            try:
-                if dead:
-                    log.warning("replica %s of %s (pid %s) died: restarting", r.name, name,
-                                r.process.pid if r.process else "-")
-                    self.volumes.start_replicas(name, [r], restarted=True)
-                log.info("asking the engine of %s to rebuild %s", name, r.name)
-                engine_rebuild(eng.control_socket, r.name)
-                self._succeeded(key)
-            except (BlockhornError, OSError) as e:
-                log.error("recovering replica %s of %s failed: %s", r.name, name, e)
-                self.store.update_volume(name, message=f"replica {r.name}: {e}")
-                self._failed(key)
-        if status and status.get("robustness") != vol.robustness:
-            self.store.update_volume(name, robustness=status.get("robustness"))
+        if status is not None:
+            self._succeeded(f"engine/{name}")
+            modes = {r.get("name"): r for r in status.get("replicas", [])}
+            for r in self.store.replicas(name):
+                self._check_replica(vol, r, modes.get(r.name, {}), eng.control_socket, status,
+                                    waiting)
+        vol = self.store.volume(name)
+        robustness = (status or {}).get("robustness", vol.robustness)
+        update: dict[str, Any] = {}
+        if robustness != vol.robustness:
+            update["robustness"] = robustness
+        message = vol.message
+        if waiting:
+            message = WAITING + "; ".join(waiting.values())
+        elif robustness == "healthy" and message and message.startswith(WAITING):
+            message = None   # what it waited for has happened
+        if message != vol.message:
+            update["message"] = message
+        if update:
+            self.store.update_volume(name, **update)
+
+    def _restart_replica(self, vol: VolumeRow, r: ReplicaRow, engine_up: bool,
+                         control_socket: str) -> str | None:
+        """Start replica `r`, whose process is gone; when the engine runs, ask it to resync
+        the replica. Returns what the volume waits for, or None once it started."""
+        key = f"replica/{r.name}"
+        if not self._due(key):
+            return f"replica {r.name} to start (next try in {self._wait_left(key):.0f} s)"
+        delay = self._attempted(key)
+        try:
+            log.warning("replica %s of %s (pid %s) is not running: starting it", r.name,
+                        vol.name, r.process.pid if r.process else "-")
+            self.volumes.start_replicas(vol.name, [r], restarted=r.process is not None)
+        except (BlockhornError, OSError) as e:
+            first = _short(e)
+            log.error("starting replica %s of %s failed: %s", r.name, vol.name, first)
+            self.store.set_replica_failed_since(r.name, time.time())
+            return f"replica {r.name} to start ({first}; next try in {delay:.0f} s)"
+        if engine_up:
+            self._ask_rebuild(vol, r, control_socket)
+        return None
+
+    def _ask_rebuild(self, vol: VolumeRow, r: ReplicaRow, control_socket: str) -> None:
+        try:
+            log.info("asking the engine of %s to rebuild %s", vol.name, r.name)
+            engine_rebuild(control_socket, r.name)
+        except (BlockhornError, OSError) as e:
+            log.error("asking the engine of %s to rebuild %s failed: %s", vol.name, r.name, e)
+
+    def _check_replica(self, vol: VolumeRow, r: ReplicaRow, st: dict[str, Any],
+                       control_socket: str, status: dict[str, Any],
+                       waiting: dict[str, str]) -> None:
+        """Track how long replica `r` has been failed (in the store: survives a daemon
+        restart); hand a failed one whose process runs to a resync; replace one that stayed
+        failed longer than the replenishment wait. Adds to `waiting` what is waited for."""
+        key = f"replica/{r.name}"
+        mode = st.get("mode")
+        rebuilding = (st.get("rebuild") or {}).get("state") in ("queued", "running")
+        if mode == ReplicaMode.RW:
+            if r.failed_since is not None:
+                self.store.set_replica_failed_since(r.name, None)
+            self._succeeded(key)
+            self._replace_error.pop(r.name, None)
+            return
+        if mode != ReplicaMode.ERR or rebuilding:
+            # Being resynced: wait for it. The failure time stays: a replica whose resyncs
+            # keep failing (a disk that fails writes) must not escape replacement by
+            # restarting its resync every few seconds.
+            return
+        now = time.time()
+        since = r.failed_since
+        if since is None:
+            since = now
+            self.store.set_replica_failed_since(r.name, now)
+        wait = Settings(self.store).get_int(REPLENISHMENT_WAIT)
+        others_rw = any(x.get("mode") == ReplicaMode.RW for x in status.get("replicas", [])
+                        if x.get("name") != r.name)
+        if now - since >= wait and others_rw and self._due(f"replace/{r.name}"):
+            if self._replace(vol, r, now - since):
+                waiting.pop(r.name, None)
+                return
+        if r.name in self._replace_error:
+            waiting[r.name] = (waiting.get(r.name, f"replica {r.name} to resync")
+                               + f"; it cannot be replaced: {self._replace_error[r.name]}")
+        if st.get("path") and st.get("path") != r.directory:
+            # A replacement the engine was not told of (the daemon stopped in between).
+            self._tell_engine(vol, r, control_socket)
+        elif process.alive(r.process) and self._due(key):
+            self._attempted(key)
+            self._ask_rebuild(vol, r, control_socket)
+
+    def _replace(self, vol: VolumeRow, r: ReplicaRow, failed_for: float) -> bool:
+        """Replace replica `r` (manager/replenish.py); False (the reason remembered for the
+        volume's message, and retried with back-off) when that fails."""
+        key = f"replace/{r.name}"
+        log.error("replica %s of %s has been failed for %.0f s (%s): replacing it", r.name,
+                  vol.name, failed_for, REPLENISHMENT_WAIT)
+        self._attempted(key)
+        try:
+            new_dir = replenish.replace(self.volumes, vol.name, r.name)
+        except (BlockhornError, OSError) as e:
+            first = _short(e)
+            log.error("replacing replica %s of %s failed: %s", r.name, vol.name, first)
+            self._replace_error[r.name] = first
+            return False
+        self._succeeded(key)
+        self._succeeded(f"replica/{r.name}")
+        self._replace_error.pop(r.name, None)
+        self.store.update_volume(vol.name, message=f"replica {r.name} was failed for "
+                                 f"{failed_for:.0f} s: replaced by {new_dir}")
+        return True
+
+    def _tell_engine(self, vol: VolumeRow, r: ReplicaRow, control_socket: str) -> None:
+        try:
+            engine_replace(control_socket, r.name, r.address, r.directory)
+        except (BlockhornError, OSError) as e:
+            log.warning("telling the engine of %s about replica %s's new directory: %s",
+                        vol.name, r.name, e)
+
+    def _wait_left(self, key: str) -> float:
+        return max(0.0, self._next_try.get(key, (0.0, 0.0))[0] - time.monotonic())
 
     def _check_frontend(self, vol: VolumeRow) -> None:
         """Reap a dead frontend helper (nbdfuse is our child when this daemon attached the
@@ -168,30 +300,42 @@ class Supervisor:
         except (BlockhornError, OSError) as e:
             log.error("restarting the share manager of %s failed: %s", vol.name, e)
             self.store.update_volume(vol.name, message=f"share: {e}")
-            self._failed(key)
+            self._attempted(key)
             return
         self._succeeded(key)
 
-    def _restart_engine(self, vol: VolumeRow, was_running: bool) -> None:
+    def _restart_engine(self, vol: VolumeRow, was_running: bool, waiting: list[str]) -> None:
         name = vol.name
         key = f"engine/{name}"
         if not self._due(key):
             return
         device = (vol.attachment or {}).get("device")
         if was_running:
-            log.error("engine of %s died", name)
+            log.error("engine of %s is not running: restarting it", name)
+        delay = self._attempted(key)
         try:
             self.volumes.start_engine(name, restarted=True)
         except (BlockhornError, OSError) as e:
+            first = _short(e)
             log.error("restarting the engine of %s failed: %s", name, e)
-            self.store.update_volume(name, robustness="faulted",
-                                     message=f"engine died and could not be restarted: {e}")
-            self._failed(key)
+            self.store.update_volume(name, robustness="faulted", message=(
+                f"{WAITING}the engine to start ({first}; next try in {delay:.0f} s)"
+                + "".join(f"; {w}" for w in waiting)))
             return
-        self._succeeded(key)
         msg = "engine restarted after it died"
         if device:
             msg += (f"; {device} lost its connection and fails I/O: detach and attach the "
                     "volume again")
         log.warning("%s: %s", name, msg)
         self.store.update_volume(name, device_stale=bool(device), message=msg)
+
+
+def _short(e: Exception) -> str:
+    """One line for a volume's message: an error's first line, and for a process that exited
+    during start-up (whose error carries its log tail) the last line of that log — the
+    process's own reason, e.g. a replica directory without volume.meta."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    head = lines[0].split("; last lines of")[0]
+    return f"{head}: {lines[-1]}" if len(lines) > 1 else head

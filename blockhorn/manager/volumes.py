@@ -60,6 +60,13 @@ def engine_rebuild(control_socket: str, replica: str) -> dict[str, Any]:
     return ControlClient(control_socket).call({"op": "rebuild", "replica": replica})
 
 
+def engine_replace(control_socket: str, replica: str, address: str,
+                   path: str) -> dict[str, Any]:
+    from blockhorn.engine.control import ControlClient
+    return ControlClient(control_socket).call({"op": "replace_replica", "replica": replica,
+                                               "address": address, "path": path})
+
+
 class VolumeManager:
     def __init__(self, home: Home, store: Store) -> None:
         self.home = home
@@ -199,6 +206,7 @@ class VolumeManager:
                                      attachment=None, device_stale=False)
             try:
                 self.write_configs(name)
+                self.store.clear_failed(name)   # replenishment waits count from now
                 reps = self.store.replicas(name)
                 self.start_replicas(name, reps)
                 self.start_engine(name)
@@ -398,7 +406,7 @@ class VolumeManager:
                 "address": r.address, "path": r.directory,
                 "pid": r.process.pid if up and r.process else None,
                 "revision": st.get("revision"), "rebuild": st.get("rebuild"),
-                "restarts": r.restarts,
+                "restarts": r.restarts, "failed_since": r.failed_since,
             })
         endpoints = []
         if engine_up and vol.frontend != "fuse":   # the fuse frontend serves no NBD

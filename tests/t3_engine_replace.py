@@ -1,0 +1,96 @@
+"""Tier 3: `replace_replica` in a real engine (nbdkit) against real replica processes.
+
+The daemon's replacement of a failed replica, without the daemon: a new replica (another
+directory and address, created Rebuilding as `replica create` makes it) takes the failed one's
+name; the engine drops the old connection, resyncs the new one under writes, and the volume
+reads back what was acknowledged. Only a failed replica may be replaced."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+
+import nbd
+import pytest
+from conftest import assert_replicas_identical
+from harness import ReplicaProc, free_port
+
+from blockhorn.config import ReplicaConfig
+from blockhorn.fsutil import read_json
+from blockhorn.replica.store import Replica
+from blockhorn.types import BlockhornError
+
+MiB = 1 << 20
+
+
+def replace(c, name: str, address: str, path: str, timeout: float = 20.0) -> dict:
+    """The control op; EBUSY (the engine's own retry of the ERR replica is running) is
+    retried, as the daemon retries it on its next pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return c.control().call({"op": "replace_replica", "replica": name,
+                                     "address": address, "path": path})
+        except BlockhornError as e:
+            if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_replace_replica_resyncs_a_new_directory(cluster_factory, tmp_path) -> None:
+    c = cluster_factory(size=16 * MiB, replicas=2)
+    h = nbd.NBD()
+    h.connect_uri(c.uri)
+    rng = random.Random(3)
+    model = bytearray(c.size)
+    data = rng.randbytes(8 * MiB)
+    h.pwrite(data, MiB)
+    model[MiB:9 * MiB] = data
+    h.flush()
+
+    old = c.reps[1]
+    with pytest.raises(BlockhornError) as e:     # an RW replica is not replaced
+        c.control().call({"op": "replace_replica", "replica": old.cfg.name,
+                          "address": old.cfg.listen, "path": old.cfg.directory})
+    assert e.value.errno == errno.EBUSY and "only a failed replica" in str(e.value)
+    with pytest.raises(BlockhornError) as e:
+        c.control().call({"op": "replace_replica", "replica": "nope", "address": "x",
+                          "path": "/x"})
+    assert e.value.errno == errno.EINVAL
+
+    old.kill()                                   # its disk died
+    c.wait_modes({"vol-r0": "RW", "vol-r1": "ERR"})
+    more = rng.randbytes(2 * MiB)                # degraded writes the new one must receive
+    h.pwrite(more, 10 * MiB)
+    model[10 * MiB:12 * MiB] = more
+
+    new_dir = str(tmp_path / "spare" / "vol-r1")
+    os.makedirs(os.path.dirname(new_dir))
+    cfg = ReplicaConfig(c.volume, old.cfg.name, new_dir, c.size, f"127.0.0.1:{free_port()}",
+                        c.key_file)
+    cfg_path = str(tmp_path / "vol-r1-new.json")
+    cfg.save(cfg_path)
+    Replica.create(new_dir, c.size, c.volume, {"Rebuilding": True}).close()
+    new = ReplicaProc(cfg, cfg_path, str(tmp_path / "vol-r1-new.log"))
+    c.reps[1] = new                              # the cluster stops it at the end
+    new.start()
+    st = replace(c, cfg.name, cfg.listen, new_dir)
+    r1 = next(r for r in st["replicas"] if r["name"] == cfg.name)
+    assert (r1["path"], r1["address"]) == (new_dir, cfg.listen)
+
+    # Writes go on while it resyncs; then both are RW and the new one is no longer Rebuilding.
+    for _ in range(32):
+        chunk = rng.randbytes(64 * 1024)
+        off = rng.randrange(0, c.size - len(chunk), 4096)
+        h.pwrite(chunk, off)
+        model[off:off + len(chunk)] = chunk
+    c.wait_modes({"vol-r0": "RW", "vol-r1": "RW"})
+    h.flush()
+    assert h.pread(c.size, 0) == bytes(model)
+    h.shutdown()
+    c.stop_engine()
+    meta = read_json(os.path.join(new_dir, "volume.meta"))   # the server still has it open
+    assert not meta["Rebuilding"] and "vol-r1" in meta["Members"]
+    assert_replicas_identical(c)
