@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from blockhorn.cli_backup import add_parsers as add_backup_parsers
+from blockhorn.cli_backup import run_backup
 from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
 from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
@@ -142,6 +144,7 @@ def build_parser() -> Parser:
     _home_arg(p)
 
     add_snapshot_parsers(cmds, vcmds)
+    add_backup_parsers(cmds, _home_arg)
 
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
                          description="Inspect the NFSv4 share of an RWX volume, or run a "
@@ -477,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             return _share(args, home)
         if args.command == "snapshot":
             return run_snapshot(args, home)
+        if args.command == "backup":
+            return run_backup(args, home)
         if args.command == "daemon":
             return _daemon(args, home)
         if args.command == "replica":

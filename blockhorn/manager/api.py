@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from blockhorn.manager.api_backups import backup_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, InvalidArgument
@@ -171,4 +172,5 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
         Route(f"{API_PREFIX}/daemon/stop", stop_daemon, methods=["POST"]),
     ]
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    routes += backup_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     return Starlette(routes=routes)
