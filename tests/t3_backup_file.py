@@ -348,3 +348,20 @@ def test_daemon_service_resumes_an_interrupted_backup_when_it_starts(tmp_path) -
     assert svc2.jobs()[-1]["state"] == "complete", svc2.jobs()[-1]
     (copy,) = [r.directory for r in volumes.store.replicas("copy")]
     assert replica_digest(copy, 8 * MiB) == snapshot_digest(dirs[0], "s0")
+
+
+def test_volume_size_not_a_multiple_of_the_block_size(store, tmp_path) -> None:
+    size = 5 * MiB + 8192
+    v = ReplicaVolume(str(tmp_path / "odd"), size, "odd")
+    try:
+        v.random(size - 3 * MiB, 3 * MiB)         # the last, partial block holds data
+        b = bk.create_backup(store, "odd", src := bk.open_snapshot([v.directory], v.snapshot("s")))
+        src.close()
+        assert b["blocks"] == 2
+        sink = bk.FileSink(str(tmp_path / "odd.img"), size)
+        bk.restore(store, "odd", b["name"], sink)
+        sink.close()
+        assert os.path.getsize(tmp_path / "odd.img") == size
+        assert file_digest(str(tmp_path / "odd.img")) == snapshot_digest(v.directory, "s")
+    finally:
+        v.close()

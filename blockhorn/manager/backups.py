@@ -236,18 +236,24 @@ class BackupService:
 
     # --- list, show, delete ----------------------------------------------------------------
 
-    def list_backups(self, volume: str | None = None,
-                     target: str | None = None) -> list[dict[str, Any]]:
-        out = []
+    def list_backups(self, volume: str | None = None, target: str | None = None,
+                     errors: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Backups on one target or all; with `errors`, a target that cannot be read is
+        recorded there (name -> message) and the others are still listed."""
+        out: list[dict[str, Any]] = []
         for t in [self.target(target)] if target else self.targets():
-            store = self.open(t)
             try:
-                for b in bk.list_backups(store, volume):
-                    out.append(dict(b, target=t["name"]))
+                store = self.open(t)
+                try:
+                    out.extend(dict(b, target=t["name"]) for b in bk.list_backups(store, volume))
+                finally:
+                    store.close()
             except NotFound:
                 continue
-            finally:
-                store.close()
+            except BlockhornError as e:
+                if errors is None or target:
+                    raise
+                errors[t["name"]] = str(e)
         return out
 
     def show(self, url: str) -> dict[str, Any]:
