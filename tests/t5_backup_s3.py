@@ -109,6 +109,20 @@ def test_s3_wrong_secret_is_a_clear_error(s3server, vol) -> None:
     t.close()
 
 
+def test_s3_addressing_style_and_ca_from_the_environment(s3server) -> None:
+    env = dict(s3server.env(), VIRTUAL_HOSTED_STYLE="true", AWS_CERT="-----BEGIN CERT-----")
+    t = bk.open_target("s3://bkt@eu-west-1/p/", env)
+    try:
+        assert t.client.meta.config.s3["addressing_style"] == "virtual"
+        assert t.client.meta.region_name == "eu-west-1"
+        assert open(t._cert_file).read() == "-----BEGIN CERT-----"
+    finally:
+        t.close()
+    t = bk.open_target("s3://bkt/p/", s3server.env())      # an endpoint: path style
+    assert t.client.meta.config.s3["addressing_style"] == "path"
+    t.close()
+
+
 def test_s3_backup_killed_mid_upload_resumes(s3server, target, vol, tmp_path) -> None:
     for i in range(5):
         vol.random(i * BLOCK, BLOCK)
@@ -170,6 +184,9 @@ def test_cli_backup_restore_through_the_daemon(s3server, tmp_path) -> None:
                 "--credential-file", str(creds))
         out = json.loads(env.cli("backup", "create", "vol", "--json").stdout)
         assert out["state"] == "complete" and out["blocks"] == 2
+        (job,) = json.loads(env.cli("backup", "jobs", "--json").stdout)
+        assert job["state"] == "complete" and job["progress"]["percent"] == 100
+        assert job["progress"]["done_bytes"] == job["progress"]["total_bytes"] == 2 * BLOCK
         listed = json.loads(env.cli("backup", "ls", "vol", "--json").stdout)
         assert [b["url"] for b in listed] == [out["url"]]
         assert {"name", "url", "volume", "snapshot", "size", "created", "state"} <= \
