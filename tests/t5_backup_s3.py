@@ -151,6 +151,22 @@ bk.create_backup(t, "vol", src, journal_dir={journal!r}, workers=1, on_upload=ho
         snapshot_digest(vol.directory, "s0")
 
 
+def test_s3_delete_collects_only_unshared_blocks_in_one_request(target, vol, tmp_path) -> None:
+    vol.random(0, 3 * BLOCK)
+    b0 = backup(target, vol, vol.snapshot("s0"))
+    vol.random(0, 2 * BLOCK)                     # two blocks now only in b0
+    b1 = backup(target, vol, vol.snapshot("s1"))
+    only0 = {c for _, c in fmt.BackupCfg.decode(target.get(
+        fmt.backup_cfg_path("vol", b0["name"]))).blocks[:2]}
+    target.requests.clear()
+    rm = bk.delete_backup(target, "vol", b0["name"])
+    assert rm["blocks_deleted"] == 2 and target.requests["DeleteObjects"] == 1
+    assert not any(target.exists(fmt.block_path("vol", c)) for c in only0)
+    assert [b["name"] for b in bk.list_backups(target, "vol")] == [b1["name"]]
+    assert restored(target, b1["name"], str(tmp_path / "r.img")) == \
+        snapshot_digest(vol.directory, "s1")
+
+
 def test_s3_corrupt_block_is_named(target, vol, tmp_path) -> None:
     vol.random(0, BLOCK)
     b = backup(target, vol, vol.snapshot("s0"))

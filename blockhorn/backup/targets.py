@@ -41,6 +41,7 @@ DEFAULT_NFS_MOUNT_ROOT = "/var/lib/blockhorn/backupstore-mounts"
 S3_POOL_CONNECTIONS = 32         # HTTP connections kept per S3 client (>= upload workers)
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_READ_TIMEOUT_S = 60.0
+S3_DELETE_BATCH = 1000           # keys per DeleteObjects request (S3's maximum)
 
 
 class TargetError(BlockhornError):
@@ -69,6 +70,11 @@ class Target:
     def delete(self, path: str) -> None:
         """Remove a file; a missing one is no error."""
         raise NotImplementedError
+
+    def delete_many(self, paths: list[str]) -> None:
+        """Remove many files (missing ones are no error)."""
+        for path in paths:
+            self.delete(path)
 
     def list(self, directory: str) -> list[str]:
         """Names directly under `directory` (files and sub-directories); [] if none."""
@@ -263,6 +269,20 @@ class S3Target(Target):
             err = self._error(e, f"DELETE {path}")
             if not isinstance(err, NotFound):
                 raise err from None
+
+    def delete_many(self, paths: list[str]) -> None:
+        """One DeleteObjects request per 1000 keys (S3's limit) instead of one per key."""
+        for i in range(0, len(paths), S3_DELETE_BATCH):
+            keys = [{"Key": self._key(p)} for p in paths[i:i + S3_DELETE_BATCH]]
+            try:
+                reply = self.client.delete_objects(Bucket=self.bucket,
+                                                   Delete={"Objects": keys, "Quiet": True})
+            except Exception as e:
+                raise self._error(e, f"DELETE {len(keys)} objects") from None
+            failed = [err for err in reply.get("Errors", []) if err.get("Code") != "NoSuchKey"]
+            if failed:
+                raise TargetError(f"{self.url}: cannot delete {len(failed)} objects, e.g. "
+                                  f"{failed[0].get('Key')}: {failed[0].get('Code')}")
 
     def list(self, directory: str) -> list[str]:
         prefix = self._key(directory.rstrip("/") + "/")

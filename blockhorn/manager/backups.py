@@ -42,6 +42,8 @@ from blockhorn.types import (
 log = logging.getLogger("blockhorn.manager")
 
 JOBS_KEPT = 100        # finished jobs remembered for `GET /v1/backups/jobs`
+DELETE_WAIT_S = 120.0  # a delete waits this long for running backups: less than the CLI's
+                       # request timeout (180 s), so the user gets EBUSY, not a timeout
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS backup_targets (
@@ -270,7 +272,8 @@ class BackupService:
         try:
             if not parsed.backup:
                 raise InvalidArgument(f"{url!r} names no backup (…?backup=NAME&volume=VOL)")
-            return bk.delete_backup(target, parsed.volume, parsed.backup)
+            return bk.delete_backup(target, parsed.volume, parsed.backup,
+                                    lock_timeout_s=DELETE_WAIT_S)
         finally:
             target.close()
 
