@@ -110,18 +110,22 @@ ProgressFn = Callable[[Progress], None]
 
 class Journal:
     """Local record of a backup in progress: a JSON header line, then `offset checksum`
-    lines for blocks known to be in the store."""
+    lines for blocks known to be durable in the store.
 
-    def __init__(self, path: str, header: dict[str, Any], done: dict[int, str],
-                 before_sync: Callable[[], None] | None = None) -> None:
+    Lines are kept in memory and written at most every JOURNAL_SYNC_S, each time *after*
+    `target_sync()` made the blocks durable (blocks on a file target are written without
+    fsync) and followed by an fsync of the journal: a journal line never reaches the disk
+    before its block. A crash loses at most the last second's lines, which only means those
+    blocks are uploaded again."""
+
+    def __init__(self, path: str, header: dict[str, Any], done: dict[int, str]) -> None:
         self.path = path
-        # Called before each fsync of the journal: blocks written without fsync must be
-        # durable before a durable journal line says they are in the store.
-        self.before_sync = before_sync
         self.header = header
         self.done = done
+        self.target_sync: Callable[[], None] = lambda: None
+        self._pending: list[tuple[int, str]] = []
         self._lock = threading.Lock()
-        self._last_sync = 0.0
+        self._last_sync = time.monotonic()
         fresh = not os.path.exists(path)
         self.f = open(path, "a")   # noqa: SIM115 - closed by close()
         if fresh:
@@ -170,19 +174,33 @@ class Journal:
             self.f.write(json.dumps(self.header, sort_keys=True) + "\n")
             self.f.flush()
             os.fsync(self.f.fileno())
+            self._pending = []
 
     def record(self, entries: list[tuple[int, str]]) -> None:
         with self._lock:
-            self.f.write("".join(f"{o} {c}\n" for o, c in entries))
-            self.f.flush()
+            self._pending.extend(entries)
             if time.monotonic() - self._last_sync > JOURNAL_SYNC_S:
-                if self.before_sync:
-                    self.before_sync()
-                os.fsync(self.f.fileno())
-                self._last_sync = time.monotonic()
+                self._sync()
+
+    def _sync(self) -> None:
+        if self._pending:
+            self.target_sync()
+            self.f.write("".join(f"{o} {c}\n" for o, c in self._pending))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self._pending = []
+        self._last_sync = time.monotonic()
 
     def close(self, remove: bool) -> None:
-        self.f.close()
+        """Remove the journal (the backup is complete), or keep it with every line written
+        (the backup failed: a later run resumes it)."""
+        with self._lock:
+            if not remove:
+                try:
+                    self._sync()
+                except (OSError, BlockhornError) as e:   # the lines are only a saving
+                    log.warning("cannot write backup journal %s: %s", self.path, e)
+            self.f.close()
         if remove:
             os.unlink(self.path)
 
@@ -244,7 +262,7 @@ def create_backup(target: Target, volume: str, source: Source, *,
                   "compression": compression, "backup": backup_name or new_backup_name()}
         journal = Journal.open(journal_dir, header) if journal_dir else None
         if journal:
-            journal.before_sync = target.sync
+            journal.target_sync = target.sync
         name = str(journal.header["backup"]) if journal else str(header["backup"])
         check_store_name(name, "backup")
         if journal and journal.done and not target.exists(backup_cfg_path(volume, name)):

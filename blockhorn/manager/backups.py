@@ -187,6 +187,12 @@ class BackupService:
         check_store_name(volume, "volume")   # Longhorn's rule: two characters at least
         t = self._default_target(target)
         self.store.volume(volume)
+        with self._guard:
+            running = [j for j in self._jobs.values() if j["operation"] == "backup"
+                       and j["volume"] == volume and j["state"] == "in-progress"]
+        if running:
+            raise Busy(f"a backup of {volume!r} is running (job {running[0]['id']}): wait for "
+                       "it (`blockhorn backup jobs`)")
         if snapshot is None:
             snapshot = time.strftime("backup-%Y%m%d-%H%M%S", time.gmtime())
             with self.volumes.locked(volume):
@@ -195,7 +201,7 @@ class BackupService:
             with self.volumes.locked(volume):
                 self.snaps.find(volume, snapshot)
         job = self._job("backup", volume=volume, snapshot=snapshot, target=t["name"])
-        self._run(job, lambda: self.backup_now(volume, snapshot, t, labels, job))
+        self._run(job, functools.partial(self.backup_now, volume, snapshot, t, labels, job))
         return self.job(job["id"])
 
     def backup_now(self, volume: str, snapshot: str, t: dict[str, Any],
