@@ -101,6 +101,15 @@ def add_parsers(cmds: Any, home_arg: Any) -> None:
     p.add_argument("--no-wait", action="store_true")
     home_arg(p)
 
+    p = sub.add_parser("gc", help="remove blocks no backup of VOLUME uses",
+                       description="Sweep the backup volume for blocks that no backup uses "
+                                   "(left by backups interrupted and never resumed). Lists "
+                                   "every block: meant to be run rarely. `backup rm` already "
+                                   "collects the blocks of the backup it deletes.")
+    p.add_argument("volume")
+    p.add_argument("--target", metavar="NAME")
+    home_arg(p)
+
     p = sub.add_parser("jobs", help="running and recent backup/restore jobs")
     p.add_argument("--json", action="store_true")
     home_arg(p)
@@ -214,6 +223,10 @@ def run_backup(args: argparse.Namespace, home: Home) -> int:
             r = _wait(c, job)["result"]
             print(f"restored {args.newvol} from {r['backup']} ({r['snapshot']}): "
                   f"{format_size(r['restored_bytes'])} written in {r['seconds']} s")
+        elif args.action == "gc":
+            r = c.request("POST", "/backups/gc", {"volume": args.volume, "target": args.target})
+            note = f" (skipped: {r['gc_skipped']})" if r.get("gc_skipped") else ""
+            print(f"{r['blocks_deleted']} unused blocks of {args.volume} removed{note}")
         elif args.action == "jobs":
             jobs = c.request("GET", "/backups/jobs")["jobs"]
             if args.json:

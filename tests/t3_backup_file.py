@@ -388,3 +388,24 @@ def test_16_mib_blocks(store, tmp_path) -> None:
         assert digest(image) == snapshot_digest(v.directory, "b")
     finally:
         v.close()
+
+
+def test_collect_garbage_sweeps_blocks_of_an_abandoned_backup(store, vol) -> None:
+    vol.random(0, BLOCK)
+    kept = backup(store, vol, vol.snapshot("s0"))
+    vol.random(4 * MiB, 2 * BLOCK)
+    vol.snapshot("s1")
+
+    def crash(csum: str) -> None:
+        raise RuntimeError("abandoned")
+
+    with pytest.raises(RuntimeError):
+        backup(store, vol, "s1", workers=1, on_upload=crash)
+    assert bk.collect_garbage(store, "vol")["gc_skipped"]       # a backup is "in progress"
+    (pending,) = [b for b in bk.list_backups(store, "vol", include_incomplete=True)
+                  if b["state"] == "in-progress"]
+    store.delete(fmt.backup_cfg_path("vol", pending["name"]))   # abandoned for good
+    assert bk.collect_garbage(store, "vol")["blocks_deleted"] == 1
+    cfg = fmt.BackupCfg.decode(store.get(fmt.backup_cfg_path("vol", kept["name"])))
+    assert all(store.exists(fmt.block_path("vol", c)) for _, c in cfg.blocks)
+    assert bk.load_volume(store, "vol").block_count == 1

@@ -348,6 +348,8 @@ def _upload(target: Target, volume: str, source: Source, delta: list[int], block
 
     def process(offset: int, data: bytes | bytearray) -> None:
         try:
+            if errors:      # the backup has failed: upload nothing more
+                return
             csum = checksum(data)
             with lock:
                 entries.append((offset, csum))

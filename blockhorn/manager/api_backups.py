@@ -89,6 +89,13 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
         return JSONResponse(job, status_code=202)
 
     @endpoint
+    async def collect_garbage(request: Request) -> Any:
+        data = only(await body(request), {"volume", "target"})
+        if not data.get("volume"):
+            raise InvalidArgument("garbage collection needs a volume")
+        return await run(svc.collect_garbage, str(data["volume"]), data.get("target"))
+
+    @endpoint
     async def list_jobs(request: Request) -> Any:
         return {"jobs": await run(svc.jobs)}
 
@@ -105,6 +112,7 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
         Route(f"{prefix}/backups", delete_backup, methods=["DELETE"]),
         Route(f"{prefix}/backups/show", show_backup, methods=["GET"]),
         Route(f"{prefix}/backups/restore", restore_backup, methods=["POST"]),
+        Route(f"{prefix}/backups/gc", collect_garbage, methods=["POST"]),
         Route(f"{prefix}/backups/jobs", list_jobs, methods=["GET"]),
         Route(f"{prefix}/backups/jobs/{{id}}", show_job, methods=["GET"]),
     ]

@@ -314,6 +314,16 @@ class BackupService:
         finally:
             target.close()
 
+    def collect_garbage(self, volume: str, target: str | None = None) -> dict[str, Any]:
+        """Sweep the backup volume for blocks no backup uses (lists blocks/: run rarely)."""
+        t = self._default_target(target)
+        store = self.open(t)
+        try:
+            return bk.collect_garbage(store, check_store_name(volume, "volume"),
+                                      lock_timeout_s=DELETE_WAIT_S)
+        finally:
+            store.close()
+
     # --- restore ---------------------------------------------------------------------------
 
     def start_restore(self, url: str, volume: str, replicas: int = 3,
