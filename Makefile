@@ -44,6 +44,7 @@ FUZZ_EXAMPLES ?= 5000
 fuzz: setup
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -ra -p no:cacheprovider \
 	    tests/t0_proto_fuzz.py tests/t2_replica_fuzz.py
+	$(PY) scripts/bench_backup.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from blockhorn.manager.api_backups import backup_routes
 from blockhorn.manager.api_settings import setting_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
 from blockhorn.manager.api_verify import verify_routes
@@ -175,4 +176,5 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += verify_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += setting_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    routes += backup_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     return Starlette(routes=routes)
