@@ -15,6 +15,8 @@ import sys
 from typing import Any, NoReturn
 
 from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
+from blockhorn.cli_jobs import add_parsers as add_job_parsers
+from blockhorn.cli_jobs import run_job, run_volume_group
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
 from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
 from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
@@ -142,6 +144,7 @@ def build_parser() -> Parser:
     _home_arg(p)
 
     add_snapshot_parsers(cmds, vcmds)
+    add_job_parsers(cmds, vcmds)
 
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
                          description="Inspect the NFSv4 share of an RWX volume, or run a "
@@ -265,6 +268,8 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
     from blockhorn.manager.client import connect
     if args.action == "expand":
         return run_expand(args, home)
+    if args.action == "group":
+        return run_volume_group(args, home)
     if args.action == "create" and args.from_snapshot:
         return run_clone(args, home)
     if args.action == "create" and not args.size:
@@ -477,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             return _share(args, home)
         if args.command == "snapshot":
             return run_snapshot(args, home)
+        if args.command == "job":
+            return run_job(args, home)
         if args.command == "daemon":
             return _daemon(args, home)
         if args.command == "replica":

@@ -23,7 +23,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from blockhorn.manager.api_jobs import job_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
+from blockhorn.manager.jobs import JobScheduler
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, InvalidArgument
 
@@ -102,7 +104,8 @@ def _only(data: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
     return data
 
 
-def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
+def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
+             jobs: JobScheduler | None = None) -> Starlette:
     async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
@@ -171,4 +174,6 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
         Route(f"{API_PREFIX}/daemon/stop", stop_daemon, methods=["POST"]),
     ]
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    if jobs is not None:
+        routes += job_routes(volumes, jobs, run, endpoint, _body, _only, API_PREFIX)
     return Starlette(routes=routes)

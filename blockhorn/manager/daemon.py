@@ -24,6 +24,7 @@ from hypercorn.trio import serve
 
 from blockhorn.keys import ensure_key
 from blockhorn.manager.api import make_app
+from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.paths import Home
 from blockhorn.manager.state import Store
 from blockhorn.manager.supervisor import Supervisor
@@ -96,6 +97,7 @@ async def run(home: Home) -> None:
     ensure_key(home.key)
     volumes = VolumeManager(home, store)
     supervisor = Supervisor(volumes)
+    jobs = make_scheduler(volumes)
     shutdown = trio.Event()
 
     config = Config()
@@ -104,7 +106,7 @@ async def run(home: Home) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("blockhorn.api")
     config.graceful_timeout = GRACEFUL_STOP_S
-    app = make_app(volumes, shutdown.set)
+    app = make_app(volumes, shutdown.set, jobs)
 
     async with trio.open_nursery() as nursery:
         # cast: starlette's ASGI types and hypercorn's describe the same protocol differently
@@ -117,6 +119,7 @@ async def run(home: Home) -> None:
             with helpers:
                 async with trio.open_nursery() as inner:
                     inner.start_soon(supervisor.run)
+                    inner.start_soon(jobs.run)
                     inner.start_soon(_on_signals, shutdown)
 
         nursery.start_soon(run_helpers)

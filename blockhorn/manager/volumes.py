@@ -415,6 +415,7 @@ class VolumeManager:
                        "restarts": eng.restarts},
             "counters": (status or {}).get("counters"),
             "attachment": vol.attachment,
+            "groups": vol.groups, "standby": vol.standby,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
 
