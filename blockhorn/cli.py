@@ -19,6 +19,9 @@ from blockhorn.cli_jobs import add_parsers as add_job_parsers
 from blockhorn.cli_jobs import run_job, run_volume_group
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
 from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
+from blockhorn.cli_standby import add_create_options as add_standby_options
+from blockhorn.cli_standby import add_parsers as add_standby_parsers
+from blockhorn.cli_standby import format_standby, run_standby
 from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
 from blockhorn.types import BlockhornError, InvalidArgument, check_name, format_size, parse_size
 
@@ -106,6 +109,7 @@ def build_parser() -> Parser:
                         "while the share serves; Ganesha listens on it and clients mount it")
     p.add_argument("--service-interface", default=None, metavar="IF",
                    help="RWX: the interface that carries --service-address")
+    add_standby_options(p)
     _home_arg(p)
 
     p = vcmds.add_parser("attach", help="start the volume and make a block device",
@@ -145,6 +149,7 @@ def build_parser() -> Parser:
 
     add_snapshot_parsers(cmds, vcmds)
     add_job_parsers(cmds, vcmds)
+    add_standby_parsers(vcmds)
 
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
                          description="Inspect the NFSv4 share of an RWX volume, or run a "
@@ -232,6 +237,10 @@ def format_show(v: dict[str, Any]) -> str:
     if v.get("share"):
         lines.append(f"Share:       {_dash(v['share'].get('endpoint'))} "
                      f"({v['share'].get('health')})")
+    if v.get("groups"):
+        lines.append(f"Groups:      {' '.join(v['groups'])}")
+    if v.get("standby"):
+        lines.append(f"Standby:     {format_standby(v['standby'])}")
     if v.get("message"):
         lines.append(f"Message:     {v['message']}")
     rows = [["REPLICA", "MODE", "PID", "ADDRESS", "REBUILD", "PATH"]]
@@ -270,10 +279,14 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
         return run_expand(args, home)
     if args.action == "group":
         return run_volume_group(args, home)
+    if args.action in ("standby-sync", "activate") or (args.action == "create"
+                                                      and args.standby_from):
+        return run_standby(args, home)
     if args.action == "create" and args.from_snapshot:
         return run_clone(args, home)
     if args.action == "create" and not args.size:
-        raise InvalidArgument("volume create needs --size (or --from-snapshot VOL/SNAP)")
+        raise InvalidArgument("volume create needs --size (or --from-snapshot VOL/SNAP, or "
+                              "--standby-from URL)")
     if args.action == "create":
         # Validate here too, so bad input neither starts a daemon nor creates a home.
         check_name(args.name)

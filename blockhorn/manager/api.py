@@ -25,7 +25,9 @@ from starlette.routing import Route
 
 from blockhorn.manager.api_jobs import job_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
+from blockhorn.manager.api_standby import standby_routes
 from blockhorn.manager.jobs import JobScheduler
+from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, InvalidArgument
 
@@ -105,7 +107,8 @@ def _only(data: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
 
 
 def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
-             jobs: JobScheduler | None = None) -> Starlette:
+             jobs: JobScheduler | None = None,
+             standby: StandbyManager | None = None) -> Starlette:
     async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
@@ -176,4 +179,6 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     if jobs is not None:
         routes += job_routes(volumes, jobs, run, endpoint, _body, _only, API_PREFIX)
+    if standby is not None:
+        routes += standby_routes(standby, run, endpoint, _body, _only, API_PREFIX)
     return Starlette(routes=routes)

@@ -26,6 +26,7 @@ from blockhorn.keys import ensure_key
 from blockhorn.manager.api import make_app
 from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.paths import Home
+from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.state import Store
 from blockhorn.manager.supervisor import Supervisor
 from blockhorn.manager.volumes import VolumeManager
@@ -98,6 +99,7 @@ async def run(home: Home) -> None:
     volumes = VolumeManager(home, store)
     supervisor = Supervisor(volumes)
     jobs = make_scheduler(volumes)
+    standby = StandbyManager(volumes)
     shutdown = trio.Event()
 
     config = Config()
@@ -106,7 +108,7 @@ async def run(home: Home) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("blockhorn.api")
     config.graceful_timeout = GRACEFUL_STOP_S
-    app = make_app(volumes, shutdown.set, jobs)
+    app = make_app(volumes, shutdown.set, jobs, standby)
 
     async with trio.open_nursery() as nursery:
         # cast: starlette's ASGI types and hypercorn's describe the same protocol differently
@@ -120,6 +122,7 @@ async def run(home: Home) -> None:
                 async with trio.open_nursery() as inner:
                     inner.start_soon(supervisor.run)
                     inner.start_soon(jobs.run)
+                    inner.start_soon(standby.run)
                     inner.start_soon(_on_signals, shutdown)
 
         nursery.start_soon(run_helpers)
