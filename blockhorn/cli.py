@@ -14,6 +14,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from blockhorn.cli_backup import add_parsers as add_backup_parsers
+from blockhorn.cli_backup import run_backup
 from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
 from blockhorn.cli_jobs import add_parsers as add_job_parsers
 from blockhorn.cli_jobs import run_job, run_volume_group
@@ -150,6 +152,7 @@ def build_parser() -> Parser:
     add_snapshot_parsers(cmds, vcmds)
     add_job_parsers(cmds, vcmds)
     add_standby_parsers(vcmds)
+    add_backup_parsers(cmds, _home_arg)
 
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
                          description="Inspect the NFSv4 share of an RWX volume, or run a "
@@ -497,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_snapshot(args, home)
         if args.command == "job":
             return run_job(args, home)
+        if args.command == "backup":
+            return run_backup(args, home)
         if args.command == "daemon":
             return _daemon(args, home)
         if args.command == "replica":

@@ -36,7 +36,11 @@ class Source(Protocol):
 
     name: str            # the snapshot's name
     created: str         # RFC 3339
-    size: int
+
+    @property
+    def size(self) -> int:
+        """Bytes in the snapshot's image."""
+        ...
 
     def changed_blocks(self, since: str | None, block_size: int) -> list[int] | None:
         """Offsets of the blocks that may differ from snapshot `since` (None: since is not

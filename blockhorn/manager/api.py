@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from blockhorn.manager.api_backups import backup_routes
 from blockhorn.manager.api_jobs import job_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
 from blockhorn.manager.api_standby import standby_routes
@@ -181,4 +182,5 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
         routes += job_routes(volumes, jobs, run, endpoint, _body, _only, API_PREFIX)
     if standby is not None:
         routes += standby_routes(standby, run, endpoint, _body, _only, API_PREFIX)
+    routes += backup_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     return Starlette(routes=routes)

@@ -1,0 +1,106 @@
+"""REST routes for backup targets, backups, restores and their jobs (docs/API.md, "Backups").
+
+A backup URL travels in the query string (`?url=...`) or the body, never in the path: it
+holds its own `?` and `&`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from blockhorn.manager.backups import BackupService
+from blockhorn.manager.volumes import VolumeManager
+from blockhorn.types import InvalidArgument
+
+Run = Callable[..., Awaitable[Any]]
+
+
+def _url(request: Request) -> str:
+    url = request.query_params.get("url", "")
+    if not url:
+        raise InvalidArgument("give the backup as ?url=TARGET?backup=NAME&volume=VOL "
+                              "(URL-encoded)")
+    return url
+
+
+def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, only: Any,
+                  prefix: str, service: BackupService | None = None) -> list[Route]:
+    svc = service or BackupService(volumes)
+
+    @endpoint
+    async def list_targets(request: Request) -> Any:
+        return {"targets": await run(svc.targets)}
+
+    @endpoint
+    async def set_target(request: Request) -> Any:
+        data = only(await body(request), {"url", "credential_file", "mount"})
+        if not data.get("url"):
+            raise InvalidArgument("a backup target needs a url")
+        return await run(svc.set_target, request.path_params["name"], str(data["url"]),
+                         data.get("credential_file"), data.get("mount"))
+
+    @endpoint
+    async def remove_target(request: Request) -> Any:
+        await run(svc.remove_target, request.path_params["name"])
+        return {"removed": request.path_params["name"]}
+
+    @endpoint
+    async def list_backups(request: Request) -> Any:
+        q = request.query_params
+        return {"backups": await run(svc.list_backups, q.get("volume") or None,
+                                     q.get("target") or None)}
+
+    @endpoint
+    async def create_backup(request: Request) -> Any:
+        data = only(await body(request), {"volume", "snapshot", "target", "labels"})
+        if not data.get("volume"):
+            raise InvalidArgument("a backup needs a volume")
+        labels = data.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise InvalidArgument("labels must be an object of strings")
+        job = await run(svc.start_backup, str(data["volume"]), data.get("snapshot"),
+                        data.get("target"), {str(k): str(v) for k, v in labels.items()} or None)
+        return JSONResponse(job, status_code=202)
+
+    @endpoint
+    async def show_backup(request: Request) -> Any:
+        return await run(svc.show, _url(request))
+
+    @endpoint
+    async def delete_backup(request: Request) -> Any:
+        return await run(svc.remove, _url(request))
+
+    @endpoint
+    async def restore_backup(request: Request) -> Any:
+        data = only(await body(request), {"url", "volume", "replicas", "disks"})
+        if not data.get("url") or not data.get("volume"):
+            raise InvalidArgument("a restore needs the backup url and a new volume name")
+        job = await run(svc.start_restore, str(data["url"]), str(data["volume"]),
+                        data.get("replicas", 3), data.get("disks") or [])
+        return JSONResponse(job, status_code=202)
+
+    @endpoint
+    async def list_jobs(request: Request) -> Any:
+        return {"jobs": await run(svc.jobs)}
+
+    @endpoint
+    async def show_job(request: Request) -> Any:
+        return await run(svc.job, request.path_params["id"])
+
+    return [
+        Route(f"{prefix}/backup-targets", list_targets, methods=["GET"]),
+        Route(f"{prefix}/backup-targets/{{name}}", set_target, methods=["PUT"]),
+        Route(f"{prefix}/backup-targets/{{name}}", remove_target, methods=["DELETE"]),
+        Route(f"{prefix}/backups", list_backups, methods=["GET"]),
+        Route(f"{prefix}/backups", create_backup, methods=["POST"]),
+        Route(f"{prefix}/backups", delete_backup, methods=["DELETE"]),
+        Route(f"{prefix}/backups/show", show_backup, methods=["GET"]),
+        Route(f"{prefix}/backups/restore", restore_backup, methods=["POST"]),
+        Route(f"{prefix}/backups/jobs", list_jobs, methods=["GET"]),
+        Route(f"{prefix}/backups/jobs/{{id}}", show_job, methods=["GET"]),
+    ]

@@ -1,0 +1,322 @@
+"""Backups as the daemon runs them: named targets (a table in the daemon's SQLite state), backup
+and restore jobs in worker threads with progress, and the list/show/delete calls the API
+serves. The work itself is blockhorn.backup's; this module only finds replica directories,
+targets and credentials, and keeps job state.
+
+Targets: `backup_targets(name, url, credential_file, mount, created)`. A credential file holds
+AWS_* KEY=VALUE lines (Longhorn's credential-secret names) and is read at each use, so its
+secrets are never copied into the state database. A backup URL names its target by URL; the
+named target with that URL supplies its credentials (else the daemon's environment does).
+
+Jobs live in memory; what survives a crash is the backup's journal under
+`<home>/backup-journal/`: when the daemon starts it resumes every journal it finds (the same
+backup name, skipping the blocks already uploaded).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from blockhorn import backup as bk
+from blockhorn.backup.backup import Progress
+from blockhorn.manager.snapshots import SnapshotManager
+from blockhorn.manager.volumes import VolumeManager
+from blockhorn.types import (
+    AlreadyExists,
+    BlockhornError,
+    Busy,
+    InvalidArgument,
+    NotFound,
+    check_name,
+)
+
+log = logging.getLogger("blockhorn.manager")
+
+JOBS_KEPT = 100        # finished jobs remembered for `GET /v1/backups/jobs`
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS backup_targets (
+    name            TEXT PRIMARY KEY,
+    url             TEXT NOT NULL,
+    credential_file TEXT,
+    mount           TEXT,
+    created         TEXT NOT NULL
+);
+"""
+
+
+class BackupService:
+    def __init__(self, volumes: VolumeManager, resume: bool = True) -> None:
+        self.volumes = volumes
+        self.store = volumes.store
+        self.snaps = SnapshotManager(volumes.store)
+        self.journal_dir = os.path.join(volumes.home.root, "backup-journal")
+        with self.store.tx() as db:
+            db.execute(_SCHEMA)
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._guard = threading.Lock()
+        if resume:
+            threading.Thread(target=self._resume_all, daemon=True,
+                             name="backup-resume").start()
+
+    # --- targets ---------------------------------------------------------------------------
+
+    def set_target(self, name: str, url: str, credential_file: str | None = None,
+                   mount: str | None = None) -> dict[str, Any]:
+        check_name(name, "backup target")
+        if credential_file:
+            credential_file = os.path.abspath(credential_file)
+            bk.read_credential_file(credential_file)    # readable and well-formed now
+        bk.open_target(url, None, mount).close()        # a well-formed URL (no request)
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self.store.tx() as db:
+            db.execute("INSERT OR REPLACE INTO backup_targets VALUES (?, ?, ?, ?, ?)",
+                       (name, url, credential_file, mount, created))
+        return self.target(name)
+
+    def target(self, name: str) -> dict[str, Any]:
+        for t in self.targets():
+            if t["name"] == name:
+                return t
+        raise NotFound(f"no backup target named {name!r} (see `blockhorn backup target ls`)")
+
+    def targets(self) -> list[dict[str, Any]]:
+        with self.store.tx() as db:
+            rows = db.execute("SELECT * FROM backup_targets ORDER BY name").fetchall()
+        return [{"name": r["name"], "url": r["url"], "credential_file": r["credential_file"],
+                 "mount": r["mount"], "created": r["created"]} for r in rows]
+
+    def remove_target(self, name: str) -> None:
+        with self.store.tx() as db:
+            if db.execute("DELETE FROM backup_targets WHERE name=?", (name,)).rowcount == 0:
+                raise NotFound(f"no backup target named {name!r}")
+
+    def _default_target(self, name: str | None) -> dict[str, Any]:
+        if name:
+            return self.target(name)
+        targets = self.targets()
+        if len(targets) == 1:
+            return targets[0]
+        for t in targets:
+            if t["name"] == "default":
+                return t
+        raise InvalidArgument("no backup target given: add one with `blockhorn backup target "
+                              "set NAME URL`, or name one with --target (or call one "
+                              "'default')" if not targets else
+                              "several backup targets: choose one with --target")
+
+    def open(self, t: dict[str, Any]) -> bk.Target:
+        creds = bk.read_credential_file(t["credential_file"]) if t.get("credential_file") \
+            else None
+        return bk.open_target(t["url"], creds, t.get("mount"))
+
+    def open_url(self, url: str) -> tuple[bk.Target, bk.BackupURL]:
+        """The target of a backup URL, with the credentials of the named target of that URL."""
+        parsed = bk.decode_backup_url(url)
+        for t in self.targets():
+            if t["url"].rstrip("/") == parsed.target.rstrip("/"):
+                return self.open(t), parsed
+        return bk.open_target(parsed.target), parsed
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def _job(self, operation: str, **fields: Any) -> dict[str, Any]:
+        job = {"id": secrets.token_hex(6), "operation": operation, "state": "in-progress",
+               "started": time.time(), **fields}
+        with self._guard:
+            self._jobs[job["id"]] = job
+            done = [k for k, j in self._jobs.items() if j["state"] != "in-progress"]
+            for k in done[:max(0, len(self._jobs) - JOBS_KEPT)]:
+                del self._jobs[k]
+        return job
+
+    def _update(self, job: dict[str, Any], **fields: Any) -> None:
+        with self._guard:
+            job.update(fields)
+
+    def _progress(self, job: dict[str, Any]) -> Callable[[Progress], None]:
+        def report(p: Progress) -> None:
+            d = p.to_dict()
+            self._update(job, progress={k: d[k] for k in (
+                "total_bytes", "done_bytes", "transferred_bytes", "rate", "eta", "percent",
+                "new_blocks", "skipped_blocks")})
+        return report
+
+    def _run(self, job: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> None:
+        def work() -> None:
+            try:
+                result = fn()
+            except BlockhornError as e:
+                log.warning("%s job %s failed: %s", job["operation"], job["id"], e)
+                self._update(job, state="error", error=str(e), finished=time.time())
+            except Exception as e:   # a bug: keep the daemon up, tell the client
+                log.exception("%s job %s failed", job["operation"], job["id"])
+                self._update(job, state="error", error=f"internal error: {e!r}",
+                             finished=time.time())
+            else:
+                self._update(job, state="complete", result=result, finished=time.time())
+        threading.Thread(target=work, daemon=True, name=f"backup-job-{job['id']}").start()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        with self._guard:
+            if job_id not in self._jobs:
+                raise NotFound(f"no backup job {job_id!r}")
+            return json.loads(json.dumps(self._jobs[job_id]))
+
+    def jobs(self) -> list[dict[str, Any]]:
+        with self._guard:
+            return json.loads(json.dumps(list(self._jobs.values())))
+
+    # --- backup ----------------------------------------------------------------------------
+
+    def start_backup(self, volume: str, snapshot: str | None = None, target: str | None = None,
+                     labels: dict[str, str] | None = None) -> dict[str, Any]:
+        """Start a backup job of `volume`'s snapshot (a new snapshot if none is named)."""
+        check_name(volume)
+        t = self._default_target(target)
+        self.store.volume(volume)
+        if snapshot is None:
+            snapshot = time.strftime("backup-%Y%m%d-%H%M%S", time.gmtime())
+            with self.volumes.locked(volume):
+                self.snaps.create(volume, snapshot, {"blockhorn/backup": "true"})
+        else:
+            with self.volumes.locked(volume):
+                self.snaps.find(volume, snapshot)
+        job = self._job("backup", volume=volume, snapshot=snapshot, target=t["name"])
+        self._run(job, lambda: self.backup_now(volume, snapshot, t, labels, job))
+        return self.job(job["id"])
+
+    def backup_now(self, volume: str, snapshot: str, t: dict[str, Any],
+                   labels: dict[str, str] | None = None,
+                   job: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Back up synchronously (a job's body; recurring jobs may call it directly)."""
+        dirs = [r.directory for r in self.store.replicas(volume)]
+        target = self.open(t)
+        try:
+            source = bk.open_snapshot(dirs, snapshot)
+            try:
+                return bk.create_backup(target, volume, source, labels=labels,
+                                        journal_dir=self.journal_dir,
+                                        progress=self._progress(job) if job else None)
+            finally:
+                source.close()
+        finally:
+            target.close()
+
+    def _resume_all(self) -> None:
+        """Resume every interrupted backup whose journal names a known target and volume."""
+        try:
+            names = os.listdir(self.journal_dir)
+        except FileNotFoundError:
+            return
+        for file_name in names:
+            try:
+                with open(os.path.join(self.journal_dir, file_name)) as f:
+                    header = json.loads(f.readline())
+                t = next(t for t in self.targets() if t["url"] == header["target"])
+                self.store.volume(header["volume"])
+            except (OSError, ValueError, KeyError, StopIteration, NotFound):
+                continue   # not resumable here: left for an explicit `backup create`
+            job = self._job("backup", volume=header["volume"], snapshot=header["snapshot"],
+                            target=t["name"], resumed=True)
+            log.info("resuming backup of %s/%s to %s", header["volume"], header["snapshot"],
+                     t["name"])
+            self._run(job, functools.partial(self.backup_now, header["volume"],
+                                             header["snapshot"], t, None, job))
+
+    # --- list, show, delete ----------------------------------------------------------------
+
+    def list_backups(self, volume: str | None = None,
+                     target: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for t in [self.target(target)] if target else self.targets():
+            store = self.open(t)
+            try:
+                for b in bk.list_backups(store, volume):
+                    out.append(dict(b, target=t["name"]))
+            except NotFound:
+                continue
+            finally:
+                store.close()
+        return out
+
+    def show(self, url: str) -> dict[str, Any]:
+        target, parsed = self.open_url(url)
+        try:
+            if not parsed.backup:
+                raise InvalidArgument(f"{url!r} names no backup (…?backup=NAME&volume=VOL)")
+            return bk.show_backup(target, parsed.volume, parsed.backup)
+        finally:
+            target.close()
+
+    def remove(self, url: str) -> dict[str, Any]:
+        target, parsed = self.open_url(url)
+        try:
+            if not parsed.backup:
+                raise InvalidArgument(f"{url!r} names no backup (…?backup=NAME&volume=VOL)")
+            return bk.delete_backup(target, parsed.volume, parsed.backup)
+        finally:
+            target.close()
+
+    # --- restore ---------------------------------------------------------------------------
+
+    def start_restore(self, url: str, volume: str, replicas: int = 3,
+                      disks: list[str] | None = None) -> dict[str, Any]:
+        """Create volume `volume` (detached) and restore the backup into it, as a job."""
+        check_name(volume)
+        target, parsed = self.open_url(url)
+        try:
+            if not parsed.backup:
+                raise InvalidArgument(f"{url!r} names no backup (…?backup=NAME&volume=VOL)")
+            size = bk.load_volume(target, parsed.volume).size
+            bk.show_backup(target, parsed.volume, parsed.backup)   # exists, before creating
+        finally:
+            target.close()
+        try:
+            self.store.volume(volume)
+            raise AlreadyExists(f"volume {volume!r} already exists: restore into a new volume")
+        except NotFound:
+            pass
+        self.volumes.create(volume, size, replicas=replicas, disks=disks or [])
+        job = self._job("restore", volume=volume, url=url)
+
+        def work() -> dict[str, Any]:
+            try:
+                return self.restore_into(url, volume, job)
+            except BaseException:
+                self.volumes.remove(volume, force=True)   # a half-restored volume is no volume
+                raise
+        self._run(job, work)
+        return self.job(job["id"])
+
+    def restore_into(self, url: str, volume: str, job: dict[str, Any] | None = None,
+                     last_backup: str | None = None) -> dict[str, Any]:
+        """Restore synchronously into the replicas of detached volume `volume` (in full, or
+        incrementally over `last_backup` for a DR standby)."""
+        target, parsed = self.open_url(url)
+        try:
+            with self.volumes.locked(volume):
+                if self.store.volume(volume).desired == "attached":
+                    raise Busy(f"volume {volume!r} is attached: detach it before restoring "
+                               "into it")
+                dirs = [r.directory for r in self.store.replicas(volume)]
+                sink = bk.ReplicaSink(dirs)
+                try:
+                    prog = self._progress(job) if job else None
+                    if last_backup:
+                        return bk.incremental_restore(target, parsed.volume, parsed.backup,
+                                                      last_backup, sink, progress=prog)
+                    return bk.restore(target, parsed.volume, parsed.backup, sink,
+                                      progress=prog)
+                finally:
+                    sink.close()
+        finally:
+            target.close()

@@ -1,0 +1,1 @@
+"""Test support: real servers (SeaweedFS S3) and independent format implementations."""

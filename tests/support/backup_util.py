@@ -1,0 +1,68 @@
+"""Volumes for backup tests: real replica directories (blockhorn.replica) with real snapshot
+layers, written through the layer-chain code, and digests of what a snapshot or an image
+holds."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+from blockhorn.replica import snapshots as store_snaps
+from blockhorn.replica.store import Replica
+
+MiB = 1 << 20
+BLOCK = 2 * MiB
+
+
+class TestVolume:
+    """One replica directory holding a volume of `size` bytes; `write` and `snapshot` change
+    it the way an engine would."""
+
+    def __init__(self, directory: str, size: int, name: str = "vol", seed: int = 1) -> None:
+        self.directory = directory
+        self.rng = random.Random(seed)
+        self.replica = Replica.create(directory, size, name)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.replica.write(offset, data)
+
+    def random(self, offset: int, length: int) -> bytes:
+        data = self.rng.randbytes(length)
+        self.write(offset, data)
+        return data
+
+    def zero(self, offset: int, length: int) -> None:
+        self.replica.zero(offset, length)
+
+    def snapshot(self, name: str) -> str:
+        store_snaps.create_snapshot(self.replica, name, True, None)
+        return name
+
+    def close(self) -> None:
+        self.replica.close()
+
+
+def snapshot_digest(directory: str, name: str) -> str:
+    view = store_snaps.snapshot_view(directory, name)
+    try:
+        return hashlib.sha256(bytes(view.read(0, view.size))).hexdigest()
+    finally:
+        for layer in view.layers:
+            os.close(layer.fd)
+
+
+def file_digest(path: str, size: int | None = None) -> str:
+    with open(path, "rb") as f:
+        data = f.read() if size is None else f.read(size)
+    if size is not None and len(data) < size:
+        data += bytes(size - len(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def replica_digest(directory: str, size: int) -> str:
+    r = Replica.open(directory)
+    try:
+        return hashlib.sha256(bytes(r.read(0, size))).hexdigest()
+    finally:
+        r.close()
