@@ -8,11 +8,13 @@ job never touches snapshots it did not take. Tasks:
 - `snapshot-cleanup`: remove system snapshots (not user-created: taken by blockhorn for its own
   work) and, for every recurring job's label found, that job's snapshots beyond the newest N;
   then fold the removed ones. User snapshots without the label are never touched.
-- `backup`: take a snapshot, back it up to the job's target, keep the newest N backups this job
-  made of the volume (and the newest N of its snapshots).
+- `backup`: take a snapshot, back it up to the job's target (labels `RecurringJob=<job>`),
+  delete this job's backups of the volume beyond the newest N (with the store's GC), and keep
+  the newest N of its snapshots (the newest is the base of the next incremental backup).
 
-Each volume is worked on under the volume's lock (the API takes the same lock), and a failure
-on one volume does not stop the others: the run fails with every volume's error in its message.
+Snapshot steps run under the volume's lock (the API takes the same lock); the upload does not,
+so a long backup does not hold up attach or detach. A failure on one volume does not stop the
+others: the run fails with every volume's error in its message.
 """
 
 from __future__ import annotations
@@ -60,8 +62,7 @@ class JobTasks:
         errors = []
         for name in names:
             try:
-                with self.volumes.locked(name):
-                    done[name] = self._one(spec, name)
+                done[name] = self._one(spec, name)
             except BlockhornError as e:
                 log.warning("job %s on volume %s failed: %s", spec.name, name, e)
                 errors.append(f"{name}: {e}")
@@ -71,18 +72,21 @@ class JobTasks:
         return result
 
     def _one(self, spec: JobSpec, name: str) -> dict[str, Any]:
-        if spec.task == "snapshot":
-            snap = self._snapshot(spec, name)
-            return {"snapshot": snap, "removed": self._retain_snapshots(name, spec.name,
-                                                                        spec.retain)}
         if spec.task == "snapshot-cleanup":
-            return self._cleanup(name, spec.retain)
-        if self.backup is None:
+            with self.volumes.locked(name):
+                return self._cleanup(name, spec.retain)
+        if spec.task == "backup" and self.backup is None:
             raise BlockhornError("this blockhorn has no backup support")
-        snap = self._snapshot(spec, name)
-        out = self.backup(spec, name, snap)
-        out["snapshot"] = snap
-        out["removed"] = self._retain_snapshots(name, spec.name, spec.retain)
+        with self.volumes.locked(name):
+            snap = self._snapshot(spec, name)
+        out: dict[str, Any] = {"snapshot": snap}
+        if spec.task == "backup" and self.backup is not None:
+            # Not under the volume lock: a long upload must not hold up attach, detach or
+            # snapshots of the volume (the snapshot it reads does not change).
+            out.update(self.backup(spec, name, snap))
+        with self.volumes.locked(name):
+            # After the backup: the newest snapshot is the base of the next incremental one.
+            out["removed"] = self._retain_snapshots(name, spec.name, spec.retain)
         return out
 
     def _snapshot(self, spec: JobSpec, name: str) -> str:
@@ -133,5 +137,15 @@ class JobTasks:
 
 def make_scheduler(volumes: VolumeManager) -> JobScheduler:
     """The daemon's job scheduler, with the tasks of this build."""
-    tasks = JobTasks(volumes)
-    return JobScheduler(volumes.store, tasks.execute)
+    from blockhorn.manager.backup_adapter import BackupAdapter
+    adapter = BackupAdapter(volumes)
+
+    def backup(spec: JobSpec, volume: str, snap: str) -> dict[str, Any]:
+        target = spec.target or adapter.resolve_target(None)
+        made = adapter.backup(volume, snap, target, {JOB_LABEL: spec.name})
+        deleted = adapter.retain(volume, target, (JOB_LABEL, spec.name), spec.retain)
+        return {"backup": made["name"], "url": made["url"], "target": target,
+                "deleted_backups": deleted}
+
+    tasks = JobTasks(volumes, backup)
+    return JobScheduler(volumes.store, tasks.execute, check_target=adapter.resolve_target)

@@ -121,8 +121,9 @@ def latest_slot(expr: str, now: float) -> float:
 # --- validation ------------------------------------------------------------------------------
 
 def check_spec(d: dict[str, Any], store: Store,
-               check_target: Callable[[str], None] | None = None) -> JobSpec:
-    """A JobSpec from request fields, or InvalidArgument / NotFound saying what is wrong."""
+               check_target: Callable[[str | None], str] | None = None) -> JobSpec:
+    """A JobSpec from request fields, or InvalidArgument / NotFound saying what is wrong.
+    `check_target(name or None)` resolves a backup job's target (the default one for None)."""
     name = str(d.get("name") or "")
     _check_name(name, "job")
     if len(name) > MAX_JOB_NAME:
@@ -146,7 +147,7 @@ def check_spec(d: dict[str, Any], store: Store,
     if target and task != "backup":
         raise InvalidArgument(f"--target is for backup jobs; a {task} job has no target")
     if task == "backup" and check_target is not None:
-        check_target(str(target or ""))
+        target = check_target(str(target) if target else None)
     return JobSpec(name, check_cron(str(d.get("cron") or "")), str(task), retain,
                    str(volume) if volume else None, str(group) if group else None,
                    str(target) if target else None)
@@ -275,7 +276,7 @@ class JobScheduler:
 
     def __init__(self, store: Store, execute: Execute,
                  clock: Callable[[], float] = time.time,
-                 check_target: Callable[[str], None] | None = None) -> None:
+                 check_target: Callable[[str | None], str] | None = None) -> None:
         self.store = store
         self.check_target = check_target   # validates a backup job's target when it is created
         self.jobs = JobStore(store)

@@ -28,7 +28,8 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -55,9 +56,13 @@ def _ts(text: str | None) -> float:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def default_open_target(url: str) -> Any:
-    from blockhorn.backup import open_target
-    return open_target(url)
+def _backup_exists(target: Any, volume: str, backup: str) -> bool:
+    from blockhorn.backup import show_backup
+    try:
+        show_backup(target, volume, backup)
+    except NotFound:
+        return False
+    return True
 
 
 class StandbyManager:
@@ -65,11 +70,13 @@ class StandbyManager:
     `open_target(url)` opens a backup target (an adapter: named targets with credentials
     are looked up there)."""
 
-    def __init__(self, volumes: VolumeManager,
-                 open_target: OpenTarget = default_open_target,
+    def __init__(self, volumes: VolumeManager, open_target: OpenTarget | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.volumes = volumes
         self.store = volumes.store
+        if open_target is None:
+            from blockhorn.manager.backup_adapter import BackupAdapter
+            open_target = BackupAdapter(volumes).open_target
         self.open_target = open_target
         self.clock = clock
         self._wake = trio.Event()
@@ -116,8 +123,9 @@ class StandbyManager:
                         "source": source, "interval_s": interval_s, "last_backup": None,
                         "applied": None, "applied_bytes": 0, "last_check": _rfc3339(now),
                         "next_check": _rfc3339(now + interval_s), "error": None})
-                    res = restore(target, url.volume, vol.last_backup_name,
-                                  self._sink(name), progress=self._progress(name, progress))
+                    with self._sink(name) as sink:
+                        res = restore(target, url.volume, vol.last_backup_name, sink,
+                                      progress=self._progress(name, progress))
                     self._applied(name, res, self.clock())
             except BaseException:
                 self.volumes.remove(name, force=True)   # a half restore is no standby
@@ -128,9 +136,14 @@ class StandbyManager:
         log.info("volume %s: standby of %s at backup %s", name, source, vol.last_backup_name)
         return self.volumes.show(name)
 
-    def _sink(self, name: str) -> Any:
+    @contextmanager
+    def _sink(self, name: str) -> Iterator[Any]:
         from blockhorn.backup import ReplicaSink
-        return ReplicaSink([r.directory for r in self.store.replicas(name)])
+        sink = ReplicaSink([r.directory for r in self.store.replicas(name)])
+        try:
+            yield sink
+        finally:
+            sink.close()
 
     def _progress(self, name: str, report: Callable[[str], None] | None) -> Any:
         def progress(p: Any) -> None:
@@ -173,21 +186,21 @@ class StandbyManager:
                     if self.volumes._any_alive(name):
                         raise Busy(f"volume {name!r} has running processes")
                     progress = self._progress(name, None)
-                    try:
-                        result = incremental_restore(target, url.volume, latest,
-                                                     st["last_backup"], self._sink(name),
-                                                     progress=progress) \
-                            if st.get("last_backup") else \
-                            full_restore(target, url.volume, latest, self._sink(name),
-                                         progress=progress)
-                    except NotFound as e:
-                        if not st.get("last_backup"):
-                            raise
-                        # The backup it holds was deleted from the store: no block list to
-                        # compare with, so every block of the new backup is written.
-                        log.warning("standby %s: %s; applying %s in full", name, e, latest)
-                        result = full_restore(target, url.volume, latest, self._sink(name),
-                                              progress=progress)
+                    held = st.get("last_backup")
+                    if held and not _backup_exists(target, url.volume, held):
+                        # Deleted from the store: no block list to compare with. Every block
+                        # is zeroed, then the new backup written in full.
+                        log.warning("standby %s: backup %s is gone from the store; applying "
+                                    "%s in full", name, held, latest)
+                        held = None
+                    with self._sink(name) as sink:
+                        if held:
+                            result = incremental_restore(target, url.volume, latest, held,
+                                                         sink, progress=progress)
+                        else:
+                            sink.zero(0, sink.size)
+                            result = full_restore(target, url.volume, latest, sink,
+                                                  progress=progress)
             finally:
                 target.close()
         except (BlockhornError, OSError) as e:
