@@ -15,7 +15,7 @@ MiB = 1 << 20
 BLOCK = 2 * MiB
 
 
-class TestVolume:
+class ReplicaVolume:
     """One replica directory holding a volume of `size` bytes; `write` and `snapshot` change
     it the way an engine would."""
 
