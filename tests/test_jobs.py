@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from daemon_util import Env, wait_until
 
 from blockhorn.manager.jobs import latest_slot
 from blockhorn.manager.state import Store
+from blockhorn.replica.store import Replica
 
 MiB = 1 << 20
 
@@ -134,6 +137,56 @@ def test_job_errors_retain_groups_and_failures(env: Env) -> None:
     assert "gone" not in jobs(env)
     r = env.cli("job", "run", "gone", check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_backup_job_retains_its_backups_and_records_a_failure(env: Env) -> None:
+    env.env["BLOCKHORN_BACKUP_LOCK_WAIT_S"] = "0.05"   # Longhorn's 2 s lock wait: one host here
+    store = os.path.join(env.root, "store")
+    os.makedirs(store)
+    env.cli("volume", "create", "vol", "--size", "8MiB", "--replicas", "1")
+    backup_job = ["job", "create", "b", "--cron", "0 1 * * *", "--task", "backup",
+                  "--retain", "2", "--volume", "vol"]
+    r = env.cli(*backup_job, check=False)
+    assert r.returncode == 2 and "backup target set" in r.stderr, r.stderr
+    env.cli("backup", "target", "set", "t", f"file://{store}")
+    r = env.cli(*backup_job, "--target", "nope", check=False)
+    assert r.returncode == 1 and "'nope'" in r.stderr
+    env.cli(*backup_job)
+    assert jobs(env)["b"]["target"] == "t"   # the default target, fixed when created
+
+    uri = env.cli("volume", "attach", "vol", "--frontend", "none").stdout.strip()
+    model = bytearray(8 * MiB)
+    runs = []
+    for i in range(3):
+        data = os.urandom(MiB)
+        nbd_io(uri, data, 2 * i * MiB)
+        model[2 * i * MiB:(2 * i + 1) * MiB] = data
+        run = json.loads(env.cli("job", "run", "b", "--json").stdout)
+        assert run["state"] == "ok", run
+        runs.append(run["result"]["volumes"]["vol"])
+    assert runs[2]["deleted_backups"] == [runs[0]["backup"]]
+    listed = json.loads(env.cli("backup", "ls", "vol", "--json").stdout)
+    assert [b["name"] for b in listed if b["labels"].get("RecurringJob") == "b"] == \
+        [r["backup"] for r in runs[1:]]
+    assert job_snaps(env, "vol", "b") == [r["snapshot"] for r in runs[1:]]
+
+    # The newest backup restores to what was written.
+    env.cli("backup", "restore", runs[2]["url"], "r", "--replicas", "1")
+    rep = Replica.open(env.show("r")["replicas"][0]["path"])
+    try:
+        assert hashlib.sha256(rep.read(0, 8 * MiB)).hexdigest() == \
+            hashlib.sha256(model).hexdigest()
+    finally:
+        rep.close()
+
+    # The target's directory gone (a file in its place): the run fails and says why.
+    shutil.rmtree(store)
+    open(store, "w").close()
+    r = env.cli("job", "run", "b", check=False)
+    assert r.returncode == 1 and "job b: failed: vol: " in r.stdout, r.stdout
+    j = jobs(env)["b"]
+    assert j["failures"] == 1 and j["runs"] == 4 and j["last_run"]["state"] == "failed"
+    assert "internal error" not in j["last_run"]["message"]
 
 
 def test_job_runs_on_its_schedule_and_retains(env: Env) -> None:

@@ -13,7 +13,6 @@ import nbd
 import pytest
 from daemon_util import Env, wait_until
 
-from blockhorn.backup import create_backup, open_snapshot, open_target
 from blockhorn.replica.store import Replica
 
 MiB = 1 << 20
@@ -26,11 +25,9 @@ FAST_LOCKS = {"BLOCKHORN_BACKUP_LOCK_WAIT_S": "0.05"}
 
 
 @pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    for k, v in FAST_LOCKS.items():
-        monkeypatch.setenv(k, v)   # the backups this test makes itself
+def env() -> Iterator[Env]:
     with Env() as e:
-        e.env.update(FAST_LOCKS)   # the daemon's restores
+        e.env.update(FAST_LOCKS)   # the daemon's backups and restores
         yield e
 
 
@@ -69,15 +66,10 @@ def offline_digests(env: Env, vol: str) -> set[str]:
     return out
 
 
-def back_up(env: Env, target_url: str, snap: str) -> str:
-    """A backup of snapshot `snap` of volume src (the backup package's own API)."""
-    target = open_target(target_url)
-    source = open_snapshot([r["path"] for r in env.show("src")["replicas"]], snap)
-    try:
-        return str(create_backup(target, "src", source)["name"])
-    finally:
-        source.close()
-        target.close()
+def back_up(env: Env, snap: str) -> str:
+    """A backup of snapshot `snap` of volume src to the only target."""
+    out = env.cli("backup", "create", "src", "--snapshot", snap, "--json").stdout
+    return str(json.loads(out)["name"])
 
 
 def standby(env: Env, vol: str) -> dict:  # type: ignore[type-arg]
@@ -95,12 +87,13 @@ def test_standby_follows_three_incrementals_then_activates(env: Env) -> None:
         nbd_write(uri, offset, data)
         model[offset:offset + len(data)] = data
 
+    env.cli("backup", "target", "set", "t", target_url)
     env.cli("volume", "create", "src", "--size", "24MiB", "--replicas", "1")
     uri = env.cli("volume", "attach", "src", "--frontend", "none").stdout.strip()
     for i in (0, 3, 5, 9):
         change(uri, i * BLOCK, os.urandom(BLOCK))
     env.cli("snapshot", "create", "src", "s0")
-    b0 = back_up(env, target_url, "s0")
+    b0 = back_up(env, "s0")
 
     r = env.cli("volume", "create", "dr", "--standby-from", f"{target_url}?backup={b0}&volume=src",
                 check=False)
@@ -130,7 +123,7 @@ def test_standby_follows_three_incrementals_then_activates(env: Env) -> None:
         for block, data in writes:
             change(uri, block * BLOCK, data)
         env.cli("snapshot", "create", "src", f"s{n}")
-        backups.append(back_up(env, target_url, f"s{n}"))
+        backups.append(back_up(env, f"s{n}"))
         if n == 3:
             break   # the last one is applied by `activate`
         st = json.loads(env.cli("volume", "standby-sync", "dr", "--json").stdout)

@@ -63,7 +63,7 @@ class JobTasks:
         for name in names:
             try:
                 done[name] = self._one(spec, name)
-            except BlockhornError as e:
+            except (BlockhornError, OSError) as e:   # OSError: a file target's disk, say
                 log.warning("job %s on volume %s failed: %s", spec.name, name, e)
                 errors.append(f"{name}: {e}")
         result = {"volumes": done}
