@@ -158,6 +158,16 @@ class Journal:
                 os.unlink(path)
         return cls(path, header, done)
 
+    def reset(self) -> None:
+        """Forget every block: keep only the header."""
+        with self._lock:
+            self.done.clear()
+            self.f.seek(0)
+            self.f.truncate()
+            self.f.write(json.dumps(self.header, sort_keys=True) + "\n")
+            self.f.flush()
+            os.fsync(self.f.fileno())
+
     def record(self, entries: list[tuple[int, str]]) -> None:
         with self._lock:
             self.f.write("".join(f"{o} {c}\n" for o, c in entries))
@@ -230,6 +240,12 @@ def create_backup(target: Target, volume: str, source: Source, *,
         journal = Journal.open(journal_dir, header) if journal_dir else None
         name = str(journal.header["backup"]) if journal else str(header["backup"])
         check_store_name(name, "backup")
+        if journal and journal.done and not target.exists(backup_cfg_path(volume, name)):
+            # Someone deleted the interrupted backup meanwhile, and a GC (Longhorn's sweeps
+            # every unreferenced block) may have taken its blocks: trust none of them.
+            log.info("backup %s of %s was deleted while interrupted: starting over", name,
+                     volume)
+            journal.reset()
         params = {BLOCK_SIZE_PARAMETER: str(block_size)} \
             if block_size != DEFAULT_BLOCK_SIZE else None
         prog = Progress("backup", volume, name, source.name,

@@ -27,6 +27,7 @@ from typing import Any
 
 from blockhorn import backup as bk
 from blockhorn.backup.backup import Progress
+from blockhorn.backup.format import check_store_name
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import (
@@ -181,6 +182,7 @@ class BackupService:
                      labels: dict[str, str] | None = None) -> dict[str, Any]:
         """Start a backup job of `volume`'s snapshot (a new snapshot if none is named)."""
         check_name(volume)
+        check_store_name(volume, "volume")   # Longhorn's rule: two characters at least
         t = self._default_target(target)
         self.store.volume(volume)
         if snapshot is None:

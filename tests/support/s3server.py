@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 START_TIMEOUT_S = 60.0      # weed server: master + volume + filer + s3, a few seconds idle
-STOP_GRACE_S = 3.0          # seconds weed gets after SIGTERM before SIGKILL
+STOP_GRACE_S = 1.0          # seconds weed gets after SIGTERM before SIGKILL
 
 
 def _free_ports(n: int) -> list[int]:
