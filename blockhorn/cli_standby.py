@@ -46,6 +46,8 @@ def run_standby(args: argparse.Namespace, home: Home) -> int:
     from blockhorn.manager.client import connect
     check_name(args.name)
     if args.action == "create":
+        if args.from_snapshot:
+            raise InvalidArgument("--standby-from and --from-snapshot exclude each other")
         if args.size:
             raise InvalidArgument("--standby-from takes its size from the backup volume: "
                                   "drop --size")
