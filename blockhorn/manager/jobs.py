@@ -30,7 +30,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -268,21 +268,29 @@ class JobFailed(BlockhornError):
 
 
 Execute = Callable[[JobSpec], dict[str, Any]]
+# sleep_until(wall_time, wake): return at wall-clock time `wall_time`, or earlier when `wake`
+# is set. The default sleeps on trio's clock; tests pass one that moves a virtual clock.
+SleepUntil = Callable[[float, trio.Event], Awaitable[None]]
 
 
 class JobScheduler:
-    """Runs due jobs; the daemon runs `run()` in its nursery. `clock` is the wall clock (a test
-    hook); tasks are executed by `execute(spec)` in a worker thread."""
+    """Runs due jobs; the daemon runs `run()` in its nursery. `clock` (the wall clock) and
+    `sleep_until` are the test hooks for time; tasks are executed by `execute(spec)` in a
+    worker thread."""
 
     def __init__(self, store: Store, execute: Execute,
                  clock: Callable[[], float] = time.time,
-                 check_target: Callable[[str | None], str] | None = None) -> None:
+                 check_target: Callable[[str | None], str] | None = None,
+                 sleep_until: SleepUntil | None = None) -> None:
         self.store = store
+        self.sleep_until = sleep_until or self._sleep_until
         self.check_target = check_target   # validates a backup job's target when it is created
         self.jobs = JobStore(store)
         self.execute = execute
         self.clock = clock
         self._running: dict[str, int] = {}     # job name -> run id
+        self._idle = trio.Event()               # set while no run is in flight
+        self._idle.set()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._started = trio.Event()
@@ -306,8 +314,11 @@ class JobScheduler:
                     log.exception("job scheduling pass failed")
                     wake_at = self.clock() + MAX_SLEEP_S
                 self._wake = trio.Event()
-                with trio.move_on_after(max(0.0, wake_at - self.clock())):
-                    await self._wake.wait()
+                await self.sleep_until(wake_at, self._wake)
+
+    async def _sleep_until(self, wall_time: float, wake: trio.Event) -> None:
+        with trio.move_on_after(max(0.0, wall_time - self.clock())):
+            await wake.wait()
 
     async def _start_due(self, nursery: trio.Nursery) -> float:
         """Start every due job; return the wall-clock time of the next due slot."""
@@ -327,7 +338,7 @@ class JobScheduler:
                 else:
                     run_id = await trio.to_thread.run_sync(self.jobs.start_run, spec.name,
                                                            slot, now)
-                    self._running[spec.name] = run_id
+                    self._begin(spec.name, run_id)
                     nursery.start_soon(self._execute, spec, run_id, None)
                 due = next_slot(spec.cron, slot)
             wake_at = min(wake_at, due)
@@ -344,12 +355,22 @@ class JobScheduler:
         if name in self._running:
             raise Busy(f"job {name!r} is running already (run {self._running[name]})")
         run_id = await trio.to_thread.run_sync(self.jobs.start_run, name, None, self.clock())
-        self._running[name] = run_id
+        self._begin(name, run_id)
         done = trio.Event()
         # The run belongs to the scheduler: a client that goes away does not cancel it.
         self._nursery.start_soon(self._execute, row.spec, run_id, done)
         await done.wait()
         return await trio.to_thread.run_sync(self.jobs.run, run_id)
+
+    def _begin(self, name: str, run_id: int) -> None:
+        if not self._running:
+            self._idle = trio.Event()
+        self._running[name] = run_id
+
+    async def wait_idle(self) -> None:
+        """Return once no run is in flight."""
+        while self._running:
+            await self._idle.wait()
 
     async def _execute(self, spec: JobSpec, run_id: int, done: trio.Event | None) -> None:
         state, message, result = "ok", None, None
@@ -375,6 +396,8 @@ class JobScheduler:
         finally:
             if self._running.get(spec.name) == run_id:
                 del self._running[spec.name]
+            if not self._running:
+                self._idle.set()
             if done is not None:
                 done.set()
 
