@@ -54,6 +54,8 @@ def add_parsers(cmds: Any, vcmds: Any) -> None:
                                      "is unchanged); exit status 1 when the run failed.")
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
+    p.add_argument("--no-wait", action="store_true",
+                   help="start the run and return (see `job show NAME` for its result)")
 
     p = vcmds.add_parser("group", help="show or change a volume's recurring-job groups",
                          description="Add VOLUME to or remove it from recurring-job groups; "
@@ -136,7 +138,8 @@ def run_job(args: argparse.Namespace, home: Home) -> int:
         elif args.action == "rm":
             c.request("DELETE", f"/jobs/{args.name}")
         elif args.action == "run":
-            r = c.request("POST", f"/jobs/{args.name}/run")
+            r = c.request("POST", f"/jobs/{args.name}/run",
+                          params={"wait": "false"} if args.no_wait else None)
             if args.json:
                 print(json.dumps(r, indent=2, sort_keys=True))
             else:

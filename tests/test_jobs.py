@@ -104,7 +104,12 @@ def test_job_errors_retain_groups_and_failures(env: Env) -> None:
     env.cli("job", "create", "grp", "--cron", "30 2 * * *", "--task", "snapshot",
             "--retain", "1", "--group", "g")
     env.cli("job", "run", "grp")
-    env.cli("job", "run", "grp")
+    started = json.loads(env.cli("job", "run", "grp", "--no-wait", "--json").stdout)
+    # Returned at once: still running, or (a fast snapshot) already done.
+    assert started["job"] == "grp"
+    assert (started["state"], started["finished"] is None) in {("running", True), ("ok", False)}
+    wait_until(lambda: jobs(env)["grp"]["runs"] == 2 and not jobs(env)["grp"]["running"], 20,
+               "the run started with --no-wait")
     assert len(job_snaps(env, "v2", "grp")) == 1 and job_snaps(env, "v1", "grp") == []
     assert env.show("v2")["groups"] == ["g"]
 

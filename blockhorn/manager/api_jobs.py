@@ -46,7 +46,8 @@ def job_routes(volumes: VolumeManager, sched: JobScheduler, run: Run, endpoint: 
 
     @endpoint
     async def run_job(request: Request) -> Any:
-        return await sched.run_now(request.path_params["name"])
+        wait = request.query_params.get("wait", "true").lower() not in ("0", "false", "no")
+        return await sched.run_now(request.path_params["name"], wait)
 
     @endpoint
     async def set_groups(request: Request) -> Any:

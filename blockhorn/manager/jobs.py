@@ -98,7 +98,9 @@ def check_cron(expr: str) -> str:
     fields = str(expr or "").split()
     hint = "use 5 fields 'MIN HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK' in UTC, e.g. '0 3 * * *'"
     if len(fields) not in (5, 6):
-        raise InvalidArgument(f"invalid cron expression {expr!r}: {len(fields)} fields; {hint}")
+        n = len(fields)
+        raise InvalidArgument(f"invalid cron expression {expr!r}: {n} field{'s' * (n != 1)}; "
+                              f"{hint}")
     try:
         croniter(" ".join(fields), _utc(0)).get_next(float)
     except (ValueError, KeyError, TypeError) as e:   # croniter's CroniterError is a ValueError
@@ -344,9 +346,9 @@ class JobScheduler:
             wake_at = min(wake_at, due)
         return wake_at
 
-    async def run_now(self, name: str) -> dict[str, Any]:
+    async def run_now(self, name: str, wait: bool = True) -> dict[str, Any]:
         """Run job `name` at once, outside its schedule (its slots are unchanged); returns the
-        run record when it is done."""
+        run record when it is done (or at once, state `running`, unless `wait`)."""
         row = await trio.to_thread.run_sync(self.jobs.get, name)
         with trio.move_on_after(START_WAIT_S):
             await self._started.wait()   # a request may come in just as the daemon starts
@@ -359,7 +361,8 @@ class JobScheduler:
         done = trio.Event()
         # The run belongs to the scheduler: a client that goes away does not cancel it.
         self._nursery.start_soon(self._execute, row.spec, run_id, done)
-        await done.wait()
+        if wait:
+            await done.wait()
         return await trio.to_thread.run_sync(self.jobs.run, run_id)
 
     def _begin(self, name: str, run_id: int) -> None:
