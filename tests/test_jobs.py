@@ -112,12 +112,21 @@ def test_job_errors_retain_groups_and_failures(env: Env) -> None:
                "the run started with --no-wait")
     assert len(job_snaps(env, "v2", "grp")) == 1 and job_snaps(env, "v1", "grp") == []
     assert env.show("v2")["groups"] == ["g"]
+    # The group 'default' also takes the volumes in no group (Longhorn's rule).
+    env.cli("job", "create", "dflt", "--cron", "0 5 * * *", "--task", "snapshot",
+            "--retain", "1", "--group", "default")
+    env.cli("job", "run", "dflt")
+    assert len(job_snaps(env, "v1", "dflt")) == 1 and job_snaps(env, "v2", "dflt") == []
+    env.cli("job", "rm", "dflt")
 
-    # snapshot-cleanup: recurring snapshots beyond its retain go, user snapshots stay.
+    # snapshot-cleanup: an existing job's snapshots keep that job's retain (2); once the job
+    # is removed its snapshots keep the cleanup's (1); user snapshots always stay.
     env.cli("job", "create", "clean", "--cron", "0 4 * * 0", "--task", "snapshot-cleanup",
             "--retain", "1", "--volume", "v1")
-    out = env.cli("job", "run", "clean").stdout
-    assert "ok" in out
+    assert "ok" in env.cli("job", "run", "clean").stdout
+    assert job_snaps(env, "v1", "hourly") == made[1:]
+    env.cli("job", "rm", "hourly")
+    assert "ok" in env.cli("job", "run", "clean").stdout
     assert job_snaps(env, "v1", "hourly") == made[2:]
     assert "mine" in [s["name"] for s in json.loads(env.cli("snapshot", "ls", "v1",
                                                             "--json").stdout)]

@@ -6,8 +6,9 @@ job never touches snapshots it did not take. Tasks:
 
 - `snapshot`: take a snapshot, then remove this job's snapshots beyond the newest N.
 - `snapshot-cleanup`: remove system snapshots (not user-created: taken by blockhorn for its own
-  work) and, for every recurring job's label found, that job's snapshots beyond the newest N;
-  then fold the removed ones. User snapshots without the label are never touched.
+  work) and recurring-job snapshots beyond retain: for a job that exists, its own retain; for
+  the label of a job that was removed, this job's N. Then fold the removed ones. Snapshots
+  without the label are never touched.
 - `backup`: take a snapshot, back it up to the job's target (labels `RecurringJob=<job>`),
   delete this job's backups of the volume beyond the newest N (with the store's GC), and keep
   the newest N of its snapshots (the newest is the base of the next incremental backup).
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from blockhorn.manager.jobs import JobFailed, JobScheduler, JobSpec, group_members
+from blockhorn.manager.jobs import JobFailed, JobScheduler, JobSpec, JobStore, group_members
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import AlreadyExists, BlockhornError, NotFound
@@ -46,6 +47,7 @@ class JobTasks:
         self.volumes = volumes
         self.store = volumes.store
         self.snaps = SnapshotManager(volumes.store)
+        self.jobs = JobStore(volumes.store)
         self.backup = backup
 
     def targets(self, spec: JobSpec) -> list[str]:
@@ -127,8 +129,14 @@ class JobTasks:
             job = (s.get("labels") or {}).get(JOB_LABEL)
             if job and s.get("user_created"):
                 by_job.setdefault(job, []).append(s["name"])
-        for names in by_job.values():
-            doomed += names[:-retain]
+        for job, names in by_job.items():
+            # A job that exists keeps its own retain (this job must not fight it); the
+            # snapshots of a removed job keep this job's.
+            try:
+                keep = self.jobs.get(job).spec.retain
+            except NotFound:
+                keep = retain
+            doomed += names[:-keep]
         removed = self._remove(name, doomed)
         if removed:
             self.snaps.purge(name)
