@@ -35,6 +35,7 @@ bench: setup
 	$(PY) scripts/bench.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_snapshots.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_failover.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_backup.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -178,9 +178,12 @@ def run_backup(args: argparse.Namespace, home: Home) -> int:
                       f"uploaded in {result['seconds']} s", file=sys.stderr)
         elif args.action == "ls":
             params = {k: v for k, v in (("volume", args.volume), ("target", args.target)) if v}
-            backups = c.request("GET", "/backups", params=params)["backups"]
+            reply = c.request("GET", "/backups", params=params)
+            backups = reply["backups"]
             print(json.dumps(backups, indent=2, sort_keys=True) if args.json
                   else _table(backups))
+            for name, message in sorted((reply.get("errors") or {}).items()):
+                print(f"blockhorn: warning: target {name}: {message}", file=sys.stderr)
         elif args.action == "show":
             b = c.request("GET", "/backups/show", params={"url": args.url})
             if args.json:

@@ -17,10 +17,19 @@ import time
 
 import pytest
 from support import longhorn_ref
-from support.backup_util import BLOCK, MiB, ReplicaVolume, file_digest, snapshot_digest
+from support.backup_util import (
+    BLOCK,
+    MiB,
+    ReplicaVolume,
+    file_digest,
+    replica_digest,
+    snapshot_digest,
+)
 
 from blockhorn import backup as bk
 from blockhorn.backup import format as fmt
+from blockhorn.replica.snapshots import create_snapshot
+from blockhorn.replica.store import Replica
 from blockhorn.types import Busy
 
 SIZE = 16 * MiB     # 8 blocks of 2 MiB
@@ -116,6 +125,8 @@ def test_backup_killed_mid_upload_resumes_without_redoing_blocks(store, vol, tmp
 import os, signal, sys
 sys.path.insert(0, {ROOT!r})
 from blockhorn import backup as bk
+import blockhorn.backup.backup
+blockhorn.backup.backup.JOURNAL_SYNC_S = 0   # a journal line per block, for an exact count
 uploads = []
 def hook(csum):
     uploads.append(csum)
@@ -248,3 +259,111 @@ def test_blockhorn_store_reads_with_the_independent_reader(store, vol, method) -
     vcfg = json.loads(store.get(fmt.volume_cfg_path("vol")))
     assert vcfg["LastBackupName"] == b1["name"] and json.loads(vcfg["CompressionMethod"]) == method
 
+
+
+def test_nfs_target_is_the_mounted_directory(tmp_path, monkeypatch, vol) -> None:
+    monkeypatch.setenv("BLOCKHORN_NFS_MOUNT_ROOT", str(tmp_path / "mnt"))
+    with pytest.raises(bk.targets.NotFound, match="mount the NFS export"):
+        bk.open_target("nfs://nas.example:/export/bk")
+    (tmp_path / "mnt" / "nas_example" / "export" / "bk").mkdir(parents=True)
+    t = bk.open_target("nfs://nas.example:/export/bk")
+    vol.random(0, 4096)
+    b = backup(t, vol, vol.snapshot("s0"))
+    assert b["url"] == "nfs://nas.example:/export/bk?backup=" + b["name"] + "&volume=vol"
+    assert os.path.exists(tmp_path / "mnt" / "nas_example" / "export" / "bk" /
+                          fmt.volume_cfg_path("vol"))
+
+
+def test_resume_after_the_interrupted_backup_was_deleted_starts_over(store, vol, tmp_path):
+    for i in range(3):
+        vol.random(i * BLOCK, BLOCK)
+    vol.snapshot("s0")
+    journal = str(tmp_path / "journal")
+
+    def crash(csum: str) -> None:
+        raise RuntimeError("simulated crash after one upload")
+
+    with pytest.raises(RuntimeError):
+        backup(store, vol, "s0", journal_dir=journal, workers=1, on_upload=crash)
+    (pending,) = bk.list_backups(store, "vol", include_incomplete=True)
+    store.delete(fmt.backup_cfg_path("vol", pending["name"]))
+    for name in store.list(fmt.blocks_dir("vol")):          # a Longhorn-style sweep
+        for sub in store.list(f"{fmt.blocks_dir('vol')}/{name}"):
+            for blk in store.list(f"{fmt.blocks_dir('vol')}/{name}/{sub}"):
+                store.delete(f"{fmt.blocks_dir('vol')}/{name}/{sub}/{blk}")
+    result = backup(store, vol, "s0", journal_dir=journal)
+    assert result["new_blocks"] == 3
+    assert restored_digest(store, result["name"], str(tmp_path / "r.img")) == \
+        snapshot_digest(vol.directory, "s0")
+
+
+def test_daemon_service_resumes_an_interrupted_backup_when_it_starts(tmp_path) -> None:
+    from blockhorn.manager.backups import BackupService
+    from blockhorn.manager.paths import Home
+    from blockhorn.manager.state import Store
+    from blockhorn.manager.volumes import VolumeManager
+
+    home = Home(str(tmp_path / "home"))
+    home.ensure()
+    volumes = VolumeManager(home, Store(home.db))
+    volumes.create("data", 8 * MiB, replicas=2)
+    (tmp_path / "store").mkdir()
+    svc = BackupService(volumes, resume=False)
+    svc.set_target("t", f"file://{tmp_path}/store")
+    dirs = [r.directory for r in volumes.store.replicas("data")]
+    for d in dirs:
+        r = Replica.open(d)
+        r.write(0, b"\x5a" * (5 * MiB))
+        create_snapshot(r, "s0", True, None)
+        r.close()
+
+    uploads: list[str] = []
+
+    def crash(csum: str) -> None:
+        uploads.append(csum)
+        if len(uploads) == 2:
+            raise RuntimeError("simulated crash after the second upload")
+
+    target = svc.open(svc.target("t"))
+    src = bk.open_snapshot(dirs, "s0")
+    with pytest.raises(RuntimeError):
+        bk.create_backup(target, "data", src, journal_dir=svc.journal_dir, workers=1,
+                         on_upload=crash)
+    src.close()
+    svc2 = BackupService(volumes, resume=True)       # what a restarted daemon builds
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        jobs = svc2.jobs()
+        if jobs and jobs[0]["state"] != "in-progress":
+            break
+        time.sleep(0.05)
+    (job,) = svc2.jobs()
+    assert job["state"] == "complete" and job["resumed"], job
+    # 3 blocks, 2 distinct contents; the first was uploaded and journaled before the crash.
+    assert job["result"]["new_blocks"] == 1
+    (listed,) = svc2.list_backups("data")
+    assert listed["snapshot"] == "s0" and listed["target"] == "t"
+    svc2.start_restore(listed["url"], "copy", replicas=1)
+    deadline = time.monotonic() + 30
+    while svc2.jobs()[-1]["state"] == "in-progress" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert svc2.jobs()[-1]["state"] == "complete", svc2.jobs()[-1]
+    (copy,) = [r.directory for r in volumes.store.replicas("copy")]
+    assert replica_digest(copy, 8 * MiB) == snapshot_digest(dirs[0], "s0")
+
+
+def test_volume_size_not_a_multiple_of_the_block_size(store, tmp_path) -> None:
+    size = 5 * MiB + 8192
+    v = ReplicaVolume(str(tmp_path / "odd"), size, "odd")
+    try:
+        v.random(size - 3 * MiB, 3 * MiB)         # the last, partial block holds data
+        b = bk.create_backup(store, "odd", src := bk.open_snapshot([v.directory], v.snapshot("s")))
+        src.close()
+        assert b["blocks"] == 2
+        sink = bk.FileSink(str(tmp_path / "odd.img"), size)
+        bk.restore(store, "odd", b["name"], sink)
+        sink.close()
+        assert os.path.getsize(tmp_path / "odd.img") == size
+        assert file_digest(str(tmp_path / "odd.img")) == snapshot_digest(v.directory, "s")
+    finally:
+        v.close()

@@ -109,6 +109,20 @@ def test_s3_wrong_secret_is_a_clear_error(s3server, vol) -> None:
     t.close()
 
 
+def test_s3_addressing_style_and_ca_from_the_environment(s3server) -> None:
+    env = dict(s3server.env(), VIRTUAL_HOSTED_STYLE="true", AWS_CERT="-----BEGIN CERT-----")
+    t = bk.open_target("s3://bkt@eu-west-1/p/", env)
+    try:
+        assert t.client.meta.config.s3["addressing_style"] == "virtual"
+        assert t.client.meta.region_name == "eu-west-1"
+        assert open(t._cert_file).read() == "-----BEGIN CERT-----"
+    finally:
+        t.close()
+    t = bk.open_target("s3://bkt/p/", s3server.env())      # an endpoint: path style
+    assert t.client.meta.config.s3["addressing_style"] == "path"
+    t.close()
+
+
 def test_s3_backup_killed_mid_upload_resumes(s3server, target, vol, tmp_path) -> None:
     for i in range(5):
         vol.random(i * BLOCK, BLOCK)
@@ -118,6 +132,8 @@ def test_s3_backup_killed_mid_upload_resumes(s3server, target, vol, tmp_path) ->
 import os, signal, sys
 sys.path.insert(0, {ROOT!r})
 from blockhorn import backup as bk
+import blockhorn.backup.backup
+blockhorn.backup.backup.JOURNAL_SYNC_S = 0   # a journal line per block, for an exact count
 n = []
 def hook(csum):
     n.append(csum)
@@ -135,6 +151,22 @@ bk.create_backup(t, "vol", src, journal_dir={journal!r}, workers=1, on_upload=ho
     assert result["new_blocks"] == 4 and target.requests["PutObject"] == 4 + 5
     assert restored(target, result["name"], str(tmp_path / "r.img")) == \
         snapshot_digest(vol.directory, "s0")
+
+
+def test_s3_delete_collects_only_unshared_blocks_in_one_request(target, vol, tmp_path) -> None:
+    vol.random(0, 3 * BLOCK)
+    b0 = backup(target, vol, vol.snapshot("s0"))
+    vol.random(0, 2 * BLOCK)                     # two blocks now only in b0
+    b1 = backup(target, vol, vol.snapshot("s1"))
+    only0 = {c for _, c in fmt.BackupCfg.decode(target.get(
+        fmt.backup_cfg_path("vol", b0["name"]))).blocks[:2]}
+    target.requests.clear()
+    rm = bk.delete_backup(target, "vol", b0["name"])
+    assert rm["blocks_deleted"] == 2 and target.requests["DeleteObjects"] == 1
+    assert not any(target.exists(fmt.block_path("vol", c)) for c in only0)
+    assert [b["name"] for b in bk.list_backups(target, "vol")] == [b1["name"]]
+    assert restored(target, b1["name"], str(tmp_path / "r.img")) == \
+        snapshot_digest(vol.directory, "s1")
 
 
 def test_s3_corrupt_block_is_named(target, vol, tmp_path) -> None:
@@ -170,6 +202,9 @@ def test_cli_backup_restore_through_the_daemon(s3server, tmp_path) -> None:
                 "--credential-file", str(creds))
         out = json.loads(env.cli("backup", "create", "vol", "--json").stdout)
         assert out["state"] == "complete" and out["blocks"] == 2
+        (job,) = json.loads(env.cli("backup", "jobs", "--json").stdout)
+        assert job["state"] == "complete" and job["progress"]["percent"] == 100
+        assert job["progress"]["done_bytes"] == job["progress"]["total_bytes"] == 2 * BLOCK
         listed = json.loads(env.cli("backup", "ls", "vol", "--json").stdout)
         assert [b["url"] for b in listed] == [out["url"]]
         assert {"name", "url", "volume", "snapshot", "size", "created", "state"} <= \

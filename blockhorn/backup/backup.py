@@ -22,7 +22,6 @@ incremental backup are a constant handful plus one PUT per new block.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,14 +110,22 @@ ProgressFn = Callable[[Progress], None]
 
 class Journal:
     """Local record of a backup in progress: a JSON header line, then `offset checksum`
-    lines for blocks known to be in the store."""
+    lines for blocks known to be durable in the store.
+
+    Lines are kept in memory and written at most every JOURNAL_SYNC_S, each time *after*
+    `target_sync()` made the blocks durable (blocks on a file target are written without
+    fsync) and followed by an fsync of the journal: a journal line never reaches the disk
+    before its block. A crash loses at most the last second's lines, which only means those
+    blocks are uploaded again."""
 
     def __init__(self, path: str, header: dict[str, Any], done: dict[int, str]) -> None:
         self.path = path
         self.header = header
         self.done = done
+        self.target_sync: Callable[[], None] = lambda: None
+        self._pending: list[tuple[int, str]] = []
         self._lock = threading.Lock()
-        self._last_sync = 0.0
+        self._last_sync = time.monotonic()
         fresh = not os.path.exists(path)
         self.f = open(path, "a")   # noqa: SIM115 - closed by close()
         if fresh:
@@ -167,17 +174,33 @@ class Journal:
             self.f.write(json.dumps(self.header, sort_keys=True) + "\n")
             self.f.flush()
             os.fsync(self.f.fileno())
+            self._pending = []
 
     def record(self, entries: list[tuple[int, str]]) -> None:
         with self._lock:
-            self.f.write("".join(f"{o} {c}\n" for o, c in entries))
-            self.f.flush()
+            self._pending.extend(entries)
             if time.monotonic() - self._last_sync > JOURNAL_SYNC_S:
-                os.fsync(self.f.fileno())
-                self._last_sync = time.monotonic()
+                self._sync()
+
+    def _sync(self) -> None:
+        if self._pending:
+            self.target_sync()
+            self.f.write("".join(f"{o} {c}\n" for o, c in self._pending))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self._pending = []
+        self._last_sync = time.monotonic()
 
     def close(self, remove: bool) -> None:
-        self.f.close()
+        """Remove the journal (the backup is complete), or keep it with every line written
+        (the backup failed: a later run resumes it)."""
+        with self._lock:
+            if not remove:
+                try:
+                    self._sync()
+                except (OSError, BlockhornError) as e:   # the lines are only a saving
+                    log.warning("cannot write backup journal %s: %s", self.path, e)
+            self.f.close()
         if remove:
             os.unlink(self.path)
 
@@ -238,6 +261,8 @@ def create_backup(target: Target, volume: str, source: Source, *,
                   "last_backup": last.name if last else "", "block_size": block_size,
                   "compression": compression, "backup": backup_name or new_backup_name()}
         journal = Journal.open(journal_dir, header) if journal_dir else None
+        if journal:
+            journal.target_sync = target.sync
         name = str(journal.header["backup"]) if journal else str(header["backup"])
         check_store_name(name, "backup")
         if journal and journal.done and not target.exists(backup_cfg_path(volume, name)):
@@ -256,6 +281,7 @@ def create_backup(target: Target, volume: str, source: Source, *,
             known = {c for _, c in last.blocks} if last else set()
             entries = _upload(target, volume, source, delta, block_size, compression, known,
                               journal, workers, prog, progress, on_upload)
+            target.sync()   # every block durable before the cfg that lists them
             blocks = _merge(entries, last.blocks) if incremental and last else sorted(entries)
             cfg = BackupCfg(
                 name=name, volume_name=volume, snapshot_name=source.name,
@@ -304,6 +330,9 @@ def _upload(target: Target, volume: str, source: Source, delta: list[int], block
             compression: str, known: set[str], journal: Journal | None, workers: int,
             prog: Progress, progress: ProgressFn | None,
             on_upload: Callable[[str], None] | None) -> list[tuple[int, str]]:
+    """Read the blocks at `delta` in this thread; checksum, dedup, compress and upload them in
+    the pool (hashing 2 MiB with SHA-512 costs more than reading it, and hashlib, lz4 and
+    the uploads release the GIL). At most workers * QUEUE_PER_WORKER blocks are in flight."""
     done = journal.done if journal else {}
     entries: list[tuple[int, str]] = []
     slots = threading.BoundedSemaphore(workers * QUEUE_PER_WORKER)
@@ -317,28 +346,37 @@ def _upload(target: Target, volume: str, source: Source, delta: list[int], block
             last_report[0] = time.monotonic()
             progress(prog)
 
-    def put(csum: str, data: bytes | bytearray) -> int:
-        blob = compress(compression, data)
-        target.put(block_path(volume, csum), blob)
-        if on_upload:
-            on_upload(csum)
-        return len(blob)
-
-    def finished(csum: str, fut: Future[int]) -> None:
+    def process(offset: int, data: bytes | bytearray) -> None:
         try:
-            sent = fut.result()
-        except BaseException as e:
+            csum = checksum(data)
             with lock:
-                errors.append(e)
-        else:
+                entries.append((offset, csum))
+                if csum in waiting:             # the same content is being uploaded now
+                    waiting[csum].append(offset)
+                    return
+                if csum in known:               # in the store already
+                    prog.done_bytes += block_size
+                    prog.skipped_blocks += 1
+                    if journal:
+                        journal.record([(offset, csum)])
+                    return
+                known.add(csum)
+                waiting[csum] = [offset]
+            blob = compress(compression, data)
+            target.put(block_path(volume, csum), blob, durable=False)
+            if on_upload:
+                on_upload(csum)
             with lock:
                 offsets = waiting.pop(csum)
-                prog.transferred_bytes += sent
+                prog.transferred_bytes += len(blob)
                 prog.new_blocks += 1
                 prog.done_bytes += len(offsets) * block_size
                 if journal:
                     journal.record([(o, csum) for o in offsets])
             report()
+        except BaseException as e:
+            with lock:
+                errors.append(e)
         finally:
             slots.release()
 
@@ -347,30 +385,15 @@ def _upload(target: Target, volume: str, source: Source, delta: list[int], block
             if errors:
                 break
             if offset in done:
-                entries.append((offset, done[offset]))
-                known.add(done[offset])
                 with lock:
+                    entries.append((offset, done[offset]))
+                    known.add(done[offset])
                     prog.done_bytes += block_size
                     prog.skipped_blocks += 1
                 continue
             data = source.read(offset, block_size)
-            csum = checksum(data)
-            entries.append((offset, csum))
-            with lock:
-                if csum in waiting:              # same content uploading right now
-                    waiting[csum].append(offset)
-                    continue
-                if csum in known:
-                    prog.done_bytes += block_size
-                    prog.skipped_blocks += 1
-                    if journal:
-                        journal.record([(offset, csum)])
-                    continue
-                known.add(csum)
-                waiting[csum] = [offset]
             slots.acquire()   # bounds the blocks held in memory
-            fut = pool.submit(put, csum, data)
-            fut.add_done_callback(functools.partial(finished, csum))
+            pool.submit(process, offset, data)
             report()
     if errors:
         raise errors[0]

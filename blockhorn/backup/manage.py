@@ -12,7 +12,6 @@ never by listing `blocks/` (which costs thousands of LIST requests on a large st
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from blockhorn.backup.backup import backup_summary, load_backup
@@ -35,7 +34,6 @@ from blockhorn.types import BlockhornError, NotFound
 
 log = logging.getLogger("blockhorn.backup")
 
-DELETE_WORKERS = 8        # parallel block deletions during GC
 DELETE_LOCK_TIMEOUT_S = 600.0   # a delete waits this long for running backups/restores
 
 
@@ -126,8 +124,7 @@ def delete_backup(target: Target, volume: str, name: str,
 
 
 def _delete_blocks(target: Target, volume: str, checksums: list[str]) -> int:
-    with ThreadPoolExecutor(max_workers=DELETE_WORKERS, thread_name_prefix="backup-gc") as pool:
-        list(pool.map(lambda c: target.delete(block_path(volume, c)), checksums))
+    target.delete_many([block_path(volume, c) for c in checksums])
     return len(checksums)
 
 

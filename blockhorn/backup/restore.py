@@ -116,8 +116,13 @@ def _apply(target: Target, volume: str, cfg: BackupCfg, writes: list[tuple[int, 
     try:
         for offset, data in fetched():
             if offset + len(data) > sink.size:
-                raise InvalidArgument(f"block at {offset} is past the end of the target "
-                                      f"({sink.size} bytes)")
+                # The last block of a volume whose size is not a multiple of the block size
+                # is backed up whole, zeros past the end included.
+                inside = max(0, sink.size - offset)
+                if any(data[inside:]):
+                    raise InvalidArgument(f"block at {offset} holds data past the end of the "
+                                          f"target ({sink.size} bytes)")
+                data = data[:inside]
             sink.write(offset, data)
             prog.done_bytes += block
             prog.transferred_bytes += len(data)

@@ -20,6 +20,8 @@ Nothing here runs unless called: an idle target gets no requests.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import errno
 import os
 import tempfile
@@ -32,11 +34,14 @@ from typing import Any
 from blockhorn.fsutil import fsync_dir
 from blockhorn.types import BlockhornError, InvalidArgument, NotFound
 
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
 NFS_MOUNT_ROOT_ENV = "BLOCKHORN_NFS_MOUNT_ROOT"
 DEFAULT_NFS_MOUNT_ROOT = "/var/lib/blockhorn/backupstore-mounts"
 S3_POOL_CONNECTIONS = 32         # HTTP connections kept per S3 client (>= upload workers)
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_READ_TIMEOUT_S = 60.0
+S3_DELETE_BATCH = 1000           # keys per DeleteObjects request (S3's maximum)
 
 
 class TargetError(BlockhornError):
@@ -54,7 +59,9 @@ class Target:
     def get(self, path: str) -> bytes:
         raise NotImplementedError
 
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+        """Write a whole file atomically; durable on return unless `durable=False`, then
+        durable after the next `sync()`."""
         raise NotImplementedError
 
     def exists(self, path: str) -> bool:
@@ -64,6 +71,11 @@ class Target:
         """Remove a file; a missing one is no error."""
         raise NotImplementedError
 
+    def delete_many(self, paths: list[str]) -> None:
+        """Remove many files (missing ones are no error)."""
+        for path in paths:
+            self.delete(path)
+
     def list(self, directory: str) -> list[str]:
         """Names directly under `directory` (files and sub-directories); [] if none."""
         raise NotImplementedError
@@ -71,6 +83,10 @@ class Target:
     def mtime(self, path: str) -> float:
         """The server's modification time of `path`, in seconds since the epoch."""
         raise NotImplementedError
+
+    def sync(self) -> None:
+        """Make every completed `put` durable (a no-op where a PUT is durable when it returns,
+        as on S3)."""
 
     def close(self) -> None:
         pass
@@ -99,7 +115,11 @@ class FileTarget(Target):
         except OSError as e:
             raise TargetError(f"{self.url}: cannot read {path}: {e.strerror}", e.errno) from None
 
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+        """Write `path` atomically (temporary name + rename). With `durable=False` (blocks)
+        nothing is fsynced: the caller makes them durable in one `sync()` before anything
+        that refers to them is written — one syncfs instead of two fsyncs per block (a
+        full backup to a file target went from 94 to ~230 MB/s here)."""
         full = self._path(path)
         directory = os.path.dirname(full)
         # Longhorn's fsops names its temporary files <name>.tmp.<UnixNano>.
@@ -111,11 +131,13 @@ class FileTarget(Target):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, full)
-            fsync_dir(directory)
+            if durable:
+                fsync_dir(directory)
         except OSError as e:
             try:
                 os.unlink(tmp)
@@ -125,6 +147,15 @@ class FileTarget(Target):
 
     def exists(self, path: str) -> bool:
         return os.path.exists(self._path(path))
+
+    def sync(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise TargetError(f"{self.url}: syncfs: {os.strerror(err)}", err)
+        finally:
+            os.close(fd)
 
     def delete(self, path: str) -> None:
         try:
@@ -215,7 +246,7 @@ class S3Target(Target):
         except Exception as e:
             raise self._error(e, f"GET {path}") from None
 
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data: bytes, durable: bool = True) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
         except Exception as e:
@@ -238,6 +269,20 @@ class S3Target(Target):
             err = self._error(e, f"DELETE {path}")
             if not isinstance(err, NotFound):
                 raise err from None
+
+    def delete_many(self, paths: list[str]) -> None:
+        """One DeleteObjects request per 1000 keys (S3's limit) instead of one per key."""
+        for i in range(0, len(paths), S3_DELETE_BATCH):
+            keys = [{"Key": self._key(p)} for p in paths[i:i + S3_DELETE_BATCH]]
+            try:
+                reply = self.client.delete_objects(Bucket=self.bucket,
+                                                   Delete={"Objects": keys, "Quiet": True})
+            except Exception as e:
+                raise self._error(e, f"DELETE {len(keys)} objects") from None
+            failed = [err for err in reply.get("Errors", []) if err.get("Code") != "NoSuchKey"]
+            if failed:
+                raise TargetError(f"{self.url}: cannot delete {len(failed)} objects, e.g. "
+                                  f"{failed[0].get('Key')}: {failed[0].get('Code')}")
 
     def list(self, directory: str) -> list[str]:
         prefix = self._key(directory.rstrip("/") + "/")

@@ -52,8 +52,10 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
     @endpoint
     async def list_backups(request: Request) -> Any:
         q = request.query_params
-        return {"backups": await run(svc.list_backups, q.get("volume") or None,
-                                     q.get("target") or None)}
+        errors: dict[str, str] = {}
+        backups = await run(svc.list_backups, q.get("volume") or None, q.get("target") or None,
+                            errors)
+        return {"backups": backups, "errors": errors}
 
     @endpoint
     async def create_backup(request: Request) -> Any:

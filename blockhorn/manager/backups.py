@@ -42,6 +42,8 @@ from blockhorn.types import (
 log = logging.getLogger("blockhorn.manager")
 
 JOBS_KEPT = 100        # finished jobs remembered for `GET /v1/backups/jobs`
+DELETE_WAIT_S = 120.0  # a delete waits this long for running backups: less than the CLI's
+                       # request timeout (180 s), so the user gets EBUSY, not a timeout
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS backup_targets (
@@ -185,6 +187,12 @@ class BackupService:
         check_store_name(volume, "volume")   # Longhorn's rule: two characters at least
         t = self._default_target(target)
         self.store.volume(volume)
+        with self._guard:
+            running = [j for j in self._jobs.values() if j["operation"] == "backup"
+                       and j["volume"] == volume and j["state"] == "in-progress"]
+        if running:
+            raise Busy(f"a backup of {volume!r} is running (job {running[0]['id']}): wait for "
+                       "it (`blockhorn backup jobs`)")
         if snapshot is None:
             snapshot = time.strftime("backup-%Y%m%d-%H%M%S", time.gmtime())
             with self.volumes.locked(volume):
@@ -193,7 +201,7 @@ class BackupService:
             with self.volumes.locked(volume):
                 self.snaps.find(volume, snapshot)
         job = self._job("backup", volume=volume, snapshot=snapshot, target=t["name"])
-        self._run(job, lambda: self.backup_now(volume, snapshot, t, labels, job))
+        self._run(job, functools.partial(self.backup_now, volume, snapshot, t, labels, job))
         return self.job(job["id"])
 
     def backup_now(self, volume: str, snapshot: str, t: dict[str, Any],
@@ -236,18 +244,24 @@ class BackupService:
 
     # --- list, show, delete ----------------------------------------------------------------
 
-    def list_backups(self, volume: str | None = None,
-                     target: str | None = None) -> list[dict[str, Any]]:
-        out = []
+    def list_backups(self, volume: str | None = None, target: str | None = None,
+                     errors: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Backups on one target or all; with `errors`, a target that cannot be read is
+        recorded there (name -> message) and the others are still listed."""
+        out: list[dict[str, Any]] = []
         for t in [self.target(target)] if target else self.targets():
-            store = self.open(t)
             try:
-                for b in bk.list_backups(store, volume):
-                    out.append(dict(b, target=t["name"]))
+                store = self.open(t)
+                try:
+                    out.extend(dict(b, target=t["name"]) for b in bk.list_backups(store, volume))
+                finally:
+                    store.close()
             except NotFound:
                 continue
-            finally:
-                store.close()
+            except BlockhornError as e:
+                if errors is None or target:
+                    raise
+                errors[t["name"]] = str(e)
         return out
 
     def show(self, url: str) -> dict[str, Any]:
@@ -264,7 +278,8 @@ class BackupService:
         try:
             if not parsed.backup:
                 raise InvalidArgument(f"{url!r} names no backup (…?backup=NAME&volume=VOL)")
-            return bk.delete_backup(target, parsed.volume, parsed.backup)
+            return bk.delete_backup(target, parsed.volume, parsed.backup,
+                                    lock_timeout_s=DELETE_WAIT_S)
         finally:
             target.close()
 
