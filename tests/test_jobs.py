@@ -191,6 +191,9 @@ def test_backup_job_retains_its_backups_and_records_a_failure(env: Env) -> None:
     assert [b["name"] for b in listed if b["labels"].get("RecurringJob") == "b"] == \
         [r["backup"] for r in runs[1:]]
     assert job_snaps(env, "vol", "b") == [r["snapshot"] for r in runs[1:]]
+    # Each was a backup job of the backup service like any other (progress in `backup jobs`).
+    done = {j["snapshot"]: j for j in api(env, "GET", "/backups/jobs")["jobs"]}
+    assert all(done[r["snapshot"]]["state"] == "complete" for r in runs)
 
     # The newest backup restores to what was written.
     env.cli("backup", "restore", runs[2]["url"], "r", "--replicas", "1")

@@ -24,6 +24,8 @@ from hypercorn.trio import serve
 
 from blockhorn.keys import ensure_key
 from blockhorn.manager.api import make_app
+from blockhorn.manager.backup_adapter import BackupAdapter
+from blockhorn.manager.backups import BackupService
 from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.paths import Home
 from blockhorn.manager.standby import StandbyManager
@@ -98,8 +100,10 @@ async def run(home: Home) -> None:
     ensure_key(home.key)
     volumes = VolumeManager(home, store)
     supervisor = Supervisor(volumes)
-    jobs = make_scheduler(volumes)
-    standby = StandbyManager(volumes)
+    backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
+    adapter = BackupAdapter(volumes, backups)
+    jobs = make_scheduler(volumes, adapter)
+    standby = StandbyManager(volumes, adapter.open_target)
     shutdown = trio.Event()
 
     config = Config()
@@ -108,7 +112,7 @@ async def run(home: Home) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("blockhorn.api")
     config.graceful_timeout = GRACEFUL_STOP_S
-    app = make_app(volumes, shutdown.set, jobs, standby)
+    app = make_app(volumes, shutdown.set, jobs, standby, backups)
 
     async with trio.open_nursery() as nursery:
         # cast: starlette's ASGI types and hypercorn's describe the same protocol differently

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.jobs import JobFailed, JobScheduler, JobSpec, JobStore, group_members
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
@@ -143,10 +144,8 @@ class JobTasks:
         return {"removed": removed}
 
 
-def make_scheduler(volumes: VolumeManager) -> JobScheduler:
+def make_scheduler(volumes: VolumeManager, adapter: BackupAdapter) -> JobScheduler:
     """The daemon's job scheduler, with the tasks of this build."""
-    from blockhorn.manager.backup_adapter import BackupAdapter
-    adapter = BackupAdapter(volumes)
 
     def backup(spec: JobSpec, volume: str, snap: str) -> dict[str, Any]:
         target = spec.target or adapter.resolve_target(None)
