@@ -116,6 +116,12 @@ def test_standby_follows_three_incrementals_then_activates(env: Env) -> None:
     assert offline_digests(env, "dr") == {sha(model)}
     r = env.cli("volume", "attach", "dr", "--frontend", "none", check=False)
     assert r.returncode == 1 and "DR standby" in r.stderr and "activate" in r.stderr
+    # Recurring jobs leave a standby alone (its data is the backup's, nothing else).
+    env.cli("job", "create", "d", "--cron", "0 0 * * *", "--task", "snapshot", "--retain",
+            "1", "--group", "default")
+    run = json.loads(env.cli("job", "run", "d", "--json").stdout)
+    assert run["state"] == "ok" and set(run["result"]["volumes"]) == {"src"}
+    env.cli("job", "rm", "d")
 
     # Nothing new: a check reads volume.cfg and applies nothing.
     st = json.loads(env.cli("volume", "standby-sync", "dr", "--json").stdout)

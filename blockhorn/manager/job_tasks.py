@@ -30,7 +30,7 @@ from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.jobs import JobFailed, JobScheduler, JobSpec, JobStore, group_members
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
-from blockhorn.types import AlreadyExists, BlockhornError, NotFound
+from blockhorn.types import AlreadyExists, BlockhornError, Busy, NotFound
 
 log = logging.getLogger("blockhorn.manager")
 
@@ -52,8 +52,12 @@ class JobTasks:
         self.backup = backup
 
     def targets(self, spec: JobSpec) -> list[str]:
+        """The job's volumes now. A DR standby takes no snapshots or backups (as in
+        Longhorn): it holds what the backups it follows hold, until it is activated."""
         if spec.volume:
-            self.store.volume(spec.volume)   # NotFound when it was removed after the job
+            if self.store.volume(spec.volume).standby:   # NotFound once the volume is gone
+                raise Busy(f"volume {spec.volume!r} is a DR standby: its jobs run once it is "
+                           "activated")
             return [spec.volume]
         return group_members(self.store, spec.group or "")
 

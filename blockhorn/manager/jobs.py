@@ -162,8 +162,9 @@ def check_groups(groups: list[str]) -> list[str]:
 
 
 def group_members(store: Store, group: str) -> list[str]:
-    return [v.name for v in store.volumes()
-            if group in v.groups or (group == DEFAULT_GROUP and not v.groups)]
+    """The volumes a group job works on now; DR standbys are left out until activated."""
+    return [v.name for v in store.volumes() if not v.standby
+            and (group in v.groups or (group == DEFAULT_GROUP and not v.groups))]
 
 
 # --- the jobs' tables ------------------------------------------------------------------------
