@@ -269,7 +269,8 @@ def format_list(vols: list[dict[str, Any]]) -> str:
         return "no volumes"
     rows = [["NAME", "SIZE", "STATE", "ROBUSTNESS", "REPLICAS", "DEVICE"]]
     for v in vols:
-        rows.append([v["name"], format_size(v["size"]), v["state"], v["robustness"],
+        state = "standby" if v.get("standby") else v["state"]
+        rows.append([v["name"], format_size(v["size"]), state, v["robustness"],
                      str(len(v["replicas"])), _dash(v.get("device") or v.get("endpoint"))])
     return _table(rows)
 

@@ -145,6 +145,8 @@ def test_standby_follows_three_incrementals_then_activates(env: Env) -> None:
         assert 0 < st["applied_bytes"] <= BLOCK + 64 * 1024, st
         assert offline_digests(env, "dr") == {sha(model)}
         assert "standby of" in env.cli("volume", "show", "dr").stdout
+    assert any(line.split()[:1] == ["dr"] and "standby" in line.split()
+               for line in env.cli("volume", "ls").stdout.splitlines())
 
     # The daemon's own follower brings `auto` to the newest backup by itself.
     wait_until(lambda: standby(env, "auto")["last_backup"] == backups[-1], 20,
