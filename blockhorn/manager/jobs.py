@@ -311,13 +311,15 @@ class JobScheduler:
             self._started.set()
             task_status.started()
             while True:
+                # A fresh event before the jobs are read: a wake() during the pass (a job
+                # created meanwhile) ends the coming sleep at once instead of being lost.
+                self._wake = wake = trio.Event()
                 try:
                     wake_at = await self._start_due(nursery)
                 except Exception:   # a bug or a store error must not end scheduling: retry later
                     log.exception("job scheduling pass failed")
                     wake_at = self.clock() + MAX_SLEEP_S
-                self._wake = trio.Event()
-                await self.sleep_until(wake_at, self._wake)
+                await self.sleep_until(wake_at, wake)
 
     async def _sleep_until(self, wall_time: float, wake: trio.Event) -> None:
         with trio.move_on_after(max(0.0, wall_time - self.clock())):

@@ -240,6 +240,9 @@ class StandbyManager:
     async def run(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         while True:
+            # A fresh event before the volumes are read: a wake() during the pass (a standby
+            # created meanwhile) ends the coming sleep at once instead of being lost.
+            self._wake = wake = trio.Event()
             wake_at = self.clock() + MAX_SLEEP_S
             try:
                 vols = await trio.to_thread.run_sync(self.store.volumes)
@@ -254,9 +257,8 @@ class StandbyManager:
                     wake_at = min(wake_at, due)
             except Exception:   # a bug must not end following; the next pass retries
                 log.exception("standby pass failed")
-            self._wake = trio.Event()
             with trio.move_on_after(max(0.0, wake_at - self.clock())):
-                await self._wake.wait()
+                await wake.wait()
 
     def _check_quietly(self, name: str) -> None:
         try:
