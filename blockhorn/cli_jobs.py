@@ -101,8 +101,7 @@ def format_job(j: dict[str, Any]) -> str:
              f"Next run:    {j['next_run']}" + ("  (running now)" if j.get("running") else ""),
              f"Runs:        {j['runs']} ({j['failures']} failed)", ""]
     for r in j.get("history") or []:
-        lines.append(f"  {r['started']}  {r['state']:<11}" + (f"  {r['message']}"
-                                                              if r.get("message") else ""))
+        lines.append((f"  {r['started']}  {r['state']:<11}  {r.get('message') or ''}").rstrip())
     if not j.get("history"):
         lines.append("  no runs yet")
     return "\n".join(lines)
