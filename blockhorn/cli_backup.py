@@ -61,6 +61,10 @@ def add_parsers(cmds: Any, home_arg: Any) -> None:
     p.add_argument("--target", metavar="NAME", help="backup target (default: the only one, "
                    "or the one named 'default')")
     p.add_argument("--label", action="append", default=[], metavar="K=V")
+    p.add_argument("--compression", choices=("lz4", "gzip", "none"),
+                   help="for a volume's first backup on a target (default lz4; fixed after)")
+    p.add_argument("--block-size", choices=("2MiB", "16MiB"),
+                   help="block size (default 2MiB; 16MiB: fewer, larger objects)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     home_arg(p)
@@ -164,7 +168,9 @@ def run_backup(args: argparse.Namespace, home: Home) -> int:
             job = c.request("POST", "/backups", {"volume": args.volume,
                                                  "snapshot": args.snapshot,
                                                  "target": args.target,
-                                                 "labels": _labels(args.label)})
+                                                 "labels": _labels(args.label),
+                                                 "compression": args.compression,
+                                                 "block_size": args.block_size})
             if args.no_wait:
                 print(job["id"])
                 return 0

@@ -357,7 +357,8 @@ def test_volume_size_not_a_multiple_of_the_block_size(store, tmp_path) -> None:
     v = ReplicaVolume(str(tmp_path / "odd"), size, "odd")
     try:
         v.random(size - 3 * MiB, 3 * MiB)         # the last, partial block holds data
-        b = bk.create_backup(store, "odd", src := bk.open_snapshot([v.directory], v.snapshot("s")))
+        src = bk.open_snapshot([v.directory], v.snapshot("s"))
+        b = bk.create_backup(store, "odd", src)
         src.close()
         assert b["blocks"] == 2
         sink = bk.FileSink(str(tmp_path / "odd.img"), size)
@@ -365,5 +366,25 @@ def test_volume_size_not_a_multiple_of_the_block_size(store, tmp_path) -> None:
         sink.close()
         assert os.path.getsize(tmp_path / "odd.img") == size
         assert file_digest(str(tmp_path / "odd.img")) == snapshot_digest(v.directory, "s")
+    finally:
+        v.close()
+
+
+def test_16_mib_blocks(store, tmp_path) -> None:
+    v = ReplicaVolume(str(tmp_path / "big"), 32 * MiB, "big")
+    try:
+        made = []
+        for snap, offset in (("a", MiB), ("b", 20 * MiB)):
+            v.random(offset, 4096)
+            src = bk.open_snapshot([v.directory], v.snapshot(snap))
+            made.append(bk.create_backup(store, "big", src, block_size=bk.LARGE_BLOCK_SIZE))
+            src.close()
+        first, second = made
+        assert (first["blocks"], second["blocks"], second["incremental"]) == (1, 2, True)
+        cfg = json.loads(store.get(fmt.backup_cfg_path("big", second["name"])))
+        assert cfg["Parameters"] == {"backup-block-size": str(16 * MiB)}
+        assert cfg["Size"] == str(32 * MiB)
+        image = longhorn_ref.read_backup(store.root, "big", second["name"])
+        assert digest(image) == snapshot_digest(v.directory, "b")
     finally:
         v.close()

@@ -59,14 +59,16 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
 
     @endpoint
     async def create_backup(request: Request) -> Any:
-        data = only(await body(request), {"volume", "snapshot", "target", "labels"})
+        data = only(await body(request), {"volume", "snapshot", "target", "labels",
+                                          "compression", "block_size"})
         if not data.get("volume"):
             raise InvalidArgument("a backup needs a volume")
         labels = data.get("labels") or {}
         if not isinstance(labels, dict):
             raise InvalidArgument("labels must be an object of strings")
         job = await run(svc.start_backup, str(data["volume"]), data.get("snapshot"),
-                        data.get("target"), {str(k): str(v) for k, v in labels.items()} or None)
+                        data.get("target"), {str(k): str(v) for k, v in labels.items()} or None,
+                        data.get("compression"), data.get("block_size"))
         return JSONResponse(job, status_code=202)
 
     @endpoint

@@ -37,6 +37,7 @@ from blockhorn.types import (
     InvalidArgument,
     NotFound,
     check_name,
+    parse_size,
 )
 
 log = logging.getLogger("blockhorn.manager")
@@ -132,13 +133,17 @@ class BackupService:
     # --- jobs ------------------------------------------------------------------------------
 
     def _job(self, operation: str, **fields: Any) -> dict[str, Any]:
+        with self._guard:
+            return self._new_job(operation, **fields)
+
+    def _new_job(self, operation: str, **fields: Any) -> dict[str, Any]:
+        """Register a job; the caller holds `_guard`."""
         job = {"id": secrets.token_hex(6), "operation": operation, "state": "in-progress",
                "started": time.time(), **fields}
-        with self._guard:
-            self._jobs[job["id"]] = job
-            done = [k for k, j in self._jobs.items() if j["state"] != "in-progress"]
-            for k in done[:max(0, len(self._jobs) - JOBS_KEPT)]:
-                del self._jobs[k]
+        self._jobs[job["id"]] = job
+        done = [k for k, j in self._jobs.items() if j["state"] != "in-progress"]
+        for k in done[:max(0, len(self._jobs) - JOBS_KEPT)]:
+            del self._jobs[k]
         return job
 
     def _update(self, job: dict[str, Any], **fields: Any) -> None:
@@ -181,33 +186,48 @@ class BackupService:
     # --- backup ----------------------------------------------------------------------------
 
     def start_backup(self, volume: str, snapshot: str | None = None, target: str | None = None,
-                     labels: dict[str, str] | None = None) -> dict[str, Any]:
-        """Start a backup job of `volume`'s snapshot (a new snapshot if none is named)."""
+                     labels: dict[str, str] | None = None, compression: str | None = None,
+                     block_size: int | None = None) -> dict[str, Any]:
+        """Start a backup job of `volume`'s snapshot (a new snapshot if none is named).
+        `compression` and `block_size` apply to a new backup volume (an existing one keeps
+        its method; an incremental backup keeps its base's block size)."""
         check_name(volume)
         check_store_name(volume, "volume")   # Longhorn's rule: two characters at least
         t = self._default_target(target)
         self.store.volume(volume)
-        with self._guard:
+        options: dict[str, Any] = {"labels": labels}
+        if compression:
+            options["compression"] = compression
+        if block_size:
+            options["block_size"] = parse_size(block_size)
+        with self._guard:   # one backup of a volume at a time: check and claim together
             running = [j for j in self._jobs.values() if j["operation"] == "backup"
                        and j["volume"] == volume and j["state"] == "in-progress"]
-        if running:
-            raise Busy(f"a backup of {volume!r} is running (job {running[0]['id']}): wait for "
-                       "it (`blockhorn backup jobs`)")
-        if snapshot is None:
-            snapshot = time.strftime("backup-%Y%m%d-%H%M%S", time.gmtime())
-            with self.volumes.locked(volume):
-                self.snaps.create(volume, snapshot, {"blockhorn/backup": "true"})
-        else:
-            with self.volumes.locked(volume):
-                self.snaps.find(volume, snapshot)
-        job = self._job("backup", volume=volume, snapshot=snapshot, target=t["name"])
-        self._run(job, functools.partial(self.backup_now, volume, snapshot, t, labels, job))
+            if running:
+                raise Busy(f"a backup of {volume!r} is running (job {running[0]['id']}): wait "
+                           "for it (`blockhorn backup jobs`)")
+            job = self._new_job("backup", volume=volume, snapshot=snapshot, target=t["name"])
+        try:
+            if snapshot is None:
+                snapshot = time.strftime("backup-%Y%m%d-%H%M%S", time.gmtime())
+                with self.volumes.locked(volume):
+                    self.snaps.create(volume, snapshot, {"blockhorn/backup": "true"})
+                self._update(job, snapshot=snapshot)
+            else:
+                with self.volumes.locked(volume):
+                    self.snaps.find(volume, snapshot)
+        except BaseException as e:
+            self._update(job, state="error", error=str(e), finished=time.time())
+            raise
+        self._run(job, functools.partial(self.backup_now, volume, snapshot, t, job=job,
+                                         **options))
         return self.job(job["id"])
 
     def backup_now(self, volume: str, snapshot: str, t: dict[str, Any],
-                   labels: dict[str, str] | None = None,
-                   job: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Back up synchronously (a job's body; recurring jobs may call it directly)."""
+                   labels: dict[str, str] | None = None, job: dict[str, Any] | None = None,
+                   **options: Any) -> dict[str, Any]:
+        """Back up synchronously (a job's body; recurring jobs may call it directly).
+        `options` go to `blockhorn.backup.create_backup` (compression, block_size, full)."""
         dirs = [r.directory for r in self.store.replicas(volume)]
         target = self.open(t)
         try:
@@ -215,7 +235,8 @@ class BackupService:
             try:
                 return bk.create_backup(target, volume, source, labels=labels,
                                         journal_dir=self.journal_dir,
-                                        progress=self._progress(job) if job else None)
+                                        progress=self._progress(job) if job else None,
+                                        **options)
             finally:
                 source.close()
         finally:
@@ -240,7 +261,7 @@ class BackupService:
             log.info("resuming backup of %s/%s to %s", header["volume"], header["snapshot"],
                      t["name"])
             self._run(job, functools.partial(self.backup_now, header["volume"],
-                                             header["snapshot"], t, None, job))
+                                             header["snapshot"], t, job=job))
 
     # --- list, show, delete ----------------------------------------------------------------
 
