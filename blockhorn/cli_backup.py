@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
 
+from blockhorn.fsutil import atomic_write
 from blockhorn.manager.paths import Home
 from blockhorn.types import BlockhornError, InvalidArgument, check_name, format_size
 
@@ -226,18 +228,17 @@ def run_backup(args: argparse.Namespace, home: Home) -> int:
 
 def _target(args: argparse.Namespace, c: Any, home: Home) -> int:
     if args.target_action == "set":
-        cred = args.credential_file
+        # The daemon runs elsewhere: paths are made absolute here, relative to the caller.
+        cred = os.path.abspath(args.credential_file) if args.credential_file else None
+        mount = os.path.abspath(args.mount) if args.mount else None
         if args.endpoint:
             if cred:
                 raise InvalidArgument("give the endpoint as AWS_ENDPOINTS in the credential "
                                       "file, or --endpoint without --credential-file")
-            import os
-
-            from blockhorn.fsutil import atomic_write
             cred = os.path.join(home.root, f"backup-target-{args.name}.env")
             atomic_write(cred, f"AWS_ENDPOINTS={args.endpoint}\n".encode(), 0o600)
         t = c.request("PUT", f"/backup-targets/{args.name}",
-                      {"url": args.url, "credential_file": cred, "mount": args.mount})
+                      {"url": args.url, "credential_file": cred, "mount": mount})
         print(f"backup target {t['name']}: {t['url']}")
     elif args.target_action == "ls":
         targets = c.request("GET", "/backup-targets")["targets"]

@@ -15,6 +15,7 @@ Writes bench-results/backup-STAMP.json and .txt.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import random
 import shutil
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +33,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from support.s3server import S3Server  # noqa: E402
 
 from blockhorn import backup as bk  # noqa: E402
+from blockhorn.backup.backup import DEFAULT_WORKERS  # noqa: E402
 from blockhorn.replica import snapshots as store_snaps  # noqa: E402
 from blockhorn.replica.store import Replica  # noqa: E402
 
@@ -60,6 +63,37 @@ def local_copy_out(directory: str, snap: str, path: str) -> float:
         for layer in view.layers:
             os.close(layer.fd)
     return time.monotonic() - t
+
+
+def sha512_seconds(directory: str, snap: str) -> float:
+    """CPU seconds SHA-512 (the checksum Longhorn's format names blocks by) takes over the
+    snapshot's bytes in one thread: a floor no implementation of the format goes below."""
+    view = store_snaps.snapshot_view(directory, snap)
+    try:
+        data = [view.read(off, BLOCK) for off in range(0, view.size, BLOCK)]
+    finally:
+        for layer in view.layers:
+            os.close(layer.fd)
+    t = time.process_time()
+    for d in data:
+        hashlib.sha512(d).digest()
+    return time.process_time() - t
+
+
+def s3_raw(target: bk.Target, size: int) -> tuple[float, float]:
+    """Seconds to PUT and then GET `size` bytes as 2 MiB objects with the backup's number of
+    workers: what this S3 server (on the same two cores) can take, without any backup work."""
+    data = os.urandom(BLOCK)
+    keys = [f"raw/{i}" for i in range(size // BLOCK)]
+    with ThreadPoolExecutor(DEFAULT_WORKERS) as pool:
+        t = time.monotonic()
+        list(pool.map(lambda k: target.put(k, data), keys))
+        put = time.monotonic() - t
+        t = time.monotonic()
+        list(pool.map(target.get, keys))
+        get = time.monotonic() - t
+    target.delete_many(keys)
+    return put, get
 
 
 def local_copy_in(path: str, directory: str, size: int) -> float:
@@ -109,7 +143,9 @@ def throughput(work: str, size: int, s3: S3Server, rounds: int) -> dict[str, Any
     store_snaps.create_snapshot(r, "full", True, None)
     r.close()
     runs: dict[str, list[float]] = {k: [] for k in (
-        "local_read_write_s", "local_restore_s", "file_backup_s", "file_restore_s")}
+        "local_read_write_s", "local_restore_s", "file_backup_s", "file_backup_cpu_s",
+        "file_restore_s")}
+    sha512_cpu = sha512_seconds(src_dir, "full")
     copy = os.path.join(work, "copy.img")
     for i in range(rounds):
         runs["local_read_write_s"].append(local_copy_out(src_dir, "full", copy))
@@ -119,14 +155,17 @@ def throughput(work: str, size: int, s3: S3Server, rounds: int) -> dict[str, Any
         store = os.path.join(work, f"store{i}")
         os.makedirs(store)
         target = bk.open_target(f"file://{store}")
+        cpu = time.process_time()
         took, res = timed_backup(target, src_dir, "full")
         runs["file_backup_s"].append(took)
+        runs["file_backup_cpu_s"].append(time.process_time() - cpu)
         runs["file_restore_s"].append(timed_restore(target, res["name"],
                                                     os.path.join(work, "restore"), size))
         shutil.rmtree(os.path.join(work, "restore"))
         shutil.rmtree(store)
         target.close()
-    out: dict[str, Any] = {"bytes": size, "rounds": rounds, "runs": runs}
+    out: dict[str, Any] = {"bytes": size, "rounds": rounds, "runs": runs,
+                           "sha512_cpu_s": sha512_cpu}
     for k, v in runs.items():
         out[k] = statistics.median(v)
     out["file_backup_ratio"] = statistics.median(
@@ -134,6 +173,7 @@ def throughput(work: str, size: int, s3: S3Server, rounds: int) -> dict[str, Any
     out["file_restore_ratio"] = statistics.median(
         a / b for a, b in zip(runs["local_restore_s"], runs["file_restore_s"], strict=True))
     target = bk.open_target(f"s3://{s3.bucket()}@us-east-1/bench/", s3.env())
+    out["s3_raw_put_s"], out["s3_raw_get_s"] = s3_raw(target, size)
     out["s3_backup_s"], res = timed_backup(target, src_dir, "full")
     out["s3_restore_s"] = timed_restore(target, res["name"], os.path.join(work, "restore-s3"),
                                         size)
@@ -141,6 +181,8 @@ def throughput(work: str, size: int, s3: S3Server, rounds: int) -> dict[str, Any
     target.close()
     out["s3_backup_ratio"] = out["local_read_write_s"] / out["s3_backup_s"]
     out["s3_restore_ratio"] = out["local_restore_s"] / out["s3_restore_s"]
+    out["s3_backup_vs_raw_put"] = out["s3_raw_put_s"] / out["s3_backup_s"]
+    out["s3_restore_vs_raw_get"] = out["s3_raw_get_s"] / out["s3_restore_s"]
     shutil.rmtree(src_dir)
     os.environ["BLOCKHORN_BACKUP_LOCK_WAIT_S"] = "2"
     return out
@@ -213,6 +255,12 @@ def main() -> int:
         f"local read snapshot + write file: {mb / tp['local_read_write_s']:.0f} MB/s; "
         f"local read file + write replica: {mb / tp['local_restore_s']:.0f} MB/s",
     ]
+    lines.append(f"file backup CPU: {tp['file_backup_cpu_s']:.2f} s (all threads); SHA-512 "
+                 f"alone, which the format requires: {tp['sha512_cpu_s']:.2f} s")
+    lines.append(f"  s3 server alone (2 MiB objects, {DEFAULT_WORKERS} threads): PUT "
+                 f"{mb / tp['s3_raw_put_s']:.0f} MB/s, GET {mb / tp['s3_raw_get_s']:.0f} MB/s; "
+                 f"backup reaches {100 * tp['s3_backup_vs_raw_put']:.0f} % of plain PUTs, "
+                 f"restore {100 * tp['s3_restore_vs_raw_get']:.0f} % of plain GETs")
     for kind in ("file", "s3"):
         lines.append(
             f"{kind:>4} target: backup {mb / tp[f'{kind}_backup_s']:.0f} MB/s "

@@ -98,6 +98,20 @@ def test_compression_round_trip(method: str) -> None:
         assert gzip.decompress(blob) == data
 
 
+def test_incompressible_block_is_a_frame_of_uncompressed_blocks() -> None:
+    for size in (2 << 20, 16 << 20):
+        data = os.urandom(size)
+        blob = fmt.compress("lz4", data)
+        assert blob[:7] == bytes.fromhex("04224d18607073")      # FLG 0x60, BD 4 MiB
+        assert int.from_bytes(blob[7:11], "little") == 0x80000000 | min(size, 4 << 20)
+        assert len(blob) == size + 7 + 4 * (size // (4 << 20) or 1) + 4
+        assert lz4.frame.decompress(blob) == data               # any LZ4 frame reader
+    # The header checksum byte is xxh32 of FLG BD, as an encoder computes it.
+    ref = lz4.frame.compress(bytes(2 << 20), block_linked=False, content_checksum=False,
+                             store_size=False, block_size=lz4.frame.BLOCKSIZE_MAX4MB)
+    assert ref[:7] == fmt.LZ4_RAW_HEADER
+
+
 def test_mixed_up_compression_is_recognised_by_magic() -> None:
     data = b"x" * 5000
     assert fmt.decompress("gzip", fmt.compress("lz4", data)) == data

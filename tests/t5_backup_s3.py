@@ -198,6 +198,8 @@ def test_cli_backup_restore_through_the_daemon(s3server, tmp_path) -> None:
         h.pwrite(data, 5 * MiB)
         h.flush()
         h.shutdown()
+        none = env.cli("backup", "create", "vol", check=False)
+        assert none.returncode == 2 and "backup target set" in none.stderr
         env.cli("backup", "target", "set", "s3t", f"s3://{bucket}@us-east-1/bh/",
                 "--credential-file", str(creds))
         out = json.loads(env.cli("backup", "create", "vol", "--json").stdout)
@@ -219,6 +221,10 @@ def test_cli_backup_restore_through_the_daemon(s3server, tmp_path) -> None:
         h.shutdown()
         expect = bytes(5 * MiB) + data + bytes(8 * MiB)
         assert hashlib.sha256(back).hexdigest() == hashlib.sha256(expect).hexdigest()
+        missing = env.cli("backup", "show", out["url"].replace("backup=backup-",
+                                                               "backup=backup-0"), check=False)
+        assert missing.returncode == 1 and "does not exist" in missing.stderr
+        assert "Traceback" not in missing.stderr
         bad = env.cli("backup", "restore", out["url"], "v2", check=False)
         assert bad.returncode == 1 and "already exists" in bad.stderr
         env.cli("backup", "rm", out["url"])

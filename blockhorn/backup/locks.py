@@ -124,7 +124,13 @@ class StoreLock:
             self._refresher = None
         if self.acquired:
             self.acquired = False
-            self.target.delete(self.path)
+            try:
+                self.target.delete(self.path)
+            except BlockhornError as e:
+                # Not fatal, and must not hide the error the lock's user is raising: a lock
+                # left behind expires LOCK_DURATION_S after its last refresh.
+                log.warning("cannot remove lock %s: %s (it expires in %.0f s)", self.path, e,
+                            LOCK_DURATION_S)
 
     def __enter__(self) -> StoreLock:
         return self

@@ -11,6 +11,16 @@ named target with that URL supplies its credentials (else the daemon's environme
 Jobs live in memory; what survives a crash is the backup's journal under
 `<home>/backup-journal/`: when the daemon starts it resumes every journal it finds (the same
 backup name, skipping the blocks already uploaded).
+
+For other daemon components (recurring jobs, DR standbys), synchronous calls to run in a
+worker thread:
+- `backup_now(volume, snapshot, target_row, labels=None, job=None, **options)` -> summary
+  (`target_row` from `target(name)`; options: compression, block_size, full);
+- `restore_into(url, volume, job=None, last_backup=None)` -> result: into the replicas of an
+  existing *detached* volume, in full, or incrementally over `last_backup` (a DR standby);
+- `list_backups(volume=None, target=None)`, `show(url)`, `remove(url)`, `targets()`,
+  `target(name)`, `open(target_row)` / `open_url(url)` -> a blockhorn.backup Target (close
+  it), for `blockhorn.backup.load_volume(...).last_backup_name` and the like.
 """
 
 from __future__ import annotations
