@@ -17,10 +17,15 @@ from typing import Any, NoReturn
 from blockhorn.cli_backup import add_parsers as add_backup_parsers
 from blockhorn.cli_backup import run_backup
 from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
+from blockhorn.cli_jobs import add_parsers as add_job_parsers
+from blockhorn.cli_jobs import run_job, run_volume_group
 from blockhorn.cli_settings import add_parsers as add_setting_parsers
 from blockhorn.cli_settings import run_setting
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
 from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
+from blockhorn.cli_standby import add_create_options as add_standby_options
+from blockhorn.cli_standby import add_parsers as add_standby_parsers
+from blockhorn.cli_standby import format_standby, run_standby
 from blockhorn.cli_verify import add_parser as add_verify_parser
 from blockhorn.cli_verify import run_verify
 from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
@@ -115,6 +120,7 @@ def build_parser() -> Parser:
                         "while the share serves; Ganesha listens on it and clients mount it")
     p.add_argument("--service-interface", default=None, metavar="IF",
                    help="RWX: the interface that carries --service-address")
+    add_standby_options(p)
     _home_arg(p)
 
     p = vcmds.add_parser("attach", help="start the volume and make a block device",
@@ -155,6 +161,8 @@ def build_parser() -> Parser:
     add_snapshot_parsers(cmds, vcmds)
     add_verify_parser(vcmds, _home_arg)
     add_setting_parsers(cmds, _home_arg)
+    add_job_parsers(cmds, vcmds)
+    add_standby_parsers(vcmds)
     add_backup_parsers(cmds, _home_arg)
 
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
@@ -251,6 +259,10 @@ def format_show(v: dict[str, Any]) -> str:
     if v.get("share"):
         lines.append(f"Share:       {_dash(v['share'].get('endpoint'))} "
                      f"({v['share'].get('health')})")
+    if v.get("groups"):
+        lines.append(f"Groups:      {' '.join(v['groups'])}")
+    if v.get("standby"):
+        lines.append(f"Standby:     {format_standby(v['standby'])}")
     if v.get("message"):
         lines.append(f"Message:     {v['message']}")
     rows = [["REPLICA", "MODE", "PID", "ADDRESS", "REBUILD", "PATH"]]
@@ -276,7 +288,8 @@ def format_list(vols: list[dict[str, Any]]) -> str:
         return "no volumes"
     rows = [["NAME", "SIZE", "STATE", "ROBUSTNESS", "REPLICAS", "DEVICE"]]
     for v in vols:
-        rows.append([v["name"], format_size(v["size"]), v["state"], v["robustness"],
+        state = "standby" if v.get("standby") else v["state"]
+        rows.append([v["name"], format_size(v["size"]), state, v["robustness"],
                      str(len(v["replicas"])), _dash(v.get("device") or v.get("endpoint"))])
     return _table(rows)
 
@@ -289,10 +302,16 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
         return run_expand(args, home)
     if args.action == "verify":
         return run_verify(args, home)
+    if args.action == "group":
+        return run_volume_group(args, home)
+    if args.action in ("standby-sync", "activate") or (args.action == "create"
+                                                      and args.standby_from):
+        return run_standby(args, home)
     if args.action == "create" and args.from_snapshot:
         return run_clone(args, home)
     if args.action == "create" and not args.size:
-        raise InvalidArgument("volume create needs --size (or --from-snapshot VOL/SNAP)")
+        raise InvalidArgument("volume create needs --size (or --from-snapshot VOL/SNAP, or "
+                              "--standby-from URL)")
     if args.action == "create":
         # Validate here too, so bad input neither starts a daemon nor creates a home.
         check_name(args.name)
@@ -511,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_snapshot(args, home)
         if args.command == "setting":
             return run_setting(args, home)
+        if args.command == "job":
+            return run_job(args, home)
         if args.command == "backup":
             return run_backup(args, home)
         if args.command == "daemon":

@@ -114,4 +114,4 @@ def test_version1_store_gains_failed_since(tmp_path: object) -> None:
     store.set_replica_failed_since("v-r0", 7.0)
     assert Store(path).replicas("v")[0].failed_since == 7.0
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)

@@ -24,9 +24,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from blockhorn.manager.api_backups import backup_routes
+from blockhorn.manager.api_jobs import job_routes
 from blockhorn.manager.api_settings import setting_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
+from blockhorn.manager.api_standby import standby_routes
 from blockhorn.manager.api_verify import verify_routes
+from blockhorn.manager.backups import BackupService
+from blockhorn.manager.jobs import JobScheduler
+from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, InvalidArgument
 
@@ -105,7 +110,10 @@ def _only(data: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
     return data
 
 
-def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
+def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
+             jobs: JobScheduler | None = None,
+             standby: StandbyManager | None = None,
+             backups: BackupService | None = None) -> Starlette:
     async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
@@ -176,5 +184,9 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None]) -> Starlette:
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += verify_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += setting_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
-    routes += backup_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    if jobs is not None:
+        routes += job_routes(volumes, jobs, run, endpoint, _body, _only, API_PREFIX)
+    if standby is not None:
+        routes += standby_routes(standby, run, endpoint, _body, _only, API_PREFIX)
+    routes += backup_routes(volumes, run, endpoint, _body, _only, API_PREFIX, backups)
     return Starlette(routes=routes)

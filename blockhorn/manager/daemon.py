@@ -24,7 +24,11 @@ from hypercorn.trio import serve
 
 from blockhorn.keys import ensure_key
 from blockhorn.manager.api import make_app
+from blockhorn.manager.backup_adapter import BackupAdapter
+from blockhorn.manager.backups import BackupService
+from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.paths import Home
+from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.state import Store
 from blockhorn.manager.supervisor import Supervisor
 from blockhorn.manager.volumes import VolumeManager
@@ -96,6 +100,10 @@ async def run(home: Home) -> None:
     ensure_key(home.key)
     volumes = VolumeManager(home, store)
     supervisor = Supervisor(volumes)
+    backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
+    adapter = BackupAdapter(volumes, backups)
+    jobs = make_scheduler(volumes, adapter)
+    standby = StandbyManager(volumes, adapter.open_target)
     shutdown = trio.Event()
 
     config = Config()
@@ -104,7 +112,7 @@ async def run(home: Home) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("blockhorn.api")
     config.graceful_timeout = GRACEFUL_STOP_S
-    app = make_app(volumes, shutdown.set)
+    app = make_app(volumes, shutdown.set, jobs, standby, backups)
 
     async with trio.open_nursery() as nursery:
         # cast: starlette's ASGI types and hypercorn's describe the same protocol differently
@@ -117,6 +125,8 @@ async def run(home: Home) -> None:
             with helpers:
                 async with trio.open_nursery() as inner:
                     inner.start_soon(supervisor.run)
+                    inner.start_soon(jobs.run)
+                    inner.start_soon(standby.run)
                     inner.start_soon(_on_signals, shutdown)
 
         nursery.start_soon(run_helpers)

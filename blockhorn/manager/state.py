@@ -24,12 +24,12 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.types import AlreadyExists, NoSpace, NotFound
 
-SCHEMA_VERSION = 2   # 2: replicas.failed_since
+SCHEMA_VERSION = 3   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
 PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
 
@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS volumes (
     message       TEXT,            -- last problem worth telling the operator
     tcp_port      INTEGER,         -- NBD TCP port of the engine, if asked for
     device_stale  INTEGER NOT NULL DEFAULT 0,  -- 1: the engine under the device restarted
-    created       TEXT NOT NULL
+    created       TEXT NOT NULL,
+    groups        TEXT,            -- JSON list of recurring-job groups (schema 2)
+    standby       TEXT             -- JSON of a DR standby's state (schema 2)
 );
 CREATE TABLE IF NOT EXISTS replicas (
     name        TEXT PRIMARY KEY,
@@ -58,7 +60,7 @@ CREATE TABLE IF NOT EXISTS replicas (
     pid         INTEGER,
     create_time REAL,
     restarts    INTEGER NOT NULL DEFAULT 0,
-    failed_since REAL              -- see the module docstring; NULL: not failed
+    failed_since REAL              -- see the module docstring; NULL: not failed (schema 2)
 );
 CREATE TABLE IF NOT EXISTS engines (
     volume         TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
@@ -77,7 +79,29 @@ CREATE TABLE IF NOT EXISTS ports (
     volume TEXT NOT NULL REFERENCES volumes(name) ON DELETE CASCADE,
     owner  TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    name      TEXT PRIMARY KEY,
+    spec      TEXT NOT NULL,        -- JSON: cron, task, retain, volume or grp, target
+    created   REAL NOT NULL,        -- unix time
+    last_slot REAL NOT NULL,        -- the latest cron slot handled (run or skipped), unix time
+    runs      INTEGER NOT NULL DEFAULT 0,
+    failures  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS job_runs (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    job      TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
+    slot     REAL,                  -- the cron slot it ran for; NULL for `job run`
+    started  REAL NOT NULL,
+    finished REAL,
+    state    TEXT NOT NULL,         -- running, ok, failed, interrupted
+    message  TEXT,
+    result   TEXT                   -- JSON: what the run made and removed, per volume
+);
 """
+
+# Columns added after schema 1, with their declarations: an old home gets them on open.
+_ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT")],
+                  "replicas": [("failed_since", "REAL")]}
 
 
 @dataclass(frozen=True)
@@ -121,6 +145,8 @@ class VolumeRow:
     tcp_port: int | None
     created: str
     device_stale: bool = False
+    groups: list[str] = field(default_factory=list)
+    standby: dict[str, Any] | None = None
 
 
 def _proc(row: sqlite3.Row) -> ProcessRecord | None:
@@ -134,7 +160,8 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
     return VolumeRow(row["name"], row["size"], row["replica_count"], row["access_mode"],
                      row["desired"], row["frontend"], json.loads(att) if att else None,
                      row["robustness"], row["message"], row["tcp_port"], row["created"],
-                     bool(row["device_stale"]))
+                     bool(row["device_stale"]), json.loads(row["groups"] or "[]"),
+                     json.loads(row["standby"]) if row["standby"] else None)
 
 
 def _replica(row: sqlite3.Row) -> ReplicaRow:
@@ -149,13 +176,7 @@ class Store:
         try:
             # executescript commits on its own; every statement in the schema is idempotent.
             db.executescript(_SCHEMA)
-            # Version 1 stores lack replicas.failed_since (CREATE TABLE IF NOT EXISTS keeps an
-            # old table as it is); adding a NULL column is safe for a version-1 reader too.
-            cols = {r["name"] for r in db.execute("PRAGMA table_info(replicas)")}
-            if "failed_since" not in cols:
-                db.execute("ALTER TABLE replicas ADD COLUMN failed_since REAL")
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
-                       (str(SCHEMA_VERSION),))
+            _migrate(db)
         finally:
             db.close()
 
@@ -217,11 +238,12 @@ class Store:
 
     def update_volume(self, name: str, **fields: Any) -> None:
         allowed = {"desired", "frontend", "attachment", "robustness", "message", "tcp_port",
-                   "access_mode", "device_stale", "size"}
+                   "access_mode", "device_stale", "size", "groups", "standby"}
         if not fields or set(fields) - allowed:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - allowed)}")
-        if "attachment" in fields and fields["attachment"] is not None:
-            fields["attachment"] = json.dumps(fields["attachment"], sort_keys=True)
+        for k in ("attachment", "groups", "standby"):
+            if k in fields and fields[k] is not None:
+                fields[k] = json.dumps(fields[k], sort_keys=True)
         sets = ", ".join(f"{k}=?" for k in fields)
         with self.tx() as db:
             cur = db.execute(f"UPDATE volumes SET {sets} WHERE name=?", (*fields.values(), name))
@@ -316,6 +338,26 @@ class Store:
         with self.tx() as db:
             rows = db.execute("SELECT owner, port FROM ports WHERE volume=?", (volume,))
             return {r["owner"]: r["port"] for r in rows}
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an older home's database to SCHEMA_VERSION. New tables come from the schema's
+    CREATE IF NOT EXISTS; new columns of old tables are added here (nullable, so old rows
+    read as before). Runs in one transaction: a crash leaves the old version, retried next open."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+            for col, decl in columns:
+                if col not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = max(int(row[0]) if row else 0, SCHEMA_VERSION)   # never downgrade
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _allocate(db: sqlite3.Connection, volume: str, owner: str,

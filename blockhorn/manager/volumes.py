@@ -190,6 +190,10 @@ class VolumeManager:
             raise InvalidArgument("the fuse frontend serves no NBD: drop the TCP port")
         with self.locked(name):
             vol = self.store.volume(name)
+            if vol.standby:
+                raise Busy(f"volume {name!r} is a DR standby (it follows "
+                           f"{vol.standby.get('source')}): `blockhorn volume activate {name}` "
+                           "first")
             if vol.desired == "attached":
                 where = (vol.attachment or {}).get("device") or self._endpoint(name)
                 raise Busy(f"volume {name!r} is already attached"
@@ -427,6 +431,7 @@ class VolumeManager:
                        "restarts": eng.restarts},
             "counters": (status or {}).get("counters"),
             "attachment": vol.attachment,
+            "groups": vol.groups, "standby": vol.standby,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
 
