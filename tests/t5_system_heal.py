@@ -132,7 +132,10 @@ def wait_writes(w: Writer, writes: int, flushes: int = 0, timeout: float = 30.0)
 
 def healthy(env: Env, name: str, **want: Any) -> dict[str, Any] | None:
     s = env.show(name)
-    ok = s["robustness"] == "healthy" and all(r["mode"] == "RW" for r in s["replicas"])
+    # RW is set just before the join commit; a resync counts as finished once it says done.
+    ok = s["robustness"] == "healthy" and all(
+        r["mode"] == "RW" and (not r.get("rebuild") or r["rebuild"].get("state") == "done")
+        for r in s["replicas"])
     return s if ok and all(pred(s) for pred in want.values()) else None
 
 
