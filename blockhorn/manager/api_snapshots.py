@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
-from blockhorn.types import InvalidArgument, format_size
+from blockhorn.types import InvalidArgument, check_labels, format_size
 
 Run = Callable[..., Awaitable[Any]]
 
@@ -32,11 +32,9 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
     @endpoint
     async def create_snapshot(request: Request) -> Any:
         data = only(await body(request), {"name", "labels"})
-        labels = data.get("labels") or {}
-        if not isinstance(labels, dict):
-            raise InvalidArgument("labels must be an object of strings")
+        labels = check_labels(data.get("labels") or {})
         result = await run(locked, request.path_params["name"], snaps.create,
-                           data.get("name"), {str(k): str(v) for k, v in labels.items()})
+                           data.get("name"), labels)
         return JSONResponse(result, status_code=201)
 
     @endpoint
