@@ -117,7 +117,15 @@ def build_parser() -> Parser:
                         "fuse: the engine in a pyfuse3 process + loop (no NBD); "
                         "none: only the NBD endpoint (for fio, nbdsh, qemu)")
     p.add_argument("--port", type=int, metavar="PORT", dest="tcp_port",
-                   help="also serve NBD on this TCP port (127.0.0.1)")
+                   help="also serve NBD on this TCP port, TLS required (see --tls)")
+    p.add_argument("--address", default=None, metavar="IP", dest="tcp_address",
+                   help="with --port: the address to listen on (default 127.0.0.1; 0.0.0.0 "
+                        "only when you ask for it)")
+    p.add_argument("--tls", choices=("psk", "certificates"), default=None,
+                   help="with --port: psk (default; key in <home>/volumes/NAME/nbd.psk, for "
+                        "libnbd and qemu clients) or certificates (<home>/tls/{ca-cert,"
+                        "server-cert,server-key}.pem; clients need a certificate of that CA: "
+                        "nbd-client -cacertfile -certfile -keyfile)")
     _home_arg(p)
 
     p = vcmds.add_parser("detach", help="remove the device and stop the volume's processes",
@@ -183,7 +191,15 @@ def build_parser() -> Parser:
                       "Replace this process with nbdkit serving one volume.")
     p.add_argument("--config", required=True, metavar="FILE", help="engine config (JSON)")
     p.add_argument("--socket", required=True, metavar="PATH", help="NBD unix socket to serve")
-    p.add_argument("--port", type=int, metavar="PORT", help="also serve NBD on this TCP port")
+    p.add_argument("--port", type=int, metavar="PORT",
+                   help="also serve NBD on this TCP port, TLS required: a second nbdkit "
+                        "forwards to --socket (implies --keeper)")
+    p.add_argument("--address", default="127.0.0.1", metavar="IP",
+                   help="with --port: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--tls-psk", metavar="FILE", help="with --port: PSK file (USER:HEXKEY)")
+    p.add_argument("--tls-certificates", metavar="DIR",
+                   help="with --port: nbdkit certificate directory; clients must present a "
+                        "certificate signed by its ca-cert.pem")
     p.add_argument("--keeper", action="store_true",
                    help="stay as nbdkit's parent (forwarding signals) instead of exec'ing it: "
                         "nbdkit in the foreground exits when its parent does, so the daemon "
@@ -292,8 +308,12 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
         check_name(args.name)
     with connect(home) as c:
         if args.action == "attach":
-            v = c.attach(args.name, args.frontend, args.tcp_port)
+            if args.tcp_port is None and (args.tcp_address or args.tls):
+                raise InvalidArgument("--address and --tls go with --port")
+            v = c.attach(args.name, args.frontend, args.tcp_port, args.tcp_address, args.tls)
             print(v.get("device") or v.get("endpoint"))
+            if v.get("nbd_tcp"):
+                print(v["nbd_tcp"]["uri"])
         elif args.action == "detach":
             c.detach(args.name)
         elif args.action == "rm":
@@ -435,35 +455,60 @@ def _fuse(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> int:
     from blockhorn.nbd.attach import engine_argv
-    argv = engine_argv(args.config, args.socket, args.port)
+    argv = engine_argv(args.config, args.socket)
+    proxy = None
+    if args.port is not None:
+        from blockhorn.nbd.tls import check_bindable, proxy_argv
+        proxy = proxy_argv(argv[0], args.socket, args.address, args.port,
+                           args.tls_psk or "", args.tls_certificates or "")
+        check_bindable(args.address, args.port)
+    elif args.tls_psk or args.tls_certificates:
+        raise InvalidArgument("--tls-psk and --tls-certificates go with --port")
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        if not args.keeper:
+        if not args.keeper and proxy is None:
             os.execvp(argv[0], argv)
-        return _keep(argv)
+        return _keep(argv, proxy)
     except OSError as e:
         raise BlockhornError(f"cannot run {argv[0]}: {e.strerror} (apt-get install nbdkit "
                              "nbdkit-plugin-python)", e.errno) from None
 
 
-def _keep(argv: list[str]) -> int:
-    """Run `argv` as a child, pass SIGTERM/SIGINT/SIGHUP on, exit with its status.
+def _keep(argv: list[str], proxy: list[str] | None = None) -> int:
+    """Run `argv` (and the TLS proxy in front of it, if any) as children, pass
+    SIGTERM/SIGINT/SIGHUP on, exit with the engine's status when the first child exits.
 
     nbdkit run with --foreground sets PR_SET_PDEATHSIG(SIGTERM): it stops when its parent
     exits. Its parent must therefore be a process that lives exactly as long as it — this one —
     and not the daemon, whose restart must not interrupt I/O. Killing this process (even with
-    SIGKILL) still stops nbdkit, through that same death signal."""
+    SIGKILL) still stops nbdkit, through that same death signal. The proxy is one with the
+    engine: when either ends the other is stopped, so the daemon restarts both together."""
     import signal
     import subprocess
-    child = subprocess.Popen(argv)
+    children = [subprocess.Popen(argv)]
+    if proxy:
+        children.append(subprocess.Popen(proxy))
 
     def forward(signum: int, frame: object) -> None:
-        child.send_signal(signum)
+        for c in children:
+            if c.returncode is None:
+                c.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    rc = child.wait()   # PEP 475: retried after each forwarded signal
+    pid, status = os.waitpid(-1, 0)   # PEP 475: retried after each forwarded signal
+    rc = os.waitstatus_to_exitcode(status)
+    for c in children:
+        if c.pid == pid:
+            c.returncode = rc
+        else:
+            c.terminate()
+            c.wait()
+    if pid != children[0].pid:
+        print(f"blockhorn: the NBD TLS proxy exited with status {rc}: stopping the engine",
+              file=sys.stderr)
+        rc = rc or 1
     return rc if rc >= 0 else 128 - rc
 
 

@@ -103,11 +103,12 @@ class Client:
     def share(self, name: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/volumes/{name}/share"))
 
-    def attach(self, name: str, frontend: str = "auto",
-               tcp_port: int | None = None) -> dict[str, Any]:
+    def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
+               tcp_address: str | None = None, tls: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"frontend": frontend}
-        if tcp_port is not None:
-            body["tcp_port"] = tcp_port
+        for key, value in (("tcp_port", tcp_port), ("tcp_address", tcp_address), ("tls", tls)):
+            if value is not None:
+                body[key] = value
         return dict(self.request("POST", f"/volumes/{name}/attach", body))
 
     def detach(self, name: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
+from blockhorn.fsutil import atomic_write_json, read_json
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
@@ -168,15 +169,15 @@ class VolumeManager:
 
     # --- attach ----------------------------------------------------------------------------
 
-    def attach(self, name: str, frontend: str = "auto",
-               tcp_port: int | None = None) -> dict[str, Any]:
+    def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
+               tcp_address: str | None = None, tls: str | None = None) -> dict[str, Any]:
         if frontend not in FRONTENDS:
             raise InvalidArgument(f"invalid frontend {frontend!r}: use one of "
                                   f"{', '.join(FRONTENDS)}")
-        if tcp_port is not None and not 0 < tcp_port < 65536:
-            raise InvalidArgument(f"invalid TCP port {tcp_port}")
-        if tcp_port is not None and frontend == "fuse":
-            raise InvalidArgument("the fuse frontend serves no NBD: drop the TCP port")
+        tcp = self._tcp_settings(name, tcp_port, tcp_address, tls)
+        if tcp is not None and frontend == "fuse":
+            raise InvalidArgument("the fuse frontend serves no NBD: drop --port, or use "
+                                  "--frontend nbdfuse/nbd/none")
         with self.locked(name):
             vol = self.store.volume(name)
             if vol.desired == "attached":
@@ -190,6 +191,10 @@ class VolumeManager:
             # Decided once, here: the supervisor restarts the engine process of that frontend.
             from blockhorn.nbd.attach import choose_frontend
             frontend = choose_frontend(frontend)
+            if tcp is not None:
+                from blockhorn.nbd.tls import check_bindable
+                check_bindable(tcp["address"], tcp["port"])
+                atomic_write_json(self._tcp_file(name), tcp, mode=0o600)
             self.store.update_volume(name, desired="attached", frontend=frontend,
                                      tcp_port=tcp_port, robustness=None, message=None,
                                      attachment=None, device_stale=False)
@@ -207,9 +212,44 @@ class VolumeManager:
                 self._teardown(name)
                 self.store.update_volume(name, desired="detached", frontend=None,
                                          tcp_port=None)
+                _unlink(self._tcp_file(name))
                 raise
         log.info("attached volume %s (frontend %s)", name, frontend)
         return self.show(name)
+
+    # --- the TCP endpoint (TLS required: blockhorn/nbd/tls.py) -------------------------------
+
+    def _tcp_file(self, name: str) -> str:
+        """The TCP endpoint of an attachment: {address, port, tls, psk_file, certificates}."""
+        return os.path.join(self.home.volume_dir(name), "nbd-tcp.json")
+
+    def _tcp_settings(self, name: str, port: int | None, address: str | None,
+                      tls: str | None) -> dict[str, Any] | None:
+        from blockhorn.nbd import tls as nbdtls
+        if port is None:
+            if address is not None or tls is not None:
+                raise InvalidArgument("an NBD address or TLS mode needs a TCP port (--port)")
+            return None
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise InvalidArgument(f"invalid TCP port {port!r}: use 1 to 65535")
+        settings: dict[str, Any] = {
+            "address": nbdtls.check_address(address or nbdtls.DEFAULT_ADDRESS),
+            "port": port, "tls": nbdtls.check_mode(tls or "psk"),
+            "psk_file": "", "certificates": ""}
+        if settings["tls"] == "psk":
+            check_name(name)
+            settings["psk_file"] = os.path.join(self.home.volume_dir(name), "nbd.psk")
+        else:
+            settings["certificates"] = nbdtls.check_certificates(
+                os.path.join(self.home.root, "tls"))
+        return settings
+
+    def tcp_endpoint(self, name: str) -> dict[str, Any] | None:
+        try:
+            data = read_json(self._tcp_file(name))
+        except FileNotFoundError:
+            return None
+        return dict(data) if isinstance(data, dict) else None
 
     def start_replicas(self, name: str, reps: list[ReplicaRow], restarted: bool = False) -> None:
         """Start the given replica processes (all at once) and wait until each accepts."""
@@ -261,15 +301,25 @@ class VolumeManager:
             # the daemon must not be that parent.
             argv = [sys.executable, "-m", "blockhorn", "engine", "serve", "--keeper",
                     "--config", self.home.engine_config(name), "--socket", eng.nbd_socket]
-            if vol.tcp_port:
-                argv += ["--port", str(vol.tcp_port)]
-            ready = [eng.nbd_socket, eng.control_socket]
+            ready = [f"unix:{eng.nbd_socket}", f"unix:{eng.control_socket}"]
+            tcp = self.tcp_endpoint(name) if vol.tcp_port else None
+            if tcp is not None:
+                from blockhorn.nbd.tls import ensure_psk
+                argv += ["--port", str(tcp["port"]), "--address", tcp["address"]]
+                if tcp["tls"] == "psk":
+                    argv += ["--tls-psk", ensure_psk(tcp["psk_file"])]
+                else:
+                    argv += ["--tls-certificates", tcp["certificates"]]
+                host = f"[{tcp['address']}]" if ":" in tcp["address"] else tcp["address"]
+                if host in ("0.0.0.0", "[::]"):
+                    host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+                ready.append(f"{host}:{tcp['port']}")
         log_path = self.home.log(f"{name}-engine.log")
         rec = process.spawn(argv, log_path)
         self.store.set_engine_process(name, rec, restarted=restarted)
         log.info("started engine of %s: pid %d", name, rec.pid)
-        for sock in ready:
-            process.wait_ready(f"engine of {name} ({os.path.basename(sock)})", f"unix:{sock}",
+        for address in ready:
+            process.wait_ready(f"engine of {name} ({os.path.basename(address)})", address,
                                rec, log_path)
 
     def _attach_device(self, name: str, frontend: str) -> None:
@@ -308,6 +358,7 @@ class VolumeManager:
             errors = self._teardown(name)
             self.store.update_volume(name, desired="detached", tcp_port=None,
                                      robustness=last, device_stale=False, message="; ".join(errors) or None)
+            _unlink(self._tcp_file(name))
         if errors:
             raise BlockhornError(f"detach of {name!r} incomplete: {'; '.join(errors)}; "
                                  "run detach again after fixing the cause", errno.EIO)
@@ -397,10 +448,15 @@ class VolumeManager:
                 "restarts": r.restarts,
             })
         endpoints = []
+        tcp = self.tcp_endpoint(name) if vol.tcp_port else None
+        if tcp is not None:
+            from blockhorn.nbd.tls import PSK_USER, endpoint
+            tcp["uri"] = endpoint(tcp)
+            tcp["username"] = PSK_USER if tcp["tls"] == "psk" else None
         if engine_up and vol.frontend != "fuse":   # the fuse frontend serves no NBD
             endpoints.append(self._uri(eng.nbd_socket))
-            if vol.tcp_port:
-                endpoints.append(f"nbd://127.0.0.1:{vol.tcp_port}/")
+            if tcp is not None:
+                endpoints.append(tcp["uri"])
         return {
             "name": vol.name, "size": vol.size, "state": vol.desired,
             "robustness": self._robustness(vol, reps, engine_up, status),
@@ -414,7 +470,7 @@ class VolumeManager:
             "engine": {"pid": eng.process.pid if engine_up and eng.process else None,
                        "restarts": eng.restarts},
             "counters": (status or {}).get("counters"),
-            "attachment": vol.attachment,
+            "attachment": vol.attachment, "nbd_tcp": tcp,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
 
@@ -499,6 +555,13 @@ def _unlink_stale(path: str) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass   # removed concurrently: what we wanted
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass   # nothing to remove
 
 
 def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
