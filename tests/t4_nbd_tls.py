@@ -109,10 +109,34 @@ def test_tcp_endpoint_psk(env: Env) -> None:
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.connect(("127.0.0.2", port))
 
+        # Malformed requests through the proxy get the engine's answers (t4_nbd_malformed).
+        h = tls_client(port, psk_file=psk)
+        h.set_strict_mode(0)
+        for flags, want in ((nbd.CMD_FLAG_FAST_ZERO, "ENOTSUP"), (1 << 7, "EINVAL")):
+            with pytest.raises(nbd.Error) as e:
+                h.zero(4096, 0, flags)
+            assert e.value.errno == want
+        # A write past the end: nbdkit 1.32 loses its place in a TLS stream while it skips
+        # the payload (plain sockets get ENOSPC: t4_nbd_malformed), so this one connection
+        # ends; every other client and the engine carry on.
+        with pytest.raises(nbd.Error):
+            h.pwrite(bytes(16 * MiB), SIZE - 4096)
+        del h   # (the handle closes when it goes)
+
+        # The proxy dies: the keeper starts it again and leaves the engine (and any device on
+        # its unix socket) alone.
+        keeper = psutil.Process(v["engine"]["pid"])
+        proxy = next(c for c in keeper.children() if "--tls=require" in c.cmdline())
+        engine = next(c for c in keeper.children() if "python" in c.cmdline())
+        proxy.kill()
+        h = wait_until(lambda: _try(lambda: tls_client(port, psk_file=psk)), 20,
+                       "the TLS proxy back")
+        assert hashlib.sha256(h.pread(SIZE, 0)).digest() == hashlib.sha256(data).digest()
+        h.shutdown()
+        assert engine.is_running() and env.show("v")["engine"]["restarts"] == 0
+
         # The engine dies: the keeper stops the proxy too, the daemon restarts both, and the
         # TLS endpoint serves the acknowledged data again.
-        keeper = psutil.Process(v["engine"]["pid"])
-        engine = next(c for c in keeper.children() if "python" in c.cmdline())
         engine.kill()
         wait_until(lambda: env.show("v")["engine"]["restarts"] == 1 and
                    env.show("v")["engine"]["pid"] not in (None, keeper.pid), 30,
@@ -192,7 +216,7 @@ def test_tcp_endpoint_certificates(env: Env) -> None:
         for bad in (other, nocert):
             with pytest.raises(nbd.Error) as e:
                 tls_client(port, cert_dir=bad)
-            assert "pull function" in str(e.value)   # the server hung up on it
+            assert "gnutls_record_" in str(e.value)   # the server hung up on it
         assert "requires TLS" in plain_refused(port)
     finally:
         env.cli("volume", "detach", "v")
