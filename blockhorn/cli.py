@@ -303,6 +303,8 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
                          args.access, share)
         print(f"created volume {v['name']}: {format_size(v['size'])}, "
               f"{len(v['replicas'])} replicas")
+        if v.get("message"):
+            print(f"blockhorn: warning: {v['message']}", file=sys.stderr)
         return 0
     if args.action in ("attach", "detach", "show", "rm"):
         check_name(args.name)
@@ -315,7 +317,11 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
             if v.get("nbd_tcp"):
                 print(v["nbd_tcp"]["uri"])
         elif args.action == "detach":
-            c.detach(args.name)
+            was = c.show(args.name)["state"]
+            c.detach(args.name)   # even when detached: it also cleans up leftovers
+            if was != "attached":
+                print(f"volume {args.name} was not attached: nothing to detach",
+                      file=sys.stderr)
         elif args.action == "rm":
             c.remove(args.name, force=args.force)
         elif args.action == "show":

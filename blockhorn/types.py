@@ -12,6 +12,7 @@ import re
 
 BLOCK_SIZE = 4096                      # bytes; volume sizes and the layer map use this unit
 MAX_REQUEST = 32 * 1024 * 1024         # bytes; NBD requires payloads up to 32 MiB to work
+MAX_SIZE = (1 << 63) - BLOCK_SIZE      # bytes; NBD and nbdkit sizes are signed 64-bit
 # Names enter file names, command lines and generated configs (ganesha.conf): they are checked
 # with fullmatch, never match + `$` (which also accepts a trailing newline: "vol\n").
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
@@ -65,6 +66,12 @@ class NoSpace(BlockhornError):
     errno = errno.ENOSPC
 
 
+class TooLarge(BlockhornError):
+    """A size past what a disk's filesystem can hold in one file."""
+
+    errno = errno.EFBIG
+
+
 class AuthError(BlockhornError):
     errno = errno.EACCES
 
@@ -101,6 +108,8 @@ def parse_size(text: str | int) -> int:
         value = int(m.group(1)) * _UNITS[unit]
     if value <= 0:
         raise InvalidArgument(f"invalid size {text!r}: must be greater than zero")
+    if value > MAX_SIZE:
+        raise InvalidArgument(f"invalid size {text!r}: larger than NBD allows (8 EiB)")
     if value % BLOCK_SIZE:
         raise InvalidArgument(f"invalid size {text!r}: {value} bytes is not a multiple of 4096")
     return value

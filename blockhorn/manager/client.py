@@ -26,6 +26,7 @@ from blockhorn.types import (
     InvalidArgument,
     NoSpace,
     NotFound,
+    TooLarge,
 )
 
 CONNECT_TIMEOUT_S = 5.0
@@ -34,7 +35,7 @@ START_TIMEOUT_S = 30.0      # seconds a freshly started daemon has to answer
 
 _BY_ERRNO: dict[int, type[BlockhornError]] = {
     errno.EINVAL: InvalidArgument, errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists,
-    errno.EBUSY: Busy, errno.ENOSPC: NoSpace, errno.EACCES: AuthError,
+    errno.EBUSY: Busy, errno.ENOSPC: NoSpace, errno.EACCES: AuthError, errno.EFBIG: TooLarge,
 }
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,8 +34,11 @@ from blockhorn.types import (
     BlockhornError,
     Busy,
     InvalidArgument,
+    NoSpace,
     NotFound,
+    TooLarge,
     check_name,
+    format_size,
     parse_size,
 )
 
@@ -117,6 +121,7 @@ class VolumeManager:
             if os.path.exists(d) and os.listdir(d):
                 raise AlreadyExists(f"replica directory {d} already exists and is not empty: "
                                     "remove it or use another disk")
+        room_warning = check_disk_room(size, dirs)
         sockets = [self.home.nbd_socket(name), self.home.control_socket(name)]
         if transport == "auto":
             fits = all(len(self.home.replica_socket(name, r).encode()) <= UNIX_PATH_MAX
@@ -145,9 +150,12 @@ class VolumeManager:
             if share_opts is not None:
                 self.store.update_volume(name, access_mode="rwx")
                 self.shares.add(name, share_opts)
+            if room_warning:
+                self.store.update_volume(name, message=room_warning)
         except BaseException:
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
+                _rmdir_if_empty(os.path.dirname(d))
             shutil.rmtree(self.home.volume_dir(name), ignore_errors=True)
             self.store.delete_volume(name)
             raise
@@ -295,7 +303,7 @@ class VolumeManager:
             # the volume file is mounted (blockhorn/fuse/serve.py). No NBD socket.
             argv = [sys.executable, "-m", "blockhorn", "fuse", "serve",
                     "--config", self.home.engine_config(name), "--mount", self.home.fuse_dir(name)]
-            ready = [eng.control_socket]
+            ready = [f"unix:{eng.control_socket}"]
         else:
             # Through `engine serve --keeper`: nbdkit exits with its parent (see cli._keep), and
             # the daemon must not be that parent.
@@ -536,6 +544,54 @@ def _share_options(access: str, size: int,
         return share_options(**(share or {}))
     except TypeError as e:
         raise InvalidArgument(f"bad share settings: {e}") from None
+
+
+def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_disk_room(size: int, directories: list[str]) -> str | None:
+    """Before a replica file of `size` bytes is made or grown in each of `directories`:
+    refuse (TooLarge) a size past the largest file the directory's filesystem can hold — the
+    kernel answers EFBIG, which used to surface as an internal error — and (NoSpace) one
+    larger than the whole filesystem, which could never be filled. A thin volume larger than
+    the free space is allowed: the returned warning says that writes will fail with ENOSPC
+    once the disk is full (Longhorn's default over-provisioning also stops at 100 %)."""
+    warnings = []
+    seen: set[int] = set()
+    for d in directories:
+        where = _existing_ancestor(d)
+        st = os.statvfs(where)
+        if st.f_fsid in seen:
+            continue
+        seen.add(st.f_fsid)
+        try:
+            # Sparse and unnamed (O_TMPFILE): nothing is allocated and nothing is left behind.
+            with tempfile.TemporaryFile(dir=where) as probe:
+                os.ftruncate(probe.fileno(), size)
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                raise BlockhornError(f"cannot create a replica file in {where}: {e.strerror}",
+                                     e.errno) from None
+            raise TooLarge(
+                f"{format_size(size)} is larger than the largest file the filesystem at "
+                f"{where} can hold: choose a smaller --size, or put the replicas with --disk "
+                "on a filesystem that allows larger files (ext4 with 4 KiB blocks: 16 TiB; "
+                "XFS, btrfs: 8 EiB)") from None
+        capacity, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        if size > capacity:
+            raise NoSpace(f"{format_size(size)} is larger than the whole filesystem at {where} "
+                          f"({format_size(capacity)}): a replica there could never be filled; "
+                          "choose a smaller --size or a larger --disk")
+        if size > free:
+            warnings.append(f"{where} has {format_size(free)} free")
+    if not warnings:
+        return None
+    return (f"thin volume of {format_size(size)}: {'; '.join(warnings)}; writes fail with "
+            "ENOSPC once a replica's disk is full")
 
 
 def check_system(frontend: str) -> None:
