@@ -329,6 +329,10 @@ class VolumeManager:
         for address in ready:
             process.wait_ready(f"engine of {name} ({os.path.basename(address)})", address,
                                rec, log_path)
+        if vol.frontend != "fuse":
+            # nbdkit creates its socket under the process umask; the directory (0700) already
+            # keeps others out, and this keeps them out where a home was made world-readable.
+            os.chmod(eng.nbd_socket, 0o600)
 
     def _attach_device(self, name: str, frontend: str) -> None:
         from blockhorn.nbd.attach import attach_device
