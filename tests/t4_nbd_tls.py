@@ -245,6 +245,10 @@ def test_tcp_endpoint_bad_requests(env: Env) -> None:
             assert p.returncode != 0 and needle in p.stderr and "Traceback" not in p.stderr, \
                 (args, p.stderr)
             assert env.show("v")["state"] == "detached"
+    # The process entry point (systemd units) has no plain-text TCP either.
+    p = env.cli("engine", "serve", "--config", os.path.join(env.root, "none.json"), "--socket",
+                os.path.join(env.root, "none.sock"), "--port", str(free_port()), check=False)
+    assert p.returncode == 2 and "TLS is not optional" in p.stderr, p.stderr
     # Certificates asked for where there are none (a fresh home has no <home>/tls).
     moved = os.path.join(env.root, "tls-away")
     tls_dir = os.path.join(env.home.root, "tls")

@@ -92,8 +92,11 @@ class VolumeManager:
         check_name(name)
         size = parse_size(size)
         share_opts = _share_options(access, size, share)
+        if not isinstance(disks or [], list) or not all(isinstance(d, str) for d in disks or []):
+            raise InvalidArgument("disks must be a list of directories")
         disks = [os.path.abspath(d) for d in disks or []]
-        if not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+        if (isinstance(replicas, bool) or not isinstance(replicas, int)
+                or not 1 <= replicas <= MAX_REPLICAS):
             raise InvalidArgument(f"invalid replica count {replicas!r}: use 1 to {MAX_REPLICAS}")
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"invalid transport {transport!r}: use auto, tcp or unix")
