@@ -240,6 +240,7 @@ def format_show(v: dict[str, Any]) -> str:
         f"Frontend:    {_dash(v.get('frontend'))}",
         f"Device:      {_dash(v.get('device'))}",
         f"Endpoint:    {_dash(v.get('endpoint'))}",
+        *([f"TCP (TLS):   {v['nbd_tcp']['uri']}"] if v.get("nbd_tcp") else []),
         f"Created:     {_dash(v.get('created'))}",
     ]
     if v.get("share"):

@@ -78,6 +78,7 @@ def test_tcp_endpoint_psk(env: Env) -> None:
         tcp = v["nbd_tcp"]
         assert tcp["address"] == "127.0.0.1" and tcp["port"] == port and tcp["tls"] == "psk"
         assert tcp["uri"] in out.splitlines() and tcp["uri"] in v["endpoints"]
+        assert f"TCP (TLS):   {tcp['uri']}" in env.cli("volume", "show", "v").stdout
         psk = tcp["psk_file"]
         assert stat.S_IMODE(os.stat(psk).st_mode) == 0o600
         user, key = open(psk).read().strip().split(":")
