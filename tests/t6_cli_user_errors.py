@@ -100,6 +100,12 @@ def test_share_input(env: Env) -> None:
     check(env, ["volume", "create", "x", "--size", "64MiB", "--nfs-client", "10.0.0.0/8"], 2,
           "need --access rwx")
     check(env, ["share", "show", "v"], 2, "RWO", "--access rwx")
+    # The wrong access mode for the operation: an RWX volume needs a block device for its
+    # share, and a detached one has no share to show.
+    env.cli("volume", "create", "s", "--size", "32MiB", "--replicas", "1", "--access", "rwx")
+    check(env, ["volume", "attach", "s", "--frontend", "none"], 2, "RWX", "--frontend none")
+    check(env, ["share", "show", "s"], 1, "detached", "volume attach s")
+    env.cli("volume", "rm", "s")
     assert [v["name"] for v in env.ls()] == ["v"]
 
 
