@@ -205,6 +205,9 @@ class VolumeManager:
             if tcp is not None:
                 from blockhorn.nbd.tls import check_bindable
                 check_bindable(tcp["address"], tcp["port"])
+                if tcp["address"] in ("0.0.0.0", "::"):
+                    log.warning("volume %s: NBD over TLS on every interface (%s:%d), as asked",
+                                name, tcp["address"], tcp["port"])
                 atomic_write_json(self._tcp_file(name), tcp, mode=0o600)
             self.store.update_volume(name, desired="attached", frontend=frontend,
                                      tcp_port=tcp_port, robustness=None, message=None,
