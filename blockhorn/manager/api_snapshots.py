@@ -10,8 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.snapshots import SnapshotManager
-from blockhorn.manager.volumes import VolumeManager, check_disk_room
+from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import (
     AlreadyExists,
     BlockhornError,

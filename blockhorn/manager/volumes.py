@@ -16,16 +16,15 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
-from blockhorn.fsutil import atomic_write_json, read_json
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
+from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
 from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
 from blockhorn.sharemgr.control import NotShared, ShareControl
@@ -34,11 +33,8 @@ from blockhorn.types import (
     BlockhornError,
     Busy,
     InvalidArgument,
-    NoSpace,
     NotFound,
-    TooLarge,
     check_name,
-    format_size,
     parse_size,
 )
 
@@ -185,7 +181,10 @@ class VolumeManager:
         if frontend not in FRONTENDS:
             raise InvalidArgument(f"invalid frontend {frontend!r}: use one of "
                                   f"{', '.join(FRONTENDS)}")
-        tcp = self._tcp_settings(name, tcp_port, tcp_address, tls)
+        from blockhorn.nbd import tls as nbdtls
+        check_name(name)
+        tcp = nbdtls.settings(self.home.volume_dir(name), os.path.join(self.home.root, "tls"),
+                              tcp_port, tcp_address, tls)
         if tcp is not None and frontend == "fuse":
             raise InvalidArgument("the fuse frontend serves no NBD: drop --port, or use "
                                   "--frontend nbdfuse/nbd/none")
@@ -203,12 +202,11 @@ class VolumeManager:
             from blockhorn.nbd.attach import choose_frontend
             frontend = choose_frontend(frontend)
             if tcp is not None:
-                from blockhorn.nbd.tls import check_bindable
-                check_bindable(tcp["address"], tcp["port"])
+                nbdtls.check_bindable(tcp["address"], tcp["port"])
                 if tcp["address"] in ("0.0.0.0", "::"):
                     log.warning("volume %s: NBD over TLS on every interface (%s:%d), as asked",
                                 name, tcp["address"], tcp["port"])
-                atomic_write_json(self._tcp_file(name), tcp, mode=0o600)
+                nbdtls.save(self.home.volume_dir(name), tcp)
             self.store.update_volume(name, desired="attached", frontend=frontend,
                                      tcp_port=tcp_port, robustness=None, message=None,
                                      attachment=None, device_stale=False)
@@ -226,44 +224,10 @@ class VolumeManager:
                 self._teardown(name)
                 self.store.update_volume(name, desired="detached", frontend=None,
                                          tcp_port=None)
-                _unlink(self._tcp_file(name))
+                nbdtls.remove(self.home.volume_dir(name))
                 raise
         log.info("attached volume %s (frontend %s)", name, frontend)
         return self.show(name)
-
-    # --- the TCP endpoint (TLS required: blockhorn/nbd/tls.py) -------------------------------
-
-    def _tcp_file(self, name: str) -> str:
-        """The TCP endpoint of an attachment: {address, port, tls, psk_file, certificates}."""
-        return os.path.join(self.home.volume_dir(name), "nbd-tcp.json")
-
-    def _tcp_settings(self, name: str, port: int | None, address: str | None,
-                      tls: str | None) -> dict[str, Any] | None:
-        from blockhorn.nbd import tls as nbdtls
-        if port is None:
-            if address is not None or tls is not None:
-                raise InvalidArgument("an NBD address or TLS mode needs a TCP port (--port)")
-            return None
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise InvalidArgument(f"invalid TCP port {port!r}: use 1 to 65535")
-        settings: dict[str, Any] = {
-            "address": nbdtls.check_address(address or nbdtls.DEFAULT_ADDRESS),
-            "port": port, "tls": nbdtls.check_mode(tls or "psk"),
-            "psk_file": "", "certificates": ""}
-        if settings["tls"] == "psk":
-            check_name(name)
-            settings["psk_file"] = os.path.join(self.home.volume_dir(name), "nbd.psk")
-        else:
-            settings["certificates"] = nbdtls.check_certificates(
-                os.path.join(self.home.root, "tls"))
-        return settings
-
-    def tcp_endpoint(self, name: str) -> dict[str, Any] | None:
-        try:
-            data = read_json(self._tcp_file(name))
-        except FileNotFoundError:
-            return None
-        return dict(data) if isinstance(data, dict) else None
 
     def start_replicas(self, name: str, reps: list[ReplicaRow], restarted: bool = False) -> None:
         """Start the given replica processes (all at once) and wait until each accepts."""
@@ -316,18 +280,12 @@ class VolumeManager:
             argv = [sys.executable, "-m", "blockhorn", "engine", "serve", "--keeper",
                     "--config", self.home.engine_config(name), "--socket", eng.nbd_socket]
             ready = [f"unix:{eng.nbd_socket}", f"unix:{eng.control_socket}"]
-            tcp = self.tcp_endpoint(name) if vol.tcp_port else None
-            if tcp is not None:
-                from blockhorn.nbd.tls import ensure_psk
-                argv += ["--port", str(tcp["port"]), "--address", tcp["address"]]
-                if tcp["tls"] == "psk":
-                    argv += ["--tls-psk", ensure_psk(tcp["psk_file"])]
-                else:
-                    argv += ["--tls-certificates", tcp["certificates"]]
-                host = f"[{tcp['address']}]" if ":" in tcp["address"] else tcp["address"]
-                if host in ("0.0.0.0", "[::]"):
-                    host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
-                ready.append(f"{host}:{tcp['port']}")
+            from blockhorn.nbd import tls as nbdtls
+            tcp = nbdtls.load(self.home.volume_dir(name)) if vol.tcp_port else None
+            if tcp is not None:   # TLS proxy in front of the unix socket (nbd/tls.py)
+                args, address = nbdtls.engine_args(tcp)
+                argv += args
+                ready.append(address)
         log_path = self.home.log(f"{name}-engine.log")
         rec = process.spawn(argv, log_path)
         self.store.set_engine_process(name, rec, restarted=restarted)
@@ -376,7 +334,8 @@ class VolumeManager:
             errors = self._teardown(name)
             self.store.update_volume(name, desired="detached", tcp_port=None,
                                      robustness=last, device_stale=False, message="; ".join(errors) or None)
-            _unlink(self._tcp_file(name))
+            from blockhorn.nbd import tls as nbdtls
+            nbdtls.remove(self.home.volume_dir(name))
         if errors:
             raise BlockhornError(f"detach of {name!r} incomplete: {'; '.join(errors)}; "
                                  "run detach again after fixing the cause", errno.EIO)
@@ -466,11 +425,9 @@ class VolumeManager:
                 "restarts": r.restarts,
             })
         endpoints = []
-        tcp = self.tcp_endpoint(name) if vol.tcp_port else None
-        if tcp is not None:
-            from blockhorn.nbd.tls import PSK_USER, endpoint
-            tcp["uri"] = endpoint(tcp)
-            tcp["username"] = PSK_USER if tcp["tls"] == "psk" else None
+        from blockhorn.nbd import tls as nbdtls
+        tcp = nbdtls.load(self.home.volume_dir(name)) if vol.tcp_port else None
+        tcp = nbdtls.describe(tcp) if tcp is not None else None
         if engine_up and vol.frontend != "fuse":   # the fuse frontend serves no NBD
             endpoints.append(self._uri(eng.nbd_socket))
             if tcp is not None:
@@ -556,54 +513,6 @@ def _share_options(access: str, size: int,
         raise InvalidArgument(f"bad share settings: {e}") from None
 
 
-def _existing_ancestor(path: str) -> str:
-    path = os.path.abspath(path)
-    while not os.path.isdir(path):
-        path = os.path.dirname(path)
-    return path
-
-
-def check_disk_room(size: int, directories: list[str]) -> str | None:
-    """Before a replica file of `size` bytes is made or grown in each of `directories`:
-    refuse (TooLarge) a size past the largest file the directory's filesystem can hold — the
-    kernel answers EFBIG, which used to surface as an internal error — and (NoSpace) one
-    larger than the whole filesystem, which could never be filled. A thin volume larger than
-    the free space is allowed: the returned warning says that writes will fail with ENOSPC
-    once the disk is full (Longhorn's default over-provisioning also stops at 100 %)."""
-    warnings = []
-    seen: set[int] = set()
-    for d in directories:
-        where = _existing_ancestor(d)
-        st = os.statvfs(where)
-        if st.f_fsid in seen:
-            continue
-        seen.add(st.f_fsid)
-        try:
-            # Sparse and unnamed (O_TMPFILE): nothing is allocated and nothing is left behind.
-            with tempfile.TemporaryFile(dir=where) as probe:
-                os.ftruncate(probe.fileno(), size)
-        except OSError as e:
-            if e.errno != errno.EFBIG:
-                raise BlockhornError(f"cannot create a replica file in {where}: {e.strerror}",
-                                     e.errno) from None
-            raise TooLarge(
-                f"{format_size(size)} is larger than the largest file the filesystem at "
-                f"{where} can hold: choose a smaller --size, or put the replicas with --disk "
-                "on a filesystem that allows larger files (ext4 with 4 KiB blocks: 16 TiB; "
-                "XFS, btrfs: 8 EiB)") from None
-        capacity, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
-        if size > capacity:
-            raise NoSpace(f"{format_size(size)} is larger than the whole filesystem at {where} "
-                          f"({format_size(capacity)}): a replica there could never be filled; "
-                          "choose a smaller --size or a larger --disk")
-        if size > free:
-            warnings.append(f"{where} has {format_size(free)} free")
-    if not warnings:
-        return None
-    return (f"thin volume of {format_size(size)}: {'; '.join(warnings)}; writes fail with "
-            "ENOSPC once a replica's disk is full")
-
-
 def check_system(frontend: str) -> None:
     """Fail with the Debian package to install when a program the attach needs is missing."""
     if not shutil.which("nbdkit"):
@@ -621,13 +530,6 @@ def _unlink_stale(path: str) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass   # removed concurrently: what we wanted
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass   # nothing to remove
 
 
 def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:

@@ -30,7 +30,7 @@ import socket
 import stat
 from typing import Any
 
-from blockhorn.fsutil import atomic_write
+from blockhorn.fsutil import atomic_write, atomic_write_json, read_json
 from blockhorn.types import BlockhornError, InvalidArgument
 
 TLS_MODES = ("psk", "certificates")
@@ -125,3 +125,64 @@ def endpoint(settings: dict[str, Any]) -> str:
         return (f"nbds://{PSK_USER}@{host}:{settings['port']}/"
                 f"?tls-psk-file={settings['psk_file']}")
     return f"nbds://{host}:{settings['port']}/"
+
+
+# --- the TCP endpoint of one attachment, as the daemon keeps it ------------------------------
+
+SETTINGS_FILE = "nbd-tcp.json"   # in the volume's config directory, while attached
+PSK_FILE = "nbd.psk"             # in the volume's config directory, kept until the volume goes
+
+
+def settings(volume_dir: str, tls_dir: str, port: object, address: object = None,
+             mode: object = None) -> dict[str, Any] | None:
+    """Validated settings of a TCP endpoint (None without a port):
+    {address, port, tls, psk_file, certificates}."""
+    if port is None:
+        if address is not None or mode is not None:
+            raise InvalidArgument("an NBD address or TLS mode needs a TCP port (--port)")
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise InvalidArgument(f"invalid TCP port {port!r}: use 1 to 65535")
+    out: dict[str, Any] = {"address": check_address(address or DEFAULT_ADDRESS), "port": port,
+                           "tls": check_mode(mode or "psk"), "psk_file": "", "certificates": ""}
+    if out["tls"] == "psk":
+        out["psk_file"] = os.path.join(volume_dir, PSK_FILE)
+    else:
+        out["certificates"] = check_certificates(tls_dir)
+    return out
+
+
+def save(volume_dir: str, data: dict[str, Any]) -> None:
+    atomic_write_json(os.path.join(volume_dir, SETTINGS_FILE), data, mode=0o600)
+
+
+def load(volume_dir: str) -> dict[str, Any] | None:
+    try:
+        data = read_json(os.path.join(volume_dir, SETTINGS_FILE))
+    except FileNotFoundError:
+        return None
+    return dict(data) if isinstance(data, dict) else None
+
+
+def remove(volume_dir: str) -> None:
+    try:
+        os.unlink(os.path.join(volume_dir, SETTINGS_FILE))
+    except FileNotFoundError:
+        pass   # not attached over TCP: nothing to remove
+
+
+def engine_args(data: dict[str, Any]) -> tuple[list[str], str]:
+    """`blockhorn engine serve` arguments for the endpoint (creating the PSK on first use),
+    and the HOST:PORT address to wait on for readiness."""
+    args = ["--port", str(data["port"]), "--address", data["address"]]
+    if data["tls"] == "psk":
+        args += ["--tls-psk", ensure_psk(data["psk_file"])]
+    else:
+        args += ["--tls-certificates", data["certificates"]]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(data["address"], data["address"])
+    return args, (f"[{host}]" if ":" in host else host) + f":{data['port']}"
+
+
+def describe(data: dict[str, Any]) -> dict[str, Any]:
+    """The endpoint as `volume show` reports it: the settings plus `uri` and `username`."""
+    return dict(data, uri=endpoint(data), username=PSK_USER if data["tls"] == "psk" else None)
