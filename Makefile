@@ -11,7 +11,7 @@ APT_PKGS := nfs-ganesha nfs-ganesha-vfs libnfs-utils \
             nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd nbd-client fuse3 \
             e2fsprogs fio util-linux python3 python3-venv python3-dev systemd procps psmisc \
             libfuse3-dev pkg-config gcc patch mount iproute2 etcd-server etcd-client rpcbind \
-            python3-cryptography
+            python3-cryptography openssl
 STAMP    := $(VENV)/.setup-stamp
 
 .PHONY: setup demo test bench fuzz lint clean

@@ -134,7 +134,15 @@ def build_parser() -> Parser:
                         "fuse: the engine in a pyfuse3 process + loop (no NBD); "
                         "none: only the NBD endpoint (for fio, nbdsh, qemu)")
     p.add_argument("--port", type=int, metavar="PORT", dest="tcp_port",
-                   help="also serve NBD on this TCP port (127.0.0.1)")
+                   help="also serve NBD on this TCP port, TLS required (see --tls)")
+    p.add_argument("--address", default=None, metavar="IP", dest="tcp_address",
+                   help="with --port: the address to listen on (default 127.0.0.1; 0.0.0.0 "
+                        "only when you ask for it)")
+    p.add_argument("--tls", choices=("psk", "certificates"), default=None,
+                   help="with --port: psk (default; key in <home>/volumes/NAME/nbd.psk, for "
+                        "libnbd and qemu clients) or certificates (<home>/tls/{ca-cert,"
+                        "server-cert,server-key}.pem; clients need a certificate of that CA: "
+                        "nbd-client -cacertfile -certfile -keyfile)")
     _home_arg(p)
 
     p = vcmds.add_parser("detach", help="remove the device and stop the volume's processes",
@@ -213,7 +221,15 @@ def build_parser() -> Parser:
                       "Replace this process with nbdkit serving one volume.")
     p.add_argument("--config", required=True, metavar="FILE", help="engine config (JSON)")
     p.add_argument("--socket", required=True, metavar="PATH", help="NBD unix socket to serve")
-    p.add_argument("--port", type=int, metavar="PORT", help="also serve NBD on this TCP port")
+    p.add_argument("--port", type=int, metavar="PORT",
+                   help="also serve NBD on this TCP port, TLS required: a second nbdkit "
+                        "forwards to --socket (implies --keeper)")
+    p.add_argument("--address", default="127.0.0.1", metavar="IP",
+                   help="with --port: the address to listen on (default 127.0.0.1)")
+    p.add_argument("--tls-psk", metavar="FILE", help="with --port: PSK file (USER:HEXKEY)")
+    p.add_argument("--tls-certificates", metavar="DIR",
+                   help="with --port: nbdkit certificate directory; clients must present a "
+                        "certificate signed by its ca-cert.pem")
     p.add_argument("--keeper", action="store_true",
                    help="stay as nbdkit's parent (forwarding signals) instead of exec'ing it: "
                         "nbdkit in the foreground exits when its parent does, so the daemon "
@@ -254,6 +270,7 @@ def format_show(v: dict[str, Any]) -> str:
         f"Frontend:    {_dash(v.get('frontend'))}",
         f"Device:      {_dash(v.get('device'))}",
         f"Endpoint:    {_dash(v.get('endpoint'))}",
+        *([f"TCP (TLS):   {v['nbd_tcp']['uri']}"] if v.get("nbd_tcp") else []),
         f"Created:     {_dash(v.get('created'))}",
     ]
     if v.get("share"):
@@ -330,15 +347,25 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
                          args.access, share)
         print(f"created volume {v['name']}: {format_size(v['size'])}, "
               f"{len(v['replicas'])} replicas")
+        if v.get("message"):
+            print(f"blockhorn: warning: {v['message']}", file=sys.stderr)
         return 0
     if args.action in ("attach", "detach", "show", "rm"):
         check_name(args.name)
     with connect(home) as c:
         if args.action == "attach":
-            v = c.attach(args.name, args.frontend, args.tcp_port)
+            if args.tcp_port is None and (args.tcp_address or args.tls):
+                raise InvalidArgument("--address and --tls go with --port")
+            v = c.attach(args.name, args.frontend, args.tcp_port, args.tcp_address, args.tls)
             print(v.get("device") or v.get("endpoint"))
+            if v.get("nbd_tcp"):
+                print(v["nbd_tcp"]["uri"])
         elif args.action == "detach":
-            c.detach(args.name)
+            was = c.show(args.name)["state"]
+            c.detach(args.name)   # even when detached: it also cleans up leftovers
+            if was != "attached":
+                print(f"volume {args.name} was not attached: nothing to detach",
+                      file=sys.stderr)
         elif args.action == "rm":
             c.remove(args.name, force=args.force)
         elif args.action == "show":
@@ -486,35 +513,76 @@ def _fuse(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> int:
     from blockhorn.nbd.attach import engine_argv
-    argv = engine_argv(args.config, args.socket, args.port)
+    argv = engine_argv(args.config, args.socket)
+    proxy = None
+    if args.port is not None:
+        from blockhorn.nbd.tls import check_bindable, proxy_argv
+        proxy = proxy_argv(argv[0], args.socket, args.address, args.port,
+                           args.tls_psk or "", args.tls_certificates or "")
+        check_bindable(args.address, args.port)
+    elif args.tls_psk or args.tls_certificates:
+        raise InvalidArgument("--tls-psk and --tls-certificates go with --port")
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        if not args.keeper:
+        if not args.keeper and proxy is None:
             os.execvp(argv[0], argv)
-        return _keep(argv)
+        return _keep(argv, proxy)
     except OSError as e:
         raise BlockhornError(f"cannot run {argv[0]}: {e.strerror} (apt-get install nbdkit "
                              "nbdkit-plugin-python)", e.errno) from None
 
 
-def _keep(argv: list[str]) -> int:
-    """Run `argv` as a child, pass SIGTERM/SIGINT/SIGHUP on, exit with its status.
+PROXY_RESTART_DELAY_S = 1.0   # seconds between restarts of a TLS proxy that exited
+
+
+def _keep(argv: list[str], proxy: list[str] | None = None) -> int:
+    """Run `argv` (and the TLS proxy in front of it, if any) as children, pass
+    SIGTERM/SIGINT/SIGHUP on, exit with the engine's status when it exits.
 
     nbdkit run with --foreground sets PR_SET_PDEATHSIG(SIGTERM): it stops when its parent
     exits. Its parent must therefore be a process that lives exactly as long as it — this one —
     and not the daemon, whose restart must not interrupt I/O. Killing this process (even with
-    SIGKILL) still stops nbdkit, through that same death signal."""
+    SIGKILL) still stops nbdkit, through that same death signal (the proxy runs with
+    --exit-with-parent). A proxy that exits is started again here, after a pause, without
+    touching the engine: the local device above the engine's unix socket keeps working."""
     import signal
     import subprocess
-    child = subprocess.Popen(argv)
+    import time
+    engine = subprocess.Popen(argv)
+    children = [engine]
+    if proxy:
+        children.append(subprocess.Popen(proxy))
+    stopping = False
 
     def forward(signum: int, frame: object) -> None:
-        child.send_signal(signum)
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.returncode is None:
+                c.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
-    rc = child.wait()   # PEP 475: retried after each forwarded signal
+    while True:
+        pid, status = os.waitpid(-1, 0)   # PEP 475: retried after each forwarded signal
+        rc = os.waitstatus_to_exitcode(status)
+        if pid == engine.pid:
+            engine.returncode = rc
+            break
+        if proxy and pid == children[1].pid:
+            children[1].returncode = rc
+            if stopping:
+                continue
+            print(f"blockhorn: the NBD TLS proxy exited with status {rc}: starting it again",
+                  file=sys.stderr, flush=True)
+            time.sleep(PROXY_RESTART_DELAY_S)
+            if not stopping:
+                children[1] = subprocess.Popen(proxy)
+    for c in children[1:]:
+        if c.returncode is None:
+            c.terminate()
+            c.wait()
     return rc if rc >= 0 else 128 - rc
 
 

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from blockhorn.manager.paths import Home
-from blockhorn.types import InvalidArgument, check_name, format_size, parse_size
+from blockhorn.types import InvalidArgument, check_labels, check_name, format_size, parse_size
 
 
 def add_parsers(cmds: Any, vcmds: Any) -> None:
@@ -58,7 +58,7 @@ def _labels(items: list[str]) -> dict[str, str]:
         if not sep or not k:
             raise InvalidArgument(f"bad label {item!r}: use KEY=VALUE")
         out[k] = v
-    return out
+    return check_labels(out)
 
 
 def format_tree(snaps: list[dict[str, Any]]) -> str:
@@ -84,6 +84,8 @@ def format_tree(snaps: list[dict[str, Any]]) -> str:
 def run_snapshot(args: argparse.Namespace, home: Home) -> int:
     from blockhorn.manager.client import connect
     check_name(args.volume)
+    if getattr(args, "name", None) is not None:
+        check_name(args.name, "snapshot")   # it becomes part of the request's URL path
     base = f"/volumes/{args.volume}/snapshots"
     with connect(home) as c:
         if args.action == "create":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -21,15 +22,25 @@ REPLICA_TIMEOUT_S = 8.0   # seconds a replica may take to answer before it is se
 MIN_RW = 1                # fewest RW replicas that still acknowledge I/O
 
 
+# Full matches only (see types.NAME_RE): a host name, an IPv4 address or a bracketed IPv6 one,
+# and a port of ASCII digits ('²'.isdigit() is true, and int('²') raises).
+_HOST_RE = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
 def parse_address(address: str) -> tuple[str, str | int]:
     """`unix:/p` -> ("unix", "/p"); `host:port` -> (host, port)."""
+    if not isinstance(address, str):
+        raise InvalidArgument(f"bad address {address!r}: use HOST:PORT or unix:/PATH")
     if address.startswith("unix:"):
         path = address[5:]
-        if not path:
-            raise InvalidArgument(f"bad address {address!r}: unix socket path missing")
+        if not path or not path.isprintable():
+            raise InvalidArgument(f"bad address {address!r}: unix socket path missing or "
+                                  "holding control characters")
         return "unix", path
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if (not sep or not _HOST_RE.fullmatch(host) or not _PORT_RE.fullmatch(port)
+            or not 0 < int(port) < 65536):
         raise InvalidArgument(f"bad address {address!r}: use HOST:PORT or unix:/PATH")
     return host.strip("[]"), int(port)
 

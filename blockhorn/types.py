@@ -12,7 +12,12 @@ import re
 
 BLOCK_SIZE = 4096                      # bytes; volume sizes and the layer map use this unit
 MAX_REQUEST = 32 * 1024 * 1024         # bytes; NBD requires payloads up to 32 MiB to work
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{0,62}$")
+MAX_SIZE = (1 << 63) - BLOCK_SIZE      # bytes; NBD and nbdkit sizes are signed 64-bit
+# Names enter file names, command lines and generated configs (ganesha.conf): they are checked
+# with fullmatch, never match + `$` (which also accepts a trailing newline: "vol\n").
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})")
+LABEL_VALUE_MAX = 256   # characters
 
 
 class ReplicaMode(enum.StrEnum):
@@ -61,6 +66,12 @@ class NoSpace(BlockhornError):
     errno = errno.ENOSPC
 
 
+class TooLarge(BlockhornError):
+    """A size past what a disk's filesystem can hold in one file."""
+
+    errno = errno.EFBIG
+
+
 class AuthError(BlockhornError):
     errno = errno.EACCES
 
@@ -79,33 +90,52 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
           "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30,
           "T": 1 << 40, "TB": 1 << 40, "TIB": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r" *([0-9]+) *([A-Za-z]*) *")
 
 
 def parse_size(text: str | int) -> int:
     """Parse `1073741824`, `512MiB`, `10G`... (binary units) into bytes, a multiple of 4096."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
-        m = _SIZE_RE.match(text)
+        m = _SIZE_RE.fullmatch(text) if isinstance(text, str) else None
         unit = m.group(2).upper() if m else ""
+        if isinstance(text, str) and text.strip().startswith("-"):
+            raise InvalidArgument(f"invalid size {text!r}: must be greater than zero")
         if not m or unit not in _UNITS:
             raise InvalidArgument(
                 f"invalid size {text!r}: use bytes or a number with KiB, MiB, GiB or TiB")
         value = int(m.group(1)) * _UNITS[unit]
     if value <= 0:
         raise InvalidArgument(f"invalid size {text!r}: must be greater than zero")
+    if value > MAX_SIZE:
+        raise InvalidArgument(f"invalid size {text!r}: larger than NBD allows (8 EiB)")
     if value % BLOCK_SIZE:
         raise InvalidArgument(f"invalid size {text!r}: {value} bytes is not a multiple of 4096")
     return value
 
 
 def check_name(name: str, what: str = "volume") -> str:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid {what} name {name!r}: use 1-63 lowercase letters, digits, '-' or '.', "
             "starting with a letter or digit")
     return name
+
+
+def check_labels(labels: object) -> dict[str, str]:
+    """Snapshot labels: keys like Kubernetes label keys, values printable text."""
+    if not isinstance(labels, dict):
+        raise InvalidArgument("labels must be an object of strings: KEY=VALUE")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not LABEL_KEY_RE.fullmatch(k):
+            raise InvalidArgument(
+                f"bad label key {k!r}: use 1-63 letters, digits, '.', '_', '/' or '-', "
+                "starting with a letter or digit")
+        if not isinstance(v, str) or len(v) > LABEL_VALUE_MAX or not v.isprintable():
+            raise InvalidArgument(f"bad label value {v!r} for {k!r}: use up to "
+                                  f"{LABEL_VALUE_MAX} printable characters")
+    return dict(labels)
 
 
 def format_size(n: int) -> str:

@@ -148,3 +148,64 @@ def test_device_too_small_refused(tmp_path: object) -> None:
             device.prepare("/dev/loop-none", os.path.join(str(tmp_path), "mnt"))
     finally:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+# --- hostile input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [
+    ["-d", "/etc"],                      # would copy host files into the exported fs
+    ["-d/etc"],
+    ["-z", "/tmp/undo"],                 # would write a root-owned undo file anywhere
+    ["-E", "root_owner=0:0,offset=4096"],
+    ["-E", "root_owner=1000"],
+    ["-E", "root_owner=1000:1000\n"],
+    ["-b", "4096", "/dev/sda"],          # a second device argument
+    ["-O", "has_journal -d /etc"],
+    ["-m", "90"], ["-I", "100"], ["-N", "0"], ["-b"], ["-c"], ["-n"], ["-S"],
+    ["-L", "a b"],
+])
+def test_mkfs_options_outside_the_allow_list_refused(bad: list[str]) -> None:
+    with pytest.raises(InvalidArgument, match="allowed: "):
+        share_options(mkfs_options=bad)
+    with pytest.raises(InvalidArgument, match="allowed: "):
+        config(mkfs_options=bad)
+
+
+def test_mkfs_options_allowed_are_normalised() -> None:
+    opts = ["-E", "root_owner=1000:1000,lazy_itable_init=0", "-O^has_journal,metadata_csum",
+            "-N", "2048", "-i", "16384", "-I", "256", "-b4096", "-m", "0.5", "-L", "data"]
+    assert share_options(mkfs_options=opts)["mkfs_options"] == [
+        "-E", "root_owner=1000:1000,lazy_itable_init=0", "-O", "^has_journal,metadata_csum",
+        "-N", "2048", "-i", "16384", "-I", "256", "-b", "4096", "-m", "0.5", "-L", "data"]
+
+
+def test_newlines_and_quotes_never_reach_ganesha_conf() -> None:
+    """Names were checked with `$`-anchored regexes, which accept a trailing newline: every
+    name and value that reaches ganesha.conf is now a full match or a normalised form."""
+    for kw in ({"volume": "vol1\n"}, {"volume": "vol1\nEXPORT{"},
+               {"mount_dir": '/h/export/vol1"\n}'}, {"state_dir": "/h/st\nLOG {"},
+               {"clients": [{"cidr": "10.0.0.0/24\n", "access": "rw"}]},
+               {"clients": [{"cidr": "10.0.0.0/24", "access": "rw\n"}]},
+               {"bind": "0.0.0.0\n"}, {"port": "2049\n"},
+               {"service_address": "10.0.0.5/24", "interface": "eth0\n"}):
+        with pytest.raises(InvalidArgument):
+            config(**kw)
+    with pytest.raises(InvalidArgument):
+        share_options(interface="eth0;x", service_address="10.0.0.5/24")
+    with pytest.raises(InvalidArgument):
+        parse_client("10.0.0.1\n")
+
+
+@needs_root()
+def test_device_allowed_mkfs_options_applied(loop: tuple[str, str]) -> None:
+    dev, mnt = loop
+    assert device.prepare(dev, mnt, ["-E", "root_owner=1234:5678", "-b", "1024"]) == [
+        "formatted ext4", "mounted"]
+    st = os.stat(mnt)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert os.statvfs(mnt).f_bsize == 1024
+    device.unmount(mnt)
+    subprocess.run(["wipefs", "-a", dev], check=True, capture_output=True)
+    with pytest.raises(InvalidArgument, match="'-d' is not allowed"):
+        device.prepare(dev, mnt, ["-d", "/etc"])
+    assert device.probe(dev) == {}

@@ -49,6 +49,8 @@ HTTP_STATUS = {
     errno.ETIMEDOUT: 504,
     errno.ENOTCONN: 409,       # e.g. the share of a detached volume
     errno.EMEDIUMTYPE: 409,    # a device holding a foreign filesystem
+    errno.EADDRINUSE: 409,     # the TCP port asked for is taken
+    errno.EFBIG: 400,          # a size past what the replica disks' filesystems can hold
 }
 
 
@@ -154,12 +156,13 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
 
     @endpoint
     async def attach_volume(request: Request) -> Any:
-        data = _only(await _body(request), {"frontend", "tcp_port"})
+        data = _only(await _body(request), {"frontend", "tcp_port", "tcp_address", "tls"})
         port = data.get("tcp_port")
-        if port is not None and not isinstance(port, int):
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
             raise InvalidArgument("tcp_port must be an integer")
         return await run(volumes.attach, request.path_params["name"],
-                         frontend=data.get("frontend", "auto"), tcp_port=port)
+                         frontend=data.get("frontend", "auto"), tcp_port=port,
+                         tcp_address=data.get("tcp_address"), tls=data.get("tls"))
 
     @endpoint
     async def detach_volume(request: Request) -> Any:

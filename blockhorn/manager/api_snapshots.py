@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -9,9 +10,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
-from blockhorn.types import InvalidArgument, format_size
+from blockhorn.types import (
+    AlreadyExists,
+    BlockhornError,
+    InvalidArgument,
+    check_labels,
+    format_size,
+    parse_size,
+)
 
 Run = Callable[..., Awaitable[Any]]
 
@@ -24,6 +33,21 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
         with volumes.locked(name):
             return fn(name, *args)
 
+    def create_checked(name: str, snap: str | None, labels: dict[str, str]) -> Any:
+        taken = (f"snapshot {snap!r} already exists on volume {name!r}: pick another name, "
+                 f"or remove it first (`blockhorn snapshot rm {name} {snap}`)")
+        if snap is not None and any(s["name"] == snap for s in snaps.list(name)):
+            raise AlreadyExists(taken)
+        try:
+            return snaps.create(name, snap, labels)
+        except BlockhornError as e:
+            if e.errno != errno.EEXIST:
+                raise
+            # Not listed, yet its layer file exists: removed, and not folded yet.
+            raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} was removed and is "
+                                f"still being folded: run `blockhorn snapshot purge {name}` "
+                                "or pick another name") from None
+
     @endpoint
     async def list_snapshots(request: Request) -> Any:
         name = request.path_params["name"]
@@ -32,11 +56,9 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
     @endpoint
     async def create_snapshot(request: Request) -> Any:
         data = only(await body(request), {"name", "labels"})
-        labels = data.get("labels") or {}
-        if not isinstance(labels, dict):
-            raise InvalidArgument("labels must be an object of strings")
-        result = await run(locked, request.path_params["name"], snaps.create,
-                           data.get("name"), {str(k): str(v) for k, v in labels.items()})
+        labels = check_labels(data.get("labels") or {})
+        result = await run(locked, request.path_params["name"], create_checked,
+                           data.get("name"), labels)
         return JSONResponse(result, status_code=201)
 
     @endpoint
@@ -53,13 +75,19 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
         await run(locked, request.path_params["name"], snaps.revert, request.path_params["snap"])
         return {"reverted": request.path_params["snap"]}
 
+    def expand_checked(name: str, size: Any) -> int:
+        """Refuse a size the replica disks cannot hold before any replica is touched: the
+        engine would otherwise set every replica ERR on EFBIG (a faulted volume)."""
+        new = parse_size(size)
+        check_disk_room(new, [r.directory for r in volumes.store.replicas(name)])
+        return int(snaps.expand(name, new, volumes.write_configs))
+
     @endpoint
     async def expand(request: Request) -> Any:
         data = only(await body(request), {"size"})
         if "size" not in data:
             raise InvalidArgument("expand needs a size")
-        size = await run(locked, request.path_params["name"], snaps.expand, data["size"],
-                         volumes.write_configs)
+        size = await run(locked, request.path_params["name"], expand_checked, data["size"])
         return {"size": size, "note": "a fuse-frontend device is resized online; NBD clients "
                 "(nbdfuse, nbd-client) see the new size after they reconnect"}
 

@@ -26,6 +26,7 @@ from blockhorn.types import (
     InvalidArgument,
     NoSpace,
     NotFound,
+    TooLarge,
 )
 
 CONNECT_TIMEOUT_S = 5.0
@@ -34,7 +35,7 @@ START_TIMEOUT_S = 30.0      # seconds a freshly started daemon has to answer
 
 _BY_ERRNO: dict[int, type[BlockhornError]] = {
     errno.EINVAL: InvalidArgument, errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists,
-    errno.EBUSY: Busy, errno.ENOSPC: NoSpace, errno.EACCES: AuthError,
+    errno.EBUSY: Busy, errno.ENOSPC: NoSpace, errno.EACCES: AuthError, errno.EFBIG: TooLarge,
 }
 
 
@@ -103,11 +104,12 @@ class Client:
     def share(self, name: str) -> dict[str, Any]:
         return dict(self.request("GET", f"/volumes/{name}/share"))
 
-    def attach(self, name: str, frontend: str = "auto",
-               tcp_port: int | None = None) -> dict[str, Any]:
+    def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
+               tcp_address: str | None = None, tls: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"frontend": frontend}
-        if tcp_port is not None:
-            body["tcp_port"] = tcp_port
+        for key, value in (("tcp_port", tcp_port), ("tcp_address", tcp_address), ("tls", tls)):
+            if value is not None:
+                body[key] = value
         return dict(self.request("POST", f"/volumes/{name}/attach", body))
 
     def detach(self, name: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
+from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
 from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
 from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
@@ -95,8 +96,11 @@ class VolumeManager:
         check_name(name)
         size = parse_size(size)
         share_opts = _share_options(access, size, share)
+        if not isinstance(disks or [], list) or not all(isinstance(d, str) for d in disks or []):
+            raise InvalidArgument("disks must be a list of directories")
         disks = [os.path.abspath(d) for d in disks or []]
-        if not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+        if (isinstance(replicas, bool) or not isinstance(replicas, int)
+                or not 1 <= replicas <= MAX_REPLICAS):
             raise InvalidArgument(f"invalid replica count {replicas!r}: use 1 to {MAX_REPLICAS}")
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"invalid transport {transport!r}: use auto, tcp or unix")
@@ -124,6 +128,7 @@ class VolumeManager:
             if os.path.exists(d) and os.listdir(d):
                 raise AlreadyExists(f"replica directory {d} already exists and is not empty: "
                                     "remove it or use another disk")
+        room_warning = check_disk_room(size, dirs)
         sockets = [self.home.nbd_socket(name), self.home.control_socket(name)]
         if transport == "auto":
             fits = all(len(self.home.replica_socket(name, r).encode()) <= UNIX_PATH_MAX
@@ -153,9 +158,12 @@ class VolumeManager:
             if share_opts is not None:
                 self.store.update_volume(name, access_mode="rwx")
                 self.shares.add(name, share_opts)
+            if room_warning:
+                self.store.update_volume(name, message=room_warning)
         except BaseException:
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
+                _rmdir_if_empty(os.path.dirname(d))
             shutil.rmtree(self.home.volume_dir(name), ignore_errors=True)
             self.store.delete_volume(name)
             raise
@@ -179,15 +187,18 @@ class VolumeManager:
 
     # --- attach ----------------------------------------------------------------------------
 
-    def attach(self, name: str, frontend: str = "auto",
-               tcp_port: int | None = None) -> dict[str, Any]:
+    def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
+               tcp_address: str | None = None, tls: str | None = None) -> dict[str, Any]:
         if frontend not in FRONTENDS:
             raise InvalidArgument(f"invalid frontend {frontend!r}: use one of "
                                   f"{', '.join(FRONTENDS)}")
-        if tcp_port is not None and not 0 < tcp_port < 65536:
-            raise InvalidArgument(f"invalid TCP port {tcp_port}")
-        if tcp_port is not None and frontend == "fuse":
-            raise InvalidArgument("the fuse frontend serves no NBD: drop the TCP port")
+        from blockhorn.nbd import tls as nbdtls
+        check_name(name)
+        tcp = nbdtls.settings(self.home.volume_dir(name), os.path.join(self.home.root, "tls"),
+                              tcp_port, tcp_address, tls)
+        if tcp is not None and frontend == "fuse":
+            raise InvalidArgument("the fuse frontend serves no NBD: drop --port, or use "
+                                  "--frontend nbdfuse/nbd/none")
         with self.locked(name):
             vol = self.store.volume(name)
             if vol.standby:
@@ -205,6 +216,12 @@ class VolumeManager:
             # Decided once, here: the supervisor restarts the engine process of that frontend.
             from blockhorn.nbd.attach import choose_frontend
             frontend = choose_frontend(frontend)
+            if tcp is not None:
+                nbdtls.check_bindable(tcp["address"], tcp["port"])
+                if tcp["address"] in ("0.0.0.0", "::"):
+                    log.warning("volume %s: NBD over TLS on every interface (%s:%d), as asked",
+                                name, tcp["address"], tcp["port"])
+                nbdtls.save(self.home.volume_dir(name), tcp)
             self.store.update_volume(name, desired="attached", frontend=frontend,
                                      tcp_port=tcp_port, robustness=None, message=None,
                                      attachment=None, device_stale=False)
@@ -223,6 +240,7 @@ class VolumeManager:
                 self._teardown(name)
                 self.store.update_volume(name, desired="detached", frontend=None,
                                          tcp_port=None)
+                nbdtls.remove(self.home.volume_dir(name))
                 raise
         log.info("attached volume %s (frontend %s)", name, frontend)
         return self.show(name)
@@ -271,22 +289,30 @@ class VolumeManager:
             # the volume file is mounted (blockhorn/fuse/serve.py). No NBD socket.
             argv = [sys.executable, "-m", "blockhorn", "fuse", "serve",
                     "--config", self.home.engine_config(name), "--mount", self.home.fuse_dir(name)]
-            ready = [eng.control_socket]
+            ready = [f"unix:{eng.control_socket}"]
         else:
             # Through `engine serve --keeper`: nbdkit exits with its parent (see cli._keep), and
             # the daemon must not be that parent.
             argv = [sys.executable, "-m", "blockhorn", "engine", "serve", "--keeper",
                     "--config", self.home.engine_config(name), "--socket", eng.nbd_socket]
-            if vol.tcp_port:
-                argv += ["--port", str(vol.tcp_port)]
-            ready = [eng.nbd_socket, eng.control_socket]
+            ready = [f"unix:{eng.nbd_socket}", f"unix:{eng.control_socket}"]
+            from blockhorn.nbd import tls as nbdtls
+            tcp = nbdtls.load(self.home.volume_dir(name)) if vol.tcp_port else None
+            if tcp is not None:   # TLS proxy in front of the unix socket (nbd/tls.py)
+                args, address = nbdtls.engine_args(tcp)
+                argv += args
+                ready.append(address)
         log_path = self.home.log(f"{name}-engine.log")
         rec = process.spawn(argv, log_path)
         self.store.set_engine_process(name, rec, restarted=restarted)
         log.info("started engine of %s: pid %d", name, rec.pid)
-        for sock in ready:
-            process.wait_ready(f"engine of {name} ({os.path.basename(sock)})", f"unix:{sock}",
+        for address in ready:
+            process.wait_ready(f"engine of {name} ({os.path.basename(address)})", address,
                                rec, log_path)
+        if vol.frontend != "fuse":
+            # nbdkit creates its socket under the process umask; the directory (0700) already
+            # keeps others out, and this keeps them out where a home was made world-readable.
+            os.chmod(eng.nbd_socket, 0o600)
 
     def _attach_device(self, name: str, frontend: str) -> None:
         from blockhorn.nbd.attach import attach_device
@@ -324,6 +350,8 @@ class VolumeManager:
             errors = self._teardown(name)
             self.store.update_volume(name, desired="detached", tcp_port=None,
                                      robustness=last, device_stale=False, message="; ".join(errors) or None)
+            from blockhorn.nbd import tls as nbdtls
+            nbdtls.remove(self.home.volume_dir(name))
         if errors:
             raise BlockhornError(f"detach of {name!r} incomplete: {'; '.join(errors)}; "
                                  "run detach again after fixing the cause", errno.EIO)
@@ -413,10 +441,13 @@ class VolumeManager:
                 "restarts": r.restarts, "failed_since": r.failed_since,
             })
         endpoints = []
+        from blockhorn.nbd import tls as nbdtls
+        tcp = nbdtls.load(self.home.volume_dir(name)) if vol.tcp_port else None
+        tcp = nbdtls.describe(tcp) if tcp is not None else None
         if engine_up and vol.frontend != "fuse":   # the fuse frontend serves no NBD
             endpoints.append(self._uri(eng.nbd_socket))
-            if vol.tcp_port:
-                endpoints.append(f"nbd://127.0.0.1:{vol.tcp_port}/")
+            if tcp is not None:
+                endpoints.append(tcp["uri"])
         return {
             "name": vol.name, "size": vol.size, "state": vol.desired,
             "robustness": self._robustness(vol, reps, engine_up, status),
@@ -430,7 +461,7 @@ class VolumeManager:
             "engine": {"pid": eng.process.pid if engine_up and eng.process else None,
                        "restarts": eng.restarts},
             "counters": (status or {}).get("counters"),
-            "attachment": vol.attachment,
+            "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }

@@ -101,21 +101,18 @@ def choose_frontend(frontend: str) -> str:
     return frontend
 
 
-def engine_argv(config_path: str, nbd_socket: str, tcp_port: int | None = None) -> list[str]:
-    """The command line of one engine: nbdkit in the foreground with the blockhorn plugin."""
-    argv = [require("nbdkit"), "--foreground", "--threads", str(NBDKIT_THREADS),
-            "--unix", nbd_socket]
-    if tcp_port is not None:
-        argv += ["--port", str(tcp_port)]
-    return argv + ["python", PLUGIN, f"config={os.path.abspath(config_path)}"]
+def engine_argv(config_path: str, nbd_socket: str) -> list[str]:
+    """The command line of one engine: nbdkit in the foreground with the blockhorn plugin,
+    on its unix socket only (a TCP endpoint is a TLS proxy in front of it: nbd/tls.py)."""
+    return [require("nbdkit"), "--foreground", "--threads", str(NBDKIT_THREADS),
+            "--unix", nbd_socket, "python", PLUGIN, f"config={os.path.abspath(config_path)}"]
 
 
-def start_engine(config_path: str, nbd_socket: str, log_path: str,
-                 tcp_port: int | None = None) -> subprocess.Popen[bytes]:
+def start_engine(config_path: str, nbd_socket: str, log_path: str) -> subprocess.Popen[bytes]:
     """Start one engine in its own session (it outlives its starter) logging to `log_path`.
     nbdkit leaves its unix socket behind when it exits: a stale one is removed first."""
     remove_stale_socket(nbd_socket)
-    argv = engine_argv(config_path, nbd_socket, tcp_port)
+    argv = engine_argv(config_path, nbd_socket)
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

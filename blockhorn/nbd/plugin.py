@@ -9,6 +9,7 @@ standard library. nbdkit forks after `get_ready`, so the engine's threads start 
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import logging
@@ -29,7 +30,12 @@ import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 from blockhorn.config import EngineConfig  # noqa: E402
 from blockhorn.engine.control import ControlServer  # noqa: E402
 from blockhorn.engine.engine import Engine  # noqa: E402
-from blockhorn.types import BlockhornError  # noqa: E402
+from blockhorn.types import (  # noqa: E402
+    BLOCK_SIZE,
+    MAX_REQUEST,
+    BlockhornError,
+    InvalidArgument,
+)
 
 API_VERSION = 2
 
@@ -118,9 +124,13 @@ def can_zero(h: int) -> bool:
 
 
 def can_fast_zero(h: int) -> bool:
-    # Zeroing punches holes on a single-layer replica but writes zeros over snapshots:
-    # not guaranteed fast, so say no rather than lie.
-    return False
+    # Zeroing punches holes on a single-layer replica but writes zeros over snapshots: never
+    # guaranteed fast, so every fast-zero request is refused at once with ENOTSUP (`zero`),
+    # which is what the spec asks of a server that cannot promise speed. Advertising it
+    # anyway is not a lie, and it is needed: nbdkit 1.32 does not reject the FAST_ZERO flag
+    # of a client that ignores the handshake, and then aborts on an assertion (one request
+    # from any client took the whole engine down: tests/t4_nbd_malformed.py).
+    return True
 
 
 def can_fua(h: int) -> int:
@@ -138,13 +148,31 @@ def can_cache(h: int) -> int:
     return nbdkit.CACHE_NONE
 
 
+def block_size(h: int) -> tuple[int, int, int]:
+    # minimum 1: the engine handles unaligned requests itself (read-patch-write where needed);
+    # preferred 4096, the layer map's unit; maximum MAX_REQUEST (32 MiB, what NBD requires to
+    # work and what the replica protocol carries in one frame).
+    return 1, BLOCK_SIZE, MAX_REQUEST
+
+
+def _check_length(count: int) -> None:
+    """Refuse a payload larger than the advertised maximum before it reaches the engine: a
+    replica closes a connection whose frame exceeds its limit, so forwarding it would set
+    every replica ERR — one client's oversized request would fault the volume."""
+    if count > MAX_REQUEST:
+        raise InvalidArgument(f"request of {count} bytes exceeds the maximum block size "
+                              f"{MAX_REQUEST}")
+
+
 @_errors_to_nbdkit
 def pread(h: int, buf: bytearray, offset: int, flags: int) -> None:
+    _check_length(len(buf))
     _engine.pread(buf, offset)  # type: ignore[union-attr]
 
 
 @_errors_to_nbdkit
 def pwrite(h: int, buf: bytes, offset: int, flags: int) -> None:
+    _check_length(len(buf))
     _engine.pwrite(buf, offset, fua=bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
 
 
@@ -160,5 +188,7 @@ def trim(h: int, count: int, offset: int, flags: int) -> None:
 
 @_errors_to_nbdkit
 def zero(h: int, count: int, offset: int, flags: int) -> None:
+    if flags & nbdkit.FLAG_FAST_ZERO:
+        raise BlockhornError("zeroing is not guaranteed to be fast", errno.ENOTSUP)
     _engine.zero(offset, count, may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),  # type: ignore[union-attr]
                  fua=bool(flags & nbdkit.FLAG_FUA))

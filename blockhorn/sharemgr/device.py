@@ -98,7 +98,10 @@ def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) 
                                 "one with ext4 on the whole device")
         fstype = info.get("TYPE")
         if fstype is None:
-            _run(["mkfs.ext4", "-F", "-q", "-m0", *(mkfs_options or []), device])
+            # Checked again here, at the edge where the options reach a command line.
+            from blockhorn.sharemgr.config import check_mkfs_options
+            extra = check_mkfs_options(list(mkfs_options or []))
+            _run(["mkfs.ext4", "-F", "-q", "-m0", *extra, "--", device])
             done.append("formatted ext4")
         elif fstype != "ext4":
             raise ForeignDevice(f"{device} holds a {fstype} filesystem: refusing to format or "

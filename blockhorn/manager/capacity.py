@@ -1,0 +1,60 @@
+"""Whether the replica disks can hold a volume of a given size, asked before any replica file
+is made or grown (create, clone, expand)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+from blockhorn.types import BlockhornError, NoSpace, TooLarge, format_size
+
+
+def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_disk_room(size: int, directories: list[str]) -> str | None:
+    """Before a replica file of `size` bytes is made or grown in each of `directories`:
+    refuse (TooLarge) a size past the largest file the directory's filesystem can hold — the
+    kernel answers EFBIG, which used to surface as an internal error, and during an online
+    expand set every replica ERR — and (NoSpace) one larger than the whole filesystem, which
+    could never be filled. A thin volume larger than the free space is allowed: the returned
+    warning says that writes will fail with ENOSPC once the disk is full (Longhorn's default
+    over-provisioning also stops at 100 %)."""
+    warnings = []
+    seen: set[int] = set()
+    for d in directories:
+        where = _existing_ancestor(d)
+        st = os.statvfs(where)
+        if st.f_fsid in seen:
+            continue
+        seen.add(st.f_fsid)
+        try:
+            # Sparse and unnamed (O_TMPFILE): nothing is allocated and nothing is left behind.
+            # pathconf(PC_FILESIZEBITS) cannot tell: ext4 answers 64 and stops at 16 TiB.
+            with tempfile.TemporaryFile(dir=where) as probe:
+                os.ftruncate(probe.fileno(), size)
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                raise BlockhornError(f"cannot create a replica file in {where}: {e.strerror}",
+                                     e.errno) from None
+            raise TooLarge(
+                f"{format_size(size)} is larger than the largest file the filesystem at "
+                f"{where} can hold: choose a smaller --size, or put the replicas with --disk "
+                "on a filesystem that allows larger files (ext4 with 4 KiB blocks: 16 TiB; "
+                "XFS, btrfs: 8 EiB)") from None
+        capacity, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        if size > capacity:
+            raise NoSpace(f"{format_size(size)} is larger than the whole filesystem at {where} "
+                          f"({format_size(capacity)}): a replica there could never be filled; "
+                          "choose a smaller --size or a larger --disk")
+        if size > free:
+            warnings.append(f"{where} has {format_size(free)} free")
+    if not warnings:
+        return None
+    return (f"thin volume of {format_size(size)}: {'; '.join(warnings)}; writes fail with "
+            "ENOSPC once a replica's disk is full")
