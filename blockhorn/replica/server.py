@@ -7,6 +7,11 @@ answer them all with one `sendmsg`. That batching is what makes a pipelined engi
 (docs/FORMAT.md). The data loop is not a trio task on purpose: measured with 3 replicas, a
 blocking loop cut 4 KiB write latency at QD1 by a quarter (fewer wake-ups per request). A lock
 keeps the store single-threaded when several connections are open.
+
+Hostile peers (docs/SECURITY.md): nothing a connection does ends the server. Unauthenticated
+connections are capped and timed out; the handshake MAC is checked before any parsing; with
+frame MACs every request's tag is checked before it executes; every request is validated
+before it allocates; fencing is checked under the store lock before every request.
 """
 
 from __future__ import annotations
