@@ -368,9 +368,9 @@ class ReplicaClient:
         self._cur = None
         self._cur_dest = None
         m, self._mac = self._mac, None
-        if m is not None:
+        if m is not None and self.rx is not None:
             try:
-                proto.FrameMac.check(m, self._tag)
+                self.rx.check(m, self._tag)
             except ProtocolError:
                 if call is not None:
                     call.complete(self.name, errno.EIO)

@@ -256,7 +256,7 @@ class ReplicaServer:
                 if rx is not None:
                     m = rx.begin(h.payload)
                     m.update(frame[:len(frame) - tag])
-                    proto.FrameMac.check(m, frame[len(frame) - tag:])
+                    rx.check(m, frame[len(frame) - tag:])
                 try:
                     reply = self.execute(h, frame[HEADER_SIZE:HEADER_SIZE + h.payload], epoch)
                 except Fenced as e:
