@@ -193,3 +193,29 @@ def test_replayed_and_untagged_frames_close_the_connection(replica) -> None:
     peer.close()
     with pytest.raises(BlockhornError):
         RawPeer(replica.cfg.listen, key, features=0x8001).reply()   # unknown feature bit
+
+
+def test_engine_client_survives_an_oversized_reply(tmp_path, replica) -> None:
+    """A key holder answering a 4 KiB READ with 8 KiB: that call fails, that connection
+    drops, and the receiver thread (shared by every replica of an engine) keeps serving."""
+    from support.evil_replica import EvilReplica
+
+    key = load_key(replica.cfg.key_file)
+    evil = EvilReplica(str(tmp_path / "evil.sock"), key,
+                       proto.pack(Op.READ | proto.REPLY, 1, 0, 4096, 8192) + bytes(8192))
+    try:
+        good = client(replica)
+        bad = ReplicaClient(ReplicaRef("evil", evil.address), key, "vol",
+                            receiver=good.receiver)
+        bad.connect()
+        buf = bytearray(4096)
+        call = Call(1, dest=memoryview(buf))
+        bad.submit(call, Op.READ, 0, 4096)
+        assert call.wait(10) and call.results["evil"] == errno.EIO
+        wait_for(lambda: bad.closed, "the client drops the evil connection", timeout=10)
+        data = os.urandom(4096)          # the shared receiver still completes good's calls
+        good.request(Op.WRITE, 0, 4096, data)
+        assert read_back(good, 0, 4096) == data
+        good.close()
+    finally:
+        evil.close()

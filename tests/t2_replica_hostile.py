@@ -95,6 +95,8 @@ def test_hostile_handshake_names_are_refused_and_the_server_lives(replica) -> No
             peer.close()
     held.close()
     assert_serves(replica)
+    # 28 refusals within seconds: logged once (rate-limited), not once each.
+    assert open(replica.log_path).read().count("refused a handshake") == 1
 
 
 # --- item 4: every request validated, every failure an error reply ----------------------------

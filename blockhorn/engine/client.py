@@ -297,6 +297,9 @@ class ReplicaClient:
             return
         except (OSError, BlockhornError) as e:
             self._lost(str(e))
+        except Exception as e:     # a bug must cost this connection, not the receiver thread
+            log.exception("replica %s: unexpected error receiving", self.name)
+            self._lost(f"unexpected error: {e!r}")
 
     def _parse(self) -> None:
         view, filled = self._view, self._filled
@@ -340,6 +343,10 @@ class ReplicaClient:
                 if entry is not None and h.payload:
                     call, reply_buf = entry
                     if call.dest is not None:
+                        if h.payload > len(call.dest):
+                            call.complete(self.name, errno.EIO)
+                            raise ProtocolError(f"reply of {h.payload} bytes to a read of "
+                                                f"{len(call.dest)}")
                         self._cur_dest = call.dest[:h.payload]
                     elif reply_buf is not None:
                         reply_buf[:] = bytes(h.payload)
@@ -361,9 +368,9 @@ class ReplicaClient:
         self._cur = None
         self._cur_dest = None
         m, self._mac = self._mac, None
-        if m is not None:
+        if m is not None and self.rx is not None:
             try:
-                proto.FrameMac.check(m, self._tag)
+                self.rx.check(m, self._tag)
             except ProtocolError:
                 if call is not None:
                     call.complete(self.name, errno.EIO)

@@ -301,40 +301,57 @@ class _Gmac:
 
 class FrameMac:
     """One direction of a session: tags frames in order (sender) or checks them (receiver).
-    Not thread-safe: the owner serialises (the client's send lock, the server's loop)."""
+    Not thread-safe: the owner serialises (the client's send lock, the server's loop).
 
-    __slots__ = ("_hmac", "_aes", "counter")
+    HMAC-SHA256 is computed from precomputed inner and outer SHA-256 states (RFC 2104), each
+    copied per frame: measured 0.6 us instead of 1.0 us for a bare header and 3.0 instead of
+    3.5 us for 4 KiB against `hmac.HMAC.copy()` (OpenSSL 3's MAC context copy is the slow
+    part). The output is the same HMAC."""
+
+    __slots__ = ("_inner", "_outer", "_aes", "counter")
 
     def __init__(self, key: bytes) -> None:
         # Imported here: only sessions with frame MACs need `cryptography`.
         from cryptography.hazmat.primitives.ciphers import algorithms
 
-        self._hmac = hmac.new(key[:32], digestmod=hashlib.sha256)
+        padded = key[:32].ljust(64, b"\0")       # SHA-256 block size: 64 bytes
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
         self._aes = algorithms.AES(key[32:64])
         self.counter = 0
 
     def begin(self, payload: int) -> Any:
         """The MAC of the next frame, whose payload has `payload` bytes: feed it the header
-        and the payload (`update`), then `check` (receiver) or `digest()[:TAG_SIZE]`."""
+        and the payload (`update`), then `finish` (sender) or `check` (receiver)."""
         counter = self.counter.to_bytes(8, "little")
         self.counter += 1
         if payload < BULK_MIN:
-            m = self._hmac.copy()      # an HMAC object as is: no wrapper on the hot path
+            m = self._inner.copy()
             m.update(counter)
             return m
         from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
         return _Gmac(Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor())
 
+    def finish(self, m: Any) -> bytes:
+        """The tag of a frame whose bytes `m` (from `begin`) has seen."""
+        if type(m) is _Gmac:
+            return m.digest()
+        outer = self._outer.copy()
+        outer.update(m.digest())
+        return outer.digest()[:TAG_SIZE]
+
     def tag(self, buffers: list[Any]) -> bytes:
         """The tag of a frame given as [header, payload pieces...]."""
-        m = self.begin(sum(len(b) for b in buffers) - HEADER_SIZE)
+        payload = -HEADER_SIZE
+        for b in buffers:
+            payload += len(b)
+        m = self.begin(payload)
         for b in buffers:
             m.update(b)
-        return bytes(m.digest()[:TAG_SIZE])
+        return self.finish(m)
 
-    @staticmethod
-    def check(m: Any, tag: bytes | bytearray | memoryview) -> None:
-        if not hmac.compare_digest(m.digest()[:TAG_SIZE], bytes(tag)):
+    def check(self, m: Any, tag: bytes | bytearray | memoryview) -> None:
+        if not hmac.compare_digest(self.finish(m), tag):
             raise ProtocolError("frame failed authentication (altered, replayed, reordered or "
                                 "dropped on the way): closing the connection", errno.EBADMSG)

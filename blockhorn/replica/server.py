@@ -7,6 +7,11 @@ answer them all with one `sendmsg`. That batching is what makes a pipelined engi
 (docs/FORMAT.md). The data loop is not a trio task on purpose: measured with 3 replicas, a
 blocking loop cut 4 KiB write latency at QD1 by a quarter (fewer wake-ups per request). A lock
 keeps the store single-threaded when several connections are open.
+
+Hostile peers (docs/SECURITY.md): nothing a connection does ends the server. Unauthenticated
+connections are capped and timed out; the handshake MAC is checked before any parsing; with
+frame MACs every request's tag is checked before it executes; every request is validated
+before it allocates; fencing is checked under the store lock before every request.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import signal
 import socket as stdsocket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +55,7 @@ RECV_BUFFER = 4 << 20        # bytes; one receive buffer per connection
 HANDSHAKE_TIMEOUT_S = 5.0    # a peer that has not authenticated by then is dropped
 MAX_HANDSHAKES = 32          # connections not yet authenticated; more are closed at once
 MAX_CONNECTIONS = 64         # concurrent data connections (one thread each)
+REFUSAL_LOG_S = 10.0         # at most one log line about refused handshakes this often
 ACCEPT_BACKOFF_S = 0.1       # pause after EMFILE/ENFILE in accept (descriptors run out)
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -73,6 +80,8 @@ class ReplicaServer:
         self.threads = trio.CapacityLimiter(MAX_CONNECTIONS)
         self.connections = 0
         self.handshakes = 0                   # connections not yet authenticated
+        self.refused = 0                      # refusals not logged yet (log_refusal)
+        self.refusal_logged = -REFUSAL_LOG_S
         self.fencing = Fencing(replica.directory)   # owners' epochs (replica/fencing.py)
         self.purge_state: dict[str, Any] = {"state": "idle"}
 
@@ -131,9 +140,13 @@ class ReplicaServer:
                 with trio.fail_after(HANDSHAKE_TIMEOUT_S):
                     session = await self.handshake(sock)
             except (BlockhornError, OSError, trio.TooSlowError) as e:
-                # Readiness probes connect and hang up: not worth a warning. Refusals are.
-                level = logging.WARNING if isinstance(e, AuthError) else logging.DEBUG
-                log.log(level, "handshake failed: %s", e)
+                # Readiness probes connect and hang up: not worth a warning. Refusals are,
+                # but a stranger must not fill the disk with them: at most one line per
+                # REFUSAL_LOG_S, counting the rest.
+                if isinstance(e, AuthError):
+                    self.log_refusal(e)
+                else:
+                    log.debug("handshake failed: %s", e)
                 return
             finally:
                 self.handshakes -= 1
@@ -148,6 +161,15 @@ class ReplicaServer:
             if authenticated:
                 self.connections -= 1
             sock.close()
+
+    def log_refusal(self, e: BlockhornError) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self.refusal_logged >= REFUSAL_LOG_S:
+            more = f" (and {self.refused - 1} more since the last report)" if self.refused > 1 \
+                else ""
+            log.warning("refused a handshake: %s%s", e, more)
+            self.refusal_logged, self.refused = now, 0
 
     async def handshake(self, sock: trio.socket.SocketType) -> Session:
         """Authenticate the peer: its fencing epoch (0: none) and, when the session uses
@@ -234,7 +256,7 @@ class ReplicaServer:
                 if rx is not None:
                     m = rx.begin(h.payload)
                     m.update(frame[:len(frame) - tag])
-                    proto.FrameMac.check(m, frame[len(frame) - tag:])
+                    rx.check(m, frame[len(frame) - tag:])
                 try:
                     reply = self.execute(h, frame[HEADER_SIZE:HEADER_SIZE + h.payload], epoch)
                 except Fenced as e:

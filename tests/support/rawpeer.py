@@ -70,7 +70,7 @@ class RawPeer:
         if self.rx is not None:
             m = self.rx.begin(h.payload)
             m.update(head + payload)
-            proto.FrameMac.check(m, recv_exact(self.sock, proto.TAG_SIZE))
+            self.rx.check(m, recv_exact(self.sock, proto.TAG_SIZE))
         return h, payload
 
     def call(self, op: int, seq: int = 1, offset: int = 0, length: int = 0,
