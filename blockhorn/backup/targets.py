@@ -55,6 +55,11 @@ class Target:
     Implementations are thread-safe (uploads run in a thread pool)."""
 
     url: str
+    # Blocks a backup or restore handles at once by default. S3 hides request latency behind
+    # many; a local or NFS directory is CPU-bound (SHA-512, copies), where more threads than
+    # cores only contend: measured on 2 cores, 1 GiB restore 6.6 s with 8 threads, 6.5 s and
+    # 25 % less CPU with 2.
+    workers = 8
 
     def get(self, path: str) -> bytes:
         raise NotImplementedError
@@ -93,6 +98,8 @@ class Target:
 
 
 class FileTarget(Target):
+    workers = max(2, os.cpu_count() or 2)
+
     def __init__(self, url: str, root: str) -> None:
         self.url = url
         self.root = root
