@@ -64,7 +64,7 @@ class Target:
     def get(self, path: str) -> bytes:
         raise NotImplementedError
 
-    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+    def put(self, path: str, data: bytes | bytearray, durable: bool = True) -> None:
         """Write a whole file atomically; durable on return unless `durable=False`, then
         durable after the next `sync()`."""
         raise NotImplementedError
@@ -122,7 +122,7 @@ class FileTarget(Target):
         except OSError as e:
             raise TargetError(f"{self.url}: cannot read {path}: {e.strerror}", e.errno) from None
 
-    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+    def put(self, path: str, data: bytes | bytearray, durable: bool = True) -> None:
         """Write `path` atomically (temporary name + rename). With `durable=False` (blocks)
         nothing is fsynced: the caller makes them durable in one `sync()` before anything
         that refers to them is written — one syncfs instead of two fsyncs per block (a
@@ -253,7 +253,7 @@ class S3Target(Target):
         except Exception as e:
             raise self._error(e, f"GET {path}") from None
 
-    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+    def put(self, path: str, data: bytes | bytearray, durable: bool = True) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
         except Exception as e:
