@@ -6,7 +6,9 @@ delete, list one directory level, server time of a file) with two implementation
   Its mount point is, in this order, the target's `mount` option (`backup target set ...
   --mount DIR`), or `$BLOCKHORN_NFS_MOUNT_ROOT/<host with . as _>/<export path>` with the
   root defaulting to /var/lib/blockhorn/backupstore-mounts (Longhorn's scheme under its own
-  root). Writes go to `<name>.tmp.<nanos>`, fsync, rename, fsync the directory.
+  root). Writes go to `<name>.tmp.<nanos>`, then rename; configs and locks are fsynced (file
+  and directory) before `put` returns, blocks (`durable=False`) by one `sync()` (syncfs)
+  before anything that names them is written.
 - `S3Target` for `s3://BUCKET@REGION/PATH/` through boto3. Endpoint, credentials and CA bundle
   come from the target's credential file or the environment, with Longhorn's variable names:
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINTS (or
