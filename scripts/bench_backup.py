@@ -33,7 +33,6 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from support.s3server import S3Server  # noqa: E402
 
 from blockhorn import backup as bk  # noqa: E402
-from blockhorn.backup.backup import DEFAULT_WORKERS  # noqa: E402
 from blockhorn.replica import snapshots as store_snaps  # noqa: E402
 from blockhorn.replica.store import Replica  # noqa: E402
 
@@ -85,7 +84,7 @@ def s3_raw(target: bk.Target, size: int) -> tuple[float, float]:
     workers: what this S3 server (on the same two cores) can take, without any backup work."""
     data = os.urandom(BLOCK)
     keys = [f"raw/{i}" for i in range(size // BLOCK)]
-    with ThreadPoolExecutor(DEFAULT_WORKERS) as pool:
+    with ThreadPoolExecutor(target.workers) as pool:
         t = time.monotonic()
         list(pool.map(lambda k: target.put(k, data), keys))
         put = time.monotonic() - t
@@ -257,7 +256,7 @@ def main() -> int:
     ]
     lines.append(f"file backup CPU: {tp['file_backup_cpu_s']:.2f} s (all threads); SHA-512 "
                  f"alone, which the format requires: {tp['sha512_cpu_s']:.2f} s")
-    lines.append(f"  s3 server alone (2 MiB objects, {DEFAULT_WORKERS} threads): PUT "
+    lines.append(f"  s3 server alone (2 MiB objects, {bk.targets.S3Target.workers} threads): PUT "
                  f"{mb / tp['s3_raw_put_s']:.0f} MB/s, GET {mb / tp['s3_raw_get_s']:.0f} MB/s; "
                  f"backup reaches {100 * tp['s3_backup_vs_raw_put']:.0f} % of plain PUTs, "
                  f"restore {100 * tp['s3_restore_vs_raw_get']:.0f} % of plain GETs")

@@ -332,22 +332,17 @@ def test_daemon_service_resumes_an_interrupted_backup_when_it_starts(tmp_path) -
     src.close()
     svc2 = BackupService(volumes, resume=True)       # what a restarted daemon builds
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        jobs = svc2.jobs()
-        if jobs and jobs[0]["state"] != "in-progress":
-            break
-        time.sleep(0.05)
+    while not svc2.jobs() and time.monotonic() < deadline:   # its resume thread registers it
+        time.sleep(0.02)
     (job,) = svc2.jobs()
+    job = svc2.wait(job["id"], 30)
     assert job["state"] == "complete" and job["resumed"], job
     # 3 blocks, 2 distinct contents; the first was uploaded and journaled before the crash.
     assert job["result"]["new_blocks"] == 1
     (listed,) = svc2.list_backups("data")
     assert listed["snapshot"] == "s0" and listed["target"] == "t"
-    svc2.start_restore(listed["url"], "copy", replicas=1)
-    deadline = time.monotonic() + 30
-    while svc2.jobs()[-1]["state"] == "in-progress" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert svc2.jobs()[-1]["state"] == "complete", svc2.jobs()[-1]
+    restore_job = svc2.wait(svc2.start_restore(listed["url"], "copy", replicas=1)["id"], 30)
+    assert restore_job["state"] == "complete", restore_job
     (copy,) = [r.directory for r in volumes.store.replicas("copy")]
     assert replica_digest(copy, 8 * MiB) == snapshot_digest(dirs[0], "s0")
 

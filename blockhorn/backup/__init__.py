@@ -16,11 +16,11 @@ Sources and sinks (blockhorn.backup.volumes)
 
 Operations (all synchronous; run them in a thread; each takes the store lock it needs)
     `create_backup(target, volume, source, *, backup_name=None, labels=None,
-        compression="lz4", block_size=2 MiB, journal_dir=None, workers=8, progress=None,
+        compression="lz4", block_size=2 MiB, journal_dir=None, workers=None, progress=None,
         full=False) -> dict` — summary {name, url, volume, snapshot, size, created, state,
         incremental, blocks, new_blocks, transferred_bytes, ...}. With `journal_dir`, an
         interrupted backup of the same snapshot to the same target resumes.
-    `restore(target, volume, backup, sink, *, workers=8, progress=None) -> dict`
+    `restore(target, volume, backup, sink, *, workers=None, progress=None) -> dict`
     `incremental_restore(target, volume, backup, last_backup, sink, ...) -> dict` — sink
         holds `last_backup` already (a DR standby); only changed blocks are fetched.
     `list_backups(target, volume=None) -> list[dict]` — complete backups, oldest first.
@@ -33,7 +33,8 @@ URLs
     `encode_backup_url(target_url, volume, backup) -> str` — `TARGET?backup=B&volume=V`
     `decode_backup_url(url) -> BackupURL(target, volume, backup)`
 
-`progress` callbacks get a `Progress` (`.to_dict()`: state, total_bytes, done_bytes,
+`workers=None` means the target's default (`Target.workers`: 8 for S3, one per core and at
+least 2 for a directory). `progress` callbacks get a `Progress` (`.to_dict()`: state, total_bytes, done_bytes,
 transferred_bytes, rate, eta, percent). Errors are `blockhorn.types.BlockhornError`s:
 `NotFound`, `Busy` (a lock is held), `InvalidArgument`, `BackupCorrupt` (a missing or corrupt
 block, named with the backups using it), `TargetError`.

@@ -58,7 +58,6 @@ from blockhorn.types import BlockhornError, InvalidArgument, NotFound
 
 log = logging.getLogger("blockhorn.backup")
 
-DEFAULT_WORKERS = 8              # parallel uploads; S3 latency, not CPU, is what they hide
 QUEUE_PER_WORKER = 2             # blocks in flight per worker: memory <= workers*2*block_size*2
 LOCK_TIMEOUT_S = 60.0            # how long a backup waits for a delete to finish
 JOURNAL_SYNC_S = 1.0             # the journal is fsynced at most this often (a lost tail
@@ -223,7 +222,7 @@ def load_backup(target: Target, volume: str, name: str) -> BackupCfg:
 def create_backup(target: Target, volume: str, source: Source, *,
                   backup_name: str | None = None, labels: dict[str, str] | None = None,
                   compression: str = "lz4", block_size: int = DEFAULT_BLOCK_SIZE,
-                  journal_dir: str | None = None, workers: int = DEFAULT_WORKERS,
+                  journal_dir: str | None = None, workers: int | None = None,
                   progress: ProgressFn | None = None, lock_timeout_s: float = LOCK_TIMEOUT_S,
                   full: bool = False,
                   on_upload: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -233,6 +232,7 @@ def create_backup(target: Target, volume: str, source: Source, *,
     compression method is fixed by the backup volume's first backup. `on_upload(checksum)` is
     called after each block upload (tests use it to slow or crash a backup)."""
     check_store_name(volume, "volume")
+    workers = workers or target.workers
     if block_size not in (DEFAULT_BLOCK_SIZE, LARGE_BLOCK_SIZE):
         raise InvalidArgument(f"block size must be 2 MiB or 16 MiB, not {block_size}")
     compress(compression, b"")   # rejects an unknown method before anything is written

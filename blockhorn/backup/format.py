@@ -139,19 +139,23 @@ LZ4_SAMPLE = 64 << 10            # bytes compressed to guess whether a block com
 LZ4_SAMPLE_GAIN = 0.97           # a sample that shrinks less than this is "incompressible"
 
 
-def _lz4_raw_frame(data: bytes | bytearray | memoryview) -> bytes:
+def _lz4_raw_frame(data: bytes | bytearray | memoryview) -> bytearray:
     """A valid LZ4 frame holding `data` in *uncompressed* frame blocks (size word with the
     high bit set) — what an LZ4 encoder itself emits for data that does not compress."""
     view = memoryview(data)
-    parts = [LZ4_RAW_HEADER]
+    nblocks = max(1, -(-len(view) // LZ4_MAX_BLOCK))
+    out = bytearray(len(LZ4_RAW_HEADER) + 4 * nblocks + len(view) + 4)   # one copy of data
+    out[:len(LZ4_RAW_HEADER)] = LZ4_RAW_HEADER
+    pos = len(LZ4_RAW_HEADER)
     for i in range(0, len(view), LZ4_MAX_BLOCK):
         chunk = view[i:i + LZ4_MAX_BLOCK]
-        parts += [(len(chunk) | 0x80000000).to_bytes(4, "little"), bytes(chunk)]
-    parts.append(b"\0\0\0\0")                 # end mark
-    return b"".join(parts)
+        out[pos:pos + 4] = (len(chunk) | 0x80000000).to_bytes(4, "little")
+        out[pos + 4:pos + 4 + len(chunk)] = chunk
+        pos += 4 + len(chunk)
+    return out   # the end mark, 4 zero bytes, is already at the end
 
 
-def compress(method: str, data: bytes | bytearray | memoryview) -> bytes:
+def compress(method: str, data: bytes | bytearray | memoryview) -> bytes | bytearray:
     """lz4: an LZ4 *frame* (independent 4 MiB blocks, content checksum), as pierrec/lz4 v4's
     Writer (Longhorn) reads and writes them. A block whose 64 KiB sample does not compress is
     stored as a frame of uncompressed blocks without trying the rest (random or encrypted

@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from blockhorn.backup.backup import (
-    DEFAULT_WORKERS,
     LOCK_TIMEOUT_S,
     QUEUE_PER_WORKER,
     Progress,
@@ -141,9 +140,10 @@ def _apply(target: Target, volume: str, cfg: BackupCfg, writes: list[tuple[int, 
 
 
 def restore(target: Target, volume: str, backup: str, sink: Sink, *,
-            workers: int = DEFAULT_WORKERS, progress: ProgressFn | None = None,
+            workers: int | None = None, progress: ProgressFn | None = None,
             lock_timeout_s: float = LOCK_TIMEOUT_S) -> dict[str, Any]:
     """Write backup `backup` of backup volume `volume` into an empty `sink`."""
+    workers = workers or target.workers
     with StoreLock(target, volume, LOCK_BACKUP).acquire(lock_timeout_s):
         vol = load_volume(target, volume)
         cfg = _complete(target, volume, backup)
@@ -157,11 +157,12 @@ def restore(target: Target, volume: str, backup: str, sink: Sink, *,
 
 
 def incremental_restore(target: Target, volume: str, backup: str, last_backup: str,
-                        sink: Sink, *, workers: int = DEFAULT_WORKERS,
+                        sink: Sink, *, workers: int | None = None,
                         progress: ProgressFn | None = None,
                         lock_timeout_s: float = LOCK_TIMEOUT_S) -> dict[str, Any]:
     """Bring a sink that holds backup `last_backup` to backup `backup`: only blocks whose
     checksum differs are fetched; blocks gone from the list (or now all zeros) are zeroed."""
+    workers = workers or target.workers
     with StoreLock(target, volume, LOCK_BACKUP).acquire(lock_timeout_s):
         vol = load_volume(target, volume)
         cfg = _complete(target, volume, backup)

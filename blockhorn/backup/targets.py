@@ -6,7 +6,9 @@ delete, list one directory level, server time of a file) with two implementation
   Its mount point is, in this order, the target's `mount` option (`backup target set ...
   --mount DIR`), or `$BLOCKHORN_NFS_MOUNT_ROOT/<host with . as _>/<export path>` with the
   root defaulting to /var/lib/blockhorn/backupstore-mounts (Longhorn's scheme under its own
-  root). Writes go to `<name>.tmp.<nanos>`, fsync, rename, fsync the directory.
+  root). Writes go to `<name>.tmp.<nanos>`, then rename; configs and locks are fsynced (file
+  and directory) before `put` returns, blocks (`durable=False`) by one `sync()` (syncfs)
+  before anything that names them is written.
 - `S3Target` for `s3://BUCKET@REGION/PATH/` through boto3. Endpoint, credentials and CA bundle
   come from the target's credential file or the environment, with Longhorn's variable names:
   AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINTS (or
@@ -55,11 +57,16 @@ class Target:
     Implementations are thread-safe (uploads run in a thread pool)."""
 
     url: str
+    # Blocks a backup or restore handles at once by default. S3 hides request latency behind
+    # many; a local or NFS directory is CPU-bound (SHA-512, copies), where more threads than
+    # cores only contend: measured on 2 cores, 1 GiB restore 6.6 s with 8 threads, 6.5 s and
+    # 25 % less CPU with 2.
+    workers = 8
 
     def get(self, path: str) -> bytes:
         raise NotImplementedError
 
-    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+    def put(self, path: str, data: bytes | bytearray, durable: bool = True) -> None:
         """Write a whole file atomically; durable on return unless `durable=False`, then
         durable after the next `sync()`."""
         raise NotImplementedError
@@ -93,6 +100,8 @@ class Target:
 
 
 class FileTarget(Target):
+    workers = max(2, os.cpu_count() or 2)
+
     def __init__(self, url: str, root: str) -> None:
         self.url = url
         self.root = root
@@ -115,7 +124,7 @@ class FileTarget(Target):
         except OSError as e:
             raise TargetError(f"{self.url}: cannot read {path}: {e.strerror}", e.errno) from None
 
-    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+    def put(self, path: str, data: bytes | bytearray, durable: bool = True) -> None:
         """Write `path` atomically (temporary name + rename). With `durable=False` (blocks)
         nothing is fsynced: the caller makes them durable in one `sync()` before anything
         that refers to them is written — one syncfs instead of two fsyncs per block (a
@@ -246,7 +255,7 @@ class S3Target(Target):
         except Exception as e:
             raise self._error(e, f"GET {path}") from None
 
-    def put(self, path: str, data: bytes, durable: bool = True) -> None:
+    def put(self, path: str, data: bytes | bytearray, durable: bool = True) -> None:
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(path), Body=data)
         except Exception as e:

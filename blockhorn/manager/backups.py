@@ -18,6 +18,8 @@ worker thread:
   (`target_row` from `target(name)`; options: compression, block_size, full);
 - `restore_into(url, volume, job=None, last_backup=None)` -> result: into the replicas of an
   existing *detached* volume, in full, or incrementally over `last_backup` (a DR standby);
+- `start_backup(volume, snapshot, target, labels)` -> job, then `wait(job_id, timeout_s)` ->
+  the finished job (`state`, `result` or `error`), woken by the job's end, no polling;
 - `list_backups(volume=None, target=None)`, `show(url)`, `remove(url)`, `targets()`,
   `target(name)`, `open(target_row)` / `open_url(url)` -> a blockhorn.backup Target (close
   it), for `blockhorn.backup.load_volume(...).last_backup_name` and the like.
@@ -77,6 +79,7 @@ class BackupService:
             db.execute(_SCHEMA)
         self._jobs: dict[str, dict[str, Any]] = {}
         self._guard = threading.Lock()
+        self._changed = threading.Condition(self._guard)   # notified on every job update
         if resume:
             threading.Thread(target=self._resume_all, daemon=True,
                              name="backup-resume").start()
@@ -157,8 +160,9 @@ class BackupService:
         return job
 
     def _update(self, job: dict[str, Any], **fields: Any) -> None:
-        with self._guard:
+        with self._changed:
             job.update(fields)
+            self._changed.notify_all()
 
     def _progress(self, job: dict[str, Any]) -> Callable[[Progress], None]:
         def report(p: Progress) -> None:
@@ -188,6 +192,19 @@ class BackupService:
             if job_id not in self._jobs:
                 raise NotFound(f"no backup job {job_id!r}")
             return json.loads(json.dumps(self._jobs[job_id]))
+
+    def wait(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The job once it is no longer in progress (or as it is when `timeout_s` passed)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                job = self._jobs.get(job_id)
+                if job is None:
+                    raise NotFound(f"no backup job {job_id!r}")
+                left = None if deadline is None else deadline - time.monotonic()
+                if job["state"] != "in-progress" or (left is not None and left <= 0):
+                    return json.loads(json.dumps(job))
+                self._changed.wait(left)
 
     def jobs(self) -> list[dict[str, Any]]:
         with self._guard:
