@@ -38,13 +38,14 @@ bench: setup
 	$(PY) scripts/bench_failover.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_verify.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_frames.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_backup.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_resync.py $(if $(QUICK),--quick,)
 
 # The fuzz tests of `make test` (tests/t0_proto_fuzz.py, tests/t2_replica_fuzz.py), run longer.
 FUZZ_EXAMPLES ?= 5000
 fuzz: setup
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -q -ra -p no:cacheprovider \
 	    tests/t0_proto_fuzz.py tests/t2_replica_fuzz.py
-	$(PY) scripts/bench_backup.py $(if $(QUICK),--quick,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
