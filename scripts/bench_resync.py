@@ -118,7 +118,8 @@ def blip(work: str, size: int) -> dict:
     finally:
         c.stop()
     return {"blip_s": BLIP_S, "mode": rb.get("mode"), "written_while_away": int(written),
-            "resynced": rb.get("done"), "ratio": (rb.get("done") or 0) / max(written, 1),
+            "examined": rb.get("done"), "resynced": rb.get("copied"),
+            "ratio": (rb.get("copied") or 0) / max(written, 1),
             "caught_up_s": caught_s, "iops": job["iops"]}
 
 
@@ -137,7 +138,8 @@ def main() -> int:
             f"{full['mode']}): {full['rebuild_s']:.1f} s = {full['rebuild_mb_s']:.0f} MB/s; "
             f"cp --sparse + sync: {full['cp_mb_s']:.0f} MB/s; ratio {full['ratio'] * 100:.0f} %\n"
             f"blip of {inc['blip_s']:.0f} s under 4k random writes: {inc['mode']} resync of "
-            f"{inc['resynced']} bytes for {inc['written_while_away']} bytes written while away "
+            f"{inc['resynced']} bytes ({inc['examined']} examined) for "
+            f"{inc['written_while_away']} bytes written while away "
             f"({inc['ratio']:.2f}x), caught up in {inc['caught_up_s']:.1f} s")
     print(text)
     from bench import write_results

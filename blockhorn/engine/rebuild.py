@@ -131,7 +131,7 @@ def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source:
         eng.set_mode(r, ReplicaMode.WO, order_held=True)
     ranges = [(s, min(n, eng.size - s)) for s, n in reply["ranges"] if s < eng.size]
     progress.update(mode="incremental", since=since,
-                    total=sum(n for _, n in ranges), done=0)
+                    total=sum(n for _, n in ranges), done=0, copied=0)
     head = source.control({"op": "chain"})["head"]
     for start, length in ranges:
         for pos, n in _chunks(start, length):
@@ -144,6 +144,7 @@ def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source:
                 calls = [_submit_control(target, {"op": "punch_head", "offset": pos,
                                                   "length": n})]
                 for s_, n_ in extents:
+                    progress["copied"] += n_       # bytes that crossed: data, not holes
                     data = _read_layer(eng, source, head, s_, n_)
                     call = Call(1)
                     target.submit(call, Op.WRITE, s_, n_, data)

@@ -1,18 +1,21 @@
-"""The change log: which 64 KiB chunks of the volume changed after which revision.
+"""The change log: which 4 KiB blocks of the volume changed after which revision.
 
 A replica records every mutation it executes (the revision it got, offset, length) since its
 process opened it, or since its content was last replaced by a resync. A replica that returns
 after a blip asks for `since(R)` (R: its own revision) and gets every chunk changed by a
 mutation numbered R+1 or later — what it may have missed — so its resync copies only those
-(Mayastor keeps such a log of 64 KiB segments too). docs/DURABILITY.md, "Incremental resync",
-says when the engine may rely on it.
+(Mayastor keeps such a log at 64 KiB; at 4 KiB a resync after random 4 KiB writes copies about
+what was written, not 16 times that). docs/DURABILITY.md, "Incremental resync", says when the
+engine may rely on it.
 
 Memory stays bounded: mutations are grouped into segments (a new one every SEGMENT_S seconds
 or SEGMENT_MUTATIONS mutations, and at every FLUSH — a replica that crashed returns with the
 revision of its last FLUSH, so that boundary is exact); past MAX_SEGMENTS, the two oldest are
 merged. A merge loses
-only precision about *when* a chunk changed, so `since` may answer more chunks than needed,
-never fewer.
+only precision about *when* a block changed, so `since` may answer more blocks than needed,
+never fewer. Past MAX_TRACKED blocks in all, the oldest segments are dropped and `start`
+moves past them: the log then no longer reaches that far back (a resync from there is a full
+one) rather than using unbounded memory.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-CHUNK = 64 << 10               # bytes per tracked chunk
+CHUNK = 4096                   # bytes per tracked block
+MAX_TRACKED = 1 << 20          # blocks remembered in all (~70 MB of Python ints at worst)
 SEGMENT_S = 1.0                # seconds a segment stays open
 SEGMENT_MUTATIONS = 4096       # mutations per segment at most
 MAX_SEGMENTS = 256             # older segments are merged beyond this many
@@ -43,6 +47,7 @@ class ChangeLog:
         `since(R)` can answer only for R >= start."""
         self.start = start
         self.segments: list[Segment] = []
+        self.tracked = 0
         self._cut = False
 
     def cut(self) -> None:
@@ -60,10 +65,18 @@ class ChangeLog:
             self.segments.append(seg)
             if len(self.segments) > MAX_SEGMENTS:
                 a, b = self.segments[0], self.segments[1]
-                self.segments[:2] = [Segment(a.first, b.last, a.opened, a.chunks | b.chunks)]
+                merged = Segment(a.first, b.last, a.opened, a.chunks | b.chunks)
+                self.tracked -= len(a.chunks) + len(b.chunks) - len(merged.chunks)
+                self.segments[:2] = [merged]
         seg.last = revision
         if length > 0:
+            before = len(seg.chunks)
             seg.chunks.update(range(offset // CHUNK, (offset + length - 1) // CHUNK + 1))
+            self.tracked += len(seg.chunks) - before
+            while self.tracked > MAX_TRACKED and len(self.segments) > 1:
+                old = self.segments.pop(0)
+                self.tracked -= len(old.chunks)
+                self.start = max(self.start, old.last)
 
     def since(self, revision: int) -> list[tuple[int, int]] | None:
         """Ranges (start, length) changed by mutations after `revision`, merged and sorted;
