@@ -573,6 +573,7 @@ class Engine:
         progress["state"] = "running"
         try:
             rebuild_replica(self, r, progress)
+            self.commit_if_needed()      # the join: clears its Rebuilding flag last
             progress.update(state="done", finished=time.time())
             log.info("replica %s rebuilt: %d bytes copied", r.ref.name, progress["done"])
         except BlockhornError as e:

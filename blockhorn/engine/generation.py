@@ -73,27 +73,28 @@ class Decision:
     why: str = ""
 
 
-def newest_set(seen: list[Seen], record: Record | None) -> tuple[int, frozenset[str], bool]:
-    """(generation, members, authoritative): the record when it is at least as new as every
-    replica; else the highest generation any reachable replica carries (not authoritative:
-    its members must all be reachable)."""
+def newest_set(seen: list[Seen], record: Record | None
+               ) -> tuple[int, frozenset[str], frozenset[str] | None]:
+    """(generation, members, required): the record's set when it is at least as new as every
+    replica (required None: missing members do not matter); else the set the reachable
+    replicas with the highest generation carry, and `required` the replicas that must all
+    answer (any of them may carry a newer set)."""
     top = max((s.generation for s in seen), default=0)
     if record is not None and record.generation >= top:
-        return record.generation, record.members, True
+        return record.generation, record.members, None
     carried = [s.members for s in seen if s.generation == top]
     # Two replicas at the same generation carry the same set (one commit); if they ever
-    # disagree, trust only replicas named by both (`choose` requires everyone named by either).
+    # disagree, trust only replicas named by both and require everyone named by either.
     members = frozenset.intersection(*carried) if carried else frozenset()
-    return top, members, False
+    required = frozenset.union(*carried) if carried else frozenset()
+    return top, members, required
 
 
 def choose(configured: list[str], seen: list[Seen], record: Record | None) -> Decision:
     """Apply the start rule; raise ReplicaUnavailable (with the reason) when it cannot."""
     by_name = {s.name: s for s in seen}
-    generation, members, authoritative = newest_set(seen, record)
-    if not authoritative:
-        carried = [s.members for s in seen if s.generation == generation]
-        required = frozenset.union(*carried) if carried else frozenset()
+    generation, members, required = newest_set(seen, record)
+    if required is not None:
         if not required:
             # Replicas made before generations carried members: every configured replica is
             # a member, and all must answer before one of them is trusted.
@@ -103,7 +104,8 @@ def choose(configured: list[str], seen: list[Seen], record: Record | None) -> De
             raise ReplicaUnavailable(
                 f"replica(s) {', '.join(missing)} of the newest in-sync set (generation "
                 f"{generation}) are unreachable and may hold newer data: bring them back, or "
-                "salvage explicitly from a replica you choose (`blockhorn volume salvage`)")
+                'salvage explicitly from a replica you choose ("salvage": NAME in the engine '
+                "config, for one start)")
     current = [s for s in seen if s.name in members and not s.rebuilding and not s.error]
     if not current:
         raise ReplicaUnavailable(

@@ -54,15 +54,15 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
         if r.stat.get("size", 0) < eng.size:
             target.control({"op": "expand", "size": eng.size})
         since = _incremental_since(target.stat(), source.stat(), chain, eng.size)
-        if since is not None and _resync_changes(eng, r, target, source, since, progress):
-            eng.commit_if_needed()
+        if since is not None and _resync_changes(eng, r, target, source, since,
+                                                 chain["head"], progress):
             return
         progress["mode"] = "full"
         target.control({"op": "set_rebuilding", "value": True})
         target.control({"op": "reset_chain", "chain": chain["chain"]})
         eng.set_mode(r, ReplicaMode.WO)
         layers = [m["Name"] for m in chain["chain"]]
-        plan = {layer: _extents(source, eng.size, layer) for layer in layers + [chain["head"]]}
+        plan = {layer: _extents(source, layer, 0, eng.size) for layer in layers + [chain["head"]]}
         progress["total"] = sum(n for ext in plan.values() for _, n in ext)
         for layer in layers:
             for start, length in plan[layer]:
@@ -81,7 +81,6 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
                 _wait(eng, call, target, "rebuild write")
                 progress["done"] += n
         _finish(eng, r, target, source)
-    eng.commit_if_needed()
 
 
 def _incremental_since(tstat: dict[str, Any], sstat: dict[str, Any], chain: dict[str, Any],
@@ -117,7 +116,7 @@ def _incremental_since(tstat: dict[str, Any], sstat: dict[str, Any], chain: dict
 
 
 def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient,
-                    since: int, progress: dict[str, Any]) -> bool:
+                    since: int, head: str, progress: dict[str, Any]) -> bool:
     """Copy to the target only the chunks the source changed after revision `since`. False
     when the source's log no longer reaches back that far (then: a full rebuild)."""
     # Durable first: a crash from here on resumes from the same revision (the content stays).
@@ -132,7 +131,6 @@ def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source:
     ranges = [(s, min(n, eng.size - s)) for s, n in reply["ranges"] if s < eng.size]
     progress.update(mode="incremental", since=since,
                     total=sum(n for _, n in ranges), done=0, copied=0)
-    head = source.control({"op": "chain"})["head"]
     for start, length in ranges:
         for pos, n in _chunks(start, length):
             _check_running(eng, r)
@@ -140,7 +138,7 @@ def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source:
             # and all (older layers are equal: same chain), so the replicas stay identical
             # file by file, not only in what reads return.
             with eng.order_lock:
-                extents = _head_extents(source, head, pos, n)
+                extents = _extents(source, head, pos, n)
                 calls = [_submit_control(target, {"op": "punch_head", "offset": pos,
                                                   "length": n})]
                 for s_, n_ in extents:
@@ -158,20 +156,13 @@ def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source:
 
 def _finish(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient) -> None:
     """Under the order lock: a final FLUSH, the source's revision, then RW (the join commit
-    follows in `rebuild_replica`'s caller path)."""
+    follows in Engine._rebuild)."""
     with eng.order_lock:
         final = source.stat()
         target.request(Op.FLUSH, timeout=eng.cfg.timeout_s * 4)
         target.control({"op": "finish_rebuild", "revision": final["revision"]})
         r.stat = target.stat()
         eng.set_mode(r, ReplicaMode.RW, order_held=True)
-
-
-def _head_extents(source: ReplicaClient, head: str, offset: int,
-                  length: int) -> list[tuple[int, int]]:
-    reply = source.control({"op": "extents", "offset": offset, "length": length,
-                            "layer": head})
-    return [(int(s), int(n)) for s, n in reply["extents"]]
 
 
 def _submit_control(client: ReplicaClient, req: dict[str, Any]) -> Call:
@@ -188,8 +179,11 @@ def _wait_purge_idle(source: ReplicaClient) -> None:
         time.sleep(0.2)
 
 
-def _extents(source: ReplicaClient, size: int, layer: str) -> list[tuple[int, int]]:
-    reply = source.control({"op": "extents", "offset": 0, "length": size, "layer": layer})
+def _extents(source: ReplicaClient, layer: str, offset: int,
+             length: int) -> list[tuple[int, int]]:
+    """Where one layer of the source holds data in [offset, offset + length)."""
+    reply = source.control({"op": "extents", "offset": offset, "length": length,
+                            "layer": layer})
     return [(int(s), int(n)) for s, n in reply["extents"]]
 
 
