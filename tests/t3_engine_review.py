@@ -147,7 +147,7 @@ def test_a_failed_write_is_not_counted_and_the_replica_is_resynced(cluster_facto
 def test_a_dirty_replica_is_not_laundered_by_an_orderly_close(cluster) -> None:
     """Sequence 5: a replica opened dirty and never resynced stays dirty through SIGTERM."""
     h = connect(cluster)
-    write_blocks(h, 6, [0])
+    acked = write_blocks(h, 6, [0])
     h.shutdown()
     cluster.stop_engine(signal.SIGKILL)
     r = cluster.reps[0]
@@ -158,6 +158,10 @@ def test_a_dirty_replica_is_not_laundered_by_an_orderly_close(cluster) -> None:
     r.start()
     cluster.start_engine()
     cluster.wait_modes(HEALTHY)
+    h = connect(cluster)
+    check(h, acked)
+    h.shutdown()
+    assert_replicas_identical(cluster)
 
 
 def test_trim_on_a_rebuilding_replica_with_snapshots_writes_zeros(tmp_path) -> None:
