@@ -199,6 +199,11 @@ def build_parser() -> Parser:
                    help="run (default), stop, or status")
     p.add_argument("--quiet", action="store_true",
                    help="log only to <home>/logs/daemon.log, not to stderr")
+    p.add_argument("--etcd", metavar="URL[,URL...]", default=os.environ.get("BLOCKHORN_ETCD"),
+                   help="keep the state in etcd (client URLs; env BLOCKHORN_ETCD) instead of "
+                        "SQLite in the home")
+    p.add_argument("--etcd-prefix", metavar="PREFIX", default="/blockhorn/",
+                   help="key prefix of this cluster's state in etcd (default /blockhorn/)")
     _home_arg(p)
 
     rcmds = _actions(cmds, "replica", "replica server process",
@@ -445,7 +450,8 @@ def _share(args: argparse.Namespace, home: Home) -> int:
 def _daemon(args: argparse.Namespace, home: Home) -> int:
     if args.op == "run":
         from blockhorn.manager import daemon
-        return daemon.main(home.root, to_stderr=not args.quiet)
+        return daemon.main(home.root, to_stderr=not args.quiet, etcd=args.etcd,
+                           etcd_prefix=args.etcd_prefix)
     from blockhorn.manager.client import connect
     try:
         c = connect(home, autostart=False)

@@ -1,6 +1,7 @@
 """`blockhorn daemon`: manager + node agent in one trio process.
 
-Start-up: take the home's lock (one daemon per home), open the store, serve the REST API on
+Start-up: take the home's lock (one daemon per home), open the state store
+(SQLite in the home, or etcd with `--etcd URL[,URL...]`), serve the REST API on
 `<home>/daemon.sock` (0600), start the supervisor (which adopts the processes a previous daemon
 left running), then tell systemd `READY=1`. SIGTERM/SIGINT or `POST /v1/daemon/stop` end the
 daemon; replica and engine processes keep running and attached volumes keep serving I/O — the
@@ -22,6 +23,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
 from blockhorn.keys import ensure_key
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
@@ -29,7 +31,6 @@ from blockhorn.manager.backups import BackupService
 from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.paths import Home
 from blockhorn.manager.standby import StandbyManager
-from blockhorn.manager.state import Store
 from blockhorn.manager.supervisor import Supervisor
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.sdnotify import notify
@@ -71,7 +72,8 @@ def take_lock(home: Home) -> int:
     return fd
 
 
-def main(home_root: str | None = None, to_stderr: bool = True) -> int:
+def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None = None,
+         etcd_prefix: str = DEFAULT_ETCD_PREFIX) -> int:
     home = Home.at(home_root)
     try:
         home.ensure()
@@ -80,7 +82,7 @@ def main(home_root: str | None = None, to_stderr: bool = True) -> int:
     setup_logging(home, to_stderr)
     lock_fd = take_lock(home)
     try:
-        trio.run(run, home)
+        trio.run(run, home, etcd, etcd_prefix)
     except BaseException as e:
         if not isinstance(e, BlockhornError | KeyboardInterrupt):
             log.exception("daemon failed")
@@ -95,8 +97,9 @@ def main(home_root: str | None = None, to_stderr: bool = True) -> int:
     return 0
 
 
-async def run(home: Home) -> None:
-    store = Store(home.db)
+async def run(home: Home, etcd: str | None = None,
+              etcd_prefix: str = DEFAULT_ETCD_PREFIX) -> None:
+    store = open_store(home.db, etcd, etcd_prefix)   # etcd: many hosts share one state (control/store)
     ensure_key(home.key)
     volumes = VolumeManager(home, store)
     supervisor = Supervisor(volumes)

@@ -1,8 +1,8 @@
 """Cluster settings: Longhorn's names, typed, validated, stored in the daemon's state store.
 
 A setting that was never set reads as its default; `reset` forgets the stored value, so a later
-change of the default reaches it. Values are stored as JSON in the `settings` table
-(manager/state.py). A stored name this version does not know (written by a newer one) is kept
+change of the default reaches it. Values are stored as JSON in the state store's settings
+(control/store). A stored name this version does not know (written by a newer one) is kept
 and ignored. The table in docs/OPERATIONS.md lists every setting and when it takes effect.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockhorn.config import REPLICA_TIMEOUT_S
-from blockhorn.manager.state import Store
+from blockhorn.control.store import StateStore
 from blockhorn.types import InvalidArgument, NotFound
 
 ENGINE_REPLICA_TIMEOUT = "engine-replica-timeout"
@@ -100,7 +100,7 @@ def lookup(name: str) -> Setting:
 class Settings:
     """The settings of one daemon home, over its state store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
 
     def get(self, name: str) -> int | str:

@@ -22,12 +22,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
+from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
 from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
-from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
 from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
     AlreadyExists,
@@ -69,7 +69,7 @@ def engine_replace(control_socket: str, replica: str, address: str,
 
 
 class VolumeManager:
-    def __init__(self, home: Home, store: Store) -> None:
+    def __init__(self, home: Home, store: StateStore) -> None:
         self.home = home
         self.store = store
         self.shares = ShareControl(home, store)

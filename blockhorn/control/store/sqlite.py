@@ -1,15 +1,5 @@
-"""The daemon's state store: SQLite in WAL mode, one short transaction per change.
-
-Vocabulary:
-- *desired* state of a volume: `attached` or `detached`, what the operator asked for; the
-  supervisor keeps the processes of attached volumes running.
-- a *process record* (pid, create_time) names one replica or engine process. A pid alone is not
-  an identity (pids are reused); pid + psutil's create_time is, and that is what lets a restarted
-  daemon adopt the processes its predecessor started.
-- a replica's *failed_since* (wall-clock seconds) is when it was first seen failed (ERR in its
-  engine, or its process could not be started) without having been RW since (a resync that
-  fails does not reset it): the supervisor replaces it once that is longer ago than
-  `replica-replenishment-wait-interval`. Stored, so the wait survives a daemon restart.
+"""The embedded state store: SQLite in WAL mode, one short transaction per change
+(the StateStore interface of control/store/base.py; records in control/store/records.py).
 
 The store is used from several threads (API requests run lifecycle steps in worker threads; the
 supervisor has its own): every call opens its own connection, which SQLite makes cheap, so no
@@ -19,19 +9,27 @@ connection is ever shared between threads.
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-from blockhorn.types import AlreadyExists, NoSpace, NotFound
+from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port
+from blockhorn.control.store.records import (
+    VOLUME_FIELDS,
+    BackupTargetRow,
+    EngineRow,
+    JobRow,
+    ProcessRecord,
+    ReplicaRow,
+    RunRow,
+    ShareRow,
+    VolumeRow,
+)
+from blockhorn.types import AlreadyExists, NotFound
 
 SCHEMA_VERSION = 3   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
-PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -97,56 +95,25 @@ CREATE TABLE IF NOT EXISTS job_runs (
     message  TEXT,
     result   TEXT                   -- JSON: what the run made and removed, per volume
 );
+CREATE TABLE IF NOT EXISTS shares (
+    volume      TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
+    options     TEXT NOT NULL,     -- JSON of blockhorn.sharemgr.config.share_options()
+    pid         INTEGER,           -- the share manager process
+    create_time REAL,
+    restarts    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS backup_targets (
+    name            TEXT PRIMARY KEY,
+    url             TEXT NOT NULL,
+    credential_file TEXT,
+    mount           TEXT,
+    created         TEXT NOT NULL
+);
 """
 
 # Columns added after schema 1, with their declarations: an old home gets them on open.
 _ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT")],
                   "replicas": [("failed_since", "REAL")]}
-
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    pid: int
-    create_time: float
-
-
-@dataclass
-class ReplicaRow:
-    name: str
-    volume: str
-    idx: int
-    directory: str
-    address: str
-    process: ProcessRecord | None
-    restarts: int = 0
-    failed_since: float | None = None
-
-
-@dataclass
-class EngineRow:
-    volume: str
-    nbd_socket: str
-    control_socket: str
-    process: ProcessRecord | None
-    restarts: int = 0
-
-
-@dataclass
-class VolumeRow:
-    name: str
-    size: int
-    replica_count: int
-    access_mode: str
-    desired: str
-    frontend: str | None
-    attachment: dict[str, Any] | None
-    robustness: str | None
-    message: str | None
-    tcp_port: int | None
-    created: str
-    device_stale: bool = False
-    groups: list[str] = field(default_factory=list)
-    standby: dict[str, Any] | None = None
 
 
 def _proc(row: sqlite3.Row) -> ProcessRecord | None:
@@ -164,12 +131,26 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
                      json.loads(row["standby"]) if row["standby"] else None)
 
 
+def _job(r: sqlite3.Row) -> JobRow:
+    return JobRow(r["name"], json.loads(r["spec"]), r["created"], r["last_slot"], r["runs"],
+                  r["failures"])
+
+
+def _run(r: sqlite3.Row) -> RunRow:
+    return RunRow(r["id"], r["job"], r["slot"], r["started"], r["finished"], r["state"],
+                  r["message"], json.loads(r["result"]) if r["result"] else None)
+
+
 def _replica(row: sqlite3.Row) -> ReplicaRow:
     return ReplicaRow(row["name"], row["volume"], row["idx"], row["directory"],
                       row["address"], _proc(row), row["restarts"], row["failed_since"])
 
 
-class Store:
+class SqliteStore:
+    """The StateStore in one SQLite file. Used from several threads (API requests run
+    lifecycle steps in worker threads; the supervisor has its own): every call opens its own
+    connection, which SQLite makes cheap, so no connection is ever shared between threads."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         db = self._connect()
@@ -205,12 +186,12 @@ class Store:
 
     # --- volumes ---------------------------------------------------------------------------
 
-    def add_volume(self, name: str, size: int, replicas: list[tuple[str, str, str | None]],
+    def close(self) -> None:
+        pass   # no connection outlives a call
+
+    def add_volume(self, name: str, size: int, replicas: list[NewReplica],
                    engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
-        """Insert a volume with its replicas [(name, directory, address)] and its engine
-        (nbd_socket, control_socket), atomically. A replica address of None gets
-        `127.0.0.1:PORT` with a port allocated here, in the same transaction."""
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        created = now_rfc3339()
         with self.tx() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"volume {name!r} already exists")
@@ -237,10 +218,8 @@ class Store:
             return [_volume(r) for r in db.execute("SELECT * FROM volumes ORDER BY name")]
 
     def update_volume(self, name: str, **fields: Any) -> None:
-        allowed = {"desired", "frontend", "attachment", "robustness", "message", "tcp_port",
-                   "access_mode", "device_stale", "size", "groups", "standby"}
-        if not fields or set(fields) - allowed:
-            raise ValueError(f"cannot update volume fields {sorted(set(fields) - allowed)}")
+        if not fields or set(fields) - VOLUME_FIELDS:
+            raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         for k in ("attachment", "groups", "standby"):
             if k in fields and fields[k] is not None:
                 fields[k] = json.dumps(fields[k], sort_keys=True)
@@ -276,8 +255,6 @@ class Store:
             db.execute("UPDATE replicas SET address=? WHERE name=?", (address, name))
 
     def set_replica_failed_since(self, name: str, when: float | None) -> None:
-        """Record when replica `name` was first seen failed (None: it is fine again).
-        An earlier time already stored is kept: the wait counts from the first failure."""
         with self.tx() as db:
             if when is None:
                 db.execute("UPDATE replicas SET failed_since=NULL WHERE name=?", (name,))
@@ -291,7 +268,6 @@ class Store:
             db.execute("UPDATE replicas SET failed_since=NULL WHERE volume=?", (volume,))
 
     def set_replica_directory(self, name: str, directory: str) -> None:
-        """Point replica `name` at a new directory (a replacement); its failure is over."""
         with self.tx() as db:
             db.execute("UPDATE replicas SET directory=?, failed_since=NULL WHERE name=?",
                        (directory, name))
@@ -329,8 +305,6 @@ class Store:
     # --- ports -----------------------------------------------------------------------------
 
     def allocate_port(self, volume: str, owner: str, is_free: Callable[[int], bool]) -> int:
-        """Record and return a TCP port that no volume holds and `is_free` accepts; it
-        replaces the port `owner` held before (used when a stored port was taken meanwhile)."""
         with self.tx() as db:
             return _allocate(db, volume, owner, is_free)
 
@@ -338,6 +312,113 @@ class Store:
         with self.tx() as db:
             rows = db.execute("SELECT owner, port FROM ports WHERE volume=?", (volume,))
             return {r["owner"]: r["port"] for r in rows}
+
+    # --- shares ----------------------------------------------------------------------------
+
+    def add_share(self, volume: str, options: dict[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO shares (volume, options) VALUES (?, ?)",
+                       (volume, json.dumps(options, sort_keys=True)))
+
+    def share(self, volume: str) -> ShareRow:
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM shares WHERE volume=?", (volume,)).fetchone()
+        if row is None:
+            raise NotFound(f"volume {volume!r} has no share settings")
+        return ShareRow(volume, json.loads(row["options"]), _proc(row), row["restarts"])
+
+    def set_share_process(self, volume: str, proc: ProcessRecord | None,
+                          restarted: bool = False) -> None:
+        pid, ct = (proc.pid, proc.create_time) if proc else (None, None)
+        with self.tx() as db:
+            db.execute("UPDATE shares SET pid=?, create_time=?, restarts=restarts+? "
+                       "WHERE volume=?", (pid, ct, int(restarted), volume))
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def add_job(self, name: str, spec: dict[str, Any], now: float) -> JobRow:
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE name=?", (name,)).fetchone():
+                raise AlreadyExists(f"job {name!r} already exists")
+            db.execute("INSERT INTO jobs (name, spec, created, last_slot) VALUES (?, ?, ?, ?)",
+                       (name, json.dumps(spec, sort_keys=True), now, now))
+        return self.job(name)
+
+    def job(self, name: str) -> JobRow:
+        with self.tx() as db:
+            r = db.execute("SELECT * FROM jobs WHERE name=?", (name,)).fetchone()
+        if r is None:
+            raise NotFound(f"job {name!r} does not exist")
+        return _job(r)
+
+    def jobs(self) -> list[JobRow]:
+        with self.tx() as db:
+            return [_job(r) for r in db.execute("SELECT * FROM jobs ORDER BY name")]
+
+    def remove_job(self, name: str) -> None:
+        with self.tx() as db:   # its runs go by ON DELETE CASCADE
+            if db.execute("DELETE FROM jobs WHERE name=?", (name,)).rowcount == 0:
+                raise NotFound(f"job {name!r} does not exist")
+
+    def start_run(self, name: str, slot: float | None, now: float, state: str,
+                  message: str | None, keep: int) -> int:
+        with self.tx() as db:
+            if slot is not None:
+                db.execute("UPDATE jobs SET last_slot=MAX(last_slot, ?) WHERE name=?",
+                           (slot, name))
+            cur = db.execute("INSERT INTO job_runs (job, slot, started, state, message, "
+                             "finished) VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, slot, now, state, message,
+                              None if state == "running" else now))
+            db.execute("DELETE FROM job_runs WHERE job=? AND id NOT IN (SELECT id FROM job_runs "
+                       "WHERE job=? ORDER BY id DESC LIMIT ?)", (name, name, keep))
+            return int(cur.lastrowid or 0)
+
+    def finish_run(self, run_id: int, state: str, message: str | None,
+                   result: dict[str, Any] | None, now: float) -> None:
+        with self.tx() as db:
+            r = db.execute("SELECT job FROM job_runs WHERE id=?", (run_id,)).fetchone()
+            if r is None:
+                return   # the job was removed while it ran
+            db.execute("UPDATE job_runs SET state=?, message=?, result=?, finished=? WHERE id=?",
+                       (state, message, json.dumps(result, sort_keys=True) if result else None,
+                        now, run_id))
+            db.execute("UPDATE jobs SET runs=runs+1, failures=failures+? WHERE name=?",
+                       (int(state == "failed"), r["job"]))
+
+    def interrupt_running(self, now: float) -> int:
+        with self.tx() as db:
+            cur = db.execute("UPDATE job_runs SET state='interrupted', finished=?, message="
+                             "'the daemon stopped during the run' WHERE state='running'", (now,))
+            return cur.rowcount
+
+    def job_runs(self, name: str, limit: int) -> list[RunRow]:
+        with self.tx() as db:
+            rows = db.execute("SELECT * FROM job_runs WHERE job=? ORDER BY id DESC LIMIT ?",
+                              (name, limit)).fetchall()
+        return [_run(r) for r in rows]
+
+    def job_run(self, run_id: int) -> RunRow | None:
+        with self.tx() as db:
+            r = db.execute("SELECT * FROM job_runs WHERE id=?", (run_id,)).fetchone()
+        return None if r is None else _run(r)
+
+    # --- backup targets --------------------------------------------------------------------
+
+    def put_backup_target(self, row: BackupTargetRow) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO backup_targets VALUES (?, ?, ?, ?, ?)",
+                       (row.name, row.url, row.credential_file, row.mount, row.created))
+
+    def backup_targets(self) -> list[BackupTargetRow]:
+        with self.tx() as db:
+            rows = db.execute("SELECT * FROM backup_targets ORDER BY name").fetchall()
+        return [BackupTargetRow(r["name"], r["url"], r["credential_file"], r["mount"],
+                                r["created"]) for r in rows]
+
+    def delete_backup_target(self, name: str) -> bool:
+        with self.tx() as db:
+            return db.execute("DELETE FROM backup_targets WHERE name=?", (name,)).rowcount > 0
 
 
 def _migrate(db: sqlite3.Connection) -> None:
@@ -362,16 +443,7 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 def _allocate(db: sqlite3.Connection, volume: str, owner: str,
               is_free: Callable[[int], bool]) -> int:
-    taken = {r[0] for r in db.execute("SELECT port FROM ports")}
-    first, last = PORT_RANGE
-    span = last - first
-    # Start at a random point so that two homes on one host (tests, hand-run setups) rarely
-    # pick the same port before either binds it; scan the range once from there.
-    start = random.randrange(span)
-    for i in range(span):
-        port = first + (start + i) % span
-        if port not in taken and is_free(port):
-            db.execute("DELETE FROM ports WHERE owner=? AND volume=?", (owner, volume))
-            db.execute("INSERT INTO ports VALUES (?, ?, ?)", (port, volume, owner))
-            return port
-    raise NoSpace(f"no free TCP port in {first}-{last - 1} for {owner}")
+    port = pick_port({r[0] for r in db.execute("SELECT port FROM ports")}, is_free, owner)
+    db.execute("DELETE FROM ports WHERE owner=? AND volume=?", (owner, volume))
+    db.execute("INSERT INTO ports VALUES (?, ?, ?)", (port, volume, owner))
+    return port
