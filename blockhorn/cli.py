@@ -19,6 +19,8 @@ from blockhorn.cli_backup import run_backup
 from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
 from blockhorn.cli_jobs import add_parsers as add_job_parsers
 from blockhorn.cli_jobs import run_job, run_volume_group
+from blockhorn.cli_node import add_parsers as add_node_parsers
+from blockhorn.cli_node import run_disk, run_node
 from blockhorn.cli_settings import add_parsers as add_setting_parsers
 from blockhorn.cli_settings import run_setting
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
@@ -169,6 +171,7 @@ def build_parser() -> Parser:
     add_snapshot_parsers(cmds, vcmds)
     add_verify_parser(vcmds, _home_arg)
     add_setting_parsers(cmds, _home_arg)
+    add_node_parsers(cmds, _home_arg)
     add_job_parsers(cmds, vcmds)
     add_standby_parsers(vcmds)
     add_backup_parsers(cmds, _home_arg)
@@ -204,6 +207,10 @@ def build_parser() -> Parser:
                         "SQLite in the home")
     p.add_argument("--etcd-prefix", metavar="PREFIX", default="/blockhorn/",
                    help="key prefix of this cluster's state in etcd (default /blockhorn/)")
+    p.add_argument("--node", metavar="NAME", default=os.environ.get("BLOCKHORN_NODE"),
+                   help="this host's node name (default: the host name)")
+    p.add_argument("--address", metavar="IP", default="127.0.0.1",
+                   help="the address other nodes reach this one at (default 127.0.0.1)")
     _home_arg(p)
 
     rcmds = _actions(cmds, "replica", "replica server process",
@@ -451,7 +458,8 @@ def _daemon(args: argparse.Namespace, home: Home) -> int:
     if args.op == "run":
         from blockhorn.manager import daemon
         return daemon.main(home.root, to_stderr=not args.quiet, etcd=args.etcd,
-                           etcd_prefix=args.etcd_prefix)
+                           etcd_prefix=args.etcd_prefix, node=args.node,
+                           address=args.address)
     from blockhorn.manager.client import connect
     try:
         c = connect(home, autostart=False)
@@ -604,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_snapshot(args, home)
         if args.command == "setting":
             return run_setting(args, home)
+        if args.command in ("node", "disk"):
+            return (run_node if args.command == "node" else run_disk)(args, home)
         if args.command == "job":
             return run_job(args, home)
         if args.command == "backup":

@@ -15,6 +15,8 @@ from failover_site import start_etcd
 from blockhorn.control.store import (
     PORT_RANGE,
     BackupTargetRow,
+    DiskRow,
+    NodeRow,
     ProcessRecord,
     SqliteStore,
     StateStore,
@@ -249,3 +251,33 @@ def test_backup_targets(store: StateStore) -> None:
     assert [r.name for r in store.backup_targets()] == ["default", "nfs"]
     assert store.backup_targets()[0] == t
     assert store.delete_backup_target("nfs") and not store.delete_backup_target("nfs")
+
+
+def test_nodes_and_disks(store: StateStore) -> None:
+    assert store.put_node(NodeRow("n1", "10.0.0.1", zone="z1", tags=["ssd"]))
+    assert not store.put_node(NodeRow("n1", "10.9.9.9"))          # registered once
+    assert store.node("n1").address == "10.0.0.1"
+    store.put_node(NodeRow("n0", "10.0.0.2"))
+    store.update_node("n1", schedulable=False, tags=["a", "b"], zone=None, heartbeat=5.5)
+    n1 = store.node("n1")
+    assert (n1.schedulable, n1.tags, n1.zone, n1.heartbeat) == (False, ["a", "b"], None, 5.5)
+    assert [n.name for n in store.nodes()] == ["n0", "n1"]
+    with pytest.raises(NotFound, match="node 'x' does not exist"):
+        store.update_node("x", zone="z")
+    store.add_disk(DiskRow("n1", "/mnt/d 1", ["fast"], reserved=1 << 30))
+    store.add_disk(DiskRow("n1", "/mnt/a"))
+    store.add_disk(DiskRow("n0", "/mnt/d 1"))
+    with pytest.raises(AlreadyExists):
+        store.add_disk(DiskRow("n1", "/mnt/a"))
+    with pytest.raises(NotFound):
+        store.add_disk(DiskRow("nx", "/mnt/a"))
+    assert [(d.node, d.path) for d in store.disks()] == \
+        [("n0", "/mnt/d 1"), ("n1", "/mnt/a"), ("n1", "/mnt/d 1")]
+    store.update_disk("n1", "/mnt/d 1", capacity=100, available=40, schedulable=False)
+    d = store.disks("n1")[1]
+    assert (d.tags, d.reserved, d.capacity, d.available, d.schedulable) == \
+        (["fast"], 1 << 30, 100, 40, False)
+    store.remove_disk("n1", "/mnt/a")
+    with pytest.raises(NotFound):
+        store.remove_disk("n1", "/mnt/a")
+    assert [dk.path for dk in store.disks("n1")] == ["/mnt/d 1"]

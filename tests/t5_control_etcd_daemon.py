@@ -7,22 +7,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from daemon_util import ROOT, Env, wait_until
+from daemon_util import Env
 from failover_site import start_etcd
+from support.daemon_proc import daemon
 
 from blockhorn.cluster.etcd import Etcd
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd not installed (apt-get install etcd-server)")
-
-START_TIMEOUT_S = 20.0
-
 
 @pytest.fixture(scope="module")
 def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
@@ -34,37 +30,10 @@ def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.wait(10)
 
 
-def start_daemon(env: Env, url: str, prefix: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "blockhorn", "--home", env.home.root,
-                             "daemon", "run", "--quiet", "--etcd", url, "--etcd-prefix", prefix],
-                            env=env.env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-
-    def up() -> bool:
-        assert proc.poll() is None, f"daemon exited: {proc.stderr.read().decode()}"  # type: ignore[union-attr]
-        return os.path.exists(env.home.socket) and env.cli("daemon", "status",
-                                                           check=False).returncode == 0
-    wait_until(up, START_TIMEOUT_S, "daemon on etcd")
-    return proc
-
-
-def stop_daemon(env: Env, proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        env.cli("daemon", "stop", check=False, timeout=30)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    assert proc.stderr is not None
-    proc.stderr.close()
-
-
 def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
     prefix = f"/bh-daemon-{uuid.uuid4().hex[:12]}/"
     with Env() as a, Env() as b:
-        pa = start_daemon(a, etcd_url, prefix)
-        try:
+        with daemon(a, "--etcd", etcd_url, "--etcd-prefix", prefix):
             disk = os.path.join(a.root, "disk")
             os.makedirs(disk)
             a.cli("volume", "create", "ev", "--size", "16MiB", "--replicas", "1", "--disk", disk)
@@ -74,11 +43,8 @@ def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
             with Etcd(etcd_url) as e:
                 doc = json.loads(e.get(f"{prefix}volumes/ev").value)   # type: ignore[union-attr]
                 assert doc["size"] == 16 << 20 and doc["replica_count"] == 1
-        finally:
-            stop_daemon(a, pa)
         # Another home (another host) on the same etcd: the same cluster state.
-        pb = start_daemon(b, etcd_url, prefix)
-        try:
+        with daemon(b, "--etcd", etcd_url, "--etcd-prefix", prefix, "--node", "hostb"):
             assert [v["name"] for v in b.ls()] == ["ev"]
             got = json.loads(b.cli("setting", "get", "replica-replenishment-wait-interval",
                                    "--json").stdout)
@@ -88,5 +54,5 @@ def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
             with Etcd(etcd_url) as e:
                 assert [kv.key for kv in e.get_prefix(f"{prefix}volumes/")] == []
                 assert [kv.key for kv in e.get_prefix(f"{prefix}replicas/")] == []
-        finally:
-            stop_daemon(b, pb)
+            nodes = {n["name"]: n for n in json.loads(b.cli("node", "ls", "--json").stdout)}
+            assert nodes["hostb"]["state"] == "up" and len(nodes) == 2   # a's node is known

@@ -29,7 +29,7 @@ import errno
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from blockhorn.types import BlockhornError
+from blockhorn.types import BlockhornError, format_size
 
 
 class Unschedulable(BlockhornError):
@@ -91,13 +91,6 @@ def room_left(disk: Disk, policy: Policy, size: int) -> int | None:
     return limit - disk.scheduled - size
 
 
-def _fmt(size: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if size >= 1 << shift:
-            return f"{size / (1 << shift):.4g} {unit}"
-    return f"{size} B"
-
-
 def schedule(size: int, count: int, nodes: Sequence[Node], policy: Policy = Policy(),
              node_selector: Iterable[str] = (), disk_selector: Iterable[str] = (),
              prefer_node: str | None = None) -> list[Placement]:
@@ -150,7 +143,8 @@ def _check_enough(size: int, count: int, policy: Policy, nodes: Sequence[Node],
         need = f"{count} replicas need {count} schedulable nodes"
         if len(up) < count:
             raise Unschedulable(f"{need}; {len(up)} {'is' if len(up) == 1 else 'are'} up and "
-                                f"schedulable (of {len(nodes)} known)")
+                                f"schedulable (of {len(nodes)} known). Add nodes, or set "
+                                "replica-soft-anti-affinity true to allow several on a node")
         if len(tagged) < count:
             raise Unschedulable(f"{need} with tags {sorted(want_node)}; {len(tagged)} "
                                 f"{'has' if len(tagged) == 1 else 'have'} them")
@@ -163,14 +157,14 @@ def _check_enough(size: int, count: int, policy: Policy, nodes: Sequence[Node],
                             "`blockhorn disk add PATH`")
     if not cands:
         raise Unschedulable(
-            f"no disk has room for a replica of {_fmt(size)} (storage-over-provisioning-"
+            f"no disk has room for a replica of {format_size(size)} (storage-over-provisioning-"
             f"percentage {policy.over_provisioning_pct}, storage-minimal-available-percentage "
             f"{policy.minimal_available_pct}): add disks or free space")
     if not policy.soft_anti_affinity and len(roomy_nodes) < count:
         raise Unschedulable(f"{count} replicas need {count} schedulable nodes with room for "
-                            f"{_fmt(size)}; {len(roomy_nodes)} have it")
+                            f"{format_size(size)}; {len(roomy_nodes)} have it")
     if len(cands) < count:
-        raise Unschedulable(f"{count} replicas need {count} disks with room for {_fmt(size)} "
+        raise Unschedulable(f"{count} replicas need {count} disks with room for {format_size(size)} "
                             f"(never two replicas on one disk); {len(cands)} have it")
 
 

@@ -29,6 +29,7 @@ from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
 from blockhorn.manager.job_tasks import make_scheduler
+from blockhorn.manager.nodes import NodeService
 from blockhorn.manager.paths import Home
 from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.supervisor import Supervisor
@@ -73,7 +74,8 @@ def take_lock(home: Home) -> int:
 
 
 def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None = None,
-         etcd_prefix: str = DEFAULT_ETCD_PREFIX) -> int:
+         etcd_prefix: str = DEFAULT_ETCD_PREFIX, node: str | None = None,
+         address: str = "127.0.0.1") -> int:
     home = Home.at(home_root)
     try:
         home.ensure()
@@ -82,7 +84,7 @@ def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None 
     setup_logging(home, to_stderr)
     lock_fd = take_lock(home)
     try:
-        trio.run(run, home, etcd, etcd_prefix)
+        trio.run(run, home, etcd, etcd_prefix, node, address)
     except BaseException as e:
         if not isinstance(e, BlockhornError | KeyboardInterrupt):
             log.exception("daemon failed")
@@ -97,11 +99,14 @@ def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None 
     return 0
 
 
-async def run(home: Home, etcd: str | None = None,
-              etcd_prefix: str = DEFAULT_ETCD_PREFIX) -> None:
+async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ETCD_PREFIX,
+              node: str | None = None, address: str = "127.0.0.1") -> None:
     store = open_store(home.db, etcd, etcd_prefix)   # etcd: many hosts share one state (control/store)
     ensure_key(home.key)
+    nodes = NodeService(store, node, address)
+    nodes.register()
     volumes = VolumeManager(home, store)
+    volumes.placer = nodes.place   # volume create without --disk: the registered disks
     supervisor = Supervisor(volumes)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
     adapter = BackupAdapter(volumes, backups)
@@ -115,7 +120,7 @@ async def run(home: Home, etcd: str | None = None,
     config.accesslog = None
     config.errorlog = logging.getLogger("blockhorn.api")
     config.graceful_timeout = GRACEFUL_STOP_S
-    app = make_app(volumes, shutdown.set, jobs, standby, backups)
+    app = make_app(volumes, shutdown.set, jobs, standby, backups, nodes)
 
     async with trio.open_nursery() as nursery:
         # cast: starlette's ASGI types and hypercorn's describe the same protocol differently
@@ -130,6 +135,7 @@ async def run(home: Home, etcd: str | None = None,
                     inner.start_soon(supervisor.run)
                     inner.start_soon(jobs.run)
                     inner.start_soon(standby.run)
+                    inner.start_soon(nodes.run)
                     inner.start_soon(_on_signals, shutdown)
 
         nursery.start_soon(run_helpers)

@@ -9,8 +9,10 @@ from __future__ import annotations
 from blockhorn.control.store.base import PORT_RANGE, NewReplica, StateStore, now_rfc3339
 from blockhorn.control.store.records import (
     BackupTargetRow,
+    DiskRow,
     EngineRow,
     JobRow,
+    NodeRow,
     ProcessRecord,
     ReplicaRow,
     RunRow,
@@ -32,6 +34,6 @@ def open_store(db_path: str, etcd: str | None = None,
     return SqliteStore(db_path)
 
 
-__all__ = ["DEFAULT_ETCD_PREFIX", "PORT_RANGE", "BackupTargetRow", "EngineRow", "JobRow", "NewReplica",
-           "ProcessRecord", "ReplicaRow", "RunRow", "ShareRow", "SqliteStore", "StateStore",
-           "VolumeRow", "now_rfc3339", "open_store"]
+__all__ = ["DEFAULT_ETCD_PREFIX", "PORT_RANGE", "BackupTargetRow", "DiskRow", "EngineRow",
+           "JobRow", "NewReplica", "NodeRow", "ProcessRecord", "ReplicaRow", "RunRow",
+           "ShareRow", "SqliteStore", "StateStore", "VolumeRow", "now_rfc3339", "open_store"]

@@ -21,8 +21,10 @@ from typing import Any, Protocol
 
 from blockhorn.control.store.records import (
     BackupTargetRow,
+    DiskRow,
     EngineRow,
     JobRow,
+    NodeRow,
     ProcessRecord,
     ReplicaRow,
     RunRow,
@@ -123,5 +125,20 @@ class StateStore(Protocol):
     def backup_targets(self) -> list[BackupTargetRow]: ...
     def delete_backup_target(self, name: str) -> bool:
         """False if there was none of that name."""
+
+    # --- nodes and disks -------------------------------------------------------------------
+    def put_node(self, row: NodeRow) -> bool:
+        """Register a node; False (and nothing changed) if one of that name exists."""
+    def node(self, name: str) -> NodeRow: ...
+    def nodes(self) -> list[NodeRow]: ...
+    def update_node(self, name: str, **fields: Any) -> None:
+        """Change NODE_FIELDS of a node (NotFound if there is none)."""
+    def add_disk(self, row: DiskRow) -> None:
+        """Register a disk (NotFound without its node, AlreadyExists for a second one of
+        the same node and path)."""
+    def disks(self, node: str | None = None) -> list[DiskRow]:
+        """Every disk (of `node`), by node and path."""
+    def update_disk(self, node: str, path: str, **fields: Any) -> None: ...
+    def remove_disk(self, node: str, path: str) -> None: ...
 
     def close(self) -> None: ...

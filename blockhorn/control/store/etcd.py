@@ -13,6 +13,8 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
     <p>jobs/<name>               JobRow fields
     <p>runs/<id, 16 digits>      RunRow fields; <p>meta/run-seq holds the last id given
     <p>backup-targets/<name>     BackupTargetRow fields
+    <p>nodes/<name>              NodeRow fields
+    <p>disks/<node>/<path, %-quoted>   DiskRow fields
 
 Every change is one etcd transaction guarded by compare-and-swap on the mod revisions of the
 keys it read (mod revision 0: "the key does not exist"): read, compute, commit if nobody
@@ -25,15 +27,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
+from urllib.parse import quote
 
 from blockhorn.cluster.etcd import Etcd, EtcdError, cmp_mod, op_delete, op_put
 from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port
 from blockhorn.control.store.records import (
+    DISK_FIELDS,
+    NODE_FIELDS,
     VOLUME_FIELDS,
     BackupTargetRow,
+    DiskRow,
     EngineRow,
     JobRow,
+    NodeRow,
     ProcessRecord,
     ReplicaRow,
     RunRow,
@@ -408,6 +416,56 @@ class EtcdStore:
     def job_run(self, run_id: int) -> RunRow | None:
         d, _ = self._get(f"runs/{run_id:016d}")
         return None if d is None else _run(d)
+
+    # --- nodes and disks -------------------------------------------------------------------
+
+    def put_node(self, row: NodeRow) -> bool:
+        return self._commit({f"nodes/{row.name}": 0}, {f"nodes/{row.name}": asdict(row)})
+
+    def node(self, name: str) -> NodeRow:
+        d, _ = self._get(f"nodes/{name}")
+        if d is None:
+            raise NotFound(f"node {name!r} does not exist (see `blockhorn node ls`)")
+        return NodeRow(**d)
+
+    def nodes(self) -> list[NodeRow]:
+        return sorted((NodeRow(**d) for _, d, _ in self._list("nodes/")), key=lambda n: n.name)
+
+    def update_node(self, name: str, **fields: Any) -> None:
+        if not fields or set(fields) - NODE_FIELDS:
+            raise ValueError(f"cannot update node fields {sorted(set(fields) - NODE_FIELDS)}")
+        self._update(f"nodes/{name}", lambda d: {**d, **fields},
+                     NotFound(f"node {name!r} does not exist (see `blockhorn node ls`)"))
+
+    @staticmethod
+    def _disk_key(node: str, path: str) -> str:
+        return f"disks/{node}/{quote(path, safe='')}"
+
+    def add_disk(self, row: DiskRow) -> None:
+        key = self._disk_key(row.node, row.path)
+
+        def step() -> bool:
+            _, node_rev = self._get(f"nodes/{row.node}")
+            if node_rev == 0:
+                raise NotFound(f"node {row.node!r} does not exist (see `blockhorn node ls`)")
+            if self._get(key)[0] is not None:
+                raise AlreadyExists(f"disk {row.path} of node {row.node} is registered already")
+            return self._commit({f"nodes/{row.node}": node_rev, key: 0}, {key: row.to_dict()})
+        self._retry(step, f"add disk {row.path}")
+
+    def disks(self, node: str | None = None) -> list[DiskRow]:
+        rows = [DiskRow(**d) for _, d, _ in self._list(f"disks/{node}/" if node else "disks/")]
+        return sorted(rows, key=lambda d: (d.node, d.path))
+
+    def update_disk(self, node: str, path: str, **fields: Any) -> None:
+        if not fields or set(fields) - DISK_FIELDS:
+            raise ValueError(f"cannot update disk fields {sorted(set(fields) - DISK_FIELDS)}")
+        self._update(self._disk_key(node, path), lambda d: {**d, **fields},
+                     NotFound(f"node {node!r} has no disk {path}"))
+
+    def remove_disk(self, node: str, path: str) -> None:
+        if self.etcd.delete(self._k(self._disk_key(node, path))) == 0:
+            raise NotFound(f"node {node!r} has no disk {path}")
 
     # --- backup targets --------------------------------------------------------------------
 

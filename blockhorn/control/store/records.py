@@ -118,3 +118,41 @@ class BackupTargetRow:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "url": self.url, "credential_file": self.credential_file,
                 "mount": self.mount, "created": self.created}
+
+
+@dataclass
+class NodeRow:
+    """A host of the cluster. `heartbeat` (unix seconds) is when its daemon last said it is
+    alive; `up` or `down` is derived from it by the reader."""
+
+    name: str
+    address: str
+    schedulable: bool = True
+    zone: str | None = None
+    tags: list[str] = field(default_factory=list)
+    heartbeat: float | None = None
+
+
+NODE_FIELDS = frozenset({"address", "schedulable", "zone", "tags", "heartbeat"})
+
+
+@dataclass
+class DiskRow:
+    """A directory on a node that replicas may be placed in. `capacity`/`available` (bytes)
+    are the filesystem's, as last measured by the node's daemon (0: never measured)."""
+
+    node: str
+    path: str
+    tags: list[str] = field(default_factory=list)
+    reserved: int = 0
+    schedulable: bool = True
+    capacity: int = 0
+    available: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "path": self.path, "tags": list(self.tags),
+                "reserved": self.reserved, "schedulable": self.schedulable,
+                "capacity": self.capacity, "available": self.available}
+
+
+DISK_FIELDS = frozenset({"tags", "reserved", "schedulable", "capacity", "available"})

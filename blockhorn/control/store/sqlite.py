@@ -16,10 +16,14 @@ from typing import Any
 
 from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port
 from blockhorn.control.store.records import (
+    DISK_FIELDS,
+    NODE_FIELDS,
     VOLUME_FIELDS,
     BackupTargetRow,
+    DiskRow,
     EngineRow,
     JobRow,
+    NodeRow,
     ProcessRecord,
     ReplicaRow,
     RunRow,
@@ -28,7 +32,8 @@ from blockhorn.control.store.records import (
 )
 from blockhorn.types import AlreadyExists, NotFound
 
-SCHEMA_VERSION = 3   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both
+SCHEMA_VERSION = 4   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
+                     # 4: nodes and disks (new tables only)
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
 
 _SCHEMA = """
@@ -102,6 +107,24 @@ CREATE TABLE IF NOT EXISTS shares (
     create_time REAL,
     restarts    INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    name        TEXT PRIMARY KEY,
+    address     TEXT NOT NULL,
+    schedulable INTEGER NOT NULL DEFAULT 1,
+    zone        TEXT,
+    tags        TEXT NOT NULL DEFAULT '[]',   -- JSON list
+    heartbeat   REAL                          -- unix time its daemon last said it is alive
+);
+CREATE TABLE IF NOT EXISTS disks (
+    node        TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+    path        TEXT NOT NULL,
+    tags        TEXT NOT NULL DEFAULT '[]',   -- JSON list
+    reserved    INTEGER NOT NULL DEFAULT 0,   -- bytes
+    schedulable INTEGER NOT NULL DEFAULT 1,
+    capacity    INTEGER NOT NULL DEFAULT 0,   -- bytes, as last measured on its node
+    available   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (node, path)
+);
 CREATE TABLE IF NOT EXISTS backup_targets (
     name            TEXT PRIMARY KEY,
     url             TEXT NOT NULL,
@@ -129,6 +152,11 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
                      row["robustness"], row["message"], row["tcp_port"], row["created"],
                      bool(row["device_stale"]), json.loads(row["groups"] or "[]"),
                      json.loads(row["standby"]) if row["standby"] else None)
+
+
+def _node(r: sqlite3.Row) -> NodeRow:
+    return NodeRow(r["name"], r["address"], bool(r["schedulable"]), r["zone"],
+                   json.loads(r["tags"]), r["heartbeat"])
 
 
 def _job(r: sqlite3.Row) -> JobRow:
@@ -402,6 +430,70 @@ class SqliteStore:
         with self.tx() as db:
             r = db.execute("SELECT * FROM job_runs WHERE id=?", (run_id,)).fetchone()
         return None if r is None else _run(r)
+
+    # --- nodes and disks -------------------------------------------------------------------
+
+    def put_node(self, row: NodeRow) -> bool:
+        with self.tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO nodes VALUES (?, ?, ?, ?, ?, ?)",
+                             (row.name, row.address, int(row.schedulable), row.zone,
+                              json.dumps(row.tags), row.heartbeat))
+            return cur.rowcount > 0
+
+    def node(self, name: str) -> NodeRow:
+        with self.tx() as db:
+            r = db.execute("SELECT * FROM nodes WHERE name=?", (name,)).fetchone()
+        if r is None:
+            raise NotFound(f"node {name!r} does not exist (see `blockhorn node ls`)")
+        return _node(r)
+
+    def nodes(self) -> list[NodeRow]:
+        with self.tx() as db:
+            return [_node(r) for r in db.execute("SELECT * FROM nodes ORDER BY name")]
+
+    def update_node(self, name: str, **fields: Any) -> None:
+        self._update("nodes", NODE_FIELDS, "name=?", (name,), fields,
+                     f"node {name!r} does not exist (see `blockhorn node ls`)")
+
+    def add_disk(self, row: DiskRow) -> None:
+        with self.tx() as db:
+            if not db.execute("SELECT 1 FROM nodes WHERE name=?", (row.node,)).fetchone():
+                raise NotFound(f"node {row.node!r} does not exist (see `blockhorn node ls`)")
+            if db.execute("SELECT 1 FROM disks WHERE node=? AND path=?",
+                          (row.node, row.path)).fetchone():
+                raise AlreadyExists(f"disk {row.path} of node {row.node} is registered already")
+            db.execute("INSERT INTO disks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (row.node, row.path, json.dumps(row.tags), row.reserved,
+                        int(row.schedulable), row.capacity, row.available))
+
+    def disks(self, node: str | None = None) -> list[DiskRow]:
+        with self.tx() as db:
+            rows = db.execute("SELECT * FROM disks WHERE ? IS NULL OR node=? ORDER BY node, path",
+                              (node, node)).fetchall()
+        return [DiskRow(r["node"], r["path"], json.loads(r["tags"]), r["reserved"],
+                        bool(r["schedulable"]), r["capacity"], r["available"]) for r in rows]
+
+    def update_disk(self, node: str, path: str, **fields: Any) -> None:
+        self._update("disks", DISK_FIELDS, "node=? AND path=?", (node, path), fields,
+                     f"node {node!r} has no disk {path}")
+
+    def remove_disk(self, node: str, path: str) -> None:
+        with self.tx() as db:
+            if db.execute("DELETE FROM disks WHERE node=? AND path=?",
+                          (node, path)).rowcount == 0:
+                raise NotFound(f"node {node!r} has no disk {path}")
+
+    def _update(self, table: str, allowed: frozenset[str], where: str, key: tuple[Any, ...],
+                fields: dict[str, Any], missing: str) -> None:
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"cannot update {table} fields {sorted(set(fields) - allowed)}")
+        values = [json.dumps(v) if k == "tags" else int(v) if isinstance(v, bool) else v
+                  for k, v in fields.items()]
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            if db.execute(f"UPDATE {table} SET {sets} WHERE {where}",
+                          (*values, *key)).rowcount == 0:
+                raise NotFound(missing)
 
     # --- backup targets --------------------------------------------------------------------
 
