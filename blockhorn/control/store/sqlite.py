@@ -32,8 +32,9 @@ from blockhorn.control.store.records import (
 )
 from blockhorn.types import AlreadyExists, NotFound
 
-SCHEMA_VERSION = 4   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
-                     # 4: nodes and disks (new tables only)
+SCHEMA_VERSION = 3   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both.
+# New tables (shares, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
+# adds them to any home, and an older blockhorn ignores them.
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
 
 _SCHEMA = """
