@@ -71,6 +71,11 @@ def build_parser() -> Parser:
                  description="Replicated block storage: volumes served by an nbdkit engine that "
                              "replicates every write to N replica processes.")
     _home_arg(top, top=True)
+    top.add_argument("--api", metavar="URL", help="talk to a daemon's TCP API "
+                     "(https://HOST:PORT, `daemon run --api-listen`) instead of the local socket;"
+                     " the token comes from $BLOCKHORN_TOKEN (env BLOCKHORN_API)")
+    top.add_argument("--ca-file", metavar="FILE", help="CA certificate to verify the API's TLS "
+                     "with (the daemon's <home>/api-tls/ca-cert.pem; env BLOCKHORN_CA)")
     cmds = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     cmds.required = True
 
@@ -211,6 +216,8 @@ def build_parser() -> Parser:
                    help="this host's node name (default: the host name)")
     p.add_argument("--address", metavar="IP", default="127.0.0.1",
                    help="the address other nodes reach this one at (default 127.0.0.1)")
+    p.add_argument("--api-listen", metavar="IP:PORT", help="serve the API on TCP too, with TLS "
+                   "and a bearer token (<home>/api.token); see docs/API.md")
     _home_arg(p)
 
     rcmds = _actions(cmds, "replica", "replica server process",
@@ -459,7 +466,7 @@ def _daemon(args: argparse.Namespace, home: Home) -> int:
         from blockhorn.manager import daemon
         return daemon.main(home.root, to_stderr=not args.quiet, etcd=args.etcd,
                            etcd_prefix=args.etcd_prefix, node=args.node,
-                           address=args.address)
+                           address=args.address, api_listen=args.api_listen)
     from blockhorn.manager.client import connect
     try:
         c = connect(home, autostart=False)
@@ -602,6 +609,10 @@ def _keep(argv: list[str], proxy: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The API client (manager/client.py connect) reads these: every command module uses it.
+    for env, value in (("BLOCKHORN_API", args.api), ("BLOCKHORN_CA", args.ca_file)):
+        if value:
+            os.environ[env] = value
     try:
         home = Home.at(args.home)
         if args.command == "volume":

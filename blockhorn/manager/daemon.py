@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, cast
+from typing import Any
 
 import trio
 from hypercorn.config import Config
@@ -25,6 +25,7 @@ from hypercorn.trio import serve
 
 from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
 from blockhorn.keys import ensure_key
+from blockhorn.manager import remote
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
@@ -75,7 +76,7 @@ def take_lock(home: Home) -> int:
 
 def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None = None,
          etcd_prefix: str = DEFAULT_ETCD_PREFIX, node: str | None = None,
-         address: str = "127.0.0.1") -> int:
+         address: str = "127.0.0.1", api_listen: str | None = None) -> int:
     home = Home.at(home_root)
     try:
         home.ensure()
@@ -84,7 +85,7 @@ def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None 
     setup_logging(home, to_stderr)
     lock_fd = take_lock(home)
     try:
-        trio.run(run, home, etcd, etcd_prefix, node, address)
+        trio.run(run, home, etcd, etcd_prefix, node, address, api_listen)
     except BaseException as e:
         if not isinstance(e, BlockhornError | KeyboardInterrupt):
             log.exception("daemon failed")
@@ -100,7 +101,8 @@ def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None 
 
 
 async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ETCD_PREFIX,
-              node: str | None = None, address: str = "127.0.0.1") -> None:
+              node: str | None = None, address: str = "127.0.0.1",
+              api_listen: str | None = None) -> None:
     store = open_store(home.db, etcd, etcd_prefix)   # etcd: many hosts share one state (control/store)
     ensure_key(home.key)
     nodes = NodeService(store, node, address)
@@ -120,11 +122,17 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     config.accesslog = None
     config.errorlog = logging.getLogger("blockhorn.api")
     config.graceful_timeout = GRACEFUL_STOP_S
-    app = make_app(volumes, shutdown.set, jobs, standby, backups, nodes)
+    # Any: starlette's ASGI types and hypercorn's describe the same protocol differently.
+    app: Any = make_app(volumes, shutdown.set, jobs, standby, backups, nodes)
+    if api_listen:   # TCP too: TLS + bearer token (manager/remote.py); the socket stays plain
+        ip, port = remote.parse_listen(api_listen)
+        config.certfile, config.keyfile, _ = remote.ensure_certificate(home, ip)
+        config.insecure_bind = config.bind
+        config.bind = [remote.bind_text(ip, port)]
+        app = remote.BearerAuth(app, remote.ensure_token(home))
 
     async with trio.open_nursery() as nursery:
-        # cast: starlette's ASGI types and hypercorn's describe the same protocol differently
-        await nursery.start(functools.partial(serve, cast(Any, app), config,
+        await nursery.start(functools.partial(serve, app, config,
                                               shutdown_trigger=shutdown.wait))
         os.chmod(home.socket, 0o600)
         helpers = trio.CancelScope()
@@ -139,8 +147,8 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
                     inner.start_soon(_on_signals, shutdown)
 
         nursery.start_soon(run_helpers)
-        log.info("daemon ready: pid %d, home %s, API on %s", os.getpid(), home.root,
-                 home.socket)
+        log.info("daemon ready: pid %d, home %s, API on %s%s", os.getpid(), home.root,
+                 home.socket, f" and https://{config.bind[0]}" if api_listen else "")
         notify("READY=1")
         notify(f"STATUS=serving {home.socket}")
         await shutdown.wait()
