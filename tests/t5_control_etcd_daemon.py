@@ -33,7 +33,7 @@ def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
     prefix = f"/bh-daemon-{uuid.uuid4().hex[:12]}/"
     with Env() as a, Env() as b:
-        with daemon(a, "--etcd", etcd_url, "--etcd-prefix", prefix):
+        with daemon(a, "--etcd", etcd_url, "--etcd-prefix", prefix, "--node", "hosta"):
             disk = os.path.join(a.root, "disk")
             os.makedirs(disk)
             a.cli("volume", "create", "ev", "--size", "16MiB", "--replicas", "1", "--disk", disk)
@@ -55,4 +55,5 @@ def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
                 assert [kv.key for kv in e.get_prefix(f"{prefix}volumes/")] == []
                 assert [kv.key for kv in e.get_prefix(f"{prefix}replicas/")] == []
             nodes = {n["name"]: n for n in json.loads(b.cli("node", "ls", "--json").stdout)}
-            assert nodes["hostb"]["state"] == "up" and len(nodes) == 2   # a's node is known
+            assert sorted(nodes) == ["hosta", "hostb"]    # a's node is known to b
+            assert nodes["hostb"]["state"] == "up"

@@ -162,10 +162,12 @@ def _check_enough(size: int, count: int, policy: Policy, nodes: Sequence[Node],
             f"{policy.minimal_available_pct}): add disks or free space")
     if not policy.soft_anti_affinity and len(roomy_nodes) < count:
         raise Unschedulable(f"{count} replicas need {count} schedulable nodes with room for "
-                            f"{format_size(size)}; {len(roomy_nodes)} have it")
+                            f"{format_size(size)}; {len(roomy_nodes)} "
+                            f"{'has' if len(roomy_nodes) == 1 else 'have'} it")
     if len(cands) < count:
         raise Unschedulable(f"{count} replicas need {count} disks with room for {format_size(size)} "
-                            f"(never two replicas on one disk); {len(cands)} have it")
+                            f"(never two replicas on one disk); {len(cands)} "
+                            f"{'has' if len(cands) == 1 else 'have'} it")
 
 
 def _shortfall(count: int, placed: int, policy: Policy, cands: list[_Candidate]) -> str:
