@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -26,6 +27,7 @@ from blockhorn.control.store.etcd import EtcdStore
 from blockhorn.types import AlreadyExists, NotFound
 
 ETCD = shutil.which("etcd")
+LIVENESS_WAIT_S = 10.0   # seconds for a 2 s TTL to run out (etcd checks leases every 500 ms)
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +283,18 @@ def test_nodes_and_disks(store: StateStore) -> None:
     with pytest.raises(NotFound):
         store.remove_disk("n1", "/mnt/a")
     assert [dk.path for dk in store.disks("n1")] == ["/mnt/d 1"]
+
+
+def test_node_liveness_expires_and_returns(store: StateStore) -> None:
+    store.put_node(NodeRow("n1", "10.0.0.1"))
+    store.put_node(NodeRow("n2", "10.0.0.2"))
+    assert store.live_nodes(2) == set()
+    store.node_alive("n1", 2)
+    store.node_alive("n1", 2)                      # renewed, not a second record
+    assert store.live_nodes(2) == {"n1"} and store.node("n1").heartbeat is not None
+    deadline = time.monotonic() + LIVENESS_WAIT_S
+    while store.live_nodes(2):                     # silent longer than its TTL: down
+        assert time.monotonic() < deadline, "liveness did not expire"
+        time.sleep(0.2)
+    store.node_alive("n1", 2)                      # back (etcd: a new lease)
+    assert store.live_nodes(2) == {"n1"}

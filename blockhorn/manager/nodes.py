@@ -5,8 +5,8 @@ Vocabulary:
   host name) and reached at `--address IP` (default 127.0.0.1). The daemon registers it at
   start and then beats every HEARTBEAT_S: `heartbeat` in its node record, and the capacity and
   free space of its disks (only a node can measure its own disks).
-- a node is `up` while its heartbeat is younger than NODE_DOWN_AFTER_S (this node always is:
-  it answers), else `down`.
+- a node is `up` while it said so within NODE_DOWN_AFTER_S (the store's node_alive: on etcd
+  a lease of that TTL, on SQLite a heartbeat time); this node always is: it answers.
 - a disk's `scheduled` bytes are the sizes of the volumes with a replica in it
   (`<disk>/replicas/<volume>/<replica>`, the layout of manager/paths.py).
 
@@ -42,7 +42,7 @@ from blockhorn.types import Busy, InvalidArgument, parse_size
 log = logging.getLogger("blockhorn.manager")
 
 HEARTBEAT_S = 5.0          # seconds between this node's heartbeats
-NODE_DOWN_AFTER_S = 15.0   # a node whose last heartbeat is older than this is down
+NODE_DOWN_AFTER_S = 15     # seconds: a node silent this long is down (its etcd lease's TTL)
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
 
 
@@ -82,7 +82,7 @@ class NodeService:
         self.beat()
 
     def beat(self) -> None:
-        self.store.update_node(self.name, heartbeat=time.time())
+        self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
         for d in self.store.disks(self.name):
             cap, free = _usage(d.path)
             if (cap, free) != (d.capacity, d.available):
@@ -113,25 +113,22 @@ class NodeService:
                 "scheduled": scheduled.get(d.path, 0) if d.node == self.name else 0,
                 "reserved": d.reserved, "tags": d.tags, "schedulable": d.schedulable}
 
-    def state(self, n: NodeRow) -> str:
-        if n.name == self.name:
-            return "up"
-        fresh = n.heartbeat is not None and time.time() - n.heartbeat < NODE_DOWN_AFTER_S
-        return "up" if fresh else "down"
-
-    def _describe(self, n: NodeRow, disks: list[DiskRow],
-                  scheduled: dict[str, int]) -> dict[str, Any]:
-        return {"name": n.name, "address": n.address, "state": self.state(n),
+    def _describe(self, n: NodeRow, disks: list[DiskRow], scheduled: dict[str, int],
+                  live: set[str]) -> dict[str, Any]:
+        up = n.name == self.name or n.name in live   # this node answers: it is up
+        return {"name": n.name, "address": n.address, "state": "up" if up else "down",
                 "schedulable": n.schedulable, "zone": n.zone, "tags": n.tags,
                 "heartbeat": n.heartbeat,
                 "disks": [self._disk(d, scheduled) for d in disks if d.node == n.name]}
 
     def list_nodes(self) -> list[dict[str, Any]]:
         disks, scheduled = self.store.disks(), self._scheduled()
-        return [self._describe(n, disks, scheduled) for n in self.store.nodes()]
+        live = self.store.live_nodes(NODE_DOWN_AFTER_S)
+        return [self._describe(n, disks, scheduled, live) for n in self.store.nodes()]
 
     def show(self, name: str) -> dict[str, Any]:
-        return self._describe(self.store.node(name), self.store.disks(name), self._scheduled())
+        return self._describe(self.store.node(name), self.store.disks(name), self._scheduled(),
+                              self.store.live_nodes(NODE_DOWN_AFTER_S))
 
     def disks(self) -> list[dict[str, Any]]:
         scheduled = self._scheduled()
@@ -204,6 +201,7 @@ class NodeService:
         if not rows:
             return []
         scheduled = self._scheduled()
+        live = self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.name}
         nodes = []
         for n in self.store.nodes():
             disks = []
@@ -212,7 +210,7 @@ class NodeService:
                     info = self._disk(d, scheduled)
                     disks.append(Disk(d.path, info["capacity"], info["available"], d.reserved,
                                       info["scheduled"], frozenset(d.tags), d.schedulable))
-            nodes.append(Node(n.name, tuple(disks), self.state(n) == "up", n.schedulable,
+            nodes.append(Node(n.name, tuple(disks), n.name in live, n.schedulable,
                               n.zone, frozenset(n.tags)))
         got = schedule(size, count, nodes, self.policy(), prefer_node=self.name)
         remote = sorted({p.node for p in got if p.node != self.name})

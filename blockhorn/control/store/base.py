@@ -133,6 +133,13 @@ class StateStore(Protocol):
     def nodes(self) -> list[NodeRow]: ...
     def update_node(self, name: str, **fields: Any) -> None:
         """Change NODE_FIELDS of a node (NotFound if there is none)."""
+    def node_alive(self, name: str, ttl_s: int) -> None:
+        """Node `name` says it is alive for the next `ttl_s` seconds (its daemon calls this
+        every few seconds). SQLite: its heartbeat time; etcd: a key under a lease of ttl_s,
+        so liveness does not depend on the hosts' clocks agreeing."""
+    def live_nodes(self, ttl_s: int) -> set[str]:
+        """The nodes that said they are alive within the last `ttl_s` seconds (etcd: whose
+        lease has not expired; `ttl_s` is the one they were granted with)."""
     def add_disk(self, row: DiskRow) -> None:
         """Register a disk (NotFound without its node, AlreadyExists for a second one of
         the same node and path)."""

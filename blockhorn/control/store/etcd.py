@@ -15,6 +15,7 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
     <p>backup-targets/<name>     BackupTargetRow fields
     <p>nodes/<name>              NodeRow fields
     <p>disks/<node>/<path, %-quoted>   DiskRow fields
+    <p>live/<node>               present while the node's daemon keeps its lease alive
 
 Every change is one etcd transaction guarded by compare-and-swap on the mod revisions of the
 keys it read (mod revision 0: "the key does not exist"): read, compute, commit if nobody
@@ -26,12 +27,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 from urllib.parse import quote
 
-from blockhorn.cluster.etcd import Etcd, EtcdError, cmp_mod, op_delete, op_put
+from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_delete, op_put
 from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port
 from blockhorn.control.store.records import (
     DISK_FIELDS,
@@ -102,6 +104,7 @@ class EtcdStore:
             raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts and ends with /")
         self.prefix = prefix
         self.etcd = Etcd(urls)
+        self._leases: dict[str, int] = {}   # node -> the lease of its live/ key
         # A store written by a newer blockhorn is not ours to change.
         kv = self.etcd.get(self._k("meta/schema"))
         if kv is None:
@@ -440,6 +443,25 @@ class EtcdStore:
     @staticmethod
     def _disk_key(node: str, path: str) -> str:
         return f"disks/{node}/{quote(path, safe='')}"
+
+    def node_alive(self, name: str, ttl_s: int) -> None:
+        """`live/<name>` under this store's lease for the node, renewed at each call; a new
+        lease when it expired (the node was away longer than ttl_s: it was down meanwhile)."""
+        lease = self._leases.get(name)
+        if lease is not None:
+            try:
+                self.etcd.keepalive(lease)
+            except LeaseNotFound:
+                lease = None
+        if lease is None:
+            lease, _ = self.etcd.grant(ttl_s)
+            self._leases[name] = lease
+            self.etcd.put(self._k(f"live/{name}"), "1", lease)
+        self.update_node(name, heartbeat=time.time())
+
+    def live_nodes(self, ttl_s: int) -> set[str]:
+        return {kv.key.decode().rsplit("/", 1)[1]
+                for kv in self.etcd.get_prefix(self._k("live/"))}
 
     def add_disk(self, row: DiskRow) -> None:
         key = self._disk_key(row.node, row.path)

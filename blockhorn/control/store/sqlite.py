@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -455,6 +456,14 @@ class SqliteStore:
     def update_node(self, name: str, **fields: Any) -> None:
         self._update("nodes", NODE_FIELDS, "name=?", (name,), fields,
                      f"node {name!r} does not exist (see `blockhorn node ls`)")
+
+    def node_alive(self, name: str, ttl_s: int) -> None:
+        self.update_node(name, heartbeat=time.time())
+
+    def live_nodes(self, ttl_s: int) -> set[str]:
+        with self.tx() as db:   # one host, one clock: a heartbeat time is enough
+            return {r["name"] for r in db.execute("SELECT name FROM nodes WHERE heartbeat > ?",
+                                                  (time.time() - ttl_s,))}
 
     def add_disk(self, row: DiskRow) -> None:
         with self.tx() as db:
