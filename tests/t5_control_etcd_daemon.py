@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -57,3 +58,16 @@ def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
             nodes = {n["name"]: n for n in json.loads(b.cli("node", "ls", "--json").stdout)}
             assert sorted(nodes) == ["hosta", "hostb"]    # a's node is known to b
             assert nodes["hostb"]["state"] == "up"
+
+
+def test_daemon_with_unreachable_etcd_is_a_clear_error() -> None:
+    with Env() as env:
+        with socket.socket() as s:   # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        got = env.cli("daemon", "run", "--quiet", "--etcd", f"http://127.0.0.1:{port}",
+                      check=False, timeout=60)
+        assert got.returncode != 0 and "etcd is unreachable" in got.stderr
+        assert "Traceback" not in got.stderr and not os.path.exists(env.home.db)
+        bad = env.cli("daemon", "run", "--quiet", "--etcd", "localhost:2379", check=False)
+        assert bad.returncode == 2 and "bad etcd URL" in bad.stderr
