@@ -286,14 +286,14 @@ def test_resume_after_the_interrupted_backup_was_deleted_starts_over(store, vol,
 
 
 def test_daemon_service_resumes_an_interrupted_backup_when_it_starts(tmp_path) -> None:
+    from blockhorn.control.store import SqliteStore
     from blockhorn.manager.backups import BackupService
     from blockhorn.manager.paths import Home
-    from blockhorn.manager.state import Store
     from blockhorn.manager.volumes import VolumeManager
 
     home = Home(str(tmp_path / "home"))
     home.ensure()
-    volumes = VolumeManager(home, Store(home.db))
+    volumes = VolumeManager(home, SqliteStore(home.db))
     volumes.create("data", 8 * MiB, replicas=2)
     (tmp_path / "store").mkdir()
     svc = BackupService(volumes, resume=False)

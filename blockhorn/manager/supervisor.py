@@ -33,9 +33,9 @@ from typing import Any
 import psutil
 import trio
 
+from blockhorn.control.store import ReplicaRow, VolumeRow
 from blockhorn.manager import process, replenish
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
-from blockhorn.manager.state import ReplicaRow, VolumeRow
 from blockhorn.manager.volumes import (
     VolumeManager,
     engine_rebuild,
