@@ -376,9 +376,9 @@ class Replica:
                     raise
                 pos = end
             holes.append((hole, pos))
-        for i, (s, e) in enumerate(holes):
+        for i, (hs, he) in enumerate(holes):
             try:
-                fallocate(fd, FALLOC_FL_KEEP_SIZE, s, e - s)
+                fallocate(fd, FALLOC_FL_KEEP_SIZE, hs, he - hs)
             except BlockhornError as err:
                 if err.errno != errno.ENOSPC:
                     raise
