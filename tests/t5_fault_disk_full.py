@@ -29,6 +29,7 @@ import pytest
 from conftest import assert_replicas_identical, needs_root
 from harness import Cluster
 from support.loopfs import fill, free, loop_ext4
+from support.recovery import report
 
 pytestmark = needs_root()
 
@@ -214,6 +215,8 @@ def test_one_replica_disk_full_then_space_returns(home, tmp_path) -> None:
             h.shutdown()
             c.wait_modes(ALL_RW)
             assert_replicas_identical(c)
+            report("6 one replica's disk full: space back -> replica RW", recovery,
+                   f"{progress.get('mode')} resync of {progress.get('total')} bytes")
             print(f"scenario 6 (one disk full): r1 RW again {recovery:.2f} s after space "
                   f"returned ({progress.get('mode')} resync, {progress.get('total')} bytes); "
                   f"{len(w.acked)} blocks acknowledged")
@@ -267,6 +270,8 @@ def test_every_replica_disk_full_then_space_returns(home, tmp_path) -> None:
             check(c.uri, {**base, **w.acked}, w.failed)
             assert c.modes() == ALL_RW, c.modes()
             assert_replicas_identical(c)
+            report("6 every disk full: space back -> writes succeed", recovery,
+                   f"{len(w.errors)} ENOSPC to the writer meanwhile, no replica ERR")
             print(f"scenario 6 (every disk full): writes succeed {recovery:.2f} s after space "
                   f"returned; {len(w.errors)} ENOSPC to the writer, {len(w.acked)} blocks "
                   "acknowledged")

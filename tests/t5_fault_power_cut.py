@@ -27,6 +27,7 @@ import nbd
 import pytest
 from conftest import assert_replicas_identical, needs_root
 from harness import Cluster
+from support.recovery import report
 
 pytestmark = needs_root()
 
@@ -197,6 +198,8 @@ def test_power_cut_keeps_every_flushed_write(mounts, tmp_path) -> None:
         h.flush()
         h.shutdown()
         assert_replicas_identical(c)
+        report("9 power cut of every replica -> healthy", recovery,
+               f"remount, restart, start rule, resync; {flushed} flushed blocks checked")
         print(f"scenario 9: healthy {recovery:.2f} s after the power cut (remount, restart, "
               f"resync); {flushed} blocks covered by the last FLUSH, {len(w.acked)} acknowledged; "
               f"dropped per replica: {dropped}")
