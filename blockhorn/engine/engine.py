@@ -405,10 +405,11 @@ class Engine:
                 if r.ref.name not in call.results:
                     self.set_error(r, f"no answer within {self.answer_timeout():g} s", client)
         statuses = [call.results.get(r.ref.name, errno.ETIMEDOUT) for r, _ in sent]
-        if sent and all(s == errno.ENOSPC for s in statuses):
-            # Every replica refused for lack of space before changing anything (a replica
-            # torn by ENOSPC answers EIO): they still agree, so none leaves the in-sync set;
-            # the writer gets ENOSPC and reads go on (docs/DURABILITY.md, "Out of space").
+        if op == Op.WRITE and sent and all(s == errno.ENOSPC for s in statuses):
+            # Every replica refused a WRITE for lack of space before changing anything (a
+            # replica torn by ENOSPC answers EIO): they still agree, so none leaves the
+            # in-sync set; the writer gets ENOSPC and reads go on (docs/DURABILITY.md,
+            # "Out of space"). Only a WRITE reserves its space first.
             self.counters["errors"] += 1
             raise NoSpace("every replica is out of space")
         ok_rw = 0

@@ -380,6 +380,8 @@ class Replica:
             try:
                 fallocate(fd, FALLOC_FL_KEEP_SIZE, hs, he - hs)
             except BlockhornError as err:
+                if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return    # no fallocate here: an ENOSPC while writing halts, as before
                 if err.errno != errno.ENOSPC:
                     raise
                 for s2, e2 in holes[:i + 1]:
