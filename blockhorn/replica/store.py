@@ -25,7 +25,8 @@ Revisions and suspicion (docs/DURABILITY.md, "Generations"):
   request. A suspect replica keeps `Dirty` through an orderly close; only the engine clears
   it: by a resync (`set_generation(..., clear_rebuilding=True)`) or by adopting the replica as
   the source of truth at start (`adopt`).
-- Out of space: a WRITE first allocates the head's holes in its range (`fallocate`); when that
+- Out of space: a WRITE first allocates the head's holes in its range (`fallocate`) when the
+  file system has less than RESERVE_BELOW_FREE (1 GiB) free; when that
   fails with ENOSPC nothing has changed (the holes are punched again), the replica does not
   halt, and it answers ENOSPC (`OutOfSpace`). An ENOSPC later, part-way through a mutation,
   halts it like any other failure and is answered EIO: the engine keeps every replica RW only
@@ -38,6 +39,7 @@ import contextlib
 import datetime
 import errno
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +65,14 @@ VOLUME_META = "volume.meta"
 REVISION_COUNTER = "revision.counter"
 REVISION_SIZE = 4096
 HEAD_FMT = "volume-head-{:03d}.img"
+
+
+# Below this much free space (bytes) on the replica's file system, a WRITE reserves its holes
+# before writing (`Replica._reserve`); above it, the check is skipped: it costs an lseek and a
+# fallocate per write. The free space is read again at least every RESERVE_CHECK_S seconds
+# (and counted down by what this replica writes meanwhile).
+RESERVE_BELOW_FREE = 1 << 30
+RESERVE_CHECK_S = 1.0
 
 
 class OutOfSpace(NoSpace):
@@ -125,6 +135,8 @@ class Replica:
         self.opened_dirty = bool(meta.get("Dirty"))
         self.suspect = self.opened_dirty     # see the module docstring
         self.halted = ""                     # why mutations are refused, after a failed one
+        self._free = 0                       # bytes free on the file system, at _free_at
+        self._free_at = -RESERVE_CHECK_S     # monotonic seconds
         # What changed after which revision, since this open (replica/changes.py), and the
         # first generation committed to this replica since then: a returning sibling at that
         # generation or later may resync from this log (docs/DURABILITY.md).
@@ -363,8 +375,15 @@ class Replica:
         the file must not take them for data) and raise OutOfSpace: nothing changed."""
         start = offset - offset % BLOCK_SIZE
         end = -(-end // BLOCK_SIZE) * BLOCK_SIZE
-        holes = []
         pos, fd = start, self.head.fd
+        now = time.monotonic()
+        if now - self._free_at >= RESERVE_CHECK_S or self._free < RESERVE_BELOW_FREE:
+            st = os.fstatvfs(fd)
+            self._free, self._free_at = st.f_bfree * st.f_frsize, now  # replicas run as root
+        self._free -= end - start
+        if self._free >= RESERVE_BELOW_FREE:
+            return
+        holes = []
         while pos < end:
             hole = os.lseek(fd, pos, os.SEEK_HOLE)      # the file's size ends in a hole
             if hole >= end:
