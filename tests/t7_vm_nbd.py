@@ -1,0 +1,113 @@
+"""Tier 7 (real kernel, QEMU guest): a host attaches a volume with the Linux kernel's NBD client.
+
+The volume is attached with `--frontend none --port P --tls certificates` (nbd-client 3.24
+speaks TLS with X.509 certificates, not TLS-PSK); the guest runs the very `nbd-client` command
+line `blockhorn.nbd.attach.nbd_client_argv` builds, measures raw device throughput, makes ext4,
+writes files, syncs and disconnects. The host then reads the volume through the engine's unix
+socket and compares every file (debugfs reads ext4 from the image, no mount) with the checksums
+the guest printed, and e2fsck finds the filesystem clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from daemon_util import Env
+from harness import free_port
+from support import vm
+from t4_nbd_tls import make_certs
+
+from blockhorn.nbd.attach import CLIENT_CERT_FILES, nbd_client_argv
+
+pytestmark = pytest.mark.vm
+
+MiB = 1 << 20
+SIZE_MIB = 64
+FILES = 3              # files of FILE_MIB written on ext4 by the guest
+FILE_MIB = 4
+RAW_MIB = 8            # raw device throughput, before mkfs
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    vm.require_vm()
+    with Env() as e:
+        e.cli("volume", "create", "v", "--size", f"{SIZE_MIB}MiB", "--replicas", "2")
+        yield e
+
+
+def client_certs(env: Env) -> dict[str, bytes]:
+    """Server certificates in <home>/tls, a client certificate signed by the same CA, as guest
+    files under /certs with libnbd's names (CLIENT_CERT_FILES)."""
+    server = os.path.join(env.home.root, "tls")
+    make_certs(server, "server")
+    client = os.path.join(env.root, "client")
+    make_certs(client, "client", ca=server)
+    files = {}
+    for name in CLIENT_CERT_FILES:
+        with open(os.path.join(client, name), "rb") as f:
+            files[f"certs/{name}"] = f.read()
+    return files
+
+
+def test_kernel_nbd_client_over_tls(env: Env, tmp_path) -> None:
+    files = client_certs(env)
+    port = free_port()
+    env.cli("volume", "attach", "v", "--frontend", "none", "--port", str(port),
+            "--tls", "certificates")
+    try:
+        # The server's certificate names 127.0.0.1 and localhost; the guest reaches the host
+        # as 10.0.2.2, so it checks the name localhost.
+        connect = shlex.join(nbd_client_argv("/dev/nbd0", host=vm.HOST, port=port,
+                                             cert_dir="/certs", tls_hostname="localhost",
+                                             nbd_client="nbd-client"))
+        script = f"""
+set -e
+{connect}
+t() {{ echo "${{EPOCHREALTIME/./}}"; }}
+dd if=/dev/urandom of=/tmp/raw bs=1M count={RAW_MIB} status=none
+a=$(t); dd if=/tmp/raw of=/dev/nbd0 bs=1M oflag=direct status=none; b=$(t)
+dd if=/dev/nbd0 of=/tmp/back bs=1M count={RAW_MIB} iflag=direct status=none; c=$(t)
+cmp /tmp/raw /tmp/back
+echo "RAW write_us=$((b - a)) read_us=$((c - b))"
+mkfs.ext4 -q -F /dev/nbd0
+mount -t ext4 /dev/nbd0 /mnt
+for i in $(seq {FILES}); do dd if=/dev/urandom of=/tmp/f$i bs=1M count={FILE_MIB} status=none; done
+a=$(t); cp /tmp/f* /mnt/; sync; b=$(t)
+echo "EXT4 write_us=$((b - a))"
+cd /mnt && sha256sum f* && cd /
+umount /mnt
+nbd-client -d /dev/nbd0
+"""
+        res = vm.run(str(tmp_path), script, timeout=150, files=files)
+        raw = re.search(r"RAW write_us=(\d+) read_us=(\d+)", res.output)
+        ext4 = re.search(r"EXT4 write_us=(\d+)", res.output)
+        assert raw and ext4, res.output
+        sums = dict((name, digest) for digest, name in
+                    re.findall(r"^([0-9a-f]{64})  (f\d+)$", res.output, re.M))
+        assert len(sums) == FILES, res.output
+        print(f"\nvm nbd: boot {res.boot_s:.1f} s, script {res.run_s:.1f} s; raw O_DIRECT "
+              f"write {RAW_MIB * 1e6 / int(raw.group(1)):.1f} MB/s, read "
+              f"{RAW_MIB * 1e6 / int(raw.group(2)):.1f} MB/s; ext4 cp+sync "
+              f"{FILES * FILE_MIB * 1e6 / int(ext4.group(1)):.1f} MB/s (MiB/s, TCG guest)")
+
+        # What the guest wrote, read through the engine's unix socket on the host.
+        image = str(tmp_path / "volume.img")
+        sock = env.show("v")["endpoint"].split("socket=", 1)[1]
+        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", image], check=True,
+                       timeout=60)
+        fsck = subprocess.run(["e2fsck", "-fn", image], capture_output=True, text=True,
+                              timeout=60)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+        for name, digest in sums.items():
+            got = subprocess.run(["debugfs", "-R", f"cat /{name}", image], check=True,
+                                 capture_output=True, timeout=60).stdout
+            assert len(got) == FILE_MIB * MiB and hashlib.sha256(got).hexdigest() == digest, name
+    finally:
+        env.cli("volume", "detach", "v")
