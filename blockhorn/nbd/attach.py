@@ -185,14 +185,16 @@ CLIENT_CERT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
 
 def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: int = 0,
-                    cert_dir: str = "", tls_hostname: str = "",
+                    cert_dir: str = "", tls_hostname: str = "", export: str = "",
                     nbd_client: str = "") -> list[str]:
     """The `nbd-client` command line that connects `device` to an engine: its unix socket
     (the nbd frontend) or its TCP endpoint (nbd/tls.py) with X.509 certificates from
     `cert_dir` — nbd-client 3.24 speaks TLS with certificates only, not TLS-PSK.
     `tls_hostname` is the name checked against the server's certificate when the host is
-    reached by another address (a NAT, QEMU's 10.0.2.2). The real-kernel tier
-    (tests/t7_vm_nbd.py) runs exactly this command line in a guest."""
+    reached by another address (a NAT, QEMU's 10.0.2.2). `export` names the export (`-N`;
+    the engine serves one whatever the name, but without -N nbd-client 3.24 warns about the
+    oldstyle protocol). The real-kernel tier (tests/t7_vm_nbd.py) runs exactly this command
+    line in a guest."""
     argv = [nbd_client or require("nbd-client")]
     if socket_path:
         argv += ["-unix", socket_path]
@@ -201,9 +203,11 @@ def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: in
     else:
         raise BlockhornError("nbd-client needs a unix socket or a host and port", errno.EINVAL)
     argv += [device, "-b", str(NBD_BLOCK_SIZE)]
+    if export:
+        argv += ["-N", export]
     if cert_dir:
         ca, cert, key = (os.path.join(cert_dir, f) for f in CLIENT_CERT_FILES)
-        argv += ["-cacertfile", ca, "-certfile", cert, "-keyfile", key]
+        argv += ["-enable-tls", "-cacertfile", ca, "-certfile", cert, "-keyfile", key]
         if tls_hostname:
             argv += ["-tlshostname", tls_hostname]
     elif host:
