@@ -15,10 +15,12 @@ import os
 import re
 import shlex
 import subprocess
+import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
-from daemon_util import Env
+from daemon_util import Env, wait_until
 from harness import free_port
 from support import vm
 from t4_nbd_tls import make_certs
@@ -158,3 +160,70 @@ nbd-client -d /dev/nbd0
               f"{res.boot_s:.1f} s, script {res.run_s:.1f} s")
     finally:
         env.cli("volume", "detach", "x")
+
+
+LOAD_S = 10   # seconds of fsync'd writes in the guest; the engine is killed 2 s in
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 11, not built yet: when the engine dies, the TLS proxy (nbdkit's nbd plugin) "
+    "answers the requests in flight with ESHUTDOWN and the keeper stops the proxy with the "
+    "engine, so the kernel fails them (I/O error, ext4 journal aborted). Measured by hand: "
+    "with --filter=retry in the proxy and the proxy kept across an engine restart on the "
+    "same socket, the same guest saw a 1.1 s pause and no error"))
+def test_engine_kill_under_kernel_nbd_load(env: Env, certs: dict[str, bytes], tmp_path) -> None:
+    """kill -9 of the engine while the guest writes files with fsync on ext4 over the kernel
+    NBD client: the daemon restarts the engine on the same endpoint; the guest must see a
+    pause, no I/O error, ext4 still read-write, and every acknowledged file intact."""
+    connect = attach_tcp(env, "v")
+    try:
+        script = f"""
+{connect} || exit 1
+mkfs.ext4 -q -F /dev/nbd0 && mount -t ext4 /dev/nbd0 /mnt || exit 1
+echo LOAD
+i=0; errs=0; gap=0; end=$((SECONDS + {LOAD_S}))
+while [ $SECONDS -lt $end ]; do
+    a=${{EPOCHREALTIME/./}}
+    if dd if=/dev/urandom of=/mnt/f$((i % 8)) bs=64k count=8 conv=fsync status=none; then
+        b=${{EPOCHREALTIME/./}}; [ $((b - a)) -gt $gap ] && gap=$((b - a))
+    else
+        errs=$((errs + 1)); rm -f /mnt/f$((i % 8))
+    fi
+    i=$((i + 1))
+done
+echo "WRITES $i ERRORS $errs MAXPAUSE_US $gap"
+grep ' /mnt ' /proc/mounts
+cd /mnt && sha256sum f* ; cd /
+umount /mnt
+nbd-client -d /dev/nbd0
+"""
+        with vm.Guest(str(tmp_path), script, files=certs) as g:
+            g.wait_for(r"^LOAD$", vm.BOOT_TIMEOUT_S + 60)
+            time.sleep(2)
+            keeper = psutil.Process(env.show("v")["engine"]["pid"])
+            next(c for c in keeper.children() if "python" in c.cmdline()).kill()
+            wait_until(lambda: env.show("v")["engine"]["restarts"] == 1, 30, "engine restart")
+            # A kernel I/O error is the failure, whatever the script does after it (a dd can
+            # hang in the kernel on the dead device): fail at once instead of at the deadline.
+            done = wait_until(lambda: "I/O error, dev nbd0" in g.console_tail(1000) or
+                              "BH-VM-EXIT" in g.output(), LOAD_S + 60, "the load's end")
+            assert "I/O error, dev nbd0" not in g.console_tail(1000), g.console_tail(20)
+            assert done
+            res = g.wait(30)
+        m = re.search(r"WRITES (\d+) ERRORS (\d+) MAXPAUSE_US (\d+)", res.output)
+        assert m, res.output
+        print(f"\nvm nbd engine kill: {m.group(1)} writes, {m.group(2)} errors, longest pause "
+              f"{int(m.group(3)) / 1e6:.2f} s")
+        assert int(m.group(2)) == 0, res.output
+        assert re.search(r" /mnt ext4 rw[ ,]", res.output), res.output
+        sums = dict((n, d) for d, n in re.findall(r"^([0-9a-f]{64})  (f\d+)$", res.output, re.M))
+        assert sums, res.output
+        image = str(tmp_path / "volume.img")
+        sock = env.show("v")["endpoint"].split("socket=", 1)[1]
+        subprocess.run(["nbdcopy", f"nbd+unix:///?socket={sock}", image], check=True, timeout=60)
+        for name, digest in sums.items():
+            got = subprocess.run(["debugfs", "-R", f"cat /{name}", image], check=True,
+                                 capture_output=True, timeout=60).stdout
+            assert hashlib.sha256(got).hexdigest() == digest, name
+    finally:
+        env.cli("volume", "detach", "v")
