@@ -14,11 +14,15 @@ import hashlib
 import json
 import os
 import re
+import signal
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from daemon_util import Env
+from daemon_util import Env, wait_until
 from support import vm
 from test_share_nfs import MISSING, REASON, _safety_net
 
@@ -99,3 +103,138 @@ def test_kernel_nfs_v41_v42_large_writes(env: Env, tmp_path) -> None:
         with open(os.path.join(mount_dir, f"big-{v}"), "rb") as f:
             data = f.read()
         assert len(data) == FILE_MIB * MiB and hashlib.sha256(data).hexdigest() == src.group(1)
+
+
+class Barrier:
+    """A rendezvous on 127.0.0.1 for guests (busybox nc to 10.0.2.2): a guest sends a name and
+    gets an answer when `parties` guests have sent that name — or, for names in `host_gates`,
+    when the test also opened the gate. Runs in a thread; `close()` stops it."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.cond = threading.Condition()
+        self.arrived: dict[str, int] = {}
+        self.gates: dict[str, bool] = {}
+        self.closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def gate(self, name: str) -> None:
+        """`name` opens only after this is called too (the host's own step)."""
+        with self.cond:
+            self.gates.setdefault(name, False)
+
+    def open(self, name: str) -> None:
+        with self.cond:
+            self.gates[name] = True
+            self.cond.notify_all()
+
+    def wait_arrived(self, name: str, timeout: float) -> None:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.arrived.get(name, 0) > 0, timeout):
+                raise AssertionError(f"no guest reached {name!r} in {timeout:g} s")
+
+    def _serve(self) -> None:
+        while not self.closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(120)
+            try:
+                name = conn.makefile().readline().strip()
+            except OSError:
+                return
+            with self.cond:
+                self.arrived[name] = self.arrived.get(name, 0) + 1
+                self.cond.notify_all()
+                ok = self.cond.wait_for(lambda: self.closed or (
+                    self.arrived[name] >= self.parties and self.gates.get(name, True)), 120)
+            if ok and not self.closed:
+                conn.sendall(b"go\n")
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.sock.close()
+
+
+ROUNDS = 3
+LEASE_S, GRACE_S = 5, 8     # short, so a restart's grace period fits the test's budget
+
+
+def test_kernel_nfs_two_guests_close_to_open_and_lock_reclaim(env: Env, tmp_path) -> None:
+    """Two guests mount the share (NFSv4.2) at once. Close-to-open: in each round one writes
+    a file and closes it, the other then opens it and must read exactly those bytes (each
+    guest still holds the previous round's pages). Then guest A holds a POSIX lock (flock,
+    which the NFS client maps to a whole-file lock) while the host kills Ganesha; the share
+    manager restarts it, A reclaims the lock in the grace period, and B cannot take it until
+    A lets go."""
+    env.cli("volume", "create", "cto", "--access", "rwx", "--replicas", "1", "--size", "64MiB",
+            "--no-root-squash", "--lease", str(LEASE_S), "--grace", str(GRACE_S))
+    env.cli("volume", "attach", "cto")
+    share = share_of(env, "cto")
+    bar = Barrier(2)
+    bar.gate("restarted")
+    common = [f"bar() {{ echo \"$1\" | nc {vm.HOST} {bar.port} >/dev/null; }}",
+              "mkdir -p /mnt/s", guest_mount(share, "4.2", "/mnt/s"), "bar mounted"]
+    a, b = list(common), list(common)
+    for r in range(1, ROUNDS + 1):
+        writer, reader = (a, b) if r % 2 else (b, a)
+        writer += ["dd if=/dev/urandom of=/mnt/s/shared bs=64k count=16 status=none",
+                   f"echo \"ROUND {r} W $(sha256sum </mnt/s/shared | cut -c1-64)\""]
+        for g in (a, b):
+            g.append(f"bar wrote{r}")
+        reader.append(f"echo \"ROUND {r} R $(sha256sum </mnt/s/shared | cut -c1-64)\"")
+        for g in (a, b):
+            g.append(f"bar read{r}")
+    a += ["exec 9>>/mnt/s/lock", "flock -x 9 && echo A-LOCKED", "bar locked", "bar triedbefore",
+          "bar restarted",
+          # An operation on the file after the restart: the client notices the new server
+          # instance and reclaims its state (the open and the lock) in the grace period.
+          "echo after-restart >&9 && sync && echo A-WROTE-AFTER-RESTART", "bar reclaimed",
+          "bar tried", "exec 9>&-", "echo A-RELEASED", "bar released"]
+    b += ["bar locked",
+          "flock -n -x /mnt/s/lock true && echo B-GOT-HELD-LOCK || echo B-REFUSED-BEFORE",
+          "bar triedbefore",
+          "bar restarted", "bar reclaimed",
+          "flock -n -x /mnt/s/lock true && echo B-GOT-RECLAIMED-LOCK || echo B-REFUSED",
+          "bar tried", "bar released",
+          "flock -w 30 -x /mnt/s/lock true && echo B-GOT-FREE-LOCK", "umount /mnt/s"]
+    a.append("umount /mnt/s")
+    try:
+        with vm.Guest(str(tmp_path), "\n".join(a) + "\n", name="a") as ga, \
+                vm.Guest(str(tmp_path), "\n".join(b) + "\n", name="b") as gb:
+            bar.wait_arrived("triedbefore", 180)
+            ga.wait_for(r"^A-LOCKED$", 30)
+            before = share["ganesha"]["pid"]
+            os.kill(before, signal.SIGKILL)
+            killed = time.monotonic()
+            wait_until(lambda: share_of(env, "cto")["ganesha"]["restarts"] >= 1 and
+                       share_of(env, "cto")["ganesha"]["pid"] not in (None, before), 60,
+                       "Ganesha restarted")
+            bar.open("restarted")
+            ga.wait_for(r"^A-WROTE-AFTER-RESTART$", 60 + GRACE_S)
+            resumed = time.monotonic() - killed
+            ra, rb = ga.wait(90), gb.wait(90)
+    finally:
+        bar.close()
+    assert ra.status == 0 and rb.status == 0, (ra.output, rb.output)
+    for r in range(1, ROUNDS + 1):
+        w = re.findall(rf"^ROUND {r} W (\w+)$", ra.output + rb.output, re.M)
+        rd = re.findall(rf"^ROUND {r} R (\w+)$", ra.output + rb.output, re.M)
+        assert len(w) == 1 and rd == w, (r, ra.output, rb.output)
+    assert "B-REFUSED-BEFORE" in rb.output, rb.output   # A's lock holds B off
+    assert "B-REFUSED\n" in rb.output, rb.output        # and so does the reclaimed lock
+    assert "A-RELEASED" in ra.output and "B-GOT-FREE-LOCK" in rb.output, rb.output
+    print(f"\nvm nfs two guests: {ROUNDS} close-to-open rounds; Ganesha kill -9 -> A's write "
+          f"on its locked file back after {resumed:.1f} s (grace {GRACE_S} s); boots "
+          f"{ra.boot_s:.1f}/{rb.boot_s:.1f} s")

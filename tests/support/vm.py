@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 
 import pytest
@@ -68,7 +69,11 @@ class Guest:
         self.console_path = os.path.join(self.dir, "console.log")
         self.memory_mib = memory_mib
         extra = Cpio()
-        extra.file("test.sh", ("set -u\n" + script).encode(), 0o755)
+        # A host name of its own: the kernel's NFSv4 client names itself to the server by it
+        # (EXCHANGE_ID), and two guests by the same name would be one client to Ganesha
+        # (sharing, and stealing each other's, state: locks would not conflict).
+        prefix = f"set -u\nhostname {name}-{os.getpid()}-{uuid.uuid4().hex[:8]}\n"
+        extra.file("test.sh", (prefix + script).encode(), 0o755)
         for path, data in (files or {}).items():
             extra.file(path, data, 0o600)
         self.initrd = os.path.join(self.dir, "initrd.img")
