@@ -12,8 +12,8 @@ with `apt-get download` and unpacked with dpkg-deb, never installed on the host:
   dbench, flock and coreutils' dd, each with the shared libraries `ldd` names (from the
   downloaded packages, else the host's: both are Debian 12).
 The result is `.vm/vmlinuz` and `.vm/initrd.gz` (cpio newc, gzip). Idempotent: a stamp holding
-this script's digest and the kernel package name skips the whole build (no apt, no network),
-so `make test` calls it every time. Stdlib only: it runs with Debian's python3 before any venv.
+this script's digest skips the whole build (no apt, no network), so `make test` calls it every
+time; a newer kernel in apt is picked up by `--force` (or `make clean`). Stdlib only: it runs with Debian's python3 before any venv.
 Usage: build_vm.py [--out DIR] [--force]
 """
 
@@ -103,10 +103,24 @@ def run(argv: list[str], **kw) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True, **kw).stdout
 
 
+def apt_lists() -> None:
+    """A machine whose packages were all installed already may have no package lists (make
+    setup runs apt-get update only to install): fetch them once, as root."""
+    p = subprocess.run(["apt-cache", "policy", "linux-image-amd64"], capture_output=True,
+                       text=True)
+    if "Candidate:" in p.stdout and "(none)" not in p.stdout:
+        return
+    if os.geteuid() != 0:
+        sys.exit("build_vm: apt has no package lists; run `apt-get update` as root")
+    log("apt-get update (no package lists)")
+    subprocess.run(["apt-get", "update", "-qq"], check=True)
+
+
 def pick_kernel() -> str:
     """The kernel package Debian's metapackage points at now (versions come and go)."""
     if os.environ.get("VM_KERNEL_PKG"):
         return os.environ["VM_KERNEL_PKG"]
+    apt_lists()
     out = run(["apt-cache", "depends", "linux-image-amd64"])
     m = re.search(r"Depends: (linux-image-6\.1\.0-[0-9.]+-amd64)\b", out)
     if m:
@@ -276,7 +290,7 @@ def needed_libs(binary: str, lib_dirs: list[str]) -> tuple[list[str], list[str]]
     return found, missing
 
 
-def build(out: str) -> None:
+def build(out: str) -> str:
     t0 = time.monotonic()
     kernel_pkg = pick_kernel()
     debs = download(os.path.join(out, "debs"), [kernel_pkg, *TOOL_PACKAGES])
@@ -348,6 +362,7 @@ def build(out: str) -> None:
     shutil.rmtree(os.path.join(out, "kernel"), ignore_errors=True)
     log(f"{kernel_pkg}: {len(order)} modules, {len(libs)} libraries, initramfs "
         f"{len(data) >> 20} MiB, built in {time.monotonic() - t0:.1f} s")
+    return kernel_pkg
 
 
 def main() -> None:
@@ -369,9 +384,9 @@ def main() -> None:
                 os.path.exists(os.path.join(out, n)) for n in ("vmlinuz", "initrd.gz")):
             return
     os.makedirs(out, exist_ok=True)
-    build(out)
+    kernel_pkg = build(out)
     with open(stamp + ".tmp", "w") as f:
-        json.dump({"script": digest}, f)
+        json.dump({"script": digest, "kernel": kernel_pkg}, f)
     os.replace(stamp + ".tmp", stamp)
 
 
