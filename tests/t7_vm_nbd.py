@@ -38,6 +38,7 @@ RAW_MIB = 8            # raw device throughput, before mkfs
 
 XFS_MIB = 320          # mkfs.xfs (xfsprogs 6.1) refuses filesystems under 300 MiB
 DBENCH_S = 5
+EXT4, XFS = ("nbd", "ext4"), ("nbd", "xfs")   # the guest's kernel modules (support/vm.py)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ cd /mnt && sha256sum f* && cd /
 umount /mnt
 nbd-client -d /dev/nbd0
 """
-        res = vm.run(str(tmp_path), script, timeout=150, files=files)
+        res = vm.run(str(tmp_path), script, timeout=150, files=files, modules=EXT4)
         assert "oldstyle" not in res.output and "Connected /dev/nbd0" in res.output
         raw = re.search(r"RAW write_us=(\d+) read_us=(\d+)", res.output)
         ext4 = re.search(r"EXT4 write_us=(\d+)", res.output)
@@ -144,13 +145,14 @@ sha256sum /mnt/keep
 mkdir /mnt/db
 dbench -c /usr/share/dbench/client.txt -D /mnt/db -t {DBENCH_S} 2 2>&1 | tail -n 4
 umount /mnt
-xfs_repair -n /dev/nbd0 >/tmp/repair 2>&1 && echo REPAIR-CLEAN || {{ tail -20 /tmp/repair; exit 1; }}
+xfs_repair -n /dev/nbd0 >/tmp/repair 2>&1 && echo REPAIR-CLEAN ||
+    {{ tail -20 /tmp/repair; exit 1; }}
 mount -t xfs /dev/nbd0 /mnt
 sha256sum /mnt/keep
 umount /mnt
 nbd-client -d /dev/nbd0
 """
-        res = vm.run(str(tmp_path), script, timeout=180, files=certs)
+        res = vm.run(str(tmp_path), script, timeout=180, files=certs, modules=XFS)
         assert "REPAIR-CLEAN" in res.output, res.output
         sums = re.findall(r"^([0-9a-f]{64})  /mnt/keep$", res.output, re.M)
         assert len(sums) == 2 and sums[0] == sums[1], res.output
@@ -197,7 +199,7 @@ cd /mnt && sha256sum f* ; cd /
 umount /mnt
 nbd-client -d /dev/nbd0
 """
-        with vm.Guest(str(tmp_path), script, files=certs) as g:
+        with vm.Guest(str(tmp_path), script, files=certs, modules=EXT4) as g:
             g.wait_for(r"^LOAD$", vm.BOOT_TIMEOUT_S + 60)
             time.sleep(2)
             keeper = psutil.Process(env.show("v")["engine"]["pid"])

@@ -31,6 +31,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(bool(MISSING), reason=REASON)]
 MiB = 1 << 20
 FILE_MIB = 8
 VERSIONS = ("4.1", "4.2")
+NFS = ("nfsv4",)     # the guest's kernel modules (support/vm.py)
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_kernel_nfs_v41_v42_large_writes(env: Env, tmp_path) -> None:
             f"umount {d}",
         ]
     lines.append("sha256sum /tmp/src")
-    res = vm.run(str(tmp_path), "\n".join(lines) + "\n", timeout=150)
+    res = vm.run(str(tmp_path), "\n".join(lines) + "\n", timeout=150, modules=NFS)
     src = re.search(r"^([0-9a-f]{64})  /tmp/src$", res.output, re.M)
     assert src, res.output
     for v in VERSIONS:
@@ -211,8 +212,9 @@ def test_kernel_nfs_two_guests_close_to_open_and_lock_reclaim(env: Env, tmp_path
           "flock -w 30 -x /mnt/s/lock true && echo B-GOT-FREE-LOCK", "umount /mnt/s"]
     a.append("umount /mnt/s")
     try:
-        with vm.Guest(str(tmp_path), "\n".join(a) + "\n", name="a") as ga, \
-                vm.Guest(str(tmp_path), "\n".join(b) + "\n", name="b") as gb:
+        with vm.Guest(str(tmp_path), "\n".join(a) + "\n", name="a", modules=NFS) as ga, \
+                vm.Guest(str(tmp_path), "\n".join(b) + "\n", name="b",
+                         modules=NFS) as gb:
             bar.wait_arrived("triedbefore", 180)
             ga.wait_for(r"^A-LOCKED$", 30)
             before = share["ganesha"]["pid"]

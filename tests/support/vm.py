@@ -61,7 +61,10 @@ class Result:
 
 class Guest:
     def __init__(self, workdir: str, script: str, files: dict[str, bytes] | None = None,
-                 name: str = "guest", memory_mib: int = GUEST_MEMORY_MIB) -> None:
+                 name: str = "guest", memory_mib: int = GUEST_MEMORY_MIB,
+                 modules: tuple[str, ...] = ()) -> None:
+        """`modules`: the kernel modules the script needs, of build_vm.MODULES (their
+        dependencies come along; virtio-net always); none named: all of them."""
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.name = name
@@ -74,6 +77,8 @@ class Guest:
         # (sharing, and stealing each other's, state: locks would not conflict).
         prefix = f"set -u\nhostname {name}-{os.getpid()}-{uuid.uuid4().hex[:8]}\n"
         extra.file("test.sh", (prefix + script).encode(), 0o755)
+        if modules:
+            extra.file("etc/modules.want", " ".join(modules).encode() + b"\n")
         for path, data in (files or {}).items():
             extra.file(path, data, 0o600)
         self.initrd = os.path.join(self.dir, "initrd.img")
