@@ -374,6 +374,11 @@ def build(out: str) -> str:
     shutil.copy(vmlinuz, os.path.join(out, "vmlinuz"))
     shutil.rmtree(stage, ignore_errors=True)
     shutil.rmtree(os.path.join(out, "kernel"), ignore_errors=True)
+    # Packages of an earlier build (a kernel apt has since replaced: 70 MB each) go.
+    keep = {kernel_pkg, *TOOL_PACKAGES, *tried}
+    for deb in glob.glob(os.path.join(out, "debs", "*.deb")):
+        if os.path.basename(deb).split("_")[0] not in keep:
+            os.unlink(deb)
     log(f"{kernel_pkg}: {len(order)} modules, {len(libs)} libraries, initramfs "
         f"{len(data) >> 20} MiB, built in {time.monotonic() - t0:.1f} s")
     return kernel_pkg

@@ -131,8 +131,11 @@ class Guest:
 
     def _fail(self, what: str) -> None:
         self.kill()
+        with open(os.path.join(self.dir, "qemu.log"), "rb") as f:
+            qemu = f.read().decode(errors="replace").strip()
         raise AssertionError(f"{self.name}: {what}\n--- script output:\n{self.output()}\n"
-                             f"--- kernel console (end):\n{self.console_tail()}")
+                             f"--- kernel console (end):\n{self.console_tail()}"
+                             + (f"\n--- QEMU:\n{qemu[-2000:]}" if qemu else ""))
 
     def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
         """The first line of the script's output matching `pattern` (a regex), waiting until
