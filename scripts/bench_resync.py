@@ -126,11 +126,16 @@ def blip(work: str, size: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="512 MiB instead of 4 GiB")
+    ap.add_argument("--size", type=int, help="volume size in MiB (half of it data)")
+    ap.add_argument("--full-only", action="store_true", help="skip the blip measurement")
     args = ap.parse_args()
-    size = (512 if args.quick else 4096) * MiB
+    size = (args.size or (512 if args.quick else 4096)) * MiB
     work = tempfile.mkdtemp(prefix="bh-resync-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     try:
         full = full_rebuild(work, size)
+        if args.full_only:
+            print(json.dumps(full, indent=1))
+            return 0
         inc = blip(work, min(size, 1024 * MiB))
     finally:
         shutil.rmtree(work, ignore_errors=True)

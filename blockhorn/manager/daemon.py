@@ -28,6 +28,7 @@ from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
 from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.paths import Home
+from blockhorn.manager.settings import Settings, write_rebuild_limits
 from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.state import Store
 from blockhorn.manager.supervisor import Supervisor
@@ -99,6 +100,7 @@ async def run(home: Home) -> None:
     store = Store(home.db)
     ensure_key(home.key)
     volumes = VolumeManager(home, store)
+    write_rebuild_limits(Settings(store), home.rebuild_limits)
     supervisor = Supervisor(volumes)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
     adapter = BackupAdapter(volumes, backups)

@@ -387,10 +387,13 @@ class ReplicaServer:
             return {"snapshots": snapshots.list_snapshots(r), "purge": self.purge_state}
         if op == "chain":
             return {"chain": snapshots.chain_metas(r), "head": r.head.name}
-        if op == "digest":   # the scrub: see blockhorn/replica/digest.py
-            return {"digests": digest.chunk_digests(
-                r, field(req, "offset", int), field(req, "length", int),
-                field(req, "chunk", int, digest.CHUNK_SIZE))}
+        if op == "digest":   # the scrub and a resumed rebuild: blockhorn/replica/digest.py
+            offset, length = field(req, "offset", int), field(req, "length", int)
+            chunk = field(req, "chunk", int, digest.CHUNK_SIZE)
+            if req.get("layer"):
+                fd = snapshots.layer_fd(r, field(req, "layer", str))
+                return {"digests": digest.layer_digests(r, fd, offset, length, chunk)}
+            return {"digests": digest.chunk_digests(r, offset, length, chunk)}
         if op == "changes_since":
             return {"ranges": r.changes.since(field(req, "revision", int))}
         if op == "punch_head":
@@ -403,11 +406,31 @@ class ReplicaServer:
                 raise InvalidArgument(f"punch_head: bad range {offset}+{length}")
             punch_hole(r.head.fd, offset, length)
             return {}
+        if op == "punch_layer":     # a rebuild copy: snapshots.punch_layer
+            snapshots.punch_layer(r, field(req, "layer", str), field(req, "offset", int),
+                                  field(req, "length", int))
+            return {}
+        if op == "rebuild_cursor":
+            # A full rebuild's progress, durable: every layer before `layer` and that layer
+            # below `offset` were copied. A resumed rebuild compares digests below it and
+            # copies the rest (engine/rebuild.py). Data first, then the cursor.
+            layer, offset = field(req, "layer", int), field(req, "offset", int)
+            if not r.meta.get("Rebuilding"):
+                raise BlockhornError("rebuild_cursor: only a replica being rebuilt", errno.EROFS)
+            snapshots.sync_layers(r)
+            r.update_meta(RebuildCursor=[layer, offset])
+            return {}
         if op == "set_rebuilding":
             # `since`: an incremental resync from that revision, which leaves the content in
             # place (a restart may resume it); absent: a full rebuild, which empties it.
             since = field(req, "since", int) if req.get("since") is not None else None
             r.update_meta(Rebuilding=field(req, "value", bool), ResyncSince=since)
+        elif op == "begin_copy":
+            # A rebuild copy session starts: sent by the engine in the same order-locked step
+            # that makes this replica WO, so it precedes every mutation the copy races with.
+            if not r.meta.get("Rebuilding"):
+                raise BlockhornError("begin_copy: only a replica being rebuilt", errno.EROFS)
+            r.copy_dirty = bytearray(r.size // 4096)
         elif op == "reset_chain":
             chain = field(req, "chain", list)
             if not all(isinstance(m, dict) and isinstance(m.get("Name"), str) for m in chain):
@@ -418,7 +441,10 @@ class ReplicaServer:
             # (set_generation with clear_rebuilding), so a crash in between leaves it untrusted.
             revision = field(req, "revision", int)
             snapshots.sync_layers(r)
+            r.copy_dirty = None
             r.set_revision(revision)
+            if r.meta.get("RebuildCursor") is not None:
+                r.update_meta(RebuildCursor=None)
             r.reload()
         elif op == "set_generation":
             members = field(req, "members", list)

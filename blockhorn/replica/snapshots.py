@@ -442,23 +442,71 @@ def reset_chain(r: Replica, chain: list[dict[str, Any]]) -> None:
     head = HEAD_FMT.format(0)
     new_head_file(r.directory, head, parent, r.size)
     fsync_dir(d)
-    r.update_meta(Head=head, ResyncSince=None)
+    r.update_meta(Head=head, ResyncSince=None, RebuildCursor=None)
     r.reload()
 
 
 def write_layer(r: Replica, layer_file: str, offset: int, data: bytes | memoryview) -> None:
-    """Rebuild only: fill a snapshot layer of a Rebuilding replica."""
+    """Rebuild only: fill a layer of a Rebuilding replica. The head takes a copy only during
+    a copy session (`begin_copy`), and only into blocks no mutation has reached since."""
     if not r.meta.get("Rebuilding"):
         raise BlockhornError("snapshot layers are read-only", errno.EROFS)
     index = _layer_index(r, layer_file)
-    if index is None or index == len(r.layers) - 1:
-        raise NotFound(f"snapshot layer {layer_file!r} is not on the chain")
+    if index is None:
+        raise NotFound(f"layer {layer_file!r} is not on the chain")
+    if index == len(r.layers) - 1:
+        for s, e in _clean_runs(r, offset, len(data)):
+            pwrite_full(r.head.fd, data[s - offset:e - offset], s)
+        return
     fd = os.open(os.path.join(r.directory, layer_file), os.O_WRONLY | os.O_CLOEXEC)
     try:
         pwrite_full(fd, data, offset)
     finally:
         os.close(fd)
     # The map is rebuilt from the files when the rebuild finishes (finish_rebuild).
+
+
+def punch_layer(r: Replica, layer_file: str, offset: int, length: int) -> None:
+    """Rebuild only: make a range of a layer a hole (in the head: its blocks no mutation has
+    reached during the copy session)."""
+    if not r.meta.get("Rebuilding"):
+        raise BlockhornError("punch_layer: only a replica being rebuilt", errno.EROFS)
+    index = _layer_index(r, layer_file)
+    if index is None:
+        raise NotFound(f"layer {layer_file!r} is not on the chain")
+    if index == len(r.layers) - 1:
+        for s, e in _clean_runs(r, offset, length):
+            punch_hole(r.head.fd, s, e - s)
+        return
+    _check_blocks(offset, length)
+    punch_hole(r.layers[index].fd, offset, length)
+
+
+def _check_blocks(offset: int, length: int) -> None:
+    if offset % BLOCK_SIZE or length % BLOCK_SIZE:
+        raise InvalidArgument(f"rebuild copy: {offset}+{length} is not whole 4 KiB blocks")
+
+
+def _clean_runs(r: Replica, offset: int, length: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of whole blocks in the range that no mutation reached during
+    the current copy session."""
+    if r.copy_dirty is None:
+        raise BlockhornError("the head takes a rebuild copy only in a copy session",
+                             errno.EROFS)
+    _check_blocks(offset, length)
+    dirty = r.copy_dirty
+    first, end = offset // BLOCK_SIZE, (offset + length) // BLOCK_SIZE
+    runs = []
+    i = first
+    while i < end:
+        j = dirty.find(1, i, end)
+        if j < 0:
+            j = end
+        if j > i:
+            runs.append((i * BLOCK_SIZE, j * BLOCK_SIZE))
+        k = dirty.find(0, j, end)
+        i = end if k < 0 else k
+    return runs
 
 
 def sync_layers(r: Replica) -> None:

@@ -123,6 +123,11 @@ class Replica:
         self._map_layers()
         # Test hook: called with a step name before each step of a multi-file change.
         self.crash_hook: Callable[[str], None] | None = None
+        # During a rebuild's copy (`begin_copy`): one byte per 4 KiB block, set by every
+        # mutation from the engine. A rebuild copy into the head skips those blocks: they
+        # already hold a mutation newer than anything the copy read (docs/DURABILITY.md,
+        # "Rebuild"). In memory only: a new process starts a new copy session.
+        self.copy_dirty: bytearray | None = None
 
     def _map_layers(self) -> None:
         """Build the layer map from the files (a single-layer chain needs none)."""
@@ -274,6 +279,10 @@ class Replica:
     def _mutation(self, offset: int, length: int) -> Iterator[None]:
         """Count a mutation only once it succeeded; a failure halts the replica."""
         self._mutating()
+        if self.copy_dirty is not None:
+            # Outward: the engine widens mutations to whole blocks while a replica rebuilds.
+            first, end = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
+            self.copy_dirty[first:end] = b"\1" * (end - first)
         try:
             yield
         except BaseException as e:
@@ -294,6 +303,7 @@ class Replica:
         if clear_rebuilding:
             changes["Rebuilding"] = False
             changes["ResyncSince"] = None
+            self.copy_dirty = None
             self.suspect = False
             self.halted = ""
         self.update_meta(**changes)
@@ -455,6 +465,7 @@ class Replica:
             "log_start": self.changes.start, "log_generation": self.log_generation,
             "start_generation": self.start_generation,
             "resync_since": self.meta.get("ResyncSince"),
+            "rebuild_cursor": self.meta.get("RebuildCursor"),
             "directory": os.path.abspath(self.directory), "head_ino": head_stat.st_ino,
             "head_dev": head_stat.st_dev, "allocated": head_stat.st_blocks * 512,
             "chain": [layer.name for layer in self.layers],
