@@ -2,22 +2,25 @@
 
 1. The target is marked Rebuilding (durably) and given the source's chain: empty snapshot
    layers with the source's metadata, oldest first, under an empty head.
-2. Under the order lock it becomes WO: from then on it receives every mutation. While any WO
-   replica exists the engine widens unaligned writes to whole 4 KiB blocks, so a target never
-   copies up a block from a layer that is not filled yet (Longhorn bug #4354).
-3. Snapshot layers are immutable: they are copied extent by extent without the order lock.
-4. The head is copied in chunks, each under the order lock: the source read is ordered after
-   every write sent before it, the target write before every write sent after it.
+2. Under the order lock it gets `begin_copy` and becomes WO: from then on it receives every
+   mutation, and marks the blocks they reach (its copy session). While any WO replica exists
+   the engine widens mutations to whole 4 KiB blocks.
+3. Every layer is copied extent by extent, pipelined (`_Copier`), without the order lock: a
+   copy into the head skips blocks the session marked, which hold newer data than the copy.
+4. A durable cursor on the target every few seconds lets a killed rebuild resume: digests
+   compared below it, copied above it.
 5. A final FLUSH, the source's revision, the layer map rebuilt: RW. The join commit
    (Engine.commit_if_needed) then records the new set, reaching the target last and clearing
    its Rebuilding flag in that same write: until then no engine start trusts it.
-The engine's maintenance lock keeps snapshots, purges and expansion out meanwhile.
+docs/DURABILITY.md, "Rebuild", argues why this is exact. The engine's maintenance lock keeps
+snapshots, purges and expansion out meanwhile.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,8 @@ from blockhorn.types import BlockhornError, ReplicaMode, ReplicaUnavailable
 
 if TYPE_CHECKING:
     from blockhorn.engine.engine import Engine, ReplicaState
+
+log = logging.getLogger("blockhorn.engine")
 
 REBUILD_CHUNK = 2 << 20      # bytes per copy request (Longhorn's batch size)
 COPY_WINDOW = 8              # copy reads, and copy writes, in flight at once
@@ -124,7 +129,10 @@ def _full_rebuild(eng: Engine, r: ReplicaState, target: ReplicaClient, source: R
                     copier.since_cursor, copier.cursor_at = 0, time.monotonic()
                     progress["cursor"] = [i, pos + n]
     copier.drain()
+    copied_at = time.monotonic()
     _finish(eng, r, target, source)
+    log.info("rebuild of %s: %d bytes copied in %.2f s, final flush %.2f s", r.ref.name,
+             progress["copied"], copied_at - copier.began, time.monotonic() - copied_at)
 
 
 class _Copier:
@@ -140,7 +148,7 @@ class _Copier:
         self.reads: collections.deque[tuple[int, int, bytearray, Call]] = collections.deque()
         self.writes: collections.deque[tuple[int, Call]] = collections.deque()
         self.since_cursor = 0
-        self.cursor_at = time.monotonic()
+        self.cursor_at = self.began = time.monotonic()
         self.limiter = RateLimiter(eng.rebuild_limits)
         progress.setdefault("copied", 0)
         progress["started_copy"] = time.time()

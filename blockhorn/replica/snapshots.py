@@ -454,16 +454,38 @@ def write_layer(r: Replica, layer_file: str, offset: int, data: bytes | memoryvi
     index = _layer_index(r, layer_file)
     if index is None:
         raise NotFound(f"layer {layer_file!r} is not on the chain")
-    if index == len(r.layers) - 1:
-        for s, e in _clean_runs(r, offset, len(data)):
-            pwrite_full(r.head.fd, data[s - offset:e - offset], s)
-        return
-    fd = os.open(os.path.join(r.directory, layer_file), os.O_WRONLY | os.O_CLOEXEC)
+    runs = (_clean_runs(r, offset, len(data)) if index == len(r.layers) - 1
+            else [(offset, offset + len(data))])
+    path = os.path.join(r.directory, layer_file)
+    _write_direct(r, path, offset, memoryview(data), runs)
+    # The map is rebuilt from the files when the rebuild finishes (finish_rebuild).
+
+
+def _write_direct(r: Replica, path: str, offset: int, data: memoryview,
+                  runs: list[tuple[int, int]]) -> None:
+    """Write `runs` of `data` (placed at `offset`) with O_DIRECT when they are whole blocks:
+    a rebuild's bulk copy then costs no copy into the page cache (a third of the target's
+    CPU) and evicts nothing; finish_rebuild's fsync still makes it durable. The kernel keeps
+    direct and buffered I/O of the file coherent. Anything unaligned is written buffered."""
+    aligned = all(s % BLOCK_SIZE == 0 and e % BLOCK_SIZE == 0 for s, e in runs)
     try:
-        pwrite_full(fd, data, offset)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | (os.O_DIRECT if aligned else 0))
+    except OSError as e:
+        if not aligned or e.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)     # no O_DIRECT on this file system
+        aligned = False
+    try:
+        for start, end in runs:
+            part = data[start - offset:end - offset]
+            if aligned:
+                buf = r.direct_buffer(len(part))
+                buf[:len(part)] = part
+                pwrite_full(fd, memoryview(buf)[:len(part)], start)
+            else:
+                pwrite_full(fd, part, start)
     finally:
         os.close(fd)
-    # The map is rebuilt from the files when the rebuild finishes (finish_rebuild).
 
 
 def punch_layer(r: Replica, layer_file: str, offset: int, length: int) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import mmap
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -128,6 +129,7 @@ class Replica:
         # already hold a mutation newer than anything the copy read (docs/DURABILITY.md,
         # "Rebuild"). In memory only: a new process starts a new copy session.
         self.copy_dirty: bytearray | None = None
+        self._direct: mmap.mmap | None = None     # page-aligned buffer for O_DIRECT copies
 
     def _map_layers(self) -> None:
         """Build the layer map from the files (a single-layer chain needs none)."""
@@ -136,6 +138,14 @@ class Replica:
                                        for layer in self.layers])
         else:
             self.map = LayerMap(ExtentMap(), ExtentMap(), 0)
+
+    def direct_buffer(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer of at least `size` bytes (O_DIRECT needs one), kept."""
+        if self._direct is None or len(self._direct) < size:
+            if self._direct is not None:
+                self._direct.close()
+            self._direct = mmap.mmap(-1, max(size, 4 << 20))
+        return self._direct
 
     # --- lifecycle -------------------------------------------------------------------------
 
