@@ -166,3 +166,65 @@ def test_rebuild_resumes_after_its_target_is_killed(cluster_factory, tmp_path) -
     model.check(h)
     h.shutdown()
     assert_replicas_identical(c)
+
+
+def test_scenario2_target_then_source_killed_during_rebuilds(cluster_factory, tmp_path) -> None:
+    """Scenario 2: kill -9 a replica during its rebuild, then the rebuild's source, under
+    writes. Both rebuilds finish; every acknowledged write reads back; replicas identical."""
+    path = node_limits(tmp_path, 16)
+    c = cluster_factory(size=SIZE, transport="unix", rebuild_limits=path, timeout_s=2.0)
+    model = Model()
+    h = connect(c)
+    model.fill(h, 3, MiB, MiB)
+    empty_replica(c, 2)
+    w = Writer(c, model)
+    w.start()
+    c.control().call({"op": "rebuild", "replica": "vol-r2"})
+    wait_for(lambda: (replica_status(c, "vol-r2").get("rebuild") or {}).get("done", 0)
+             >= 8 * MiB, "the copy to start")
+    c.reps[2].kill(signal.SIGKILL)                       # the target, mid-copy
+    wait_for(lambda: replica_status(c, "vol-r2")["mode"] == "ERR", "the target to fail")
+    c.reps[2].start()
+    c.control().call({"op": "rebuild", "replica": "vol-r2"})
+    wait_for(lambda: (replica_status(c, "vol-r2").get("rebuild") or {}).get("state")
+             == "running" and replica_status(c, "vol-r2")["mode"] == "WO", "the resume")
+    c.reps[0].kill(signal.SIGKILL)                       # now its source
+    wait_for(lambda: replica_status(c, "vol-r0")["mode"] == "ERR", "the source to fail")
+    wait_for(lambda: replica_status(c, "vol-r2")["mode"] == "ERR"
+             or (replica_status(c, "vol-r2").get("rebuild") or {}).get("state") == "done",
+             "the rebuild to notice")
+    write_limits(path, 0, 5)
+    c.control().call({"op": "rebuild", "replica": "vol-r2"})    # from vol-r1 now
+    wait_rebuilt(c, "vol-r2")
+    c.reps[0].start()
+    c.control().call({"op": "rebuild", "replica": "vol-r0"})
+    wait_rebuilt(c, "vol-r0")
+    w.finish()
+    assert w.count > 100, w.count
+    model.check(h)
+    h.shutdown()
+    assert_replicas_identical(c)
+
+
+def test_rebuild_resumes_after_the_engine_is_killed(cluster_factory, tmp_path) -> None:
+    """kill -9 of the engine mid-copy: the next engine's start finds the target Rebuilding
+    with a cursor and resumes it."""
+    path = node_limits(tmp_path, 16)
+    c = cluster_factory(size=SIZE, transport="unix", rebuild_limits=path)
+    model = Model()
+    h = connect(c)
+    data = model.fill(h, 4, MiB, MiB)
+    h.shutdown()
+    empty_replica(c, 2)
+    c.control().call({"op": "rebuild", "replica": "vol-r2"})
+    wait_for(lambda: (replica_status(c, "vol-r2").get("rebuild") or {})
+             .get("cursor", [0, 0])[1] >= 16 * MiB, "a durable cursor")
+    c.stop_engine(signal.SIGKILL)
+    write_limits(path, 0, 5)
+    c.start_engine()
+    rb = wait_rebuilt(c, "vol-r2")
+    assert rb["mode"] == "resume" and rb["copied"] <= data - rb["cursor"][1], rb
+    h = connect(c)
+    model.check(h)
+    h.shutdown()
+    assert_replicas_identical(c)
