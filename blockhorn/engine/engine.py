@@ -215,7 +215,12 @@ class Engine:
                     continue      # the failed ones are ERR now: commit the smaller set
                 self.generation = gen
                 self._committed = names
-                self._joining -= joining
+                with self.state_lock:
+                    # A joiner that failed before its join commit is no longer joining (its
+                    # next resync adds it again): left here, it would keep a commit pending
+                    # forever, and every pass would commit another generation.
+                    self._joining = {n for n in self._joining - joining
+                                     if self.replicas[n].mode == ReplicaMode.RW}
                 self._started = True
                 log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
                          sorted(names))
