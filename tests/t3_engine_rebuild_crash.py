@@ -24,8 +24,8 @@ HEALTHY = {"vol-r0": "RW", "vol-r1": "RW", "vol-r2": "RW"}
 STEPS = {
     "full": ["set_rebuilding", "reset_chain", "begin_copy", "WRITE_LAYER", "FLUSH",
              "finish_rebuild", "set_generation"],
-    "resync": ["set_rebuilding", "punch_head", "WRITE", "FLUSH", "finish_rebuild",
-               "set_generation"],
+    "resync": ["set_rebuilding", "begin_copy", "punch_layer", "WRITE_LAYER", "FLUSH",
+               "finish_rebuild", "set_generation"],
 }
 
 

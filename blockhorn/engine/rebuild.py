@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockhorn.engine")
 
 REBUILD_CHUNK = 2 << 20      # bytes per copy request (Longhorn's batch size)
-COPY_WINDOW = 8              # copy reads, and copy writes, in flight at once
+COPY_WINDOW = 64             # copy reads, and copy writes, in flight at once at most
+COPY_BYTES = 16 << 20        # and at most this many bytes in flight (2 MiB chunks: 8)
 CURSOR_EVERY = 256 << 20     # bytes copied between two durable cursors on the target,
 CURSOR_EVERY_S = 2.0         # or seconds, whichever comes first
+PUNCH_BATCH = 512            # changed ranges one resync punch request covers
 PURGE_WAIT_S = 600.0         # how long a rebuild waits for a running purge on its source
 
 
@@ -141,8 +143,11 @@ class _Copier:
     for the order lock: the target's copy session skips blocks mutated meanwhile."""
 
     def __init__(self, eng: Engine, r: ReplicaState, source: ReplicaClient,
-                 target: ReplicaClient, progress: dict[str, Any]) -> None:
+                 target: ReplicaClient, progress: dict[str, Any],
+                 count_done: bool = True) -> None:
         self.eng, self.r, self.source, self.target = eng, r, source, target
+        self.count_done = count_done       # False: the caller counts examined bytes
+        self.inflight = 0                  # bytes read or written, not settled
         self.progress = progress
         # (offset, length, WRITE_LAYER payload, read call)
         self.reads: collections.deque[tuple[int, int, bytearray, Call]] = collections.deque()
@@ -165,7 +170,8 @@ class _Copier:
         call = Call(1, dest=memoryview(buf)[pre:])
         self.source.submit(call, Op.READ_LAYER, pos, n, slayer.encode())
         self.reads.append((pos, n, buf, call))
-        while len(self.reads) >= COPY_WINDOW:
+        self.inflight += n
+        while len(self.reads) >= COPY_WINDOW or (self.reads and self.inflight > COPY_BYTES):
             self._write_oldest()
 
     def _write_oldest(self) -> None:
@@ -174,13 +180,15 @@ class _Copier:
         wcall = Call(1)
         self.target.submit(wcall, Op.WRITE_LAYER, pos, n, buf)
         self.writes.append((n, wcall))
-        while len(self.writes) >= COPY_WINDOW:
+        while len(self.writes) >= COPY_WINDOW or (self.writes and self.inflight > COPY_BYTES):
             self._settle_oldest()
 
     def _settle_oldest(self) -> None:
         n, call = self.writes.popleft()
         _wait(self.eng, call, self.target, "rebuild write")
-        self.progress["done"] += n
+        self.inflight -= n
+        if self.count_done:
+            self.progress["done"] += n
         self.progress["copied"] += n
         self.since_cursor += n
 
@@ -276,41 +284,55 @@ def _incremental_since(tstat: dict[str, Any], sstat: dict[str, Any], chain: dict
 
 def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient,
                     since: int, head: str, progress: dict[str, Any]) -> bool:
-    """Copy to the target only the chunks the source changed after revision `since`. False
-    when the source's log no longer reaches back that far (then: a full rebuild)."""
+    """Copy to the target only the blocks the source changed after revision `since`. False
+    when the source's log no longer reaches back that far (then: a full rebuild). The copy
+    is the full rebuild's (a copy session, pipelined, no lock per range), layer-exact: each
+    changed range of the target's head is punched, then the source's head data in it
+    written, so the replicas stay identical file by file, not only in what reads return."""
     # Durable first: a crash from here on resumes from the same revision (the content stays).
     target.control({"op": "set_rebuilding", "value": True, "since": since})
+    thead = target.stat()["head"]
     with eng.order_lock:
         # Atomically with the switch to WO: what changed before it is in `ranges`, what
-        # changes after it reaches the target directly.
+        # changes after it reaches the target directly (and is marked by its copy session).
         reply = source.control({"op": "changes_since", "revision": since})
         if reply.get("ranges") is None:
             return False
+        begin = _submit_control(target, {"op": "begin_copy"})
         eng.set_mode(r, ReplicaMode.WO, order_held=True)
+    _wait(eng, begin, target, "begin_copy")
     ranges = [(s, min(n, eng.size - s)) for s, n in reply["ranges"] if s < eng.size]
     progress.update(mode="incremental", since=since, started_copy=time.time(),
                     total=sum(n for _, n in ranges), done=0, copied=0)
-    for start, length in ranges:
-        for pos, n in _chunks(start, length):
-            _check_running(eng, r)
-            # Layer-exact: the target's head range becomes the source's head range, holes
-            # and all (older layers are equal: same chain), so the replicas stay identical
-            # file by file, not only in what reads return.
-            with eng.order_lock:
-                extents = _extents(source, head, pos, n)
-                calls = [_submit_control(target, {"op": "punch_head", "offset": pos,
-                                                  "length": n})]
-                for s_, n_ in extents:
-                    progress["copied"] += n_       # bytes that crossed: data, not holes
-                    data = _read_layer(eng, source, head, s_, n_)
-                    call = Call(1)
-                    target.submit(call, Op.WRITE, s_, n_, data)
-                    calls.append(call)
-            for call in calls:
-                _wait(eng, call, target, "resync write")
-            progress["done"] += n
+    data = _extents(source, head, 0, eng.size)      # after the switch: holds every change
+    copier = _Copier(eng, r, source, target, progress, count_done=False)
+    di = 0
+    for k in range(0, len(ranges), PUNCH_BATCH):
+        batch = ranges[k:k + PUNCH_BATCH]
+        _check_running(eng, r)
+        # One punch for many ranges, sent before their copies (one connection, in order).
+        punch = _submit_control(target, {"op": "punch_layer", "layer": thead,
+                                         "ranges": [list(x) for x in batch]})
+        copier.writes.append((0, punch))
+        for start, length in batch:
+            while di < len(data) and data[di][0] + data[di][1] <= start:
+                di += 1
+            for s_, n_ in _clip(data[di:di + 1 + _span(data, di, start + length)],
+                                start, start + length):
+                for pos, n in _chunks(s_, n_):
+                    copier.copy(head, thead, pos, n)
+            progress["done"] += length
+    copier.drain()
     _finish(eng, r, target, source)
     return True
+
+
+def _span(extents: list[tuple[int, int]], i: int, end: int) -> int:
+    """How many extents after extents[i] start before `end`."""
+    j = i + 1
+    while j < len(extents) and extents[j][0] < end:
+        j += 1
+    return j - i - 1
 
 
 def _finish(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient) -> None:
@@ -354,15 +376,6 @@ def _chunks(start: int, length: int) -> list[tuple[int, int]]:
 def _check_running(eng: Engine, r: ReplicaState) -> None:
     if eng.stopping() or r.mode != ReplicaMode.WO:
         raise BlockhornError("rebuild interrupted", errno.EINTR)
-
-
-def _read_layer(eng: Engine, source: ReplicaClient, layer: str, offset: int,
-                length: int) -> bytearray:
-    buf = bytearray(length)
-    call = Call(1, dest=memoryview(buf))
-    source.submit(call, Op.READ_LAYER, offset, length, layer.encode())
-    _wait(eng, call, source, "rebuild read")
-    return buf
 
 
 def _wait(eng: Engine, call: Call, client: ReplicaClient, what: str) -> None:

@@ -407,8 +407,18 @@ class ReplicaServer:
             punch_hole(r.head.fd, offset, length)
             return {}
         if op == "punch_layer":     # a rebuild copy: snapshots.punch_layer
-            snapshots.punch_layer(r, field(req, "layer", str), field(req, "offset", int),
-                                  field(req, "length", int))
+            layer = field(req, "layer", str)
+            if "ranges" in req:     # a resync: many ranges in one request
+                ranges = field(req, "ranges", list)
+                if len(ranges) > 65536 or not all(
+                        isinstance(x, list) and len(x) == 2
+                        and all(isinstance(v, int) and v >= 0 for v in x) for x in ranges):
+                    raise InvalidArgument('punch_layer: "ranges" must list [offset, length]')
+                for offset, length in ranges:
+                    snapshots.punch_layer(r, layer, offset, length)
+            else:
+                snapshots.punch_layer(r, layer, field(req, "offset", int),
+                                      field(req, "length", int))
             return {}
         if op == "rebuild_cursor":
             # A full rebuild's progress, durable: every layer before `layer` and that layer

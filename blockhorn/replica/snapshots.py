@@ -493,6 +493,8 @@ def punch_layer(r: Replica, layer_file: str, offset: int, length: int) -> None:
     reached during the copy session)."""
     if not r.meta.get("Rebuilding"):
         raise BlockhornError("punch_layer: only a replica being rebuilt", errno.EROFS)
+    if offset + length > r.size:
+        raise InvalidArgument(f"punch_layer: {offset}+{length} is past the end ({r.size})")
     index = _layer_index(r, layer_file)
     if index is None:
         raise NotFound(f"layer {layer_file!r} is not on the chain")
