@@ -323,7 +323,11 @@ def _resync_changes(eng: Engine, r: ReplicaState, target: ReplicaClient, source:
                     copier.copy(head, thead, pos, n)
             progress["done"] += length
     copier.drain()
+    copied_at = time.monotonic()
     _finish(eng, r, target, source)
+    log.info("resync of %s: %d ranges, %d bytes copied in %.2f s, final flush %.2f s",
+             r.ref.name, len(ranges), progress["copied"], copied_at - copier.began,
+             time.monotonic() - copied_at)
     return True
 
 
