@@ -127,7 +127,8 @@ class Replica:
         # During a rebuild's copy (`begin_copy`): one byte per 4 KiB block, set by every
         # mutation from the engine. A rebuild copy into the head skips those blocks: they
         # already hold a mutation newer than anything the copy read (docs/DURABILITY.md,
-        # "Rebuild"). In memory only: a new process starts a new copy session.
+        # "Rebuild"). In memory only: a new process starts a new copy session. Costs 256 MiB
+        # per TiB of volume while a copy runs (a sparse map would cost what was written).
         self.copy_dirty: bytearray | None = None
         self._direct: mmap.mmap | None = None     # page-aligned buffer for O_DIRECT copies
 
