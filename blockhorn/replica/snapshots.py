@@ -481,9 +481,17 @@ def _write_direct(r: Replica, path: str, offset: int, data: memoryview,
             if aligned:
                 buf = r.direct_buffer(len(part))
                 buf[:len(part)] = part
-                pwrite_full(fd, memoryview(buf)[:len(part)], start)
-            else:
-                pwrite_full(fd, part, start)
+                try:
+                    pwrite_full(fd, memoryview(buf)[:len(part)], start)
+                    continue
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    # Opened, but this file system refuses the direct write: buffered.
+                    os.close(fd)
+                    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                    aligned = False
+            pwrite_full(fd, part, start)
     finally:
         os.close(fd)
 
