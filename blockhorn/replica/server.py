@@ -35,6 +35,7 @@ from blockhorn.config import ReplicaConfig, parse_address
 from blockhorn.fsutil import data_extents, preadv_full, punch_hole
 from blockhorn.keys import load_key
 from blockhorn.replica import digest, proto, snapshots
+from blockhorn.replica.copymap import CopyMap
 from blockhorn.replica.fencing import Fenced, Fencing
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import VOLUME_META, Replica
@@ -440,7 +441,7 @@ class ReplicaServer:
             # that makes this replica WO, so it precedes every mutation the copy races with.
             if not r.meta.get("Rebuilding"):
                 raise BlockhornError("begin_copy: only a replica being rebuilt", errno.EROFS)
-            r.copy_dirty = bytearray(r.size // 4096)
+            r.copy_dirty = CopyMap()
         elif op == "reset_chain":
             chain = field(req, "chain", list)
             if not all(isinstance(m, dict) and isinstance(m.get("Name"), str) for m in chain):

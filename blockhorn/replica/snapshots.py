@@ -526,19 +526,8 @@ def _clean_runs(r: Replica, offset: int, length: int) -> list[tuple[int, int]]:
         raise BlockhornError("the head takes a rebuild copy only in a copy session",
                              errno.EROFS)
     _check_blocks(offset, length)
-    dirty = r.copy_dirty
-    first, end = offset // BLOCK_SIZE, (offset + length) // BLOCK_SIZE
-    runs = []
-    i = first
-    while i < end:
-        j = dirty.find(1, i, end)
-        if j < 0:
-            j = end
-        if j > i:
-            runs.append((i * BLOCK_SIZE, j * BLOCK_SIZE))
-        k = dirty.find(0, j, end)
-        i = end if k < 0 else k
-    return runs
+    return [(s * BLOCK_SIZE, e * BLOCK_SIZE) for s, e in
+            r.copy_dirty.clean_runs(offset // BLOCK_SIZE, (offset + length) // BLOCK_SIZE)]
 
 
 def sync_layers(r: Replica) -> None:

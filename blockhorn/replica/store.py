@@ -49,6 +49,7 @@ from blockhorn.fsutil import (
     read_json,
 )
 from blockhorn.replica.changes import ChangeLog
+from blockhorn.replica.copymap import CopyMap
 from blockhorn.replica.extentmap import ZERO, ExtentMap, LayerMap
 from blockhorn.types import BLOCK_SIZE, BlockhornError, InvalidArgument, NoSpace, NotFound
 
@@ -124,12 +125,11 @@ class Replica:
         self._map_layers()
         # Test hook: called with a step name before each step of a multi-file change.
         self.crash_hook: Callable[[str], None] | None = None
-        # During a rebuild's copy (`begin_copy`): one byte per 4 KiB block, set by every
-        # mutation from the engine. A rebuild copy into the head skips those blocks: they
+        # During a rebuild's copy (`begin_copy`): the blocks every mutation from the engine
+        # reached (replica/copymap.py). A rebuild copy into the head skips those blocks: they
         # already hold a mutation newer than anything the copy read (docs/DURABILITY.md,
-        # "Rebuild"). In memory only: a new process starts a new copy session. Costs 256 MiB
-        # per TiB of volume while a copy runs (a sparse map would cost what was written).
-        self.copy_dirty: bytearray | None = None
+        # "Rebuild"). In memory only: a new process starts a new copy session.
+        self.copy_dirty: CopyMap | None = None
         self._direct: mmap.mmap | None = None     # page-aligned buffer for O_DIRECT copies
 
     def _map_layers(self) -> None:
@@ -292,8 +292,7 @@ class Replica:
         self._mutating()
         if self.copy_dirty is not None:
             # Outward: the engine widens mutations to whole blocks while a replica rebuilds.
-            first, end = offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE)
-            self.copy_dirty[first:end] = b"\1" * (end - first)
+            self.copy_dirty.mark(offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE))
         try:
             yield
         except BaseException as e:
