@@ -37,7 +37,7 @@ from blockhorn.keys import load_key
 from blockhorn.replica import digest, proto, snapshots
 from blockhorn.replica.copymap import CopyMap
 from blockhorn.replica.fencing import Fenced, Fencing
-from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
+from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, FLAG_VECTOR, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import VOLUME_META, Replica
 from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
 from blockhorn.types import (
@@ -308,6 +308,31 @@ class ReplicaServer:
         if offset + length > self.replica.size:
             raise NoSpace(f"range {offset}+{length} is past the end ({self.replica.size})")
 
+    def vector(self, payload: memoryview, total: int
+               ) -> tuple[str, list[tuple[int, int]], memoryview]:
+        """A vector request's layer, ranges and what follows them (FLAG_VECTOR: u16 name
+        length, name, u32 count, count x (u64 offset, u32 length)); the ranges' lengths add
+        up to the header's `length`, each inside the volume."""
+        if len(payload) < 2:
+            raise InvalidArgument("vector request without a layer name")
+        name_len = int.from_bytes(payload[:2], "little")
+        table = 6 + name_len
+        if len(payload) < table:
+            raise InvalidArgument("vector request shorter than its header")
+        name = layer_name(payload[2:2 + name_len])
+        count = int.from_bytes(payload[2 + name_len:table], "little")
+        size = proto.VECTOR_RANGE.size
+        if count > proto.MAX_VECTOR or len(payload) < table + count * size:
+            raise InvalidArgument(f"vector request of {count} ranges is malformed")
+        ranges = [proto.VECTOR_RANGE.unpack_from(payload, table + i * size)
+                  for i in range(count)]
+        if sum(n for _, n in ranges) != total:
+            raise InvalidArgument("vector ranges do not add up to the request's length")
+        self.check_range(0, total)
+        for offset, length in ranges:
+            self.check_range(offset, length)
+        return name, ranges, payload[table + count * size:]
+
     def _execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
         r = self.replica
         op = h.op
@@ -316,6 +341,25 @@ class ReplicaServer:
                 raise InvalidArgument(f"WRITE of {h.length} bytes carries {len(payload)}")
             self.check_range(h.offset, h.length)
             r.write(h.offset, payload, fua=bool(h.flags & FLAG_FUA))
+        elif op == Op.READ_LAYER and h.flags & FLAG_VECTOR:
+            name, ranges, _ = self.vector(payload, h.length)
+            fd = snapshots.layer_fd(r, name)
+            data = bytearray(h.length)
+            at = 0
+            for offset, length in ranges:
+                preadv_full(fd, memoryview(data)[at:at + length], offset)
+                at += length
+            return [proto.pack(op | REPLY, h.seq, h.offset, h.length, len(data)), data]
+        elif op == Op.WRITE_LAYER and h.flags & FLAG_VECTOR:
+            name, ranges, rest = self.vector(payload, h.length)
+            if len(rest) != h.length:
+                raise InvalidArgument(f"vector WRITE_LAYER of {h.length} bytes carries "
+                                      f"{len(rest)}")
+            pieces, at = [], 0
+            for offset, length in ranges:
+                pieces.append((offset, rest[at:at + length]))
+                at += length
+            snapshots.write_layer_many(r, name, pieces)
         elif op in (Op.READ, Op.READ_LAYER):
             self.check_range(h.offset, h.length)
             fd = snapshots.layer_fd(r, layer_name(payload)) if op == Op.READ_LAYER else -1

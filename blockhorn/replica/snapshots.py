@@ -36,6 +36,7 @@ from blockhorn.types import (
     check_name,
 )
 
+DIRECT_MIN = 256 << 10       # bytes per piece (on average) for O_DIRECT rebuild writes
 SNAP_PREFIX = "volume-snap-"
 HEAD_PREFIX = "volume-head-"
 PURGE_JOURNAL = "purge.journal"
@@ -449,25 +450,35 @@ def reset_chain(r: Replica, chain: list[dict[str, Any]]) -> None:
 def write_layer(r: Replica, layer_file: str, offset: int, data: bytes | memoryview) -> None:
     """Rebuild only: fill a layer of a Rebuilding replica. The head takes a copy only during
     a copy session (`begin_copy`), and only into blocks no mutation has reached since."""
+    write_layer_many(r, layer_file, [(offset, memoryview(data))])
+
+
+def write_layer_many(r: Replica, layer_file: str,
+                     pieces: list[tuple[int, memoryview]]) -> None:
+    """`write_layer` of many (offset, data) pieces, the file opened once (a resync's vector)."""
     if not r.meta.get("Rebuilding"):
         raise BlockhornError("snapshot layers are read-only", errno.EROFS)
     index = _layer_index(r, layer_file)
     if index is None:
         raise NotFound(f"layer {layer_file!r} is not on the chain")
-    runs = (_clean_runs(r, offset, len(data)) if index == len(r.layers) - 1
-            else [(offset, offset + len(data))])
-    path = os.path.join(r.directory, layer_file)
-    _write_direct(r, path, offset, memoryview(data), runs)
+    head = index == len(r.layers) - 1
+    work = [(offset, data, _clean_runs(r, offset, len(data)) if head
+             else [(offset, offset + len(data))]) for offset, data in pieces]
+    _write_direct(r, os.path.join(r.directory, layer_file), work)
     # The map is rebuilt from the files when the rebuild finishes (finish_rebuild).
 
 
-def _write_direct(r: Replica, path: str, offset: int, data: memoryview,
-                  runs: list[tuple[int, int]]) -> None:
-    """Write `runs` of `data` (placed at `offset`) with O_DIRECT when they are whole blocks:
-    a rebuild's bulk copy then costs no copy into the page cache (a third of the target's
-    CPU) and evicts nothing; finish_rebuild's fsync still makes it durable. The kernel keeps
-    direct and buffered I/O of the file coherent. Anything unaligned is written buffered."""
-    aligned = all(s % BLOCK_SIZE == 0 and e % BLOCK_SIZE == 0 for s, e in runs)
+def _write_direct(r: Replica, path: str,
+                  work: list[tuple[int, memoryview, list[tuple[int, int]]]]) -> None:
+    """Write each piece's `runs` of its data (placed at its offset) with O_DIRECT when they
+    are whole blocks: a rebuild's bulk copy then costs no copy into the page cache (most of
+    the target's CPU) and evicts nothing; finish_rebuild's fsync still makes it durable. The
+    kernel keeps direct and buffered I/O of the file coherent. Small pieces (a resync's
+    scattered blocks: one synchronous disk write each would cost more than the copy),
+    anything unaligned, or a file system that refuses direct writes: buffered."""
+    aligned = all(s % BLOCK_SIZE == 0 and e % BLOCK_SIZE == 0
+                  for _, _, runs in work for s, e in runs) and \
+        sum(len(data) for _, data, _ in work) >= DIRECT_MIN * len(work)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | (os.O_DIRECT if aligned else 0))
     except OSError as e:
@@ -476,22 +487,23 @@ def _write_direct(r: Replica, path: str, offset: int, data: memoryview,
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)     # no O_DIRECT on this file system
         aligned = False
     try:
-        for start, end in runs:
-            part = data[start - offset:end - offset]
-            if aligned:
-                buf = r.direct_buffer(len(part))
-                buf[:len(part)] = part
-                try:
-                    pwrite_full(fd, memoryview(buf)[:len(part)], start)
-                    continue
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    # Opened, but this file system refuses the direct write: buffered.
-                    os.close(fd)
-                    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-                    aligned = False
-            pwrite_full(fd, part, start)
+        for offset, data, runs in work:
+            for start, end in runs:
+                part = data[start - offset:end - offset]
+                if aligned:
+                    buf = r.direct_buffer(len(part))
+                    buf[:len(part)] = part
+                    try:
+                        pwrite_full(fd, memoryview(buf)[:len(part)], start)
+                        continue
+                    except OSError as e:
+                        if e.errno != errno.EINVAL:
+                            raise
+                        # Opened, but this file system refuses the direct write: buffered.
+                        os.close(fd)
+                        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                        aligned = False
+                pwrite_full(fd, part, start)
     finally:
         os.close(fd)
 
