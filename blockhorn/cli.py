@@ -30,6 +30,7 @@ from blockhorn.cli_standby import add_parsers as add_standby_parsers
 from blockhorn.cli_standby import format_standby, run_standby
 from blockhorn.cli_verify import add_parser as add_verify_parser
 from blockhorn.cli_verify import run_verify
+from blockhorn.cli_watch import watch
 from blockhorn.manager.paths import DEFAULT_HOME, HOME_ENV, Home
 from blockhorn.types import BlockhornError, InvalidArgument, check_name, format_size, parse_size
 
@@ -165,6 +166,9 @@ def build_parser() -> Parser:
                          "robustness, endpoint, device and its replicas.")
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="print JSON (fields in docs/API.md)")
+    p.add_argument("--watch", action="store_true",
+                   help="draw rebuild progress (done/total, rate, ETA) until the volume is "
+                        "healthy; Ctrl-C stops watching")
     _home_arg(p)
 
     p = vcmds.add_parser("rm", help="remove a volume and its replica data",
@@ -315,7 +319,12 @@ def _rebuild_text(rb: Any) -> str:
     state = str(rb.get("state") or "?")
     total = rb.get("total") or 0
     if state in ("queued", "running") and total:
-        return f"{100 * (rb.get('done') or 0) // total}%"
+        text = f"{100 * (rb.get('done') or 0) // total}%"
+        if rb.get("rate"):
+            text += f" {rb['rate'] / 1e6:.0f}MB/s"
+        if rb.get("eta_s") is not None:
+            text += f" ETA {int(rb['eta_s'])}s"
+        return text
     return state
 
 
@@ -387,6 +396,8 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
                       file=sys.stderr)
         elif args.action == "rm":
             c.remove(args.name, force=args.force)
+        elif args.action == "show" and getattr(args, "watch", False):
+            return watch(c, args.name)
         elif args.action == "show":
             v = c.show(args.name)
             print(json.dumps(v, indent=2, sort_keys=True) if args.json else format_show(v))

@@ -117,6 +117,8 @@ def blip(work: str, size: int) -> dict:
         job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
     finally:
         c.stop()
+        if os.environ.get("BENCH_KEEP_LOG"):
+            shutil.copy(c.engine_log, os.environ["BENCH_KEEP_LOG"])
     return {"blip_s": BLIP_S, "mode": rb.get("mode"), "written_while_away": int(written),
             "examined": rb.get("done"), "resynced": rb.get("copied"),
             "ratio": (rb.get("copied") or 0) / max(written, 1),
@@ -126,11 +128,20 @@ def blip(work: str, size: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="512 MiB instead of 4 GiB")
+    ap.add_argument("--size", type=int, help="volume size in MiB (half of it data)")
+    ap.add_argument("--full-only", action="store_true", help="skip the blip measurement")
+    ap.add_argument("--blip-only", action="store_true", help="skip the full rebuild")
     args = ap.parse_args()
-    size = (512 if args.quick else 4096) * MiB
+    size = (args.size or (512 if args.quick else 4096)) * MiB
     work = tempfile.mkdtemp(prefix="bh-resync-", dir=os.environ.get("BENCH_DIR", "/var/tmp"))
     try:
+        if args.blip_only:
+            print(json.dumps(blip(work, min(size, 1024 * MiB)), indent=1))
+            return 0
         full = full_rebuild(work, size)
+        if args.full_only:
+            print(json.dumps(full, indent=1))
+            return 0
         inc = blip(work, min(size, 1024 * MiB))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -91,6 +91,7 @@ class Cluster:
     timeout_s: float = 8.0
     local_reads: bool = True
     replica_program: tuple[str, ...] = ("-m", "blockhorn.replica")
+    rebuild_limits: str = ""      # the node's rebuild limits file (engine/limits.py)
     reps: list[ReplicaProc] = field(default_factory=list)
     engine: subprocess.Popen[bytes] | None = None
 
@@ -119,7 +120,8 @@ class Cluster:
                      [ReplicaRef(r.cfg.name, r.cfg.listen, r.cfg.directory) for r in self.reps],
                      self.key_file, self.control_socket, min_rw=self.min_rw,
                      timeout_s=self.timeout_s, local_reads=self.local_reads,
-                     record=self.record, **extra  # type: ignore[arg-type]
+                     record=self.record, rebuild_limits=self.rebuild_limits,
+                     **extra  # type: ignore[arg-type]
                      ).save(self.engine_config)
 
     @property

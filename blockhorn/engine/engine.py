@@ -33,6 +33,7 @@ from typing import Any
 from blockhorn.config import EngineConfig, ReplicaRef
 from blockhorn.engine import generation
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
+from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
@@ -81,6 +82,22 @@ class ReplicaState:
     rebuild: dict[str, Any] | None = None
 
 
+def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rebuild's state for `status`: while it copies, with its rate (bytes of the plan
+    per second since the copy began) and an ETA."""
+    if not rebuild:
+        return None
+    out = dict(rebuild)
+    began = out.get("started_copy")
+    if out.get("state") == "running" and began:
+        elapsed = max(time.time() - began, 1e-3)
+        rate = out.get("done", 0) / elapsed
+        out["rate"] = rate
+        left = max(out.get("total", 0) - out.get("done", 0), 0)
+        out["eta_s"] = left / rate if rate > 0 else None
+    return out
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -110,6 +127,7 @@ class Engine:
         self._joining: set[str] = set()
         self._started = False           # the first commit of this engine is its start commit
         self.decision: generation.Decision | None = None
+        self.rebuild_limits = Limits(cfg.rebuild_limits)
 
     # --- start / stop ------------------------------------------------------------------------
 
@@ -198,7 +216,12 @@ class Engine:
                     continue      # the failed ones are ERR now: commit the smaller set
                 self.generation = gen
                 self._committed = names
-                self._joining -= joining
+                with self.state_lock:
+                    # A joiner that failed before its join commit is no longer joining (its
+                    # next resync adds it again): left here, it would keep a commit pending
+                    # forever, and every pass would commit another generation.
+                    self._joining = {n for n in self._joining - joining
+                                     if self.replicas[n].mode == ReplicaMode.RW}
                 self._started = True
                 log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
                          sorted(names))
@@ -753,7 +776,7 @@ class Engine:
                 "name": r.ref.name, "address": r.ref.address, "path": r.ref.path,
                 "mode": str(r.mode), "error": r.error or None, "local": r.local is not None,
                 "revision": r.stat.get("revision"),
-                "rebuild": dict(r.rebuild) if r.rebuild else None,
+                "rebuild": _progress(r.rebuild),
             })
         return {"volume": self.cfg.volume, "size": self.size, "generation": self.generation,
                 "robustness": str(self.robustness()), "min_rw": self.cfg.min_rw,

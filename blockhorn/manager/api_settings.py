@@ -9,7 +9,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.routing import Route
 
-from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
+from blockhorn.manager.settings import (
+    ENGINE_REPLICA_TIMEOUT,
+    REBUILD_LIMIT_SETTINGS,
+    Settings,
+    write_rebuild_limits,
+)
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import InvalidArgument, NotFound
 
@@ -26,6 +31,9 @@ def setting_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, o
     settings = Settings(volumes.store)
 
     def changed(name: str) -> None:
+        if name in REBUILD_LIMIT_SETTINGS:
+            write_rebuild_limits(settings, volumes.home.rebuild_limits)
+            log.info("setting %s changed: rebuild limits rewritten", name)
         if name not in ENGINE_CONFIG_SETTINGS:
             return
         for vol in volumes.store.volumes():

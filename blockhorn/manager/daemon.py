@@ -32,6 +32,7 @@ from blockhorn.manager.backups import BackupService
 from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.nodes import NodeService
 from blockhorn.manager.paths import Home
+from blockhorn.manager.settings import Settings, write_rebuild_limits
 from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.supervisor import Supervisor
 from blockhorn.manager.volumes import VolumeManager
@@ -109,6 +110,7 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     nodes.register()
     volumes = VolumeManager(home, store)
     volumes.placer = nodes.place   # volume create without --disk: the registered disks
+    write_rebuild_limits(Settings(store), home.rebuild_limits)
     supervisor = Supervisor(volumes)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
     adapter = BackupAdapter(volumes, backups)

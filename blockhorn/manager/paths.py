@@ -63,6 +63,11 @@ class Home:
     def log(self, name: str) -> str:
         return self._p("logs", name)
 
+    @property
+    def rebuild_limits(self) -> str:
+        """The node's rebuild limits (engine/limits.py): written by the daemon, read by engines."""
+        return self._p("rebuild-limits.json")
+
     def volume_dir(self, vol: str) -> str:
         return self._p("volumes", vol)
 

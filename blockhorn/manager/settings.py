@@ -15,6 +15,7 @@ from typing import Any
 
 from blockhorn.config import REPLICA_TIMEOUT_S
 from blockhorn.control.store import StateStore
+from blockhorn.engine.limits import write_limits
 from blockhorn.types import InvalidArgument, NotFound
 
 ENGINE_REPLICA_TIMEOUT = "engine-replica-timeout"
@@ -90,10 +91,10 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in [
             "engines started after the change (attach, or an engine restart)"),
     Setting(REBUILD_BANDWIDTH, 0, "MiB/s", 0, None,
             "most bandwidth one replica rebuild may use; 0 = unlimited",
-            "stored only: the rebuild does not read it yet (issue 9, bounded rebuild)"),
+            "at once: running rebuilds read it again within a second"),
     Setting(REBUILDS_PER_NODE, 5, "", 0, None,
             "most replica rebuilds running at once on one node; 0 disables rebuilding",
-            "stored only: the rebuild does not read it yet (issue 9, bounded rebuild)"),
+            "at once for rebuilds that start later (a running one keeps its slot)"),
     Setting(SOFT_ANTI_AFFINITY, False, "", 0, None,
             "allow two replicas of a volume on one node when there are too few nodes",
             "the next placement (volume create, replica replacement)"),
@@ -120,6 +121,15 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in [
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InvalidArgument(f"invalid value {value!r} for {name}: use {' or '.join(allowed)}")
+
+
+REBUILD_LIMIT_SETTINGS = {REBUILD_BANDWIDTH, REBUILDS_PER_NODE}
+
+
+def write_rebuild_limits(settings: Settings, path: str) -> None:
+    """The node's rebuild limits file every engine reads (engine/limits.py): written when
+    the daemon starts and whenever one of REBUILD_LIMIT_SETTINGS changes."""
+    write_limits(path, settings.get_int(REBUILD_BANDWIDTH), settings.get_int(REBUILDS_PER_NODE))
 
 
 def lookup(name: str) -> Setting:

@@ -188,6 +188,7 @@ class VolumeManager:
                      replicas=[ReplicaRef(r.name, r.address, r.directory) for r in reps],
                      key_file=self.home.key, control_socket=self.home.control_socket(name),
                      record=self.home.generation_record(name),
+                     rebuild_limits=self.home.rebuild_limits,
                      timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT))
                      ).save(self.home.engine_config(name))
 

@@ -13,8 +13,11 @@ adversary's data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import xxhash
 
+from blockhorn.fsutil import data_extents, preadv_full
 from blockhorn.replica.store import Replica
 from blockhorn.types import BLOCK_SIZE, InvalidArgument, NoSpace
 
@@ -31,6 +34,20 @@ def chunk_digests(replica: Replica, offset: int, length: int,
                   chunk: int = CHUNK_SIZE) -> list[str]:
     """Hex digests of [offset, offset+length) cut into `chunk`-byte pieces (the last one may be
     shorter). Chunks without data in any layer are not read: their digest is that of zeros."""
+    length = _check(replica, offset, length, chunk)
+    return _digests(replica.extents(offset, length), replica.read_into, offset, length, chunk)
+
+
+def layer_digests(replica: Replica, fd: int, offset: int, length: int,
+                  chunk: int = CHUNK_SIZE) -> list[str]:
+    """The same for one layer file of the chain (a resumed rebuild compares layer by layer)."""
+    length = _check(replica, offset, length, chunk)
+    extents = [(s, e - s) for s, e in data_extents(fd, offset, length)]
+    return _digests(extents, lambda view, pos: preadv_full(fd, view, pos), offset, length,
+                    chunk)
+
+
+def _check(replica: Replica, offset: int, length: int, chunk: int) -> int:
     if chunk <= 0 or chunk % BLOCK_SIZE or offset % BLOCK_SIZE:
         raise InvalidArgument(f"digest: chunk {chunk} and offset {offset} must be multiples "
                               f"of {BLOCK_SIZE}")
@@ -38,8 +55,12 @@ def chunk_digests(replica: Replica, offset: int, length: int,
         raise InvalidArgument(f"digest: length {length} must be 1 to {MAX_DIGEST_SPAN} bytes")
     if offset >= replica.size:
         raise NoSpace(f"digest: offset {offset} is past the end ({replica.size})")
-    length = min(length, replica.size - offset)
-    extents = [(s, s + n) for s, n in replica.extents(offset, length)]
+    return min(length, replica.size - offset)
+
+
+def _digests(extent_list: list[tuple[int, int]], read_into: Callable[[memoryview, int], None],
+             offset: int, length: int, chunk: int) -> list[str]:
+    extents = [(s, s + n) for s, n in extent_list]
     buf = bytearray(chunk)
     zeros: dict[int, str] = {}
     out = []
@@ -48,7 +69,7 @@ def chunk_digests(replica: Replica, offset: int, length: int,
         n = min(chunk, end - pos)
         if any(s < pos + n and e > pos for s, e in extents):
             view = memoryview(buf)[:n]
-            replica.read_into(view, pos)
+            read_into(view, pos)
             out.append(xxhash.xxh3_128_hexdigest(view))
         else:
             if n not in zeros:

@@ -35,6 +35,9 @@ HEADER_SIZE = HEADER.size  # 28
 REPLY = 0x80
 FLAG_FUA = 0x0001          # WRITE/ZERO: data durable (fdatasync) before the reply
 FLAG_MAY_TRIM = 0x0002     # ZERO: the replica may punch a hole instead of writing zeros
+FLAG_VECTOR = 0x0004       # READ_LAYER/WRITE_LAYER: many ranges in one request (a resync)
+VECTOR_RANGE = struct.Struct("<QI")    # one range of a vector request: offset, length
+MAX_VECTOR = 4096                      # ranges one vector request may carry
 MAX_PAYLOAD = MAX_REQUEST + 4096
 
 

@@ -35,8 +35,9 @@ from blockhorn.config import ReplicaConfig, parse_address
 from blockhorn.fsutil import data_extents, preadv_full, punch_hole
 from blockhorn.keys import load_key
 from blockhorn.replica import digest, proto, snapshots
+from blockhorn.replica.copymap import CopyMap
 from blockhorn.replica.fencing import Fenced, Fencing
-from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, HEADER_SIZE, REPLY, Op
+from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, FLAG_VECTOR, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import VOLUME_META, Replica
 from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
 from blockhorn.types import (
@@ -307,6 +308,31 @@ class ReplicaServer:
         if offset + length > self.replica.size:
             raise NoSpace(f"range {offset}+{length} is past the end ({self.replica.size})")
 
+    def vector(self, payload: memoryview, total: int
+               ) -> tuple[str, list[tuple[int, int]], memoryview]:
+        """A vector request's layer, ranges and what follows them (FLAG_VECTOR: u16 name
+        length, name, u32 count, count x (u64 offset, u32 length)); the ranges' lengths add
+        up to the header's `length`, each inside the volume."""
+        if len(payload) < 2:
+            raise InvalidArgument("vector request without a layer name")
+        name_len = int.from_bytes(payload[:2], "little")
+        table = 6 + name_len
+        if len(payload) < table:
+            raise InvalidArgument("vector request shorter than its header")
+        name = layer_name(payload[2:2 + name_len])
+        count = int.from_bytes(payload[2 + name_len:table], "little")
+        size = proto.VECTOR_RANGE.size
+        if count > proto.MAX_VECTOR or len(payload) < table + count * size:
+            raise InvalidArgument(f"vector request of {count} ranges is malformed")
+        ranges = [proto.VECTOR_RANGE.unpack_from(payload, table + i * size)
+                  for i in range(count)]
+        if sum(n for _, n in ranges) != total:
+            raise InvalidArgument("vector ranges do not add up to the request's length")
+        self.check_range(0, total)
+        for offset, length in ranges:
+            self.check_range(offset, length)
+        return name, ranges, payload[table + count * size:]
+
     def _execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
         r = self.replica
         op = h.op
@@ -315,6 +341,25 @@ class ReplicaServer:
                 raise InvalidArgument(f"WRITE of {h.length} bytes carries {len(payload)}")
             self.check_range(h.offset, h.length)
             r.write(h.offset, payload, fua=bool(h.flags & FLAG_FUA))
+        elif op == Op.READ_LAYER and h.flags & FLAG_VECTOR:
+            name, ranges, _ = self.vector(payload, h.length)
+            fd = snapshots.layer_fd(r, name)
+            data = bytearray(h.length)
+            at = 0
+            for offset, length in ranges:
+                preadv_full(fd, memoryview(data)[at:at + length], offset)
+                at += length
+            return [proto.pack(op | REPLY, h.seq, h.offset, h.length, len(data)), data]
+        elif op == Op.WRITE_LAYER and h.flags & FLAG_VECTOR:
+            name, ranges, rest = self.vector(payload, h.length)
+            if len(rest) != h.length:
+                raise InvalidArgument(f"vector WRITE_LAYER of {h.length} bytes carries "
+                                      f"{len(rest)}")
+            pieces, at = [], 0
+            for offset, length in ranges:
+                pieces.append((offset, rest[at:at + length]))
+                at += length
+            snapshots.write_layer_many(r, name, pieces)
         elif op in (Op.READ, Op.READ_LAYER):
             self.check_range(h.offset, h.length)
             fd = snapshots.layer_fd(r, layer_name(payload)) if op == Op.READ_LAYER else -1
@@ -387,10 +432,13 @@ class ReplicaServer:
             return {"snapshots": snapshots.list_snapshots(r), "purge": self.purge_state}
         if op == "chain":
             return {"chain": snapshots.chain_metas(r), "head": r.head.name}
-        if op == "digest":   # the scrub: see blockhorn/replica/digest.py
-            return {"digests": digest.chunk_digests(
-                r, field(req, "offset", int), field(req, "length", int),
-                field(req, "chunk", int, digest.CHUNK_SIZE))}
+        if op == "digest":   # the scrub and a resumed rebuild: blockhorn/replica/digest.py
+            offset, length = field(req, "offset", int), field(req, "length", int)
+            chunk = field(req, "chunk", int, digest.CHUNK_SIZE)
+            if req.get("layer"):
+                fd = snapshots.layer_fd(r, field(req, "layer", str))
+                return {"digests": digest.layer_digests(r, fd, offset, length, chunk)}
+            return {"digests": digest.chunk_digests(r, offset, length, chunk)}
         if op == "changes_since":
             return {"ranges": r.changes.since(field(req, "revision", int))}
         if op == "punch_head":
@@ -403,11 +451,41 @@ class ReplicaServer:
                 raise InvalidArgument(f"punch_head: bad range {offset}+{length}")
             punch_hole(r.head.fd, offset, length)
             return {}
+        if op == "punch_layer":     # a rebuild copy: snapshots.punch_layer
+            layer = field(req, "layer", str)
+            if "ranges" in req:     # a resync: many ranges in one request
+                ranges = field(req, "ranges", list)
+                if len(ranges) > 65536 or not all(
+                        isinstance(x, list) and len(x) == 2
+                        and all(isinstance(v, int) and v >= 0 for v in x) for x in ranges):
+                    raise InvalidArgument('punch_layer: "ranges" must list [offset, length]')
+                for offset, length in ranges:
+                    snapshots.punch_layer(r, layer, offset, length)
+            else:
+                snapshots.punch_layer(r, layer, field(req, "offset", int),
+                                      field(req, "length", int))
+            return {}
+        if op == "rebuild_cursor":
+            # A full rebuild's progress, durable: every layer before `layer` and that layer
+            # below `offset` were copied. A resumed rebuild compares digests below it and
+            # copies the rest (engine/rebuild.py). Data first, then the cursor.
+            layer, offset = field(req, "layer", int), field(req, "offset", int)
+            if not r.meta.get("Rebuilding"):
+                raise BlockhornError("rebuild_cursor: only a replica being rebuilt", errno.EROFS)
+            snapshots.sync_layers(r)
+            r.update_meta(RebuildCursor=[layer, offset])
+            return {}
         if op == "set_rebuilding":
             # `since`: an incremental resync from that revision, which leaves the content in
             # place (a restart may resume it); absent: a full rebuild, which empties it.
             since = field(req, "since", int) if req.get("since") is not None else None
             r.update_meta(Rebuilding=field(req, "value", bool), ResyncSince=since)
+        elif op == "begin_copy":
+            # A rebuild copy session starts: sent by the engine in the same order-locked step
+            # that makes this replica WO, so it precedes every mutation the copy races with.
+            if not r.meta.get("Rebuilding"):
+                raise BlockhornError("begin_copy: only a replica being rebuilt", errno.EROFS)
+            r.copy_dirty = CopyMap()
         elif op == "reset_chain":
             chain = field(req, "chain", list)
             if not all(isinstance(m, dict) and isinstance(m.get("Name"), str) for m in chain):
@@ -418,7 +496,10 @@ class ReplicaServer:
             # (set_generation with clear_rebuilding), so a crash in between leaves it untrusted.
             revision = field(req, "revision", int)
             snapshots.sync_layers(r)
+            r.copy_dirty = None
             r.set_revision(revision)
+            if r.meta.get("RebuildCursor") is not None:
+                r.update_meta(RebuildCursor=None)
             r.reload()
         elif op == "set_generation":
             members = field(req, "members", list)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ from blockhorn.fsutil import (
     read_json,
 )
 from blockhorn.replica.changes import ChangeLog
+from blockhorn.replica.copymap import CopyMap
 from blockhorn.replica.extentmap import ZERO, ExtentMap, LayerMap
 from blockhorn.types import BLOCK_SIZE, BlockhornError, InvalidArgument, NoSpace, NotFound
 
@@ -147,6 +149,12 @@ class Replica:
         self._map_layers()
         # Test hook: called with a step name before each step of a multi-file change.
         self.crash_hook: Callable[[str], None] | None = None
+        # During a rebuild's copy (`begin_copy`): the blocks every mutation from the engine
+        # reached (replica/copymap.py). A rebuild copy into the head skips those blocks: they
+        # already hold a mutation newer than anything the copy read (docs/DURABILITY.md,
+        # "Rebuild"). In memory only: a new process starts a new copy session.
+        self.copy_dirty: CopyMap | None = None
+        self._direct: mmap.mmap | None = None     # page-aligned buffer for O_DIRECT copies
 
     def _map_layers(self) -> None:
         """Build the layer map from the files (a single-layer chain needs none)."""
@@ -155,6 +163,14 @@ class Replica:
                                        for layer in self.layers])
         else:
             self.map = LayerMap(ExtentMap(), ExtentMap(), 0)
+
+    def direct_buffer(self, size: int) -> mmap.mmap:
+        """A page-aligned buffer of at least `size` bytes (O_DIRECT needs one), kept."""
+        if self._direct is None or len(self._direct) < size:
+            if self._direct is not None:
+                self._direct.close()
+            self._direct = mmap.mmap(-1, max(size, 4 << 20))
+        return self._direct
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -298,6 +314,9 @@ class Replica:
     def _mutation(self, offset: int, length: int) -> Iterator[None]:
         """Count a mutation only once it succeeded; a failure halts the replica."""
         self._mutating()
+        if self.copy_dirty is not None:
+            # Outward: the engine widens mutations to whole blocks while a replica rebuilds.
+            self.copy_dirty.mark(offset // BLOCK_SIZE, -(-(offset + length) // BLOCK_SIZE))
         try:
             yield
         except OutOfSpace:
@@ -323,6 +342,7 @@ class Replica:
         if clear_rebuilding:
             changes["Rebuilding"] = False
             changes["ResyncSince"] = None
+            self.copy_dirty = None
             self.suspect = False
             self.halted = ""
         self.update_meta(**changes)
@@ -524,6 +544,7 @@ class Replica:
             "log_start": self.changes.start, "log_generation": self.log_generation,
             "start_generation": self.start_generation,
             "resync_since": self.meta.get("ResyncSince"),
+            "rebuild_cursor": self.meta.get("RebuildCursor"),
             "directory": os.path.abspath(self.directory), "head_ino": head_stat.st_ino,
             "head_dev": head_stat.st_dev, "allocated": head_stat.st_blocks * 512,
             "chain": [layer.name for layer in self.layers],

@@ -7,12 +7,19 @@ hooks (a later `fault` replaces them; `{"op": "fault"}` heals):
 - `delay_s`: sleep that long before executing each request (under the store lock, as a slow
   disk would), so requests queue up on the connection;
 - `fail_control`: CONTROL op names answered EIO, to exercise the engine's error paths.
+
+Crash points (tests/t3_engine_rebuild_crash.py): with `FAULTY_STOP_AT=NAME` in its
+environment the server SIGSTOPs itself once, just before it executes the first request named
+NAME (a CONTROL op name, or a data op: WRITE, WRITE_LAYER, FLUSH...). The test sees it stopped
+and kills it or the engine there: a crash at exactly that step of a protocol.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -29,8 +36,16 @@ PROGRAM = (os.path.abspath(__file__),)
 
 class FaultyReplicaServer(ReplicaServer):
     fault: dict[str, Any] = {}
+    stop_at = os.environ.get("FAULTY_STOP_AT", "")
+
+    def _stop_point(self, name: str) -> None:
+        if name == self.stop_at:
+            FaultyReplicaServer.stop_at = ""        # once
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def _execute(self, h: proto.Header, payload: memoryview) -> list[Any]:
+        with contextlib.suppress(ValueError):
+            self._stop_point(proto.Op(h.op).name)
         delay = self.fault.get("delay_s")
         if delay:
             time.sleep(float(delay))
@@ -41,6 +56,7 @@ class FaultyReplicaServer(ReplicaServer):
         if op == "fault":
             self.fault = {k: v for k, v in req.items() if k != "op"}
             return {"fault": self.fault}
+        self._stop_point(op)
         if op in self.fault.get("fail_control", ()):
             raise BlockhornError(f"injected failure of {op}", errno.EIO)
         return super().control(req)
