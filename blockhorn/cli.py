@@ -128,10 +128,12 @@ def build_parser() -> Parser:
                                      "device; prints the device path (with --frontend none, "
                                      "the NBD endpoint).")
     p.add_argument("name")
-    p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "fuse", "none"),
+    p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "fuse", "fuse-nbd", "none"),
                    default="auto",
                    help="auto: nbd-client where /dev/nbd* exists, else nbdfuse + loop; "
                         "fuse: the engine in a pyfuse3 process + loop (no NBD); "
+                        "fuse-nbd: a FUSE process holding the device over NBD + loop, "
+                        "survives engine restarts and live upgrades; "
                         "none: only the NBD endpoint (for fio, nbdsh, qemu)")
     p.add_argument("--port", type=int, metavar="PORT", dest="tcp_port",
                    help="also serve NBD on this TCP port, TLS required (see --tls)")

@@ -323,6 +323,9 @@ class Supervisor:
                 + "".join(f"; {w}" for w in waiting)))
             return
         msg = "engine restarted after it died"
+        from blockhorn.nbd.attach import SURVIVING
+        if (vol.attachment or {}).get("frontend") in SURVIVING:
+            device = None   # its holder reconnects and retries: the device lives on
         if device:
             msg += (f"; {device} lost its connection and fails I/O: detach and attach the "
                     "volume again")

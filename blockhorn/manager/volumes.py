@@ -41,7 +41,7 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.manager")
 
-FRONTENDS = ("auto", "nbdfuse", "nbd", "fuse", "none")
+FRONTENDS = ("auto", "nbdfuse", "nbd", "fuse", "fuse-nbd", "none")
 TRANSPORTS = ("auto", "tcp", "unix")
 # auto: unix sockets for replicas on this host (measured ~40 % more 1 MiB write bandwidth
 # with 3 replicas than TCP loopback), TCP when a socket path would be too long.

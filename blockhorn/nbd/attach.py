@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +31,12 @@ READY_TIMEOUT_S = 20.0
 # they mostly wait for each other: measured on 2 cores, 3 replicas, fio QD32, 4 threads gave
 # 24k randread / 4.3k randwrite IOPS, 8 gave 21k / 4.9k, 16 (nbdkit's default) 16k / 4.6k.
 NBDKIT_THREADS = 4
+
+# fuse-nbd: the device-holding FUSE process (blockhorn/fuse/holder.py), which outlives engines.
+FRONTENDS = ("nbd", "nbdfuse", "fuse", "fuse-nbd", "none")
+# Frontends whose device survives an engine restart (and so a live upgrade).
+SURVIVING = ("fuse-nbd",)
+HOLDER_READY_TIMEOUT_S = 70.0   # the holder waits up to 60 s for an engine before it mounts
 
 PACKAGES = {  # command -> Debian package that provides it
     "nbdkit": "nbdkit", "nbdfuse": "libnbd-bin", "losetup": "mount",
@@ -74,12 +81,15 @@ def check_dependencies(frontend: str = "auto") -> None:
         if not os.path.exists("/dev/fuse"):
             raise BlockhornError("/dev/fuse is missing: this host cannot use the nbdfuse "
                                  "frontend", errno.ENODEV)
-    elif frontend == "fuse":
+    elif frontend in ("fuse", "fuse-nbd"):
         for cmd in ("losetup", "fusermount3"):
             require(cmd)
         if not os.path.exists("/dev/fuse"):
-            raise BlockhornError("/dev/fuse is missing: this host cannot use the fuse "
+            raise BlockhornError(f"/dev/fuse is missing: this host cannot use the {frontend} "
                                  "frontend", errno.ENODEV)
+        if frontend == "fuse-nbd":
+            from blockhorn.fuse.holder import import_nbd
+            import_nbd()
         try:
             import pyfuse3  # noqa: F401
         except ImportError:
@@ -95,9 +105,9 @@ def choose_frontend(frontend: str) -> str:
     # --frontend fuse.
     if frontend == "auto":
         return "nbd" if glob.glob("/dev/nbd[0-9]*") and shutil.which("nbd-client") else "nbdfuse"
-    if frontend not in ("nbd", "nbdfuse", "fuse", "none"):
-        raise BlockhornError(f"unknown frontend {frontend!r}: use auto, nbd, nbdfuse, fuse "
-                             "or none", errno.EINVAL)
+    if frontend not in FRONTENDS:
+        raise BlockhornError(f"unknown frontend {frontend!r}: use auto, "
+                             f"{', '.join(FRONTENDS)}", errno.EINVAL)
     return frontend
 
 
@@ -175,7 +185,39 @@ def attach_device(uri: str, fuse_dir: str, log_path: str, frontend: str = "auto"
         att = Attachment(device="", frontend="fuse", fuse_dir=fuse_dir)
         att.device = loop_setup(os.path.join(fuse_dir, IMAGE))
         return att
+    if frontend == "fuse-nbd":
+        return _attach_holder(uri, fuse_dir, log_path)
     return _attach_nbdfuse(uri, fuse_dir, log_path)
+
+
+def _attach_holder(uri: str, fuse_dir: str, log_path: str) -> Attachment:
+    """The holder process (blockhorn/fuse/holder.py) mounts the volume file and reaches the
+    engine over NBD, reconnecting when the engine is restarted; a loop device on the file."""
+    from blockhorn.fuse import IMAGE
+    cleanup_stale_mount(fuse_dir)
+    os.makedirs(fuse_dir, exist_ok=True)
+    pidfile = fuse_dir.rstrip("/") + ".pid"
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    att = Attachment(device="", frontend="fuse-nbd", fuse_dir=fuse_dir)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "blockhorn.fuse.holder",
+                                 "--socket", uri.split("socket=", 1)[1], "--mount", fuse_dir,
+                                 "--pidfile", pidfile],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    att.pids["holder"] = proc.pid
+    try:
+        wait_for(lambda: os.path.exists(pidfile) or proc.poll() is not None,
+                 "the fuse-nbd holder", HOLDER_READY_TIMEOUT_S, log_path=log_path)
+        if proc.poll() is not None:
+            raise BlockhornError(f"the fuse-nbd holder exited with status {proc.returncode}; "
+                                 f"see {log_path}", errno.EIO)
+        att.device = loop_setup(os.path.join(fuse_dir, IMAGE))
+    except BaseException:
+        detach_device(att)
+        raise
+    return att
 
 
 def _attach_nbd(uri: str) -> Attachment:
@@ -268,7 +310,7 @@ def detach_device(att: Attachment) -> None:
             _run([require("nbd-client"), "-d", att.device])
         except BlockhornError as e:
             errors.append(str(e))
-    if att.frontend in ("nbdfuse", "fuse"):
+    if att.frontend in ("nbdfuse", "fuse", "fuse-nbd"):
         if att.device:
             try:
                 _run([require("losetup"), "-d", att.device])
@@ -277,8 +319,7 @@ def detach_device(att: Attachment) -> None:
                     errors.append(str(e))
         if att.fuse_dir:
             _unmount_fuse(att.fuse_dir)
-        pid = att.pids.get("nbdfuse")
-        if pid:
+        for pid in att.pids.values():   # nbdfuse, or the fuse-nbd holder
             _wait_exit(pid)
     if errors:
         raise BlockhornError("; ".join(errors), errno.EBUSY)
