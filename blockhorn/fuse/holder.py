@@ -94,8 +94,7 @@ class NbdBackend:
                 h.connect_unix(self.socket)
                 return h
             except self.nbd.Error as e:
-                with contextlib.suppress(Exception):
-                    h.close()
+                del h   # (libnbd's Python handle has no close: freeing it closes)
                 if time.monotonic() + delay > deadline:
                     raise BlockhornError(f"no engine on {self.socket} for "
                                          f"{self.deadline_s:g} s: {e.string}", errno.EIO) from None
@@ -107,10 +106,11 @@ class NbdBackend:
         self._local.h = None
         if h is not None:
             with contextlib.suppress(Exception):
-                h.close()
+                h.shutdown()   # NBD_CMD_DISC on a live one; fails on a dead one
+            del h              # freeing the handle closes its socket
 
     def _lost(self, h: Any, e: Any) -> bool:
-        if e.errno in LOST:
+        if e.errnum in LOST:   # (nbd.Error.errno is the errno's name, errnum its number)
             return True
         try:
             return bool(h.aio_is_dead() or h.aio_is_closed())
@@ -133,7 +133,7 @@ class NbdBackend:
                 return getattr(h, op)(*args)
             except self.nbd.Error as e:
                 if not self._lost(h, e):
-                    raise BlockhornError(f"{op}: {e.string}", e.errno or errno.EIO) from None
+                    raise BlockhornError(f"{op}: {e.string}", e.errnum or errno.EIO) from None
                 self._drop()
                 if deadline is None:
                     deadline = time.monotonic() + self.deadline_s
