@@ -44,6 +44,7 @@ RECONNECT_MAX_S = 0.05        # ... up to this: the pause after a restart is wha
 # Worker threads = NBD connections. Measured on 2 vCPUs, 3 replicas, fio QD32 on the loop
 # device (scripts/bench_engine_survival.py): see docs/DURABILITY.md for the numbers.
 HOLDER_THREADS = 8
+PAUSE_TIMEOUT_S = 30.0   # seconds a pause waits for the requests in flight
 # errnos of a request whose connection broke (rather than an answer of the engine).
 LOST = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN, errno.ECONNREFUSED,
         errno.ENOENT, errno.ECONNABORTED}
@@ -80,9 +81,16 @@ class NbdBackend:
         self.reconnects = 0           # connections made after a lost one (statistics)
         self.retried = 0              # requests re-sent on a new connection
         self._lock = threading.Lock()
+        # Pause (live upgrade): no request is sent while paused; `pause` waits for the ones
+        # in flight and closes every connection; each thread reconnects after `resume`.
+        self._cv = threading.Condition()
+        self._paused = False
+        self._active = 0        # requests being sent or awaiting their answer
+        self._epoch = 0         # bumped by pause: a thread's older connection is closed
+        self._handles: dict[int, Any] = {}   # thread id -> its connection (pause closes them)
         h = self._connect_until(time.monotonic() + deadline_s)
         self.size = int(h.get_size())
-        self._local.h = h
+        self._keep(h)
 
     # --- connections ---------------------------------------------------------------------
 
@@ -101,13 +109,35 @@ class NbdBackend:
             time.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
 
+    def _keep(self, h: Any) -> None:
+        self._local.h = h
+        self._local.epoch = self._epoch
+        with self._cv:
+            self._handles[threading.get_ident()] = h
+
     def _drop(self) -> None:
-        h = getattr(self._local, "h", None)
         self._local.h = None
-        if h is not None:
-            with contextlib.suppress(Exception):
-                h.shutdown()   # NBD_CMD_DISC on a live one; fails on a dead one
-            del h              # freeing the handle closes its socket
+        with self._cv:
+            h = self._handles.pop(threading.get_ident(), None)
+        _close(h)
+
+    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
+        """Stop sending, wait for the requests in flight, close every connection. False
+        when requests were still in flight after `timeout` (then nothing is closed)."""
+        with self._cv:
+            self._paused = True
+            self._epoch += 1
+            if not self._cv.wait_for(lambda: self._active == 0, timeout):
+                return False
+            handles, self._handles = list(self._handles.values()), {}
+        for h in handles:   # idle: their threads wait in the condition or for work
+            _close(h)
+        return True
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
 
     def _lost(self, h: Any, e: Any) -> bool:
         if e.errnum in LOST:   # (nbd.Error.errno is the errno's name, errnum its number)
@@ -120,12 +150,25 @@ class NbdBackend:
     def _do(self, op: str, *args: Any) -> Any:
         """`op(*args)` on this thread's connection; on a lost connection, again on a new one
         until RECONNECT_DEADLINE_S after the first loss."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._paused)
+            self._active += 1
+        try:
+            return self._send(op, *args)
+        finally:
+            with self._cv:
+                self._active -= 1
+                self._cv.notify_all()
+
+    def _send(self, op: str, *args: Any) -> Any:
         deadline = None
         while True:
             h = getattr(self._local, "h", None)
+            if h is not None and self._local.epoch != self._epoch:
+                h = self._local.h = None   # closed by a pause
             if h is None:
                 h = self._connect_until(deadline or time.monotonic() + self.deadline_s)
-                self._local.h = h
+                self._keep(h)
                 if deadline is not None:
                     with self._lock:
                         self.reconnects += 1
@@ -171,6 +214,18 @@ class NbdBackend:
         self._do("zero", length, offset)
 
 
+def _close(h: Any) -> None:
+    if h is not None:
+        with contextlib.suppress(Exception):
+            h.shutdown()   # NBD_CMD_DISC on a live connection; fails on a dead one
+        del h              # (libnbd's Python handle has no close: freeing it closes)
+
+
+def write_state(path: str, state: str) -> None:
+    from blockhorn.fsutil import atomic_write
+    atomic_write(path, state.encode() + b"\n")
+
+
 def main(socket_path: str, mountpoint: str, pidfile: str = "",
          threads: int = HOLDER_THREADS) -> int:
     import pyfuse3
@@ -200,6 +255,15 @@ def main(socket_path: str, mountpoint: str, pidfile: str = "",
         stop = _StopRequest()
         for sig in STOP_SIGNALS:
             signal.signal(sig, stop.handler)
+        state = pidfile[:-4] + ".state" if pidfile.endswith(".pid") else ""
+
+        def pause_resume(signum: int, frame: object) -> None:
+            # Not in the handler itself (the loop's thread): the drain waits for workers.
+            threading.Thread(target=_pause_resume, args=(backend, signum, state),
+                             daemon=True).start()
+
+        signal.signal(signal.SIGUSR1, pause_resume)
+        signal.signal(signal.SIGUSR2, pause_resume)
         if pidfile:   # the mount is there: what the attach waits for
             with open(pidfile + ".tmp", "w") as f:
                 f.write(f"{os.getpid()}\n")
@@ -219,6 +283,21 @@ def main(socket_path: str, mountpoint: str, pidfile: str = "",
         log.info("stopped (%d requests retried, %d reconnects)", backend.retried,
                  backend.reconnects)
     return 0
+
+
+def _pause_resume(backend: NbdBackend, signum: int, state: str) -> None:
+    """SIGUSR1: pause (drained, disconnected: `paused` in the state file, or `busy`);
+    SIGUSR2: resume (`running`). The daemon's live upgrade waits for `paused`."""
+    if signum == signal.SIGUSR1:
+        done = backend.pause()
+        log.info("paused" if done else "pause: requests still in flight")
+        result = "paused" if done else "busy"
+    else:
+        backend.resume()
+        log.info("resumed")
+        result = "running"
+    if state:
+        write_state(state, result)
 
 
 if __name__ == "__main__":

@@ -309,6 +309,8 @@ class VolumeManager:
         for address in ready:
             process.wait_ready(f"engine of {name} ({os.path.basename(address)})", address,
                                rec, log_path)
+        from blockhorn.manager.upgrade import record_version
+        record_version(self.home, name)
         if vol.frontend != "fuse":
             # nbdkit creates its socket under the process umask; the directory (0700) already
             # keeps others out, and this keeps them out where a home was made world-readable.
@@ -459,7 +461,7 @@ class VolumeManager:
             "share": (self.shares.show(name, attached=vol.desired == "attached")
                       if vol.access_mode == "rwx" else None),
             "engine": {"pid": eng.process.pid if engine_up and eng.process else None,
-                       "restarts": eng.restarts},
+                       "restarts": eng.restarts, **_versions(self.home, name, engine_up)},
             "counters": (status or {}).get("counters"),
             "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
@@ -508,6 +510,14 @@ class VolumeManager:
     @staticmethod
     def _uri(nbd_socket: str) -> str:
         return f"nbd+unix:///?socket={os.path.abspath(nbd_socket)}"
+
+
+def _versions(home: Home, name: str, engine_up: bool) -> dict[str, Any]:
+    """The running engine's version and the installed one (manager/upgrade.py): when they
+    differ, `blockhorn volume upgrade` would start the new code."""
+    from blockhorn.manager.upgrade import installed_version, running_version
+    return {"version": running_version(home, name) if engine_up else None,
+            "installed_version": installed_version()}
 
 
 def _share_options(access: str, size: int,
