@@ -40,6 +40,7 @@ bench: setup
 	$(PY) scripts/bench_frames.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_backup.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_resync.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_engine_survival.py $(if $(QUICK),--quick,)
 
 # The fuzz tests of `make test` (tests/t0_proto_fuzz.py, tests/t2_replica_fuzz.py), run longer.
 FUZZ_EXAMPLES ?= 5000

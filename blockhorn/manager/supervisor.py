@@ -8,7 +8,7 @@ Every tick (about a second) for each attached volume, in this order:
   source by the generation rule (engine/generation.py) and resyncs the others by itself.
 - an engine that is not running is started again, so the NBD endpoint works for new clients;
   a device above it (nbdfuse + loop) does not reconnect, which the message says: detach and
-  attach the volume.
+  attach the volume. The fuse-nbd holder does reconnect: its device only pauses.
 - a replica whose process runs but which the engine holds in ERR is handed to `rebuild`.
 - a replica that stayed failed (ERR in the engine, or its process cannot be started) longer
   than the setting `replica-replenishment-wait-interval` is replaced by a new, empty one on
