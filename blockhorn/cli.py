@@ -132,7 +132,8 @@ def build_parser() -> Parser:
     p.add_argument("name")
     p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "fuse", "fuse-nbd", "none"),
                    default="auto",
-                   help="auto: nbd-client where /dev/nbd* exists, else nbdfuse + loop; "
+                   help="auto: nbd-client where /dev/nbd* exists, else fuse-nbd "
+                        "(nbdfuse + loop without pyfuse3 or python3-libnbd); "
                         "fuse: the engine in a pyfuse3 process + loop (no NBD); "
                         "fuse-nbd: a FUSE process holding the device over NBD + loop, "
                         "survives engine restarts and live upgrades; "

@@ -43,7 +43,7 @@ RECONNECT_FIRST_S = 0.005     # seconds between connection attempts, doubling ..
 RECONNECT_MAX_S = 0.05        # ... up to this: the pause after a restart is what we measure
 # Worker threads = NBD connections. Measured on 2 vCPUs, 3 replicas, fio QD32 on the loop
 # device (scripts/bench_engine_survival.py): see docs/DURABILITY.md for the numbers.
-HOLDER_THREADS = 8
+HOLDER_THREADS = 16
 PAUSE_TIMEOUT_S = 30.0   # seconds a pause waits for the requests in flight
 # errnos of a request whose connection broke (rather than an answer of the engine).
 LOST = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN, errno.ECONNREFUSED,

@@ -10,8 +10,8 @@ Sequence (under the volume's lock, so the supervisor leaves the volume alone mea
 3. the `fuse-nbd` holder, whose connections broke at step 1, reconnects and re-sends every
    request that was not answered. The workload sees a pause (measured: `pause_s`).
 
-Only a frontend whose device outlives its engine (`attach.SURVIVING`) or `none` (NBD clients
-reconnect by themselves) can be upgraded live; nbd/nbdfuse/fuse devices would break.
+Only a frontend whose device outlives its engine (`attach.SURVIVING`) can be upgraded live:
+nbd/nbdfuse/fuse devices would break, and with `none` nobody pauses the NBD clients.
 
 The engine version is the package version plus a digest of the package's source files, so a
 changed checkout (or a reinstalled package) is a new version. It is recorded when an engine
@@ -85,7 +85,9 @@ def upgrade(volumes: Any, name: str) -> dict[str, Any]:
             raise InvalidArgument(f"volume {name!r} is not attached: its next attach starts "
                                   "the installed engine anyway")
         frontend = (vol.attachment or {}).get("frontend") or vol.frontend
-        if frontend not in SURVIVING and frontend != "none":
+        # Not `none` either: nbdkit stops on SIGTERM only once its clients disconnect, and
+        # an NBD client of its own is not paused by anyone.
+        if frontend not in SURVIVING:
             raise Busy(f"volume {name!r} uses the {frontend} frontend, whose device does not "
                        "survive an engine restart: a live upgrade needs --frontend "
                        f"{SURVIVING[0]} (detach, then attach with it)")
