@@ -4,7 +4,7 @@ engine upgrade (issue 11), through the real daemon and CLI.
 - kill -9 of the engine (nbdkit) under ext4 with files written and fsynced: no I/O error,
   ext4 not remounted read-only, every fsynced file reads back equal;
 - kill -9 while FLUSHes are in flight (a writer that fsyncs after every write on the raw
-  device): no error, every acknowledged block equal;
+  device), of nbdkit or of its keeper: no error, every acknowledged block equal;
 - `volume upgrade` under the same writer: no error, no rebuild (every replica RW at the same
   revision, no rebuild state), the engine pid changed and its version is shown.
 """
@@ -47,9 +47,13 @@ def attach(env: Env, name: str = "v") -> str:
     return str(dev)
 
 
-def kill_engine(env: Env, name: str = "v") -> int:
-    """SIGKILL the nbdkit under the engine keeper; returns the keeper's pid."""
+def kill_engine(env: Env, name: str = "v", keeper_too: bool = False) -> int:
+    """SIGKILL the nbdkit under the engine keeper (or the keeper, whose nbdkit then gets
+    SIGTERM and would keep serving its clients); returns the keeper's pid."""
     keeper = env.show(name)["engine"]["pid"]
+    if keeper_too:
+        os.kill(keeper, signal.SIGKILL)
+        return int(keeper)
     kids = [p for p in psutil.Process(keeper).children() if p.name() == "nbdkit"]
     assert kids, "no nbdkit under the engine keeper"
     kids[0].send_signal(signal.SIGKILL)
@@ -182,12 +186,13 @@ def test_kill9_under_ext4(env: Env) -> None:
     assert not env.show("v")["message"] or "fails I/O" not in env.show("v")["message"]
 
 
-def test_kill9_during_flush(env: Env) -> None:
+@pytest.mark.parametrize("victim", ["nbdkit", "keeper"])
+def test_kill9_during_flush(env: Env, victim: str) -> None:
     dev = attach(env)
     state: dict[str, int] = {}
 
     def kill() -> None:
-        state["keeper"] = kill_engine(env)
+        state["keeper"] = kill_engine(env, keeper_too=victim == "keeper")
 
     run_through(env, dev, kill, flush_every=1)
     assert engine_back(env, state["keeper"])

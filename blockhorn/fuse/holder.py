@@ -44,6 +44,7 @@ RECONNECT_MAX_S = 0.05        # ... up to this: the pause after a restart is wha
 # Worker threads = NBD connections. Measured on 2 vCPUs, 3 replicas, fio QD32 on the loop
 # device (scripts/bench_engine_survival.py): see docs/DURABILITY.md for the numbers.
 HOLDER_THREADS = 16
+CONNECT_TIMEOUT_S = 2.0  # seconds for one connection's handshake (then try again)
 PAUSE_TIMEOUT_S = 30.0   # seconds a pause waits for the requests in flight
 # errnos of a request whose connection broke (rather than an answer of the engine).
 LOST = {errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN, errno.ECONNREFUSED,
@@ -99,7 +100,7 @@ class NbdBackend:
         while True:
             h = self.nbd.NBD()
             try:
-                h.connect_unix(self.socket)
+                self._connect(h, min(CONNECT_TIMEOUT_S, max(deadline - time.monotonic(), 0.1)))
                 return h
             except self.nbd.Error as e:
                 del h   # (libnbd's Python handle has no close: freeing it closes)
@@ -114,6 +115,19 @@ class NbdBackend:
         self._local.epoch = self._epoch
         with self._cv:
             self._handles[threading.get_ident()] = h
+
+    def _connect(self, h: Any, timeout: float) -> None:
+        """Connect and negotiate within `timeout`: a stopping nbdkit's socket may still take
+        connections into its backlog and never answer the handshake."""
+        h.aio_connect_unix(self.socket)
+        end = time.monotonic() + timeout
+        while not h.aio_is_ready():
+            if h.aio_is_dead() or h.aio_is_closed():
+                raise self.nbd.Error("connection failed during the handshake", errno.ECONNRESET)
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self.nbd.Error(f"no handshake within {timeout:g} s", errno.ETIMEDOUT)
+            h.poll(max(1, int(left * 1000)))
 
     def _drop(self) -> None:
         self._local.h = None

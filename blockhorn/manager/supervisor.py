@@ -314,6 +314,8 @@ class Supervisor:
             log.error("engine of %s is not running: restarting it", name)
         delay = self._attempted(key)
         try:
+            from blockhorn.manager.upgrade import kill_orphan_engine
+            kill_orphan_engine(self.store.engine(name).nbd_socket)
             self.volumes.start_engine(name, restarted=True)
         except (BlockhornError, OSError) as e:
             first = _short(e)

@@ -29,6 +29,8 @@ import signal
 import time
 from typing import Any
 
+import psutil
+
 from blockhorn.fsutil import atomic_write_json, read_json
 from blockhorn.manager import process
 from blockhorn.manager.paths import Home
@@ -180,3 +182,22 @@ def upgrade_all(volumes: Any) -> list[dict[str, Any]]:
         except Busy as e:
             results.append({"name": vol.name, "error": str(e)})
     return results
+
+
+def kill_orphan_engine(nbd_socket: str) -> None:
+    """SIGKILL an nbdkit still serving `nbd_socket` after its keeper died (kill -9 of the
+    keeper): nbdkit gets SIGTERM through its parent-death signal, and with clients connected
+    it keeps their connections open answering ESHUTDOWN and holds the socket, so no new engine
+    could start there and the fuse-nbd holder could not reach one. Killing it is an engine
+    crash, which the generation rule and the holder's retries already cover."""
+    path = os.path.abspath(nbd_socket)
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            argv = p.info["cmdline"] or []
+            if p.info["name"] == "nbdkit" and "--unix" in argv and path in argv:
+                log.warning("nbdkit pid %d still serves %s without its keeper: SIGKILL",
+                            p.pid, path)
+                p.kill()
+                p.wait(5)
+        except psutil.Error:
+            continue   # gone meanwhile: what we wanted
