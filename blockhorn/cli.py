@@ -19,6 +19,8 @@ from blockhorn.cli_backup import run_backup
 from blockhorn.cli_failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
 from blockhorn.cli_jobs import add_parsers as add_job_parsers
 from blockhorn.cli_jobs import run_job, run_volume_group
+from blockhorn.cli_node import add_parsers as add_node_parsers
+from blockhorn.cli_node import run_disk, run_node
 from blockhorn.cli_settings import add_parsers as add_setting_parsers
 from blockhorn.cli_settings import run_setting
 from blockhorn.cli_snapshot import add_parsers as add_snapshot_parsers
@@ -71,6 +73,11 @@ def build_parser() -> Parser:
                  description="Replicated block storage: volumes served by an nbdkit engine that "
                              "replicates every write to N replica processes.")
     _home_arg(top, top=True)
+    top.add_argument("--api", metavar="URL", help="talk to a daemon's TCP API "
+                     "(https://HOST:PORT, `daemon run --api-listen`) instead of the local socket;"
+                     " the token comes from $BLOCKHORN_TOKEN (env BLOCKHORN_API)")
+    top.add_argument("--ca-file", metavar="FILE", help="CA certificate to verify the API's TLS "
+                     "with (the daemon's <home>/api-tls/ca-cert.pem; env BLOCKHORN_CA)")
     cmds = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     cmds.required = True
 
@@ -175,6 +182,7 @@ def build_parser() -> Parser:
     add_verify_parser(vcmds, _home_arg)
     add_upgrade_parsers(cmds, vcmds, _home_arg)
     add_setting_parsers(cmds, _home_arg)
+    add_node_parsers(cmds, _home_arg)
     add_job_parsers(cmds, vcmds)
     add_standby_parsers(vcmds)
     add_backup_parsers(cmds, _home_arg)
@@ -205,6 +213,17 @@ def build_parser() -> Parser:
                    help="run (default), stop, or status")
     p.add_argument("--quiet", action="store_true",
                    help="log only to <home>/logs/daemon.log, not to stderr")
+    p.add_argument("--etcd", metavar="URL[,URL...]", default=os.environ.get("BLOCKHORN_ETCD"),
+                   help="keep the state in etcd (client URLs; env BLOCKHORN_ETCD) instead of "
+                        "SQLite in the home")
+    p.add_argument("--etcd-prefix", metavar="PREFIX", default="/blockhorn/",
+                   help="key prefix of this cluster's state in etcd (default /blockhorn/)")
+    p.add_argument("--node", metavar="NAME", default=os.environ.get("BLOCKHORN_NODE"),
+                   help="this host's node name (default: the host name)")
+    p.add_argument("--address", metavar="IP", default="127.0.0.1",
+                   help="the address other nodes reach this one at (default 127.0.0.1)")
+    p.add_argument("--api-listen", metavar="IP:PORT", help="serve the API on TCP too, with TLS "
+                   "and a bearer token (<home>/api.token); see docs/API.md")
     _home_arg(p)
 
     rcmds = _actions(cmds, "replica", "replica server process",
@@ -454,7 +473,9 @@ def _share(args: argparse.Namespace, home: Home) -> int:
 def _daemon(args: argparse.Namespace, home: Home) -> int:
     if args.op == "run":
         from blockhorn.manager import daemon
-        return daemon.main(home.root, to_stderr=not args.quiet)
+        return daemon.main(home.root, to_stderr=not args.quiet, etcd=args.etcd,
+                           etcd_prefix=args.etcd_prefix, node=args.node,
+                           address=args.address, api_listen=args.api_listen)
     from blockhorn.manager.client import connect
     try:
         c = connect(home, autostart=False)
@@ -597,6 +618,10 @@ def _keep(argv: list[str], proxy: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The API client (manager/client.py connect) reads these: every command module uses it.
+    for env, value in (("BLOCKHORN_API", args.api), ("BLOCKHORN_CA", args.ca_file)):
+        if value:
+            os.environ[env] = value
     try:
         home = Home.at(args.home)
         if args.command == "volume":
@@ -609,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_snapshot(args, home)
         if args.command == "setting":
             return run_setting(args, home)
+        if args.command in ("node", "disk"):
+            return (run_node if args.command == "node" else run_disk)(args, home)
         if args.command == "job":
             return run_job(args, home)
         if args.command == "backup":

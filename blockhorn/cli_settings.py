@@ -33,15 +33,19 @@ def add_parsers(cmds: Any, home_arg: Callable[[argparse.ArgumentParser], None]) 
     home_arg(p)
 
 
+def _text(v: Any) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
 def _value(s: dict[str, Any]) -> str:
-    return f"{s['value']} {s['unit']}".rstrip()
+    return f"{_text(s['value'])} {s['unit']}".rstrip()
 
 
 def format_settings(settings: list[dict[str, Any]]) -> str:
     rows = [["NAME", "VALUE", "DEFAULT", "DESCRIPTION"]]
     for s in settings:
         rows.append([s["name"], _value(s) + ("" if s["is_default"] else " *"),
-                     f"{s['default']} {s['unit']}".rstrip(), s["description"]])
+                     f"{_text(s['default'])} {s['unit']}".rstrip(), s["description"]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                       for r in rows)

@@ -21,8 +21,8 @@ from typing import Any
 
 import psutil
 
+from blockhorn.control.store import SqliteStore
 from blockhorn.manager.paths import Home
-from blockhorn.manager.state import Store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAVE_FUSE = os.path.exists("/dev/fuse")
@@ -109,7 +109,7 @@ class Env:
         if pid:
             os.kill(pid, signal.SIGKILL)
         if os.path.exists(self.home.db):
-            store = Store(self.home.db)
+            store = SqliteStore(self.home.db)
             for vol in store.volumes():
                 att = vol.attachment or {}
                 if att.get("device"):

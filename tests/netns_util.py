@@ -25,8 +25,16 @@ def _remove(hosts: dict[str, str], bridge: str) -> None:
 
 @contextlib.contextmanager
 def hosts_on_bridge(hosts: dict[str, str], bridge: str, bridge_cidr: str = "") -> Iterator[None]:
-    from pyroute2 import IPRoute, NetNS, netns
     _remove(hosts, bridge)   # leftovers of an interrupted run
+    try:
+        _create(hosts, bridge, bridge_cidr)
+        yield
+    finally:
+        _remove(hosts, bridge)   # also after a set-up that failed half-way
+
+
+def _create(hosts: dict[str, str], bridge: str, bridge_cidr: str) -> None:
+    from pyroute2 import IPRoute, NetNS, netns
     with IPRoute() as ip:
         ip.link("add", ifname=bridge, kind="bridge")
         br = ip.link_lookup(ifname=bridge)[0]
@@ -49,10 +57,6 @@ def hosts_on_bridge(hosts: dict[str, str], bridge: str, bridge_cidr: str = "") -
                 addr, prefix = cidr.split("/")
                 nsip.addr("add", index=idx, address=addr, prefixlen=int(prefix))
                 nsip.link("set", index=nsip.link_lookup(ifname="lo")[0], state="up")
-    try:
-        yield
-    finally:
-        _remove(hosts, bridge)
 
 
 def set_link(ns: str, up: bool, ifname: str = "eth0") -> None:

@@ -9,8 +9,8 @@ import sqlite3
 
 import pytest
 
+from blockhorn.control.store import ReplicaRow, SqliteStore
 from blockhorn.manager.replenish import disk_of, move_aside, pick_disk
-from blockhorn.manager.state import ReplicaRow, Store
 from blockhorn.types import BlockhornError
 
 
@@ -72,16 +72,16 @@ def test_move_aside_keeps_everything(tmp_path: object) -> None:
 
 def test_failed_since_keeps_the_first_failure_and_survives_a_new_store(tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "state.db")
-    store = Store(path)
+    store = SqliteStore(path)
     store.add_volume("v", 4096, [("v-r0", "/d/replicas/v/v-r0", "unix:/a"),
                                  ("v-r1", "/e/replicas/v/v-r1", "unix:/b")],
                      ("/n", "/c"), is_free=lambda p: True)
     assert [r.failed_since for r in store.replicas("v")] == [None, None]
     store.set_replica_failed_since("v-r1", 100.0)
     store.set_replica_failed_since("v-r1", 200.0)     # later sightings keep the first
-    assert Store(path).replicas("v")[1].failed_since == 100.0
+    assert SqliteStore(path).replicas("v")[1].failed_since == 100.0
     store.set_replica_directory("v-r1", "/f/replicas/v/v-r1")
-    r1 = Store(path).replicas("v")[1]
+    r1 = SqliteStore(path).replicas("v")[1]
     assert r1.directory == "/f/replicas/v/v-r1" and r1.failed_since is None
     store.set_replica_failed_since("v-r0", 5.0)
     store.set_replica_failed_since("v-r1", 6.0)
@@ -109,9 +109,9 @@ def test_version1_store_gains_failed_since(tmp_path: object) -> None:
     """)
     db.commit()
     db.close()
-    store = Store(path)
+    store = SqliteStore(path)
     assert store.replicas("v")[0].failed_since is None
     store.set_replica_failed_since("v-r0", 7.0)
-    assert Store(path).replicas("v")[0].failed_since == 7.0
+    assert SqliteStore(path).replicas("v")[0].failed_since == 7.0
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from blockhorn.control.store import SqliteStore
 from blockhorn.manager.settings import REGISTRY, Setting, Settings, lookup
-from blockhorn.manager.state import Store
 from blockhorn.types import InvalidArgument, NotFound
 
 
@@ -37,14 +37,14 @@ def test_string_settings_take_a_check() -> None:
 
 
 def test_store_keeps_values_and_reset_forgets_them(tmp_path) -> None:
-    store = Store(str(tmp_path / "db"))
+    store = SqliteStore(str(tmp_path / "db"))
     settings = Settings(store)
     assert {d["name"]: d["value"] for d in settings.list()} == \
         {n: s.default for n, s in REGISTRY.items()}
     assert settings.set("volume-verify-bandwidth-limit", "40")["value"] == 40
     store.put_setting("from-a-newer-version", '"x"')      # unknown names are kept, ignored
     store.put_setting("replica-rebuilding-bandwidth-limit", "not json")
-    again = Settings(Store(str(tmp_path / "db")))
+    again = Settings(SqliteStore(str(tmp_path / "db")))
     assert again.get_int("volume-verify-bandwidth-limit") == 40
     assert again.get_int("replica-rebuilding-bandwidth-limit") == 0   # unreadable: default
     assert not again.describe("volume-verify-bandwidth-limit")["is_default"]

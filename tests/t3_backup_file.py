@@ -6,6 +6,7 @@ reader (tests/support/longhorn_ref.py)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,8 +22,10 @@ from support.backup_util import (
     BLOCK,
     MiB,
     ReplicaVolume,
+    backup_snapshot,
     file_digest,
     replica_digest,
+    restore_digest,
     snapshot_digest,
 )
 
@@ -34,6 +37,8 @@ from blockhorn.types import Busy
 
 SIZE = 16 * MiB     # 8 blocks of 2 MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+backup = backup_snapshot
+restored_digest = functools.partial(restore_digest, size=SIZE)
 
 
 @pytest.fixture(autouse=True)
@@ -56,23 +61,6 @@ def vol(tmp_path):
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def backup(store: bk.Target, vol: ReplicaVolume, snap: str, **kw) -> dict:
-    src = bk.open_snapshot([vol.directory], snap)
-    try:
-        return bk.create_backup(store, "vol", src, **kw)
-    finally:
-        src.close()
-
-
-def restored_digest(store: bk.Target, name: str, path: str) -> str:
-    sink = bk.FileSink(path, SIZE)
-    try:
-        bk.restore(store, "vol", name, sink)
-    finally:
-        sink.close()
-    return file_digest(path, SIZE)
 
 
 def test_full_and_three_incrementals_restore_to_their_snapshots(store, vol, tmp_path) -> None:
@@ -298,14 +286,14 @@ def test_resume_after_the_interrupted_backup_was_deleted_starts_over(store, vol,
 
 
 def test_daemon_service_resumes_an_interrupted_backup_when_it_starts(tmp_path) -> None:
+    from blockhorn.control.store import SqliteStore
     from blockhorn.manager.backups import BackupService
     from blockhorn.manager.paths import Home
-    from blockhorn.manager.state import Store
     from blockhorn.manager.volumes import VolumeManager
 
     home = Home(str(tmp_path / "home"))
     home.ensure()
-    volumes = VolumeManager(home, Store(home.db))
+    volumes = VolumeManager(home, SqliteStore(home.db))
     volumes.create("data", 8 * MiB, replicas=2)
     (tmp_path / "store").mkdir()
     svc = BackupService(volumes, resume=False)

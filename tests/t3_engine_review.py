@@ -17,6 +17,7 @@ import nbd
 import pytest
 from conftest import assert_replicas_identical
 from harness import ROOT
+from support.recovery import report
 
 from blockhorn.replica.store import Replica
 
@@ -239,12 +240,16 @@ def test_a_returning_replica_resyncs_only_what_changed(cluster_factory, blip) ->
     c.wait_modes({"vol-r0": "RW", "vol-r1": "ERR", "vol-r2": "RW"})
     during.update(write_blocks(h, 8, away))
     written = len(away) * 64 * 1024
+    t0 = time.monotonic()
     if blip == "sigstop":
         r1.kill(signal.SIGCONT)
     else:
         r1.start()
     c.control().call({"op": "rebuild", "replica": "vol-r1"})
     progress = _wait_rebuilt(c, "vol-r1")
+    report("4 SIGSTOP past the timeout: SIGCONT -> replica RW" if blip == "sigstop" else
+           "kill -9 one replica: restart -> replica RW (no daemon)", time.monotonic() - t0,
+           f"{progress['mode']} resync of {progress['total']} bytes for {written} written")
     assert progress["mode"] == "incremental", progress
     assert 0 < progress["total"] <= 2 * written, (progress, written)
     check(h, {**base, **during})

@@ -7,6 +7,7 @@ volume written over NBD, backed up, listed, restored into a new volume, read bac
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,14 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from support.backup_util import BLOCK, MiB, ReplicaVolume, file_digest, snapshot_digest
+from support.backup_util import (
+    BLOCK,
+    MiB,
+    ReplicaVolume,
+    backup_snapshot,
+    restore_digest,
+    snapshot_digest,
+)
 from support.s3server import S3Server
 
 from blockhorn import backup as bk
@@ -24,6 +32,8 @@ from blockhorn.backup import format as fmt
 
 SIZE = 16 * MiB
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+backup = backup_snapshot
+restored = functools.partial(restore_digest, size=SIZE)
 
 
 @pytest.fixture(scope="session")
@@ -52,23 +62,6 @@ def vol(tmp_path) -> Iterator[ReplicaVolume]:
     v = ReplicaVolume(str(tmp_path / "r0"), SIZE, "vol")
     yield v
     v.close()
-
-
-def backup(target: bk.Target, vol: ReplicaVolume, snap: str, **kw) -> dict:
-    src = bk.open_snapshot([vol.directory], snap)
-    try:
-        return bk.create_backup(target, "vol", src, **kw)
-    finally:
-        src.close()
-
-
-def restored(target: bk.Target, name: str, path: str) -> str:
-    sink = bk.FileSink(path, SIZE)
-    try:
-        bk.restore(target, "vol", name, sink)
-    finally:
-        sink.close()
-    return file_digest(path, SIZE)
 
 
 def test_s3_incrementals_restore_and_requests_grow_only_with_changed_blocks(

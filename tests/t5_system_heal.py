@@ -28,6 +28,7 @@ from typing import Any
 import nbd
 import pytest
 from daemon_util import Env, wait_until
+from support.recovery import report
 
 from blockhorn.replica.store import Replica
 
@@ -176,6 +177,8 @@ def test_scenario1_replica_killed_under_writes(env: Env) -> None:
     w.check(uri)
     env.cli("volume", "detach", "v")
     replicas_identical(env.show("v"))
+    report("1 kill -9 one replica under writes -> healthy", recovery,
+           "daemon: restart + resync")
     print(f"scenario 1: healthy {recovery:.1f} s after the kill, {len(w.acked)} blocks written")
 
 
@@ -204,6 +207,8 @@ def test_scenario3_everything_killed_comes_back(env: Env) -> None:
     assert flushed >= 100
     env.cli("volume", "detach", "v")
     replicas_identical(env.show("v"))
+    report("3 kill -9 every replica and the engine -> healthy", recovery,
+           f"daemon: replicas, engine, start rule, resync; {flushed} flushed blocks checked")
     print(f"scenario 3: healthy {recovery:.1f} s after every process was killed; "
           f"{len(w.acked)} blocks acknowledged, {flushed} covered by the last FLUSH")
 
@@ -241,6 +246,8 @@ def test_failed_replica_is_replaced_on_another_disk(env: Env) -> None:
     w.check(uri)
     env.cli("volume", "detach", "v")
     replicas_identical(env.show("v"))
+    report("replica unusable -> replaced on another disk, healthy", recovery,
+           "replenishment wait 2 s included")
     print(f"replacement: healthy {recovery:.1f} s after the kill (wait interval 2 s)")
 
 

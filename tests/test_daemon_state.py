@@ -14,13 +14,13 @@ import time
 import psutil
 import pytest
 
+from blockhorn.control.store import PORT_RANGE, ProcessRecord, SqliteStore
 from blockhorn.manager import process
-from blockhorn.manager.state import PORT_RANGE, ProcessRecord, Store
 from blockhorn.sdnotify import notify
 from blockhorn.types import AlreadyExists, NotFound
 
 
-def make(store: Store, name: str = "v", n: int = 2, free: object = None) -> None:
+def make(store: SqliteStore, name: str = "v", n: int = 2, free: object = None) -> None:
     reps: list[tuple[str, str, str | None]] = [(f"{name}-r{i}", f"/d/{name}/{i}", None)
                                               for i in range(n)]
     store.add_volume(name, 1 << 20, reps, (f"/run/{name}/nbd.sock", f"/run/{name}/c.sock"),
@@ -30,7 +30,7 @@ def make(store: Store, name: str = "v", n: int = 2, free: object = None) -> None
 # --- store --------------------------------------------------------------------------------
 
 def test_store_volume_roundtrip(tmp_path: object) -> None:
-    store = Store(os.path.join(str(tmp_path), "db"))
+    store = SqliteStore(os.path.join(str(tmp_path), "db"))
     make(store)
     vol = store.volume("v")
     assert (vol.name, vol.size, vol.replica_count, vol.desired) == ("v", 1 << 20, 2, "detached")
@@ -46,21 +46,21 @@ def test_store_volume_roundtrip(tmp_path: object) -> None:
     assert r0.process == ProcessRecord(123, 45.5) and r0.restarts == 1
     store.set_engine_process("v", ProcessRecord(9, 1.25))
     assert store.engine("v").process == ProcessRecord(9, 1.25)
-    # A second Store on the same file (a restarted daemon) sees the same state.
-    again = Store(store.path)
+    # A second SqliteStore on the same file (a restarted daemon) sees the same state.
+    again = SqliteStore(store.path)
     assert again.volume("v").desired == "attached"
     assert [v.name for v in again.volumes()] == ["v"]
 
 
 def test_store_is_wal_and_survives_reopen(tmp_path: object) -> None:
     path = os.path.join(str(tmp_path), "db")
-    Store(path)
+    SqliteStore(path)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_store_duplicate_and_missing(tmp_path: object) -> None:
-    store = Store(os.path.join(str(tmp_path), "db"))
+    store = SqliteStore(os.path.join(str(tmp_path), "db"))
     make(store)
     with pytest.raises(AlreadyExists):
         make(store)
@@ -74,7 +74,7 @@ def test_store_duplicate_and_missing(tmp_path: object) -> None:
 
 
 def test_store_delete_cascades(tmp_path: object) -> None:
-    store = Store(os.path.join(str(tmp_path), "db"))
+    store = SqliteStore(os.path.join(str(tmp_path), "db"))
     make(store)
     assert len(store.ports("v")) == 2
     store.delete_volume("v")
@@ -84,7 +84,7 @@ def test_store_delete_cascades(tmp_path: object) -> None:
 
 def test_store_failed_create_is_atomic(tmp_path: object) -> None:
     """A failure in the middle of add_volume leaves no volume, replica or port behind."""
-    store = Store(os.path.join(str(tmp_path), "db"))
+    store = SqliteStore(os.path.join(str(tmp_path), "db"))
     with pytest.raises(sqlite3.IntegrityError):
         # Two replicas with the same name violate the primary key after ports were taken.
         store.add_volume("v", 4096, [("same", "/a", None), ("same", "/b", None)],
@@ -96,7 +96,7 @@ def test_store_failed_create_is_atomic(tmp_path: object) -> None:
 
 
 def test_ports_unique_and_checked_free(tmp_path: object) -> None:
-    store = Store(os.path.join(str(tmp_path), "db"))
+    store = SqliteStore(os.path.join(str(tmp_path), "db"))
     busy = set(range(PORT_RANGE[0], PORT_RANGE[1], 2))   # every other port is "in use"
     for i in range(20):
         make(store, f"v{i}", 3, free=lambda p: p not in busy)
@@ -110,7 +110,7 @@ def test_ports_unique_and_checked_free(tmp_path: object) -> None:
 
 def test_store_concurrent_writers(tmp_path: object) -> None:
     """Threads (API requests, the supervisor) each use their own connection; no lost update."""
-    store = Store(os.path.join(str(tmp_path), "db"))
+    store = SqliteStore(os.path.join(str(tmp_path), "db"))
     make(store, "v", 8)
     errors: list[BaseException] = []
 

@@ -16,9 +16,9 @@ import nbd
 import pytest
 from daemon_util import Env, wait_until
 
+from blockhorn.control.store import SqliteStore
 from blockhorn.manager.client import Client
 from blockhorn.manager.jobs import latest_slot
-from blockhorn.manager.state import Store
 from blockhorn.replica.store import Replica
 
 MiB = 1 << 20
@@ -247,7 +247,7 @@ def test_missed_run_runs_once_when_the_daemon_starts(env: Env) -> None:
 def test_old_home_is_migrated(tmp_path) -> None:
     """A schema-1 database (no groups/standby columns, no job tables) opens and works."""
     path = str(tmp_path / "state.db")
-    Store(path)
+    SqliteStore(path)
     db = sqlite3.connect(path)
     db.executescript("ALTER TABLE volumes DROP COLUMN groups; ALTER TABLE volumes DROP COLUMN "
                      "standby; DROP TABLE job_runs; DROP TABLE jobs; "
@@ -255,7 +255,7 @@ def test_old_home_is_migrated(tmp_path) -> None:
                      "INSERT INTO volumes (name, size, replica_count, created) "
                      "VALUES ('old', 4096, 1, '2026-01-01T00:00:00Z');")
     db.close()
-    store = Store(path)
+    store = SqliteStore(path)
     vol = store.volume("old")
     assert vol.groups == [] and vol.standby is None
     store.update_volume("old", groups=["a"])

@@ -11,8 +11,8 @@ from typing import Any
 
 import trio
 
+from blockhorn.control.store import SqliteStore
 from blockhorn.manager.jobs import JobScheduler, JobSpec, JobStore, rfc3339
-from blockhorn.manager.state import Store
 
 T0 = datetime.datetime(2026, 1, 1, 0, 30, tzinfo=datetime.UTC).timestamp()
 HOUR = 3600.0
@@ -59,7 +59,7 @@ async def run_until(tmp_path: Any, end: float, last_slot: float | None = None,
                     vt: VirtualTime | None = None,
                     ) -> tuple[JobScheduler, VirtualTime]:
     vt = vt or VirtualTime(end)
-    store = Store(str(tmp_path / "state.db"))
+    store = SqliteStore(str(tmp_path / "state.db"))
     sched = JobScheduler(store, vt.execute, clock=vt.clock, sleep_until=vt.sleep_until)
     vt.sched = sched
     sched.jobs.add(JobSpec("h", "0 * * * *", "snapshot", 1, volume="v"), T0)
@@ -105,7 +105,7 @@ async def test_a_slot_during_a_long_run_is_skipped(tmp_path: Any) -> None:
 
 async def test_run_now_and_interrupted_runs(tmp_path: Any) -> None:
     vt = VirtualTime(T0)
-    store = Store(str(tmp_path / "state.db"))
+    store = SqliteStore(str(tmp_path / "state.db"))
     sched = JobScheduler(store, vt.execute, clock=vt.clock, sleep_until=vt.sleep_until)
     vt.sched = sched
     sched.jobs.add(JobSpec("h", "0 * * * *", "snapshot", 1, volume="v"), T0)

@@ -25,7 +25,7 @@ import psutil
 import pytest
 from daemon_util import HAVE_FUSE, IS_ROOT, Env, wait_until
 
-from blockhorn.manager.state import Store
+from blockhorn.control.store import SqliteStore
 from blockhorn.sharemgr import address
 from blockhorn.sharemgr.control import ShareControl
 from blockhorn.sharemgr.device import probe
@@ -350,7 +350,7 @@ def test_share_bad_inputs_are_clear_errors_nothing_formatted(env: Env) -> None:
     dev = env.cli("volume", "attach", "block").stdout.strip().splitlines()[-1]
     subprocess.run(["mkswap", "-L", "keepme", dev], check=True, capture_output=True)
     env.cli("volume", "detach", "block")
-    store = Store(env.home.db)
+    store = SqliteStore(env.home.db)
     store.update_volume("block", access_mode="rwx")
     ShareControl(env.home, store).add("block", {"clients": [], "squash": "root_squash",
                                                 "mkfs_options": [], "port": None,

@@ -102,6 +102,13 @@ def cmp_create(key: bytes | str, revision: int) -> dict[str, Any]:
             "create_revision": str(revision)}
 
 
+def cmp_mod(key: bytes | str, revision: int) -> dict[str, Any]:
+    """Compare: the key's mod_revision equals `revision` (0: the key does not exist), i.e.
+    nobody changed it since it was read at that revision: a compare-and-swap."""
+    return {"key": _enc(key), "target": "MOD", "result": "EQUAL",
+            "mod_revision": str(revision)}
+
+
 def op_put(key: bytes | str, value: bytes | str, lease: int = 0) -> dict[str, Any]:
     body: dict[str, Any] = {"key": _enc(key), "value": _enc(value)}
     if lease:

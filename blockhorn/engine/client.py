@@ -166,6 +166,15 @@ class ReplicaClient:
             self.queue.clear()
         if sock is not None:
             self.receiver.remove(sock.fileno())
+            if reason != "closed" or self.pending:
+                # Given up on (ERR, timeout): close with a reset, which drops what the kernel
+                # has not sent yet. An ordinary close keeps retransmitting it, and a replica
+                # cut off by its link would receive those requests when the link returns,
+                # after its resync, and apply stale writes over newer data
+                # (tests/t5_fault_link_cut.py found it).
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:

@@ -7,8 +7,9 @@ Invariants (docs/DURABILITY.md):
   write sees it.
 - A write is acknowledged when every RW and WO replica acknowledged it; a replica that errors
   or does not answer within `timeout_s` is set ERR and the write still succeeds while at least
-  `min_rw` RW replicas acknowledged it. Otherwise the request fails with EIO (ENOSPC when every
-  replica said ENOSPC).
+  `min_rw` RW replicas acknowledged it. Otherwise the request fails with EIO. When every
+  replica refused it with ENOSPC (nothing changed on any), it fails with ENOSPC and no replica
+  goes ERR.
 - FLUSH and FUA reach every RW/WO replica's disk (fdatasync) before the reply.
 - Every change of the RW set is committed (engine/generation.py) before the next mutation is
   acknowledged: `end` runs the pending commit (`commit_if_needed`) before it returns.
@@ -403,10 +404,17 @@ class Engine:
             for r, client in sent:
                 if r.ref.name not in call.results:
                     self.set_error(r, f"no answer within {self.answer_timeout():g} s", client)
+        statuses = [call.results.get(r.ref.name, errno.ETIMEDOUT) for r, _ in sent]
+        if op == Op.WRITE and sent and all(s == errno.ENOSPC for s in statuses):
+            # Every replica refused a WRITE for lack of space before changing anything (a
+            # replica torn by ENOSPC answers EIO): they still agree, so none leaves the
+            # in-sync set; the writer gets ENOSPC and reads go on (docs/DURABILITY.md,
+            # "Out of space"). Only a WRITE reserves its space first.
+            self.counters["errors"] += 1
+            raise NoSpace("every replica is out of space")
         ok_rw = 0
         failures = []
-        for r, client in sent:
-            status = call.results.get(r.ref.name, errno.ETIMEDOUT)
+        for (r, client), status in zip(sent, statuses, strict=True):
             if status:
                 failures.append(status)
                 self.set_error(r, f"op {op} failed: {os.strerror(status)}", client)
@@ -414,8 +422,6 @@ class Engine:
                 ok_rw += 1
         if ok_rw < self.cfg.min_rw:
             self.counters["errors"] += 1
-            if failures and all(s == errno.ENOSPC for s in failures):
-                raise NoSpace("every replica is out of space")
             raise ReplicaUnavailable(f"volume {self.cfg.volume}: write reached only {ok_rw} RW "
                                      f"replicas, {self.cfg.min_rw} needed")
         self.counters[_COUNTER[op]] += 1

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from blockhorn.manager.api_backups import backup_routes
 from blockhorn.manager.api_jobs import job_routes
+from blockhorn.manager.api_nodes import node_routes
 from blockhorn.manager.api_settings import setting_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
 from blockhorn.manager.api_standby import standby_routes
@@ -32,6 +33,7 @@ from blockhorn.manager.api_upgrade import upgrade_routes
 from blockhorn.manager.api_verify import verify_routes
 from blockhorn.manager.backups import BackupService
 from blockhorn.manager.jobs import JobScheduler
+from blockhorn.manager.nodes import NodeService
 from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, InvalidArgument
@@ -116,7 +118,8 @@ def _only(data: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
 def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
              jobs: JobScheduler | None = None,
              standby: StandbyManager | None = None,
-             backups: BackupService | None = None) -> Starlette:
+             backups: BackupService | None = None,
+             nodes: NodeService | None = None) -> Starlette:
     async def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
@@ -194,4 +197,6 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
     if standby is not None:
         routes += standby_routes(standby, run, endpoint, _body, _only, API_PREFIX)
     routes += backup_routes(volumes, run, endpoint, _body, _only, API_PREFIX, backups)
+    if nodes is not None:
+        routes += node_routes(nodes, run, endpoint, _body, _only, API_PREFIX)
     return Starlette(routes=routes)

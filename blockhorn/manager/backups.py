@@ -1,9 +1,9 @@
-"""Backups as the daemon runs them: named targets (a table in the daemon's SQLite state), backup
+"""Backups as the daemon runs them: named targets (in the daemon's state store), backup
 and restore jobs in worker threads with progress, and the list/show/delete calls the API
 serves. The work itself is blockhorn.backup's; this module only finds replica directories,
 targets and credentials, and keeps job state.
 
-Targets: `backup_targets(name, url, credential_file, mount, created)`. A credential file holds
+Targets: name, url, credential_file, mount, created (control/store BackupTargetRow). A credential file holds
 AWS_* KEY=VALUE lines (Longhorn's credential-secret names) and is read at each use, so its
 secrets are never copied into the state database. A backup URL names its target by URL; the
 named target with that URL supplies its credentials (else the daemon's environment does).
@@ -40,6 +40,7 @@ from typing import Any
 from blockhorn import backup as bk
 from blockhorn.backup.backup import Progress
 from blockhorn.backup.format import check_store_name
+from blockhorn.control.store import BackupTargetRow, now_rfc3339
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import (
@@ -58,25 +59,12 @@ JOBS_KEPT = 100        # finished jobs remembered for `GET /v1/backups/jobs`
 DELETE_WAIT_S = 120.0  # a delete waits this long for running backups: less than the CLI's
                        # request timeout (180 s), so the user gets EBUSY, not a timeout
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS backup_targets (
-    name            TEXT PRIMARY KEY,
-    url             TEXT NOT NULL,
-    credential_file TEXT,
-    mount           TEXT,
-    created         TEXT NOT NULL
-);
-"""
-
-
 class BackupService:
     def __init__(self, volumes: VolumeManager, resume: bool = True) -> None:
         self.volumes = volumes
         self.store = volumes.store
         self.snaps = SnapshotManager(volumes.store)
         self.journal_dir = os.path.join(volumes.home.root, "backup-journal")
-        with self.store.tx() as db:
-            db.execute(_SCHEMA)
         self._jobs: dict[str, dict[str, Any]] = {}
         self._guard = threading.Lock()
         self._changed = threading.Condition(self._guard)   # notified on every job update
@@ -93,10 +81,8 @@ class BackupService:
             credential_file = os.path.abspath(credential_file)
             bk.read_credential_file(credential_file)    # readable and well-formed now
         bk.open_target(url, None, mount).close()        # a well-formed URL (no request)
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with self.store.tx() as db:
-            db.execute("INSERT OR REPLACE INTO backup_targets VALUES (?, ?, ?, ?, ?)",
-                       (name, url, credential_file, mount, created))
+        self.store.put_backup_target(BackupTargetRow(name, url, credential_file, mount,
+                                                     now_rfc3339()))
         return self.target(name)
 
     def target(self, name: str) -> dict[str, Any]:
@@ -106,15 +92,11 @@ class BackupService:
         raise NotFound(f"no backup target named {name!r} (see `blockhorn backup target ls`)")
 
     def targets(self) -> list[dict[str, Any]]:
-        with self.store.tx() as db:
-            rows = db.execute("SELECT * FROM backup_targets ORDER BY name").fetchall()
-        return [{"name": r["name"], "url": r["url"], "credential_file": r["credential_file"],
-                 "mount": r["mount"], "created": r["created"]} for r in rows]
+        return [t.to_dict() for t in self.store.backup_targets()]
 
     def remove_target(self, name: str) -> None:
-        with self.store.tx() as db:
-            if db.execute("DELETE FROM backup_targets WHERE name=?", (name,)).rowcount == 0:
-                raise NotFound(f"no backup target named {name!r}")
+        if not self.store.delete_backup_target(name):
+            raise NotFound(f"no backup target named {name!r}")
 
     def _default_target(self, name: str | None) -> dict[str, Any]:
         if name:

@@ -1,7 +1,10 @@
 """A client of the daemon's REST API over its unix socket, used by the CLI (and tests).
 
 `connect(home)` returns a client of a running daemon, starting one first (detached, in its own
-session) when nothing answers on the socket. Error replies become the BlockhornError subclass
+session) when nothing answers on the socket. With `$BLOCKHORN_API` (the CLI's `--api URL`) it
+is a client of a daemon's TCP API instead (manager/remote.py): TLS verified against
+`$BLOCKHORN_CA` (`--ca-file`; else the system's CAs), the token from `$BLOCKHORN_TOKEN`, and
+no daemon is started. Error replies become the BlockhornError subclass
 their errno names, so callers handle them like local errors.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -53,12 +57,28 @@ def error_from_reply(status: int, body: Any) -> BlockhornError:
     return cls(message) if cls is not BlockhornError else BlockhornError(message, code)
 
 
+API_ENV, TOKEN_ENV, CA_ENV = "BLOCKHORN_API", "BLOCKHORN_TOKEN", "BLOCKHORN_CA"
+
+
 class Client:
-    def __init__(self, home: Home, timeout: float = REQUEST_TIMEOUT_S) -> None:
+    def __init__(self, home: Home, timeout: float = REQUEST_TIMEOUT_S, api: str | None = None,
+                 token: str | None = None, ca_file: str | None = None) -> None:
         self.home = home
-        self.http = httpx.Client(
-            transport=httpx.HTTPTransport(uds=home.socket), base_url="http://blockhorn",
-            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S))
+        limits = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_S)
+        if api:
+            if not api.startswith("https://"):
+                raise InvalidArgument(f"invalid API URL {api!r}: the TCP API is "
+                                      "https://HOST:PORT (TLS only)")
+            if ca_file and not os.path.exists(ca_file):
+                raise InvalidArgument(f"CA file {ca_file} does not exist")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            self.where = api
+            self.http = httpx.Client(base_url=api.rstrip("/"), timeout=limits, headers=headers,
+                                     verify=ssl.create_default_context(cafile=ca_file))
+        else:
+            self.where = home.socket
+            self.http = httpx.Client(transport=httpx.HTTPTransport(uds=home.socket),
+                                     base_url="http://blockhorn", timeout=limits)
 
     def close(self) -> None:
         self.http.close()
@@ -74,7 +94,7 @@ class Client:
         try:
             r = self.http.request(method, "/v1" + path, json=body, params=params)
         except httpx.TransportError as e:
-            raise DaemonUnavailable(f"no blockhorn daemon answers on {self.home.socket}: {e}") \
+            raise DaemonUnavailable(f"no blockhorn daemon answers on {self.where}: {e}") \
                 from None
         try:
             data = r.json()
@@ -145,6 +165,14 @@ def start_daemon(home: Home) -> subprocess.Popen[bytes]:
 
 
 def connect(home: Home, autostart: bool = True) -> Client:
+    api = os.environ.get(API_ENV)
+    if api:   # a daemon's TCP API (maybe on another host): never started from here
+        client = Client(home, api=api, token=os.environ.get(TOKEN_ENV),
+                        ca_file=os.environ.get(CA_ENV))
+        if client.ping() is None:
+            client.close()
+            raise DaemonUnavailable(f"no blockhorn daemon answers on {api}")
+        return client
     client = Client(home)
     if client.ping() is not None:
         return client

@@ -1,6 +1,7 @@
 """`blockhorn daemon`: manager + node agent in one trio process.
 
-Start-up: take the home's lock (one daemon per home), open the store, serve the REST API on
+Start-up: take the home's lock (one daemon per home), open the state store
+(SQLite in the home, or etcd with `--etcd URL[,URL...]`), serve the REST API on
 `<home>/daemon.sock` (0600), start the supervisor (which adopts the processes a previous daemon
 left running), then tell systemd `READY=1`. SIGTERM/SIGINT or `POST /v1/daemon/stop` end the
 daemon; replica and engine processes keep running and attached volumes keep serving I/O — the
@@ -16,20 +17,22 @@ import logging
 import os
 import signal
 import sys
-from typing import Any, cast
+from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
 from blockhorn.keys import ensure_key
+from blockhorn.manager import remote
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
 from blockhorn.manager.job_tasks import make_scheduler
+from blockhorn.manager.nodes import NodeService
 from blockhorn.manager.paths import Home
 from blockhorn.manager.standby import StandbyManager
-from blockhorn.manager.state import Store
 from blockhorn.manager.supervisor import Supervisor
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.sdnotify import notify
@@ -71,7 +74,9 @@ def take_lock(home: Home) -> int:
     return fd
 
 
-def main(home_root: str | None = None, to_stderr: bool = True) -> int:
+def main(home_root: str | None = None, to_stderr: bool = True, etcd: str | None = None,
+         etcd_prefix: str = DEFAULT_ETCD_PREFIX, node: str | None = None,
+         address: str = "127.0.0.1", api_listen: str | None = None) -> int:
     home = Home.at(home_root)
     try:
         home.ensure()
@@ -80,7 +85,7 @@ def main(home_root: str | None = None, to_stderr: bool = True) -> int:
     setup_logging(home, to_stderr)
     lock_fd = take_lock(home)
     try:
-        trio.run(run, home)
+        trio.run(run, home, etcd, etcd_prefix, node, address, api_listen)
     except BaseException as e:
         if not isinstance(e, BlockhornError | KeyboardInterrupt):
             log.exception("daemon failed")
@@ -95,10 +100,15 @@ def main(home_root: str | None = None, to_stderr: bool = True) -> int:
     return 0
 
 
-async def run(home: Home) -> None:
-    store = Store(home.db)
+async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ETCD_PREFIX,
+              node: str | None = None, address: str = "127.0.0.1",
+              api_listen: str | None = None) -> None:
+    store = open_store(home.db, etcd, etcd_prefix)   # etcd: many hosts share one state (control/store)
     ensure_key(home.key)
+    nodes = NodeService(store, node, address)
+    nodes.register()
     volumes = VolumeManager(home, store)
+    volumes.placer = nodes.place   # volume create without --disk: the registered disks
     supervisor = Supervisor(volumes)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
     adapter = BackupAdapter(volumes, backups)
@@ -112,11 +122,17 @@ async def run(home: Home) -> None:
     config.accesslog = None
     config.errorlog = logging.getLogger("blockhorn.api")
     config.graceful_timeout = GRACEFUL_STOP_S
-    app = make_app(volumes, shutdown.set, jobs, standby, backups)
+    # Any: starlette's ASGI types and hypercorn's describe the same protocol differently.
+    app: Any = make_app(volumes, shutdown.set, jobs, standby, backups, nodes)
+    if api_listen:   # TCP too: TLS + bearer token (manager/remote.py); the socket stays plain
+        ip, port = remote.parse_listen(api_listen)
+        config.certfile, config.keyfile, _ = remote.ensure_certificate(home, ip)
+        config.insecure_bind = config.bind
+        config.bind = [remote.bind_text(ip, port)]
+        app = remote.BearerAuth(app, remote.ensure_token(home))
 
     async with trio.open_nursery() as nursery:
-        # cast: starlette's ASGI types and hypercorn's describe the same protocol differently
-        await nursery.start(functools.partial(serve, cast(Any, app), config,
+        await nursery.start(functools.partial(serve, app, config,
                                               shutdown_trigger=shutdown.wait))
         os.chmod(home.socket, 0o600)
         helpers = trio.CancelScope()
@@ -127,11 +143,12 @@ async def run(home: Home) -> None:
                     inner.start_soon(supervisor.run)
                     inner.start_soon(jobs.run)
                     inner.start_soon(standby.run)
+                    inner.start_soon(nodes.run)
                     inner.start_soon(_on_signals, shutdown)
 
         nursery.start_soon(run_helpers)
-        log.info("daemon ready: pid %d, home %s, API on %s", os.getpid(), home.root,
-                 home.socket)
+        log.info("daemon ready: pid %d, home %s, API on %s%s", os.getpid(), home.root,
+                 home.socket, f" and https://{config.bind[0]}" if api_listen else "")
         notify("READY=1")
         notify(f"STATUS=serving {home.socket}")
         await shutdown.wait()

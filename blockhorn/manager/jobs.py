@@ -26,9 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import datetime
-import json
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -37,8 +35,9 @@ from typing import Any
 import trio
 from croniter import croniter
 
-from blockhorn.manager.state import Store
-from blockhorn.types import AlreadyExists, BlockhornError, Busy, InvalidArgument, NotFound
+from blockhorn.control.store import JobRow as StoredJob
+from blockhorn.control.store import RunRow, StateStore
+from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound
 from blockhorn.types import check_name as _check_name
 
 log = logging.getLogger("blockhorn.manager")
@@ -122,7 +121,7 @@ def latest_slot(expr: str, now: float) -> float:
 
 # --- validation ------------------------------------------------------------------------------
 
-def check_spec(d: dict[str, Any], store: Store,
+def check_spec(d: dict[str, Any], store: StateStore,
                check_target: Callable[[str | None], str] | None = None) -> JobSpec:
     """A JobSpec from request fields, or InvalidArgument / NotFound saying what is wrong.
     `check_target(name or None)` resolves a backup job's target (the default one for None)."""
@@ -161,7 +160,7 @@ def check_groups(groups: list[str]) -> list[str]:
     return sorted(set(groups))
 
 
-def group_members(store: Store, group: str) -> list[str]:
+def group_members(store: StateStore, group: str) -> list[str]:
     """The volumes a group job works on now; DR standbys are left out until activated."""
     return [v.name for v in store.volumes() if not v.standby
             and (group in v.groups or (group == DEFAULT_GROUP and not v.groups))]
@@ -170,94 +169,54 @@ def group_members(store: Store, group: str) -> list[str]:
 # --- the jobs' tables ------------------------------------------------------------------------
 
 class JobStore:
-    """The `jobs` and `job_runs` tables of the daemon's store (schema in manager/state.py)."""
+    """Jobs and their runs in the daemon's state store (control/store), as JobSpecs."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
 
     @staticmethod
-    def _row(r: sqlite3.Row) -> JobRow:
-        return JobRow(JobSpec.from_dict(json.loads(r["spec"])), r["created"], r["last_slot"],
-                      r["runs"], r["failures"])
+    def _row(r: StoredJob) -> JobRow:
+        return JobRow(JobSpec.from_dict(r.spec), r.created, r.last_slot, r.runs, r.failures)
 
     def add(self, spec: JobSpec, now: float) -> JobRow:
-        with self.store.tx() as db:
-            if db.execute("SELECT 1 FROM jobs WHERE name=?", (spec.name,)).fetchone():
-                raise AlreadyExists(f"job {spec.name!r} already exists")
-            # last_slot = now: the first run is the first slot after the job was created.
-            db.execute("INSERT INTO jobs (name, spec, created, last_slot) VALUES (?, ?, ?, ?)",
-                       (spec.name, json.dumps(spec.to_dict(), sort_keys=True), now, now))
-        return self.get(spec.name)
+        return self._row(self.store.add_job(spec.name, spec.to_dict(), now))
 
     def get(self, name: str) -> JobRow:
-        with self.store.tx() as db:
-            r = db.execute("SELECT * FROM jobs WHERE name=?", (name,)).fetchone()
-        if r is None:
-            raise NotFound(f"job {name!r} does not exist")
-        return self._row(r)
+        return self._row(self.store.job(name))
 
     def all(self) -> list[JobRow]:
-        with self.store.tx() as db:
-            return [self._row(r) for r in db.execute("SELECT * FROM jobs ORDER BY name")]
+        return [self._row(r) for r in self.store.jobs()]
 
     def remove(self, name: str) -> None:
-        with self.store.tx() as db:
-            if db.execute("DELETE FROM jobs WHERE name=?", (name,)).rowcount == 0:
-                raise NotFound(f"job {name!r} does not exist")
+        self.store.remove_job(name)
 
     def start_run(self, name: str, slot: float | None, now: float,
                   state: str = "running", message: str | None = None) -> int:
         """Record a run (and, for a scheduled one, mark its slot handled) in one transaction."""
-        with self.store.tx() as db:
-            if slot is not None:
-                db.execute("UPDATE jobs SET last_slot=MAX(last_slot, ?) WHERE name=?",
-                           (slot, name))
-            cur = db.execute("INSERT INTO job_runs (job, slot, started, state, message, "
-                             "finished) VALUES (?, ?, ?, ?, ?, ?)",
-                             (name, slot, now, state, message,
-                              None if state == "running" else now))
-            db.execute("DELETE FROM job_runs WHERE job=? AND id NOT IN (SELECT id FROM job_runs "
-                       "WHERE job=? ORDER BY id DESC LIMIT ?)", (name, name, HISTORY_RUNS))
-            return int(cur.lastrowid or 0)
+        return self.store.start_run(name, slot, now, state, message, HISTORY_RUNS)
 
     def finish_run(self, run_id: int, state: str, message: str | None,
                    result: dict[str, Any] | None, now: float) -> None:
-        with self.store.tx() as db:
-            r = db.execute("SELECT job FROM job_runs WHERE id=?", (run_id,)).fetchone()
-            if r is None:
-                return   # the job was removed while it ran
-            db.execute("UPDATE job_runs SET state=?, message=?, result=?, finished=? WHERE id=?",
-                       (state, message, json.dumps(result, sort_keys=True) if result else None,
-                        now, run_id))
-            db.execute("UPDATE jobs SET runs=runs+1, failures=failures+? WHERE name=?",
-                       (int(state == "failed"), r["job"]))
+        self.store.finish_run(run_id, state, message, result, now)
 
     def interrupt_running(self, now: float) -> int:
         """Runs a previous daemon left `running` died with it: say so."""
-        with self.store.tx() as db:
-            cur = db.execute("UPDATE job_runs SET state='interrupted', finished=?, message="
-                             "'the daemon stopped during the run' WHERE state='running'", (now,))
-            return cur.rowcount
+        return self.store.interrupt_running(now)
 
     def runs(self, name: str, limit: int = HISTORY_RUNS) -> list[dict[str, Any]]:
-        with self.store.tx() as db:
-            rows = db.execute("SELECT * FROM job_runs WHERE job=? ORDER BY id DESC LIMIT ?",
-                              (name, limit)).fetchall()
-        return [_run(r) for r in rows]
+        return [_run(r) for r in self.store.job_runs(name, limit)]
 
     def run(self, run_id: int) -> dict[str, Any]:
-        with self.store.tx() as db:
-            r = db.execute("SELECT * FROM job_runs WHERE id=?", (run_id,)).fetchone()
+        r = self.store.job_run(run_id)
         if r is None:
             raise NotFound(f"job run {run_id} does not exist (its job was removed)")
         return _run(r)
 
 
-def _run(r: sqlite3.Row) -> dict[str, Any]:
-    return {"id": r["id"], "job": r["job"], "slot": rfc3339(r["slot"]),
-            "started": rfc3339(r["started"]), "finished": rfc3339(r["finished"]),
-            "state": r["state"], "message": r["message"],
-            "result": json.loads(r["result"]) if r["result"] else None}
+def _run(r: RunRow) -> dict[str, Any]:
+    return {"id": r.id, "job": r.job, "slot": rfc3339(r.slot),
+            "started": rfc3339(r.started), "finished": rfc3339(r.finished),
+            "state": r.state, "message": r.message, "result": r.result}
 
 
 # --- the scheduler ---------------------------------------------------------------------------
@@ -281,7 +240,7 @@ class JobScheduler:
     `sleep_until` are the test hooks for time; tasks are executed by `execute(spec)` in a
     worker thread."""
 
-    def __init__(self, store: Store, execute: Execute,
+    def __init__(self, store: StateStore, execute: Execute,
                  clock: Callable[[], float] = time.time,
                  check_target: Callable[[str | None], str] | None = None,
                  sleep_until: SleepUntil | None = None) -> None:

@@ -1,6 +1,6 @@
 """The daemon's home: where every file of a single-host blockhorn lives.
 
-    <home>/blockhorn.db            SQLite state (WAL)
+    <home>/blockhorn.db            SQLite state (WAL); not used with `daemon run --etcd`
     <home>/cluster.key             shared key of engines and replicas (0600)
     <home>/daemon.sock             REST API (0600)
     <home>/daemon.lock             flock held by the running daemon (one daemon per home)

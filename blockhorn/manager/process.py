@@ -23,7 +23,7 @@ import time
 import psutil
 
 from blockhorn.config import parse_address
-from blockhorn.manager.state import ProcessRecord
+from blockhorn.control.store import ProcessRecord
 from blockhorn.types import BlockhornError
 
 log = logging.getLogger("blockhorn.manager")

@@ -24,8 +24,8 @@ import logging
 import os
 import time
 
+from blockhorn.control.store import ReplicaRow
 from blockhorn.manager import process
-from blockhorn.manager.state import ReplicaRow
 from blockhorn.manager.volumes import VolumeManager, engine_replace
 from blockhorn.replica.store import Replica
 from blockhorn.types import BlockhornError

@@ -1,8 +1,8 @@
 """Cluster settings: Longhorn's names, typed, validated, stored in the daemon's state store.
 
 A setting that was never set reads as its default; `reset` forgets the stored value, so a later
-change of the default reaches it. Values are stored as JSON in the `settings` table
-(manager/state.py). A stored name this version does not know (written by a newer one) is kept
+change of the default reaches it. Values are stored as JSON in the state store's settings
+(control/store). A stored name this version does not know (written by a newer one) is kept
 and ignored. The table in docs/OPERATIONS.md lists every setting and when it takes effect.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockhorn.config import REPLICA_TIMEOUT_S
-from blockhorn.manager.state import Store
+from blockhorn.control.store import StateStore
 from blockhorn.types import InvalidArgument, NotFound
 
 ENGINE_REPLICA_TIMEOUT = "engine-replica-timeout"
@@ -22,15 +22,22 @@ REPLENISHMENT_WAIT = "replica-replenishment-wait-interval"
 REBUILD_BANDWIDTH = "replica-rebuilding-bandwidth-limit"
 REBUILDS_PER_NODE = "concurrent-replica-rebuild-per-node-limit"
 VERIFY_BANDWIDTH = "volume-verify-bandwidth-limit"
+SOFT_ANTI_AFFINITY = "replica-soft-anti-affinity"
+ZONE_SOFT_ANTI_AFFINITY = "replica-zone-soft-anti-affinity"
+OVER_PROVISIONING = "storage-over-provisioning-percentage"
+MINIMAL_AVAILABLE = "storage-minimal-available-percentage"
+DATA_LOCALITY = "default-data-locality"
+DATA_LOCALITIES = ("disabled", "best-effort")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One setting. Its default's type is its type: an int (with a range) or a str (checked
-    by `check`, which raises InvalidArgument; e.g. a URL)."""
+    """One setting. Its default's type is its type: a bool (true/false), an int (with a
+    range) or a str (checked by `check`, which raises InvalidArgument; e.g. a URL)."""
 
     name: str
-    default: int | str
+    default: bool | int | str
     unit: str             # "s", "MiB/s" or "" (a count, or a string setting)
     minimum: int
     maximum: int | None   # None: no upper bound
@@ -38,9 +45,14 @@ class Setting:
     applies: str          # when a change takes effect
     check: Callable[[str], None] | None = None
 
-    def parse(self, value: Any) -> int | str:
+    def parse(self, value: Any) -> bool | int | str:
         """`value` (JSON, or the CLI's text) as this setting's type, or a clear
         InvalidArgument naming what is allowed."""
+        if isinstance(self.default, bool):
+            text = str(value).strip().lower()
+            if isinstance(value, bool) or text in _TRUE + _FALSE:
+                return value if isinstance(value, bool) else text in _TRUE
+            raise InvalidArgument(f"invalid value {value!r} for {self.name}: true or false")
         if isinstance(self.default, str):
             if not isinstance(value, str):
                 raise InvalidArgument(f"invalid value {value!r} for {self.name}: a string")
@@ -82,11 +94,32 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in [
     Setting(REBUILDS_PER_NODE, 5, "", 0, None,
             "most replica rebuilds running at once on one node; 0 disables rebuilding",
             "stored only: the rebuild does not read it yet (issue 9, bounded rebuild)"),
+    Setting(SOFT_ANTI_AFFINITY, False, "", 0, None,
+            "allow two replicas of a volume on one node when there are too few nodes",
+            "the next placement (volume create, replica replacement)"),
+    Setting(ZONE_SOFT_ANTI_AFFINITY, True, "", 0, None,
+            "allow two replicas of a volume in one zone when there are too few zones "
+            "(false: never)", "the next placement (volume create, replica replacement)"),
+    Setting(OVER_PROVISIONING, 100, "%", 0, None,
+            "replica sizes a disk may be promised, in percent of its capacity less reserve",
+            "the next placement (volume create, replica replacement)"),
+    Setting(MINIMAL_AVAILABLE, 25, "%", 0, 100,
+            "a disk with less free space than this, in percent of its capacity, takes no "
+            "new replica", "the next placement (volume create, replica replacement)"),
+    Setting(DATA_LOCALITY, "best-effort", "", 0, None,
+            "best-effort: put one replica on the node the engine runs on when it can; "
+            "disabled: no preference", "the next placement (volume create, replica replacement)",
+            check=lambda v: _one_of(DATA_LOCALITY, v, DATA_LOCALITIES)),
     Setting(VERIFY_BANDWIDTH, 0, "MiB/s", 0, None,
             "default rate of `volume verify`: volume MiB compared per second; "
             "0 = unlimited",
             "the next `volume verify` without --rate"),
 ]}
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidArgument(f"invalid value {value!r} for {name}: use {' or '.join(allowed)}")
 
 
 def lookup(name: str) -> Setting:
@@ -100,16 +133,22 @@ def lookup(name: str) -> Setting:
 class Settings:
     """The settings of one daemon home, over its state store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
 
-    def get(self, name: str) -> int | str:
-        value: int | str = self.describe(name)["value"]
+    def get(self, name: str) -> bool | int | str:
+        value: bool | int | str = self.describe(name)["value"]
+        return value
+
+    def get_bool(self, name: str) -> bool:
+        value = self.get(name)
+        if not isinstance(value, bool):
+            raise TypeError(f"setting {name} is not true/false")
         return value
 
     def get_int(self, name: str) -> int:
         value = self.get(name)
-        if not isinstance(value, int):
+        if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"setting {name} is not a number")
         return value
 

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from blockhorn.control.store import StateStore
 from blockhorn.engine import generation
 from blockhorn.engine.control import ControlClient
 from blockhorn.manager import process
-from blockhorn.manager.state import Store
 from blockhorn.replica import snapshots as store_snaps
 from blockhorn.replica.store import Replica
 from blockhorn.types import (
@@ -36,7 +36,7 @@ CLONE_CHUNK = 4 << 20        # bytes copied per step of a clone
 
 
 class SnapshotManager:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
 
     # --- where the work happens ----------------------------------------------------------

@@ -16,7 +16,9 @@ Every tick (about a second) for each attached volume, in this order:
   it was first seen failed is in the state store, so the wait survives a daemon restart.
 Every restart retries forever with exponential back-off (BACKOFF_FIRST_S doubling up to
 BACKOFF_MAX_S), reset once the replica is RW again or the engine answers; meanwhile the
-volume's message starts with "waiting for " and says what for.
+volume's message starts with "waiting for " and says what for. Asking the engine to resync a
+running ERR replica backs off only up to RESYNC_RETRY_MAX_S: a replica cut off by its network
+is back within a few seconds of its link (tests/t5_fault_link_cut.py).
 
 Adoption: after a daemon restart nothing special happens. The records in the store name each
 process by pid + create_time; a process that still matches is simply left running, one that does
@@ -33,9 +35,9 @@ from typing import Any
 import psutil
 import trio
 
+from blockhorn.control.store import ReplicaRow, VolumeRow
 from blockhorn.manager import process, replenish
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
-from blockhorn.manager.state import ReplicaRow, VolumeRow
 from blockhorn.manager.volumes import (
     VolumeManager,
     engine_rebuild,
@@ -49,6 +51,10 @@ log = logging.getLogger("blockhorn.manager")
 TICK_S = 1.0              # seconds between supervision passes
 BACKOFF_FIRST_S = 1.0     # seconds before retrying a failed restart
 BACKOFF_MAX_S = 30.0
+# Seconds, cap of the back-off between resync requests for a running ERR replica. One request
+# costs the engine at most a connect timeout (5 s) when the replica is unreachable; with the
+# 30 s cap a replica whose link returned after two minutes waited up to 30 s more.
+RESYNC_RETRY_MAX_S = 5.0
 WAITING = "waiting for "  # prefix of a volume message about a recovery in progress
 
 
@@ -109,12 +115,12 @@ class Supervisor:
         when, _ = self._next_try.get(key, (0.0, 0.0))
         return time.monotonic() >= when
 
-    def _attempted(self, key: str) -> float:
+    def _attempted(self, key: str, cap: float = BACKOFF_MAX_S) -> float:
         """Count one restart attempt of `key` (successful or not): the next one may come only
         after the back-off, which doubles up to BACKOFF_MAX_S. Returns that delay (seconds).
         A process that starts and dies at once therefore does not spin."""
         _, delay = self._next_try.get(key, (0.0, 0.0))
-        delay = min(max(delay * 2, BACKOFF_FIRST_S), BACKOFF_MAX_S)
+        delay = min(max(delay * 2, BACKOFF_FIRST_S), cap)
         self._next_try[key] = (time.monotonic() + delay, delay)
         return delay
 
@@ -235,7 +241,7 @@ class Supervisor:
             # A replacement the engine was not told of (the daemon stopped in between).
             self._tell_engine(vol, r, control_socket)
         elif process.alive(r.process) and self._due(key):
-            self._attempted(key)
+            self._attempted(key, RESYNC_RETRY_MAX_S)
             self._ask_rebuild(vol, r, control_socket)
 
     def _replace(self, vol: VolumeRow, r: ReplicaRow, failed_for: float) -> bool:

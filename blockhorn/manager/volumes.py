@@ -17,17 +17,17 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
+from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
 from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
-from blockhorn.manager.state import ReplicaRow, Store, VolumeRow
 from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
     AlreadyExists,
@@ -69,10 +69,13 @@ def engine_replace(control_socket: str, replica: str, address: str,
 
 
 class VolumeManager:
-    def __init__(self, home: Home, store: Store) -> None:
+    def __init__(self, home: Home, store: StateStore) -> None:
         self.home = home
         self.store = store
         self.shares = ShareControl(home, store)
+        # (size, count) -> replica disk directories; set by the daemon (manager/nodes.py) so
+        # that `create` without disks uses the scheduler; [] or None: the home, as before.
+        self.placer: Callable[[int, int], list[str]] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -98,6 +101,9 @@ class VolumeManager:
         share_opts = _share_options(access, size, share)
         if not isinstance(disks or [], list) or not all(isinstance(d, str) for d in disks or []):
             raise InvalidArgument("disks must be a list of directories")
+        if not disks and self.placer is not None and isinstance(replicas, int) \
+                and 1 <= replicas <= MAX_REPLICAS:
+            disks = self.placer(size, replicas)
         disks = [os.path.abspath(d) for d in disks or []]
         if (isinstance(replicas, bool) or not isinstance(replicas, int)
                 or not 1 <= replicas <= MAX_REPLICAS):

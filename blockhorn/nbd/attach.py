@@ -235,13 +235,51 @@ def _attach_holder(uri: str, fuse_dir: str, log_path: str) -> Attachment:
     return att
 
 
+NBD_BLOCK_SIZE = 4096   # the kernel device's logical block size (a filesystem's usual block)
+# File names in a client certificate directory: libnbd's (nbd_set_tls_certificates), so one
+# directory serves nbdsh/nbdcopy and nbd-client alike.
+CLIENT_CERT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: int = 0,
+                    cert_dir: str = "", tls_hostname: str = "", export: str = "",
+                    nbd_client: str = "") -> list[str]:
+    """The `nbd-client` command line that connects `device` to an engine: its unix socket
+    (the nbd frontend) or its TCP endpoint (nbd/tls.py) with X.509 certificates from
+    `cert_dir` — nbd-client 3.24 speaks TLS with certificates only, not TLS-PSK.
+    `tls_hostname` is the name checked against the server's certificate when the host is
+    reached by another address (a NAT, QEMU's 10.0.2.2). `export` names the export (`-N`;
+    the engine serves one whatever the name, but without -N nbd-client 3.24 warns about the
+    oldstyle protocol). The real-kernel tier (tests/t7_vm_nbd.py) runs exactly this command
+    line in a guest."""
+    argv = [nbd_client or require("nbd-client")]
+    if socket_path:
+        argv += ["-unix", socket_path]
+    elif host and port:
+        argv += [host, str(port)]
+    else:
+        raise BlockhornError("nbd-client needs a unix socket or a host and port", errno.EINVAL)
+    argv += [device, "-b", str(NBD_BLOCK_SIZE)]
+    if export:
+        argv += ["-N", export]
+    if cert_dir:
+        ca, cert, key = (os.path.join(cert_dir, f) for f in CLIENT_CERT_FILES)
+        argv += ["-enable-tls", "-cacertfile", ca, "-certfile", cert, "-keyfile", key]
+        if tls_hostname:
+            argv += ["-tlshostname", tls_hostname]
+    elif host:
+        raise BlockhornError("an NBD endpoint on TCP needs TLS: give a certificate directory",
+                             errno.EINVAL)
+    return argv
+
+
 def _attach_nbd(uri: str) -> Attachment:
     socket_path = uri.split("socket=", 1)[1]
     for dev in sorted(glob.glob("/dev/nbd[0-9]*")):
         size_file = f"/sys/block/{os.path.basename(dev)}/size"
         if os.path.exists(size_file) and open(size_file).read().strip() != "0":
             continue  # in use
-        _run([require("nbd-client"), "-unix", socket_path, dev, "-b", "4096"])
+        _run(nbd_client_argv(dev, socket_path=socket_path))
         return Attachment(device=dev, frontend="nbd")
     raise BlockhornError("no free /dev/nbd device", errno.EBUSY)
 

@@ -25,6 +25,12 @@ Revisions and suspicion (docs/DURABILITY.md, "Generations"):
   request. A suspect replica keeps `Dirty` through an orderly close; only the engine clears
   it: by a resync (`set_generation(..., clear_rebuilding=True)`) or by adopting the replica as
   the source of truth at start (`adopt`).
+- Out of space: a WRITE first allocates the head's holes in its range (`fallocate`) when the
+  file system has less than RESERVE_BELOW_FREE (1 GiB) free; when that
+  fails with ENOSPC nothing has changed (the holes are punched again), the replica does not
+  halt, and it answers ENOSPC (`OutOfSpace`). An ENOSPC later, part-way through a mutation,
+  halts it like any other failure and is answered EIO: the engine keeps every replica RW only
+  when all of them answered ENOSPC, i.e. none changed (docs/DURABILITY.md, "Out of space").
 """
 
 from __future__ import annotations
@@ -33,14 +39,17 @@ import contextlib
 import datetime
 import errno
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from blockhorn.fsutil import (
+    FALLOC_FL_KEEP_SIZE,
     atomic_write,
     atomic_write_json,
     data_extents,
+    fallocate,
     fsync_dir,
     preadv_full,
     punch_hole,
@@ -56,6 +65,19 @@ VOLUME_META = "volume.meta"
 REVISION_COUNTER = "revision.counter"
 REVISION_SIZE = 4096
 HEAD_FMT = "volume-head-{:03d}.img"
+
+
+# Below this much free space (bytes) on the replica's file system, a WRITE reserves its holes
+# before writing (`Replica._reserve`); above it, the check is skipped: it costs an lseek and a
+# fallocate per write. The free space is read again at least every RESERVE_CHECK_S seconds
+# (and counted down by what this replica writes meanwhile).
+RESERVE_BELOW_FREE = 1 << 30
+RESERVE_CHECK_S = 1.0
+
+
+class OutOfSpace(NoSpace):
+    """A mutation refused for lack of space before it changed anything: the replica still
+    holds exactly the mutations it counted, so it need not halt."""
 
 
 def now_rfc3339() -> str:
@@ -113,6 +135,8 @@ class Replica:
         self.opened_dirty = bool(meta.get("Dirty"))
         self.suspect = self.opened_dirty     # see the module docstring
         self.halted = ""                     # why mutations are refused, after a failed one
+        self._free = 0                       # bytes free on the file system, at _free_at
+        self._free_at = -RESERVE_CHECK_S     # monotonic seconds
         # What changed after which revision, since this open (replica/changes.py), and the
         # first generation committed to this replica since then: a returning sibling at that
         # generation or later may resync from this log (docs/DURABILITY.md).
@@ -276,9 +300,14 @@ class Replica:
         self._mutating()
         try:
             yield
+        except OutOfSpace:
+            raise
         except BaseException as e:
             self.halted = f"{type(e).__name__}: {e}"
             self.suspect = True
+            if getattr(e, "errno", None) == errno.ENOSPC:
+                # Torn, not refused: an ENOSPC answer would tell the engine nothing changed.
+                raise BlockhornError(f"out of space part-way: {e}", errno.EIO) from e
             raise
         self.revision += 1
         self.changes.record(self.revision, offset, length)
@@ -336,7 +365,47 @@ class Replica:
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._check(offset, len(data))
         with self._mutation(offset, len(data)):
+            self._reserve(offset, offset + len(data))
             self._write(offset, data, os.RWF_DSYNC if fua else 0)
+
+    def _reserve(self, offset: int, end: int) -> None:
+        """Allocate the holes of the head in [offset, end) (whole blocks, as a copy-up may widen
+        the write) so that the write cannot run out of space half-way. On ENOSPC, punch those
+        holes again (allocated, unwritten blocks read as zeros, but a layer map rebuilt from
+        the file must not take them for data) and raise OutOfSpace: nothing changed."""
+        start = offset - offset % BLOCK_SIZE
+        end = -(-end // BLOCK_SIZE) * BLOCK_SIZE
+        pos, fd = start, self.head.fd
+        now = time.monotonic()
+        if now - self._free_at >= RESERVE_CHECK_S or self._free < RESERVE_BELOW_FREE:
+            st = os.fstatvfs(fd)
+            self._free, self._free_at = st.f_bfree * st.f_frsize, now  # replicas run as root
+        self._free -= end - start
+        if self._free >= RESERVE_BELOW_FREE:
+            return
+        holes = []
+        while pos < end:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)      # the file's size ends in a hole
+            if hole >= end:
+                break
+            try:
+                pos = min(os.lseek(fd, hole, os.SEEK_DATA), end)
+            except OSError as e:
+                if e.errno != errno.ENXIO:    # no data after the hole
+                    raise
+                pos = end
+            holes.append((hole, pos))
+        for i, (hs, he) in enumerate(holes):
+            try:
+                fallocate(fd, FALLOC_FL_KEEP_SIZE, hs, he - hs)
+            except BlockhornError as err:
+                if err.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    return    # no fallocate here: an ENOSPC while writing halts, as before
+                if err.errno != errno.ENOSPC:
+                    raise
+                for s2, e2 in holes[:i + 1]:
+                    punch_hole(fd, s2, e2 - s2)
+                raise OutOfSpace(f"no space for {end - start} bytes at {start}") from err
 
     def _write(self, offset: int, data: bytes | bytearray | memoryview, flags: int) -> None:
         length = len(data)

@@ -1,8 +1,7 @@
 """The daemon's side of shares: per-volume settings, the share manager process, show.
 
-Settings live in the `shares` table (created here, next to the volumes table it references;
-removing a volume removes its row). The NFS port is held in the store's `ports` table under
-the owner `nfs`, so it stays the same across attaches and clients keep their URL.
+Settings live in the state store's shares (control/store; removing a volume removes its
+share). The NFS port is held in the store's ports under the owner `nfs`, so it stays the same across attaches and clients keep their URL.
 
 Paths of a share of volume V:
     <home>/volumes/V/share.json     the share manager's config (rewritten at each start)
@@ -14,7 +13,6 @@ Paths of a share of volume V:
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import socket
@@ -24,29 +22,18 @@ from typing import Any
 
 import psutil
 
+from blockhorn.control.store import ProcessRecord, StateStore
 from blockhorn.fsutil import read_json
 from blockhorn.manager import process
 from blockhorn.manager.paths import Home
-from blockhorn.manager.state import ProcessRecord, Store
 from blockhorn.sharemgr import device, ganesha
 from blockhorn.sharemgr.config import MINOR_VERSIONS, ShareConfig
-from blockhorn.types import BlockhornError, InvalidArgument, NotFound
+from blockhorn.types import BlockhornError, InvalidArgument
 
 log = logging.getLogger("blockhorn.manager")
 
 START_TIMEOUT_S = 600.0   # seconds; mkfs + fsck of a large volume, then Ganesha's start
 MOUNT_OPTIONS = "vers=4.1,noresvport,timeo=600,retrans=5,softerr"   # Longhorn's, see REFERENCE
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS shares (
-    volume      TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
-    options     TEXT NOT NULL,     -- JSON of blockhorn.sharemgr.config.share_options()
-    pid         INTEGER,           -- the share manager process
-    create_time REAL,
-    restarts    INTEGER NOT NULL DEFAULT 0
-);
-"""
-
 
 class NotShared(BlockhornError):
     errno = errno.ENOTCONN
@@ -70,11 +57,9 @@ def allow_list(options: dict[str, Any]) -> list[dict[str, str]]:
 
 
 class ShareControl:
-    def __init__(self, home: Home, store: Store) -> None:
+    def __init__(self, home: Home, store: StateStore) -> None:
         self.home = home
         self.store = store
-        with store.tx() as db:
-            db.execute(_SCHEMA)
 
     # --- paths and settings ----------------------------------------------------------------
 
@@ -88,23 +73,14 @@ class ShareControl:
         return os.path.join(self.home.root, "export", name)
 
     def add(self, name: str, options: dict[str, Any]) -> None:
-        with self.store.tx() as db:
-            db.execute("INSERT INTO shares (volume, options) VALUES (?, ?)",
-                       (name, json.dumps(options, sort_keys=True)))
+        self.store.add_share(name, options)
 
     def _row(self, name: str) -> tuple[dict[str, Any], ProcessRecord | None, int]:
-        with self.store.tx() as db:
-            row = db.execute("SELECT * FROM shares WHERE volume=?", (name,)).fetchone()
-        if row is None:
-            raise NotFound(f"volume {name!r} has no share settings")
-        rec = ProcessRecord(row["pid"], row["create_time"] or 0.0) if row["pid"] else None
-        return json.loads(row["options"]), rec, row["restarts"]
+        row = self.store.share(name)
+        return row.options, row.process, row.restarts
 
     def _set_process(self, name: str, rec: ProcessRecord | None, restarted: bool) -> None:
-        pid, ct = (rec.pid, rec.create_time) if rec else (None, None)
-        with self.store.tx() as db:
-            db.execute("UPDATE shares SET pid=?, create_time=?, restarts=restarts+? "
-                       "WHERE volume=?", (pid, ct, int(restarted), name))
+        self.store.set_share_process(name, rec, restarted)
 
     def _port(self, name: str, options: dict[str, Any]) -> int:
         if options.get("port"):

@@ -66,3 +66,24 @@ def replica_digest(directory: str, size: int) -> str:
         return hashlib.sha256(bytes(r.read(0, size))).hexdigest()
     finally:
         r.close()
+
+
+def backup_snapshot(target, vol: ReplicaVolume, snap: str, **kw) -> dict:
+    """Back up snapshot `snap` of a one-replica volume to `target` (volume name "vol")."""
+    from blockhorn import backup as bk
+    src = bk.open_snapshot([vol.directory], snap)
+    try:
+        return bk.create_backup(target, "vol", src, **kw)
+    finally:
+        src.close()
+
+
+def restore_digest(target, name: str, path: str, size: int) -> str:
+    """Restore backup `name` of volume "vol" into the file `path`; its checksum."""
+    from blockhorn import backup as bk
+    sink = bk.FileSink(path, size)
+    try:
+        bk.restore(target, "vol", name, sink)
+    finally:
+        sink.close()
+    return file_digest(path, size)

@@ -1,0 +1,151 @@
+"""The state-store interface: what the daemon keeps, whichever store holds it.
+
+Two implementations: `SqliteStore` (control/store/sqlite.py, the embedded default, one file in
+the home) and `EtcdStore` (control/store/etcd.py, for many hosts). Nothing outside this package
+knows which one runs: the daemon gets one from `open_store()` and calls these methods only.
+
+Contract (tests/t2_control_store.py runs the same suite against both):
+- every method is one atomic step: a reader sees a change whole or not at all;
+- a missing volume/job is NotFound, a second volume/job of one name AlreadyExists; updates of
+  a replica/engine/share that does not exist are no-ops (it was removed meanwhile);
+- removing a volume removes its replicas, engine record, share and ports with it;
+- every method may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from blockhorn.control.store.records import (
+    BackupTargetRow,
+    DiskRow,
+    EngineRow,
+    JobRow,
+    NodeRow,
+    ProcessRecord,
+    ReplicaRow,
+    RunRow,
+    ShareRow,
+    VolumeRow,
+)
+from blockhorn.types import NoSpace
+
+PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
+
+NewReplica = tuple[str, str, str | None]   # (name, directory, address or None: allocate a port)
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def pick_port(taken: set[int], is_free: Callable[[int], bool], owner: str) -> int:
+    """A port of PORT_RANGE not in `taken` that `is_free` accepts. The scan starts at a random
+    point so that two homes on one host (tests, hand-run setups) rarely pick the same port
+    before either binds it."""
+    first, last = PORT_RANGE
+    span = last - first
+    start = random.randrange(span)
+    for i in range(span):
+        port = first + (start + i) % span
+        if port not in taken and is_free(port):
+            return port
+    raise NoSpace(f"no free TCP port in {first}-{last - 1} for {owner}")
+
+
+class StateStore(Protocol):
+    # --- volumes ---------------------------------------------------------------------------
+    def add_volume(self, name: str, size: int, replicas: list[NewReplica],
+                   engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
+        """Insert a volume with its replicas [(name, directory, address)] and its engine
+        (nbd_socket, control_socket), atomically. A replica address of None gets
+        `127.0.0.1:PORT` with a port allocated in the same step."""
+    def volume(self, name: str) -> VolumeRow: ...
+    def volumes(self) -> list[VolumeRow]: ...
+    def update_volume(self, name: str, **fields: Any) -> None: ...
+    def delete_volume(self, name: str) -> None: ...
+
+    # --- replicas and engines --------------------------------------------------------------
+    def replicas(self, volume: str) -> list[ReplicaRow]: ...
+    def set_replica_process(self, name: str, proc: ProcessRecord | None,
+                            restarted: bool = False) -> None: ...
+    def set_replica_address(self, name: str, address: str) -> None: ...
+    def set_replica_failed_since(self, name: str, when: float | None) -> None:
+        """Record when replica `name` was first seen failed (None: it is fine again).
+        An earlier time already stored is kept: the wait counts from the first failure."""
+    def clear_failed(self, volume: str) -> None: ...
+    def set_replica_directory(self, name: str, directory: str) -> None:
+        """Point replica `name` at a new directory (a replacement); its failure is over."""
+    def engine(self, volume: str) -> EngineRow: ...
+    def set_engine_process(self, volume: str, proc: ProcessRecord | None,
+                           restarted: bool = False) -> None: ...
+
+    # --- settings (typed and validated by manager/settings.py; values are JSON text) --------
+    def setting_values(self) -> dict[str, str]: ...
+    def put_setting(self, name: str, value: str) -> None: ...
+    def delete_setting(self, name: str) -> None: ...
+
+    # --- ports -----------------------------------------------------------------------------
+    def allocate_port(self, volume: str, owner: str, is_free: Callable[[int], bool]) -> int:
+        """Record and return a TCP port that no volume holds and `is_free` accepts; it
+        replaces the port `owner` held before (used when a stored port was taken meanwhile)."""
+    def ports(self, volume: str) -> dict[str, int]: ...
+
+    # --- shares (RWX) ----------------------------------------------------------------------
+    def add_share(self, volume: str, options: dict[str, Any]) -> None: ...
+    def share(self, volume: str) -> ShareRow: ...
+    def set_share_process(self, volume: str, proc: ProcessRecord | None,
+                          restarted: bool = False) -> None: ...
+
+    # --- recurring jobs and their runs -----------------------------------------------------
+    def add_job(self, name: str, spec: dict[str, Any], now: float) -> JobRow:
+        """A new job; its last_slot is `now`: the first run is the first slot after it."""
+    def job(self, name: str) -> JobRow: ...
+    def jobs(self) -> list[JobRow]: ...
+    def remove_job(self, name: str) -> None:
+        """Remove a job and its runs."""
+    def start_run(self, name: str, slot: float | None, now: float, state: str,
+                  message: str | None, keep: int) -> int:
+        """Record a run (and, for a scheduled one, raise the job's last_slot to `slot`) in one
+        step; keep the job's newest `keep` runs. Returns the run's id (ids only grow)."""
+    def finish_run(self, run_id: int, state: str, message: str | None,
+                   result: dict[str, Any] | None, now: float) -> None:
+        """End a run and count it in its job (no-op if the job was removed meanwhile)."""
+    def interrupt_running(self, now: float) -> int:
+        """Mark every `running` run `interrupted`; how many there were."""
+    def job_runs(self, name: str, limit: int) -> list[RunRow]:
+        """The job's newest runs, newest first."""
+    def job_run(self, run_id: int) -> RunRow | None: ...
+
+    # --- backup targets --------------------------------------------------------------------
+    def put_backup_target(self, row: BackupTargetRow) -> None: ...
+    def backup_targets(self) -> list[BackupTargetRow]: ...
+    def delete_backup_target(self, name: str) -> bool:
+        """False if there was none of that name."""
+
+    # --- nodes and disks -------------------------------------------------------------------
+    def put_node(self, row: NodeRow) -> bool:
+        """Register a node; False (and nothing changed) if one of that name exists."""
+    def node(self, name: str) -> NodeRow: ...
+    def nodes(self) -> list[NodeRow]: ...
+    def update_node(self, name: str, **fields: Any) -> None:
+        """Change NODE_FIELDS of a node (NotFound if there is none)."""
+    def node_alive(self, name: str, ttl_s: int) -> None:
+        """Node `name` says it is alive for the next `ttl_s` seconds (its daemon calls this
+        every few seconds). SQLite: its heartbeat time; etcd: a key under a lease of ttl_s,
+        so liveness does not depend on the hosts' clocks agreeing."""
+    def live_nodes(self, ttl_s: int) -> set[str]:
+        """The nodes that said they are alive within the last `ttl_s` seconds (etcd: whose
+        lease has not expired; `ttl_s` is the one they were granted with)."""
+    def add_disk(self, row: DiskRow) -> None:
+        """Register a disk (NotFound without its node, AlreadyExists for a second one of
+        the same node and path)."""
+    def disks(self, node: str | None = None) -> list[DiskRow]:
+        """Every disk (of `node`), by node and path."""
+    def update_disk(self, node: str, path: str, **fields: Any) -> None: ...
+    def remove_disk(self, node: str, path: str) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,503 @@
+"""The state store on etcd (the StateStore interface of control/store/base.py), for many hosts.
+
+Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
+
+    <p>meta/schema               "1"
+    <p>volumes/<name>            VolumeRow fields
+    <p>replicas/<name>           ReplicaRow fields (with `volume`, `idx`)
+    <p>engines/<volume>          EngineRow fields
+    <p>ports/<port>              {"volume", "owner"}: a TCP port held (one key per port, so
+                                 two allocations of one port cannot both succeed)
+    <p>shares/<volume>           ShareRow fields
+    <p>settings/<name>           the setting's JSON text
+    <p>jobs/<name>               JobRow fields
+    <p>runs/<id, 16 digits>      RunRow fields; <p>meta/run-seq holds the last id given
+    <p>backup-targets/<name>     BackupTargetRow fields
+    <p>nodes/<name>              NodeRow fields
+    <p>disks/<node>/<path, %-quoted>   DiskRow fields
+    <p>live/<node>               present while the node's daemon keeps its lease alive
+
+Every change is one etcd transaction guarded by compare-and-swap on the mod revisions of the
+keys it read (mod revision 0: "the key does not exist"): read, compute, commit if nobody
+changed those keys meanwhile, else read again and retry. So a change is atomic and never lost
+to a concurrent writer on another thread or host, without locks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+from urllib.parse import quote
+
+from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_delete, op_put
+from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port
+from blockhorn.control.store.records import (
+    DISK_FIELDS,
+    NODE_FIELDS,
+    VOLUME_FIELDS,
+    BackupTargetRow,
+    DiskRow,
+    EngineRow,
+    JobRow,
+    NodeRow,
+    ProcessRecord,
+    ReplicaRow,
+    RunRow,
+    ShareRow,
+    VolumeRow,
+)
+from blockhorn.types import AlreadyExists, InvalidArgument, NotFound
+
+log = logging.getLogger("blockhorn.control")
+
+SCHEMA_VERSION = 1
+CAS_ATTEMPTS = 100   # retries of one change lost to concurrent writers before giving up
+
+Doc = dict[str, Any]
+
+
+class Conflict(EtcdError):
+    """A change lost its compare-and-swap CAS_ATTEMPTS times in a row."""
+
+
+def _proc(d: Doc) -> ProcessRecord | None:
+    return ProcessRecord(int(d["pid"]), float(d.get("create_time") or 0.0)) \
+        if d.get("pid") is not None else None
+
+
+def _set_proc(d: Doc, proc: ProcessRecord | None, restarted: bool) -> Doc:
+    d["pid"], d["create_time"] = (proc.pid, proc.create_time) if proc else (None, None)
+    d["restarts"] = int(d.get("restarts", 0)) + int(restarted)
+    return d
+
+
+def _volume(d: Doc) -> VolumeRow:
+    return VolumeRow(d["name"], d["size"], d["replica_count"], d["access_mode"], d["desired"],
+                     d.get("frontend"), d.get("attachment"), d.get("robustness"),
+                     d.get("message"), d.get("tcp_port"), d["created"],
+                     bool(d.get("device_stale")), list(d.get("groups") or []),
+                     d.get("standby"))
+
+
+def _replica(d: Doc) -> ReplicaRow:
+    return ReplicaRow(d["name"], d["volume"], d["idx"], d["directory"], d["address"],
+                      _proc(d), d.get("restarts", 0), d.get("failed_since"))
+
+
+def _run(d: Doc) -> RunRow:
+    return RunRow(d["id"], d["job"], d.get("slot"), d["started"], d.get("finished"),
+                  d["state"], d.get("message"), d.get("result"))
+
+
+def _job(d: Doc) -> JobRow:
+    return JobRow(d["name"], d["spec"], d["created"], d["last_slot"], d.get("runs", 0),
+                  d.get("failures", 0))
+
+
+class EtcdStore:
+    def __init__(self, urls: str | list[str], prefix: str = "/blockhorn/") -> None:
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts and ends with /")
+        self.prefix = prefix
+        self.etcd = Etcd(urls)
+        self._leases: dict[str, int] = {}   # node -> the lease of its live/ key
+        # A store written by a newer blockhorn is not ours to change.
+        kv = self.etcd.get(self._k("meta/schema"))
+        if kv is None:
+            self.etcd.create(self._k("meta/schema"), str(SCHEMA_VERSION))
+        elif int(kv.value or b"0") > SCHEMA_VERSION:
+            raise InvalidArgument(f"the etcd store under {prefix} has schema "
+                                  f"{kv.value.decode()}, newer than this blockhorn's "
+                                  f"{SCHEMA_VERSION}: upgrade blockhorn")
+
+    def close(self) -> None:
+        self.etcd.close()
+
+    # --- the compare-and-swap machinery ----------------------------------------------------
+
+    def _k(self, rel: str) -> str:
+        return self.prefix + rel
+
+    def _get(self, rel: str) -> tuple[Doc | None, int]:
+        kv = self.etcd.get(self._k(rel))
+        return (json.loads(kv.value), kv.mod_revision) if kv else (None, 0)
+
+    def _list(self, rel: str) -> list[tuple[str, Doc, int]]:
+        """(key relative to the prefix, document, mod revision) of every key under `rel`."""
+        return [(kv.key.decode()[len(self.prefix):], json.loads(kv.value), kv.mod_revision)
+                for kv in self.etcd.get_prefix(self._k(rel))]
+
+    def _commit(self, read: dict[str, int], put: dict[str, Any],
+                delete: list[str] | None = None) -> bool:
+        """Put/delete (relative keys) if every key in `read` still has its mod revision."""
+        won, _ = self.etcd.txn([cmp_mod(self._k(k), rev) for k, rev in read.items()],
+                               [op_put(self._k(k), json.dumps(v, sort_keys=True))
+                                for k, v in put.items()]
+                               + [op_delete(self._k(k)) for k in delete or []])
+        return won
+
+    def _retry(self, step: Callable[[], bool | None], what: str) -> None:
+        """Run `step` (read, compute, _commit) until it commits or has nothing to do (None)."""
+        for _ in range(CAS_ATTEMPTS):
+            if step() is not False:
+                return
+        raise Conflict(f"{what}: lost {CAS_ATTEMPTS} compare-and-swaps in a row to other "
+                       "writers; try again")
+
+    def _update(self, rel: str, change: Callable[[Doc], Doc | None],
+                missing: Exception | None = None) -> None:
+        """Apply `change` to one document (None from it: leave the document alone)."""
+        def step() -> bool | None:
+            doc, rev = self._get(rel)
+            if doc is None:
+                if missing is not None:
+                    raise missing
+                return None
+            new = change(doc)
+            return None if new is None else self._commit({rel: rev}, {rel: new})
+        self._retry(step, f"update {rel}")
+
+    # --- volumes ---------------------------------------------------------------------------
+
+    def add_volume(self, name: str, size: int, replicas: list[NewReplica],
+                   engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
+        created = now_rfc3339()
+
+        def step() -> bool:
+            if self._get(f"volumes/{name}")[0] is not None:
+                raise AlreadyExists(f"volume {name!r} already exists")
+            taken = {int(k.rsplit("/", 1)[1]) for k, _, _ in self._list("ports/")}
+            read = {f"volumes/{name}": 0, f"engines/{name}": 0}
+            put: dict[str, Any] = {
+                f"volumes/{name}": {"name": name, "size": size,
+                                    "replica_count": len(replicas), "access_mode": "rwo",
+                                    "desired": "detached", "created": created,
+                                    "device_stale": False, "groups": []},
+                f"engines/{name}": {"volume": name, "nbd_socket": engine[0],
+                                    "control_socket": engine[1], "pid": None, "restarts": 0}}
+            for idx, (rname, directory, address) in enumerate(replicas):
+                if address is None:
+                    port = pick_port(taken, is_free, rname)
+                    taken.add(port)
+                    read[f"ports/{port}"] = 0
+                    put[f"ports/{port}"] = {"volume": name, "owner": rname}
+                    address = f"127.0.0.1:{port}"
+                read[f"replicas/{rname}"] = 0
+                put[f"replicas/{rname}"] = {"name": rname, "volume": name, "idx": idx,
+                                            "directory": directory, "address": address,
+                                            "pid": None, "restarts": 0, "failed_since": None}
+            return self._commit(read, put)
+        self._retry(step, f"create volume {name}")
+        return self.volume(name)
+
+    def volume(self, name: str) -> VolumeRow:
+        doc, _ = self._get(f"volumes/{name}")
+        if doc is None:
+            raise NotFound(f"volume {name!r} does not exist")
+        return _volume(doc)
+
+    def volumes(self) -> list[VolumeRow]:
+        return sorted((_volume(d) for _, d, _ in self._list("volumes/")), key=lambda v: v.name)
+
+    def update_volume(self, name: str, **fields: Any) -> None:
+        if not fields or set(fields) - VOLUME_FIELDS:
+            raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
+        if "device_stale" in fields:
+            fields["device_stale"] = bool(fields["device_stale"])
+        self._update(f"volumes/{name}", lambda d: {**d, **fields},
+                     NotFound(f"volume {name!r} does not exist"))
+
+    def delete_volume(self, name: str) -> None:
+        """The volume and everything that belongs to it, in one transaction."""
+        def step() -> bool:
+            doc, rev = self._get(f"volumes/{name}")
+            if doc is None:
+                raise NotFound(f"volume {name!r} does not exist")
+            gone = [f"volumes/{name}", f"engines/{name}", f"shares/{name}"]
+            gone += [k for k, d, _ in self._list("replicas/") if d["volume"] == name]
+            gone += [k for k, d, _ in self._list("ports/") if d["volume"] == name]
+            return self._commit({f"volumes/{name}": rev}, {}, gone)
+        self._retry(step, f"remove volume {name}")
+
+    # --- replicas and engines --------------------------------------------------------------
+
+    def replicas(self, volume: str) -> list[ReplicaRow]:
+        return sorted((_replica(d) for _, d, _ in self._list("replicas/")
+                       if d["volume"] == volume), key=lambda r: r.idx)
+
+    def set_replica_process(self, name: str, proc: ProcessRecord | None,
+                            restarted: bool = False) -> None:
+        self._update(f"replicas/{name}", lambda d: _set_proc(d, proc, restarted))
+
+    def set_replica_address(self, name: str, address: str) -> None:
+        self._update(f"replicas/{name}", lambda d: {**d, "address": address})
+
+    def set_replica_failed_since(self, name: str, when: float | None) -> None:
+        def change(d: Doc) -> Doc | None:
+            if when is not None and d.get("failed_since") is not None:
+                return None   # the first failure's time stays
+            return {**d, "failed_since": when}
+        self._update(f"replicas/{name}", change)
+
+    def clear_failed(self, volume: str) -> None:
+        def step() -> bool | None:
+            reps = [(k, d, rev) for k, d, rev in self._list("replicas/")
+                    if d["volume"] == volume and d.get("failed_since") is not None]
+            if not reps:
+                return None
+            return self._commit({k: rev for k, _, rev in reps},
+                                {k: {**d, "failed_since": None} for k, d, _ in reps})
+        self._retry(step, f"clear failures of {volume}")
+
+    def set_replica_directory(self, name: str, directory: str) -> None:
+        self._update(f"replicas/{name}",
+                     lambda d: {**d, "directory": directory, "failed_since": None})
+
+    def engine(self, volume: str) -> EngineRow:
+        d, _ = self._get(f"engines/{volume}")
+        if d is None:
+            raise NotFound(f"volume {volume!r} has no engine record")
+        return EngineRow(d["volume"], d["nbd_socket"], d["control_socket"], _proc(d),
+                         d.get("restarts", 0))
+
+    def set_engine_process(self, volume: str, proc: ProcessRecord | None,
+                           restarted: bool = False) -> None:
+        self._update(f"engines/{volume}", lambda d: _set_proc(d, proc, restarted))
+
+    # --- settings --------------------------------------------------------------------------
+
+    def setting_values(self) -> dict[str, str]:
+        return {kv.key.decode().rsplit("/", 1)[1]: kv.value.decode()
+                for kv in self.etcd.get_prefix(self._k("settings/"))}
+
+    def put_setting(self, name: str, value: str) -> None:
+        self.etcd.put(self._k(f"settings/{name}"), value)
+
+    def delete_setting(self, name: str) -> None:
+        self.etcd.delete(self._k(f"settings/{name}"))
+
+    # --- ports -----------------------------------------------------------------------------
+
+    def allocate_port(self, volume: str, owner: str, is_free: Callable[[int], bool]) -> int:
+        got: list[int] = []
+
+        def step() -> bool:
+            held = self._list("ports/")
+            port = pick_port({int(k.rsplit("/", 1)[1]) for k, _, _ in held}, is_free, owner)
+            old = [k for k, d, _ in held if d["volume"] == volume and d["owner"] == owner]
+            got[:] = [port]
+            return self._commit({f"ports/{port}": 0},
+                                {f"ports/{port}": {"volume": volume, "owner": owner}}, old)
+        self._retry(step, f"allocate a port for {owner}")
+        return got[0]
+
+    def ports(self, volume: str) -> dict[str, int]:
+        return {d["owner"]: int(k.rsplit("/", 1)[1]) for k, d, _ in self._list("ports/")
+                if d["volume"] == volume}
+
+    # --- shares ----------------------------------------------------------------------------
+
+    def add_share(self, volume: str, options: dict[str, Any]) -> None:
+        def step() -> bool:
+            vol, rev = self._get(f"volumes/{volume}")
+            if vol is None:
+                raise NotFound(f"volume {volume!r} does not exist")
+            if self._get(f"shares/{volume}")[0] is not None:
+                raise AlreadyExists(f"volume {volume!r} has a share already")
+            return self._commit({f"volumes/{volume}": rev, f"shares/{volume}": 0},
+                                {f"shares/{volume}": {"volume": volume, "options": options,
+                                                      "pid": None, "restarts": 0}})
+        self._retry(step, f"add the share of {volume}")
+
+    def share(self, volume: str) -> ShareRow:
+        d, _ = self._get(f"shares/{volume}")
+        if d is None:
+            raise NotFound(f"volume {volume!r} has no share settings")
+        return ShareRow(volume, d["options"], _proc(d), d.get("restarts", 0))
+
+    def set_share_process(self, volume: str, proc: ProcessRecord | None,
+                          restarted: bool = False) -> None:
+        self._update(f"shares/{volume}", lambda d: _set_proc(d, proc, restarted))
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def add_job(self, name: str, spec: dict[str, Any], now: float) -> JobRow:
+        doc = {"name": name, "spec": spec, "created": now, "last_slot": now, "runs": 0,
+               "failures": 0}
+        if not self._commit({f"jobs/{name}": 0}, {f"jobs/{name}": doc}):
+            raise AlreadyExists(f"job {name!r} already exists")
+        return _job(doc)
+
+    def job(self, name: str) -> JobRow:
+        d, _ = self._get(f"jobs/{name}")
+        if d is None:
+            raise NotFound(f"job {name!r} does not exist")
+        return _job(d)
+
+    def jobs(self) -> list[JobRow]:
+        return sorted((_job(d) for _, d, _ in self._list("jobs/")), key=lambda j: j.name)
+
+    def _runs_of(self, job: str) -> list[tuple[str, Doc, int]]:
+        return [(k, d, rev) for k, d, rev in self._list("runs/") if d["job"] == job]
+
+    def remove_job(self, name: str) -> None:
+        def step() -> bool:
+            _, rev = self._get(f"jobs/{name}")
+            if rev == 0:
+                raise NotFound(f"job {name!r} does not exist")
+            return self._commit({f"jobs/{name}": rev}, {},
+                                [f"jobs/{name}"] + [k for k, _, _ in self._runs_of(name)])
+        self._retry(step, f"remove job {name}")
+
+    def start_run(self, name: str, slot: float | None, now: float, state: str,
+                  message: str | None, keep: int) -> int:
+        got: list[int] = []
+
+        def step() -> bool:
+            job, job_rev = self._get(f"jobs/{name}")
+            if job is None:
+                raise NotFound(f"job {name!r} does not exist")
+            seq, seq_rev = self._get("meta/run-seq")
+            run_id = int((seq or {}).get("last", 0)) + 1
+            if slot is not None:
+                job["last_slot"] = max(job["last_slot"], slot)
+            old = sorted(k for k, _, _ in self._runs_of(name))   # keys sort by id
+            got[:] = [run_id]
+            return self._commit(
+                {f"jobs/{name}": job_rev, "meta/run-seq": seq_rev},
+                {f"jobs/{name}": job, "meta/run-seq": {"last": run_id},
+                 f"runs/{run_id:016d}": {"id": run_id, "job": name, "slot": slot,
+                                         "started": now, "state": state, "message": message,
+                                         "finished": None if state == "running" else now,
+                                         "result": None}},
+                old[:max(0, len(old) - keep + 1)])
+        self._retry(step, f"start a run of job {name}")
+        return got[0]
+
+    def finish_run(self, run_id: int, state: str, message: str | None,
+                   result: dict[str, Any] | None, now: float) -> None:
+        key = f"runs/{run_id:016d}"
+
+        def step() -> bool | None:
+            run, run_rev = self._get(key)
+            if run is None:
+                return None   # the job was removed while it ran
+            job, job_rev = self._get(f"jobs/{run['job']}")
+            if job is None:
+                return None
+            job["runs"] += 1
+            job["failures"] += int(state == "failed")
+            run.update(state=state, message=message, result=result or None, finished=now)
+            return self._commit({key: run_rev, f"jobs/{run['job']}": job_rev},
+                                {key: run, f"jobs/{run['job']}": job})
+        self._retry(step, f"finish run {run_id}")
+
+    def interrupt_running(self, now: float) -> int:
+        count: list[int] = [0]
+
+        def step() -> bool | None:
+            running = [(k, d, rev) for k, d, rev in self._list("runs/")
+                       if d["state"] == "running"]
+            count[0] = len(running)
+            if not running:
+                return None
+            return self._commit({k: rev for k, _, rev in running},
+                                {k: {**d, "state": "interrupted", "finished": now,
+                                     "message": "the daemon stopped during the run"}
+                                 for k, d, _ in running})
+        self._retry(step, "interrupt running job runs")
+        return count[0]
+
+    def job_runs(self, name: str, limit: int) -> list[RunRow]:
+        runs = sorted((_run(d) for _, d, _ in self._runs_of(name)), key=lambda r: -r.id)
+        return runs[:limit]
+
+    def job_run(self, run_id: int) -> RunRow | None:
+        d, _ = self._get(f"runs/{run_id:016d}")
+        return None if d is None else _run(d)
+
+    # --- nodes and disks -------------------------------------------------------------------
+
+    def put_node(self, row: NodeRow) -> bool:
+        return self._commit({f"nodes/{row.name}": 0}, {f"nodes/{row.name}": asdict(row)})
+
+    def node(self, name: str) -> NodeRow:
+        d, _ = self._get(f"nodes/{name}")
+        if d is None:
+            raise NotFound(f"node {name!r} does not exist (see `blockhorn node ls`)")
+        return NodeRow(**d)
+
+    def nodes(self) -> list[NodeRow]:
+        return sorted((NodeRow(**d) for _, d, _ in self._list("nodes/")), key=lambda n: n.name)
+
+    def update_node(self, name: str, **fields: Any) -> None:
+        if not fields or set(fields) - NODE_FIELDS:
+            raise ValueError(f"cannot update node fields {sorted(set(fields) - NODE_FIELDS)}")
+        self._update(f"nodes/{name}", lambda d: {**d, **fields},
+                     NotFound(f"node {name!r} does not exist (see `blockhorn node ls`)"))
+
+    @staticmethod
+    def _disk_key(node: str, path: str) -> str:
+        return f"disks/{node}/{quote(path, safe='')}"
+
+    def node_alive(self, name: str, ttl_s: int) -> None:
+        """`live/<name>` under this store's lease for the node, renewed at each call; a new
+        lease when it expired (the node was away longer than ttl_s: it was down meanwhile)."""
+        lease = self._leases.get(name)
+        if lease is not None:
+            try:
+                self.etcd.keepalive(lease)
+            except LeaseNotFound:
+                lease = None
+        if lease is None:
+            lease, _ = self.etcd.grant(ttl_s)
+            self._leases[name] = lease
+            self.etcd.put(self._k(f"live/{name}"), "1", lease)
+        self.update_node(name, heartbeat=time.time())
+
+    def live_nodes(self, ttl_s: int) -> set[str]:
+        return {kv.key.decode().rsplit("/", 1)[1]
+                for kv in self.etcd.get_prefix(self._k("live/"))}
+
+    def add_disk(self, row: DiskRow) -> None:
+        key = self._disk_key(row.node, row.path)
+
+        def step() -> bool:
+            _, node_rev = self._get(f"nodes/{row.node}")
+            if node_rev == 0:
+                raise NotFound(f"node {row.node!r} does not exist (see `blockhorn node ls`)")
+            if self._get(key)[0] is not None:
+                raise AlreadyExists(f"disk {row.path} of node {row.node} is registered already")
+            return self._commit({f"nodes/{row.node}": node_rev, key: 0}, {key: row.to_dict()})
+        self._retry(step, f"add disk {row.path}")
+
+    def disks(self, node: str | None = None) -> list[DiskRow]:
+        rows = [DiskRow(**d) for _, d, _ in self._list(f"disks/{node}/" if node else "disks/")]
+        return sorted(rows, key=lambda d: (d.node, d.path))
+
+    def update_disk(self, node: str, path: str, **fields: Any) -> None:
+        if not fields or set(fields) - DISK_FIELDS:
+            raise ValueError(f"cannot update disk fields {sorted(set(fields) - DISK_FIELDS)}")
+        self._update(self._disk_key(node, path), lambda d: {**d, **fields},
+                     NotFound(f"node {node!r} has no disk {path}"))
+
+    def remove_disk(self, node: str, path: str) -> None:
+        if self.etcd.delete(self._k(self._disk_key(node, path))) == 0:
+            raise NotFound(f"node {node!r} has no disk {path}")
+
+    # --- backup targets --------------------------------------------------------------------
+
+    def put_backup_target(self, row: BackupTargetRow) -> None:
+        self.etcd.put(self._k(f"backup-targets/{row.name}"),
+                      json.dumps(row.to_dict(), sort_keys=True))
+
+    def backup_targets(self) -> list[BackupTargetRow]:
+        return [BackupTargetRow(**d) for _, d, _ in self._list("backup-targets/")]
+
+    def delete_backup_target(self, name: str) -> bool:
+        return self.etcd.delete(self._k(f"backup-targets/{name}")) > 0
+

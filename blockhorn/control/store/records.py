@@ -1,0 +1,158 @@
+"""The records a state store holds: plain dataclasses, the same whichever store runs.
+
+Vocabulary:
+- *desired* state of a volume: `attached` or `detached`, what the operator asked for; the
+  supervisor keeps the processes of attached volumes running.
+- a *process record* (pid, create_time) names one replica, engine or share-manager process. A
+  pid alone is not an identity (pids are reused); pid + psutil's create_time is, and that is
+  what lets a restarted daemon adopt the processes its predecessor started.
+- a replica's *failed_since* (wall-clock seconds) is when it was first seen failed (ERR in its
+  engine, or its process could not be started) without having been RW since (a resync that
+  fails does not reset it): the supervisor replaces it once that is longer ago than
+  `replica-replenishment-wait-interval`. Stored, so the wait survives a daemon restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    pid: int
+    create_time: float
+
+
+@dataclass
+class ReplicaRow:
+    name: str
+    volume: str
+    idx: int
+    directory: str
+    address: str
+    process: ProcessRecord | None
+    restarts: int = 0
+    failed_since: float | None = None
+
+
+@dataclass
+class EngineRow:
+    volume: str
+    nbd_socket: str
+    control_socket: str
+    process: ProcessRecord | None
+    restarts: int = 0
+
+
+@dataclass
+class VolumeRow:
+    name: str
+    size: int
+    replica_count: int
+    access_mode: str
+    desired: str
+    frontend: str | None
+    attachment: dict[str, Any] | None
+    robustness: str | None
+    message: str | None
+    tcp_port: int | None
+    created: str
+    device_stale: bool = False
+    groups: list[str] = field(default_factory=list)
+    standby: dict[str, Any] | None = None
+
+
+VOLUME_FIELDS = frozenset({"desired", "frontend", "attachment", "robustness", "message",
+                           "tcp_port", "access_mode", "device_stale", "size", "groups",
+                           "standby"})   # what update_volume may change
+
+
+@dataclass
+class ShareRow:
+    """A volume's share settings (blockhorn.sharemgr.config.share_options()) and its share
+    manager process."""
+
+    volume: str
+    options: dict[str, Any]
+    process: ProcessRecord | None
+    restarts: int = 0
+
+
+@dataclass
+class JobRow:
+    """A recurring job as stored: `spec` is JobSpec.to_dict(); times are unix seconds;
+    `last_slot` is the latest cron slot handled (run or skipped)."""
+
+    name: str
+    spec: dict[str, Any]
+    created: float
+    last_slot: float
+    runs: int = 0
+    failures: int = 0
+
+
+@dataclass
+class RunRow:
+    """One run of a job: `state` is running, ok, failed or interrupted; `slot` is None for a
+    `job run`; `result` says what the run made and removed, per volume."""
+
+    id: int
+    job: str
+    slot: float | None
+    started: float
+    finished: float | None
+    state: str
+    message: str | None
+    result: dict[str, Any] | None
+
+
+@dataclass
+class BackupTargetRow:
+    name: str
+    url: str
+    credential_file: str | None
+    mount: str | None
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "url": self.url, "credential_file": self.credential_file,
+                "mount": self.mount, "created": self.created}
+
+
+@dataclass
+class NodeRow:
+    """A host of the cluster. `heartbeat` (unix seconds) is when its daemon last said it is
+    alive; `up` or `down` is derived from it by the reader."""
+
+    name: str
+    address: str
+    schedulable: bool = True
+    zone: str | None = None
+    tags: list[str] = field(default_factory=list)
+    heartbeat: float | None = None
+
+
+NODE_FIELDS = frozenset({"address", "schedulable", "zone", "tags", "heartbeat"})
+
+
+@dataclass
+class DiskRow:
+    """A directory on a node that replicas may be placed in. `capacity`/`available` (bytes)
+    are the filesystem's, as last measured by the node's daemon (0: never measured)."""
+
+    node: str
+    path: str
+    tags: list[str] = field(default_factory=list)
+    reserved: int = 0
+    schedulable: bool = True
+    capacity: int = 0
+    available: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "path": self.path, "tags": list(self.tags),
+                "reserved": self.reserved, "schedulable": self.schedulable,
+                "capacity": self.capacity, "available": self.available}
+
+
+DISK_FIELDS = frozenset({"tags", "reserved", "schedulable", "capacity", "available"})

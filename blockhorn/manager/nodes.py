@@ -1,0 +1,230 @@
+"""Nodes and disks: what the scheduler places replicas on (control/scheduler.py).
+
+Vocabulary:
+- *this node*: the host the daemon runs on, named by `daemon run --node NAME` (default: the
+  host name) and reached at `--address IP` (default 127.0.0.1). The daemon registers it at
+  start and then beats every HEARTBEAT_S: `heartbeat` in its node record, and the capacity and
+  free space of its disks (only a node can measure its own disks).
+- a node is `up` while it said so within NODE_DOWN_AFTER_S (the store's node_alive: on etcd
+  a lease of that TTL, on SQLite a heartbeat time); this node always is: it answers.
+- a disk's `scheduled` bytes are the sizes of the volumes with a replica in it
+  (`<disk>/replicas/<volume>/<replica>`, the layout of manager/paths.py).
+
+`place(size, count)` is what `volume create` without `--disk` calls: the scheduler over the
+registered disks with the settings' policy, this node preferred (data locality); [] when no
+disk is registered, so a home without disks keeps placing replicas in the home as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+from typing import Any
+
+import trio
+
+from blockhorn.control.scheduler import Disk, Node, Policy, schedule
+from blockhorn.control.store import DiskRow, NodeRow, StateStore
+from blockhorn.manager.settings import (
+    DATA_LOCALITY,
+    MINIMAL_AVAILABLE,
+    OVER_PROVISIONING,
+    SOFT_ANTI_AFFINITY,
+    ZONE_SOFT_ANTI_AFFINITY,
+    Settings,
+)
+from blockhorn.types import Busy, InvalidArgument, parse_size
+
+log = logging.getLogger("blockhorn.manager")
+
+HEARTBEAT_S = 5.0          # seconds between this node's heartbeats
+NODE_DOWN_AFTER_S = 15     # seconds: a node silent this long is down (its etcd lease's TTL)
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
+
+
+def check_label(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _LABEL.match(value):
+        raise InvalidArgument(f"invalid {what} {value!r}: use 1-63 of a-z, 0-9, '.', '_', "
+                              "'-', starting and ending with a letter or digit")
+    return value
+
+
+def parse_tags(tags: Any) -> list[str]:
+    """A list of tags, or `a,b` text; '' or [] is none. Sorted, without repeats."""
+    if isinstance(tags, str):
+        tags = [t.strip() for t in tags.split(",") if t.strip()]
+    if not isinstance(tags, list):
+        raise InvalidArgument("tags must be a list or comma-separated text")
+    return sorted({check_label(t, "tag") for t in tags})
+
+
+def default_node_name() -> str:
+    return socket.gethostname().split(".")[0].lower() or "localhost"
+
+
+class NodeService:
+    def __init__(self, store: StateStore, name: str | None = None,
+                 address: str = "127.0.0.1") -> None:
+        self.store = store
+        self.name = check_label(name or default_node_name(), "node name")
+        self.address = address
+
+    # --- this node's life ------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Register this node (first start) or refresh its address and heartbeat."""
+        if not self.store.put_node(NodeRow(self.name, self.address, heartbeat=time.time())):
+            self.store.update_node(self.name, address=self.address, heartbeat=time.time())
+        self.beat()
+
+    def beat(self) -> None:
+        self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
+        for d in self.store.disks(self.name):
+            cap, free = _usage(d.path)
+            if (cap, free) != (d.capacity, d.available):
+                self.store.update_disk(self.name, d.path, capacity=cap, available=free)
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(HEARTBEAT_S)
+            try:
+                await trio.to_thread.run_sync(self.beat)
+            except Exception as e:   # the store is away for a moment: the next beat retries
+                log.warning("node heartbeat failed: %s", e)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _scheduled(self) -> dict[str, int]:
+        """Bytes promised per replica directory's disk root (`<disk>/replicas/...`)."""
+        out: dict[str, int] = {}
+        for vol in self.store.volumes():
+            for r in self.store.replicas(vol.name):
+                root = os.path.dirname(os.path.dirname(os.path.dirname(r.directory)))
+                out[root] = out.get(root, 0) + vol.size
+        return out
+
+    def _disk(self, d: DiskRow, scheduled: dict[str, int]) -> dict[str, Any]:
+        cap, free = _usage(d.path) if d.node == self.name else (d.capacity, d.available)
+        return {"path": d.path, "capacity": cap, "available": free,
+                "scheduled": scheduled.get(d.path, 0) if d.node == self.name else 0,
+                "reserved": d.reserved, "tags": d.tags, "schedulable": d.schedulable}
+
+    def _describe(self, n: NodeRow, disks: list[DiskRow], scheduled: dict[str, int],
+                  live: set[str]) -> dict[str, Any]:
+        up = n.name == self.name or n.name in live   # this node answers: it is up
+        return {"name": n.name, "address": n.address, "state": "up" if up else "down",
+                "schedulable": n.schedulable, "zone": n.zone, "tags": n.tags,
+                "heartbeat": n.heartbeat,
+                "disks": [self._disk(d, scheduled) for d in disks if d.node == n.name]}
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        disks, scheduled = self.store.disks(), self._scheduled()
+        live = self.store.live_nodes(NODE_DOWN_AFTER_S)
+        return [self._describe(n, disks, scheduled, live) for n in self.store.nodes()]
+
+    def show(self, name: str) -> dict[str, Any]:
+        return self._describe(self.store.node(name), self.store.disks(name), self._scheduled(),
+                              self.store.live_nodes(NODE_DOWN_AFTER_S))
+
+    def disks(self) -> list[dict[str, Any]]:
+        scheduled = self._scheduled()
+        return [{"node": d.node, **self._disk(d, scheduled)} for d in self.store.disks()]
+
+    # --- changing --------------------------------------------------------------------------
+
+    def update(self, name: str, schedulable: Any = None, tags: Any = None,
+               zone: Any = None) -> dict[str, Any]:
+        fields: dict[str, Any] = {}
+        if schedulable is not None:
+            if not isinstance(schedulable, bool):
+                raise InvalidArgument("schedulable must be true or false")
+            fields["schedulable"] = schedulable
+        if tags is not None:
+            fields["tags"] = parse_tags(tags)
+        if zone is not None:
+            fields["zone"] = check_label(zone, "zone") if zone != "" else None
+        if not fields:
+            raise InvalidArgument("nothing to change: give schedulable, tags or zone")
+        self.store.update_node(name, **fields)
+        return self.show(name)
+
+    def add_disk(self, path: str, node: str | None = None, tags: Any = None,
+                 reserve: Any = 0) -> dict[str, Any]:
+        node = node or self.name
+        if not isinstance(path, str) or not path:
+            raise InvalidArgument("a disk needs a path")
+        path = os.path.abspath(path)
+        reserved = parse_size(reserve) if reserve not in (0, "0", None, "") else 0
+        cap = free = 0
+        if node == self.name:   # only this node can look at its own directories
+            if not os.path.isdir(path):
+                raise InvalidArgument(f"disk {path} is not a directory")
+            cap, free = _usage(path)
+            if reserved >= cap:
+                raise InvalidArgument(f"reserve {reserved} bytes is not less than the disk's "
+                                      f"capacity ({cap} bytes)")
+        self.store.node(node)   # NotFound: "node 'x' does not exist"
+        self.store.add_disk(DiskRow(node, path, parse_tags(tags or []), reserved, True, cap,
+                                    free))
+        log.info("disk %s of node %s added", path, node)
+        return next(d for d in self.disks() if d["node"] == node and d["path"] == path)
+
+    def remove_disk(self, path: str, node: str | None = None) -> None:
+        node = node or self.name
+        path = os.path.abspath(path)
+        if node == self.name:
+            users = sorted(r.name for v in self.store.volumes()
+                           for r in self.store.replicas(v.name)
+                           if r.directory.startswith(os.path.join(path, "replicas") + "/"))
+            if users:
+                raise Busy(f"disk {path} holds replicas {', '.join(users)}: remove their "
+                           "volumes first")
+        self.store.remove_disk(node, path)
+        log.info("disk %s of node %s removed", path, node)
+
+    # --- placement -------------------------------------------------------------------------
+
+    def policy(self) -> Policy:
+        s = Settings(self.store)
+        return Policy(s.get_bool(SOFT_ANTI_AFFINITY), s.get_bool(ZONE_SOFT_ANTI_AFFINITY),
+                      s.get_int(OVER_PROVISIONING), s.get_int(MINIMAL_AVAILABLE),
+                      str(s.get(DATA_LOCALITY)))
+
+    def place(self, size: int, count: int) -> list[str]:
+        """Disk directories for `count` replicas of `size` bytes on this node, from the
+        scheduler; [] when no disk is registered (replicas then go in the home)."""
+        rows = self.store.disks()
+        if not rows:
+            return []
+        scheduled = self._scheduled()
+        live = self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.name}
+        nodes = []
+        for n in self.store.nodes():
+            disks = []
+            for d in rows:
+                if d.node == n.name:
+                    info = self._disk(d, scheduled)
+                    disks.append(Disk(d.path, info["capacity"], info["available"], d.reserved,
+                                      info["scheduled"], frozenset(d.tags), d.schedulable))
+            nodes.append(Node(n.name, tuple(disks), n.name in live, n.schedulable,
+                              n.zone, frozenset(n.tags)))
+        got = schedule(size, count, nodes, self.policy(), prefer_node=self.name)
+        remote = sorted({p.node for p in got if p.node != self.name})
+        if remote:
+            raise InvalidArgument(f"the placement puts replicas on nodes {', '.join(remote)}, and "
+                           "replicas on other nodes are not supported yet: make only this "
+                           "node's disks schedulable, or give --disk")
+        return [p.disk for p in got]
+
+
+def _usage(path: str) -> tuple[int, int]:
+    """(capacity, available) bytes of the filesystem holding `path`; (0, 0) if it is gone."""
+    try:
+        u = shutil.disk_usage(path)
+    except OSError:
+        return 0, 0
+    return u.total, u.free

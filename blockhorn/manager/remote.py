@@ -1,0 +1,155 @@
+"""The REST API on TCP (`daemon run --api-listen IP:PORT`): TLS plus a bearer token.
+
+The unix socket stays as it is (0600: root on this host, no token). On TCP:
+- TLS always (hypercorn's `bind` with a certificate; the unix socket is its `insecure_bind`).
+  The certificate is the home's own when there is one (`<home>/tls/server-cert.pem` and
+  `server-key.pem`, as the NBD TCP endpoints use), else one generated on first use under
+  `<home>/api-tls/`: a CA (`ca-cert.pem`, the file clients verify with, `--ca-file`) and a
+  server certificate it signed for the listen address, 127.0.0.1 and localhost.
+- every request carries `Authorization: Bearer <token>`; the token is `<home>/api.token`
+  (0600, made on first use, 256 random bits). Anything else gets 401 before any handler runs,
+  so an unauthenticated request changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+from typing import Any
+
+from blockhorn.fsutil import atomic_write
+from blockhorn.manager.paths import Home
+from blockhorn.types import InvalidArgument
+
+TOKEN_FILE = "api.token"
+TOKEN_BYTES = 32                      # 256 bits of randomness
+CERT_DAYS = 3650                      # validity of a generated CA and server certificate
+Scope = dict[str, Any]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`IP:PORT` or `[IPv6]:PORT` -> (ip, port); host names are refused (bind what was asked)."""
+    host, sep, port = text.rpartition(":")
+    try:
+        ip = str(ipaddress.ip_address(host.strip("[]")))
+        number = int(port)
+    except ValueError:
+        raise InvalidArgument(f"invalid --api-listen {text!r}: use IP:PORT, e.g. "
+                              "10.0.0.5:9443 or [::1]:9443") from None
+    if not sep or not 0 < number < 65536:
+        raise InvalidArgument(f"invalid --api-listen {text!r}: the port is 1-65535")
+    return ip, number
+
+
+def bind_text(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def ensure_token(home: Home) -> str:
+    path = os.path.join(home.root, TOKEN_FILE)
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass   # first use: made below
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    atomic_write(path, (token + "\n").encode(), 0o600)
+    return token
+
+
+def ensure_certificate(home: Home, ip: str) -> tuple[str, str, str | None]:
+    """(server certificate, key, CA file or None) for the TCP API."""
+    own = os.path.join(home.root, "tls")
+    cert, key = os.path.join(own, "server-cert.pem"), os.path.join(own, "server-key.pem")
+    if os.path.exists(cert) and os.path.exists(key):
+        ca = os.path.join(own, "ca-cert.pem")
+        return cert, key, ca if os.path.exists(ca) else None
+    gen = os.path.join(home.root, "api-tls")
+    cert, key, ca = (os.path.join(gen, n) for n in ("server-cert.pem", "server-key.pem",
+                                                    "ca-cert.pem"))
+    meta = os.path.join(gen, "names.json")
+    names = sorted({ip, "127.0.0.1", "localhost"})
+    try:
+        with open(meta) as f:
+            if json.load(f) == names and os.path.exists(cert) and os.path.exists(key):
+                return cert, key, ca
+    except (FileNotFoundError, ValueError):
+        pass   # none yet, or for other addresses: (re)generate
+    os.makedirs(gen, mode=0o700, exist_ok=True)
+    ca_pem, cert_pem, key_pem = _generate(names)
+    atomic_write(ca, ca_pem, 0o644)
+    atomic_write(key, key_pem, 0o600)
+    atomic_write(cert, cert_pem, 0o644)
+    atomic_write(meta, json.dumps(names).encode(), 0o644)
+    return cert, key, ca
+
+
+def _generate(names: list[str]) -> tuple[bytes, bytes, bytes]:
+    """A CA and a server certificate it signs for `names` (IP addresses or DNS names)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    until = now + datetime.timedelta(days=CERT_DAYS)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "blockhorn API CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(until)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            alt.append(x509.DNSName(n))
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "blockhorn API")]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(until)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
+
+
+class BearerAuth:
+    """ASGI middleware: requests that came over TLS (the TCP listener) need the token."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("scheme") == "https":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _refuse(send, "missing or wrong API token: set BLOCKHORN_TOKEN to the "
+                                    f"contents of the daemon's <home>/{TOKEN_FILE}")
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Any, message: str) -> None:
+    body = json.dumps({"error": {"code": "EACCES", "errno": errno.EACCES, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": 401,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"www-authenticate", b'Bearer realm="blockhorn"'),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

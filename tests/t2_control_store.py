@@ -1,0 +1,300 @@
+"""Tier 2: the state-store contract (control/store/base.py), one suite run against both
+implementations: SQLite in a temporary file, and etcd (a real one-member etcd on 127.0.0.1,
+started once for this module; every test gets its own key prefix)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from failover_site import start_etcd
+
+from blockhorn.control.store import (
+    PORT_RANGE,
+    BackupTargetRow,
+    DiskRow,
+    NodeRow,
+    ProcessRecord,
+    SqliteStore,
+    StateStore,
+    open_store,
+)
+from blockhorn.control.store.etcd import EtcdStore
+from blockhorn.types import AlreadyExists, NotFound
+
+ETCD = shutil.which("etcd")
+LIVENESS_WAIT_S = 10.0   # seconds for a 2 s TTL to run out (etcd checks leases every 500 ms)
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if ETCD is None:
+        pytest.skip("etcd not installed (apt-get install etcd-server)")
+    url, proc = start_etcd(str(tmp_path_factory.mktemp("etcd")), "127.0.0.1")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def reopen(kind: str, request: pytest.FixtureRequest, tmp_path: object) -> Iterator[object]:
+    """A function opening the store under test (again: a restarted daemon sees the same)."""
+    opened: list[StateStore] = []
+    prefix = f"/bh-test-{uuid.uuid4().hex[:12]}/"
+    url = request.getfixturevalue("etcd_url") if kind == "etcd" else None
+
+    def open_() -> StateStore:
+        s = open_store(f"{tmp_path}/state.db", url, prefix)
+        opened.append(s)
+        return s
+    yield open_
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(reopen: object) -> StateStore:
+    return reopen()   # type: ignore[operator, no-any-return]
+
+
+def make(store: StateStore, name: str = "v", n: int = 2) -> None:
+    store.add_volume(name, 1 << 20, [(f"{name}-r{i}", f"/d/{name}/{i}", None) for i in range(n)],
+                     (f"/run/{name}/nbd.sock", f"/run/{name}/c.sock"), is_free=lambda p: True)
+
+
+def test_open_store_picks_the_implementation(kind: str, store: StateStore) -> None:
+    assert isinstance(store, SqliteStore if kind == "sqlite" else EtcdStore)
+
+
+def test_volume_roundtrip_and_reopen(store: StateStore, reopen: object) -> None:
+    make(store)
+    vol = store.volume("v")
+    assert (vol.name, vol.size, vol.replica_count, vol.desired) == ("v", 1 << 20, 2, "detached")
+    assert vol.attachment is None and vol.created.endswith("Z") and vol.groups == []
+    reps = store.replicas("v")
+    assert [r.name for r in reps] == ["v-r0", "v-r1"] and [r.idx for r in reps] == [0, 1]
+    ports = [int(r.address.split(":")[1]) for r in reps]
+    assert len(set(ports)) == 2 and all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports)
+    assert store.ports("v") == {"v-r0": ports[0], "v-r1": ports[1]}
+    store.update_volume("v", desired="attached", attachment={"device": "/dev/loop7"},
+                        groups=["g"], device_stale=True, standby={"source": "s3://b"})
+    store.set_replica_process("v-r0", ProcessRecord(123, 45.5), restarted=True)
+    store.set_engine_process("v", ProcessRecord(9, 1.25))
+    again = reopen()   # type: ignore[operator]
+    v = again.volume("v")
+    assert (v.desired, v.attachment, v.groups, v.device_stale, v.standby) == \
+        ("attached", {"device": "/dev/loop7"}, ["g"], True, {"source": "s3://b"})
+    r0 = again.replicas("v")[0]
+    assert r0.process == ProcessRecord(123, 45.5) and r0.restarts == 1
+    assert again.engine("v").process == ProcessRecord(9, 1.25)
+    store.set_replica_process("v-r0", None)
+    assert store.replicas("v")[0].process is None and store.replicas("v")[0].restarts == 1
+    with pytest.raises(ValueError):
+        store.update_volume("v", replica_count=9)
+
+
+def test_names_are_unique_and_missing_is_notfound(store: StateStore) -> None:
+    make(store)
+    with pytest.raises(AlreadyExists):
+        make(store)
+    for call in (lambda: store.volume("x"), lambda: store.engine("x"),
+                 lambda: store.update_volume("x", message="m"),
+                 lambda: store.delete_volume("x"), lambda: store.share("v"),
+                 lambda: store.job("j"), lambda: store.remove_job("j")):
+        with pytest.raises(NotFound):
+            call()
+    store.set_replica_process("nope", ProcessRecord(1, 1.0))   # removed meanwhile: no-op
+    assert store.replicas("x") == []
+
+
+def test_delete_removes_everything_of_the_volume(store: StateStore) -> None:
+    make(store, "a")
+    make(store, "b")
+    store.allocate_port("a", "nfs", lambda p: True)
+    store.add_share("a", {"squash": "none"})
+    store.delete_volume("a")
+    assert [v.name for v in store.volumes()] == ["b"]
+    assert store.replicas("a") == [] and store.ports("a") == {}
+    with pytest.raises(NotFound):
+        store.engine("a")
+    with pytest.raises(NotFound):
+        store.share("a")
+    make(store, "a")   # the name, its replicas and ports are free again
+    assert len(store.replicas("b")) == 2
+
+
+def test_ports_are_never_handed_out_twice(store: StateStore) -> None:
+    make(store, "a", 3)
+    old = store.ports("a")
+    refused = set(old.values())
+    port = store.allocate_port("a", "a-r0", lambda p: p not in refused)
+    assert port not in refused and store.ports("a")["a-r0"] == port   # replaces a-r0's
+    assert len(set(store.ports("a").values())) == 3
+    store.set_replica_address("a-r0", f"127.0.0.1:{port}")
+    assert store.replicas("a")[0].address == f"127.0.0.1:{port}"
+    # Concurrent allocations (threads of one daemon, or daemons on several hosts) collide
+    # on purpose: a tiny range of acceptable ports; every one handed out is distinct.
+    few = set(range(PORT_RANGE[0], PORT_RANGE[0] + 8))
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def alloc(i: int) -> None:
+        try:
+            got.append(store.allocate_port("a", f"o{i}", lambda p: p in few))
+        except BaseException as e:   # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=alloc, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors and len(got) == 6 and len(set(got)) == 6
+
+
+def test_replica_failure_times(store: StateStore) -> None:
+    make(store)
+    store.set_replica_failed_since("v-r1", 100.0)
+    store.set_replica_failed_since("v-r1", 200.0)          # the first failure counts
+    assert store.replicas("v")[1].failed_since == 100.0
+    store.set_replica_failed_since("v-r0", 5.0)
+    store.clear_failed("v")
+    assert [r.failed_since for r in store.replicas("v")] == [None, None]
+    store.set_replica_failed_since("v-r0", 7.0)
+    store.set_replica_directory("v-r0", "/d/new")          # replaced: its failure is over
+    r0 = store.replicas("v")[0]
+    assert (r0.directory, r0.failed_since) == ("/d/new", None)
+
+
+def test_concurrent_updates_are_not_lost(store: StateStore) -> None:
+    make(store)
+    n = 10
+
+    def restart(name: str) -> None:
+        for _ in range(n):
+            store.set_replica_process(name, ProcessRecord(1, 1.0), restarted=True)
+    threads = [threading.Thread(target=restart, args=("v-r0",)) for _ in range(3)]
+    threads.append(threading.Thread(target=lambda: [store.update_volume("v", message=str(i))
+                                                    for i in range(n)]))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert store.replicas("v")[0].restarts == 3 * n
+    assert store.volume("v").message == str(n - 1)
+
+
+def test_settings(store: StateStore) -> None:
+    assert store.setting_values() == {}
+    store.put_setting("a-b", "600")
+    store.put_setting("c", '"x"')
+    store.put_setting("a-b", "5")
+    assert store.setting_values() == {"a-b": "5", "c": '"x"'}
+    store.delete_setting("a-b")
+    store.delete_setting("never-set")
+    assert store.setting_values() == {"c": '"x"'}
+
+
+def test_shares(store: StateStore) -> None:
+    make(store)
+    store.add_share("v", {"squash": "none", "clients": []})
+    row = store.share("v")
+    assert row.options == {"squash": "none", "clients": []} and row.process is None
+    store.set_share_process("v", ProcessRecord(77, 3.5), restarted=True)
+    row = store.share("v")
+    assert row.process == ProcessRecord(77, 3.5) and row.restarts == 1
+
+
+def test_jobs_and_runs(store: StateStore) -> None:
+    spec = {"name": "h", "cron": "0 * * * *", "task": "snapshot", "retain": 2}
+    job = store.add_job("h", spec, 1000.0)
+    assert (job.spec, job.created, job.last_slot, job.runs) == (spec, 1000.0, 1000.0, 0)
+    with pytest.raises(AlreadyExists):
+        store.add_job("h", spec, 1.0)
+    store.add_job("a", spec, 1.0)
+    assert [j.name for j in store.jobs()] == ["a", "h"]
+    ids = [store.start_run("h", 1000.0 + 3600 * i, 2000.0 + i, "running", None, keep=3)
+           for i in range(1, 5)]
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert store.job("h").last_slot == 1000.0 + 3600 * 4
+    store.start_run("h", 5.0, 9.0, "failed", "skipped", keep=3)   # an older slot: kept max
+    assert store.job("h").last_slot == 1000.0 + 3600 * 4
+    runs = store.job_runs("h", 10)
+    assert len(runs) == 3 and runs[0].state == "failed" and runs[0].finished == 9.0
+    assert store.job_run(ids[0]) is None                          # beyond the kept history
+    store.finish_run(ids[3], "ok", None, {"v": {"made": "s1"}}, 3000.0)
+    done = store.job_run(ids[3])
+    assert done is not None and (done.state, done.result, done.finished) == \
+        ("ok", {"v": {"made": "s1"}}, 3000.0)
+    store.finish_run(ids[2], "failed", "boom", None, 3001.0)
+    assert (store.job("h").runs, store.job("h").failures) == (2, 1)
+    store.start_run("a", None, 1.0, "running", None, keep=3)
+    assert store.interrupt_running(4000.0) == 1
+    assert store.job_runs("a", 5)[0].state == "interrupted"
+    store.remove_job("h")
+    assert store.job_runs("h", 10) == [] and store.job_run(ids[3]) is None
+    store.finish_run(ids[3], "ok", None, None, 1.0)   # its job is gone: a no-op
+
+
+def test_backup_targets(store: StateStore) -> None:
+    t = BackupTargetRow("default", "s3://b@r/", "/etc/cred", None, "2026-01-01T00:00:00Z")
+    store.put_backup_target(t)
+    store.put_backup_target(BackupTargetRow("nfs", "nfs://h:/e", None, "/mnt", "x"))
+    assert [r.name for r in store.backup_targets()] == ["default", "nfs"]
+    assert store.backup_targets()[0] == t
+    assert store.delete_backup_target("nfs") and not store.delete_backup_target("nfs")
+
+
+def test_nodes_and_disks(store: StateStore) -> None:
+    assert store.put_node(NodeRow("n1", "10.0.0.1", zone="z1", tags=["ssd"]))
+    assert not store.put_node(NodeRow("n1", "10.9.9.9"))          # registered once
+    assert store.node("n1").address == "10.0.0.1"
+    store.put_node(NodeRow("n0", "10.0.0.2"))
+    store.update_node("n1", schedulable=False, tags=["a", "b"], zone=None, heartbeat=5.5)
+    n1 = store.node("n1")
+    assert (n1.schedulable, n1.tags, n1.zone, n1.heartbeat) == (False, ["a", "b"], None, 5.5)
+    assert [n.name for n in store.nodes()] == ["n0", "n1"]
+    with pytest.raises(NotFound, match="node 'x' does not exist"):
+        store.update_node("x", zone="z")
+    store.add_disk(DiskRow("n1", "/mnt/d 1", ["fast"], reserved=1 << 30))
+    store.add_disk(DiskRow("n1", "/mnt/a"))
+    store.add_disk(DiskRow("n0", "/mnt/d 1"))
+    with pytest.raises(AlreadyExists):
+        store.add_disk(DiskRow("n1", "/mnt/a"))
+    with pytest.raises(NotFound):
+        store.add_disk(DiskRow("nx", "/mnt/a"))
+    assert [(d.node, d.path) for d in store.disks()] == \
+        [("n0", "/mnt/d 1"), ("n1", "/mnt/a"), ("n1", "/mnt/d 1")]
+    store.update_disk("n1", "/mnt/d 1", capacity=100, available=40, schedulable=False)
+    d = store.disks("n1")[1]
+    assert (d.tags, d.reserved, d.capacity, d.available, d.schedulable) == \
+        (["fast"], 1 << 30, 100, 40, False)
+    store.remove_disk("n1", "/mnt/a")
+    with pytest.raises(NotFound):
+        store.remove_disk("n1", "/mnt/a")
+    assert [dk.path for dk in store.disks("n1")] == ["/mnt/d 1"]
+
+
+def test_node_liveness_expires_and_returns(store: StateStore) -> None:
+    store.put_node(NodeRow("n1", "10.0.0.1"))
+    store.put_node(NodeRow("n2", "10.0.0.2"))
+    assert store.live_nodes(2) == set()
+    store.node_alive("n1", 2)
+    store.node_alive("n1", 2)                      # renewed, not a second record
+    assert store.live_nodes(2) == {"n1"} and store.node("n1").heartbeat is not None
+    deadline = time.monotonic() + LIVENESS_WAIT_S
+    while store.live_nodes(2):                     # silent longer than its TTL: down
+        assert time.monotonic() < deadline, "liveness did not expire"
+        time.sleep(0.2)
+    store.node_alive("n1", 2)                      # back (etcd: a new lease)
+    assert store.live_nodes(2) == {"n1"}
