@@ -101,10 +101,12 @@ def choose_frontend(frontend: str) -> str:
     # auto is fuse-nbd where there is no NBD: its device survives an engine crash and a live
     # upgrade (docs/DURABILITY.md), and it keeps the NBD endpoint (nbdsh, nbdcopy, fio
     # --ioengine=nbd) that the fuse frontend does not have. It costs speed: make bench
-    # (scripts/bench_engine_survival.py, 2 loaded vCPUs, 3 replicas, fio on the loop device)
-    # measured against nbdfuse 4k randread 0.5x, randwrite 0.85x, 1M read 0.8x, 1M write 0.9x,
-    # and against the in-process fuse frontend 0.45x / 0.7x / 0.57x / 1.1x. nbdfuse is the
-    # fallback where pyfuse3 or libnbd's Python module is missing.
+    # (scripts/bench_engine_survival.py, 2 vCPUs shared with other work, 3 replicas, fio on
+    # the loop device, two runs) measured against nbdfuse 4k randread 0.41-0.49x, randwrite
+    # 0.85-0.9x, 1M read 0.65-0.78x, 1M write 0.58-0.9x, and against the in-process fuse
+    # frontend 0.28-0.44x / 0.65-0.71x / 0.39-0.57x / 0.75-1.1x: a thread hand-off and a
+    # libnbd round trip per request, in Python. nbdfuse is the fallback where pyfuse3 or
+    # libnbd's Python module is missing.
     if frontend == "auto":
         if glob.glob("/dev/nbd[0-9]*") and shutil.which("nbd-client"):
             return "nbd"
