@@ -221,3 +221,8 @@ def test_live_upgrade(env: Env) -> None:
     env.cli("volume", "attach", "w", "--frontend", "nbdfuse")
     refused = env.cli("volume", "upgrade", "w", check=False)
     assert refused.returncode != 0 and "fuse-nbd" in refused.stderr
+    # --all: one at a time; the one that cannot be upgraded is named, the exit status says so.
+    every = env.cli("upgrade", "--all", check=False)
+    assert every.returncode == 1, every.stderr
+    assert "v: engine" in every.stdout and "w: not upgraded" in every.stdout, every.stdout
+    assert {r["mode"] for r in env.show("v")["replicas"]} == {"RW"}
