@@ -28,6 +28,8 @@ from blockhorn.cli_snapshot import run_clone, run_expand, run_snapshot
 from blockhorn.cli_standby import add_create_options as add_standby_options
 from blockhorn.cli_standby import add_parsers as add_standby_parsers
 from blockhorn.cli_standby import format_standby, run_standby
+from blockhorn.cli_upgrade import add_parsers as add_upgrade_parsers
+from blockhorn.cli_upgrade import run_upgrade
 from blockhorn.cli_verify import add_parser as add_verify_parser
 from blockhorn.cli_verify import run_verify
 from blockhorn.cli_watch import watch
@@ -136,10 +138,13 @@ def build_parser() -> Parser:
                                      "device; prints the device path (with --frontend none, "
                                      "the NBD endpoint).")
     p.add_argument("name")
-    p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "fuse", "none"),
+    p.add_argument("--frontend", choices=("auto", "nbdfuse", "nbd", "fuse", "fuse-nbd", "none"),
                    default="auto",
-                   help="auto: nbd-client where /dev/nbd* exists, else nbdfuse + loop; "
+                   help="auto: nbd-client where /dev/nbd* exists, else fuse-nbd "
+                        "(nbdfuse + loop without pyfuse3 or python3-libnbd); "
                         "fuse: the engine in a pyfuse3 process + loop (no NBD); "
+                        "fuse-nbd: a FUSE process holding the device over NBD + loop, "
+                        "survives engine restarts and live upgrades; "
                         "none: only the NBD endpoint (for fio, nbdsh, qemu)")
     p.add_argument("--port", type=int, metavar="PORT", dest="tcp_port",
                    help="also serve NBD on this TCP port, TLS required (see --tls)")
@@ -179,6 +184,7 @@ def build_parser() -> Parser:
 
     add_snapshot_parsers(cmds, vcmds)
     add_verify_parser(vcmds, _home_arg)
+    add_upgrade_parsers(cmds, vcmds, _home_arg)
     add_setting_parsers(cmds, _home_arg)
     add_node_parsers(cmds, _home_arg)
     add_job_parsers(cmds, vcmds)
@@ -293,6 +299,7 @@ def format_show(v: dict[str, Any]) -> str:
         f"Frontend:    {_dash(v.get('frontend'))}",
         f"Device:      {_dash(v.get('device'))}",
         f"Endpoint:    {_dash(v.get('endpoint'))}",
+        f"Engine:      {_dash((v.get('engine') or {}).get('version'))}",
         *([f"TCP (TLS):   {v['nbd_tcp']['uri']}"] if v.get("nbd_tcp") else []),
         f"Created:     {_dash(v.get('created'))}",
     ]
@@ -347,6 +354,8 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
         return run_expand(args, home)
     if args.action == "verify":
         return run_verify(args, home)
+    if args.action == "upgrade":
+        return run_upgrade(args, home)
     if args.action == "group":
         return run_volume_group(args, home)
     if args.action in ("standby-sync", "activate") or (args.action == "create"
@@ -630,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
             return _volume(args, home)
         if args.command == "share":
             return _share(args, home)
+        if args.command == "upgrade":
+            return run_upgrade(args, home)
         if args.command == "snapshot":
             return run_snapshot(args, home)
         if args.command == "setting":

@@ -215,7 +215,7 @@ def test_device_attach_detach_attach(env: Env) -> None:
     dev = env.cli("volume", "attach", "v").stdout.strip()
     assert dev.startswith("/dev/")
     show = env.show("v")
-    assert show["device"] == dev and show["frontend"] in ("nbdfuse", "nbd")
+    assert show["device"] == dev and show["frontend"] in ("fuse-nbd", "nbdfuse", "nbd")
     data = os.urandom(MiB)
     fd = os.open(dev, os.O_RDWR)
     try:

@@ -29,6 +29,7 @@ from blockhorn.manager.api_nodes import node_routes
 from blockhorn.manager.api_settings import setting_routes
 from blockhorn.manager.api_snapshots import snapshot_routes
 from blockhorn.manager.api_standby import standby_routes
+from blockhorn.manager.api_upgrade import upgrade_routes
 from blockhorn.manager.api_verify import verify_routes
 from blockhorn.manager.backups import BackupService
 from blockhorn.manager.jobs import JobScheduler
@@ -189,6 +190,7 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
     ]
     routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += verify_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    routes += upgrade_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += setting_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     if jobs is not None:
         routes += job_routes(volumes, jobs, run, endpoint, _body, _only, API_PREFIX)

@@ -8,7 +8,7 @@ Every tick (about a second) for each attached volume, in this order:
   source by the generation rule (engine/generation.py) and resyncs the others by itself.
 - an engine that is not running is started again, so the NBD endpoint works for new clients;
   a device above it (nbdfuse + loop) does not reconnect, which the message says: detach and
-  attach the volume.
+  attach the volume. The fuse-nbd holder does reconnect: its device only pauses.
 - a replica whose process runs but which the engine holds in ERR is handed to `rebuild`.
 - a replica that stayed failed (ERR in the engine, or its process cannot be started) longer
   than the setting `replica-replenishment-wait-interval` is replaced by a new, empty one on
@@ -320,6 +320,8 @@ class Supervisor:
             log.error("engine of %s is not running: restarting it", name)
         delay = self._attempted(key)
         try:
+            from blockhorn.manager.upgrade import kill_orphan_engine
+            kill_orphan_engine(self.store.engine(name).nbd_socket)
             self.volumes.start_engine(name, restarted=True)
         except (BlockhornError, OSError) as e:
             first = _short(e)
@@ -329,6 +331,9 @@ class Supervisor:
                 + "".join(f"; {w}" for w in waiting)))
             return
         msg = "engine restarted after it died"
+        from blockhorn.nbd.attach import SURVIVING
+        if (vol.attachment or {}).get("frontend") in SURVIVING:
+            device = None   # its holder reconnects and retries: the device lives on
         if device:
             msg += (f"; {device} lost its connection and fails I/O: detach and attach the "
                     "volume again")

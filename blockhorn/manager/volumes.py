@@ -41,7 +41,7 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.manager")
 
-FRONTENDS = ("auto", "nbdfuse", "nbd", "fuse", "none")
+FRONTENDS = ("auto", "nbdfuse", "nbd", "fuse", "fuse-nbd", "none")
 TRANSPORTS = ("auto", "tcp", "unix")
 # auto: unix sockets for replicas on this host (measured ~40 % more 1 MiB write bandwidth
 # with 3 replicas than TCP loopback), TCP when a socket path would be too long.
@@ -316,6 +316,8 @@ class VolumeManager:
         for address in ready:
             process.wait_ready(f"engine of {name} ({os.path.basename(address)})", address,
                                rec, log_path)
+        from blockhorn.manager.upgrade import record_version
+        record_version(self.home, name)
         if vol.frontend != "fuse":
             # nbdkit creates its socket under the process umask; the directory (0700) already
             # keeps others out, and this keeps them out where a home was made world-readable.
@@ -466,7 +468,7 @@ class VolumeManager:
             "share": (self.shares.show(name, attached=vol.desired == "attached")
                       if vol.access_mode == "rwx" else None),
             "engine": {"pid": eng.process.pid if engine_up and eng.process else None,
-                       "restarts": eng.restarts},
+                       "restarts": eng.restarts, **_versions(self.home, name, engine_up)},
             "counters": (status or {}).get("counters"),
             "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
@@ -515,6 +517,14 @@ class VolumeManager:
     @staticmethod
     def _uri(nbd_socket: str) -> str:
         return f"nbd+unix:///?socket={os.path.abspath(nbd_socket)}"
+
+
+def _versions(home: Home, name: str, engine_up: bool) -> dict[str, Any]:
+    """The running engine's version and the installed one (manager/upgrade.py): when they
+    differ, `blockhorn volume upgrade` would start the new code."""
+    from blockhorn.manager.upgrade import installed_version, running_version
+    return {"version": running_version(home, name) if engine_up else None,
+            "installed_version": installed_version()}
 
 
 def _share_options(access: str, size: int,

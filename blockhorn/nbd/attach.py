@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,6 +31,12 @@ READY_TIMEOUT_S = 20.0
 # they mostly wait for each other: measured on 2 cores, 3 replicas, fio QD32, 4 threads gave
 # 24k randread / 4.3k randwrite IOPS, 8 gave 21k / 4.9k, 16 (nbdkit's default) 16k / 4.6k.
 NBDKIT_THREADS = 4
+
+# fuse-nbd: the device-holding FUSE process (blockhorn/fuse/holder.py), which outlives engines.
+FRONTENDS = ("nbd", "nbdfuse", "fuse", "fuse-nbd", "none")
+# Frontends whose device survives an engine restart (and so a live upgrade).
+SURVIVING = ("fuse-nbd",)
+HOLDER_READY_TIMEOUT_S = 70.0   # the holder waits up to 60 s for an engine before it mounts
 
 PACKAGES = {  # command -> Debian package that provides it
     "nbdkit": "nbdkit", "nbdfuse": "libnbd-bin", "losetup": "mount",
@@ -74,12 +81,15 @@ def check_dependencies(frontend: str = "auto") -> None:
         if not os.path.exists("/dev/fuse"):
             raise BlockhornError("/dev/fuse is missing: this host cannot use the nbdfuse "
                                  "frontend", errno.ENODEV)
-    elif frontend == "fuse":
+    elif frontend in ("fuse", "fuse-nbd"):
         for cmd in ("losetup", "fusermount3"):
             require(cmd)
         if not os.path.exists("/dev/fuse"):
-            raise BlockhornError("/dev/fuse is missing: this host cannot use the fuse "
+            raise BlockhornError(f"/dev/fuse is missing: this host cannot use the {frontend} "
                                  "frontend", errno.ENODEV)
+        if frontend == "fuse-nbd":
+            from blockhorn.fuse.holder import import_nbd
+            import_nbd()
         try:
             import pyfuse3  # noqa: F401
         except ImportError:
@@ -88,17 +98,34 @@ def check_dependencies(frontend: str = "auto") -> None:
 
 
 def choose_frontend(frontend: str) -> str:
-    # auto stays nbdfuse where there is no NBD: it keeps the NBD endpoint (nbdsh, nbdcopy,
-    # fio --ioengine=nbd) that the fuse frontend does not have. The fuse frontend is faster on
-    # every job (make bench, 2 vCPUs, 3 replicas, targets g/f: 4k random reads 2.3x, 4k random
-    # writes 1.9x, 1M reads 1.35x, 1M writes 1.4x) and passes TRIM on too: choose it with
-    # --frontend fuse.
+    # auto is fuse-nbd where there is no NBD: its device survives an engine crash and a live
+    # upgrade (docs/DURABILITY.md), and it keeps the NBD endpoint (nbdsh, nbdcopy, fio
+    # --ioengine=nbd) that the fuse frontend does not have. It costs speed: make bench
+    # (scripts/bench_engine_survival.py, 2 vCPUs shared with other work, 3 replicas, fio on
+    # the loop device, two runs) measured against nbdfuse 4k randread 0.41-0.49x, randwrite
+    # 0.85-0.9x, 1M read 0.65-0.78x, 1M write 0.58-0.9x, and against the in-process fuse
+    # frontend 0.28-0.44x / 0.65-0.71x / 0.39-0.57x / 0.75-1.1x: a thread hand-off and a
+    # libnbd round trip per request, in Python. nbdfuse is the fallback where pyfuse3 or
+    # libnbd's Python module is missing.
     if frontend == "auto":
-        return "nbd" if glob.glob("/dev/nbd[0-9]*") and shutil.which("nbd-client") else "nbdfuse"
-    if frontend not in ("nbd", "nbdfuse", "fuse", "none"):
-        raise BlockhornError(f"unknown frontend {frontend!r}: use auto, nbd, nbdfuse, fuse "
-                             "or none", errno.EINVAL)
+        if glob.glob("/dev/nbd[0-9]*") and shutil.which("nbd-client"):
+            return "nbd"
+        return "fuse-nbd" if _holder_usable() else "nbdfuse"
+    if frontend not in FRONTENDS:
+        raise BlockhornError(f"unknown frontend {frontend!r}: use auto, "
+                             f"{', '.join(FRONTENDS)}", errno.EINVAL)
     return frontend
+
+
+def _holder_usable() -> bool:
+    try:
+        import pyfuse3  # noqa: F401
+
+        from blockhorn.fuse.holder import import_nbd
+        import_nbd()
+    except (ImportError, BlockhornError):
+        return False
+    return os.path.exists("/dev/fuse")
 
 
 def engine_argv(config_path: str, nbd_socket: str) -> list[str]:
@@ -175,7 +202,39 @@ def attach_device(uri: str, fuse_dir: str, log_path: str, frontend: str = "auto"
         att = Attachment(device="", frontend="fuse", fuse_dir=fuse_dir)
         att.device = loop_setup(os.path.join(fuse_dir, IMAGE))
         return att
+    if frontend == "fuse-nbd":
+        return _attach_holder(uri, fuse_dir, log_path)
     return _attach_nbdfuse(uri, fuse_dir, log_path)
+
+
+def _attach_holder(uri: str, fuse_dir: str, log_path: str) -> Attachment:
+    """The holder process (blockhorn/fuse/holder.py) mounts the volume file and reaches the
+    engine over NBD, reconnecting when the engine is restarted; a loop device on the file."""
+    from blockhorn.fuse import IMAGE
+    cleanup_stale_mount(fuse_dir)
+    os.makedirs(fuse_dir, exist_ok=True)
+    pidfile = fuse_dir.rstrip("/") + ".pid"
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+    att = Attachment(device="", frontend="fuse-nbd", fuse_dir=fuse_dir)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "blockhorn.fuse.holder",
+                                 "--socket", uri.split("socket=", 1)[1], "--mount", fuse_dir,
+                                 "--pidfile", pidfile],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    att.pids["holder"] = proc.pid
+    try:
+        wait_for(lambda: os.path.exists(pidfile) or proc.poll() is not None,
+                 "the fuse-nbd holder", HOLDER_READY_TIMEOUT_S, log_path=log_path)
+        if proc.poll() is not None:
+            raise BlockhornError(f"the fuse-nbd holder exited with status {proc.returncode}; "
+                                 f"see {log_path}", errno.EIO)
+        att.device = loop_setup(os.path.join(fuse_dir, IMAGE))
+    except BaseException:
+        detach_device(att)
+        raise
+    return att
 
 
 NBD_BLOCK_SIZE = 4096   # the kernel device's logical block size (a filesystem's usual block)
@@ -306,7 +365,7 @@ def detach_device(att: Attachment) -> None:
             _run([require("nbd-client"), "-d", att.device])
         except BlockhornError as e:
             errors.append(str(e))
-    if att.frontend in ("nbdfuse", "fuse"):
+    if att.frontend in ("nbdfuse", "fuse", "fuse-nbd"):
         if att.device:
             try:
                 _run([require("losetup"), "-d", att.device])
@@ -315,8 +374,7 @@ def detach_device(att: Attachment) -> None:
                     errors.append(str(e))
         if att.fuse_dir:
             _unmount_fuse(att.fuse_dir)
-        pid = att.pids.get("nbdfuse")
-        if pid:
+        for pid in att.pids.values():   # nbdfuse, or the fuse-nbd holder
             _wait_exit(pid)
     if errors:
         raise BlockhornError("; ".join(errors), errno.EBUSY)
