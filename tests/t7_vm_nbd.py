@@ -167,12 +167,6 @@ nbd-client -d /dev/nbd0
 LOAD_S = 10   # seconds of fsync'd writes in the guest; the engine is killed 2 s in
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 11, not built yet: when the engine dies, the TLS proxy (nbdkit's nbd plugin) "
-    "answers the requests in flight with ESHUTDOWN and the keeper stops the proxy with the "
-    "engine, so the kernel fails them (I/O error, ext4 journal aborted). Measured by hand: "
-    "with --filter=retry in the proxy and the proxy kept across an engine restart on the "
-    "same socket, the same guest saw a 1.1 s pause and no error"))
 def test_engine_kill_under_kernel_nbd_load(env: Env, certs: dict[str, bytes], tmp_path) -> None:
     """kill -9 of the engine while the guest writes files with fsync on ext4 over the kernel
     NBD client: the daemon restarts the engine on the same endpoint; the guest must see a

@@ -151,6 +151,8 @@ class Supervisor:
             log.warning("engine of %s does not answer status: %s", name, e)
             status = None
         self._check_frontend(vol)
+        if vol.tcp_port:
+            self._check_proxy(vol, eng.nbd_socket)
         if vol.access_mode == "rwx":
             self._check_share(vol)
         if status is not None:
@@ -309,6 +311,17 @@ class Supervisor:
             self._attempted(key)
             return
         self._succeeded(key)
+
+    def _check_proxy(self, vol: VolumeRow, nbd_socket: str) -> None:
+        """Start the TLS proxy of the volume's TCP endpoint again if it died."""
+        from blockhorn.manager import nbdproxy
+        if nbdproxy.running(self.volumes.home, vol.name) is not None:
+            return
+        log.error("the NBD TLS proxy of %s is not running: starting it", vol.name)
+        try:
+            nbdproxy.ensure(self.volumes.home, vol.name, nbd_socket)
+        except (BlockhornError, OSError) as e:
+            log.error("starting the NBD TLS proxy of %s failed: %s", vol.name, e)
 
     def _restart_engine(self, vol: VolumeRow, was_running: bool, waiting: list[str]) -> None:
         name = vol.name

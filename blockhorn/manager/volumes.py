@@ -303,12 +303,6 @@ class VolumeManager:
             argv = [sys.executable, "-m", "blockhorn", "engine", "serve", "--keeper",
                     "--config", self.home.engine_config(name), "--socket", eng.nbd_socket]
             ready = [f"unix:{eng.nbd_socket}", f"unix:{eng.control_socket}"]
-            from blockhorn.nbd import tls as nbdtls
-            tcp = nbdtls.load(self.home.volume_dir(name)) if vol.tcp_port else None
-            if tcp is not None:   # TLS proxy in front of the unix socket (nbd/tls.py)
-                args, address = nbdtls.engine_args(tcp)
-                argv += args
-                ready.append(address)
         log_path = self.home.log(f"{name}-engine.log")
         rec = process.spawn(argv, log_path)
         self.store.set_engine_process(name, rec, restarted=restarted)
@@ -322,6 +316,11 @@ class VolumeManager:
             # nbdkit creates its socket under the process umask; the directory (0700) already
             # keeps others out, and this keeps them out where a home was made world-readable.
             os.chmod(eng.nbd_socket, 0o600)
+            if vol.tcp_port:
+                # The TLS proxy (its own process: it outlives an engine restart) in front of
+                # the unix socket; kept if it runs already (manager/nbdproxy.py).
+                from blockhorn.manager import nbdproxy
+                nbdproxy.ensure(self.home, name, eng.nbd_socket)
 
     def _attach_device(self, name: str, frontend: str) -> None:
         from blockhorn.nbd.attach import attach_device
@@ -381,6 +380,13 @@ class VolumeManager:
             except (BlockhornError, OSError, ImportError) as e:
                 errors.append(f"device {vol.attachment.get('device')}: {e}")
         eng = self.store.engine(name)
+        try:
+            # The TLS proxy first: it is the engine's client, and nbdkit with a client does not
+            # stop on SIGTERM.
+            from blockhorn.manager import nbdproxy
+            nbdproxy.stop(self.home, name)
+        except (BlockhornError, OSError) as e:
+            errors.append(f"NBD TLS proxy: {e}")
         try:
             process.terminate([eng.process])
             self.store.set_engine_process(name, None)

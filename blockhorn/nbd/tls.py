@@ -40,6 +40,12 @@ PSK_BYTES = 32                         # key length; psktool's default
 DEFAULT_ADDRESS = "127.0.0.1"          # a TCP endpoint is local unless an address is asked for
 CERT_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 PROXY_THREADS = 4                      # the proxy only forwards; the engine does the work
+# nbdkit's retry filter in the proxy: a request that fails (the engine died or is stopping:
+# lost connection, ESHUTDOWN) is retried on a reopened connection to the unix socket, once a
+# second, so a client waits for the restarted engine instead of failing (docs/DURABILITY.md,
+# "Which frontend survives what"). nbdkit 1.32 takes whole seconds only.
+PROXY_RETRY_DELAY_S = 1
+PROXY_RETRIES = 60                     # so a client's request fails after about 60 s
 
 
 def check_address(address: object) -> str:
@@ -103,18 +109,23 @@ def check_certificates(directory: str) -> str:
 
 
 def proxy_argv(nbdkit: str, nbd_socket: str, address: str, port: int, psk_file: str = "",
-               cert_dir: str = "") -> list[str]:
-    """nbdkit forwarding TCP+TLS clients to the engine's unix socket."""
+               cert_dir: str = "", exit_with_parent: bool = True) -> list[str]:
+    """nbdkit forwarding TCP+TLS clients to the engine's unix socket, retrying what fails
+    there on a new connection (PROXY_RETRIES). The daemon runs it on its own
+    (exit_with_parent=False, manager/nbdproxy.py) so that it outlives an engine restart."""
     if bool(psk_file) == bool(cert_dir):
         raise InvalidArgument("a TCP NBD endpoint needs exactly one of a PSK file and a "
                               "certificate directory: TLS is not optional on TCP")
-    argv = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(PROXY_THREADS),
-            "--tls=require", "-i", check_address(address), "--port", str(port)]
+    argv = [nbdkit, "--foreground", "--threads", str(PROXY_THREADS), "--tls=require",
+            "-i", check_address(address), "--port", str(port), "--filter=retry"]
+    if exit_with_parent:
+        argv.insert(2, "--exit-with-parent")
     if psk_file:
         argv.append(f"--tls-psk={os.path.abspath(psk_file)}")
     else:
         argv += [f"--tls-certificates={os.path.abspath(cert_dir)}", "--tls-verify-peer"]
-    return argv + ["nbd", f"socket={os.path.abspath(nbd_socket)}"]
+    return argv + ["nbd", f"socket={os.path.abspath(nbd_socket)}", f"retries={PROXY_RETRIES}",
+                   f"retry-delay={PROXY_RETRY_DELAY_S}", "retry-exponential=no"]
 
 
 def endpoint(settings: dict[str, Any]) -> str:
@@ -172,16 +183,17 @@ def remove(volume_dir: str) -> None:
         pass   # not attached over TCP: nothing to remove
 
 
-def engine_args(data: dict[str, Any]) -> tuple[list[str], str]:
-    """`blockhorn engine serve` arguments for the endpoint (creating the PSK on first use),
-    and the HOST:PORT address to wait on for readiness."""
-    args = ["--port", str(data["port"]), "--address", data["address"]]
+def daemon_proxy_argv(data: dict[str, Any], nbdkit: str, nbd_socket: str) -> tuple[list[str], str]:
+    """The proxy of an attached volume's endpoint as the daemon runs it, on its own (creating
+    the PSK on first use), and the HOST:PORT address to wait on for readiness."""
     if data["tls"] == "psk":
-        args += ["--tls-psk", ensure_psk(data["psk_file"])]
+        argv = proxy_argv(nbdkit, nbd_socket, data["address"], data["port"],
+                          psk_file=ensure_psk(data["psk_file"]), exit_with_parent=False)
     else:
-        args += ["--tls-certificates", data["certificates"]]
+        argv = proxy_argv(nbdkit, nbd_socket, data["address"], data["port"],
+                          cert_dir=data["certificates"], exit_with_parent=False)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(data["address"], data["address"])
-    return args, (f"[{host}]" if ":" in host else host) + f":{data['port']}"
+    return argv, (f"[{host}]" if ":" in host else host) + f":{data['port']}"
 
 
 def describe(data: dict[str, Any]) -> dict[str, Any]:
