@@ -22,7 +22,8 @@ def add_parsers(cmds: Any, vcmds: Any, home_arg: Callable[[argparse.ArgumentPars
         description="Stop the engine of an attached volume cleanly (its requests drained, a "
                     "final FLUSH) and start one running the code installed now on the same "
                     "replicas, without a rebuild. Its device stays up (frontend fuse-nbd, or "
-                    "none): I/O pauses, it does not fail.")
+                    "none with --port: the TLS proxy's clients are retried): I/O pauses, it "
+                    "does not fail.")
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     home_arg(p)

@@ -11,12 +11,14 @@ the guest printed, and e2fsck finds the filesystem clean.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shlex
 import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -164,16 +166,13 @@ nbd-client -d /dev/nbd0
         env.cli("volume", "detach", "x")
 
 
-LOAD_S = 10   # seconds of fsync'd writes in the guest; the engine is killed 2 s in
+LOAD_S = 10   # seconds of fsync'd writes in the guest; the event comes 2 s in
 
 
-def test_engine_kill_under_kernel_nbd_load(env: Env, certs: dict[str, bytes], tmp_path) -> None:
-    """kill -9 of the engine while the guest writes files with fsync on ext4 over the kernel
-    NBD client: the daemon restarts the engine on the same endpoint; the guest must see a
-    pause, no I/O error, ext4 still read-write, and every acknowledged file intact."""
-    connect = attach_tcp(env, "v")
-    try:
-        script = f"""
+def load_script(connect: str) -> str:
+    """Guest: ext4 on the kernel NBD device, fsync'd 512 KiB files rewritten for LOAD_S
+    seconds; prints the count, the errors and the longest write+fsync, the mount, checksums."""
+    return f"""
 {connect} || exit 1
 mkfs.ext4 -q -F /dev/nbd0 && mount -t ext4 /dev/nbd0 /mnt || exit 1
 echo LOAD
@@ -193,12 +192,19 @@ cd /mnt && sha256sum f* ; cd /
 umount /mnt
 nbd-client -d /dev/nbd0
 """
-        with vm.Guest(str(tmp_path), script, files=certs, modules=EXT4) as g:
+
+
+def run_through(env: Env, certs: dict[str, bytes], tmp_path, event, what: str,
+                after=lambda: None) -> None:
+    """Attach `v` over TLS, run load_script in the guest, call `event()` 2 s into the load;
+    then: no kernel I/O error, no failed write, ext4 still rw, and every file the guest
+    checksummed reads back the same on the host through the (new) engine's unix socket."""
+    connect = attach_tcp(env, "v")
+    try:
+        with vm.Guest(str(tmp_path), load_script(connect), files=certs, modules=EXT4) as g:
             g.wait_for(r"^LOAD$", vm.BOOT_TIMEOUT_S + 60)
             time.sleep(2)
-            keeper = psutil.Process(env.show("v")["engine"]["pid"])
-            next(c for c in keeper.children() if "python" in c.cmdline()).kill()
-            wait_until(lambda: env.show("v")["engine"]["restarts"] == 1, 30, "engine restart")
+            event()
             # A kernel I/O error is the failure, whatever the script does after it (a dd can
             # hang in the kernel on the dead device): fail at once instead of at the deadline.
             done = wait_until(lambda: "I/O error, dev nbd0" in g.console_tail(1000) or
@@ -208,8 +214,8 @@ nbd-client -d /dev/nbd0
             res = g.wait(30)
         m = re.search(r"WRITES (\d+) ERRORS (\d+) MAXPAUSE_US (\d+)", res.output)
         assert m, res.output
-        print(f"\nvm nbd engine kill: {m.group(1)} writes, {m.group(2)} errors, longest pause "
-              f"{int(m.group(3)) / 1e6:.2f} s")
+        print(f"\nvm nbd {what}: {m.group(1)} writes, {m.group(2)} errors, longest "
+              f"write+fsync {int(m.group(3)) / 1e6:.2f} s")
         assert int(m.group(2)) == 0, res.output
         assert re.search(r" /mnt ext4 rw[ ,]", res.output), res.output
         sums = dict((n, d) for d, n in re.findall(r"^([0-9a-f]{64})  (f\d+)$", res.output, re.M))
@@ -221,5 +227,47 @@ nbd-client -d /dev/nbd0
             got = subprocess.run(["debugfs", "-R", f"cat /{name}", image], check=True,
                                  capture_output=True, timeout=60).stdout
             assert hashlib.sha256(got).hexdigest() == digest, name
+        after()
     finally:
         env.cli("volume", "detach", "v")
+
+
+def test_engine_kill_under_kernel_nbd_load(env: Env, certs: dict[str, bytes], tmp_path) -> None:
+    """kill -9 of the engine while the guest writes files with fsync on ext4 over the kernel
+    NBD client: the daemon restarts the engine on the same endpoint (the TLS proxy stays, its
+    retry filter re-sends); the guest sees a pause, no I/O error, ext4 still read-write, and
+    every acknowledged file intact."""
+    def kill() -> None:
+        v = env.show("v")
+        keeper = psutil.Process(v["engine"]["pid"])
+        next(c for c in keeper.children() if "python" in c.cmdline()).kill()
+        wait_until(lambda: env.show("v")["engine"]["restarts"] == v["engine"]["restarts"] + 1,
+                   30, "engine restart")
+
+    run_through(env, certs, tmp_path, kill, "engine kill -9")
+
+
+def test_live_upgrade_under_kernel_nbd_load(env: Env, certs: dict[str, bytes],
+                                            tmp_path) -> None:
+    """`volume upgrade` of a `--frontend none --port` volume under the same guest load: the
+    engine hands over (drained, closed cleanly, killed), the installed one starts; no I/O
+    error in the guest, no rebuild, the same checks as for the kill."""
+    out: dict[str, Any] = {}
+
+    def upgrade() -> None:
+        out["old"] = env.show("v")["engine"]
+        out["r"] = json.loads(env.cli("volume", "upgrade", "v", "--json", timeout=60).stdout)
+
+    def no_rebuild() -> None:
+        v = env.show("v")
+        assert v["engine"]["pid"] != out["old"]["pid"]
+        assert v["engine"]["restarts"] == out["old"]["restarts"]
+        assert {x["mode"] for x in v["replicas"]} == {"RW"}, v["replicas"]
+        assert len({x["revision"] for x in v["replicas"]}) == 1, v["replicas"]
+        assert all(x["rebuild"] is None for x in v["replicas"]), v["replicas"]
+
+    run_through(env, certs, tmp_path, upgrade, "live upgrade", no_rebuild)
+    r = out["r"]
+    print(f"vm nbd live upgrade: daemon's pause {r['pause_s']:.2f} s (handover "
+          f"{r['stop_s']:.2f} s, start {r['start_s']:.2f} s)")
+    assert r["version"], r

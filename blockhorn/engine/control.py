@@ -6,7 +6,8 @@ replica: Engine.replace_replica), {"op": "snapshot", "name": N,
 "labels": {...}}, {"op": "snapshot_rm", "name": N}, {"op": "snapshots"}, {"op": "purge",
 "wait": bool}, {"op": "expand", "size": BYTES}, {"op": "verify", "repair": bool,
 "rate_mib_s": MiB/s, "wait": seconds} (starts a scrub: engine/verify.py), {"op":
-"verify_status"}. Reply: a JSON object; errors are {"error": message, "errno": n}.
+"verify_status"}, {"op": "handover"} (nbd/plugin.py: the engine drains and closes for a live
+upgrade behind the TLS proxy). Reply: a JSON object; errors are {"error": message, "errno": n}.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from blockhorn.config import ReplicaRef
@@ -29,9 +31,11 @@ MAX_LINE = 1 << 20   # bytes
 
 
 class ControlServer:
-    def __init__(self, engine: Engine, path: str) -> None:
+    def __init__(self, engine: Engine, path: str,
+                 extra_ops: dict[str, Callable[[], dict[str, Any]]] | None = None) -> None:
         self.engine = engine
         self.path = path
+        self.extra_ops = extra_ops or {}   # ops of the process hosting the engine (handover)
         self.sock: socket.socket | None = None
         self.verifier = Verifier(engine)
 
@@ -100,6 +104,8 @@ class ControlServer:
                                            float(req.get("wait") or 0))
             if op == "verify_status":
                 return self.verifier.status()
+            if op in self.extra_ops:
+                return self.extra_ops[op]()
             raise BlockhornError(f"unknown control op {op!r}", errno.EINVAL)
         except BlockhornError as e:
             return {"error": str(e), "errno": e.errno}

@@ -11,7 +11,9 @@ Sequence (under the volume's lock, so the supervisor leaves the volume alone mea
    request that was not answered. The workload sees a pause (measured: `pause_s`).
 
 Only a frontend whose device outlives its engine (`attach.SURVIVING`) can be upgraded live:
-nbd/nbdfuse/fuse devices would break, and with `none` nobody pauses the NBD clients.
+nbd/nbdfuse/fuse devices would break. `none` can when the volume has a TCP endpoint: its
+clients (a kernel nbd-client on another host) talk to the TLS proxy, which outlives the engine
+and retries (manager/nbdproxy.py); the engine is then stopped by a handover (`_handover`).
 
 The engine version is the package version plus a digest of the package's source files, so a
 changed checkout (or a reinstalled package) is a new version. It is recorded when an engine
@@ -87,12 +89,14 @@ def upgrade(volumes: Any, name: str) -> dict[str, Any]:
             raise InvalidArgument(f"volume {name!r} is not attached: its next attach starts "
                                   "the installed engine anyway")
         frontend = (vol.attachment or {}).get("frontend") or vol.frontend
-        # Not `none` either: nbdkit stops on SIGTERM only once its clients disconnect, and
-        # an NBD client of its own is not paused by anyone.
-        if frontend not in SURVIVING:
+        # `none` only behind the TCP proxy: its retry filter re-sends what the old engine
+        # refused. A local client of the unix socket is not paused or retried by anyone.
+        proxied = frontend == "none" and bool(vol.tcp_port)
+        if frontend not in SURVIVING and not proxied:
             raise Busy(f"volume {name!r} uses the {frontend} frontend, whose device does not "
                        "survive an engine restart: a live upgrade needs --frontend "
-                       f"{SURVIVING[0]} (detach, then attach with it)")
+                       f"{SURVIVING[0]}, or --frontend none with a TCP endpoint (--port) "
+                       "(detach, then attach with it)")
         old = running_version(volumes.home, name)
         eng = store.engine(name)
         holder = _Holder(vol.attachment or {})
@@ -101,7 +105,10 @@ def upgrade(volumes: Any, name: str) -> dict[str, Any]:
         holder.pause()
         try:
             tp = time.monotonic()
-            process.terminate([eng.process])   # SIGTERM: final FLUSH, clean close
+            if proxied:
+                _handover(eng)                  # drained, final FLUSH, clean close, killed
+            else:
+                process.terminate([eng.process])   # SIGTERM: final FLUSH, clean close
             t1 = time.monotonic()
             volumes.start_engine(name)          # records the new version
         finally:
@@ -113,6 +120,22 @@ def upgrade(volumes: Any, name: str) -> dict[str, Any]:
     return {"name": name, "old_version": old, "version": new, "drain_s": round(tp - t0, 3),
             "stop_s": round(t1 - tp, 3),
             "start_s": round(t2 - t1, 3), "pause_s": round(t2 - t0, 3)}
+
+
+HANDOVER_WAIT_S = 40.0   # seconds for the engine to drain and close (its own limit is 30 s)
+
+
+def _handover(eng: Any) -> None:
+    """Stop an engine whose client is the TCP proxy. SIGTERM would not stop it (nbdkit keeps
+    serving a connected client, answering ESHUTDOWN, until it disconnects, and an idle one
+    never does), so the engine is asked over its control socket to refuse new requests, drain
+    the running ones and close its replicas cleanly (nbd/plugin.py `_handover`); then its
+    nbdkit is killed: there is nothing left in it to lose. The proxy's retry filter re-sends
+    the refused requests, and those that find no engine, to the next engine."""
+    from blockhorn.engine.control import ControlClient
+    ControlClient(eng.control_socket, timeout=HANDOVER_WAIT_S).call({"op": "handover"})
+    kill_orphan_engine(eng.nbd_socket, "after its handover")   # the keeper's nbdkit
+    process.terminate([eng.process])          # the keeper exits with its nbdkit
 
 
 class _Holder:
@@ -184,7 +207,7 @@ def upgrade_all(volumes: Any) -> list[dict[str, Any]]:
     return results
 
 
-def kill_orphan_engine(nbd_socket: str) -> None:
+def kill_orphan_engine(nbd_socket: str, why: str = "without its keeper") -> None:
     """SIGKILL an nbdkit still serving `nbd_socket` after its keeper died (kill -9 of the
     keeper): nbdkit gets SIGTERM through its parent-death signal, and with clients connected
     it keeps their connections open answering ESHUTDOWN and holds the socket, so no new engine
@@ -195,8 +218,7 @@ def kill_orphan_engine(nbd_socket: str) -> None:
         try:
             argv = p.info["cmdline"] or []
             if p.info["name"] == "nbdkit" and "--unix" in argv and path in argv:
-                log.warning("nbdkit pid %d still serves %s without its keeper: SIGKILL",
-                            p.pid, path)
+                log.warning("nbdkit pid %d serves %s %s: SIGKILL", p.pid, path, why)
                 p.kill()
                 p.wait(5)
         except psutil.Error:

@@ -15,6 +15,7 @@ import glob
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -70,28 +71,86 @@ def get_ready() -> None:
                         format=f"%(asctime)s engine[{_cfg.volume}] %(levelname)s %(message)s")
 
 
+HANDOVER_DRAIN_S = 30.0   # seconds the requests running at a handover have to finish
+
+
+class _Gate:
+    """Counts the data requests inside the engine. Closed by a handover: from then on a request
+    fails with ESHUTDOWN, which the TLS proxy's retry filter re-sends to the next engine, and
+    the handover waits until the ones running have been answered."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self.closed = False
+
+    def enter(self) -> None:
+        with self._cond:
+            if self.closed:
+                raise BlockhornError("the engine is handing over to its successor",
+                                     errno.ESHUTDOWN)
+            self._running += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._running -= 1
+            self._cond.notify_all()
+
+    def close(self, timeout: float) -> bool:
+        with self._cond:
+            self.closed = True
+            if self._cond.wait_for(lambda: self._running == 0, timeout):
+                return True
+            self.closed = False   # not drained: serve on, the upgrade is abandoned
+            return False
+
+
+_gate = _Gate()
+_handed_over = False
+
+
+def _handover() -> dict[str, Any]:
+    """Live upgrade behind the TCP proxy (manager/upgrade.py): nbdkit keeps running while it
+    has a client (the proxy), so SIGTERM cannot stop it; instead new requests are refused, the
+    running ones drained, and the engine closed as at a normal exit (final FLUSH, replicas
+    closed cleanly at one revision). The daemon then SIGKILLs this nbdkit."""
+    global _handed_over
+    assert _engine is not None
+    if not _gate.close(HANDOVER_DRAIN_S):
+        raise BlockhornError(f"requests still running after {HANDOVER_DRAIN_S:g} s: the "
+                             "engine goes on serving", errno.ETIMEDOUT)
+    _handed_over = True
+    _engine.close()
+    return {"closed": True}
+
+
 def after_fork() -> None:
     global _engine, _control
     assert _cfg is not None
     _engine = Engine(_cfg)
     _engine.start()
-    _control = ControlServer(_engine, _cfg.control_socket)
+    _control = ControlServer(_engine, _cfg.control_socket, {"handover": _handover})
     _control.start()
 
 
 def cleanup() -> None:
     if _control is not None:
         _control.stop()
-    if _engine is not None:
+    if _engine is not None and not _handed_over:
         _engine.close()
 
 
 def _errors_to_nbdkit(fn: Callable[..., None]) -> Callable[..., None]:
-    """The edge where blockhorn errors become NBD errors: set nbdkit's errno, then raise."""
+    """The edge where blockhorn errors become NBD errors: set nbdkit's errno, then raise.
+    Every data request passes the handover gate."""
     @functools.wraps(fn)
     def wrapper(*args: Any) -> None:
         try:
-            fn(*args)
+            _gate.enter()
+            try:
+                fn(*args)
+            finally:
+                _gate.leave()
         except BlockhornError as e:
             nbdkit.set_error(e.errno)
             raise
