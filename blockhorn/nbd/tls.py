@@ -43,7 +43,9 @@ PROXY_THREADS = 4                      # the proxy only forwards; the engine doe
 # nbdkit's retry filter in the proxy: a request that fails (the engine died or is stopping:
 # lost connection, ESHUTDOWN) is retried on a reopened connection to the unix socket, once a
 # second, so a client waits for the restarted engine instead of failing (docs/DURABILITY.md,
-# "Which frontend survives what"). nbdkit 1.32 takes whole seconds only.
+# "Which frontend survives what"). nbdkit 1.32 takes whole seconds only. It retries every
+# error, also those the engine answers (EIO), which then reach the client after PROXY_RETRIES
+# seconds.
 PROXY_RETRY_DELAY_S = 1
 PROXY_RETRIES = 60                     # so a client's request fails after about 60 s
 
@@ -117,7 +119,10 @@ def proxy_argv(nbdkit: str, nbd_socket: str, address: str, port: int, psk_file: 
         raise InvalidArgument("a TCP NBD endpoint needs exactly one of a PSK file and a "
                               "certificate directory: TLS is not optional on TCP")
     argv = [nbdkit, "--foreground", "--threads", str(PROXY_THREADS), "--tls=require",
-            "-i", check_address(address), "--port", str(port), "--filter=retry"]
+            "-i", check_address(address), "--port", str(port),
+            # Nearest the client: a fast zero is refused at once with ENOTSUP, as the engine
+            # does (plugin.py can_fast_zero), instead of being retried for a minute.
+            "--filter=nozero", "--filter=retry"]
     if exit_with_parent:
         argv.insert(2, "--exit-with-parent")
     if psk_file:
@@ -125,7 +130,8 @@ def proxy_argv(nbdkit: str, nbd_socket: str, address: str, port: int, psk_file: 
     else:
         argv += [f"--tls-certificates={os.path.abspath(cert_dir)}", "--tls-verify-peer"]
     return argv + ["nbd", f"socket={os.path.abspath(nbd_socket)}", f"retries={PROXY_RETRIES}",
-                   f"retry-delay={PROXY_RETRY_DELAY_S}", "retry-exponential=no"]
+                   f"retry-delay={PROXY_RETRY_DELAY_S}", "retry-exponential=no",
+                   "zeromode=plugin", "fastzeromode=slow"]
 
 
 def endpoint(settings: dict[str, Any]) -> str:
