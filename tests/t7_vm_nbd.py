@@ -6,6 +6,11 @@ line `blockhorn.nbd.attach.nbd_client_argv` builds, measures raw device throughp
 writes files, syncs and disconnects. The host then reads the volume through the engine's unix
 socket and compares every file (debugfs reads ext4 from the image, no mount) with the checksums
 the guest printed, and e2fsck finds the filesystem clean.
+
+Engine survival: under the guest's ext4 load (fsync'd writes), kill -9 of the engine and a
+live `volume upgrade` must cost the guest a pause only (the TLS proxy outlives the engine and
+its retry filter re-sends: docs/DURABILITY.md): no kernel I/O error, ext4 still rw, every file
+the guest checksummed reads back the same on the host.
 """
 
 from __future__ import annotations
