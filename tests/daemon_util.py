@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from blockhorn.control.store import SqliteStore
+from blockhorn.manager import nbdproxy
 from blockhorn.manager.paths import Home
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,6 +115,8 @@ class Env:
                 att = vol.attachment or {}
                 if att.get("device"):
                     subprocess.run(["losetup", "-d", att["device"]], capture_output=True)
+                # The TLS proxy too: a process of its own (manager/nbdproxy.py).
+                nbdproxy.stop(self.home, vol.name, store.engine(vol.name).nbd_socket)
                 recs = [store.engine(vol.name).process] + [
                     r.process for r in store.replicas(vol.name)]
                 for rec in recs:

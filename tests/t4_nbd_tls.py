@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -159,8 +160,12 @@ def test_tcp_endpoint_psk(env: Env) -> None:
         pause = time.monotonic() - t0
         h.pwrite(data[:MiB], SIZE - MiB)
         h.flush()
-        h.shutdown()
         assert env.show("v")["engine"]["restarts"] == 1 and proxy.is_running()
+        # The daemon dies: the proxy (own session) serves on; the next daemon adopts it.
+        env.kill_daemon(signal.SIGKILL)
+        assert bytes(h.pread(MiB, SIZE - MiB)) == data[:MiB]
+        h.shutdown()
+        assert env.show("v")["state"] == "attached" and tls_proxy(port).pid == proxy.pid
         assert unix_read(env, "v") == data[:SIZE - MiB] + data[:MiB]
         print(f"\nTLS client through an engine kill -9: first read after {pause:.2f} s")
     finally:

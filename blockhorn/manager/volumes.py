@@ -384,7 +384,7 @@ class VolumeManager:
             # The TLS proxy first: it is the engine's client, and nbdkit with a client does not
             # stop on SIGTERM.
             from blockhorn.manager import nbdproxy
-            nbdproxy.stop(self.home, name)
+            nbdproxy.stop(self.home, name, eng.nbd_socket)
         except (BlockhornError, OSError) as e:
             errors.append(f"NBD TLS proxy: {e}")
         try:

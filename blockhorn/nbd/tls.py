@@ -111,20 +111,18 @@ def check_certificates(directory: str) -> str:
 
 
 def proxy_argv(nbdkit: str, nbd_socket: str, address: str, port: int, psk_file: str = "",
-               cert_dir: str = "", exit_with_parent: bool = True) -> list[str]:
+               cert_dir: str = "") -> list[str]:
     """nbdkit forwarding TCP+TLS clients to the engine's unix socket, retrying what fails
-    there on a new connection (PROXY_RETRIES). The daemon runs it on its own
-    (exit_with_parent=False, manager/nbdproxy.py) so that it outlives an engine restart."""
+    there on a new connection (PROXY_RETRIES). The daemon runs it under a keeper of its own
+    (manager/nbdproxy.py), not the engine's, so that it outlives an engine restart."""
     if bool(psk_file) == bool(cert_dir):
         raise InvalidArgument("a TCP NBD endpoint needs exactly one of a PSK file and a "
                               "certificate directory: TLS is not optional on TCP")
-    argv = [nbdkit, "--foreground", "--threads", str(PROXY_THREADS), "--tls=require",
-            "-i", check_address(address), "--port", str(port),
+    argv = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(PROXY_THREADS),
+            "--tls=require", "-i", check_address(address), "--port", str(port),
             # Nearest the client: a fast zero is refused at once with ENOTSUP, as the engine
             # does (plugin.py can_fast_zero), instead of being retried for a minute.
             "--filter=nozero", "--filter=retry"]
-    if exit_with_parent:
-        argv.insert(2, "--exit-with-parent")
     if psk_file:
         argv.append(f"--tls-psk={os.path.abspath(psk_file)}")
     else:
@@ -190,14 +188,14 @@ def remove(volume_dir: str) -> None:
 
 
 def daemon_proxy_argv(data: dict[str, Any], nbdkit: str, nbd_socket: str) -> tuple[list[str], str]:
-    """The proxy of an attached volume's endpoint as the daemon runs it, on its own (creating
-    the PSK on first use), and the HOST:PORT address to wait on for readiness."""
+    """The proxy of an attached volume's endpoint (creating the PSK on first use), and the
+    HOST:PORT address to wait on for readiness."""
     if data["tls"] == "psk":
         argv = proxy_argv(nbdkit, nbd_socket, data["address"], data["port"],
-                          psk_file=ensure_psk(data["psk_file"]), exit_with_parent=False)
+                          psk_file=ensure_psk(data["psk_file"]))
     else:
         argv = proxy_argv(nbdkit, nbd_socket, data["address"], data["port"],
-                          cert_dir=data["certificates"], exit_with_parent=False)
+                          cert_dir=data["certificates"])
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(data["address"], data["address"])
     return argv, (f"[{host}]" if ":" in host else host) + f":{data['port']}"
 
