@@ -98,6 +98,19 @@ def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+def _claim(client: ReplicaClient) -> dict[str, Any]:
+    """The first request on a new connection: the replica refuses, from now on, every request
+    of the connections it admitted before (an old connection of this engine may still hold a
+    write the replica received but did not execute: docs/DURABILITY.md). Returns its stat. A
+    replica older than `claim` (mid-upgrade) answers EINVAL: then a plain STAT."""
+    try:
+        return client.control({"op": "claim"}, timeout=10.0)
+    except BlockhornError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return client.stat()
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -254,7 +267,7 @@ class Engine:
                                send_timeout=self.cfg.timeout_s, receiver=self.receiver)
         try:
             client.connect()
-            r.stat = client.stat()
+            r.stat = _claim(client)
         except BlockhornError as e:
             client.close()
             r.error = str(e)
