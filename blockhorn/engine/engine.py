@@ -38,6 +38,7 @@ from blockhorn.engine.local import LocalChain
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
+from blockhorn.replica.proto import decode_json as proto_decode
 from blockhorn.replica.proto import encode_json as proto_json
 from blockhorn.types import (
     BLOCK_SIZE,
@@ -52,7 +53,8 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.engine")
 
-PING_INTERVAL_S = 2.0        # idle replicas are pinged this often to notice hangs
+PING_INTERVAL_S = 2.0        # every live replica is pinged (STAT) this often to notice hangs
+MAINT_TICK_S = 0.25          # how often outstanding pings are looked at (and a commit's wait)
 REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
 LOCAL_RETIRE_S = 60.0        # replaced local-read descriptors are closed after this long
 MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
@@ -80,6 +82,10 @@ class ReplicaState:
     error: str = ""
     stat: dict[str, Any] = field(default_factory=dict)
     rebuild: dict[str, Any] | None = None
+    # The outstanding ping (sent at, connection, call, reply buffer) and when the last
+    # answered one was sent (`Engine._ping`).
+    ping: tuple[float, ReplicaClient, Call, bytearray] | None = None
+    last_ping: float = 0.0
 
 
 def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -250,8 +256,15 @@ class Engine:
         sent = [(r, r.client) for r in targets]
         for _, client in sent:
             client.submit(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
-        if targets:
-            call.wait(self.cfg.timeout_s)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while targets and not call.wait(
+                min(MAINT_TICK_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            # A member whose ping was already unanswered for the timeout goes ERR now (its
+            # connection closes, failing its part of this call) instead of getting a full
+            # timeout of its own: two replicas silent at once stall writes one timeout.
+            self._expire_pings()
         failed = False
         for r, client in sent:
             status = call.results.get(r.ref.name, errno.ETIMEDOUT)
@@ -746,28 +759,69 @@ class Engine:
 
     def _maintain(self) -> None:
         """Ping live replicas; retry ERR ones (a restarted process, a healed network)."""
-        last_retry = time.monotonic()
-        while not self._stop.wait(PING_INTERVAL_S):
+        last_retry = last_chores = time.monotonic()
+        while not self._stop.wait(MAINT_TICK_S):
+            self._ping()
+            if time.monotonic() - last_chores < PING_INTERVAL_S:
+                continue
+            last_chores = time.monotonic()
             self._close_retired()
             self._refresh_local()
-            try:      # a replica lost while idle: record it before the next write needs to
-                self.commit_if_needed()
-            except BlockhornError as e:
-                log.error("volume %s: commit failed: %s", self.cfg.volume, e)
+            # A replica lost while idle: record it before the next write needs to. Not while
+            # another thread commits (its commit covers it): waiting here would stop the pings.
+            if not self.commit_lock.locked():
+                try:
+                    self.commit_if_needed()
+                except BlockhornError as e:
+                    log.error("volume %s: commit failed: %s", self.cfg.volume, e)
             if time.monotonic() - last_retry >= REBUILD_RETRY_S:
                 last_retry = time.monotonic()
                 for r in list(self.replicas.values()):
                     if r.mode == ReplicaMode.ERR and (
                             r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
                         self.rebuild(r.ref.name)
-            for r in list(self.replicas.values()):
-                client = r.client
-                if r.mode == ReplicaMode.ERR or client is None:
+
+    def _ping(self) -> None:
+        """Every PING_INTERVAL_S a STAT to each live replica, on its own clock (it doubles as
+        the ping and keeps status() current): a replica that does not answer within
+        `timeout_s` goes ERR. Not one replica after the other: a silent replica would hold
+        up the pings of the rest, and a second silent one be noticed a timeout later."""
+        self._expire_pings()
+        now = time.monotonic()
+        for r in list(self.replicas.values()):
+            ping = r.ping
+            if ping is not None:
+                sent_at, client, call, buf = ping
+                status = call.results.get(r.ref.name)
+                if status is None:
+                    continue                     # outstanding (`_expire_pings` watches it)
+                r.ping = None
+                if status:
+                    self.set_error(r, f"ping: {os.strerror(status)}", client)
                     continue
-                try:   # STAT doubles as the ping and keeps status() current
-                    r.stat = client.stat(timeout=self.cfg.timeout_s)
+                try:
+                    r.stat = proto_decode(buf)
                 except BlockhornError as e:
-                    self.set_error(r, f"ping: {e}")
+                    self.set_error(r, f"ping: {e}", client)
+                    continue
+                r.last_ping = sent_at
+            client_now = r.client
+            if r.mode == ReplicaMode.ERR or client_now is None \
+                    or now - r.last_ping < PING_INTERVAL_S:
+                continue
+            call, buf = Call(1), bytearray()
+            r.ping = (now, client_now, call, buf)
+            client_now.submit(call, Op.STAT, reply_buf=buf)
+
+    def _expire_pings(self) -> None:
+        """Set ERR every replica whose ping has gone unanswered for `timeout_s` (from the
+        maintenance thread, and from a commit waiting for its members)."""
+        now = time.monotonic()
+        for r in list(self.replicas.values()):
+            ping = r.ping
+            if ping is not None and r.ref.name not in ping[2].results \
+                    and now - ping[0] >= self.cfg.timeout_s:
+                self.set_error(r, f"ping: no answer within {self.cfg.timeout_s:g} s", ping[1])
 
     def _refresh_local(self) -> None:
         """A purge changes a replica's chain behind the engine's back: when the chain the
