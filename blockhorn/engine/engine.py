@@ -35,10 +35,10 @@ from blockhorn.engine import generation
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
+from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, expire_pings, ping_replicas
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
-from blockhorn.replica.proto import decode_json as proto_decode
 from blockhorn.replica.proto import encode_json as proto_json
 from blockhorn.types import (
     BLOCK_SIZE,
@@ -53,8 +53,6 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.engine")
 
-PING_INTERVAL_S = 2.0        # every live replica is pinged (STAT) this often to notice hangs
-MAINT_TICK_S = 0.25          # how often outstanding pings are looked at (and a commit's wait)
 REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
 LOCAL_RETIRE_S = 60.0        # replaced local-read descriptors are closed after this long
 MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
@@ -102,19 +100,6 @@ def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
         left = max(out.get("total", 0) - out.get("done", 0), 0)
         out["eta_s"] = left / rate if rate > 0 else None
     return out
-
-
-def _claim(client: ReplicaClient) -> dict[str, Any]:
-    """The first request on a new connection: the replica refuses, from now on, every request
-    of the connections it admitted before (an old connection of this engine may still hold a
-    write the replica received but did not execute: docs/DURABILITY.md). Returns its stat. A
-    replica older than `claim` (mid-upgrade) answers EINVAL: then a plain STAT."""
-    try:
-        return client.control({"op": "claim"}, timeout=10.0)
-    except BlockhornError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return client.stat()
 
 
 class Engine:
@@ -264,7 +249,7 @@ class Engine:
             # A member whose ping was already unanswered for the timeout goes ERR now (its
             # connection closes, failing its part of this call) instead of getting a full
             # timeout of its own: two replicas silent at once stall writes one timeout.
-            self._expire_pings()
+            expire_pings(self)
         failed = False
         for r, client in sent:
             status = call.results.get(r.ref.name, errno.ETIMEDOUT)
@@ -280,7 +265,7 @@ class Engine:
                                send_timeout=self.cfg.timeout_s, receiver=self.receiver)
         try:
             client.connect()
-            r.stat = _claim(client)
+            r.stat = client.claim()
         except BlockhornError as e:
             client.close()
             r.error = str(e)
@@ -761,7 +746,7 @@ class Engine:
         """Ping live replicas; retry ERR ones (a restarted process, a healed network)."""
         last_retry = last_chores = time.monotonic()
         while not self._stop.wait(MAINT_TICK_S):
-            self._ping()
+            ping_replicas(self)
             if time.monotonic() - last_chores < PING_INTERVAL_S:
                 continue
             last_chores = time.monotonic()
@@ -780,48 +765,6 @@ class Engine:
                     if r.mode == ReplicaMode.ERR and (
                             r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
                         self.rebuild(r.ref.name)
-
-    def _ping(self) -> None:
-        """Every PING_INTERVAL_S a STAT to each live replica, on its own clock (it doubles as
-        the ping and keeps status() current): a replica that does not answer within
-        `timeout_s` goes ERR. Not one replica after the other: a silent replica would hold
-        up the pings of the rest, and a second silent one be noticed a timeout later."""
-        self._expire_pings()
-        now = time.monotonic()
-        for r in list(self.replicas.values()):
-            ping = r.ping
-            if ping is not None:
-                sent_at, client, call, buf = ping
-                status = call.results.get(r.ref.name)
-                if status is None:
-                    continue                     # outstanding (`_expire_pings` watches it)
-                r.ping = None
-                if status:
-                    self.set_error(r, f"ping: {os.strerror(status)}", client)
-                    continue
-                try:
-                    r.stat = proto_decode(buf)
-                except BlockhornError as e:
-                    self.set_error(r, f"ping: {e}", client)
-                    continue
-                r.last_ping = sent_at
-            client_now = r.client
-            if r.mode == ReplicaMode.ERR or client_now is None \
-                    or now - r.last_ping < PING_INTERVAL_S:
-                continue
-            call, buf = Call(1), bytearray()
-            r.ping = (now, client_now, call, buf)
-            client_now.submit(call, Op.STAT, reply_buf=buf)
-
-    def _expire_pings(self) -> None:
-        """Set ERR every replica whose ping has gone unanswered for `timeout_s` (from the
-        maintenance thread, and from a commit waiting for its members)."""
-        now = time.monotonic()
-        for r in list(self.replicas.values()):
-            ping = r.ping
-            if ping is not None and r.ref.name not in ping[2].results \
-                    and now - ping[0] >= self.cfg.timeout_s:
-                self.set_error(r, f"ping: no answer within {self.cfg.timeout_s:g} s", ping[1])
 
     def _refresh_local(self) -> None:
         """A purge changes a replica's chain behind the engine's back: when the chain the
