@@ -245,7 +245,7 @@ class ReplicaServer:
         MACs each request's tag is checked before it executes (a bad one ends the connection)
         and each reply is tagged. A request of a fenced owner, or on a connection superseded
         by a newer claim, is answered ESTALE and ends it."""
-        session = session or Session(0)
+        session = session or Session(0, admitted=self.claims)
         rx, tx = session.rx, session.tx
         tag = proto.TAG_SIZE if rx is not None else 0
         buf = bytearray(RECV_BUFFER)
