@@ -122,7 +122,9 @@ def test_on_path_bit_flip_in_a_write_is_refused(tmp_path) -> None:
         status, before, _, landed = write_through_flipping_proxy(rep, "auto")
         assert status == errno.EIO                  # the connection was dropped
         assert digest(landed) == digest(before)     # nothing of the forged write landed
-        assert "failed authentication" in open(rep.log_path).read()
+        # The replica logs after it dropped the connection: maybe after our read-back.
+        wait_for(lambda: "failed authentication" in open(rep.log_path).read(),
+                 "the replica's log of the refused frame", timeout=10)
     finally:
         rep.stop()
 

@@ -1,9 +1,11 @@
 """Replica-side fencing (blockhorn/replica/fencing.py) against a real replica server: an
 owner's epoch travels in the handshake; a newer one closes the older owner's connections and
-locks it out, across a replica restart; epoch 0 (no failover) is never affected."""
+locks it out, across a replica restart; epoch 0 (no failover) is never affected. An engine's
+`claim` supersedes every connection admitted before it."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 
@@ -11,10 +13,10 @@ import pytest
 from harness import Cluster, ReplicaProc
 
 from blockhorn.config import ReplicaRef
-from blockhorn.engine.client import ReplicaClient
+from blockhorn.engine.client import Call, ReplicaClient
 from blockhorn.keys import load_key
 from blockhorn.replica.fencing import FILE
-from blockhorn.replica.proto import handshake_name, split_name
+from blockhorn.replica.proto import Op, handshake_name, split_name
 from blockhorn.types import AuthError, BlockhornError, ProtocolError
 
 
@@ -65,3 +67,26 @@ def test_newer_epoch_fences_the_older_owner(replica: ReplicaProc) -> None:
     with pytest.raises(AuthError, match="fenced"):
         client(replica, 6)
     client(replica, 8).close()
+
+
+def test_a_claim_supersedes_older_connections_of_any_epoch(replica: ReplicaProc) -> None:
+    """The engine's `claim` on a new connection: connections admitted before it are refused
+    (ESTALE) and shut down, whatever their epoch; those admitted after it are not; a resync's
+    `set_rebuilding` claims the same way."""
+    old, older_epoch = client(replica, 0), client(replica, 3)
+    new = client(replica, 3)
+    assert new.claim()["size"] == replica.cfg.size       # the reply is its STAT
+    for c in (old, older_epoch):
+        call = Call(1)
+        c.submit(call, Op.WRITE, 0, 4096, b"x" * 4096)
+        assert call.wait(5)
+        assert call.results[c.name] in (errno.ESTALE, errno.EIO)   # refused or shut down
+    later = client(replica, 0)                 # admitted after the claim: served
+    assert later.stat() and new.stat()
+    new.request(Op.WRITE, 0, 4096, b"n" * 4096)
+    later.control({"op": "set_rebuilding", "value": True})   # claims too
+    with pytest.raises(BlockhornError):
+        new.stat(timeout=5)
+    later.control({"op": "set_rebuilding", "value": False})
+    for c in (old, older_epoch, new, later):
+        c.close()

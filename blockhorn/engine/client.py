@@ -270,6 +270,19 @@ class ReplicaClient:
             self.request(Op.CONTROL, data=body, timeout=timeout))
         return result
 
+    def claim(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The engine's first request on a new connection: the replica refuses, from now on,
+        every request of the connections it admitted before (an old connection may still
+        hold a write the replica received but did not execute: docs/DURABILITY.md, "Stale
+        requests of an old connection"). Returns its stat. A replica older than `claim`
+        (mid-upgrade) answers EINVAL: then a plain STAT."""
+        try:
+            return self.control({"op": "claim"}, timeout=timeout)
+        except BlockhornError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            return self.stat(timeout)
+
     def stat(self, timeout: float = 10.0) -> dict[str, Any]:
         result: dict[str, Any] = proto.decode_json(self.request(Op.STAT, timeout=timeout))
         return result

@@ -35,6 +35,7 @@ from blockhorn.engine import generation
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
+from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, expire_pings, ping_replicas
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
@@ -52,7 +53,6 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.engine")
 
-PING_INTERVAL_S = 2.0        # idle replicas are pinged this often to notice hangs
 REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
 LOCAL_RETIRE_S = 60.0        # replaced local-read descriptors are closed after this long
 MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
@@ -80,6 +80,10 @@ class ReplicaState:
     error: str = ""
     stat: dict[str, Any] = field(default_factory=dict)
     rebuild: dict[str, Any] | None = None
+    # The outstanding ping (sent at, connection, call, reply buffer) and when the last
+    # answered one was sent (`Engine._ping`).
+    ping: tuple[float, ReplicaClient, Call, bytearray] | None = None
+    last_ping: float = 0.0
 
 
 def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -237,8 +241,15 @@ class Engine:
         sent = [(r, r.client) for r in targets]
         for _, client in sent:
             client.submit(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
-        if targets:
-            call.wait(self.cfg.timeout_s)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        while targets and not call.wait(
+                min(MAINT_TICK_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                break
+            # A member whose ping was already unanswered for the timeout goes ERR now (its
+            # connection closes, failing its part of this call) instead of getting a full
+            # timeout of its own: two replicas silent at once stall writes one timeout.
+            expire_pings(self)
         failed = False
         for r, client in sent:
             status = call.results.get(r.ref.name, errno.ETIMEDOUT)
@@ -254,7 +265,7 @@ class Engine:
                                send_timeout=self.cfg.timeout_s, receiver=self.receiver)
         try:
             client.connect()
-            r.stat = client.stat()
+            r.stat = client.claim()
         except BlockhornError as e:
             client.close()
             r.error = str(e)
@@ -733,28 +744,27 @@ class Engine:
 
     def _maintain(self) -> None:
         """Ping live replicas; retry ERR ones (a restarted process, a healed network)."""
-        last_retry = time.monotonic()
-        while not self._stop.wait(PING_INTERVAL_S):
+        last_retry = last_chores = time.monotonic()
+        while not self._stop.wait(MAINT_TICK_S):
+            ping_replicas(self)
+            if time.monotonic() - last_chores < PING_INTERVAL_S:
+                continue
+            last_chores = time.monotonic()
             self._close_retired()
             self._refresh_local()
-            try:      # a replica lost while idle: record it before the next write needs to
-                self.commit_if_needed()
-            except BlockhornError as e:
-                log.error("volume %s: commit failed: %s", self.cfg.volume, e)
+            # A replica lost while idle: record it before the next write needs to. Not while
+            # another thread commits (its commit covers it): waiting here would stop the pings.
+            if not self.commit_lock.locked():
+                try:
+                    self.commit_if_needed()
+                except BlockhornError as e:
+                    log.error("volume %s: commit failed: %s", self.cfg.volume, e)
             if time.monotonic() - last_retry >= REBUILD_RETRY_S:
                 last_retry = time.monotonic()
                 for r in list(self.replicas.values()):
                     if r.mode == ReplicaMode.ERR and (
                             r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
                         self.rebuild(r.ref.name)
-            for r in list(self.replicas.values()):
-                client = r.client
-                if r.mode == ReplicaMode.ERR or client is None:
-                    continue
-                try:   # STAT doubles as the ping and keeps status() current
-                    r.stat = client.stat(timeout=self.cfg.timeout_s)
-                except BlockhornError as e:
-                    self.set_error(r, f"ping: {e}")
 
     def _refresh_local(self) -> None:
         """A purge changes a replica's chain behind the engine's back: when the chain the

@@ -12,6 +12,13 @@ it in the handshake (AUTH name `vol@<epoch>`, docs/FORMAT.md). The replica serve
   former owner still had in flight fail instead of landing after the new owner's.
 
 Epoch 0 (no `@`: the single-host daemon, tools, tests) is neither checked nor closed.
+
+Within one owner the engine also replaces its own connections: its first request on every
+new connection is `claim`, after which the replica refuses every request of a connection
+admitted before it (`Superseded`) and shuts those connections down (replica/server.py). A
+request the replica had received on the old connection but not executed yet (it was paused,
+or its thread waited for the store lock) could otherwise land after the resync that the new
+connection runs, leaving the replica older than its siblings (docs/DURABILITY.md).
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ FILE = "fence.epoch"
 
 
 class Fenced(AuthError):   # logged as a refusal, like a wrong key
+    errno = errno.ESTALE
+
+
+class Superseded(BlockhornError):
+    """A request on a connection admitted before the engine's latest `claim`."""
     errno = errno.ESTALE
 
 

@@ -12,6 +12,11 @@ Hostile peers (docs/SECURITY.md): nothing a connection does ends the server. Una
 connections are capped and timed out; the handshake MAC is checked before any parsing; with
 frame MACs every request's tag is checked before it executes; every request is validated
 before it allocates; fencing is checked under the store lock before every request.
+
+Connections of one engine replace each other: the engine's first request on a new connection
+is `claim` (and a resync's `set_rebuilding` claims too); from then on every request of a
+connection admitted before it is refused ESTALE under the store lock, and those connections
+are shut down (docs/DURABILITY.md, "Stale requests of an old connection").
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from blockhorn.fsutil import data_extents, preadv_full, punch_hole
 from blockhorn.keys import load_key
 from blockhorn.replica import digest, proto, snapshots
 from blockhorn.replica.copymap import CopyMap
-from blockhorn.replica.fencing import Fenced, Fencing
+from blockhorn.replica.fencing import Fenced, Fencing, Superseded
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, FLAG_VECTOR, HEADER_SIZE, REPLY, Op
 from blockhorn.replica.store import VOLUME_META, Replica
 from blockhorn.sockio import BUFFERS_PER_SEND, advance, as_views, recv_into_exact, sendmsg_all
@@ -67,6 +72,7 @@ class Session:
     epoch: int                            # the owner's fencing epoch (0: none)
     rx: proto.FrameMac | None = None      # checks request tags (frame MACs on)
     tx: proto.FrameMac | None = None      # tags replies
+    admitted: int = 0                     # the server's `claims` when it was admitted
 
 
 class ReplicaServer:
@@ -84,6 +90,13 @@ class ReplicaServer:
         self.refused = 0                      # refusals not logged yet (log_refusal)
         self.refusal_logged = -REFUSAL_LOG_S
         self.fencing = Fencing(replica.directory)   # owners' epochs (replica/fencing.py)
+        # Engine claims so far: a connection admitted before the latest one is superseded.
+        # `sessions` and `claims` change under `sessions_lock`; `claims` also only under the
+        # store lock (a claim is a request), so `execute` reads it consistently there.
+        self.claims = 0
+        self.sessions: dict[stdsocket.socket, Session] = {}
+        self.sessions_lock = threading.Lock()
+        self.executing: Session | None = None   # the request's connection (store lock held)
         self.purge_state: dict[str, Any] = {"state": "idle"}
 
     async def serve(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,6 +223,9 @@ class ReplicaServer:
         conn = stdsocket.socket(sock.family, sock.type, fileno=sock.detach())
         conn.setblocking(True)
         self.fencing.register(conn, session.epoch)
+        with self.sessions_lock:
+            session.admitted = self.claims
+            self.sessions[conn] = session
         try:
             # abandon_on_cancel: at shutdown the `finally` shuts the socket down, which ends
             # the thread (a blocked recv returns); waiting for it first would wait forever
@@ -218,6 +234,8 @@ class ReplicaServer:
                                           limiter=self.threads, abandon_on_cancel=True)
         finally:
             self.fencing.unregister(conn)
+            with self.sessions_lock:
+                self.sessions.pop(conn, None)
             with contextlib.suppress(OSError):
                 conn.shutdown(stdsocket.SHUT_RDWR)
 
@@ -225,9 +243,10 @@ class ReplicaServer:
         """The data loop of one connection, in its own thread: receive what the socket has,
         execute every complete request in order, answer them all with one sendmsg. With frame
         MACs each request's tag is checked before it executes (a bad one ends the connection)
-        and each reply is tagged. A request of a fenced owner is answered ESTALE and ends it."""
-        session = session or Session(0)
-        epoch, rx, tx = session.epoch, session.rx, session.tx
+        and each reply is tagged. A request of a fenced owner, or on a connection superseded
+        by a newer claim, is answered ESTALE and ends it."""
+        session = session or Session(0, admitted=self.claims)
+        rx, tx = session.rx, session.tx
         tag = proto.TAG_SIZE if rx is not None else 0
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
@@ -259,9 +278,10 @@ class ReplicaServer:
                     m.update(frame[:len(frame) - tag])
                     rx.check(m, frame[len(frame) - tag:])
                 try:
-                    reply = self.execute(h, frame[HEADER_SIZE:HEADER_SIZE + h.payload], epoch)
-                except Fenced as e:
-                    log.warning("op %d of a fenced owner refused: %s", h.op, e)
+                    reply = self.execute(h, frame[HEADER_SIZE:HEADER_SIZE + h.payload],
+                                         session)
+                except (Fenced, Superseded) as e:
+                    log.warning("op %d refused: %s", h.op, e)
                     reply = [proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
                                         status=e.errno)]
                     fenced = True
@@ -276,18 +296,30 @@ class ReplicaServer:
             if fenced:
                 return
 
-    def execute(self, h: proto.Header, payload: memoryview, epoch: int = 0) -> list[Any]:
+    def execute(self, h: proto.Header, payload: memoryview,
+                session: Session | None = None) -> list[Any]:
         """Run one request under the store lock; return the reply buffers (header first).
         Every failure is an error reply: a peer can end its own connection, never the server.
-        The fencing check sits under the store lock, so once a newer owner has been admitted
-        no request of an older one executes, not even one already queued (raises `Fenced`)."""
+        The fencing checks sit under the store lock, so once a newer owner has been admitted
+        no request of an older one executes, not even one already queued (raises `Fenced`),
+        and once an engine has claimed the replica on a new connection, no request of a
+        connection admitted before that executes (raises `Superseded`)."""
+        session = session or Session(0, admitted=self.claims)
+        epoch = session.epoch
         try:
             with self.lock:
                 if 0 < epoch < self.fencing.highest:
                     raise Fenced(f"epoch {epoch} is fenced: epoch {self.fencing.highest} "
                                  "has connected")
-                return self._execute(h, payload)
-        except Fenced:
+                if session.admitted < self.claims:
+                    raise Superseded("a newer connection has claimed this replica: requests "
+                                     "of older connections are refused")
+                self.executing = session
+                try:
+                    return self._execute(h, payload)
+                finally:
+                    self.executing = None
+        except (Fenced, Superseded):
             raise
         except BlockhornError as e:
             log.warning("op %d at %d+%d failed: %s", h.op, h.offset, h.length, e)
@@ -299,6 +331,24 @@ class ReplicaServer:
         except Exception:
             log.exception("op %d at %d+%d: unexpected error", h.op, h.offset, h.length)
             return [proto.pack(h.op | REPLY, h.seq, h.offset, h.length, status=errno.EIO)]
+
+    def claim(self) -> None:
+        """The engine's connection that sent this request replaces every connection admitted
+        before it (store lock held): their requests are refused from now on, even those
+        already received, and they are shut down. Connections admitted later are not
+        affected (an engine's further connections are opened after its claim)."""
+        session = self.executing
+        if session is None:
+            return
+        with self.sessions_lock:
+            self.claims += 1
+            session.admitted = self.claims
+            older = [c for c, s in self.sessions.items() if s.admitted < self.claims]
+        for conn in older:
+            with contextlib.suppress(OSError):
+                conn.shutdown(stdsocket.SHUT_RDWR)   # its data loop sees EOF and ends
+        if older:
+            log.info("claimed by a new connection: %d older ones shut down", len(older))
 
     def check_range(self, offset: int, length: int) -> None:
         """Before any allocation: a request may move at most MAX_REQUEST bytes, inside the
@@ -475,11 +525,19 @@ class ReplicaServer:
             snapshots.sync_layers(r)
             r.update_meta(RebuildCursor=[layer, offset])
             return {}
-        if op == "set_rebuilding":
+        if op == "claim":
+            # The engine's first request on a new connection (engine.connect_replica).
+            self.claim()
+        elif op == "set_rebuilding":
             # `since`: an incremental resync from that revision, which leaves the content in
             # place (a restart may resume it); absent: a full rebuild, which empties it.
+            # A resync's start claims too: nothing an older connection still holds may land
+            # after it (also with an engine that does not send `claim`).
             since = field(req, "since", int) if req.get("since") is not None else None
-            r.update_meta(Rebuilding=field(req, "value", bool), ResyncSince=since)
+            value = field(req, "value", bool)
+            if value:
+                self.claim()
+            r.update_meta(Rebuilding=value, ResyncSince=since)
         elif op == "begin_copy":
             # A rebuild copy session starts: sent by the engine in the same order-locked step
             # that makes this replica WO, so it precedes every mutation the copy races with.

@@ -1,0 +1,66 @@
+"""The engine's pings: a STAT to every live replica every PING_INTERVAL_S, each replica on its
+own clock (it doubles as the ping and keeps `status()` current). A replica that leaves its
+ping unanswered for `timeout_s` goes ERR. Not one replica after the other: a silent replica
+would hold up the pings of the rest, and a second silent one would be noticed a timeout
+later — and a generation commit waiting for it would give it a timeout of its own (two
+replicas cut at once stalled writes two timeouts: docs/DURABILITY.md, "A link cut")."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from blockhorn.engine.client import Call
+from blockhorn.replica.proto import Op
+from blockhorn.replica.proto import decode_json as proto_decode
+from blockhorn.types import BlockhornError, ReplicaMode
+
+if TYPE_CHECKING:
+    from blockhorn.engine.engine import Engine
+
+PING_INTERVAL_S = 2.0        # every live replica is pinged (STAT) this often to notice hangs
+MAINT_TICK_S = 0.25          # how often outstanding pings are looked at (and a commit's wait)
+
+
+def ping_replicas(eng: Engine) -> None:
+    """Settle answered pings, expire silent ones, send the pings that are due (the
+    maintenance thread, every MAINT_TICK_S)."""
+    expire_pings(eng)
+    now = time.monotonic()
+    for r in list(eng.replicas.values()):
+        ping = r.ping
+        if ping is not None:
+            sent_at, client, call, buf = ping
+            status = call.results.get(r.ref.name)
+            if status is None:
+                continue                     # outstanding (`expire_pings` watches it)
+            r.ping = None
+            if status:
+                eng.set_error(r, f"ping: {os.strerror(status)}", client)
+                continue
+            try:
+                r.stat = proto_decode(buf)
+            except BlockhornError as e:
+                eng.set_error(r, f"ping: {e}", client)
+                continue
+            r.last_ping = sent_at
+        client_now = r.client
+        if r.mode == ReplicaMode.ERR or client_now is None \
+                or now - r.last_ping < PING_INTERVAL_S:
+            continue
+        call, buf = Call(1), bytearray()
+        r.ping = (now, client_now, call, buf)
+        client_now.submit(call, Op.STAT, reply_buf=buf)
+
+
+def expire_pings(eng: Engine) -> None:
+    """Set ERR every replica whose ping has gone unanswered for `timeout_s` (from the
+    maintenance thread, and from a commit waiting for its members). Closing its connection
+    fails every call still waiting for it, the commit's too."""
+    now = time.monotonic()
+    for r in list(eng.replicas.values()):
+        ping = r.ping
+        if ping is not None and r.ref.name not in ping[2].results \
+                and now - ping[0] >= eng.cfg.timeout_s:
+            eng.set_error(r, f"ping: no answer within {eng.cfg.timeout_s:g} s", ping[1])
