@@ -178,13 +178,15 @@ class PowerCutFS(pyfuse3.Operations):
         os.rmdir(self._child(parent_inode, name))
 
     async def open(self, inode, flags, ctx):
-        fd = os.open(self._path(inode), flags & ~(os.O_CREAT | os.O_EXCL))
+        # O_DIRECT is the caller's cache hint, not durability (that is fsync, which this file
+        # system models): the buffers FUSE hands us are not aligned for the backing file.
+        fd = os.open(self._path(inode), flags & ~(os.O_CREAT | os.O_EXCL | os.O_DIRECT))
         self.fds[fd] = inode
         return pyfuse3.FileInfo(fh=fd)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         path = self._child(parent_inode, name)
-        fd = os.open(path, flags | os.O_CREAT, mode)
+        fd = os.open(path, (flags | os.O_CREAT) & ~os.O_DIRECT, mode)
         attr = self._attr(path)
         self.fds[fd] = attr.st_ino
         return pyfuse3.FileInfo(fh=fd), attr
