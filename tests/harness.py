@@ -70,9 +70,15 @@ class ReplicaProc:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.proc.send_signal(signal.SIGCONT)   # a stopped replica ignores SIGTERM
             self.proc.send_signal(sig)
             if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
-                self.proc.wait(10)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:   # teardown must not leak a replica
+                    self.proc.kill()
+                    self.proc.wait(10)
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
