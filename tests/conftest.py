@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 
@@ -20,6 +21,20 @@ def needs_root() -> pytest.MarkDecorator:
     if os.environ.get("CI") and os.geteuid() != 0:
         raise RuntimeError("CI must run as root: root tests may not be skipped there")
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE, loop and mount")
+
+
+@pytest.fixture(scope="module")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One etcd on 127.0.0.1 per test module (its client URL)."""
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd not installed (apt-get install etcd-server)")
+    from failover_site import start_etcd
+    url, proc = start_etcd(str(tmp_path_factory.mktemp("etcd")), "127.0.0.1")
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@ started once for this module; every test gets its own key prefix)."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from failover_site import start_etcd
 
 from blockhorn.control.store import (
     PORT_RANGE,
@@ -26,20 +24,7 @@ from blockhorn.control.store import (
 from blockhorn.control.store.etcd import EtcdStore
 from blockhorn.types import AlreadyExists, NotFound
 
-ETCD = shutil.which("etcd")
 LIVENESS_WAIT_S = 10.0   # seconds for a 2 s TTL to run out (etcd checks leases every 500 ms)
-
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if ETCD is None:
-        pytest.skip("etcd not installed (apt-get install etcd-server)")
-    url, proc = start_etcd(str(tmp_path_factory.mktemp("etcd")), "127.0.0.1")
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(params=["sqlite", "etcd"])

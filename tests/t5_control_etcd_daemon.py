@@ -9,27 +9,15 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from daemon_util import Env
-from failover_site import start_etcd
 from support.daemon_proc import daemon
 
 from blockhorn.cluster.etcd import Etcd
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd not installed (apt-get install etcd-server)")
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url, proc = start_etcd(str(tmp_path_factory.mktemp("etcd")), "127.0.0.1")
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
 
 def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
     prefix = f"/bh-daemon-{uuid.uuid4().hex[:12]}/"

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from daemon_util import Env, wait_until
 from support import vm
-from test_share_nfs import MISSING, REASON, _safety_net
+from test_share_nfs import MISSING, REASON, share_env
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(bool(MISSING), reason=REASON)]
 
@@ -37,17 +37,8 @@ NFS = ("nfsv4",)     # the guest's kernel modules (support/vm.py)
 @pytest.fixture
 def env() -> Iterator[Env]:
     vm.require_vm()
-    e = Env()
-    try:
+    with share_env() as e:
         yield e
-    finally:
-        try:
-            if os.path.exists(e.home.db):
-                for v in e.ls():
-                    e.cli("volume", "rm", v["name"], "--force", check=False)
-        finally:
-            _safety_net(e)
-            e.close()
 
 
 def share_of(env: Env, name: str) -> dict[str, Any]:

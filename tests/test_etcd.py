@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import pytest
 from daemon_util import ROOT
-from failover_site import start_etcd
 
 from blockhorn.cluster import spec
 from blockhorn.cluster.agent import Agent, restore_tree, snapshot_tree
@@ -28,16 +27,6 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
 SPEC = {"size": "64MiB", "replicas": ["vol-r0=10.0.0.11:9500", "vol-r1=10.0.0.12:9500"],
         "nfs": {"clients": ["10.0.0.0/24", "10.0.1.5=ro"], "port": 2049,
                 "service_address": "10.0.0.50/24", "interface": "eth0"}}
-
-
-@pytest.fixture(scope="module")
-def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url, proc = start_etcd(str(tmp_path_factory.mktemp("etcd")), "127.0.0.1")
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ libnfs itself through ctypes (Appender)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -49,8 +50,10 @@ RWX = ["--access", "rwx", "--replicas", "1", "--size", "64MiB", "--nfs-minor-ver
        "--mkfs-options", f"-E root_owner={UID}:{UID}"]
 
 
-@pytest.fixture
-def env() -> Iterator[Env]:
+@contextlib.contextmanager
+def share_env() -> Iterator[Env]:
+    """A daemon home whose volumes are removed afterwards, with the Ganesha safety net (the
+    real-kernel NFS tier uses it too)."""
     e = Env()
     try:
         yield e
@@ -62,6 +65,12 @@ def env() -> Iterator[Env]:
         finally:
             _safety_net(e)
             e.close()
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    with share_env() as e:
+        yield e
 
 
 def _safety_net(e: Env) -> None:
