@@ -11,8 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,6 +20,7 @@ from support.backup_util import (
     BLOCK,
     MiB,
     ReplicaVolume,
+    backup_killed_after,
     backup_snapshot,
     file_digest,
     replica_digest,
@@ -36,7 +35,6 @@ from blockhorn.replica.store import Replica
 from blockhorn.types import Busy
 
 SIZE = 16 * MiB     # 8 blocks of 2 MiB
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 backup = backup_snapshot
 restored_digest = functools.partial(restore_digest, size=SIZE)
 
@@ -109,23 +107,7 @@ def test_backup_killed_mid_upload_resumes_without_redoing_blocks(store, vol, tmp
         vol.random(i * BLOCK, BLOCK)
     vol.snapshot("s0")
     journal = str(tmp_path / "journal")
-    script = f"""
-import os, signal, sys
-sys.path.insert(0, {ROOT!r})
-from blockhorn import backup as bk
-import blockhorn.backup.backup
-blockhorn.backup.backup.JOURNAL_SYNC_S = 0   # a journal line per block, for an exact count
-uploads = []
-def hook(csum):
-    uploads.append(csum)
-    if len(uploads) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)   # the process dies right after 3 uploads
-t = bk.open_target({store.url!r})
-src = bk.open_snapshot([{vol.directory!r}], "s0")
-bk.create_backup(t, "vol", src, journal_dir={journal!r}, workers=1, on_upload=hook)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True,
-                          env=dict(os.environ))
+    proc = backup_killed_after(3, store.url, None, vol.directory, "s0", journal)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     assert bk.list_backups(store, "vol") == []           # a half-done backup is not listed
     (pending,) = bk.list_backups(store, "vol", include_incomplete=True)

@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +19,7 @@ from support.backup_util import (
     BLOCK,
     MiB,
     ReplicaVolume,
+    backup_killed_after,
     backup_snapshot,
     restore_digest,
     snapshot_digest,
@@ -31,7 +30,6 @@ from blockhorn import backup as bk
 from blockhorn.backup import format as fmt
 
 SIZE = 16 * MiB
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 backup = backup_snapshot
 restored = functools.partial(restore_digest, size=SIZE)
 
@@ -121,22 +119,7 @@ def test_s3_backup_killed_mid_upload_resumes(s3server, target, vol, tmp_path) ->
         vol.random(i * BLOCK, BLOCK)
     vol.snapshot("s0")
     journal = str(tmp_path / "journal")
-    script = f"""
-import os, signal, sys
-sys.path.insert(0, {ROOT!r})
-from blockhorn import backup as bk
-import blockhorn.backup.backup
-blockhorn.backup.backup.JOURNAL_SYNC_S = 0   # a journal line per block, for an exact count
-n = []
-def hook(csum):
-    n.append(csum)
-    if len(n) == 2:
-        os.kill(os.getpid(), signal.SIGKILL)
-t = bk.open_target({target.url!r}, {s3server.env()!r})
-src = bk.open_snapshot([{vol.directory!r}], "s0")
-bk.create_backup(t, "vol", src, journal_dir={journal!r}, workers=1, on_upload=hook)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+    proc = backup_killed_after(2, target.url, s3server.env(), vol.directory, "s0", journal)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     assert bk.list_backups(target, "vol") == []
     target.requests.clear()

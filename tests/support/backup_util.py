@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import subprocess
+import sys
 
 from blockhorn.replica import snapshots as store_snaps
 from blockhorn.replica.store import Replica
@@ -87,3 +89,29 @@ def restore_digest(target, name: str, path: str, size: int) -> str:
     finally:
         sink.close()
     return file_digest(path, size)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def backup_killed_after(uploads: int, target_url: str, target_env: dict | None,
+                        directory: str, snap: str, journal: str) -> subprocess.CompletedProcess:
+    """Back up snapshot `snap` of the one-replica volume in `directory` in a child process
+    that SIGKILLs itself right after its `uploads`-th block upload (one worker, a journal
+    line per block, so what was journaled is exact)."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {ROOT!r})
+from blockhorn import backup as bk
+import blockhorn.backup.backup
+blockhorn.backup.backup.JOURNAL_SYNC_S = 0   # a journal line per block, for an exact count
+uploads = []
+def hook(csum):
+    uploads.append(csum)
+    if len(uploads) == {uploads}:
+        os.kill(os.getpid(), signal.SIGKILL)
+t = bk.open_target({target_url!r}, {target_env!r})
+src = bk.open_snapshot([{directory!r}], {snap!r})
+bk.create_backup(t, "vol", src, journal_dir={journal!r}, workers=1, on_upload=hook)
+"""
+    return subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
