@@ -140,8 +140,11 @@ def healthy(env: Env, name: str, **want: Any) -> dict[str, Any] | None:
     return s if ok and all(pred(s) for pred in want.values()) else None
 
 
-def replicas_identical(show: dict[str, Any]) -> None:
-    """Invariant after a detach: every replica holds the same bytes, none is Rebuilding."""
+def detach_replicas_identical(env: Env, name: str = "v") -> None:
+    """Detach `name`, then the invariant: every replica holds the same bytes, none is
+    Rebuilding."""
+    env.cli("volume", "detach", name)
+    show = env.show(name)
     digests = set()
     for r in show["replicas"]:
         rep = Replica.open(r["path"])
@@ -175,8 +178,7 @@ def test_scenario1_replica_killed_under_writes(env: Env) -> None:
     assert after["replicas"][1]["rebuild"]["state"] == "done"
     assert after["engine"]["pid"] == before["engine"]["pid"]
     w.check(uri)
-    env.cli("volume", "detach", "v")
-    replicas_identical(env.show("v"))
+    detach_replicas_identical(env)
     report("1 kill -9 one replica under writes -> healthy", recovery,
            "daemon: restart + resync")
     print(f"scenario 1: healthy {recovery:.1f} s after the kill, {len(w.acked)} blocks written")
@@ -205,8 +207,7 @@ def test_scenario3_everything_killed_comes_back(env: Env) -> None:
     assert all(r["restarts"] >= 1 for r in after["replicas"]) and after["engine"]["restarts"] >= 1
     flushed = w.check(after["endpoint"])
     assert flushed >= 100
-    env.cli("volume", "detach", "v")
-    replicas_identical(env.show("v"))
+    detach_replicas_identical(env)
     report("3 kill -9 every replica and the engine -> healthy", recovery,
            f"daemon: replicas, engine, start rule, resync; {flushed} flushed blocks checked")
     print(f"scenario 3: healthy {recovery:.1f} s after every process was killed; "
@@ -244,8 +245,7 @@ def test_failed_replica_is_replaced_on_another_disk(env: Env) -> None:
     kept = glob.glob(victim["path"] + ".replaced-*")
     assert len(kept) == 1 and os.path.exists(os.path.join(kept[0], "volume-head-000.img"))
     w.check(uri)
-    env.cli("volume", "detach", "v")
-    replicas_identical(env.show("v"))
+    detach_replicas_identical(env)
     report("replica unusable -> replaced on another disk, healthy", recovery,
            "replenishment wait 2 s included")
     print(f"replacement: healthy {recovery:.1f} s after the kill (wait interval 2 s)")
@@ -281,5 +281,4 @@ def test_unstartable_replica_without_a_free_disk_waits_for_its_disk(env: Env) ->
     w.finish()
     assert w.error is None, w.error
     w.check(uri)
-    env.cli("volume", "detach", "v")
-    replicas_identical(env.show("v"))
+    detach_replicas_identical(env)
