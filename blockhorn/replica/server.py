@@ -494,6 +494,9 @@ class ReplicaServer:
         if op == "punch_head":
             # An incremental resync makes a range of the target's head exactly the source's:
             # holes first (this op), then the source's head data (WRITE). Rebuild targets only.
+            # Today's engine uses punch_layer; this stays for an engine of the previous
+            # release still running beside replicas restarted on new code (until `volume
+            # upgrade`), whose resync would otherwise fail.
             if not r.meta.get("Rebuilding"):
                 raise BlockhornError("punch_head: only a replica being rebuilt", errno.EROFS)
             offset, length = field(req, "offset", int), field(req, "length", int)
