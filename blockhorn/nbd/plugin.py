@@ -94,7 +94,8 @@ class _Gate:
     def leave(self) -> None:
         with self._cond:
             self._running -= 1
-            self._cond.notify_all()
+            if self.closed:    # only a handover waits (closed is set before it waits)
+                self._cond.notify_all()
 
     def close(self, timeout: float) -> bool:
         with self._cond:
