@@ -9,18 +9,26 @@ with `eth0` (a veth whose peer is on the bridge) and `lo` up; everything goes ag
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Iterator
 
 
 def _remove(hosts: dict[str, str], bridge: str) -> None:
     from pyroute2 import IPRoute, netns
+    from pyroute2.netlink.exceptions import NetlinkError
     for ns in hosts:
         if ns in netns.listnetns():
             netns.remove(ns)
     with IPRoute() as ip:
         for link in (bridge, *(f"{ns}-v" for ns in hosts)):
             for idx in ip.link_lookup(ifname=link):
-                ip.link("del", index=idx)
+                try:
+                    ip.link("del", index=idx)
+                except NetlinkError as e:
+                    # A veth goes by itself once the kernel has torn down the namespace of
+                    # its peer, which it does asynchronously: gone between lookup and delete.
+                    if e.code != errno.ENODEV:
+                        raise
 
 
 @contextlib.contextmanager
