@@ -213,7 +213,10 @@ def test_live_upgrade(env: Env) -> None:
     v = env.show("v")
     assert v["engine"]["pid"] != old["pid"] and v["engine"]["version"]
     assert {r["mode"] for r in v["replicas"]} == {"RW"}
-    assert len({r["revision"] for r in v["replicas"]}) == 1
+    # A replica's revision in `volume show` is the one its last ping reported: the pings of
+    # the replicas run at different moments, so wait for the next round to see them equal.
+    wait_until(lambda: len({r["revision"] for r in env.show("v")["replicas"]}) == 1, 15,
+               "every replica at the same revision")
     assert all(r["rebuild"] is None for r in v["replicas"]), v["replicas"]
     assert v["engine"]["restarts"] == old["restarts"]
     # A frontend whose device would break is refused, with the reason.
