@@ -6,7 +6,8 @@ engine upgrade (issue 11), through the real daemon and CLI.
 - kill -9 while FLUSHes are in flight (a writer that fsyncs after every write on the raw
   device), of nbdkit or of its keeper: no error, every acknowledged block equal;
 - `volume upgrade` under the same writer: no error, no rebuild (every replica RW at the same
-  revision, no rebuild state), the engine pid changed and its version is shown.
+  revision, no rebuild state), the engine pid changed and its version is shown;
+- `volume expand` of the attached volume: file and loop device grow at once, ext4 grows.
 """
 
 from __future__ import annotations
@@ -229,3 +230,53 @@ def test_live_upgrade(env: Env) -> None:
     assert every.returncode == 1, every.stderr
     assert "v: engine" in every.stdout and "w: not upgraded" in every.stdout, every.stdout
     assert {r["mode"] for r in env.show("v")["replicas"]} == {"RW"}
+
+
+def test_expand_online(env: Env) -> None:
+    """`volume expand` of an attached fuse-nbd volume: the holder's file and the loop device
+    show the new size at once, ext4 grows into it (resize2fs; offline, as growing a mounted
+    ext4 needs CAP_SYS_RESOURCE, which a container may lack) and what was there is intact."""
+    dev = attach(env)
+    mnt = os.path.join(env.root, "mnt")
+    os.makedirs(mnt)
+
+    def run(*argv: str) -> None:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, f"{argv}: {p.stdout}{p.stderr}"
+
+    run("mkfs.ext4", "-q", "-F", dev)
+    run("mount", dev, mnt)
+    try:
+        before = os.urandom(4 * MiB)
+        with open(os.path.join(mnt, "before"), "wb") as f:
+            f.write(before)
+            os.fsync(f.fileno())
+        new = 2 * SIZE
+        env.cli("volume", "expand", "v", "--size", str(new))
+        # The daemon waits for the file to grow and runs `losetup -c` before it answers.
+        assert os.stat(os.path.join(env.home.fuse_dir("v"), "volume")).st_size == new
+        size = subprocess.run(["blockdev", "--getsize64", dev], check=True, timeout=30,
+                              capture_output=True, text=True).stdout
+        assert int(size) == new
+    finally:
+        subprocess.run(["umount", mnt], timeout=30)
+    run("e2fsck", "-fy", dev)
+    run("resize2fs", dev)
+    run("mount", dev, mnt)
+    try:
+        st = os.statvfs(mnt)
+        assert st.f_blocks * st.f_frsize > SIZE
+        after = os.urandom(SIZE)   # more than the old file system held: into the new part
+        with open(os.path.join(mnt, "after"), "wb") as f:
+            f.write(after)
+            os.fsync(f.fileno())
+    finally:
+        subprocess.run(["umount", mnt], timeout=30)
+    run("e2fsck", "-fn", dev)
+    run("mount", dev, mnt)   # read back from the device, not the page cache
+    try:
+        for name, data in (("before", before), ("after", after)):
+            with open(os.path.join(mnt, name), "rb") as f:
+                assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest(), name
+    finally:
+        subprocess.run(["umount", mnt], timeout=30)

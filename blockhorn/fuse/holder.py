@@ -19,6 +19,11 @@ the replica processes outlived the engine — or on their disks).
 
 An error the engine *answers* (EIO: no replica can take the write, ENOSPC, EINVAL) is not a
 lost connection and is passed up unchanged.
+
+An NBD connection learns the export size once, at its handshake, and libnbd refuses requests
+past it. After an online expand the daemon sends SIGWINCH: the holder reads the size on a new
+connection, moves every thread to a new connection, and has the kernel forget the file's
+attributes, so the file (and, after `losetup -c`, the loop device on it) grows.
 """
 
 from __future__ import annotations
@@ -147,6 +152,21 @@ class NbdBackend:
         for h in handles:   # idle: their threads wait in the condition or for work
             _close(h)
         return True
+
+    def refresh_size(self) -> int:
+        """The size the engine now reports to a new connection (it grew: an expand). Each
+        thread's next request goes over a new connection, which knows the new size: libnbd
+        refuses a request past the size its connection was told at its handshake."""
+        h = self._connect_until(time.monotonic() + self.deadline_s)
+        try:
+            size = int(h.get_size())
+        finally:
+            _close(h)
+        with self._cv:
+            if size != self.size:
+                self._epoch += 1   # (no request past the old size before the kernel knows)
+                self.size = size
+        return size
 
     def resume(self) -> None:
         with self._cv:
@@ -278,6 +298,13 @@ def main(socket_path: str, mountpoint: str, pidfile: str = "",
 
         signal.signal(signal.SIGUSR1, pause_resume)
         signal.signal(signal.SIGUSR2, pause_resume)
+
+        def grow(signum: int, frame: object) -> None:
+            threading.Thread(target=_grow, args=(backend,), daemon=True).start()
+
+        # SIGWINCH because its default action is to ignore it: the daemon sends it after every
+        # expand, also to a holder started by an older release that may not handle it.
+        signal.signal(signal.SIGWINCH, grow)
         if pidfile:   # the mount is there: what the attach waits for
             with open(pidfile + ".tmp", "w") as f:
                 f.write(f"{os.getpid()}\n")
@@ -297,6 +324,24 @@ def main(socket_path: str, mountpoint: str, pidfile: str = "",
         log.info("stopped (%d requests retried, %d reconnects)", backend.retried,
                  backend.reconnects)
     return 0
+
+
+def _grow(backend: NbdBackend) -> None:
+    """SIGWINCH (after an expand): read the engine's size again; when it changed, have the
+    kernel drop the file's cached attributes (never from the FUSE loop's thread: the kernel
+    may be waiting for that thread's reply)."""
+    import pyfuse3
+
+    from blockhorn.fuse.fs import IMAGE_INODE
+    old = backend.size
+    try:
+        size = backend.refresh_size()
+    except BlockhornError as e:
+        log.error("cannot read the volume's size: %s", e)
+        return
+    if size != old:
+        log.info("volume grew from %d to %d bytes", old, size)
+        pyfuse3.invalidate_inode(IMAGE_INODE, True)
 
 
 def _pause_resume(backend: NbdBackend, signum: int, state: str) -> None:

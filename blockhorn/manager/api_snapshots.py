@@ -88,7 +88,7 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
         if "size" not in data:
             raise InvalidArgument("expand needs a size")
         size = await run(locked, request.path_params["name"], expand_checked, data["size"])
-        return {"size": size, "note": "a fuse-frontend device is resized online; NBD clients "
+        return {"size": size, "note": "a fuse or fuse-nbd device is resized online; NBD clients "
                 "(nbdfuse, nbd-client) see the new size after they reconnect"}
 
     @endpoint

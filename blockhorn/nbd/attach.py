@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from blockhorn.types import BlockhornError
+
+log = logging.getLogger("blockhorn.attach")
 
 PLUGIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugin.py")
 NBDKIT_PYTHON_PLUGIN = "/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-python-plugin.so"
@@ -288,13 +291,25 @@ def _attach_nbd(uri: str) -> Attachment:
 
 def refresh_size(att: Attachment, size: int, timeout: float = 10.0) -> bool:
     """After an online expand: make the block device show `size`. The fuse frontend's file
-    grows by itself; the loop device on it re-reads its size with `losetup -c`. nbdfuse and
-    nbd-client read the size only when they connect: False (detach and attach)."""
-    if att.frontend != "fuse" or not att.device:
+    grows by itself; the fuse-nbd holder's once told (SIGWINCH: it asks the engine again);
+    the loop device on it re-reads its size with `losetup -c`. nbdfuse and nbd-client read
+    the size only when they connect: False (detach and attach)."""
+    if att.frontend not in ("fuse", "fuse-nbd") or not att.device:
         return False
     from blockhorn.fuse import IMAGE  # (pyfuse3 is imported only by the fuse frontend)
     image = os.path.join(att.fuse_dir, IMAGE)
-    wait_for(lambda: os.stat(image).st_size >= size, f"{image} to grow", timeout)
+    if att.frontend == "fuse-nbd":
+        holder = att.pids.get("holder", 0)
+        if not holder or not _alive(holder):
+            return False
+        os.kill(holder, signal.SIGWINCH)
+    try:
+        wait_for(lambda: os.stat(image).st_size >= size, f"{image} to grow", timeout)
+    except BlockhornError as e:
+        # The expand itself is done; a device that did not follow (a holder of an older
+        # release) shows the new size after detach + attach.
+        log.warning("%s", e)
+        return False
     _run([require("losetup"), "-c", att.device])
     return True
 
