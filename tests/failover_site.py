@@ -5,6 +5,10 @@ address), a volume defined in etcd, and `blockhorn share agent` started on hosts
 Hosts A and B (namespaces bhxa, bhxb) run agents; C (bhxc) is the NFS client. libnfs 4.0 here
 speaks NFSv4.0 only and writes at most about 2 KB per call (see test_share_nfs): files written
 by `put` stay below CHUNK.
+
+Those names are fixed (two runs interfere). `unique_net()` gives a site names of its own
+(namespaces, bridge, subnet) for the tests that run in parallel with others (the VM tier);
+`put`/`cat` (the libnfs client on host C) serve the fixed site only.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 from daemon_util import ROOT, wait_until
@@ -32,14 +38,50 @@ from blockhorn.config import ReplicaConfig
 from blockhorn.keys import ensure_key
 
 CHUNK = 1800        # bytes; the largest file nfs-cp (libnfs 4.0, NFSv4) can write
-NET = "10.78.0"
-STORAGE = f"{NET}.254"                # the bridge's address: etcd and the replicas
-SERVICE = f"{NET}.100/24"
-PORT = 20492
-HOSTS = {"bhxa": f"{NET}.1/24", "bhxb": f"{NET}.2/24", "bhxc": f"{NET}.3/24"}
-BRIDGE = "bhxbr0"
 VOLUME = "fvol"
 MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Net:
+    """A site's names: namespace `<prefix><host>` per host (a, b, c), the bridge, a /24."""
+    prefix: str = "bhx"
+    subnet: str = "10.78.0"
+    bridge: str = "bhxbr0"
+    port: int = 20492          # Ganesha's (each host has its own port space)
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}{host}"
+
+    @property
+    def storage(self) -> str:   # the bridge's address: etcd and the replicas
+        return f"{self.subnet}.254"
+
+    @property
+    def service(self) -> str:
+        return f"{self.subnet}.100/24"
+
+    @property
+    def hosts(self) -> dict[str, str]:
+        return {self.ns(h): f"{self.subnet}.{i}/24" for i, h in enumerate("abc", 1)}
+
+
+FIXED = Net()
+NET, STORAGE, SERVICE, PORT = FIXED.subnet, FIXED.storage, FIXED.service, FIXED.port
+HOSTS, BRIDGE = FIXED.hosts, FIXED.bridge
+
+
+def unique_net() -> Net:
+    """Names no other run uses: the pid in the namespace and bridge names (interface names
+    stay under 16 bytes), a 10.79.N.0/24 that no address of this namespace is in."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ip:
+        used = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(family=socket.AF_INET)}
+    taken = {int(a.split(".")[2]) for a in used if a.startswith("10.79.")}
+    start = os.getpid() % 250
+    third = next(1 + (start + i) % 250 for i in range(250) if 1 + (start + i) % 250 not in taken)
+    tag = f"bv{os.getpid() % 0x10000:04x}"
+    return Net(prefix=tag, subnet=f"10.79.{third}", bridge=f"{tag}br")
 
 
 @dataclass
@@ -49,6 +91,7 @@ class Site:
     etcd: subprocess.Popen[bytes]
     replicas: list[ReplicaProc]
     agents: dict[str, subprocess.Popen[bytes]]
+    net: Net = FIXED
 
     def home(self, host: str) -> str:
         return os.path.join(self.tmp, host)
@@ -63,7 +106,7 @@ class Site:
     def start_agent(self, host: str) -> None:
         with open(os.path.join(self.tmp, f"agent-{host}.log"), "ab") as log:
             self.agents[host] = subprocess.Popen(
-                ["ip", "netns", "exec", f"bhx{host}", sys.executable, "-m", "blockhorn",
+                ["ip", "netns", "exec", self.net.ns(host), sys.executable, "-m", "blockhorn",
                  "--home", self.home(host), "share", "agent", VOLUME, "--etcd", self.etcd_url,
                  "--host-id", f"host-{host}",
                  "--key-file", os.path.join(self.tmp, "cluster.key")],
@@ -75,11 +118,12 @@ class Site:
         st = self.agent_status(host)
         return st.get("role") == "owner" and st.get("state") == "serving"
 
-    def records(self) -> list[str]:
-        """Ganesha's client records (one directory per client) as copied to etcd."""
+    def records(self, match: str = "Libnfs") -> list[str]:
+        """Ganesha's client records (one directory per client) as copied to etcd, of the
+        clients whose record names `match` (libnfs's, or a kernel client's host name)."""
         with Etcd(self.etcd_url) as e:
             kv = e.get(recovery_key(VOLUME))
-        return [d for d in json.loads(kv.value)["dirs"] if "Libnfs" in d] if kv else []
+        return [d for d in json.loads(kv.value)["dirs"] if match in d] if kv else []
 
     def log(self, host: str) -> str:
         with open(os.path.join(self.tmp, f"agent-{host}.log"), errors="replace") as f:
@@ -98,7 +142,7 @@ class Site:
         psutil.wait_procs(procs, timeout=10)
         agent.wait(10)
         from pyroute2 import netns
-        netns.remove(f"bhx{host}")
+        netns.remove(self.net.ns(host))
         self.release_loops(host)
 
     def release_loops(self, host: str) -> None:
@@ -132,19 +176,21 @@ def start_etcd(tmp: str, host: str = STORAGE) -> tuple[str, subprocess.Popen[byt
 
 
 @contextlib.contextmanager
-def failover_site(tmp: str) -> Iterator[Site]:
-    """Bridge + hosts, etcd, three replicas and the volume defined in etcd; at exit every
-    agent is stopped (SIGTERM, then SIGKILL) and everything else goes too."""
-    with hosts_on_bridge(HOSTS, BRIDGE, f"{STORAGE}/24"):
-        url, etcd = start_etcd(tmp)
+def failover_site(tmp: str, net: Net = FIXED,
+                  nfs: dict[str, Any] | None = None) -> Iterator[Site]:
+    """Bridge + hosts, etcd, three replicas and the volume defined in etcd (`nfs`: entries
+    that replace those of the spec's nfs object); at exit every agent is stopped (SIGTERM,
+    then SIGKILL) and everything else goes too."""
+    with hosts_on_bridge(net.hosts, net.bridge, f"{net.storage}/24"):
+        url, etcd = start_etcd(tmp, net.storage)
         key = ensure_key(os.path.join(tmp, "cluster.key"))
         reps = []
-        s = Site(tmp, url, etcd, reps, {})
+        s = Site(tmp, url, etcd, reps, {}, net)
         try:
             for i in range(3):
                 name = f"{VOLUME}-r{i}"
                 cfg = ReplicaConfig(VOLUME, name, os.path.join(tmp, name), 64 * MiB,
-                                    f"{STORAGE}:{free_port()}", key)
+                                    f"{net.storage}:{free_port()}", key)
                 path = os.path.join(tmp, f"{name}.json")
                 cfg.save(path)
                 rep = ReplicaProc(cfg, path, os.path.join(tmp, f"{name}.log"),
@@ -152,10 +198,10 @@ def failover_site(tmp: str) -> Iterator[Site]:
                 rep.start()
                 reps.append(rep)
             spec = {"size": "64MiB", "replicas": [f"{r.cfg.name}={r.cfg.listen}" for r in reps],
-                    "nfs": {"clients": [HOSTS["bhxc"].split("/")[0] + "/32"], "port": PORT,
-                            "service_address": SERVICE, "interface": "eth0",
-                            "mkfs_options": ["-E", "root_owner=1000:1000"],
-                            "minor_versions": [0, 1, 2]}}
+                    "nfs": {"clients": [net.hosts[net.ns("c")].split("/")[0] + "/32"],
+                            "port": net.port, "service_address": net.service,
+                            "interface": "eth0", "mkfs_options": ["-E", "root_owner=1000:1000"],
+                            "minor_versions": [0, 1, 2], **(nfs or {})}}
             with open(os.path.join(tmp, "spec.json"), "w") as f:
                 json.dump(spec, f)
             subprocess.run([sys.executable, "-m", "blockhorn", "share", "define", VOLUME,
