@@ -49,6 +49,7 @@ bench: setup
 	$(PY) scripts/bench_backup.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_resync.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_engine_survival.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_vm.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_scheduler.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_faults.py $(if $(QUICK),--quick,)
 

@@ -14,13 +14,12 @@ mounts again and reads every file back; each must equal what its acknowledged wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 
@@ -39,44 +38,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(bool(NEEDS), reason=REASON)]
 GRACE_S, LEASE_S = 8, 5   # short, so the grace period fits the test's budget
 WRITE_LIMIT_S = 60.0      # the issue's target for the whole interruption, grace included
 NFS = ("nfsv4",)
-
-
-class Control:
-    """What the guest asks the host, one line per connection (busybox nc to 10.0.2.2):
-    `ready` is answered once the host called `release()`; `q` at once, `go` or `stop`."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.ready = threading.Event()
-        self.stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return   # closed
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(120)
-            try:
-                line = conn.makefile().readline().strip()
-                if line == "ready":
-                    self.ready.wait(120)
-                conn.sendall(b"stop\n" if self.stop.is_set() else b"go\n")
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.ready.set()
-        self.stop.set()
-        self.sock.close()
 
 
 def guest_script(site: Site, port: int) -> str:
@@ -112,14 +73,16 @@ def lines(out: str, kind: str) -> dict[int, str]:
             for m in re.finditer(rf"^{kind} (\d+) ?(\w*)$", out, re.M)}
 
 
-@pytest.fixture
-def site() -> Iterator[Site]:
-    vm.require_vm()
+@contextlib.contextmanager
+def kernel_client_site(grace_s: int = GRACE_S, lease_s: int = LEASE_S) -> Iterator[Site]:
+    """A failover site of its own names whose share the guest may mount (`grace_s` 0: the
+    spec's default grace period and lease, as `make bench` measures)."""
     tmp = tempfile.mkdtemp(prefix="bhvf-", dir="/tmp")   # short: unix socket paths
     net = unique_net()
     # The guest's connections come from the root namespace: the bridge's address.
-    nfs = {"clients": [f"{net.storage}/32"], "squash": "no_root_squash", "grace_s": GRACE_S,
-           "lease_s": LEASE_S}
+    nfs: dict[str, object] = {"clients": [f"{net.storage}/32"], "squash": "no_root_squash"}
+    if grace_s:
+        nfs |= {"grace_s": grace_s, "lease_s": lease_s}
     try:
         with failover_site(tmp, net, nfs) as s:
             yield s
@@ -127,11 +90,18 @@ def site() -> Iterator[Site]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture
+def site() -> Iterator[Site]:
+    vm.require_vm()
+    with kernel_client_site() as s:
+        yield s
+
+
 def measure_failover(site: Site, workdir: str) -> tuple[float, float, dict[int, str], str]:
     """Host A serves, B stands by, the guest writes; A dies. Returns (seconds to B serving,
     seconds to the guest's first write started after the kill, the acknowledged writes'
     checksums, the guest's whole output)."""
-    ctl = Control()
+    ctl = vm.Control()
     try:
         with vm.Guest(workdir, guest_script(site, ctl.port), name="fo", modules=NFS) as g:
             site.start_agent("a")   # the guest boots meanwhile

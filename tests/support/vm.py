@@ -19,8 +19,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -181,3 +183,42 @@ def run(workdir: str, script: str, timeout: float, **kw) -> Result:
         if res.status != 0:
             g._fail(f"script exited {res.status}")
         return res
+
+
+class Control:
+    """A guest's questions to the test, one line per connection on 127.0.0.1:`port` (in the
+    guest: `echo LINE | nc 10.0.2.2 PORT`): `ready` is answered (`go`) once the test set
+    `ready`; anything else at once, `stop` once the test set `stop`, else `go`."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return   # closed
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(120)
+            try:
+                line = conn.makefile().readline().strip()
+                if line == "ready":
+                    self.ready.wait(120)
+                conn.sendall(b"stop\n" if self.stop.is_set() else b"go\n")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.ready.set()
+        self.stop.set()
+        self.sock.close()
