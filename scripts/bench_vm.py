@@ -173,6 +173,7 @@ def main() -> int:
     print(f"blockhorn real-kernel bench: {rounds} engine kills and upgrades under the kernel "
           f"nbd-client, {runs} share failover(s) under the kernel NFS client", flush=True)
     nbd = nbd_pauses(rounds)
+    print(f"  nbd-client: {json.dumps(nbd)}", flush=True)
     fo = failovers(runs)
     med = statistics.median
     fmt = ", ".join

@@ -149,7 +149,7 @@ def test_tcp_endpoint_psk(env: Env) -> None:
         assert hashlib.sha256(h.pread(SIZE, 0)).digest() == hashlib.sha256(data).digest()
         assert engine.is_running() and env.show("v")["engine"]["restarts"] == 0
 
-        # The engine dies under a connected client: the proxy stays, its retry filter re-sends
+        # The engine dies under a connected client: the proxy stays, its relay re-sends
         # the requests to the engine the daemon restarts on the same socket, and the client
         # sees a pause, no error; what was acknowledged reads back.
         proxy = tls_proxy(port)

@@ -9,7 +9,7 @@ the guest printed, and e2fsck finds the filesystem clean.
 
 Engine survival: under the guest's ext4 load (fsync'd writes), kill -9 of the engine and a
 live `volume upgrade` must cost the guest a pause only (the TLS proxy outlives the engine and
-its retry filter re-sends: docs/DURABILITY.md): no kernel I/O error, ext4 still rw, every file
+its relay re-sends: docs/DURABILITY.md): no kernel I/O error, ext4 still rw, every file
 the guest checksummed reads back the same on the host.
 """
 
@@ -240,7 +240,7 @@ def run_through(env: Env, certs: dict[str, bytes], tmp_path, event, what: str,
 def test_engine_kill_under_kernel_nbd_load(env: Env, certs: dict[str, bytes], tmp_path) -> None:
     """kill -9 of the engine while the guest writes files with fsync on ext4 over the kernel
     NBD client: the daemon restarts the engine on the same endpoint (the TLS proxy stays, its
-    retry filter re-sends); the guest sees a pause, no I/O error, ext4 still read-write, and
+    relay re-sends); the guest sees a pause, no I/O error, ext4 still read-write, and
     every acknowledged file intact."""
     def kill() -> None:
         v = env.show("v")

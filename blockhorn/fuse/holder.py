@@ -83,7 +83,6 @@ class NbdBackend:
         self.nbd = import_nbd()
         self.socket = socket_path
         self.deadline_s = deadline_s
-        self._local = threading.local()
         self.reconnects = 0           # connections made after a lost one (statistics)
         self.retried = 0              # requests re-sent on a new connection
         self._lock = threading.Lock()
@@ -93,7 +92,10 @@ class NbdBackend:
         self._paused = False
         self._active = 0        # requests being sent or awaiting their answer
         self._epoch = 0         # bumped by pause: a thread's older connection is closed
-        self._handles: dict[int, Any] = {}   # thread id -> its connection (pause closes them)
+        # thread id -> (its connection, the epoch it was made in); pause closes them. Not a
+        # threading.local: in nbdkit's embedded Python (nbd/relay.py) a foreign thread's
+        # Python state, and its locals with it, lives only as long as one callback.
+        self._handles: dict[int, tuple[Any, int]] = {}
         h = self._connect_until(time.monotonic() + deadline_s)
         self.size = int(h.get_size())
         self._keep(h)
@@ -116,10 +118,8 @@ class NbdBackend:
             delay = min(delay * 2, RECONNECT_MAX_S)
 
     def _keep(self, h: Any) -> None:
-        self._local.h = h
-        self._local.epoch = self._epoch
         with self._cv:
-            self._handles[threading.get_ident()] = h
+            self._handles[threading.get_ident()] = (h, self._epoch)
 
     def _connect(self, h: Any, timeout: float) -> None:
         """Connect and negotiate within `timeout`: a stopping nbdkit's socket may still take
@@ -135,9 +135,8 @@ class NbdBackend:
             h.poll(max(1, int(left * 1000)))
 
     def _drop(self) -> None:
-        self._local.h = None
         with self._cv:
-            h = self._handles.pop(threading.get_ident(), None)
+            h, _ = self._handles.pop(threading.get_ident(), (None, 0))
         _close(h)
 
     def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> bool:
@@ -148,7 +147,7 @@ class NbdBackend:
             self._epoch += 1
             if not self._cv.wait_for(lambda: self._active == 0, timeout):
                 return False
-            handles, self._handles = list(self._handles.values()), {}
+            handles, self._handles = [h for h, _ in self._handles.values()], {}
         for h in handles:   # idle: their threads wait in the condition or for work
             _close(h)
         return True
@@ -196,10 +195,11 @@ class NbdBackend:
 
     def _send(self, op: str, *args: Any) -> Any:
         deadline = None
+        delay = RECONNECT_FIRST_S
         while True:
-            h = getattr(self._local, "h", None)
-            if h is not None and self._local.epoch != self._epoch:
-                h = self._local.h = None   # closed by a pause
+            h, epoch = self._handles.get(threading.get_ident(), (None, 0))
+            if h is not None and epoch != self._epoch:
+                h = None   # closed by a pause, or older than an expand (replaced by _keep)
             if h is None:
                 h = self._connect_until(deadline or time.monotonic() + self.deadline_s)
                 self._keep(h)
@@ -220,6 +220,11 @@ class NbdBackend:
                 elif time.monotonic() > deadline:
                     raise BlockhornError(f"{op}: no engine for {self.deadline_s:g} s",
                                          errno.EIO) from None
+                else:
+                    # The engine still accepts but refuses (ESHUTDOWN: handing over to its
+                    # successor): do not spin on it.
+                    time.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX_S)
 
     # --- what VolumeFS calls -------------------------------------------------------------
 
@@ -232,8 +237,8 @@ class NbdBackend:
     def pwrite_begin(self, *args: Any, on_done: Any = None) -> None:
         return None   # no asynchronous path: VolumeFS then calls pwrite in a worker
 
-    def pwrite(self, buf: bytes, offset: int) -> None:
-        self._do("pwrite", buf, offset)
+    def pwrite(self, buf: bytes, offset: int, flags: int = 0) -> None:
+        self._do("pwrite", buf, offset, flags)
 
     def flush_begin(self, *args: Any, on_done: Any = None) -> None:
         return None
@@ -241,11 +246,11 @@ class NbdBackend:
     def flush(self) -> None:
         self._do("flush")
 
-    def trim(self, offset: int, length: int) -> None:
-        self._do("trim", length, offset)
+    def trim(self, offset: int, length: int, flags: int = 0) -> None:
+        self._do("trim", length, offset, flags)
 
-    def zero(self, offset: int, length: int) -> None:
-        self._do("zero", length, offset)
+    def zero(self, offset: int, length: int, flags: int = 0) -> None:
+        self._do("zero", length, offset, flags)
 
 
 def _close(h: Any) -> None:

@@ -3,8 +3,8 @@
 The proxy is a process of its own (own session, like the engine and the replicas), not a child
 of the engine's keeper: when the engine dies (kill -9, crash) or is replaced (live upgrade),
 the proxy stays, keeps its clients' TCP connections (a kernel `nbd-client` on another host),
-and its retry filter re-sends the requests that failed on a new connection to the engine's
-unix socket, where the daemon starts the next engine. The client sees a pause, no error.
+and its relay (nbd/relay.py) re-sends the requests not yet answered on a new connection to
+the engine's unix socket, where the daemon starts the next engine. The client sees a pause, no error.
 It is recorded (pid + start time) in `<volume dir>/nbd-proxy.json`; started when the engine
 is (if not running already), again by the supervisor if it died, and stopped at detach.
 

@@ -89,7 +89,7 @@ def upgrade(volumes: Any, name: str) -> dict[str, Any]:
             raise InvalidArgument(f"volume {name!r} is not attached: its next attach starts "
                                   "the installed engine anyway")
         frontend = (vol.attachment or {}).get("frontend") or vol.frontend
-        # `none` only behind the TCP proxy: its retry filter re-sends what the old engine
+        # `none` only behind the TCP proxy: its relay re-sends what the old engine
         # refused. A local client of the unix socket is not paused or retried by anyone.
         proxied = frontend == "none" and bool(vol.tcp_port)
         if frontend not in SURVIVING and not proxied:
@@ -130,8 +130,8 @@ def _handover(eng: Any) -> None:
     serving a connected client, answering ESHUTDOWN, until it disconnects, and an idle one
     never does), so the engine is asked over its control socket to refuse new requests, drain
     the running ones and close its replicas cleanly (nbd/plugin.py `_handover`); then its
-    nbdkit is killed: there is nothing left in it to lose. The proxy's retry filter re-sends
-    the refused requests, and those that find no engine, to the next engine."""
+    nbdkit is killed: there is nothing left in it to lose. The proxy's relay (nbd/relay.py)
+    re-sends the refused requests, and those that find no engine, to the next engine."""
     from blockhorn.engine.control import ControlClient
     ControlClient(eng.control_socket, timeout=HANDOVER_WAIT_S).call({"op": "handover"})
     kill_orphan_engine(eng.nbd_socket, "after its handover")   # the keeper's nbdkit

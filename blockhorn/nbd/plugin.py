@@ -76,7 +76,7 @@ HANDOVER_DRAIN_S = 30.0   # seconds the requests running at a handover have to f
 
 class _Gate:
     """Counts the data requests inside the engine. Closed by a handover: from then on a request
-    fails with ESHUTDOWN, which the TLS proxy's retry filter re-sends to the next engine, and
+    fails with ESHUTDOWN, which the TLS proxy's relay re-sends to the next engine, and
     the handover waits until the ones running have been answered."""
 
     def __init__(self) -> None:

@@ -40,14 +40,12 @@ PSK_BYTES = 32                         # key length; psktool's default
 DEFAULT_ADDRESS = "127.0.0.1"          # a TCP endpoint is local unless an address is asked for
 CERT_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 PROXY_THREADS = 4                      # the proxy only forwards; the engine does the work
-# nbdkit's retry filter in the proxy: a request that fails (the engine died or is stopping:
-# lost connection, ESHUTDOWN) is retried on a reopened connection to the unix socket, once a
-# second, so a client waits for the restarted engine instead of failing (docs/DURABILITY.md,
-# "Which frontend survives what"). nbdkit 1.32 takes whole seconds only. It retries every
-# error, also those the engine answers (EIO), which then reach the client after PROXY_RETRIES
-# seconds.
-PROXY_RETRY_DELAY_S = 1
-PROXY_RETRIES = 60                     # so a client's request fails after about 60 s
+# The proxy's plugin (nbd/relay.py) forwards to the engine's unix socket and re-sends a
+# request whose engine went away (died, or handing over in a live upgrade) on a new connection
+# as soon as the next engine listens, for up to 60 s (fuse/holder.py RECONNECT_DEADLINE_S),
+# so a client waits for the restarted engine instead of failing (docs/DURABILITY.md, "Which
+# frontend survives what").
+RELAY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "relay.py")
 
 
 def check_address(address: object) -> str:
@@ -112,24 +110,20 @@ def check_certificates(directory: str) -> str:
 
 def proxy_argv(nbdkit: str, nbd_socket: str, address: str, port: int, psk_file: str = "",
                cert_dir: str = "") -> list[str]:
-    """nbdkit forwarding TCP+TLS clients to the engine's unix socket, retrying what fails
-    there on a new connection (PROXY_RETRIES). The daemon runs it under a keeper of its own
-    (manager/nbdproxy.py), not the engine's, so that it outlives an engine restart."""
+    """nbdkit forwarding TCP+TLS clients to the engine's unix socket, re-sending what the
+    engine did not answer on a new connection (nbd/relay.py). The daemon runs it under a
+    keeper of its own (manager/nbdproxy.py), not the engine's, so that it outlives an engine
+    restart."""
     if bool(psk_file) == bool(cert_dir):
         raise InvalidArgument("a TCP NBD endpoint needs exactly one of a PSK file and a "
                               "certificate directory: TLS is not optional on TCP")
     argv = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(PROXY_THREADS),
-            "--tls=require", "-i", check_address(address), "--port", str(port),
-            # Nearest the client: a fast zero is refused at once with ENOTSUP, as the engine
-            # does (plugin.py can_fast_zero), instead of being retried for a minute.
-            "--filter=nozero", "--filter=retry"]
+            "--tls=require", "-i", check_address(address), "--port", str(port)]
     if psk_file:
         argv.append(f"--tls-psk={os.path.abspath(psk_file)}")
     else:
         argv += [f"--tls-certificates={os.path.abspath(cert_dir)}", "--tls-verify-peer"]
-    return argv + ["nbd", f"socket={os.path.abspath(nbd_socket)}", f"retries={PROXY_RETRIES}",
-                   f"retry-delay={PROXY_RETRY_DELAY_S}", "retry-exponential=no",
-                   "zeromode=plugin", "fastzeromode=slow"]
+    return argv + ["python", RELAY, f"socket={os.path.abspath(nbd_socket)}"]
 
 
 def endpoint(settings: dict[str, Any]) -> str:

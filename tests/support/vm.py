@@ -16,6 +16,7 @@ a few seconds and data moves at ~15 MB/s, enough for correctness, not for benchm
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -221,4 +222,8 @@ class Control:
     def close(self) -> None:
         self.ready.set()
         self.stop.set()
+        # shutdown first: close() alone leaves the port listening while a thread waits in
+        # accept() on it.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
