@@ -234,6 +234,15 @@ def test_tcp_endpoint_certificates(env: Env) -> None:
         h.pwrite(data, 5 * MiB)
         h.flush()
         assert bytes(h.pread(MiB, 5 * MiB)) == data
+        # An online expand: the proxy's relay asks the engine again for a client's next
+        # connection (a connection learns the size at its handshake).
+        size = h.get_size()
+        h.shutdown()
+        env.cli("volume", "expand", "v", "--size", str(size + 4 * MiB))
+        h = tls_client(port, cert_dir=good)
+        assert h.get_size() == size + 4 * MiB
+        h.pwrite(data, size + 3 * MiB)
+        assert bytes(h.pread(MiB, size + 3 * MiB)) == data
         h.shutdown()
         assert unix_read(env, "v")[5 * MiB:6 * MiB] == data
         for bad in (other, nocert):
