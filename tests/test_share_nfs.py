@@ -409,13 +409,14 @@ def _mount_options(path: str) -> list[str]:
 
 
 def test_expand_while_attached_grows_the_shared_filesystem(env: Env, tmp_path: object) -> None:
-    """An RWX volume on the fuse frontend (whose loop device follows an expand at once) is
-    expanded while clients use it: the share manager grows the mounted ext4 online where it
-    may (CAP_SYS_RESOURCE), else it keeps serving, says why in its mount check, and the next
-    attach grows it offline. Either way, what was written before stays."""
+    """An RWX volume on the fuse-nbd frontend (the default without kernel NBD; its loop
+    device, as the fuse frontend's, follows an expand at once) is expanded while clients use
+    it: the share manager grows the mounted ext4 online where it may (CAP_SYS_RESOURCE), else
+    it keeps serving, says why in its mount check, and the next attach grows it offline.
+    Either way, what was written before stays."""
     tmp = str(tmp_path)
     env.cli("volume", "create", "grow", *RWX)
-    env.cli("volume", "attach", "grow", "--frontend", "fuse")
+    env.cli("volume", "attach", "grow", "--frontend", "fuse-nbd")
     share = share_of(env, "grow")
     before = share["fs"]["size"]
     data = os.urandom(CHUNK)
@@ -435,7 +436,7 @@ def test_expand_while_attached_grows_the_shared_filesystem(env: Env, tmp_path: o
         assert show["health"] == "healthy" and not grown(show)
         assert get(share, "kept.bin") == data            # still served at the old size
         env.cli("volume", "detach", "grow")
-        env.cli("volume", "attach", "grow", "--frontend", "fuse")
+        env.cli("volume", "attach", "grow", "--frontend", "fuse-nbd")
         share = share_of(env, "grow")
         assert grown(share), share["fs"]
         with open(env.home.log("grow-share.log")) as f:
