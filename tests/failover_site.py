@@ -134,11 +134,18 @@ class Site:
         agent = self.agents[host]
         procs = [psutil.Process(agent.pid)]
         procs += procs[0].children(recursive=True)
+        conns = fuse_connections(agent.pid, self.home(host))
         for p in procs:
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass   # exited meanwhile
+        # The host's mount namespace (`ip netns exec` makes one) dies with its last process,
+        # which unmounts the share's ext4: its final flush goes to the loop device, whose file
+        # is served by the FUSE process dying there, and the exit hangs for ever (seen: a
+        # zombie nbdfuse, then every `losetup -a` on the machine hung). A dead host's FUSE
+        # connections go with it: abort them, and the flush fails instead.
+        abort_fuse(conns)
         psutil.wait_procs(procs, timeout=10)
         agent.wait(10)
         from pyroute2 import netns
@@ -149,6 +156,32 @@ class Site:
         """The loop device of a dead host's FUSE file: the kernel keeps it, global state on
         this one machine (a real dead host takes its loop devices along)."""
         release_loop(os.path.join(self.home(host), "agent", VOLUME))
+
+
+def fuse_connections(pid: int, under: str) -> list[int]:
+    """The FUSE connections (their numbers under /sys/fs/fuse/connections: the minor device
+    number of the mount) of the FUSE mounts below `under` in the mount namespace of process
+    `pid` (that namespace also holds copies of the machine's other mounts: not ours)."""
+    conns: list[int] = []
+    try:
+        f = open(f"/proc/{pid}/mountinfo")
+    except OSError:   # exited already
+        return conns
+    with f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if (fstype == "fuse" or fstype.startswith("fuse.")) \
+                    and fields[4].startswith(under.rstrip("/") + "/"):
+                conns.append(int(fields[2].split(":")[1]))
+    return conns
+
+
+def abort_fuse(conns: list[int]) -> None:
+    for c in conns:
+        with contextlib.suppress(OSError):   # gone already: nothing was stuck
+            with open(f"/sys/fs/fuse/connections/{c}/abort", "w") as f:
+                f.write("1")
 
 
 def start_etcd(tmp: str, host: str = STORAGE) -> tuple[str, subprocess.Popen[bytes]]:
@@ -216,7 +249,9 @@ def failover_site(tmp: str, net: Net = FIXED,
                 try:
                     agent.wait(30)
                 except subprocess.TimeoutExpired:
+                    conns = fuse_connections(agent.pid, s.home(host))
                     os.killpg(agent.pid, signal.SIGKILL)
+                    abort_fuse(conns)   # as in kill_host
                     agent.wait(10)
                 s.release_loops(host)
             try:
