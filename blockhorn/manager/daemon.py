@@ -24,7 +24,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
-from blockhorn.keys import ensure_key
+from blockhorn.keys import adopt_key, ensure_key, load_key
 from blockhorn.manager import remote
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
@@ -110,6 +110,9 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     nodes.register()
     volumes = VolumeManager(home, store)
     volumes.placer = nodes.place   # volume create without --disk: the registered disks
+    if etcd:   # a cluster: one key for every node's engines and replicas; peers over TCP
+        adopt_key(home.key, store.shared_key(load_key(home.key)))
+        volumes.cluster = nodes
     write_rebuild_limits(Settings(store), home.rebuild_limits)
     supervisor = Supervisor(volumes)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
