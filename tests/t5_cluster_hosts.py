@@ -1,31 +1,40 @@
-"""Tier 5: a volume across three hosts (network namespaces on a bridge), each with its own
+"""Tier 5: volumes across four hosts (network namespaces on a bridge), each with its own
 home, disk and node daemon on one etcd (tests/support/cluster_site.py).
 
 - placement: 3 replicas on 3 distinct nodes, each created by its node's daemon in that node's
   disk, reached over TCP at the node's address; a placement that cannot be met is refused
   with what is missing, and nothing is created;
 - a volume written through an engine on host A, detached (asked of host B), attached on host
-  B (asked of host A), reads the same: checksums equal.
+  B (asked of host A), reads the same: checksums equal;
+- `node drain`: refused with the reason while no node has room (nothing changed), then each
+  replica rebuilt on another node, the data the same;
+- a node killed (every process, and its link down) under writes: `down` in `node ls`, a
+  leader among the live nodes replaces its replica after the (short) replenishment wait, the
+  engine rebuilds it, the volume is healthy again and every acknowledged write reads back.
 
-The cluster is module-scoped: three daemons and etcd start once for every test here.
+The cluster is module-scoped: four daemons and etcd start once for every test here, and the
+tests run in this order (the last one kills a host).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
+import threading
 import time
 from collections.abc import Iterator
 
 import nbd
 import pytest
 from conftest import needs_root
-from support.cluster_site import Site, cluster_site, wait_until
+from support.cluster_site import Host, Site, cluster_site, wait_until
 
 pytestmark = needs_root()
 
 MiB = 1 << 20
-SIZE = 32 * MiB
+BLOCK = 4096
+WRITE_SPAN = 8 * MiB      # the writer's blocks: small enough to read back whole
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +45,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     # Short path: replica and engine sockets live under the homes.
     root = os.path.join("/tmp", f"bhc{os.getpid()}")
     try:
-        with cluster_site(root, 3) as s:
+        with cluster_site(root, 4, {"replica-replenishment-wait-interval": "2"}) as s:
             yield s
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if not os.environ.get("BLOCKHORN_KEEP_SITE"):   # logs for a post-mortem
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def nbd_handle(uri: str) -> nbd.NBD:
@@ -80,12 +90,12 @@ def volume_sum(uri: str) -> str:
 
 
 def test_placement_on_three_nodes_and_refusal(site: Site) -> None:
-    a, b, c = site.hosts
+    a, b, c, d = site.hosts
     site.cli(a, "volume", "create", "spread", "--size", "32MiB", "--replicas", "3")
     v = site.show(a, "spread")
     by_node = {r["node"]: r for r in v["replicas"]}
-    assert sorted(by_node) == sorted(h.name for h in site.hosts)
-    for h in site.hosts:
+    assert len(by_node) == 3 and a.name in by_node   # distinct nodes; data locality first
+    for h in (x for x in site.hosts if x.name in by_node):
         r = by_node[h.name]
         assert r["disk"] == h.disk and r["address"].startswith(h.ip + ":")
         # Each node's daemon creates its own replicas (within a supervision tick or two).
@@ -94,7 +104,8 @@ def test_placement_on_three_nodes_and_refusal(site: Site) -> None:
     # The other nodes see the same volume.
     assert {r["node"] for r in site.show(c, "spread")["replicas"]} == set(by_node)
 
-    site.cli(c, "node", "update", c.name, "--schedulable", "no")
+    for h in (c, d):
+        site.cli(c, "node", "update", h.name, "--schedulable", "no")
     try:
         bad = site.cli(b, "volume", "create", "nope", "--size", "16MiB", "--replicas", "3",
                        check=False)
@@ -105,12 +116,14 @@ def test_placement_on_three_nodes_and_refusal(site: Site) -> None:
         site.cli(b, "volume", "create", "two", "--size", "16MiB", "--replicas", "2")
         assert {r["node"] for r in site.show(b, "two")["replicas"]} == {a.name, b.name}
     finally:
-        site.cli(c, "node", "update", c.name, "--schedulable", "yes")
+        for h in (c, d):
+            site.cli(c, "node", "update", h.name, "--schedulable", "yes")
     site.cli(a, "volume", "rm", "two")
+    site.cli(a, "volume", "rm", "spread")
 
 
 def test_written_on_one_host_reads_the_same_on_another(site: Site) -> None:
-    a, b, c = site.hosts
+    a, b, c, d = site.hosts
     site.cli(b, "volume", "create", "mover", "--size", "32MiB", "--replicas", "3")
     t0 = time.monotonic()
     site.cli(a, "volume", "attach", "mover", "--frontend", "none")   # on a: the default
@@ -126,8 +139,133 @@ def test_written_on_one_host_reads_the_same_on_another(site: Site) -> None:
     # replicas over TCP.
     site.cli(a, "volume", "attach", "mover", "--frontend", "none", "--node", b.name)
     v = site.show(b, "mover")
-    assert v["node"] == b.name and v["robustness"] == "healthy", v
-    assert {r["mode"] for r in v["replicas"]} == {"RW"}
+    assert v["node"] == b.name, v
+    # Every replica stayed in sync: none is resynced (the engine stopped before them).
+    assert v["robustness"] == "healthy" and {r["mode"] for r in v["replicas"]} == {"RW"}, v
     assert volume_sum(v["endpoint"]) == before
     site.cli(b, "volume", "detach", "mover")
     print(f"write, move and read back: {time.monotonic() - t0:.1f} s")
+
+
+def nodes_of(site: Site, h: Host, volume: str) -> set[str]:
+    return {r["node"] for r in site.show(h, volume)["replicas"]}
+
+
+def healthy_on(site: Site, h: Host, volume: str, nodes: set[str]) -> bool:
+    v = site.show(h, volume)
+    return (v["robustness"] == "healthy" and {r["node"] for r in v["replicas"]} == nodes
+            and {r["mode"] for r in v["replicas"]} == {"RW"})
+
+
+def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
+    a, b, c, d = site.hosts
+    site.cli(a, "node", "update", d.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", "dr", "--size", "32MiB", "--replicas", "3")
+    assert nodes_of(site, a, "dr") == {a.name, b.name, c.name}
+    site.cli(a, "volume", "attach", "dr", "--frontend", "none")
+    before = write_pattern(site.show(a, "dr")["endpoint"], seed=2)
+    bad = site.cli(b, "node", "drain", c.name, check=False)
+    assert bad.returncode != 0 and f"cannot drain node {c.name}" in bad.stderr, bad.stderr
+    assert "no node for a replacement" in bad.stderr
+    assert site.json(a, "node", "show", c.name)["schedulable"] is True   # nothing changed
+    site.cli(a, "node", "update", d.name, "--schedulable", "yes")
+    t0 = time.monotonic()
+    out = site.cli(b, "node", "drain", c.name).stdout
+    print(f"drain of one replica: {time.monotonic() - t0:.1f} s")
+    assert f"moved to {d.name}" in out
+    assert healthy_on(site, a, "dr", {a.name, b.name, d.name})
+    assert site.json(a, "node", "show", c.name)["schedulable"] is False
+    assert volume_sum(site.show(a, "dr")["endpoint"]) == before
+    # c's daemon stopped its replica process (no longer its own).
+    moved = next(r for r in site.show(a, "dr")["replicas"] if r["node"] == d.name)
+    assert moved["disk"] == d.disk
+    site.cli(a, "volume", "detach", "dr")
+    site.cli(a, "node", "update", c.name, "--schedulable", "yes")
+
+
+class Writer(threading.Thread):
+    """4 KiB writes at random offsets of the first WRITE_SPAN bytes, a FLUSH every 16; keeps
+    what each block was last acknowledged with."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.stop = threading.Event()
+        self.acked: dict[int, bytes] = {}
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        rnd = random.Random(7)
+        h = nbd_handle(self.uri)
+        try:
+            while not self.stop.is_set():
+                off = rnd.randrange(WRITE_SPAN // BLOCK) * BLOCK
+                data = rnd.randbytes(BLOCK)
+                h.pwrite(data, off)
+                self.acked[off] = data
+                self.count += 1
+                if self.count % 16 == 0:
+                    h.flush()
+                time.sleep(0.005)
+        except BaseException as e:   # reported by the test
+            self.error = e
+        finally:
+            h.shutdown()
+
+
+def test_node_killed_under_writes_replaced_elsewhere(site: Site) -> None:
+    a, b, c, d = site.hosts
+    site.cli(a, "node", "update", c.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", "kv", "--size", "32MiB", "--replicas", "3")
+    site.cli(a, "node", "update", c.name, "--schedulable", "yes")
+    assert nodes_of(site, a, "kv") == {a.name, b.name, d.name}
+    site.cli(a, "volume", "attach", "kv", "--frontend", "none")
+    w = Writer(site.show(a, "kv")["endpoint"])
+    w.start()
+    wait_until(lambda: w.count >= 200 or w.error, 20, "writes before the kill")
+    t_kill = time.monotonic()
+    killed = site.kill(d)
+    assert killed >= 2   # its daemon and its replica, at least
+    wait_until(lambda: site.states(a)[d.name] == "down", 20, f"{d.name} down")
+    t_down = time.monotonic() - t_kill
+    # The leader (maybe a new one: d may have led) replaces d's replica on c, and the engine
+    # on a rebuilds it while the writes go on.
+    wait_until(lambda: healthy_on(site, a, "kv", {a.name, b.name, c.name}), 90,
+               "the replacement on c rebuilt")
+    t_healthy = time.monotonic() - t_kill
+    leaders = [n["name"] for n in site.json(a, "node", "ls") if n["leader"]]
+    assert len(leaders) == 1 and leaders[0] != d.name
+    w.stop.set()
+    w.join(30)
+    assert w.error is None, w.error
+    h = nbd_handle(site.show(a, "kv")["endpoint"])
+    try:
+        bad = [off for off, data in w.acked.items() if h.pread(BLOCK, off) != data]
+    finally:
+        h.shutdown()
+    assert not bad, f"{len(bad)} acknowledged blocks read back different"
+    verify = site.cli(a, "volume", "verify", "kv", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"{w.count} writes; node down after {t_down:.1f} s, volume healthy again "
+          f"{t_healthy:.1f} s after the kill")
+    site.cli(a, "volume", "detach", "kv")
+
+
+def test_leader_killed_another_takes_over(site: Site) -> None:
+    live = [h for h in site.hosts if site.states(site.hosts[0])[h.name] == "up"
+            and h.proc is not None and h.proc.poll() is None]
+    asker = live[-1]
+    (leader,) = [n["name"] for n in site.json(asker, "node", "ls") if n["leader"]]
+    if leader == asker.name:
+        asker = live[0]
+    t0 = time.monotonic()
+    site.kill(site.host(leader))
+
+    def new_leader() -> str | None:
+        ns = site.json(asker, "node", "ls")
+        lead = [n["name"] for n in ns if n["leader"]]
+        down = {n["name"] for n in ns if n["state"] == "down"}
+        return lead[0] if len(lead) == 1 and lead[0] != leader and leader in down else None
+    took = wait_until(new_leader, 30, "another leader")
+    print(f"leader {leader} killed: {took} leads after {time.monotonic() - t0:.1f} s")

@@ -43,24 +43,50 @@ def attach_requested(vm: VolumeManager, vol: VolumeRow) -> bool:
 
 
 def create_missing_replicas(vm: VolumeManager, vol: VolumeRow) -> None:
-    """Create this node's replicas of a volume made on another node (`volume create`
-    writes only the store there). Only while the volume is fresh (never attached): a
-    directory that vanished later is a lost replica, for the engine and replenishment to
-    handle, not a new empty member of the in-sync set."""
-    if not vol.fresh:
-        return
+    """Create this node's replicas that have no directory yet: of a volume made on another
+    node (`volume create` writes only the store there), or moved here (manager/leader.py).
+    While the volume is fresh (never attached) a replica is created as a member of the
+    in-sync set at generation 0, like the creating node's; afterwards it is created empty
+    and `Rebuilding`, so no engine trusts it before its first resync. Only on a disk that
+    is there (mounted): a missing disk must not be filled in underneath its mount point."""
+    from blockhorn.manager.replenish import disk_of
+    from blockhorn.replica.store import Replica
     reps = vm.store.replicas(vol.name)
     for r in reps:
-        if not vm.is_local(r) or r.process is not None or r.restarts:
+        if not vm.is_local(r) or r.process is not None or os.path.exists(r.directory):
             continue
-        if os.path.exists(r.directory):
+        disk = disk_of(r.directory)
+        if disk is None or not os.path.isdir(disk):
             continue
-        from blockhorn.replica.store import Replica
         os.makedirs(os.path.dirname(r.directory), mode=0o700, exist_ok=True)
-        Replica.create(r.directory, vol.size, vol.name,
-                       {"Members": [x.name for x in reps]}).close()
+        meta = {"Members": [x.name for x in reps]} if vol.fresh else {"Rebuilding": True}
+        Replica.create(r.directory, vol.size, vol.name, meta).close()
         vm.write_replica_config(vol.name, vol.size, r)
-        log.info("created replica %s of %s in %s", r.name, vol.name, r.directory)
+        log.info("created replica %s of %s in %s%s", r.name, vol.name, r.directory,
+                 "" if vol.fresh else " (empty, to be rebuilt)")
+
+
+def stop_strays(vm: VolumeManager) -> None:
+    """Stop replica processes this daemon started that are no longer this node's (moved to
+    another node by the leader or a drain) or no longer exist (volume removed elsewhere)."""
+    for name, (volume, rec) in list(vm.started.items()):
+        rows = [r for r in vm.store.replicas(volume) if r.name == name] \
+            if _exists(vm, volume) else []
+        if rows and vm.is_local(rows[0]) and rows[0].process == rec:
+            continue
+        vm.started.pop(name, None)
+        if process.alive(rec):
+            log.warning("replica %s of %s is no longer this node's: stopping pid %d", name,
+                        volume, rec.pid)
+            process.terminate([rec])
+
+
+def _exists(vm: VolumeManager, volume: str) -> bool:
+    try:
+        vm.store.volume(volume)
+    except BlockhornError:
+        return False
+    return True
 
 
 def wait_remote_replicas(vm: VolumeManager, name: str) -> None:

@@ -166,16 +166,16 @@ def start_daemon(home: Home) -> subprocess.Popen[bytes]:
         out.close()
 
 
-def connect(home: Home, autostart: bool = True) -> Client:
+def connect(home: Home, autostart: bool = True, timeout: float = REQUEST_TIMEOUT_S) -> Client:
     api = os.environ.get(API_ENV)
     if api:   # a daemon's TCP API (maybe on another host): never started from here
-        client = Client(home, api=api, token=os.environ.get(TOKEN_ENV),
+        client = Client(home, timeout=timeout, api=api, token=os.environ.get(TOKEN_ENV),
                         ca_file=os.environ.get(CA_ENV))
         if client.ping() is None:
             client.close()
             raise DaemonUnavailable(f"no blockhorn daemon answers on {api}")
         return client
-    client = Client(home)
+    client = Client(home, timeout=timeout)
     if client.ping() is not None:
         return client
     if not autostart:

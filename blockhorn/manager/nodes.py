@@ -77,6 +77,7 @@ class NodeService:
         self.store = store
         self.name = check_label(name or default_node_name(), "node name")
         self.address = address
+        self.leader: str | None = None   # the leading node as of the last heartbeat
 
     # --- this node's life ------------------------------------------------------------------
 
@@ -86,8 +87,16 @@ class NodeService:
             self.store.update_node(self.name, address=self.address, heartbeat=time.time())
         self.beat()
 
+    @property
+    def is_leader(self) -> bool:
+        return self.leader == self.name
+
     def beat(self) -> None:
         self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
+        leader = self.store.try_lead(self.name, NODE_DOWN_AFTER_S)
+        if leader != self.leader:
+            log.info("leader: %s%s", leader, " (this node)" if leader == self.name else "")
+            self.leader = leader
         for d in self.store.disks(self.name):
             cap, free = _usage(d.path)
             if (cap, free) != (d.capacity, d.available):
@@ -125,7 +134,7 @@ class NodeService:
         up = n.name == self.name or n.name in live   # this node answers: it is up
         return {"name": n.name, "address": n.address, "state": "up" if up else "down",
                 "schedulable": n.schedulable, "zone": n.zone, "tags": n.tags,
-                "heartbeat": n.heartbeat,
+                "heartbeat": n.heartbeat, "leader": n.name == self.leader,
                 "disks": [self._disk(d, scheduled) for d in disks if d.node == n.name]}
 
     def list_nodes(self) -> list[dict[str, Any]]:

@@ -42,6 +42,7 @@ import trio
 
 from blockhorn.control.store import ReplicaRow, VolumeRow
 from blockhorn.manager import across, process, replenish
+from blockhorn.manager.leader import Leader
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.manager.volumes import (
     VolumeManager,
@@ -64,9 +65,10 @@ WAITING = "waiting for "  # prefix of a volume message about a recovery in progr
 
 
 class Supervisor:
-    def __init__(self, volumes: VolumeManager) -> None:
+    def __init__(self, volumes: VolumeManager, leader: Leader | None = None) -> None:
         self.volumes = volumes
         self.store = volumes.store
+        self.leader = leader   # a cluster's: replaces replicas of down nodes while leading
         self._next_try: dict[str, tuple[float, float]] = {}   # key -> (monotonic time, delay)
         self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
 
@@ -107,6 +109,13 @@ class Supervisor:
     def tick(self) -> None:
         process.reap()
         cluster = self.volumes.cluster is not None
+        if cluster:
+            across.stop_strays(self.volumes)
+        if self.leader is not None:
+            try:
+                self.leader.tick()
+            except (BlockhornError, OSError) as e:
+                log.error("leader pass failed: %s", e)
         for vol in self.store.volumes():
             if cluster:
                 self._cluster_pass(vol)
@@ -127,8 +136,13 @@ class Supervisor:
         a volume made elsewhere; stop its processes of a volume detached elsewhere."""
         try:
             leftovers = vol.desired != "attached" and self.volumes.local_leftovers(vol)
-            if not (vol.fresh or leftovers):
-                return
+            if leftovers and not self.volumes.engine_here(vol) \
+                    and self.store.engine(vol.name).process is not None \
+                    and self.volumes.cluster is not None \
+                    and self.volumes.cluster.is_up(vol.node or ""):
+                # The engine goes first: replicas stopped under it would leave the in-sync
+                # set, and the next attach would have to resync them.
+                leftovers = False
             with self.volumes.locked(vol.name, blocking=False) as got:
                 if not got:
                     return   # an attach/detach/rm is working on it; look next tick
@@ -193,9 +207,20 @@ class Supervisor:
         if status is not None:
             self._succeeded(f"engine/{name}")
             modes = {r.get("name"): r for r in status.get("replicas", [])}
+            told = False
             for r in self.store.replicas(name):
-                self._check_replica(vol, r, modes.get(r.name, {}), eng.control_socket, status,
-                                    waiting)
+                st = modes.get(r.name, {})
+                if self.volumes.cluster is not None and st.get("path") \
+                        and st["path"] != r.directory:
+                    # Moved to another node (manager/leader.py): once the engine holds the old
+                    # one ERR (its process was stopped, or its node is gone) it takes the new.
+                    told = True
+                    if st.get("mode") == ReplicaMode.ERR:
+                        self._tell_engine(vol, r, eng.control_socket)
+                    continue
+                self._check_replica(vol, r, st, eng.control_socket, status, waiting)
+            if told:
+                return   # the status read before the swap is stale; the next pass records it
         vol = self.store.volume(name)
         robustness = (status or {}).get("robustness", vol.robustness)
         update: dict[str, Any] = {}

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
-from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
+from blockhorn.control.store import ProcessRecord, ReplicaRow, StateStore, VolumeRow
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
@@ -83,6 +83,9 @@ class VolumeManager:
         # Set by the daemon on a cluster (`daemon run --etcd`): this node, its peers' addresses
         # and liveness. None: one host, where every replica and engine is local.
         self.cluster: NodeService | None = None
+        # replica -> (volume, process) of the replica processes this daemon started on a
+        # cluster: one moved to another node is stopped here (manager/across.py stop_strays)
+        self.started: dict[str, tuple[str, ProcessRecord]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -325,6 +328,8 @@ class VolumeManager:
                     "--config", self.home.replica_config(name, r.name)]
             rec = process.spawn(argv, log_path)
             self.store.set_replica_process(r.name, rec, restarted=restarted)
+            if self.cluster is not None:
+                self.started[r.name] = (name, rec)
             log.info("started replica %s of %s: pid %d on %s", r.name, name, rec.pid, address)
             started.append((r.name, address, rec, log_path))
         for rname, address, rec, log_path in started:
