@@ -23,6 +23,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from failover_site import start_etcd  # noqa: E402
 from netns_util import hosts_on_bridge, set_link  # noqa: E402
 
 NODE_TTL_S = 4            # seconds: node leases in the site (BLOCKHORN_NODE_TTL_S)
+BLOCK = 4096
+WRITE_SPAN = 8 << 20      # bytes: the writer's blocks, small enough to read back whole
 START_TIMEOUT_S = 30.0    # seconds for a daemon to answer on its socket
 
 
@@ -49,6 +52,57 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.2)
+
+
+class Writer(threading.Thread):
+    """4 KiB writes (libnbd) at random offsets of the first WRITE_SPAN bytes, a FLUSH every
+    16; keeps what each block was last acknowledged with, for `check`."""
+
+    def __init__(self, uri: str, pause_s: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.pause_s = pause_s
+        self.stop = threading.Event()
+        self.acked: dict[int, bytes] = {}
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        import nbd
+        rnd = random.Random(7)
+        h = nbd.NBD()
+        try:
+            h.connect_uri(self.uri)
+            while not self.stop.is_set():
+                off = rnd.randrange(WRITE_SPAN // BLOCK) * BLOCK
+                data = rnd.randbytes(BLOCK)
+                h.pwrite(data, off)
+                self.acked[off] = data
+                self.count += 1
+                if self.count % 16 == 0:
+                    h.flush()
+                time.sleep(self.pause_s)
+        except BaseException as e:   # reported by the caller
+            self.error = e
+        finally:
+            with contextlib.suppress(Exception):
+                h.shutdown()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(30)
+        if self.error is not None:
+            raise AssertionError(f"a write failed: {self.error}")
+
+    def check(self, uri: str) -> int:
+        """Read back every acknowledged block; how many differ."""
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            return sum(h.pread(BLOCK, off) != data for off, data in self.acked.items())
+        finally:
+            h.shutdown()
 
 
 @dataclass
@@ -97,6 +151,47 @@ class Site:
 
     def states(self, h: Host) -> dict[str, str]:
         return {n["name"]: n["state"] for n in self.json(h, "node", "ls")}
+
+    def healthy_on(self, h: Host, volume: str, nodes: set[str]) -> bool:
+        """The volume (attached on `h`) is healthy with its replicas on `nodes`, all RW."""
+        v = self.show(h, volume)
+        return (v["robustness"] == "healthy" and {r["node"] for r in v["replicas"]} == nodes
+                and {r["mode"] for r in v["replicas"]} == {"RW"})
+
+    def kill_and_heal(self, engine: Host, volume: str, victim: Host,
+                      say: Callable[[str], None] = lambda _text: None) -> dict[str, float]:
+        """Kill `victim` (a node holding a replica of `volume`, attached on `engine`, not the
+        engine's node) under writes; wait until the volume is healthy again on other nodes.
+        Returns seconds from the kill: `down` (node ls says so), `moved` (the store points
+        the replica at another node), `healthy`; and `writes`. Checks every acknowledged
+        write."""
+        before = {r["node"] for r in self.show(engine, volume)["replicas"]}
+        assert victim.name in before and engine.name != victim.name
+        w = Writer(self.show(engine, volume)["endpoint"])
+        w.start()
+        wait_until(lambda: w.count >= 100 or w.error, 20, "writes before the kill")
+        t0 = time.monotonic()
+        say(f"killing every process of {victim.name} and taking its link down")
+        self.kill(victim)
+        wait_until(lambda: self.states(engine)[victim.name] == "down", 60, "the node down")
+        down = time.monotonic() - t0
+        say(f"{victim.name} is down after {down:.1f} s")
+
+        def moved() -> set[str] | None:
+            now = {r["node"] for r in self.show(engine, volume)["replicas"]}
+            return now if victim.name not in now else None
+        after = wait_until(moved, 120, "the replica moved")
+        t_moved = time.monotonic() - t0
+        say(f"the leader placed the replacement on {', '.join(sorted(after - before))} after "
+            f"{t_moved:.1f} s")
+        wait_until(lambda: self.healthy_on(engine, volume, after), 180, "healthy again")
+        healthy = time.monotonic() - t0
+        say(f"{volume} is healthy again after {healthy:.1f} s")
+        w.finish()
+        bad = w.check(self.show(engine, volume)["endpoint"])
+        assert bad == 0, f"{bad} acknowledged blocks read back different"
+        say(f"{w.count} writes went on meanwhile; every acknowledged block reads back the same")
+        return {"down": down, "moved": t_moved, "healthy": healthy, "writes": float(w.count)}
 
     # --- daemons ---------------------------------------------------------------------------
 
