@@ -14,8 +14,8 @@ that hold no replica of the volume. The rest follows from each node reconciling 
   the engine holds the old one ERR, tells it `replace_replica`: the engine rebuilds the new
   replica from a current one (engine/rebuild.py).
 
-A replica of a down node is moved once its node has been down (the store's failed_since of the
-replica) longer than `replica-replenishment-wait-interval`; only for attached volumes whose
+A replica of a down node is moved once its node has been down (as this leader saw it, or the
+replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for attached volumes whose
 engine's node is up, since the rebuild needs an engine. Its old directory stays on the dead
 node's disk.
 """
@@ -45,6 +45,7 @@ class Leader:
         self.nodes = nodes
         self.store = nodes.store
         self._next: dict[str, float] = {}   # replica -> monotonic time of the next attempt
+        self._down_since: dict[str, float] = {}   # replica -> when this leader saw its node down
 
     def tick(self) -> None:
         """Replace the replicas of down nodes whose wait is over (only while leading)."""
@@ -59,12 +60,16 @@ class Leader:
             reps = self.store.replicas(vol.name)
             for r in reps:
                 if r.node is None or r.node in live:
+                    self._down_since.pop(r.name, None)
                     continue
-                if r.failed_since is None:
+                if r.name not in self._down_since:
                     log.warning("replica %s of %s: its node %s is down", r.name, vol.name, r.node)
-                    self.store.set_replica_failed_since(r.name, now)
-                    continue
-                if now - r.failed_since < wait or time.monotonic() < self._next.get(r.name, 0):
+                    self._down_since[r.name] = now
+                    self.store.set_replica_failed_since(r.name, now)   # for `volume show`
+                # The engine's node clears failed_since while the engine still holds the
+                # replica RW (until its timeout): the wait counts from the node's death.
+                since = min(self._down_since[r.name], r.failed_since or now)
+                if now - since < wait or time.monotonic() < self._next.get(r.name, 0):
                     continue
                 try:
                     p = move(self.nodes, vol, r, reps)
@@ -75,8 +80,9 @@ class Leader:
                                              f"{r.node} cannot be replaced: {e}")
                     continue
                 self._next.pop(r.name, None)
+                self._down_since.pop(r.name, None)
                 self.store.update_volume(vol.name, message=(
-                    f"replica {r.name}: node {r.node} down for {now - r.failed_since:.0f} s; "
+                    f"replica {r.name}: node {r.node} down for {now - since:.0f} s; "
                     f"replaced on {p.node} ({p.disk})"))
 
 

@@ -541,8 +541,11 @@ class VolumeManager:
             st = by_name.get(r.name, {})
             up = self.running(r)
             from blockhorn.manager.replenish import disk_of
+            # An engine that still runs a replica's old directory (moved to another node and
+            # not yet swapped in) describes the old one: no mode for the new one yet.
+            current = st.get("path") in (None, r.directory)
             replicas.append({
-                "name": r.name, "mode": st.get("mode") if engine_up else None,
+                "name": r.name, "mode": st.get("mode") if engine_up and current else None,
                 "address": r.address, "path": r.directory,
                 "node": r.node or self.me, "disk": disk_of(r.directory),
                 "pid": r.process.pid if up and r.process else None,
