@@ -95,11 +95,15 @@ class VolumeManager:
     def me(self) -> str | None:
         return self.cluster.name if self.cluster is not None else None
 
+    def here(self, node: str | None) -> bool:
+        """Node `node` is this one (one host: every node is; None: this one)."""
+        return self.cluster is None or node in (None, self.cluster.name)
+
     def is_local(self, r: ReplicaRow) -> bool:
-        return self.cluster is None or r.node in (None, self.cluster.name)
+        return self.here(r.node)
 
     def engine_here(self, vol: VolumeRow) -> bool:
-        return self.cluster is None or vol.node in (None, self.cluster.name)
+        return self.here(vol.node)
 
     def running(self, r: ReplicaRow) -> bool:
         """A local replica's process runs; a remote one's is recorded by its node."""
@@ -140,7 +144,7 @@ class VolumeManager:
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"invalid transport {transport!r}: use auto, tcp or unix")
         for d, n in zip(disks, where, strict=True):
-            if n in (None, self.me) and not os.path.isdir(d):
+            if self.here(n) and not os.path.isdir(d):
                 raise InvalidArgument(f"disk {d} is not a directory")
         if len(set(disks)) != len(disks):
             raise InvalidArgument("the same --disk was given twice: each replica needs its own")
@@ -161,7 +165,7 @@ class VolumeManager:
                 for i, r in enumerate(names)]
         nodes = [where[i] if disks else self.me for i in range(replicas)]
         # Replicas on other nodes are created by their nodes' daemons (manager/supervisor.py).
-        local = [d for d, n in zip(dirs, nodes, strict=True) if n in (None, self.me)]
+        local = [d for d, n in zip(dirs, nodes, strict=True) if self.here(n)]
         for d in local:
             if os.path.exists(d) and os.listdir(d):
                 raise AlreadyExists(f"replica directory {d} already exists and is not empty: "
