@@ -49,6 +49,8 @@ def create_missing_replicas(vm: VolumeManager, vol: VolumeRow) -> None:
     in-sync set at generation 0, like the creating node's; afterwards it is created empty
     and `Rebuilding`, so no engine trusts it before its first resync. Only on a disk that
     is there (mounted): a missing disk must not be filled in underneath its mount point."""
+    if vm.cluster is None:
+        return   # one host: `create` made every replica; a missing one is replenishment's
     from blockhorn.manager.replenish import disk_of
     from blockhorn.replica.store import Replica
     reps = vm.store.replicas(vol.name)
