@@ -23,10 +23,10 @@ import os
 import time
 from typing import Any
 
-from blockhorn.control.store import VolumeRow
+from blockhorn.control.store import ProcessRecord, VolumeRow
 from blockhorn.manager import process
 from blockhorn.manager.volumes import FRONTENDS, VolumeManager, check_system
-from blockhorn.types import BlockhornError, Busy, InvalidArgument, check_name
+from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound, check_name
 
 log = logging.getLogger("blockhorn.manager")
 
@@ -83,10 +83,29 @@ def stop_strays(vm: VolumeManager) -> None:
             process.terminate([rec])
 
 
+def adopt_started(vm: VolumeManager) -> None:
+    """At daemon start: count every replica process of this home as started here (found by
+    its `--config <home>/volumes/<vol>/<replica>.json`), so that `stop_strays` also stops
+    one whose replica was moved away while no daemon ran."""
+    if vm.cluster is None:
+        return
+    import psutil
+    prefix = os.path.join(vm.home.root, "volumes") + os.sep
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = p.info.get("cmdline") or []
+        if "replica" not in cmd or "--config" not in cmd[:-1]:
+            continue
+        cfg = cmd[cmd.index("--config") + 1]
+        if cfg.startswith(prefix) and cfg.endswith(".json"):
+            volume = cfg[len(prefix):].split(os.sep)[0]
+            name = os.path.basename(cfg)[:-len(".json")]
+            vm.started[name] = (volume, ProcessRecord(p.pid, p.info["create_time"]))
+
+
 def _exists(vm: VolumeManager, volume: str) -> bool:
     try:
         vm.store.volume(volume)
-    except BlockhornError:
+    except NotFound:   # only a store that answers "no such volume": never an unreachable one
         return False
     return True
 
