@@ -227,8 +227,10 @@ def build_parser() -> Parser:
                    help="key prefix of this cluster's state in etcd (default /blockhorn/)")
     p.add_argument("--node", metavar="NAME", default=os.environ.get("BLOCKHORN_NODE"),
                    help="this host's node name (default: the host name)")
-    p.add_argument("--address", metavar="IP", default="127.0.0.1",
-                   help="the address other nodes reach this one at (default 127.0.0.1)")
+    p.add_argument("--address", metavar="IP",
+                   default=os.environ.get("BLOCKHORN_ADDRESS", "127.0.0.1"),
+                   help="the address other nodes reach this one at (env BLOCKHORN_ADDRESS; "
+                        "default 127.0.0.1)")
     p.add_argument("--api-listen", metavar="IP:PORT", help="serve the API on TCP too, with TLS "
                    "and a bearer token (<home>/api.token); see docs/API.md")
     _home_arg(p)
