@@ -10,7 +10,10 @@ home, disk and node daemon on one etcd (tests/support/cluster_site.py).
   replica rebuilt on another node, the data the same;
 - a node killed (every process, and its link down) under writes: `down` in `node ls`, a
   leader among the live nodes replaces its replica after the (short) replenishment wait, the
-  engine rebuilds it, the volume is healthy again and every acknowledged write reads back.
+  engine rebuilds it, the volume is healthy again and every acknowledged write reads back;
+- a node cut off (link down only) is replaced the same way, and once its link returns its
+  daemon stops the replica process that is no longer its own;
+- the leader killed: another node leads within the lease's TTL.
 
 The cluster is module-scoped: four daemons and etcd start once for every test here, and the
 tests run in this order (the last one kills a host).
@@ -24,8 +27,10 @@ import time
 from collections.abc import Iterator
 
 import nbd
+import psutil
 import pytest
 from conftest import needs_root
+from netns_util import set_link
 from support.cluster_site import Host, Site, cluster_site, wait_until
 
 pytestmark = needs_root()
@@ -191,6 +196,30 @@ def test_node_killed_under_writes_replaced_elsewhere(site: Site) -> None:
     print(f"{t['writes']:.0f} writes; node down after {t['down']:.1f} s, replica moved after "
           f"{t['moved']:.1f} s, volume healthy again {t['healthy']:.1f} s after the kill")
     site.cli(a, "volume", "detach", "kv")
+
+
+def test_partitioned_node_replaced_and_its_replica_stopped_when_back(site: Site) -> None:
+    """A replica node cut off (link down, processes running): replaced like a dead one; when
+    its link returns, its daemon sees the replica is no longer its own and stops it."""
+    a, b, c, d = site.hosts
+    site.revive(d)   # killed by the test before: the fourth node again
+    site.cli(a, "volume", "create", "pt", "--size", "32MiB", "--replicas", "3")
+    site.cli(a, "volume", "attach", "pt", "--frontend", "none")
+    v = site.show(a, "pt")
+    old = next(r for r in v["replicas"] if r["node"] != a.name)
+    victim = site.host(old["node"])
+    assert old["pid"] and psutil.pid_exists(old["pid"])
+    t = site.kill_and_heal(a, "pt", victim, partition=True)
+    assert psutil.pid_exists(old["pid"])   # cut off, not dead: it still runs
+    set_link(victim.name, True)
+    t0 = time.monotonic()
+    wait_until(lambda: not psutil.pid_exists(old["pid"])
+               or psutil.Process(old["pid"]).status() == psutil.STATUS_ZOMBIE, 30,
+               f"{victim.name} stopping its replica that moved away")
+    print(f"partition: healthy elsewhere after {t['healthy']:.1f} s; the old replica stopped "
+          f"{time.monotonic() - t0:.1f} s after the link returned")
+    wait_until(lambda: site.states(a)[victim.name] == "up", 20, f"{victim.name} up again")
+    site.cli(a, "volume", "detach", "pt")
 
 
 def test_leader_killed_another_takes_over(site: Site) -> None:

@@ -159,9 +159,11 @@ class Site:
                 and {r["mode"] for r in v["replicas"]} == {"RW"})
 
     def kill_and_heal(self, engine: Host, volume: str, victim: Host,
-                      say: Callable[[str], None] = lambda _text: None) -> dict[str, float]:
+                      say: Callable[[str], None] = lambda _text: None,
+                      partition: bool = False) -> dict[str, float]:
         """Kill `victim` (a node holding a replica of `volume`, attached on `engine`, not the
-        engine's node) under writes; wait until the volume is healthy again on other nodes.
+        engine's node) under writes — or with `partition` only take its link down, its
+        processes running on — and wait until the volume is healthy again on other nodes.
         Returns seconds from the kill: `down` (node ls says so), `moved` (the store points
         the replica at another node), `healthy`; and `writes`. Checks every acknowledged
         write."""
@@ -171,8 +173,12 @@ class Site:
         w.start()
         wait_until(lambda: w.count >= 100 or w.error, 20, "writes before the kill")
         t0 = time.monotonic()
-        say(f"killing every process of {victim.name} and taking its link down")
-        self.kill(victim)
+        if partition:
+            say(f"taking the link of {victim.name} down (its processes run on)")
+            set_link(victim.name, False)
+        else:
+            say(f"killing every process of {victim.name} and taking its link down")
+            self.kill(victim)
         wait_until(lambda: self.states(engine)[victim.name] == "down", 60, "the node down")
         down = time.monotonic() - t0
         say(f"{victim.name} is down after {down:.1f} s")
@@ -291,7 +297,9 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
             for h in site.hosts:
                 site.start(h)
                 site.cli(h, "disk", "add", h.disk)
-            for k, v in (settings or {}).items():
+            # The hosts' disks are directories of this machine's one file system, whose free
+            # space other work changes: placement must not depend on it (default 25 %).
+            for k, v in ({"storage-minimal-available-percentage": "0"} | (settings or {})).items():
                 site.cli(site.hosts[0], "setting", "set", k, v)
             yield site
         finally:
