@@ -14,7 +14,7 @@ APT_PKGS := nfs-ganesha nfs-ganesha-vfs libnfs-utils \
             python3-cryptography openssl qemu-system-x86
 STAMP    := $(VENV)/.setup-stamp
 
-.PHONY: setup demo test bench fuzz lint clean vm
+.PHONY: setup demo demo-cluster test bench fuzz lint clean vm
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml scripts/setup.sh patches/pyfuse3-fallocate.patch
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# Many hosts on one machine (root): namespace hosts with node daemons on etcd, one volume
+# across them, a host killed, the volume healthy again (README, "Many hosts").
+demo-cluster: setup
+	$(PY) scripts/demo_cluster.py
 
 # The real-kernel tier (tests/t7_vm_*.py, pytest marker `vm`) boots QEMU guests with Debian's
 # kernel built by `make vm`; `make test VM=0` skips it (and the image build).
@@ -52,6 +57,7 @@ bench: setup
 	$(PY) scripts/bench_vm.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_scheduler.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_faults.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_cluster.py $(if $(QUICK),--quick,)
 
 # The fuzz tests of `make test` (tests/t0_proto_fuzz.py, tests/t2_replica_fuzz.py), run longer.
 FUZZ_EXAMPLES ?= 5000

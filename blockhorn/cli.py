@@ -156,6 +156,9 @@ def build_parser() -> Parser:
                         "libnbd and qemu clients) or certificates (<home>/tls/{ca-cert,"
                         "server-cert,server-key}.pem; clients need a certificate of that CA: "
                         "nbd-client -cacertfile -certfile -keyfile)")
+    p.add_argument("--node", default=None, metavar="NODE",
+                   help="on a cluster: the node whose daemon runs the engine and device "
+                        "(default: the node this command talks to)")
     _home_arg(p)
 
     p = vcmds.add_parser("detach", help="remove the device and stop the volume's processes",
@@ -224,8 +227,10 @@ def build_parser() -> Parser:
                    help="key prefix of this cluster's state in etcd (default /blockhorn/)")
     p.add_argument("--node", metavar="NAME", default=os.environ.get("BLOCKHORN_NODE"),
                    help="this host's node name (default: the host name)")
-    p.add_argument("--address", metavar="IP", default="127.0.0.1",
-                   help="the address other nodes reach this one at (default 127.0.0.1)")
+    p.add_argument("--address", metavar="IP",
+                   default=os.environ.get("BLOCKHORN_ADDRESS", "127.0.0.1"),
+                   help="the address other nodes reach this one at (env BLOCKHORN_ADDRESS; "
+                        "default 127.0.0.1)")
     p.add_argument("--api-listen", metavar="IP:PORT", help="serve the API on TCP too, with TLS "
                    "and a bearer token (<home>/api.token); see docs/API.md")
     _home_arg(p)
@@ -393,7 +398,8 @@ def _volume(args: argparse.Namespace, home: Home) -> int:
         if args.action == "attach":
             if args.tcp_port is None and (args.tcp_address or args.tls):
                 raise InvalidArgument("--address and --tls go with --port")
-            v = c.attach(args.name, args.frontend, args.tcp_port, args.tcp_address, args.tls)
+            v = c.attach(args.name, args.frontend, args.tcp_port, args.tcp_address, args.tls,
+                         args.node)
             print(v.get("device") or v.get("endpoint"))
             if v.get("nbd_tcp"):
                 print(v["nbd_tcp"]["uri"])

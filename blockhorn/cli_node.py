@@ -13,6 +13,7 @@ from blockhorn.manager.paths import Home
 from blockhorn.types import InvalidArgument, format_size
 
 YES_NO = {"yes": True, "no": False, "true": True, "false": False}
+DRAIN_TIMEOUT_S = 3600.0   # seconds: a drain rebuilds every replica of the node, one by one
 
 
 def add_parsers(cmds: Any, home_arg: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -33,6 +34,13 @@ def add_parsers(cmds: Any, home_arg: Callable[[argparse.ArgumentParser], None]) 
     p.add_argument("--schedulable", choices=sorted(YES_NO), help="may new replicas go here")
     p.add_argument("--tags", help="comma-separated tags ('' for none), for --node-selector")
     p.add_argument("--zone", help="the node's zone ('' for none)")
+    home_arg(p)
+    p = ncmds.add_parser("drain", help="move every replica off a node (a cluster)",
+                         description="Plan a new place for every replica on the node (refused, "
+                                     "nothing changed, when one has none), mark the node "
+                                     "unschedulable, then move the replicas one at a time, "
+                                     "each rebuilt before the next.")
+    p.add_argument("name")
     home_arg(p)
 
     top = cmds.add_parser("disk", help="add, remove and list disks",
@@ -75,7 +83,7 @@ def _disk_rows(disks: list[dict[str, Any]], with_node: bool) -> list[list[str]]:
 def format_nodes(nodes: list[dict[str, Any]]) -> str:
     rows = [["NAME", "ADDRESS", "STATE", "SCHEDULABLE", "ZONE", "TAGS", "DISKS"]]
     for n in nodes:
-        rows.append([n["name"], n["address"], n["state"], "yes" if n["schedulable"] else "no",
+        rows.append([n["name"] + (" (leader)" if n.get("leader") else ""), n["address"], n["state"], "yes" if n["schedulable"] else "no",
                      n["zone"] or "-", ",".join(n["tags"]) or "-", str(len(n["disks"]))])
     return _table(rows)
 
@@ -92,6 +100,14 @@ def format_node(n: dict[str, Any]) -> str:
 
 def run_node(args: argparse.Namespace, home: Home) -> int:
     from blockhorn.manager.client import connect
+    if args.action == "drain":
+        with connect(home, timeout=DRAIN_TIMEOUT_S) as c:
+            got = c.request("POST", f"/nodes/{args.name}/drain", {})
+        for m in got["moved"]:
+            print(f"replica {m['replica']} of {m['volume']}: moved to {m['node']} "
+                  f"({m['disk']})")
+        print(f"node {args.name} drained ({len(got['moved'])} replicas moved)")
+        return 0
     with connect(home) as c:
         if args.action == "ls":
             nodes = c.request("GET", "/nodes")["nodes"]

@@ -18,6 +18,13 @@ def ensure_key(path: str) -> str:
     return path
 
 
+def adopt_key(path: str, key: bytes) -> None:
+    """Make `path` hold `key` (the cluster's, from the state store) unless it does already."""
+    if os.path.exists(path) and load_key(path) == key:
+        return
+    atomic_write(path, key.hex().encode() + b"\n", mode=0o600)
+
+
 def load_key(path: str) -> bytes:
     try:
         st = os.stat(path)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from blockhorn.control.scheduler import Unschedulable
+from blockhorn.control.scheduler import Placement, Unschedulable
 from blockhorn.control.store import NodeRow, SqliteStore
 from blockhorn.manager.nodes import NODE_DOWN_AFTER_S, NodeService, parse_tags
 from blockhorn.types import InvalidArgument
@@ -36,7 +36,7 @@ def test_state_tags_and_placement(tmp_path: object) -> None:
                      ("/n", "/c"), is_free=lambda p: True)
     (d,) = svc.show("me")["disks"]
     assert d["scheduled"] == 64 << 20 and d["capacity"] > 0
-    assert svc.place(1 << 20, 1) == [disk]
+    assert svc.place(1 << 20, 1) == [Placement("me", disk)]
     # "fresh" is up but has no disk: 2 nodes are up, 1 has room.
     with pytest.raises(Unschedulable, match="2 schedulable nodes with room for 1 MiB; 1 has it"):
         svc.place(1 << 20, 2)

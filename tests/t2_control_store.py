@@ -283,3 +283,52 @@ def test_node_liveness_expires_and_returns(store: StateStore) -> None:
         time.sleep(0.2)
     store.node_alive("n1", 2)                      # back (etcd: a new lease)
     assert store.live_nodes(2) == {"n1"}
+
+
+def test_replicas_on_nodes_moves_and_engine_sockets(store: StateStore) -> None:
+    """Issue 12: a replica's node, `HOST:0` addresses getting a port on that host, a move to
+    another node in one step, a volume's engine node and freshness, the engine's sockets."""
+    store.add_volume("c", 1 << 20, [("c-r0", "/d0/replicas/c/c-r0", "10.0.0.1:0", "n1"),
+                                    ("c-r1", "/d1/replicas/c/c-r1", "10.0.0.2:0", "n2"),
+                                    ("c-r2", "/x/c-r2", "unix:/run/c-r2.sock")],
+                     ("/run/c/nbd.sock", "/run/c/c.sock"), is_free=lambda p: True)
+    r0, r1, r2 = store.replicas("c")
+    assert (r0.node, r1.node, r2.node) == ("n1", "n2", None)
+    assert r0.address.startswith("10.0.0.1:") and r1.address.startswith("10.0.0.2:")
+    assert int(r0.address.split(":")[1]) in store.ports("c").values()
+    assert r2.address == "unix:/run/c-r2.sock"
+    v = store.volume("c")
+    assert v.fresh and v.node is None
+    store.update_volume("c", node="n2", fresh=False)
+    v = store.volume("c")
+    assert (v.node, v.fresh) == ("n2", False)
+    store.set_replica_process("c-r1", ProcessRecord(42, 1.5))
+    store.set_replica_failed_since("c-r1", 100.0)
+    store.move_replica("c-r1", "n3", "/d3/replicas/c/c-r1", "10.0.0.3:7000")
+    moved = store.replicas("c")[1]
+    assert (moved.node, moved.directory, moved.address, moved.process, moved.failed_since) == \
+        ("n3", "/d3/replicas/c/c-r1", "10.0.0.3:7000", None, None)
+    store.set_engine_sockets("c", "/h2/run/c/nbd.sock", "/h2/run/c/control.sock")
+    eng = store.engine("c")
+    assert (eng.nbd_socket, eng.control_socket) == ("/h2/run/c/nbd.sock",
+                                                    "/h2/run/c/control.sock")
+
+
+def test_shared_key_and_leader(kind: str, store: StateStore, reopen: object) -> None:
+    """etcd: the first key stored is every node's; one leader at a time, under its lease.
+    SQLite (one host): the home's own key, and this node leads."""
+    first, second = b"\x01" * 32, b"\x02" * 32
+    assert store.shared_key(first) == first
+    other: StateStore = reopen()   # type: ignore[operator]
+    assert other.shared_key(second) == (first if kind == "etcd" else second)
+    store.put_node(NodeRow("n1", "10.0.0.1"))
+    store.put_node(NodeRow("n2", "10.0.0.2"))
+    assert store.try_lead("n1", 2) == "n1"
+    assert other.try_lead("n2", 2) == ("n1" if kind == "etcd" else "n2")
+    if kind == "etcd":
+        # n1 stops renewing: its lease, and with it the leader key, expires; n2 takes over.
+        deadline = time.monotonic() + LIVENESS_WAIT_S
+        while other.try_lead("n2", 2) != "n2":
+            assert time.monotonic() < deadline, "the leader key outlived its lease"
+            other.node_alive("n2", 2)
+            time.sleep(0.3)

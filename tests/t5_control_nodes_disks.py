@@ -74,6 +74,7 @@ def test_nodes_disks_and_scheduled_create() -> None:
                                 os.path.join(d2, "replicas", "v1", "v1-r1")]) or \
             paths == sorted([os.path.join(d1, "replicas", "v1", "v1-r1"),
                              os.path.join(d2, "replicas", "v1", "v1-r0")])
+        assert all(os.path.exists(os.path.join(p, "volume.meta")) for p in paths)
         listed = json.loads(env.cli("disk", "ls", "--json").stdout)
         assert [d["scheduled"] for d in listed] == [16 * MiB, 16 * MiB]
         assert "SCHEDULED" in env.cli("disk", "ls").stdout

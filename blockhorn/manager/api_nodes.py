@@ -1,4 +1,5 @@
-"""REST routes for nodes and disks (docs/API.md): node list/show/update, disk list/add/remove."""
+"""REST routes for nodes and disks (docs/API.md): node list/show/update/drain, disk
+list/add/remove."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def node_routes(nodes: NodeService, run: Run, endpoint: Any, body: Any, only: An
         return await run(nodes.update, request.path_params["name"], **data)
 
     @endpoint
+    async def drain_node(request: Request) -> Any:
+        from blockhorn.manager.leader import drain
+        only(await body(request), set())
+        return await run(drain, nodes, request.path_params["name"])
+
+    @endpoint
     async def list_disks(request: Request) -> Any:
         return {"disks": await run(nodes.disks)}
 
@@ -55,6 +62,7 @@ def node_routes(nodes: NodeService, run: Run, endpoint: Any, body: Any, only: An
         Route(f"{prefix}/nodes", list_nodes, methods=["GET"]),
         Route(f"{prefix}/nodes/{{name}}", show_node, methods=["GET"]),
         Route(f"{prefix}/nodes/{{name}}", update_node, methods=["PATCH"]),
+        Route(f"{prefix}/nodes/{{name}}/drain", drain_node, methods=["POST"]),
         Route(f"{prefix}/disks", list_disks, methods=["GET"]),
         Route(f"{prefix}/disks", add_disk, methods=["POST"]),
         Route(f"{prefix}/disks", remove_disk, methods=["DELETE"]),

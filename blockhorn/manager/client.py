@@ -125,9 +125,11 @@ class Client:
         return dict(self.request("GET", f"/volumes/{name}/share"))
 
     def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
-               tcp_address: str | None = None, tls: str | None = None) -> dict[str, Any]:
+               tcp_address: str | None = None, tls: str | None = None,
+               node: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"frontend": frontend}
-        for key, value in (("tcp_port", tcp_port), ("tcp_address", tcp_address), ("tls", tls)):
+        for key, value in (("tcp_port", tcp_port), ("tcp_address", tcp_address), ("tls", tls),
+                           ("node", node)):
             if value is not None:
                 body[key] = value
         return dict(self.request("POST", f"/volumes/{name}/attach", body))
@@ -164,16 +166,16 @@ def start_daemon(home: Home) -> subprocess.Popen[bytes]:
         out.close()
 
 
-def connect(home: Home, autostart: bool = True) -> Client:
+def connect(home: Home, autostart: bool = True, timeout: float = REQUEST_TIMEOUT_S) -> Client:
     api = os.environ.get(API_ENV)
     if api:   # a daemon's TCP API (maybe on another host): never started from here
-        client = Client(home, api=api, token=os.environ.get(TOKEN_ENV),
+        client = Client(home, timeout=timeout, api=api, token=os.environ.get(TOKEN_ENV),
                         ca_file=os.environ.get(CA_ENV))
         if client.ping() is None:
             client.close()
             raise DaemonUnavailable(f"no blockhorn daemon answers on {api}")
         return client
-    client = Client(home)
+    client = Client(home, timeout=timeout)
     if client.ping() is not None:
         return client
     if not autostart:

@@ -24,12 +24,13 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
-from blockhorn.keys import ensure_key
+from blockhorn.keys import adopt_key, ensure_key, load_key
 from blockhorn.manager import remote
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
 from blockhorn.manager.job_tasks import make_scheduler
+from blockhorn.manager.leader import Leader
 from blockhorn.manager.nodes import NodeService
 from blockhorn.manager.paths import Home
 from blockhorn.manager.settings import Settings, write_rebuild_limits
@@ -110,8 +111,11 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     nodes.register()
     volumes = VolumeManager(home, store)
     volumes.placer = nodes.place   # volume create without --disk: the registered disks
+    if etcd:   # a cluster: one key for every node's engines and replicas; peers over TCP
+        adopt_key(home.key, store.shared_key(load_key(home.key)))
+        volumes.cluster = nodes
     write_rebuild_limits(Settings(store), home.rebuild_limits)
-    supervisor = Supervisor(volumes)
+    supervisor = Supervisor(volumes, Leader(nodes) if etcd else None)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
     adapter = BackupAdapter(volumes, backups)
     jobs = make_scheduler(volumes, adapter)

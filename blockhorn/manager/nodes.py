@@ -7,12 +7,15 @@ Vocabulary:
   free space of its disks (only a node can measure its own disks).
 - a node is `up` while it said so within NODE_DOWN_AFTER_S (the store's node_alive: on etcd
   a lease of that TTL, on SQLite a heartbeat time); this node always is: it answers.
+  BLOCKHORN_NODE_TTL_S (seconds, at least 3) changes that TTL for every daemon started with it.
 - a disk's `scheduled` bytes are the sizes of the volumes with a replica in it
   (`<disk>/replicas/<volume>/<replica>`, the layout of manager/paths.py).
 
 `place(size, count)` is what `volume create` without `--disk` calls: the scheduler over the
-registered disks with the settings' policy, this node preferred (data locality); [] when no
-disk is registered, so a home without disks keeps placing replicas in the home as before.
+registered disks of every node with the settings' policy, this node preferred (data
+locality); [] when no disk is registered, so a home without disks keeps placing replicas in
+the home as before. A replica placed on another node is created and run by that node's
+daemon (manager/supervisor.py), reached over TCP at the node's address.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 import trio
 
-from blockhorn.control.scheduler import Disk, Node, Policy, schedule
+from blockhorn.control.scheduler import Disk, Node, Placement, Policy, schedule
 from blockhorn.control.store import DiskRow, NodeRow, StateStore
 from blockhorn.manager.settings import (
     DATA_LOCALITY,
@@ -41,8 +44,10 @@ from blockhorn.types import Busy, InvalidArgument, parse_size
 
 log = logging.getLogger("blockhorn.manager")
 
-HEARTBEAT_S = 5.0          # seconds between this node's heartbeats
-NODE_DOWN_AFTER_S = 15     # seconds: a node silent this long is down (its etcd lease's TTL)
+# Seconds: a node silent this long is down (its etcd lease's TTL). BLOCKHORN_NODE_TTL_S
+# shortens it for tests and demos on one machine, where no network hiccup needs riding out.
+NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
+HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
 
 
@@ -72,6 +77,7 @@ class NodeService:
         self.store = store
         self.name = check_label(name or default_node_name(), "node name")
         self.address = address
+        self.leader: str | None = None   # the leading node as of the last heartbeat
 
     # --- this node's life ------------------------------------------------------------------
 
@@ -81,8 +87,16 @@ class NodeService:
             self.store.update_node(self.name, address=self.address, heartbeat=time.time())
         self.beat()
 
+    @property
+    def is_leader(self) -> bool:
+        return self.leader == self.name
+
     def beat(self) -> None:
         self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
+        leader = self.store.try_lead(self.name, NODE_DOWN_AFTER_S)
+        if leader != self.leader:
+            log.info("leader: %s%s", leader, " (this node)" if leader == self.name else "")
+            self.leader = leader
         for d in self.store.disks(self.name):
             cap, free = _usage(d.path)
             if (cap, free) != (d.capacity, d.available):
@@ -98,27 +112,29 @@ class NodeService:
 
     # --- reading ---------------------------------------------------------------------------
 
-    def _scheduled(self) -> dict[str, int]:
-        """Bytes promised per replica directory's disk root (`<disk>/replicas/...`)."""
-        out: dict[str, int] = {}
+    def _scheduled(self) -> dict[tuple[str, str], int]:
+        """Bytes promised per (node, disk root) of replica directories `<disk>/replicas/...`
+        (a replica without a node is on this one: a home made before nodes existed)."""
+        out: dict[tuple[str, str], int] = {}
         for vol in self.store.volumes():
             for r in self.store.replicas(vol.name):
                 root = os.path.dirname(os.path.dirname(os.path.dirname(r.directory)))
-                out[root] = out.get(root, 0) + vol.size
+                key = (r.node or self.name, root)
+                out[key] = out.get(key, 0) + vol.size
         return out
 
-    def _disk(self, d: DiskRow, scheduled: dict[str, int]) -> dict[str, Any]:
+    def _disk(self, d: DiskRow, scheduled: dict[tuple[str, str], int]) -> dict[str, Any]:
         cap, free = _usage(d.path) if d.node == self.name else (d.capacity, d.available)
         return {"path": d.path, "capacity": cap, "available": free,
-                "scheduled": scheduled.get(d.path, 0) if d.node == self.name else 0,
+                "scheduled": scheduled.get((d.node, d.path), 0),
                 "reserved": d.reserved, "tags": d.tags, "schedulable": d.schedulable}
 
-    def _describe(self, n: NodeRow, disks: list[DiskRow], scheduled: dict[str, int],
+    def _describe(self, n: NodeRow, disks: list[DiskRow], scheduled: dict[tuple[str, str], int],
                   live: set[str]) -> dict[str, Any]:
         up = n.name == self.name or n.name in live   # this node answers: it is up
         return {"name": n.name, "address": n.address, "state": "up" if up else "down",
                 "schedulable": n.schedulable, "zone": n.zone, "tags": n.tags,
-                "heartbeat": n.heartbeat,
+                "heartbeat": n.heartbeat, "leader": n.name == self.leader,
                 "disks": [self._disk(d, scheduled) for d in disks if d.node == n.name]}
 
     def list_nodes(self) -> list[dict[str, Any]]:
@@ -176,13 +192,12 @@ class NodeService:
     def remove_disk(self, path: str, node: str | None = None) -> None:
         node = node or self.name
         path = os.path.abspath(path)
-        if node == self.name:
-            users = sorted(r.name for v in self.store.volumes()
-                           for r in self.store.replicas(v.name)
-                           if r.directory.startswith(os.path.join(path, "replicas") + "/"))
-            if users:
-                raise Busy(f"disk {path} holds replicas {', '.join(users)}: remove their "
-                           "volumes first")
+        users = sorted(r.name for v in self.store.volumes()
+                       for r in self.store.replicas(v.name) if (r.node or self.name) == node
+                       and r.directory.startswith(os.path.join(path, "replicas") + "/"))
+        if users:
+            raise Busy(f"disk {path} holds replicas {', '.join(users)}: remove their "
+                       "volumes first")
         self.store.remove_disk(node, path)
         log.info("disk %s of node %s removed", path, node)
 
@@ -194,12 +209,10 @@ class NodeService:
                       s.get_int(OVER_PROVISIONING), s.get_int(MINIMAL_AVAILABLE),
                       str(s.get(DATA_LOCALITY)))
 
-    def place(self, size: int, count: int) -> list[str]:
-        """Disk directories for `count` replicas of `size` bytes on this node, from the
-        scheduler; [] when no disk is registered (replicas then go in the home)."""
+    def nodes_for_scheduling(self, exclude: frozenset[str] = frozenset()) -> list[Node]:
+        """The scheduler's view of every node: disks with capacity and promised bytes, up or
+        down by its lease; nodes named in `exclude` count as down (a drained node)."""
         rows = self.store.disks()
-        if not rows:
-            return []
         scheduled = self._scheduled()
         live = self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.name}
         nodes = []
@@ -210,15 +223,24 @@ class NodeService:
                     info = self._disk(d, scheduled)
                     disks.append(Disk(d.path, info["capacity"], info["available"], d.reserved,
                                       info["scheduled"], frozenset(d.tags), d.schedulable))
-            nodes.append(Node(n.name, tuple(disks), n.name in live, n.schedulable,
-                              n.zone, frozenset(n.tags)))
-        got = schedule(size, count, nodes, self.policy(), prefer_node=self.name)
-        remote = sorted({p.node for p in got if p.node != self.name})
-        if remote:
-            raise InvalidArgument(f"the placement puts replicas on nodes {', '.join(remote)}, and "
-                           "replicas on other nodes are not supported yet: make only this "
-                           "node's disks schedulable, or give --disk")
-        return [p.disk for p in got]
+            nodes.append(Node(n.name, tuple(disks), n.name in live and n.name not in exclude,
+                              n.schedulable, n.zone, frozenset(n.tags)))
+        return nodes
+
+    def place(self, size: int, count: int) -> list[Placement]:
+        """Where `count` replicas of `size` bytes go (node and disk), from the scheduler with
+        this node preferred (data locality); [] when no disk is registered (replicas then go
+        in the home)."""
+        if not self.store.disks():
+            return []
+        return schedule(size, count, self.nodes_for_scheduling(), self.policy(),
+                        prefer_node=self.name)
+
+    def address_of(self, node: str) -> str:
+        return self.address if node == self.name else self.store.node(node).address
+
+    def is_up(self, node: str) -> bool:
+        return node == self.name or node in self.store.live_nodes(NODE_DOWN_AFTER_S)
 
 
 def _usage(path: str) -> tuple[int, int]:

@@ -20,6 +20,11 @@ volume's message starts with "waiting for " and says what for. Asking the engine
 running ERR replica backs off only up to RESYNC_RETRY_MAX_S: a replica cut off by its network
 is back within a few seconds of its link (tests/t5_fault_link_cut.py).
 
+On a cluster (`daemon run --etcd`) each node's supervisor does this for its own share: the
+replicas that live on it, and the engine of a volume attached on it (manager/across.py: it
+also creates its replicas of a volume made elsewhere, brings up a volume another node asked
+it to attach, and stops its processes of a volume detached elsewhere).
+
 Adoption: after a daemon restart nothing special happens. The records in the store name each
 process by pid + create_time; a process that still matches is simply left running, one that does
 not is treated as dead and restarted by the tick.
@@ -36,7 +41,8 @@ import psutil
 import trio
 
 from blockhorn.control.store import ReplicaRow, VolumeRow
-from blockhorn.manager import process, replenish
+from blockhorn.manager import across, process, replenish
+from blockhorn.manager.leader import Leader
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.manager.volumes import (
     VolumeManager,
@@ -59,9 +65,10 @@ WAITING = "waiting for "  # prefix of a volume message about a recovery in progr
 
 
 class Supervisor:
-    def __init__(self, volumes: VolumeManager) -> None:
+    def __init__(self, volumes: VolumeManager, leader: Leader | None = None) -> None:
         self.volumes = volumes
         self.store = volumes.store
+        self.leader = leader   # a cluster's: replaces replicas of down nodes while leading
         self._next_try: dict[str, tuple[float, float]] = {}   # key -> (monotonic time, delay)
         self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
 
@@ -76,10 +83,14 @@ class Supervisor:
 
     def adopt(self) -> None:
         """Log what a (re)started daemon finds; stop leftovers of detached volumes."""
+        across.adopt_started(self.volumes)
         for vol in self.store.volumes():
             eng = self.store.engine(vol.name)
             reps = self.store.replicas(vol.name)
-            recs = [("engine", eng.process)] + [(r.name, r.process) for r in reps]
+            # This node's processes only (on a cluster a record of another node's pid means
+            # nothing here).
+            recs = ([("engine", eng.process)] if self.volumes.engine_here(vol) else []) + [
+                (r.name, r.process) for r in reps if self.volumes.is_local(r)]
             if vol.desired == "attached":
                 for what, rec in recs:
                     if rec is None:
@@ -98,7 +109,17 @@ class Supervisor:
 
     def tick(self) -> None:
         process.reap()
+        cluster = self.volumes.cluster is not None
+        if cluster:
+            across.stop_strays(self.volumes)
+        if self.leader is not None:
+            try:
+                self.leader.tick()
+            except (BlockhornError, OSError) as e:
+                log.error("leader pass failed: %s", e)
         for vol in self.store.volumes():
+            if cluster:
+                self._cluster_pass(vol)
             if vol.desired != "attached":
                 continue
             with self.volumes.locked(vol.name, blocking=False) as got:
@@ -110,6 +131,29 @@ class Supervisor:
                     continue   # removed meanwhile
                 if vol.desired == "attached":
                     self._check(vol)
+
+    def _cluster_pass(self, vol: VolumeRow) -> None:
+        """A cluster node's own share of a volume beyond supervision: create its replicas of
+        a volume made elsewhere; stop its processes of a volume detached elsewhere."""
+        try:
+            leftovers = vol.desired != "attached" and self.volumes.local_leftovers(vol)
+            if leftovers and not self.volumes.engine_here(vol) \
+                    and self.store.engine(vol.name).process is not None \
+                    and self.volumes.cluster is not None \
+                    and self.volumes.cluster.is_up(vol.node or ""):
+                # The engine goes first: replicas stopped under it would leave the in-sync
+                # set, and the next attach would have to resync them.
+                leftovers = False
+            with self.volumes.locked(vol.name, blocking=False) as got:
+                if not got:
+                    return   # an attach/detach/rm is working on it; look next tick
+                vol = self.store.volume(vol.name)
+                across.create_missing_replicas(self.volumes, vol)
+                if leftovers and vol.desired != "attached":
+                    log.info("volume %s was detached: stopping this node's part", vol.name)
+                    self.volumes._teardown(vol.name)
+        except (BlockhornError, OSError) as e:
+            log.error("volume %s: %s", vol.name, e)
 
     def _due(self, key: str) -> bool:
         when, _ = self._next_try.get(key, (0.0, 0.0))
@@ -134,14 +178,20 @@ class Supervisor:
         engine resyncs the rest by itself. Every restart retries forever with back-off; the
         volume's message says what is being waited for."""
         name = vol.name
+        if across.attach_requested(self.volumes, vol):
+            across.realize_attach(self.volumes, name)
+            return
         eng = self.store.engine(name)
-        engine_up = process.alive(eng.process)
+        here = self.volumes.engine_here(vol)
+        engine_up = here and process.alive(eng.process)
         waiting: dict[str, str] = {}   # replica -> what the volume waits for
         for r in self.store.replicas(name):
-            if not process.alive(r.process):
+            if self.volumes.is_local(r) and not process.alive(r.process):
                 w = self._restart_replica(vol, r, engine_up, eng.control_socket)
                 if w:
                     waiting[r.name] = w
+        if not here:
+            return   # the engine's node supervises the rest
         if not engine_up:
             self._restart_engine(vol, eng.process is not None, list(waiting.values()))
             return
@@ -158,9 +208,20 @@ class Supervisor:
         if status is not None:
             self._succeeded(f"engine/{name}")
             modes = {r.get("name"): r for r in status.get("replicas", [])}
+            told = False
             for r in self.store.replicas(name):
-                self._check_replica(vol, r, modes.get(r.name, {}), eng.control_socket, status,
-                                    waiting)
+                st = modes.get(r.name, {})
+                if self.volumes.cluster is not None and st.get("path") \
+                        and st["path"] != r.directory:
+                    # Moved to another node (manager/leader.py): once the engine holds the old
+                    # one ERR (its process was stopped, or its node is gone) it takes the new.
+                    told = True
+                    if st.get("mode") == ReplicaMode.ERR:
+                        self._tell_engine(vol, r, eng.control_socket)
+                    continue
+                self._check_replica(vol, r, st, eng.control_socket, status, waiting)
+            if told:
+                return   # the status read before the swap is stale; the next pass records it
         vol = self.store.volume(name)
         robustness = (status or {}).get("robustness", vol.robustness)
         update: dict[str, Any] = {}
@@ -232,7 +293,8 @@ class Supervisor:
         wait = Settings(self.store).get_int(REPLENISHMENT_WAIT)
         others_rw = any(x.get("mode") == ReplicaMode.RW for x in status.get("replicas", [])
                         if x.get("name") != r.name)
-        if now - since >= wait and others_rw and self._due(f"replace/{r.name}"):
+        if now - since >= wait and others_rw and self._due(f"replace/{r.name}") \
+                and self.volumes.cluster is None:   # a cluster's leader replaces (leader.py)
             if self._replace(vol, r, now - since):
                 waiting.pop(r.name, None)
                 return
@@ -242,7 +304,7 @@ class Supervisor:
         if st.get("path") and st.get("path") != r.directory:
             # A replacement the engine was not told of (the daemon stopped in between).
             self._tell_engine(vol, r, control_socket)
-        elif process.alive(r.process) and self._due(key):
+        elif self.volumes.running(r) and self._due(key):
             self._attempted(key, RESYNC_RETRY_MAX_S)
             self._ask_rebuild(vol, r, control_socket)
 

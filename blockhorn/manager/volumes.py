@@ -19,10 +19,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
-from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
+from blockhorn.control.store import ProcessRecord, ReplicaRow, StateStore, VolumeRow
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
@@ -38,6 +38,10 @@ from blockhorn.types import (
     check_name,
     parse_size,
 )
+
+if TYPE_CHECKING:
+    from blockhorn.control.scheduler import Placement
+    from blockhorn.manager.nodes import NodeService
 
 log = logging.getLogger("blockhorn.manager")
 
@@ -73,11 +77,37 @@ class VolumeManager:
         self.home = home
         self.store = store
         self.shares = ShareControl(home, store)
-        # (size, count) -> replica disk directories; set by the daemon (manager/nodes.py) so
-        # that `create` without disks uses the scheduler; [] or None: the home, as before.
-        self.placer: Callable[[int, int], list[str]] | None = None
+        # (size, count) -> where replicas go (node, disk); set by the daemon (manager/nodes.py)
+        # so that `create` without disks uses the scheduler; [] or None: the home, as before.
+        self.placer: Callable[[int, int], list[Placement]] | None = None
+        # Set by the daemon on a cluster (`daemon run --etcd`): this node, its peers' addresses
+        # and liveness. None: one host, where every replica and engine is local.
+        self.cluster: NodeService | None = None
+        # replica -> (volume, process) of the replica processes this daemon started on a
+        # cluster: one moved to another node is stopped here (manager/across.py stop_strays)
+        self.started: dict[str, tuple[str, ProcessRecord]] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+
+    # --- where things run (a cluster: each node runs its own share) -------------------------
+
+    @property
+    def me(self) -> str | None:
+        return self.cluster.name if self.cluster is not None else None
+
+    def here(self, node: str | None) -> bool:
+        """Node `node` is this one (one host: every node is; None: this one)."""
+        return self.cluster is None or node in (None, self.cluster.name)
+
+    def is_local(self, r: ReplicaRow) -> bool:
+        return self.here(r.node)
+
+    def engine_here(self, vol: VolumeRow) -> bool:
+        return self.here(vol.node)
+
+    def running(self, r: ReplicaRow) -> bool:
+        """A local replica's process runs; a remote one's is recorded by its node."""
+        return process.alive(r.process) if self.is_local(r) else r.process is not None
 
     @contextmanager
     def locked(self, name: str, blocking: bool = True) -> Iterator[bool]:
@@ -101,17 +131,20 @@ class VolumeManager:
         share_opts = _share_options(access, size, share)
         if not isinstance(disks or [], list) or not all(isinstance(d, str) for d in disks or []):
             raise InvalidArgument("disks must be a list of directories")
+        where: list[str | None] = []   # each replica's node (None: this one)
         if not disks and self.placer is not None and isinstance(replicas, int) \
                 and 1 <= replicas <= MAX_REPLICAS:
-            disks = self.placer(size, replicas)
+            placed = self.placer(size, replicas)
+            disks, where = [p.disk for p in placed], [p.node for p in placed]
         disks = [os.path.abspath(d) for d in disks or []]
+        where = where or [self.me] * len(disks)
         if (isinstance(replicas, bool) or not isinstance(replicas, int)
                 or not 1 <= replicas <= MAX_REPLICAS):
             raise InvalidArgument(f"invalid replica count {replicas!r}: use 1 to {MAX_REPLICAS}")
         if transport not in TRANSPORTS:
             raise InvalidArgument(f"invalid transport {transport!r}: use auto, tcp or unix")
-        for d in disks:
-            if not os.path.isdir(d):
+        for d, n in zip(disks, where, strict=True):
+            if self.here(n) and not os.path.isdir(d):
                 raise InvalidArgument(f"disk {d} is not a directory")
         if len(set(disks)) != len(disks):
             raise InvalidArgument("the same --disk was given twice: each replica needs its own")
@@ -130,11 +163,19 @@ class VolumeManager:
             raise AlreadyExists(f"volume {name!r} already exists")
         dirs = [self.home.replica_dir(name, r, disks[i] if disks else None)
                 for i, r in enumerate(names)]
-        for d in dirs:
+        nodes = [where[i] if disks else self.me for i in range(replicas)]
+        # Replicas on other nodes are created by their nodes' daemons (manager/supervisor.py).
+        local = [d for d, n in zip(dirs, nodes, strict=True) if self.here(n)]
+        for d in local:
             if os.path.exists(d) and os.listdir(d):
                 raise AlreadyExists(f"replica directory {d} already exists and is not empty: "
                                     "remove it or use another disk")
-        room_warning = check_disk_room(size, dirs)
+        room_warning = check_disk_room(size, local)
+        if self.cluster is not None:
+            if transport == "unix":
+                raise InvalidArgument("on a cluster (daemon run --etcd) replicas are reached "
+                                      "over TCP: drop --transport unix")
+            transport = "tcp"   # an engine on any node must reach every replica
         sockets = [self.home.nbd_socket(name), self.home.control_socket(name)]
         if transport == "auto":
             fits = all(len(self.home.replica_socket(name, r).encode()) <= UNIX_PATH_MAX
@@ -147,16 +188,19 @@ class VolumeManager:
                 raise InvalidArgument(f"socket path {s} is longer than {UNIX_PATH_MAX} bytes: "
                                       "use a shorter --home or volume name")
         ensure_key(self.home.key)
-        addresses = [None if transport == "tcp" else f"unix:{self.home.replica_socket(name, r)}"
-                     for r in names]
+        addresses: list[str | None] = [
+            None if transport == "tcp" else f"unix:{self.home.replica_socket(name, r)}"
+            for r in names]
+        if self.cluster is not None:   # HOST:0: a port is allocated for the replica's node
+            addresses = [f"{self.cluster.address_of(n or self.cluster.name)}:0" for n in nodes]
         self.store.add_volume(
-            name, size, list(zip(names, dirs, addresses, strict=True)),
+            name, size, list(zip(names, dirs, addresses, nodes, strict=True)),
             (self.home.nbd_socket(name), self.home.control_socket(name)),
             is_free=process.tcp_port_free)
         created: list[str] = []
         try:
             from blockhorn.replica.store import Replica
-            for d in dirs:
+            for d in local:
                 created.append(d)
                 # In sync at generation 0 with each other (engine/generation.py).
                 Replica.create(d, size, name, {"Members": names}).close()
@@ -181,9 +225,8 @@ class VolumeManager:
         vol = self.store.volume(name)
         reps = self.store.replicas(name)
         for r in reps:
-            ReplicaConfig(volume=name, name=r.name, directory=r.directory, size=vol.size,
-                          listen=r.address, key_file=self.home.key
-                          ).save(self.home.replica_config(name, r.name))
+            if self.is_local(r):   # another node writes its replicas' configs
+                self.write_replica_config(name, vol.size, r)
         EngineConfig(volume=name, size=vol.size,
                      replicas=[ReplicaRef(r.name, r.address, r.directory) for r in reps],
                      key_file=self.home.key, control_socket=self.home.control_socket(name),
@@ -192,10 +235,24 @@ class VolumeManager:
                      timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT))
                      ).save(self.home.engine_config(name))
 
+    def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
+        ReplicaConfig(volume=name, name=r.name, directory=r.directory, size=size,
+                      listen=r.address, key_file=self.home.key
+                      ).save(self.home.replica_config(name, r.name))
+
     # --- attach ----------------------------------------------------------------------------
 
     def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
-               tcp_address: str | None = None, tls: str | None = None) -> dict[str, Any]:
+               tcp_address: str | None = None, tls: str | None = None,
+               node: str | None = None) -> dict[str, Any]:
+        if node is not None and node != self.me:
+            if self.cluster is None:
+                raise InvalidArgument("volume attach --node needs a cluster (daemon run "
+                                      "--etcd): on one host the engine runs here")
+            if tcp_port is not None or tls is not None:
+                raise InvalidArgument("--port/--tls with --node: ask that node's API instead")
+            from blockhorn.manager import across
+            return across.attach_on(self, name, frontend, node)
         if frontend not in FRONTENDS:
             raise InvalidArgument(f"invalid frontend {frontend!r}: use one of "
                                   f"{', '.join(FRONTENDS)}")
@@ -231,17 +288,9 @@ class VolumeManager:
                 nbdtls.save(self.home.volume_dir(name), tcp)
             self.store.update_volume(name, desired="attached", frontend=frontend,
                                      tcp_port=tcp_port, robustness=None, message=None,
-                                     attachment=None, device_stale=False)
+                                     attachment=None, device_stale=False, node=self.me)
             try:
-                self.write_configs(name)
-                self.store.clear_failed(name)   # replenishment waits count from now
-                reps = self.store.replicas(name)
-                self.start_replicas(name, reps)
-                self.start_engine(name)
-                if frontend != "none":
-                    self._attach_device(name, frontend)
-                if vol.access_mode == "rwx":
-                    self.start_share(name)
+                self.bring_up(name, frontend, vol.access_mode)
             except BaseException as e:
                 log.error("attach of %s failed: %s; undoing", name, e)
                 self._teardown(name)
@@ -252,17 +301,39 @@ class VolumeManager:
         log.info("attached volume %s (frontend %s)", name, frontend)
         return self.show(name)
 
+    def bring_up(self, name: str, frontend: str, access_mode: str) -> None:
+        """Replicas (this node's; the others' nodes start theirs), engine, device, share."""
+        from blockhorn.manager import across
+        across.create_missing_replicas(self, self.store.volume(name))
+        if self.cluster is not None:   # the engine's sockets are in this node's home
+            self.store.set_engine_sockets(name, self.home.nbd_socket(name),
+                                          self.home.control_socket(name))
+        self.write_configs(name)
+        self.store.clear_failed(name)   # replenishment waits count from now
+        self.start_replicas(name, [r for r in self.store.replicas(name) if self.is_local(r)])
+        across.wait_remote_replicas(self, name)
+        self.start_engine(name)
+        if frontend != "none":
+            self._attach_device(name, frontend)
+        if access_mode == "rwx":
+            self.start_share(name)
+        self.store.update_volume(name, fresh=False)
+
     def start_replicas(self, name: str, reps: list[ReplicaRow], restarted: bool = False) -> None:
         """Start the given replica processes (all at once) and wait until each accepts."""
         started = []
         os.makedirs(self.home.run_dir(name), mode=0o700, exist_ok=True)   # unix sockets
+        size = self.store.volume(name).size
         for r in reps:
+            self.write_replica_config(name, size, r)
             address = self._usable_address(name, r)
             log_path = self.home.log(f"{r.name}.log")   # replica names start with the volume name
             argv = [sys.executable, "-m", "blockhorn", "replica", "serve",
                     "--config", self.home.replica_config(name, r.name)]
             rec = process.spawn(argv, log_path)
             self.store.set_replica_process(r.name, rec, restarted=restarted)
+            if self.cluster is not None:
+                self.started[r.name] = (name, rec)
             log.info("started replica %s of %s: pid %d on %s", r.name, name, rec.pid, address)
             started.append((r.name, address, rec, log_path))
         for rname, address, rec, log_path in started:
@@ -353,7 +424,14 @@ class VolumeManager:
 
     def detach(self, name: str) -> dict[str, Any]:
         with self.locked(name):
-            self.store.volume(name)
+            vol = self.store.volume(name)
+            remote = not self.engine_here(vol) and vol.desired == "attached"
+            if remote:   # its node's supervisor stops the engine, then its replicas' nodes
+                self.store.update_volume(name, desired="detached")
+        if remote:
+            from blockhorn.manager import across
+            return across.wait_detached(self, name, vol.node or "")
+        with self.locked(name):
             last = self._robustness_from_engine(name)
             errors = self._teardown(name)
             self.store.update_volume(name, desired="detached", tcp_port=None,
@@ -367,9 +445,13 @@ class VolumeManager:
         return self.show(name)
 
     def _teardown(self, name: str) -> list[str]:
-        """Device, engine, replicas, in that order; every step tried; returns the errors."""
+        """Device, engine, replicas, in that order; every step tried; returns the errors.
+        On a cluster only this node's part: the others' daemons stop theirs."""
         errors: list[str] = []
         vol = self.store.volume(name)
+        reps = [r for r in self.store.replicas(name) if self.is_local(r)]
+        if not self.engine_here(vol):
+            return errors + self._stop_replicas(reps)
         if vol.access_mode == "rwx":
             errors += self.shares.stop(name)   # Ganesha and the mount go before the device
         if vol.attachment:
@@ -394,19 +476,31 @@ class VolumeManager:
                 _unlink_stale(sock)
         except (BlockhornError, OSError) as e:
             errors.append(f"engine: {e}")
-        reps = self.store.replicas(name)
+        return errors + self._stop_replicas(reps)
+
+    def _stop_replicas(self, reps: list[ReplicaRow]) -> list[str]:
         try:
             process.terminate([r.process for r in reps])
             for r in reps:
                 self.store.set_replica_process(r.name, None)
         except (BlockhornError, OSError) as e:
-            errors.append(f"replicas: {e}")
-        return errors
+            return [f"replicas: {e}"]
+        return []
+
+    def local_leftovers(self, vol: VolumeRow) -> bool:
+        """A detached volume with processes of this node still running (a detach asked on
+        another node, or a daemon that died in the middle of one)."""
+        if self.engine_here(vol) and process.alive(self.store.engine(vol.name).process):
+            return True
+        return any(process.alive(r.process) for r in self.store.replicas(vol.name)
+                   if self.is_local(r))
 
     def remove(self, name: str, force: bool = False) -> None:
         with self.locked(name):
             vol = self.store.volume(name)
             reps = self.store.replicas(name)
+            if vol.desired == "attached" and not self.engine_here(vol):
+                raise Busy(f"volume {name!r} is attached on node {vol.node}: detach it first")
             if vol.desired == "attached" or self._any_alive(name):
                 if not force:
                     raise Busy(f"volume {name!r} is attached: detach it first, or use --force")
@@ -415,8 +509,9 @@ class VolumeManager:
                     raise BlockhornError(f"cannot remove {name!r}: detach failed: "
                                          f"{'; '.join(errors)}", errno.EBUSY)
                 self.store.update_volume(name, desired="detached")
-            for path in [r.directory for r in reps] + [self.home.volume_dir(name),
-                                                       self.home.run_dir(name)]:
+            # Another node's replica directories are its daemon's (left in place there).
+            for path in [r.directory for r in reps if self.is_local(r)] + [
+                    self.home.volume_dir(name), self.home.run_dir(name)]:
                 shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
             for r in reps:
                 _rmdir_if_empty(os.path.dirname(r.directory))
@@ -427,7 +522,7 @@ class VolumeManager:
     def _any_alive(self, name: str) -> bool:
         eng = self.store.engine(name)
         return process.alive(eng.process) or any(
-            process.alive(r.process) for r in self.store.replicas(name))
+            process.alive(r.process) for r in self.store.replicas(name) if self.is_local(r))
 
     # --- show ------------------------------------------------------------------------------
 
@@ -435,10 +530,11 @@ class VolumeManager:
         vol = self.store.volume(name)
         reps = self.store.replicas(name)
         eng = self.store.engine(name)
-        engine_up = process.alive(eng.process)
+        here = self.engine_here(vol)
+        engine_up = process.alive(eng.process) if here else eng.process is not None
         status: dict[str, Any] | None = None
         status_error = None
-        if engine_up:
+        if engine_up and here:   # another node's engine: its supervisor stores robustness
             try:
                 status = engine_status(eng.control_socket)
             except (BlockhornError, OSError, ImportError) as e:
@@ -447,10 +543,15 @@ class VolumeManager:
         replicas = []
         for r in reps:
             st = by_name.get(r.name, {})
-            up = process.alive(r.process)
+            up = self.running(r)
+            from blockhorn.manager.replenish import disk_of
+            # An engine that still runs a replica's old directory (moved to another node and
+            # not yet swapped in) describes the old one: no mode for the new one yet.
+            current = st.get("path") in (None, r.directory)
             replicas.append({
-                "name": r.name, "mode": st.get("mode") if engine_up else None,
+                "name": r.name, "mode": st.get("mode") if engine_up and current else None,
                 "address": r.address, "path": r.directory,
+                "node": r.node or self.me, "disk": disk_of(r.directory),
                 "pid": r.process.pid if up and r.process else None,
                 "revision": st.get("revision"), "rebuild": st.get("rebuild"),
                 "restarts": r.restarts, "failed_since": r.failed_since,
@@ -459,7 +560,7 @@ class VolumeManager:
         from blockhorn.nbd import tls as nbdtls
         tcp = nbdtls.load(self.home.volume_dir(name)) if vol.tcp_port else None
         tcp = nbdtls.describe(tcp) if tcp is not None else None
-        if engine_up and vol.frontend != "fuse":   # the fuse frontend serves no NBD
+        if engine_up and here and vol.frontend != "fuse":   # the fuse frontend serves no NBD
             endpoints.append(self._uri(eng.nbd_socket))
             if tcp is not None:
                 endpoints.append(tcp["uri"])
@@ -478,6 +579,7 @@ class VolumeManager:
             "counters": (status or {}).get("counters"),
             "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
+            "node": (vol.node or self.me) if vol.desired == "attached" else None,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
 
@@ -498,7 +600,8 @@ class VolumeManager:
             return str(status["robustness"])
         if vol.desired == "attached":
             return "faulted" if not engine_up else (vol.robustness or "healthy")
-        present = sum(os.path.exists(os.path.join(r.directory, "volume.meta")) for r in reps)
+        present = sum(not self.is_local(r)   # another node's: its daemon would say
+                      or os.path.exists(os.path.join(r.directory, "volume.meta")) for r in reps)
         if present == 0:
             return "faulted"
         if present < len(reps):

@@ -35,7 +35,25 @@ from blockhorn.types import NoSpace
 
 PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
 
-NewReplica = tuple[str, str, str | None]   # (name, directory, address or None: allocate a port)
+# (name, directory, address, [node]): address None is `127.0.0.1:PORT` with a port allocated,
+# `HOST:0` is `HOST:PORT` (a replica on another node); node None: this host.
+NewReplica = tuple[str, str, str | None] | tuple[str, str, str | None, str | None]
+
+
+def unpack_new(rep: NewReplica) -> tuple[str, str, str | None, str | None]:
+    """(name, directory, host to allocate a port on or None for a fixed address, node)"""
+    name, directory, address = rep[0], rep[1], rep[2]
+    node = rep[3] if len(rep) > 3 else None
+    return name, directory, address, node
+
+
+def port_host(address: str | None) -> str | None:
+    """The host a port must be allocated on for `address` (None: the address is fixed)."""
+    if address is None:
+        return "127.0.0.1"
+    if address.endswith(":0") and not address.startswith("unix:"):
+        return address[:-2]
+    return None
 
 
 def now_rfc3339() -> str:
@@ -79,7 +97,12 @@ class StateStore(Protocol):
     def clear_failed(self, volume: str) -> None: ...
     def set_replica_directory(self, name: str, directory: str) -> None:
         """Point replica `name` at a new directory (a replacement); its failure is over."""
+    def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
+        """Replica `name` now lives on `node` in `directory` at `address` (a replacement on
+        another node): its process record and failure are cleared in the same step."""
     def engine(self, volume: str) -> EngineRow: ...
+    def set_engine_sockets(self, volume: str, nbd_socket: str, control_socket: str) -> None:
+        """The engine's sockets on the node it now runs on (paths in that node's home)."""
     def set_engine_process(self, volume: str, proc: ProcessRecord | None,
                            restarted: bool = False) -> None: ...
 
@@ -147,5 +170,12 @@ class StateStore(Protocol):
         """Every disk (of `node`), by node and path."""
     def update_disk(self, node: str, path: str, **fields: Any) -> None: ...
     def remove_disk(self, node: str, path: str) -> None: ...
+
+    def shared_key(self, candidate: bytes) -> bytes:
+        """The cluster key every node uses: the stored one, or `candidate` stored first if
+        there is none (etcd: create-if-absent). SQLite (one host): `candidate` itself."""
+    def try_lead(self, node: str, ttl_s: int) -> str | None:
+        """Campaign for leadership (etcd: `leader` created under node's lease if absent);
+        returns the current leader's name (SQLite: always `node`)."""
 
     def close(self) -> None: ...

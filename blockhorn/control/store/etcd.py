@@ -16,6 +16,8 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
     <p>nodes/<name>              NodeRow fields
     <p>disks/<node>/<path, %-quoted>   DiskRow fields
     <p>live/<node>               present while the node's daemon keeps its lease alive
+    <p>leader                    the leading node's name, under that node's live/ lease
+    <p>meta/cluster-key          the cluster key (hex) every node's engines and replicas use
 
 Every change is one etcd transaction guarded by compare-and-swap on the mod revisions of the
 keys it read (mod revision 0: "the key does not exist"): read, compute, commit if nobody
@@ -34,7 +36,7 @@ from typing import Any
 from urllib.parse import quote
 
 from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_delete, op_put
-from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port
+from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port, port_host, unpack_new
 from blockhorn.control.store.records import (
     DISK_FIELDS,
     NODE_FIELDS,
@@ -80,12 +82,12 @@ def _volume(d: Doc) -> VolumeRow:
                      d.get("frontend"), d.get("attachment"), d.get("robustness"),
                      d.get("message"), d.get("tcp_port"), d["created"],
                      bool(d.get("device_stale")), list(d.get("groups") or []),
-                     d.get("standby"))
+                     d.get("standby"), d.get("node"), bool(d.get("fresh")))
 
 
 def _replica(d: Doc) -> ReplicaRow:
     return ReplicaRow(d["name"], d["volume"], d["idx"], d["directory"], d["address"],
-                      _proc(d), d.get("restarts", 0), d.get("failed_since"))
+                      _proc(d), d.get("restarts", 0), d.get("failed_since"), d.get("node"))
 
 
 def _run(d: Doc) -> RunRow:
@@ -176,20 +178,23 @@ class EtcdStore:
                 f"volumes/{name}": {"name": name, "size": size,
                                     "replica_count": len(replicas), "access_mode": "rwo",
                                     "desired": "detached", "created": created,
-                                    "device_stale": False, "groups": []},
+                                    "device_stale": False, "groups": [], "fresh": True},
                 f"engines/{name}": {"volume": name, "nbd_socket": engine[0],
                                     "control_socket": engine[1], "pid": None, "restarts": 0}}
-            for idx, (rname, directory, address) in enumerate(replicas):
-                if address is None:
+            for idx, rep in enumerate(replicas):
+                rname, directory, address, node = unpack_new(rep)
+                host = port_host(address)
+                if host is not None:
                     port = pick_port(taken, is_free, rname)
                     taken.add(port)
                     read[f"ports/{port}"] = 0
                     put[f"ports/{port}"] = {"volume": name, "owner": rname}
-                    address = f"127.0.0.1:{port}"
+                    address = f"{host}:{port}"
                 read[f"replicas/{rname}"] = 0
                 put[f"replicas/{rname}"] = {"name": rname, "volume": name, "idx": idx,
                                             "directory": directory, "address": address,
-                                            "pid": None, "restarts": 0, "failed_since": None}
+                                            "pid": None, "restarts": 0, "failed_since": None,
+                                            "node": node}
             return self._commit(read, put)
         self._retry(step, f"create volume {name}")
         return self.volume(name)
@@ -257,12 +262,21 @@ class EtcdStore:
         self._update(f"replicas/{name}",
                      lambda d: {**d, "directory": directory, "failed_since": None})
 
+    def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
+        self._update(f"replicas/{name}", lambda d: {
+            **d, "node": node, "directory": directory, "address": address, "pid": None,
+            "create_time": None, "failed_since": None})
+
     def engine(self, volume: str) -> EngineRow:
         d, _ = self._get(f"engines/{volume}")
         if d is None:
             raise NotFound(f"volume {volume!r} has no engine record")
         return EngineRow(d["volume"], d["nbd_socket"], d["control_socket"], _proc(d),
                          d.get("restarts", 0))
+
+    def set_engine_sockets(self, volume: str, nbd_socket: str, control_socket: str) -> None:
+        self._update(f"engines/{volume}", lambda d: {**d, "nbd_socket": nbd_socket,
+                                                      "control_socket": control_socket})
 
     def set_engine_process(self, volume: str, proc: ProcessRecord | None,
                            restarted: bool = False) -> None:
@@ -458,6 +472,24 @@ class EtcdStore:
             self._leases[name] = lease
             self.etcd.put(self._k(f"live/{name}"), "1", lease)
         self.update_node(name, heartbeat=time.time())
+
+    def shared_key(self, candidate: bytes) -> bytes:
+        _, kv = self.etcd.create(self._k("meta/cluster-key"), candidate.hex())
+        if kv is None:   # created and deleted between compare and read: nobody deletes it
+            raise EtcdError("the cluster key vanished from etcd while it was read")
+        return bytes.fromhex(kv.value.decode())
+
+    def try_lead(self, node: str, ttl_s: int) -> str | None:
+        """`leader` is created under the node's live/ lease, so it goes with the node's
+        liveness: a dead leader's key expires with its lease and another node takes it."""
+        if node not in self._leases:
+            self.node_alive(node, ttl_s)
+        try:
+            _, kv = self.etcd.create(self._k("leader"), node, self._leases[node])
+        except LeaseNotFound:   # our lease just expired: the next heartbeat grants a new one
+            self._leases.pop(node, None)
+            return None
+        return kv.value.decode() if kv is not None else None
 
     def live_nodes(self, ttl_s: int) -> set[str]:
         return {kv.key.decode().rsplit("/", 1)[1]

@@ -10,6 +10,11 @@ Vocabulary:
   engine, or its process could not be started) without having been RW since (a resync that
   fails does not reset it): the supervisor replaces it once that is longer ago than
   `replica-replenishment-wait-interval`. Stored, so the wait survives a daemon restart.
+- a replica's *node* is the host it lives on (its directory is a path there, its address one
+  of that host's); a volume's *node* is the host its engine runs on while attached. A process
+  record is meaningful on that node only. None (a home made before nodes existed): this host.
+- a volume is *fresh* from `create` until its first attach: only then may a node create its
+  replicas as empty members of the in-sync set (a replica directory missing later is lost).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class ReplicaRow:
     process: ProcessRecord | None
     restarts: int = 0
     failed_since: float | None = None
+    node: str | None = None     # the node it lives on; None: this host (a single-host home)
 
 
 @dataclass
@@ -61,11 +67,13 @@ class VolumeRow:
     device_stale: bool = False
     groups: list[str] = field(default_factory=list)
     standby: dict[str, Any] | None = None
+    node: str | None = None     # the node its engine runs on while attached (None: this host)
+    fresh: bool = False         # never attached: its replicas are in sync at generation 0
 
 
 VOLUME_FIELDS = frozenset({"desired", "frontend", "attachment", "robustness", "message",
                            "tcp_port", "access_mode", "device_stale", "size", "groups",
-                           "standby"})   # what update_volume may change
+                           "standby", "node", "fresh"})   # what update_volume may change
 
 
 @dataclass

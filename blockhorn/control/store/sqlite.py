@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port
+from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port, port_host, unpack_new
 from blockhorn.control.store.records import (
     DISK_FIELDS,
     NODE_FIELDS,
@@ -33,7 +33,8 @@ from blockhorn.control.store.records import (
 )
 from blockhorn.types import AlreadyExists, NotFound
 
-SCHEMA_VERSION = 3   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both.
+SCHEMA_VERSION = 4   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
+# 4: volumes.node/fresh, replicas.node (NULL in an older home: everything on this host).
 # New tables (shares, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
 # adds them to any home, and an older blockhorn ignores them.
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
@@ -54,7 +55,9 @@ CREATE TABLE IF NOT EXISTS volumes (
     device_stale  INTEGER NOT NULL DEFAULT 0,  -- 1: the engine under the device restarted
     created       TEXT NOT NULL,
     groups        TEXT,            -- JSON list of recurring-job groups (schema 2)
-    standby       TEXT             -- JSON of a DR standby's state (schema 2)
+    standby       TEXT,            -- JSON of a DR standby's state (schema 2)
+    node          TEXT,            -- the node its engine runs on; NULL: this host (schema 4)
+    fresh         INTEGER          -- 1: never attached (schema 4); NULL: attached, or older
 );
 CREATE TABLE IF NOT EXISTS replicas (
     name        TEXT PRIMARY KEY,
@@ -65,7 +68,8 @@ CREATE TABLE IF NOT EXISTS replicas (
     pid         INTEGER,
     create_time REAL,
     restarts    INTEGER NOT NULL DEFAULT 0,
-    failed_since REAL              -- see the module docstring; NULL: not failed (schema 2)
+    failed_since REAL,             -- see the module docstring; NULL: not failed (schema 2)
+    node        TEXT               -- the node it lives on; NULL: this host (schema 4)
 );
 CREATE TABLE IF NOT EXISTS engines (
     volume         TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
@@ -137,8 +141,9 @@ CREATE TABLE IF NOT EXISTS backup_targets (
 """
 
 # Columns added after schema 1, with their declarations: an old home gets them on open.
-_ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT")],
-                  "replicas": [("failed_since", "REAL")]}
+_ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT"), ("node", "TEXT"),
+                              ("fresh", "INTEGER")],
+                  "replicas": [("failed_since", "REAL"), ("node", "TEXT")]}
 
 
 def _proc(row: sqlite3.Row) -> ProcessRecord | None:
@@ -153,7 +158,8 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
                      row["desired"], row["frontend"], json.loads(att) if att else None,
                      row["robustness"], row["message"], row["tcp_port"], row["created"],
                      bool(row["device_stale"]), json.loads(row["groups"] or "[]"),
-                     json.loads(row["standby"]) if row["standby"] else None)
+                     json.loads(row["standby"]) if row["standby"] else None, row["node"],
+                     bool(row["fresh"]))
 
 
 def _node(r: sqlite3.Row) -> NodeRow:
@@ -173,7 +179,8 @@ def _run(r: sqlite3.Row) -> RunRow:
 
 def _replica(row: sqlite3.Row) -> ReplicaRow:
     return ReplicaRow(row["name"], row["volume"], row["idx"], row["directory"],
-                      row["address"], _proc(row), row["restarts"], row["failed_since"])
+                      row["address"], _proc(row), row["restarts"], row["failed_since"],
+                      row["node"])
 
 
 class SqliteStore:
@@ -225,13 +232,16 @@ class SqliteStore:
         with self.tx() as db:
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"volume {name!r} already exists")
-            db.execute("INSERT INTO volumes (name, size, replica_count, created) "
-                       "VALUES (?, ?, ?, ?)", (name, size, len(replicas), created))
-            for idx, (rname, directory, address) in enumerate(replicas):
-                if address is None:
-                    address = f"127.0.0.1:{_allocate(db, name, rname, is_free)}"
-                db.execute("INSERT INTO replicas (name, volume, idx, directory, address) "
-                           "VALUES (?, ?, ?, ?, ?)", (rname, name, idx, directory, address))
+            db.execute("INSERT INTO volumes (name, size, replica_count, created, fresh) "
+                       "VALUES (?, ?, ?, ?, 1)", (name, size, len(replicas), created))
+            for idx, rep in enumerate(replicas):
+                rname, directory, address, node = unpack_new(rep)
+                host = port_host(address)
+                if host is not None:
+                    address = f"{host}:{_allocate(db, name, rname, is_free)}"
+                db.execute("INSERT INTO replicas (name, volume, idx, directory, address, node) "
+                           "VALUES (?, ?, ?, ?, ?, ?)",
+                           (rname, name, idx, directory, address, node))
             db.execute("INSERT INTO engines (volume, nbd_socket, control_socket) VALUES (?, ?, ?)",
                        (name, engine[0], engine[1]))
         return self.volume(name)
@@ -302,6 +312,12 @@ class SqliteStore:
             db.execute("UPDATE replicas SET directory=?, failed_since=NULL WHERE name=?",
                        (directory, name))
 
+    def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE replicas SET node=?, directory=?, address=?, pid=NULL, "
+                       "create_time=NULL, failed_since=NULL WHERE name=?",
+                       (node, directory, address, name))
+
     def engine(self, volume: str) -> EngineRow:
         with self.tx() as db:
             row = db.execute("SELECT * FROM engines WHERE volume=?", (volume,)).fetchone()
@@ -309,6 +325,11 @@ class SqliteStore:
             raise NotFound(f"volume {volume!r} has no engine record")
         return EngineRow(row["volume"], row["nbd_socket"], row["control_socket"], _proc(row),
                          row["restarts"])
+
+    def set_engine_sockets(self, volume: str, nbd_socket: str, control_socket: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE engines SET nbd_socket=?, control_socket=? WHERE volume=?",
+                       (nbd_socket, control_socket, volume))
 
     def set_engine_process(self, volume: str, proc: ProcessRecord | None,
                            restarted: bool = False) -> None:
@@ -459,6 +480,12 @@ class SqliteStore:
 
     def node_alive(self, name: str, ttl_s: int) -> None:
         self.update_node(name, heartbeat=time.time())
+
+    def shared_key(self, candidate: bytes) -> bytes:
+        return candidate   # one host: the home's key file is the only copy
+
+    def try_lead(self, node: str, ttl_s: int) -> str | None:
+        return node        # one host, one daemon (the home's lock): it leads
 
     def live_nodes(self, ttl_s: int) -> set[str]:
         with self.tx() as db:   # one host, one clock: a heartbeat time is enough

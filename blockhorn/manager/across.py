@@ -1,0 +1,201 @@
+"""Volumes across nodes (a cluster, `daemon run --etcd`): the parts of the volume lifecycle
+where one node asks another to act, through the state store.
+
+Every node's daemon reconciles its own share of the desired state (manager/supervisor.py):
+- `volume create` on node A writes the store and creates A's replicas; node B's daemon
+  creates B's (`create_missing_replicas`) when it sees them, before the first attach.
+- `volume attach NAME --node B` asked of A: A records desired `attached`, the volume's `node`
+  B, and the message "attaching on B"; B's supervisor sees it, brings the volume up
+  (`realize_attach`: its replicas, the others' over TCP, engine, device) and clears the
+  message, or records why it failed and sets the volume detached again. A waits for either.
+- the replicas of an attached volume run wherever they live: each node starts (and restarts)
+  its own; the engine's node waits for them to answer before it starts the engine.
+- `volume detach` asked of another node than the engine's: desired `detached`; the engine's
+  node tears its part down and clears the engine's process record, which the asker waits for;
+  every node stops its replicas of a detached volume.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from typing import Any
+
+from blockhorn.control.store import ProcessRecord, VolumeRow
+from blockhorn.manager import process
+from blockhorn.manager.volumes import FRONTENDS, VolumeManager, check_system
+from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound, check_name
+
+log = logging.getLogger("blockhorn.manager")
+
+REMOTE_WAIT_S = 90.0       # seconds an attach/detach on another node may take (its daemon
+                           # notices within a supervision tick, then starts or stops processes)
+ATTACHING = "attaching on "  # volume message while another node's daemon attaches it
+
+
+def attach_requested(vm: VolumeManager, vol: VolumeRow) -> bool:
+    """An attach asked of this node by another that this node has not done yet."""
+    return (vm.cluster is not None and vol.desired == "attached" and vol.node == vm.me
+            and (vol.message or "").startswith(ATTACHING)
+            and vm.store.engine(vol.name).process is None)
+
+
+def create_missing_replicas(vm: VolumeManager, vol: VolumeRow) -> None:
+    """Create this node's replicas that have no directory yet: of a volume made on another
+    node (`volume create` writes only the store there), or moved here (manager/leader.py).
+    While the volume is fresh (never attached) a replica is created as a member of the
+    in-sync set at generation 0, like the creating node's; afterwards it is created empty
+    and `Rebuilding`, so no engine trusts it before its first resync. Only on a disk that
+    is there (mounted): a missing disk must not be filled in underneath its mount point."""
+    if vm.cluster is None:
+        return   # one host: `create` made every replica; a missing one is replenishment's
+    from blockhorn.manager.replenish import disk_of
+    from blockhorn.replica.store import Replica
+    reps = vm.store.replicas(vol.name)
+    for r in reps:
+        if not vm.is_local(r) or r.process is not None or os.path.exists(r.directory):
+            continue
+        disk = disk_of(r.directory)
+        if disk is None or not os.path.isdir(disk):
+            continue
+        os.makedirs(os.path.dirname(r.directory), mode=0o700, exist_ok=True)
+        meta = {"Members": [x.name for x in reps]} if vol.fresh else {"Rebuilding": True}
+        Replica.create(r.directory, vol.size, vol.name, meta).close()
+        vm.write_replica_config(vol.name, vol.size, r)
+        log.info("created replica %s of %s in %s%s", r.name, vol.name, r.directory,
+                 "" if vol.fresh else " (empty, to be rebuilt)")
+
+
+def stop_strays(vm: VolumeManager) -> None:
+    """Stop replica processes this daemon started that are no longer this node's (moved to
+    another node by the leader or a drain) or no longer exist (volume removed elsewhere)."""
+    for name, (volume, rec) in list(vm.started.items()):
+        rows = [r for r in vm.store.replicas(volume) if r.name == name] \
+            if _exists(vm, volume) else []
+        if rows and vm.is_local(rows[0]) and rows[0].process == rec:
+            continue
+        vm.started.pop(name, None)
+        if process.alive(rec):
+            log.warning("replica %s of %s is no longer this node's: stopping pid %d", name,
+                        volume, rec.pid)
+            process.terminate([rec])
+
+
+def adopt_started(vm: VolumeManager) -> None:
+    """At daemon start: count every replica process of this home as started here (found by
+    its `--config <home>/volumes/<vol>/<replica>.json`), so that `stop_strays` also stops
+    one whose replica was moved away while no daemon ran."""
+    if vm.cluster is None:
+        return
+    import psutil
+    prefix = os.path.join(vm.home.root, "volumes") + os.sep
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = p.info.get("cmdline") or []
+        if "replica" not in cmd or "--config" not in cmd[:-1]:
+            continue
+        cfg = cmd[cmd.index("--config") + 1]
+        if cfg.startswith(prefix) and cfg.endswith(".json"):
+            volume = cfg[len(prefix):].split(os.sep)[0]
+            name = os.path.basename(cfg)[:-len(".json")]
+            vm.started[name] = (volume, ProcessRecord(p.pid, p.info["create_time"]))
+
+
+def _exists(vm: VolumeManager, volume: str) -> bool:
+    try:
+        vm.store.volume(volume)
+    except NotFound:   # only a store that answers "no such volume": never an unreachable one
+        return False
+    return True
+
+
+def wait_remote_replicas(vm: VolumeManager, name: str) -> None:
+    """Wait until the replicas on other nodes that are up accept connections (their
+    daemons start them once they see the volume attached). One that does not come is
+    left to the engine, which starts if the generation rule lets it."""
+    if vm.cluster is None:
+        return
+    deadline = time.monotonic() + process.READY_TIMEOUT_S
+    for r in vm.store.replicas(name):
+        if vm.is_local(r) or not vm.cluster.is_up(r.node or ""):
+            continue
+        while not process.accepts(r.address):
+            if time.monotonic() > deadline:
+                log.warning("replica %s of %s on node %s does not answer at %s", r.name,
+                            name, r.node, r.address)
+                break
+            time.sleep(0.1)
+
+
+def attach_on(vm: VolumeManager, name: str, frontend: str, node: str) -> dict[str, Any]:
+    """Ask node `node`'s daemon to attach the volume (the store says so; its supervisor
+    does it) and wait until it did or failed."""
+    assert vm.cluster is not None
+    check_name(name)
+    if frontend not in FRONTENDS:
+        raise InvalidArgument(f"invalid frontend {frontend!r}: use one of "
+                              f"{', '.join(FRONTENDS)}")
+    with vm.locked(name):
+        vol = vm.store.volume(name)
+        vm.store.node(node)   # NotFound: "node 'x' does not exist"
+        if not vm.cluster.is_up(node):
+            raise Busy(f"node {node!r} is down: attach the volume on a node that is up")
+        if vol.standby:
+            raise Busy(f"volume {name!r} is a DR standby: activate it first")
+        if vol.desired == "attached":
+            raise Busy(f"volume {name!r} is already attached (on node "
+                       f"{vol.node or vm.me}): detach it first")
+        vm.store.set_engine_process(name, None)
+        vm.store.update_volume(name, desired="attached", frontend=frontend, tcp_port=None,
+                               robustness=None, attachment=None, device_stale=False,
+                               node=node, message=ATTACHING + node)
+    deadline = time.monotonic() + REMOTE_WAIT_S
+    while time.monotonic() < deadline:
+        vol = vm.store.volume(name)
+        if vol.desired != "attached":
+            raise BlockhornError(vol.message or f"the attach of {name!r} on {node} failed",
+                                 errno.EIO)
+        if not (vol.message or "").startswith(ATTACHING):
+            log.info("volume %s attached on node %s", name, node)
+            return vm.show(name)
+        time.sleep(0.2)
+    raise BlockhornError(f"node {node} did not attach {name!r} within "
+                         f"{REMOTE_WAIT_S:.0f} s (is its daemon running?); it still may: "
+                         "see `blockhorn volume show`", errno.ETIMEDOUT)
+
+
+def realize_attach(vm: VolumeManager, name: str) -> None:
+    """On the node an attach was asked for (the caller holds the volume's lock): bring
+    the volume up; on failure undo it and say why in the volume's message."""
+    vol = vm.store.volume(name)
+    from blockhorn.nbd.attach import choose_frontend
+    try:
+        check_system(vol.frontend or "auto")
+        frontend = choose_frontend(vol.frontend or "auto")
+        vm.store.update_volume(name, frontend=frontend)
+        vm.bring_up(name, frontend, vol.access_mode)
+    except (BlockhornError, OSError) as e:
+        log.error("attach of %s on this node failed: %s; undoing", name, e)
+        vm._teardown(name)
+        vm.store.update_volume(name, desired="detached", frontend=None,
+                               message=f"attach on {vm.me} failed: {e}")
+        return
+    vm.store.update_volume(name, message=None)
+    log.info("attached volume %s (frontend %s), as asked from another node", name, frontend)
+
+
+def wait_detached(vm: VolumeManager, name: str, node: str) -> dict[str, Any]:
+    deadline = time.monotonic() + REMOTE_WAIT_S
+    while vm.store.engine(name).process is not None:
+        if vm.cluster is not None and not vm.cluster.is_up(node):
+            vm.store.update_volume(name, message=f"detached while node {node} was down: "
+                                   "its engine stops when it comes back")
+            break
+        if time.monotonic() > deadline:
+            raise BlockhornError(f"node {node} did not stop the engine of {name!r} within "
+                                 f"{REMOTE_WAIT_S:.0f} s", errno.ETIMEDOUT)
+        time.sleep(0.2)
+    log.info("detached volume %s (its engine ran on node %s)", name, node)
+    return vm.show(name)
+

@@ -1,0 +1,166 @@
+"""The cluster leader's work: replacing replicas of nodes that died, and draining nodes.
+
+One node daemon at a time leads (manager/nodes.py: the store's `try_lead`, on etcd a `leader`
+key under the leader's liveness lease, so it passes to another node once the leader's lease
+expires). Only the leader replaces replicas; `node drain` runs on whichever node is asked.
+
+Moving a replica (`move`) is one store change: the replica keeps its name and gets a node, a
+disk directory and an address (a port on the new node) chosen by the scheduler among the nodes
+that hold no replica of the volume. The rest follows from each node reconciling its share:
+- the new node's supervisor creates the directory (empty and `Rebuilding`: no engine start
+  trusts it before its first resync, manager/across.py) and starts the replica process;
+- the old node, if it is alive, stops its process of the replica (no longer its own);
+- the engine's node sees the engine's path for the replica differ from the store's and, once
+  the engine holds the old one ERR, tells it `replace_replica`: the engine rebuilds the new
+  replica from a current one (engine/rebuild.py).
+
+A replica of a down node is moved once its node has been down (as this leader saw it, or the
+replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for attached volumes whose
+engine's node is up, since the rebuild needs an engine. Its old directory stays on the dead
+node's disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+
+from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
+from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
+from blockhorn.manager.nodes import NODE_DOWN_AFTER_S, NodeService
+from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
+from blockhorn.types import BlockhornError, NotFound
+
+log = logging.getLogger("blockhorn.manager")
+
+RETRY_S = 10.0          # seconds between attempts to place a replacement that did not fit
+DRAIN_WAIT_S = 300.0    # seconds one replica's rebuild may take during a drain
+MIN_WAIT_S = 3.0        # seconds: a few supervision passes of the engine's node
+
+
+class Leader:
+    def __init__(self, nodes: NodeService) -> None:
+        self.nodes = nodes
+        self.store = nodes.store
+        self._next: dict[str, float] = {}   # replica -> monotonic time of the next attempt
+        self._down_since: dict[str, float] = {}   # replica -> when this leader saw its node down
+
+    def tick(self) -> None:
+        """Replace the replicas of down nodes whose wait is over (only while leading)."""
+        if not self.nodes.is_leader:
+            return
+        live = self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.nodes.name}
+        wait = Settings(self.store).get_int(REPLENISHMENT_WAIT)
+        now = time.time()
+        for vol in self.store.volumes():
+            if vol.desired != "attached" or (vol.node or self.nodes.name) not in live:
+                continue   # a rebuild needs a running engine
+            reps = self.store.replicas(vol.name)
+            for r in reps:
+                if r.node is None or r.node in live:
+                    self._down_since.pop(r.name, None)
+                    continue
+                if r.name not in self._down_since:
+                    log.warning("replica %s of %s: its node %s is down", r.name, vol.name, r.node)
+                    self._down_since[r.name] = now
+                    self.store.set_replica_failed_since(r.name, now)   # for `volume show`
+                # The engine's node clears failed_since while the engine still holds the
+                # replica RW (until its timeout): the wait counts from the node's death.
+                since = min(self._down_since[r.name], r.failed_since or now)
+                if now - since < wait or time.monotonic() < self._next.get(r.name, 0):
+                    continue
+                try:
+                    p = move(self.nodes, vol, r, reps)
+                except (BlockhornError, OSError) as e:
+                    self._next[r.name] = time.monotonic() + RETRY_S
+                    log.error("replica %s of %s cannot be replaced: %s", r.name, vol.name, e)
+                    self.store.update_volume(vol.name, message=f"replica {r.name} on down node "
+                                             f"{r.node} cannot be replaced: {e}")
+                    continue
+                self._next.pop(r.name, None)
+                self._down_since.pop(r.name, None)
+                self.store.update_volume(vol.name, message=(
+                    f"replica {r.name}: node {r.node} down for {now - since:.0f} s; "
+                    f"replaced on {p.node} ({p.disk})"))
+
+
+def plan(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],
+         done: list[tuple[Placement, int]] | None = None) -> Placement:
+    """Where replica `r` of `vol` could go: a node holding no other replica of the volume
+    (nor `r`'s own), by the scheduler's rules. `done`: placements planned before (a drain
+    plans all of its moves before making any), counted as scheduled."""
+    avoid = frozenset({x.node or nodes.name for x in reps} | {r.node or nodes.name})
+    cands = nodes.nodes_for_scheduling(exclude=avoid)
+    for p, size in done or []:
+        cands = place(cands, [p], size)
+    try:
+        (p,) = schedule(vol.size, 1, cands, nodes.policy())
+    except Unschedulable as e:
+        raise Unschedulable(f"no node for a replacement of {r.name} (the volume's replicas are "
+                            f"on {', '.join(sorted(avoid))}): {e}") from None
+    return p
+
+
+def move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],
+         to: Placement | None = None) -> Placement:
+    """Point replica `r` at a new node and directory (module docstring); returns where."""
+    p = to or plan(nodes, vol, r, reps)
+    directory = os.path.join(p.disk, "replicas", vol.name, r.name)
+    port = nodes.store.allocate_port(vol.name, r.name, lambda _port: True)
+    address = f"{nodes.address_of(p.node)}:{port}"
+    nodes.store.move_replica(r.name, p.node, directory, address)
+    log.warning("replica %s of %s moved from node %s to %s (%s, %s)", r.name, vol.name, r.node,
+                p.node, directory, address)
+    return p
+
+
+def drain(nodes: NodeService, node: str) -> dict[str, object]:
+    """Move every replica off `node`: plan every move first (refused, nothing changed, when
+    one has no room), mark the node unschedulable, then move one replica at a time and wait
+    until its volume is healthy again before the next (a detached volume's replica is moved
+    at once: its engine resyncs it at the next attach)."""
+    store = nodes.store
+    store.node(node)   # NotFound
+    todo = [(v, r, store.replicas(v.name)) for v in store.volumes()
+            for r in store.replicas(v.name) if (r.node or nodes.name) == node]
+    planned: list[tuple[Placement, int]] = []
+    for v, r, reps in todo:
+        try:
+            planned.append((plan(nodes, v, r, reps, planned), v.size))
+        except Unschedulable as e:
+            raise Unschedulable(f"cannot drain node {node}: {e}") from None
+    store.update_node(node, schedulable=False)
+    moved = []
+    for (v, r, reps), (p, _) in zip(todo, planned, strict=True):
+        move(nodes, v, r, reps, p)
+        moved.append({"replica": r.name, "volume": v.name, "node": p.node, "disk": p.disk})
+        if v.desired == "attached":
+            # Not healthy until the engine's node reports the swap done: a swap and rebuild
+            # can pass between two of its supervision passes, unseen.
+            store.update_volume(v.name, robustness="degraded",
+                                message=f"replica {r.name} moving to node {p.node} (drain)")
+            _wait_rebuilt(store, v.name, r.name)
+    log.info("node %s drained: %d replicas moved", node, len(moved))
+    return {"node": node, "moved": moved}
+
+
+def _wait_rebuilt(store: StateStore, volume: str, rname: str) -> None:
+    """Wait until the engine's node reports the volume healthy again: its supervisor stores
+    the engine's robustness once the engine runs the moved replica (the first pass after the
+    move only swaps it in, so MIN_WAIT_S covers a pass that read the engine before the move)."""
+    start = time.monotonic()
+    while time.monotonic() - start < DRAIN_WAIT_S:
+        try:
+            vol = store.volume(volume)
+        except NotFound:
+            return   # removed meanwhile: nothing left to wait for
+        if vol.desired != "attached":
+            return
+        if vol.robustness == "healthy" and time.monotonic() - start >= MIN_WAIT_S:
+            return
+        time.sleep(0.5)
+    raise BlockhornError(f"replica {rname} of {volume} was moved but its volume is not healthy "
+                         f"after {DRAIN_WAIT_S:.0f} s: see `blockhorn volume show {volume}`",
+                         errno.ETIMEDOUT)

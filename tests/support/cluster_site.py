@@ -1,0 +1,318 @@
+"""Namespace hosts running node daemons on one etcd: a blockhorn cluster on one machine.
+
+`cluster_site(tmp, n)` makes `n` hosts (network namespaces on a bridge, tests/netns_util.py),
+each with its own home, one disk and a node daemon (`daemon run --etcd ... --node hN
+--address IP`), and one etcd in the root namespace on the bridge's address (one member: a
+three-member etcd costs three more processes and its elections on a 2-core machine, and the
+etcd cluster's own failover is etcd's, not ours to test here). Every name (namespaces, bridge,
+veths, the etcd key prefix) and the subnet are unique per run, so two runs never meet; at exit
+every process of every host is killed (found by its network namespace, so nothing a daemon
+started is missed), FUSE mounts under the site are unmounted and the namespaces removed, also
+when the body failed.
+
+Used by tests/t5_cluster_*.py, scripts/demo_cluster.py and scripts/bench_cluster.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from failover_site import start_etcd  # noqa: E402
+from netns_util import hosts_on_bridge, set_link  # noqa: E402
+
+NODE_TTL_S = 4            # seconds: node leases in the site (BLOCKHORN_NODE_TTL_S)
+BLOCK = 4096
+WRITE_SPAN = 8 << 20      # bytes: the writer's blocks, small enough to read back whole
+START_TIMEOUT_S = 30.0    # seconds for a daemon to answer on its socket
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+
+
+class Writer(threading.Thread):
+    """4 KiB writes (libnbd) at random offsets of the first WRITE_SPAN bytes, a FLUSH every
+    16; keeps what each block was last acknowledged with, for `check`."""
+
+    def __init__(self, uri: str, pause_s: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.uri = uri
+        self.pause_s = pause_s
+        self.stop = threading.Event()
+        self.acked: dict[int, bytes] = {}
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        import nbd
+        rnd = random.Random(7)
+        h = nbd.NBD()
+        try:
+            h.connect_uri(self.uri)
+            while not self.stop.is_set():
+                off = rnd.randrange(WRITE_SPAN // BLOCK) * BLOCK
+                data = rnd.randbytes(BLOCK)
+                h.pwrite(data, off)
+                self.acked[off] = data
+                self.count += 1
+                if self.count % 16 == 0:
+                    h.flush()
+                time.sleep(self.pause_s)
+        except BaseException as e:   # reported by the caller
+            self.error = e
+        finally:
+            with contextlib.suppress(Exception):
+                h.shutdown()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(30)
+        if self.error is not None:
+            raise AssertionError(f"a write failed: {self.error}")
+
+    def check(self, uri: str) -> int:
+        """Read back every acknowledged block; how many differ."""
+        import nbd
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            return sum(h.pread(BLOCK, off) != data for off, data in self.acked.items())
+        finally:
+            h.shutdown()
+
+
+@dataclass
+class Host:
+    name: str           # node name and network namespace
+    ip: str
+    home: str
+    disk: str
+    proc: subprocess.Popen[bytes] | None = None
+
+
+@dataclass
+class Site:
+    root: str
+    etcd: str
+    prefix: str
+    hosts: list[Host] = field(default_factory=list)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for k in ("BLOCKHORN_HOME", "NOTIFY_SOCKET", "BLOCKHORN_ETCD", "BLOCKHORN_NODE"):
+            env.pop(k, None)
+        env["BLOCKHORN_NODE_TTL_S"] = str(NODE_TTL_S)
+        return env
+
+    def host(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    # --- the CLI of one host (runs in the root namespace: the API is a unix socket) --------
+
+    def cli(self, h: Host, *args: str, check: bool = True,
+            timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "blockhorn", "--home", h.home, *args],
+                              capture_output=True, text=True, timeout=timeout, env=self.env(),
+                              cwd=ROOT)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"[{h.name}] blockhorn {' '.join(args)} exited "
+                                 f"{proc.returncode}:\n{proc.stdout}{proc.stderr}")
+        return proc
+
+    def json(self, h: Host, *args: str) -> Any:
+        return json.loads(self.cli(h, *args, "--json").stdout)
+
+    def show(self, h: Host, volume: str) -> dict[str, Any]:
+        return dict(self.json(h, "volume", "show", volume))
+
+    def states(self, h: Host) -> dict[str, str]:
+        return {n["name"]: n["state"] for n in self.json(h, "node", "ls")}
+
+    def healthy_on(self, h: Host, volume: str, nodes: set[str]) -> bool:
+        """The volume (attached on `h`) is healthy with its replicas on `nodes`, all RW."""
+        v = self.show(h, volume)
+        return (v["robustness"] == "healthy" and {r["node"] for r in v["replicas"]} == nodes
+                and {r["mode"] for r in v["replicas"]} == {"RW"})
+
+    def kill_and_heal(self, engine: Host, volume: str, victim: Host,
+                      say: Callable[[str], None] = lambda _text: None,
+                      partition: bool = False) -> dict[str, float]:
+        """Kill `victim` (a node holding a replica of `volume`, attached on `engine`, not the
+        engine's node) under writes — or with `partition` only take its link down, its
+        processes running on — and wait until the volume is healthy again on other nodes.
+        Returns seconds from the kill: `down` (node ls says so), `moved` (the store points
+        the replica at another node), `healthy`; and `writes`. Checks every acknowledged
+        write."""
+        before = {r["node"] for r in self.show(engine, volume)["replicas"]}
+        assert victim.name in before and engine.name != victim.name
+        w = Writer(self.show(engine, volume)["endpoint"])
+        w.start()
+        wait_until(lambda: w.count >= 100 or w.error, 20, "writes before the kill")
+        t0 = time.monotonic()
+        if partition:
+            say(f"taking the link of {victim.name} down (its processes run on)")
+            set_link(victim.name, False)
+        else:
+            say(f"killing every process of {victim.name} and taking its link down")
+            self.kill(victim)
+        wait_until(lambda: self.states(engine)[victim.name] == "down", 60, "the node down")
+        down = time.monotonic() - t0
+        say(f"{victim.name} is down after {down:.1f} s")
+
+        def moved() -> set[str] | None:
+            now = {r["node"] for r in self.show(engine, volume)["replicas"]}
+            return now if victim.name not in now else None
+        after = wait_until(moved, 120, "the replica moved")
+        t_moved = time.monotonic() - t0
+        say(f"the leader placed the replacement on {', '.join(sorted(after - before))} after "
+            f"{t_moved:.1f} s")
+        wait_until(lambda: self.healthy_on(engine, volume, after), 180, "healthy again")
+        healthy = time.monotonic() - t0
+        say(f"{volume} is healthy again after {healthy:.1f} s")
+        w.finish()
+        bad = w.check(self.show(engine, volume)["endpoint"])
+        assert bad == 0, f"{bad} acknowledged blocks read back different"
+        say(f"{w.count} writes went on meanwhile; every acknowledged block reads back the same")
+        return {"down": down, "moved": t_moved, "healthy": healthy, "writes": float(w.count)}
+
+    # --- daemons ---------------------------------------------------------------------------
+
+    def start(self, h: Host) -> None:
+        log = open(os.path.join(self.root, f"{h.name}-daemon.out"), "ab")
+        h.proc = subprocess.Popen(
+            ["ip", "netns", "exec", h.name, sys.executable, "-m", "blockhorn", "--home", h.home,
+             "daemon", "run", "--quiet", "--etcd", self.etcd, "--etcd-prefix", self.prefix,
+             "--node", h.name, "--address", h.ip],
+            stdout=log, stderr=log, cwd=ROOT, env=self.env(), start_new_session=True)
+        log.close()
+
+        def up() -> bool:
+            assert h.proc is not None
+            if h.proc.poll() is not None:
+                raise AssertionError(f"daemon of {h.name} exited {h.proc.returncode}; see "
+                                     f"{self.root}/{h.name}-daemon.out")
+            return os.path.exists(os.path.join(h.home, "daemon.sock")) and self.cli(
+                h, "daemon", "status", check=False).returncode == 0
+        wait_until(up, START_TIMEOUT_S, f"the daemon of {h.name}")
+
+    def kill(self, h: Host, link_down: bool = True) -> int:
+        """Kill every process of host `h` (SIGKILL, found by network namespace) and, with
+        `link_down`, take its link down: a host that died. Returns how many were killed."""
+        if link_down:
+            set_link(h.name, False)
+        n = kill_netns(h.name)
+        if h.proc is not None:
+            h.proc.wait(10)
+        return n
+
+    def revive(self, h: Host) -> None:
+        set_link(h.name, True)
+        self.start(h)
+
+
+def netns_pids(ns: str) -> list[int]:
+    try:
+        want = os.stat(f"/run/netns/{ns}").st_ino
+    except FileNotFoundError:
+        return []
+    out = []
+    for p in psutil.pids():
+        try:
+            if os.stat(f"/proc/{p}/ns/net").st_ino == want and p != os.getpid():
+                out.append(p)
+        except OSError:
+            continue   # exited meanwhile, or a kernel thread
+    return out
+
+
+def kill_netns(ns: str) -> int:
+    pids = netns_pids(ns)
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    for p in pids:
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(p).wait(10)
+    return len(pids)
+
+
+def _unmount_under(root: str) -> None:
+    for part in psutil.disk_partitions(all=True):
+        if part.mountpoint.startswith(root + "/"):
+            subprocess.run(["umount", "-l", part.mountpoint], capture_output=True, check=False)
+
+
+def _detach_loops(root: str) -> None:
+    out = subprocess.run(["losetup", "-J"], capture_output=True, text=True, check=False).stdout
+    for dev in json.loads(out or '{"loopdevices": []}').get("loopdevices", []):
+        if (dev.get("back-file") or "").startswith(root + "/"):
+            subprocess.run(["losetup", "-d", dev["name"]], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
+                 ) -> Iterator[Site]:
+    """`n` hosts with daemons up, each with one disk registered; `settings` set once."""
+    tok = secrets.token_hex(2)
+    rnd = random.Random(tok)
+    subnet = f"10.{rnd.randrange(128, 192)}.{rnd.randrange(256)}"
+    names = {f"bc{tok}h{i}": f"{subnet}.{10 + i}/24" for i in range(n)}
+    os.makedirs(root, exist_ok=True)
+    with hosts_on_bridge(names, f"bc{tok}b", f"{subnet}.1/24"):
+        etcd_dir = os.path.join(root, "etcd")
+        os.makedirs(etcd_dir, exist_ok=True)
+        url, etcd = start_etcd(etcd_dir, f"{subnet}.1")
+        site = Site(root, url, f"/bh-{tok}/")
+        try:
+            for i, ns in enumerate(names):
+                base = os.path.join(root, f"h{i}")
+                h = Host(ns, names[ns].split("/")[0], os.path.join(base, "home"),
+                         os.path.join(base, "disk"))
+                os.makedirs(h.disk)
+                site.hosts.append(h)
+            for h in site.hosts:
+                site.start(h)
+                site.cli(h, "disk", "add", h.disk)
+            # The hosts' disks are directories of this machine's one file system, whose free
+            # space other work changes: placement must not depend on it (default 25 %).
+            for k, v in ({"storage-minimal-available-percentage": "0"} | (settings or {})).items():
+                site.cli(site.hosts[0], "setting", "set", k, v)
+            yield site
+        finally:
+            for h in site.hosts:
+                kill_netns(h.name)
+                if h.proc is not None and h.proc.poll() is None:
+                    h.proc.kill()
+                    h.proc.wait(10)
+            _unmount_under(root)
+            _detach_loops(root)
+            etcd.terminate()
+            try:
+                etcd.wait(10)
+            except subprocess.TimeoutExpired:
+                etcd.kill()
+                etcd.wait(5)

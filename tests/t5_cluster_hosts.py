@@ -1,0 +1,241 @@
+"""Tier 5: volumes across four hosts (network namespaces on a bridge), each with its own
+home, disk and node daemon on one etcd (tests/support/cluster_site.py).
+
+- placement: 3 replicas on 3 distinct nodes, each created by its node's daemon in that node's
+  disk, reached over TCP at the node's address; a placement that cannot be met is refused
+  with what is missing, and nothing is created;
+- a volume written through an engine on host A, detached (asked of host B), attached on host
+  B (asked of host A), reads the same: checksums equal;
+- `node drain`: refused with the reason while no node has room (nothing changed), then each
+  replica rebuilt on another node, the data the same;
+- a node killed (every process, and its link down) under writes: `down` in `node ls`, a
+  leader among the live nodes replaces its replica after the (short) replenishment wait, the
+  engine rebuilds it, the volume is healthy again and every acknowledged write reads back;
+- a node cut off (link down only) is replaced the same way, and once its link returns its
+  daemon stops the replica process that is no longer its own;
+- the leader killed: another node leads within the lease's TTL.
+
+The cluster is module-scoped: four daemons and etcd start once for every test here, and the
+tests run in this order (the last one kills a host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+
+import nbd
+import psutil
+import pytest
+from conftest import needs_root
+from netns_util import set_link
+from support.cluster_site import Host, Site, cluster_site, wait_until
+
+pytestmark = needs_root()
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    import shutil
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd not installed (apt-get install etcd-server)")
+    # Short path: replica and engine sockets live under the homes.
+    root = os.path.join("/tmp", f"bhc{os.getpid()}")
+    try:
+        with cluster_site(root, 4, {"replica-replenishment-wait-interval": "2"}) as s:
+            yield s
+    finally:
+        if not os.environ.get("BLOCKHORN_KEEP_SITE"):   # logs for a post-mortem
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def nbd_handle(uri: str) -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def write_pattern(uri: str, seed: int, count: int = 64, block: int = 64 * 1024) -> str:
+    """Write `count` blocks at spread offsets, flush; the sha256 of the whole volume."""
+    h = nbd_handle(uri)
+    try:
+        size = h.get_size()
+        for i in range(count):
+            off = (i * 7919 * block) % (size - block)
+            off -= off % 4096
+            h.pwrite(hashlib.sha256(f"{seed}-{i}".encode()).digest() * (block // 32), off)
+        h.flush()
+        return read_sum(h)
+    finally:
+        h.shutdown()
+
+
+def read_sum(h: nbd.NBD) -> str:
+    size, step = h.get_size(), 4 * MiB
+    d = hashlib.sha256()
+    for off in range(0, size, step):
+        d.update(h.pread(min(step, size - off), off))
+    return d.hexdigest()
+
+
+def volume_sum(uri: str) -> str:
+    h = nbd_handle(uri)
+    try:
+        return read_sum(h)
+    finally:
+        h.shutdown()
+
+
+def test_placement_on_three_nodes_and_refusal(site: Site) -> None:
+    a, b, c, d = site.hosts
+    site.cli(a, "volume", "create", "spread", "--size", "32MiB", "--replicas", "3")
+    v = site.show(a, "spread")
+    by_node = {r["node"]: r for r in v["replicas"]}
+    assert len(by_node) == 3 and a.name in by_node   # distinct nodes; data locality first
+    for h in (x for x in site.hosts if x.name in by_node):
+        r = by_node[h.name]
+        assert r["disk"] == h.disk and r["address"].startswith(h.ip + ":")
+        # Each node's daemon creates its own replicas (within a supervision tick or two).
+        wait_until(lambda r=r: os.path.exists(os.path.join(r["path"], "volume.meta")), 15,
+                   f"replica {r['name']} created by {h.name}")
+    # The other nodes see the same volume.
+    assert {r["node"] for r in site.show(c, "spread")["replicas"]} == set(by_node)
+
+    for h in (c, d):
+        site.cli(c, "node", "update", h.name, "--schedulable", "no")
+    try:
+        bad = site.cli(b, "volume", "create", "nope", "--size", "16MiB", "--replicas", "3",
+                       check=False)
+        assert bad.returncode != 0
+        assert "3 replicas need 3 schedulable nodes; 2 are up and schedulable" in bad.stderr
+        assert "nope" not in {x["name"] for x in site.json(a, "volume", "ls")}
+        # Two replicas fit on the two schedulable nodes.
+        site.cli(b, "volume", "create", "two", "--size", "16MiB", "--replicas", "2")
+        assert {r["node"] for r in site.show(b, "two")["replicas"]} == {a.name, b.name}
+    finally:
+        for h in (c, d):
+            site.cli(c, "node", "update", h.name, "--schedulable", "yes")
+    site.cli(a, "volume", "rm", "two")
+    site.cli(a, "volume", "rm", "spread")
+
+
+def test_written_on_one_host_reads_the_same_on_another(site: Site) -> None:
+    a, b, c, d = site.hosts
+    site.cli(b, "volume", "create", "mover", "--size", "32MiB", "--replicas", "3")
+    t0 = time.monotonic()
+    site.cli(a, "volume", "attach", "mover", "--frontend", "none")   # on a: the default
+    v = site.show(b, "mover")
+    assert v["state"] == "attached" and v["node"] == a.name
+    before = write_pattern(site.show(a, "mover")["endpoint"], seed=1)
+    # Detach asked of another node than the engine's: a's daemon stops its engine.
+    site.cli(b, "volume", "detach", "mover")
+    assert site.show(a, "mover")["state"] == "detached"
+    wait_until(lambda: all(r["pid"] is None for r in site.show(a, "mover")["replicas"]), 20,
+               "every node stopped its replica")
+    # Attach on b, asked of a: b's daemon brings the engine up and reaches a's and c's
+    # replicas over TCP.
+    site.cli(a, "volume", "attach", "mover", "--frontend", "none", "--node", b.name)
+    v = site.show(b, "mover")
+    assert v["node"] == b.name, v
+    # Every replica stayed in sync: none is resynced (the engine stopped before them).
+    assert v["robustness"] == "healthy" and {r["mode"] for r in v["replicas"]} == {"RW"}, v
+    assert volume_sum(v["endpoint"]) == before
+    site.cli(b, "volume", "detach", "mover")
+    print(f"write, move and read back: {time.monotonic() - t0:.1f} s")
+
+
+def nodes_of(site: Site, h: Host, volume: str) -> set[str]:
+    return {r["node"] for r in site.show(h, volume)["replicas"]}
+
+
+def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
+    a, b, c, d = site.hosts
+    site.cli(a, "node", "update", d.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", "dr", "--size", "32MiB", "--replicas", "3")
+    assert nodes_of(site, a, "dr") == {a.name, b.name, c.name}
+    site.cli(a, "volume", "attach", "dr", "--frontend", "none")
+    before = write_pattern(site.show(a, "dr")["endpoint"], seed=2)
+    bad = site.cli(b, "node", "drain", c.name, check=False)
+    assert bad.returncode != 0 and f"cannot drain node {c.name}" in bad.stderr, bad.stderr
+    assert "no node for a replacement" in bad.stderr
+    assert site.json(a, "node", "show", c.name)["schedulable"] is True   # nothing changed
+    site.cli(a, "node", "update", d.name, "--schedulable", "yes")
+    t0 = time.monotonic()
+    out = site.cli(b, "node", "drain", c.name).stdout
+    print(f"drain of one replica: {time.monotonic() - t0:.1f} s")
+    assert f"moved to {d.name}" in out
+    assert site.healthy_on(a, "dr", {a.name, b.name, d.name})
+    assert site.json(a, "node", "show", c.name)["schedulable"] is False
+    assert volume_sum(site.show(a, "dr")["endpoint"]) == before
+    # c's daemon stopped its replica process (no longer its own).
+    moved = next(r for r in site.show(a, "dr")["replicas"] if r["node"] == d.name)
+    assert moved["disk"] == d.disk
+    site.cli(a, "volume", "detach", "dr")
+    site.cli(a, "node", "update", c.name, "--schedulable", "yes")
+
+
+def test_node_killed_under_writes_replaced_elsewhere(site: Site) -> None:
+    a, b, c, d = site.hosts
+    site.cli(a, "node", "update", c.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", "kv", "--size", "32MiB", "--replicas", "3")
+    site.cli(a, "node", "update", c.name, "--schedulable", "yes")
+    assert nodes_of(site, a, "kv") == {a.name, b.name, d.name}
+    site.cli(a, "volume", "attach", "kv", "--frontend", "none")
+    # The leader (maybe a new one: d may have led) replaces d's replica on c, the engine on
+    # a rebuilds it while the writes go on; every acknowledged write reads back the same.
+    t = site.kill_and_heal(a, "kv", d)
+    assert nodes_of(site, a, "kv") == {a.name, b.name, c.name}
+    leaders = [n["name"] for n in site.json(a, "node", "ls") if n["leader"]]
+    assert len(leaders) == 1 and leaders[0] != d.name
+    verify = site.cli(a, "volume", "verify", "kv", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"{t['writes']:.0f} writes; node down after {t['down']:.1f} s, replica moved after "
+          f"{t['moved']:.1f} s, volume healthy again {t['healthy']:.1f} s after the kill")
+    site.cli(a, "volume", "detach", "kv")
+
+
+def test_partitioned_node_replaced_and_its_replica_stopped_when_back(site: Site) -> None:
+    """A replica node cut off (link down, processes running): replaced like a dead one; when
+    its link returns, its daemon sees the replica is no longer its own and stops it."""
+    a, b, c, d = site.hosts
+    site.revive(d)   # killed by the test before: the fourth node again
+    site.cli(a, "volume", "create", "pt", "--size", "32MiB", "--replicas", "3")
+    site.cli(a, "volume", "attach", "pt", "--frontend", "none")
+    v = site.show(a, "pt")
+    old = next(r for r in v["replicas"] if r["node"] != a.name)
+    victim = site.host(old["node"])
+    assert old["pid"] and psutil.pid_exists(old["pid"])
+    t = site.kill_and_heal(a, "pt", victim, partition=True)
+    assert psutil.pid_exists(old["pid"])   # cut off, not dead: it still runs
+    set_link(victim.name, True)
+    t0 = time.monotonic()
+    wait_until(lambda: not psutil.pid_exists(old["pid"])
+               or psutil.Process(old["pid"]).status() == psutil.STATUS_ZOMBIE, 30,
+               f"{victim.name} stopping its replica that moved away")
+    print(f"partition: healthy elsewhere after {t['healthy']:.1f} s; the old replica stopped "
+          f"{time.monotonic() - t0:.1f} s after the link returned")
+    wait_until(lambda: site.states(a)[victim.name] == "up", 20, f"{victim.name} up again")
+    site.cli(a, "volume", "detach", "pt")
+
+
+def test_leader_killed_another_takes_over(site: Site) -> None:
+    live = [h for h in site.hosts if site.states(site.hosts[0])[h.name] == "up"
+            and h.proc is not None and h.proc.poll() is None]
+    asker = live[-1]
+    (leader,) = [n["name"] for n in site.json(asker, "node", "ls") if n["leader"]]
+    if leader == asker.name:
+        asker = live[0]
+    t0 = time.monotonic()
+    site.kill(site.host(leader))
+
+    def new_leader() -> str | None:
+        ns = site.json(asker, "node", "ls")
+        lead = [n["name"] for n in ns if n["leader"]]
+        down = {n["name"] for n in ns if n["state"] == "down"}
+        return lead[0] if len(lead) == 1 and lead[0] != leader and leader in down else None
+    took = wait_until(new_leader, 30, "another leader")
+    print(f"leader {leader} killed: {took} leads after {time.monotonic() - t0:.1f} s")
