@@ -42,6 +42,12 @@ def add_parsers(cmds: Any) -> Any:
                    help="number of replicas (default 3)")
     p.add_argument("--disk", action="append", default=[], metavar="PATH", dest="disks",
                    help="directory for one replica; repeat it, one per replica")
+    p.add_argument("--node-selector", metavar="TAGS", default="",
+                   help="comma-separated tags: every replica goes on a node carrying all of "
+                        "them (`node update NAME --tags`); not with --disk")
+    p.add_argument("--disk-selector", metavar="TAGS", default="",
+                   help="comma-separated tags: every replica goes on a disk carrying all of "
+                        "them (`disk add PATH --tags`); not with --disk")
     p.add_argument("--transport", choices=("auto", "tcp", "unix"), default="auto",
                    help="engine-to-replica transport: unix sockets under the home (faster on "
                         "one host), tcp on 127.0.0.1, or auto (default: unix unless a socket "
@@ -215,10 +221,16 @@ def run_volume(args: argparse.Namespace, home: Home) -> int:
                 f"only {len(args.disks)} given with --disk: add disks or use --replicas "
                 f"{len(args.disks)}")
         disks = [os.path.abspath(d) for d in args.disks]
+        from blockhorn.manager.nodes import parse_tags  # imports trio: only when needed
+        node_sel, disk_sel = parse_tags(args.node_selector), parse_tags(args.disk_selector)
+        if (node_sel or disk_sel) and disks:
+            raise InvalidArgument("--node-selector and --disk-selector choose among the "
+                                  "registered disks (`blockhorn disk add`); they do not go with "
+                                  "--disk, which names the directories itself")
         share = _share_settings(args)
         with connect(home) as c:
             v = c.create(args.name, args.size, args.replicas, disks, args.transport,
-                         args.access, share)
+                         args.access, share, node_sel, disk_sel)
         print(f"created volume {v['name']}: {format_size(v['size'])}, "
               f"{len(v['replicas'])} replicas")
         if v.get("message"):

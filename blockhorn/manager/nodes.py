@@ -194,11 +194,13 @@ class NodeService:
                       s.get_int(OVER_PROVISIONING), s.get_int(MINIMAL_AVAILABLE),
                       str(s.get(DATA_LOCALITY)))
 
-    def place(self, size: int, count: int) -> list[str]:
+    def place(self, size: int, count: int, node_selector: list[str] | None = None,
+              disk_selector: list[str] | None = None) -> list[str]:
         """Disk directories for `count` replicas of `size` bytes on this node, from the
-        scheduler; [] when no disk is registered (replicas then go in the home)."""
+        scheduler; [] when no disk is registered and no selector given (replicas then go in
+        the home). Selectors are tags every chosen node (disk) must carry."""
         rows = self.store.disks()
-        if not rows:
+        if not rows and not node_selector and not disk_selector:
             return []
         scheduled = self._scheduled()
         live = self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.name}
@@ -212,7 +214,8 @@ class NodeService:
                                       info["scheduled"], frozenset(d.tags), d.schedulable))
             nodes.append(Node(n.name, tuple(disks), n.name in live, n.schedulable,
                               n.zone, frozenset(n.tags)))
-        got = schedule(size, count, nodes, self.policy(), prefer_node=self.name)
+        got = schedule(size, count, nodes, self.policy(), node_selector or (),
+                       disk_selector or (), prefer_node=self.name)
         remote = sorted({p.node for p in got if p.node != self.name})
         if remote:
             raise InvalidArgument(f"the placement puts replicas on nodes {', '.join(remote)}, and "

@@ -26,6 +26,7 @@ from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
+from blockhorn.manager.nodes import parse_tags
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
 from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
 from blockhorn.sharemgr.control import NotShared, ShareControl
@@ -73,9 +74,10 @@ class VolumeManager:
         self.home = home
         self.store = store
         self.shares = ShareControl(home, store)
-        # (size, count) -> replica disk directories; set by the daemon (manager/nodes.py) so
-        # that `create` without disks uses the scheduler; [] or None: the home, as before.
-        self.placer: Callable[[int, int], list[str]] | None = None
+        # (size, count, node_selector, disk_selector) -> replica disk directories; set by the
+        # daemon (manager/nodes.py) so that `create` without disks uses the scheduler; [] or
+        # None: the home, as before.
+        self.placer: Callable[[int, int, list[str], list[str]], list[str]] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -95,15 +97,24 @@ class VolumeManager:
 
     def create(self, name: str, size: int | str, replicas: int = DEFAULT_REPLICAS,
                disks: list[str] | None = None, transport: str = "auto", access: str = "rwo",
-               share: dict[str, Any] | None = None) -> dict[str, Any]:
+               share: dict[str, Any] | None = None, node_selector: Any = None,
+               disk_selector: Any = None) -> dict[str, Any]:
         check_name(name)
         size = parse_size(size)
         share_opts = _share_options(access, size, share)
         if not isinstance(disks or [], list) or not all(isinstance(d, str) for d in disks or []):
             raise InvalidArgument("disks must be a list of directories")
+        node_sel, disk_sel = parse_tags(node_selector or []), parse_tags(disk_selector or [])
+        if (node_sel or disk_sel) and disks:
+            raise InvalidArgument("--node-selector and --disk-selector choose among the "
+                                  "registered disks (`blockhorn disk add`); they do not go with "
+                                  "--disk, which names the directories itself")
+        if (node_sel or disk_sel) and self.placer is None:
+            raise InvalidArgument("--node-selector and --disk-selector need the daemon's "
+                                  "scheduler")
         if not disks and self.placer is not None and isinstance(replicas, int) \
                 and 1 <= replicas <= MAX_REPLICAS:
-            disks = self.placer(size, replicas)
+            disks = self.placer(size, replicas, node_sel, disk_sel)
         disks = [os.path.abspath(d) for d in disks or []]
         if (isinstance(replicas, bool) or not isinstance(replicas, int)
                 or not 1 <= replicas <= MAX_REPLICAS):
@@ -166,6 +177,8 @@ class VolumeManager:
                 self.shares.add(name, share_opts)
             if room_warning:
                 self.store.update_volume(name, message=room_warning)
+            if node_sel or disk_sel:
+                self.store.update_volume(name, node_selector=node_sel, disk_selector=disk_sel)
         except BaseException:
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
@@ -478,6 +491,7 @@ class VolumeManager:
             "counters": (status or {}).get("counters"),
             "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
+            "node_selector": vol.node_selector, "disk_selector": vol.disk_selector,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
 

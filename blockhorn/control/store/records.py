@@ -61,11 +61,16 @@ class VolumeRow:
     device_stale: bool = False
     groups: list[str] = field(default_factory=list)
     standby: dict[str, Any] | None = None
+    # Tags a node (disk) must carry to hold one of the volume's replicas: `volume create
+    # --node-selector/--disk-selector`, passed to control/scheduler.py's schedule().
+    node_selector: list[str] = field(default_factory=list)
+    disk_selector: list[str] = field(default_factory=list)
 
 
+# What update_volume may change.
 VOLUME_FIELDS = frozenset({"desired", "frontend", "attachment", "robustness", "message",
                            "tcp_port", "access_mode", "device_stale", "size", "groups",
-                           "standby"})   # what update_volume may change
+                           "standby", "node_selector", "disk_selector"})
 
 
 @dataclass
