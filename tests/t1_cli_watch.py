@@ -1,4 +1,4 @@
-"""Tier 1: `volume show --watch` rendering (blockhorn/cli_watch.py): a line per interval when
+"""Tier 1: `volume show --watch` rendering (blockhorn/cli/watch.py): a line per interval when
 not on a terminal, done when healthy, Ctrl-C exits 130. The volumes shown are what the
 daemon's `show` returns (docs/API.md); the live path is covered by the rebuild tests."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 
-from blockhorn.cli_watch import progress_text, status_line, watch
+from blockhorn.cli.watch import progress_text, status_line, watch
 
 MiB = 1 << 20
 

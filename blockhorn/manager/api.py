@@ -135,13 +135,16 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
     @endpoint
     async def create_volume(request: Request) -> Any:
         data = _only(await _body(request), {"name", "size", "replicas", "disks", "transport",
-                                            "access", "share"})
+                                            "access", "share", "node_selector",
+                                            "disk_selector"})
         if "name" not in data or "size" not in data:
             raise InvalidArgument("a volume needs a name and a size")
         result = await run(volumes.create, str(data["name"]), data["size"],
                            replicas=data.get("replicas", 3), disks=data.get("disks") or [],
                            transport=data.get("transport", "auto"),
-                           access=data.get("access", "rwo"), share=data.get("share"))
+                           access=data.get("access", "rwo"), share=data.get("share"),
+                           node_selector=data.get("node_selector"),
+                           disk_selector=data.get("disk_selector"))
         return JSONResponse(result, status_code=201)
 
     @endpoint

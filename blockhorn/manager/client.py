@@ -114,11 +114,16 @@ class Client:
 
     def create(self, name: str, size: int | str, replicas: int = 3,
                disks: list[str] | None = None, transport: str = "auto", access: str = "rwo",
-               share: dict[str, Any] | None = None) -> dict[str, Any]:
+               share: dict[str, Any] | None = None, node_selector: list[str] | None = None,
+               disk_selector: list[str] | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"name": name, "size": size, "replicas": replicas,
                                 "disks": disks or [], "transport": transport, "access": access}
         if share is not None:
             body["share"] = share
+        # Sent only when given, so a daemon of the previous release still takes the request.
+        for key, tags in (("node_selector", node_selector), ("disk_selector", disk_selector)):
+            if tags:
+                body[key] = tags
         return dict(self.request("POST", "/volumes", body))
 
     def share(self, name: str) -> dict[str, Any]:

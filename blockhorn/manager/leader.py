@@ -89,14 +89,15 @@ class Leader:
 def plan(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],
          done: list[tuple[Placement, int]] | None = None) -> Placement:
     """Where replica `r` of `vol` could go: a node holding no other replica of the volume
-    (nor `r`'s own), by the scheduler's rules. `done`: placements planned before (a drain
+    (nor `r`'s own) and carrying the volume's selector tags, by the scheduler's rules. `done`: placements planned before (a drain
     plans all of its moves before making any), counted as scheduled."""
     avoid = frozenset({x.node or nodes.name for x in reps} | {r.node or nodes.name})
     cands = nodes.nodes_for_scheduling(exclude=avoid)
     for p, size in done or []:
         cands = place(cands, [p], size)
     try:
-        (p,) = schedule(vol.size, 1, cands, nodes.policy())
+        (p,) = schedule(vol.size, 1, cands, nodes.policy(), vol.node_selector,
+                        vol.disk_selector)   # the volume's selectors hold for replacements too
     except Unschedulable as e:
         raise Unschedulable(f"no node for a replacement of {r.name} (the volume's replicas are "
                             f"on {', '.join(sorted(avoid))}): {e}") from None

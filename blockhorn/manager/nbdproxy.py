@@ -9,7 +9,7 @@ It is recorded (pid + start time) in `<volume dir>/nbd-proxy.json`; started when
 is (if not running already), again by the supervisor if it died, and stopped at detach.
 
 Like the engine, the proxy's nbdkit runs under a keeper (`python -m blockhorn.manager.nbdproxy
-NBDKIT-ARGV`, cli._keep): nbdkit in the foreground gets SIGTERM when its parent dies, and its
+NBDKIT-ARGV`, nbd/keeper.py): nbdkit in the foreground gets SIGTERM when its parent dies, and its
 parent must not be the daemon, whose restart must not touch the proxy. The recorded pid is
 the keeper's. nbdkit with clients connected does not exit on SIGTERM (it answers ESHUTDOWN and
 keeps the port), so stopping the proxy, or replacing one whose keeper died, SIGKILLs its nbdkit.
@@ -94,8 +94,8 @@ def _kill_nbdkit(nbd_socket: str) -> None:
 
 def main(argv: list[str]) -> int:
     """The proxy's keeper: run nbdkit (`argv`) as a child, pass signals on, exit with it."""
-    from blockhorn.cli import _keep
-    return _keep(argv)
+    from blockhorn.nbd.keeper import keep
+    return keep(argv)
 
 
 if __name__ == "__main__":

@@ -227,14 +227,16 @@ class NodeService:
                               n.schedulable, n.zone, frozenset(n.tags)))
         return nodes
 
-    def place(self, size: int, count: int) -> list[Placement]:
+    def place(self, size: int, count: int, node_selector: list[str] | None = None,
+              disk_selector: list[str] | None = None) -> list[Placement]:
         """Where `count` replicas of `size` bytes go (node and disk), from the scheduler with
-        this node preferred (data locality); [] when no disk is registered (replicas then go
-        in the home)."""
-        if not self.store.disks():
+        this node preferred (data locality); [] when no disk is registered and no selector
+        given (replicas then go in the home). Selectors are tags every chosen node (disk)
+        must carry."""
+        if not self.store.disks() and not node_selector and not disk_selector:
             return []
         return schedule(size, count, self.nodes_for_scheduling(), self.policy(),
-                        prefer_node=self.name)
+                        node_selector or (), disk_selector or (), prefer_node=self.name)
 
     def address_of(self, node: str) -> str:
         return self.address if node == self.name else self.store.node(node).address

@@ -26,6 +26,7 @@ from blockhorn.control.store import ProcessRecord, ReplicaRow, StateStore, Volum
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
+from blockhorn.manager.nodes import parse_tags
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
 from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
 from blockhorn.sharemgr.control import NotShared, ShareControl
@@ -77,9 +78,10 @@ class VolumeManager:
         self.home = home
         self.store = store
         self.shares = ShareControl(home, store)
-        # (size, count) -> where replicas go (node, disk); set by the daemon (manager/nodes.py)
-        # so that `create` without disks uses the scheduler; [] or None: the home, as before.
-        self.placer: Callable[[int, int], list[Placement]] | None = None
+        # (size, count, node_selector, disk_selector) -> where replicas go (node, disk); set by
+        # the daemon (manager/nodes.py) so that `create` without disks uses the scheduler; []
+        # or None: the home, as before.
+        self.placer: Callable[[int, int, list[str], list[str]], list[Placement]] | None = None
         # Set by the daemon on a cluster (`daemon run --etcd`): this node, its peers' addresses
         # and liveness. None: one host, where every replica and engine is local.
         self.cluster: NodeService | None = None
@@ -125,16 +127,25 @@ class VolumeManager:
 
     def create(self, name: str, size: int | str, replicas: int = DEFAULT_REPLICAS,
                disks: list[str] | None = None, transport: str = "auto", access: str = "rwo",
-               share: dict[str, Any] | None = None) -> dict[str, Any]:
+               share: dict[str, Any] | None = None, node_selector: Any = None,
+               disk_selector: Any = None) -> dict[str, Any]:
         check_name(name)
         size = parse_size(size)
         share_opts = _share_options(access, size, share)
         if not isinstance(disks or [], list) or not all(isinstance(d, str) for d in disks or []):
             raise InvalidArgument("disks must be a list of directories")
+        node_sel, disk_sel = parse_tags(node_selector or []), parse_tags(disk_selector or [])
+        if (node_sel or disk_sel) and disks:
+            raise InvalidArgument("--node-selector and --disk-selector choose among the "
+                                  "registered disks (`blockhorn disk add`); they do not go with "
+                                  "--disk, which names the directories itself")
+        if (node_sel or disk_sel) and self.placer is None:
+            raise InvalidArgument("--node-selector and --disk-selector need the daemon's "
+                                  "scheduler")
         where: list[str | None] = []   # each replica's node (None: this one)
         if not disks and self.placer is not None and isinstance(replicas, int) \
                 and 1 <= replicas <= MAX_REPLICAS:
-            placed = self.placer(size, replicas)
+            placed = self.placer(size, replicas, node_sel, disk_sel)
             disks, where = [p.disk for p in placed], [p.node for p in placed]
         disks = [os.path.abspath(d) for d in disks or []]
         where = where or [self.me] * len(disks)
@@ -210,6 +221,8 @@ class VolumeManager:
                 self.shares.add(name, share_opts)
             if room_warning:
                 self.store.update_volume(name, message=room_warning)
+            if node_sel or disk_sel:
+                self.store.update_volume(name, node_selector=node_sel, disk_selector=disk_sel)
         except BaseException:
             for d in created:
                 shutil.rmtree(d, ignore_errors=True)
@@ -580,6 +593,7 @@ class VolumeManager:
             "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
             "node": (vol.node or self.me) if vol.desired == "attached" else None,
+            "node_selector": vol.node_selector, "disk_selector": vol.disk_selector,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
 

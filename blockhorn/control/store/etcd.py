@@ -82,7 +82,8 @@ def _volume(d: Doc) -> VolumeRow:
                      d.get("frontend"), d.get("attachment"), d.get("robustness"),
                      d.get("message"), d.get("tcp_port"), d["created"],
                      bool(d.get("device_stale")), list(d.get("groups") or []),
-                     d.get("standby"), d.get("node"), bool(d.get("fresh")))
+                     d.get("standby"), d.get("node"), bool(d.get("fresh")),
+                     list(d.get("node_selector") or []), list(d.get("disk_selector") or []))
 
 
 def _replica(d: Doc) -> ReplicaRow:

@@ -69,11 +69,16 @@ class VolumeRow:
     standby: dict[str, Any] | None = None
     node: str | None = None     # the node its engine runs on while attached (None: this host)
     fresh: bool = False         # never attached: its replicas are in sync at generation 0
+    # Tags a node (disk) must carry to hold one of the volume's replicas: `volume create
+    # --node-selector/--disk-selector`, passed to control/scheduler.py's schedule().
+    node_selector: list[str] = field(default_factory=list)
+    disk_selector: list[str] = field(default_factory=list)
 
 
+# What update_volume may change.
 VOLUME_FIELDS = frozenset({"desired", "frontend", "attachment", "robustness", "message",
                            "tcp_port", "access_mode", "device_stale", "size", "groups",
-                           "standby", "node", "fresh"})   # what update_volume may change
+                           "standby", "node", "fresh", "node_selector", "disk_selector"})
 
 
 @dataclass

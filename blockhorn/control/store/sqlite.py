@@ -33,8 +33,9 @@ from blockhorn.control.store.records import (
 )
 from blockhorn.types import AlreadyExists, NotFound
 
-SCHEMA_VERSION = 4   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
+SCHEMA_VERSION = 5   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
 # 4: volumes.node/fresh, replicas.node (NULL in an older home: everything on this host).
+# 5: volumes.node_selector/disk_selector.
 # New tables (shares, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
 # adds them to any home, and an older blockhorn ignores them.
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
@@ -57,7 +58,9 @@ CREATE TABLE IF NOT EXISTS volumes (
     groups        TEXT,            -- JSON list of recurring-job groups (schema 2)
     standby       TEXT,            -- JSON of a DR standby's state (schema 2)
     node          TEXT,            -- the node its engine runs on; NULL: this host (schema 4)
-    fresh         INTEGER          -- 1: never attached (schema 4); NULL: attached, or older
+    fresh         INTEGER,         -- 1: never attached (schema 4); NULL: attached, or older
+    node_selector TEXT,            -- JSON list of tags; NULL: none (schema 5)
+    disk_selector TEXT             -- JSON list of tags; NULL: none (schema 5)
 );
 CREATE TABLE IF NOT EXISTS replicas (
     name        TEXT PRIMARY KEY,
@@ -142,7 +145,8 @@ CREATE TABLE IF NOT EXISTS backup_targets (
 
 # Columns added after schema 1, with their declarations: an old home gets them on open.
 _ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT"), ("node", "TEXT"),
-                              ("fresh", "INTEGER")],
+                              ("fresh", "INTEGER"), ("node_selector", "TEXT"),
+                              ("disk_selector", "TEXT")],
                   "replicas": [("failed_since", "REAL"), ("node", "TEXT")]}
 
 
@@ -159,7 +163,8 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
                      row["robustness"], row["message"], row["tcp_port"], row["created"],
                      bool(row["device_stale"]), json.loads(row["groups"] or "[]"),
                      json.loads(row["standby"]) if row["standby"] else None, row["node"],
-                     bool(row["fresh"]))
+                     bool(row["fresh"]), json.loads(row["node_selector"] or "[]"),
+                     json.loads(row["disk_selector"] or "[]"))
 
 
 def _node(r: sqlite3.Row) -> NodeRow:
@@ -260,7 +265,7 @@ class SqliteStore:
     def update_volume(self, name: str, **fields: Any) -> None:
         if not fields or set(fields) - VOLUME_FIELDS:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
-        for k in ("attachment", "groups", "standby"):
+        for k in ("attachment", "groups", "standby", "node_selector", "disk_selector"):
             if k in fields and fields[k] is not None:
                 fields[k] = json.dumps(fields[k], sort_keys=True)
         sets = ", ".join(f"{k}=?" for k in fields)

@@ -1,7 +1,7 @@
 """`blockhorn volume verify NAME [--repair] [--json] [--rate MiB/s]`: the scrub.
 
 Exit status: 0 when every chunk agrees on every compared replica (after repairs, with
---repair), 1 when differences remain or a replica failed, 2 for bad input (cli.py)."""
+--repair), 1 when differences remain or a replica failed, 2 for bad input (cli/common.py)."""
 
 from __future__ import annotations
 
