@@ -353,6 +353,24 @@ class ReplicaClient:
                 h = proto.unpack(view, pos)
                 if not h.op & REPLY:
                     raise ProtocolError(f"expected a reply, got op {h.op}")
+                if not h.payload and (self.rx is None or filled - pos >= HEADER_SIZE
+                                      + proto.TAG_SIZE):
+                    # A bare reply (every write's acknowledgement) with its tag at hand: the
+                    # whole reply in one step, without the streaming state below.
+                    end = pos + HEADER_SIZE
+                    entry = self.pending.pop(h.seq, None)
+                    if self.rx is not None:
+                        try:
+                            self.rx.check_frame(view[pos:end], view[end:end + proto.TAG_SIZE])
+                        except ProtocolError:
+                            if entry is not None:
+                                entry[0].complete(self.name, errno.EIO)
+                            raise
+                        end += proto.TAG_SIZE
+                    pos = end
+                    if entry is not None:
+                        entry[0].complete(self.name, h.status)
+                    continue
                 if self.rx is not None:
                     self._mac = self.rx.begin(h.payload)
                     self._mac.update(view[pos:pos + HEADER_SIZE])

@@ -274,9 +274,7 @@ class ReplicaServer:
                 else:
                     break
                 if rx is not None:
-                    m = rx.begin(h.payload)
-                    m.update(frame[:len(frame) - tag])
-                    rx.check(m, frame[len(frame) - tag:])
+                    rx.check_frame(frame[:len(frame) - tag], frame[len(frame) - tag:])
                 try:
                     reply = self.execute(h, frame[HEADER_SIZE:HEADER_SIZE + h.payload],
                                          session)
