@@ -98,6 +98,10 @@ class ReplicaServer:
         self.sessions_lock = threading.Lock()
         self.executing: Session | None = None   # the request's connection (store lock held)
         self.purge_state: dict[str, Any] = {"state": "idle"}
+        # The session features this server takes (tests run a server of an older release
+        # with fewer); FEATURE_PAYLOAD_DIGEST's keys, derived once.
+        self.features = proto.KNOWN_FEATURES
+        self.digest_keys = proto.digest_key(key)
 
     async def serve(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         kind, where = parse_address(listen)
@@ -200,7 +204,7 @@ class ReplicaServer:
         body = await recv_exact(sock, proto.auth_size(name_len))
         try:
             client_nonce, name, epoch = proto.verify_auth_epoch(
-                self.key, self.volume, server_nonce, body, required, features)
+                self.key, self.volume, server_nonce, body, required, features, self.features)
             await trio.to_thread.run_sync(self.fencing.admit, epoch)
         except BlockhornError as e:
             status = (proto.WELCOME_FENCED if isinstance(e, Fenced) else
@@ -214,7 +218,9 @@ class ReplicaServer:
         if not features & proto.FEATURE_FRAME_MAC:
             return Session(epoch)
         c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, name)
-        return Session(epoch, proto.FrameMac(c2s), proto.FrameMac(s2c))
+        dg = (proto.PayloadDigest(self.digest_keys)
+              if features & proto.FEATURE_PAYLOAD_DIGEST else None)
+        return Session(epoch, proto.FrameMac(c2s, dg), proto.FrameMac(s2c, dg))
 
     async def loop(self, sock: trio.socket.SocketType, session: Session) -> None:
         """Hand the authenticated connection to a worker thread running `serve_blocking`;
