@@ -494,7 +494,7 @@ class FrameMac:
         self.counter += 1
         if self.digest is not None:
             payload = len(frame) - HEADER_SIZE
-            d = self.digest.of([frame[HEADER_SIZE:]], payload)
+            d = self.digest.of([frame[HEADER_SIZE:]], payload) if payload else b""
             good = hmac.compare_digest(self._digested(counter, frame[:HEADER_SIZE], d), tag)
         elif len(frame) - HEADER_SIZE < BULK_MIN:
             m = self._inner.copy()
