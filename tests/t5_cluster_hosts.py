@@ -174,6 +174,9 @@ def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
     # c's daemon stopped its replica process (no longer its own).
     moved = next(r for r in site.show(a, "dr")["replicas"] if r["node"] == d.name)
     assert moved["disk"] == d.disk
+    # ... and removed its old directory (the store's leftover record: manager/leftovers.py).
+    old = os.path.join(c.disk, "replicas", "dr", moved["name"])
+    wait_until(lambda: not os.path.exists(old), 15, f"{c.name} removing {old}")
     site.cli(a, "volume", "detach", "dr")
     site.cli(a, "node", "update", c.name, "--schedulable", "yes")
 
@@ -220,6 +223,41 @@ def test_partitioned_node_replaced_and_its_replica_stopped_when_back(site: Site)
           f"{time.monotonic() - t0:.1f} s after the link returned")
     wait_until(lambda: site.states(a)[victim.name] == "up", 20, f"{victim.name} up again")
     site.cli(a, "volume", "detach", "pt")
+
+
+def test_rm_with_a_node_down_cleans_up_when_it_returns(site: Site) -> None:
+    """`volume rm` removes every node's replica directory (and process, config): the nodes
+    that are up at once, one that was down when it comes back."""
+    a = site.hosts[0]
+    site.cli(a, "volume", "create", "gone", "--size", "16MiB", "--replicas", "3")
+    site.cli(a, "volume", "attach", "gone", "--frontend", "none")
+    site.cli(a, "volume", "detach", "gone")
+    reps = site.show(a, "gone")["replicas"]
+    for r in reps:
+        wait_until(lambda r=r: os.path.exists(os.path.join(r["path"], "volume.meta")), 15,
+                   f"replica {r['name']} created")
+    victim = site.host(next(r["node"] for r in reps if r["node"] != a.name))
+    site.kill(victim)
+    wait_until(lambda: site.states(a)[victim.name] == "down", 30, f"{victim.name} down")
+    t0 = time.monotonic()
+    site.cli(a, "volume", "rm", "gone")
+    by_node = {r["node"]: r["path"] for r in reps}
+    for node, path in by_node.items():
+        if node != victim.name:
+            wait_until(lambda path=path: not os.path.exists(path), 15, f"{node} removing {path}")
+    print(f"rm: every live node's replica directory gone after {time.monotonic() - t0:.1f} s")
+    assert os.path.exists(by_node[victim.name])   # its node is down: nobody touched it
+    cfg = os.path.join(victim.home, "volumes", "gone")
+    assert os.path.exists(cfg)
+    t0 = time.monotonic()
+    site.revive(victim)
+    wait_until(lambda: not os.path.exists(by_node[victim.name]) and not os.path.exists(cfg),
+               30, f"{victim.name} removing its replica of the removed volume")
+    print(f"the returned node removed its directory {time.monotonic() - t0:.1f} s after "
+          "its daemon started")
+    for h in site.hosts:   # nothing of the volume is left anywhere
+        assert not os.path.exists(os.path.join(h.disk, "replicas", "gone"))
+        assert not os.path.exists(os.path.join(h.home, "volumes", "gone"))
 
 
 def test_leader_killed_another_takes_over(site: Site) -> None:
