@@ -148,6 +148,29 @@ def test_written_on_one_host_reads_the_same_on_another(site: Site) -> None:
     print(f"write, move and read back: {time.monotonic() - t0:.1f} s")
 
 
+def test_engine_requests_on_any_node(site: Site) -> None:
+    """Snapshots, verify and show asked of a node that does not run the volume's engine are
+    forwarded to the one that does (manager/forward.py) and answer the same."""
+    a, b, c, d = site.hosts
+    site.cli(a, "volume", "create", "fw", "--size", "16MiB", "--replicas", "2")
+    site.cli(a, "volume", "attach", "fw", "--frontend", "none")
+    t0 = time.monotonic()
+    write_pattern(site.show(a, "fw")["endpoint"], seed=3, count=8)
+    asker = next(h for h in (c, d, b) if h.name not in nodes_of(site, a, "fw"))
+    site.cli(asker, "snapshot", "create", "fw", "s1")
+    names = [s["name"] for s in site.json(asker, "snapshot", "ls", "fw")]
+    assert "s1" in names, names
+    assert names == [s["name"] for s in site.json(a, "snapshot", "ls", "fw")]
+    v = site.show(asker, "fw")
+    assert v["node"] == a.name and {r["mode"] for r in v["replicas"]} == {"RW"}, v
+    assert all(r["revision"] is not None for r in v["replicas"]), v
+    verify = site.cli(asker, "volume", "verify", "fw", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"snapshot, ls, show and verify through {asker.name}: {time.monotonic() - t0:.1f} s")
+    site.cli(a, "volume", "detach", "fw")
+    site.cli(a, "volume", "rm", "fw")
+
+
 def nodes_of(site: Site, h: Host, volume: str) -> set[str]:
     return {r["node"] for r in site.show(h, volume)["replicas"]}
 
@@ -230,15 +253,21 @@ def test_rm_with_a_node_down_cleans_up_when_it_returns(site: Site) -> None:
     that are up at once, one that was down when it comes back."""
     a = site.hosts[0]
     site.cli(a, "volume", "create", "gone", "--size", "16MiB", "--replicas", "3")
-    site.cli(a, "volume", "attach", "gone", "--frontend", "none")
-    site.cli(a, "volume", "detach", "gone")
     reps = site.show(a, "gone")["replicas"]
+    victim = site.host(next(r["node"] for r in reps if r["node"] != a.name))
+    # Attached on the victim, so that an engine request asked of another node after the
+    # victim died gets a clear error instead of a hang.
+    site.cli(a, "volume", "attach", "gone", "--frontend", "none", "--node", victim.name)
     for r in reps:
         wait_until(lambda r=r: os.path.exists(os.path.join(r["path"], "volume.meta")), 15,
                    f"replica {r['name']} created")
-    victim = site.host(next(r["node"] for r in reps if r["node"] != a.name))
     site.kill(victim)
     wait_until(lambda: site.states(a)[victim.name] == "down", 30, f"{victim.name} down")
+    bad = site.cli(a, "snapshot", "create", "gone", "s", check=False, timeout=30)
+    assert bad.returncode != 0 and f"runs on node {victim.name}, which is down" in bad.stderr, \
+        bad.stdout + bad.stderr
+    assert site.show(a, "gone")["node"] == victim.name   # show still answers (the store's)
+    site.cli(a, "volume", "detach", "gone")   # its engine is gone with its node
     t0 = time.monotonic()
     site.cli(a, "volume", "rm", "gone")
     by_node = {r["node"]: r["path"] for r in reps}

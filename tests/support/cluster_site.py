@@ -41,6 +41,7 @@ NODE_TTL_S = 4            # seconds: node leases in the site (BLOCKHORN_NODE_TTL
 BLOCK = 4096
 WRITE_SPAN = 8 << 20      # bytes: the writer's blocks, small enough to read back whole
 START_TIMEOUT_S = 30.0    # seconds for a daemon to answer on its socket
+API_PORT = 9443           # each host's TCP API (its own address: unique per run)
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -206,7 +207,7 @@ class Site:
         h.proc = subprocess.Popen(
             ["ip", "netns", "exec", h.name, sys.executable, "-m", "blockhorn", "--home", h.home,
              "daemon", "run", "--quiet", "--etcd", self.etcd, "--etcd-prefix", self.prefix,
-             "--node", h.name, "--address", h.ip],
+             "--node", h.name, "--address", h.ip, "--api-listen", f"{h.ip}:{API_PORT}"],
             stdout=log, stderr=log, cwd=ROOT, env=self.env(), start_new_session=True)
         log.close()
 
