@@ -1,5 +1,6 @@
 """Tier 5: volumes across four hosts (network namespaces on a bridge), each with its own
-home, disk and node daemon on one etcd (tests/support/cluster_site.py).
+home, disk and node daemon, on a three-member etcd across three of them
+(tests/support/cluster_site.py).
 
 - placement: 3 replicas on 3 distinct nodes, each created by its node's daemon in that node's
   disk, reached over TCP at the node's address; a placement that cannot be met is refused
@@ -13,6 +14,7 @@ home, disk and node daemon on one etcd (tests/support/cluster_site.py).
   engine rebuilds it, the volume is healthy again and every acknowledged write reads back;
 - a node cut off (link down only) is replaced the same way, and once its link returns its
   daemon stops the replica process that is no longer its own;
+- one of the three etcd members killed: the cluster goes on (create, attach, write, rm);
 - the leader killed: another node leads within the lease's TTL.
 
 The cluster is module-scoped: four daemons and etcd start once for every test here, and the
@@ -287,6 +289,29 @@ def test_rm_with_a_node_down_cleans_up_when_it_returns(site: Site) -> None:
     for h in site.hosts:   # nothing of the volume is left anywhere
         assert not os.path.exists(os.path.join(h.disk, "replicas", "gone"))
         assert not os.path.exists(os.path.join(h.home, "volumes", "gone"))
+
+
+def test_etcd_member_lost_the_cluster_goes_on(site: Site) -> None:
+    """One of the three etcd members killed: every node stays up (its daemon reaches the
+    other members), a volume is created, attached, written and removed, also through the
+    node whose local member died; the member then rejoins."""
+    a = site.hosts[0]
+    member = next(h for h in site.hosts[1:] if site.members.get(h.name) is not None)
+    site.kill_etcd(member)
+    t0 = time.monotonic()
+    try:
+        site.cli(member, "volume", "create", "em", "--size", "16MiB", "--replicas", "3")
+        site.cli(member, "volume", "attach", "em", "--frontend", "none", "--node", a.name)
+        written = write_pattern(site.show(a, "em")["endpoint"], seed=4, count=16)
+        assert volume_sum(site.show(a, "em")["endpoint"]) == written
+        assert site.healthy_on(a, "em", nodes_of(site, a, "em"))
+        assert set(site.states(member).values()) == {"up"}, site.states(member)
+        site.cli(member, "volume", "detach", "em")
+        site.cli(member, "volume", "rm", "em")
+        print(f"etcd member of {member.name} dead: create, attach, write, rm took "
+              f"{time.monotonic() - t0:.1f} s")
+    finally:
+        site.start_etcd(member)
 
 
 def test_leader_killed_another_takes_over(site: Site) -> None:
