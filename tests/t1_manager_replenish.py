@@ -10,6 +10,7 @@ import sqlite3
 import pytest
 
 from blockhorn.control.store import ReplicaRow, SqliteStore
+from blockhorn.control.store.sqlite import SCHEMA_VERSION
 from blockhorn.manager.replenish import disk_of, move_aside, pick_disk
 from blockhorn.types import BlockhornError
 
@@ -114,4 +115,4 @@ def test_version1_store_gains_failed_since(tmp_path: object) -> None:
     store.set_replica_failed_since("v-r0", 7.0)
     assert SqliteStore(path).replicas("v")[0].failed_since == 7.0
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)

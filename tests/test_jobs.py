@@ -17,6 +17,7 @@ import pytest
 from daemon_util import Env, wait_until
 
 from blockhorn.control.store import SqliteStore
+from blockhorn.control.store.sqlite import SCHEMA_VERSION
 from blockhorn.manager.client import Client
 from blockhorn.manager.jobs import latest_slot
 from blockhorn.replica.store import Replica
@@ -261,6 +262,6 @@ def test_old_home_is_migrated(tmp_path) -> None:
     store.update_volume("old", groups=["a"])
     assert store.volume("old").groups == ["a"]
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     assert db.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
     db.close()
