@@ -26,6 +26,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -48,6 +49,12 @@ log = logging.getLogger("blockhorn.manager")
 # shortens it for tests and demos on one machine, where no network hiccup needs riding out.
 NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
 HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
+# Seconds without a successful heartbeat after which this node fences itself (stops its
+# engines): before its lease can expire (the lease runs from a keepalive sent after the last
+# successful beat began), so before the leader can see it down and move its volumes; two
+# failed beats in a row, not one.
+SELF_FENCE_AFTER_S = NODE_DOWN_AFTER_S - HEARTBEAT_S / 2
+WATCHDOG_S = 0.25   # seconds between the self-fencing checks
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
 
 
@@ -78,6 +85,11 @@ class NodeService:
         self.name = check_label(name or default_node_name(), "node name")
         self.address = address
         self.leader: str | None = None   # the leading node as of the last heartbeat
+        # A cluster's dead man's switch (docs/DURABILITY.md, "A volume attached on a node
+        # that died"): called once when the heartbeat has failed for SELF_FENCE_AFTER_S.
+        self.on_lost: Callable[[], None] | None = None
+        self._last_ok = time.monotonic()   # when the last successful heartbeat began
+        self._fenced = False
 
     # --- this node's life ------------------------------------------------------------------
 
@@ -103,12 +115,30 @@ class NodeService:
                 self.store.update_disk(self.name, d.path, capacity=cap, available=free)
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.on_lost is not None:
+                nursery.start_soon(self._watchdog)
+            while True:
+                await trio.sleep(HEARTBEAT_S)
+                began = time.monotonic()
+                try:
+                    await trio.to_thread.run_sync(self.beat)
+                except Exception as e:   # the store is away for a moment: the next beat retries
+                    log.warning("node heartbeat failed: %s", e)
+                    continue
+                self._last_ok = began
+                self._fenced = False
+
+    async def _watchdog(self) -> None:
+        """Separate from the heartbeat, which can hang on an unreachable store."""
         while True:
-            await trio.sleep(HEARTBEAT_S)
-            try:
-                await trio.to_thread.run_sync(self.beat)
-            except Exception as e:   # the store is away for a moment: the next beat retries
-                log.warning("node heartbeat failed: %s", e)
+            await trio.sleep(WATCHDOG_S)
+            silent = time.monotonic() - self._last_ok
+            if silent > SELF_FENCE_AFTER_S and not self._fenced and self.on_lost is not None:
+                self._fenced = True
+                log.error("no heartbeat for %.1f s: this node's lease may expire, and its "
+                          "volumes move elsewhere: fencing itself (stopping its engines)", silent)
+                await trio.to_thread.run_sync(self.on_lost)
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -245,7 +245,8 @@ class VolumeManager:
                      key_file=self.home.key, control_socket=self.home.control_socket(name),
                      record=self.home.generation_record(name),
                      rebuild_limits=self.home.rebuild_limits,
-                     timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT))
+                     timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT)),
+                     epoch=vol.epoch,   # the replicas refuse engines of older attachments
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
@@ -299,9 +300,9 @@ class VolumeManager:
                     log.warning("volume %s: NBD over TLS on every interface (%s:%d), as asked",
                                 name, tcp["address"], tcp["port"])
                 nbdtls.save(self.home.volume_dir(name), tcp)
-            self.store.update_volume(name, desired="attached", frontend=frontend,
-                                     tcp_port=tcp_port, robustness=None, message=None,
-                                     attachment=None, device_stale=False, node=self.me)
+            self.store.claim_attachment(name, self.me, vol.node, desired="attached",
+                                        frontend=frontend, tcp_port=tcp_port, robustness=None,
+                                        message=None, attachment=None, device_stale=False)
             try:
                 self.bring_up(name, frontend, vol.access_mode)
             except BaseException as e:

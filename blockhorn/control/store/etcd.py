@@ -52,7 +52,7 @@ from blockhorn.control.store.records import (
     ShareRow,
     VolumeRow,
 )
-from blockhorn.types import AlreadyExists, InvalidArgument, NotFound
+from blockhorn.types import AlreadyExists, Busy, InvalidArgument, NotFound
 
 log = logging.getLogger("blockhorn.control")
 
@@ -83,7 +83,8 @@ def _volume(d: Doc) -> VolumeRow:
                      d.get("message"), d.get("tcp_port"), d["created"],
                      bool(d.get("device_stale")), list(d.get("groups") or []),
                      d.get("standby"), d.get("node"), bool(d.get("fresh")),
-                     list(d.get("node_selector") or []), list(d.get("disk_selector") or []))
+                     list(d.get("node_selector") or []), list(d.get("disk_selector") or []),
+                     int(d.get("epoch") or 0))
 
 
 def _replica(d: Doc) -> ReplicaRow:
@@ -216,6 +217,22 @@ class EtcdStore:
             fields["device_stale"] = bool(fields["device_stale"])
         self._update(f"volumes/{name}", lambda d: {**d, **fields},
                      NotFound(f"volume {name!r} does not exist"))
+
+    def claim_attachment(self, name: str, node: str | None, expect: str | None,
+                         **fields: Any) -> int:
+        if set(fields) - VOLUME_FIELDS:
+            raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
+        epoch = 0
+
+        def change(d: Doc) -> Doc:
+            nonlocal epoch
+            if d.get("node") != expect:
+                raise Busy(f"volume {name!r} is now attached on node {d.get('node')}, not "
+                           f"{expect}: someone else moved it")
+            epoch = int(d.get("epoch") or 0) + 1
+            return {**d, **fields, "node": node, "epoch": epoch}
+        self._update(f"volumes/{name}", change, NotFound(f"volume {name!r} does not exist"))
+        return epoch
 
     def delete_volume(self, name: str) -> None:
         """The volume and everything that belongs to it, in one transaction."""
