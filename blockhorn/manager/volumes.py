@@ -324,7 +324,10 @@ class VolumeManager:
                                           self.home.control_socket(name))
         self.write_configs(name)
         self.store.clear_failed(name)   # replenishment waits count from now
-        self.start_replicas(name, [r for r in self.store.replicas(name) if self.is_local(r)])
+        # Not those running already: a volume moved here off a dead node (manager/leader.py)
+        # is attached, so every node runs its replicas of it.
+        self.start_replicas(name, [r for r in self.store.replicas(name)
+                                   if self.is_local(r) and not process.alive(r.process)])
         across.wait_remote_replicas(self, name)
         self.start_engine(name)
         if frontend != "none":
@@ -594,6 +597,7 @@ class VolumeManager:
             "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
             "node": (vol.node or self.me) if vol.desired == "attached" else None,
+            "epoch": vol.epoch,   # the attach epoch (a cluster's; 0 on one host)
             "node_selector": vol.node_selector, "disk_selector": vol.disk_selector,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }
