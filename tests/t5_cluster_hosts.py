@@ -42,6 +42,12 @@ from conftest import needs_root
 from netns_util import set_link
 from support.cluster_site import Host, Site, cluster_site, netns_pids, wait_until
 
+from blockhorn.config import ReplicaRef
+from blockhorn.engine.client import ReplicaClient
+from blockhorn.keys import load_key
+from blockhorn.replica.proto import handshake_name
+from blockhorn.types import AuthError
+
 pytestmark = needs_root()
 
 MiB = 1 << 20
@@ -288,6 +294,12 @@ def test_engine_node_dies_volume_moves_and_old_engine_is_fenced(site: Site) -> N
             p.resume()
         res = old_engine_write(old_uri)
         assert "written" not in res.stdout, res
+        # Nor can it reconnect: a handshake with its epoch is refused by every replica.
+        key = load_key(os.path.join(a.home, "cluster.key"))
+        for r in w["replicas"]:
+            with pytest.raises(AuthError, match="fenced"):
+                ReplicaClient(ReplicaRef(r["name"], r["address"]), key,
+                              handshake_name("fe", epoch)).connect()
         after = site.show(new, "fe")
         assert after["node"] == new.name and after["robustness"] == "healthy", after
         assert volume_sum(after["endpoint"]) == before
