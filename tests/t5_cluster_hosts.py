@@ -13,10 +13,6 @@ home, disk and node daemon on one etcd (tests/support/cluster_site.py).
   engine rebuilds it, the volume is healthy again and every acknowledged write reads back;
 - a node cut off (link down only) is replaced the same way, and once its link returns its
   daemon stops the replica process that is no longer its own;
-- an engine's node dies (every process killed but the engine, which is frozen, and its link
-  down): after the replenishment wait the leader attaches the volume on a live node under a
-  new attach epoch, every acknowledged block reads back; the old engine, resumed with its
-  link back, cannot write (the replicas refuse its epoch): never two engines writing;
 - the leader killed: another node leads within the lease's TTL.
 
 The cluster is module-scoped: four daemons and etcd start once for every test here, and the
@@ -25,28 +21,17 @@ tests run in this order (the last one kills a host).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import nbd
 import psutil
 import pytest
 from conftest import needs_root
 from netns_util import set_link
-from support.cluster_site import Host, Site, cluster_site, netns_pids, wait_until
-
-from blockhorn.config import ReplicaRef
-from blockhorn.engine.client import ReplicaClient
-from blockhorn.keys import load_key
-from blockhorn.replica.proto import handshake_name
-from blockhorn.types import AuthError
+from support.cluster_site import Host, Site, cluster_site, wait_until
 
 pytestmark = needs_root()
 
@@ -235,86 +220,6 @@ def test_partitioned_node_replaced_and_its_replica_stopped_when_back(site: Site)
           f"{time.monotonic() - t0:.1f} s after the link returned")
     wait_until(lambda: site.states(a)[victim.name] == "up", 20, f"{victim.name} up again")
     site.cli(a, "volume", "detach", "pt")
-
-
-def old_engine_write(uri: str) -> subprocess.CompletedProcess[str]:
-    """One write + flush through the old engine's NBD socket, in a child with a deadline
-    (a fenced engine fails it; it must not hang the test)."""
-    code = ("import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); "
-            "h.pwrite(b'X' * 65536, 0); h.flush(); print('written')")
-    return subprocess.run([sys.executable, "-c", code, uri], capture_output=True, text=True,
-                          timeout=90)
-
-
-def test_engine_node_dies_volume_moves_and_old_engine_is_fenced(site: Site) -> None:
-    a, b, c, d = site.hosts
-    # Replicas on b, c, d; the engine on a: a's death takes no replica of the newest set
-    # with it, so the generation rule lets the volume start elsewhere by itself.
-    site.cli(b, "node", "update", a.name, "--schedulable", "no")
-    site.cli(b, "volume", "create", "fe", "--size", "32MiB", "--replicas", "3")
-    site.cli(b, "node", "update", a.name, "--schedulable", "yes")
-    assert nodes_of(site, b, "fe") == {b.name, c.name, d.name}
-    site.cli(b, "volume", "attach", "fe", "--frontend", "none", "--node", a.name)
-    v = site.show(a, "fe")
-    old_uri, epoch = v["endpoint"], v["epoch"]
-    assert v["node"] == a.name and epoch > 0
-    before = write_pattern(old_uri, seed=5)   # flushed: every block acknowledged
-    keeper = psutil.Process(v["engine"]["pid"])
-    frozen = [keeper, *keeper.children(recursive=True)]   # the keeper and its nbdkit
-    for p in frozen:
-        p.suspend()
-    try:
-        t0 = time.monotonic()
-        set_link(a.name, False)
-        for pid in netns_pids(a.name):   # everything else of a dies (its daemon too)
-            if pid not in {p.pid for p in frozen}:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        assert a.proc is not None
-        a.proc.wait(10)
-
-        def moved() -> dict[str, Any] | None:
-            w = site.show(b, "fe")
-            return w if w["node"] not in (None, a.name) and w["endpoint"] \
-                and w["state"] == "attached" else None
-        w = wait_until(moved, 60, "the volume attached on another node")
-        t_moved = time.monotonic() - t0
-        assert w["epoch"] > epoch, w
-        new = site.host(w["node"])
-        wait_until(lambda: site.healthy_on(new, "fe", {b.name, c.name, d.name}), 30,
-                   "healthy on the new node")
-        assert volume_sum(site.show(new, "fe")["endpoint"]) == before
-        # Each replica recorded the new epoch durably before it answered.
-        for r in w["replicas"]:
-            with open(os.path.join(r["path"], "fence.epoch")) as f:
-                assert int(f.read()) == w["epoch"]
-        # The old engine comes back: link up, resumed. Its writes fail.
-        set_link(a.name, True)
-        for p in frozen:
-            p.resume()
-        res = old_engine_write(old_uri)
-        assert "written" not in res.stdout, res
-        # Nor can it reconnect: a handshake with its epoch is refused by every replica.
-        key = load_key(os.path.join(a.home, "cluster.key"))
-        for r in w["replicas"]:
-            with pytest.raises(AuthError, match="fenced"):
-                ReplicaClient(ReplicaRef(r["name"], r["address"]), key,
-                              handshake_name("fe", epoch)).connect()
-        after = site.show(new, "fe")
-        assert after["node"] == new.name and after["robustness"] == "healthy", after
-        assert volume_sum(after["endpoint"]) == before
-        print(f"engine node died: volume attached on {new.name} after {t_moved:.1f} s "
-              f"(epoch {epoch} -> {w['epoch']}); the old engine's write failed: "
-              f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
-    finally:
-        for p in frozen:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        set_link(a.name, True)
-    site.start(a)   # a node again (its daemon), for the tests after this one
-    wait_until(lambda: site.states(b)[a.name] == "up", 20, f"{a.name} up again")
-    site.cli(b, "volume", "detach", "fe")
-    site.cli(b, "volume", "rm", "fe")
 
 
 def test_leader_killed_another_takes_over(site: Site) -> None:

@@ -15,9 +15,13 @@ that hold no replica of the volume. The rest follows from each node reconciling 
   replica from a current one (engine/rebuild.py).
 
 A replica of a down node is moved once its node has been down (as this leader saw it, or the
-replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for attached volumes whose
-engine's node is up, since the rebuild needs an engine. Its old directory stays on the dead
-node's disk.
+replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for
+attached volumes whose engine's node is up and whose engine has started since the volume was
+attached there (robustness reported), since the rebuild needs an engine — and a replica the
+generation rule still asks for must not be swapped for an empty one of the same name
+(docs/DURABILITY.md, "A volume attached on a node that died"). Its old directory stays on the
+dead node's disk. An RWO volume whose engine's node is down is attached on a live node after
+the same wait (`_move_engine`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 
 from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
 from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
+from blockhorn.manager.across import ATTACHING
 from blockhorn.manager.nodes import NODE_DOWN_AFTER_S, NodeService
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.types import BlockhornError, NotFound
@@ -58,6 +63,13 @@ class Leader:
             if vol.desired == "attached" and (vol.node or self.nodes.name) not in live:
                 self._move_engine(vol, live, wait, now)
                 continue   # a rebuild needs a running engine: once it runs elsewhere
+            if vol.robustness not in ("healthy", "degraded") \
+                    or (vol.message or "").startswith(ATTACHING):
+                # No engine has passed its start (the generation rule) since this attachment
+                # (claim_attachment clears robustness): a dead node's replica may be a member
+                # of the newest in-sync set that the rule is waiting for. Moved now, it would
+                # answer under its name, empty, and the rule would stop asking for the old one.
+                continue
             reps = self.store.replicas(vol.name)
             for r in reps:
                 if r.node is None or r.node in live:

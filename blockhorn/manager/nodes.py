@@ -49,11 +49,11 @@ log = logging.getLogger("blockhorn.manager")
 # shortens it for tests and demos on one machine, where no network hiccup needs riding out.
 NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
 HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
-# Seconds without a successful heartbeat after which this node fences itself (stops its
-# engines): before its lease can expire (the lease runs from a keepalive sent after the last
-# successful beat began), so before the leader can see it down and move its volumes; two
-# failed beats in a row, not one.
-SELF_FENCE_AFTER_S = NODE_DOWN_AFTER_S - HEARTBEAT_S / 2
+# Seconds without a successful lease renewal after which this node fences itself (stops its
+# engines): before its lease can expire (the lease runs from the renewal's arrival, after
+# the moment `_last_ok` records), so before the leader can see it down and move its
+# volumes; a margin for the kill itself, and at least two missed beats.
+SELF_FENCE_AFTER_S = NODE_DOWN_AFTER_S - min(1.0, HEARTBEAT_S / 4)
 WATCHDOG_S = 0.25   # seconds between the self-fencing checks
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
 
@@ -104,7 +104,10 @@ class NodeService:
         return self.leader == self.name
 
     def beat(self) -> None:
+        began = time.monotonic()
         self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
+        self._last_ok = began   # the lease runs at least until began + its TTL
+        self._fenced = False
         leader = self.store.try_lead(self.name, NODE_DOWN_AFTER_S)
         if leader != self.leader:
             log.info("leader: %s%s", leader, " (this node)" if leader == self.name else "")
@@ -118,16 +121,14 @@ class NodeService:
         async with trio.open_nursery() as nursery:
             if self.on_lost is not None:
                 nursery.start_soon(self._watchdog)
+            next_at = trio.current_time() + HEARTBEAT_S
             while True:
-                await trio.sleep(HEARTBEAT_S)
-                began = time.monotonic()
+                await trio.sleep_until(next_at)
+                next_at = trio.current_time() + HEARTBEAT_S   # however long this beat takes
                 try:
                     await trio.to_thread.run_sync(self.beat)
                 except Exception as e:   # the store is away for a moment: the next beat retries
                     log.warning("node heartbeat failed: %s", e)
-                    continue
-                self._last_ok = began
-                self._fenced = False
 
     async def _watchdog(self) -> None:
         """Separate from the heartbeat, which can hang on an unreachable store."""
