@@ -30,7 +30,7 @@ import psutil
 import pytest
 from conftest import needs_root
 from netns_util import set_link
-from support.cluster_site import Site, cluster_site, netns_pids, wait_until
+from support.cluster_site import Host, Site, cluster_site, netns_pids, wait_until
 from t5_cluster_hosts import nodes_of, volume_sum, write_pattern
 
 from blockhorn.config import ReplicaRef
@@ -54,6 +54,14 @@ def site() -> Iterator[Site]:
     finally:
         if not os.environ.get("BLOCKHORN_KEEP_SITE"):   # logs for a post-mortem
             shutil.rmtree(root, ignore_errors=True)
+
+
+def detach_and_remove(site: Site, h: Host, volume: str) -> None:
+    site.cli(h, "volume", "detach", volume)
+    # Each node stops its replicas of a detached volume in its next supervision pass.
+    wait_until(lambda: all(r["pid"] is None for r in site.show(h, volume)["replicas"]), 20,
+               "every node stopped its replica")
+    site.cli(h, "volume", "rm", volume)
 
 
 def old_engine_write(uri: str) -> subprocess.CompletedProcess[str]:
@@ -132,8 +140,7 @@ def test_engine_node_dies_volume_moves_and_old_engine_is_fenced(site: Site) -> N
         set_link(a.name, True)
     site.start(a)   # a node again (its daemon), for the tests after this one
     wait_until(lambda: site.states(b)[a.name] == "up", 20, f"{a.name} up again")
-    site.cli(b, "volume", "detach", "fe")
-    site.cli(b, "volume", "rm", "fe")
+    detach_and_remove(site, b, "fe")
 
 
 def gone(pid: int) -> bool:
@@ -174,8 +181,7 @@ def test_partitioned_engine_node_fences_itself(site: Site) -> None:
     finally:
         set_link(c.name, True)
     wait_until(lambda: site.states(a)[c.name] == "up", 20, f"{c.name} up again")
-    site.cli(a, "volume", "detach", "pf")
-    site.cli(a, "volume", "rm", "pf")
+    detach_and_remove(site, a, "pf")
 
 
 def test_dead_node_with_a_newest_member_refused_until_it_returns(site: Site) -> None:
@@ -207,5 +213,4 @@ def test_dead_node_with_a_newest_member_refused_until_it_returns(site: Site) -> 
     wait_until(lambda: site.states(b)[a.name] == "up", 20, f"{a.name} up again")
     site.cli(b, "volume", "attach", "nm", "--frontend", "none", "--node", c.name)
     assert volume_sum(site.show(c, "nm")["endpoint"]) == before
-    site.cli(b, "volume", "detach", "nm")
-    site.cli(b, "volume", "rm", "nm")
+    detach_and_remove(site, b, "nm")
