@@ -5,7 +5,8 @@
 - an engine's node dies (every process killed but the engine, which is frozen, and its link
   down): after the replenishment wait the leader attaches the volume on a live node under a
   new attach epoch, every acknowledged block reads back; the old engine, resumed with its
-  link back, can neither write nor reconnect (the replicas refuse its epoch);
+  link back, can neither write nor reconnect (the replicas refuse its epoch), and a's
+  daemon, started again, kills it;
 - an engine's node cut off (link down, its daemon running) fences itself: its daemon kills
   its engine before its lease can expire, then the volume comes up elsewhere, data intact;
 - a dead node holding a replica of the newest in-sync set: the move is refused by the
@@ -54,6 +55,13 @@ def site() -> Iterator[Site]:
     finally:
         if not os.environ.get("BLOCKHORN_KEEP_SITE"):   # logs for a post-mortem
             shutil.rmtree(root, ignore_errors=True)
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def detach_and_remove(site: Site, h: Host, volume: str) -> None:
@@ -133,21 +141,15 @@ def test_engine_node_dies_volume_moves_and_old_engine_is_fenced(site: Site) -> N
         print(f"engine node died: volume attached on {new.name} after {t_moved:.1f} s "
               f"(epoch {epoch} -> {w['epoch']}); the old engine's write failed: "
               f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+        site.start(a)   # a's daemon again: it stops the engine of the volume that moved away
+        wait_until(lambda: all(gone(p.pid) for p in frozen), 20, "a's old engine stopped")
     finally:
         for p in frozen:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         set_link(a.name, True)
-    site.start(a)   # a node again (its daemon), for the tests after this one
     wait_until(lambda: site.states(b)[a.name] == "up", 20, f"{a.name} up again")
     detach_and_remove(site, b, "fe")
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_partitioned_engine_node_fences_itself(site: Site) -> None:

@@ -108,12 +108,25 @@ def self_fence(vm: VolumeManager) -> int:
     their command lines (engine config, NBD and control sockets), not by the store, which
     is out of reach. Replicas run on: they are fenced by epochs, and an engine elsewhere
     may need them once the link returns. Returns how many processes it killed."""
-    import psutil
-    root = os.path.join(vm.home.root, "volumes")
     try:
-        names = os.listdir(root)
+        names = os.listdir(os.path.join(vm.home.root, "volumes"))
     except FileNotFoundError:
         return 0
+    return _kill_engines(vm, names, "self-fencing")
+
+
+def stop_moved_engines(vm: VolumeManager) -> int:
+    """At daemon start: kill this home's engines of volumes now attached on another node
+    (moved while this daemon was dead; the replicas refuse them already, by epoch)."""
+    if vm.cluster is None:
+        return 0
+    moved = [v.name for v in vm.store.volumes()
+             if v.desired == "attached" and v.node and not vm.engine_here(v)]
+    return _kill_engines(vm, moved, "the volume moved to another node") if moved else 0
+
+
+def _kill_engines(vm: VolumeManager, names: list[str], why: str) -> int:
+    import psutil
     marks = {p for n in names for p in (vm.home.engine_config(n), vm.home.nbd_socket(n),
                                         vm.home.control_socket(n))}
     killed = 0
@@ -122,7 +135,7 @@ def self_fence(vm: VolumeManager) -> int:
             try:
                 p.kill()
                 killed += 1
-                log.error("self-fencing: killed pid %d (%s)", p.pid,
+                log.error("%s: killed pid %d (%s)", why, p.pid,
                           " ".join((p.info.get("cmdline") or [])[:4]))
             except psutil.NoSuchProcess:
                 pass
