@@ -60,6 +60,8 @@ class Leader:
         wait = Settings(self.store).get_int(REPLENISHMENT_WAIT)
         now = time.time()
         for vol in self.store.volumes():
+            if vol.desired != "attached" or (vol.node or self.nodes.name) in live:
+                self._down_since.pop(f"engine/{vol.name}", None)   # a later death waits anew
             if vol.desired == "attached" and (vol.node or self.nodes.name) not in live:
                 self._move_engine(vol, live, wait, now)
                 continue   # a rebuild needs a running engine: once it runs elsewhere
