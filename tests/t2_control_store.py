@@ -343,8 +343,10 @@ def test_claim_attachment_moves_once_and_bumps_the_epoch(kind: str, store: State
     e1 = store.claim_attachment("m", "n1", None, desired="attached", message="attaching")
     v = store.volume("m")
     assert (v.node, v.desired, v.message, v.epoch) == ("n1", "attached", "attaching", e1)
+    store.set_engine_process("m", ProcessRecord(42, 1.5))   # n1's engine
     # Two movers saw n1 down; the first wins, the second is told who has it.
     e2 = store.claim_attachment("m", "n2", "n1")
+    assert store.engine("m").process is None   # cleared in the same step
     with pytest.raises(Busy, match="now attached on node n2"):
         store.claim_attachment("m", "n3", "n1")
     assert store.volume("m").node == "n2" and store.volume("m").epoch == e2

@@ -197,7 +197,6 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str) -> dict[st
                                       frontend=frontend, tcp_port=None, robustness=None,
                                       attachment=None, device_stale=False,
                                       message=ATTACHING + node)
-            vm.store.set_engine_process(name, None)
     deadline = time.monotonic() + REMOTE_WAIT_S
     while time.monotonic() < deadline:
         vol = vm.store.volume(name)
@@ -225,7 +224,6 @@ def move_attachment(store: StateStore, vol: VolumeRow, node: str, why: str,
                                    **more,
                                    robustness=None, attachment=None, device_stale=False,
                                    message=ATTACHING + node)
-    store.set_engine_process(vol.name, None)   # the dead node's pid means nothing
     log.warning("volume %s: its engine's node %s is down; attachment moved to %s (epoch %d, "
                 "%s)", vol.name, old, node, epoch, why)
     return epoch

@@ -89,7 +89,8 @@ class StateStore(Protocol):
                          **fields: Any) -> int:
         """Attach volume `name` on `node` in one compare-and-swap: only while its engine's
         node is still `expect` (Busy otherwise: someone else moved it), with `fields`
-        (update_volume's) in the same step; bumps and returns the attach epoch. On one host
+        (update_volume's) and the engine's process record cleared in the same step; bumps
+        and returns the attach epoch. On one host
         (SQLite) the epoch stays 0: one daemon runs one engine, no fencing needed."""
 
     # --- replicas and engines --------------------------------------------------------------

@@ -223,15 +223,23 @@ class EtcdStore:
         if set(fields) - VOLUME_FIELDS:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         epoch = 0
+        vkey, ekey = f"volumes/{name}", f"engines/{name}"
 
-        def change(d: Doc) -> Doc:
+        def step() -> bool:
             nonlocal epoch
+            (d, vrev), (e, erev) = self._get(vkey), self._get(ekey)
+            if d is None or e is None:
+                raise NotFound(f"volume {name!r} does not exist")
             if d.get("node") != expect:
                 raise Busy(f"volume {name!r} is now attached on node {d.get('node')}, not "
                            f"{expect}: someone else moved it")
             epoch = int(d.get("epoch") or 0) + 1
-            return {**d, **fields, "node": node, "epoch": epoch}
-        self._update(f"volumes/{name}", change, NotFound(f"volume {name!r} does not exist"))
+            # The engine record goes in the same step: the new node must never see itself
+            # asked to attach with the old node's engine pid still recorded.
+            return self._commit({vkey: vrev, ekey: erev},
+                                {vkey: {**d, **fields, "node": node, "epoch": epoch},
+                                 ekey: _set_proc(e, None, False)})
+        self._retry(step, f"attach {name} on {node}")
         return epoch
 
     def delete_volume(self, name: str) -> None:

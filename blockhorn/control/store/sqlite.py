@@ -267,7 +267,8 @@ class SqliteStore:
     def update_volume(self, name: str, **fields: Any) -> None:
         self._update_volume(name, _ANY, fields)
 
-    def _update_volume(self, name: str, expect: object, fields: dict[str, Any]) -> None:
+    def _update_volume(self, name: str, expect: object, fields: dict[str, Any],
+                       clear_engine: bool = False) -> None:
         if not fields or set(fields) - VOLUME_FIELDS:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         for k in ("attachment", "groups", "standby", "node_selector", "disk_selector"):
@@ -283,10 +284,14 @@ class SqliteStore:
             cur = db.execute(f"UPDATE volumes SET {sets} WHERE name=?", (*fields.values(), name))
             if cur.rowcount == 0:
                 raise NotFound(f"volume {name!r} does not exist")
+            if clear_engine:
+                db.execute("UPDATE engines SET pid=NULL, create_time=NULL WHERE volume=?",
+                           (name,))
 
     def claim_attachment(self, name: str, node: str | None, expect: str | None,
                          **fields: Any) -> int:
-        self._update_volume(name, expect, {**fields, "node": node})   # check + change: one tx
+        # Check, change and the engine record cleared: one transaction.
+        self._update_volume(name, expect, {**fields, "node": node}, clear_engine=True)
         return 0
 
     def delete_volume(self, name: str) -> None:
