@@ -51,6 +51,7 @@ bench: setup
 	$(PY) scripts/bench_failover.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_verify.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_frames.py $(if $(QUICK),--quick,)
+	$(PY) scripts/bench_transport.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_backup.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_resync.py $(if $(QUICK),--quick,)
 	$(PY) scripts/bench_engine_survival.py $(if $(QUICK),--quick,)

@@ -1,6 +1,6 @@
 """`make bench`: time from a node's death to its replicas being replaced (root, etcd, nbdkit).
 
-Four namespace hosts with node daemons on one etcd (tests/support/cluster_site.py); a volume
+Four namespace hosts with node daemons on a three-member etcd (tests/support/cluster_site.py); a volume
 of 3 replicas on three of them, attached on one, written at a steady pace while another
 replica node dies (every process killed -9, its link down). Measured from the kill: the node
 `down` in `node ls` (its lease's TTL), the replica moved by the leader (after

@@ -1,7 +1,7 @@
 """`make demo-cluster`: one volume across hosts, a host killed, the volume healthy again.
 
 Four hosts (network namespaces on a bridge, each with its own home, disk and node daemon) on
-one etcd, as in tests/t5_cluster_hosts.py (tests/support/cluster_site.py; root, etcd,
+a three-member etcd, as in tests/t5_cluster_hosts.py (tests/support/cluster_site.py; root, etcd,
 nbdkit). A 3-replica volume is placed on three distinct nodes, attached on the first host
 (`--frontend none`: the NBD endpoint), written while one of the other replica nodes dies
 (every process killed -9, its link down); the leader replaces its replica on the fourth node
@@ -47,7 +47,7 @@ def main() -> int:
                  + (", ".join(missing) or "nothing else") + " (make setup installs them)")
     root = tempfile.mkdtemp(prefix="bhdc", dir="/tmp")   # short: sockets live under it
     try:
-        step("four hosts: network namespaces on a bridge, a node daemon each, one etcd")
+        step("four hosts: network namespaces on a bridge, a node daemon each, a three-member etcd")
         with cluster_site(root, 4, {"replica-replenishment-wait-interval": "2"}) as site:
             a = site.hosts[0]
             show(site, ["node", "ls"])

@@ -314,6 +314,32 @@ def test_replicas_on_nodes_moves_and_engine_sockets(store: StateStore) -> None:
                                                     "/h2/run/c/control.sock")
 
 
+def test_leftover_directories_of_removed_and_moved_replicas(kind: str,
+                                                            store: StateStore) -> None:
+    """A replica moved to another node, and every replica of a removed volume, leave a record
+    of the directory their old node removes (manager/leftovers.py): etcd only (one host's
+    `volume rm` removes its directories itself)."""
+    store.add_volume("g", 1 << 20, [("g-r0", "/d0/replicas/g/g-r0", "10.0.0.1:0", "n1"),
+                                    ("g-r1", "/d1/replicas/g/g-r1", "10.0.0.2:0", "n2")],
+                     ("/run/g/nbd.sock", "/run/g/c.sock"), is_free=lambda p: True)
+    created = store.volume("g").created
+    store.move_replica("g-r1", "n3", "/d3/replicas/g/g-r1", "10.0.0.3:7000")
+    if kind == "sqlite":
+        store.delete_volume("g")
+        assert store.leftovers("n1") == store.leftovers("n2") == []
+        return
+    (moved,) = store.leftovers("n2")
+    assert (moved.replica, moved.volume, moved.directory, moved.volume_created) == \
+        ("g-r1", "g", "/d1/replicas/g/g-r1", created)
+    assert store.leftovers("n1") == store.leftovers("n3") == []
+    store.delete_volume("g")
+    assert [x.directory for x in store.leftovers("n1")] == ["/d0/replicas/g/g-r0"]
+    assert [x.directory for x in store.leftovers("n3")] == ["/d3/replicas/g/g-r1"]
+    store.forget_leftover(moved)
+    store.forget_leftover(moved)   # twice: a node that died after forgetting does it again
+    assert store.leftovers("n2") == []
+
+
 def test_shared_key_and_leader(kind: str, store: StateStore, reopen: object) -> None:
     """etcd: the first key stored is every node's; one leader at a time, under its lease.
     SQLite (one host): the home's own key, and this node leads."""

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from harness import Cluster, ReplicaProc
 from support.mitm import Mitm, flip_at
+from support.old_replica import PROGRAM as OLD_REPLICA
 from support.rawpeer import RawPeer
 
 from blockhorn.config import ReplicaRef, parse_address
@@ -221,3 +222,26 @@ def test_engine_client_survives_an_oversized_reply(tmp_path, replica) -> None:
         good.close()
     finally:
         evil.close()
+
+
+def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path) -> None:
+    """FEATURE_PAYLOAD_DIGEST: a current replica takes it; one of the previous release
+    (tests/support/old_replica.py) refuses it, WELCOME 3, and the client connects again
+    without it. Frame MACs are on either way, and small and bulk frames in both directions
+    carry the data intact."""
+    for program, digested in ((("-m", "blockhorn.replica"), True), (OLD_REPLICA, False)):
+        home = tmp_path / ("current" if digested else "previous")
+        home.mkdir()
+        rep = Cluster(str(home), replicas=1, size=8 * MiB, replica_program=program).reps[0]
+        rep.start()
+        try:
+            c = client(rep)
+            assert c.tx is not None and (c.tx.digest is not None) == digested
+            assert c.offer_digest == digested
+            for n in (4096, MiB):
+                data = os.urandom(n)
+                c.request(Op.WRITE, 0, n, data)
+                assert read_back(c, 0, n) == data
+            c.close()
+        finally:
+            rep.stop()

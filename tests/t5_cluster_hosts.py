@@ -1,5 +1,6 @@
 """Tier 5: volumes across four hosts (network namespaces on a bridge), each with its own
-home, disk and node daemon on one etcd (tests/support/cluster_site.py).
+home, disk and node daemon, on a three-member etcd across three of them
+(tests/support/cluster_site.py).
 
 - placement: 3 replicas on 3 distinct nodes, each created by its node's daemon in that node's
   disk, reached over TCP at the node's address; a placement that cannot be met is refused
@@ -13,6 +14,7 @@ home, disk and node daemon on one etcd (tests/support/cluster_site.py).
   engine rebuilds it, the volume is healthy again and every acknowledged write reads back;
 - a node cut off (link down only) is replaced the same way, and once its link returns its
   daemon stops the replica process that is no longer its own;
+- one of the three etcd members killed: the cluster goes on (create, attach, write, rm);
 - the leader killed: another node leads within the lease's TTL.
 
 The cluster is module-scoped: four daemons and etcd start once for every test here, and the
@@ -148,6 +150,38 @@ def test_written_on_one_host_reads_the_same_on_another(site: Site) -> None:
     print(f"write, move and read back: {time.monotonic() - t0:.1f} s")
 
 
+def test_engine_requests_on_any_node(site: Site) -> None:
+    """Snapshots, verify and show asked of a node that does not run the volume's engine are
+    forwarded to the one that does (manager/forward.py) and answer the same."""
+    a, b, c, d = site.hosts
+    site.cli(a, "volume", "create", "fw", "--size", "16MiB", "--replicas", "2")
+    site.cli(a, "volume", "attach", "fw", "--frontend", "none")
+    t0 = time.monotonic()
+    write_pattern(site.show(a, "fw")["endpoint"], seed=3, count=8)
+    asker = next(h for h in (c, d, b) if h.name not in nodes_of(site, a, "fw"))
+    site.cli(asker, "snapshot", "create", "fw", "s1")
+    names = [s["name"] for s in site.json(asker, "snapshot", "ls", "fw")]
+    assert "s1" in names, names
+    assert names == [s["name"] for s in site.json(a, "snapshot", "ls", "fw")]
+    v = site.show(asker, "fw")
+    assert v["node"] == a.name and {r["mode"] for r in v["replicas"]} == {"RW"}, v
+    assert all(r["revision"] is not None for r in v["replicas"]), v
+    verify = site.cli(asker, "volume", "verify", "fw", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # A backup asked of the asker runs on the engine's node; the asker follows its job there.
+    os.makedirs(os.path.join(site.root, "backups"))
+    site.cli(asker, "backup", "target", "set", "fwt", f"file://{site.root}/backups")
+    try:
+        site.cli(asker, "backup", "create", "fw", "--snapshot", "s1", "--target", "fwt")
+        assert [b["snapshot"] for b in site.json(a, "backup", "ls", "fw", "--target", "fwt")] \
+            == ["s1"]
+    finally:
+        site.cli(asker, "backup", "target", "rm", "fwt")
+    print(f"snapshot, ls, show, verify and backup through {asker.name}: {time.monotonic() - t0:.1f} s")
+    site.cli(a, "volume", "detach", "fw")
+    site.cli(a, "volume", "rm", "fw")
+
+
 def nodes_of(site: Site, h: Host, volume: str) -> set[str]:
     return {r["node"] for r in site.show(h, volume)["replicas"]}
 
@@ -174,6 +208,9 @@ def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
     # c's daemon stopped its replica process (no longer its own).
     moved = next(r for r in site.show(a, "dr")["replicas"] if r["node"] == d.name)
     assert moved["disk"] == d.disk
+    # ... and removed its old directory (the store's leftover record: manager/leftovers.py).
+    old = os.path.join(c.disk, "replicas", "dr", moved["name"])
+    wait_until(lambda: not os.path.exists(old), 15, f"{c.name} removing {old}")
     site.cli(a, "volume", "detach", "dr")
     site.cli(a, "node", "update", c.name, "--schedulable", "yes")
 
@@ -220,6 +257,70 @@ def test_partitioned_node_replaced_and_its_replica_stopped_when_back(site: Site)
           f"{time.monotonic() - t0:.1f} s after the link returned")
     wait_until(lambda: site.states(a)[victim.name] == "up", 20, f"{victim.name} up again")
     site.cli(a, "volume", "detach", "pt")
+
+
+def test_rm_with_a_node_down_cleans_up_when_it_returns(site: Site) -> None:
+    """`volume rm` removes every node's replica directory (and process, config): the nodes
+    that are up at once, one that was down when it comes back."""
+    a = site.hosts[0]
+    site.cli(a, "volume", "create", "gone", "--size", "16MiB", "--replicas", "3")
+    reps = site.show(a, "gone")["replicas"]
+    victim = site.host(next(r["node"] for r in reps if r["node"] != a.name))
+    # Attached on the victim, so that an engine request asked of another node after the
+    # victim died gets a clear error instead of a hang.
+    site.cli(a, "volume", "attach", "gone", "--frontend", "none", "--node", victim.name)
+    for r in reps:
+        wait_until(lambda r=r: os.path.exists(os.path.join(r["path"], "volume.meta")), 15,
+                   f"replica {r['name']} created")
+    site.kill(victim)
+    wait_until(lambda: site.states(a)[victim.name] == "down", 30, f"{victim.name} down")
+    bad = site.cli(a, "snapshot", "create", "gone", "s", check=False, timeout=30)
+    assert bad.returncode != 0 and f"runs on node {victim.name}, which is down" in bad.stderr, \
+        bad.stdout + bad.stderr
+    assert site.show(a, "gone")["node"] == victim.name   # show still answers (the store's)
+    site.cli(a, "volume", "detach", "gone")   # its engine is gone with its node
+    t0 = time.monotonic()
+    site.cli(a, "volume", "rm", "gone")
+    by_node = {r["node"]: r["path"] for r in reps}
+    for node, path in by_node.items():
+        if node != victim.name:
+            wait_until(lambda path=path: not os.path.exists(path), 15, f"{node} removing {path}")
+    print(f"rm: every live node's replica directory gone after {time.monotonic() - t0:.1f} s")
+    assert os.path.exists(by_node[victim.name])   # its node is down: nobody touched it
+    cfg = os.path.join(victim.home, "volumes", "gone")
+    assert os.path.exists(cfg)
+    t0 = time.monotonic()
+    site.revive(victim)
+    wait_until(lambda: not os.path.exists(by_node[victim.name]) and not os.path.exists(cfg),
+               30, f"{victim.name} removing its replica of the removed volume")
+    print(f"the returned node removed its directory {time.monotonic() - t0:.1f} s after "
+          "its daemon started")
+    for h in site.hosts:   # nothing of the volume is left anywhere
+        assert not os.path.exists(os.path.join(h.disk, "replicas", "gone"))
+        assert not os.path.exists(os.path.join(h.home, "volumes", "gone"))
+
+
+def test_etcd_member_lost_the_cluster_goes_on(site: Site) -> None:
+    """One of the three etcd members killed: every node stays up (its daemon reaches the
+    other members), a volume is created, attached, written and removed, also through the
+    node whose local member died; the member then rejoins."""
+    a = site.hosts[0]
+    member = next(h for h in site.hosts[1:] if site.members.get(h.name) is not None)
+    site.kill_etcd(member)
+    t0 = time.monotonic()
+    try:
+        site.cli(member, "volume", "create", "em", "--size", "16MiB", "--replicas", "3")
+        site.cli(member, "volume", "attach", "em", "--frontend", "none", "--node", a.name)
+        written = write_pattern(site.show(a, "em")["endpoint"], seed=4, count=16)
+        assert volume_sum(site.show(a, "em")["endpoint"]) == written
+        assert site.healthy_on(a, "em", nodes_of(site, a, "em"))
+        assert set(site.states(member).values()) == {"up"}, site.states(member)
+        site.cli(member, "volume", "detach", "em")
+        site.cli(member, "volume", "rm", "em")
+        print(f"etcd member of {member.name} dead: create, attach, write, rm took "
+              f"{time.monotonic() - t0:.1f} s")
+    finally:
+        site.start_etcd(member)
 
 
 def test_leader_killed_another_takes_over(site: Site) -> None:

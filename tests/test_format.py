@@ -82,6 +82,29 @@ def test_frame_mac_examples() -> None:
             rx.check(m, frame[proto.HEADER_SIZE:])
 
 
+def test_payload_digest_examples_verify() -> None:
+    """FORMAT.md's PAYLOAD_DIGEST examples: the digest keys, and the tags of a bulk and a
+    small WRITE as the client's second and third frames (the PING keeps its tag)."""
+    ping, _, bulk_tag, digest_bulk, digest_small = hex_blocks()[7:12]
+    key, server_nonce, client_nonce = bytes(32), bytes(range(32)), bytes(range(32, 64))
+    keys = proto.digest_key(key)
+    assert [keys[:4].hex(), keys[32:36].hex()] == ["b2d03a9f", "9f7e083b"]
+    c2s, _ = proto.session_keys(key, server_nonce, client_nonce, "vol")
+    rx = proto.FrameMac(c2s, proto.PayloadDigest(keys))
+    rx.check_frame(ping[:proto.HEADER_SIZE], ping[proto.HEADER_SIZE:])
+    bulk = proto.pack(Op.WRITE, 2, 0, 32768, 32768) + bytes(32768)
+    assert digest_bulk != bulk_tag
+    m = rx.begin(32768)                  # in pieces, as the engine's receiver feeds it
+    m.update(bulk[:10])
+    m.update(bulk[10:])
+    rx.check(m, digest_bulk)
+    small = proto.pack(Op.WRITE, 3, 32768, 4096, 4096) + bytes(4096)
+    with pytest.raises(ProtocolError):   # one changed payload bit fails
+        proto.FrameMac(c2s, proto.PayloadDigest(keys)).check_frame(
+            small[:-1] + b"\x01", digest_small)
+    rx.check_frame(small, digest_small)
+
+
 def test_message_examples() -> None:
     write, reply, failed = hex_blocks()[3:6]
     h = proto.unpack(write)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -131,6 +132,7 @@ class Etcd:
         self.endpoints = parse_endpoints(urls) if isinstance(urls, str) else list(urls)
         self.timeout = timeout
         self._http = httpx.Client(timeout=timeout)
+        self._order = threading.Lock()   # guards the order of self.endpoints
 
     def close(self) -> None:
         self._http.close()
@@ -143,7 +145,11 @@ class Etcd:
 
     def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
-        for i, base in enumerate(self.endpoints):
+        # A copy: other threads reorder the list meanwhile (iterating it while they do
+        # tried one endpoint three times and never the others).
+        with self._order:
+            order = list(self.endpoints)
+        for base in order:
             try:
                 r = self._http.post(base + path, json=body)
             except httpx.TransportError as e:
@@ -159,8 +165,11 @@ class Etcd:
                 if data.get("code") == GRPC_NOT_FOUND and "lease" in message:
                     raise LeaseNotFound(f"etcd: {message}")
                 raise EtcdError(f"etcd {base}{path}: {message}")
-            if i:   # this one answered: try it first next time
-                self.endpoints.insert(0, self.endpoints.pop(i))
+            if base != order[0]:   # this one answered: try it first next time
+                with self._order:
+                    if base in self.endpoints:
+                        self.endpoints.remove(base)
+                        self.endpoints.insert(0, base)
             return dict(data)
         raise EtcdUnavailable(f"etcd is unreachable ({'; '.join(errors)}): is etcd running "
                               f"and the URL right (--etcd)?")

@@ -45,7 +45,7 @@ class Call:
     that cannot block (an event loop) passes `on_done` instead, called once by the thread that
     completes the call (it must be quick and must not raise)."""
 
-    __slots__ = ("expected", "results", "_done", "_lock", "dest", "on_done")
+    __slots__ = ("expected", "results", "_done", "_lock", "dest", "on_done", "digest")
 
     def __init__(self, expected: int, dest: memoryview | None = None,
                  on_done: Callable[[], None] | None = None) -> None:
@@ -56,6 +56,10 @@ class Call:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.dest = dest                      # READ: where the reply data goes
+        # (payload, its digest) once a client computed it (FEATURE_PAYLOAD_DIGEST): the
+        # other replicas' clients reuse it for the same payload object. Two clients racing
+        # both compute it, the same value: harmless.
+        self.digest: tuple[Any, bytes] | None = None
 
     def complete(self, name: str, status: int) -> None:
         if name in self.results:
@@ -85,12 +89,16 @@ class ReplicaClient:
         self.on_lost = on_lost
         self.sock: socket.socket | None = None
         self.send_lock = threading.Lock()      # held by the one thread sending (see pump)
-        self.queue: collections.deque[list[Any]] = collections.deque()  # buffers to send
+        # (buffers to send, their call)
+        self.queue: collections.deque[tuple[list[Any], Call]] = collections.deque()
         self.pending: dict[int, tuple[Call, bytearray | None]] = {}
         self._seq = itertools.count(1)
         self.closed = False
         self.receiver = receiver or Receiver()
         self.error = ""
+        # False once a replica refused FEATURE_PAYLOAD_DIGEST (an older release): this client
+        # then connects without offering it.
+        self.offer_digest = True
         # Frame MACs (proto.FrameMac), when the handshake turned them on: `tx` tags requests
         # in send order (under send_lock), `rx` checks replies (receiver thread only).
         self.tx: proto.FrameMac | None = None
@@ -110,6 +118,19 @@ class ReplicaClient:
     # --- connection --------------------------------------------------------------------------
 
     def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
+        try:
+            self._connect(timeout)
+        except proto.FeatureRefused:
+            if not self.offer_digest:
+                raise
+            # A replica of a release without FEATURE_PAYLOAD_DIGEST (mid-upgrade): again
+            # without it. Frame MACs stay as negotiated; only the tag's form differs.
+            log.info("replica %s does not take payload digests: connecting without",
+                     self.name)
+            self.offer_digest = False
+            self._connect(timeout)
+
+    def _connect(self, timeout: float) -> None:
         kind, where = parse_address(self.ref.address)
         if kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -146,6 +167,8 @@ class ReplicaClient:
         server_nonce, required = proto.unpack_hello(recv_exact(sock, proto.HELLO.size))
         wanted = proto.frame_mac_wanted(self.ref.frame_auth, sock.family == socket.AF_UNIX)
         features = required | (proto.FEATURE_FRAME_MAC if wanted else 0)
+        if features & proto.FEATURE_FRAME_MAC and self.offer_digest:
+            features |= proto.FEATURE_PAYLOAD_DIGEST
         client_nonce = secrets.token_bytes(proto.NONCE_SIZE)
         sock.sendall(proto.pack_auth(self.key, self.volume, server_nonce, client_nonce,
                                      required, features))
@@ -153,7 +176,9 @@ class ReplicaClient:
                              recv_exact(sock, proto.WELCOME_SIZE), features)
         if features & proto.FEATURE_FRAME_MAC:
             c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, self.volume)
-            self.tx, self.rx = proto.FrameMac(c2s), proto.FrameMac(s2c)
+            dg = (proto.PayloadDigest(proto.digest_key(self.key))
+                  if features & proto.FEATURE_PAYLOAD_DIGEST else None)
+            self.tx, self.rx = proto.FrameMac(c2s, dg), proto.FrameMac(s2c, dg)
 
     def close(self, reason: str = "closed") -> None:
         """Drop the connection; pending calls fail with EIO. Safe to call more than once."""
@@ -205,7 +230,7 @@ class ReplicaClient:
             call.complete(self.name, errno.EIO)
             return
         header = proto.pack(op, seq, offset, length, payload, flags)
-        self.queue.append([header] if data is None else [header, data])
+        self.queue.append(([header] if data is None else [header, data], call))
 
     def pump(self) -> None:
         """Send everything queued. Flat combining: whoever holds `send_lock` sends the whole
@@ -220,9 +245,9 @@ class ReplicaClient:
                 buffers: list[Any] = []
                 tx = self.tx
                 while queue and len(buffers) < BUFFERS_PER_SEND:
-                    item = queue.popleft()
+                    item, call = queue.popleft()
                     if tx is not None:       # tags follow the send order: under send_lock
-                        item.append(tx.tag(item))
+                        item.append(tx.tag(item, self._digest(item, call, tx)))
                     buffers += item
                 if self.sock is None:
                     raise OSError(errno.EIO, self.error or "not connected")
@@ -236,6 +261,19 @@ class ReplicaClient:
                 self._fail_pending(errno.EIO)   # also calls queued after the connection closed
                 return
             self.send_lock.release()
+
+    @staticmethod
+    def _digest(item: list[Any], call: Call, tx: proto.FrameMac) -> bytes | None:
+        """The payload digest of a request (FEATURE_PAYLOAD_DIGEST), computed once per call
+        and payload: a write goes to every replica with the same payload object."""
+        if tx.digest is None or len(item) != 2 or not len(item[1]):
+            return None
+        got = call.digest
+        if got is not None and got[0] is item[1]:
+            return got[1]
+        d = tx.digest.of([item[1]], len(item[1]))
+        call.digest = (item[1], d)
+        return d
 
     def submit(self, call: Call, op: int, offset: int = 0, length: int = 0,
                data: Any = None, flags: int = 0, reply_buf: bytearray | None = None) -> None:
@@ -353,6 +391,24 @@ class ReplicaClient:
                 h = proto.unpack(view, pos)
                 if not h.op & REPLY:
                     raise ProtocolError(f"expected a reply, got op {h.op}")
+                if not h.payload and (self.rx is None or filled - pos >= HEADER_SIZE
+                                      + proto.TAG_SIZE):
+                    # A bare reply (every write's acknowledgement) with its tag at hand: the
+                    # whole reply in one step, without the streaming state below.
+                    end = pos + HEADER_SIZE
+                    entry = self.pending.pop(h.seq, None)
+                    if self.rx is not None:
+                        try:
+                            self.rx.check_frame(view[pos:end], view[end:end + proto.TAG_SIZE])
+                        except ProtocolError:
+                            if entry is not None:
+                                entry[0].complete(self.name, errno.EIO)
+                            raise
+                        end += proto.TAG_SIZE
+                    pos = end
+                    if entry is not None:
+                        entry[0].complete(self.name, h.status)
+                    continue
                 if self.rx is not None:
                     self._mac = self.rx.begin(h.payload)
                     self._mac.update(view[pos:pos + HEADER_SIZE])

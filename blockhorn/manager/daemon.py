@@ -29,6 +29,7 @@ from blockhorn.manager import remote
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
+from blockhorn.manager.forward import Forward
 from blockhorn.manager.job_tasks import make_scheduler
 from blockhorn.manager.leader import Leader
 from blockhorn.manager.nodes import NodeService
@@ -108,6 +109,12 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     store = open_store(home.db, etcd, etcd_prefix)   # etcd: many hosts share one state (control/store)
     ensure_key(home.key)
     nodes = NodeService(store, node, address)
+    tls: tuple[str, str, str | None] | None = None
+    if api_listen:   # TCP too: TLS + bearer token (manager/remote.py); the socket stays plain
+        ip, port = remote.parse_listen(api_listen)
+        tls = remote.ensure_certificate(home, ip)
+        if etcd:   # peers forward engine requests here (manager/forward.py)
+            nodes.api = (f"https://{remote.bind_text(ip, port)}", remote.ca_pem(tls[0], tls[2]))
     nodes.register()
     volumes = VolumeManager(home, store)
     volumes.placer = nodes.place   # volume create without --disk: the registered disks
@@ -133,12 +140,14 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     config.graceful_timeout = GRACEFUL_STOP_S
     # Any: starlette's ASGI types and hypercorn's describe the same protocol differently.
     app: Any = make_app(volumes, shutdown.set, jobs, standby, backups, nodes)
-    if api_listen:   # TCP too: TLS + bearer token (manager/remote.py); the socket stays plain
-        ip, port = remote.parse_listen(api_listen)
-        config.certfile, config.keyfile, _ = remote.ensure_certificate(home, ip)
+    peers = remote.cluster_token(load_key(home.key)) if etcd else None
+    if peers is not None:   # engine requests for a volume attached elsewhere go there
+        app = Forward(app, volumes, peers)
+    if api_listen and tls is not None:
+        config.certfile, config.keyfile = tls[0], tls[1]
         config.insecure_bind = config.bind
         config.bind = [remote.bind_text(ip, port)]
-        app = remote.BearerAuth(app, remote.ensure_token(home))
+        app = remote.BearerAuth(app, remote.ensure_token(home), also=peers)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(functools.partial(serve, app, config,

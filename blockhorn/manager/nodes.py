@@ -90,13 +90,21 @@ class NodeService:
         self.on_lost: Callable[[], None] | None = None
         self._last_ok = time.monotonic()   # when the last successful heartbeat began
         self._fenced = False
+        # This node's TCP API (URL, CA PEM) for its peers to forward to (manager/forward.py);
+        # set by the daemon on a cluster with --api-listen before register().
+        self.api: tuple[str, str] | None = None
 
     # --- this node's life ------------------------------------------------------------------
 
     def register(self) -> None:
         """Register this node (first start) or refresh its address and heartbeat."""
+        api: dict[str, str | None] = {"api": self.api[0], "api_ca": self.api[1]} \
+            if self.api else {"api": None, "api_ca": None}
         if not self.store.put_node(NodeRow(self.name, self.address, heartbeat=time.time())):
             self.store.update_node(self.name, address=self.address, heartbeat=time.time())
+        if self.api is not None or self.store.node(self.name).api is not None:
+            # Listening now, or no longer: peers must not forward to a stale endpoint.
+            self.store.update_node(self.name, **api)
         self.beat()
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -129,17 +130,33 @@ def _generate(names: list[str]) -> tuple[bytes, bytes, bytes]:
     return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
 
 
-class BearerAuth:
-    """ASGI middleware: requests that came over TLS (the TCP listener) need the token."""
+def cluster_token(key: bytes) -> str:
+    """The token every node of a cluster accepts besides its own: derived from the cluster
+    key (which every node holds, control/store shared_key), so peers can forward requests
+    to each other (manager/forward.py) without sharing another secret."""
+    return hmac.new(key, b"blockhorn cluster API token v1", hashlib.sha256).hexdigest()
 
-    def __init__(self, app: Any, token: str) -> None:
+
+def ca_pem(cert: str, ca: str | None) -> str:
+    """The PEM peers verify this node's API certificate with: its CA's, or the certificate
+    itself when there is no CA file (a self-signed one)."""
+    with open(ca or cert) as f:
+        return f.read()
+
+
+class BearerAuth:
+    """ASGI middleware: requests that came over TLS (the TCP listener) need the token (or,
+    on a cluster, the cluster's token: `also`)."""
+
+    def __init__(self, app: Any, token: str, also: str | None = None) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.expected = [f"Bearer {t}".encode() for t in (token, also) if t]
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("scheme") == "https":
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            # Every candidate is compared (no early exit on the first match).
+            if not [hmac.compare_digest(given, e) for e in self.expected].count(True):
                 await _refuse(send, "missing or wrong API token: set BLOCKHORN_TOKEN to the "
                                     f"contents of the daemon's <home>/{TOKEN_FILE}")
                 return

@@ -41,7 +41,7 @@ import psutil
 import trio
 
 from blockhorn.control.store import ReplicaRow, VolumeRow
-from blockhorn.manager import across, process, replenish
+from blockhorn.manager import across, leftovers, process, replenish
 from blockhorn.manager.leader import Leader
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.manager.volumes import (
@@ -113,6 +113,7 @@ class Supervisor:
         cluster = self.volumes.cluster is not None
         if cluster:
             across.stop_strays(self.volumes)
+            leftovers.sweep(self.volumes)   # directories of removed and moved-away replicas
         if self.leader is not None:
             try:
                 self.leader.tick()

@@ -447,7 +447,14 @@ class VolumeManager:
                 self.store.update_volume(name, desired="detached")
         if remote:
             from blockhorn.manager import across
-            return across.wait_detached(self, name, vol.node or "")
+            across.wait_detached(self, name, vol.node or "")
+            with self.locked(name):
+                # This node's replicas now, not a tick later: a `volume rm` right after the
+                # detach must not find them running. (The other nodes stop theirs.)
+                if self.store.volume(name).desired != "attached":
+                    self._stop_replicas([r for r in self.store.replicas(name)
+                                         if self.is_local(r)])
+            return self.show(name)
         with self.locked(name):
             last = self._robustness_from_engine(name)
             errors = self._teardown(name)

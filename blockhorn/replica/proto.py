@@ -118,7 +118,12 @@ WELCOME_REFUSED = 1     # wrong key or volume name
 WELCOME_FENCED = 2      # the epoch is below the highest this replica has seen
 WELCOME_FEATURES = 3    # AUTH lacks a feature HELLO required, or names one unknown to the server
 FEATURE_FRAME_MAC = 0x0001   # every frame after WELCOME carries a tag (FrameMac)
-KNOWN_FEATURES = FEATURE_FRAME_MAC
+# With FRAME_MAC: a tag binds the payload through its digest under a cluster-wide key
+# (PayloadDigest), so an engine digests a write's payload once for all its replicas. An
+# engine offers it; a replica that does not know it refuses (WELCOME 3) and the engine
+# connects again without it.
+FEATURE_PAYLOAD_DIGEST = 0x0002
+KNOWN_FEATURES = FEATURE_FRAME_MAC | FEATURE_PAYLOAD_DIGEST
 FRAME_AUTH_SETTINGS = ("auto", "on", "off")
 
 
@@ -198,7 +203,8 @@ def split_name(name: str | bytes) -> tuple[str, int]:
 
 
 def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes, body: bytes,
-                      hello_features: int = 0, features: int = 0) -> tuple[bytes, str, int]:
+                      hello_features: int = 0, features: int = 0,
+                      known: int = KNOWN_FEATURES) -> tuple[bytes, str, int]:
     """Check the AUTH body; (client nonce, the name as sent, its fencing epoch or 0).
 
     The MAC is checked over the raw name bytes before anything parses them: a stranger's
@@ -220,7 +226,7 @@ def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes, body: bytes,
         raise AuthError(f"handshake refused: bad name {raw!r}") from None
     if base != volume:
         raise AuthError("handshake refused: wrong cluster key or volume name")
-    if features & ~KNOWN_FEATURES or hello_features & ~features:
+    if features & ~known or hello_features & ~features:
         raise FeatureRefused(f"handshake refused: features 0x{features:04x} asked, "
                              f"0x{hello_features:04x} required")
     return client_nonce, raw.decode("ascii"), epoch
@@ -244,7 +250,7 @@ def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: b
         raise AuthError(f"replica refused {volume!r}: fenced, a newer owner of the volume "
                         "(higher epoch) has connected to it")
     if buf[0] == WELCOME_FEATURES:
-        raise AuthError(f"replica refused {volume!r}: it does not accept the session "
+        raise FeatureRefused(f"replica refused {volume!r}: it does not accept the session "
                         f"features 0x{features:04x} (frame_auth settings of engine and "
                         "replica disagree, or versions differ)")
     if buf[0] != 0:
@@ -267,9 +273,89 @@ def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: b
 # SHA-NI; GMAC through `cryptography` ~12 us + 0.08 us/KiB): a 4 KiB frame costs 3.4 us with
 # HMAC against 12 us, a 1 MiB frame 80 us with GMAC against 600 us.
 
+#
+# With FEATURE_PAYLOAD_DIGEST the payload enters the tag through its digest d, under a key
+# that every connection of the cluster shares (so an engine computes d once per write, not
+# once per replica):
+#   tag = HMAC-SHA256(hmac key, i u64 | header | d), first 16 bytes; d is empty without payload
+#   d   = payload < BULK_MIN: HMAC-SHA256(digest hmac key, payload), 32 bytes;
+#         payload >= BULK_MIN: AES-256-GCM with the digest AES key, nonce 12 zero bytes, no
+#         plaintext, associated data the payload: its 16-byte tag (GHASH of the payload, masked)
+#   digest keys (64 bytes: hmac key | AES key) = HKDF-SHA256 of the cluster key, no salt,
+#         info DIGEST_INFO
+# d never crosses the wire. With a secret key both digests are almost-universal hashes (the
+# GMAC one with its fixed nonce is GHASH plus a constant): changing the payload without
+# changing d needs the key; the per-session, counted HMAC over d is what is sent.
+
 TAG_SIZE = 16            # bytes; a 128-bit tag
 BULK_MIN = 32 << 10      # payload bytes from which a frame is tagged with GMAC
 KDF_INFO = b"blockhorn frame keys v2|"
+DIGEST_INFO = b"blockhorn payload digest v1|"
+
+
+def digest_key(key: bytes) -> bytes:
+    """The cluster-wide payload digest keys (FEATURE_PAYLOAD_DIGEST): HMAC key | AES key."""
+    prk = hmac.new(bytes(32), key, hashlib.sha256).digest()
+    first = hmac.new(prk, DIGEST_INFO + b"\x01", hashlib.sha256).digest()
+    return first + hmac.new(prk, first + DIGEST_INFO + b"\x02", hashlib.sha256).digest()
+
+
+class PayloadDigest:
+    """d of a payload (see above): HMAC-SHA256 under 32 KiB, fixed-nonce GMAC from there."""
+
+    __slots__ = ("_inner", "_outer", "_aes")
+
+    def __init__(self, keys: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import algorithms
+
+        padded = keys[:32].ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
+        self._aes = algorithms.AES(keys[32:64])
+
+    def begin(self, payload: int) -> Any:
+        if payload < BULK_MIN:
+            return self._inner.copy()
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+        return _Gmac(Cipher(self._aes, modes.GCM(bytes(12))).encryptor())
+
+    def finish(self, m: Any) -> bytes:
+        if type(m) is _Gmac:
+            return m.digest()
+        outer = self._outer.copy()
+        outer.update(m.digest())
+        return outer.digest()
+
+    def of(self, pieces: list[Any], payload: int) -> bytes:
+        """d of the payload given as pieces, `payload` bytes in all (b"" for none)."""
+        if not payload:
+            return b""
+        m = self.begin(payload)
+        for b in pieces:
+            m.update(b)
+        return self.finish(m)
+
+
+class _Digested:
+    """The MAC of one frame with FEATURE_PAYLOAD_DIGEST, fed in pieces: the header first
+    (HEADER_SIZE bytes, in one or more pieces), then the payload."""
+
+    __slots__ = ("counter", "header", "digest", "d")
+
+    def __init__(self, counter: bytes, digest: PayloadDigest, payload: int) -> None:
+        self.counter = counter
+        self.header = bytearray()
+        self.digest = digest
+        self.d = digest.begin(payload) if payload else None   # None: no payload, d empty
+
+    def update(self, b: bytes | bytearray | memoryview) -> None:
+        need = HEADER_SIZE - len(self.header)
+        if need > 0:
+            self.header += b[:need]
+            b = b[need:]
+        if len(b) and self.d is not None:
+            self.d.update(b)
 
 
 def session_keys(key: bytes, server_nonce: bytes, client_nonce: bytes,
@@ -309,11 +395,18 @@ class FrameMac:
     HMAC-SHA256 is computed from precomputed inner and outer SHA-256 states (RFC 2104), each
     copied per frame: measured 0.6 us instead of 1.0 us for a bare header and 3.0 instead of
     3.5 us for 4 KiB against `hmac.HMAC.copy()` (OpenSSL 3's MAC context copy is the slow
-    part). The output is the same HMAC."""
+    part). The output is the same HMAC.
 
-    __slots__ = ("_inner", "_outer", "_aes", "counter")
+    Two ways in: `begin`/`update`/`finish`/`check` for a frame that arrives in pieces (the
+    engine's receiver streams READ data into the caller's buffer), and the one-call `tag`
+    and `check_frame` for a frame at hand. The one-call forms are what every write and every
+    write acknowledgement goes through, so they avoid per-frame Python work (no MAC wrapper
+    object, no second method call): in the pipeline (scripts/bench_transport.py) the MACs'
+    Python overhead, not their bytes, is most of what 4 KiB writes over TCP lose."""
 
-    def __init__(self, key: bytes) -> None:
+    __slots__ = ("_inner", "_outer", "_aes", "counter", "digest")
+
+    def __init__(self, key: bytes, digest: PayloadDigest | None = None) -> None:
         # Imported here: only sessions with frame MACs need `cryptography`.
         from cryptography.hazmat.primitives.ciphers import algorithms
 
@@ -322,12 +415,15 @@ class FrameMac:
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
         self._aes = algorithms.AES(key[32:64])
         self.counter = 0
+        self.digest = digest      # set: the session uses FEATURE_PAYLOAD_DIGEST
 
     def begin(self, payload: int) -> Any:
         """The MAC of the next frame, whose payload has `payload` bytes: feed it the header
         and the payload (`update`), then `finish` (sender) or `check` (receiver)."""
         counter = self.counter.to_bytes(8, "little")
         self.counter += 1
+        if self.digest is not None:
+            return _Digested(counter, self.digest, payload)
         if payload < BULK_MIN:
             m = self._inner.copy()
             m.update(counter)
@@ -338,23 +434,90 @@ class FrameMac:
 
     def finish(self, m: Any) -> bytes:
         """The tag of a frame whose bytes `m` (from `begin`) has seen."""
+        if type(m) is _Digested:
+            d = m.digest.finish(m.d) if m.d is not None else b""
+            return self._digested(m.counter, m.header, d)
         if type(m) is _Gmac:
             return m.digest()
         outer = self._outer.copy()
         outer.update(m.digest())
         return outer.digest()[:TAG_SIZE]
 
-    def tag(self, buffers: list[Any]) -> bytes:
-        """The tag of a frame given as [header, payload pieces...]."""
-        payload = -HEADER_SIZE
-        for b in buffers:
-            payload += len(b)
-        m = self.begin(payload)
-        for b in buffers:
-            m.update(b)
-        return self.finish(m)
+    def _digested(self, counter: bytes, header: Any, d: bytes) -> bytes:
+        m = self._inner.copy()
+        m.update(counter)
+        m.update(header)
+        m.update(d)
+        outer = self._outer.copy()
+        outer.update(m.digest())
+        return outer.digest()[:TAG_SIZE]
+
+    def tag(self, buffers: list[Any], d: bytes | None = None) -> bytes:
+        """The tag of a frame given as [header, payload pieces...] (`begin`, an `update` per
+        piece and `finish` in one call). With FEATURE_PAYLOAD_DIGEST, `d` is the payload's
+        digest when the caller has it already (the same write to several replicas)."""
+        if self.digest is not None and len(buffers[0]) == HEADER_SIZE:
+            counter = self.counter.to_bytes(8, "little")
+            self.counter += 1
+            if d is None:
+                d = self.digest.of(buffers[1:], sum(map(len, buffers)) - HEADER_SIZE)
+            return self._digested(counter, buffers[0], d)
+        if self.digest is not None:         # header and payload in one piece
+            m = self.begin(sum(map(len, buffers)) - HEADER_SIZE)
+            for b in buffers:
+                m.update(b)
+            return self.finish(m)
+        counter = self.counter.to_bytes(8, "little")
+        self.counter += 1
+        if sum(map(len, buffers)) - HEADER_SIZE < BULK_MIN:
+            m = self._inner.copy()
+            m.update(counter)
+            for b in buffers:
+                m.update(b)
+        else:
+            from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+            e = Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor()
+            for b in buffers:
+                if len(b):
+                    e.authenticate_additional_data(b)
+            e.finalize()
+            return bytes(e.tag)
+        outer = self._outer.copy()
+        outer.update(m.digest())
+        return outer.digest()[:TAG_SIZE]
+
+    def check_frame(self, frame: bytes | bytearray | memoryview,
+                    tag: bytes | bytearray | memoryview) -> None:
+        """Check the tag of the next frame, given whole (header and payload, contiguous)."""
+        counter = self.counter.to_bytes(8, "little")
+        self.counter += 1
+        if self.digest is not None:
+            payload = len(frame) - HEADER_SIZE
+            d = self.digest.of([frame[HEADER_SIZE:]], payload) if payload else b""
+            good = hmac.compare_digest(self._digested(counter, frame[:HEADER_SIZE], d), tag)
+        elif len(frame) - HEADER_SIZE < BULK_MIN:
+            m = self._inner.copy()
+            m.update(counter)
+            m.update(frame)
+            outer = self._outer.copy()
+            outer.update(m.digest())
+            good = hmac.compare_digest(outer.digest()[:TAG_SIZE], tag)
+        else:
+            from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+            e = Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor()
+            e.authenticate_additional_data(frame)  # type: ignore[arg-type]  # any bytes-like
+            e.finalize()
+            good = hmac.compare_digest(e.tag, tag)
+        if not good:
+            raise _frame_failed()
 
     def check(self, m: Any, tag: bytes | bytearray | memoryview) -> None:
         if not hmac.compare_digest(self.finish(m), tag):
-            raise ProtocolError("frame failed authentication (altered, replayed, reordered or "
-                                "dropped on the way): closing the connection", errno.EBADMSG)
+            raise _frame_failed()
+
+
+def _frame_failed() -> ProtocolError:
+    return ProtocolError("frame failed authentication (altered, replayed, reordered or "
+                         "dropped on the way): closing the connection", errno.EBADMSG)

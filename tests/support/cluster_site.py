@@ -34,13 +34,17 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from failover_site import start_etcd  # noqa: E402
 from netns_util import hosts_on_bridge, set_link  # noqa: E402
+
+from blockhorn.cluster.etcd import Etcd, EtcdError  # noqa: E402
 
 NODE_TTL_S = 4            # seconds: node leases in the site (BLOCKHORN_NODE_TTL_S)
 BLOCK = 4096
 WRITE_SPAN = 8 << 20      # bytes: the writer's blocks, small enough to read back whole
 START_TIMEOUT_S = 30.0    # seconds for a daemon to answer on its socket
+API_PORT = 9443           # each host's TCP API (its own address: unique per run)
+ETCD_CLIENT_PORT, ETCD_PEER_PORT = 2379, 2380   # on each member host's own address
+ETCD_MEMBERS = 3
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -117,9 +121,11 @@ class Host:
 @dataclass
 class Site:
     root: str
-    etcd: str
+    etcd: str             # every member's client URL, comma-separated (daemon run --etcd)
     prefix: str
     hosts: list[Host] = field(default_factory=list)
+    members: dict[str, subprocess.Popen[bytes] | None] = field(default_factory=dict)
+    initial_cluster: str = ""
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -206,7 +212,7 @@ class Site:
         h.proc = subprocess.Popen(
             ["ip", "netns", "exec", h.name, sys.executable, "-m", "blockhorn", "--home", h.home,
              "daemon", "run", "--quiet", "--etcd", self.etcd, "--etcd-prefix", self.prefix,
-             "--node", h.name, "--address", h.ip],
+             "--node", h.name, "--address", h.ip, "--api-listen", f"{h.ip}:{API_PORT}"],
             stdout=log, stderr=log, cwd=ROOT, env=self.env(), start_new_session=True)
         log.close()
 
@@ -219,18 +225,61 @@ class Site:
                 h, "daemon", "status", check=False).returncode == 0
         wait_until(up, START_TIMEOUT_S, f"the daemon of {h.name}")
 
+    # --- etcd members (one in each of the first ETCD_MEMBERS hosts) ---------------------------
+
+    def start_etcd(self, h: Host, wait: bool = True) -> None:
+        url = f"http://{h.ip}:{ETCD_CLIENT_PORT}"
+        peer = f"http://{h.ip}:{ETCD_PEER_PORT}"
+        with open(os.path.join(self.root, f"{h.name}-etcd.log"), "ab") as log:
+            self.members[h.name] = subprocess.Popen(
+                ["ip", "netns", "exec", h.name, "etcd", "--name", h.name,
+                 "--data-dir", os.path.join(self.root, "etcd", h.name),
+                 "--listen-client-urls", url, "--advertise-client-urls", url,
+                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", self.initial_cluster,
+                 "--initial-cluster-token", self.prefix.strip("/")],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            self.wait_etcd(h)
+
+    def wait_etcd(self, h: Host) -> None:
+        url = f"http://{h.ip}:{ETCD_CLIENT_PORT}"
+
+        def up() -> bool:
+            proc = self.members[h.name]
+            assert proc is not None and proc.poll() is None, \
+                f"etcd member of {h.name} exited; see {self.root}/{h.name}-etcd.log"
+            try:
+                with Etcd(url, timeout=1.0) as e:
+                    e.revision()
+                return True
+            except EtcdError:
+                return False
+        wait_until(up, 30, f"the etcd member of {h.name}")
+
+    def kill_etcd(self, h: Host) -> None:
+        proc = self.members.get(h.name)
+        if proc is not None:
+            proc.kill()
+            proc.wait(10)
+            self.members[h.name] = None
+
     def kill(self, h: Host, link_down: bool = True) -> int:
         """Kill every process of host `h` (SIGKILL, found by network namespace) and, with
         `link_down`, take its link down: a host that died. Returns how many were killed."""
         if link_down:
             set_link(h.name, False)
-        n = kill_netns(h.name)
+        n = kill_netns(h.name)   # its etcd member too
         if h.proc is not None:
             h.proc.wait(10)
+        if h.name in self.members:
+            self.kill_etcd(h)
         return n
 
     def revive(self, h: Host) -> None:
         set_link(h.name, True)
+        if h.name in self.members and self.members[h.name] is None:
+            self.start_etcd(h)
         self.start(h)
 
 
@@ -283,10 +332,8 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
     names = {f"bc{tok}h{i}": f"{subnet}.{10 + i}/24" for i in range(n)}
     os.makedirs(root, exist_ok=True)
     with hosts_on_bridge(names, f"bc{tok}b", f"{subnet}.1/24"):
-        etcd_dir = os.path.join(root, "etcd")
-        os.makedirs(etcd_dir, exist_ok=True)
-        url, etcd = start_etcd(etcd_dir, f"{subnet}.1")
-        site = Site(root, url, f"/bh-{tok}/")
+        os.makedirs(os.path.join(root, "etcd"), exist_ok=True)
+        site = Site(root, "", f"/bh-{tok}/")
         try:
             for i, ns in enumerate(names):
                 base = os.path.join(root, f"h{i}")
@@ -294,6 +341,14 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
                          os.path.join(base, "disk"))
                 os.makedirs(h.disk)
                 site.hosts.append(h)
+            members = site.hosts[:ETCD_MEMBERS]
+            site.initial_cluster = ",".join(f"{h.name}=http://{h.ip}:{ETCD_PEER_PORT}"
+                                            for h in members)
+            site.etcd = ",".join(f"http://{h.ip}:{ETCD_CLIENT_PORT}" for h in members)
+            for h in members:   # all at once: a member waits for the others to elect
+                site.start_etcd(h, wait=False)
+            for h in members:
+                site.wait_etcd(h)
             for h in site.hosts:
                 site.start(h)
                 site.cli(h, "disk", "add", h.disk)
@@ -308,11 +363,10 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
                 if h.proc is not None and h.proc.poll() is None:
                     h.proc.kill()
                     h.proc.wait(10)
+            for proc in site.members.values():   # killed with their hosts; reap them
+                if proc is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.kill()
+                        proc.wait(10)
             _unmount_under(root)
             _detach_loops(root)
-            etcd.terminate()
-            try:
-                etcd.wait(10)
-            except subprocess.TimeoutExpired:
-                etcd.kill()
-                etcd.wait(5)

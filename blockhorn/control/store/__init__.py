@@ -12,6 +12,7 @@ from blockhorn.control.store.records import (
     DiskRow,
     EngineRow,
     JobRow,
+    LeftoverRow,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
@@ -34,6 +35,6 @@ def open_store(db_path: str, etcd: str | None = None,
     return SqliteStore(db_path)
 
 
-__all__ = ["DEFAULT_ETCD_PREFIX", "PORT_RANGE", "BackupTargetRow", "DiskRow", "EngineRow",
+__all__ = ["DEFAULT_ETCD_PREFIX", "PORT_RANGE", "BackupTargetRow", "DiskRow", "EngineRow", "LeftoverRow",
            "JobRow", "NewReplica", "NodeRow", "ProcessRecord", "ReplicaRow", "RunRow",
            "ShareRow", "SqliteStore", "StateStore", "VolumeRow", "now_rfc3339", "open_store"]

@@ -24,6 +24,7 @@ from blockhorn.control.store.records import (
     DiskRow,
     EngineRow,
     JobRow,
+    LeftoverRow,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
@@ -184,5 +185,12 @@ class StateStore(Protocol):
     def try_lead(self, node: str, ttl_s: int) -> str | None:
         """Campaign for leadership (etcd: `leader` created under node's lease if absent);
         returns the current leader's name (SQLite: always `node`)."""
+
+    # --- replica directories to remove (a cluster's: manager/leftovers.py) ------------------
+    def leftovers(self, node: str) -> list[LeftoverRow]:
+        """The replica directories on `node` that `delete_volume` or `move_replica` left
+        behind (etcd). SQLite (one host): none, `volume rm` removes every directory itself."""
+    def forget_leftover(self, row: LeftoverRow) -> None:
+        """`row`'s directory is gone: drop the record (no-op if there is none)."""
 
     def close(self) -> None: ...

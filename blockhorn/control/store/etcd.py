@@ -17,6 +17,8 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
     <p>disks/<node>/<path, %-quoted>   DiskRow fields
     <p>live/<node>               present while the node's daemon keeps its lease alive
     <p>leader                    the leading node's name, under that node's live/ lease
+    <p>leftovers/<node>/<sha256 of the directory, 16 hex>   LeftoverRow fields: a replica
+                                 directory that node's daemon removes (manager/leftovers.py)
     <p>meta/cluster-key          the cluster key (hex) every node's engines and replicas use
 
 Every change is one etcd transaction guarded by compare-and-swap on the mod revisions of the
@@ -27,6 +29,7 @@ to a concurrent writer on another thread or host, without locks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -45,6 +48,7 @@ from blockhorn.control.store.records import (
     DiskRow,
     EngineRow,
     JobRow,
+    LeftoverRow,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
@@ -75,6 +79,17 @@ def _set_proc(d: Doc, proc: ProcessRecord | None, restarted: bool) -> Doc:
     d["pid"], d["create_time"] = (proc.pid, proc.create_time) if proc else (None, None)
     d["restarts"] = int(d.get("restarts", 0)) + int(restarted)
     return d
+
+
+def _leftover_key(node: str, directory: str) -> str:
+    return f"leftovers/{node}/{hashlib.sha256(directory.encode()).hexdigest()[:16]}"
+
+
+def _leftover(replica: Doc, volume_created: str) -> tuple[str, Doc]:
+    """(key, document) of the leftover record of a replica document's directory."""
+    row = LeftoverRow(replica["node"], replica["name"], replica["volume"],
+                      replica["directory"], volume_created)
+    return _leftover_key(row.node, row.directory), asdict(row)
 
 
 def _volume(d: Doc) -> VolumeRow:
@@ -249,9 +264,13 @@ class EtcdStore:
             if doc is None:
                 raise NotFound(f"volume {name!r} does not exist")
             gone = [f"volumes/{name}", f"engines/{name}", f"shares/{name}"]
-            gone += [k for k, d, _ in self._list("replicas/") if d["volume"] == name]
+            reps = [(k, d) for k, d, _ in self._list("replicas/") if d["volume"] == name]
+            gone += [k for k, _ in reps]
             gone += [k for k, d, _ in self._list("ports/") if d["volume"] == name]
-            return self._commit({f"volumes/{name}": rev}, {}, gone)
+            # Each replica's node removes its directory (also one down now, once it is back).
+            left = dict(_leftover(d, doc.get("created", "")) for _, d in reps
+                        if d.get("node"))
+            return self._commit({f"volumes/{name}": rev}, left, gone)
         self._retry(step, f"remove volume {name}")
 
     # --- replicas and engines --------------------------------------------------------------
@@ -289,9 +308,27 @@ class EtcdStore:
                      lambda d: {**d, "directory": directory, "failed_since": None})
 
     def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
-        self._update(f"replicas/{name}", lambda d: {
-            **d, "node": node, "directory": directory, "address": address, "pid": None,
-            "create_time": None, "failed_since": None})
+        rel = f"replicas/{name}"
+
+        def step() -> bool | None:
+            d, rev = self._get(rel)
+            if d is None:
+                return None
+            vol, _ = self._get(f"volumes/{d['volume']}")
+            put: dict[str, Any] = {rel: {
+                **d, "node": node, "directory": directory, "address": address, "pid": None,
+                "create_time": None, "failed_since": None}}
+            if d.get("node") and (d["node"], d["directory"]) != (node, directory):
+                # The old node removes the old directory (manager/leftovers.py).
+                put.update([_leftover(d, (vol or {}).get("created", ""))])
+            return self._commit({rel: rev}, put)
+        self._retry(step, f"move replica {name}")
+
+    def leftovers(self, node: str) -> list[LeftoverRow]:
+        return [LeftoverRow(**d) for _, d, _ in self._list(f"leftovers/{node}/")]
+
+    def forget_leftover(self, row: LeftoverRow) -> None:
+        self.etcd.delete(self._k(_leftover_key(row.node, row.directory)))
 
     def engine(self, volume: str) -> EngineRow:
         d, _ = self._get(f"engines/{volume}")

@@ -148,9 +148,15 @@ class NodeRow:
     zone: str | None = None
     tags: list[str] = field(default_factory=list)
     heartbeat: float | None = None
+    # A cluster node's TCP API (`daemon run --api-listen`): its URL and the PEM of the CA
+    # its certificate is verified with. Peers forward engine requests there
+    # (manager/forward.py); None: not listening (nothing can be forwarded to it).
+    api: str | None = None
+    api_ca: str | None = None
 
 
-NODE_FIELDS = frozenset({"address", "schedulable", "zone", "tags", "heartbeat"})
+NODE_FIELDS = frozenset({"address", "schedulable", "zone", "tags", "heartbeat", "api",
+                         "api_ca"})
 
 
 @dataclass
@@ -170,6 +176,22 @@ class DiskRow:
         return {"node": self.node, "path": self.path, "tags": list(self.tags),
                 "reserved": self.reserved, "schedulable": self.schedulable,
                 "capacity": self.capacity, "available": self.available}
+
+
+@dataclass
+class LeftoverRow:
+    """A replica directory on `node` that is no longer the store's: its volume was removed,
+    or the replica moved to another directory or node. Written in the same step as that
+    change (etcd), so a node that was down meanwhile still learns of it; the node's daemon
+    stops the replica's process, removes the directory and then forgets the record
+    (manager/leftovers.py). `volume_created` tells a volume re-created under the same name
+    (whose replica may have the same directory) from the one removed."""
+
+    node: str
+    replica: str
+    volume: str
+    directory: str
+    volume_created: str = ""
 
 
 DISK_FIELDS = frozenset({"tags", "reserved", "schedulable", "capacity", "available"})

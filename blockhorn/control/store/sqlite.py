@@ -24,6 +24,7 @@ from blockhorn.control.store.records import (
     DiskRow,
     EngineRow,
     JobRow,
+    LeftoverRow,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
@@ -342,6 +343,12 @@ class SqliteStore:
             db.execute("UPDATE replicas SET node=?, directory=?, address=?, pid=NULL, "
                        "create_time=NULL, failed_since=NULL WHERE name=?",
                        (node, directory, address, name))
+
+    def leftovers(self, node: str) -> list[LeftoverRow]:
+        return []   # one host: `volume rm` removes every replica directory itself
+
+    def forget_leftover(self, row: LeftoverRow) -> None:
+        return None
 
     def engine(self, volume: str) -> EngineRow:
         with self.tx() as db:
