@@ -22,7 +22,7 @@ from blockhorn.control.store import (
     open_store,
 )
 from blockhorn.control.store.etcd import EtcdStore
-from blockhorn.types import AlreadyExists, NotFound
+from blockhorn.types import AlreadyExists, Busy, NotFound
 
 LIVENESS_WAIT_S = 10.0   # seconds for a 2 s TTL to run out (etcd checks leases every 500 ms)
 
@@ -358,3 +358,24 @@ def test_shared_key_and_leader(kind: str, store: StateStore, reopen: object) -> 
             assert time.monotonic() < deadline, "the leader key outlived its lease"
             other.node_alive("n2", 2)
             time.sleep(0.3)
+
+
+def test_claim_attachment_moves_once_and_bumps_the_epoch(kind: str, store: StateStore) -> None:
+    """Issue 12: moving an attachment is one compare-and-swap on the engine's node; on etcd
+    it bumps the attach epoch (the replicas refuse engines of older ones), on SQLite (one
+    host, one engine) the epoch stays 0."""
+    make(store, "m")
+    assert store.volume("m").epoch == 0
+    e1 = store.claim_attachment("m", "n1", None, desired="attached", message="attaching")
+    v = store.volume("m")
+    assert (v.node, v.desired, v.message, v.epoch) == ("n1", "attached", "attaching", e1)
+    store.set_engine_process("m", ProcessRecord(42, 1.5))   # n1's engine
+    # Two movers saw n1 down; the first wins, the second is told who has it.
+    e2 = store.claim_attachment("m", "n2", "n1")
+    assert store.engine("m").process is None   # cleared in the same step
+    with pytest.raises(Busy, match="now attached on node n2"):
+        store.claim_attachment("m", "n3", "n1")
+    assert store.volume("m").node == "n2" and store.volume("m").epoch == e2
+    assert (e1, e2) == ((1, 2) if kind == "etcd" else (0, 0))
+    with pytest.raises(NotFound):
+        store.claim_attachment("nope", "n1", None)

@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any
 
-from blockhorn.control.store import ProcessRecord, VolumeRow
+from blockhorn.control.store import ProcessRecord, StateStore, VolumeRow
 from blockhorn.manager import process
 from blockhorn.manager.volumes import FRONTENDS, VolumeManager, check_system
 from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound, check_name
@@ -102,6 +102,46 @@ def adopt_started(vm: VolumeManager) -> None:
             vm.started[name] = (volume, ProcessRecord(p.pid, p.info["create_time"]))
 
 
+def self_fence(vm: VolumeManager) -> int:
+    """The dead man's switch of a node cut off from the store (manager/nodes.py calls it
+    before its lease can expire): SIGKILL every engine of this home — found by the paths in
+    their command lines (engine config, NBD and control sockets), not by the store, which
+    is out of reach. Replicas run on: they are fenced by epochs, and an engine elsewhere
+    may need them once the link returns. Returns how many processes it killed."""
+    try:
+        names = os.listdir(os.path.join(vm.home.root, "volumes"))
+    except FileNotFoundError:
+        return 0
+    return _kill_engines(vm, names, "self-fencing")
+
+
+def stop_moved_engines(vm: VolumeManager) -> int:
+    """At daemon start: kill this home's engines of volumes now attached on another node
+    (moved while this daemon was dead; the replicas refuse them already, by epoch)."""
+    if vm.cluster is None:
+        return 0
+    moved = [v.name for v in vm.store.volumes()
+             if v.desired == "attached" and v.node and not vm.engine_here(v)]
+    return _kill_engines(vm, moved, "the volume moved to another node") if moved else 0
+
+
+def _kill_engines(vm: VolumeManager, names: list[str], why: str) -> int:
+    import psutil
+    marks = {p for n in names for p in (vm.home.engine_config(n), vm.home.nbd_socket(n),
+                                        vm.home.control_socket(n))}
+    killed = 0
+    for p in psutil.process_iter(["cmdline"]):
+        if p.pid != os.getpid() and marks.intersection(p.info.get("cmdline") or []):
+            try:
+                p.kill()
+                killed += 1
+                log.error("%s: killed pid %d (%s)", why, p.pid,
+                          " ".join((p.info.get("cmdline") or [])[:4]))
+            except psutil.NoSuchProcess:
+                pass
+    return killed
+
+
 def _exists(vm: VolumeManager, volume: str) -> bool:
     try:
         vm.store.volume(volume)
@@ -144,12 +184,19 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str) -> dict[st
         if vol.standby:
             raise Busy(f"volume {name!r} is a DR standby: activate it first")
         if vol.desired == "attached":
-            raise Busy(f"volume {name!r} is already attached (on node "
-                       f"{vol.node or vm.me}): detach it first")
-        vm.store.set_engine_process(name, None)
-        vm.store.update_volume(name, desired="attached", frontend=frontend, tcp_port=None,
-                               robustness=None, attachment=None, device_stale=False,
-                               node=node, message=ATTACHING + node)
+            old = vol.node or vm.me or ""
+            if vm.cluster.is_up(old) or vol.access_mode == "rwx":
+                raise Busy(f"volume {name!r} is already attached (on node {old}): detach it "
+                           "first" + (" (an RWX share moves by itself)"
+                                      if vol.access_mode == "rwx" else ""))
+            # Its node is down: move it (docs/DURABILITY.md, "A volume attached on a node
+            # that died"); the new epoch fences the old engine.
+            move_attachment(vm.store, vol, node, "asked by an operator", frontend)
+        else:
+            vm.store.claim_attachment(name, node, vol.node, desired="attached",
+                                      frontend=frontend, tcp_port=None, robustness=None,
+                                      attachment=None, device_stale=False,
+                                      message=ATTACHING + node)
     deadline = time.monotonic() + REMOTE_WAIT_S
     while time.monotonic() < deadline:
         vol = vm.store.volume(name)
@@ -163,6 +210,23 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str) -> dict[st
     raise BlockhornError(f"node {node} did not attach {name!r} within "
                          f"{REMOTE_WAIT_S:.0f} s (is its daemon running?); it still may: "
                          "see `blockhorn volume show`", errno.ETIMEDOUT)
+
+
+def move_attachment(store: StateStore, vol: VolumeRow, node: str, why: str,
+                    frontend: str | None = None) -> int:
+    """Move the attachment of `vol`, whose engine's node is down, to `node` (whose daemon
+    then brings it up: `realize_attach`) in one compare-and-swap that bumps the attach
+    epoch: the new engine presents it, and every replica it reaches refuses the old engine
+    from then on. Busy when someone else moved it first. Returns the new epoch."""
+    old = vol.node
+    more = {"frontend": frontend} if frontend else {}   # else the same kind as before
+    epoch = store.claim_attachment(vol.name, node, old, desired="attached", tcp_port=None,
+                                   **more,
+                                   robustness=None, attachment=None, device_stale=False,
+                                   message=ATTACHING + node)
+    log.warning("volume %s: its engine's node %s is down; attachment moved to %s (epoch %d, "
+                "%s)", vol.name, old, node, epoch, why)
+    return epoch
 
 
 def realize_attach(vm: VolumeManager, name: str) -> None:

@@ -121,6 +121,9 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     if etcd:   # a cluster: one key for every node's engines and replicas; peers over TCP
         adopt_key(home.key, store.shared_key(load_key(home.key)))
         volumes.cluster = nodes
+        from blockhorn.manager.across import self_fence
+        nodes.on_lost = lambda: log.error("self-fencing stopped %d process(es)",
+                                          self_fence(volumes))
     write_rebuild_limits(Settings(store), home.rebuild_limits)
     supervisor = Supervisor(volumes, Leader(nodes) if etcd else None)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys

@@ -15,9 +15,13 @@ that hold no replica of the volume. The rest follows from each node reconciling 
   replica from a current one (engine/rebuild.py).
 
 A replica of a down node is moved once its node has been down (as this leader saw it, or the
-replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for attached volumes whose
-engine's node is up, since the rebuild needs an engine. Its old directory stays on the dead
-node's disk.
+replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for
+attached volumes whose engine's node is up and whose engine has started since the volume was
+attached there (robustness reported), since the rebuild needs an engine — and a replica the
+generation rule still asks for must not be swapped for an empty one of the same name
+(docs/DURABILITY.md, "A volume attached on a node that died"). Its old directory stays on the
+dead node's disk. An RWO volume whose engine's node is down is attached on a live node after
+the same wait (`_move_engine`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 
 from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
 from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
+from blockhorn.manager.across import ATTACHING
 from blockhorn.manager.nodes import NODE_DOWN_AFTER_S, NodeService
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.types import BlockhornError, NotFound
@@ -55,8 +60,18 @@ class Leader:
         wait = Settings(self.store).get_int(REPLENISHMENT_WAIT)
         now = time.time()
         for vol in self.store.volumes():
-            if vol.desired != "attached" or (vol.node or self.nodes.name) not in live:
-                continue   # a rebuild needs a running engine
+            if vol.desired != "attached" or (vol.node or self.nodes.name) in live:
+                self._down_since.pop(f"engine/{vol.name}", None)   # a later death waits anew
+            if vol.desired == "attached" and (vol.node or self.nodes.name) not in live:
+                self._move_engine(vol, live, wait, now)
+                continue   # a rebuild needs a running engine: once it runs elsewhere
+            if vol.robustness not in ("healthy", "degraded") \
+                    or (vol.message or "").startswith(ATTACHING):
+                # No engine has passed its start (the generation rule) since this attachment
+                # (claim_attachment clears robustness): a dead node's replica may be a member
+                # of the newest in-sync set that the rule is waiting for. Moved now, it would
+                # answer under its name, empty, and the rule would stop asking for the old one.
+                continue
             reps = self.store.replicas(vol.name)
             for r in reps:
                 if r.node is None or r.node in live:
@@ -84,6 +99,54 @@ class Leader:
                 self.store.update_volume(vol.name, message=(
                     f"replica {r.name}: node {r.node} down for {now - since:.0f} s; "
                     f"replaced on {p.node} ({p.disk})"))
+
+
+    def _move_engine(self, vol: VolumeRow, live: set[str], wait: int, now: float) -> None:
+        """An RWO volume whose engine's node has been down longer than the replenishment
+        wait is attached on a live node instead (manager/across.py `move_attachment`: a new
+        attach epoch fences the old engine). Whether the new engine may start is the
+        generation rule's decision: refused, with the replicas it misses, while a member of
+        the newest in-sync set is on the dead node (docs/DURABILITY.md). RWX volumes are the
+        share failover's."""
+        key = f"engine/{vol.name}"
+        if vol.node is None or vol.access_mode == "rwx":
+            return
+        if key not in self._down_since:
+            log.warning("volume %s: its engine's node %s is down", vol.name, vol.node)
+            self._down_since[key] = now
+        since = self._down_since[key]
+        if now - since < wait or time.monotonic() < self._next.get(key, 0):
+            return
+        to = engine_target(self.nodes, vol, live)
+        if to is None:
+            self._next[key] = time.monotonic() + RETRY_S
+            self.store.update_volume(vol.name, message=f"its engine's node {vol.node} is "
+                                     "down and no live schedulable node can take it over")
+            return
+        from blockhorn.manager.across import move_attachment
+        try:
+            move_attachment(self.store, vol, to, f"node down for {now - since:.0f} s")
+        except (BlockhornError, OSError) as e:
+            self._next[key] = time.monotonic() + RETRY_S
+            log.error("volume %s cannot be moved to %s: %s", vol.name, to, e)
+            return
+        self._down_since.pop(key, None)
+        self._next.pop(key, None)
+
+
+def engine_target(nodes: NodeService, vol: VolumeRow, live: set[str]) -> str | None:
+    """A live, schedulable node for a volume's engine: one holding a replica of it first
+    (data locality), the fewest engines next, then by name (deterministic)."""
+    rows = {n.name: n for n in nodes.store.nodes()}
+    cands = [n for n in sorted(live) if n in rows and rows[n].schedulable and n != vol.node]
+    if not cands:
+        return None
+    holders = {r.node for r in nodes.store.replicas(vol.name)}
+    engines: dict[str, int] = {}
+    for v in nodes.store.volumes():
+        if v.desired == "attached" and v.node:
+            engines[v.node] = engines.get(v.node, 0) + 1
+    return min(cands, key=lambda n: (n not in holders, engines.get(n, 0), n))
 
 
 def plan(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],

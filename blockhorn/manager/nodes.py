@@ -26,6 +26,7 @@ import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -48,6 +49,12 @@ log = logging.getLogger("blockhorn.manager")
 # shortens it for tests and demos on one machine, where no network hiccup needs riding out.
 NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
 HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
+# Seconds without a successful lease renewal after which this node fences itself (stops its
+# engines): before its lease can expire (the lease runs from the renewal's arrival, after
+# the moment `_last_ok` records), so before the leader can see it down and move its
+# volumes; a margin for the kill itself, and at least two missed beats.
+SELF_FENCE_AFTER_S = NODE_DOWN_AFTER_S - min(1.0, HEARTBEAT_S / 4)
+WATCHDOG_S = 0.25   # seconds between the self-fencing checks
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
 
 
@@ -78,6 +85,11 @@ class NodeService:
         self.name = check_label(name or default_node_name(), "node name")
         self.address = address
         self.leader: str | None = None   # the leading node as of the last heartbeat
+        # A cluster's dead man's switch (docs/DURABILITY.md, "A volume attached on a node
+        # that died"): called once when the heartbeat has failed for SELF_FENCE_AFTER_S.
+        self.on_lost: Callable[[], None] | None = None
+        self._last_ok = time.monotonic()   # when the last successful heartbeat began
+        self._fenced = False
         # This node's TCP API (URL, CA PEM) for its peers to forward to (manager/forward.py);
         # set by the daemon on a cluster with --api-listen before register().
         self.api: tuple[str, str] | None = None
@@ -100,7 +112,10 @@ class NodeService:
         return self.leader == self.name
 
     def beat(self) -> None:
+        began = time.monotonic()
         self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
+        self._last_ok = began   # the lease runs at least until began + its TTL
+        self._fenced = False
         leader = self.store.try_lead(self.name, NODE_DOWN_AFTER_S)
         if leader != self.leader:
             log.info("leader: %s%s", leader, " (this node)" if leader == self.name else "")
@@ -111,12 +126,28 @@ class NodeService:
                 self.store.update_disk(self.name, d.path, capacity=cap, available=free)
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.on_lost is not None:
+                nursery.start_soon(self._watchdog)
+            next_at = trio.current_time() + HEARTBEAT_S
+            while True:
+                await trio.sleep_until(next_at)
+                next_at = trio.current_time() + HEARTBEAT_S   # however long this beat takes
+                try:
+                    await trio.to_thread.run_sync(self.beat)
+                except Exception as e:   # the store is away for a moment: the next beat retries
+                    log.warning("node heartbeat failed: %s", e)
+
+    async def _watchdog(self) -> None:
+        """Separate from the heartbeat, which can hang on an unreachable store."""
         while True:
-            await trio.sleep(HEARTBEAT_S)
-            try:
-                await trio.to_thread.run_sync(self.beat)
-            except Exception as e:   # the store is away for a moment: the next beat retries
-                log.warning("node heartbeat failed: %s", e)
+            await trio.sleep(WATCHDOG_S)
+            silent = time.monotonic() - self._last_ok
+            if silent > SELF_FENCE_AFTER_S and not self._fenced and self.on_lost is not None:
+                self._fenced = True
+                log.error("no heartbeat for %.1f s: this node's lease may expire, and its "
+                          "volumes move elsewhere: fencing itself (stopping its engines)", silent)
+                await trio.to_thread.run_sync(self.on_lost)
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class Supervisor:
     def adopt(self) -> None:
         """Log what a (re)started daemon finds; stop leftovers of detached volumes."""
         across.adopt_started(self.volumes)
+        across.stop_moved_engines(self.volumes)
         for vol in self.store.volumes():
             eng = self.store.engine(vol.name)
             reps = self.store.replicas(vol.name)

@@ -245,7 +245,8 @@ class VolumeManager:
                      key_file=self.home.key, control_socket=self.home.control_socket(name),
                      record=self.home.generation_record(name),
                      rebuild_limits=self.home.rebuild_limits,
-                     timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT))
+                     timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT)),
+                     epoch=vol.epoch,   # the replicas refuse engines of older attachments
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
@@ -299,9 +300,9 @@ class VolumeManager:
                     log.warning("volume %s: NBD over TLS on every interface (%s:%d), as asked",
                                 name, tcp["address"], tcp["port"])
                 nbdtls.save(self.home.volume_dir(name), tcp)
-            self.store.update_volume(name, desired="attached", frontend=frontend,
-                                     tcp_port=tcp_port, robustness=None, message=None,
-                                     attachment=None, device_stale=False, node=self.me)
+            self.store.claim_attachment(name, self.me, vol.node, desired="attached",
+                                        frontend=frontend, tcp_port=tcp_port, robustness=None,
+                                        message=None, attachment=None, device_stale=False)
             try:
                 self.bring_up(name, frontend, vol.access_mode)
             except BaseException as e:
@@ -323,7 +324,10 @@ class VolumeManager:
                                           self.home.control_socket(name))
         self.write_configs(name)
         self.store.clear_failed(name)   # replenishment waits count from now
-        self.start_replicas(name, [r for r in self.store.replicas(name) if self.is_local(r)])
+        # Not those running already: a volume moved here off a dead node (manager/leader.py)
+        # is attached, so every node runs its replicas of it.
+        self.start_replicas(name, [r for r in self.store.replicas(name)
+                                   if self.is_local(r) and not process.alive(r.process)])
         across.wait_remote_replicas(self, name)
         self.start_engine(name)
         if frontend != "none":
@@ -600,6 +604,7 @@ class VolumeManager:
             "attachment": vol.attachment, "nbd_tcp": tcp,
             "groups": vol.groups, "standby": vol.standby,
             "node": (vol.node or self.me) if vol.desired == "attached" else None,
+            "epoch": vol.epoch,   # the attach epoch (a cluster's; 0 on one host)
             "node_selector": vol.node_selector, "disk_selector": vol.disk_selector,
             "message": "; ".join(m for m in (vol.message, status_error) if m) or None,
         }

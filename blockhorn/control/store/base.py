@@ -86,6 +86,13 @@ class StateStore(Protocol):
     def volumes(self) -> list[VolumeRow]: ...
     def update_volume(self, name: str, **fields: Any) -> None: ...
     def delete_volume(self, name: str) -> None: ...
+    def claim_attachment(self, name: str, node: str | None, expect: str | None,
+                         **fields: Any) -> int:
+        """Attach volume `name` on `node` in one compare-and-swap: only while its engine's
+        node is still `expect` (Busy otherwise: someone else moved it), with `fields`
+        (update_volume's) and the engine's process record cleared in the same step; bumps
+        and returns the attach epoch. On one host
+        (SQLite) the epoch stays 0: one daemon runs one engine, no fencing needed."""
 
     # --- replicas and engines --------------------------------------------------------------
     def replicas(self, volume: str) -> list[ReplicaRow]: ...

@@ -56,7 +56,7 @@ from blockhorn.control.store.records import (
     ShareRow,
     VolumeRow,
 )
-from blockhorn.types import AlreadyExists, InvalidArgument, NotFound
+from blockhorn.types import AlreadyExists, Busy, InvalidArgument, NotFound
 
 log = logging.getLogger("blockhorn.control")
 
@@ -98,7 +98,8 @@ def _volume(d: Doc) -> VolumeRow:
                      d.get("message"), d.get("tcp_port"), d["created"],
                      bool(d.get("device_stale")), list(d.get("groups") or []),
                      d.get("standby"), d.get("node"), bool(d.get("fresh")),
-                     list(d.get("node_selector") or []), list(d.get("disk_selector") or []))
+                     list(d.get("node_selector") or []), list(d.get("disk_selector") or []),
+                     int(d.get("epoch") or 0))
 
 
 def _replica(d: Doc) -> ReplicaRow:
@@ -231,6 +232,30 @@ class EtcdStore:
             fields["device_stale"] = bool(fields["device_stale"])
         self._update(f"volumes/{name}", lambda d: {**d, **fields},
                      NotFound(f"volume {name!r} does not exist"))
+
+    def claim_attachment(self, name: str, node: str | None, expect: str | None,
+                         **fields: Any) -> int:
+        if set(fields) - VOLUME_FIELDS:
+            raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
+        epoch = 0
+        vkey, ekey = f"volumes/{name}", f"engines/{name}"
+
+        def step() -> bool:
+            nonlocal epoch
+            (d, vrev), (e, erev) = self._get(vkey), self._get(ekey)
+            if d is None or e is None:
+                raise NotFound(f"volume {name!r} does not exist")
+            if d.get("node") != expect:
+                raise Busy(f"volume {name!r} is now attached on node {d.get('node')}, not "
+                           f"{expect}: someone else moved it")
+            epoch = int(d.get("epoch") or 0) + 1
+            # The engine record goes in the same step: the new node must never see itself
+            # asked to attach with the old node's engine pid still recorded.
+            return self._commit({vkey: vrev, ekey: erev},
+                                {vkey: {**d, **fields, "node": node, "epoch": epoch},
+                                 ekey: _set_proc(e, None, False)})
+        self._retry(step, f"attach {name} on {node}")
+        return epoch
 
     def delete_volume(self, name: str) -> None:
         """The volume and everything that belongs to it, in one transaction."""

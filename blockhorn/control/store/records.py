@@ -73,6 +73,10 @@ class VolumeRow:
     # --node-selector/--disk-selector`, passed to control/scheduler.py's schedule().
     node_selector: list[str] = field(default_factory=list)
     disk_selector: list[str] = field(default_factory=list)
+    # The attach epoch (a cluster's; 0 on one host): bumped by every change of the node its
+    # engine runs on (`claim_attachment`), presented by that engine to the replicas, which
+    # refuse every connection of a lower one (replica/fencing.py, docs/DURABILITY.md).
+    epoch: int = 0
 
 
 # What update_volume may change.

@@ -32,7 +32,7 @@ from blockhorn.control.store.records import (
     ShareRow,
     VolumeRow,
 )
-from blockhorn.types import AlreadyExists, NotFound
+from blockhorn.types import AlreadyExists, Busy, NotFound
 
 SCHEMA_VERSION = 5   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
 # 4: volumes.node/fresh, replicas.node (NULL in an older home: everything on this host).
@@ -157,6 +157,8 @@ def _proc(row: sqlite3.Row) -> ProcessRecord | None:
     return ProcessRecord(int(row["pid"]), float(row["create_time"] or 0.0))
 
 
+_ANY = object()   # _update_volume: no expectation about the volume's node
+
 def _volume(row: sqlite3.Row) -> VolumeRow:
     att = row["attachment"]
     return VolumeRow(row["name"], row["size"], row["replica_count"], row["access_mode"],
@@ -264,6 +266,10 @@ class SqliteStore:
             return [_volume(r) for r in db.execute("SELECT * FROM volumes ORDER BY name")]
 
     def update_volume(self, name: str, **fields: Any) -> None:
+        self._update_volume(name, _ANY, fields)
+
+    def _update_volume(self, name: str, expect: object, fields: dict[str, Any],
+                       clear_engine: bool = False) -> None:
         if not fields or set(fields) - VOLUME_FIELDS:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         for k in ("attachment", "groups", "standby", "node_selector", "disk_selector"):
@@ -271,9 +277,23 @@ class SqliteStore:
                 fields[k] = json.dumps(fields[k], sort_keys=True)
         sets = ", ".join(f"{k}=?" for k in fields)
         with self.tx() as db:
+            if expect is not _ANY:
+                row = db.execute("SELECT node FROM volumes WHERE name=?", (name,)).fetchone()
+                if row is not None and row["node"] != expect:
+                    raise Busy(f"volume {name!r} is now attached on node {row['node']}, not "
+                               f"{expect}: someone else moved it")
             cur = db.execute(f"UPDATE volumes SET {sets} WHERE name=?", (*fields.values(), name))
             if cur.rowcount == 0:
                 raise NotFound(f"volume {name!r} does not exist")
+            if clear_engine:
+                db.execute("UPDATE engines SET pid=NULL, create_time=NULL WHERE volume=?",
+                           (name,))
+
+    def claim_attachment(self, name: str, node: str | None, expect: str | None,
+                         **fields: Any) -> int:
+        # Check, change and the engine record cleared: one transaction.
+        self._update_volume(name, expect, {**fields, "node": node}, clear_engine=True)
+        return 0
 
     def delete_volume(self, name: str) -> None:
         """Remove the volume, its replicas, engine record and ports (ON DELETE CASCADE)."""
