@@ -62,10 +62,14 @@ def cpu_seconds(procs: list[Any]) -> float:
     return total
 
 
-def run_once(workdir: str, replicas: int, setting: str, size: int, runtime: int) -> dict[str, float]:
-    os.makedirs(workdir)
-    cluster = Cluster(home=workdir, size=size, replicas=replicas, transport="tcp")
-    set_frame_auth(cluster, setting)
+def measure(cluster: Cluster, size: int, jobs: list[tuple[str, str, str, int, str]],
+            runtime: int, ramp: int = 0) -> dict[str, float]:
+    """Start `cluster` (configured, not started), fill the volume, run every fio job of
+    `jobs` ((key, fio rw, bs, iodepth, metric)) against its NBD socket, each after `ramp`
+    seconds of the same load; then stop it. Per job: the metric under `key`, and the CPU
+    time per request of the engine and replicas together (`key-cpu`), of the engine
+    (`key-cpu-engine`) and of the replicas (`key-cpu-replicas`), in µs. Also used by
+    bench_transport.py."""
     try:
         cluster.start()
         wait_ready(lambda: os.path.exists(cluster.nbd_socket),
@@ -74,25 +78,37 @@ def run_once(workdir: str, replicas: int, setting: str, size: int, runtime: int)
         target = [f"--size={size}", "--ioengine=nbd", f"--uri={cluster.uri}"]
         run_fio([*target, "--name=prefill", "--rw=write", "--bs=1M", "--iodepth=16"],
                 cluster.engine_log)
-        procs = [cluster.engine, *(r.proc for r in cluster.reps)]
+        reps = [r.proc for r in cluster.reps]
         results: dict[str, float] = {}
-        for key, rw, bs, qd, metric in JOBS:
-            # No ramp: the CPU time covers every request fio counts.
-            cpu0 = cpu_seconds(procs)
+        for key, rw, bs, qd, metric in jobs:
+            if ramp:   # outside the CPU count: that covers only the requests fio counts
+                run_fio([*target, "--name=ramp", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
+                         "--time_based", f"--runtime={ramp}"], cluster.engine_log)
+            eng0, rep0 = cpu_seconds([cluster.engine]), cpu_seconds(reps)
             out = run_fio([*target, f"--name={key}", f"--rw={rw}", f"--bs={bs}",
                            f"--iodepth={qd}", "--time_based", f"--runtime={runtime}"],
                           cluster.engine_log)
-            cpu = cpu_seconds(procs) - cpu0
+            eng, rep = cpu_seconds([cluster.engine]) - eng0, cpu_seconds(reps) - rep0
             w = out["jobs"][0]["write"]
+            ios = max(1, w["total_ios"])
             results[key] = {"iops": w["iops"], "bw": w["bw_bytes"] / 1e6,
                             "lat": w["lat_ns"]["mean"] / 1e3}[metric]
-            results[f"{key}-cpu"] = 1e6 * cpu / max(1, w["total_ios"])   # µs per request
+            results[f"{key}-cpu"] = 1e6 * (eng + rep) / ios
+            results[f"{key}-cpu-engine"] = 1e6 * eng / ios
+            results[f"{key}-cpu-replicas"] = 1e6 * rep / ios
     finally:
         try:
             cluster.stop()
         finally:
             stop_procs([cluster.engine, *(r.proc for r in cluster.reps)])
     return results
+
+
+def run_once(workdir: str, replicas: int, setting: str, size: int, runtime: int) -> dict[str, float]:
+    os.makedirs(workdir)
+    cluster = Cluster(home=workdir, size=size, replicas=replicas, transport="tcp")
+    set_frame_auth(cluster, setting)
+    return measure(cluster, size, JOBS, runtime)
 
 
 def main() -> int:

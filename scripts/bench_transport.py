@@ -27,8 +27,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from bench import BenchError, parse_size, run_fio, stop_procs, wait_ready, write_results  # noqa: E402
-from bench_frames import cpu_seconds, set_frame_auth  # noqa: E402
+from bench import BenchError, parse_size, write_results  # noqa: E402
+from bench_frames import measure, set_frame_auth  # noqa: E402
 from harness import Cluster  # noqa: E402
 
 JOBS = [  # (key, fio rw, bs, iodepth, metric, target TCP/unix ratio)
@@ -48,37 +48,7 @@ def run_once(workdir: str, variant: str, size: int, runtime: int,
                       transport="unix" if variant == "unix" else "tcp")
     if variant != "unix":
         set_frame_auth(cluster, "on" if variant == "tcp" else "off")
-    try:
-        cluster.start()
-        wait_ready(lambda: os.path.exists(cluster.nbd_socket),
-                   lambda: cluster.engine is not None and cluster.engine.poll() is None,
-                   "blockhorn engine", cluster.engine_log)
-        target = [f"--size={size}", "--ioengine=nbd", f"--uri={cluster.uri}"]
-        run_fio([*target, "--name=prefill", "--rw=write", "--bs=1M", "--iodepth=16"],
-                cluster.engine_log)
-        reps = [r.proc for r in cluster.reps]
-        results: dict[str, float] = {}
-        for key, rw, bs, qd, metric, _ in JOBS:
-            if ramp:
-                run_fio([*target, "--name=ramp", f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}",
-                         "--time_based", f"--runtime={ramp}"], cluster.engine_log)
-            eng0, rep0 = cpu_seconds([cluster.engine]), cpu_seconds(reps)
-            out = run_fio([*target, f"--name={key}", f"--rw={rw}", f"--bs={bs}",
-                           f"--iodepth={qd}", "--time_based", f"--runtime={runtime}"],
-                          cluster.engine_log)
-            eng, rep = cpu_seconds([cluster.engine]) - eng0, cpu_seconds(reps) - rep0
-            w = out["jobs"][0]["write"]
-            ios = max(1, w["total_ios"])
-            results[key] = {"iops": w["iops"], "bw": w["bw_bytes"] / 1e6}[metric]
-            results[f"{key}-cpu"] = 1e6 * (eng + rep) / ios   # µs per request
-            results[f"{key}-cpu-engine"] = 1e6 * eng / ios
-            results[f"{key}-cpu-replicas"] = 1e6 * rep / ios
-    finally:
-        try:
-            cluster.stop()
-        finally:
-            stop_procs([cluster.engine, *(r.proc for r in cluster.reps)])
-    return results
+    return measure(cluster, size, [job[:5] for job in JOBS], runtime, ramp)
 
 
 def main() -> int:
