@@ -134,13 +134,20 @@ def schedule(size: int, count: int, nodes: Sequence[Node], policy: Policy = Poli
     return [Placement(c.node.name, c.disk.path) for c in chosen]
 
 
+def _needs(count: int, thing: str) -> str:
+    """"3 replicas need 3 zones", "1 replica needs 1 zone"."""
+    if count == 1:
+        return f"1 replica needs 1 {thing}"
+    return f"{count} replicas need {count} {thing}s"
+
+
 def _check_enough(size: int, count: int, policy: Policy, nodes: Sequence[Node],
                   up: list[Node], tagged: list[Node], tagged_disks: int,
                   cands: list[_Candidate], roomy_nodes: set[str], want_node: frozenset[str],
                   want_disk: frozenset[str]) -> None:
     """Name the first missing thing, in the order an operator would look for it."""
     if not policy.soft_anti_affinity:
-        need = f"{count} replicas need {count} schedulable nodes"
+        need = _needs(count, "schedulable node")
         if len(up) < count:
             raise Unschedulable(f"{need}; {len(up)} {'is' if len(up) == 1 else 'are'} up and "
                                 f"schedulable (of {len(nodes)} known). Add nodes, or set "
@@ -161,11 +168,11 @@ def _check_enough(size: int, count: int, policy: Policy, nodes: Sequence[Node],
             f"percentage {policy.over_provisioning_pct}, storage-minimal-available-percentage "
             f"{policy.minimal_available_pct}): add disks or free space")
     if not policy.soft_anti_affinity and len(roomy_nodes) < count:
-        raise Unschedulable(f"{count} replicas need {count} schedulable nodes with room for "
+        raise Unschedulable(f"{_needs(count, 'schedulable node')} with room for "
                             f"{format_size(size)}; {len(roomy_nodes)} "
                             f"{'has' if len(roomy_nodes) == 1 else 'have'} it")
     if len(cands) < count:
-        raise Unschedulable(f"{count} replicas need {count} disks with room for {format_size(size)} "
+        raise Unschedulable(f"{_needs(count, 'disk')} with room for {format_size(size)} "
                             f"(never two replicas on one disk); {len(cands)} "
                             f"{'has' if len(cands) == 1 else 'have'} it")
 
@@ -173,7 +180,7 @@ def _check_enough(size: int, count: int, policy: Policy, nodes: Sequence[Node],
 def _shortfall(count: int, placed: int, policy: Policy, cands: list[_Candidate]) -> str:
     zones = {c.node.zone for c in cands if c.node.zone is not None}
     if not policy.zone_soft_anti_affinity and zones:
-        return (f"{count} replicas need {count} zones (replica-zone-soft-anti-affinity is "
+        return (f"{_needs(count, 'zone')} (replica-zone-soft-anti-affinity is "
                 f"false); disks with room are in {len(zones)}: {', '.join(sorted(zones))}")
     return f"only {placed} of {count} replicas could be placed under the anti-affinity rules"
 
