@@ -43,7 +43,7 @@ def test_volume_create_with_node_and_disk_selectors() -> None:
             no = env.cli("volume", "create", "v2", "--size", "16MiB", "--replicas", "1",
                          "--node-selector", "gpu", check=False)
             assert no.returncode == 1, no.stderr
-            assert "schedulable nodes with tags ['gpu']; 0 have them" in no.stderr
+            assert "1 replica needs 1 schedulable node with tags ['gpu']; 0 have them" in no.stderr
             assert names(env) == ["v1"]
             assert not os.path.exists(os.path.join(hdd, "replicas", "v2"))
             assert not os.path.exists(os.path.join(ssd, "replicas", "v2"))
