@@ -48,10 +48,14 @@ def run(c, h: nbd.NBD, acked: dict[int, str], revision: int) -> None:
     r1, r2 = c.reps[1], c.reps[2]
     r1.kill(signal.SIGSTOP)
     took: list[float] = []
+    failed: list[BaseException] = []
 
     def write() -> None:
         t0 = time.monotonic()
-        h.pwrite(data("W"), 8 * MiB)
+        try:
+            h.pwrite(data("W"), 8 * MiB)
+        except BaseException as e:   # asserted below, with what it was
+            failed.append(e)
         took.append(time.monotonic() - t0)
 
     writer = threading.Thread(target=write)
@@ -61,6 +65,7 @@ def run(c, h: nbd.NBD, acked: dict[int, str], revision: int) -> None:
     stopped_at = time.monotonic()
     writer.join(4 * TIMEOUT_S)
     assert not writer.is_alive(), "the write never finished"
+    assert not failed, f"the write failed: {failed[0]!r}"
     stall = time.monotonic() - stopped_at
     acked[8 * MiB] = hashlib.sha256(data("W")).hexdigest()
     report("two replicas silent at once: the write waiting on them acknowledged", stall,
