@@ -33,7 +33,7 @@ import pytest
 from conftest import needs_root
 from netns_util import set_link
 from support.cluster_site import Host, Site, cluster_site, netns_pids, wait_until
-from t5_cluster_hosts import nodes_of, volume_sum, write_pattern
+from t5_cluster_hosts import volume_sum, write_pattern
 
 from blockhorn.config import ReplicaRef
 from blockhorn.engine.client import ReplicaClient
@@ -92,10 +92,7 @@ def test_engine_node_dies_volume_moves_and_old_engine_is_fenced(site: Site) -> N
     a, b, c, d = site.hosts
     # Replicas on b, c, d; the engine on a: a's death takes no replica of the newest set
     # with it, so the generation rule lets the volume start elsewhere by itself.
-    site.cli(b, "node", "update", a.name, "--schedulable", "no")
-    site.cli(b, "volume", "create", "fe", "--size", "32MiB", "--replicas", "3")
-    site.cli(b, "node", "update", a.name, "--schedulable", "yes")
-    assert nodes_of(site, b, "fe") == {b.name, c.name, d.name}
+    assert site.create_avoiding(b, "fe", 3, [a]) == {b.name, c.name, d.name}
     site.cli(b, "volume", "attach", "fe", "--frontend", "none", "--node", a.name)
     v = site.show(a, "fe")
     old_uri, epoch = v["endpoint"], v["epoch"]
@@ -164,10 +161,7 @@ def test_partitioned_engine_node_fences_itself(site: Site) -> None:
     # costs etcd an election that stalls every node's store for a moment, beside the point.
     c = next(h for h in site.hosts if h.name not in site.members)
     a, b, d = (h for h in site.hosts if h is not c)
-    site.cli(a, "node", "update", c.name, "--schedulable", "no")
-    site.cli(a, "volume", "create", "pf", "--size", "32MiB", "--replicas", "3")
-    site.cli(a, "node", "update", c.name, "--schedulable", "yes")
-    assert nodes_of(site, a, "pf") == {a.name, b.name, d.name}
+    assert site.create_avoiding(a, "pf", 3, [c]) == {a.name, b.name, d.name}
     site.cli(a, "volume", "attach", "pf", "--frontend", "none", "--node", c.name)
     v = site.show(c, "pf")
     before = write_pattern(v["endpoint"], seed=6)
@@ -200,12 +194,7 @@ def test_dead_node_with_a_newest_member_refused_until_it_returns(site: Site) -> 
     """The dead node holds a replica of the newest in-sync set: it may hold writes the
     others lack (its engine may have dropped them), so no start elsewhere trusts the rest."""
     a, b, c, d = site.hosts
-    for h in (c, d):
-        site.cli(a, "node", "update", h.name, "--schedulable", "no")
-    site.cli(a, "volume", "create", "nm", "--size", "32MiB", "--replicas", "2")
-    for h in (c, d):
-        site.cli(a, "node", "update", h.name, "--schedulable", "yes")
-    assert nodes_of(site, a, "nm") == {a.name, b.name}
+    assert site.create_avoiding(a, "nm", 2, [c, d]) == {a.name, b.name}
     site.cli(b, "volume", "attach", "nm", "--frontend", "none", "--node", a.name)
     v = site.show(a, "nm")
     (on_a,) = [r["name"] for r in v["replicas"] if r["node"] == a.name]

@@ -33,7 +33,7 @@ import psutil
 import pytest
 from conftest import needs_root
 from netns_util import set_link
-from support.cluster_site import Host, Site, cluster_site, wait_until
+from support.cluster_site import Site, cluster_site, wait_until
 
 pytestmark = needs_root()
 
@@ -158,7 +158,7 @@ def test_engine_requests_on_any_node(site: Site) -> None:
     site.cli(a, "volume", "attach", "fw", "--frontend", "none")
     t0 = time.monotonic()
     write_pattern(site.show(a, "fw")["endpoint"], seed=3, count=8)
-    asker = next(h for h in (c, d, b) if h.name not in nodes_of(site, a, "fw"))
+    asker = next(h for h in (c, d, b) if h.name not in site.nodes_of(a, "fw"))
     site.cli(asker, "snapshot", "create", "fw", "s1")
     names = [s["name"] for s in site.json(asker, "snapshot", "ls", "fw")]
     assert "s1" in names, names
@@ -182,15 +182,11 @@ def test_engine_requests_on_any_node(site: Site) -> None:
     site.cli(a, "volume", "rm", "fw")
 
 
-def nodes_of(site: Site, h: Host, volume: str) -> set[str]:
-    return {r["node"] for r in site.show(h, volume)["replicas"]}
-
-
 def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
     a, b, c, d = site.hosts
     site.cli(a, "node", "update", d.name, "--schedulable", "no")
     site.cli(a, "volume", "create", "dr", "--size", "32MiB", "--replicas", "3")
-    assert nodes_of(site, a, "dr") == {a.name, b.name, c.name}
+    assert site.nodes_of(a, "dr") == {a.name, b.name, c.name}
     site.cli(a, "volume", "attach", "dr", "--frontend", "none")
     before = write_pattern(site.show(a, "dr")["endpoint"], seed=2)
     bad = site.cli(b, "node", "drain", c.name, check=False)
@@ -217,15 +213,12 @@ def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
 
 def test_node_killed_under_writes_replaced_elsewhere(site: Site) -> None:
     a, b, c, d = site.hosts
-    site.cli(a, "node", "update", c.name, "--schedulable", "no")
-    site.cli(a, "volume", "create", "kv", "--size", "32MiB", "--replicas", "3")
-    site.cli(a, "node", "update", c.name, "--schedulable", "yes")
-    assert nodes_of(site, a, "kv") == {a.name, b.name, d.name}
+    assert site.create_avoiding(a, "kv", 3, [c]) == {a.name, b.name, d.name}
     site.cli(a, "volume", "attach", "kv", "--frontend", "none")
     # The leader (maybe a new one: d may have led) replaces d's replica on c, the engine on
     # a rebuilds it while the writes go on; every acknowledged write reads back the same.
     t = site.kill_and_heal(a, "kv", d)
-    assert nodes_of(site, a, "kv") == {a.name, b.name, c.name}
+    assert site.nodes_of(a, "kv") == {a.name, b.name, c.name}
     leaders = [n["name"] for n in site.json(a, "node", "ls") if n["leader"]]
     assert len(leaders) == 1 and leaders[0] != d.name
     verify = site.cli(a, "volume", "verify", "kv", check=False)
@@ -313,7 +306,7 @@ def test_etcd_member_lost_the_cluster_goes_on(site: Site) -> None:
         site.cli(member, "volume", "attach", "em", "--frontend", "none", "--node", a.name)
         written = write_pattern(site.show(a, "em")["endpoint"], seed=4, count=16)
         assert volume_sum(site.show(a, "em")["endpoint"]) == written
-        assert site.healthy_on(a, "em", nodes_of(site, a, "em"))
+        assert site.healthy_on(a, "em", site.nodes_of(a, "em"))
         assert set(site.states(member).values()) == {"up"}, site.states(member)
         site.cli(member, "volume", "detach", "em")
         site.cli(member, "volume", "rm", "em")

@@ -34,6 +34,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from daemon_util import wait_until  # noqa: E402
 from netns_util import hosts_on_bridge, set_link  # noqa: E402
 
 from blockhorn.cluster.etcd import Etcd, EtcdError  # noqa: E402
@@ -45,17 +46,6 @@ START_TIMEOUT_S = 30.0    # seconds for a daemon to answer on its socket
 API_PORT = 9443           # each host's TCP API (its own address: unique per run)
 ETCD_CLIENT_PORT, ETCD_PEER_PORT = 2379, 2380   # on each member host's own address
 ETCD_MEMBERS = 3
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.2)
 
 
 class Writer(threading.Thread):
@@ -154,6 +144,21 @@ class Site:
 
     def show(self, h: Host, volume: str) -> dict[str, Any]:
         return dict(self.json(h, "volume", "show", volume))
+
+    def nodes_of(self, h: Host, volume: str) -> set[str]:
+        """The nodes holding `volume`'s replicas, as `volume show` on `h` gives them."""
+        return {r["node"] for r in self.show(h, volume)["replicas"]}
+
+    def create_avoiding(self, h: Host, volume: str, replicas: int,
+                        avoid: list[Host]) -> set[str]:
+        """Create a 32 MiB `volume` through `h` with no replica on the hosts `avoid` (made
+        unschedulable for the create, schedulable again after); returns its replicas' nodes."""
+        for x in avoid:
+            self.cli(h, "node", "update", x.name, "--schedulable", "no")
+        self.cli(h, "volume", "create", volume, "--size", "32MiB", "--replicas", str(replicas))
+        for x in avoid:
+            self.cli(h, "node", "update", x.name, "--schedulable", "yes")
+        return self.nodes_of(h, volume)
 
     def states(self, h: Host) -> dict[str, str]:
         return {n["name"]: n["state"] for n in self.json(h, "node", "ls")}
