@@ -68,21 +68,11 @@ def nbd_pauses(rounds: int) -> dict[str, object]:
     import psutil
     from daemon_util import Env, wait_until
     from support import vm
-    from t4_nbd_tls import make_certs
-    from t7_vm_nbd import EXT4, attach_tcp
-
-    from blockhorn.nbd.attach import CLIENT_CERT_FILES
+    from t7_vm_nbd import EXT4, attach_tcp, guest_certs
 
     with Env() as env:
         env.cli("volume", "create", "v", "--size", "64MiB", "--replicas", "2")
-        server = os.path.join(env.home.root, "tls")
-        make_certs(server, "server")
-        client = os.path.join(env.root, "client")
-        make_certs(client, "client", ca=server)
-        certs = {}
-        for name in CLIENT_CERT_FILES:
-            with open(os.path.join(client, name), "rb") as f:
-                certs[f"certs/{name}"] = f.read()
+        certs = guest_certs(env)
         ctl = vm.Control()
         connect = attach_tcp(env, "v")
         kills: list[float] = []

@@ -59,8 +59,12 @@ def env() -> Iterator[Env]:
 
 @pytest.fixture(scope="module")
 def certs(env: Env) -> dict[str, bytes]:
+    return guest_certs(env)
+
+
+def guest_certs(env: Env) -> dict[str, bytes]:
     """Server certificates in <home>/tls, a client certificate signed by the same CA, as guest
-    files under /certs with libnbd's names (CLIENT_CERT_FILES)."""
+    files under /certs with libnbd's names (CLIENT_CERT_FILES). Also used by bench_vm.py."""
     server = os.path.join(env.home.root, "tls")
     make_certs(server, "server")
     client = os.path.join(env.root, "client")
