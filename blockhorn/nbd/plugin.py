@@ -31,8 +31,18 @@ import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 from blockhorn.config import EngineConfig  # noqa: E402
 from blockhorn.engine.control import ControlServer  # noqa: E402
 from blockhorn.engine.engine import Engine  # noqa: E402
+from blockhorn.nbd.exports import (  # noqa: E402,F401  (nbdkit looks them up here)
+    block_size,
+    can_cache,
+    can_fast_zero,
+    can_flush,
+    can_fua,
+    can_multi_conn,
+    can_trim,
+    can_write,
+    can_zero,
+)
 from blockhorn.types import (  # noqa: E402
-    BLOCK_SIZE,
     MAX_REQUEST,
     BlockhornError,
     InvalidArgument,
@@ -165,54 +175,6 @@ def open(readonly: bool) -> int:  # noqa: A001  (the name nbdkit calls)
 def get_size(h: int) -> int:
     assert _engine is not None
     return _engine.size
-
-
-def can_write(h: int) -> bool:
-    return True
-
-
-def can_flush(h: int) -> bool:
-    return True
-
-
-def can_trim(h: int) -> bool:
-    return True
-
-
-def can_zero(h: int) -> bool:
-    return True
-
-
-def can_fast_zero(h: int) -> bool:
-    # Zeroing punches holes on a single-layer replica but writes zeros over snapshots: never
-    # guaranteed fast, so every fast-zero request is refused at once with ENOTSUP (`zero`),
-    # which is what the spec asks of a server that cannot promise speed. Advertising it
-    # anyway is not a lie, and it is needed: nbdkit 1.32 does not reject the FAST_ZERO flag
-    # of a client that ignores the handshake, and then aborts on an assertion (one request
-    # from any client took the whole engine down: tests/t4_nbd_malformed.py).
-    return True
-
-
-def can_fua(h: int) -> int:
-    # FUA is forwarded: each replica writes with RWF_DSYNC before answering.
-    return nbdkit.FUA_NATIVE
-
-
-def can_multi_conn(h: int) -> bool:
-    # One engine serves every connection and FLUSH reaches every replica after all writes
-    # acknowledged before it, whatever connection they came from.
-    return True
-
-
-def can_cache(h: int) -> int:
-    return nbdkit.CACHE_NONE
-
-
-def block_size(h: int) -> tuple[int, int, int]:
-    # minimum 1: the engine handles unaligned requests itself (read-patch-write where needed);
-    # preferred 4096, the layer map's unit; maximum MAX_REQUEST (32 MiB, what NBD requires to
-    # work and what the replica protocol carries in one frame).
-    return 1, BLOCK_SIZE, MAX_REQUEST
 
 
 def _check_length(count: int) -> None:

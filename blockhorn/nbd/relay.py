@@ -30,10 +30,22 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+import nbd  # noqa: E402  (Debian's python3-libnbd: the flags forwarded with each request)
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 
 from blockhorn.fuse.holder import NbdBackend  # noqa: E402  (standard library + libnbd only)
-from blockhorn.types import BLOCK_SIZE, MAX_REQUEST, BlockhornError  # noqa: E402
+from blockhorn.nbd.exports import (  # noqa: E402,F401  (nbdkit looks them up here)
+    block_size,
+    can_cache,
+    can_fast_zero,
+    can_flush,
+    can_fua,
+    can_multi_conn,
+    can_trim,
+    can_write,
+    can_zero,
+)
+from blockhorn.types import BlockhornError  # noqa: E402
 
 API_VERSION = 2
 
@@ -91,51 +103,13 @@ def get_size(h: int) -> int:
     return _b().size
 
 
-def can_write(h: int) -> bool:
-    return True
-
-
-def can_flush(h: int) -> bool:
-    return True
-
-
-def can_trim(h: int) -> bool:
-    return True
-
-
-def can_zero(h: int) -> bool:
-    return True
-
-
-def can_fast_zero(h: int) -> bool:
-    # As the engine (plugin.py can_fast_zero): advertised, every fast zero refused (`zero`).
-    return True
-
-
-def can_fua(h: int) -> int:
-    return nbdkit.FUA_NATIVE   # forwarded to the engine, which forwards it to the replicas
-
-
-def can_multi_conn(h: int) -> bool:
-    return True   # one engine behind every connection (plugin.py can_multi_conn)
-
-
-def can_cache(h: int) -> int:
-    return nbdkit.CACHE_NONE
-
-
-def block_size(h: int) -> tuple[int, int, int]:
-    return 1, BLOCK_SIZE, MAX_REQUEST   # the engine's
-
-
 def _fua(flags: int) -> int:
-    import nbd
     return nbd.CMD_FLAG_FUA if flags & nbdkit.FLAG_FUA else 0
 
 
 @_errors_to_nbdkit
 def pread(h: int, buf: Any, offset: int, flags: int) -> None:
-    buf[:] = _b()._do("pread", len(buf), offset)
+    _b().pread(buf, offset)
 
 
 @_errors_to_nbdkit
@@ -155,7 +129,6 @@ def trim(h: int, count: int, offset: int, flags: int) -> None:
 
 @_errors_to_nbdkit
 def zero(h: int, count: int, offset: int, flags: int) -> None:
-    import nbd
     if flags & nbdkit.FLAG_FAST_ZERO:
         raise BlockhornError("a fast zero is never promised", errno.ENOTSUP)
     no_hole = 0 if flags & nbdkit.FLAG_MAY_TRIM else nbd.CMD_FLAG_NO_HOLE
