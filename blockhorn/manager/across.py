@@ -25,6 +25,7 @@ from typing import Any
 
 from blockhorn.control.store import ProcessRecord, StateStore, VolumeRow
 from blockhorn.manager import process
+from blockhorn.manager.paths import Home
 from blockhorn.manager.volumes import FRONTENDS, VolumeManager, check_system
 from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound, check_name
 
@@ -89,8 +90,16 @@ def adopt_started(vm: VolumeManager) -> None:
     one whose replica was moved away while no daemon ran."""
     if vm.cluster is None:
         return
+    for volume, name, rec in replica_processes(vm.home):
+        vm.started[name] = (volume, rec)
+
+
+def replica_processes(home: Home) -> list[tuple[str, str, ProcessRecord]]:
+    """(volume, replica, process) of every replica process of `home`, found by its command
+    line's `--config <home>/volumes/<vol>/<replica>.json`: also one an earlier daemon started."""
     import psutil
-    prefix = os.path.join(vm.home.root, "volumes") + os.sep
+    prefix = os.path.join(home.root, "volumes") + os.sep
+    found = []
     for p in psutil.process_iter(["cmdline", "create_time"]):
         cmd = p.info.get("cmdline") or []
         if "replica" not in cmd or "--config" not in cmd[:-1]:
@@ -99,7 +108,8 @@ def adopt_started(vm: VolumeManager) -> None:
         if cfg.startswith(prefix) and cfg.endswith(".json"):
             volume = cfg[len(prefix):].split(os.sep)[0]
             name = os.path.basename(cfg)[:-len(".json")]
-            vm.started[name] = (volume, ProcessRecord(p.pid, p.info["create_time"]))
+            found.append((volume, name, ProcessRecord(p.pid, p.info["create_time"])))
+    return found
 
 
 def self_fence(vm: VolumeManager) -> int:

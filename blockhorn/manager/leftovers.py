@@ -24,10 +24,9 @@ import logging
 import os
 import shutil
 
-import psutil
-
 from blockhorn.control.store import LeftoverRow, ProcessRecord
 from blockhorn.manager import process
+from blockhorn.manager.across import replica_processes
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import NotFound
 
@@ -55,7 +54,8 @@ def sweep(vm: VolumeManager) -> None:
 
 def _remove(vm: VolumeManager, row: LeftoverRow, disks: set[str]) -> bool:
     """Do the steps for one record; True when it may be forgotten."""
-    pids = _replica_pids(vm, row.volume, row.replica)
+    pids = [rec for volume, name, rec in replica_processes(vm.home)
+            if (volume, name) == (row.volume, row.replica) and process.alive(rec)]
     if pids:
         log.warning("replica %s of %s is no longer this node's: stopping pid(s) %s",
                     row.replica, row.volume, ", ".join(str(p.pid) for p in pids))
@@ -107,14 +107,3 @@ def _inside_disk(row: LeftoverRow, disks: set[str]) -> bool:
             and os.path.dirname(replicas_dir) in disks
             and os.path.realpath(os.path.dirname(d)) == vol_dir
             and not os.path.islink(d))
-
-
-def _replica_pids(vm: VolumeManager, volume: str, replica: str) -> list[ProcessRecord]:
-    """Replica processes of this home serving `replica` of `volume` (by config file)."""
-    cfg = vm.home.replica_config(volume, replica)
-    out = []
-    for p in psutil.process_iter(["cmdline", "create_time"]):
-        cmd = p.info.get("cmdline") or []
-        if "--config" in cmd[:-1] and cmd[cmd.index("--config") + 1] == cfg:
-            out.append(ProcessRecord(p.pid, p.info["create_time"]))
-    return [r for r in out if process.alive(r)]
