@@ -93,7 +93,10 @@ def kernel_client_site(grace_s: int = GRACE_S, lease_s: int = LEASE_S) -> Iterat
 @pytest.fixture
 def site() -> Iterator[Site]:
     vm.require_vm()
-    with kernel_client_site() as s:
+    # The spec's default grace period and lease, not the short ones: with a 5 s lease and an
+    # 8 s grace, the slow (TCG) guest's client once lost its open state across the failover
+    # and its fsync in flight failed with EIO (a CI run); make bench measured the defaults.
+    with kernel_client_site(grace_s=0) as s:
         yield s
 
 
@@ -145,7 +148,7 @@ def test_kernel_nfs_failover_between_hosts(site: Site, tmp_path) -> None:
     serving, written, acked, out = measure_failover(site, str(tmp_path))
     print(f"\nvm nfs failover: host B serving {serving:.1f} s after host A died, the kernel "
           f"client's first write started after the death done at {written:.1f} s "
-          f"(grace {GRACE_S} s, {len(acked)} writes)")
+          f"(default grace, {len(acked)} writes)")
     assert "FAIL" not in out, out
     with Etcd(site.etcd_url) as e:
         kv = e.get(owner_key(VOLUME))
