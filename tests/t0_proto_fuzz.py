@@ -146,3 +146,51 @@ def test_frame_mac_detects_any_change(frames: list[bytes], data: st.DataObject) 
             failed = True
             break
     assert failed or change == "drop" and victim == len(frames) - 1  # a cut tail: timeouts
+
+
+@fuzz
+@given(st.lists(st.integers(0, proto.BULK_MIN + 3000) | st.integers(0, 5000), min_size=1,
+                max_size=4), st.booleans(), st.data())
+def test_one_call_forms_agree_with_the_streaming_form(sizes: list[int], digested: bool,
+                                                      data: st.DataObject) -> None:
+    """What the engine and the replica use on the data path (`tag_header` with the payload's
+    digest, `check_header` for a bare reply, `check_frame` for a frame at hand) gives the tag
+    of the streaming form (`begin`/`update`/`finish`), in both tag forms; a flipped bit of
+    any frame fails `check_frame` and `check_header`."""
+    dg = proto.PayloadDigest(proto.digest_key(KEY)) if digested else None
+    stream, fast, rx = (proto.FrameMac(SESSION_KEY, dg) for _ in range(3))
+    frames = []
+    for seq, n in enumerate(sizes):
+        head = proto.pack(proto.Op.WRITE if n else proto.Op.PING, seq, 0, n, n)
+        payload = bytes([seq]) * n
+        m = stream.begin(n)
+        m.update(head)
+        m.update(payload)
+        want = stream.finish(m)
+        if dg is not None or not n:
+            got = fast.tag_header(head, dg.of((payload,), n) if dg is not None else b"")
+        else:
+            got = fast.tag([head, payload])
+        assert got == want
+        frames.append((head + payload, want))
+    victim = data.draw(st.integers(0, len(frames) - 1))
+    for i, (frame, tag) in enumerate(frames):
+        if i == victim:
+            bit = data.draw(st.integers(0, len(frame) * 8 - 1))
+            forged = bytearray(frame)
+            forged[bit // 8] ^= 1 << (bit % 8)
+            bad = proto.FrameMac(SESSION_KEY, dg)
+            bad.counter = rx.counter
+            try:
+                if len(forged) == proto.HEADER_SIZE and data.draw(st.booleans()):
+                    bad.check_header(memoryview(forged), b"", tag)
+                else:
+                    bad.check_frame(memoryview(forged), tag)
+            except BlockhornError as e:
+                assert e.errno
+            else:
+                raise AssertionError("a flipped bit passed the check")
+        if len(frame) == proto.HEADER_SIZE:
+            rx.check_header(memoryview(frame), b"", tag)
+        else:
+            rx.check_frame(memoryview(frame), tag)

@@ -247,7 +247,12 @@ class ReplicaClient:
                 while queue and len(buffers) < BUFFERS_PER_SEND:
                     item, call = queue.popleft()
                     if tx is not None:       # tags follow the send order: under send_lock
-                        item.append(tx.tag(item, self._digest(item, call, tx)))
+                        if len(item) == 1:
+                            item.append(tx.tag_header(item[0]))
+                        elif tx.digest is not None and len(item[1]):
+                            item.append(tx.tag_header(item[0], self._digest(item, call, tx)))
+                        else:
+                            item.append(tx.tag(item))
                     buffers += item
                 if self.sock is None:
                     raise OSError(errno.EIO, self.error or "not connected")
@@ -263,15 +268,14 @@ class ReplicaClient:
             self.send_lock.release()
 
     @staticmethod
-    def _digest(item: list[Any], call: Call, tx: proto.FrameMac) -> bytes | None:
-        """The payload digest of a request (FEATURE_PAYLOAD_DIGEST), computed once per call
-        and payload: a write goes to every replica with the same payload object."""
-        if tx.digest is None or len(item) != 2 or not len(item[1]):
-            return None
+    def _digest(item: list[Any], call: Call, tx: proto.FrameMac) -> bytes:
+        """The payload digest of a request [header, payload] (FEATURE_PAYLOAD_DIGEST on),
+        computed once per call and payload: a write goes to every replica with the same
+        payload object."""
         got = call.digest
         if got is not None and got[0] is item[1]:
             return got[1]
-        d = tx.digest.of([item[1]], len(item[1]))
+        d = tx.digest.of((item[1],), len(item[1]))  # type: ignore[union-attr]  # caller checked
         call.digest = (item[1], d)
         return d
 
@@ -399,7 +403,8 @@ class ReplicaClient:
                     entry = self.pending.pop(h.seq, None)
                     if self.rx is not None:
                         try:
-                            self.rx.check_frame(view[pos:end], view[end:end + proto.TAG_SIZE])
+                            self.rx.check_header(view[pos:end], b"",
+                                                 view[end:end + proto.TAG_SIZE])
                         except ProtocolError:
                             if entry is not None:
                                 entry[0].complete(self.name, errno.EIO)

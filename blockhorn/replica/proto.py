@@ -327,14 +327,21 @@ class PayloadDigest:
         outer.update(m.digest())
         return outer.digest()
 
-    def of(self, pieces: list[Any], payload: int) -> bytes:
+    def of(self, pieces: Any, payload: int) -> bytes:
         """d of the payload given as pieces, `payload` bytes in all (b"" for none)."""
         if not payload:
             return b""
-        m = self.begin(payload)
+        if payload < BULK_MIN:      # the HMAC inline: every 4 KiB write comes here
+            m = self._inner.copy()
+            for b in pieces:
+                m.update(b)
+            outer = self._outer.copy()
+            outer.update(m.digest())
+            return outer.digest()
+        g = self.begin(payload)
         for b in pieces:
-            m.update(b)
-        return self.finish(m)
+            g.update(b)
+        return self.finish(g)
 
 
 class _Digested:
@@ -398,11 +405,12 @@ class FrameMac:
     part). The output is the same HMAC.
 
     Two ways in: `begin`/`update`/`finish`/`check` for a frame that arrives in pieces (the
-    engine's receiver streams READ data into the caller's buffer), and the one-call `tag`
-    and `check_frame` for a frame at hand. The one-call forms are what every write and every
-    write acknowledgement goes through, so they avoid per-frame Python work (no MAC wrapper
-    object, no second method call): in the pipeline (scripts/bench_transport.py) the MACs'
-    Python overhead, not their bytes, is most of what 4 KiB writes over TCP lose."""
+    engine's receiver streams READ data into the caller's buffer), and the one-call `tag`,
+    `tag_header`, `check_frame` and `check_header` for a frame at hand. The one-call forms
+    are what every write and every write acknowledgement goes through, so they avoid
+    per-frame Python work (no MAC wrapper object, one hash update per HMAC half): measured
+    here, a bare frame's tag 0.86 us instead of 1.27, its check 0.83 instead of 0.96; a
+    4 KiB frame's check (4.5 us) is the SHA-256 of its payload."""
 
     __slots__ = ("_inner", "_outer", "_aes", "counter", "digest")
 
@@ -445,23 +453,44 @@ class FrameMac:
 
     def _digested(self, counter: bytes, header: Any, d: bytes) -> bytes:
         m = self._inner.copy()
-        m.update(counter)
-        m.update(header)
-        m.update(d)
+        m.update(counter + header + d)
         outer = self._outer.copy()
         outer.update(m.digest())
         return outer.digest()[:TAG_SIZE]
+
+    def tag_header(self, header: Any, d: bytes = b"") -> bytes:
+        """The tag of the next frame: the first 16 bytes of HMAC(counter | header | d). That
+        is the tag of every frame with FEATURE_PAYLOAD_DIGEST (`d` its payload's digest) and
+        of a frame without payload either way (`d` b""). One call per frame and one hash
+        update per HMAC half: with `check_header`, what every write and its acknowledgement
+        go through, where the Python around the hash cost more than the hash."""
+        m = self._inner.copy()
+        m.update(self.counter.to_bytes(8, "little") + header + d)
+        self.counter += 1
+        outer = self._outer.copy()
+        outer.update(m.digest())
+        return outer.digest()[:TAG_SIZE]
+
+    def check_header(self, header: Any, d: bytes, tag: bytes | bytearray | memoryview) -> None:
+        """Check the tag of the next frame, whose form `tag_header` describes."""
+        m = self._inner.copy()
+        m.update(self.counter.to_bytes(8, "little") + header + d)
+        self.counter += 1
+        outer = self._outer.copy()
+        outer.update(m.digest())
+        if not hmac.compare_digest(outer.digest()[:TAG_SIZE], tag):
+            raise _frame_failed()
 
     def tag(self, buffers: list[Any], d: bytes | None = None) -> bytes:
         """The tag of a frame given as [header, payload pieces...] (`begin`, an `update` per
         piece and `finish` in one call). With FEATURE_PAYLOAD_DIGEST, `d` is the payload's
         digest when the caller has it already (the same write to several replicas)."""
+        if len(buffers) == 1 and len(buffers[0]) == HEADER_SIZE:
+            return self.tag_header(buffers[0])      # no payload: the same in both forms
         if self.digest is not None and len(buffers[0]) == HEADER_SIZE:
-            counter = self.counter.to_bytes(8, "little")
-            self.counter += 1
             if d is None:
                 d = self.digest.of(buffers[1:], sum(map(len, buffers)) - HEADER_SIZE)
-            return self._digested(counter, buffers[0], d)
+            return self.tag_header(buffers[0], d)
         if self.digest is not None:         # header and payload in one piece
             m = self.begin(sum(map(len, buffers)) - HEADER_SIZE)
             for b in buffers:
@@ -490,27 +519,22 @@ class FrameMac:
     def check_frame(self, frame: bytes | bytearray | memoryview,
                     tag: bytes | bytearray | memoryview) -> None:
         """Check the tag of the next frame, given whole (header and payload, contiguous)."""
+        payload = len(frame) - HEADER_SIZE
+        if self.digest is not None and payload:
+            self.check_header(frame[:HEADER_SIZE],
+                              self.digest.of((frame[HEADER_SIZE:],), payload), tag)
+            return
+        if self.digest is not None or payload < BULK_MIN:
+            self.check_header(frame, b"", tag)   # HMAC(counter | header [| payload])
+            return
         counter = self.counter.to_bytes(8, "little")
         self.counter += 1
-        if self.digest is not None:
-            payload = len(frame) - HEADER_SIZE
-            d = self.digest.of([frame[HEADER_SIZE:]], payload) if payload else b""
-            good = hmac.compare_digest(self._digested(counter, frame[:HEADER_SIZE], d), tag)
-        elif len(frame) - HEADER_SIZE < BULK_MIN:
-            m = self._inner.copy()
-            m.update(counter)
-            m.update(frame)
-            outer = self._outer.copy()
-            outer.update(m.digest())
-            good = hmac.compare_digest(outer.digest()[:TAG_SIZE], tag)
-        else:
-            from cryptography.hazmat.primitives.ciphers import Cipher, modes
+        from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-            e = Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor()
-            e.authenticate_additional_data(frame)  # type: ignore[arg-type]  # any bytes-like
-            e.finalize()
-            good = hmac.compare_digest(e.tag, tag)
-        if not good:
+        e = Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor()
+        e.authenticate_additional_data(frame)  # type: ignore[arg-type]  # any bytes-like
+        e.finalize()
+        if not hmac.compare_digest(e.tag, tag):
             raise _frame_failed()
 
     def check(self, m: Any, tag: bytes | bytearray | memoryview) -> None:

@@ -299,7 +299,7 @@ class ReplicaServer:
                                         status=e.errno)]
                     fenced = True
                 if tx is not None:
-                    reply.append(tx.tag(reply))
+                    reply.append(tx.tag_header(reply[0]) if len(reply) == 1 else tx.tag(reply))
                 replies += reply
             if pos:
                 buf[:filled - pos] = view[pos:filled]
