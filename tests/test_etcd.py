@@ -17,8 +17,9 @@ import pytest
 from daemon_util import ROOT
 
 from blockhorn.cluster import spec
-from blockhorn.cluster.agent import Agent, restore_tree, snapshot_tree
+from blockhorn.cluster.agent import Agent
 from blockhorn.cluster.etcd import Etcd, EtcdUnavailable, LeaseNotFound, prefix_end
+from blockhorn.sharemgr.ganesha import restore_records, snapshot_records
 from blockhorn.types import InvalidArgument
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
@@ -110,13 +111,13 @@ def test_records_copy_round_trip(tmp_path: object) -> None:
     os.makedirs(os.path.join(root, "v4old", "node0"))
     with open(os.path.join(root, "v4recov", "file"), "wb") as f:
         f.write(b"\x00data")
-    tree = snapshot_tree(root)
+    tree = snapshot_records(root)
     copy = os.path.join(str(tmp_path), "copy")
-    restore_tree(copy, json.loads(json.dumps(tree)))
-    assert snapshot_tree(copy) == tree
-    restore_tree(copy, {"dirs": ["../escaped"], "files": {"../../evil": ""}})
+    restore_records(copy, json.loads(json.dumps(tree)))
+    assert snapshot_records(copy) == tree
+    restore_records(copy, {"dirs": ["../escaped"], "files": {"../../evil": ""}})
     assert not os.path.exists(os.path.join(str(tmp_path), "escaped"))
-    assert snapshot_tree(copy) == {"dirs": [], "files": {}}
+    assert snapshot_records(copy) == {"dirs": [], "files": {}}
 
 
 async def test_one_owner_at_a_time(etcd: Etcd, tmp_path: object) -> None:

@@ -33,7 +33,6 @@ the share manager's `<workdir>/share/status.json`.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import fcntl
@@ -41,7 +40,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -396,14 +394,14 @@ class Agent:
 
     async def _restore_records(self, cfg: ShareConfig) -> None:
         kv = await self._etcd(self.etcd.get, self.recovery_key)
-        await trio.to_thread.run_sync(restore_tree, cfg.recovery_dir,
+        await trio.to_thread.run_sync(ganesha.restore_records, cfg.recovery_dir,
                                       json.loads(kv.value) if kv else {})
 
     async def _sync_records(self, cfg: ShareConfig, rev: int) -> None:
         last: dict[str, Any] | None = None
         while True:
             await trio.sleep(RECOVERY_SYNC_S)
-            tree = await trio.to_thread.run_sync(snapshot_tree, cfg.recovery_dir)
+            tree = await trio.to_thread.run_sync(ganesha.snapshot_records, cfg.recovery_dir)
             if tree == last:
                 continue
             try:
@@ -473,40 +471,6 @@ def release_loop(workdir: str) -> None:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(workdir, ATTACHMENT))
-
-
-def snapshot_tree(root: str) -> dict[str, Any]:
-    """A directory tree of small files as JSON: {"dirs": [...], "files": {path: base64}}."""
-    dirs: list[str] = []
-    files: dict[str, str] = {}
-    for here, subdirs, names in os.walk(root):
-        rel = os.path.relpath(here, root)
-        dirs.extend(os.path.normpath(os.path.join(rel, d)) for d in subdirs)
-        for n in names:
-            try:
-                with open(os.path.join(here, n), "rb") as f:
-                    files[os.path.normpath(os.path.join(rel, n))] = base64.b64encode(
-                        f.read()).decode()
-            except OSError:
-                continue   # Ganesha removed it meanwhile: the next copy is right again
-    return {"dirs": sorted(dirs), "files": files}
-
-
-def restore_tree(root: str, tree: dict[str, Any]) -> None:
-    """Replace `root` with `tree` (from `snapshot_tree`); paths may not leave `root`."""
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root, mode=0o700)
-    base = os.path.realpath(root)
-    for rel in tree.get("dirs", []):
-        path = os.path.realpath(os.path.join(root, rel))
-        if path.startswith(base + os.sep):
-            os.makedirs(path, mode=0o700, exist_ok=True)
-    for rel, data in tree.get("files", {}).items():
-        path = os.path.realpath(os.path.join(root, rel))
-        if path.startswith(base + os.sep):
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(base64.b64decode(data))
 
 
 def main(etcd_urls: str, volume: str, host_id: str, workdir: str, key_file: str,

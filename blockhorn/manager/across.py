@@ -114,10 +114,12 @@ def replica_processes(home: Home) -> list[tuple[str, str, ProcessRecord]]:
 
 def self_fence(vm: VolumeManager) -> int:
     """The dead man's switch of a node cut off from the store (manager/nodes.py calls it
-    before its lease can expire): SIGKILL every engine of this home — found by the paths in
-    their command lines (engine config, NBD and control sockets), not by the store, which
-    is out of reach. Replicas run on: they are fenced by epochs, and an engine elsewhere
-    may need them once the link returns. Returns how many processes it killed."""
+    before its lease can expire): SIGKILL every engine of this home and every share
+    (share manager, then Ganesha: no NFS reply after this) and remove the shares' service
+    addresses — found by the paths in their command lines and the share configs in the
+    home, not by the store, which is out of reach. Replicas run on: they are fenced by
+    epochs, and an engine elsewhere may need them once the link returns. Returns how many
+    processes it killed."""
     try:
         names = os.listdir(os.path.join(vm.home.root, "volumes"))
     except FileNotFoundError:
@@ -126,8 +128,9 @@ def self_fence(vm: VolumeManager) -> int:
 
 
 def stop_moved_engines(vm: VolumeManager) -> int:
-    """At daemon start: kill this home's engines of volumes now attached on another node
-    (moved while this daemon was dead; the replicas refuse them already, by epoch)."""
+    """At daemon start: kill this home's engines and shares of volumes now attached on
+    another node (moved while this daemon was dead; the replicas refuse them already, by
+    epoch)."""
     if vm.cluster is None:
         return 0
     moved = [v.name for v in vm.store.volumes()
@@ -136,9 +139,24 @@ def stop_moved_engines(vm: VolumeManager) -> int:
 
 
 def _kill_engines(vm: VolumeManager, names: list[str], why: str) -> int:
+    """SIGKILL the engines and shares of volumes `names` in this home, then remove their
+    service addresses. Two passes: share managers first, which would start Ganesha again."""
+    managers: set[str] = set()
+    rest: set[str] = set()
+    for n in names:
+        share_managers, ganeshas = vm.shares.fence_marks(n)
+        managers |= share_managers
+        rest |= ganeshas | {vm.home.engine_config(n), vm.home.nbd_socket(n),
+                            vm.home.control_socket(n)}
+    killed = _kill_marked(managers, why) + _kill_marked(rest, why)
+    for n in names:
+        vm.shares.drop_address(n)
+    return killed
+
+
+def _kill_marked(marks: set[str], why: str) -> int:
+    """SIGKILL every process with one of `marks` among its command-line arguments."""
     import psutil
-    marks = {p for n in names for p in (vm.home.engine_config(n), vm.home.nbd_socket(n),
-                                        vm.home.control_socket(n))}
     killed = 0
     for p in psutil.process_iter(["cmdline"]):
         if p.pid != os.getpid() and marks.intersection(p.info.get("cmdline") or []):

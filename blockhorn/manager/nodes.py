@@ -50,9 +50,10 @@ log = logging.getLogger("blockhorn.manager")
 NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
 HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
 # Seconds without a successful lease renewal after which this node fences itself (stops its
-# engines): before its lease can expire (the lease runs from the renewal's arrival, after
-# the moment `_last_ok` records), so before the leader can see it down and move its
-# volumes; a margin for the kill itself, and at least two missed beats.
+# engines and shares, removes the shares' service addresses: manager/across.py): before its
+# lease can expire (the lease runs from the renewal's arrival, after the moment `_last_ok`
+# records), so before the leader can see it down and move its volumes; a margin for the
+# kill itself, and at least two missed beats.
 SELF_FENCE_AFTER_S = NODE_DOWN_AFTER_S - min(1.0, HEARTBEAT_S / 4)
 WATCHDOG_S = 0.25   # seconds between the self-fencing checks
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
@@ -146,7 +147,8 @@ class NodeService:
             if silent > SELF_FENCE_AFTER_S and not self._fenced and self.on_lost is not None:
                 self._fenced = True
                 log.error("no heartbeat for %.1f s: this node's lease may expire, and its "
-                          "volumes move elsewhere: fencing itself (stopping its engines)", silent)
+                          "volumes move elsewhere: fencing itself (stopping its engines and "
+                          "shares)", silent)
                 await trio.to_thread.run_sync(self.on_lost)
 
     # --- reading ---------------------------------------------------------------------------

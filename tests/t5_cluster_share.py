@@ -1,0 +1,148 @@
+"""Tier 5: an RWX volume's NFS share moves to another host when its host dies
+(tests/support/cluster_site.py: four namespace hosts with node daemons, a three-member etcd).
+
+The share is attached on the fourth host (no etcd member, no replica: the generation rule lets
+a new engine start from the replicas on the live hosts), with a service address on the hosts'
+`eth0`. Files are written over NFSv4 (libnfs `nfs-cp`, from the root namespace on the bridge)
+until the node daemon has copied Ganesha's client records into etcd; then every process of the
+host is killed and its link taken down. The leader moves the attachment as soon as the host's
+lease is gone (no replenishment wait for a share); the new host restores the client records
+before Ganesha starts and adds the service address. Measured: the time until the service
+address accepts NFS connections again, and until a file reads back (after Ganesha's grace
+period, which the dead clients' records keep running to its end). Every file reads back with
+the checksum it was written with; when the dead host comes back, its daemon removes the
+service address it still carried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import needs_root
+from netns_util import addresses, set_link
+from support.cluster_site import Site, cluster_site, wait_until
+
+from blockhorn.cluster.etcd import Etcd
+from blockhorn.manager.process import accepts
+
+pytestmark = needs_root()
+
+CHUNK = 1800     # bytes; the largest file nfs-cp (libnfs, NFSv4) writes in one call
+FILES = 6
+GRACE_S = 10     # seconds; the share's NFSv4 grace period (the default is 15)
+MOVE_TIMEOUT_S = 60.0   # seconds from the kill until a file must read back
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    missing = [c for c in ("etcd", "ganesha.nfsd", "nfs-cp", "nfs-cat") if not shutil.which(c)]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    root = os.path.join("/tmp", f"bhs{os.getpid()}")   # short: sockets live under the homes
+    try:
+        with cluster_site(root, 4) as s:
+            yield s
+    finally:
+        if not os.environ.get("BLOCKHORN_KEEP_SITE"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def nfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(list(argv), capture_output=True, timeout=15)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(list(argv), 124, b"", str(e).encode())
+
+
+def test_share_moves_with_its_address_when_its_host_dies(site: Site,
+                                                         tmp_path: object) -> None:
+    a, b, c, d = site.hosts
+    subnet = a.ip.rsplit(".", 1)[0]
+    service = f"{subnet}.200"
+    site.cli(a, "node", "update", d.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", "sh", "--size", "32MiB", "--replicas", "2", "--access",
+             "rwx", "--nfs-client", f"{subnet}.0/24", "--grace", str(GRACE_S),
+             "--nfs-minor-versions", "0,1,2",   # libnfs speaks NFSv4.0 only
+             "--mkfs-options", "-E root_owner=1000:1000",   # the clients' user (root squashed)
+             "--service-address", f"{service}/24", "--service-interface", "eth0")
+    site.cli(a, "node", "update", d.name, "--schedulable", "yes")
+    t0 = time.monotonic()
+    site.cli(a, "volume", "attach", "sh", "--node", d.name)
+    v = site.show(a, "sh")
+    assert v["node"] == d.name and d.name not in {r["node"] for r in v["replicas"]}, v
+    port = v["share"]["port"]
+    assert service in addresses(d.name)
+    print(f"attached on {d.name} and serving at {service}:{port} after "
+          f"{time.monotonic() - t0:.1f} s")
+
+    def url(name: str) -> str:
+        return f"nfs://{service}/sh/{name}?version=4&nfsport={port}&uid=1000&gid=1000"
+
+    written: dict[str, str] = {}
+    src = os.path.join(str(tmp_path), "src")
+    for i in range(FILES):
+        data = hashlib.sha512(f"file {i}".encode()).digest() * (CHUNK // 64)
+        with open(src, "wb") as f:
+            f.write(data)
+        got = nfs("nfs-cp", src, url(f"f{i}"))
+        assert got.returncode == 0, got.stderr
+        written[f"f{i}"] = hashlib.sha256(data).hexdigest()
+
+    # The clients' records (Ganesha's `fs` backend: one directory per client) reach etcd
+    # (the daemon copies them each supervision pass) while their NFSv4 leases run: the next
+    # host must let them reclaim.
+    key = f"{site.prefix}share-records/sh"
+    with Etcd(site.etcd) as etcd:
+        def stored() -> int:
+            kv = etcd.get(key)
+            return 0 if kv is None else sum(p.startswith("v4recov/") and "Libnfs" in p
+                                            for p in json.loads(kv.value)["dirs"])
+        clients = wait_until(stored, 10, "the NFS client records in etcd")
+    print(f"{clients} clients' records in etcd")
+
+    # The client's view, timed from the link going down in a thread of its own: the kill
+    # itself waits for every process of the host to be gone (a FUSE mount's can take
+    # seconds), and the share may be back meanwhile.
+    times: dict[str, float] = {}
+
+    def client() -> None:
+        deadline = t0 + MOVE_TIMEOUT_S
+        while not accepts(f"{service}:{port}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        times["serving"] = time.monotonic() - t0
+        while nfs("nfs-cat", url("f0")).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        times["readable"] = time.monotonic() - t0
+
+    set_link(d.name, False)
+    t0 = time.monotonic()
+    watcher = threading.Thread(target=client, daemon=True)
+    watcher.start()
+    site.kill(d)
+    print(f"{d.name}: link down, every process killed after {time.monotonic() - t0:.1f} s")
+    watcher.join(MOVE_TIMEOUT_S + 20)
+    assert times.get("readable", MOVE_TIMEOUT_S) < MOVE_TIMEOUT_S, times
+    node = site.show(a, "sh")["node"]
+    assert node != d.name and service in addresses(node)
+    print(f"{node} serves {service}:{port} after {times['serving']:.1f} s; the first file "
+          f"read back after {times['readable']:.1f} s (grace {GRACE_S} s)")
+    for name, want in written.items():
+        got = nfs("nfs-cat", url(name))
+        assert got.returncode == 0, got.stderr
+        assert hashlib.sha256(got.stdout).hexdigest() == want, name
+
+    # The dead host comes back: its daemon kills nothing (all died with it) but removes the
+    # service address its interface still carried, before clients could be sent there.
+    site.revive(d)
+    wait_until(lambda: service not in addresses(d.name), 20,
+               f"{d.name} dropping the service address")
+    site.cli(a, "volume", "detach", "sh")
+    site.cli(a, "volume", "rm", "sh")
