@@ -12,6 +12,10 @@ address accepts NFS connections again, and until a file reads back (after Ganesh
 period, which the dead clients' records keep running to its end). Every file reads back with
 the checksum it was written with; when the dead host comes back, its daemon removes the
 service address it still carried.
+
+Then the share's host only cut off (link down, processes running): its daemon fences itself
+before its lease expires — share manager, Ganesha and engine killed, the service address
+removed — before another host serves the share; the files read back the same.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import psutil
 import pytest
 from conftest import needs_root
 from netns_util import addresses, set_link
-from support.cluster_site import Site, cluster_site, wait_until
+from support.cluster_site import Host, Site, cluster_site, wait_until
 
 from blockhorn.cluster.etcd import Etcd
 from blockhorn.manager.process import accepts
@@ -62,39 +67,59 @@ def nfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.CompletedProcess(list(argv), 124, b"", str(e).encode())
 
 
-def test_share_moves_with_its_address_when_its_host_dies(site: Site,
-                                                         tmp_path: object) -> None:
-    a, b, c, d = site.hosts
+def share_on(site: Site, volume: str, host: Host, last_octet: int) -> tuple[str, int]:
+    """Create RWX `volume` (2 replicas, none on `host`) with a service address on the
+    hosts' eth0 and attach it on `host`; (service address, NFS port)."""
+    a = site.hosts[0]
     subnet = a.ip.rsplit(".", 1)[0]
-    service = f"{subnet}.200"
-    site.cli(a, "node", "update", d.name, "--schedulable", "no")
-    site.cli(a, "volume", "create", "sh", "--size", "32MiB", "--replicas", "2", "--access",
+    service = f"{subnet}.{last_octet}"
+    site.cli(a, "node", "update", host.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", volume, "--size", "32MiB", "--replicas", "2", "--access",
              "rwx", "--nfs-client", f"{subnet}.0/24", "--grace", str(GRACE_S),
              "--nfs-minor-versions", "0,1,2",   # libnfs speaks NFSv4.0 only
              "--mkfs-options", "-E root_owner=1000:1000",   # the clients' user (root squashed)
              "--service-address", f"{service}/24", "--service-interface", "eth0")
-    site.cli(a, "node", "update", d.name, "--schedulable", "yes")
+    site.cli(a, "node", "update", host.name, "--schedulable", "yes")
     t0 = time.monotonic()
-    site.cli(a, "volume", "attach", "sh", "--node", d.name)
-    v = site.show(a, "sh")
-    assert v["node"] == d.name and d.name not in {r["node"] for r in v["replicas"]}, v
-    port = v["share"]["port"]
-    assert service in addresses(d.name)
-    print(f"attached on {d.name} and serving at {service}:{port} after "
+    site.cli(a, "volume", "attach", volume, "--node", host.name)
+    v = site.show(a, volume)
+    assert v["node"] == host.name and host.name not in {r["node"] for r in v["replicas"]}, v
+    assert service in addresses(host.name)
+    print(f"{volume} attached on {host.name}, serving at {service}:{v['share']['port']} after "
           f"{time.monotonic() - t0:.1f} s")
+    return service, int(v["share"]["port"])
 
-    def url(name: str) -> str:
-        return f"nfs://{service}/sh/{name}?version=4&nfsport={port}&uid=1000&gid=1000"
 
+def url(service: str, port: int, volume: str, name: str) -> str:
+    return f"nfs://{service}/{volume}/{name}?version=4&nfsport={port}&uid=1000&gid=1000"
+
+
+def put_files(tmp: str, where: Callable[[str], str], count: int) -> dict[str, str]:
+    """Write `count` files over NFS (nfs-cp); name -> sha256 of what each holds."""
     written: dict[str, str] = {}
-    src = os.path.join(str(tmp_path), "src")
-    for i in range(FILES):
+    src = os.path.join(tmp, "src")
+    for i in range(count):
         data = hashlib.sha512(f"file {i}".encode()).digest() * (CHUNK // 64)
         with open(src, "wb") as f:
             f.write(data)
-        got = nfs("nfs-cp", src, url(f"f{i}"))
+        got = nfs("nfs-cp", src, where(f"f{i}"))
         assert got.returncode == 0, got.stderr
         written[f"f{i}"] = hashlib.sha256(data).hexdigest()
+    return written
+
+
+def check_files(where: Callable[[str], str], written: dict[str, str]) -> None:
+    for name, want in written.items():
+        got = nfs("nfs-cat", where(name))
+        assert got.returncode == 0, got.stderr
+        assert hashlib.sha256(got.stdout).hexdigest() == want, name
+
+
+def test_share_moves_with_its_address_when_its_host_dies(site: Site,
+                                                         tmp_path: object) -> None:
+    a, b, c, d = site.hosts
+    service, port = share_on(site, "sh", d, 200)
+    written = put_files(str(tmp_path), lambda name: url(service, port, "sh", name), FILES)
 
     # The clients' records (Ganesha's `fs` backend: one directory per client) reach etcd
     # (the daemon copies them each supervision pass) while their NFSv4 leases run: the next
@@ -118,7 +143,8 @@ def test_share_moves_with_its_address_when_its_host_dies(site: Site,
         while not accepts(f"{service}:{port}") and time.monotonic() < deadline:
             time.sleep(0.1)
         times["serving"] = time.monotonic() - t0
-        while nfs("nfs-cat", url("f0")).returncode != 0 and time.monotonic() < deadline:
+        while nfs("nfs-cat", url(service, port, "sh", "f0")).returncode != 0 \
+                and time.monotonic() < deadline:
             time.sleep(0.2)
         times["readable"] = time.monotonic() - t0
 
@@ -134,10 +160,7 @@ def test_share_moves_with_its_address_when_its_host_dies(site: Site,
     assert node != d.name and service in addresses(node)
     print(f"{node} serves {service}:{port} after {times['serving']:.1f} s; the first file "
           f"read back after {times['readable']:.1f} s (grace {GRACE_S} s)")
-    for name, want in written.items():
-        got = nfs("nfs-cat", url(name))
-        assert got.returncode == 0, got.stderr
-        assert hashlib.sha256(got.stdout).hexdigest() == want, name
+    check_files(lambda name: url(service, port, "sh", name), written)
 
     # The dead host comes back: its daemon kills nothing (all died with it) but removes the
     # service address its interface still carried, before clients could be sent there.
@@ -146,3 +169,50 @@ def test_share_moves_with_its_address_when_its_host_dies(site: Site,
                f"{d.name} dropping the service address")
     site.cli(a, "volume", "detach", "sh")
     site.cli(a, "volume", "rm", "sh")
+
+
+def share_processes(h: Host, volume: str) -> list[psutil.Process]:
+    """The share manager and Ganesha of `volume` on host `h` (by their config paths)."""
+    marks = {os.path.join(h.home, "volumes", volume, "share.json"),
+             os.path.join(h.home, "volumes", volume, "share", "ganesha.conf")}
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if marks.intersection(p.info.get("cmdline") or []):
+            found.append(p)
+    return found
+
+
+def test_partitioned_share_node_fences_its_share_and_address(site: Site,
+                                                             tmp_path: object) -> None:
+    """The share's host cut off (its link down, its processes running): its daemon kills
+    the share manager, Ganesha and the engine and removes the service address before its
+    lease expires; the share is then served from another host and reads the same."""
+    a, b, c, d = site.hosts
+    service, port = share_on(site, "pf", d, 201)
+    written = put_files(str(tmp_path), lambda name: url(service, port, "pf", name), 2)
+    procs = share_processes(d, "pf")
+    assert len(procs) == 2, procs   # the share manager and its Ganesha
+    t0 = time.monotonic()
+    set_link(d.name, False)
+    try:
+        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                   for p in procs) and service not in addresses(d.name),
+                   30, f"{d.name} fencing its share")
+        fenced = time.monotonic() - t0
+        wait_until(lambda: accepts(f"{service}:{port}"), MOVE_TIMEOUT_S,
+                   "the share served from another host")
+        serving = time.monotonic() - t0
+        node = site.show(a, "pf")["node"]
+        assert node != d.name and service in addresses(node)
+        print(f"{d.name} cut off: its share fenced after {fenced:.1f} s, {node} serves "
+              f"after {serving:.1f} s")
+        assert fenced < serving
+        wait_until(lambda: nfs("nfs-cat", url(service, port, "pf", "f0")).returncode == 0,
+                   MOVE_TIMEOUT_S, "a file to read back over NFS")
+        check_files(lambda name: url(service, port, "pf", name), written)
+    finally:
+        set_link(d.name, True)
+    wait_until(lambda: site.states(a)[d.name] == "up", 20, f"{d.name} up again")
+    assert service not in addresses(d.name)
+    site.cli(a, "volume", "detach", "pf")
+    site.cli(a, "volume", "rm", "pf")
