@@ -6,9 +6,9 @@ Hosts A and B (namespaces bhxa, bhxb) run agents; C (bhxc) is the NFS client. li
 speaks NFSv4.0 only and writes at most about 2 KB per call (see test_share_nfs): files written
 by `put` stay below CHUNK.
 
-Those names are fixed (two runs interfere). `unique_net()` gives a site names of its own
-(namespaces, bridge, subnet) for the tests that run in parallel with others (the VM tier);
-`put`/`cat` (the libnfs client on host C) serve the fixed site only.
+Those names are fixed (two runs interfere): only tests/test_share_failover.py uses this site,
+for the agent; the node daemons' share moves run on tests/support/cluster_site.py, whose
+names are unique per run (tests/t5_cluster_share.py, tests/t7_vm_failover.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -69,19 +68,6 @@ class Net:
 FIXED = Net()
 NET, STORAGE, SERVICE, PORT = FIXED.subnet, FIXED.storage, FIXED.service, FIXED.port
 HOSTS, BRIDGE = FIXED.hosts, FIXED.bridge
-
-
-def unique_net() -> Net:
-    """Names no other run uses: the pid in the namespace and bridge names (interface names
-    stay under 16 bytes), a 10.79.N.0/24 that no address of this namespace is in."""
-    from pyroute2 import IPRoute
-    with IPRoute() as ip:
-        used = {a.get_attr("IFA_ADDRESS") for a in ip.get_addr(family=socket.AF_INET)}
-    taken = {int(a.split(".")[2]) for a in used if a.startswith("10.79.")}
-    start = os.getpid() % 250
-    third = next(1 + (start + i) % 250 for i in range(250) if 1 + (start + i) % 250 not in taken)
-    tag = f"bv{os.getpid() % 0x10000:04x}"
-    return Net(prefix=tag, subnet=f"10.79.{third}", bridge=f"{tag}br")
 
 
 @dataclass

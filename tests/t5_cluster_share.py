@@ -20,6 +20,7 @@ removed — before another host serves the share; the files read back the same.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,15 +68,18 @@ def nfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.CompletedProcess(list(argv), 124, b"", str(e).encode())
 
 
-def share_on(site: Site, volume: str, host: Host, last_octet: int) -> tuple[str, int]:
-    """Create RWX `volume` (2 replicas, none on `host`) with a service address on the
-    hosts' eth0 and attach it on `host`; (service address, NFS port)."""
+def share_on(site: Site, volume: str, host: Host, last_octet: int,
+             grace_s: int | None = None) -> tuple[str, int]:
+    """Create RWX `volume` (2 replicas, none on `host`; `grace_s` None: the default grace
+    period) with a service address on the hosts' eth0 and attach it on `host`; (service
+    address, NFS port)."""
     a = site.hosts[0]
     subnet = a.ip.rsplit(".", 1)[0]
     service = f"{subnet}.{last_octet}"
     site.cli(a, "node", "update", host.name, "--schedulable", "no")
     site.cli(a, "volume", "create", volume, "--size", "32MiB", "--replicas", "2", "--access",
-             "rwx", "--nfs-client", f"{subnet}.0/24", "--grace", str(GRACE_S),
+             "rwx", "--nfs-client", f"{subnet}.0/24",
+             *(["--grace", str(grace_s)] if grace_s else []),
              "--nfs-minor-versions", "0,1,2",   # libnfs speaks NFSv4.0 only
              "--mkfs-options", "-E root_owner=1000:1000",   # the clients' user (root squashed)
              "--service-address", f"{service}/24", "--service-interface", "eth0")
@@ -115,23 +119,25 @@ def check_files(where: Callable[[str], str], written: dict[str, str]) -> None:
         assert hashlib.sha256(got.stdout).hexdigest() == want, name
 
 
-def test_share_moves_with_its_address_when_its_host_dies(site: Site,
-                                                         tmp_path: object) -> None:
-    a, b, c, d = site.hosts
-    service, port = share_on(site, "sh", d, 200)
-    written = put_files(str(tmp_path), lambda name: url(service, port, "sh", name), FILES)
-
+def kill_and_measure(site: Site, volume: str, host: Host, service: str, port: int,
+                     tmp: str, files: int = FILES) -> dict[str, float]:
+    """Write `files` files over NFS to `volume` (served by `host`), wait until their clients'
+    records are in etcd, kill `host` (every process, its link down) and measure, as a client
+    sees it, seconds from the link going down until the service address accepts NFS again
+    (`serving`) and until a file reads back (`readable`, after the grace period: libnfs's
+    one-shot clients never reclaim); then read every file back (checksums)."""
+    where = functools.partial(url, service, port, volume)
+    written = put_files(tmp, where, files)
     # The clients' records (Ganesha's `fs` backend: one directory per client) reach etcd
     # (the daemon copies them each supervision pass) while their NFSv4 leases run: the next
     # host must let them reclaim.
-    key = f"{site.prefix}share-records/sh"
+    key = f"{site.prefix}share-records/{volume}"
     with Etcd(site.etcd) as etcd:
         def stored() -> int:
             kv = etcd.get(key)
             return 0 if kv is None else sum(p.startswith("v4recov/") and "Libnfs" in p
                                             for p in json.loads(kv.value)["dirs"])
-        clients = wait_until(stored, 10, "the NFS client records in etcd")
-    print(f"{clients} clients' records in etcd")
+        wait_until(stored, 10, "the NFS client records in etcd")
 
     # The client's view, timed from the link going down in a thread of its own: the kill
     # itself waits for every process of the host to be gone (a FUSE mount's can take
@@ -143,25 +149,30 @@ def test_share_moves_with_its_address_when_its_host_dies(site: Site,
         while not accepts(f"{service}:{port}") and time.monotonic() < deadline:
             time.sleep(0.1)
         times["serving"] = time.monotonic() - t0
-        while nfs("nfs-cat", url(service, port, "sh", "f0")).returncode != 0 \
-                and time.monotonic() < deadline:
+        while nfs("nfs-cat", where("f0")).returncode != 0 and time.monotonic() < deadline:
             time.sleep(0.2)
         times["readable"] = time.monotonic() - t0
 
-    set_link(d.name, False)
+    set_link(host.name, False)
     t0 = time.monotonic()
     watcher = threading.Thread(target=client, daemon=True)
     watcher.start()
-    site.kill(d)
-    print(f"{d.name}: link down, every process killed after {time.monotonic() - t0:.1f} s")
+    site.kill(host)
     watcher.join(MOVE_TIMEOUT_S + 20)
     assert times.get("readable", MOVE_TIMEOUT_S) < MOVE_TIMEOUT_S, times
-    node = site.show(a, "sh")["node"]
-    assert node != d.name and service in addresses(node)
-    print(f"{node} serves {service}:{port} after {times['serving']:.1f} s; the first file "
-          f"read back after {times['readable']:.1f} s (grace {GRACE_S} s)")
-    check_files(lambda name: url(service, port, "sh", name), written)
+    node = site.show(site.hosts[0], volume)["node"]
+    assert node != host.name and service in addresses(node)
+    check_files(where, written)
+    return times
 
+
+def test_share_moves_with_its_address_when_its_host_dies(site: Site,
+                                                         tmp_path: object) -> None:
+    a, b, c, d = site.hosts
+    service, port = share_on(site, "sh", d, 200, GRACE_S)
+    t = kill_and_measure(site, "sh", d, service, port, str(tmp_path))
+    print(f"{d.name} killed: served again after {t['serving']:.1f} s; the first file read "
+          f"back after {t['readable']:.1f} s (grace {GRACE_S} s); every file the same")
     # The dead host comes back: its daemon kills nothing (all died with it) but removes the
     # service address its interface still carried, before clients could be sent there.
     site.revive(d)
@@ -188,8 +199,9 @@ def test_partitioned_share_node_fences_its_share_and_address(site: Site,
     the share manager, Ganesha and the engine and removes the service address before its
     lease expires; the share is then served from another host and reads the same."""
     a, b, c, d = site.hosts
-    service, port = share_on(site, "pf", d, 201)
-    written = put_files(str(tmp_path), lambda name: url(service, port, "pf", name), 2)
+    service, port = share_on(site, "pf", d, 201, GRACE_S)
+    where = functools.partial(url, service, port, "pf")
+    written = put_files(str(tmp_path), where, 2)
     procs = share_processes(d, "pf")
     assert len(procs) == 2, procs   # the share manager and its Ganesha
     t0 = time.monotonic()
@@ -207,9 +219,9 @@ def test_partitioned_share_node_fences_its_share_and_address(site: Site,
         print(f"{d.name} cut off: its share fenced after {fenced:.1f} s, {node} serves "
               f"after {serving:.1f} s")
         assert fenced < serving
-        wait_until(lambda: nfs("nfs-cat", url(service, port, "pf", "f0")).returncode == 0,
-                   MOVE_TIMEOUT_S, "a file to read back over NFS")
-        check_files(lambda name: url(service, port, "pf", name), written)
+        wait_until(lambda: nfs("nfs-cat", where("f0")).returncode == 0, MOVE_TIMEOUT_S,
+                   "a file to read back over NFS")
+        check_files(where, written)
     finally:
         set_link(d.name, True)
     wait_until(lambda: site.states(a)[d.name] == "up", 20, f"{d.name} up again")
