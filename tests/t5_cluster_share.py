@@ -15,7 +15,8 @@ service address it still carried.
 
 Then the share's host only cut off (link down, processes running): its daemon fences itself
 before its lease expires — share manager, Ganesha and engine killed, the service address
-removed — before another host serves the share; the files read back the same.
+removed — before another host serves the share; the files read back the same. And only
+the host's node daemon killed: its dead man's switch does the same.
 """
 
 from __future__ import annotations
@@ -193,38 +194,69 @@ def share_processes(h: Host, volume: str) -> list[psutil.Process]:
     return found
 
 
+def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
+                      cut: Callable[[], None], tmp: str) -> tuple[str, str]:
+    """`volume` served by `host` with two files written; `cut()` takes the host's daemon out
+    of the cluster. The share's processes on `host` must be gone and its service address
+    removed before another host serves it; then the files read back the same. Returns (a
+    line with the times, the service address)."""
+    service, port = share_on(site, volume, host, last_octet, GRACE_S)
+    where = functools.partial(url, service, port, volume)
+    written = put_files(tmp, where, 2)
+    procs = share_processes(host, volume)
+    assert len(procs) == 2, procs   # the share manager and its Ganesha
+    t0 = time.monotonic()
+    cut()
+    wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                               for p in procs) and service not in addresses(host.name),
+               30, f"{host.name} fencing its share")
+    fenced = time.monotonic() - t0
+    wait_until(lambda: accepts(f"{service}:{port}"), MOVE_TIMEOUT_S,
+               "the share served from another host")
+    serving = time.monotonic() - t0
+    node = site.show(site.hosts[0], volume)["node"]
+    assert node != host.name and service in addresses(node)
+    assert fenced < serving
+    wait_until(lambda: nfs("nfs-cat", where("f0")).returncode == 0, MOVE_TIMEOUT_S,
+               "a file to read back over NFS")
+    check_files(where, written)
+    return f"its share fenced after {fenced:.1f} s, {node} serves after {serving:.1f} s", service
+
+
 def test_partitioned_share_node_fences_its_share_and_address(site: Site,
                                                              tmp_path: object) -> None:
     """The share's host cut off (its link down, its processes running): its daemon kills
     the share manager, Ganesha and the engine and removes the service address before its
     lease expires; the share is then served from another host and reads the same."""
     a, b, c, d = site.hosts
-    service, port = share_on(site, "pf", d, 201, GRACE_S)
-    where = functools.partial(url, service, port, "pf")
-    written = put_files(str(tmp_path), where, 2)
-    procs = share_processes(d, "pf")
-    assert len(procs) == 2, procs   # the share manager and its Ganesha
-    t0 = time.monotonic()
-    set_link(d.name, False)
     try:
-        wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                   for p in procs) and service not in addresses(d.name),
-                   30, f"{d.name} fencing its share")
-        fenced = time.monotonic() - t0
-        wait_until(lambda: accepts(f"{service}:{port}"), MOVE_TIMEOUT_S,
-                   "the share served from another host")
-        serving = time.monotonic() - t0
-        node = site.show(a, "pf")["node"]
-        assert node != d.name and service in addresses(node)
-        print(f"{d.name} cut off: its share fenced after {fenced:.1f} s, {node} serves "
-              f"after {serving:.1f} s")
-        assert fenced < serving
-        wait_until(lambda: nfs("nfs-cat", where("f0")).returncode == 0, MOVE_TIMEOUT_S,
-                   "a file to read back over NFS")
-        check_files(where, written)
+        said, service = fenced_then_moved(site, "pf", d, 201,
+                                          lambda: set_link(d.name, False), str(tmp_path))
+        print(f"{d.name} cut off: {said}")
     finally:
         set_link(d.name, True)
     wait_until(lambda: site.states(a)[d.name] == "up", 20, f"{d.name} up again")
     assert service not in addresses(d.name)
     site.cli(a, "volume", "detach", "pf")
     site.cli(a, "volume", "rm", "pf")
+
+
+def test_daemon_killed_its_switch_fences_the_share(site: Site, tmp_path: object) -> None:
+    """Only the node daemon of the share's host killed (-9), the host up: its dead man's
+    switch (manager/fence.py) kills the share manager, Ganesha and the engine and removes
+    the service address when the daemon's last lease renewal is about to run out, before
+    the leader moves the share; the next host serves the same files. The daemon started
+    again stops nothing more and adds nothing back."""
+    a, b, c, d = site.hosts
+    assert d.proc is not None
+    daemon = d.proc
+
+    def kill_daemon() -> None:   # the daemon alone: `ip netns exec` ran it in its own process
+        daemon.kill()
+        daemon.wait(10)
+    said, service = fenced_then_moved(site, "dm", d, 202, kill_daemon, str(tmp_path))
+    print(f"{d.name}'s daemon killed: {said}")
+    site.start(d)
+    assert service not in addresses(d.name) and not share_processes(d, "dm")
+    site.cli(a, "volume", "detach", "dm")
+    site.cli(a, "volume", "rm", "dm")

@@ -60,7 +60,7 @@ from blockhorn.cluster.etcd import (
 )
 from blockhorn.config import EngineConfig, ReplicaRef
 from blockhorn.fsutil import atomic_write_json
-from blockhorn.manager.process import log_tail
+from blockhorn.manager.process import log_tail, spawn_switch
 from blockhorn.nbd import attach
 from blockhorn.sharemgr import address, device, ganesha
 from blockhorn.sharemgr.config import ShareConfig
@@ -340,19 +340,9 @@ class Agent:
         """Start the dead man's switch (see `deadman`): (the helper, the pipe's write end,
         which only this process holds)."""
         nfs = self.spec["nfs"]
-        read_end, write_end = os.pipe()   # not inherited by the other children
-        try:
-            with open(self.path("deadman.log"), "ab") as log:
-                helper = subprocess.Popen(
-                    [sys.executable, "-m", "blockhorn.cluster.deadman", self.workdir,
-                     nfs["interface"], nfs["service_address"]],
-                    stdin=read_end, stdout=log, stderr=log, start_new_session=True)
-        except BaseException:
-            os.close(write_end)
-            raise
-        finally:
-            os.close(read_end)
-        return helper, write_end
+        return spawn_switch([sys.executable, "-m", "blockhorn.cluster.deadman", self.workdir,
+                             nfs["interface"], nfs["service_address"]],
+                            self.path("deadman.log"))
 
     async def _wait_engine(self) -> None:
         engine = self.engine

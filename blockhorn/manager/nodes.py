@@ -50,7 +50,7 @@ log = logging.getLogger("blockhorn.manager")
 NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
 HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
 # Seconds without a successful lease renewal after which this node fences itself (stops its
-# engines and shares, removes the shares' service addresses: manager/across.py): before its
+# engines and shares, removes the shares' service addresses: manager/fence.py): before its
 # lease can expire (the lease runs from the renewal's arrival, after the moment `_last_ok`
 # records), so before the leader can see it down and move its volumes; a margin for the
 # kill itself, and at least two missed beats.
@@ -89,6 +89,9 @@ class NodeService:
         # A cluster's dead man's switch (docs/DURABILITY.md, "A volume attached on a node
         # that died"): called once when the heartbeat has failed for SELF_FENCE_AFTER_S.
         self.on_lost: Callable[[], None] | None = None
+        # Called with the time (monotonic) each successful renewal began: the dead man's
+        # switch of a cluster daemon reads it (manager/fence.py).
+        self.on_beat: Callable[[float], None] | None = None
         self._last_ok = time.monotonic()   # when the last successful heartbeat began
         self._fenced = False
         # This node's TCP API (URL, CA PEM) for its peers to forward to (manager/forward.py);
@@ -117,6 +120,8 @@ class NodeService:
         self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
         self._last_ok = began   # the lease runs at least until began + its TTL
         self._fenced = False
+        if self.on_beat is not None:
+            self.on_beat(began)
         leader = self.store.try_lead(self.name, NODE_DOWN_AFTER_S)
         if leader != self.leader:
             log.info("leader: %s%s", leader, " (this node)" if leader == self.name else "")

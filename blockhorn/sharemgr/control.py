@@ -58,6 +58,34 @@ def allow_list(options: dict[str, Any]) -> list[dict[str, str]]:
                                   for a in host_addresses()]
 
 
+def config_path(home: Home, name: str) -> str:
+    return os.path.join(home.volume_dir(name), "share.json")
+
+
+def state_dir(home: Home, name: str) -> str:
+    return os.path.join(home.volume_dir(name), "share")
+
+
+def fence_marks(home: Home, name: str) -> tuple[set[str], set[str]]:
+    """Command-line arguments that name volume `name`'s share processes in `home`, for a
+    kill that cannot ask the store (manager/fence.py): (share managers, Ganesha)."""
+    return {config_path(home, name)}, {os.path.join(state_dir(home, name), "ganesha.conf")}
+
+
+def drop_address(home: Home, name: str) -> None:
+    """Remove the share's service address from this node's interface (after Ganesha was
+    killed): clients must not reach a node that no longer serves the share."""
+    try:
+        cfg = ShareConfig.load(config_path(home, name))
+    except BlockhornError:
+        return   # never served here
+    if cfg.service_address:
+        try:
+            remove_address(cfg.interface, cfg.service_address)
+        except BlockhornError as e:
+            log.error("share of %s: %s", name, e)
+
+
 class ShareControl:
     def __init__(self, home: Home, store: StateStore) -> None:
         self.home = home
@@ -67,10 +95,10 @@ class ShareControl:
     # --- paths and settings ----------------------------------------------------------------
 
     def config_path(self, name: str) -> str:
-        return os.path.join(self.home.volume_dir(name), "share.json")
+        return config_path(self.home, name)
 
     def state_dir(self, name: str) -> str:
-        return os.path.join(self.home.volume_dir(name), "share")
+        return state_dir(self.home, name)
 
     def mount_dir(self, name: str) -> str:
         return os.path.join(self.home.root, "export", name)
@@ -198,26 +226,6 @@ class ShareControl:
         """A detach: nobody is to reclaim (the share manager removed its copy too)."""
         self._synced.pop(name, None)
         self.store.put_share_records(name, None, epoch)
-
-    def fence_marks(self, name: str) -> tuple[set[str], set[str]]:
-        """Command-line arguments that name this share's processes on this node, for a
-        kill that cannot ask the store: (share managers, Ganesha). The share manager goes
-        first: it would start Ganesha again."""
-        return ({self.config_path(name)},
-                {os.path.join(self.state_dir(name), "ganesha.conf")})
-
-    def drop_address(self, name: str) -> None:
-        """Remove the share's service address from this node's interface (after Ganesha
-        was killed): clients must not reach a node that no longer serves the share."""
-        try:
-            cfg = ShareConfig.load(self.config_path(name))
-        except BlockhornError:
-            return   # never served here
-        if cfg.service_address:
-            try:
-                remove_address(cfg.interface, cfg.service_address)
-            except BlockhornError as e:
-                log.error("share of %s: %s", name, e)
 
     def remove_files(self, name: str) -> None:
         try:
