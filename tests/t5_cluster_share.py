@@ -174,6 +174,12 @@ def test_share_moves_with_its_address_when_its_host_dies(site: Site,
     t = kill_and_measure(site, "sh", d, service, port, str(tmp_path))
     print(f"{d.name} killed: served again after {t['serving']:.1f} s; the first file read "
           f"back after {t['readable']:.1f} s (grace {GRACE_S} s); every file the same")
+    # `share show` asked of any node answers for the serving one (forwarded there).
+    node = site.show(a, "sh")["node"]
+    asker = next(h for h in (a, b, c) if h.name != node)
+    share = site.json(asker, "share", "show", "sh")
+    assert share["health"] == "healthy" and share["endpoint"] == f"nfs://{service}:{port}/sh", \
+        share
     # The dead host comes back: its daemon kills nothing (all died with it) but removes the
     # service address its interface still carried, before clients could be sent there.
     site.revive(d)
