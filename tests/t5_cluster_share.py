@@ -201,11 +201,11 @@ def share_processes(h: Host, volume: str) -> list[psutil.Process]:
 
 
 def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
-                      cut: Callable[[], None], tmp: str) -> tuple[str, str]:
+                      cut: Callable[[], None], tmp: str) -> tuple[str, str, dict[str, str]]:
     """`volume` served by `host` with two files written; `cut()` takes the host's daemon out
     of the cluster. The share's processes on `host` must be gone and its service address
     removed before another host serves it; then the files read back the same. Returns (a
-    line with the times, the service address)."""
+    line with the times, the service address, the files written)."""
     service, port = share_on(site, volume, host, last_octet, GRACE_S)
     where = functools.partial(url, service, port, volume)
     written = put_files(tmp, where, 2)
@@ -226,7 +226,8 @@ def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
     wait_until(lambda: nfs("nfs-cat", where("f0")).returncode == 0, MOVE_TIMEOUT_S,
                "a file to read back over NFS")
     check_files(where, written)
-    return f"its share fenced after {fenced:.1f} s, {node} serves after {serving:.1f} s", service
+    return (f"its share fenced after {fenced:.1f} s, {node} serves after {serving:.1f} s",
+            service, written)
 
 
 def test_partitioned_share_node_fences_its_share_and_address(site: Site,
@@ -236,13 +237,28 @@ def test_partitioned_share_node_fences_its_share_and_address(site: Site,
     lease expires; the share is then served from another host and reads the same."""
     a, b, c, d = site.hosts
     try:
-        said, service = fenced_then_moved(site, "pf", d, 201,
-                                          lambda: set_link(d.name, False), str(tmp_path))
+        said, service, written = fenced_then_moved(site, "pf", d, 201,
+                                                   lambda: set_link(d.name, False),
+                                                   str(tmp_path))
         print(f"{d.name} cut off: {said}")
     finally:
         set_link(d.name, True)
     wait_until(lambda: site.states(a)[d.name] == "up", 20, f"{d.name} up again")
     assert service not in addresses(d.name)
+    # Back on the node that fenced itself: its leftovers (the mount of the old device, the
+    # old FUSE mount) must not stand in the way, and the files read the same.
+    site.cli(a, "volume", "detach", "pf")
+    site.cli(a, "volume", "attach", "pf", "--node", d.name)
+    v = site.show(a, "pf")
+    assert v["node"] == d.name and service in addresses(d.name)
+    # Exported from the new device, not from the mount of the old one (its device is dead:
+    # only its page cache would answer).
+    assert d.proc is not None
+    export = os.path.join(d.home, "export", "pf")
+    with open(f"/proc/{d.proc.pid}/mounts") as f:
+        sources = [line.split()[0] for line in f if line.split()[1] == export]
+    assert sources[-1:] == [v["device"]], (sources, v["device"])
+    check_files(functools.partial(url, service, v["share"]["port"], "pf"), written)
     site.cli(a, "volume", "detach", "pf")
     site.cli(a, "volume", "rm", "pf")
 
@@ -260,7 +276,7 @@ def test_daemon_killed_its_switch_fences_the_share(site: Site, tmp_path: object)
     def kill_daemon() -> None:   # the daemon alone: `ip netns exec` ran it in its own process
         daemon.kill()
         daemon.wait(10)
-    said, service = fenced_then_moved(site, "dm", d, 202, kill_daemon, str(tmp_path))
+    said, service, _ = fenced_then_moved(site, "dm", d, 202, kill_daemon, str(tmp_path))
     print(f"{d.name}'s daemon killed: {said}")
     site.start(d)
     assert service not in addresses(d.name) and not share_processes(d, "dm")

@@ -207,12 +207,14 @@ class ShareControl:
         """Before Ganesha starts on a node the share moved to: write back the client
         recovery records its last node stored (`sync_records`), so NFSv4 clients of the dead
         node reclaim their state in the grace period."""
-        records = self.store.share_records(name)
-        if records is not None:
-            ganesha.restore_records(os.path.join(self.state_dir(name), "recovery"), records)
-            self._synced[name] = records
-            log.info("share of %s: NFS client records restored (%d entries)", name,
-                     len(records.get("dirs") or []) + len(records.get("files") or {}))
+        records = self.store.share_records(name) or {"dirs": [], "files": {}}
+        # None stored (detached since): no client is to reclaim, whatever an earlier
+        # attachment on this node left in its directory (it would hold Ganesha in its grace
+        # period for clients that never come).
+        ganesha.restore_records(os.path.join(self.state_dir(name), "recovery"), records)
+        self._synced[name] = records
+        log.info("share of %s: NFS client records restored (%d entries)", name,
+                 len(records["dirs"]) + len(records["files"]))
 
     def sync_records(self, name: str, epoch: int) -> None:
         """Copy Ganesha's client recovery records into the store when they changed, only
