@@ -247,17 +247,25 @@ def test_partitioned_share_node_fences_its_share_and_address(site: Site,
     assert service not in addresses(d.name)
     # Back on the node that fenced itself: its leftovers (the mount of the old device, the
     # old FUSE mount) must not stand in the way, and the files read the same.
+    assert d.proc is not None
+    export = os.path.join(d.home, "export", "pf")
+
+    def sources() -> list[str]:   # what is mounted at the export in d's daemon's namespace
+        assert d.proc is not None
+        with open(f"/proc/{d.proc.pid}/mounts") as f:
+            return [line.split()[0] for line in f if line.split()[1] == export]
+    old_device = sources()[-1]   # left mounted by the killed share manager
     site.cli(a, "volume", "detach", "pf")
     site.cli(a, "volume", "attach", "pf", "--node", d.name)
     v = site.show(a, "pf")
     assert v["node"] == d.name and service in addresses(d.name)
     # Exported from the new device, not from the mount of the old one (its device is dead:
     # only its page cache would answer).
-    assert d.proc is not None
-    export = os.path.join(d.home, "export", "pf")
-    with open(f"/proc/{d.proc.pid}/mounts") as f:
-        sources = [line.split()[0] for line in f if line.split()[1] == export]
-    assert sources[-1:] == [v["device"]], (sources, v["device"])
+    assert sources()[-1:] == [v["device"]] != [old_device], (sources(), v["device"])
+    if old_device.startswith("/dev/loop"):   # and the old one's loop device is released
+        wait_until(lambda: not subprocess.run(["losetup", old_device],
+                                              capture_output=True).stdout, 10,
+                   f"{old_device} released")
     check_files(functools.partial(url, service, v["share"]["port"], "pf"), written)
     site.cli(a, "volume", "detach", "pf")
     site.cli(a, "volume", "rm", "pf")

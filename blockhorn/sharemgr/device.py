@@ -96,6 +96,11 @@ def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) 
         # volume now back on it). Its device is dead; serving it would serve a page cache.
         _run(["umount", "-l", mount_dir])
         done.append(f"unmounted a stale mount of {stale[0]}")
+        if stale[0].startswith("/dev/loop"):
+            # Else the loop device stays bound to the dead FUSE file until a reboot. On a
+            # device still busy (the lazy unmount's last release) -d sets autoclear: the
+            # kernel frees it when that ends. A failure leaves it as it was: only a leak.
+            subprocess.run(["losetup", "-d", stale[0]], capture_output=True, check=False)
     if is_mounted(mount_dir) is not None:
         # A share manager restarted while the filesystem stayed mounted: keep it (fsck needs an
         # unmounted filesystem, and clients hold files open on it).
