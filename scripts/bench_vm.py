@@ -7,8 +7,9 @@
    times. The pause of an event is the longest write+fsync among the ones that ended after
    it. At the end: no failed write, ext4 still rw, every file the guest checksummed reads back
    equal on the host.
-2. Share failover with the kernel's NFSv4.2 client (tests/t7_vm_failover.py, the spec's
-   default grace period): from the owner's death to the first guest write started after it.
+2. Share failover with the kernel's NFSv4.2 client (tests/t7_vm_failover.py: node daemons,
+   the share's default grace period): from the death of the share's host to the first guest
+   write started after it.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def failovers(runs: int) -> list[dict[str, float]]:
         back = lines(text, "R")
         if "FAIL" in text or any(back.get(i) != d for i, d in acked.items()):
             raise SystemExit(f"bench_vm: a write failed or differs after failover:\n{text}")
-        print(f"  failover: B serving after {serving:.1f} s, guest write after {written:.1f} s",
+        print(f"  failover: served again after {serving:.1f} s, guest write after "
+              f"{written:.1f} s",
               flush=True)
         out.append({"serving_s": round(serving, 2), "write_s": round(written, 2)})
     return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -23,12 +24,39 @@ def needs_root() -> pytest.MarkDecorator:
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root for FUSE, loop and mount")
 
 
+def start_etcd(tmp: str, host: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """A one-member etcd with its data under `tmp`, clients on `host`: (URL, process)."""
+    from daemon_util import wait_until
+    from harness import free_port
+
+    from blockhorn.cluster.etcd import Etcd, EtcdError
+    url = f"http://{host}:{free_port()}"
+    peer = f"http://127.0.0.1:{free_port()}"
+    with open(os.path.join(tmp, "etcd.log"), "ab") as log:
+        proc = subprocess.Popen(
+            ["etcd", "--name", "bht", "--data-dir", os.path.join(tmp, "etcd"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"bht={peer}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def up() -> bool:
+        try:
+            with Etcd(url, timeout=1.0) as e:
+                e.revision()
+            return True
+        except EtcdError:
+            assert proc.poll() is None, f"etcd exited; see {tmp}/etcd.log"
+            return False
+    wait_until(up, 30, "etcd")
+    return url, proc
+
+
 @pytest.fixture(scope="module")
 def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One etcd on 127.0.0.1 per test module (its client URL)."""
     if shutil.which("etcd") is None:
         pytest.skip("etcd not installed (apt-get install etcd-server)")
-    from failover_site import start_etcd
     url, proc = start_etcd(str(tmp_path_factory.mktemp("etcd")), "127.0.0.1")
     try:
         yield url

@@ -200,6 +200,23 @@ def test_shares(store: StateStore) -> None:
     assert row.process == ProcessRecord(77, 3.5) and row.restarts == 1
 
 
+def test_share_records(store: StateStore) -> None:
+    """Ganesha's client records of a share: stored only under the volume's current attach
+    epoch, dropped with None and with the volume."""
+    make(store)
+    tree = {"dirs": ["node0"], "files": {"node0/v4recov/c1": "AAE="}}
+    assert store.share_records("v") is None
+    epoch = store.volume("v").epoch
+    assert store.put_share_records("v", tree, epoch)
+    assert store.share_records("v") == tree
+    assert not store.put_share_records("v", {"dirs": [], "files": {}}, epoch + 1)
+    assert store.share_records("v") == tree
+    assert store.put_share_records("v", None, epoch) and store.share_records("v") is None
+    assert store.put_share_records("v", tree, epoch)
+    store.delete_volume("v")
+    assert store.share_records("v") is None and not store.put_share_records("v", tree, epoch)
+
+
 def test_jobs_and_runs(store: StateStore) -> None:
     spec = {"name": "h", "cron": "0 * * * *", "task": "snapshot", "retain": 2}
     job = store.add_job("h", spec, 1000.0)

@@ -25,8 +25,8 @@ def unit_names() -> list[str]:
 
 def test_expected_units_exist() -> None:
     assert unit_names() == ["blockhorn-engine@.service", "blockhorn-fuse@.service",
-                            "blockhorn-replica@.service", "blockhorn-share-agent@.service",
-                            "blockhorn-share@.service", "blockhorn.service"]
+                            "blockhorn-replica@.service", "blockhorn-share@.service",
+                            "blockhorn.service"]
 
 
 @pytest.mark.parametrize("unit", unit_names())

@@ -1,5 +1,4 @@
-"""`blockhorn share show|serve` (and, from failover.py, `share define|agent|owner`): the NFSv4
-share of an RWX volume."""
+"""`blockhorn share show|serve`: the NFSv4 share of an RWX volume."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ import json
 from typing import Any
 
 from blockhorn.cli.common import Parser, dash, home_arg
-from blockhorn.cli.failover import FAILOVER_ACTIONS, add_failover_parsers, run_failover
 from blockhorn.manager.paths import Home
 from blockhorn.types import check_name, format_size
 
@@ -17,9 +15,9 @@ def add_parsers(cmds: Any) -> None:
     sh = cmds.add_parser("share", help="NFS shares of RWX volumes",
                          description="Inspect the NFSv4 share of an RWX volume, or run a "
                                      "share manager (the daemon and "
-                                     "blockhorn-share@.service use `serve`), or serve a share "
-                                     "from whichever of several hosts is alive (`define`, "
-                                     "`agent`, `owner`: state in etcd).")
+                                     "blockhorn-share@.service use `serve`). On a cluster of "
+                                     "node daemons a share moves to another node by itself "
+                                     "when its node dies.")
     scmds = sh.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
     scmds.required = True
     p = scmds.add_parser("show", help="endpoint, mount command, allow-list and health",
@@ -31,7 +29,6 @@ def add_parsers(cmds: Any) -> None:
                          description="Format/check and mount the device, run NFS-Ganesha, "
                                      "restart it when it dies, check health.")
     p.add_argument("--config", required=True, metavar="FILE", help="share config (JSON)")
-    add_failover_parsers(scmds, home_arg)
 
 
 def format_share(s: dict[str, Any]) -> str:
@@ -60,8 +57,6 @@ def run_share(args: argparse.Namespace, home: Home) -> int:
     if args.action == "serve":
         from blockhorn.sharemgr.server import main as share_main
         return share_main(args.config)
-    if args.action in FAILOVER_ACTIONS:
-        return run_failover(args, home)
     from blockhorn.manager.client import connect
     check_name(args.name)
     with connect(home) as c:

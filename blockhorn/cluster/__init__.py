@@ -1,1 +1,1 @@
-"""Multi-host pieces on etcd: a small etcd v3 client and the per-host share failover agent."""
+"""Multi-host pieces on etcd: a small etcd v3 client (the etcd state store's)."""

@@ -1,6 +1,6 @@
 """A small etcd v3 client over etcd's HTTP/JSON gateway (grpc-gateway, etcd >= 3.4: `/v3/...`).
 
-Only what the failover agent needs: range (one key or a prefix), put, delete, a transaction,
+Only what the etcd state store (control/store/etcd.py) needs: range (one key or a prefix), put, delete, a transaction,
 and leases (grant, one keepalive round, revoke). Keys and values are bytes on the wire in
 base64; 64-bit numbers come back as JSON strings. Every request has a bounded timeout, and with
 several endpoints (`http://a:2379,http://b:2379`) a request that cannot reach one tries the next.

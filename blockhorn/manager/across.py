@@ -25,6 +25,7 @@ from typing import Any
 
 from blockhorn.control.store import ProcessRecord, StateStore, VolumeRow
 from blockhorn.manager import process
+from blockhorn.manager.fence import fence
 from blockhorn.manager.paths import Home
 from blockhorn.manager.volumes import FRONTENDS, VolumeManager, check_system
 from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound, check_name
@@ -112,44 +113,15 @@ def replica_processes(home: Home) -> list[tuple[str, str, ProcessRecord]]:
     return found
 
 
-def self_fence(vm: VolumeManager) -> int:
-    """The dead man's switch of a node cut off from the store (manager/nodes.py calls it
-    before its lease can expire): SIGKILL every engine of this home — found by the paths in
-    their command lines (engine config, NBD and control sockets), not by the store, which
-    is out of reach. Replicas run on: they are fenced by epochs, and an engine elsewhere
-    may need them once the link returns. Returns how many processes it killed."""
-    try:
-        names = os.listdir(os.path.join(vm.home.root, "volumes"))
-    except FileNotFoundError:
-        return 0
-    return _kill_engines(vm, names, "self-fencing")
-
-
 def stop_moved_engines(vm: VolumeManager) -> int:
-    """At daemon start: kill this home's engines of volumes now attached on another node
-    (moved while this daemon was dead; the replicas refuse them already, by epoch)."""
+    """At daemon start: kill this home's engines and shares of volumes now attached on
+    another node (moved while this daemon was dead; the replicas refuse them already, by
+    epoch) and remove their service addresses (manager/fence.py)."""
     if vm.cluster is None:
         return 0
     moved = [v.name for v in vm.store.volumes()
              if v.desired == "attached" and v.node and not vm.engine_here(v)]
-    return _kill_engines(vm, moved, "the volume moved to another node") if moved else 0
-
-
-def _kill_engines(vm: VolumeManager, names: list[str], why: str) -> int:
-    import psutil
-    marks = {p for n in names for p in (vm.home.engine_config(n), vm.home.nbd_socket(n),
-                                        vm.home.control_socket(n))}
-    killed = 0
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid != os.getpid() and marks.intersection(p.info.get("cmdline") or []):
-            try:
-                p.kill()
-                killed += 1
-                log.error("%s: killed pid %d (%s)", why, p.pid,
-                          " ".join((p.info.get("cmdline") or [])[:4]))
-            except psutil.NoSuchProcess:
-                pass
-    return killed
+    return fence(vm.home, moved, "the volume moved to another node") if moved else 0
 
 
 def _exists(vm: VolumeManager, volume: str) -> bool:

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -25,7 +26,7 @@ from hypercorn.trio import serve
 
 from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
 from blockhorn.keys import adopt_key, ensure_key, load_key
-from blockhorn.manager import remote
+from blockhorn.manager import fence, remote
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
@@ -115,15 +116,18 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
         tls = remote.ensure_certificate(home, ip)
         if etcd:   # peers forward engine requests here (manager/forward.py)
             nodes.api = (f"https://{remote.bind_text(ip, port)}", remote.ca_pem(tls[0], tls[2]))
+    if etcd:   # the dead man's switch reads when the lease was last renewed (manager/fence.py)
+        nodes.on_beat = lambda began: fence.record_beat(home, began)
     nodes.register()
     volumes = VolumeManager(home, store)
     volumes.placer = nodes.place   # volume create without --disk: the registered disks
+    switch: tuple[subprocess.Popen[bytes], int] | None = None
     if etcd:   # a cluster: one key for every node's engines and replicas; peers over TCP
         adopt_key(home.key, store.shared_key(load_key(home.key)))
         volumes.cluster = nodes
-        from blockhorn.manager.across import self_fence
         nodes.on_lost = lambda: log.error("self-fencing stopped %d process(es)",
-                                          self_fence(volumes))
+                                          fence.self_fence(home))
+        switch = fence.arm(home)   # held until this process ends, however it ends
     write_rebuild_limits(Settings(store), home.rebuild_limits)
     supervisor = Supervisor(volumes, Leader(nodes) if etcd else None)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys
@@ -171,7 +175,9 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
         notify(f"STATUS=serving {home.socket}")
         await shutdown.wait()
         notify("STOPPING=1")
-        log.info("daemon stopping; replica and engine processes keep running")
+        log.info("daemon stopping; replica and engine processes keep running%s",
+                 "" if switch is None else f" (its dead man's switch, pid {switch[0].pid}, "
+                 "fences them unless a daemon renews the lease in time)")
         helpers.cancel()
 
 

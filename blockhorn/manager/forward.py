@@ -42,6 +42,7 @@ Scope = dict[str, Any]
 _VOLUME_PATHS = [
     (None, re.compile(r"^/v1/volumes/([^/]+)/(snapshots(/.*)?|expand|clone|verify|upgrade)$")),
     ("GET", re.compile(r"^/v1/volumes/([^/]+)$")),
+    ("GET", re.compile(r"^/v1/volumes/([^/]+)/share$")),   # its status is on the serving node
 ]
 _BACKUP_CREATE = "/v1/backups"
 _BACKUP_JOB = re.compile(r"^/v1/backups/jobs/([^/]+)$")

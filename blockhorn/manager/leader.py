@@ -21,7 +21,8 @@ attached there (robustness reported), since the rebuild needs an engine — and 
 generation rule still asks for must not be swapped for an empty one of the same name
 (docs/DURABILITY.md, "A volume attached on a node that died"). Its old directory stays on the
 dead node's disk. An RWO volume whose engine's node is down is attached on a live node after
-the same wait (`_move_engine`).
+the same wait, an RWX volume (its NFS share, with the service address and the clients'
+recovery records) as soon as the node is down (`_move_engine`).
 """
 
 from __future__ import annotations
@@ -102,15 +103,21 @@ class Leader:
 
 
     def _move_engine(self, vol: VolumeRow, live: set[str], wait: int, now: float) -> None:
-        """An RWO volume whose engine's node has been down longer than the replenishment
-        wait is attached on a live node instead (manager/across.py `move_attachment`: a new
-        attach epoch fences the old engine). Whether the new engine may start is the
-        generation rule's decision: refused, with the replicas it misses, while a member of
-        the newest in-sync set is on the dead node (docs/DURABILITY.md). RWX volumes are the
-        share failover's."""
+        """A volume whose engine's node is down is attached on a live node instead
+        (manager/across.py `move_attachment`: a new attach epoch fences the old engine):
+        an RWO volume once the node has been down longer than the replenishment wait, an
+        RWX volume's share at once — its NFS clients are waiting, and the move is safe as
+        soon as the node's lease is gone: the node fenced itself (engines, Ganesha, service
+        address) before its lease could expire (manager/nodes.py), and the replicas refuse
+        its epoch once the new engine connected (docs/DURABILITY.md, "An RWX share on a node
+        that died"). Whether the new engine may start is the generation rule's decision:
+        refused, with the replicas it misses, while a member of the newest in-sync set is on
+        the dead node."""
         key = f"engine/{vol.name}"
-        if vol.node is None or vol.access_mode == "rwx":
+        if vol.node is None:
             return
+        if vol.access_mode == "rwx":
+            wait = 0
         if key not in self._down_since:
             log.warning("volume %s: its engine's node %s is down", vol.name, vol.node)
             self._down_since[key] = now

@@ -50,9 +50,10 @@ log = logging.getLogger("blockhorn.manager")
 NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
 HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
 # Seconds without a successful lease renewal after which this node fences itself (stops its
-# engines): before its lease can expire (the lease runs from the renewal's arrival, after
-# the moment `_last_ok` records), so before the leader can see it down and move its
-# volumes; a margin for the kill itself, and at least two missed beats.
+# engines and shares, removes the shares' service addresses: manager/fence.py): before its
+# lease can expire (the lease runs from the renewal's arrival, after the moment `_last_ok`
+# records), so before the leader can see it down and move its volumes; a margin for the
+# kill itself, and at least two missed beats.
 SELF_FENCE_AFTER_S = NODE_DOWN_AFTER_S - min(1.0, HEARTBEAT_S / 4)
 WATCHDOG_S = 0.25   # seconds between the self-fencing checks
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
@@ -85,9 +86,13 @@ class NodeService:
         self.name = check_label(name or default_node_name(), "node name")
         self.address = address
         self.leader: str | None = None   # the leading node as of the last heartbeat
-        # A cluster's dead man's switch (docs/DURABILITY.md, "A volume attached on a node
-        # that died"): called once when the heartbeat has failed for SELF_FENCE_AFTER_S.
+        # A cluster node's self-fencing (manager/fence.py; docs/DURABILITY.md, "A volume
+        # attached on a node that died"): called once when the heartbeat has failed for
+        # SELF_FENCE_AFTER_S.
         self.on_lost: Callable[[], None] | None = None
+        # Called with the time (monotonic) each successful renewal began: the dead man's
+        # switch of a cluster daemon reads it (manager/fence.py).
+        self.on_beat: Callable[[float], None] | None = None
         self._last_ok = time.monotonic()   # when the last successful heartbeat began
         self._fenced = False
         # This node's TCP API (URL, CA PEM) for its peers to forward to (manager/forward.py);
@@ -116,6 +121,8 @@ class NodeService:
         self.store.node_alive(self.name, NODE_DOWN_AFTER_S)
         self._last_ok = began   # the lease runs at least until began + its TTL
         self._fenced = False
+        if self.on_beat is not None:
+            self.on_beat(began)
         leader = self.store.try_lead(self.name, NODE_DOWN_AFTER_S)
         if leader != self.leader:
             log.info("leader: %s%s", leader, " (this node)" if leader == self.name else "")
@@ -146,7 +153,8 @@ class NodeService:
             if silent > SELF_FENCE_AFTER_S and not self._fenced and self.on_lost is not None:
                 self._fenced = True
                 log.error("no heartbeat for %.1f s: this node's lease may expire, and its "
-                          "volumes move elsewhere: fencing itself (stopping its engines)", silent)
+                          "volumes move elsewhere: fencing itself (stopping its engines and "
+                          "shares)", silent)
                 await trio.to_thread.run_sync(self.on_lost)
 
     # --- reading ---------------------------------------------------------------------------

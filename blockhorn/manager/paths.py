@@ -11,6 +11,8 @@
     <home>/export/<vol>/           RWX: the volume's ext4, mounted while its share serves
     <home>/volumes/<vol>/share.json, share/   RWX: share manager config; ganesha.conf,
                                    ganesha.log, status.json, recovery/ (blockhorn.sharemgr)
+    <home>/node.beat               a cluster node: when its last lease renewal began
+                                   (manager/fence.py, its dead man's switch; logs/fence.log)
 
 With `--disk PATH` a replica lives in `PATH/replicas/<vol>/<rep>/` instead.
 """

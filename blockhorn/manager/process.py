@@ -58,6 +58,23 @@ def spawn(argv: list[str], log_path: str, env: dict[str, str] | None = None) -> 
     return ProcessRecord(proc.pid, ct)
 
 
+def spawn_switch(argv: list[str], log_path: str) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a dead man's switch `argv` (own session, output appended to `log_path`) whose
+    stdin is a pipe: (the helper, the pipe's write end). Only the caller holds that end (os.pipe
+    makes it non-inheritable): it reaches EOF when the caller closes it or dies."""
+    read_end, write_end = os.pipe()
+    try:
+        with open(log_path, "ab") as out:
+            helper = subprocess.Popen(argv, stdin=read_end, stdout=out, stderr=out,
+                                      start_new_session=True)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return helper, write_end
+
+
 def reap() -> list[tuple[int, int]]:
     """Collect exited children; return [(pid, returncode)]."""
     done = []

@@ -426,6 +426,10 @@ class VolumeManager:
         dev = (self.store.volume(name).attachment or {}).get("device")
         if not dev:
             raise NotShared(f"volume {name!r} has no block device to share")
+        if self.cluster is not None and not restarted:
+            # Attached here, perhaps moved off a node that died: its clients' records first
+            # (a restart on this node keeps its own, newer ones).
+            self.shares.restore_records(name)
         self.shares.start(name, dev, restarted=restarted)
 
     def share(self, name: str) -> dict[str, Any]:
@@ -478,6 +482,8 @@ class VolumeManager:
             return errors + self._stop_replicas(reps)
         if vol.access_mode == "rwx":
             errors += self.shares.stop(name)   # Ganesha and the mount go before the device
+            if self.cluster is not None:
+                self.shares.drop_records(name, vol.epoch)
         if vol.attachment:
             try:
                 from blockhorn.nbd.attach import Attachment, detach_device

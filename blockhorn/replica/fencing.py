@@ -1,11 +1,12 @@
 """Replica-side fencing: an owner's epoch, accepted only if no newer owner has been seen.
 
-A failover agent (blockhorn/cluster/agent.py) gives its engine the creation revision of its
-owner key in etcd as a fencing *epoch*; every new ownership has a higher one. The engine sends
+A cluster node daemon gives an engine the volume's attach epoch from the state store as its
+fencing *epoch* (manager/across.py: every attach, and every move of an attachment off a dead
+node, bumps it in one compare-and-swap); every new attachment has a higher one. The engine sends
 it in the handshake (AUTH name `vol@<epoch>`, docs/FORMAT.md). The replica server:
 
 - refuses a handshake whose epoch is below the highest it has seen (WELCOME status 2), so an
-  engine of a former owner — paused, cut off, not yet fenced by its own agent — cannot
+  engine of a former owner — paused, cut off, not yet fenced by its own node — cannot
   (re)connect once a newer owner has;
 - on a higher epoch, records it durably (`fence.epoch` in the replica directory, so a restart
   keeps it) before it answers, and shuts down the open connections of lower epochs: writes a

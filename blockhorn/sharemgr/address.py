@@ -4,7 +4,7 @@ configured interface of the serving host while it serves, and that Ganesha binds
 Clients mount the service address, not the host: on failover the share manager started on
 the new host adds it there and announces it (gratuitous ARP), so clients follow it
 (tests/test_share_netns.py). Deciding that a host died and starting the share on another
-one is the failover agent's job (blockhorn/cluster/agent.py, state in etcd).
+one is the cluster leader's job (manager/leader.py, node daemons on etcd).
 pyroute2 is synchronous; these small idempotent functions run in a worker thread.
 """
 

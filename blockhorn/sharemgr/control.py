@@ -1,7 +1,8 @@
 """The daemon's side of shares: per-volume settings, the share manager process, show.
 
 Settings live in the state store's shares (control/store; removing a volume removes its
-share). The NFS port is held in the store's ports under the owner `nfs`, so it stays the same across attaches and clients keep their URL.
+share). On a cluster the share's Ganesha client records are kept in the store too
+(`sync_records`, `restore_records`): the node a share moves to lets the clients reclaim. The NFS port is held in the store's ports under the owner `nfs`, so it stays the same across attaches and clients keep their URL.
 
 Paths of a share of volume V:
     <home>/volumes/V/share.json     the share manager's config (rewritten at each start)
@@ -27,6 +28,7 @@ from blockhorn.fsutil import read_json
 from blockhorn.manager import process
 from blockhorn.manager.paths import Home
 from blockhorn.sharemgr import device, ganesha
+from blockhorn.sharemgr.address import remove as remove_address
 from blockhorn.sharemgr.config import MINOR_VERSIONS, ShareConfig
 from blockhorn.types import BlockhornError, InvalidArgument
 
@@ -56,18 +58,47 @@ def allow_list(options: dict[str, Any]) -> list[dict[str, str]]:
                                   for a in host_addresses()]
 
 
+def config_path(home: Home, name: str) -> str:
+    return os.path.join(home.volume_dir(name), "share.json")
+
+
+def state_dir(home: Home, name: str) -> str:
+    return os.path.join(home.volume_dir(name), "share")
+
+
+def fence_marks(home: Home, name: str) -> tuple[set[str], set[str]]:
+    """Command-line arguments that name volume `name`'s share processes in `home`, for a
+    kill that cannot ask the store (manager/fence.py): (share managers, Ganesha)."""
+    return {config_path(home, name)}, {os.path.join(state_dir(home, name), "ganesha.conf")}
+
+
+def drop_address(home: Home, name: str) -> None:
+    """Remove the share's service address from this node's interface (after Ganesha was
+    killed): clients must not reach a node that no longer serves the share."""
+    try:
+        cfg = ShareConfig.load(config_path(home, name))
+    except BlockhornError:
+        return   # never served here
+    if cfg.service_address:
+        try:
+            remove_address(cfg.interface, cfg.service_address)
+        except BlockhornError as e:
+            log.error("share of %s: %s", name, e)
+
+
 class ShareControl:
     def __init__(self, home: Home, store: StateStore) -> None:
         self.home = home
         self.store = store
+        self._synced: dict[str, dict[str, Any]] = {}   # volume -> records last stored
 
     # --- paths and settings ----------------------------------------------------------------
 
     def config_path(self, name: str) -> str:
-        return os.path.join(self.home.volume_dir(name), "share.json")
+        return config_path(self.home, name)
 
     def state_dir(self, name: str) -> str:
-        return os.path.join(self.home.volume_dir(name), "share")
+        return state_dir(self.home, name)
 
     def mount_dir(self, name: str) -> str:
         return os.path.join(self.home.root, "export", name)
@@ -169,6 +200,34 @@ class ShareControl:
             return None   # never started
         ganesha.kill_stale(cfg)
         return cfg
+
+    # --- a cluster: what moves with the share to another node -------------------------------
+
+    def restore_records(self, name: str) -> None:
+        """Before Ganesha starts on a node the share moved to: write back the client
+        recovery records its last node stored (`sync_records`), so NFSv4 clients of the dead
+        node reclaim their state in the grace period."""
+        records = self.store.share_records(name) or {"dirs": [], "files": {}}
+        # None stored (detached since): no client is to reclaim, whatever an earlier
+        # attachment on this node left in its directory (it would hold Ganesha in its grace
+        # period for clients that never come).
+        ganesha.restore_records(os.path.join(self.state_dir(name), "recovery"), records)
+        self._synced[name] = records
+        log.info("share of %s: NFS client records restored (%d entries)", name,
+                 len(records["dirs"]) + len(records["files"]))
+
+    def sync_records(self, name: str, epoch: int) -> None:
+        """Copy Ganesha's client recovery records into the store when they changed, only
+        while the volume is still attached under `epoch` (the store checks)."""
+        records = ganesha.snapshot_records(os.path.join(self.state_dir(name), "recovery"))
+        if records != self._synced.get(name) and \
+                self.store.put_share_records(name, records, epoch):
+            self._synced[name] = records
+
+    def drop_records(self, name: str, epoch: int) -> None:
+        """A detach: nobody is to reclaim (the share manager removed its copy too)."""
+        self._synced.pop(name, None)
+        self.store.put_share_records(name, None, epoch)
 
     def remove_files(self, name: str) -> None:
         try:

@@ -63,15 +63,22 @@ def probe(device: str) -> dict[str, str]:
     return info
 
 
-def is_mounted(path: str) -> str | None:
-    """The mount options of `path` if something is mounted there, else None."""
+def _mount(path: str) -> list[str] | None:
+    """The /proc/self/mounts fields of the (last) mount at `path`, else None."""
     path = os.path.realpath(path)
+    found = None
     with open("/proc/self/mounts") as f:
         for line in f:
             fields = line.split()
             if fields[1].replace("\\040", " ") == path:
-                return fields[3]
-    return None
+                found = fields
+    return found
+
+
+def is_mounted(path: str) -> str | None:
+    """The mount options of `path` if something is mounted there, else None."""
+    fields = _mount(path)
+    return fields[3] if fields else None
 
 
 def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) -> list[str]:
@@ -82,6 +89,18 @@ def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) 
                              errno.ENODEV)
     done: list[str] = []
     os.makedirs(mount_dir, mode=0o755, exist_ok=True)
+    stale = _mount(mount_dir)
+    if stale is not None and os.path.realpath(stale[0]) != os.path.realpath(device):
+        # Another device's filesystem: left by a share manager that was killed while the
+        # volume was attached through an earlier device (a node that fenced itself, and the
+        # volume now back on it). Its device is dead; serving it would serve a page cache.
+        _run(["umount", "-l", mount_dir])
+        done.append(f"unmounted a stale mount of {stale[0]}")
+        if stale[0].startswith("/dev/loop"):
+            # Else the loop device stays bound to the dead FUSE file until a reboot. On a
+            # device still busy (the lazy unmount's last release) -d sets autoclear: the
+            # kernel frees it when that ends. A failure leaves it as it was: only a leak.
+            subprocess.run(["losetup", "-d", stale[0]], capture_output=True, check=False)
     if is_mounted(mount_dir) is not None:
         # A share manager restarted while the filesystem stayed mounted: keep it (fsck needs an
         # unmounted filesystem, and clients hold files open on it).

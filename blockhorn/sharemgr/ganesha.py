@@ -19,9 +19,12 @@ The config is locked down where Longhorn's share manager is open (see REFERENCE.
 
 from __future__ import annotations
 
+import base64
 import errno
+import os
 import shutil
 import signal
+from typing import Any
 
 import psutil
 
@@ -139,3 +142,39 @@ def kill_stale(cfg: ShareConfig, timeout: float = 10.0) -> None:
         psutil.wait_procs(left, timeout=timeout)
     except psutil.NoSuchProcess:
         pass   # exited on its own meanwhile: what we wanted
+
+
+def snapshot_records(root: str) -> dict[str, Any]:
+    """Ganesha's client recovery records (the `fs` backend's directory tree of small files)
+    as JSON: {"dirs": [...], "files": {path: base64}}, for the state store: the next node
+    to serve the share writes them back before its Ganesha starts (`restore_records`)."""
+    dirs: list[str] = []
+    files: dict[str, str] = {}
+    for here, subdirs, names in os.walk(root):
+        rel = os.path.relpath(here, root)
+        dirs.extend(os.path.normpath(os.path.join(rel, d)) for d in subdirs)
+        for n in names:
+            try:
+                with open(os.path.join(here, n), "rb") as f:
+                    files[os.path.normpath(os.path.join(rel, n))] = base64.b64encode(
+                        f.read()).decode()
+            except OSError:
+                continue   # Ganesha removed it meanwhile: the next copy is right again
+    return {"dirs": sorted(dirs), "files": files}
+
+
+def restore_records(root: str, tree: dict[str, Any]) -> None:
+    """Replace `root` with `tree` (from `snapshot_records`); paths may not leave `root`."""
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root, mode=0o700)
+    base = os.path.realpath(root)
+    for rel in tree.get("dirs", []):
+        path = os.path.realpath(os.path.join(root, rel))
+        if path.startswith(base + os.sep):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+    for rel, data in tree.get("files", {}).items():
+        path = os.path.realpath(os.path.join(root, rel))
+        if path.startswith(base + os.sep):
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(base64.b64decode(data))

@@ -52,12 +52,8 @@ STOP_TIMEOUT_S = 10.0       # seconds between SIGTERM and SIGKILL for Ganesha
 
 
 class ShareServer:
-    def __init__(self, cfg: ShareConfig, handle_signals: bool = True) -> None:
-        """`handle_signals=False` when embedded (the failover agent): the embedding process
-        stops it by cancelling `serve`."""
+    def __init__(self, cfg: ShareConfig) -> None:
         self.cfg = cfg
-        self.handle_signals = handle_signals
-        self.serving = trio.Event()   # set once Ganesha first accepts connections
         self.proc: trio.Process | None = None
         self.stopping = False     # a requested stop (detach), not a crash
         self._device_size = 0     # bytes, last seen by the health check (see _follow_growth)
@@ -98,12 +94,10 @@ class ShareServer:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._run_ganesha)
                 self.publish(state="serving", health="healthy", message=None)
-                self.serving.set()
                 log.info("serving nfs://%s/%s", self.probe_address, cfg.volume)
                 notify("READY=1")
                 nursery.start_soon(self._health_loop)
-                if self.handle_signals:
-                    nursery.start_soon(self._on_signals, nursery.cancel_scope)
+                nursery.start_soon(self._on_signals, nursery.cancel_scope)
         except BlockhornError as e:
             self.publish(state="failed", health="failed", message=str(e), errno=e.errno)
             raise

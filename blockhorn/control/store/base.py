@@ -130,6 +130,16 @@ class StateStore(Protocol):
     def share(self, volume: str) -> ShareRow: ...
     def set_share_process(self, volume: str, proc: ProcessRecord | None,
                           restarted: bool = False) -> None: ...
+    def share_records(self, volume: str) -> dict[str, Any] | None:
+        """Ganesha's client recovery records of the share as its node last copied them
+        (sharemgr/ganesha.py `snapshot_records`), or None: the next node to serve the share
+        restores them before Ganesha starts, so NFSv4 clients reclaim their state."""
+    def put_share_records(self, volume: str, records: dict[str, Any] | None,
+                          epoch: int) -> bool:
+        """Store (None: drop) the share's recovery records, only while the volume's attach
+        epoch is still `epoch` (a node the volume moved away from must not overwrite the
+        new node's records); False, nothing changed, otherwise or when the volume is gone.
+        SQLite (one host) has one epoch: 0."""
 
     # --- recurring jobs and their runs -----------------------------------------------------
     def add_job(self, name: str, spec: dict[str, Any], now: float) -> JobRow:

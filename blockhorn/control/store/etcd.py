@@ -9,6 +9,7 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
     <p>ports/<port>              {"volume", "owner"}: a TCP port held (one key per port, so
                                  two allocations of one port cannot both succeed)
     <p>shares/<volume>           ShareRow fields
+    <p>share-records/<volume>    Ganesha's client recovery records of the share (a JSON tree)
     <p>settings/<name>           the setting's JSON text
     <p>jobs/<name>               JobRow fields
     <p>runs/<id, 16 digits>      RunRow fields; <p>meta/run-seq holds the last id given
@@ -263,7 +264,8 @@ class EtcdStore:
             doc, rev = self._get(f"volumes/{name}")
             if doc is None:
                 raise NotFound(f"volume {name!r} does not exist")
-            gone = [f"volumes/{name}", f"engines/{name}", f"shares/{name}"]
+            gone = [f"volumes/{name}", f"engines/{name}", f"shares/{name}",
+                    f"share-records/{name}"]
             reps = [(k, d) for k, d, _ in self._list("replicas/") if d["volume"] == name]
             gone += [k for k, _ in reps]
             gone += [k for k, d, _ in self._list("ports/") if d["volume"] == name]
@@ -399,6 +401,27 @@ class EtcdStore:
     def set_share_process(self, volume: str, proc: ProcessRecord | None,
                           restarted: bool = False) -> None:
         self._update(f"shares/{volume}", lambda d: _set_proc(d, proc, restarted))
+
+    def share_records(self, volume: str) -> dict[str, Any] | None:
+        return self._get(f"share-records/{volume}")[0]
+
+    def put_share_records(self, volume: str, records: dict[str, Any] | None,
+                          epoch: int) -> bool:
+        vkey, rkey = f"volumes/{volume}", f"share-records/{volume}"
+        stored = False
+
+        def step() -> bool | None:
+            nonlocal stored
+            d, rev = self._get(vkey)
+            if d is None or int(d.get("epoch") or 0) != epoch:
+                return None   # gone, or attached anew since: not this node's to write
+            # Guarded by the volume's revision: a claim_attachment in between makes it retry
+            # and then find the new epoch.
+            stored = self._commit({vkey: rev}, {rkey: records} if records is not None else {},
+                                  [rkey] if records is None else [])
+            return stored
+        self._retry(step, f"store the NFS client records of {volume}")
+        return stored
 
     # --- jobs ------------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from blockhorn.types import AlreadyExists, Busy, NotFound
 SCHEMA_VERSION = 5   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
 # 4: volumes.node/fresh, replicas.node (NULL in an older home: everything on this host).
 # 5: volumes.node_selector/disk_selector.
-# New tables (shares, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
+# New tables (shares, share_records, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
 # adds them to any home, and an older blockhorn ignores them.
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
 
@@ -116,6 +116,10 @@ CREATE TABLE IF NOT EXISTS shares (
     pid         INTEGER,           -- the share manager process
     create_time REAL,
     restarts    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS share_records (
+    volume      TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
+    records     TEXT NOT NULL      -- JSON of sharemgr.ganesha.snapshot_records()
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name        TEXT PRIMARY KEY,
@@ -416,6 +420,26 @@ class SqliteStore:
         with self.tx() as db:
             db.execute("UPDATE shares SET pid=?, create_time=?, restarts=restarts+? "
                        "WHERE volume=?", (pid, ct, int(restarted), volume))
+
+    def share_records(self, volume: str) -> dict[str, Any] | None:
+        with self.tx() as db:
+            row = db.execute("SELECT records FROM share_records WHERE volume=?",
+                             (volume,)).fetchone()
+        return json.loads(row["records"]) if row is not None else None
+
+    def put_share_records(self, volume: str, records: dict[str, Any] | None,
+                          epoch: int) -> bool:
+        if epoch != 0:
+            return False   # one host never moves a volume: its epoch stays 0
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM volumes WHERE name=?", (volume,)).fetchone() is None:
+                return False
+            if records is None:
+                db.execute("DELETE FROM share_records WHERE volume=?", (volume,))
+            else:
+                db.execute("INSERT OR REPLACE INTO share_records (volume, records) "
+                           "VALUES (?, ?)", (volume, json.dumps(records, sort_keys=True)))
+        return True
 
     # --- jobs ------------------------------------------------------------------------------
 

@@ -1,0 +1,292 @@
+"""Tier 5: an RWX volume's NFS share moves to another host when its host dies
+(tests/support/cluster_site.py: four namespace hosts with node daemons, a three-member etcd).
+
+The share is attached on the fourth host (no etcd member, no replica: the generation rule lets
+a new engine start from the replicas on the live hosts), with a service address on the hosts'
+`eth0`. Files are written over NFSv4 (libnfs `nfs-cp`, from the root namespace on the bridge)
+until the node daemon has copied Ganesha's client records into etcd; then every process of the
+host is killed and its link taken down. The leader moves the attachment as soon as the host's
+lease is gone (no replenishment wait for a share); the new host restores the client records
+before Ganesha starts and adds the service address. Measured: the time until the service
+address accepts NFS connections again, and until a file reads back (after Ganesha's grace
+period, which the dead clients' records keep running to its end). Every file reads back with
+the checksum it was written with; when the dead host comes back, its daemon removes the
+service address it still carried.
+
+Then the share's host only cut off (link down, processes running): its daemon fences itself
+before its lease expires — share manager, Ganesha and engine killed, the service address
+removed — before another host serves the share; the files read back the same. And only
+the host's node daemon killed: its dead man's switch does the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import psutil
+import pytest
+from conftest import needs_root
+from netns_util import addresses, set_link
+from support.cluster_site import Host, Site, cluster_site, wait_until
+
+from blockhorn.cluster.etcd import Etcd
+from blockhorn.manager.process import accepts
+
+pytestmark = needs_root()
+
+CHUNK = 1800     # bytes; the largest file nfs-cp (libnfs, NFSv4) writes in one call
+FILES = 6
+GRACE_S = 10     # seconds; the share's NFSv4 grace period (the default is 15)
+MOVE_TIMEOUT_S = 60.0   # seconds from the kill until a file must read back
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    missing = [c for c in ("etcd", "ganesha.nfsd", "nfs-cp", "nfs-cat") if not shutil.which(c)]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    root = os.path.join("/tmp", f"bhs{os.getpid()}")   # short: sockets live under the homes
+    try:
+        with cluster_site(root, 4) as s:
+            yield s
+    finally:
+        if not os.environ.get("BLOCKHORN_KEEP_SITE"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def nfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(list(argv), capture_output=True, timeout=15)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(list(argv), 124, b"", str(e).encode())
+
+
+def share_on(site: Site, volume: str, host: Host, last_octet: int,
+             grace_s: int | None = None) -> tuple[str, int]:
+    """Create RWX `volume` (2 replicas, none on `host`; `grace_s` None: the default grace
+    period) with a service address on the hosts' eth0 and attach it on `host`; (service
+    address, NFS port)."""
+    a = site.hosts[0]
+    subnet = a.ip.rsplit(".", 1)[0]
+    service = f"{subnet}.{last_octet}"
+    site.cli(a, "node", "update", host.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", volume, "--size", "32MiB", "--replicas", "2", "--access",
+             "rwx", "--nfs-client", f"{subnet}.0/24",
+             *(["--grace", str(grace_s)] if grace_s else []),
+             "--nfs-minor-versions", "0,1,2",   # libnfs speaks NFSv4.0 only
+             "--mkfs-options", "-E root_owner=1000:1000",   # the clients' user (root squashed)
+             "--service-address", f"{service}/24", "--service-interface", "eth0")
+    site.cli(a, "node", "update", host.name, "--schedulable", "yes")
+    t0 = time.monotonic()
+    site.cli(a, "volume", "attach", volume, "--node", host.name)
+    v = site.show(a, volume)
+    assert v["node"] == host.name and host.name not in {r["node"] for r in v["replicas"]}, v
+    assert service in addresses(host.name)
+    print(f"{volume} attached on {host.name}, serving at {service}:{v['share']['port']} after "
+          f"{time.monotonic() - t0:.1f} s")
+    return service, int(v["share"]["port"])
+
+
+def url(service: str, port: int, volume: str, name: str) -> str:
+    return f"nfs://{service}/{volume}/{name}?version=4&nfsport={port}&uid=1000&gid=1000"
+
+
+def put_files(tmp: str, where: Callable[[str], str], count: int) -> dict[str, str]:
+    """Write `count` files over NFS (nfs-cp); name -> sha256 of what each holds."""
+    written: dict[str, str] = {}
+    src = os.path.join(tmp, "src")
+    for i in range(count):
+        data = hashlib.sha512(f"file {i}".encode()).digest() * (CHUNK // 64)
+        with open(src, "wb") as f:
+            f.write(data)
+        got = nfs("nfs-cp", src, where(f"f{i}"))
+        assert got.returncode == 0, got.stderr
+        written[f"f{i}"] = hashlib.sha256(data).hexdigest()
+    return written
+
+
+def check_files(where: Callable[[str], str], written: dict[str, str]) -> None:
+    for name, want in written.items():
+        got = nfs("nfs-cat", where(name))
+        assert got.returncode == 0, got.stderr
+        assert hashlib.sha256(got.stdout).hexdigest() == want, name
+
+
+def kill_and_measure(site: Site, volume: str, host: Host, service: str, port: int,
+                     tmp: str, files: int = FILES) -> dict[str, float]:
+    """Write `files` files over NFS to `volume` (served by `host`), wait until their clients'
+    records are in etcd, kill `host` (every process, its link down) and measure, as a client
+    sees it, seconds from the link going down until the service address accepts NFS again
+    (`serving`) and until a file reads back (`readable`, after the grace period: libnfs's
+    one-shot clients never reclaim); then read every file back (checksums)."""
+    where = functools.partial(url, service, port, volume)
+    written = put_files(tmp, where, files)
+    # The clients' records (Ganesha's `fs` backend: one directory per client) reach etcd
+    # (the daemon copies them each supervision pass) while their NFSv4 leases run: the next
+    # host must let them reclaim.
+    key = f"{site.prefix}share-records/{volume}"
+    with Etcd(site.etcd) as etcd:
+        def stored() -> int:
+            kv = etcd.get(key)
+            return 0 if kv is None else sum(p.startswith("v4recov/") and "Libnfs" in p
+                                            for p in json.loads(kv.value)["dirs"])
+        wait_until(stored, 10, "the NFS client records in etcd")
+
+    # The client's view, timed from the link going down in a thread of its own: the kill
+    # itself waits for every process of the host to be gone (a FUSE mount's can take
+    # seconds), and the share may be back meanwhile.
+    times: dict[str, float] = {}
+
+    def client() -> None:
+        deadline = t0 + MOVE_TIMEOUT_S
+        while not accepts(f"{service}:{port}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        times["serving"] = time.monotonic() - t0
+        while nfs("nfs-cat", where("f0")).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        times["readable"] = time.monotonic() - t0
+
+    set_link(host.name, False)
+    t0 = time.monotonic()
+    watcher = threading.Thread(target=client, daemon=True)
+    watcher.start()
+    site.kill(host)
+    watcher.join(MOVE_TIMEOUT_S + 20)
+    assert times.get("readable", MOVE_TIMEOUT_S) < MOVE_TIMEOUT_S, times
+    node = site.show(site.hosts[0], volume)["node"]
+    assert node != host.name and service in addresses(node)
+    check_files(where, written)
+    return times
+
+
+def test_share_moves_with_its_address_when_its_host_dies(site: Site,
+                                                         tmp_path: object) -> None:
+    a, b, c, d = site.hosts
+    service, port = share_on(site, "sh", d, 200, GRACE_S)
+    t = kill_and_measure(site, "sh", d, service, port, str(tmp_path))
+    print(f"{d.name} killed: served again after {t['serving']:.1f} s; the first file read "
+          f"back after {t['readable']:.1f} s (grace {GRACE_S} s); every file the same")
+    # `share show` asked of any node answers for the serving one (forwarded there).
+    node = site.show(a, "sh")["node"]
+    asker = next(h for h in (a, b, c) if h.name != node)
+    share = site.json(asker, "share", "show", "sh")
+    assert share["health"] == "healthy" and share["endpoint"] == f"nfs://{service}:{port}/sh", \
+        share
+    # The dead host comes back: its daemon kills nothing (all died with it) but removes the
+    # service address its interface still carried, before clients could be sent there.
+    site.revive(d)
+    wait_until(lambda: service not in addresses(d.name), 20,
+               f"{d.name} dropping the service address")
+    site.cli(a, "volume", "detach", "sh")
+    site.cli(a, "volume", "rm", "sh")
+
+
+def share_processes(h: Host, volume: str) -> list[psutil.Process]:
+    """The share manager and Ganesha of `volume` on host `h` (by their config paths)."""
+    marks = {os.path.join(h.home, "volumes", volume, "share.json"),
+             os.path.join(h.home, "volumes", volume, "share", "ganesha.conf")}
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if marks.intersection(p.info.get("cmdline") or []):
+            found.append(p)
+    return found
+
+
+def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
+                      cut: Callable[[], None], tmp: str) -> tuple[str, str, dict[str, str]]:
+    """`volume` served by `host` with two files written; `cut()` takes the host's daemon out
+    of the cluster. The share's processes on `host` must be gone and its service address
+    removed before another host serves it; then the files read back the same. Returns (a
+    line with the times, the service address, the files written)."""
+    service, port = share_on(site, volume, host, last_octet, GRACE_S)
+    where = functools.partial(url, service, port, volume)
+    written = put_files(tmp, where, 2)
+    procs = share_processes(host, volume)
+    assert len(procs) == 2, procs   # the share manager and its Ganesha
+    t0 = time.monotonic()
+    cut()
+    wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                               for p in procs) and service not in addresses(host.name),
+               30, f"{host.name} fencing its share")
+    fenced = time.monotonic() - t0
+    wait_until(lambda: accepts(f"{service}:{port}"), MOVE_TIMEOUT_S,
+               "the share served from another host")
+    serving = time.monotonic() - t0
+    node = site.show(site.hosts[0], volume)["node"]
+    assert node != host.name and service in addresses(node)
+    assert fenced < serving
+    wait_until(lambda: nfs("nfs-cat", where("f0")).returncode == 0, MOVE_TIMEOUT_S,
+               "a file to read back over NFS")
+    check_files(where, written)
+    return (f"its share fenced after {fenced:.1f} s, {node} serves after {serving:.1f} s",
+            service, written)
+
+
+def test_partitioned_share_node_fences_its_share_and_address(site: Site,
+                                                             tmp_path: object) -> None:
+    """The share's host cut off (its link down, its processes running): its daemon kills
+    the share manager, Ganesha and the engine and removes the service address before its
+    lease expires; the share is then served from another host and reads the same."""
+    a, b, c, d = site.hosts
+    try:
+        said, service, written = fenced_then_moved(site, "pf", d, 201,
+                                                   lambda: set_link(d.name, False),
+                                                   str(tmp_path))
+        print(f"{d.name} cut off: {said}")
+    finally:
+        set_link(d.name, True)
+    wait_until(lambda: site.states(a)[d.name] == "up", 20, f"{d.name} up again")
+    assert service not in addresses(d.name)
+    # Back on the node that fenced itself: its leftovers (the mount of the old device, the
+    # old FUSE mount) must not stand in the way, and the files read the same.
+    assert d.proc is not None
+    export = os.path.join(d.home, "export", "pf")
+
+    def sources() -> list[str]:   # what is mounted at the export in d's daemon's namespace
+        assert d.proc is not None
+        with open(f"/proc/{d.proc.pid}/mounts") as f:
+            return [line.split()[0] for line in f if line.split()[1] == export]
+    old_device = sources()[-1]   # left mounted by the killed share manager
+    site.cli(a, "volume", "detach", "pf")
+    site.cli(a, "volume", "attach", "pf", "--node", d.name)
+    v = site.show(a, "pf")
+    assert v["node"] == d.name and service in addresses(d.name)
+    # Exported from the new device, not from the mount of the old one (its device is dead:
+    # only its page cache would answer).
+    assert sources()[-1:] == [v["device"]] != [old_device], (sources(), v["device"])
+    if old_device.startswith("/dev/loop"):   # and the old one's loop device is released
+        wait_until(lambda: not subprocess.run(["losetup", old_device],
+                                              capture_output=True).stdout, 10,
+                   f"{old_device} released")
+    check_files(functools.partial(url, service, v["share"]["port"], "pf"), written)
+    site.cli(a, "volume", "detach", "pf")
+    site.cli(a, "volume", "rm", "pf")
+
+
+def test_daemon_killed_its_switch_fences_the_share(site: Site, tmp_path: object) -> None:
+    """Only the node daemon of the share's host killed (-9), the host up: its dead man's
+    switch (manager/fence.py) kills the share manager, Ganesha and the engine and removes
+    the service address when the daemon's last lease renewal is about to run out, before
+    the leader moves the share; the next host serves the same files. The daemon started
+    again stops nothing more and adds nothing back."""
+    a, b, c, d = site.hosts
+    assert d.proc is not None
+    daemon = d.proc
+
+    def kill_daemon() -> None:   # the daemon alone: `ip netns exec` ran it in its own process
+        daemon.kill()
+        daemon.wait(10)
+    said, service, _ = fenced_then_moved(site, "dm", d, 202, kill_daemon, str(tmp_path))
+    print(f"{d.name}'s daemon killed: {said}")
+    site.start(d)
+    assert service not in addresses(d.name) and not share_processes(d, "dm")
+    site.cli(a, "volume", "detach", "dm")
+    site.cli(a, "volume", "rm", "dm")
