@@ -274,7 +274,9 @@ class Site:
         `link_down`, take its link down: a host that died. Returns how many were killed."""
         if link_down:
             set_link(h.name, False)
+        conns = host_fuse_connections(h)
         n = kill_netns(h.name)   # its etcd member too
+        release_fuse(conns)
         if h.proc is not None:
             h.proc.wait(10)
         if h.name in self.members:
@@ -301,6 +303,44 @@ def netns_pids(ns: str) -> list[int]:
         except OSError:
             continue   # exited meanwhile, or a kernel thread
     return out
+
+
+def host_fuse_connections(h: Host) -> list[int]:
+    """The FUSE connections (numbers under /sys/fs/fuse/connections: the minor device number
+    of the mount) of the FUSE mounts under `h`'s home, seen in the mount namespaces of its
+    processes (`ip netns exec` gives each host one of its own)."""
+    conns: set[int] = set()
+    for pid in netns_pids(h.name):
+        try:
+            f = open(f"/proc/{pid}/mountinfo")
+        except OSError:   # exited already
+            continue
+        with f:
+            for line in f:
+                fields = line.split()
+                fstype = fields[fields.index("-") + 1]
+                if (fstype == "fuse" or fstype.startswith("fuse.")) \
+                        and fields[4].startswith(h.home.rstrip("/") + "/"):
+                    conns.add(int(fields[2].split(":")[1]))
+    return sorted(conns)
+
+
+def release_fuse(conns: list[int]) -> None:
+    """A killed host's FUSE connections and the loop devices on their files. The host's mount
+    namespace dies with its last process, which unmounts the ext4 on its loop device: that
+    final flush goes to a FUSE file whose server is dead, and without an abort the kernel waits
+    for ever (a jbd2 thread and every later `sync` of the machine stuck in D state). A real
+    dead host takes its kernel along; here the kernel is this machine's: abort, then detach."""
+    for c in conns:
+        with contextlib.suppress(OSError):   # gone already: nothing was stuck
+            with open(f"/sys/fs/fuse/connections/{c}/abort", "w") as f:
+                f.write("1")
+    out = subprocess.run(["losetup", "-J", "-O", "NAME,BACK-MAJ:MIN"], capture_output=True,
+                         text=True, check=False).stdout
+    backs = {f"0:{c}" for c in conns}
+    for dev in json.loads(out or '{"loopdevices": []}').get("loopdevices", []):
+        if (dev.get("back-maj:min") or "").strip() in backs:
+            subprocess.run(["losetup", "-d", dev["name"]], capture_output=True, check=False)
 
 
 def kill_netns(ns: str) -> int:
@@ -364,7 +404,9 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
             yield site
         finally:
             for h in site.hosts:
+                conns = host_fuse_connections(h)
                 kill_netns(h.name)
+                release_fuse(conns)
                 if h.proc is not None and h.proc.poll() is None:
                     h.proc.kill()
                     h.proc.wait(10)
