@@ -8,7 +8,11 @@ Every tick (about a second) for each attached volume, in this order:
   source by the generation rule (engine/generation.py) and resyncs the others by itself.
 - an engine that is not running is started again, so the NBD endpoint works for new clients;
   a device above it (nbdfuse + loop) does not reconnect, which the message says: detach and
-  attach the volume. The fuse-nbd holder does reconnect: its device only pauses.
+  attach the volume. The fuse-nbd holder does reconnect, and so does the `nbd` frontend's
+  local relay (manager/nbdproxy.py) in front of nbd-client: their devices only pause.
+- a relay (the TLS proxy of a TCP endpoint, the local relay of the `nbd` frontend) that is not
+  running is started again; a dead local relay took its nbd-client's connection with it, so
+  the device is reported stale (detach and attach).
 - a replica whose process runs but which the engine holds in ERR is handed to `rebuild`.
 - a replica that stayed failed (ERR in the engine, or its process cannot be started) longer
   than the setting `replica-replenishment-wait-interval` is replaced by a new, empty one on
@@ -205,6 +209,8 @@ class Supervisor:
         self._check_frontend(vol)
         if vol.tcp_port:
             self._check_proxy(vol, eng.nbd_socket)
+        if (vol.attachment or {}).get("relay"):
+            self._check_relay(vol, eng.nbd_socket)
         if vol.access_mode == "rwx":
             self._check_share(vol)
         if status is not None:
@@ -387,6 +393,29 @@ class Supervisor:
         except (BlockhornError, OSError) as e:
             log.error("starting the NBD TLS proxy of %s failed: %s", vol.name, e)
 
+    def _check_relay(self, vol: VolumeRow, nbd_socket: str) -> None:
+        """The `nbd` frontend's local relay died: its nbd-client lost the connection (the
+        kernel's netlink NBD does not reconnect), so the device fails I/O until detach +
+        attach, as a device on the engine's socket did after an engine crash. It is started
+        again anyway, like the TLS proxy, so that what connects next finds it."""
+        from blockhorn.manager import nbdproxy
+        if nbdproxy.running(self.volumes.home, vol.name, nbdproxy.LOCAL) is not None:
+            return
+        key = f"relay/{vol.name}"
+        if not vol.device_stale:
+            msg = (f"the local NBD relay exited; {(vol.attachment or {}).get('device')} lost "
+                   "its connection and fails I/O: detach and attach the volume again")
+            log.error("%s: %s", vol.name, msg)
+            self.store.update_volume(vol.name, device_stale=True, message=msg)
+        if not self._due(key):
+            return
+        try:
+            nbdproxy.ensure(self.volumes.home, vol.name, nbd_socket, nbdproxy.LOCAL)
+            self._succeeded(key)
+        except (BlockhornError, OSError) as e:
+            self._attempted(key)
+            log.error("starting the local NBD relay of %s failed: %s", vol.name, e)
+
     def _restart_engine(self, vol: VolumeRow, was_running: bool, waiting: list[str]) -> None:
         name = vol.name
         key = f"engine/{name}"
@@ -408,9 +437,9 @@ class Supervisor:
                 + "".join(f"; {w}" for w in waiting)))
             return
         msg = "engine restarted after it died"
-        from blockhorn.nbd.attach import SURVIVING
-        if (vol.attachment or {}).get("frontend") in SURVIVING:
-            device = None   # its holder reconnects and retries: the device lives on
+        from blockhorn.nbd.attach import survives
+        if survives(vol.attachment or {}):
+            device = None   # its holder or relay reconnects and retries: the device lives on
         if device:
             msg += (f"; {device} lost its connection and fails I/O: detach and attach the "
                     "volume again")
