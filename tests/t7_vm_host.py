@@ -83,6 +83,7 @@ engine_nbdkit() {{ pgrep -f "^[^ ]*nbdkit .*config=$H/volumes/v/engine.json"; }}
 old=$(engine_nbdkit) || die no engine nbdkit
 a=$(now)
 kill -9 $old
+echo "KILLED at $(date +%T,%3N)"
 until new=$(engine_nbdkit) && [ "$new" != "$old" ]; do
     [ $(( $(now) - a )) -gt 60000000 ] && die engine not restarted in 60 s
     sleep 0.05
@@ -100,6 +101,8 @@ touch /tmp/stop; wait $load
 cat /tmp/load.out
 grep ' /mnt ' /proc/mounts
 umount /mnt || die umount
+# Where the kill's pause went: the daemon's lines about the restart (log clock = guest clock).
+grep -E "is not running|started engine|engine restarted" $H/logs/daemon.log | tail -n 4
 bh volume show v --json >/tmp/show.json || die show
 "$PY" -c 'import json; v = json.load(open("/tmp/show.json")); print("ENGINE restarts", v["engine"]["restarts"], "message", v["message"])'
 # Read back from the volume, not the page cache: the last close of /dev/nbd0 (umount) drops
@@ -162,6 +165,9 @@ def test_local_nbd_frontend_survives_engine_kill_and_upgrade(tmp_path) -> None:
           f"{(events['kill'][1] - events['kill'][0]) / 1e6:.2f} s; daemon's upgrade pause "
           f"{float(upgrade.group(1)):.2f} s; longest write+fsync through the kill "
           f"{pauses['kill']:.2f} s, through the upgrade {pauses['upgrade']:.2f} s")
+    timeline = re.findall(r"^(?:KILLED at \S+|\S+ \S+ (?:ERROR|INFO|WARNING) .*(?:is not running|"
+                          r"started engine|engine restarted).*)$", out, re.M)
+    print("restart after the kill (guest clock):\n  " + "\n  ".join(timeline))
     # Every write through each event finished (the relay's limit is 60 s without an engine).
     assert all(0 < p < 60 for p in pauses.values()), pauses
 
