@@ -45,7 +45,7 @@ from typing import Any
 import psutil
 import trio
 
-from blockhorn.control.store import ReplicaRow, VolumeRow
+from blockhorn.control.store import ProcessRecord, ReplicaRow, VolumeRow
 from blockhorn.manager import across, leftovers, process, replenish
 from blockhorn.manager.leader import Leader
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
@@ -76,6 +76,8 @@ class Supervisor:
         self.leader = leader   # a cluster's: replaces replicas of down nodes while leading
         self._next_try: dict[str, tuple[float, float]] = {}   # key -> (monotonic time, delay)
         self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
+        # The running engines the last pass saw here: their exit ends the wait for the next.
+        self._engines: list[ProcessRecord] = []
 
     async def run(self, tick: float = TICK_S) -> None:
         await trio.to_thread.run_sync(self.adopt)
@@ -93,11 +95,7 @@ class Supervisor:
         need not be this daemon's children: after a daemon restart they are not), readable
         once the process exits; the pass that follows restarts the engine if its back-off
         allows, as the tick would have."""
-        try:
-            fds = await trio.to_thread.run_sync(self._engine_pidfds)   # (the store: off the loop)
-        except Exception:   # (as for a pass) a plain tick then
-            log.exception("watching the engines failed")
-            fds = []
+        fds = self._engine_pidfds()
 
         async def exit_of(fd: int, scope: trio.CancelScope) -> None:
             await trio.lowlevel.wait_readable(fd)
@@ -114,14 +112,10 @@ class Supervisor:
                 os.close(fd)
 
     def _engine_pidfds(self) -> list[int]:
-        """A pidfd of each running engine of an attached volume on this node."""
+        """A pidfd of each engine the last pass found running (no store access: on a cluster
+        every store read is a request to etcd)."""
         fds = []
-        for vol in self.store.volumes():
-            rec = self.store.engine(vol.name).process
-            if vol.desired != "attached" or not self.volumes.engine_here(vol) \
-                    or not process.alive(rec):
-                continue
-            assert rec is not None
+        for rec in self._engines:
             try:
                 fd = os.pidfd_open(rec.pid)
             except OSError:
@@ -161,6 +155,7 @@ class Supervisor:
 
     def tick(self) -> None:
         process.reap()
+        self._engines = []
         cluster = self.volumes.cluster is not None
         if cluster:
             across.stop_strays(self.volumes)
@@ -237,6 +232,8 @@ class Supervisor:
         eng = self.store.engine(name)
         here = self.volumes.engine_here(vol)
         engine_up = here and process.alive(eng.process)
+        if engine_up and eng.process is not None:
+            self._engines.append(eng.process)
         waiting: dict[str, str] = {}   # replica -> what the volume waits for
         for r in self.store.replicas(name):
             if self.volumes.is_local(r) and not process.alive(r.process):
