@@ -1,8 +1,9 @@
 """Turning a running engine into a block device, and back.
 
 Where the kernel has NBD (`/dev/nbd*`), `nbd-client` connects a free `/dev/nbdN` to the
-volume's local relay (manager/nbdproxy.py LOCAL: nbdkit with nbd/relay.py on a unix socket of its
-own, in front of the engine's), which outlives the engine: the daemon starts the relay first. Elsewhere (containers, this CI), `nbdfuse` exposes the engine as one file in a
+volume's local relay (manager/nbdproxy.py LOCAL: nbdkit with nbd/relay.py on a unix socket of
+its own, in front of the engine's), which outlives the engine: the daemon starts the relay
+first. Elsewhere (containers, this CI), `nbdfuse` exposes the engine as one file in a
 FUSE mount and `losetup` puts a loop device on it. The `fuse` frontend skips NBD: the engine
 runs inside a pyfuse3 process (`blockhorn.fuse`) that exposes the volume as a file, and only the
 loop device is attached here. `detach_device` undoes every step in reverse order and keeps going
