@@ -101,6 +101,8 @@ touch /tmp/stop; wait $load
 cat /tmp/load.out
 grep ' /mnt ' /proc/mounts
 umount /mnt || die umount
+# The kernel's NBD messages (the attach sets no request timeout: none may have fired).
+dmesg | grep -i 'nbd' | sed 's/^/KERNEL /' | tail -n 8
 # Where the kill's pause went: the daemon's lines about the restart (log clock = guest clock).
 grep -E "is not running|started engine|engine restarted" $H/logs/daemon.log | tail -n 4
 bh volume show v --json >/tmp/show.json || die show
@@ -143,6 +145,9 @@ def test_local_nbd_frontend_survives_engine_kill_and_upgrade(tmp_path) -> None:
     assert res.status == 0, out
     assert "I/O error" not in console, console[-3000:]
     assert "Remounting filesystem read-only" not in console, console[-3000:]
+    # No kernel NBD request timeout fired during the (TCG-long) engine restarts.
+    kernel = "\n".join(re.findall(r"^KERNEL (.*)$", out, re.M))
+    assert "timed out" not in kernel and "timed out" not in console, kernel
     m = re.search(r"^ATTACHED (\S+) (\S+) (\S+) (\S+)$", out, re.M)
     assert m and m.groups() == ("nbd", "/dev/nbd0", "relay", "0o600"), out
     load = re.search(r"^WRITES (\d+) ERRORS (\d+)$", out, re.M)
@@ -168,6 +173,7 @@ def test_local_nbd_frontend_survives_engine_kill_and_upgrade(tmp_path) -> None:
     timeline = re.findall(r"^(?:KILLED at \S+|\S+ \S+ (?:ERROR|INFO|WARNING) .*(?:is not running|"
                           r"started engine|engine restarted).*)$", out, re.M)
     print("restart after the kill (guest clock):\n  " + "\n  ".join(timeline))
+    print("kernel's NBD messages:\n  " + kernel.replace("\n", "\n  "))
     # Every write through each event finished (the relay's limit is 60 s without an engine).
     assert all(0 < p < 60 for p in pauses.values()), pauses
 
