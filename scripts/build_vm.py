@@ -4,7 +4,8 @@
 The host's kernel has no nbd or nfs client module, so tests/t7_vm_*.py boot QEMU (TCG) with
 Debian's own `linux-image-6.1.0-*-amd64` instead. Everything comes from Debian packages fetched
 with `apt-get download` and unpacked with dpkg-deb, never installed on the host:
-- the kernel image and the modules the tests need (nbd, ext4, xfs, nfsv4, virtio-net and their
+- the kernel image and the modules the tests need (nbd, ext4, xfs, nfsv4, virtio-net, 9p over
+  virtio and overlay, and their
   dependencies, read from each module's .modinfo: the package ships no modules.dep, depmod
   writes it at install time), loaded in dependency order by the guest's /init;
 - busybox-static for /init and the small tools, Debian's bash for test scripts (busybox sh's
@@ -65,8 +66,10 @@ DBENCH_LOAD_BYTES = 2 << 20
 # when a test asks (/etc/modules.want lists them; without it, all: loading all takes ~3 s of
 # TCG time, xfs alone 1.3 s). crc32c is asked for by name at mount time (ext4, xfs metadata
 # checksums): loaded up front because the guest has no modprobe.
+# 9p + 9pnet_virtio + overlay: a guest that is a whole blockhorn host (tests/t7_vm_host.py)
+# runs the host's root filesystem, shared read-only over virtio-9p, under an overlayfs.
 BASE_MODULES = ["crc32c_generic", "virtio_pci", "virtio_net"]
-MODULES = [*BASE_MODULES, "nbd", "ext4", "xfs", "nfsv4"]
+MODULES = [*BASE_MODULES, "nbd", "ext4", "xfs", "nfsv4", "9p", "9pnet_virtio", "overlay"]
 MODULE_DIRS = ["fs", "net", "crypto", "lib", "drivers/block", "drivers/net", "drivers/virtio",
                "arch/x86/crypto"]
 

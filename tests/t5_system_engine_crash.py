@@ -176,7 +176,10 @@ def test_kill9_under_ext4(env: Env) -> None:
         with open("/proc/self/mounts") as f:
             opts = next(line.split()[3] for line in f if line.split()[1] == mnt)
         assert opts.split(",")[0] == "rw", f"ext4 remounted: {opts}"
-        subprocess.run(["sync"], check=True, timeout=30)
+        # This filesystem only (syncfs): a global sync waits for every filesystem of the
+        # machine, and one stuck elsewhere (another test's dead loop device) once hung it in D
+        # state, past its timeout (a process in D state cannot be killed).
+        subprocess.run(["sync", "-f", mnt], check=True, timeout=30)
         for path, digest in written.items():
             with open(path, "rb") as f:
                 assert hashlib.sha256(f.read()).digest() == digest, f"{path} differs"

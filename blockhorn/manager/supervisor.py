@@ -1,6 +1,7 @@
 """Supervision: keep the processes of attached volumes running, and heal their replicas.
 
-Every tick (about a second) for each attached volume, in this order:
+Every tick (about a second, and at once when an engine exits) for each attached volume, in
+this order:
 - a replica process that is not running is started again; when the engine runs, it is asked
   to `rebuild` (resync) the replica. Replicas come before the engine: an engine can start only
   when the replicas it must trust answer, so after every process of a volume died (a power
@@ -8,7 +9,11 @@ Every tick (about a second) for each attached volume, in this order:
   source by the generation rule (engine/generation.py) and resyncs the others by itself.
 - an engine that is not running is started again, so the NBD endpoint works for new clients;
   a device above it (nbdfuse + loop) does not reconnect, which the message says: detach and
-  attach the volume. The fuse-nbd holder does reconnect: its device only pauses.
+  attach the volume. The fuse-nbd holder does reconnect, and so does the `nbd` frontend's
+  local relay (manager/nbdproxy.py) in front of nbd-client: their devices only pause.
+- a relay (the TLS proxy of a TCP endpoint, the local relay of the `nbd` frontend) that is not
+  running is started again; a dead local relay took its nbd-client's connection with it, so
+  the device is reported stale (detach and attach).
 - a replica whose process runs but which the engine holds in ERR is handed to `rebuild`.
 - a replica that stayed failed (ERR in the engine, or its process cannot be started) longer
   than the setting `replica-replenishment-wait-interval` is replaced by a new, empty one on
@@ -40,7 +45,7 @@ from typing import Any
 import psutil
 import trio
 
-from blockhorn.control.store import ReplicaRow, VolumeRow
+from blockhorn.control.store import ProcessRecord, ReplicaRow, VolumeRow
 from blockhorn.manager import across, leftovers, process, replenish
 from blockhorn.manager.leader import Leader
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
@@ -71,6 +76,8 @@ class Supervisor:
         self.leader = leader   # a cluster's: replaces replicas of down nodes while leading
         self._next_try: dict[str, tuple[float, float]] = {}   # key -> (monotonic time, delay)
         self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
+        # The running engines the last pass saw here: their exit ends the wait for the next.
+        self._engines: list[ProcessRecord] = []
 
     async def run(self, tick: float = TICK_S) -> None:
         await trio.to_thread.run_sync(self.adopt)
@@ -79,7 +86,45 @@ class Supervisor:
                 await trio.to_thread.run_sync(self.tick)
             except Exception:   # a bug in one pass must not end supervision; log it loudly
                 log.exception("supervision pass failed")
-            await trio.sleep(tick)
+            await self._sleep(tick)
+
+    async def _sleep(self, tick: float) -> None:
+        """Wait `tick` seconds, or less: until an engine of an attached volume exits. The
+        engine's restart is then not delayed by up to a tick (most of the pause a surviving
+        frontend showed on a kill -9). A pidfd per running engine (Linux 5.3+; the engines
+        need not be this daemon's children: after a daemon restart they are not), readable
+        once the process exits; the pass that follows restarts the engine if its back-off
+        allows, as the tick would have."""
+        fds = self._engine_pidfds()
+
+        async def exit_of(fd: int, scope: trio.CancelScope) -> None:
+            await trio.lowlevel.wait_readable(fd)
+            scope.cancel()
+
+        try:
+            with trio.move_on_after(tick):
+                async with trio.open_nursery() as nursery:
+                    for fd in fds:
+                        nursery.start_soon(exit_of, fd, nursery.cancel_scope)
+                    await trio.sleep_forever()
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _engine_pidfds(self) -> list[int]:
+        """A pidfd of each engine the last pass found running (no store access: on a cluster
+        every store read is a request to etcd)."""
+        fds = []
+        for rec in self._engines:
+            try:
+                fd = os.pidfd_open(rec.pid)
+            except OSError:
+                continue   # exited meanwhile: the next pass sees it
+            if not process.alive(rec):   # the pid was reused between the check and the open
+                os.close(fd)
+                continue
+            fds.append(fd)
+        return fds
 
     def adopt(self) -> None:
         """Log what a (re)started daemon finds; stop leftovers of detached volumes."""
@@ -110,6 +155,7 @@ class Supervisor:
 
     def tick(self) -> None:
         process.reap()
+        self._engines = []
         cluster = self.volumes.cluster is not None
         if cluster:
             across.stop_strays(self.volumes)
@@ -186,6 +232,8 @@ class Supervisor:
         eng = self.store.engine(name)
         here = self.volumes.engine_here(vol)
         engine_up = here and process.alive(eng.process)
+        if engine_up and eng.process is not None:
+            self._engines.append(eng.process)
         waiting: dict[str, str] = {}   # replica -> what the volume waits for
         for r in self.store.replicas(name):
             if self.volumes.is_local(r) and not process.alive(r.process):
@@ -205,6 +253,8 @@ class Supervisor:
         self._check_frontend(vol)
         if vol.tcp_port:
             self._check_proxy(vol, eng.nbd_socket)
+        if (vol.attachment or {}).get("relay"):
+            self._check_relay(vol, eng.nbd_socket)
         if vol.access_mode == "rwx":
             self._check_share(vol)
         if status is not None:
@@ -392,6 +442,29 @@ class Supervisor:
         except (BlockhornError, OSError) as e:
             log.error("starting the NBD TLS proxy of %s failed: %s", vol.name, e)
 
+    def _check_relay(self, vol: VolumeRow, nbd_socket: str) -> None:
+        """The `nbd` frontend's local relay died: its nbd-client lost the connection (the
+        kernel's netlink NBD does not reconnect), so the device fails I/O until detach +
+        attach, as a device on the engine's socket did after an engine crash. It is started
+        again anyway, like the TLS proxy, so that what connects next finds it."""
+        from blockhorn.manager import nbdproxy
+        if nbdproxy.running(self.volumes.home, vol.name, nbdproxy.LOCAL) is not None:
+            return
+        key = f"relay/{vol.name}"
+        if not vol.device_stale:
+            msg = (f"the local NBD relay exited; {(vol.attachment or {}).get('device')} lost "
+                   "its connection and fails I/O: detach and attach the volume again")
+            log.error("%s: %s", vol.name, msg)
+            self.store.update_volume(vol.name, device_stale=True, message=msg)
+        if not self._due(key):
+            return
+        try:
+            nbdproxy.ensure(self.volumes.home, vol.name, nbd_socket, nbdproxy.LOCAL)
+            self._succeeded(key)
+        except (BlockhornError, OSError) as e:
+            self._attempted(key)
+            log.error("starting the local NBD relay of %s failed: %s", vol.name, e)
+
     def _restart_engine(self, vol: VolumeRow, was_running: bool, waiting: list[str]) -> None:
         name = vol.name
         key = f"engine/{name}"
@@ -413,9 +486,9 @@ class Supervisor:
                 + "".join(f"; {w}" for w in waiting)))
             return
         msg = "engine restarted after it died"
-        from blockhorn.nbd.attach import SURVIVING
-        if (vol.attachment or {}).get("frontend") in SURVIVING:
-            device = None   # its holder reconnects and retries: the device lives on
+        from blockhorn.nbd.attach import survives
+        if survives(vol.attachment or {}):
+            device = None   # its holder or relay reconnects and retries: the device lives on
         if device:
             msg += (f"; {device} lost its connection and fails I/O: detach and attach the "
                     "volume again")

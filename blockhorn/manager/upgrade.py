@@ -10,10 +10,11 @@ Sequence (under the volume's lock, so the supervisor leaves the volume alone mea
 3. the `fuse-nbd` holder, whose connections broke at step 1, reconnects and re-sends every
    request that was not answered. The workload sees a pause (measured: `pause_s`).
 
-Only a frontend whose device outlives its engine (`attach.SURVIVING`) can be upgraded live:
-nbd/nbdfuse/fuse devices would break. `none` can when the volume has a TCP endpoint: its
-clients (a kernel nbd-client on another host) talk to the TLS proxy, which outlives the engine
-and retries (manager/nbdproxy.py); the engine is then stopped by a handover (`_handover`).
+Only a frontend whose device outlives its engine (`attach.survives`) can be upgraded live:
+nbdfuse/fuse devices would break. `nbd` can: its nbd-client talks to the volume's local relay,
+which outlives the engine and retries (manager/nbdproxy.py). So can `none` when the volume has
+a TCP endpoint: its clients (a kernel nbd-client on another host) talk to the TLS proxy, a
+relay too. Behind a relay the engine is stopped by a handover (`_handover`).
 
 The engine version is the package version plus a digest of the package's source files, so a
 changed checkout (or a reinstalled package) is a new version. It is recorded when an engine
@@ -81,7 +82,7 @@ def running_version(home: Home, name: str) -> str | None:
 def upgrade(volumes: Any, name: str) -> dict[str, Any]:
     """Replace the engine of attached volume `name` by one running the installed code.
     `volumes` is the daemon's VolumeManager. Returns versions and timings (seconds)."""
-    from blockhorn.nbd.attach import SURVIVING
+    from blockhorn.nbd.attach import SURVIVING, survives
     store = volumes.store
     with volumes.locked(name):
         vol = store.volume(name)
@@ -89,13 +90,15 @@ def upgrade(volumes: Any, name: str) -> dict[str, Any]:
             raise InvalidArgument(f"volume {name!r} is not attached: its next attach starts "
                                   "the installed engine anyway")
         frontend = (vol.attachment or {}).get("frontend") or vol.frontend
-        # `none` only behind the TCP proxy: its relay re-sends what the old engine
-        # refused. A local client of the unix socket is not paused or retried by anyone.
-        proxied = frontend == "none" and bool(vol.tcp_port)
+        # `none` only behind the TCP proxy, `nbd` behind its local relay: the relay re-sends
+        # what the old engine refused. A local client of the engine's unix socket is not
+        # paused or retried by anyone.
+        relayed = frontend == "nbd" and survives(vol.attachment or {})
+        proxied = (frontend == "none" and bool(vol.tcp_port)) or relayed
         if frontend not in SURVIVING and not proxied:
             raise Busy(f"volume {name!r} uses the {frontend} frontend, whose device does not "
                        "survive an engine restart: a live upgrade needs --frontend "
-                       f"{SURVIVING[0]}, or --frontend none with a TCP endpoint (--port) "
+                       f"{SURVIVING[0]} (or nbd where the kernel has NBD), or --frontend none with a TCP endpoint (--port) "
                        "(detach, then attach with it)")
         old = running_version(volumes.home, name)
         eng = store.engine(name)

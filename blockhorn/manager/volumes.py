@@ -411,13 +411,22 @@ class VolumeManager:
                 nbdproxy.ensure(self.home, name, eng.nbd_socket)
 
     def _attach_device(self, name: str, frontend: str) -> None:
-        from blockhorn.nbd.attach import attach_device
+        from blockhorn.nbd.attach import attach_device, choose_frontend
         eng = self.store.engine(name)
         fuse_dir = self.home.fuse_dir(name)
         os.makedirs(fuse_dir, mode=0o700, exist_ok=True)
-        kwargs = {} if frontend == "auto" else {"frontend": frontend}
-        att = attach_device(self._uri(eng.nbd_socket), fuse_dir,
-                            self.home.log(f"{name}-nbdfuse.log"), **kwargs)
+        frontend = choose_frontend(frontend)
+        target = relay = ""
+        if frontend == "nbd":
+            # nbd-client connects to the volume's local relay, not to the engine: the relay
+            # (its own process) keeps the kernel's connection through an engine crash or
+            # upgrade and re-sends what was not answered (manager/nbdproxy.py).
+            from blockhorn.manager import nbdproxy
+            nbdproxy.ensure(self.home, name, eng.nbd_socket, nbdproxy.LOCAL)
+            target = relay = nbdproxy.local_socket(eng.nbd_socket)
+        att = attach_device(self._uri(target or eng.nbd_socket), fuse_dir,
+                            self.home.log(f"{name}-nbdfuse.log"), frontend=frontend)
+        att.relay = relay
         self.store.update_volume(name, attachment=att.to_dict())
         log.info("volume %s is %s (%s)", name, att.device, att.frontend)
 
@@ -493,12 +502,13 @@ class VolumeManager:
                 errors.append(f"device {vol.attachment.get('device')}: {e}")
         eng = self.store.engine(name)
         try:
-            # The TLS proxy first: it is the engine's client, and nbdkit with a client does not
-            # stop on SIGTERM.
+            # The relays (TLS proxy, local relay) first: they are the engine's clients, and
+            # nbdkit with a client does not stop on SIGTERM. The device is gone already, so
+            # the local relay has no client left (even with no engine to forward to).
             from blockhorn.manager import nbdproxy
             nbdproxy.stop(self.home, name, eng.nbd_socket)
         except (BlockhornError, OSError) as e:
-            errors.append(f"NBD TLS proxy: {e}")
+            errors.append(f"NBD relays: {e}")
         try:
             process.terminate([eng.process])
             self.store.set_engine_process(name, None)

@@ -1,7 +1,9 @@
 """Turning a running engine into a block device, and back.
 
-Where the kernel has NBD (`/dev/nbd*`), `nbd-client` connects the engine's unix socket to a
-free `/dev/nbdN`. Elsewhere (containers, this CI), `nbdfuse` exposes the engine as one file in a
+Where the kernel has NBD (`/dev/nbd*`), `nbd-client` connects a free `/dev/nbdN` to the
+volume's local relay (manager/nbdproxy.py LOCAL: nbdkit with nbd/relay.py on a unix socket of
+its own, in front of the engine's), which outlives the engine: the daemon starts the relay
+first. Elsewhere (containers, this CI), `nbdfuse` exposes the engine as one file in a
 FUSE mount and `losetup` puts a loop device on it. The `fuse` frontend skips NBD: the engine
 runs inside a pyfuse3 process (`blockhorn.fuse`) that exposes the volume as a file, and only the
 loop device is attached here. `detach_device` undoes every step in reverse order and keeps going
@@ -37,7 +39,8 @@ NBDKIT_THREADS = 4
 
 # fuse-nbd: the device-holding FUSE process (blockhorn/fuse/holder.py), which outlives engines.
 FRONTENDS = ("nbd", "nbdfuse", "fuse", "fuse-nbd", "none")
-# Frontends whose device survives an engine restart (and so a live upgrade).
+# Frontends whose device survives an engine restart (and so a live upgrade); `nbd` too when
+# its nbd-client is connected to the local relay (`Attachment.relay`; see `survives`).
 SURVIVING = ("fuse-nbd",)
 HOLDER_READY_TIMEOUT_S = 70.0   # the holder waits up to 60 s for an engine before it mounts
 
@@ -53,6 +56,9 @@ class Attachment:
     frontend: str
     pids: dict[str, int] = field(default_factory=dict)
     fuse_dir: str = ""
+    # The `nbd` frontend: the relay socket nbd-client is connected to (manager/nbdproxy.py).
+    # Empty for an attachment made before the relay existed (nbd-client on the engine's socket).
+    relay: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,6 +66,12 @@ class Attachment:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Attachment:
         return cls(**data)
+
+
+def survives(attachment: dict[str, Any]) -> bool:
+    """Whether the device of `attachment` (Attachment.to_dict) outlives an engine restart."""
+    frontend = attachment.get("frontend")
+    return frontend in SURVIVING or (frontend == "nbd" and bool(attachment.get("relay")))
 
 
 def require(command: str) -> str:

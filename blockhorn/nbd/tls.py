@@ -117,13 +117,20 @@ def proxy_argv(nbdkit: str, nbd_socket: str, address: str, port: int, psk_file: 
     if bool(psk_file) == bool(cert_dir):
         raise InvalidArgument("a TCP NBD endpoint needs exactly one of a PSK file and a "
                               "certificate directory: TLS is not optional on TCP")
-    argv = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(PROXY_THREADS),
-            "--tls=require", "-i", check_address(address), "--port", str(port)]
+    listen = ["--tls=require", "-i", check_address(address), "--port", str(port)]
     if psk_file:
-        argv.append(f"--tls-psk={os.path.abspath(psk_file)}")
+        listen.append(f"--tls-psk={os.path.abspath(psk_file)}")
     else:
-        argv += [f"--tls-certificates={os.path.abspath(cert_dir)}", "--tls-verify-peer"]
-    return argv + ["python", RELAY, f"socket={os.path.abspath(nbd_socket)}"]
+        listen += [f"--tls-certificates={os.path.abspath(cert_dir)}", "--tls-verify-peer"]
+    return relay_argv(nbdkit, nbd_socket, listen)
+
+
+def relay_argv(nbdkit: str, nbd_socket: str, listen: list[str]) -> list[str]:
+    """nbdkit with the relay plugin (nbd/relay.py) forwarding to the engine's unix socket,
+    listening where `listen` says: the TCP+TLS endpoint (proxy_argv) or the `nbd` frontend's
+    own unix socket (manager/nbdproxy.py LOCAL)."""
+    return [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(PROXY_THREADS),
+            *listen, "python", RELAY, f"socket={os.path.abspath(nbd_socket)}"]
 
 
 def endpoint(settings: dict[str, Any]) -> str:

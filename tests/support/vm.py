@@ -65,15 +65,18 @@ class Result:
 class Guest:
     def __init__(self, workdir: str, script: str, files: dict[str, bytes] | None = None,
                  name: str = "guest", memory_mib: int = GUEST_MEMORY_MIB,
-                 modules: tuple[str, ...] = ()) -> None:
+                 modules: tuple[str, ...] = (), host_root: bool = False) -> None:
         """`modules`: the kernel modules the script needs, of build_vm.MODULES (their
-        dependencies come along; virtio-net always); none named: all of them."""
+        dependencies come along; virtio-net always); none named: all of them. `host_root`:
+        the host's / shared read-only over virtio-9p as mount tag `hostroot` (HOST_ROOT_SETUP
+        mounts it as a writable root to chroot into)."""
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.name = name
         self.out_path = os.path.join(self.dir, "out.log")
         self.console_path = os.path.join(self.dir, "console.log")
         self.memory_mib = memory_mib
+        self.host_root = host_root
         extra = Cpio()
         # A host name of its own: the kernel's NFSv4 client names itself to the server by it
         # (EXCHANGE_ID), and two guests by the same name would be one client to Ganesha
@@ -106,6 +109,12 @@ class Guest:
                 "-serial", f"file:{self.console_path}", "-serial", f"file:{self.out_path}",
                 # romfile=: no PXE option ROM (ipxe-qemu is only a recommendation).
                 "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile="]
+        if self.host_root:
+            # multidevs=remap: the host's / spans several filesystems whose inode numbers
+            # collide (/proc and /sys both have inode 1); unmapped, the guest took /proc for
+            # /sys and mounted proc over the wrong directory.
+            argv += ["-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,"
+                     "readonly=on,multidevs=remap"]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                      stdout=open(os.path.join(self.dir, "qemu.log"), "wb"),
@@ -175,6 +184,26 @@ class Guest:
             else text
         body = body.rsplit("BH-VM-EXIT", 1)[0]
         return Result(int(m.group(1)), body, boot_s, run_s)
+
+
+# A guest script's first lines for Guest(host_root=True): the host's root filesystem (9p,
+# read-only) under an overlayfs whose upper layer is a tmpfs, at /hostroot, with the kernel
+# filesystems, a fresh /tmp, /run and /var/tmp and the guest's /dev in it. `chroot /hostroot CMD`
+# then runs the host's own programs (its python3, the checkout and .venv under test, nbdkit,
+# nbd-client) in the guest's kernel; what they write stays in the guest's memory. msize and
+# cache=loose: fewer, larger 9p round trips (the host's files do not change under the test).
+HOST_ROOT_SETUP = """
+mkdir -p /host /ov /hostroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=524288,cache=loose hostroot /host
+mount -t tmpfs -o mode=0755 ov /ov
+mkdir -p /ov/upper /ov/work
+mount -t overlay overlay -o lowerdir=/host,upperdir=/ov/upper,workdir=/ov/work /hostroot
+mount -t proc proc /hostroot/proc
+mount -t sysfs sys /hostroot/sys
+mount -o bind /dev /hostroot/dev
+mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 shm /dev/shm
+for d in tmp run var/tmp; do mount -t tmpfs -o mode=1777 "$d" "/hostroot/$d"; done
+"""
 
 
 def run(workdir: str, script: str, timeout: float, **kw) -> Result:
