@@ -343,6 +343,26 @@ def release_fuse(conns: list[int]) -> None:
             subprocess.run(["losetup", "-d", dev["name"]], capture_output=True, check=False)
 
 
+def fuse_connections() -> set[int]:
+    with contextlib.suppress(OSError):
+        return {int(c) for c in os.listdir("/sys/fs/fuse/connections") if c.isdigit()}
+    return set()
+
+
+def orphaned_fuse(since: set[int]) -> list[int]:
+    """FUSE connections made after `since` that no process has mounted any more: a host's
+    whose mount namespace is gone while a loop device still holds its file (a node daemon
+    killed and fenced leaves its old device so until the volume is attached there again)."""
+    mounted: set[int] = set()
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                major, _, minor = line.split()[2].partition(":")
+                if major == "0":
+                    mounted.add(int(minor))
+    return sorted(fuse_connections() - since - mounted)
+
+
 def kill_netns(ns: str) -> int:
     pids = netns_pids(ns)
     for p in pids:
@@ -376,6 +396,7 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
     subnet = f"10.{rnd.randrange(128, 192)}.{rnd.randrange(256)}"
     names = {f"bc{tok}h{i}": f"{subnet}.{10 + i}/24" for i in range(n)}
     os.makedirs(root, exist_ok=True)
+    before = fuse_connections()
     with hosts_on_bridge(names, f"bc{tok}b", f"{subnet}.1/24"):
         os.makedirs(os.path.join(root, "etcd"), exist_ok=True)
         site = Site(root, "", f"/bh-{tok}/")
@@ -417,3 +438,4 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
                         proc.wait(10)
             _unmount_under(root)
             _detach_loops(root)
+            release_fuse(orphaned_fuse(before))
