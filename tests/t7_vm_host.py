@@ -22,6 +22,8 @@ import time
 import pytest
 from support import vm
 
+from blockhorn.nbd.attach import NBD_CONNECTIONS
+
 pytestmark = pytest.mark.vm
 
 GUEST_MEMORY_MIB = 1024   # four Python processes (daemon, 2 replicas, relay) + nbdkit + tmpfs
@@ -55,6 +57,8 @@ att = v["attachment"]
 print("ATTACHED", v["frontend"], v["device"], "relay" if att.get("relay") else "norelay",
       oct(stat.S_IMODE(os.stat(att.get("relay") or "/").st_mode)))
 EOF
+# One kernel hardware queue per connection (nbd-client -C, attach.NBD_CONNECTIONS).
+echo "QUEUES $(ls /sys/block/nbd0/mq | wc -l)"
 mkfs.ext4 -q -F /dev/nbd0 && mount -t ext4 /dev/nbd0 /mnt || die mkfs
 for s in 0 1 2 3 4 5 6 7; do
     dd if=/dev/urandom of=/tmp/s$s bs=64k count=8 status=none
@@ -150,6 +154,7 @@ def test_local_nbd_frontend_survives_engine_kill_and_upgrade(tmp_path) -> None:
     assert "timed out" not in kernel and "timed out" not in console, kernel
     m = re.search(r"^ATTACHED (\S+) (\S+) (\S+) (\S+)$", out, re.M)
     assert m and m.groups() == ("nbd", "/dev/nbd0", "relay", "0o600"), out
+    assert re.search(rf"^QUEUES {NBD_CONNECTIONS}$", out, re.M), out
     load = re.search(r"^WRITES (\d+) ERRORS (\d+)$", out, re.M)
     assert load and int(load.group(2)) == 0 and "write error" not in out, out
     assert re.search(r" /mnt ext4 rw[ ,]", out), out

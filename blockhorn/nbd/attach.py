@@ -253,6 +253,10 @@ def _attach_holder(uri: str, fuse_dir: str, log_path: str) -> Attachment:
 
 
 NBD_BLOCK_SIZE = 4096   # the kernel device's logical block size (a filesystem's usual block)
+# Connections of a local `nbd` device (nbd-client -C; the kernel spreads its queues over
+# them). The engine advertises multi-conn (nbd/exports.py: one FLUSH covers the writes of every
+# connection), and the local relay serves each on its own worker threads (tls.PROXY_THREADS).
+NBD_CONNECTIONS = 2
 # File names in a client certificate directory: libnbd's (nbd_set_tls_certificates), so one
 # directory serves nbdsh/nbdcopy and nbd-client alike.
 CLIENT_CERT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
@@ -260,15 +264,16 @@ CLIENT_CERT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
 
 def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: int = 0,
                     cert_dir: str = "", tls_hostname: str = "", export: str = "",
-                    nbd_client: str = "") -> list[str]:
+                    nbd_client: str = "", connections: int = 1) -> list[str]:
     """The `nbd-client` command line that connects `device` to an engine: its unix socket
     (the nbd frontend) or its TCP endpoint (nbd/tls.py) with X.509 certificates from
     `cert_dir` — nbd-client 3.24 speaks TLS with certificates only, not TLS-PSK.
     `tls_hostname` is the name checked against the server's certificate when the host is
     reached by another address (a NAT, QEMU's 10.0.2.2). `export` names the export (`-N`;
     the engine serves one whatever the name, but without -N nbd-client 3.24 warns about the
-    oldstyle protocol). The real-kernel tier (tests/t7_vm_nbd.py) runs exactly this command
-    line in a guest."""
+    oldstyle protocol). `connections` > 1: that many connections (`-C`, netlink only).
+    The real-kernel tier (tests/t7_vm_nbd.py, t7_vm_host.py) runs exactly this command line
+    in a guest."""
     argv = [nbd_client or require("nbd-client")]
     if socket_path:
         argv += ["-unix", socket_path]
@@ -277,6 +282,8 @@ def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: in
     else:
         raise BlockhornError("nbd-client needs a unix socket or a host and port", errno.EINVAL)
     argv += [device, "-b", str(NBD_BLOCK_SIZE)]
+    if connections > 1:
+        argv += ["-C", str(connections)]
     if export:
         argv += ["-N", export]
     if cert_dir:
@@ -296,7 +303,7 @@ def _attach_nbd(uri: str) -> Attachment:
         size_file = f"/sys/block/{os.path.basename(dev)}/size"
         if os.path.exists(size_file) and open(size_file).read().strip() != "0":
             continue  # in use
-        _run(nbd_client_argv(dev, socket_path=socket_path))
+        _run(nbd_client_argv(dev, socket_path=socket_path, connections=NBD_CONNECTIONS))
         return Attachment(device=dev, frontend="nbd")
     raise BlockhornError("no free /dev/nbd device", errno.EBUSY)
 
