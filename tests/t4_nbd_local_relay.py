@@ -12,17 +12,16 @@ and removes its socket; what was acknowledged reads back.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import stat
-import time
 from collections.abc import Iterator
 
 import nbd
 import psutil
 import pytest
 from daemon_util import IS_ROOT, Env, wait_until
+from t4_nbd_tls import pause_through_kill
 
 from blockhorn.control.store import SqliteStore
 from blockhorn.manager import nbdproxy
@@ -68,13 +67,7 @@ def test_local_relay_outlives_engine_and_daemon(env: Env) -> None:
         # kill -9 of the engine's nbdkit: the relay keeps the connection and re-sends.
         keeper = psutil.Process(env.show("v")["engine"]["pid"])
         engine = next(c for c in keeper.children() if "python" in c.cmdline())
-        engine.kill()
-        engine.wait(10)
-        t0 = time.monotonic()
-        assert hashlib.sha256(h.pread(SIZE, 0)).digest() == hashlib.sha256(data).digest()
-        pause = time.monotonic() - t0
-        h.pwrite(data[:MiB], SIZE - MiB)
-        h.flush()
+        pause = pause_through_kill(engine, h, data)
         v = env.show("v")
         assert v["engine"]["restarts"] == 1, v
         assert "fails I/O" not in (v["message"] or ""), v["message"]

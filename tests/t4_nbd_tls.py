@@ -81,6 +81,20 @@ def tls_proxy(port: int) -> psutil.Process:
     raise AssertionError(f"no TLS proxy on port {port}")
 
 
+def pause_through_kill(engine: psutil.Process, h: nbd.NBD, data: bytes) -> float:
+    """kill -9 of the engine under connected client `h` (through a relay): seconds until
+    the first read after it returned `data`, which the relay re-sent to the next engine; a
+    write after it must go through too."""
+    engine.kill()
+    engine.wait(10)
+    t0 = time.monotonic()
+    assert hashlib.sha256(h.pread(len(data), 0)).digest() == hashlib.sha256(data).digest()
+    pause = time.monotonic() - t0
+    h.pwrite(data[:MiB], len(data) - MiB)
+    h.flush()
+    return pause
+
+
 def test_tcp_endpoint_psk(env: Env) -> None:
     port = free_port()
     out = env.cli("volume", "attach", "v", "--frontend", "none", "--port", str(port)).stdout
@@ -153,13 +167,7 @@ def test_tcp_endpoint_psk(env: Env) -> None:
         # the requests to the engine the daemon restarts on the same socket, and the client
         # sees a pause, no error; what was acknowledged reads back.
         proxy = tls_proxy(port)
-        engine.kill()
-        engine.wait(10)
-        t0 = time.monotonic()
-        assert hashlib.sha256(h.pread(SIZE, 0)).digest() == hashlib.sha256(data).digest()
-        pause = time.monotonic() - t0
-        h.pwrite(data[:MiB], SIZE - MiB)
-        h.flush()
+        pause = pause_through_kill(engine, h, data)
         assert env.show("v")["engine"]["restarts"] == 1 and proxy.is_running()
         # The daemon dies: the proxy (own session) serves on; the next daemon adopts it.
         env.kill_daemon(signal.SIGKILL)
