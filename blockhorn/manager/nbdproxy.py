@@ -78,7 +78,7 @@ def running(home: Home, name: str, kind: Kind = TLS) -> ProcessRecord | None:
 
 def ensure(home: Home, name: str, nbd_socket: str, kind: Kind = TLS) -> ProcessRecord | None:
     """Start `name`'s relay of `kind` unless it runs; None for TLS without a TCP endpoint."""
-    from blockhorn.nbd.attach import require
+    from blockhorn.nbd.attach import remove_stale_socket, require
     tcp = nbdtls.load(home.volume_dir(name)) if kind is TLS else None
     if kind is TLS and tcp is None:
         return None
@@ -91,7 +91,6 @@ def ensure(home: Home, name: str, nbd_socket: str, kind: Kind = TLS) -> ProcessR
         nbdtls.check_bindable(tcp["address"], tcp["port"])
     else:
         sock = local_socket(nbd_socket)
-        from blockhorn.nbd.attach import remove_stale_socket
         remove_stale_socket(sock)   # nbdkit leaves its socket behind when killed
         argv = nbdtls.relay_argv(require("nbdkit"), nbd_socket, ["--unix", sock])
         address = f"unix:{sock}"

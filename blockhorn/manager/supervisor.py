@@ -414,12 +414,13 @@ class Supervisor:
         """Restart a share manager that died (it restarts Ganesha itself; this covers the
         share manager process) unless the device under it is gone."""
         key = f"share/{vol.name}"
-        if self.volumes.cluster is not None and self.volumes.shares.alive(vol.name):
+        alive = self.volumes.shares.alive(vol.name)
+        if self.volumes.cluster is not None and alive:
             try:   # for the node the share moves to if this one dies (manager/leader.py)
                 self.volumes.shares.sync_records(vol.name, vol.epoch)
             except (BlockhornError, OSError) as e:
                 log.warning("share of %s: storing its NFS client records: %s", vol.name, e)
-        if vol.device_stale or self.volumes.shares.alive(vol.name) or not self._due(key):
+        if vol.device_stale or alive or not self._due(key):
             return
         log.error("share manager of %s is not running: restarting it", vol.name)
         try:

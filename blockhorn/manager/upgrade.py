@@ -98,8 +98,8 @@ def upgrade(volumes: Any, name: str) -> dict[str, Any]:
         if frontend not in SURVIVING and not proxied:
             raise Busy(f"volume {name!r} uses the {frontend} frontend, whose device does not "
                        "survive an engine restart: a live upgrade needs --frontend "
-                       f"{SURVIVING[0]} (or nbd where the kernel has NBD), or --frontend none with a TCP endpoint (--port) "
-                       "(detach, then attach with it)")
+                       f"{SURVIVING[0]} (or nbd where the kernel has NBD), or --frontend "
+                       "none with a TCP endpoint (--port) (detach, then attach with it)")
         old = running_version(volumes.home, name)
         eng = store.engine(name)
         holder = _Holder(vol.attachment or {})

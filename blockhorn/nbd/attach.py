@@ -254,8 +254,9 @@ def _attach_holder(uri: str, fuse_dir: str, log_path: str) -> Attachment:
 
 NBD_BLOCK_SIZE = 4096   # the kernel device's logical block size (a filesystem's usual block)
 # Connections of a local `nbd` device (nbd-client -C; the kernel maps its hardware queues,
-# at most one per CPU, onto them). The engine advertises multi-conn (nbd/exports.py: one FLUSH covers the writes of every
-# connection), and the local relay serves each on its own worker threads (tls.PROXY_THREADS).
+# at most one per CPU, onto them). The engine advertises multi-conn (nbd/exports.py: one
+# FLUSH covers the writes of every connection), and the local relay serves each on its own
+# worker threads (tls.PROXY_THREADS).
 NBD_CONNECTIONS = 2
 # File names in a client certificate directory: libnbd's (nbd_set_tls_certificates), so one
 # directory serves nbdsh/nbdcopy and nbd-client alike.

@@ -464,21 +464,13 @@ class FrameMac:
         of a frame without payload either way (`d` b""). One call per frame and one hash
         update per HMAC half: with `check_header`, what every write and its acknowledgement
         go through, where the Python around the hash cost more than the hash."""
-        m = self._inner.copy()
-        m.update(self.counter.to_bytes(8, "little") + header + d)
+        counter = self.counter.to_bytes(8, "little")
         self.counter += 1
-        outer = self._outer.copy()
-        outer.update(m.digest())
-        return outer.digest()[:TAG_SIZE]
+        return self._digested(counter, header, d)
 
     def check_header(self, header: Any, d: bytes, tag: bytes | bytearray | memoryview) -> None:
         """Check the tag of the next frame, whose form `tag_header` describes."""
-        m = self._inner.copy()
-        m.update(self.counter.to_bytes(8, "little") + header + d)
-        self.counter += 1
-        outer = self._outer.copy()
-        outer.update(m.digest())
-        if not hmac.compare_digest(outer.digest()[:TAG_SIZE], tag):
+        if not hmac.compare_digest(self.tag_header(header, d), tag):
             raise _frame_failed()
 
     def tag(self, buffers: list[Any], d: bytes | None = None) -> bytes:
