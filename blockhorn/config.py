@@ -123,6 +123,7 @@ class EngineConfig(_Loadable):
     epoch: int = 0       # fencing epoch sent to the replicas (failover owners; 0: none)
     record: str = ""     # generation record (engine/generation.py); "" = replicas' own sets
     salvage: str = ""    # operator override for one start: this replica is the source
+    salvage_id: str = ""   # that salvage's token: an engine that started from it records it
     rebuild_limits: str = ""   # the node's rebuild limits file (engine/limits.py); "" = none
 
     def validate(self) -> None:

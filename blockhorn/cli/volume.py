@@ -106,6 +106,11 @@ def add_parsers(cmds: Any) -> Any:
     p.add_argument("--node", default=None, metavar="NODE",
                    help="on a cluster: the node whose daemon runs the engine and device "
                         "(default: the node this command talks to)")
+    p.add_argument("--salvage", default=None, metavar="REPLICA",
+                   help="when the attach is refused because replicas of the newest in-sync "
+                        "set are gone for good: start from this replica (`volume show` lists "
+                        "them) and resync the others from it, for this start only. Writes "
+                        "that only the missing replicas hold are lost")
     home_arg(p)
 
     p = vcmds.add_parser("detach", help="remove the device and stop the volume's processes",
@@ -246,7 +251,10 @@ def run_volume(args: argparse.Namespace, home: Home) -> int:
             if args.tcp_port is None and (args.tcp_address or args.tls):
                 raise InvalidArgument("--address and --tls go with --port")
             v = c.attach(args.name, args.frontend, args.tcp_port, args.tcp_address, args.tls,
-                         args.node)
+                         args.node, args.salvage)
+            if args.salvage:
+                print(f"blockhorn: volume {args.name} started from replica {args.salvage} "
+                      "(salvage); its other replicas are resynced from it", file=sys.stderr)
             print(v.get("device") or v.get("endpoint"))
             if v.get("nbd_tcp"):
                 print(v["nbd_tcp"]["uri"])

@@ -142,8 +142,13 @@ class Engine:
             list(pool.map(self.connect_replica, self.replicas.values()))
         reachable = [r for r in self.replicas.values() if r.client]
         seen = [generation.Seen.from_stat(r.ref.name, r.stat) for r in reachable]
-        if self.cfg.salvage:
-            decision = generation.salvage(seen, self.cfg.salvage)
+        salvage = self.cfg.salvage
+        if salvage and generation.salvaged(self.cfg.record, self.cfg.salvage_id):
+            log.info("volume %s: salvage %s already done (%s): the start rule decides",
+                     self.cfg.volume, salvage, self.cfg.salvage_id)
+            salvage = ""
+        if salvage:
+            decision = generation.salvage(seen, salvage)
         else:
             try:
                 decision = generation.choose(list(self.replicas), seen,
@@ -172,6 +177,8 @@ class Engine:
         self.generation = decision.generation
         self._update_readers()
         self.commit_if_needed()
+        if salvage:     # the start commit made the salvaged replica the newest set: once only
+            generation.record_salvage(self.cfg.record, self.cfg.salvage_id)
         stale = [r for r in self.replicas.values() if r.client and r.mode != ReplicaMode.RW]
         log.info("volume %s: generation %d, RW %s, resyncing %s", self.cfg.volume,
                  self.generation, decision.rw, [r.ref.name for r in stale])

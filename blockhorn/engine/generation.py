@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from blockhorn.fsutil import atomic_write_json, read_json
+from blockhorn.fsutil import atomic_write, atomic_write_json, read_json
 from blockhorn.replica.store import REVISION_COUNTER, REVISION_SIZE, VOLUME_META, decode_revision
 from blockhorn.types import BlockhornError, ReplicaUnavailable
 
@@ -104,8 +104,9 @@ def choose(configured: list[str], seen: list[Seen], record: Record | None) -> De
             raise ReplicaUnavailable(
                 f"replica(s) {', '.join(missing)} of the newest in-sync set (generation "
                 f"{generation}) are unreachable and may hold newer data: bring them back, or "
-                'salvage explicitly from a replica you choose ("salvage": NAME in the engine '
-                "config, for one start)")
+                "salvage explicitly from a replica you choose, accepting that writes only the "
+                "missing ones hold are lost (`blockhorn volume attach VOLUME --salvage "
+                "REPLICA`)" + _describe(seen))
     current = [s for s in seen if s.name in members and not s.rebuilding and not s.error]
     if not current:
         raise ReplicaUnavailable(
@@ -178,6 +179,30 @@ def load_record(path: str) -> Record | None:
         return Record(int(data["generation"]), frozenset(str(m) for m in data["members"]))
     except (KeyError, TypeError, ValueError) as e:
         raise BlockhornError(f"{path}: corrupt generation record ({e})", errno.EUCLEAN) from None
+
+
+def _salvage_marker(record: str) -> str:
+    return record + ".salvaged"
+
+
+def salvaged(record: str, salvage_id: str) -> bool:
+    """True when an engine of this node already started from the salvage `salvage_id`: its
+    start commit made the salvaged replica the newest set, and a second salvage from it
+    (an engine restarted before the manager cleared the request) could drop writes
+    acknowledged since."""
+    if not record or not salvage_id:
+        return False
+    try:
+        with open(_salvage_marker(record)) as f:
+            return f.read().strip() == salvage_id
+    except FileNotFoundError:
+        return False
+
+
+def record_salvage(record: str, salvage_id: str) -> None:
+    """Durably note that the salvage `salvage_id` is done (after its start commit)."""
+    if record and salvage_id:
+        atomic_write(_salvage_marker(record), salvage_id.encode() + b"\n")
 
 
 def save_record(path: str, generation: int, members: list[str]) -> None:

@@ -150,7 +150,8 @@ def wait_remote_replicas(vm: VolumeManager, name: str) -> None:
             time.sleep(0.1)
 
 
-def attach_on(vm: VolumeManager, name: str, frontend: str, node: str) -> dict[str, Any]:
+def attach_on(vm: VolumeManager, name: str, frontend: str, node: str,
+              salvage: dict[str, str] | None = None) -> dict[str, Any]:
     """Ask node `node`'s daemon to attach the volume (the store says so; its supervisor
     does it) and wait until it did or failed."""
     assert vm.cluster is not None
@@ -173,12 +174,12 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str) -> dict[st
                                       if vol.access_mode == "rwx" else ""))
             # Its node is down: move it (docs/DURABILITY.md, "A volume attached on a node
             # that died"); the new epoch fences the old engine.
-            move_attachment(vm.store, vol, node, "asked by an operator", frontend)
+            move_attachment(vm.store, vol, node, "asked by an operator", frontend, salvage)
         else:
             vm.store.claim_attachment(name, node, vol.node, desired="attached",
                                       frontend=frontend, tcp_port=None, robustness=None,
                                       attachment=None, device_stale=False,
-                                      message=ATTACHING + node)
+                                      message=ATTACHING + node, salvage=salvage)
     deadline = time.monotonic() + REMOTE_WAIT_S
     while time.monotonic() < deadline:
         vol = vm.store.volume(name)
@@ -195,7 +196,7 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str) -> dict[st
 
 
 def move_attachment(store: StateStore, vol: VolumeRow, node: str, why: str,
-                    frontend: str | None = None) -> int:
+                    frontend: str | None = None, salvage: dict[str, str] | None = None) -> int:
     """Move the attachment of `vol`, whose engine's node is down, to `node` (whose daemon
     then brings it up: `realize_attach`) in one compare-and-swap that bumps the attach
     epoch: the new engine presents it, and every replica it reaches refuses the old engine
@@ -205,7 +206,7 @@ def move_attachment(store: StateStore, vol: VolumeRow, node: str, why: str,
     epoch = store.claim_attachment(vol.name, node, old, desired="attached", tcp_port=None,
                                    **more,
                                    robustness=None, attachment=None, device_stale=False,
-                                   message=ATTACHING + node)
+                                   message=ATTACHING + node, salvage=salvage)
     log.warning("volume %s: its engine's node %s is down; attachment moved to %s (epoch %d, "
                 "%s)", vol.name, old, node, epoch, why)
     return epoch
@@ -224,7 +225,7 @@ def realize_attach(vm: VolumeManager, name: str) -> None:
     except (BlockhornError, OSError) as e:
         log.error("attach of %s on this node failed: %s; undoing", name, e)
         vm._teardown(name)
-        vm.store.update_volume(name, desired="detached", frontend=None,
+        vm.store.update_volume(name, desired="detached", frontend=None, salvage=None,
                                message=f"attach on {vm.me} failed: {e}")
         return
     vm.store.update_volume(name, message=None)

@@ -164,14 +164,16 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
     @endpoint
     async def attach_volume(request: Request) -> Any:
         data = _only(await _body(request), {"frontend", "tcp_port", "tcp_address", "tls",
-                                            "node"})
+                                            "node", "salvage"})
         port = data.get("tcp_port")
         if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
             raise InvalidArgument("tcp_port must be an integer")
+        if not isinstance(data.get("salvage", ""), str):
+            raise InvalidArgument("salvage must be a replica name")
         return await run(volumes.attach, request.path_params["name"],
                          frontend=data.get("frontend", "auto"), tcp_port=port,
                          tcp_address=data.get("tcp_address"), tls=data.get("tls"),
-                         node=data.get("node"))
+                         node=data.get("node"), salvage=data.get("salvage"))
 
     @endpoint
     async def detach_volume(request: Request) -> Any:

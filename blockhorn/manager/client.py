@@ -131,10 +131,10 @@ class Client:
 
     def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
                tcp_address: str | None = None, tls: str | None = None,
-               node: str | None = None) -> dict[str, Any]:
+               node: str | None = None, salvage: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"frontend": frontend}
         for key, value in (("tcp_port", tcp_port), ("tcp_address", tcp_address), ("tls", tls),
-                           ("node", node)):
+                           ("node", node), ("salvage", salvage)):
             if value is not None:
                 body[key] = value
         return dict(self.request("POST", f"/volumes/{name}/attach", body))

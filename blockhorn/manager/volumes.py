@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -247,6 +248,8 @@ class VolumeManager:
                      rebuild_limits=self.home.rebuild_limits,
                      timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT)),
                      epoch=vol.epoch,   # the replicas refuse engines of older attachments
+                     salvage=(vol.salvage or {}).get("replica", ""),
+                     salvage_id=(vol.salvage or {}).get("id", ""),
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
@@ -258,7 +261,11 @@ class VolumeManager:
 
     def attach(self, name: str, frontend: str = "auto", tcp_port: int | None = None,
                tcp_address: str | None = None, tls: str | None = None,
-               node: str | None = None) -> dict[str, Any]:
+               node: str | None = None, salvage: str | None = None) -> dict[str, Any]:
+        """Attach volume `name` (on `node`, a cluster's, when given). `salvage`: the
+        operator's override of the generation rule for this start: the engine takes that
+        replica as the source and resyncs the others from it, whatever they hold."""
+        request = self._salvage_request(name, salvage)
         if node is not None and node != self.me:
             if self.cluster is None:
                 raise InvalidArgument("volume attach --node needs a cluster (daemon run "
@@ -266,7 +273,7 @@ class VolumeManager:
             if tcp_port is not None or tls is not None:
                 raise InvalidArgument("--port/--tls with --node: ask that node's API instead")
             from blockhorn.manager import across
-            return across.attach_on(self, name, frontend, node)
+            return across.attach_on(self, name, frontend, node, request)
         if frontend not in FRONTENDS:
             raise InvalidArgument(f"invalid frontend {frontend!r}: use one of "
                                   f"{', '.join(FRONTENDS)}")
@@ -302,18 +309,30 @@ class VolumeManager:
                 nbdtls.save(self.home.volume_dir(name), tcp)
             self.store.claim_attachment(name, self.me, vol.node, desired="attached",
                                         frontend=frontend, tcp_port=tcp_port, robustness=None,
-                                        message=None, attachment=None, device_stale=False)
+                                        message=None, attachment=None, device_stale=False,
+                                        salvage=request)
             try:
                 self.bring_up(name, frontend, vol.access_mode)
             except BaseException as e:
                 log.error("attach of %s failed: %s; undoing", name, e)
                 self._teardown(name)
                 self.store.update_volume(name, desired="detached", frontend=None,
-                                         tcp_port=None)
+                                         tcp_port=None, salvage=None)
                 nbdtls.remove(self.home.volume_dir(name))
                 raise
         log.info("attached volume %s (frontend %s)", name, frontend)
         return self.show(name)
+
+    def _salvage_request(self, name: str, salvage: str | None) -> dict[str, str] | None:
+        if salvage is None:
+            return None
+        names = [r.name for r in self.store.replicas(name)]   # NotFound for a bad volume
+        if salvage not in names:
+            raise InvalidArgument(f"--salvage {salvage!r} is not a replica of volume {name!r} "
+                                  f"(its replicas: {', '.join(names)})")
+        log.warning("volume %s: salvage from replica %s asked: writes the other replicas hold "
+                    "and it does not are lost", name, salvage)
+        return {"replica": salvage, "id": secrets.token_hex(8)}
 
     def bring_up(self, name: str, frontend: str, access_mode: str) -> None:
         """Replicas (this node's; the others' nodes start theirs), engine, device, share."""
@@ -330,6 +349,11 @@ class VolumeManager:
                                    if self.is_local(r) and not process.alive(r.process)])
         across.wait_remote_replicas(self, name)
         self.start_engine(name)
+        if self.store.volume(name).salvage:
+            # The engine started from it: the next start (a restart) follows the rule again,
+            # which trusts the salvaged replica now (the start commit made it the newest set).
+            self.store.update_volume(name, salvage=None)
+            self.write_configs(name)
         if frontend != "none":
             self._attach_device(name, frontend)
         if access_mode == "rwx":

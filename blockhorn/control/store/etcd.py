@@ -100,7 +100,7 @@ def _volume(d: Doc) -> VolumeRow:
                      bool(d.get("device_stale")), list(d.get("groups") or []),
                      d.get("standby"), d.get("node"), bool(d.get("fresh")),
                      list(d.get("node_selector") or []), list(d.get("disk_selector") or []),
-                     int(d.get("epoch") or 0))
+                     int(d.get("epoch") or 0), d.get("salvage"))
 
 
 def _replica(d: Doc) -> ReplicaRow:

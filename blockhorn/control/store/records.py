@@ -77,12 +77,17 @@ class VolumeRow:
     # engine runs on (`claim_attachment`), presented by that engine to the replicas, which
     # refuse every connection of a lower one (replica/fencing.py, docs/DURABILITY.md).
     epoch: int = 0
+    # An operator's salvage for the next engine start (`volume attach --salvage REPLICA`):
+    # {"replica": name, "id": token}; cleared once an engine started from it (the engine
+    # also records the token, so a restart before the clear does not salvage twice).
+    salvage: dict[str, Any] | None = None
 
 
 # What update_volume may change.
 VOLUME_FIELDS = frozenset({"desired", "frontend", "attachment", "robustness", "message",
                            "tcp_port", "access_mode", "device_stale", "size", "groups",
-                           "standby", "node", "fresh", "node_selector", "disk_selector"})
+                           "standby", "node", "fresh", "node_selector", "disk_selector",
+                           "salvage"})
 
 
 @dataclass

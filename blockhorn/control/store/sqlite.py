@@ -34,9 +34,9 @@ from blockhorn.control.store.records import (
 )
 from blockhorn.types import AlreadyExists, Busy, NotFound
 
-SCHEMA_VERSION = 5   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
+SCHEMA_VERSION = 6   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
 # 4: volumes.node/fresh, replicas.node (NULL in an older home: everything on this host).
-# 5: volumes.node_selector/disk_selector.
+# 5: volumes.node_selector/disk_selector. 6: volumes.salvage.
 # New tables (shares, share_records, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
 # adds them to any home, and an older blockhorn ignores them.
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     node          TEXT,            -- the node its engine runs on; NULL: this host (schema 4)
     fresh         INTEGER,         -- 1: never attached (schema 4); NULL: attached, or older
     node_selector TEXT,            -- JSON list of tags; NULL: none (schema 5)
-    disk_selector TEXT             -- JSON list of tags; NULL: none (schema 5)
+    disk_selector TEXT,            -- JSON list of tags; NULL: none (schema 5)
+    salvage       TEXT             -- JSON {"replica", "id"} for the next start (schema 6)
 );
 CREATE TABLE IF NOT EXISTS replicas (
     name        TEXT PRIMARY KEY,
@@ -151,7 +152,7 @@ CREATE TABLE IF NOT EXISTS backup_targets (
 # Columns added after schema 1, with their declarations: an old home gets them on open.
 _ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT"), ("node", "TEXT"),
                               ("fresh", "INTEGER"), ("node_selector", "TEXT"),
-                              ("disk_selector", "TEXT")],
+                              ("disk_selector", "TEXT"), ("salvage", "TEXT")],
                   "replicas": [("failed_since", "REAL"), ("node", "TEXT")]}
 
 
@@ -171,7 +172,8 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
                      bool(row["device_stale"]), json.loads(row["groups"] or "[]"),
                      json.loads(row["standby"]) if row["standby"] else None, row["node"],
                      bool(row["fresh"]), json.loads(row["node_selector"] or "[]"),
-                     json.loads(row["disk_selector"] or "[]"))
+                     json.loads(row["disk_selector"] or "[]"),
+                     salvage=json.loads(row["salvage"]) if row["salvage"] else None)
 
 
 def _node(r: sqlite3.Row) -> NodeRow:
@@ -276,7 +278,8 @@ class SqliteStore:
                        clear_engine: bool = False) -> None:
         if not fields or set(fields) - VOLUME_FIELDS:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
-        for k in ("attachment", "groups", "standby", "node_selector", "disk_selector"):
+        for k in ("attachment", "groups", "standby", "node_selector", "disk_selector",
+                  "salvage"):
             if k in fields and fields[k] is not None:
                 fields[k] = json.dumps(fields[k], sort_keys=True)
         sets = ", ".join(f"{k}=?" for k in fields)
