@@ -396,3 +396,33 @@ def test_claim_attachment_moves_once_and_bumps_the_epoch(kind: str, store: State
     assert (e1, e2) == ((1, 2) if kind == "etcd" else (0, 0))
     with pytest.raises(NotFound):
         store.claim_attachment("nope", "n1", None)
+
+
+def test_watch_reports_what_supervision_acts_on(kind: str, store: StateStore,
+                                                 reopen: object) -> None:
+    """etcd: a change another node makes to a volume wakes the watcher (the supervisor's
+    next pass starts then); a heartbeat (the node document, every beat) does not. SQLite
+    has no feed: one daemon makes every change."""
+    make(store)
+    store.put_node(NodeRow("n1", "10.0.0.1"))
+    woken = threading.Event()
+    stop = store.watch(woken.set)
+    if kind == "sqlite":
+        assert stop is None
+        return
+    assert stop is not None
+    try:
+        assert woken.wait(5), "no wake when the watch started"   # a new stream: maybe missed
+        woken.clear()
+        other = reopen()   # type: ignore[operator]
+        other.update_node("n1", heartbeat=7.0)
+        assert not woken.wait(0.5), "a heartbeat woke the watcher"
+        other.update_volume("v", desired="attached", node="n1",
+                            salvage={"replica": "v-r1", "id": "t"})
+        assert woken.wait(5), "a volume change did not wake the watcher"
+        assert store.volume("v").salvage == {"replica": "v-r1", "id": "t"}
+        woken.clear()
+        other.node_alive("n1", 2)       # a node's liveness key appears
+        assert woken.wait(5), "a node coming up did not wake the watcher"
+    finally:
+        stop()

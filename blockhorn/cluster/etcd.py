@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import errno
 import json
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +28,10 @@ import httpx
 
 from blockhorn.types import BlockhornError, InvalidArgument
 
+log = logging.getLogger("blockhorn.etcd")
+
 TIMEOUT_S = 2.0         # seconds per request (connect, read, write)
+WATCH_RETRY_S = 1.0     # seconds between a broken watch stream and the next try
 GRPC_NOT_FOUND = 5      # gRPC status code in the gateway's error body
 
 
@@ -236,6 +241,40 @@ class Etcd:
             self._call("/v3/lease/revoke", {"ID": str(lease)})
         except LeaseNotFound:
             pass   # expired already: its keys are gone, which is what revoking wanted
+
+    def watch(self, prefix: bytes | str, on_change: Callable[[list[bytes]], None],
+              stop: threading.Event) -> None:
+        """Call `on_change` with the keys of every batch of changes under `prefix`, until
+        `stop` is set; runs in the calling thread (give it one of its own). Never raises: a
+        broken stream (a member died, its link went down) is opened again on the next
+        endpoint after WATCH_RETRY_S, and every new stream starts with `on_change([])`,
+        since changes made meanwhile were not seen. A stream that only goes silent (a
+        partition) is not detected here: a watch only hastens what the caller also polls."""
+        p = prefix.encode() if isinstance(prefix, str) else prefix
+        body = {"create_request": {"key": _enc(p), "range_end": _enc(prefix_end(p))}}
+        # Its own client: the stream's read waits as long as nothing changes.
+        with httpx.Client(timeout=httpx.Timeout(self.timeout, read=None)) as client:
+            tries = 0
+            while not stop.is_set():
+                with self._order:
+                    base = self.endpoints[tries % len(self.endpoints)]
+                tries += 1
+                try:
+                    with client.stream("POST", base + "/v3/watch", json=body) as r:
+                        if r.status_code != 200:
+                            raise EtcdError(f"HTTP {r.status_code}")
+                        for line in r.iter_lines():
+                            if stop.is_set():
+                                return
+                            if not line.strip():
+                                continue
+                            result = json.loads(line).get("result") or {}
+                            keys = [_dec(e["kv"]["key"]) for e in result.get("events") or ()]
+                            if keys or result.get("created"):
+                                on_change(keys)
+                except (httpx.HTTPError, ValueError, KeyError, EtcdError) as e:
+                    log.debug("etcd watch of %r on %s broke: %s", p, base, e)
+                stop.wait(WATCH_RETRY_S)
 
     def revision(self) -> int:
         """The current store revision (also a reachability check)."""

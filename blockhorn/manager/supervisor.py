@@ -37,8 +37,10 @@ not is treated as dead and restarted by the tick.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -60,6 +62,7 @@ from blockhorn.types import BlockhornError, ReplicaMode
 log = logging.getLogger("blockhorn.manager")
 
 TICK_S = 1.0              # seconds between supervision passes
+MIN_PASS_GAP_S = 0.2      # seconds from one pass's start to the next at least (store changes)
 BACKOFF_FIRST_S = 1.0     # seconds before retrying a failed restart
 BACKOFF_MAX_S = 30.0
 # Seconds, cap of the back-off between resync requests for a running ERR replica. One request
@@ -67,6 +70,32 @@ BACKOFF_MAX_S = 30.0
 # 30 s cap a replica whose link returned after two minutes waited up to 30 s more.
 RESYNC_RETRY_MAX_S = 5.0
 WAITING = "waiting for "  # prefix of a volume message about a recovery in progress
+
+
+class _Wakeup:
+    """An eventfd another thread (the store's watch) sets; readable until cleared. Closed
+    under the lock, so a late `set` never writes to a descriptor number reused meanwhile."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def set(self) -> None:
+        with self._lock:
+            if not self._closed:
+                os.eventfd_write(self.fd, 1)
+
+    def clear(self) -> None:
+        with self._lock, contextlib.suppress(BlockingIOError):
+            if not self._closed:
+                os.eventfd_read(self.fd)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self.fd)
 
 
 class Supervisor:
@@ -78,15 +107,27 @@ class Supervisor:
         self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
         # The running engines the last pass saw here: their exit ends the wait for the next.
         self._engines: list[ProcessRecord] = []
+        self._wake: _Wakeup | None = None   # set by the store's watch (run)
 
     async def run(self, tick: float = TICK_S) -> None:
-        await trio.to_thread.run_sync(self.adopt)
-        while True:
-            try:
-                await trio.to_thread.run_sync(self.tick)
-            except Exception:   # a bug in one pass must not end supervision; log it loudly
-                log.exception("supervision pass failed")
-            await self._sleep(tick)
+        # A cluster's store reports changes other nodes made (an attach asked here, a node
+        # gone): the next pass starts then instead of up to a tick later.
+        self._wake = _Wakeup()
+        stop = self.store.watch(self._wake.set)
+        try:
+            await trio.to_thread.run_sync(self.adopt)
+            while True:
+                started = trio.current_time()
+                try:
+                    await trio.to_thread.run_sync(self.tick)
+                except Exception:   # a bug in one pass must not end supervision; log it loudly
+                    log.exception("supervision pass failed")
+                await self._sleep(tick)
+                await trio.sleep_until(started + MIN_PASS_GAP_S)
+        finally:
+            if stop is not None:
+                stop()
+            self._wake.close()
 
     async def _sleep(self, tick: float) -> None:
         """Wait `tick` seconds, or less: until an engine of an attached volume exits. The
@@ -101,11 +142,18 @@ class Supervisor:
             await trio.lowlevel.wait_readable(fd)
             scope.cancel()
 
+        async def changed(wake: _Wakeup, scope: trio.CancelScope) -> None:
+            await trio.lowlevel.wait_readable(wake.fd)
+            wake.clear()
+            scope.cancel()
+
         try:
             with trio.move_on_after(tick):
                 async with trio.open_nursery() as nursery:
                     for fd in fds:
                         nursery.start_soon(exit_of, fd, nursery.cancel_scope)
+                    if self._wake is not None:
+                        nursery.start_soon(changed, self._wake, nursery.cancel_scope)
                     await trio.sleep_forever()
         finally:
             for fd in fds:

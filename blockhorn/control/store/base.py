@@ -203,4 +203,10 @@ class StateStore(Protocol):
     def forget_leftover(self, row: LeftoverRow) -> None:
         """`row`'s directory is gone: drop the record (no-op if there is none)."""
 
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None] | None:
+        """Call `on_change` (from a thread of the store's) soon after a change, made on any
+        node, of what supervision acts on: volumes, replicas, node liveness. Returns what
+        stops it; None where the store has no such feed (SQLite: this daemon makes every
+        change itself). Only a hastener: callers still poll."""
+
     def close(self) -> None: ...

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -62,6 +63,8 @@ from blockhorn.types import AlreadyExists, Busy, InvalidArgument, NotFound
 log = logging.getLogger("blockhorn.control")
 
 SCHEMA_VERSION = 1
+# Key prefixes (relative) whose changes `watch` reports: what a node's supervision acts on.
+WATCHED = ("volumes/", "replicas/", "live/")
 CAS_ATTEMPTS = 100   # retries of one change lost to concurrent writers before giving up
 
 Doc = dict[str, Any]
@@ -136,6 +139,20 @@ class EtcdStore:
 
     def close(self) -> None:
         self.etcd.close()
+
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None] | None:
+        """One watch over the prefix (a daemon thread), calling `on_change` for changes of
+        WATCHED keys only: every node's heartbeat rewrites its node document each beat."""
+        stop = threading.Event()
+
+        def changed(keys: list[bytes]) -> None:
+            if not keys or any(k[len(self.prefix):].startswith(WATCHED)
+                               for k in (k.decode(errors="replace") for k in keys)):
+                on_change()
+
+        threading.Thread(target=self.etcd.watch, args=(self.prefix, changed, stop),
+                         name="etcd-watch", daemon=True).start()
+        return stop.set
 
     # --- the compare-and-swap machinery ----------------------------------------------------
 

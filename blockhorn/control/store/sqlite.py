@@ -240,6 +240,9 @@ class SqliteStore:
     def close(self) -> None:
         pass   # no connection outlives a call
 
+    def watch(self, on_change: Callable[[], None]) -> Callable[[], None] | None:
+        return None   # one daemon makes every change: nothing to hear of
+
     def add_volume(self, name: str, size: int, replicas: list[NewReplica],
                    engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
         created = now_rfc3339()
