@@ -33,7 +33,7 @@ import sys
 import time
 
 from blockhorn.manager.paths import Home
-from blockhorn.manager.process import spawn_switch
+from blockhorn.manager.process import spawn, spawn_switch
 from blockhorn.sharemgr import control as shares
 
 log = logging.getLogger("blockhorn.manager")
@@ -50,18 +50,89 @@ def volumes_in(home: Home) -> list[str]:
 
 
 def fence(home: Home, names: list[str], why: str) -> int:
-    """SIGKILL the share managers, Ganesha and engines of volumes `names` in `home`, then
-    remove their service addresses. Returns how many processes it killed."""
+    """SIGKILL the share managers, Ganesha, engines and device FUSE servers of volumes
+    `names` in `home`, then remove their service addresses and start `release` of what they
+    leave mounted (in a process of its own, not waited for). Returns how many processes it
+    killed."""
     managers: set[str] = set()
     rest: set[str] = set()
     for n in names:
         share_managers, ganeshas = shares.fence_marks(home, n)
         managers |= share_managers
-        rest |= ganeshas | {home.engine_config(n), home.nbd_socket(n), home.control_socket(n)}
+        # The engine by its config and sockets; the fuse-nbd holder (--socket) and nbdfuse
+        # by their pid file beside the FUSE mount: their devices are dead without the engine.
+        rest |= ganeshas | {home.engine_config(n), home.nbd_socket(n), home.control_socket(n),
+                            _pidfile(home, n)}
     killed = kill_marked(managers, why) + kill_marked(rest, why)
     for n in names:
         shares.drop_address(home, n)
+    if names:
+        spawn([sys.executable, "-m", "blockhorn.manager.fence", "--release", home.root, *names],
+              home.log("fence.log"))
     return killed
+
+
+def _pidfile(home: Home, name: str) -> str:
+    return home.fuse_dir(name).rstrip("/") + ".pid"   # nbd/attach.py: nbdfuse's, the holder's
+
+
+# --- after the kill: what the fenced volumes held on this host --------------------------------
+
+RELEASE_STEP_S = 10.0   # seconds one unmount or detach may take; a stuck one is left behind
+
+
+def release(home: Home, names: list[str]) -> list[str]:
+    """Let go of what fenced volumes `names` held here, now that their processes are dead:
+    abort the FUSE connection of the device's mount (its server was killed; without the
+    abort, the ext4's final flush below would wait for it for ever), unmount the share's
+    ext4 lazily, detach the loop device on the FUSE file, unmount the FUSE mount. Each step
+    is bounded (RELEASE_STEP_S) and never waits on a command stuck in the kernel, so a dead
+    device leaves at worst that command behind. Run by `fence` in a process of its own, so
+    neither the daemon nor the switch waits on it. Returns what it did."""
+    from blockhorn.fuse import FUSECTL, fuse_connection
+    from blockhorn.nbd.attach import IMAGE_NAMES, loops_on
+    done: list[str] = []
+    for n in names:
+        fuse_dir = home.fuse_dir(n)
+        conn = fuse_connection(fuse_dir)
+        if conn is not None:
+            try:
+                with open(os.path.join(FUSECTL, str(conn), "abort"), "w") as f:
+                    f.write("1")
+                done.append(f"aborted FUSE connection {conn} of {fuse_dir}")
+            except OSError as e:
+                log.warning("aborting FUSE connection %d of %s: %s", conn, fuse_dir, e)
+        mount_dir = shares.mount_dir(home, n)
+        if shares.mounted(mount_dir) and _bounded(["umount", "-l", mount_dir]):
+            done.append(f"unmounted {mount_dir}")
+        for image in IMAGE_NAMES:
+            for loop in loops_on(os.path.join(fuse_dir, image)):
+                if _bounded(["losetup", "-d", loop]):
+                    done.append(f"detached {loop}")
+        if conn is not None and _bounded(["umount", "-l", fuse_dir]):
+            done.append(f"unmounted {fuse_dir}")
+    return done
+
+
+def _bounded(argv: list[str], timeout: float = RELEASE_STEP_S) -> bool:
+    """Run `argv`; True when it succeeded within `timeout`. One that does not finish is
+    killed and not waited for: a process in D state (an unmount flushing to a dead device)
+    cannot die until the kernel lets it, and this one must go on."""
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+    except OSError as e:
+        log.error("%s: %s", argv[0], e)
+        return False
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        log.error("%s did not finish in %.0f s: left behind", " ".join(argv), timeout)
+        return False
+    if proc.returncode != 0:
+        log.error("%s failed: %s", " ".join(argv), err.decode(errors="replace").strip())
+    return proc.returncode == 0
 
 
 def self_fence(home: Home) -> int:
@@ -145,12 +216,18 @@ def watch(home: Home, after_s: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m blockhorn.manager.fence HOME  (stdin: the daemon's pipe)",
-              file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s fence[%(process)d]: %(message)s")
+    if len(argv) >= 2 and argv[0] == "--release":
+        done = release(Home.at(argv[1]), argv[2:])
+        log.info("released after fencing %s: %s", ", ".join(argv[2:]),
+                 "; ".join(done) or "nothing was left")
+        return 0
+    if len(argv) != 1:
+        print("usage: python -m blockhorn.manager.fence HOME  (stdin: the daemon's pipe)\n"
+              "       python -m blockhorn.manager.fence --release HOME VOLUME...",
+              file=sys.stderr)
+        return 2
     from blockhorn.manager.nodes import SELF_FENCE_AFTER_S
     watch(Home.at(argv[0]), SELF_FENCE_AFTER_S)
     return 0

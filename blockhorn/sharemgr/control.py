@@ -66,6 +66,14 @@ def state_dir(home: Home, name: str) -> str:
     return os.path.join(home.volume_dir(name), "share")
 
 
+def mount_dir(home: Home, name: str) -> str:
+    return os.path.join(home.root, "export", name)
+
+
+def mounted(path: str) -> bool:
+    return device.is_mounted(path) is not None
+
+
 def fence_marks(home: Home, name: str) -> tuple[set[str], set[str]]:
     """Command-line arguments that name volume `name`'s share processes in `home`, for a
     kill that cannot ask the store (manager/fence.py): (share managers, Ganesha)."""
@@ -101,7 +109,7 @@ class ShareControl:
         return state_dir(self.home, name)
 
     def mount_dir(self, name: str) -> str:
-        return os.path.join(self.home.root, "export", name)
+        return mount_dir(self.home, name)
 
     def add(self, name: str, options: dict[str, Any]) -> None:
         self.store.add_share(name, options)
