@@ -369,7 +369,12 @@ def loop_setup(image: str) -> str:
 
 
 def loops_on(image: str) -> list[str]:
-    """The loop devices whose backing file is `image` (from sysfs: no process, no wait)."""
+    """The loop devices whose backing file is `image` (from sysfs: no process, no wait).
+    The kernel names a backing file by its real path; only the directories above the FUSE
+    mount are resolved here (a look at the mount itself would ask its server)."""
+    mount = os.path.dirname(os.path.abspath(image))
+    image = os.path.join(os.path.realpath(os.path.dirname(mount)), os.path.basename(mount),
+                         os.path.basename(image))
     found = []
     for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
         try:
