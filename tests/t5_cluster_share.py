@@ -36,9 +36,10 @@ import psutil
 import pytest
 from conftest import needs_root
 from netns_util import addresses, set_link
-from support.cluster_site import Host, Site, cluster_site, netns_pids, wait_until
+from support.cluster_site import NODE_TTL_S, Host, Site, cluster_site, netns_pids, wait_until
 
 from blockhorn.cluster.etcd import Etcd
+from blockhorn.liveness import self_fence_after
 from blockhorn.manager.process import accepts
 from blockhorn.nbd.attach import IMAGE_NAMES, loops_on
 
@@ -216,11 +217,13 @@ def held(h: Host, volume: str) -> list[str]:
 
 
 def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
-                      cut: Callable[[], None], tmp: str) -> tuple[str, str, dict[str, str]]:
+                      cut: Callable[[], None], tmp: str, within: float = 30.0,
+                      released: bool = True) -> tuple[str, str, dict[str, str]]:
     """`volume` served by `host` with two files written; `cut()` takes the host's daemon out
     of the cluster. The share's processes on `host` must be gone and its service address
-    removed before another host serves it; then the files read back the same. Returns (a
-    line with the times, the service address, the files written)."""
+    removed within `within` seconds and before another host serves it (with `released`, the
+    volume's mounts and loop device on `host` soon after); then the files read back the
+    same. Returns (a line with the times, the service address, the files written)."""
     service, port = share_on(site, volume, host, last_octet, GRACE_S)
     where = functools.partial(url, service, port, volume)
     written = put_files(tmp, where, 2)
@@ -230,13 +233,16 @@ def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
     cut()
     wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                for p in procs) and service not in addresses(host.name),
-               30, f"{host.name} fencing its share")
+               within, f"{host.name} fencing its share")
     fenced = time.monotonic() - t0
-    # What the share's device held there is let go of too (node/fence.py `release`): no ext4
-    # mount, no FUSE mount, no loop device of the volume left on the fenced host.
-    assert held(host, volume), "nothing to release: the test would prove nothing"
-    wait_until(lambda: not held(host, volume), 15, f"{host.name} releasing {volume}'s device")
-    released = time.monotonic() - t0
+    said = f"its share fenced after {fenced:.1f} s, "
+    if released:
+        # What the share's device held there is let go of too (fence.py `release`): no ext4
+        # mount, no FUSE mount, no loop device of the volume left on the fenced host.
+        assert held(host, volume), "nothing to release: the test would prove nothing"
+        wait_until(lambda: not held(host, volume), 15,
+                   f"{host.name} releasing {volume}'s device")
+        said += f"its device released after {time.monotonic() - t0:.1f} s, "
     wait_until(lambda: accepts(f"{service}:{port}"), MOVE_TIMEOUT_S,
                "the share served from another host")
     serving = time.monotonic() - t0
@@ -246,8 +252,7 @@ def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
     wait_until(lambda: nfs("nfs-cat", where("f0")).returncode == 0, MOVE_TIMEOUT_S,
                "a file to read back over NFS")
     check_files(where, written)
-    return (f"its share fenced after {fenced:.1f} s, its device released after "
-            f"{released:.1f} s, {node} serves after {serving:.1f} s",
+    return (f"{said}{node} serves after {serving:.1f} s",
             service, written)
 
 
@@ -300,3 +305,35 @@ def test_daemon_killed_its_switch_fences_the_share(site: Site, tmp_path: object)
     assert service not in addresses(d.name) and not share_processes(d, "dm")
     site.cli(a, "volume", "detach", "dm")
     site.cli(a, "volume", "rm", "dm")
+
+
+def test_daemon_and_switch_killed_share_manager_stops_serving(site: Site,
+                                                              tmp_path: object) -> None:
+    """The node daemon of the share's host and its dead man's switch both killed (-9), the
+    host up: nobody is left to fence the node, but the share manager watches the node's beat
+    file itself and kills Ganesha and drops the service address when the last lease renewal
+    is SELF_FENCE_AFTER_S old (within that of the kill, plus a margin), before the leader
+    moves the share; the next host serves the same files. The daemon started again kills
+    the engine left behind and releases the volume's mounts and loop device."""
+    a, b, c, d = site.hosts
+    assert d.proc is not None
+    daemon = d.proc
+    switch = [p for p in psutil.process_iter(["cmdline"])
+              if (p.info["cmdline"] or [])[-1:] == [d.home]
+              and any(arg.endswith(".fence") for arg in p.info["cmdline"])]
+    assert len(switch) == 1, switch
+
+    def kill_both() -> None:
+        switch[0].kill()
+        daemon.kill()
+        daemon.wait(10)
+        switch[0].wait(10)
+    deadline = self_fence_after(NODE_TTL_S) + 1.5   # seconds: the poll, the kill
+    said, service, _ = fenced_then_moved(site, "ds", d, 203, kill_both, str(tmp_path),
+                                         within=deadline, released=False)
+    print(f"{d.name}'s daemon and switch killed: {said}")
+    site.start(d)
+    wait_until(lambda: not held(d, "ds"), 15, f"{d.name} releasing the moved volume")
+    assert service not in addresses(d.name) and not share_processes(d, "ds")
+    site.cli(a, "volume", "detach", "ds")
+    site.cli(a, "volume", "rm", "ds")

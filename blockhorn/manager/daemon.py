@@ -24,6 +24,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from blockhorn import liveness
 from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
 from blockhorn.keys import adopt_key, ensure_key, load_key
 from blockhorn.manager import fence, remote
@@ -128,6 +129,7 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
         nodes.on_lost = lambda: log.error("self-fencing stopped %d process(es)",
                                           fence.self_fence(home))
         switch = fence.arm(home)   # held until this process ends, however it ends
+        volumes.shares.beat_file = liveness.beat_path(home.root)
     write_rebuild_limits(Settings(store), home.rebuild_limits)
     supervisor = Supervisor(volumes, Leader(nodes) if etcd else None)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys

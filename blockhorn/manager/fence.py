@@ -32,13 +32,13 @@ import subprocess
 import sys
 import time
 
+from blockhorn import liveness
 from blockhorn.manager.paths import Home
 from blockhorn.manager.process import spawn, spawn_switch
 from blockhorn.sharemgr import control as shares
 
 log = logging.getLogger("blockhorn.manager")
 
-BEAT_FILE = "node.beat"   # in the home: CLOCK_MONOTONIC seconds of the last lease renewal
 POLL_S = 0.25             # seconds between the helper's looks at the beat file
 
 
@@ -159,26 +159,12 @@ def kill_marked(marks: set[str], why: str) -> int:
 # --- the dead man's switch ---------------------------------------------------------------------
 
 def record_beat(home: Home, began: float) -> None:
-    """After a lease renewal that began at `began` (time.monotonic()). Overwritten in place,
-    fixed width, not fsynced: the file matters only while this host runs, and an overwrite
-    of its one block needs no free space. A failure is logged, not raised: the renewal did
-    happen (the switch may then fence early, which is safe)."""
-    try:
-        fd = os.open(os.path.join(home.root, BEAT_FILE), os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            os.pwrite(fd, f"{began:20.3f}\n".encode(), 0)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        log.warning("recording the lease renewal for the dead man's switch: %s", e)
+    """After a lease renewal that began at `began` (time.monotonic()): blockhorn/liveness.py."""
+    liveness.record_beat(liveness.beat_path(home.root), began)
 
 
 def last_beat(home: Home) -> float:
-    try:
-        with open(os.path.join(home.root, BEAT_FILE)) as f:
-            return float(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return 0.0
+    return liveness.last_beat(liveness.beat_path(home.root))
 
 
 def arm(home: Home) -> tuple[subprocess.Popen[bytes], int]:
@@ -228,8 +214,7 @@ def main(argv: list[str]) -> int:
               "       python -m blockhorn.manager.fence --release HOME VOLUME...",
               file=sys.stderr)
         return 2
-    from blockhorn.manager.nodes import SELF_FENCE_AFTER_S
-    watch(Home.at(argv[0]), SELF_FENCE_AFTER_S)
+    watch(Home.at(argv[0]), liveness.SELF_FENCE_AFTER_S)
     return 0
 
 

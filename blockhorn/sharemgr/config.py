@@ -140,6 +140,10 @@ class ShareConfig(_Loadable):
     service_address: str = ""   # CIDR added to `interface` while serving; Ganesha binds to it
     interface: str = ""
     log_file: str = ""     # Ganesha's own log; default <state_dir>/ganesha.log
+    # A cluster node's liveness beat (blockhorn/liveness.py, `<home>/node.beat`): the share
+    # stops serving once the node's last lease renewal is SELF_FENCE_AFTER_S old. "" on a
+    # single host (no lease).
+    beat_file: str = ""
 
     def validate(self) -> None:
         check_name(self.volume)

@@ -99,6 +99,9 @@ class ShareControl:
         self.home = home
         self.store = store
         self._synced: dict[str, dict[str, Any]] = {}   # volume -> records last stored
+        # A cluster node's beat file (blockhorn/liveness.py), set by the daemon: each share
+        # manager watches it and stops serving when the node's lease may run out.
+        self.beat_file = ""
 
     # --- paths and settings ----------------------------------------------------------------
 
@@ -139,7 +142,8 @@ class ShareControl:
                           grace_s=options["grace_s"],
                           minor_versions=options.get("minor_versions") or MINOR_VERSIONS,
                           service_address=options.get("service_address") or "",
-                          interface=options.get("interface") or "")
+                          interface=options.get("interface") or "",
+                          beat_file=self.beat_file)
         cfg.validate()
         return cfg
 
