@@ -73,10 +73,11 @@ def nfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def share_on(site: Site, volume: str, host: Host, last_octet: int,
-             grace_s: int | None = None) -> tuple[str, int]:
+             grace_s: int | None = None, interface: str = "eth0") -> tuple[str, int]:
     """Create RWX `volume` (2 replicas, none on `host`; `grace_s` None: the default grace
-    period) with a service address on the hosts' eth0 and attach it on `host`; (service
-    address, NFS port)."""
+    period) with a service address on the hosts' eth0 (named `interface`: a name the hosts
+    lack makes each pick eth0 by its subnet) and attach it on `host`; (service address, NFS
+    port)."""
     a = site.hosts[0]
     subnet = a.ip.rsplit(".", 1)[0]
     service = f"{subnet}.{last_octet}"
@@ -86,7 +87,7 @@ def share_on(site: Site, volume: str, host: Host, last_octet: int,
              *(["--grace", str(grace_s)] if grace_s else []),
              "--nfs-minor-versions", "0,1,2",   # libnfs speaks NFSv4.0 only
              "--mkfs-options", "-E root_owner=1000:1000",   # the clients' user (root squashed)
-             "--service-address", f"{service}/24", "--service-interface", "eth0")
+             "--service-address", f"{service}/24", "--service-interface", interface)
     site.cli(a, "node", "update", host.name, "--schedulable", "yes")
     t0 = time.monotonic()
     site.cli(a, "volume", "attach", volume, "--node", host.name)
@@ -218,13 +219,14 @@ def held(h: Host, volume: str) -> list[str]:
 
 def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
                       cut: Callable[[], None], tmp: str, within: float = 30.0,
-                      released: bool = True) -> tuple[str, str, dict[str, str]]:
+                      released: bool = True, interface: str = "eth0"
+                      ) -> tuple[str, str, dict[str, str]]:
     """`volume` served by `host` with two files written; `cut()` takes the host's daemon out
     of the cluster. The share's processes on `host` must be gone and its service address
     removed within `within` seconds and before another host serves it (with `released`, the
     volume's mounts and loop device on `host` soon after); then the files read back the
     same. Returns (a line with the times, the service address, the files written)."""
-    service, port = share_on(site, volume, host, last_octet, GRACE_S)
+    service, port = share_on(site, volume, host, last_octet, GRACE_S, interface)
     where = functools.partial(url, service, port, volume)
     written = put_files(tmp, where, 2)
     procs = share_processes(host, volume)
@@ -314,7 +316,8 @@ def test_daemon_and_switch_killed_share_manager_stops_serving(site: Site,
     file itself and kills Ganesha and drops the service address when the last lease renewal
     is SELF_FENCE_AFTER_S old (within that of the kill, plus a margin), before the leader
     moves the share; the next host serves the same files. The daemon started again kills
-    the engine left behind and releases the volume's mounts and loop device."""
+    the engine left behind and releases the volume's mounts and loop device. The volume's
+    service interface is a name the hosts lack: each host picks its interface by subnet."""
     a, b, c, d = site.hosts
     assert d.proc is not None
     daemon = d.proc
@@ -329,8 +332,9 @@ def test_daemon_and_switch_killed_share_manager_stops_serving(site: Site,
         daemon.wait(10)
         switch[0].wait(10)
     deadline = self_fence_after(NODE_TTL_S) + 1.5   # seconds: the poll, the kill
+    # An interface name no host has: each picks eth0, whose subnet holds the address.
     said, service, _ = fenced_then_moved(site, "ds", d, 203, kill_both, str(tmp_path),
-                                         within=deadline, released=False)
+                                         within=deadline, released=False, interface="lan9")
     print(f"{d.name}'s daemon and switch killed: {said}")
     site.start(d)
     wait_until(lambda: not held(d, "ds"), 15, f"{d.name} releasing the moved volume")

@@ -96,6 +96,8 @@ class ShareServer:
             atomic_write(cfg.ganesha_conf, ganesha.render(cfg).encode(), mode=0o600)
             await trio.to_thread.run_sync(ganesha.kill_stale, cfg)
             if cfg.service_address:
+                cfg.interface = await trio.to_thread.run_sync(
+                    address.pick_interface, cfg.interface, cfg.service_address)
                 await trio.to_thread.run_sync(address.ensure, cfg.interface,
                                               cfg.service_address)
                 log.info("service address %s on %s", cfg.service_address, cfg.interface)
