@@ -290,7 +290,7 @@ def test_partitioned_share_node_fences_its_share_and_address(site: Site,
 
 def test_daemon_killed_its_switch_fences_the_share(site: Site, tmp_path: object) -> None:
     """Only the node daemon of the share's host killed (-9), the host up: its dead man's
-    switch (manager/fence.py) kills the share manager, Ganesha and the engine and removes
+    switch (node/fence.py) kills the share manager, Ganesha and the engine and removes
     the service address when the daemon's last lease renewal is about to run out, before
     the leader moves the share; the next host serves the same files. The daemon started
     again stops nothing more and adds nothing back."""

@@ -79,12 +79,12 @@ class NodeService:
         self.name = check_label(name or default_node_name(), "node name")
         self.address = address
         self.leader: str | None = None   # the leading node as of the last heartbeat
-        # A cluster node's self-fencing (manager/fence.py; docs/DURABILITY.md, "A volume
+        # A cluster node's self-fencing (node/fence.py; docs/DURABILITY.md, "A volume
         # attached on a node that died"): called once when the heartbeat has failed for
         # SELF_FENCE_AFTER_S.
         self.on_lost: Callable[[], None] | None = None
         # Called with the time (monotonic) each successful renewal began: the dead man's
-        # switch of a cluster daemon reads it (manager/fence.py).
+        # switch of a cluster daemon reads it (node/fence.py).
         self.on_beat: Callable[[float], None] | None = None
         self._last_ok = time.monotonic()   # when the last successful heartbeat began
         self._fenced = False

@@ -76,7 +76,7 @@ def mounted(path: str) -> bool:
 
 def fence_marks(home: Home, name: str) -> tuple[set[str], set[str]]:
     """Command-line arguments that name volume `name`'s share processes in `home`, for a
-    kill that cannot ask the store (manager/fence.py): (share managers, Ganesha)."""
+    kill that cannot ask the store (node/fence.py): (share managers, Ganesha)."""
     return {config_path(home, name)}, {os.path.join(state_dir(home, name), "ganesha.conf")}
 
 

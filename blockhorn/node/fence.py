@@ -10,7 +10,7 @@ fenced by epochs, and an engine elsewhere may need them.
 Two callers:
 - the daemon's watchdog (manager/nodes.py `on_lost`), when its lease renewals have failed for
   SELF_FENCE_AFTER_S: the node is cut off from the store;
-- the dead man's switch, when the daemon itself is gone: `python -m blockhorn.manager.fence
+- the dead man's switch, when the daemon itself is gone: `python -m blockhorn.node.fence
   HOME`, started by a cluster daemon (`arm`) in a session of its own, its stdin a pipe whose
   only write end the daemon holds. After each lease renewal the daemon records when that
   renewal began (CLOCK_MONOTONIC, one clock for every process of the host) in
@@ -67,7 +67,7 @@ def fence(home: Home, names: list[str], why: str) -> int:
     for n in names:
         shares.drop_address(home, n)
     if names:
-        spawn([sys.executable, "-m", "blockhorn.manager.fence", "--release", home.root, *names],
+        spawn([sys.executable, "-m", "blockhorn.node.fence", "--release", home.root, *names],
               home.log("fence.log"))
     return killed
 
@@ -170,7 +170,7 @@ def last_beat(home: Home) -> float:
 def arm(home: Home) -> tuple[subprocess.Popen[bytes], int]:
     """Start the dead man's switch for this daemon: (the helper, the pipe's write end, to be
     held open for the daemon's life)."""
-    return spawn_switch([sys.executable, "-m", "blockhorn.manager.fence", home.root],
+    return spawn_switch([sys.executable, "-m", "blockhorn.node.fence", home.root],
                         home.log("fence.log"))
 
 
@@ -210,8 +210,8 @@ def main(argv: list[str]) -> int:
                  "; ".join(done) or "nothing was left")
         return 0
     if len(argv) != 1:
-        print("usage: python -m blockhorn.manager.fence HOME  (stdin: the daemon's pipe)\n"
-              "       python -m blockhorn.manager.fence --release HOME VOLUME...",
+        print("usage: python -m blockhorn.node.fence HOME  (stdin: the daemon's pipe)\n"
+              "       python -m blockhorn.node.fence --release HOME VOLUME...",
               file=sys.stderr)
         return 2
     watch(Home.at(argv[0]), liveness.SELF_FENCE_AFTER_S)

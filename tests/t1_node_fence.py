@@ -1,4 +1,4 @@
-"""Tier 1: a cluster daemon's dead man's switch (blockhorn/manager/fence.py), the real helper
+"""Tier 1: a cluster daemon's dead man's switch (blockhorn/node/fence.py), the real helper
 process against stand-in processes that carry an engine's and a Ganesha's config paths in
 their command lines (no root, no store).
 
@@ -19,12 +19,13 @@ from collections.abc import Iterator
 import pytest
 from daemon_util import ROOT, wait_until
 
-from blockhorn.manager import fence
+from blockhorn.liveness import self_fence_after
 from blockhorn.manager.paths import Home
+from blockhorn.node import fence
 from blockhorn.sharemgr.control import fence_marks
 
 TTL_S = 3                          # BLOCKHORN_NODE_TTL_S for the helper
-FENCE_AFTER_S = TTL_S - 1 / 4      # manager/nodes.py SELF_FENCE_AFTER_S for that TTL
+FENCE_AFTER_S = self_fence_after(TTL_S)   # SELF_FENCE_AFTER_S for that TTL
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def stand_ins(home: Home) -> Iterator[list[subprocess.Popen[bytes]]]:
 def start_switch(home: Home) -> tuple[subprocess.Popen[bytes], int]:
     env = dict(os.environ, BLOCKHORN_NODE_TTL_S=str(TTL_S))
     read_end, write_end = os.pipe()
-    helper = subprocess.Popen([sys.executable, "-m", "blockhorn.manager.fence", home.root],
+    helper = subprocess.Popen([sys.executable, "-m", "blockhorn.node.fence", home.root],
                               stdin=read_end, cwd=ROOT, env=env, stderr=subprocess.PIPE)
     os.close(read_end)
     return helper, write_end
