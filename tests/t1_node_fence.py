@@ -3,7 +3,8 @@ process against stand-in processes that carry an engine's and a Ganesha's config
 their command lines (no root, no store).
 
 - the daemon gone (its pipe closed) and no renewal after its last one: the helper kills both
-  once that renewal is SELF_FENCE_AFTER_S old — not before — and exits;
+  once that renewal is SELF_FENCE_AFTER_S old — not before — and exits, and the release of
+  the volume's devices runs after it (nothing to release here: t5_cluster_share has them);
 - the daemon gone but a newer renewal recorded (a daemon started again in time): the helper
   stands down and kills nothing.
 """
@@ -69,6 +70,11 @@ def test_daemon_gone_switch_fences_at_the_deadline(
     assert killed_at >= FENCE_AFTER_S - 0.1, killed_at   # not before the daemon would have
     assert helper.wait(10) == 0
     assert b"fenced, 2 process(es) killed" in helper.stderr.read()   # type: ignore[union-attr]
+
+    def released() -> bool:   # the release after the kill ran, in a process of its own
+        with open(home.log("fence.log")) as f:
+            return "released after fencing v: nothing was left" in f.read()
+    wait_until(released, 10, "the release after the fence")
 
 
 def test_restarted_daemon_makes_the_switch_stand_down(

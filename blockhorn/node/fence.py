@@ -3,9 +3,12 @@ may take them over (docs/DURABILITY.md, "A volume attached on a node that died")
 
 Fencing kills, found by the paths in their command lines and the share configs in the home
 (never by the store, which may be out of reach): every share manager first (it would start
-Ganesha again), then Ganesha (no NFS reply after this) and the engines (no write reaches a
-replica after this); then it removes the shares' service addresses. Replicas run on: they are
-fenced by epochs, and an engine elsewhere may need them.
+Ganesha again), then Ganesha (no NFS reply after this), the engines (no write reaches a
+replica after this) and the FUSE servers of their devices; then it removes the shares'
+service addresses, and a process of its own (`python -m blockhorn.node.fence --release HOME
+VOLUME...`, not waited for) releases the mounts and loop devices those volumes held here
+(`release`). Replicas run on: they are fenced by epochs, and an engine elsewhere may need
+them.
 
 Two callers:
 - the daemon's watchdog (manager/nodes.py `on_lost`), when its lease renewals have failed for
@@ -20,6 +23,8 @@ Two callers:
   hung interpreter), whose watchdog cannot run. Once the daemon is gone, a renewal newer
   than its end makes the helper stand down instead: a daemon started again within the
   lease adopts the node's processes (and has its own switch).
+Each share manager of a cluster node also reads the beat and stops its share at the same
+deadline (sharemgr/server.py), which covers the daemon and its switch both gone.
 A single host (SQLite) never fences: nothing else takes its volumes over.
 """
 
@@ -34,7 +39,7 @@ import time
 
 from blockhorn import liveness
 from blockhorn.manager.paths import Home
-from blockhorn.manager.process import spawn, spawn_switch
+from blockhorn.manager.process import reap, spawn, spawn_switch
 from blockhorn.sharemgr import control as shares
 
 log = logging.getLogger("blockhorn.manager")
@@ -196,6 +201,7 @@ def watch(home: Home, after_s: float) -> int:
                       "killed", time.monotonic() - beat, "gone" if gone else "silent", n)
             if gone is not None:
                 return killed
+        reap()   # a finished `release` of an earlier fence
         ready, _, _ = select.select([0] if gone is None else [], [], [], POLL_S)
         if ready and not os.read(0, 4096):
             gone = time.monotonic()   # the daemon exited: killed, crashed or stopped
