@@ -331,7 +331,7 @@ def test_daemon_and_switch_killed_share_manager_stops_serving(site: Site,
         daemon.kill()
         daemon.wait(10)
         switch[0].wait(10)
-    deadline = self_fence_after(NODE_TTL_S) + 1.5   # seconds: the poll, the kill
+    deadline = self_fence_after(NODE_TTL_S) + 2.0   # seconds: the poll, the kill, a load
     # An interface name no host has: each picks eth0, whose subnet holds the address.
     said, service, _ = fenced_then_moved(site, "ds", d, 203, kill_both, str(tmp_path),
                                          within=deadline, released=False, interface="lan9")
