@@ -171,7 +171,10 @@ class ShareServer:
             return
         if self.fenced:   # no reply may leave it from now on: no graceful stop
             proc.kill()
-            await proc.wait()
+            # A Ganesha stuck in the kernel on a dead device answers nothing but dies only
+            # when the kernel lets it: the service address goes meanwhile.
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                await proc.wait()
             return
         proc.terminate()
         with trio.move_on_after(STOP_TIMEOUT_S):
