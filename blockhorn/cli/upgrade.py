@@ -56,9 +56,10 @@ def _node_line(n: dict[str, Any]) -> str:
 
 
 def run_upgrade(args: argparse.Namespace, home: Home) -> int:
-    from blockhorn.manager.client import connect
+    from blockhorn.manager.client import UPGRADE_ALL_TIMEOUT_S, connect
     nodes: list[dict[str, Any]] = []   # a cluster: what each node did (manager/forward.py)
-    with connect(home) as c:
+    # --all: every engine of every node, one at a time (a cluster's nodes one after another).
+    with connect(home, timeout=UPGRADE_ALL_TIMEOUT_S) as c:
         if args.command == "volume":
             check_name(args.name)
             results = [c.request("POST", f"/volumes/{args.name}/upgrade", {})]

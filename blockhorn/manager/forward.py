@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import trio
 
+from blockhorn.manager.client import UPGRADE_ALL_TIMEOUT_S
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, NotFound
 
@@ -145,7 +146,7 @@ class Forward:
                 else:
                     status, _, answer = await trio.to_thread.run_sync(
                         self._forward, node, "POST", UPGRADE_ALL, b"", body,
-                        f"node {node} runs engines to upgrade")
+                        f"node {node} runs engines to upgrade", UPGRADE_ALL_TIMEOUT_S)
                 data = json.loads(answer or b"{}")
             except (BlockhornError, ValueError) as e:
                 report.append({"node": node, "error": str(e)})
@@ -169,7 +170,8 @@ class Forward:
         return [(n.name, cluster.is_up(n.name)) for n in self.volumes.store.nodes()]
 
     def _forward(self, node: str, method: str, path: str, query: bytes, body: bytes,
-                 where: str = "") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                 where: str = "", timeout: float = REQUEST_TIMEOUT_S
+                 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         cluster = self.volumes.cluster
         assert cluster is not None
         where = where or f"the volume's engine runs on node {node}"
@@ -186,7 +188,7 @@ class Forward:
         url = path + (f"?{query.decode()}" if query else "")
         try:
             with httpx.Client(base_url=peer.api.rstrip("/"), verify=ctx, timeout=httpx.Timeout(
-                    REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)) as http:
+                    timeout, connect=CONNECT_TIMEOUT_S)) as http:
                 r = http.request(method, url, content=body or None, headers={
                     "Authorization": f"Bearer {self.token}",
                     FORWARDED_HEADER.decode(): "1",
