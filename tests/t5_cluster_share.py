@@ -15,8 +15,10 @@ service address it still carried.
 
 Then the share's host only cut off (link down, processes running): its daemon fences itself
 before its lease expires — share manager, Ganesha and engine killed, the service address
-removed — before another host serves the share; the files read back the same. And only
-the host's node daemon killed: its dead man's switch does the same.
+removed, then the volume's mounts and loop device released — before another host serves the
+share; the files read back the same. Only the host's node daemon killed: its dead man's
+switch does the same. The daemon and its switch both killed: the share manager stops Ganesha
+and drops the address itself at the same deadline.
 """
 
 from __future__ import annotations
