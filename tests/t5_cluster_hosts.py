@@ -9,6 +9,7 @@ home, disk and node daemon, on a three-member etcd across three of them
   B (asked of host A), reads the same: checksums equal;
 - `node drain`: refused with the reason while no node has room (nothing changed), then each
   replica rebuilt on another node, the data the same;
+- `upgrade --all` asked of any node: every node upgrades its engines, reported per node;
 - a node killed (every process, and its link down) under writes: `down` in `node ls`, a
   leader among the live nodes replaces its replica after the (short) replenishment wait, the
   engine rebuilds it, the volume is healthy again and every acknowledged write reads back;
@@ -24,6 +25,7 @@ tests run in this order (the last one kills a host).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -180,6 +182,44 @@ def test_engine_requests_on_any_node(site: Site) -> None:
     print(f"snapshot, ls, show, verify and backup through {asker.name}: {time.monotonic() - t0:.1f} s")
     site.cli(a, "volume", "detach", "fw")
     site.cli(a, "volume", "rm", "fw")
+
+
+def test_upgrade_all_reaches_every_node(site: Site) -> None:
+    """`upgrade --all` asked of a node that runs no engine upgrades the engines of every
+    node (manager/forward.py), reports per node, and goes on after a volume that cannot be
+    upgraded live (frontend none without a TCP endpoint: nothing retries its clients); the
+    upgraded volumes read the same."""
+    a, b, c, d = site.hosts
+    t0 = time.monotonic()
+    # Both on b, the one that fails first: b goes on after it. Asked of c: forwarded to b.
+    on = {"upa": "none", "upb": "fuse-nbd"}   # volume -> frontend
+    for name, frontend in on.items():
+        site.cli(b, "volume", "create", name, "--size", "16MiB", "--replicas", "1")
+        site.cli(b, "volume", "attach", name, "--frontend", frontend)
+    sums = {"upb": write_pattern(site.show(b, "upb")["endpoint"], seed=5, count=8)}
+    pids = {n: site.show(b, n)["engine"]["pid"] for n in on}
+    t1 = time.monotonic()
+    got = site.cli(c, "upgrade", "--all", "--json", check=False)
+    t2 = time.monotonic()
+    assert got.returncode == 1, got.stdout + got.stderr   # upa was not upgraded
+    answer = json.loads(got.stdout)
+    by_name = {r["name"]: r for r in answer["volumes"]}
+    assert set(by_name) == set(on), answer
+    assert {r["node"] for r in by_name.values()} == {b.name}, answer
+    assert "frontend" in by_name["upa"]["error"] and pids["upa"] == \
+        site.show(b, "upa")["engine"]["pid"]
+    nodes = {n["node"]: n for n in answer["nodes"]}
+    assert set(nodes) == {h.name for h in site.hosts} and not any("error" in n
+                                                                 for n in nodes.values())
+    assert nodes[b.name] == {"node": b.name, "volumes": 2, "failed": 1}, nodes
+    for n in sums:
+        assert "error" not in by_name[n] and by_name[n]["pause_s"] >= 0, by_name[n]
+        v = site.show(b, n)
+        assert v["engine"]["pid"] != pids[n] and volume_sum(v["endpoint"]) == sums[n]
+    print(f"upgrade --all across {len(nodes)} nodes: {t2 - t1:.1f} s; create and attach "
+          f"{t1 - t0:.1f} s")
+    for name in on:
+        site.cli(b, "volume", "rm", name, "--force")
 
 
 def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:

@@ -15,12 +15,15 @@ service address it still carried.
 
 Then the share's host only cut off (link down, processes running): its daemon fences itself
 before its lease expires — share manager, Ganesha and engine killed, the service address
-removed — before another host serves the share; the files read back the same. And only
-the host's node daemon killed: its dead man's switch does the same.
+removed, then the volume's mounts and loop device released — before another host serves the
+share; the files read back the same. Only the host's node daemon killed: its dead man's
+switch does the same. The daemon and its switch both killed: the share manager stops Ganesha
+and drops the address itself at the same deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,10 +38,12 @@ import psutil
 import pytest
 from conftest import needs_root
 from netns_util import addresses, set_link
-from support.cluster_site import Host, Site, cluster_site, wait_until
+from support.cluster_site import NODE_TTL_S, Host, Site, cluster_site, netns_pids, wait_until
 
 from blockhorn.cluster.etcd import Etcd
+from blockhorn.liveness import self_fence_after
 from blockhorn.manager.process import accepts
+from blockhorn.nbd.attach import IMAGE_NAMES, loops_on
 
 pytestmark = needs_root()
 
@@ -70,10 +75,11 @@ def nfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def share_on(site: Site, volume: str, host: Host, last_octet: int,
-             grace_s: int | None = None) -> tuple[str, int]:
+             grace_s: int | None = None, interface: str = "eth0") -> tuple[str, int]:
     """Create RWX `volume` (2 replicas, none on `host`; `grace_s` None: the default grace
-    period) with a service address on the hosts' eth0 and attach it on `host`; (service
-    address, NFS port)."""
+    period) with a service address on the hosts' eth0 (named `interface`: a name the hosts
+    lack makes each pick eth0 by its subnet) and attach it on `host`; (service address, NFS
+    port)."""
     a = site.hosts[0]
     subnet = a.ip.rsplit(".", 1)[0]
     service = f"{subnet}.{last_octet}"
@@ -83,7 +89,7 @@ def share_on(site: Site, volume: str, host: Host, last_octet: int,
              *(["--grace", str(grace_s)] if grace_s else []),
              "--nfs-minor-versions", "0,1,2",   # libnfs speaks NFSv4.0 only
              "--mkfs-options", "-E root_owner=1000:1000",   # the clients' user (root squashed)
-             "--service-address", f"{service}/24", "--service-interface", "eth0")
+             "--service-address", f"{service}/24", "--service-interface", interface)
     site.cli(a, "node", "update", host.name, "--schedulable", "yes")
     t0 = time.monotonic()
     site.cli(a, "volume", "attach", volume, "--node", host.name)
@@ -200,13 +206,29 @@ def share_processes(h: Host, volume: str) -> list[psutil.Process]:
     return found
 
 
+def held(h: Host, volume: str) -> list[str]:
+    """What host `h` still holds of `volume`'s device: mounts of its export or FUSE mount in
+    the mount namespaces of h's processes, loop devices on its FUSE file."""
+    fuse_dir = os.path.join(h.home, "run", volume, "fuse")
+    points = {os.path.join(h.home, "export", volume), fuse_dir}
+    found: set[str] = set()
+    for pid in netns_pids(h.name):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/mounts") as f:
+            found |= {line.split()[1] for line in f if line.split()[1] in points}
+    return sorted(found) + [loop for image in IMAGE_NAMES
+                            for loop in loops_on(os.path.join(fuse_dir, image))]
+
+
 def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
-                      cut: Callable[[], None], tmp: str) -> tuple[str, str, dict[str, str]]:
+                      cut: Callable[[], None], tmp: str, within: float = 30.0,
+                      released: bool = True, interface: str = "eth0"
+                      ) -> tuple[str, str, dict[str, str]]:
     """`volume` served by `host` with two files written; `cut()` takes the host's daemon out
     of the cluster. The share's processes on `host` must be gone and its service address
-    removed before another host serves it; then the files read back the same. Returns (a
-    line with the times, the service address, the files written)."""
-    service, port = share_on(site, volume, host, last_octet, GRACE_S)
+    removed within `within` seconds and before another host serves it (with `released`, the
+    volume's mounts and loop device on `host` soon after); then the files read back the
+    same. Returns (a line with the times, the service address, the files written)."""
+    service, port = share_on(site, volume, host, last_octet, GRACE_S, interface)
     where = functools.partial(url, service, port, volume)
     written = put_files(tmp, where, 2)
     procs = share_processes(host, volume)
@@ -215,8 +237,16 @@ def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
     cut()
     wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                                for p in procs) and service not in addresses(host.name),
-               30, f"{host.name} fencing its share")
+               within, f"{host.name} fencing its share")
     fenced = time.monotonic() - t0
+    said = f"its share fenced after {fenced:.1f} s, "
+    if released:
+        # What the share's device held there is let go of too (fence.py `release`): no ext4
+        # mount, no FUSE mount, no loop device of the volume left on the fenced host.
+        assert held(host, volume), "nothing to release: the test would prove nothing"
+        wait_until(lambda: not held(host, volume), 15,
+                   f"{host.name} releasing {volume}'s device")
+        said += f"its device released after {time.monotonic() - t0:.1f} s, "
     wait_until(lambda: accepts(f"{service}:{port}"), MOVE_TIMEOUT_S,
                "the share served from another host")
     serving = time.monotonic() - t0
@@ -226,7 +256,7 @@ def fenced_then_moved(site: Site, volume: str, host: Host, last_octet: int,
     wait_until(lambda: nfs("nfs-cat", where("f0")).returncode == 0, MOVE_TIMEOUT_S,
                "a file to read back over NFS")
     check_files(where, written)
-    return (f"its share fenced after {fenced:.1f} s, {node} serves after {serving:.1f} s",
+    return (f"{said}{node} serves after {serving:.1f} s",
             service, written)
 
 
@@ -245,27 +275,16 @@ def test_partitioned_share_node_fences_its_share_and_address(site: Site,
         set_link(d.name, True)
     wait_until(lambda: site.states(a)[d.name] == "up", 20, f"{d.name} up again")
     assert service not in addresses(d.name)
-    # Back on the node that fenced itself: its leftovers (the mount of the old device, the
-    # old FUSE mount) must not stand in the way, and the files read the same.
+    # Back on the node that fenced itself (which released the old device): attached there
+    # again, the share is exported from the new device and the files read the same.
     assert d.proc is not None
     export = os.path.join(d.home, "export", "pf")
-
-    def sources() -> list[str]:   # what is mounted at the export in d's daemon's namespace
-        assert d.proc is not None
-        with open(f"/proc/{d.proc.pid}/mounts") as f:
-            return [line.split()[0] for line in f if line.split()[1] == export]
-    old_device = sources()[-1]   # left mounted by the killed share manager
     site.cli(a, "volume", "detach", "pf")
     site.cli(a, "volume", "attach", "pf", "--node", d.name)
     v = site.show(a, "pf")
     assert v["node"] == d.name and service in addresses(d.name)
-    # Exported from the new device, not from the mount of the old one (its device is dead:
-    # only its page cache would answer).
-    assert sources()[-1:] == [v["device"]] != [old_device], (sources(), v["device"])
-    if old_device.startswith("/dev/loop"):   # and the old one's loop device is released
-        wait_until(lambda: not subprocess.run(["losetup", old_device],
-                                              capture_output=True).stdout, 10,
-                   f"{old_device} released")
+    with open(f"/proc/{d.proc.pid}/mounts") as f:   # d's daemon's mount namespace
+        assert [line.split()[0] for line in f if line.split()[1] == export] == [v["device"]]
     check_files(functools.partial(url, service, v["share"]["port"], "pf"), written)
     site.cli(a, "volume", "detach", "pf")
     site.cli(a, "volume", "rm", "pf")
@@ -273,7 +292,7 @@ def test_partitioned_share_node_fences_its_share_and_address(site: Site,
 
 def test_daemon_killed_its_switch_fences_the_share(site: Site, tmp_path: object) -> None:
     """Only the node daemon of the share's host killed (-9), the host up: its dead man's
-    switch (manager/fence.py) kills the share manager, Ganesha and the engine and removes
+    switch (node/fence.py) kills the share manager, Ganesha and the engine and removes
     the service address when the daemon's last lease renewal is about to run out, before
     the leader moves the share; the next host serves the same files. The daemon started
     again stops nothing more and adds nothing back."""
@@ -290,3 +309,37 @@ def test_daemon_killed_its_switch_fences_the_share(site: Site, tmp_path: object)
     assert service not in addresses(d.name) and not share_processes(d, "dm")
     site.cli(a, "volume", "detach", "dm")
     site.cli(a, "volume", "rm", "dm")
+
+
+def test_daemon_and_switch_killed_share_manager_stops_serving(site: Site,
+                                                              tmp_path: object) -> None:
+    """The node daemon of the share's host and its dead man's switch both killed (-9), the
+    host up: nobody is left to fence the node, but the share manager watches the node's beat
+    file itself and kills Ganesha and drops the service address when the last lease renewal
+    is SELF_FENCE_AFTER_S old (within that of the kill, plus a margin), before the leader
+    moves the share; the next host serves the same files. The daemon started again kills
+    the engine left behind and releases the volume's mounts and loop device. The volume's
+    service interface is a name the hosts lack: each host picks its interface by subnet."""
+    a, b, c, d = site.hosts
+    assert d.proc is not None
+    daemon = d.proc
+    switch = [p for p in psutil.process_iter(["cmdline"])
+              if (p.info["cmdline"] or [])[-1:] == [d.home]
+              and any(arg.endswith(".fence") for arg in p.info["cmdline"])]
+    assert len(switch) == 1, switch
+
+    def kill_both() -> None:
+        switch[0].kill()
+        daemon.kill()
+        daemon.wait(10)
+        switch[0].wait(10)
+    deadline = self_fence_after(NODE_TTL_S) + 2.0   # seconds: the poll, the kill, a load
+    # An interface name no host has: each picks eth0, whose subnet holds the address.
+    said, service, _ = fenced_then_moved(site, "ds", d, 203, kill_both, str(tmp_path),
+                                         within=deadline, released=False, interface="lan9")
+    print(f"{d.name}'s daemon and switch killed: {said}")
+    site.start(d)
+    wait_until(lambda: not held(d, "ds"), 15, f"{d.name} releasing the moved volume")
+    assert service not in addresses(d.name) and not share_processes(d, "ds")
+    site.cli(a, "volume", "detach", "ds")
+    site.cli(a, "volume", "rm", "ds")

@@ -30,7 +30,9 @@ def add_parsers(cmds: Any, vcmds: Any, home_arg: Callable[[argparse.ArgumentPars
     p = cmds.add_parser(
         "upgrade", help="live engine upgrade of every attached volume",
         description="`volume upgrade` for every attached volume, one at a time; volumes whose "
-                    "frontend cannot keep its device are reported and skipped.")
+                    "frontend cannot keep its device, or whose upgrade fails, are reported and "
+                    "the others go on. On a cluster every node that is up upgrades the engines "
+                    "it runs, and each node's result is reported.")
     p.add_argument("--all", action="store_true", required=True,
                    help="every attached volume (required: says what is meant)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
@@ -45,19 +47,34 @@ def _line(r: dict[str, Any]) -> str:
             f"start {r['start_s'] * 1000:.0f} ms)")
 
 
+def _node_line(n: dict[str, Any]) -> str:
+    if n.get("error"):
+        return f"node {n['node']}: not reached: {n['error']}"
+    if n.get("skipped"):
+        return f"node {n['node']}: skipped, {n['skipped']}"
+    return f"node {n['node']}: {n['volumes']} engine(s), {n['failed']} not upgraded"
+
+
 def run_upgrade(args: argparse.Namespace, home: Home) -> int:
-    from blockhorn.manager.client import connect
-    with connect(home) as c:
+    from blockhorn.manager.client import UPGRADE_ALL_TIMEOUT_S, connect
+    nodes: list[dict[str, Any]] = []   # a cluster: what each node did (manager/forward.py)
+    # --all: every engine of every node, one at a time (a cluster's nodes one after another).
+    with connect(home, timeout=UPGRADE_ALL_TIMEOUT_S) as c:
         if args.command == "volume":
             check_name(args.name)
             results = [c.request("POST", f"/volumes/{args.name}/upgrade", {})]
         else:
             if not args.all:
                 raise InvalidArgument("use --all")
-            results = c.request("POST", "/upgrade", {})["volumes"]
+            answer = c.request("POST", "/upgrade", {})
+            results, nodes = answer["volumes"], answer.get("nodes") or []
     if args.json:
-        print(json.dumps(results[0] if args.command == "volume" else results, indent=2))
+        print(json.dumps(results[0] if args.command == "volume" else
+                         {"volumes": results, "nodes": nodes} if nodes else results, indent=2))
     else:
+        for n in nodes:
+            print(_node_line(n))
         for r in results:
-            print(_line(r))
-    return EXIT_SOME_FAILED if any(r.get("error") for r in results) else 0
+            print((f"[{r['node']}] " if r.get("node") else "") + _line(r))
+    failed = any(r.get("error") for r in results) or any(n.get("error") for n in nodes)
+    return EXIT_SOME_FAILED if failed else 0

@@ -76,7 +76,9 @@ def add_parsers(cmds: Any) -> Any:
                    help="RWX: an address (e.g. 10.0.0.50/24) added to --service-interface "
                         "while the share serves; Ganesha listens on it and clients mount it")
     p.add_argument("--service-interface", default=None, metavar="IF",
-                   help="RWX: the interface that carries --service-address")
+                   help="RWX: the interface that carries --service-address (default, and "
+                        "on a host without an interface of that name: the one whose subnet "
+                        "contains the address)")
     add_standby_options(p)
     home_arg(p)
 

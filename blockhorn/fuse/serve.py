@@ -28,6 +28,7 @@ from blockhorn.config import EngineConfig
 from blockhorn.engine.client import Receiver
 from blockhorn.engine.control import ControlServer
 from blockhorn.engine.engine import Engine
+from blockhorn.fuse import FUSECTL, fuse_connection
 from blockhorn.fuse.fs import IMAGE_INODE, VolumeFS
 from blockhorn.nbd.attach import cleanup_stale_mount, is_mounted
 from blockhorn.types import BlockhornError, Busy
@@ -52,7 +53,6 @@ FUSE_TASKS = 16
 # device's queue depth. Measured, 3 replicas, fio QD32 4k randwrite on the loop device:
 # 12 -> ~4.1k IOPS, 48 -> ~5.0k, 128 -> ~5.5-6.7k (noisy machine, interleaved runs).
 MAX_BACKGROUND = 128
-FUSECTL = "/sys/fs/fuse/connections"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SIZE_POLL_S = 1.0   # seconds between checks whether the volume grew (an expand)
 
@@ -96,14 +96,9 @@ def main(config_path: str, mountpoint: str, threads: int = FUSE_THREADS,
 
 def tune_connection(mountpoint: str) -> None:
     """Raise the mount's `max_background` through fusectl (root; mounted here if it is not).
-    Found through /proc/self/mountinfo: a stat of the mount would send a request that this
-    process cannot answer before its loop runs. Only speed depends on it: failures are logged."""
-    conn = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4].replace("\\040", " ") == mountpoint:
-                conn = int(fields[2].split(":")[1])
+    Found through mountinfo (`fuse_connection`): a stat of the mount would send a request that
+    this process cannot answer before its loop runs. Only speed depends on it: failures are logged."""
+    conn = fuse_connection(mountpoint)
     where = os.path.join(FUSECTL, str(conn))
     if conn is not None and not os.path.isdir(where) and os.path.isdir(FUSECTL):
         subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)

@@ -25,9 +25,9 @@ from typing import Any
 
 from blockhorn.control.store import ProcessRecord, StateStore, VolumeRow
 from blockhorn.manager import process
-from blockhorn.manager.fence import fence
 from blockhorn.manager.paths import Home
 from blockhorn.manager.volumes import FRONTENDS, VolumeManager, check_system
+from blockhorn.node.fence import fence
 from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound, check_name
 
 log = logging.getLogger("blockhorn.manager")
@@ -116,7 +116,7 @@ def replica_processes(home: Home) -> list[tuple[str, str, ProcessRecord]]:
 def stop_moved_engines(vm: VolumeManager) -> int:
     """At daemon start: kill this home's engines and shares of volumes now attached on
     another node (moved while this daemon was dead; the replicas refuse them already, by
-    epoch) and remove their service addresses (manager/fence.py)."""
+    epoch) and remove their service addresses (node/fence.py)."""
     if vm.cluster is None:
         return 0
     moved = [v.name for v in vm.store.volumes()

@@ -36,6 +36,10 @@ from blockhorn.types import (
 CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 180.0   # seconds; an attach starts N+1 processes and a device
 START_TIMEOUT_S = 30.0      # seconds a freshly started daemon has to answer
+# Seconds `upgrade --all` may take, and one node of a cluster for its part (manager/forward.py):
+# every engine one after the other, each a pause of about a second (more with a fuse-nbd
+# holder to drain).
+UPGRADE_ALL_TIMEOUT_S = 3600.0
 
 _BY_ERRNO: dict[int, type[BlockhornError]] = {
     errno.EINVAL: InvalidArgument, errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists,

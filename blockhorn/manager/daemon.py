@@ -24,9 +24,10 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from blockhorn import liveness
 from blockhorn.control.store import DEFAULT_ETCD_PREFIX, open_store
 from blockhorn.keys import adopt_key, ensure_key, load_key
-from blockhorn.manager import fence, remote
+from blockhorn.manager import remote
 from blockhorn.manager.api import make_app
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.backups import BackupService
@@ -39,6 +40,7 @@ from blockhorn.manager.settings import Settings, write_rebuild_limits
 from blockhorn.manager.standby import StandbyManager
 from blockhorn.manager.supervisor import Supervisor
 from blockhorn.manager.volumes import VolumeManager
+from blockhorn.node import fence
 from blockhorn.sdnotify import notify
 from blockhorn.types import BlockhornError, Busy
 
@@ -116,7 +118,7 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
         tls = remote.ensure_certificate(home, ip)
         if etcd:   # peers forward engine requests here (manager/forward.py)
             nodes.api = (f"https://{remote.bind_text(ip, port)}", remote.ca_pem(tls[0], tls[2]))
-    if etcd:   # the dead man's switch reads when the lease was last renewed (manager/fence.py)
+    if etcd:   # the dead man's switch reads when the lease was last renewed (node/fence.py)
         nodes.on_beat = lambda began: fence.record_beat(home, began)
     nodes.register()
     volumes = VolumeManager(home, store)
@@ -128,6 +130,7 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
         nodes.on_lost = lambda: log.error("self-fencing stopped %d process(es)",
                                           fence.self_fence(home))
         switch = fence.arm(home)   # held until this process ends, however it ends
+        volumes.shares.beat_file = liveness.beat_path(home.root)
     write_rebuild_limits(Settings(store), home.rebuild_limits)
     supervisor = Supervisor(volumes, Leader(nodes) if etcd else None)
     backups = BackupService(volumes)   # one for the API, recurring jobs and standbys

@@ -7,6 +7,8 @@ another node passes the request to that node's TCP API (its URL and CA in the no
 `daemon run --api-listen`; manager/remote.py) with the cluster token, and returns its answer
 as it came. `volume show` is forwarded the same way so that it has the engine's replica
 modes; when the engine's node cannot be reached, show falls back to what the store says.
+`upgrade --all` (POST /v1/upgrade) goes to every node that is up, each upgrading the engines
+it runs, and the answer reports per node.
 
 A forwarded request carries FORWARDED_HEADER and is never forwarded again (two nodes whose
 views of the store differ for a moment must not bounce it between them). A node that is down
@@ -26,6 +28,7 @@ from typing import Any
 import httpx
 import trio
 
+from blockhorn.manager.client import UPGRADE_ALL_TIMEOUT_S
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, NotFound
 
@@ -45,6 +48,7 @@ _VOLUME_PATHS = [
     ("GET", re.compile(r"^/v1/volumes/([^/]+)/share$")),   # its status is on the serving node
 ]
 _BACKUP_CREATE = "/v1/backups"
+UPGRADE_ALL = "/v1/upgrade"   # every node upgrades its engines (`_upgrade_everywhere`)
 _BACKUP_JOB = re.compile(r"^/v1/backups/jobs/([^/]+)$")
 
 
@@ -63,6 +67,9 @@ class Forward:
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
+        if method == "POST" and path == UPGRADE_ALL:
+            await self._upgrade_everywhere(scope, receive, send)
+            return
         body = b""
         volume: str | None = None
         job_node: str | None = None
@@ -119,11 +126,55 @@ class Forward:
             return None
         return vol.node
 
-    def _forward(self, node: str, method: str, path: str, query: bytes,
-                 body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    async def _upgrade_everywhere(self, scope: Scope, receive: Any, send: Any) -> None:
+        """`upgrade --all` on a cluster: every node upgrades the engines it runs, one node
+        after the other (as one node upgrades its volumes one at a time), this one through
+        the app, the others through their APIs. A node that fails or cannot be reached is
+        reported and the next one goes on. The answer: `volumes`, every node's results with
+        their `node`; `nodes`, per node its count or its error (or `skipped` when down)."""
+        body = await _read(receive)
+        nodes = await trio.to_thread.run_sync(self._nodes)
+        volumes: list[dict[str, Any]] = []
+        report: list[dict[str, Any]] = []
+        for node, up in nodes:
+            if not up:
+                report.append({"node": node, "skipped": "down: its engines are not running"})
+                continue
+            try:
+                if node == self.volumes.me:
+                    status, answer = await _call(self.app, scope, body)
+                else:
+                    status, _, answer = await trio.to_thread.run_sync(
+                        self._forward, node, "POST", UPGRADE_ALL, b"", body,
+                        f"node {node} runs engines to upgrade", UPGRADE_ALL_TIMEOUT_S)
+                data = json.loads(answer or b"{}")
+            except (BlockhornError, ValueError) as e:
+                report.append({"node": node, "error": str(e)})
+                continue
+            if status != 200 or not isinstance(data.get("volumes"), list):
+                err = (data.get("error") or {}).get("message") or f"HTTP {status}"
+                report.append({"node": node, "error": str(err)})
+                continue
+            volumes += [{**r, "node": node} for r in data["volumes"]]
+            report.append({"node": node, "volumes": len(data["volumes"]),
+                           "failed": sum(1 for r in data["volumes"] if r.get("error"))})
+        answer = json.dumps({"volumes": volumes, "nodes": report}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(answer)).encode())]})
+        await send({"type": "http.response.body", "body": answer})
+
+    def _nodes(self) -> list[tuple[str, bool]]:
         cluster = self.volumes.cluster
         assert cluster is not None
-        where = f"the volume's engine runs on node {node}"
+        return [(n.name, cluster.is_up(n.name)) for n in self.volumes.store.nodes()]
+
+    def _forward(self, node: str, method: str, path: str, query: bytes, body: bytes,
+                 where: str = "", timeout: float = REQUEST_TIMEOUT_S
+                 ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        cluster = self.volumes.cluster
+        assert cluster is not None
+        where = where or f"the volume's engine runs on node {node}"
         if not cluster.is_up(node):
             raise BlockhornError(f"{where}, which is down: this request needs the engine; "
                                  "wait for the node, or detach the volume and attach it on "
@@ -137,7 +188,7 @@ class Forward:
         url = path + (f"?{query.decode()}" if query else "")
         try:
             with httpx.Client(base_url=peer.api.rstrip("/"), verify=ctx, timeout=httpx.Timeout(
-                    REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)) as http:
+                    timeout, connect=CONNECT_TIMEOUT_S)) as http:
                 r = http.request(method, url, content=body or None, headers={
                     "Authorization": f"Bearer {self.token}",
                     FORWARDED_HEADER.decode(): "1",
@@ -149,6 +200,24 @@ class Forward:
                 if k.lower() in ("content-type", "content-length")]
         log.info("%s %s forwarded to node %s: HTTP %d", method, path, node, r.status_code)
         return r.status_code, keep, r.content
+
+
+async def _call(app: Any, scope: Scope, body: bytes) -> tuple[int, bytes]:
+    """Ask `app` (this node's API) for the request of `scope` with `body`: (status, body)."""
+    status = 500
+    chunks: list[bytes] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(msg: dict[str, Any]) -> None:
+        nonlocal status
+        if msg["type"] == "http.response.start":
+            status = int(msg["status"])
+        elif msg["type"] == "http.response.body":
+            chunks.append(msg.get("body", b""))
+    await app(scope, receive, send)
+    return status, b"".join(chunks)
 
 
 async def _read(receive: Any) -> bytes:

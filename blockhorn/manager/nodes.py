@@ -33,6 +33,7 @@ import trio
 
 from blockhorn.control.scheduler import Disk, Node, Placement, Policy, schedule
 from blockhorn.control.store import DiskRow, NodeRow, StateStore
+from blockhorn.liveness import HEARTBEAT_S, NODE_DOWN_AFTER_S, SELF_FENCE_AFTER_S
 from blockhorn.manager.settings import (
     DATA_LOCALITY,
     MINIMAL_AVAILABLE,
@@ -45,16 +46,8 @@ from blockhorn.types import Busy, InvalidArgument, parse_size
 
 log = logging.getLogger("blockhorn.manager")
 
-# Seconds: a node silent this long is down (its etcd lease's TTL). BLOCKHORN_NODE_TTL_S
-# shortens it for tests and demos on one machine, where no network hiccup needs riding out.
-NODE_DOWN_AFTER_S = max(3, int(os.environ.get("BLOCKHORN_NODE_TTL_S", "15")))
-HEARTBEAT_S = min(5.0, NODE_DOWN_AFTER_S / 3)   # seconds between this node's heartbeats
-# Seconds without a successful lease renewal after which this node fences itself (stops its
-# engines and shares, removes the shares' service addresses: manager/fence.py): before its
-# lease can expire (the lease runs from the renewal's arrival, after the moment `_last_ok`
-# records), so before the leader can see it down and move its volumes; a margin for the
-# kill itself, and at least two missed beats.
-SELF_FENCE_AFTER_S = NODE_DOWN_AFTER_S - min(1.0, HEARTBEAT_S / 4)
+# NODE_DOWN_AFTER_S (the lease's TTL, BLOCKHORN_NODE_TTL_S), HEARTBEAT_S and
+# SELF_FENCE_AFTER_S live in blockhorn/liveness.py: the share managers read them too.
 WATCHDOG_S = 0.25   # seconds between the self-fencing checks
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")   # tags, zones, node names
 
@@ -86,12 +79,12 @@ class NodeService:
         self.name = check_label(name or default_node_name(), "node name")
         self.address = address
         self.leader: str | None = None   # the leading node as of the last heartbeat
-        # A cluster node's self-fencing (manager/fence.py; docs/DURABILITY.md, "A volume
+        # A cluster node's self-fencing (node/fence.py; docs/DURABILITY.md, "A volume
         # attached on a node that died"): called once when the heartbeat has failed for
         # SELF_FENCE_AFTER_S.
         self.on_lost: Callable[[], None] | None = None
         # Called with the time (monotonic) each successful renewal began: the dead man's
-        # switch of a cluster daemon reads it (manager/fence.py).
+        # switch of a cluster daemon reads it (node/fence.py).
         self.on_beat: Callable[[float], None] | None = None
         self._last_ok = time.monotonic()   # when the last successful heartbeat began
         self._fenced = False

@@ -12,7 +12,7 @@
     <home>/volumes/<vol>/share.json, share/   RWX: share manager config; ganesha.conf,
                                    ganesha.log, status.json, recovery/ (blockhorn.sharemgr)
     <home>/node.beat               a cluster node: when its last lease renewal began
-                                   (manager/fence.py, its dead man's switch; logs/fence.log)
+                                   (blockhorn/liveness.py; node/fence.py, logs/fence.log)
 
 With `--disk PATH` a replica lives in `PATH/replicas/<vol>/<rep>/` instead.
 """

@@ -299,10 +299,7 @@ class Supervisor:
             log.warning("engine of %s does not answer status: %s", name, e)
             status = None
         self._check_frontend(vol)
-        if vol.tcp_port:
-            self._check_proxy(vol, eng.nbd_socket)
-        if (vol.attachment or {}).get("relay"):
-            self._check_relay(vol, eng.nbd_socket)
+        self._check_relays(vol, eng.nbd_socket)
         if vol.access_mode == "rwx":
             self._check_share(vol)
         if status is not None:
@@ -480,39 +477,35 @@ class Supervisor:
             return
         self._succeeded(key)
 
-    def _check_proxy(self, vol: VolumeRow, nbd_socket: str) -> None:
-        """Start the TLS proxy of the volume's TCP endpoint again if it died."""
+    def _check_relays(self, vol: VolumeRow, nbd_socket: str) -> None:
+        """Start the volume's relays again if they died (manager/nbdproxy.py): the TLS proxy
+        of its TCP endpoint, and the `nbd` frontend's local relay. A dead local relay took
+        its nbd-client's connection with it (the kernel's netlink NBD does not reconnect):
+        the device fails I/O until detach + attach, as a device on the engine's socket did
+        after an engine crash, which the volume then says; the relay is started again anyway,
+        like the TLS proxy, so that what connects next finds it."""
         from blockhorn.manager import nbdproxy
-        if nbdproxy.running(self.volumes.home, vol.name) is not None:
-            return
-        log.error("the NBD TLS proxy of %s is not running: starting it", vol.name)
-        try:
-            nbdproxy.ensure(self.volumes.home, vol.name, nbd_socket)
-        except (BlockhornError, OSError) as e:
-            log.error("starting the NBD TLS proxy of %s failed: %s", vol.name, e)
-
-    def _check_relay(self, vol: VolumeRow, nbd_socket: str) -> None:
-        """The `nbd` frontend's local relay died: its nbd-client lost the connection (the
-        kernel's netlink NBD does not reconnect), so the device fails I/O until detach +
-        attach, as a device on the engine's socket did after an engine crash. It is started
-        again anyway, like the TLS proxy, so that what connects next finds it."""
-        from blockhorn.manager import nbdproxy
-        if nbdproxy.running(self.volumes.home, vol.name, nbdproxy.LOCAL) is not None:
-            return
-        key = f"relay/{vol.name}"
-        if not vol.device_stale:
-            msg = (f"the local NBD relay exited; {(vol.attachment or {}).get('device')} lost "
-                   "its connection and fails I/O: detach and attach the volume again")
-            log.error("%s: %s", vol.name, msg)
-            self.store.update_volume(vol.name, device_stale=True, message=msg)
-        if not self._due(key):
-            return
-        try:
-            nbdproxy.ensure(self.volumes.home, vol.name, nbd_socket, nbdproxy.LOCAL)
-            self._succeeded(key)
-        except (BlockhornError, OSError) as e:
-            self._attempted(key)
-            log.error("starting the local NBD relay of %s failed: %s", vol.name, e)
+        wanted = [k for k, on in ((nbdproxy.TLS, bool(vol.tcp_port)),
+                                  (nbdproxy.LOCAL, bool((vol.attachment or {}).get("relay"))))
+                  if on]
+        for kind in wanted:
+            if nbdproxy.running(self.volumes.home, vol.name, kind) is not None:
+                continue
+            key = f"{kind.log}/{vol.name}"
+            if kind is nbdproxy.LOCAL and not vol.device_stale:
+                msg = (f"the local NBD relay exited; {(vol.attachment or {}).get('device')} "
+                       "lost its connection and fails I/O: detach and attach the volume again")
+                log.error("%s: %s", vol.name, msg)
+                self.store.update_volume(vol.name, device_stale=True, message=msg)
+            if not self._due(key):
+                continue
+            log.error("the %s of %s is not running: starting it", kind.what, vol.name)
+            try:
+                nbdproxy.ensure(self.volumes.home, vol.name, nbd_socket, kind)
+                self._succeeded(key)
+            except (BlockhornError, OSError) as e:
+                self._attempted(key)
+                log.error("starting the %s of %s failed: %s", kind.what, vol.name, e)
 
     def _restart_engine(self, vol: VolumeRow, was_running: bool, waiting: list[str]) -> None:
         name = vol.name

@@ -197,15 +197,17 @@ def _preflush(nbd_socket: str) -> None:
 
 
 def upgrade_all(volumes: Any) -> list[dict[str, Any]]:
-    """Upgrade every attached volume, one at a time; a volume that cannot be upgraded live is
-    reported (`error`) and the others go on."""
+    """Upgrade every volume whose engine runs on this node, one at a time; a volume that
+    cannot be upgraded (not live, or it failed) is reported (`error`) and the others go on.
+    On a cluster the API asks every node (manager/forward.py)."""
     results = []
     for vol in volumes.store.volumes():
-        if vol.desired != "attached":
+        if vol.desired != "attached" or not volumes.engine_here(vol):
             continue
         try:
             results.append(upgrade(volumes, vol.name))
-        except Busy as e:
+        except (BlockhornError, OSError) as e:
+            log.error("volume %s: engine not upgraded: %s", vol.name, e)
             results.append({"name": vol.name, "error": str(e)})
     return results
 

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from blockhorn.fuse import IMAGE
 from blockhorn.types import BlockhornError
 
 log = logging.getLogger("blockhorn.attach")
@@ -43,6 +44,11 @@ FRONTENDS = ("nbd", "nbdfuse", "fuse", "fuse-nbd", "none")
 # its nbd-client is connected to the local relay (`Attachment.relay`; see `survives`).
 SURVIVING = ("fuse-nbd",)
 HOLDER_READY_TIMEOUT_S = 70.0   # the holder waits up to 60 s for an engine before it mounts
+
+NBDFUSE_IMAGE = "nbd"   # nbdfuse's file in its mount
+# The files a loop device of a FUSE frontend is on, in the volume's FUSE mount: the fuse and
+# fuse-nbd frontends', nbdfuse's.
+IMAGE_NAMES = (IMAGE, NBDFUSE_IMAGE)
 
 PACKAGES = {  # command -> Debian package that provides it
     "nbdkit": "nbdkit", "nbdfuse": "libnbd-bin", "losetup": "mount",
@@ -213,7 +219,6 @@ def attach_device(uri: str, fuse_dir: str, log_path: str, frontend: str = "auto"
     if frontend == "fuse":
         # The FUSE process (`blockhorn fuse serve`) runs the engine and is the engine process
         # the daemon supervises: here only the loop device goes on its file.
-        from blockhorn.fuse import IMAGE
         att = Attachment(device="", frontend="fuse", fuse_dir=fuse_dir)
         att.device = loop_setup(os.path.join(fuse_dir, IMAGE))
         return att
@@ -225,7 +230,6 @@ def attach_device(uri: str, fuse_dir: str, log_path: str, frontend: str = "auto"
 def _attach_holder(uri: str, fuse_dir: str, log_path: str) -> Attachment:
     """The holder process (blockhorn/fuse/holder.py) mounts the volume file and reaches the
     engine over NBD, reconnecting when the engine is restarted; a loop device on the file."""
-    from blockhorn.fuse import IMAGE
     cleanup_stale_mount(fuse_dir)
     os.makedirs(fuse_dir, exist_ok=True)
     pidfile = fuse_dir.rstrip("/") + ".pid"
@@ -316,7 +320,6 @@ def refresh_size(att: Attachment, size: int, timeout: float = 10.0) -> bool:
     the size only when they connect: False (detach and attach)."""
     if att.frontend not in ("fuse", "fuse-nbd") or not att.device:
         return False
-    from blockhorn.fuse import IMAGE  # (pyfuse3 is imported only by the fuse frontend)
     image = os.path.join(att.fuse_dir, IMAGE)
     if att.frontend == "fuse-nbd":
         holder = att.pids.get("holder", 0)
@@ -337,7 +340,7 @@ def refresh_size(att: Attachment, size: int, timeout: float = 10.0) -> bool:
 def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
     cleanup_stale_mount(fuse_dir)
     os.makedirs(fuse_dir, exist_ok=True)
-    image = os.path.join(fuse_dir, "nbd")
+    image = os.path.join(fuse_dir, NBDFUSE_IMAGE)
     pidfile = fuse_dir.rstrip("/") + ".pid"
     if os.path.exists(pidfile):
         os.unlink(pidfile)
@@ -363,6 +366,25 @@ def _attach_nbdfuse(uri: str, fuse_dir: str, log_path: str) -> Attachment:
 def loop_setup(image: str) -> str:
     """A loop device on `image`, with direct I/O (no second page cache above the FUSE file)."""
     return _run([require("losetup"), "--find", "--show", "--direct-io=on", image])
+
+
+def loops_on(image: str) -> list[str]:
+    """The loop devices whose backing file is `image` (from sysfs: no process, no wait).
+    The kernel names a backing file by its real path; only the directories above the FUSE
+    mount are resolved here (a look at the mount itself would ask its server)."""
+    mount = os.path.dirname(os.path.abspath(image))
+    image = os.path.join(os.path.realpath(os.path.dirname(mount)), os.path.basename(mount),
+                         os.path.basename(image))
+    found = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                path = f.read().strip()
+        except OSError:
+            continue   # detached meanwhile
+        if path.removesuffix(" (deleted)") == image:
+            found.append("/dev/" + backing.split("/")[3])
+    return sorted(found)
 
 
 def is_mounted(path: str) -> bool:
@@ -401,7 +423,9 @@ def detach_device(att: Attachment) -> None:
         except BlockhornError as e:
             errors.append(str(e))
     if att.frontend in ("nbdfuse", "fuse", "fuse-nbd"):
-        if att.device:
+        # Only while it is still on this attachment's file: a node that fenced itself
+        # released it (node/fence.py), and the number may belong to another volume since.
+        if att.device and att.device in loops_on(_image(att)):
             try:
                 _run([require("losetup"), "-d", att.device])
             except BlockhornError as e:
@@ -413,6 +437,12 @@ def detach_device(att: Attachment) -> None:
             _wait_exit(pid)
     if errors:
         raise BlockhornError("; ".join(errors), errno.EBUSY)
+
+
+def _image(att: Attachment) -> str:
+    """The file in `att`'s FUSE mount that its loop device is on."""
+    name = NBDFUSE_IMAGE if att.frontend == "nbdfuse" else IMAGE
+    return os.path.join(os.path.abspath(att.fuse_dir), name)
 
 
 def _wait_exit(pid: int, timeout: float = 10.0) -> None:

@@ -38,6 +38,45 @@ def _index(ip: object, ifname: str) -> int:
     return int(found[0])
 
 
+def pick_interface(ifname: str, cidr: str) -> str:
+    """The interface the service address `cidr` goes on here: `ifname` when this host has
+    an interface of that name; else (none named, or hosts whose interfaces are named
+    differently) the one with an address of its own whose subnet contains the service
+    address, the longest prefix first. BlockhornError (ENODEV) when none does."""
+    from pyroute2 import IPRoute
+    address, _ = parse(cidr)
+    want = ipaddress.ip_address(address)
+    with IPRoute() as ip:
+        if ifname and ip.link_lookup(ifname=ifname):
+            return ifname
+        best: tuple[int, int] | None = None   # (prefix length, interface index)
+        for a in ip.get_addr(family=socket.AF_INET):
+            own, prefix = a.get_attr("IFA_ADDRESS"), int(a["prefixlen"])
+            if own == address:
+                continue   # the service address itself, left from an earlier start
+            if want in ipaddress.ip_network(f"{own}/{prefix}", strict=False) \
+                    and (best is None or prefix > best[0]):
+                best = (prefix, int(a["index"]))
+        if best is None:
+            named = f"there is no interface {ifname!r} here and " if ifname else ""
+            raise BlockhornError(f"service address {cidr}: {named}no interface of this host "
+                                 "has an address in its subnet: give the hosts an address "
+                                 "there, or name the interface (--service-interface IF)",
+                                 errno.ENODEV)
+        return str(ip.get_links(best[1])[0].get_attr("IFLA_IFNAME"))
+
+
+def carrier(cidr: str) -> str | None:
+    """The interface that carries the address of `cidr` now, if one does."""
+    from pyroute2 import IPRoute
+    address, _ = parse(cidr)
+    with IPRoute() as ip:
+        for a in ip.get_addr(family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == address:
+                return str(ip.get_links(int(a["index"]))[0].get_attr("IFLA_IFNAME"))
+    return None
+
+
 def present(ifname: str, cidr: str) -> bool:
     from pyroute2 import IPRoute
     address, _ = parse(cidr)
@@ -84,9 +123,14 @@ def announce(ifname: str, address: str) -> None:
 
 
 def remove(ifname: str, cidr: str) -> None:
+    """Remove the service address from whichever interface carries it (the one picked at
+    the start need not be `ifname`: `pick_interface`); none does: nothing to do."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
     address, prefix = parse(cidr)
+    ifname = carrier(cidr) or ""
+    if not ifname:
+        return   # not here: what we wanted
     with IPRoute() as ip:
         try:
             idx = _index(ip, ifname)

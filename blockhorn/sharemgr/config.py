@@ -138,8 +138,14 @@ class ShareConfig(_Loadable):
     grace_s: int = GRACE_S
     minor_versions: list[int] = field(default_factory=lambda: list(MINOR_VERSIONS))
     service_address: str = ""   # CIDR added to `interface` while serving; Ganesha binds to it
+    # The interface named for the share; "" or one this host lacks: the one whose subnet
+    # contains the service address (address.pick_interface, at each start).
     interface: str = ""
     log_file: str = ""     # Ganesha's own log; default <state_dir>/ganesha.log
+    # A cluster node's liveness beat (blockhorn/liveness.py, `<home>/node.beat`): the share
+    # stops serving once the node's last lease renewal is SELF_FENCE_AFTER_S old. "" on a
+    # single host (no lease).
+    beat_file: str = ""
 
     def validate(self) -> None:
         check_name(self.volume)
@@ -211,9 +217,11 @@ def _check(squash: str, port: int | None, lease_s: int, grace_s: int,
 
 
 def _check_service(service_address: str, interface: str) -> None:
-    if bool(service_address) != bool(interface):
-        raise InvalidArgument("a service address needs its interface and the reverse "
-                              "(--service-address CIDR --service-interface IF)")
+    """An interface without an address is refused; an address without an interface goes on
+    the interface whose subnet contains it (sharemgr/address.py `pick_interface`)."""
+    if interface and not service_address:
+        raise InvalidArgument("a service interface needs a service address "
+                              "(--service-address CIDR [--service-interface IF])")
     if interface and (not isinstance(interface, str) or not IFNAME_RE.fullmatch(interface)):
         raise InvalidArgument(f"bad interface name {interface!r}: use up to 15 of "
                               "A-Z a-z 0-9 _ . -")

@@ -66,9 +66,17 @@ def state_dir(home: Home, name: str) -> str:
     return os.path.join(home.volume_dir(name), "share")
 
 
+def mount_dir(home: Home, name: str) -> str:
+    return os.path.join(home.root, "export", name)
+
+
+def mounted(path: str) -> bool:
+    return device.is_mounted(path) is not None
+
+
 def fence_marks(home: Home, name: str) -> tuple[set[str], set[str]]:
     """Command-line arguments that name volume `name`'s share processes in `home`, for a
-    kill that cannot ask the store (manager/fence.py): (share managers, Ganesha)."""
+    kill that cannot ask the store (node/fence.py): (share managers, Ganesha)."""
     return {config_path(home, name)}, {os.path.join(state_dir(home, name), "ganesha.conf")}
 
 
@@ -91,6 +99,9 @@ class ShareControl:
         self.home = home
         self.store = store
         self._synced: dict[str, dict[str, Any]] = {}   # volume -> records last stored
+        # A cluster node's beat file (blockhorn/liveness.py), set by the daemon: each share
+        # manager watches it and stops serving when the node's lease may run out.
+        self.beat_file = ""
 
     # --- paths and settings ----------------------------------------------------------------
 
@@ -101,7 +112,7 @@ class ShareControl:
         return state_dir(self.home, name)
 
     def mount_dir(self, name: str) -> str:
-        return os.path.join(self.home.root, "export", name)
+        return mount_dir(self.home, name)
 
     def add(self, name: str, options: dict[str, Any]) -> None:
         self.store.add_share(name, options)
@@ -131,7 +142,8 @@ class ShareControl:
                           grace_s=options["grace_s"],
                           minor_versions=options.get("minor_versions") or MINOR_VERSIONS,
                           service_address=options.get("service_address") or "",
-                          interface=options.get("interface") or "")
+                          interface=options.get("interface") or "",
+                          beat_file=self.beat_file)
         cfg.validate()
         return cfg
 

@@ -14,6 +14,10 @@ While serving, two tasks run in one nursery:
   a hung device shows as failed instead of hanging the loop), is remounted read-write when it
   went read-only after a transient error, and grown online when the device grew (an expand
   while attached), and Ganesha accepts connections.
+On a cluster node a third task watches the node's liveness beat (blockhorn/liveness.py): once
+the last lease renewal is SELF_FENCE_AFTER_S old, Ganesha is killed, the service address
+dropped and the share manager exits (status `failed`, the reason in its message), at the
+moment the node's daemon and its dead man's switch would fence it, and also when both are gone.
 
 The status (`<state_dir>/status.json`, written atomically) is what `blockhorn share show` and
 the daemon's API report. SIGTERM/SIGINT (detach): Ganesha is stopped, its client records
@@ -33,6 +37,7 @@ from typing import Any
 
 import trio
 
+from blockhorn import liveness
 from blockhorn.fsutil import atomic_write, atomic_write_json
 from blockhorn.manager.process import accepts, log_tail
 from blockhorn.sdnotify import notify
@@ -49,6 +54,8 @@ POLL_S = 0.05               # seconds between readiness probes
 QUICK_DEATH_S = 10.0        # a Ganesha that dies sooner than this after its start backs off
 BACKOFF_MAX_S = 10.0
 STOP_TIMEOUT_S = 10.0       # seconds between SIGTERM and SIGKILL for Ganesha
+BEAT_POLL_S = 0.25          # seconds between looks at a cluster node's beat file
+FENCED_UNMOUNT_S = 10.0     # seconds the unmount after a fence may take before it is left
 
 
 class ShareServer:
@@ -56,6 +63,7 @@ class ShareServer:
         self.cfg = cfg
         self.proc: trio.Process | None = None
         self.stopping = False     # a requested stop (detach), not a crash
+        self.fenced = False       # stopped because the node's lease may run out (_watch_beat)
         self._device_size = 0     # bytes, last seen by the health check (see _follow_growth)
         self._grow_error: str | None = None
         self.status: dict[str, Any] = {
@@ -88,6 +96,8 @@ class ShareServer:
             atomic_write(cfg.ganesha_conf, ganesha.render(cfg).encode(), mode=0o600)
             await trio.to_thread.run_sync(ganesha.kill_stale, cfg)
             if cfg.service_address:
+                cfg.interface = await trio.to_thread.run_sync(
+                    address.pick_interface, cfg.interface, cfg.service_address)
                 await trio.to_thread.run_sync(address.ensure, cfg.interface,
                                               cfg.service_address)
                 log.info("service address %s on %s", cfg.service_address, cfg.interface)
@@ -98,6 +108,8 @@ class ShareServer:
                 notify("READY=1")
                 nursery.start_soon(self._health_loop)
                 nursery.start_soon(self._on_signals, nursery.cancel_scope)
+                if cfg.beat_file:
+                    nursery.start_soon(self._watch_beat, nursery.cancel_scope)
         except BlockhornError as e:
             self.publish(state="failed", health="failed", message=str(e), errno=e.errno)
             raise
@@ -113,7 +125,14 @@ class ShareServer:
                     # the clients, so the next start has no grace period waiting for them.
                     # After a crash the records stay and clients reclaim.
                     shutil.rmtree(cfg.recovery_dir, ignore_errors=True)
-                await trio.to_thread.run_sync(device.unmount, cfg.mount_dir)
+                if self.fenced:
+                    # Its device may be dead (the volume moved, the engine fenced by epoch):
+                    # an unmount stuck flushing is left to itself, this process goes.
+                    with trio.move_on_after(FENCED_UNMOUNT_S):
+                        await trio.to_thread.run_sync(device.unmount, cfg.mount_dir,
+                                                      abandon_on_cancel=True)
+                else:
+                    await trio.to_thread.run_sync(device.unmount, cfg.mount_dir)
                 if self.status["state"] != "failed":   # keep the reason for the daemon
                     self.publish(state="stopped", health="unknown", ganesha_pid=None)
 
@@ -125,9 +144,37 @@ class ShareServer:
                 scope.cancel()
                 return
 
+    async def _watch_beat(self, scope: trio.CancelScope) -> None:
+        """A cluster node: stop serving once the node's last lease renewal is
+        SELF_FENCE_AFTER_S old (blockhorn/liveness.py) — the moment its daemon's watchdog and
+        its dead man's switch fence the node. This covers a host that stays up with both of
+        them gone (killed), where nobody else would stop Ganesha, which would go on answering
+        clients from the page cache of a device whose volume moved to another node."""
+        while True:
+            due = await trio.to_thread.run_sync(liveness.overdue_in, self.cfg.beat_file)
+            if due <= 0:
+                break
+            await trio.sleep(min(BEAT_POLL_S, due))
+        silent = liveness.SELF_FENCE_AFTER_S - due
+        log.error("the node's lease was last renewed %.1f s ago: its daemon is cut off, or it "
+                  "and its dead man's switch are gone; the lease may expire and the share move "
+                  "elsewhere: stopping Ganesha and dropping the service address", silent)
+        self.fenced = True
+        self.publish(state="failed", health="failed", message=(
+            f"stopped: the node's lease was not renewed for {silent:.1f} s (fenced; the daemon "
+            "starts the share again if the volume is still attached here)"))
+        scope.cancel()
+
     async def _stop_ganesha(self) -> None:
         proc = self.proc
         if proc is None or proc.returncode is not None:
+            return
+        if self.fenced:   # no reply may leave it from now on: no graceful stop
+            proc.kill()
+            # A Ganesha stuck in the kernel on a dead device answers nothing but dies only
+            # when the kernel lets it: the service address goes meanwhile.
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                await proc.wait()
             return
         proc.terminate()
         with trio.move_on_after(STOP_TIMEOUT_S):

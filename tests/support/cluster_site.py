@@ -351,8 +351,8 @@ def fuse_connections() -> set[int]:
 
 def orphaned_fuse(since: set[int]) -> list[int]:
     """FUSE connections made after `since` that no process has mounted any more: a host's
-    whose mount namespace is gone while a loop device still holds its file (a node daemon
-    killed and fenced leaves its old device so until the volume is attached there again)."""
+    whose mount namespace is gone while a loop device still holds its file (a host killed
+    with a share's ext4 on it; a fenced node releases its devices itself)."""
     mounted: set[int] = set()
     for pid in psutil.pids():
         with contextlib.suppress(OSError), open(f"/proc/{pid}/mountinfo") as f:

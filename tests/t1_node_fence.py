@@ -1,9 +1,10 @@
-"""Tier 1: a cluster daemon's dead man's switch (blockhorn/manager/fence.py), the real helper
+"""Tier 1: a cluster daemon's dead man's switch (blockhorn/node/fence.py), the real helper
 process against stand-in processes that carry an engine's and a Ganesha's config paths in
 their command lines (no root, no store).
 
 - the daemon gone (its pipe closed) and no renewal after its last one: the helper kills both
-  once that renewal is SELF_FENCE_AFTER_S old — not before — and exits;
+  once that renewal is SELF_FENCE_AFTER_S old — not before — and exits, and the release of
+  the volume's devices runs after it (nothing to release here: t5_cluster_share has them);
 - the daemon gone but a newer renewal recorded (a daemon started again in time): the helper
   stands down and kills nothing.
 """
@@ -19,12 +20,13 @@ from collections.abc import Iterator
 import pytest
 from daemon_util import ROOT, wait_until
 
-from blockhorn.manager import fence
+from blockhorn.liveness import self_fence_after
 from blockhorn.manager.paths import Home
+from blockhorn.node import fence
 from blockhorn.sharemgr.control import fence_marks
 
 TTL_S = 3                          # BLOCKHORN_NODE_TTL_S for the helper
-FENCE_AFTER_S = TTL_S - 1 / 4      # manager/nodes.py SELF_FENCE_AFTER_S for that TTL
+FENCE_AFTER_S = self_fence_after(TTL_S)   # SELF_FENCE_AFTER_S for that TTL
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def stand_ins(home: Home) -> Iterator[list[subprocess.Popen[bytes]]]:
 def start_switch(home: Home) -> tuple[subprocess.Popen[bytes], int]:
     env = dict(os.environ, BLOCKHORN_NODE_TTL_S=str(TTL_S))
     read_end, write_end = os.pipe()
-    helper = subprocess.Popen([sys.executable, "-m", "blockhorn.manager.fence", home.root],
+    helper = subprocess.Popen([sys.executable, "-m", "blockhorn.node.fence", home.root],
                               stdin=read_end, cwd=ROOT, env=env, stderr=subprocess.PIPE)
     os.close(read_end)
     return helper, write_end
@@ -68,6 +70,11 @@ def test_daemon_gone_switch_fences_at_the_deadline(
     assert killed_at >= FENCE_AFTER_S - 0.1, killed_at   # not before the daemon would have
     assert helper.wait(10) == 0
     assert b"fenced, 2 process(es) killed" in helper.stderr.read()   # type: ignore[union-attr]
+
+    def released() -> bool:   # the release after the kill ran, in a process of its own
+        with open(home.log("fence.log")) as f:
+            return "released after fencing v: nothing was left" in f.read()
+    wait_until(released, 10, "the release after the fence")
 
 
 def test_restarted_daemon_makes_the_switch_stand_down(
