@@ -300,10 +300,33 @@ def digest_key(key: bytes) -> bytes:
     return first + hmac.new(prk, first + DIGEST_INFO + b"\x02", hashlib.sha256).digest()
 
 
+GMAC_DIGEST_NONCE = bytes(12)    # the payload digest's fixed GCM nonce (see above)
+
+
+def one_shot_gmac(key: bytes) -> Any:
+    """An `AESGCM` of `key` whose `encrypt(nonce, b"", data)` is the GMAC of any bytes-like
+    `data` in one call, or None with a `cryptography` older than 42 (its AESGCM takes only
+    bytes, so a payload would be copied: there the `Cipher` context is used, fed in place).
+
+    Why it matters (docs/SECURITY.md, "TCP against unix sockets"): `cryptography` 42 and
+    later compute it in Rust against their own OpenSSL, whose GHASH uses AVX-512
+    (VPCLMULQDQ) where the CPU has it. Measured on this project's machine: GMAC of 1 MiB
+    28 us against 85 us through Debian's `cryptography` 38 and OpenSSL 3.0, and 0.4 us of
+    fixed cost per call against 10-15 us of Python building a `Cipher` context."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    gcm = AESGCM(key)
+    try:
+        gcm.encrypt(GMAC_DIGEST_NONCE, b"", memoryview(b"probe"))
+    except TypeError:
+        return None
+    return gcm
+
+
 class PayloadDigest:
     """d of a payload (see above): HMAC-SHA256 under 32 KiB, fixed-nonce GMAC from there."""
 
-    __slots__ = ("_inner", "_outer", "_aes")
+    __slots__ = ("_inner", "_outer", "_aes", "_gcm")
 
     def __init__(self, keys: bytes) -> None:
         from cryptography.hazmat.primitives.ciphers import algorithms
@@ -312,13 +335,14 @@ class PayloadDigest:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
         self._aes = algorithms.AES(keys[32:64])
+        self._gcm = one_shot_gmac(keys[32:64])
 
     def begin(self, payload: int) -> Any:
         if payload < BULK_MIN:
             return self._inner.copy()
         from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-        return _Gmac(Cipher(self._aes, modes.GCM(bytes(12))).encryptor())
+        return _Gmac(Cipher(self._aes, modes.GCM(GMAC_DIGEST_NONCE)).encryptor())
 
     def finish(self, m: Any) -> bytes:
         if type(m) is _Gmac:
@@ -338,6 +362,8 @@ class PayloadDigest:
             outer = self._outer.copy()
             outer.update(m.digest())
             return outer.digest()
+        if self._gcm is not None and len(pieces) == 1:   # a write's payload: one call
+            return self._gcm.encrypt(GMAC_DIGEST_NONCE, b"", pieces[0])
         g = self.begin(payload)
         for b in pieces:
             g.update(b)
@@ -412,7 +438,7 @@ class FrameMac:
     here, a bare frame's tag 0.86 us instead of 1.27, its check 0.83 instead of 0.96; a
     4 KiB frame's check (4.5 us) is the SHA-256 of its payload."""
 
-    __slots__ = ("_inner", "_outer", "_aes", "counter", "digest")
+    __slots__ = ("_inner", "_outer", "_aes", "_gcm", "counter", "digest")
 
     def __init__(self, key: bytes, digest: PayloadDigest | None = None) -> None:
         # Imported here: only sessions with frame MACs need `cryptography`.
@@ -422,6 +448,7 @@ class FrameMac:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in padded))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in padded))
         self._aes = algorithms.AES(key[32:64])
+        self._gcm = one_shot_gmac(key[32:64])
         self.counter = 0
         self.digest = digest      # set: the session uses FEATURE_PAYLOAD_DIGEST
 
@@ -521,12 +548,16 @@ class FrameMac:
             return
         counter = self.counter.to_bytes(8, "little")
         self.counter += 1
-        from cryptography.hazmat.primitives.ciphers import Cipher, modes
+        if self._gcm is not None:
+            want = self._gcm.encrypt(counter + bytes(4), b"", frame)
+        else:
+            from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
-        e = Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor()
-        e.authenticate_additional_data(frame)  # type: ignore[arg-type]  # any bytes-like
-        e.finalize()
-        if not hmac.compare_digest(e.tag, tag):
+            e = Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor()
+            e.authenticate_additional_data(frame)
+            e.finalize()
+            want = e.tag
+        if not hmac.compare_digest(want, tag):
             raise _frame_failed()
 
     def check(self, m: Any, tag: bytes | bytearray | memoryview) -> None:
