@@ -101,7 +101,8 @@ class ReplicaServer:
         self.purge_state: dict[str, Any] = {"state": "idle"}
         # The session features this server takes (tests run a server of an older release
         # with fewer); FEATURE_PAYLOAD_DIGEST's keys, derived once.
-        self.features = proto.KNOWN_FEATURES
+        self.features = proto.KNOWN_FEATURES if proto.fast_gmac() else (
+            proto.KNOWN_FEATURES & ~proto.FEATURE_GMAC_TAGS)
         self.digest_keys = proto.digest_key(key)
 
     async def serve(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -219,7 +220,7 @@ class ReplicaServer:
         if not features & proto.FEATURE_FRAME_MAC:
             return Session(epoch)
         c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, name)
-        dg = (proto.PayloadDigest(self.digest_keys)
+        dg = (proto.PayloadDigest(self.digest_keys, bool(features & proto.FEATURE_GMAC_TAGS))
               if features & proto.FEATURE_PAYLOAD_DIGEST else None)
         return Session(epoch, proto.FrameMac(c2s, dg), proto.FrameMac(s2c, dg))
 
