@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import secrets
+import select
 import signal
 import socket as stdsocket
 import sys
@@ -260,11 +261,31 @@ class ReplicaServer:
         view = memoryview(buf)
         filled = 0
         partial = 0       # end of a frame whose header is in, its rest not (0: none)
+        # TCP: wait for the rest of a large frame with SO_RCVLOWAT and poll (below).
+        ready = select.poll() if sock.family != stdsocket.AF_UNIX else None
+        if ready is not None:
+            ready.register(sock, select.POLLIN)
         while True:
-            if partial - filled >= WAITALL_MIN:
-                # The rest of a large frame: one receive for all of it. Over TCP it arrives
-                # in 64 KiB segments, and a loop turn per segment cost more than the MAC.
-                # Shutdown (server stop, fencing) still ends the wait.
+            if partial - filled >= WAITALL_MIN and ready is not None:
+                # The rest of a large frame over TCP, which arrives in 64 KiB segments. A
+                # blocking receive (even with MSG_WAITALL) is woken by the kernel for every
+                # segment; poll with SO_RCVLOWAT at the bytes missing wakes once, when they
+                # are all in (or earlier, when the receive window is full: then the loop
+                # comes back here for the rest). Measured, 1 MiB writes to 3 replicas:
+                # 200-300 us less CPU per request, engine (whose sends do the wake-ups on
+                # loopback) and replicas alike (docs/SECURITY.md). Shutdown (server stop,
+                # fencing) still ends the wait: poll reports it.
+                sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVLOWAT, partial - filled)
+                ready.poll()
+                sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVLOWAT, 1)
+                try:
+                    n = sock.recv_into(view[filled:partial], partial - filled,
+                                       stdsocket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue        # woken without data (should not happen): wait again
+            elif partial - filled >= WAITALL_MIN:
+                # Over a unix socket: one receive for all of it (a loop turn per piece cost
+                # more than the MAC).
                 n = sock.recv_into(view[filled:partial], partial - filled, stdsocket.MSG_WAITALL)
             else:
                 n = sock.recv_into(view[filled:])
