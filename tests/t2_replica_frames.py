@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,7 +22,7 @@ from blockhorn.config import ReplicaRef, parse_address
 from blockhorn.engine.client import Call, ReplicaClient
 from blockhorn.keys import load_key
 from blockhorn.nbd.attach import wait_for
-from blockhorn.replica import proto
+from blockhorn.replica import proto, server
 from blockhorn.replica.proto import Op
 from blockhorn.types import AuthError, BlockhornError
 
@@ -252,3 +253,28 @@ def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path)
             c.close()
         finally:
             rep.stop()
+
+
+def test_a_large_frame_arriving_slowly_over_tcp_is_received_whole(tmp_path) -> None:
+    """The replica waits for the rest of a large frame with SO_RCVLOWAT and poll: a frame
+    whose rest trickles in (a piece, a pause longer than the poll's LOWAT_WAIT_MS, the rest
+    in small pieces) is still received, checked and executed, and the next frame after it."""
+    rep = start(str(tmp_path))
+    peer = RawPeer(rep.cfg.listen, load_key(rep.cfg.key_file))
+    try:
+        assert peer.tx is not None
+        data = os.urandom(256 << 10)
+        frame = proto.pack(Op.WRITE, 1, 0, len(data), len(data)) + data
+        frame += peer.tx.tag([frame])
+        peer.sock.sendall(frame[:100 << 10])
+        time.sleep(server.LOWAT_WAIT_MS / 1000 + 0.3)
+        for at in range(100 << 10, len(frame), 50 << 10):
+            peer.sock.sendall(frame[at:at + (50 << 10)])
+            time.sleep(0.05)
+        h, _ = peer.reply()
+        assert (h.seq, h.status) == (1, 0)
+        h, got = peer.call(Op.READ, 2, 0, len(data))
+        assert (h.seq, h.status) == (2, 0) and got == data
+    finally:
+        peer.close()
+        rep.stop()

@@ -60,6 +60,7 @@ log = logging.getLogger("blockhorn.replica")
 
 RECV_BUFFER = 4 << 20        # bytes; one receive buffer per connection
 WAITALL_MIN = 64 << 10       # bytes; the rest of a frame at least this big: one receive
+LOWAT_WAIT_MS = 1000         # TCP: wait this long for the rest of a frame, then block on it
 HANDSHAKE_TIMEOUT_S = 5.0    # a peer that has not authenticated by then is dropped
 MAX_HANDSHAKES = 32          # connections not yet authenticated; more are closed at once
 MAX_CONNECTIONS = 64         # concurrent data connections (one thread each)
@@ -276,11 +277,14 @@ class ReplicaServer:
                 # loopback) and replicas alike (docs/SECURITY.md). Shutdown (server stop,
                 # fencing) still ends the wait: poll reports it.
                 sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVLOWAT, partial - filled)
-                ready.poll()
+                woken = ready.poll(LOWAT_WAIT_MS)
                 sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_RCVLOWAT, 1)
+                # Not woken in time (a slow peer, or a kernel that does not wake a reader
+                # whose receive window is full before SO_RCVLOWAT bytes are in): a blocking
+                # receive, as without it.
                 try:
                     n = sock.recv_into(view[filled:partial], partial - filled,
-                                       stdsocket.MSG_DONTWAIT)
+                                       stdsocket.MSG_DONTWAIT if woken else stdsocket.MSG_WAITALL)
                 except BlockingIOError:
                     continue        # woken without data (should not happen): wait again
             elif partial - filled >= WAITALL_MIN:
