@@ -150,14 +150,16 @@ def test_frame_mac_detects_any_change(frames: list[bytes], data: st.DataObject) 
 
 @fuzz
 @given(st.lists(st.integers(0, proto.BULK_MIN + 3000) | st.integers(0, 5000), min_size=1,
-                max_size=4), st.booleans(), st.data())
-def test_one_call_forms_agree_with_the_streaming_form(sizes: list[int], digested: bool,
+                max_size=4), st.sampled_from(["none", "hmac", "gmac"]), st.data())
+def test_one_call_forms_agree_with_the_streaming_form(sizes: list[int], form: str,
                                                       data: st.DataObject) -> None:
     """What the engine and the replica use on the data path (`tag_header` with the payload's
     digest, `check_header` for a bare reply, `check_frame` for a frame at hand) gives the tag
     of the streaming form (`begin`/`update`/`finish`), in both tag forms; a flipped bit of
-    any frame fails `check_frame` and `check_header`."""
-    dg = proto.PayloadDigest(proto.digest_key(KEY)) if digested else None
+    any frame fails `check_frame` and `check_header`. `form`: without payload digests, with
+    them (HMAC-SHA256 tags), with them and FEATURE_GMAC_TAGS (GMAC tags)."""
+    dg = (proto.PayloadDigest(proto.digest_key(KEY), form == "gmac") if form != "none"
+          else None)
     stream, fast, rx = (proto.FrameMac(SESSION_KEY, dg) for _ in range(3))
     frames = []
     for seq, n in enumerate(sizes):

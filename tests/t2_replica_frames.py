@@ -8,11 +8,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
 from harness import Cluster, ReplicaProc
 from support.mitm import Mitm, flip_at
+from support.old_replica import BEFORE_GMAC as OLD_BEFORE_GMAC
 from support.old_replica import PROGRAM as OLD_REPLICA
 from support.rawpeer import RawPeer
 
@@ -20,7 +22,7 @@ from blockhorn.config import ReplicaRef, parse_address
 from blockhorn.engine.client import Call, ReplicaClient
 from blockhorn.keys import load_key
 from blockhorn.nbd.attach import wait_for
-from blockhorn.replica import proto
+from blockhorn.replica import proto, server
 from blockhorn.replica.proto import Op
 from blockhorn.types import AuthError, BlockhornError
 
@@ -225,19 +227,25 @@ def test_engine_client_survives_an_oversized_reply(tmp_path, replica) -> None:
 
 
 def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path) -> None:
-    """FEATURE_PAYLOAD_DIGEST: a current replica takes it; one of the previous release
-    (tests/support/old_replica.py) refuses it, WELCOME 3, and the client connects again
-    without it. Frame MACs are on either way, and small and bulk frames in both directions
-    carry the data intact."""
-    for program, digested in ((("-m", "blockhorn.replica"), True), (OLD_REPLICA, False)):
-        home = tmp_path / ("current" if digested else "previous")
+    """FEATURE_PAYLOAD_DIGEST and FEATURE_GMAC_TAGS: a current replica takes both; one of the
+    release before GMAC tags takes the digest only, one of the release before that neither
+    (tests/support/old_replica.py): each refusal is WELCOME 3, and the client connects again
+    offering one feature less. Frame MACs are on either way, and small and bulk frames in
+    both directions carry the data intact."""
+    digest, gmac = proto.FEATURE_PAYLOAD_DIGEST, proto.FEATURE_GMAC_TAGS
+    for name, program, features in (("current", ("-m", "blockhorn.replica"), digest | gmac),
+                                    ("before-gmac", OLD_BEFORE_GMAC, digest),
+                                    ("previous", OLD_REPLICA, 0)):
+        digested = bool(features & digest)
+        home = tmp_path / name
         home.mkdir()
         rep = Cluster(str(home), replicas=1, size=8 * MiB, replica_program=program).reps[0]
         rep.start()
         try:
             c = client(rep)
             assert c.tx is not None and (c.tx.digest is not None) == digested
-            assert c.offer_digest == digested
+            assert c.offer == features
+            assert c.tx.digest is None or c.tx.digest.gmac == bool(features & gmac)
             for n in (4096, MiB):
                 data = os.urandom(n)
                 c.request(Op.WRITE, 0, n, data)
@@ -245,3 +253,28 @@ def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path)
             c.close()
         finally:
             rep.stop()
+
+
+def test_a_large_frame_arriving_slowly_over_tcp_is_received_whole(tmp_path) -> None:
+    """The replica waits for the rest of a large frame with SO_RCVLOWAT and poll: a frame
+    whose rest trickles in (a piece, a pause longer than the poll's LOWAT_WAIT_MS, the rest
+    in small pieces) is still received, checked and executed, and the next frame after it."""
+    rep = start(str(tmp_path))
+    peer = RawPeer(rep.cfg.listen, load_key(rep.cfg.key_file))
+    try:
+        assert peer.tx is not None
+        data = os.urandom(256 << 10)
+        frame = proto.pack(Op.WRITE, 1, 0, len(data), len(data)) + data
+        frame += peer.tx.tag([frame])
+        peer.sock.sendall(frame[:100 << 10])
+        time.sleep(server.LOWAT_WAIT_MS / 1000 + 0.3)
+        for at in range(100 << 10, len(frame), 50 << 10):
+            peer.sock.sendall(frame[at:at + (50 << 10)])
+            time.sleep(0.05)
+        h, _ = peer.reply()
+        assert (h.seq, h.status) == (1, 0)
+        h, got = peer.call(Op.READ, 2, 0, len(data))
+        assert (h.seq, h.status) == (2, 0) and got == data
+    finally:
+        peer.close()
+        rep.stop()

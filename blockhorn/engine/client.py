@@ -56,10 +56,11 @@ class Call:
         self._lock = threading.Lock()
         self._lock.acquire()
         self.dest = dest                      # READ: where the reply data goes
-        # (payload, its digest) once a client computed it (FEATURE_PAYLOAD_DIGEST): the
-        # other replicas' clients reuse it for the same payload object. Two clients racing
-        # both compute it, the same value: harmless.
-        self.digest: tuple[Any, bytes] | None = None
+        # (payload, GMAC form, its digest) once a client computed it (FEATURE_PAYLOAD_DIGEST):
+        # the other replicas' clients with the same digest form (FEATURE_GMAC_TAGS or not)
+        # reuse it for the same payload object. Two clients racing both compute it, the same
+        # value: harmless.
+        self.digest: tuple[Any, bool, bytes] | None = None
 
     def complete(self, name: str, status: int) -> None:
         if name in self.results:
@@ -96,9 +97,11 @@ class ReplicaClient:
         self.closed = False
         self.receiver = receiver or Receiver()
         self.error = ""
-        # False once a replica refused FEATURE_PAYLOAD_DIGEST (an older release): this client
-        # then connects without offering it.
-        self.offer_digest = True
+        # The session features this client offers beyond frame MACs; a replica of an older
+        # release refuses what it does not know (WELCOME 3) and the client connects again
+        # offering less: first without FEATURE_GMAC_TAGS, then without PAYLOAD_DIGEST too.
+        self.offer = proto.FEATURE_PAYLOAD_DIGEST | (
+            proto.FEATURE_GMAC_TAGS if proto.fast_gmac() else 0)
         # Frame MACs (proto.FrameMac), when the handshake turned them on: `tx` tags requests
         # in send order (under send_lock), `rx` checks replies (receiver thread only).
         self.tx: proto.FrameMac | None = None
@@ -118,17 +121,20 @@ class ReplicaClient:
     # --- connection --------------------------------------------------------------------------
 
     def connect(self, timeout: float = CONNECT_TIMEOUT_S) -> None:
-        try:
-            self._connect(timeout)
-        except proto.FeatureRefused:
-            if not self.offer_digest:
-                raise
-            # A replica of a release without FEATURE_PAYLOAD_DIGEST (mid-upgrade): again
-            # without it. Frame MACs stay as negotiated; only the tag's form differs.
-            log.info("replica %s does not take payload digests: connecting without",
-                     self.name)
-            self.offer_digest = False
-            self._connect(timeout)
+        while True:
+            try:
+                self._connect(timeout)
+                return
+            except proto.FeatureRefused:
+                if not self.offer:
+                    raise
+            # A replica of an older release (mid-upgrade): again, offering one feature less.
+            # Frame MACs stay as negotiated; only the tag's form differs.
+            drop = (proto.FEATURE_GMAC_TAGS if self.offer & proto.FEATURE_GMAC_TAGS
+                    else proto.FEATURE_PAYLOAD_DIGEST)
+            log.info("replica %s does not take feature 0x%04x: connecting without",
+                     self.name, drop)
+            self.offer &= ~drop
 
     def _connect(self, timeout: float) -> None:
         kind, where = parse_address(self.ref.address)
@@ -167,8 +173,8 @@ class ReplicaClient:
         server_nonce, required = proto.unpack_hello(recv_exact(sock, proto.HELLO.size))
         wanted = proto.frame_mac_wanted(self.ref.frame_auth, sock.family == socket.AF_UNIX)
         features = required | (proto.FEATURE_FRAME_MAC if wanted else 0)
-        if features & proto.FEATURE_FRAME_MAC and self.offer_digest:
-            features |= proto.FEATURE_PAYLOAD_DIGEST
+        if features & proto.FEATURE_FRAME_MAC:
+            features |= self.offer
         client_nonce = secrets.token_bytes(proto.NONCE_SIZE)
         sock.sendall(proto.pack_auth(self.key, self.volume, server_nonce, client_nonce,
                                      required, features))
@@ -176,7 +182,8 @@ class ReplicaClient:
                              recv_exact(sock, proto.WELCOME_SIZE), features)
         if features & proto.FEATURE_FRAME_MAC:
             c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, self.volume)
-            dg = (proto.PayloadDigest(proto.digest_key(self.key))
+            dg = (proto.PayloadDigest(proto.digest_key(self.key),
+                                      bool(features & proto.FEATURE_GMAC_TAGS))
                   if features & proto.FEATURE_PAYLOAD_DIGEST else None)
             self.tx, self.rx = proto.FrameMac(c2s, dg), proto.FrameMac(s2c, dg)
 
@@ -272,11 +279,11 @@ class ReplicaClient:
         """The payload digest of a request [header, payload] (FEATURE_PAYLOAD_DIGEST on),
         computed once per call and payload: a write goes to every replica with the same
         payload object."""
-        got = call.digest
-        if got is not None and got[0] is item[1]:
-            return got[1]
-        d = tx.digest.of((item[1],), len(item[1]))  # type: ignore[union-attr]  # caller checked
-        call.digest = (item[1], d)
+        got, gmac = call.digest, tx.digest.gmac  # type: ignore[union-attr]  # caller checked
+        if got is not None and got[0] is item[1] and got[1] == gmac:
+            return got[2]
+        d = tx.digest.of((item[1],), len(item[1]))  # type: ignore[union-attr]
+        call.digest = (item[1], gmac, d)
         return d
 
     def submit(self, call: Call, op: int, offset: int = 0, length: int = 0,

@@ -3,8 +3,8 @@
     nbdkit --foreground --unix SOCK python /path/to/blockhorn/nbd/plugin.py config=ENGINE.json
 
 nbdkit embeds Debian's system python3, not the venv: the lines before the blockhorn imports put
-this checkout (and its venv's site-packages, if any) on sys.path. The engine needs only the
-standard library. nbdkit forks after `get_ready`, so the engine's threads start in `after_fork`.
+this checkout (and, before Debian's packages, its venv's site-packages, if any) on sys.path.
+nbdkit forks after `get_ready`, so the engine's threads start in `after_fork`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from typing import Any
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+# The venv's packages come before Debian's, as they do for the venv's own interpreter: the
+# frame MACs need its `cryptography` (>= 42; Debian's 38 computes a GMAC at a third of the
+# speed: replica/proto.py `one_shot_gmac`).
 for _site in glob.glob(os.path.join(_ROOT, ".venv", "lib", "python3*", "site-packages")):
     if _site not in sys.path:
-        sys.path.append(_site)
+        sys.path.insert(1, _site)
 
 import nbdkit  # noqa: E402  (provided by nbdkit's embedded interpreter)
 

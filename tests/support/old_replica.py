@@ -1,7 +1,9 @@
-"""A replica server as the release before FEATURE_PAYLOAD_DIGEST: it takes frame MACs but
-refuses the payload digest (WELCOME 3), as an older replica does during a rolling upgrade.
+"""A replica server as an older release: before FEATURE_PAYLOAD_DIGEST it takes frame MACs but
+refuses the payload digest (WELCOME 3), as an older replica does during a rolling upgrade;
+with `--before-gmac`, as the release after that and before FEATURE_GMAC_TAGS.
 
-Run as `python tests/support/old_replica.py CONFIG.json` (harness `replica_program=PROGRAM`).
+Run as `python tests/support/old_replica.py [--before-gmac] CONFIG.json` (harness
+`replica_program=PROGRAM` or `BEFORE_GMAC`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from blockhorn.replica import proto  # noqa: E402
 from blockhorn.replica.server import ReplicaServer, main  # noqa: E402
 
 PROGRAM = (os.path.abspath(__file__),)
+BEFORE_GMAC = (os.path.abspath(__file__), "--before-gmac")
 
 
 class OldReplicaServer(ReplicaServer):
@@ -24,7 +27,15 @@ class OldReplicaServer(ReplicaServer):
         self.features = proto.FEATURE_FRAME_MAC
 
 
+class BeforeGmacReplicaServer(ReplicaServer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.features = proto.FEATURE_FRAME_MAC | proto.FEATURE_PAYLOAD_DIGEST
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--before-gmac":
+        sys.exit(main(sys.argv[2], BeforeGmacReplicaServer))
     if len(sys.argv) != 2:
-        sys.exit("usage: old_replica.py CONFIG.json")
+        sys.exit("usage: old_replica.py [--before-gmac] CONFIG.json")
     sys.exit(main(sys.argv[1], OldReplicaServer))
