@@ -12,7 +12,9 @@ Invariants (docs/DURABILITY.md):
   goes ERR.
 - FLUSH and FUA reach every RW/WO replica's disk (fdatasync) before the reply.
 - Every change of the RW set is committed (engine/generation.py) before the next mutation is
-  acknowledged: `end` runs the pending commit (`commit_if_needed`) before it returns.
+  acknowledged: `end` runs the pending commit (`commit_if_needed`) before it returns. In quorum
+  mode (`cfg.quorum`) a commit whose set is not a majority of the replicas acknowledges nothing:
+  mutations fail with EIO until a resync brings a majority back; reads go on.
 - Reads go to one RW replica: the local one when it lives on this host (read directly from its
   head file), else round-robin; on error, the next RW replica.
 """
@@ -102,6 +104,10 @@ def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
+class NoQuorum(ReplicaUnavailable):
+    """Quorum mode: the in-sync set is not a majority of the volume's replicas (EIO)."""
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
         self.cfg = cfg
@@ -130,6 +136,10 @@ class Engine:
         self._rw_set: frozenset[str] = frozenset()
         self._joining: set[str] = set()
         self._started = False           # the first commit of this engine is its start commit
+        self._attempted = 0             # the highest generation this engine tried to commit
+        self.voters = sorted(self.replicas)       # quorum mode: every commit's universe U
+        self.majority = generation.majority(len(self.voters))
+        self._quorum_note = ""          # the last "no majority" reason logged
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
 
@@ -147,7 +157,9 @@ class Engine:
         else:
             try:
                 decision = generation.choose(list(self.replicas), seen,
-                                             generation.load_record(self.cfg.record))
+                                             generation.load_record(self.cfg.record,
+                                                                    self.cfg.epoch),
+                                             quorum=self.cfg.quorum)
             except ReplicaUnavailable as e:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume}: {e}"
                                          + "".join(f"; {r.ref.name}: {r.error}"
@@ -171,7 +183,9 @@ class Engine:
         self._joining = {r.ref.name for r in chosen if r.stat.get("rebuilding")}  # salvage
         self.generation = decision.generation
         self._update_readers()
-        self.commit_if_needed()
+        # In quorum mode a start whose current replicas are fewer than a majority (the others
+        # stale or suspect) still commits, but acknowledges no write until a resync joins.
+        self.commit_if_needed(require_quorum=False)
         stale = [r for r in self.replicas.values() if r.client and r.mode != ReplicaMode.RW]
         log.info("volume %s: generation %d, RW %s, resyncing %s", self.cfg.volume,
                  self.generation, decision.rw, [r.ref.name for r in stale])
@@ -183,15 +197,37 @@ class Engine:
 
     # --- generations -------------------------------------------------------------------------
 
-    def commit_pending(self) -> bool:
+    def _set_changed(self) -> bool:
         return self._committed != self._rw_set or bool(self._joining)
 
-    def commit_if_needed(self) -> None:
+    def no_quorum(self) -> bool:
+        """Quorum mode: the last commit's set is not a majority, so nothing is acknowledged."""
+        return self.cfg.quorum and len(self._committed) < self.majority
+
+    def commit_pending(self) -> bool:
+        """Whether a mutation must go through `commit_if_needed` before it is acknowledged."""
+        return self._set_changed() or self.no_quorum()
+
+    def commit_if_needed(self, require_quorum: bool = True) -> None:
         """Make the current RW set durable as a new generation: the record first, then every
         member that stays, then joining replicas (clearing their Rebuilding flag). A member
-        that fails it goes ERR and the commit starts over without it. Blocks; never call it
-        from the thread that receives replies (the FUSE frontend runs it in a worker)."""
-        while self.commit_pending():
+        that fails it goes ERR and the commit starts over without it, at a new generation
+        (every attempt has its own: one generation names one set). Blocks; never call it
+        from the thread that receives replies (the FUSE frontend runs it in a worker).
+        `require_quorum`: raise NoQuorum (EIO) when, in quorum mode, the set committed is
+        not a majority of the replicas — a caller about to acknowledge a mutation; resyncs
+        and the maintenance thread commit without it."""
+        self._commit_changes()
+        if require_quorum and self.no_quorum():
+            raise NoQuorum(self._quorum_reason())
+
+    def _quorum_reason(self) -> str:
+        return (f"volume {self.cfg.volume}: {len(self._committed)} of {len(self.voters)} "
+                f"replicas in sync, a majority ({self.majority}) is needed: writes fail "
+                "until a resync brings one back")
+
+    def _commit_changes(self) -> None:
+        while self._set_changed():
             with self.commit_lock:
                 if not self.commit_pending():
                     return
@@ -203,10 +239,12 @@ class Engine:
                 if len(names) < self.cfg.min_rw:
                     raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
                                              f"{self.cfg.min_rw} RW replicas")
-                gen = self.generation + 1
+                gen = max(self.generation, self._attempted) + 1
+                self._attempted = gen
                 if self.cfg.record:
                     try:
-                        generation.save_record(self.cfg.record, gen, sorted(names))
+                        generation.save_record(self.cfg.record, gen, sorted(names),
+                                               self.cfg.epoch)
                     except OSError as e:
                         raise BlockhornError(f"cannot write the generation record "
                                              f"{self.cfg.record}: {e}", e.errno or errno.EIO
@@ -229,12 +267,23 @@ class Engine:
                 self._started = True
                 log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
                          sorted(names))
+                note = self._quorum_reason() if self.no_quorum() else ""
+                if note != self._quorum_note:
+                    self._quorum_note = note
+                    if note:
+                        log.error("%s", note)
+                    elif self.cfg.quorum:
+                        log.warning("volume %s: %d of %d replicas in sync again: writes "
+                                    "resume", self.cfg.volume, len(names), len(self.voters))
 
     def _set_generation(self, targets: list[ReplicaState], gen: int, members: list[str],
                         clear_rebuilding: bool) -> bool:
         """Send set_generation to `targets` at once; set the ones that fail ERR. True when
         any failed."""
+        # Voters only in quorum mode: a replica carrying them claims its commit held a
+        # majority of them (generation.choose trusts that when members are missing).
         req = {"op": "set_generation", "generation": gen, "members": members,
+               "voters": self.voters if self.cfg.quorum else [],
                "clear_rebuilding": clear_rebuilding, "start": not self._started}
         body = proto_json(req)
         call = Call(len(targets))
@@ -613,7 +662,7 @@ class Engine:
         progress["state"] = "running"
         try:
             rebuild_replica(self, r, progress)
-            self.commit_if_needed()      # the join: clears its Rebuilding flag last
+            self.commit_if_needed(require_quorum=False)   # the join: clears Rebuilding last
             progress.update(state="done", finished=time.time())
             log.info("replica %s rebuilt: %d bytes copied", r.ref.name, progress["done"])
         except BlockhornError as e:
@@ -756,7 +805,7 @@ class Engine:
             # another thread commits (its commit covers it): waiting here would stop the pings.
             if not self.commit_lock.locked():
                 try:
-                    self.commit_if_needed()
+                    self.commit_if_needed(require_quorum=False)
                 except BlockhornError as e:
                     log.error("volume %s: commit failed: %s", self.cfg.volume, e)
             if time.monotonic() - last_retry >= REBUILD_RETRY_S:

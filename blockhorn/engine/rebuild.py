@@ -54,7 +54,7 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
     r.mode = ReplicaMode.ERR
     # Its leaving the in-sync set is on record before it is emptied (the Rebuilding flag
     # guards that as well: docs/DURABILITY.md, "Generations").
-    eng.commit_if_needed()
+    eng.commit_if_needed(require_quorum=False)   # a resync is how a lost majority comes back
     eng.connect_replica(r)
     target = r.client
     if target is None:

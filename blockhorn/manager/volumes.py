@@ -28,7 +28,7 @@ from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.nodes import parse_tags
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
-from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
+from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings, commit_quorum
 from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
     AlreadyExists,
@@ -247,6 +247,8 @@ class VolumeManager:
                      rebuild_limits=self.home.rebuild_limits,
                      timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT)),
                      epoch=vol.epoch,   # the replicas refuse engines of older attachments
+                     quorum=commit_quorum(Settings(self.store), self.cluster is not None,
+                                          len(reps)),
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
