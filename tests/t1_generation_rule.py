@@ -11,6 +11,14 @@ torn entry and halts the replica. The checks, at every engine start the rule all
   acknowledged write when no power was lost since it was acknowledged;
 - replicas started RW together hold the same data.
 The rule's mutants (tests at the bottom) must fail these checks.
+
+`QuorumMachine` runs the same protocol in quorum mode (a cluster volume of 3 or more
+replicas, docs/DURABILITY.md "The commit quorum"): commits carry their voters and acknowledge
+nothing unless their set is a majority of them; a set_generation may fail (before or after
+the replica recorded it); a new engine starts from any reachable subset, on another node (the
+record of the last one is not there); the leader replaces a replica (a new, empty directory
+under the same name) while an engine runs; the voters change (a replica added or removed)
+between two engines.
 """
 
 from __future__ import annotations
@@ -27,6 +35,28 @@ from blockhorn.engine.generation import Record, Seen
 from blockhorn.types import ReplicaUnavailable
 
 NAMES = ["a", "b", "c"]
+SPARE = "d"       # QuorumMachine: the replica added to (and removed from) the voters
+
+
+ALL = NAMES + [SPARE]
+
+
+def crash(steps: int) -> st.SearchStrategy[int | None]:
+    """Commit steps before the engine crashes; mostly no crash (acknowledged writes are the
+    point, and a crash in every other commit leaves few)."""
+    return st.one_of(st.none(), st.none(), st.integers(0, steps))
+
+
+# Replicas a write fails on: mostly none or one (a majority stays in sync now and then).
+FAILS = st.one_of(st.just(frozenset()), st.just(frozenset()),
+                  st.sets(st.sampled_from(ALL), max_size=1), st.sets(st.sampled_from(ALL)))
+# Replicas that do not answer a new engine: mostly none (the first start needs them all).
+UNREACHABLE = st.one_of(st.just(frozenset()), st.sets(st.sampled_from(ALL), max_size=1),
+                        st.sets(st.sampled_from(ALL), max_size=2))
+
+
+class NoQuorum(Exception):
+    """Quorum mode: the set committed is not a majority: nothing is acknowledged."""
 
 
 class Crash(Exception):
@@ -47,10 +77,11 @@ class Rep:
     generation: int = 0
     members: frozenset[str] = frozenset(NAMES)
     rebuilding: bool = False
+    voters: frozenset[str] | None = None
 
     def seen(self) -> Seen:
         return Seen(self.name, self.generation, self.members, self.rebuilding, False,
-                    self.revision, self.suspect)
+                    self.revision, self.suspect, self.voters)
 
     def writes(self) -> set[int]:
         return {i for kind, i in self.data if kind == "w"}
@@ -60,11 +91,15 @@ class GenerationMachine(RuleBasedStateMachine):
     # The rule under test; the mutants below replace it.
     choose = staticmethod(generation.choose)
     use_record = True
+    quorum = False
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
         self.use_record = use_record and type(self).use_record
         self.reps = {n: Rep(n) for n in NAMES}
+        self.voters = frozenset(NAMES)    # the configured replicas (the engine's U)
+        self.attempted = 0
+        self.send_fail: tuple[str, bool] | None = None   # (replica, recorded anyway)
         self.record: Record | None = Record(0, frozenset(NAMES)) if self.use_record else None
         self.engine_up = False
         self.rw: set[str] = set()
@@ -88,14 +123,17 @@ class GenerationMachine(RuleBasedStateMachine):
                 raise Crash
             self.crash_at -= 1
 
-    def _commit(self) -> None:
-        """Engine.commit_if_needed: record, members that stay, joining ones last."""
+    def _commit(self, require_quorum: bool = True) -> None:
+        """Engine.commit_if_needed: record, members that stay, joining ones last; each
+        attempt at a new generation. In quorum mode a set that is not a majority of the
+        voters is written but acknowledges nothing (NoQuorum)."""
         while self.committed != frozenset(self.rw) or self.pending_join & self.rw:
             members = frozenset(self.rw)
             if not members:
                 raise ReplicaUnavailable("faulted")
-            gen = self.gen + 1
-            if self.record is not None:
+            gen = max(self.gen, self.attempted) + 1
+            self.attempted = gen
+            if self.use_record:
                 self._step()
                 self.record = Record(gen, members)
             joining = self.pending_join & members
@@ -107,7 +145,18 @@ class GenerationMachine(RuleBasedStateMachine):
                     self.rw.discard(n)
                     failed = True
                     break
+                if self.send_fail is not None and self.send_fail[0] == n:
+                    # set_generation fails: the reply lost (recorded) or the write failed
+                    _, recorded = self.send_fail
+                    self.send_fail = None
+                    if recorded:
+                        r.generation, r.members = gen, members
+                        r.voters = self.voters if self.quorum else None
+                    self.rw.discard(n)
+                    failed = True
+                    break
                 r.generation, r.members = gen, members
+                r.voters = self.voters if self.quorum else None
                 if n in joining:
                     r.rebuilding = False
                     r.suspect = r.halted = False
@@ -116,6 +165,9 @@ class GenerationMachine(RuleBasedStateMachine):
             self.gen = gen
             self.committed = members
             self.pending_join -= joining
+        if require_quorum and self.quorum and \
+                len(self.committed) < generation.majority(len(self.voters)):
+            raise NoQuorum
 
     def _up(self) -> bool:
         return self.engine_up and bool(self.rw)
@@ -123,12 +175,23 @@ class GenerationMachine(RuleBasedStateMachine):
     # --- rules ------------------------------------------------------------------------------
 
     @precondition(lambda self: not self.engine_up)
-    @rule(crash_at=st.one_of(st.none(), st.integers(0, 6)))
-    def start_engine(self, crash_at: int | None) -> None:
+    @rule(crash_at=crash(6), unreachable=UNREACHABLE,
+          move=st.booleans())
+    def start_engine(self, crash_at: int | None, unreachable: set[str] = frozenset(),
+                     move: bool = False) -> None:
+        """A new engine: replicas in `unreachable` do not answer it. `move` (quorum mode: a
+        cluster): it runs on another node, where the last engine's record is not."""
         self.crash_at = crash_at
-        seen = [r.seen() for r in self.reps.values() if r.running and not r.lost]
+        self.send_fail = None
+        if self.quorum and move:
+            self.record = None
+        seen = [r.seen() for r in self.reps.values()
+                if r.running and not r.lost and r.name not in unreachable]
         try:
-            d = self.choose(NAMES, seen, self.record)
+            if self.quorum:
+                d = self.choose(sorted(self.voters), seen, self.record, quorum=True)
+            else:
+                d = self.choose(NAMES, seen, self.record)
         except ReplicaUnavailable:
             return
         src = self.reps[d.source]
@@ -143,16 +206,20 @@ class GenerationMachine(RuleBasedStateMachine):
         self.gen = d.generation
         self.committed = frozenset()
         self.pending_join = set()
+        self.attempted = 0
         try:
-            self._commit()
+            self._commit(require_quorum=False)
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
 
     @precondition(lambda self: self._up())
-    @rule(fails=st.sets(st.sampled_from(NAMES)), torn=st.booleans(),
-          crash_at=st.one_of(st.none(), st.integers(0, 5)))
-    def write(self, fails: set[str], torn: bool, crash_at: int | None) -> None:
+    @rule(fails=FAILS, torn=st.booleans(), crash_at=crash(5),
+          send_fail=st.one_of(st.none(), st.none(),
+                              st.tuples(st.sampled_from(ALL), st.booleans())))
+    def write(self, fails: set[str], torn: bool, crash_at: int | None,
+              send_fail: tuple[str, bool] | None = None) -> None:
         self.crash_at = crash_at
+        self.send_fail = send_fail
         w = self.next_id
         self.next_id += 1
         ok = 0
@@ -172,6 +239,8 @@ class GenerationMachine(RuleBasedStateMachine):
             return
         try:
             self._commit()
+        except NoQuorum:
+            return        # EIO: not acknowledged; the engine runs on, reads too
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
             return
@@ -179,7 +248,7 @@ class GenerationMachine(RuleBasedStateMachine):
         self.acked_since_power.add(w)
 
     @precondition(lambda self: self._up())
-    @rule(crash_at=st.one_of(st.none(), st.integers(0, 5)))
+    @rule(crash_at=crash(5))
     def flush(self, crash_at: int | None) -> None:
         self.crash_at = crash_at
         for n in sorted(self.rw):
@@ -193,18 +262,21 @@ class GenerationMachine(RuleBasedStateMachine):
             return
         try:
             self._commit()
+        except NoQuorum:
+            return
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
             return
         self.flushed |= self.acked
 
     @precondition(lambda self: self._up())
-    @rule(name=st.sampled_from(NAMES), crash_at=st.one_of(st.none(), st.integers(0, 8)))
+    @rule(name=st.sampled_from(ALL), crash_at=crash(8))
     def resync(self, name: str, crash_at: int | None) -> None:
         """A full resync of a reachable replica outside the RW set, then its join commit."""
         self.crash_at = crash_at
-        r = self.reps[name]
-        if name in self.rw or not r.running or r.lost:
+        self.send_fail = None
+        r = self.reps.get(name)
+        if r is None or name in self.rw or not r.running or r.lost:
             return
         src = self.reps[sorted(self.rw)[0]]
         r.rebuilding = True
@@ -223,7 +295,7 @@ class GenerationMachine(RuleBasedStateMachine):
         self.rw.add(name)
         self.pending_join.add(name)
         try:
-            self._commit()
+            self._commit(require_quorum=False)
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
 
@@ -235,18 +307,18 @@ class GenerationMachine(RuleBasedStateMachine):
         if len(self.rw) > 1:
             self.rw.discard(name)
 
-    @rule(name=st.sampled_from(NAMES))
+    @rule(name=st.sampled_from(ALL))
     def kill_replica(self, name: str) -> None:
         """kill -9 of the process: page cache kept, counter as last flushed, Dirty."""
-        r = self.reps[name]
-        if r.running:
+        r = self.reps.get(name)
+        if r is not None and r.running:
             r.running = False
             r.suspect = True      # Dirty since its first mutation, or already suspect
 
-    @rule(name=st.sampled_from(NAMES))
+    @rule(name=st.sampled_from(ALL))
     def restart_replica(self, name: str) -> None:
-        r = self.reps[name]
-        if not r.running and not r.lost:
+        r = self.reps.get(name)
+        if r is not None and not r.running and not r.lost:
             r.running = True
             r.halted = False
             r.revision = r.persisted_rev    # reopened: the counter as last flushed
@@ -256,12 +328,12 @@ class GenerationMachine(RuleBasedStateMachine):
         if crash:
             self.engine_up = False
 
-    @rule(kept=st.lists(st.integers(0, 8), min_size=3, max_size=3))
+    @rule(kept=st.lists(st.integers(0, 8), min_size=4, max_size=4))
     def power_cut(self, kept: list[int]) -> None:
         """Every host loses power: of what was not flushed, some prefix may have reached the
         disk anyway (writeback); processes restart, the engine dies."""
         self.engine_up = False
-        for r, k in zip(self.reps.values(), kept, strict=True):
+        for r, k in zip(self.reps.values(), kept, strict=False):
             r.data = r.data[:min(len(r.data), r.durable + k)]
             r.durable = len(r.data)
             r.suspect = True
@@ -274,9 +346,33 @@ class GenerationMachine(RuleBasedStateMachine):
     @precondition(lambda self: sum(r.lost for r in self.reps.values()) < 1)
     @rule(name=st.sampled_from(NAMES))
     def lose_disk(self, name: str) -> None:
-        r = self.reps[name]
+        r = self.reps.get(name)
+        if r is None:
+            return
         r.lost = True
         r.running = False
+
+    # --- quorum mode only ----------------------------------------------------------------
+
+    @precondition(lambda self: self.quorum and self._up())
+    @rule(name=st.sampled_from(ALL))
+    def replace_replica(self, name: str) -> None:
+        """The leader moves a replica the running engine holds ERR to another node: a new,
+        empty directory under the same name, Rebuilding (its old disk is never asked again)."""
+        if name in self.voters and name not in self.rw:
+            self.reps[name] = Rep(name, members=frozenset(), rebuilding=True)
+            self.pending_join.discard(name)
+
+    @precondition(lambda self: self.quorum and not self.engine_up)
+    @rule()
+    def change_voters(self) -> None:
+        """A replica added (empty, Rebuilding) or removed: the next engine's U differs."""
+        if SPARE in self.voters:
+            self.voters = self.voters - {SPARE}
+            del self.reps[SPARE]
+        else:
+            self.voters = self.voters | {SPARE}
+            self.reps[SPARE] = Rep(SPARE, members=frozenset(), rebuilding=True)
 
     @invariant()
     def rw_replicas_agree(self) -> None:
@@ -291,6 +387,37 @@ Settings = settings(max_examples=500, stateful_step_count=40, deadline=None,
 
 TestGenerationRule = GenerationMachine.TestCase
 TestGenerationRule.settings = Settings
+
+
+class QuorumMachine(GenerationMachine):
+    """Quorum mode. Faults strike while an engine runs (a replica out at a start is
+    `start_engine`'s `unreachable`): with the same faults between engines, an engine would
+    run too rarely to acknowledge much."""
+    quorum = True
+
+    @precondition(lambda self: self.engine_up)
+    @rule(name=st.sampled_from(ALL))
+    def kill_replica(self, name: str) -> None:
+        super().kill_replica(name)
+
+    @precondition(lambda self: self.engine_up)
+    @rule(crash=st.booleans())
+    def crash_engine(self, crash: bool) -> None:
+        super().crash_engine(crash)
+
+    @precondition(lambda self: self.engine_up)
+    @rule(kept=st.lists(st.integers(0, 8), min_size=4, max_size=4))
+    def power_cut(self, kept: list[int]) -> None:
+        super().power_cut(kept)
+
+    @precondition(lambda self: self.engine_up and sum(r.lost for r in self.reps.values()) < 1)
+    @rule(name=st.sampled_from(ALL))
+    def lose_disk(self, name: str) -> None:
+        super().lose_disk(name)
+
+
+TestQuorumRule = QuorumMachine.TestCase
+TestQuorumRule.settings = Settings
 
 
 # --- mutants: each weakened rule must be caught -------------------------------------------
