@@ -416,8 +416,12 @@ class QuorumMachine(GenerationMachine):
         super().lose_disk(name)
 
 
+# Longer runs: a majority must be in sync for anything to be acknowledged, which takes
+# resyncs after faults.
+QuorumSettings = settings(max_examples=300, stateful_step_count=100, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
 TestQuorumRule = QuorumMachine.TestCase
-TestQuorumRule.settings = Settings
+TestQuorumRule.settings = QuorumSettings
 
 
 # --- mutants: each weakened rule must be caught -------------------------------------------
@@ -507,6 +511,39 @@ def test_random_search_finds_the_old_rule() -> None:
     case = type("Old", (GenerationMachine,), {"choose": staticmethod(_old_rule)}).TestCase
     # No shrinking: finding a counterexample is the point, not a minimal one (and it is slow).
     case.settings = settings(max_examples=2000, stateful_step_count=40, deadline=None,
+                             phases=(Phase.generate,), database=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+    with pytest.raises(AssertionError):
+        case().runTest()
+
+
+def _minority_rule(configured: list[str], seen: list[Seen], record: Record | None,
+                   quorum: bool = False):
+    """The quorum path with "a majority" of one: a minority is trusted."""
+    real = generation.majority
+    generation.majority = lambda _n: 1
+    try:
+        return generation.choose(configured, seen, record, quorum=quorum)
+    finally:
+        generation.majority = real
+
+
+class _AckMinority(QuorumMachine):
+    """An engine that acknowledges writes under a set smaller than a majority."""
+
+    def _commit(self, require_quorum: bool = True) -> None:
+        super()._commit(require_quorum=False)
+
+
+@pytest.mark.parametrize("machine", [
+    type("Minority", (QuorumMachine,), {"choose": staticmethod(_minority_rule)}),
+    _AckMinority,
+])
+def test_random_search_finds_a_minority_quorum(machine) -> None:
+    """Either half of the quorum (the engine's, the start rule's) weakened, the random
+    search loses an acknowledged write."""
+    case = machine.TestCase
+    case.settings = settings(max_examples=2000, stateful_step_count=100, deadline=None,
                              phases=(Phase.generate,), database=None,
                              suppress_health_check=[HealthCheck.too_slow])
     with pytest.raises(AssertionError):
