@@ -126,11 +126,14 @@ class GenerationMachine(RuleBasedStateMachine):
     def _commit(self, require_quorum: bool = True) -> None:
         """Engine.commit_if_needed: record, members that stay, joining ones last; each
         attempt at a new generation. In quorum mode a set that is not a majority of the
-        voters is written but acknowledges nothing (NoQuorum)."""
+        voters is not written, and nothing is acknowledged (NoQuorum) until one is."""
+        majority = generation.majority(len(self.voters))
         while self.committed != frozenset(self.rw) or self.pending_join & self.rw:
             members = frozenset(self.rw)
             if not members:
                 raise ReplicaUnavailable("faulted")
+            if self.quorum and len(members) < majority:
+                break
             gen = max(self.gen, self.attempted) + 1
             self.attempted = gen
             if self.use_record:
@@ -166,7 +169,7 @@ class GenerationMachine(RuleBasedStateMachine):
             self.committed = members
             self.pending_join -= joining
         if require_quorum and self.quorum and \
-                len(self.committed) < generation.majority(len(self.voters)):
+                min(len(self.rw), len(self.committed)) < majority:
             raise NoQuorum
 
     def _up(self) -> bool:
@@ -548,3 +551,24 @@ def test_random_search_finds_a_minority_quorum(machine) -> None:
                              suppress_health_check=[HealthCheck.too_slow])
     with pytest.raises(AssertionError):
         case().runTest()
+
+
+def test_a_minority_start_leaves_no_set_behind() -> None:
+    """Liveness: an engine left with one replica of three writes no commit, so a later
+    engine's commit at the same generation (it did not see that replica) cannot leave two
+    sets naming no common replica, which no start could ever get past."""
+    m = QuorumMachine()
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.notice_lost("b")
+    m.notice_lost("c")
+    m.write(fails=set(), torn=False, crash_at=None)          # EIO: a alone
+    assert not m.acked
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, unreachable={"a"}, move=True)  # b and c: the quorum path
+    assert m.engine_up
+    m.write(fails=set(), torn=False, crash_at=None)
+    assert m.acked
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, move=True)                 # everyone answers
+    assert m.engine_up

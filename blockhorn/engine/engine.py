@@ -140,6 +140,8 @@ class Engine:
         self.voters = sorted(self.replicas)       # quorum mode: every commit's universe U
         self.majority = generation.majority(len(self.voters))
         self._quorum_note = ""          # the last "no majority" reason logged
+        # Quorum mode: the (RW set, joiners) left unwritten because it is not a majority.
+        self._unwritten: tuple[frozenset[str], frozenset[str]] | None = None
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
 
@@ -184,7 +186,7 @@ class Engine:
         self.generation = decision.generation
         self._update_readers()
         # In quorum mode a start whose current replicas are fewer than a majority (the others
-        # stale or suspect) still commits, but acknowledges no write until a resync joins.
+        # stale or suspect) commits nothing and acknowledges nothing until resyncs join.
         self.commit_if_needed(require_quorum=False)
         stale = [r for r in self.replicas.values() if r.client and r.mode != ReplicaMode.RW]
         log.info("volume %s: generation %d, RW %s, resyncing %s", self.cfg.volume,
@@ -198,11 +200,17 @@ class Engine:
     # --- generations -------------------------------------------------------------------------
 
     def _set_changed(self) -> bool:
-        return self._committed != self._rw_set or bool(self._joining)
+        return ((self._committed != self._rw_set or bool(self._joining))
+                and self._unwritten != (self._rw_set, frozenset(self._joining)))
 
     def no_quorum(self) -> bool:
-        """Quorum mode: the last commit's set is not a majority, so nothing is acknowledged."""
-        return self.cfg.quorum and len(self._committed) < self.majority
+        """Quorum mode: the RW set (or the last commit's, before the first) is not a majority:
+        nothing is acknowledged."""
+        return self.cfg.quorum and min(len(self._rw_set), len(self._committed)) < self.majority
+
+    def started(self) -> bool:
+        """This engine's start commit is done (quorum mode: it waits for a majority)."""
+        return self._started
 
     def commit_pending(self) -> bool:
         """Whether a mutation must go through `commit_if_needed` before it is acknowledged."""
@@ -219,12 +227,12 @@ class Engine:
         and the maintenance thread commit without it."""
         self._commit_changes()
         if require_quorum and self.no_quorum():
-            raise NoQuorum(self._quorum_reason())
+            raise NoQuorum(self._quorum_reason(len(self._rw_set)))
 
-    def _quorum_reason(self) -> str:
-        return (f"volume {self.cfg.volume}: {len(self._committed)} of {len(self.voters)} "
-                f"replicas in sync, a majority ({self.majority}) is needed: writes fail "
-                "until a resync brings one back")
+    def _quorum_reason(self, in_sync: int) -> str:
+        return (f"volume {self.cfg.volume}: {in_sync} of {len(self.voters)} replicas in "
+                f"sync, a majority ({self.majority}) is needed: writes fail until a resync "
+                "brings one back")
 
     def _commit_changes(self) -> None:
         while self._set_changed():
@@ -236,6 +244,16 @@ class Engine:
                                if r.mode == ReplicaMode.RW and r.client]
                     names = frozenset(r.ref.name for r in members)
                     joining = {n for n in self._joining if n in names}
+                    wanted = (self._rw_set, frozenset(self._joining))
+                if self.cfg.quorum and len(names) < self.majority:
+                    # Not written at all: a commit of a minority would complete nothing, and
+                    # one left on replicas at the same generation as another engine's later
+                    # commit could leave no replica named by both (generation.newest_set).
+                    # Who left stays named by the last commit; they hold every acknowledged
+                    # write, since nothing is acknowledged from now until a majority is back.
+                    self._unwritten = wanted
+                    self._log_quorum(len(names))
+                    return
                 if len(names) < self.cfg.min_rw:
                     raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
                                              f"{self.cfg.min_rw} RW replicas")
@@ -265,16 +283,23 @@ class Engine:
                     self._joining = {n for n in self._joining - joining
                                      if self.replicas[n].mode == ReplicaMode.RW}
                 self._started = True
+                self._unwritten = None
                 log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
                          sorted(names))
-                note = self._quorum_reason() if self.no_quorum() else ""
-                if note != self._quorum_note:
-                    self._quorum_note = note
-                    if note:
-                        log.error("%s", note)
-                    elif self.cfg.quorum:
-                        log.warning("volume %s: %d of %d replicas in sync again: writes "
-                                    "resume", self.cfg.volume, len(names), len(self.voters))
+                self._log_quorum(len(names))
+
+    def _log_quorum(self, in_sync: int) -> None:
+        """Log when writes stop for want of a majority, and when they resume (once each)."""
+        if not self.cfg.quorum:
+            return
+        note = self._quorum_reason(in_sync) if in_sync < self.majority else ""
+        if note != self._quorum_note:
+            if note:
+                log.error("%s", note)
+            elif self._quorum_note:
+                log.warning("volume %s: %d of %d replicas in sync again: writes resume",
+                            self.cfg.volume, in_sync, len(self.voters))
+            self._quorum_note = note
 
     def _set_generation(self, targets: list[ReplicaState], gen: int, members: list[str],
                         clear_rebuilding: bool) -> bool:
