@@ -572,3 +572,43 @@ def test_a_minority_start_leaves_no_set_behind() -> None:
     m.crash_engine(True)
     m.start_engine(crash_at=None, move=True)                 # everyone answers
     assert m.engine_up
+
+
+def _witnesses_at_any_generation(configured: list[str], seen: list[Seen],
+                                 record: Record | None, quorum: bool = False):
+    """The quorum path counting every reachable replica, not only those at the top
+    generation."""
+    real = generation.quorum_witnesses
+
+    def anywhere(configured: list[str], seen: list[Seen], _generation: int):
+        return len({s.name for s in seen} & set(configured)), len(configured)
+    generation.quorum_witnesses = anywhere
+    try:
+        return generation.choose(configured, seen, record, quorum=quorum)
+    finally:
+        generation.quorum_witnesses = real
+
+
+def _replaced_witness(m: QuorumMachine) -> None:
+    """c falls out; a write is acknowledged by a and b; b fails and the leader replaces it
+    (empty, Rebuilding) before it rejoins; the engine's node dies with a. b's replacement
+    and c answer: two of three, but only c is at its generation, and it lacks the write."""
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.notice_lost("c")
+    m.write(fails=set(), torn=False, crash_at=None)
+    assert m.acked
+    m.notice_lost("b")
+    m.replace_replica("b")
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, unreachable={"a"}, move=True)
+
+
+def test_the_quorum_path_counts_only_the_top_generation() -> None:
+    m = QuorumMachine()
+    _replaced_witness(m)                      # refused: nothing lost
+    assert not m.engine_up
+    mutant = type("W", (QuorumMachine,),
+                  {"choose": staticmethod(_witnesses_at_any_generation)})()
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        _replaced_witness(mutant)
