@@ -237,7 +237,7 @@ class Engine:
     def _commit_changes(self) -> None:
         while self._set_changed():
             with self.commit_lock:
-                if not self.commit_pending():
+                if not self._set_changed():
                     return
                 with self.state_lock:
                     members = [r for r in self.replicas.values()
