@@ -16,9 +16,10 @@ The rule's mutants (tests at the bottom) must fail these checks.
 replicas, docs/DURABILITY.md "The commit quorum"): commits carry their voters and acknowledge
 nothing unless their set is a majority of them; a set_generation may fail (before or after
 the replica recorded it); a new engine starts from any reachable subset, on another node (the
-record of the last one is not there); the leader replaces a replica (a new, empty directory
-under the same name) while an engine runs; the voters change (a replica added or removed)
-between two engines.
+record of the last one is not there) — also while the old one runs on, fenced by the replicas
+the new one reached (`take_over`, `zombie_write`: what it acknowledges counts); the leader
+replaces a replica (a new, empty directory under the same name) while an engine runs; the
+voters change (a replica added or removed) between two engines.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class GenerationMachine(RuleBasedStateMachine):
     choose = staticmethod(generation.choose)
     use_record = True
     quorum = False
+    fence = True          # replicas refuse an engine of an older attach epoch
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
@@ -100,6 +102,8 @@ class GenerationMachine(RuleBasedStateMachine):
         self.voters = frozenset(NAMES)    # the configured replicas (the engine's U)
         self.attempted = 0
         self.send_fail: tuple[str, bool] | None = None   # (replica, recorded anyway)
+        self.fenced: set[str] = set()     # replicas that refuse this engine (a newer one's)
+        self.zombie: dict[str, object] | None = None     # QuorumMachine.take_over
         self.record: Record | None = Record(0, frozenset(NAMES)) if self.use_record else None
         self.engine_up = False
         self.rw: set[str] = set()
@@ -144,7 +148,7 @@ class GenerationMachine(RuleBasedStateMachine):
             for n in sorted(members - joining) + sorted(joining):
                 self._step()
                 r = self.reps[n]
-                if not r.running:
+                if not r.running or (self.fence and n in self.fenced):
                     self.rw.discard(n)
                     failed = True
                     break
@@ -186,10 +190,13 @@ class GenerationMachine(RuleBasedStateMachine):
         cluster): it runs on another node, where the last engine's record is not."""
         self.crash_at = crash_at
         self.send_fail = None
+        self.fenced = set()
         if self.quorum and move:
             self.record = None
         seen = [r.seen() for r in self.reps.values()
                 if r.running and not r.lost and r.name not in unreachable]
+        if self.zombie is not None:     # the handshake fences before the rule reads
+            self.zombie["fenced"] |= {s.name for s in seen}  # type: ignore[operator]
         try:
             if self.quorum:
                 d = self.choose(sorted(self.voters), seen, self.record, quorum=True)
@@ -228,6 +235,9 @@ class GenerationMachine(RuleBasedStateMachine):
         ok = 0
         for n in sorted(self.rw):
             r = self.reps[n]
+            if self.fence and n in self.fenced:   # refused (ESTALE) before anything changed
+                self.rw.discard(n)
+                continue
             if n in fails or r.halted or not r.running:
                 if torn and r.running and not r.halted:
                     r.data.append(("torn", w))
@@ -281,6 +291,8 @@ class GenerationMachine(RuleBasedStateMachine):
         r = self.reps.get(name)
         if r is None or name in self.rw or not r.running or r.lost:
             return
+        if self.zombie is not None:     # this engine's connection fences it
+            self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
         src = self.reps[sorted(self.rw)[0]]
         r.rebuilding = True
         try:
@@ -345,6 +357,7 @@ class GenerationMachine(RuleBasedStateMachine):
             r.running = not r.lost
         self.acked_since_power = set()
         self.acked = set(self.flushed)   # unflushed acknowledged writes may be gone now
+        self.zombie = None
 
     @precondition(lambda self: sum(r.lost for r in self.reps.values()) < 1)
     @rule(name=st.sampled_from(NAMES))
@@ -365,6 +378,41 @@ class GenerationMachine(RuleBasedStateMachine):
         if name in self.voters and name not in self.rw:
             self.reps[name] = Rep(name, members=frozenset(), rebuilding=True)
             self.pending_join.discard(name)
+
+    ENGINE = ("engine_up", "rw", "gen", "committed", "pending_join", "attempted", "record",
+              "fenced", "crash_at", "send_fail")
+
+    def _engine_state(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.ENGINE}
+
+    @precondition(lambda self: self.quorum and self._up() and self.zombie is None)
+    @rule(crash_at=crash(6), unreachable=UNREACHABLE)
+    def take_over(self, crash_at: int | None, unreachable: set[str]) -> None:
+        """The engine's node is declared dead but its engine runs on (paused, cut off): a
+        new engine starts on another node while the old one keeps its connections to every
+        replica the new one did not reach."""
+        old = self._engine_state()
+        old["rw"], old["pending_join"] = set(self.rw), set(self.pending_join)
+        old["fenced"] = set()
+        self.zombie = old
+        self.engine_up = False
+        self.start_engine(crash_at, unreachable, move=True)
+
+    @precondition(lambda self: self.quorum and self.zombie is not None
+                  and bool(self.zombie["engine_up"]) and bool(self.zombie["rw"]))
+    @rule(fails=FAILS)
+    def zombie_write(self, fails: set[str]) -> None:
+        """The old engine writes: fenced replicas refuse it; what it acknowledges counts."""
+        assert self.zombie is not None
+        mine = self._engine_state()
+        for k, v in self.zombie.items():
+            setattr(self, k, v)
+        try:
+            self.write(fails=fails, torn=False, crash_at=None)
+        finally:
+            self.zombie = self._engine_state()
+            for k, v in mine.items():
+                setattr(self, k, v)
 
     @precondition(lambda self: self.quorum and not self.engine_up)
     @rule()
@@ -541,10 +589,12 @@ class _AckMinority(QuorumMachine):
 @pytest.mark.parametrize("machine", [
     type("Minority", (QuorumMachine,), {"choose": staticmethod(_minority_rule)}),
     _AckMinority,
+    type("Unfenced", (QuorumMachine,), {"fence": False}),
 ])
-def test_random_search_finds_a_minority_quorum(machine) -> None:
+def test_random_search_finds_a_weakened_quorum(machine) -> None:
     """Either half of the quorum (the engine's, the start rule's) weakened, the random
-    search loses an acknowledged write."""
+    search loses an acknowledged write; without the attach epoch's fence, an old engine
+    still running writes beside the new one."""
     case = machine.TestCase
     case.settings = settings(max_examples=2000, stateful_step_count=100, deadline=None,
                              phases=(Phase.generate,), database=None,
