@@ -87,6 +87,7 @@ def test_writes_need_a_majority_and_a_majority_starts(qc: Cluster) -> None:
     assert sha(h.pread(BLOCK, 7 * BLOCK)) == acked[7 * BLOCK]      # reads go on
     h.shutdown()
     assert "1 of 3 replicas in sync, a majority (2) is needed" in log_text(c)
+    assert c.status()["quorum"] == {"in_sync": 1, "majority": 2, "writable": False}
 
     # Both back and resynced: writes resume.
     r1.start()
@@ -99,6 +100,7 @@ def test_writes_need_a_majority_and_a_majority_starts(qc: Cluster) -> None:
     acked.pop(0, None)
     write(c.uri, acked, "again", 8)
     assert "replicas in sync again: writes resume" in log_text(c)
+    assert c.status()["quorum"] == {"in_sync": 3, "majority": 2, "writable": True}
 
     # r0's node dies with the engine: no record there (the next engine runs elsewhere).
     c.stop_engine(signal.SIGKILL)

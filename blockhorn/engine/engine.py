@@ -862,6 +862,10 @@ class Engine:
                 "revision": r.stat.get("revision"),
                 "rebuild": _progress(r.rebuild),
             })
+        # Quorum mode: how many are in sync of how many needed; writes fail while below.
+        quorum = ({"in_sync": len(self._rw_set), "majority": self.majority,
+                   "writable": not self.no_quorum()} if self.cfg.quorum else None)
         return {"volume": self.cfg.volume, "size": self.size, "generation": self.generation,
                 "robustness": str(self.robustness()), "min_rw": self.cfg.min_rw,
+                "quorum": quorum,
                 "replicas": replicas, "counters": dict(self.counters)}
