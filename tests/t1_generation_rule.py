@@ -378,6 +378,8 @@ class GenerationMachine(RuleBasedStateMachine):
         if name in self.voters and name not in self.rw:
             self.reps[name] = Rep(name, members=frozenset(), rebuilding=True)
             self.pending_join.discard(name)
+            if self.zombie is not None:   # an old engine knows only the old address
+                self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
 
     ENGINE = ("engine_up", "rw", "gen", "committed", "pending_join", "attempted", "record",
               "fenced", "crash_at", "send_fail")
@@ -410,11 +412,17 @@ class GenerationMachine(RuleBasedStateMachine):
         try:
             self.write(fails=fails, torn=False, crash_at=None)
         finally:
-            self.zombie = self._engine_state()
+            self.zombie = self._engine_state() if self.engine_up else None
             for k, v in mine.items():
                 setattr(self, k, v)
 
-    @precondition(lambda self: self.quorum and not self.engine_up)
+    @precondition(lambda self: self.quorum and self.zombie is not None)
+    @rule()
+    def zombie_dies(self) -> None:
+        """The old engine's node comes back: its daemon kills the engine that moved away."""
+        self.zombie = None
+
+    @precondition(lambda self: self.quorum and not self.engine_up and self.zombie is None)
     @rule()
     def change_voters(self) -> None:
         """A replica added (empty, Rebuilding) or removed: the next engine's U differs."""

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
-from blockhorn.engine import generation
+from blockhorn.engine import commit, generation
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
+from blockhorn.engine.commit import NoQuorum
 from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
-from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, expire_pings, ping_replicas
+from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, ping_replicas
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
@@ -102,10 +103,6 @@ def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
         left = max(out.get("total", 0) - out.get("done", 0), 0)
         out["eta_s"] = left / rate if rate > 0 else None
     return out
-
-
-class NoQuorum(ReplicaUnavailable):
-    """Quorum mode: the in-sync set is not a majority of the volume's replicas (EIO)."""
 
 
 class Engine:
@@ -225,113 +222,9 @@ class Engine:
         `require_quorum`: raise NoQuorum (EIO) when, in quorum mode, the set committed is
         not a majority of the replicas — a caller about to acknowledge a mutation; resyncs
         and the maintenance thread commit without it."""
-        self._commit_changes()
+        commit.commit_changes(self)
         if require_quorum and self.no_quorum():
-            raise NoQuorum(self._quorum_reason(len(self._rw_set)))
-
-    def _quorum_reason(self, in_sync: int) -> str:
-        return (f"volume {self.cfg.volume}: {in_sync} of {len(self.voters)} replicas in "
-                f"sync, a majority ({self.majority}) is needed: writes fail until a resync "
-                "brings one back")
-
-    def _commit_changes(self) -> None:
-        while self._set_changed():
-            with self.commit_lock:
-                if not self._set_changed():
-                    return
-                with self.state_lock:
-                    members = [r for r in self.replicas.values()
-                               if r.mode == ReplicaMode.RW and r.client]
-                    names = frozenset(r.ref.name for r in members)
-                    joining = {n for n in self._joining if n in names}
-                    wanted = (self._rw_set, frozenset(self._joining))
-                if self.cfg.quorum and len(names) < self.majority:
-                    # Not written at all: a commit of a minority would complete nothing, and
-                    # one left on replicas at the same generation as another engine's later
-                    # commit could leave no replica named by both (generation.newest_set).
-                    # Who left stays named by the last commit; they hold every acknowledged
-                    # write, since nothing is acknowledged from now until a majority is back.
-                    self._unwritten = wanted
-                    self._log_quorum(len(names))
-                    return
-                if len(names) < self.cfg.min_rw:
-                    raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
-                                             f"{self.cfg.min_rw} RW replicas")
-                gen = max(self.generation, self._attempted) + 1
-                self._attempted = gen
-                if self.cfg.record:
-                    try:
-                        generation.save_record(self.cfg.record, gen, sorted(names),
-                                               self.cfg.epoch)
-                    except OSError as e:
-                        raise BlockhornError(f"cannot write the generation record "
-                                             f"{self.cfg.record}: {e}", e.errno or errno.EIO
-                                             ) from None
-                stay = [r for r in members if r.ref.name not in joining]
-                join = [r for r in members if r.ref.name in joining]
-                failed = self._set_generation(stay, gen, sorted(names), False)
-                if not failed:
-                    failed = self._set_generation(join, gen, sorted(names), True)
-                if failed:
-                    continue      # the failed ones are ERR now: commit the smaller set
-                self.generation = gen
-                self._committed = names
-                with self.state_lock:
-                    # A joiner that failed before its join commit is no longer joining (its
-                    # next resync adds it again): left here, it would keep a commit pending
-                    # forever, and every pass would commit another generation.
-                    self._joining = {n for n in self._joining - joining
-                                     if self.replicas[n].mode == ReplicaMode.RW}
-                self._started = True
-                self._unwritten = None
-                log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
-                         sorted(names))
-                self._log_quorum(len(names))
-
-    def _log_quorum(self, in_sync: int) -> None:
-        """Log when writes stop for want of a majority, and when they resume (once each)."""
-        if not self.cfg.quorum:
-            return
-        note = self._quorum_reason(in_sync) if in_sync < self.majority else ""
-        if note != self._quorum_note:
-            if note:
-                log.error("%s", note)
-            elif self._quorum_note:
-                log.warning("volume %s: %d of %d replicas in sync again: writes resume",
-                            self.cfg.volume, in_sync, len(self.voters))
-            self._quorum_note = note
-
-    def _set_generation(self, targets: list[ReplicaState], gen: int, members: list[str],
-                        clear_rebuilding: bool) -> bool:
-        """Send set_generation to `targets` at once; set the ones that fail ERR. True when
-        any failed."""
-        # Voters only in quorum mode: a replica carrying them claims its commit held a
-        # majority of them (generation.choose trusts that when members are missing).
-        req = {"op": "set_generation", "generation": gen, "members": members,
-               "voters": self.voters if self.cfg.quorum else [],
-               "clear_rebuilding": clear_rebuilding, "start": not self._started}
-        body = proto_json(req)
-        call = Call(len(targets))
-        sent = [(r, r.client) for r in targets]
-        for _, client in sent:
-            client.submit(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while targets and not call.wait(
-                min(MAINT_TICK_S, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                break
-            # A member whose ping was already unanswered for the timeout goes ERR now (its
-            # connection closes, failing its part of this call) instead of getting a full
-            # timeout of its own: two replicas silent at once stall writes one timeout.
-            expire_pings(self)
-        failed = False
-        for r, client in sent:
-            status = call.results.get(r.ref.name, errno.ETIMEDOUT)
-            if status:
-                failed = True
-                self.set_error(r, f"generation {gen} not recorded: {os.strerror(status)}",
-                               client)
-        return failed
+            raise NoQuorum(commit.quorum_reason(self, len(self._rw_set)))
 
     def connect_replica(self, r: ReplicaState) -> None:
         client = ReplicaClient(r.ref, self.key, handshake_name(self.cfg.volume, self.cfg.epoch),
