@@ -94,6 +94,7 @@ class GenerationMachine(RuleBasedStateMachine):
     use_record = True
     quorum = False
     fence = True          # replicas refuse an engine of an older attach epoch
+    defer_adopt = True    # quorum mode: a start without a majority adopts after its commit
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
@@ -103,6 +104,7 @@ class GenerationMachine(RuleBasedStateMachine):
         self.attempted = 0
         self.send_fail: tuple[str, bool] | None = None   # (replica, recorded anyway)
         self.fenced: set[str] = set()     # replicas that refuse this engine (a newer one's)
+        self.adopt_pending = ""
         self.zombie: dict[str, object] | None = None     # QuorumMachine.take_over
         self.record: Record | None = Record(0, frozenset(NAMES)) if self.use_record else None
         self.engine_up = False
@@ -169,12 +171,20 @@ class GenerationMachine(RuleBasedStateMachine):
                     r.suspect = r.halted = False
             if failed:
                 continue
+            if self.adopt_pending in members:     # adopted right after the first commit
+                src = self.reps[self.adopt_pending]
+                src.suspect = src.halted = False
+            self.adopt_pending = ""
             self.gen = gen
             self.committed = members
             self.pending_join -= joining
         if require_quorum and self.quorum and \
                 min(len(self.rw), len(self.committed)) < majority:
             raise NoQuorum
+
+    def _no_quorum(self) -> bool:
+        return self.quorum and min(len(self.rw), len(self.committed)) < \
+            generation.majority(len(self.voters))
 
     def _up(self) -> bool:
         return self.engine_up and bool(self.rw)
@@ -209,7 +219,11 @@ class GenerationMachine(RuleBasedStateMachine):
         assert not missing, f"source {d.source} lacks acknowledged writes {sorted(missing)}"
         datas = {n: self.reps[n].data for n in d.rw}
         assert len({tuple(v) for v in datas.values()}) == 1, f"RW replicas differ: {datas}"
-        if d.adopt:
+        self.adopt_pending = ""
+        if d.adopt and self.quorum and self.defer_adopt \
+                and len(d.rw) < generation.majority(len(self.voters)):
+            self.adopt_pending = d.source      # Engine.start: adopted once a commit is written
+        elif d.adopt:
             src.suspect = src.halted = False
         self.engine_up = True
         self.rw = set(d.rw)
@@ -230,6 +244,8 @@ class GenerationMachine(RuleBasedStateMachine):
               send_fail: tuple[str, bool] | None = None) -> None:
         self.crash_at = crash_at
         self.send_fail = send_fail
+        if self._no_quorum():
+            return        # EIO before anything is sent (Engine._send)
         w = self.next_id
         self.next_id += 1
         ok = 0
@@ -264,6 +280,8 @@ class GenerationMachine(RuleBasedStateMachine):
     @rule(crash_at=crash(5))
     def flush(self, crash_at: int | None) -> None:
         self.crash_at = crash_at
+        if self._no_quorum():
+            return
         for n in sorted(self.rw):
             r = self.reps[n]
             if r.running:
@@ -382,7 +400,7 @@ class GenerationMachine(RuleBasedStateMachine):
                 self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
 
     ENGINE = ("engine_up", "rw", "gen", "committed", "pending_join", "attempted", "record",
-              "fenced", "crash_at", "send_fail")
+              "fenced", "crash_at", "send_fail", "adopt_pending")
 
     def _engine_state(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.ENGINE}
@@ -590,6 +608,9 @@ def _minority_rule(configured: list[str], seen: list[Seen], record: Record | Non
 class _AckMinority(QuorumMachine):
     """An engine that acknowledges writes under a set smaller than a majority."""
 
+    def _no_quorum(self) -> bool:
+        return False
+
     def _commit(self, require_quorum: bool = True) -> None:
         super()._commit(require_quorum=False)
 
@@ -670,3 +691,30 @@ def test_the_quorum_path_counts_only_the_top_generation() -> None:
                   {"choose": staticmethod(_witnesses_at_any_generation)})()
     with pytest.raises(AssertionError, match="lacks acknowledged writes"):
         _replaced_witness(mutant)
+
+
+def _adopted_without_commit(m: QuorumMachine) -> None:
+    """b is lost while idle; a write reaches a only (c fails): EIO. a restarts (its counter
+    as last flushed, the write in its page cache: suspect); an engine without b adopts a as
+    its source but has no majority to commit; it dies. At the next start a and b are at one
+    generation and revision, members both — a must not be clean now, or both start RW with
+    different content."""
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.notice_lost("b")
+    m.write(fails={"c"}, torn=False, crash_at=None)
+    assert not m.acked
+    m.kill_replica("a")
+    m.restart_replica("a")
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, unreachable={"b"}, move=True)
+    assert m.engine_up
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, move=True)
+
+
+def test_a_start_without_a_majority_adopts_only_after_its_commit() -> None:
+    _adopted_without_commit(QuorumMachine())
+    early = type("Early", (QuorumMachine,), {"defer_adopt": False})()
+    with pytest.raises(AssertionError, match="RW replicas differ"):
+        _adopted_without_commit(early)

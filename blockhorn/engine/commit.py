@@ -75,6 +75,19 @@ def commit_changes(eng: Engine) -> None:
                 failed = set_generation(eng, join, gen, sorted(names), True)
             if failed:
                 continue      # the failed ones are ERR now: commit the smaller set
+            if eng._adopt_pending in names:
+                # The suspect source of a start that had no majority: adopted now that a
+                # commit naming it and the replicas resynced from it is written, before any
+                # write can reach it (writes wait for `_committed`).
+                src = eng.replicas[eng._adopt_pending]
+                try:
+                    if src.client is None:
+                        raise BlockhornError("not connected", errno.ENOTCONN)
+                    src.stat = src.client.control({"op": "adopt"}, timeout=eng.cfg.timeout_s)
+                except BlockhornError as e:
+                    eng.set_error(src, f"adopt failed: {e}")
+                    continue
+            eng._adopt_pending = ""     # adopted, or it left: the others were resynced
             eng.generation = gen
             eng._committed = names
             with eng.state_lock:

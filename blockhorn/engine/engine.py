@@ -139,6 +139,7 @@ class Engine:
         self._quorum_note = ""          # the last "no majority" reason logged
         # Quorum mode: the (RW set, joiners) left unwritten because it is not a majority.
         self._unwritten: tuple[frozenset[str], frozenset[str]] | None = None
+        self._adopt_pending = ""        # quorum mode: the suspect source, adopted once committed
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
 
@@ -172,7 +173,12 @@ class Engine:
         for r in chosen:
             if r.stat["size"] < self.size and r.client:
                 r.stat = r.client.control({"op": "expand", "size": self.size})
-        if decision.adopt:
+        if decision.adopt and self.cfg.quorum and len(decision.rw) < self.majority:
+            # Adopted now, the suspect source could clear its Dirty flag (a flush) while the
+            # last commit still names replicas at its revision with other content: adopted
+            # only right after the first commit this engine writes (engine/commit.py).
+            self._adopt_pending = decision.source
+        elif decision.adopt:
             src = self.replicas[decision.source]
             assert src.client is not None
             src.stat = src.client.control({"op": "adopt"})
@@ -384,6 +390,10 @@ class Engine:
                     return None
                 op, offset, length, data = self._widen(op, offset, length, data)
             targets = self._targets
+            if self.no_quorum():
+                # Not sent at all: nothing could be acknowledged, and a replica (the source,
+                # not adopted yet) must not change under a commit that names others.
+                raise NoQuorum(commit.quorum_reason(self, len(self._rw_set)))
             if len(self._readers) < self.cfg.min_rw:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
                                          f"{self.cfg.min_rw} RW replicas")
