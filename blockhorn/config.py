@@ -125,6 +125,9 @@ class EngineConfig(_Loadable):
     salvage: str = ""    # operator override for one start: this replica is the source
     salvage_id: str = ""   # that salvage's token: an engine that started from it records it
     rebuild_limits: str = ""   # the node's rebuild limits file (engine/limits.py); "" = none
+    # Commit quorum (docs/DURABILITY.md, "The commit quorum"): no write acknowledged unless a
+    # majority of the replicas is in sync; a start may then trust a majority of them.
+    quorum: bool = False
 
     def validate(self) -> None:
         check_name(self.volume)
@@ -141,5 +144,7 @@ class EngineConfig(_Loadable):
             raise InvalidArgument("timeout_s must be positive")
         if not isinstance(self.epoch, int) or self.epoch < 0:
             raise InvalidArgument("epoch must be a non-negative integer")
+        if not isinstance(self.quorum, bool):
+            raise InvalidArgument("quorum must be true or false")
         if self.salvage and self.salvage not in {r.name for r in self.replicas}:
             raise InvalidArgument(f"salvage: {self.salvage!r} is not a replica of this volume")

@@ -11,6 +11,15 @@ torn entry and halts the replica. The checks, at every engine start the rule all
   acknowledged write when no power was lost since it was acknowledged;
 - replicas started RW together hold the same data.
 The rule's mutants (tests at the bottom) must fail these checks.
+
+`QuorumMachine` runs the same protocol in quorum mode (a cluster volume of 3 or more
+replicas, docs/DURABILITY.md "The commit quorum"): commits carry their voters and acknowledge
+nothing unless their set is a majority of them; a set_generation may fail (before or after
+the replica recorded it); a new engine starts from any reachable subset, on another node (the
+record of the last one is not there) — also while the old one runs on, fenced by the replicas
+the new one reached (`take_over`, `zombie_write`: what it acknowledges counts); the leader
+replaces a replica (a new, empty directory under the same name) while an engine runs; the
+voters change (a replica added or removed) between two engines.
 """
 
 from __future__ import annotations
@@ -27,6 +36,28 @@ from blockhorn.engine.generation import Record, Seen
 from blockhorn.types import ReplicaUnavailable
 
 NAMES = ["a", "b", "c"]
+SPARE = "d"       # QuorumMachine: the replica added to (and removed from) the voters
+
+
+ALL = NAMES + [SPARE]
+
+
+def crash(steps: int) -> st.SearchStrategy[int | None]:
+    """Commit steps before the engine crashes; mostly no crash (acknowledged writes are the
+    point, and a crash in every other commit leaves few)."""
+    return st.one_of(st.none(), st.none(), st.integers(0, steps))
+
+
+# Replicas a write fails on: mostly none or one (a majority stays in sync now and then).
+FAILS = st.one_of(st.just(frozenset()), st.just(frozenset()),
+                  st.sets(st.sampled_from(ALL), max_size=1), st.sets(st.sampled_from(ALL)))
+# Replicas that do not answer a new engine: mostly none (the first start needs them all).
+UNREACHABLE = st.one_of(st.just(frozenset()), st.sets(st.sampled_from(ALL), max_size=1),
+                        st.sets(st.sampled_from(ALL), max_size=2))
+
+
+class NoQuorum(Exception):
+    """Quorum mode: the set committed is not a majority: nothing is acknowledged."""
 
 
 class Crash(Exception):
@@ -47,10 +78,11 @@ class Rep:
     generation: int = 0
     members: frozenset[str] = frozenset(NAMES)
     rebuilding: bool = False
+    voters: frozenset[str] | None = None
 
     def seen(self) -> Seen:
         return Seen(self.name, self.generation, self.members, self.rebuilding, False,
-                    self.revision, self.suspect)
+                    self.revision, self.suspect, self.voters)
 
     def writes(self) -> set[int]:
         return {i for kind, i in self.data if kind == "w"}
@@ -60,11 +92,20 @@ class GenerationMachine(RuleBasedStateMachine):
     # The rule under test; the mutants below replace it.
     choose = staticmethod(generation.choose)
     use_record = True
+    quorum = False
+    fence = True          # replicas refuse an engine of an older attach epoch
+    defer_adopt = True    # quorum mode: a start without a majority adopts after its commit
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
         self.use_record = use_record and type(self).use_record
         self.reps = {n: Rep(n) for n in NAMES}
+        self.voters = frozenset(NAMES)    # the configured replicas (the engine's U)
+        self.attempted = 0
+        self.send_fail: tuple[str, bool] | None = None   # (replica, recorded anyway)
+        self.fenced: set[str] = set()     # replicas that refuse this engine (a newer one's)
+        self.adopt_pending = ""
+        self.zombie: dict[str, object] | None = None     # QuorumMachine.take_over
         self.record: Record | None = Record(0, frozenset(NAMES)) if self.use_record else None
         self.engine_up = False
         self.rw: set[str] = set()
@@ -88,14 +129,20 @@ class GenerationMachine(RuleBasedStateMachine):
                 raise Crash
             self.crash_at -= 1
 
-    def _commit(self) -> None:
-        """Engine.commit_if_needed: record, members that stay, joining ones last."""
+    def _commit(self, require_quorum: bool = True) -> None:
+        """Engine.commit_if_needed: record, members that stay, joining ones last; each
+        attempt at a new generation. In quorum mode a set that is not a majority of the
+        voters is not written, and nothing is acknowledged (NoQuorum) until one is."""
+        majority = generation.majority(len(self.voters))
         while self.committed != frozenset(self.rw) or self.pending_join & self.rw:
             members = frozenset(self.rw)
             if not members:
                 raise ReplicaUnavailable("faulted")
-            gen = self.gen + 1
-            if self.record is not None:
+            if self.quorum and len(members) < majority:
+                break
+            gen = max(self.gen, self.attempted) + 1
+            self.attempted = gen
+            if self.use_record:
                 self._step()
                 self.record = Record(gen, members)
             joining = self.pending_join & members
@@ -103,19 +150,41 @@ class GenerationMachine(RuleBasedStateMachine):
             for n in sorted(members - joining) + sorted(joining):
                 self._step()
                 r = self.reps[n]
-                if not r.running:
+                if not r.running or (self.fence and n in self.fenced):
+                    self.rw.discard(n)
+                    failed = True
+                    break
+                if self.send_fail is not None and self.send_fail[0] == n:
+                    # set_generation fails: the reply lost (recorded) or the write failed
+                    _, recorded = self.send_fail
+                    self.send_fail = None
+                    if recorded:
+                        r.generation, r.members = gen, members
+                        r.voters = self.voters if self.quorum else None
                     self.rw.discard(n)
                     failed = True
                     break
                 r.generation, r.members = gen, members
+                r.voters = self.voters if self.quorum else None
                 if n in joining:
                     r.rebuilding = False
                     r.suspect = r.halted = False
             if failed:
                 continue
+            if self.adopt_pending in members:     # adopted right after the first commit
+                src = self.reps[self.adopt_pending]
+                src.suspect = src.halted = False
+            self.adopt_pending = ""
             self.gen = gen
             self.committed = members
             self.pending_join -= joining
+        if require_quorum and self.quorum and \
+                min(len(self.rw), len(self.committed)) < majority:
+            raise NoQuorum
+
+    def _no_quorum(self) -> bool:
+        return self.quorum and min(len(self.rw), len(self.committed)) < \
+            generation.majority(len(self.voters))
 
     def _up(self) -> bool:
         return self.engine_up and bool(self.rw)
@@ -123,12 +192,26 @@ class GenerationMachine(RuleBasedStateMachine):
     # --- rules ------------------------------------------------------------------------------
 
     @precondition(lambda self: not self.engine_up)
-    @rule(crash_at=st.one_of(st.none(), st.integers(0, 6)))
-    def start_engine(self, crash_at: int | None) -> None:
+    @rule(crash_at=crash(6), unreachable=UNREACHABLE,
+          move=st.booleans())
+    def start_engine(self, crash_at: int | None, unreachable: set[str] = frozenset(),
+                     move: bool = False) -> None:
+        """A new engine: replicas in `unreachable` do not answer it. `move` (quorum mode: a
+        cluster): it runs on another node, where the last engine's record is not."""
         self.crash_at = crash_at
-        seen = [r.seen() for r in self.reps.values() if r.running and not r.lost]
+        self.send_fail = None
+        self.fenced = set()
+        if self.quorum and move:
+            self.record = None
+        seen = [r.seen() for r in self.reps.values()
+                if r.running and not r.lost and r.name not in unreachable]
+        if self.zombie is not None:     # the handshake fences before the rule reads
+            self.zombie["fenced"] |= {s.name for s in seen}  # type: ignore[operator]
         try:
-            d = self.choose(NAMES, seen, self.record)
+            if self.quorum:
+                d = self.choose(sorted(self.voters), seen, self.record, quorum=True)
+            else:
+                d = self.choose(NAMES, seen, self.record)
         except ReplicaUnavailable:
             return
         src = self.reps[d.source]
@@ -136,28 +219,41 @@ class GenerationMachine(RuleBasedStateMachine):
         assert not missing, f"source {d.source} lacks acknowledged writes {sorted(missing)}"
         datas = {n: self.reps[n].data for n in d.rw}
         assert len({tuple(v) for v in datas.values()}) == 1, f"RW replicas differ: {datas}"
-        if d.adopt:
+        self.adopt_pending = ""
+        if d.adopt and self.quorum and self.defer_adopt \
+                and len(d.rw) < generation.majority(len(self.voters)):
+            self.adopt_pending = d.source      # Engine.start: adopted once a commit is written
+        elif d.adopt:
             src.suspect = src.halted = False
         self.engine_up = True
         self.rw = set(d.rw)
         self.gen = d.generation
         self.committed = frozenset()
         self.pending_join = set()
+        self.attempted = 0
         try:
-            self._commit()
+            self._commit(require_quorum=False)
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
 
     @precondition(lambda self: self._up())
-    @rule(fails=st.sets(st.sampled_from(NAMES)), torn=st.booleans(),
-          crash_at=st.one_of(st.none(), st.integers(0, 5)))
-    def write(self, fails: set[str], torn: bool, crash_at: int | None) -> None:
+    @rule(fails=FAILS, torn=st.booleans(), crash_at=crash(5),
+          send_fail=st.one_of(st.none(), st.none(),
+                              st.tuples(st.sampled_from(ALL), st.booleans())))
+    def write(self, fails: set[str], torn: bool, crash_at: int | None,
+              send_fail: tuple[str, bool] | None = None) -> None:
         self.crash_at = crash_at
+        self.send_fail = send_fail
+        if self._no_quorum():
+            return        # EIO before anything is sent (Engine._send)
         w = self.next_id
         self.next_id += 1
         ok = 0
         for n in sorted(self.rw):
             r = self.reps[n]
+            if self.fence and n in self.fenced:   # refused (ESTALE) before anything changed
+                self.rw.discard(n)
+                continue
             if n in fails or r.halted or not r.running:
                 if torn and r.running and not r.halted:
                     r.data.append(("torn", w))
@@ -172,6 +268,8 @@ class GenerationMachine(RuleBasedStateMachine):
             return
         try:
             self._commit()
+        except NoQuorum:
+            return        # EIO: not acknowledged; the engine runs on, reads too
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
             return
@@ -179,9 +277,11 @@ class GenerationMachine(RuleBasedStateMachine):
         self.acked_since_power.add(w)
 
     @precondition(lambda self: self._up())
-    @rule(crash_at=st.one_of(st.none(), st.integers(0, 5)))
+    @rule(crash_at=crash(5))
     def flush(self, crash_at: int | None) -> None:
         self.crash_at = crash_at
+        if self._no_quorum():
+            return
         for n in sorted(self.rw):
             r = self.reps[n]
             if r.running:
@@ -193,19 +293,24 @@ class GenerationMachine(RuleBasedStateMachine):
             return
         try:
             self._commit()
+        except NoQuorum:
+            return
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
             return
         self.flushed |= self.acked
 
     @precondition(lambda self: self._up())
-    @rule(name=st.sampled_from(NAMES), crash_at=st.one_of(st.none(), st.integers(0, 8)))
+    @rule(name=st.sampled_from(ALL), crash_at=crash(8))
     def resync(self, name: str, crash_at: int | None) -> None:
         """A full resync of a reachable replica outside the RW set, then its join commit."""
         self.crash_at = crash_at
-        r = self.reps[name]
-        if name in self.rw or not r.running or r.lost:
+        self.send_fail = None
+        r = self.reps.get(name)
+        if r is None or name in self.rw or not r.running or r.lost:
             return
+        if self.zombie is not None:     # this engine's connection fences it
+            self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
         src = self.reps[sorted(self.rw)[0]]
         r.rebuilding = True
         try:
@@ -223,7 +328,7 @@ class GenerationMachine(RuleBasedStateMachine):
         self.rw.add(name)
         self.pending_join.add(name)
         try:
-            self._commit()
+            self._commit(require_quorum=False)
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
 
@@ -235,18 +340,18 @@ class GenerationMachine(RuleBasedStateMachine):
         if len(self.rw) > 1:
             self.rw.discard(name)
 
-    @rule(name=st.sampled_from(NAMES))
+    @rule(name=st.sampled_from(ALL))
     def kill_replica(self, name: str) -> None:
         """kill -9 of the process: page cache kept, counter as last flushed, Dirty."""
-        r = self.reps[name]
-        if r.running:
+        r = self.reps.get(name)
+        if r is not None and r.running:
             r.running = False
             r.suspect = True      # Dirty since its first mutation, or already suspect
 
-    @rule(name=st.sampled_from(NAMES))
+    @rule(name=st.sampled_from(ALL))
     def restart_replica(self, name: str) -> None:
-        r = self.reps[name]
-        if not r.running and not r.lost:
+        r = self.reps.get(name)
+        if r is not None and not r.running and not r.lost:
             r.running = True
             r.halted = False
             r.revision = r.persisted_rev    # reopened: the counter as last flushed
@@ -256,12 +361,12 @@ class GenerationMachine(RuleBasedStateMachine):
         if crash:
             self.engine_up = False
 
-    @rule(kept=st.lists(st.integers(0, 8), min_size=3, max_size=3))
+    @rule(kept=st.lists(st.integers(0, 8), min_size=4, max_size=4))
     def power_cut(self, kept: list[int]) -> None:
         """Every host loses power: of what was not flushed, some prefix may have reached the
         disk anyway (writeback); processes restart, the engine dies."""
         self.engine_up = False
-        for r, k in zip(self.reps.values(), kept, strict=True):
+        for r, k in zip(self.reps.values(), kept, strict=False):
             r.data = r.data[:min(len(r.data), r.durable + k)]
             r.durable = len(r.data)
             r.suspect = True
@@ -270,13 +375,81 @@ class GenerationMachine(RuleBasedStateMachine):
             r.running = not r.lost
         self.acked_since_power = set()
         self.acked = set(self.flushed)   # unflushed acknowledged writes may be gone now
+        self.zombie = None
 
     @precondition(lambda self: sum(r.lost for r in self.reps.values()) < 1)
     @rule(name=st.sampled_from(NAMES))
     def lose_disk(self, name: str) -> None:
-        r = self.reps[name]
+        r = self.reps.get(name)
+        if r is None:
+            return
         r.lost = True
         r.running = False
+
+    # --- quorum mode only ----------------------------------------------------------------
+
+    @precondition(lambda self: self.quorum and self._up())
+    @rule(name=st.sampled_from(ALL))
+    def replace_replica(self, name: str) -> None:
+        """The leader moves a replica the running engine holds ERR to another node: a new,
+        empty directory under the same name, Rebuilding (its old disk is never asked again)."""
+        if name in self.voters and name not in self.rw:
+            self.reps[name] = Rep(name, members=frozenset(), rebuilding=True)
+            self.pending_join.discard(name)
+            if self.zombie is not None:   # an old engine knows only the old address
+                self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
+
+    ENGINE = ("engine_up", "rw", "gen", "committed", "pending_join", "attempted", "record",
+              "fenced", "crash_at", "send_fail", "adopt_pending")
+
+    def _engine_state(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.ENGINE}
+
+    @precondition(lambda self: self.quorum and self._up() and self.zombie is None)
+    @rule(crash_at=crash(6), unreachable=UNREACHABLE)
+    def take_over(self, crash_at: int | None, unreachable: set[str]) -> None:
+        """The engine's node is declared dead but its engine runs on (paused, cut off): a
+        new engine starts on another node while the old one keeps its connections to every
+        replica the new one did not reach."""
+        old = self._engine_state()
+        old["rw"], old["pending_join"] = set(self.rw), set(self.pending_join)
+        old["fenced"] = set()
+        self.zombie = old
+        self.engine_up = False
+        self.start_engine(crash_at, unreachable, move=True)
+
+    @precondition(lambda self: self.quorum and self.zombie is not None
+                  and bool(self.zombie["engine_up"]) and bool(self.zombie["rw"]))
+    @rule(fails=FAILS)
+    def zombie_write(self, fails: set[str]) -> None:
+        """The old engine writes: fenced replicas refuse it; what it acknowledges counts."""
+        assert self.zombie is not None
+        mine = self._engine_state()
+        for k, v in self.zombie.items():
+            setattr(self, k, v)
+        try:
+            self.write(fails=fails, torn=False, crash_at=None)
+        finally:
+            self.zombie = self._engine_state() if self.engine_up else None
+            for k, v in mine.items():
+                setattr(self, k, v)
+
+    @precondition(lambda self: self.quorum and self.zombie is not None)
+    @rule()
+    def zombie_dies(self) -> None:
+        """The old engine's node comes back: its daemon kills the engine that moved away."""
+        self.zombie = None
+
+    @precondition(lambda self: self.quorum and not self.engine_up and self.zombie is None)
+    @rule()
+    def change_voters(self) -> None:
+        """A replica added (empty, Rebuilding) or removed: the next engine's U differs."""
+        if SPARE in self.voters:
+            self.voters = self.voters - {SPARE}
+            del self.reps[SPARE]
+        else:
+            self.voters = self.voters | {SPARE}
+            self.reps[SPARE] = Rep(SPARE, members=frozenset(), rebuilding=True)
 
     @invariant()
     def rw_replicas_agree(self) -> None:
@@ -291,6 +464,41 @@ Settings = settings(max_examples=500, stateful_step_count=40, deadline=None,
 
 TestGenerationRule = GenerationMachine.TestCase
 TestGenerationRule.settings = Settings
+
+
+class QuorumMachine(GenerationMachine):
+    """Quorum mode. Faults strike while an engine runs (a replica out at a start is
+    `start_engine`'s `unreachable`): with the same faults between engines, an engine would
+    run too rarely to acknowledge much."""
+    quorum = True
+
+    @precondition(lambda self: self.engine_up)
+    @rule(name=st.sampled_from(ALL))
+    def kill_replica(self, name: str) -> None:
+        super().kill_replica(name)
+
+    @precondition(lambda self: self.engine_up)
+    @rule(crash=st.booleans())
+    def crash_engine(self, crash: bool) -> None:
+        super().crash_engine(crash)
+
+    @precondition(lambda self: self.engine_up)
+    @rule(kept=st.lists(st.integers(0, 8), min_size=4, max_size=4))
+    def power_cut(self, kept: list[int]) -> None:
+        super().power_cut(kept)
+
+    @precondition(lambda self: self.engine_up and sum(r.lost for r in self.reps.values()) < 1)
+    @rule(name=st.sampled_from(ALL))
+    def lose_disk(self, name: str) -> None:
+        super().lose_disk(name)
+
+
+# Longer runs: a majority must be in sync for anything to be acknowledged, which takes
+# resyncs after faults.
+QuorumSettings = settings(max_examples=300, stateful_step_count=100, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+TestQuorumRule = QuorumMachine.TestCase
+TestQuorumRule.settings = QuorumSettings
 
 
 # --- mutants: each weakened rule must be caught -------------------------------------------
@@ -384,3 +592,129 @@ def test_random_search_finds_the_old_rule() -> None:
                              suppress_health_check=[HealthCheck.too_slow])
     with pytest.raises(AssertionError):
         case().runTest()
+
+
+def _minority_rule(configured: list[str], seen: list[Seen], record: Record | None,
+                   quorum: bool = False):
+    """The quorum path with "a majority" of one: a minority is trusted."""
+    real = generation.majority
+    generation.majority = lambda _n: 1
+    try:
+        return generation.choose(configured, seen, record, quorum=quorum)
+    finally:
+        generation.majority = real
+
+
+class _AckMinority(QuorumMachine):
+    """An engine that acknowledges writes under a set smaller than a majority."""
+
+    def _no_quorum(self) -> bool:
+        return False
+
+    def _commit(self, require_quorum: bool = True) -> None:
+        super()._commit(require_quorum=False)
+
+
+@pytest.mark.parametrize("machine", [
+    type("Minority", (QuorumMachine,), {"choose": staticmethod(_minority_rule)}),
+    _AckMinority,
+    type("Unfenced", (QuorumMachine,), {"fence": False}),
+])
+def test_random_search_finds_a_weakened_quorum(machine) -> None:
+    """Either half of the quorum (the engine's, the start rule's) weakened, the random
+    search loses an acknowledged write; without the attach epoch's fence, an old engine
+    still running writes beside the new one."""
+    case = machine.TestCase
+    case.settings = settings(max_examples=2000, stateful_step_count=100, deadline=None,
+                             phases=(Phase.generate,), database=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+    with pytest.raises(AssertionError):
+        case().runTest()
+
+
+def test_a_minority_start_leaves_no_set_behind() -> None:
+    """Liveness: an engine left with one replica of three writes no commit, so a later
+    engine's commit at the same generation (it did not see that replica) cannot leave two
+    sets naming no common replica, which no start could ever get past."""
+    m = QuorumMachine()
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.notice_lost("b")
+    m.notice_lost("c")
+    m.write(fails=set(), torn=False, crash_at=None)          # EIO: a alone
+    assert not m.acked
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, unreachable={"a"}, move=True)  # b and c: the quorum path
+    assert m.engine_up
+    m.write(fails=set(), torn=False, crash_at=None)
+    assert m.acked
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, move=True)                 # everyone answers
+    assert m.engine_up
+
+
+def _witnesses_at_any_generation(configured: list[str], seen: list[Seen],
+                                 record: Record | None, quorum: bool = False):
+    """The quorum path counting every reachable replica, not only those at the top
+    generation."""
+    real = generation.quorum_witnesses
+
+    def anywhere(configured: list[str], seen: list[Seen], _generation: int):
+        return len({s.name for s in seen} & set(configured)), len(configured)
+    generation.quorum_witnesses = anywhere
+    try:
+        return generation.choose(configured, seen, record, quorum=quorum)
+    finally:
+        generation.quorum_witnesses = real
+
+
+def _replaced_witness(m: QuorumMachine) -> None:
+    """c falls out; a write is acknowledged by a and b; b fails and the leader replaces it
+    (empty, Rebuilding) before it rejoins; the engine's node dies with a. b's replacement
+    and c answer: two of three, but only c is at its generation, and it lacks the write."""
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.notice_lost("c")
+    m.write(fails=set(), torn=False, crash_at=None)
+    assert m.acked
+    m.notice_lost("b")
+    m.replace_replica("b")
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, unreachable={"a"}, move=True)
+
+
+def test_the_quorum_path_counts_only_the_top_generation() -> None:
+    m = QuorumMachine()
+    _replaced_witness(m)                      # refused: nothing lost
+    assert not m.engine_up
+    mutant = type("W", (QuorumMachine,),
+                  {"choose": staticmethod(_witnesses_at_any_generation)})()
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        _replaced_witness(mutant)
+
+
+def _adopted_without_commit(m: QuorumMachine) -> None:
+    """b is lost while idle; a write reaches a only (c fails): EIO. a restarts (its counter
+    as last flushed, the write in its page cache: suspect); an engine without b adopts a as
+    its source but has no majority to commit; it dies. At the next start a and b are at one
+    generation and revision, members both — a must not be clean now, or both start RW with
+    different content."""
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.notice_lost("b")
+    m.write(fails={"c"}, torn=False, crash_at=None)
+    assert not m.acked
+    m.kill_replica("a")
+    m.restart_replica("a")
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, unreachable={"b"}, move=True)
+    assert m.engine_up
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, move=True)
+
+
+def test_a_start_without_a_majority_adopts_only_after_its_commit() -> None:
+    _adopted_without_commit(QuorumMachine())
+    early = type("Early", (QuorumMachine,), {"defer_adopt": False})()
+    with pytest.raises(AssertionError, match="RW replicas differ"):
+        _adopted_without_commit(early)

@@ -9,7 +9,7 @@
   daemon, started again, kills it;
 - an engine's node cut off (link down, its daemon running) fences itself: its daemon kills
   its engine before its lease can expire, then the volume comes up elsewhere, data intact;
-- a dead node holding a replica of the newest in-sync set: the move is refused by the
+- a dead node holding a replica of the newest in-sync set of a 2-replica volume: the move is refused by the
   generation rule with what is missing (the volume detached, nothing trusted that may be
   stale); `volume attach --salvage REPLICA` starts it from the replica left, once, and the
   dead node's replica, back, is resynced from it; the data reads the same.
@@ -233,3 +233,43 @@ def test_dead_node_with_a_newest_member_refused_then_salvaged(site: Site) -> Non
                60, "healthy again after the salvage")
     assert volume_sum(site.show(c, "nm")["endpoint"]) == before
     detach_and_remove(site, b, "nm")
+
+
+def test_dead_node_with_a_member_three_replicas_moves_by_the_quorum(site: Site) -> None:
+    """Three replicas, one on the engine's node (data locality): the commit quorum (its
+    engine acknowledged nothing that a majority does not hold) lets the two others start
+    the volume on another node by themselves; a's replica is then replaced."""
+    a, b, c, d = site.hosts
+    assert site.create_avoiding(b, "qm", 3, [d]) == {a.name, b.name, c.name}
+    site.cli(b, "volume", "attach", "qm", "--frontend", "none", "--node", a.name)
+    v = site.show(a, "qm")
+    epoch = v["epoch"]
+    before = write_pattern(v["endpoint"], seed=8)   # flushed: every block acknowledged
+    t0 = time.monotonic()
+    site.kill(a)
+    try:
+        w = wait_until(lambda: (lambda x: x if x and x["node"] not in (None, a.name)
+                                and x["endpoint"] and x["state"] == "attached" else None)(
+                                    show_or_none(site, b, "qm")), 60,
+                       "the volume attached on another node")
+        t_moved = time.monotonic() - t0
+        new = site.host(w["node"])
+        assert w["epoch"] > epoch, w
+        def started() -> str | None:
+            with open(os.path.join(new.home, "logs", "qm-engine.log")) as f:
+                log = f.read()
+            return log if "start rule" in log or "unreachable" in log else None
+        log = wait_until(started, 30, "the new engine's start rule")
+        assert "quorum: 2 of 3 voters answered" in log, log[-3000:]
+        assert volume_sum(w["endpoint"]) == before
+        # Writes go on (two of three in sync); after the wait a's replica moves to d.
+        after = write_pattern(w["endpoint"], seed=9)
+        wait_until(lambda: site.healthy_on(new, "qm", {b.name, c.name, d.name}), 60,
+                   "healthy with a's replica replaced")
+        assert volume_sum(site.show(new, "qm")["endpoint"]) == after
+        print(f"node with a member died: volume up on {new.name} by the quorum path "
+              f"after {t_moved:.1f} s")
+    finally:
+        site.revive(a)
+    wait_until(lambda: site.states(b)[a.name] == "up", 20, f"{a.name} up again")
+    detach_and_remove(site, b, "qm")

@@ -75,26 +75,29 @@ def nfs(*argv: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def share_on(site: Site, volume: str, host: Host, last_octet: int,
-             grace_s: int | None = None, interface: str = "eth0") -> tuple[str, int]:
-    """Create RWX `volume` (2 replicas, none on `host`; `grace_s` None: the default grace
-    period) with a service address on the hosts' eth0 (named `interface`: a name the hosts
-    lack makes each pick eth0 by its subnet) and attach it on `host`; (service address, NFS
-    port)."""
+             grace_s: int | None = None, interface: str = "eth0", replicas: int = 2,
+             avoid: Host | None = None) -> tuple[str, int]:
+    """Create RWX `volume` (`replicas`, none on `avoid`, by default `host`; `grace_s` None:
+    the default grace period) with a service address on the hosts' eth0 (named `interface`:
+    a name the hosts lack makes each pick eth0 by its subnet) and attach it on `host`;
+    (service address, NFS port)."""
     a = site.hosts[0]
     subnet = a.ip.rsplit(".", 1)[0]
     service = f"{subnet}.{last_octet}"
-    site.cli(a, "node", "update", host.name, "--schedulable", "no")
-    site.cli(a, "volume", "create", volume, "--size", "32MiB", "--replicas", "2", "--access",
+    avoid = avoid or host
+    site.cli(a, "node", "update", avoid.name, "--schedulable", "no")
+    site.cli(a, "volume", "create", volume, "--size", "32MiB", "--replicas", str(replicas),
+             "--access",
              "rwx", "--nfs-client", f"{subnet}.0/24",
              *(["--grace", str(grace_s)] if grace_s else []),
              "--nfs-minor-versions", "0,1,2",   # libnfs speaks NFSv4.0 only
              "--mkfs-options", "-E root_owner=1000:1000",   # the clients' user (root squashed)
              "--service-address", f"{service}/24", "--service-interface", interface)
-    site.cli(a, "node", "update", host.name, "--schedulable", "yes")
+    site.cli(a, "node", "update", avoid.name, "--schedulable", "yes")
     t0 = time.monotonic()
     site.cli(a, "volume", "attach", volume, "--node", host.name)
     v = site.show(a, volume)
-    assert v["node"] == host.name and host.name not in {r["node"] for r in v["replicas"]}, v
+    assert v["node"] == host.name and avoid.name not in {r["node"] for r in v["replicas"]}, v
     assert service in addresses(host.name)
     print(f"{volume} attached on {host.name}, serving at {service}:{v['share']['port']} after "
           f"{time.monotonic() - t0:.1f} s")
@@ -193,6 +196,28 @@ def test_share_moves_with_its_address_when_its_host_dies(site: Site,
                f"{d.name} dropping the service address")
     site.cli(a, "volume", "detach", "sh")
     site.cli(a, "volume", "rm", "sh")
+
+
+def test_share_host_holding_a_replica_moves_by_the_quorum(site: Site,
+                                                          tmp_path: object) -> None:
+    """Three replicas, one on the share's host: the commit quorum lets the two others start
+    the engine on another host at once (docs/DURABILITY.md, "The commit quorum")."""
+    a, b, c, d = site.hosts
+    service, port = share_on(site, "sq", d, 203, GRACE_S, replicas=3, avoid=c)
+    assert d.name in site.nodes_of(a, "sq")
+    t = kill_and_measure(site, "sq", d, service, port, str(tmp_path), files=3)
+    new = site.host(site.show(a, "sq")["node"])
+    with open(os.path.join(new.home, "logs", "sq-engine.log")) as f:
+        log = f.read()
+    assert "quorum: 2 of 3 voters answered" in log, log[-3000:]
+    print(f"{d.name} (holding a replica) killed: served again on {new.name} after "
+          f"{t['serving']:.1f} s by the quorum path; files read back after "
+          f"{t['readable']:.1f} s")
+    site.revive(d)
+    wait_until(lambda: service not in addresses(d.name), 20,
+               f"{d.name} dropping the service address")
+    site.cli(a, "volume", "detach", "sq")
+    site.cli(a, "volume", "rm", "sq")
 
 
 def share_processes(h: Host, volume: str) -> list[psutil.Process]:

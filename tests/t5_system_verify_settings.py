@@ -18,7 +18,8 @@ NAMES = {"replica-replenishment-wait-interval": 600, "engine-replica-timeout": 8
          "concurrent-replica-rebuild-per-node-limit": 5, "volume-verify-bandwidth-limit": 0,
          "replica-soft-anti-affinity": False, "replica-zone-soft-anti-affinity": True,
          "storage-over-provisioning-percentage": 100,
-         "storage-minimal-available-percentage": 25, "default-data-locality": "best-effort"}
+         "storage-minimal-available-percentage": 25, "default-data-locality": "best-effort",
+         "engine-commit-quorum": "auto"}
 
 
 @pytest.fixture

@@ -12,7 +12,9 @@ Invariants (docs/DURABILITY.md):
   goes ERR.
 - FLUSH and FUA reach every RW/WO replica's disk (fdatasync) before the reply.
 - Every change of the RW set is committed (engine/generation.py) before the next mutation is
-  acknowledged: `end` runs the pending commit (`commit_if_needed`) before it returns.
+  acknowledged: `end` runs the pending commit (`commit_if_needed`) before it returns. In quorum
+  mode (`cfg.quorum`) a commit whose set is not a majority of the replicas acknowledges nothing:
+  mutations fail with EIO until a resync brings a majority back; reads go on.
 - Reads go to one RW replica: the local one when it lives on this host (read directly from its
   head file), else round-robin; on error, the next RW replica.
 """
@@ -31,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
-from blockhorn.engine import generation
+from blockhorn.engine import commit, generation
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
+from blockhorn.engine.commit import NoQuorum
 from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
-from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, expire_pings, ping_replicas
+from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, ping_replicas
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
@@ -130,6 +133,13 @@ class Engine:
         self._rw_set: frozenset[str] = frozenset()
         self._joining: set[str] = set()
         self._started = False           # the first commit of this engine is its start commit
+        self._attempted = 0             # the highest generation this engine tried to commit
+        self.voters = sorted(self.replicas)       # quorum mode: every commit's universe U
+        self.majority = generation.majority(len(self.voters))
+        self._quorum_note = ""          # the last "no majority" reason logged
+        # Quorum mode: the (RW set, joiners) left unwritten because it is not a majority.
+        self._unwritten: tuple[frozenset[str], frozenset[str]] | None = None
+        self._adopt_pending = ""        # quorum mode: the suspect source, adopted once committed
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
 
@@ -152,7 +162,9 @@ class Engine:
         else:
             try:
                 decision = generation.choose(list(self.replicas), seen,
-                                             generation.load_record(self.cfg.record))
+                                             generation.load_record(self.cfg.record,
+                                                                    self.cfg.epoch),
+                                             quorum=self.cfg.quorum)
             except ReplicaUnavailable as e:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume}: {e}"
                                          + "".join(f"; {r.ref.name}: {r.error}"
@@ -166,7 +178,12 @@ class Engine:
         for r in chosen:
             if r.stat["size"] < self.size and r.client:
                 r.stat = r.client.control({"op": "expand", "size": self.size})
-        if decision.adopt:
+        if decision.adopt and self.cfg.quorum and len(decision.rw) < self.majority:
+            # Adopted now, the suspect source could clear its Dirty flag (a flush) while the
+            # last commit still names replicas at its revision with other content: adopted
+            # only right after the first commit this engine writes (engine/commit.py).
+            self._adopt_pending = decision.source
+        elif decision.adopt:
             src = self.replicas[decision.source]
             assert src.client is not None
             src.stat = src.client.control({"op": "adopt"})
@@ -176,8 +193,13 @@ class Engine:
         self._joining = {r.ref.name for r in chosen if r.stat.get("rebuilding")}  # salvage
         self.generation = decision.generation
         self._update_readers()
-        self.commit_if_needed()
-        if salvage:     # the start commit made the salvaged replica the newest set: once only
+        # In quorum mode a start whose current replicas are fewer than a majority (the others
+        # stale or suspect) commits nothing and acknowledges nothing until resyncs join.
+        self.commit_if_needed(require_quorum=False)
+        if salvage and self.started():
+            # The start commit made the salvaged replica the newest set: once only. (Not
+            # committed yet, quorum mode: nothing is acknowledged until it is, so a second
+            # salvage from it loses nothing.)
             generation.record_salvage(self.cfg.record, self.cfg.salvage_id)
         stale = [r for r in self.replicas.values() if r.client and r.mode != ReplicaMode.RW]
         log.info("volume %s: generation %d, RW %s, resyncing %s", self.cfg.volume,
@@ -190,81 +212,35 @@ class Engine:
 
     # --- generations -------------------------------------------------------------------------
 
-    def commit_pending(self) -> bool:
-        return self._committed != self._rw_set or bool(self._joining)
+    def _set_changed(self) -> bool:
+        return ((self._committed != self._rw_set or bool(self._joining))
+                and self._unwritten != (self._rw_set, frozenset(self._joining)))
 
-    def commit_if_needed(self) -> None:
+    def no_quorum(self) -> bool:
+        """Quorum mode: the RW set (or the last commit's, before the first) is not a majority:
+        nothing is acknowledged."""
+        return self.cfg.quorum and min(len(self._rw_set), len(self._committed)) < self.majority
+
+    def started(self) -> bool:
+        """This engine's start commit is done (quorum mode: it waits for a majority)."""
+        return self._started
+
+    def commit_pending(self) -> bool:
+        """Whether a mutation must go through `commit_if_needed` before it is acknowledged."""
+        return self._set_changed() or self.no_quorum()
+
+    def commit_if_needed(self, require_quorum: bool = True) -> None:
         """Make the current RW set durable as a new generation: the record first, then every
         member that stays, then joining replicas (clearing their Rebuilding flag). A member
-        that fails it goes ERR and the commit starts over without it. Blocks; never call it
-        from the thread that receives replies (the FUSE frontend runs it in a worker)."""
-        while self.commit_pending():
-            with self.commit_lock:
-                if not self.commit_pending():
-                    return
-                with self.state_lock:
-                    members = [r for r in self.replicas.values()
-                               if r.mode == ReplicaMode.RW and r.client]
-                    names = frozenset(r.ref.name for r in members)
-                    joining = {n for n in self._joining if n in names}
-                if len(names) < self.cfg.min_rw:
-                    raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
-                                             f"{self.cfg.min_rw} RW replicas")
-                gen = self.generation + 1
-                if self.cfg.record:
-                    try:
-                        generation.save_record(self.cfg.record, gen, sorted(names))
-                    except OSError as e:
-                        raise BlockhornError(f"cannot write the generation record "
-                                             f"{self.cfg.record}: {e}", e.errno or errno.EIO
-                                             ) from None
-                stay = [r for r in members if r.ref.name not in joining]
-                join = [r for r in members if r.ref.name in joining]
-                failed = self._set_generation(stay, gen, sorted(names), False)
-                if not failed:
-                    failed = self._set_generation(join, gen, sorted(names), True)
-                if failed:
-                    continue      # the failed ones are ERR now: commit the smaller set
-                self.generation = gen
-                self._committed = names
-                with self.state_lock:
-                    # A joiner that failed before its join commit is no longer joining (its
-                    # next resync adds it again): left here, it would keep a commit pending
-                    # forever, and every pass would commit another generation.
-                    self._joining = {n for n in self._joining - joining
-                                     if self.replicas[n].mode == ReplicaMode.RW}
-                self._started = True
-                log.info("volume %s: generation %d, in sync: %s", self.cfg.volume, gen,
-                         sorted(names))
-
-    def _set_generation(self, targets: list[ReplicaState], gen: int, members: list[str],
-                        clear_rebuilding: bool) -> bool:
-        """Send set_generation to `targets` at once; set the ones that fail ERR. True when
-        any failed."""
-        req = {"op": "set_generation", "generation": gen, "members": members,
-               "clear_rebuilding": clear_rebuilding, "start": not self._started}
-        body = proto_json(req)
-        call = Call(len(targets))
-        sent = [(r, r.client) for r in targets]
-        for _, client in sent:
-            client.submit(call, Op.CONTROL, data=body)  # type: ignore[union-attr]
-        deadline = time.monotonic() + self.cfg.timeout_s
-        while targets and not call.wait(
-                min(MAINT_TICK_S, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                break
-            # A member whose ping was already unanswered for the timeout goes ERR now (its
-            # connection closes, failing its part of this call) instead of getting a full
-            # timeout of its own: two replicas silent at once stall writes one timeout.
-            expire_pings(self)
-        failed = False
-        for r, client in sent:
-            status = call.results.get(r.ref.name, errno.ETIMEDOUT)
-            if status:
-                failed = True
-                self.set_error(r, f"generation {gen} not recorded: {os.strerror(status)}",
-                               client)
-        return failed
+        that fails it goes ERR and the commit starts over without it, at a new generation
+        (every attempt has its own: one generation names one set). Blocks; never call it
+        from the thread that receives replies (the FUSE frontend runs it in a worker).
+        `require_quorum`: raise NoQuorum (EIO) when, in quorum mode, the set committed is
+        not a majority of the replicas — a caller about to acknowledge a mutation; resyncs
+        and the maintenance thread commit without it."""
+        commit.commit_changes(self)
+        if require_quorum and self.no_quorum():
+            raise NoQuorum(commit.quorum_reason(self, len(self._rw_set)))
 
     def connect_replica(self, r: ReplicaState) -> None:
         client = ReplicaClient(r.ref, self.key, handshake_name(self.cfg.volume, self.cfg.epoch),
@@ -424,6 +400,10 @@ class Engine:
                     return None
                 op, offset, length, data = self._widen(op, offset, length, data)
             targets = self._targets
+            if self.no_quorum():
+                # Not sent at all: nothing could be acknowledged, and a replica (the source,
+                # not adopted yet) must not change under a commit that names others.
+                raise NoQuorum(commit.quorum_reason(self, len(self._rw_set)))
             if len(self._readers) < self.cfg.min_rw:
                 raise ReplicaUnavailable(f"volume {self.cfg.volume} is faulted: fewer than "
                                          f"{self.cfg.min_rw} RW replicas")
@@ -620,7 +600,7 @@ class Engine:
         progress["state"] = "running"
         try:
             rebuild_replica(self, r, progress)
-            self.commit_if_needed()      # the join: clears its Rebuilding flag last
+            self.commit_if_needed(require_quorum=False)   # the join: clears Rebuilding last
             progress.update(state="done", finished=time.time())
             log.info("replica %s rebuilt: %d bytes copied", r.ref.name, progress["done"])
         except BlockhornError as e:
@@ -763,7 +743,7 @@ class Engine:
             # another thread commits (its commit covers it): waiting here would stop the pings.
             if not self.commit_lock.locked():
                 try:
-                    self.commit_if_needed()
+                    self.commit_if_needed(require_quorum=False)
                 except BlockhornError as e:
                     log.error("volume %s: commit failed: %s", self.cfg.volume, e)
             if time.monotonic() - last_retry >= REBUILD_RETRY_S:
@@ -795,6 +775,10 @@ class Engine:
                 "revision": r.stat.get("revision"),
                 "rebuild": _progress(r.rebuild),
             })
+        # Quorum mode: how many are in sync of how many needed; writes fail while below.
+        quorum = ({"in_sync": len(self._rw_set), "majority": self.majority,
+                   "writable": not self.no_quorum()} if self.cfg.quorum else None)
         return {"volume": self.cfg.volume, "size": self.size, "generation": self.generation,
                 "robustness": str(self.robustness()), "min_rw": self.cfg.min_rw,
+                "quorum": quorum,
                 "replicas": replicas, "counters": dict(self.counters)}

@@ -20,6 +20,14 @@ one it holds, and none of those commits completed without it: every write acknow
 that time reached it. Among current replicas the highest revision (mutations that
 succeeded) is the source; the others are resynced from it, never promoted.
 
+*Quorum mode* (`choose(..., quorum=True)`, cluster volumes of 3 or more replicas: the engine
+config's `quorum`): every commit also carries its *voters* U (the configured replica names) and
+completes only with a majority of U in its set, so no write is acknowledged by a minority.
+Then, when members of the newest set are unreachable, a start may still trust the reachable
+ones if a majority of U answered *at the top generation T* with the same voters: any commit
+above T that completed reached a majority of U, hence one of those replicas, which would carry
+it (docs/DURABILITY.md, "The commit quorum").
+
 The functions here are pure (no I/O but the record file), so the rule is checked by a
 hypothesis state machine (tests/t1_generation_rule.py).
 """
@@ -48,19 +56,29 @@ class Seen:
     error: bool
     revision: int
     suspect: bool       # opened Dirty (a crash) or halted after a failed mutation
+    # The voters of the commit at `generation` (quorum mode); None: not quorum-committed.
+    voters: frozenset[str] | None = None
 
     @classmethod
     def from_stat(cls, name: str, stat: dict[str, Any]) -> Seen:
+        voters = stat.get("voters")
         return cls(name, int(stat.get("generation", 0)), frozenset(stat.get("members") or ()),
                    bool(stat.get("rebuilding")), bool(stat.get("error")),
                    int(stat.get("revision", 0)),
-                   bool(stat.get("suspect", stat.get("opened_dirty"))))
+                   bool(stat.get("suspect", stat.get("opened_dirty"))),
+                   frozenset(voters) if voters else None)
 
 
 @dataclass(frozen=True)
 class Record:
     generation: int
     members: frozenset[str]
+    epoch: int = 0      # the attach epoch of the engine that wrote it (cluster; 0: one host)
+
+
+def majority(voters: int) -> int:
+    """The fewest replicas that make a majority of `voters`: any two such sets meet."""
+    return voters // 2 + 1
 
 
 @dataclass
@@ -90,23 +108,53 @@ def newest_set(seen: list[Seen], record: Record | None
     return top, members, required
 
 
-def choose(configured: list[str], seen: list[Seen], record: Record | None) -> Decision:
-    """Apply the start rule; raise ReplicaUnavailable (with the reason) when it cannot."""
+def quorum_witnesses(configured: list[str], seen: list[Seen], generation: int
+                     ) -> tuple[int, int]:
+    """(k, n): k of the n voters of the commit at `generation` answered at that generation;
+    k is 0 unless every reachable replica there carries the same voters, equal to the
+    configured replicas (a changed U takes the rule's path with every member answering)."""
+    top = [s for s in seen if s.generation == generation]
+    voters = {s.voters for s in top}
+    if len(voters) != 1:
+        return 0, len(configured)
+    (u,) = voters
+    if not u or u != frozenset(configured):
+        return 0, len(configured)
+    return len({s.name for s in top} & u), len(u)
+
+
+def choose(configured: list[str], seen: list[Seen], record: Record | None,
+           quorum: bool = False) -> Decision:
+    """Apply the start rule; raise ReplicaUnavailable (with the reason) when it cannot.
+    `quorum`: the volume's commits hold a majority of its voters (module docstring)."""
     by_name = {s.name: s for s in seen}
     generation, members, required = newest_set(seen, record)
+    path = ""
+    if quorum and len(seen) < majority(len(configured)):
+        raise ReplicaUnavailable(
+            f"{len(seen)} of {len(configured)} replicas answered, a majority "
+            f"({majority(len(configured))}) is needed")
     if required is not None:
         if not required:
             # Replicas made before generations carried members: every configured replica is
             # a member, and all must answer before one of them is trusted.
             members = required = frozenset(configured)
         missing = sorted(m for m in required if m in configured and m not in by_name)
-        if missing:
+        k, n = quorum_witnesses(configured, seen, generation) if quorum else (0, 0)
+        if missing and quorum and k >= majority(n):
+            # No commit above `generation` completed: it would have reached one of these k.
+            path = (f"; quorum: {k} of {n} voters answered at generation {generation} "
+                    f"({', '.join(missing)} unreachable)")
+        elif missing:
             raise ReplicaUnavailable(
                 f"replica(s) {', '.join(missing)} of the newest in-sync set (generation "
                 f"{generation}) are unreachable and may hold newer data: bring them back, or "
                 "salvage explicitly from a replica you choose, accepting that writes only the "
                 "missing ones hold are lost (`blockhorn volume attach VOLUME --salvage "
-                "REPLICA`)" + _describe(seen))
+                "REPLICA`)"
+                + (f"; the commit quorum cannot decide either: {k} of {n or len(configured)} "
+                   f"voters answered at generation {generation}, a majority is needed"
+                   if quorum else "") + _describe(seen))
     current = [s for s in seen if s.name in members and not s.rebuilding and not s.error]
     if not current:
         raise ReplicaUnavailable(
@@ -120,7 +168,7 @@ def choose(configured: list[str], seen: list[Seen], record: Record | None) -> De
     source = rw[0]
     resync = [s.name for s in seen if s.name not in rw]
     why = (f"generation {generation}, members {sorted(members)}, revision {best}; "
-           f"{'clean' if clean else 'suspect'} source {source}")
+           f"{'clean' if clean else 'suspect'} source {source}{path}")
     return Decision(generation, rw, source, not clean, resync, why)
 
 
@@ -154,7 +202,7 @@ def seen_on_disk(name: str, directory: str) -> Seen | None:
         return None
     return Seen(name, int(meta.get("Generation", 0)), frozenset(meta.get("Members") or ()),
                 bool(meta.get("Rebuilding")), bool(meta.get("Error")), revision,
-                bool(meta.get("Dirty")))
+                bool(meta.get("Dirty")), frozenset(meta.get("Voters") or ()) or None)
 
 
 def trusted_on_disk(replicas: list[tuple[str, str]]) -> list[str]:
@@ -168,7 +216,10 @@ def trusted_on_disk(replicas: list[tuple[str, str]]) -> list[str]:
 
 # --- the record ------------------------------------------------------------------------------
 
-def load_record(path: str) -> Record | None:
+def load_record(path: str, epoch: int = 0) -> Record | None:
+    """The record, or None when there is none for attach epoch `epoch`: on a cluster a node's
+    record is that of the last engine *it* ran, and an attachment on another node since (a
+    higher epoch) may have committed without it, so only this attachment's record counts."""
     if not path or not os.path.exists(path):
         return None
     data = read_json(path)
@@ -176,9 +227,11 @@ def load_record(path: str) -> Record | None:
         raise BlockhornError(f"{path}: generation record version {data['version']} is newer "
                              "than this blockhorn understands", errno.EPROTO)
     try:
-        return Record(int(data["generation"]), frozenset(str(m) for m in data["members"]))
+        record = Record(int(data["generation"]), frozenset(str(m) for m in data["members"]),
+                        int(data.get("epoch", 0)))
     except (KeyError, TypeError, ValueError) as e:
         raise BlockhornError(f"{path}: corrupt generation record ({e})", errno.EUCLEAN) from None
+    return record if record.epoch == epoch else None
 
 
 def _salvage_marker(record: str) -> str:
@@ -205,7 +258,7 @@ def record_salvage(record: str, salvage_id: str) -> None:
         atomic_write(_salvage_marker(record), salvage_id.encode() + b"\n")
 
 
-def save_record(path: str, generation: int, members: list[str]) -> None:
+def save_record(path: str, generation: int, members: list[str], epoch: int = 0) -> None:
     """Durably (temp file, fsync, rename, fsync of the directory) before any replica."""
     atomic_write_json(path, {"version": RECORD_VERSION, "generation": generation,
-                             "members": sorted(members)})
+                             "members": sorted(members), "epoch": epoch})

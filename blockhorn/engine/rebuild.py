@@ -54,7 +54,7 @@ def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> N
     r.mode = ReplicaMode.ERR
     # Its leaving the in-sync set is on record before it is emptied (the Rebuilding flag
     # guards that as well: docs/DURABILITY.md, "Generations").
-    eng.commit_if_needed()
+    eng.commit_if_needed(require_quorum=False)   # a resync is how a lost majority comes back
     eng.connect_replica(r)
     target = r.client
     if target is None:
@@ -81,7 +81,10 @@ def _rebuild_from_source(eng: Engine, r: ReplicaState, target: ReplicaClient,
         chain = source.control({"op": "chain"})
         if r.stat.get("size", 0) < eng.size:
             target.control({"op": "expand", "size": eng.size})
-        since = _incremental_since(target.stat(), source.stat(), chain, eng.size)
+        # Before this engine's start commit (quorum mode: a start of fewer than a majority
+        # writes none) the source's start_generation is an older engine's: full copies only.
+        since = (_incremental_since(target.stat(), source.stat(), chain, eng.size)
+                 if eng.started() else None)
         if since is not None and _resync_changes(eng, r, target, source, since,
                                                  chain["head"], progress):
             return

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 
 from blockhorn.manager.settings import (
+    COMMIT_QUORUM,
     ENGINE_REPLICA_TIMEOUT,
     REBUILD_LIMIT_SETTINGS,
     Settings,
@@ -23,7 +24,7 @@ log = logging.getLogger("blockhorn.manager")
 Run = Callable[..., Awaitable[Any]]
 # Settings written into each volume's engine config (manager/volumes.py write_configs): a
 # change rewrites every config, so engines started later (attach, a supervisor restart) use it.
-ENGINE_CONFIG_SETTINGS = {ENGINE_REPLICA_TIMEOUT}
+ENGINE_CONFIG_SETTINGS = {ENGINE_REPLICA_TIMEOUT, COMMIT_QUORUM}
 
 
 def setting_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, only: Any,

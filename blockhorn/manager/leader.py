@@ -22,7 +22,10 @@ generation rule still asks for must not be swapped for an empty one of the same 
 (docs/DURABILITY.md, "A volume attached on a node that died"). Its old directory stays on the
 dead node's disk. An RWO volume whose engine's node is down is attached on a live node after
 the same wait, an RWX volume (its NFS share, with the service address and the clients'
-recovery records) as soon as the node is down (`_move_engine`).
+recovery records) as soon as the node is down (`_move_engine`). Whether the moved volume
+starts is the generation rule's: with the commit quorum (3 or more replicas) it starts from
+any majority at the newest generation even when the dead node held a member, and that
+engine's start (robustness reported) is what lets the dead node's replica be replaced.
 """
 
 from __future__ import annotations
@@ -111,8 +114,8 @@ class Leader:
         address) before its lease could expire (manager/nodes.py), and the replicas refuse
         its epoch once the new engine connected (docs/DURABILITY.md, "An RWX share on a node
         that died"). Whether the new engine may start is the generation rule's decision:
-        refused, with the replicas it misses, while a member of the newest in-sync set is on
-        the dead node."""
+        without the commit quorum refused, with the replicas it misses, while a member of
+        the newest in-sync set is on the dead node; with it, a majority suffices."""
         key = f"engine/{vol.name}"
         if vol.node is None:
             return

@@ -29,6 +29,8 @@ OVER_PROVISIONING = "storage-over-provisioning-percentage"
 MINIMAL_AVAILABLE = "storage-minimal-available-percentage"
 DATA_LOCALITY = "default-data-locality"
 DATA_LOCALITIES = ("disabled", "best-effort")
+COMMIT_QUORUM = "engine-commit-quorum"
+COMMIT_QUORUMS = ("auto", "on", "off")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -111,6 +113,12 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in [
             "best-effort: put one replica on the node the engine runs on when it can; "
             "disabled: no preference", "the next placement (volume create, replica replacement)",
             check=lambda v: _one_of(DATA_LOCALITY, v, DATA_LOCALITIES)),
+    Setting(COMMIT_QUORUM, "auto", "", 0, None,
+            "acknowledge writes only while a majority of a volume's replicas is in sync, so "
+            "a volume whose engine's node died comes up from any majority; auto: on for "
+            "cluster volumes of 3 or more replicas", "engines started after the change "
+            "(attach, or an engine restart)",
+            check=lambda v: _one_of(COMMIT_QUORUM, v, COMMIT_QUORUMS)),
     Setting(VERIFY_BANDWIDTH, 0, "MiB/s", 0, None,
             "default rate of `volume verify`: volume MiB compared per second; "
             "0 = unlimited",
@@ -121,6 +129,16 @@ REGISTRY: dict[str, Setting] = {s.name: s for s in [
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise InvalidArgument(f"invalid value {value!r} for {name}: use {' or '.join(allowed)}")
+
+
+def commit_quorum(settings: Settings, cluster: bool, replicas: int) -> bool:
+    """Whether an engine runs in quorum mode (docs/DURABILITY.md, "The commit quorum"): by
+    default on a cluster with 3 or more replicas (with 2, a majority is both: every failure
+    would stop writes; on one host no other node starts the volume)."""
+    value = settings.get(COMMIT_QUORUM)
+    if value == "auto":
+        return cluster and replicas >= 3
+    return value == "on"
 
 
 REBUILD_LIMIT_SETTINGS = {REBUILD_BANDWIDTH, REBUILDS_PER_NODE}

@@ -29,7 +29,7 @@ from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
 from blockhorn.manager.nodes import parse_tags
 from blockhorn.manager.paths import UNIX_PATH_MAX, Home
-from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings
+from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings, commit_quorum
 from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
     AlreadyExists,
@@ -250,6 +250,8 @@ class VolumeManager:
                      epoch=vol.epoch,   # the replicas refuse engines of older attachments
                      salvage=(vol.salvage or {}).get("replica", ""),
                      salvage_id=(vol.salvage or {}).get("id", ""),
+                     quorum=commit_quorum(Settings(self.store), self.cluster is not None,
+                                          len(reps)),
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:

@@ -603,11 +603,13 @@ class ReplicaServer:
             r.reload()
         elif op == "set_generation":
             members = field(req, "members", list)
-            if not all(isinstance(m, str) for m in members):
-                raise InvalidArgument('set_generation: "members" must list replica names')
+            voters = field(req, "voters", list, [])
+            if not all(isinstance(m, str) for m in members + voters):
+                raise InvalidArgument('set_generation: "members" and "voters" must list '
+                                      "replica names")
             r.set_generation(field(req, "generation", int), members,
                              field(req, "clear_rebuilding", bool, False),
-                             field(req, "start", bool, False))
+                             field(req, "start", bool, False), voters)
         elif op == "adopt":
             r.adopt()
         elif op == "snapshot":

@@ -334,11 +334,14 @@ class Replica:
     # --- generations (engine-driven; docs/DURABILITY.md) ---------------------------------
 
     def set_generation(self, generation: int, members: list[str],
-                       clear_rebuilding: bool = False, start: bool = False) -> None:
+                       clear_rebuilding: bool = False, start: bool = False,
+                       voters: list[str] | None = None) -> None:
         """Record that this replica is in sync at `generation` with `members` (one atomic,
         durable write). `clear_rebuilding`: the end of a resync — the replica now equals the
-        source, so it stops being suspect and may be trusted from this write on."""
-        changes: dict[str, Any] = {"Generation": int(generation), "Members": list(members)}
+        source, so it stops being suspect and may be trusted from this write on. `voters`:
+        the replicas a quorum-mode commit needed a majority of ([]: not quorum-committed)."""
+        changes: dict[str, Any] = {"Generation": int(generation), "Members": list(members),
+                                   "Voters": list(voters or [])}
         if clear_rebuilding:
             changes["Rebuilding"] = False
             changes["ResyncSince"] = None
@@ -540,6 +543,7 @@ class Replica:
             "rebuilding": bool(self.meta.get("Rebuilding")), "error": self.meta.get("Error", ""),
             "generation": int(self.meta.get("Generation", 0)),
             "members": list(self.meta.get("Members") or []),
+            "voters": list(self.meta.get("Voters") or []),
             "suspect": self.suspect, "halted": self.halted, "layers": len(self.layers),
             "log_start": self.changes.start, "log_generation": self.log_generation,
             "start_generation": self.start_generation,
