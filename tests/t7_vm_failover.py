@@ -127,7 +127,8 @@ def kernel_client_site(grace_s: int = 0, lease_s: int = 0) -> Iterator[ShareSite
             port = int(s.show(a, VOLUME)["share"]["port"])
             yield ShareSite(s, host, service, port, tmp)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.environ.get("BLOCKHORN_KEEP_SITE"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -179,6 +179,11 @@ def test_rwx_two_clients_see_each_others_files(env: Env, tmp_path: object) -> No
     assert share["endpoint"].endswith(f":{share['port']}/shared")
     assert "mount -t nfs4" in share["mount_command"]
     assert any(c["cidr"] == "127.0.0.1/32" for c in share["clients"])   # the attaching host
+    # Namespace operations are synchronous (NFS answers a create only once it is stable).
+    export = os.path.join(env.home.root, "export", "shared")
+    with open("/proc/self/mounts") as f:
+        options = next(line.split()[3] for line in f if line.split()[1] == export)
+    assert "dirsync" in options.split(","), options
     text = env.cli("share", "show", "shared").stdout
     assert "Health:      healthy" in text and "Ganesha:     pid" in text
 

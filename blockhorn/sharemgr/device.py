@@ -17,6 +17,7 @@ import subprocess
 from blockhorn.types import BlockhornError, InvalidArgument
 
 MiB = 1 << 20
+EXT4_OPTIONS = "dirsync"    # mount options of a share's ext4 (prepare)
 MIN_SIZE = 32 * MiB      # bytes; below this ext4 with a journal leaves next to nothing to share
 COMMAND_TIMEOUT_S = 600.0  # seconds; mkfs and fsck of a large volume take a while
 
@@ -140,7 +141,11 @@ def prepare(device: str, mount_dir: str, mkfs_options: list[str] | None = None) 
                 _run(["e2fsck", "-f", "-p", device], ok=(0, 1))
                 _run(["resize2fs", device])
                 done.append("grown to the device")
-        _run(["mount", "-t", "ext4", device, mount_dir])
+        # dirsync: NFS answers a create, remove or rename only once it is on stable storage,
+        # so ext4 commits its journal (a FLUSH to every replica) before each returns. Without
+        # it a file whose OPEN(create) was answered could be missing on the host the share
+        # moved to (tests/t7_vm_failover.py saw it: the client's fsync then failed with EIO).
+        _run(["mount", "-t", "ext4", "-o", EXT4_OPTIONS, device, mount_dir])
         done.append("mounted")
     return done
 
