@@ -142,7 +142,7 @@ class Forward:
                 continue
             try:
                 if node == self.volumes.me:
-                    status, answer = await _call(self.app, scope, body)
+                    status, answer = await _call(self.app, scope, _replay(body, receive))
                 else:
                     status, _, answer = await trio.to_thread.run_sync(
                         self._forward, node, "POST", UPGRADE_ALL, b"", body,
@@ -158,11 +158,7 @@ class Forward:
             volumes += [{**r, "node": node} for r in data["volumes"]]
             report.append({"node": node, "volumes": len(data["volumes"]),
                            "failed": sum(1 for r in data["volumes"] if r.get("error"))})
-        answer = json.dumps({"volumes": volumes, "nodes": report}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(answer)).encode())]})
-        await send({"type": "http.response.body", "body": answer})
+        await _send_json(send, 200, {"volumes": volumes, "nodes": report})
 
     def _nodes(self) -> list[tuple[str, bool]]:
         cluster = self.volumes.cluster
@@ -202,13 +198,10 @@ class Forward:
         return r.status_code, keep, r.content
 
 
-async def _call(app: Any, scope: Scope, body: bytes) -> tuple[int, bytes]:
-    """Ask `app` (this node's API) for the request of `scope` with `body`: (status, body)."""
+async def _call(app: Any, scope: Scope, receive: Any) -> tuple[int, bytes]:
+    """Ask `app` (this node's API) for the request of `scope`: (status, body)."""
     status = 500
     chunks: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(msg: dict[str, Any]) -> None:
         nonlocal status
@@ -248,8 +241,12 @@ def _replay(body: bytes, receive: Any) -> Any:
 
 async def _send_error(send: Any, e: BlockhornError) -> None:
     from blockhorn.manager.api import error_body
-    data = json.dumps(error_body(e.errno, str(e))).encode()
-    await send({"type": "http.response.start", "status": 503,
+    await _send_json(send, 503, error_body(e.errno, str(e)))
+
+
+async def _send_json(send: Any, status: int, obj: Any) -> None:
+    data = json.dumps(obj).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(data)).encode())]})
     await send({"type": "http.response.body", "body": data})

@@ -318,8 +318,15 @@ TAG_NONCE_SUFFIX = b"\x01\x00\x00\x00"   # GMAC tags: nonce i u64 | this (bulk G
 def fast_gmac() -> bool:
     """Does `cryptography` compute a GMAC in one call over any bytes-like data (42 and
     later)? Only then is FEATURE_GMAC_TAGS offered or taken: through the `Cipher` API of
-    older releases a GMAC costs 10-15 us of Python per frame, more than HMAC-SHA256."""
-    return one_shot_gmac(bytes(32)) is not None
+    older releases a GMAC costs 10-15 us of Python per frame, more than HMAC-SHA256.
+    Probed once per process (older releases' AESGCM refuses a memoryview)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        AESGCM(bytes(32)).encrypt(GMAC_DIGEST_NONCE, b"", memoryview(b"probe"))
+    except TypeError:
+        return False
+    return True
 
 
 def one_shot_gmac(key: bytes) -> Any:
@@ -332,14 +339,25 @@ def one_shot_gmac(key: bytes) -> Any:
     (VPCLMULQDQ) where the CPU has it. Measured on this project's machine: GMAC of 1 MiB
     28 us against 85 us through Debian's `cryptography` 38 and OpenSSL 3.0, and 0.4 us of
     fixed cost per call against 10-15 us of Python building a `Cipher` context."""
+    if not fast_gmac():
+        return None
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    gcm = AESGCM(key)
-    try:
-        gcm.encrypt(GMAC_DIGEST_NONCE, b"", memoryview(b"probe"))
-    except TypeError:
-        return None
-    return gcm
+    return AESGCM(key)
+
+
+def gmac(gcm: Any, aes: Any, nonce: bytes, data: Any) -> bytes:
+    """The GMAC (16-byte tag) of contiguous `data` under `nonce`: in one call through `gcm`
+    (`one_shot_gmac`, cryptography >= 42), else through a `Cipher` context of `aes`, fed in
+    place."""
+    if gcm is not None:
+        return bytes(gcm.encrypt(nonce, b"", data))
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    e = Cipher(aes, modes.GCM(nonce)).encryptor()
+    e.authenticate_additional_data(data)
+    e.finalize()
+    return bytes(e.tag)
 
 
 class PayloadDigest:
@@ -383,8 +401,8 @@ class PayloadDigest:
             outer = self._outer.copy()
             outer.update(m.digest())
             return outer.digest()
-        if self._gcm is not None and len(pieces) == 1:   # a write's payload: one call
-            return self._gcm.encrypt(GMAC_DIGEST_NONCE, b"", pieces[0])
+        if len(pieces) == 1:    # a write's payload: one call where `cryptography` allows
+            return gmac(self._gcm, self._aes, GMAC_DIGEST_NONCE, pieces[0])
         g = self.begin(payload)
         for b in pieces:
             g.update(b)
@@ -502,15 +520,8 @@ class FrameMac:
 
     def _digested(self, counter: bytes, header: Any, d: bytes) -> bytes:
         if self._gmac_tags:
-            aad = b"".join((header, d))
-            if self._gcm is not None:
-                return self._gcm.encrypt(counter + TAG_NONCE_SUFFIX, b"", aad)
-            from cryptography.hazmat.primitives.ciphers import Cipher, modes
-
-            e = Cipher(self._aes, modes.GCM(counter + TAG_NONCE_SUFFIX)).encryptor()
-            e.authenticate_additional_data(aad)
-            e.finalize()
-            return e.tag
+            return gmac(self._gcm, self._aes, counter + TAG_NONCE_SUFFIX,
+                        b"".join((header, d)))
         m = self._inner.copy()
         m.update(counter + header + d)
         outer = self._outer.copy()
@@ -580,16 +591,7 @@ class FrameMac:
             return
         counter = self.counter.to_bytes(8, "little")
         self.counter += 1
-        if self._gcm is not None:
-            want = self._gcm.encrypt(counter + bytes(4), b"", frame)
-        else:
-            from cryptography.hazmat.primitives.ciphers import Cipher, modes
-
-            e = Cipher(self._aes, modes.GCM(counter + bytes(4))).encryptor()
-            e.authenticate_additional_data(frame)
-            e.finalize()
-            want = e.tag
-        if not hmac.compare_digest(want, tag):
+        if not hmac.compare_digest(gmac(self._gcm, self._aes, counter + bytes(4), frame), tag):
             raise _frame_failed()
 
     def check(self, m: Any, tag: bytes | bytearray | memoryview) -> None:
