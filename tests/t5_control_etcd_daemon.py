@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
 def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
     prefix = f"/bh-daemon-{uuid.uuid4().hex[:12]}/"
     with Env() as a, Env() as b:
-        with daemon(a, "--etcd", etcd_url, "--etcd-prefix", prefix, "--node", "hosta"):
+        with daemon(a, "--etcd", etcd_url, "--etcd-prefix", prefix, "--node", "hosta",
+                    "--api-listen", "none"):   # 127.0.0.1:9443 may be another run's
             disk = os.path.join(a.root, "disk")
             os.makedirs(disk)
             a.cli("volume", "create", "ev", "--size", "16MiB", "--replicas", "1", "--disk", disk)
@@ -33,7 +34,8 @@ def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
                 doc = json.loads(e.get(f"{prefix}volumes/ev").value)   # type: ignore[union-attr]
                 assert doc["size"] == 16 << 20 and doc["replica_count"] == 1
         # Another home (another host) on the same etcd: the same cluster state.
-        with daemon(b, "--etcd", etcd_url, "--etcd-prefix", prefix, "--node", "hostb"):
+        with daemon(b, "--etcd", etcd_url, "--etcd-prefix", prefix, "--node", "hostb",
+                    "--api-listen", "none"):
             assert [v["name"] for v in b.ls()] == ["ev"]
             got = json.loads(b.cli("setting", "get", "replica-replenishment-wait-interval",
                                    "--json").stdout)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import ssl
 import stat
 
@@ -62,3 +63,21 @@ def test_remote_api_needs_tls_and_the_token() -> None:
         # Nothing of the refused requests happened; the local socket needs no token.
         assert [v["name"] for v in env.ls()] == ["rv"]
         env.cli("volume", "rm", "rv")
+
+
+def test_api_port_in_use_is_a_clear_error() -> None:
+    """The daemon binds the API's port before anything else: a port another process holds
+    is an error at start naming it, and no daemon runs."""
+    with Env() as env, socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        got = env.cli("daemon", "run", "--quiet", "--api-listen", f"127.0.0.1:{port}",
+                      check=False, timeout=60)
+        assert got.returncode != 0, got.stdout
+        assert f"cannot serve the API on 127.0.0.1:{port}" in got.stderr, got.stderr
+        assert "--api-listen none" in got.stderr and "Traceback" not in got.stderr
+        assert not os.path.exists(env.home.socket)
+        bad = env.cli("daemon", "run", "--quiet", "--api-listen", "localhost:9443",
+                      check=False, timeout=60)
+        assert bad.returncode == 2 and "invalid --api-listen" in bad.stderr, bad.stderr

@@ -213,6 +213,10 @@ def test_daemon_attach_fuse_frontend(tmp_path) -> None:
         assert "detach and attach" in show["message"]
         env.cli("volume", "detach", "v")
         assert not is_mounted(env.home.fuse_dir("v"))
+        # The dead engine's loop device went with its mount: none is left holding the dead
+        # FUSE connection (its backing file would read "/volume").
+        assert f"{dev}:" not in subprocess.run(["losetup", "-a"], capture_output=True,
+                                               text=True).stdout
 
 
 def test_expand_grows_the_file_and_the_loop_device(fc: FuseCluster, loop: Attachment) -> None:

@@ -33,8 +33,13 @@ def add_parser(cmds: Any) -> None:
                    default=os.environ.get("BLOCKHORN_ADDRESS", "127.0.0.1"),
                    help="the address other nodes reach this one at (env BLOCKHORN_ADDRESS; "
                         "default 127.0.0.1)")
-    p.add_argument("--api-listen", metavar="IP:PORT", help="serve the API on TCP too, with TLS "
-                   "and a bearer token (<home>/api.token); see docs/API.md")
+    p.add_argument("--api-listen", metavar="IP:PORT|none",
+                   default=os.environ.get("BLOCKHORN_API_LISTEN"),
+                   help="serve the API on TCP too, with TLS and a bearer token "
+                        "(<home>/api.token; env BLOCKHORN_API_LISTEN); see docs/API.md. With "
+                        "--etcd the default is ADDRESS:9443, so that other nodes can forward "
+                        "requests here; `none` serves the unix socket only. One host: off "
+                        "unless given")
     home_arg(p)
 
 

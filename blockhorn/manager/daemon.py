@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -113,8 +114,11 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     ensure_key(home.key)
     nodes = NodeService(store, node, address)
     tls: tuple[str, str, str | None] | None = None
+    api_listen = remote.listen_address(api_listen, etcd is not None, address)
+    listener: socket.socket | None = None
     if api_listen:   # TCP too: TLS + bearer token (manager/remote.py); the socket stays plain
         ip, port = remote.parse_listen(api_listen)
+        listener = remote.listen_socket(ip, port)   # first: a port in use is a clear error
         tls = remote.ensure_certificate(home, ip)
         if etcd:   # peers forward engine requests here (manager/forward.py)
             nodes.api = (f"https://{remote.bind_text(ip, port)}", remote.ca_pem(tls[0], tls[2]))
@@ -150,10 +154,10 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     peers = remote.cluster_token(load_key(home.key)) if etcd else None
     if peers is not None:   # engine requests for a volume attached elsewhere go there
         app = Forward(app, volumes, peers)
-    if api_listen and tls is not None:
+    if listener is not None and tls is not None:
         config.certfile, config.keyfile = tls[0], tls[1]
         config.insecure_bind = config.bind
-        config.bind = [remote.bind_text(ip, port)]
+        config.bind = [f"fd://{listener.fileno()}"]
         app = remote.BearerAuth(app, remote.ensure_token(home), also=peers)
 
     async with trio.open_nursery() as nursery:
@@ -173,7 +177,7 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
 
         nursery.start_soon(run_helpers)
         log.info("daemon ready: pid %d, home %s, API on %s%s", os.getpid(), home.root,
-                 home.socket, f" and https://{config.bind[0]}" if api_listen else "")
+                 home.socket, f" and https://{remote.bind_text(ip, port)}" if api_listen else "")
         notify("READY=1")
         notify(f"STATUS=serving {home.socket}")
         await shutdown.wait()

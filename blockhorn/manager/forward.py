@@ -3,9 +3,9 @@
 Snapshots, verify, expand, clone, upgrade and backups talk to a volume's engine (its control
 socket is a unix socket in the engine node's home), and only the engine knows the replicas'
 modes and revisions. On a cluster, a daemon asked such a thing about a volume attached on
-another node passes the request to that node's TCP API (its URL and CA in the node record,
-`daemon run --api-listen`; manager/remote.py) with the cluster token, and returns its answer
-as it came. `volume show` is forwarded the same way so that it has the engine's replica
+another node passes the request to that node's TCP API (its URL and CA in the node record;
+`daemon run --api-listen`, on by default on a cluster; manager/remote.py) with the cluster
+token, and returns its answer as it came. `volume show` is forwarded the same way so that it has the engine's replica
 modes; when the engine's node cannot be reached, show falls back to what the store says.
 `upgrade --all` (POST /v1/upgrade) goes to every node that is up, each upgrading the engines
 it runs, and the answer reports per node.
@@ -178,7 +178,7 @@ class Forward:
         peer = self.volumes.store.node(node)
         if not peer.api or not peer.api_ca:
             raise BlockhornError(f"{where}, which has no API endpoint to forward this request "
-                                 "to: start its daemon with --api-listen IP:PORT",
+                                 "to: it runs with --api-listen none (or an older version)",
                                  errno.EHOSTDOWN)
         ctx = ssl.create_default_context(cadata=peer.api_ca)
         url = path + (f"?{query.decode()}" if query else "")

@@ -21,16 +21,27 @@ import ipaddress
 import json
 import os
 import secrets
+import socket
 from typing import Any
 
 from blockhorn.fsutil import atomic_write
 from blockhorn.manager.paths import Home
-from blockhorn.types import InvalidArgument
+from blockhorn.types import BlockhornError, InvalidArgument
 
 TOKEN_FILE = "api.token"
+DEFAULT_PORT = 9443                   # a cluster node's TCP API unless --api-listen says
 TOKEN_BYTES = 32                      # 256 bits of randomness
 CERT_DAYS = 3650                      # validity of a generated CA and server certificate
 Scope = dict[str, Any]
+
+
+def listen_address(api_listen: str | None, cluster: bool, address: str) -> str | None:
+    """What `daemon run --api-listen` asks for: IP:PORT, or None for the unix socket only.
+    A cluster node serves it by default on its own address (DEFAULT_PORT): peers forward
+    engine requests to the node that runs the engine (manager/forward.py)."""
+    if api_listen is None:
+        return bind_text(address, DEFAULT_PORT) if cluster else None
+    return None if api_listen.strip().lower() == "none" else api_listen
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -45,6 +56,25 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not 0 < number < 65536:
         raise InvalidArgument(f"invalid --api-listen {text!r}: the port is 1-65535")
     return ip, number
+
+
+def listen_socket(ip: str, port: int) -> socket.socket:
+    """The API's TCP socket, bound here so that a port in use or an address this host lacks
+    is a clear error (hypercorn is given it as fd://N)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((ip, port))
+    except OSError as e:
+        sock.close()
+        hint = ("another process holds it" if e.errno == errno.EADDRINUSE else
+                "it is not an address of this host" if e.errno == errno.EADDRNOTAVAIL else
+                e.strerror)
+        raise BlockhornError(f"cannot serve the API on {bind_text(ip, port)}: {e.strerror} "
+                             f"({hint}): choose another with --api-listen IP:PORT, or "
+                             "--api-listen none", e.errno or errno.EINVAL) from None
+    return sock
 
 
 def bind_text(ip: str, port: int) -> str:

@@ -411,6 +411,14 @@ def cleanup_stale_mount(fuse_dir: str) -> None:
         os.statvfs(fuse_dir)
     except OSError as e:
         if e.errno == errno.ENOTCONN:
+            # A loop device on its file is dead for good (a new mount is a new file). Detach
+            # it now, while its backing path still names this mount: after the lazy unmount
+            # below it reads "/volume", nothing tells it from another volume's, and it would
+            # hold the dead FUSE connection until a reboot. Busy (a filesystem still mounted
+            # on it): -d sets autoclear, and the kernel frees it when that ends.
+            for name in IMAGE_NAMES:
+                for dev in loops_on(os.path.join(fuse_dir, name)):
+                    subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
             _unmount_fuse(fuse_dir)
 
 

@@ -43,7 +43,7 @@ NODE_TTL_S = 4            # seconds: node leases in the site (BLOCKHORN_NODE_TTL
 BLOCK = 4096
 WRITE_SPAN = 8 << 20      # bytes: the writer's blocks, small enough to read back whole
 START_TIMEOUT_S = 30.0    # seconds for a daemon to answer on its socket
-API_PORT = 9443           # each host's TCP API (its own address: unique per run)
+API_PORT = 9443           # each host's TCP API, a cluster node's default (its own address)
 ETCD_CLIENT_PORT, ETCD_PEER_PORT = 2379, 2380   # on each member host's own address
 ETCD_MEMBERS = 3
 
@@ -217,7 +217,7 @@ class Site:
         h.proc = subprocess.Popen(
             ["ip", "netns", "exec", h.name, sys.executable, "-m", "blockhorn", "--home", h.home,
              "daemon", "run", "--quiet", "--etcd", self.etcd, "--etcd-prefix", self.prefix,
-             "--node", h.name, "--address", h.ip, "--api-listen", f"{h.ip}:{API_PORT}"],
+             "--node", h.name, "--address", h.ip],   # the API on h.ip:API_PORT by default
             stdout=log, stderr=log, cwd=ROOT, env=self.env(), start_new_session=True)
         log.close()
 
