@@ -12,6 +12,8 @@ through the local relay: manager/nbdproxy.py), ext4, a verifying write load (fsy
 files, each a copy of a known source file), kill -9 of the engine's nbdkit under it, then a live
 `volume upgrade` under it; then: no failed write, no kernel I/O error, ext4 still rw, the engine
 restarted once, and after detach + a fresh attach every file reads back equal to its source.
+Last, the node's fence (node/fence.py) with kernel NBD: the engine and the local relay are
+killed and /dev/nbd0 is disconnected, so a reader gets nothing instead of waiting.
 """
 
 from __future__ import annotations
@@ -129,6 +131,25 @@ for f in "${{!want[@]}}"; do
 done
 echo "VERIFIED ${{#want[@]}} files bad=$bad"
 umount /mnt
+# The fence of a node (node/fence.py), as a cluster node's watchdog or dead man's switch runs
+# it, with the daemon stopped (it would start the engine and the relay again): the engine and
+# the local relay are killed, and the release disconnects /dev/nbd0, so nothing here waits
+# for an engine that may now run on another node. A reader of the device gets nothing.
+bh daemon stop >/dev/null || die daemon stop
+grep -qx /dev/nbd0 $H/run/v/nbd-device || die no device record
+"$PY" -c "from blockhorn.node import fence; from blockhorn.manager.paths import Home; \
+print('FENCE killed', fence.fence(Home.at('$H'), ['v'], 'test'))" || die fence
+a=$(now)
+until [ "$(cat /sys/block/nbd0/size)" = 0 ]; do
+    [ $(( $(now) - a )) -gt 30000000 ] && die nbd0 still connected 30 s after the fence
+    sleep 0.1
+done
+echo "RELEASED nbd0 after $(( ($(now) - a) / 1000 )) ms"
+pgrep -f relay.sock && die relay left after the fence
+[ -e $H/run/v/nbd-device ] && die device record left after the release
+got=$(timeout 20 dd if=/dev/nbd0 bs=4k count=1 iflag=direct 2>/dev/null | wc -c)
+[ "$got" = 0 ] || die "fenced nbd0 still reads ($got bytes)"
+echo "FENCED reader got nothing"
 bh volume detach v >/dev/null || die detach
 step detach
 [ -e $H/run/v/relay.sock ] && die relay socket left after detach
@@ -168,6 +189,11 @@ def test_local_nbd_frontend_survives_engine_kill_and_upgrade(tmp_path) -> None:
     assert engine and engine.group(1) == "1" and "fails I/O" not in engine.group(2), out
     verified = re.search(r"^VERIFIED (\d+) files bad=0$", out, re.M)
     assert verified and int(verified.group(1)) == 8, out
+    # The fence released the kernel device: engine and relay killed, nbd0 disconnected.
+    fenced = re.search(r"^FENCE killed (\d+)$", out, re.M)
+    assert fenced and int(fenced.group(1)) >= 2, out
+    assert re.search(r"^RELEASED nbd0 after \d+ ms$", out, re.M), out
+    assert re.search(r"^FENCED reader got nothing$", out, re.M), out
     steps = dict(re.findall(r"^STEP (\S+) (\d+) ms$", out, re.M))
     upgrade = re.search(r'"pause_s": ([0-9.]+)', out)
     events = {e: (int(a), int(b)) for e, a, b in re.findall(r"^EVENT (\S+) (\d+) (\d+)$", out,

@@ -95,6 +95,11 @@ class Home:
     def replica_socket(self, vol: str, replica: str) -> str:
         return self._p("run", vol, f"{replica}.sock")
 
+    def nbd_device(self, vol: str) -> str:
+        """The kernel NBD device of the volume's `nbd` frontend, for the fence (node/fence.py),
+        which must not need the store to find it."""
+        return self._p("run", vol, "nbd-device")
+
     def fuse_dir(self, vol: str) -> str:
         return self._p("run", vol, "fuse")
 

@@ -11,6 +11,7 @@ a second detach is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
 from blockhorn.control.store import ProcessRecord, ReplicaRow, StateStore, VolumeRow
+from blockhorn.fsutil import atomic_write
 from blockhorn.keys import ensure_key
 from blockhorn.manager import process
 from blockhorn.manager.capacity import check_disk_room
@@ -453,6 +455,8 @@ class VolumeManager:
         att = attach_device(self._uri(target or eng.nbd_socket), fuse_dir,
                             self.home.log(f"{name}-nbdfuse.log"), frontend=frontend)
         att.relay = relay
+        if att.frontend == "nbd":
+            atomic_write(self.home.nbd_device(name), f"{att.device}\n".encode())
         self.store.update_volume(name, attachment=att.to_dict())
         log.info("volume %s is %s (%s)", name, att.device, att.frontend)
 
@@ -523,6 +527,8 @@ class VolumeManager:
             try:
                 from blockhorn.nbd.attach import Attachment, detach_device
                 detach_device(Attachment.from_dict(vol.attachment))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.home.nbd_device(name))   # fence's record: released
                 self.store.update_volume(name, attachment=None)
             except (BlockhornError, OSError, ImportError) as e:
                 errors.append(f"device {vol.attachment.get('device')}: {e}")

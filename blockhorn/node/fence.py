@@ -30,6 +30,7 @@ A single host (SQLite) never fences: nothing else takes its volumes over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -38,6 +39,7 @@ import sys
 import time
 
 from blockhorn import liveness
+from blockhorn.manager.nbdproxy import local_socket
 from blockhorn.manager.paths import Home
 from blockhorn.manager.process import reap, spawn, spawn_switch
 from blockhorn.sharemgr import control as shares
@@ -65,9 +67,11 @@ def fence(home: Home, names: list[str], why: str) -> int:
         share_managers, ganeshas = shares.fence_marks(home, n)
         managers |= share_managers
         # The engine by its config and sockets; the fuse-nbd holder (--socket) and nbdfuse
-        # by their pid file beside the FUSE mount: their devices are dead without the engine.
+        # by their pid file beside the FUSE mount: their devices are dead without the engine;
+        # the `nbd` frontend's local relay by its socket: it would keep /dev/nbdN waiting
+        # for an engine that may now run on another node.
         rest |= ganeshas | {home.engine_config(n), home.nbd_socket(n), home.control_socket(n),
-                            _pidfile(home, n)}
+                            _pidfile(home, n), local_socket(home.nbd_socket(n))}
     killed = kill_marked(managers, why) + kill_marked(rest, why)
     for n in names:
         shares.drop_address(home, n)
@@ -90,7 +94,9 @@ def release(home: Home, names: list[str]) -> list[str]:
     """Let go of what fenced volumes `names` held here, now that their processes are dead:
     abort the FUSE connection of the device's mount (its server was killed; without the
     abort, the ext4's final flush below would wait for it for ever), unmount the share's
-    ext4 lazily, detach the loop device on the FUSE file, unmount the FUSE mount. Each step
+    ext4 lazily, detach the loop device on the FUSE file, unmount the FUSE mount; of the
+    `nbd` frontend, disconnect /dev/nbdN (its relay was killed, so its requests fail now
+    instead of waiting; a mount of it the operator made stays, failing I/O). Each step
     is bounded (RELEASE_STEP_S) and never waits on a command stuck in the kernel, so a dead
     device leaves at worst that command behind. Run by `fence` in a process of its own, so
     neither the daemon nor the switch waits on it. Returns what it did."""
@@ -116,7 +122,25 @@ def release(home: Home, names: list[str]) -> list[str]:
                     done.append(f"detached {loop}")
         if conn is not None and _bounded(["umount", "-l", fuse_dir]):
             done.append(f"unmounted {fuse_dir}")
+        device = _nbd_device(home, n)
+        if device and _bounded(["nbd-client", "-d", device]):
+            done.append(f"disconnected {device}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(home.nbd_device(n))
     return done
+
+
+def _nbd_device(home: Home, name: str) -> str:
+    """Volume `name`'s kernel NBD device (Home.nbd_device, written at attach), if it is
+    still connected: an empty string otherwise."""
+    try:
+        with open(home.nbd_device(name)) as f:
+            device = f.read().strip()
+        with open(f"/sys/block/{os.path.basename(device)}/size") as f:
+            connected = f.read().strip() != "0"
+    except OSError:
+        return ""
+    return device if device.startswith("/dev/nbd") and connected else ""
 
 
 def _bounded(argv: list[str], timeout: float = RELEASE_STEP_S) -> bool:
