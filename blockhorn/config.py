@@ -128,6 +128,10 @@ class EngineConfig(_Loadable):
     # Commit quorum (docs/DURABILITY.md, "The commit quorum"): no write acknowledged unless a
     # majority of the replicas is in sync; a start may then trust a majority of them.
     quorum: bool = False
+    # A cluster node's liveness beat (blockhorn/liveness.py) and how old its last lease renewal
+    # may get: past that the engine kills itself (engine/ping.py fence_if_lease_lost). "": none.
+    beat_file: str = ""
+    fence_after_s: float = 0.0
 
     def validate(self) -> None:
         check_name(self.volume)
@@ -144,6 +148,9 @@ class EngineConfig(_Loadable):
             raise InvalidArgument("timeout_s must be positive")
         if not isinstance(self.epoch, int) or self.epoch < 0:
             raise InvalidArgument("epoch must be a non-negative integer")
+        if self.beat_file and not (isinstance(self.fence_after_s, int | float)
+                                   and self.fence_after_s > 0):
+            raise InvalidArgument("fence_after_s must be positive with a beat_file")
         if not isinstance(self.quorum, bool):
             raise InvalidArgument("quorum must be true or false")
         if self.salvage and self.salvage not in {r.name for r in self.replicas}:

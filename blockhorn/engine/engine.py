@@ -38,7 +38,12 @@ from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.commit import NoQuorum
 from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
-from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, ping_replicas
+from blockhorn.engine.ping import (
+    MAINT_TICK_S,
+    PING_INTERVAL_S,
+    fence_if_lease_lost,
+    ping_replicas,
+)
 from blockhorn.engine.rebuild import rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
@@ -733,6 +738,8 @@ class Engine:
         """Ping live replicas; retry ERR ones (a restarted process, a healed network)."""
         last_retry = last_chores = time.monotonic()
         while not self._stop.wait(MAINT_TICK_S):
+            if self.cfg.beat_file:
+                fence_if_lease_lost(self)
             ping_replicas(self)
             if time.monotonic() - last_chores < PING_INTERVAL_S:
                 continue

@@ -7,10 +7,13 @@ replicas cut at once stalled writes two timeouts: docs/DURABILITY.md, "A link cu
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import time
 from typing import TYPE_CHECKING
 
+from blockhorn import liveness
 from blockhorn.engine.client import Call
 from blockhorn.replica.proto import Op
 from blockhorn.replica.proto import decode_json as proto_decode
@@ -18,6 +21,8 @@ from blockhorn.types import BlockhornError, ReplicaMode
 
 if TYPE_CHECKING:
     from blockhorn.engine.engine import Engine
+
+log = logging.getLogger("blockhorn.engine")
 
 PING_INTERVAL_S = 2.0        # every live replica is pinged (STAT) this often to notice hangs
 MAINT_TICK_S = 0.25          # how often outstanding pings are looked at (and a commit's wait)
@@ -64,3 +69,23 @@ def expire_pings(eng: Engine) -> None:
         if ping is not None and r.ref.name not in ping[2].results \
                 and now - ping[0] >= eng.cfg.timeout_s:
             eng.set_error(r, f"ping: no answer within {eng.cfg.timeout_s:g} s", ping[1])
+
+
+def fence_if_lease_lost(eng: Engine) -> None:
+    """An engine on a cluster node (`beat_file` in its config; the maintenance thread, every
+    MAINT_TICK_S): once the node's last lease renewal is `fence_after_s` old, the node's
+    daemon and its dead man's switch kill this engine (node/fence.py), at that very moment.
+    When both are gone (killed, with the host up), nobody would: the lease then expires, the
+    leader attaches the volume elsewhere, and this engine, which the replicas refuse by epoch
+    for anything they serve, could still answer reads from its local replica's files, which
+    no longer change. So it kills itself, as the fence would."""
+    due = liveness.overdue_in(eng.cfg.beat_file, eng.cfg.fence_after_s)
+    if due > 0:
+        return
+    log.critical("volume %s: the node's lease was last renewed %.1f s ago and nobody fenced "
+                 "this engine (its daemon and dead man's switch are gone, or cut off): the "
+                 "volume may move to another node; stopping now", eng.cfg.volume,
+                 eng.cfg.fence_after_s - due)
+    for h in logging.getLogger().handlers + log.handlers:
+        h.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from blockhorn import liveness
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
 from blockhorn.control.store import ProcessRecord, ReplicaRow, StateStore, VolumeRow
 from blockhorn.fsutil import atomic_write
@@ -254,6 +255,10 @@ class VolumeManager:
                      salvage_id=(vol.salvage or {}).get("id", ""),
                      quorum=commit_quorum(Settings(self.store), self.cluster is not None,
                                           len(reps)),
+                     # A cluster node's engine stops itself when its node's fence is due
+                     # and nobody ran it (engine/ping.py fence_if_lease_lost).
+                     beat_file=liveness.beat_path(self.home.root) if self.cluster else "",
+                     fence_after_s=liveness.SELF_FENCE_AFTER_S if self.cluster else 0.0,
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
