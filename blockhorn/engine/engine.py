@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
-from blockhorn.engine import commit, generation
+from blockhorn.engine import commit, generation, migrate
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.commit import NoQuorum
 from blockhorn.engine.limits import Limits
@@ -87,6 +87,7 @@ class ReplicaState:
     # answered one was sent (`Engine._ping`).
     ping: tuple[float, ReplicaClient, Call, bytearray] | None = None
     last_ping: float = 0.0
+    shadow_of: str = ""     # a migration target (engine/migrate.py): the replica it replaces
 
 
 def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -142,6 +143,10 @@ class Engine:
         self._adopt_pending = ""        # quorum mode: the suspect source, adopted once committed
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
+        # Migrations (engine/migrate.py): replica -> its target while one runs (WO, never a
+        # member), and replica -> the last migration's target and progress.
+        self.shadows: dict[str, ReplicaState] = {}
+        self.migrations: dict[str, dict[str, Any]] = {}
 
     # --- start / stop ------------------------------------------------------------------------
 
@@ -291,7 +296,7 @@ class Engine:
                 self.flush()
         except BlockhornError as e:
             log.warning("final flush failed: %s", e)
-        for r in self.replicas.values():
+        for r in [*self.replicas.values(), *self.shadows.values()]:
             if r.client:
                 r.client.close()
             self._close_local(r)
@@ -301,7 +306,7 @@ class Engine:
     # --- modes -------------------------------------------------------------------------------
 
     def _writable(self) -> list[ReplicaState]:
-        return [r for r in self.replicas.values()
+        return [r for r in [*self.replicas.values(), *self.shadows.values()]
                 if r.mode in (ReplicaMode.RW, ReplicaMode.WO) and r.client]
 
     def _update_readers(self) -> None:
@@ -352,7 +357,8 @@ class Engine:
             r.client.close(reason)
 
     def _on_lost(self, client: ReplicaClient, reason: str) -> None:
-        r = self.replicas.get(client.name)
+        r = self.replicas.get(client.name) or next(
+            (s for s in list(self.shadows.values()) if s.client is client), None)
         if r is not None and r.client is client:
             self.set_error(r, reason)
 
@@ -594,6 +600,11 @@ class Engine:
                     ref.address)
         self.rebuild(ref.name)
 
+    def migrate_replica(self, ref: ReplicaRef) -> None:
+        """Move replica `ref.name` to a new directory without leaving the in-sync set: rebuild
+        it there beside the old one, then swap (engine/migrate.py)."""
+        migrate.start(self, ref)
+
     def _rebuild(self, r: ReplicaState) -> None:
         assert r.rebuild is not None
         progress = r.rebuild
@@ -774,6 +785,7 @@ class Engine:
                 "mode": str(r.mode), "error": r.error or None, "local": r.local is not None,
                 "revision": r.stat.get("revision"),
                 "rebuild": _progress(r.rebuild),
+                "migration": migrate.status_of(self, r.ref.name),
             })
         # Quorum mode: how many are in sync of how many needed; writes fail while below.
         quorum = ({"in_sync": len(self._rw_set), "majority": self.majority,

@@ -24,6 +24,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from blockhorn.engine import migrate
 from blockhorn.engine.client import Call, ReplicaClient
 from blockhorn.engine.limits import RateLimiter
 from blockhorn.replica import digest, proto
@@ -386,13 +387,16 @@ def _span(extents: list[tuple[int, int]], i: int, end: int) -> int:
 
 def _finish(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient) -> None:
     """Under the order lock: a final FLUSH, the source's revision, then RW (the join commit
-    follows in Engine._rebuild)."""
+    follows in Engine._rebuild), or for a migration target the swap (engine/migrate.py)."""
     with eng.order_lock:
         final = source.stat()
         target.request(Op.FLUSH, timeout=eng.cfg.timeout_s * 4)
         target.control({"op": "finish_rebuild", "revision": final["revision"]})
         r.stat = target.stat()
-        eng.set_mode(r, ReplicaMode.RW, order_held=True)
+        if r.shadow_of:
+            migrate.swap(eng, r)     # a migration target takes its replica's slot
+        else:
+            eng.set_mode(r, ReplicaMode.RW, order_held=True)
 
 
 def _submit_control(client: ReplicaClient, req: dict[str, Any]) -> Call:
