@@ -23,7 +23,7 @@ import nbd
 from conftest import assert_replicas_identical
 from harness import Cluster, ReplicaProc, free_port
 
-from blockhorn.config import ReplicaConfig
+from blockhorn.config import ReplicaConfig, ReplicaRef
 from blockhorn.engine.limits import write_limits
 from blockhorn.fsutil import read_json
 from blockhorn.replica.store import Replica
@@ -133,11 +133,17 @@ def meta(directory: str) -> dict:
     return read_json(os.path.join(directory, "volume.meta"))
 
 
-def restart_engine(c: Cluster, reps: list[ReplicaProc], quorum: bool) -> None:
-    """Start the engine again from a config naming `reps` (what the store names)."""
+def restart_engine(c: Cluster, reps: list[ReplicaProc], quorum: bool,
+                   moving: ReplicaProc | None = None) -> None:
+    """Kill the engine and start it again from a config naming `reps` (what the store
+    names) and the move target `moving` (the daemon writes it before it asks the engine)."""
     c.stop_engine(signal.SIGKILL)
     c.reps = reps
-    c.write_engine_config(quorum=quorum) if quorum else c.write_engine_config()
+    extra: dict[str, object] = {"quorum": True} if quorum else {}
+    if moving is not None:
+        extra["moving"] = [ReplicaRef(moving.cfg.name, moving.cfg.listen,
+                                      moving.cfg.directory)]
+    c.write_engine_config(**extra)
     c.start_engine()
 
 
@@ -168,11 +174,24 @@ def test_migrate_under_writes_never_short_then_swapped(cluster_factory, tmp_path
     assert meta(new.cfg.directory)["Rebuilding"] is False
     assert "vol-r1" in meta(new.cfg.directory)["Members"]
     print(f"migration of {SIZE >> 20} MiB under {w.count} writes: swapped after {took:.2f} s")
-    old.stop()
-    restart_engine(c, [c.reps[0], new], quorum=False)
+    # The engine dies before the daemon pointed the store at the new directory. Restarted
+    # with the target unreachable, the old directory must not answer for vol-r1.
+    new.stop()
+    restart_engine(c, c.reps, quorum=False, moving=new)
+    st = c.status()
+    assert rep(st, "vol-r1")["mode"] == "ERR" and "unreachable" in rep(st, "vol-r1")["error"]
+    assert read_all(c) == bytes(model)
+    # With the target back, the start takes it for vol-r1 (swapped in before) and resyncs
+    # it (its last commit is older than the start that ran without it).
+    new.start()
+    restart_engine(c, c.reps, quorum=False, moving=new)
+    assert rep(c.status(), "vol-r1")["path"] == new.cfg.directory
     assert read_all(c) == bytes(model)
     c.wait_modes({"vol-r0": "RW", "vol-r1": "RW"})
+    assert rep(c.status(), "vol-r1")["path"] == new.cfg.directory
     c.stop_engine()
+    old.stop()
+    c.reps = [c.reps[0], new]
     assert_replicas_identical(c)
 
 
@@ -218,7 +237,8 @@ def test_migrate_kill_points_quorum(cluster_factory, tmp_path) -> None:
     assert rep(c.status(), name)["path"] == old.cfg.directory
     c.stop_engine(signal.SIGKILL)
     assert meta(new.cfg.directory)["Rebuilding"] is True
-    restart_engine(c, c.reps, quorum=True)
+    restart_engine(c, c.reps, quorum=True, moving=new)     # the target is never trusted
+    assert rep(c.status(), name)["path"] == old.cfg.directory
     assert read_all(c) == bytes(model)
     c.wait_modes({f"vol-r{i}": "RW" for i in range(3)})
 
@@ -232,7 +252,9 @@ def test_migrate_kill_points_quorum(cluster_factory, tmp_path) -> None:
         poll(c, lambda s: w.count > n + 20, "writes after the swap", rw)
     assert min(rw) == 3, rw
     assert meta(old.cfg.directory)["Rebuilding"] is True
-    restart_engine(c, c.reps, quorum=True)      # the old directory, as the store says
+    # Started without the move target (a config from before the move): the old directory,
+    # marked at the swap, is resynced, never trusted.
+    restart_engine(c, c.reps, quorum=True)
     assert read_all(c) == bytes(model)
     c.wait_modes({f"vol-r{i}": "RW" for i in range(3)})
     assert read_all(c) == bytes(model)

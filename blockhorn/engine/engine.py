@@ -155,6 +155,7 @@ class Engine:
         in-sync set, and resync every other reachable replica from the source."""
         with ThreadPoolExecutor(max_workers=len(self.replicas)) as pool:
             list(pool.map(self.connect_replica, self.replicas.values()))
+        migrate.resolve_at_start(self)
         reachable = [r for r in self.replicas.values() if r.client]
         seen = [generation.Seen.from_stat(r.ref.name, r.stat) for r in reachable]
         salvage = self.cfg.salvage

@@ -149,6 +149,44 @@ def swap(eng: Engine, shadow: ReplicaState) -> None:
                 slot.ref.name, shadow.ref.path, shadow.ref.address)
 
 
+def resolve_at_start(eng: Engine) -> None:
+    """At start, for each move the daemon had not finished (`EngineConfig.moving`): which
+    directory answers for the replica's name. The swap marks the old one Rebuilding before
+    the target's join commit, and only a later resync's join clears that mark again, so:
+    - the old one not Rebuilding: it is the replica (the target is not swapped in yet, or
+      was resynced past since) — the target is ignored;
+    - the old one Rebuilding, the target joined (not Rebuilding): the swap happened and the
+      target is the replica (its connection takes the slot; the daemon then finishes the
+      move in the store);
+    - the old one Rebuilding, the target unreachable: the target may carry commits the old
+      one does not, so the old one must not answer for the name (the generation rule counts
+      a name that answered as one that carries no newer set): the replica is unreachable;
+    - both Rebuilding: neither is trusted; the old one is resynced.
+    docs/DURABILITY.md, "Moving a replica"."""
+    from blockhorn.engine.engine import ReplicaState
+    for ref in eng.cfg.moving:
+        slot = eng.replicas.get(ref.name)
+        if slot is None or slot.client is None or not slot.stat.get("rebuilding") \
+                or (slot.ref.address, slot.ref.path) == (ref.address, ref.path):
+            continue
+        probe = ReplicaState(ReplicaRef(ref.name, ref.address, ref.path, slot.ref.frame_auth))
+        eng.connect_replica(probe)
+        if probe.client is not None and not probe.stat.get("rebuilding"):
+            slot.client.close("superseded by its move target")
+            slot.ref, slot.client, slot.stat, slot.error = probe.ref, probe.client, \
+                probe.stat, ""
+            log.warning("replica %s: its move to %s was swapped in before this start: using "
+                        "it", ref.name, ref.path)
+        elif probe.client is None:
+            slot.client.close("its move target is unreachable")
+            slot.client = None
+            slot.error = (f"the old directory was swapped out for {ref.path}, which is "
+                          f"unreachable ({probe.error})")
+            log.warning("replica %s: %s", ref.name, slot.error)
+        else:
+            probe.client.close("not swapped in")
+
+
 def status_of(eng: Engine, name: str) -> dict[str, Any] | None:
     """The replica's last migration for `status`: target, state and progress."""
     from blockhorn.engine.engine import _progress

@@ -11,7 +11,10 @@
   `finish_move`: the row points at the target and the old directory becomes a leftover, so
   only now does the old node stop the old process and remove the directory.
 A daemon restarted in between finds the same store and does the same: a running migration is
-left alone, a finished one is finished in the store, an interrupted one is asked again.
+left alone, a finished one is finished in the store, an interrupted one is asked again. The
+engine's config names the move target from the first ask on, so an engine restarted after the
+swap but before `finish_move` takes the target for the replica (engine/migrate.py
+`resolve_at_start`), and the daemon then finishes the move.
 """
 
 from __future__ import annotations
@@ -78,11 +81,18 @@ def serve_target(sup: Supervisor, vol: VolumeRow, r: ReplicaRow) -> None:
         argv = [sys.executable, "-m", "blockhorn", "replica", "serve",
                 "--config", vm.home.replica_config(vol.name, r.name)]
         rec = process.spawn(argv, log_path)
+        try:
+            process.wait_ready(f"move target of replica {r.name}", m.address, rec, log_path)
+        except BaseException:
+            process.terminate([rec])
+            raise
+        # Recorded once it answers: the engine's node asks the engine to migrate then. (A
+        # daemon dying before this leaves the process unrecorded: the next one's stop_strays
+        # stops it, and this starts another.)
         sup.store.set_move_process(r.name, rec)
         vm.started[r.name] = (vol.name, rec)   # stopped by stop_strays once not this node's
         log.info("started the move target of replica %s of %s: pid %d on %s", r.name,
                  vol.name, rec.pid, m.address)
-        process.wait_ready(f"move target of replica {r.name}", m.address, rec, log_path)
     except (BlockhornError, OSError) as e:
         log.error("move target of replica %s of %s: %s", r.name, vol.name, e)
         return
@@ -112,6 +122,7 @@ def engine_pass(sup: Supervisor, vol: VolumeRow, r: ReplicaRow, st: dict[str, An
     key = f"move/{r.name}"
     if (st.get("path"), st.get("address")) == (m.directory, m.address):
         sup.store.finish_move(r.name)
+        sup.volumes.write_configs(vol.name)    # a restarted engine opens the new directory
         sup._succeeded(key)
         log.warning("replica %s of %s moved from node %s (%s) to node %s (%s)", r.name,
                     vol.name, r.node, r.directory, m.node, m.directory)
@@ -124,6 +135,9 @@ def engine_pass(sup: Supervisor, vol: VolumeRow, r: ReplicaRow, st: dict[str, An
         return False    # the target is not running yet, or the replica is not in sync
     sup._attempted(key, RETRY_MAX_S)
     try:
+        # First the engine config names the target: an engine restarted after the swap (before
+        # finish_move) then takes the target for the replica (migrate.resolve_at_start).
+        sup.volumes.write_configs(vol.name)
         log.info("asking the engine of %s to migrate %s to %s", vol.name, r.name, m.directory)
         engine_migrate(control_socket, r.name, m.address, m.directory)
     except (BlockhornError, OSError) as e:

@@ -252,6 +252,8 @@ class VolumeManager:
                      salvage_id=(vol.salvage or {}).get("id", ""),
                      quorum=commit_quorum(Settings(self.store), self.cluster is not None,
                                           len(reps)),
+                     moving=[ReplicaRef(r.name, r.moving.address, r.moving.directory)
+                             for r in reps if r.moving is not None],
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
