@@ -39,7 +39,7 @@ from blockhorn.engine.commit import NoQuorum
 from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
 from blockhorn.engine.ping import MAINT_TICK_S, PING_INTERVAL_S, ping_replicas
-from blockhorn.engine.rebuild import rebuild_replica
+from blockhorn.engine.rebuild import progress_of, rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
 from blockhorn.replica.proto import encode_json as proto_json
@@ -88,22 +88,6 @@ class ReplicaState:
     ping: tuple[float, ReplicaClient, Call, bytearray] | None = None
     last_ping: float = 0.0
     shadow_of: str = ""     # a migration target (engine/migrate.py): the replica it replaces
-
-
-def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A rebuild's state for `status`: while it copies, with its rate (bytes of the plan
-    per second since the copy began) and an ETA."""
-    if not rebuild:
-        return None
-    out = dict(rebuild)
-    began = out.get("started_copy")
-    if out.get("state") == "running" and began:
-        elapsed = max(time.time() - began, 1e-3)
-        rate = out.get("done", 0) / elapsed
-        out["rate"] = rate
-        left = max(out.get("total", 0) - out.get("done", 0), 0)
-        out["eta_s"] = left / rate if rate > 0 else None
-    return out
 
 
 class Engine:
@@ -785,7 +769,7 @@ class Engine:
                 "name": r.ref.name, "address": r.ref.address, "path": r.ref.path,
                 "mode": str(r.mode), "error": r.error or None, "local": r.local is not None,
                 "revision": r.stat.get("revision"),
-                "rebuild": _progress(r.rebuild),
+                "rebuild": progress_of(r.rebuild),
                 "migration": migrate.status_of(self, r.ref.name),
             })
         # Quorum mode: how many are in sync of how many needed; writes fail while below.

@@ -189,8 +189,8 @@ def resolve_at_start(eng: Engine) -> None:
 
 def status_of(eng: Engine, name: str) -> dict[str, Any] | None:
     """The replica's last migration for `status`: target, state and progress."""
-    from blockhorn.engine.engine import _progress
+    from blockhorn.engine.rebuild import progress_of
     m = eng.migrations.get(name)
     if m is None:
         return None
-    return {"to": m["to"], "address": m["address"], **(_progress(m["progress"]) or {})}
+    return {"to": m["to"], "address": m["address"], **(progress_of(m["progress"]) or {})}

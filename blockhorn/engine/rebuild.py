@@ -49,6 +49,22 @@ VECTOR_BYTES = 1 << 20       # and bytes
 PURGE_WAIT_S = 600.0         # how long a rebuild waits for a running purge on its source
 
 
+def progress_of(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rebuild's state for `status`: while it copies, with its rate (bytes of the plan
+    per second since the copy began) and an ETA."""
+    if not rebuild:
+        return None
+    out = dict(rebuild)
+    began = out.get("started_copy")
+    if out.get("state") == "running" and began:
+        elapsed = max(time.time() - began, 1e-3)
+        rate = out.get("done", 0) / elapsed
+        out["rate"] = rate
+        left = max(out.get("total", 0) - out.get("done", 0), 0)
+        out["eta_s"] = left / rate if rate > 0 else None
+    return out
+
+
 def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> None:
     if r.client:
         r.client.close("reconnecting for rebuild")

@@ -277,8 +277,7 @@ def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[Re
                                  f"{target.node} was given up (its node went down?): see "
                                  f"`blockhorn volume show {vol.name}`; drain again", errno.EIO)
         if v.desired != "attached":
-            store.cancel_move(r.name)
-            move(nodes, v, row, reps, p)
+            move(nodes, v, row, reps, p)   # gives the move up: the target is the replica now
             return False
         if time.monotonic() - start > DRAIN_WAIT_S:
             store.cancel_move(r.name)
