@@ -41,6 +41,9 @@ from conftest import needs_root
 from netns_util import set_link
 from support.cluster_site import Site, Writer, cluster_site, wait_until
 
+from blockhorn.engine.control import ControlClient
+from blockhorn.manager.paths import Home
+
 pytestmark = needs_root()
 
 MiB = 1 << 20
@@ -248,17 +251,23 @@ def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
     th = threading.Thread(target=lambda: drained.append(site.cli(b, "node", "drain", c.name,
                                                                  check=False)))
     th.start()
+    # The engine's own status (its control socket on a, every 50 ms), and the daemon's view.
+    engine = ControlClient(Home(a.home).control_socket("dr"))
     seen: list[tuple[str, int]] = []
+    migrated = False
     while th.is_alive():
-        v = site.show(a, "dr")
-        seen.append((v["robustness"], sum(r["mode"] == "RW" for r in v["replicas"])))
-        th.join(0.2)
+        st = engine.call({"op": "status"})
+        seen.append((st["robustness"], sum(r["mode"] == "RW" for r in st["replicas"])))
+        migrated |= any(r.get("migration") for r in st["replicas"])
+        th.join(0.05)
+    v = site.show(a, "dr")
+    seen.append((v["robustness"], sum(r["mode"] == "RW" for r in v["replicas"])))
     w.finish()
     assert drained and drained[0].returncode == 0, drained
     out = drained[0].stdout
     print(f"drain of one replica under {w.count} writes: {time.monotonic() - t0:.1f} s, "
           f"{len(seen)} looks at the volume")
-    assert seen and all(s == ("healthy", 3) for s in seen), seen
+    assert migrated and all(s == ("healthy", 3) for s in seen), seen
     assert f"moved to {d.name}" in out
     assert site.healthy_on(a, "dr", {a.name, b.name, d.name})
     assert w.check(site.show(a, "dr")["endpoint"]) == 0
