@@ -8,9 +8,10 @@ home, disk and node daemon, on a three-member etcd across three of them
 - a volume written through an engine on host A, detached (asked of host B), attached on host
   B (asked of host A), reads the same: checksums equal;
 - `node drain`: refused with the reason while no node has room (nothing changed), then, under
-  writes, each replica rebuilt on another node before the old one is dropped: the volume
-  healthy with all its replicas RW at every look during the drain, every acknowledged write
-  read back, the replicas identical (`volume verify`), the old directory removed;
+  writes, each replica rebuilt on another node before the old one is dropped (the target
+  node's daemon restarted meanwhile): the volume healthy with all its replicas RW at every
+  look during the drain, every acknowledged write read back, the replicas identical
+  (`volume verify`), the old directory removed;
 - `upgrade --all` asked of any node: every node upgrades its engines, reported per node;
 - a node killed (every process, and its link down) under writes: `down` in `node ls`, a
   leader among the live nodes replaces its replica after the (short) replenishment wait, the
@@ -242,7 +243,10 @@ def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
     assert site.json(a, "node", "show", c.name)["schedulable"] is True   # nothing changed
     site.cli(a, "node", "update", d.name, "--schedulable", "yes")
     # The drain under writes, polling the volume meanwhile: the replica is rebuilt on d before
-    # c's is dropped, so the volume never has fewer than 3 RW replicas.
+    # c's is dropped, so the volume never has fewer than 3 RW replicas. The copy is slowed
+    # down (MiB/s) so that d's daemon can be killed and started again during the move: the
+    # new daemon adopts the target process, whether or not the swap happened meanwhile.
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "2")
     w = Writer(site.show(a, "dr")["endpoint"])
     w.start()
     wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
@@ -255,11 +259,26 @@ def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
     engine = ControlClient(Home(a.home).control_socket("dr"))
     seen: list[tuple[str, int]] = []
     migrated = False
+    restart: threading.Thread | None = None
+
+    def restart_d() -> None:
+        assert d.proc is not None
+        d.proc.kill()
+        d.proc.wait(10)
+        site.start(d)
+
     while th.is_alive():
         st = engine.call({"op": "status"})
         seen.append((st["robustness"], sum(r["mode"] == "RW" for r in st["replicas"])))
         migrated |= any(r.get("migration") for r in st["replicas"])
+        if restart is None and any((r.get("migration") or {}).get("state") == "running"
+                                   for r in st["replicas"]):
+            restart = threading.Thread(target=restart_d)
+            restart.start()
         th.join(0.05)
+    assert restart is not None, "the migration was not seen running"
+    restart.join(60)
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "0")
     v = site.show(a, "dr")
     seen.append((v["robustness"], sum(r["mode"] == "RW" for r in v["replicas"])))
     w.finish()
