@@ -103,6 +103,8 @@ def stop_targets(sup: Supervisor, vol: VolumeRow) -> None:
     """On the target node, for a detached volume: stop the move targets' processes (the move
     goes on at the next attach)."""
     vm = sup.volumes
+    if not any(v == vol.name for v, _ in list(vm.started.values())):
+        return    # no process of the volume started here (every target is recorded there)
     for r in sup.store.replicas(vol.name):
         m = r.moving
         if m is not None and vm.here(m.node) and process.alive(m.process):
