@@ -17,9 +17,10 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import nbd
+import pytest
 from conftest import assert_replicas_identical
 from harness import Cluster, ReplicaProc, free_port
 
@@ -88,6 +89,17 @@ def read_all(c: Cluster) -> bytes:
     return bytes(data)
 
 
+_targets: list[ReplicaProc] = []   # every move target a test started: stopped after it
+
+
+@pytest.fixture(autouse=True)
+def _stop_targets() -> Iterator[None]:
+    """A test that fails half-way must not leave its move targets' processes running."""
+    yield
+    while _targets:
+        _targets.pop().stop()
+
+
 def target(c: Cluster, tmp: str, name: str, tag: str) -> ReplicaProc:
     """What the target node's daemon does for a move: an empty, Rebuilding replica of the
     same name in a new directory, at a new address, its process running."""
@@ -100,6 +112,7 @@ def target(c: Cluster, tmp: str, name: str, tag: str) -> ReplicaProc:
     if not os.path.exists(directory):
         Replica.create(directory, c.size, c.volume, {"Rebuilding": True}).close()
     p = ReplicaProc(cfg, path, os.path.join(tmp, f"{name}-{tag}.log"))
+    _targets.append(p)
     p.start()
     return p
 
