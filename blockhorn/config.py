@@ -128,6 +128,11 @@ class EngineConfig(_Loadable):
     # Commit quorum (docs/DURABILITY.md, "The commit quorum"): no write acknowledged unless a
     # majority of the replicas is in sync; a start may then trust a majority of them.
     quorum: bool = False
+    # Replicas on nodes the store knew were down (lease expired) when the manager wrote this
+    # config: the start gives each only a short try (DOWN_CONNECT_TIMEOUT_S in engine.py)
+    # instead of waiting for a dead host's connection to time out. Only an engine's speed
+    # depends on it: a replica the start does not reach is one the rule counts unreachable.
+    down: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check_name(self.volume)
@@ -146,5 +151,8 @@ class EngineConfig(_Loadable):
             raise InvalidArgument("epoch must be a non-negative integer")
         if not isinstance(self.quorum, bool):
             raise InvalidArgument("quorum must be true or false")
+        if not isinstance(self.down, list) or \
+                set(self.down) - {r.name for r in self.replicas}:
+            raise InvalidArgument(f"down: {self.down!r} must list replicas of this volume")
         if self.salvage and self.salvage not in {r.name for r in self.replicas}:
             raise InvalidArgument(f"salvage: {self.salvage!r} is not a replica of this volume")

@@ -37,6 +37,7 @@ from blockhorn.types import ReplicaUnavailable
 
 NAMES = ["a", "b", "c"]
 SPARE = "d"       # QuorumMachine: the replica added to (and removed from) the voters
+SPARES = ["d", "e"]   # VotersMachine: the replicas added to (and removed from) the voters
 
 
 ALL = NAMES + [SPARE]
@@ -95,6 +96,7 @@ class GenerationMachine(RuleBasedStateMachine):
     quorum = False
     fence = True          # replicas refuse an engine of an older attach epoch
     defer_adopt = True    # quorum mode: a start without a majority adopts after its commit
+    joint = True          # quorum mode: a first commit after a voter change needs both
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
@@ -105,6 +107,7 @@ class GenerationMachine(RuleBasedStateMachine):
         self.send_fail: tuple[str, bool] | None = None   # (replica, recorded anyway)
         self.fenced: set[str] = set()     # replicas that refuse this engine (a newer one's)
         self.adopt_pending = ""
+        self.prior_voters: list[frozenset[str]] = []    # Decision.prior_voters
         self.zombie: dict[str, object] | None = None     # QuorumMachine.take_over
         self.record: Record | None = Record(0, frozenset(NAMES)) if self.use_record else None
         self.engine_up = False
@@ -140,6 +143,9 @@ class GenerationMachine(RuleBasedStateMachine):
                 raise ReplicaUnavailable("faulted")
             if self.quorum and len(members) < majority:
                 break
+            if self.quorum and not self.committed and any(
+                    len(members & v) < generation.majority(len(v)) for v in self.prior_voters):
+                break       # the first commit after a voter change: a majority of both
             gen = max(self.gen, self.attempted) + 1
             self.attempted = gen
             if self.use_record:
@@ -220,6 +226,7 @@ class GenerationMachine(RuleBasedStateMachine):
         datas = {n: self.reps[n].data for n in d.rw}
         assert len({tuple(v) for v in datas.values()}) == 1, f"RW replicas differ: {datas}"
         self.adopt_pending = ""
+        self.prior_voters = list(d.prior_voters) if self.quorum and self.joint else []
         if d.adopt and self.quorum and self.defer_adopt \
                 and len(d.rw) < generation.majority(len(self.voters)):
             self.adopt_pending = d.source      # Engine.start: adopted once a commit is written
@@ -400,7 +407,7 @@ class GenerationMachine(RuleBasedStateMachine):
                 self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
 
     ENGINE = ("engine_up", "rw", "gen", "committed", "pending_join", "attempted", "record",
-              "fenced", "crash_at", "send_fail", "adopt_pending")
+              "fenced", "crash_at", "send_fail", "adopt_pending", "prior_voters")
 
     def _engine_state(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.ENGINE}
@@ -444,12 +451,18 @@ class GenerationMachine(RuleBasedStateMachine):
     @rule()
     def change_voters(self) -> None:
         """A replica added (empty, Rebuilding) or removed: the next engine's U differs."""
-        if SPARE in self.voters:
-            self.voters = self.voters - {SPARE}
-            del self.reps[SPARE]
-        else:
-            self.voters = self.voters | {SPARE}
-            self.reps[SPARE] = Rep(SPARE, members=frozenset(), rebuilding=True)
+        self._set_voters(set() if SPARE in self.voters else {SPARE})
+
+    def _set_voters(self, spares: set[str]) -> None:
+        """The next engine's U: a, b, c and `spares`; replicas added empty and Rebuilding,
+        removed ones gone. Two at once (VotersMachine: 3 → 5 or back), a majority of the old
+        U and one of the new may miss each other."""
+        voters = frozenset(NAMES) | spares
+        for n in self.voters - voters:
+            del self.reps[n]
+        for n in voters - self.voters:
+            self.reps[n] = Rep(n, members=frozenset(), rebuilding=True)
+        self.voters = voters
 
     @invariant()
     def rw_replicas_agree(self) -> None:
@@ -499,6 +512,55 @@ QuorumSettings = settings(max_examples=300, stateful_step_count=100, deadline=No
                           suppress_health_check=[HealthCheck.too_slow])
 TestQuorumRule = QuorumMachine.TestCase
 TestQuorumRule.settings = QuorumSettings
+
+
+class VotersMachine(QuorumMachine):
+    """Quorum mode with the voters changing between 3 and 5 replicas and only the steps that
+    make it matter: writes failing on some replicas, resyncs of some, and an engine replaced
+    by a new one (on another node, some replicas not answering) with the replicas changed or
+    not. What breaks a rule that ignores the voters takes a dozen steps of the full machine
+    in one order, which its random walks, busy with every other fault, almost never take."""
+
+    @rule(grow=st.booleans(), unreachable=st.sets(st.sampled_from(NAMES), max_size=1))
+    def restart(self, grow: bool, unreachable: set[str]) -> None:
+        """The engine stops (or crashes), 3 or 5 replicas are configured, a new one starts."""
+        self.engine_up = False
+        self._set_voters(set(SPARES) if grow else set())
+        super().start_engine(None, unreachable, move=True)
+
+    @precondition(lambda self: self._up())
+    @rule(fails=st.sets(st.sampled_from(NAMES), max_size=2))
+    def write(self, fails: set[str]) -> None:   # type: ignore[override]
+        super().write(fails, False, None)
+
+    @precondition(lambda self: self._up())
+    @rule(names=st.one_of(st.just(set(SPARES)),
+                          st.sets(st.sampled_from(NAMES + SPARES), min_size=1)))
+    def resync(self, names: set[str]) -> None:   # type: ignore[override]
+        """The new replicas, or any: one after the other."""
+        for n in sorted(names):
+            if self._up():
+                super().resync(n, None)
+
+    # Not rules here: the other steps of the full machines.
+    def start_engine(self, *_: object, **__: object) -> None: ...   # type: ignore[override]
+    def crash_engine(self, *_: object) -> None: ...   # type: ignore[override]
+    def change_voters(self, *_: object) -> None: ...   # type: ignore[override]
+    def flush(self, *_: object) -> None: ...   # type: ignore[override]
+    def power_cut(self, *_: object) -> None: ...   # type: ignore[override]
+    def lose_disk(self, *_: object) -> None: ...   # type: ignore[override]
+    def take_over(self, *_: object) -> None: ...   # type: ignore[override]
+    def zombie_write(self, *_: object) -> None: ...   # type: ignore[override]
+    def zombie_dies(self) -> None: ...   # type: ignore[override]
+    def kill_replica(self, *_: object) -> None: ...   # type: ignore[override]
+    def restart_replica(self, *_: object) -> None: ...   # type: ignore[override]
+    def notice_lost(self, *_: object) -> None: ...   # type: ignore[override]
+    def replace_replica(self, *_: object) -> None: ...   # type: ignore[override]
+
+
+TestVotersRule = VotersMachine.TestCase
+TestVotersRule.settings = settings(max_examples=300, stateful_step_count=30, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
 
 
 # --- mutants: each weakened rule must be caught -------------------------------------------
@@ -718,3 +780,59 @@ def test_a_start_without_a_majority_adopts_only_after_its_commit() -> None:
     early = type("Early", (QuorumMachine,), {"defer_adopt": False})()
     with pytest.raises(AssertionError, match="RW replicas differ"):
         _adopted_without_commit(early)
+
+
+def _voters_ignored(configured: list[str], seen: list[Seen], record: Record | None,
+                    quorum: bool = False):
+    """The quorum path not comparing the witnesses' voters with the configured replicas:
+    it counts the configured replicas at the top generation, whoever they voted with."""
+    real = generation.quorum_witnesses
+
+    def ignoring(configured: list[str], seen: list[Seen], g: int):
+        return (len({s.name for s in seen if s.generation == g} & set(configured)),
+                len(configured))
+    generation.quorum_witnesses = ignoring
+    try:
+        return generation.choose(configured, seen, record, quorum=quorum)
+    finally:
+        generation.quorum_witnesses = real
+
+
+@pytest.mark.parametrize(("machine", "examples"), [
+    (type("VotersIgnored", (VotersMachine,), {"choose": staticmethod(_voters_ignored)}), 2000),
+    (type("NotJoint", (VotersMachine,), {"joint": False}), 4000),
+])
+def test_random_search_finds_a_rule_blind_to_voter_changes(machine, examples) -> None:
+    """Five replicas shrunk to three: a start that counts two of the three at the top
+    generation without looking at their voters (five) misses the commit the other three
+    made. Three grown to five and back: without the first commit's majority of the old
+    voters, the same two witnesses with voters equal to the configured ones again miss it."""
+    case = machine.TestCase
+    case.settings = settings(max_examples=examples, stateful_step_count=30, deadline=None,
+                             phases=(Phase.generate,), database=None,
+                             suppress_health_check=[HealthCheck.too_slow])
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        case().runTest()
+
+
+def _there_and_back(m: VotersMachine) -> None:
+    """a and b fail a write (not acknowledged: c alone is no majority); five replicas are
+    configured; the new engine trusts c only (a and b are behind) and resyncs d and e; a
+    write; three replicas again, and c does not answer: a and b carry the voters of their
+    commit, a, b, c — the configured ones again."""
+    m.setup(use_record=False)
+    m.restart(False, set())
+    m.write({"a", "b"})
+    assert not m.acked
+    m.restart(True, set())
+    m.resync(set(SPARES))
+    m.write(set())
+    m.restart(False, {"c"})
+
+
+def test_the_first_commit_after_a_voter_change_needs_the_old_majority_too() -> None:
+    m = VotersMachine()
+    _there_and_back(m)          # c, d, e never committed without a or b: nothing acknowledged
+    assert not m.acked and m.engine_up
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        _there_and_back(type("NotJoint", (VotersMachine,), {"joint": False})())

@@ -252,7 +252,17 @@ class VolumeManager:
                      salvage_id=(vol.salvage or {}).get("id", ""),
                      quorum=commit_quorum(Settings(self.store), self.cluster is not None,
                                           len(reps)),
+                     down=self._down_replicas(reps),
                      ).save(self.home.engine_config(name))
+
+    def _down_replicas(self, reps: list[ReplicaRow]) -> list[str]:
+        """Replicas on nodes whose lease expired (a cluster): an engine started from this
+        config gives them only a short try (EngineConfig.down). A node that comes back before
+        the engine starts only costs its replica that short try."""
+        cluster = self.cluster
+        if cluster is None:
+            return []
+        return [r.name for r in reps if r.node and not cluster.is_up(r.node)]
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
         ReplicaConfig(volume=name, name=r.name, directory=r.directory, size=size,
