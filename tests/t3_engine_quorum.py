@@ -6,7 +6,9 @@ processes and nbdkit: an engine in quorum mode with 3 replicas.
 - the engine killed and the replica holding a member of the newest set gone with it (its
   node died), no generation record (the next engine runs on another node): the next engine
   starts from the two others by the quorum path, and every acknowledged block reads back;
-- one replica left of three: the start is refused (a majority must answer).
+- one replica left of three: the start is refused (a majority must answer);
+- a replica the manager marks down (its node's lease expired) is given a short try at start
+  (EngineConfig.down), not a connection timeout.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def commit_changes(eng: Engine) -> None:
                 wanted = (eng._rw_set, frozenset(eng._joining))
             short = [v for v in eng.prior_voters if not eng._started
                      and len(names & v) < generation.majority(len(v))]
-            if eng.cfg.quorum and (len(names) < eng.majority or short):
+            if (eng.cfg.quorum and len(names) < eng.majority) or short:
                 # Not written at all: a commit of a minority would complete nothing, and
                 # one left on replicas at the same generation as another engine's later
                 # commit could leave no replica named by both (generation.newest_set).
@@ -110,9 +110,9 @@ def commit_changes(eng: Engine) -> None:
 def log_quorum(eng: Engine, in_sync: int, short: list[frozenset[str]] | None = None) -> None:
     """Log when writes stop for want of a majority, and when they resume (once each).
     `short`: earlier voter sets the first commit lacks a majority of."""
-    if not eng.cfg.quorum:
+    if not eng.cfg.quorum and not short and not eng._quorum_note:
         return
-    note = quorum_reason(eng, in_sync) if in_sync < eng.majority else ""
+    note = quorum_reason(eng, in_sync) if eng.cfg.quorum and in_sync < eng.majority else ""
     if short and not note:
         note = (f"volume {eng.cfg.volume}: the replicas changed since the last commit; the "
                 "first commit needs a majority of the replicas before the change too ("

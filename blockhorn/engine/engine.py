@@ -190,7 +190,7 @@ class Engine:
                                                    if not r.client)) from None
         log.info("volume %s: start rule: %s", self.cfg.volume, decision.why)
         self.decision = decision
-        if self.cfg.quorum and not salvage:   # a salvage is the operator's override
+        if not salvage:   # a salvage is the operator's override
             self.prior_voters = decision.prior_voters
         chosen = [self.replicas[n] for n in decision.rw]
         # An expansion a replica missed (it was down) is caught up here: the largest wins.
@@ -239,6 +239,8 @@ class Engine:
     def no_quorum(self) -> bool:
         """Quorum mode: the RW set (or the last commit's, before the first) is not a majority:
         nothing is acknowledged."""
+        if self.prior_voters and not self._started:
+            return True     # the first commit after a change of the voters is not written
         return self.cfg.quorum and min(len(self._rw_set), len(self._committed)) < self.majority
 
     def started(self) -> bool:
