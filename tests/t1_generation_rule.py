@@ -230,8 +230,8 @@ class GenerationMachine(RuleBasedStateMachine):
         assert len({tuple(v) for v in datas.values()}) == 1, f"RW replicas differ: {datas}"
         self.adopt_pending = ""
         self.prior_voters = list(d.prior_voters) if self.joint else []
-        if d.adopt and self.quorum and self.defer_adopt \
-                and len(d.rw) < generation.majority(len(self.voters)):
+        if d.adopt and self.defer_adopt and (self.prior_voters or (
+                self.quorum and len(d.rw) < generation.majority(len(self.voters)))):
             self.adopt_pending = d.source      # Engine.start: adopted once a commit is written
         elif d.adopt:
             src.suspect = src.halted = False
@@ -525,18 +525,18 @@ class VotersMachine(QuorumMachine):
     in one order, which its random walks, busy with every other fault, almost never take."""
 
     @rule(grow=st.booleans(), unreachable=st.sets(st.sampled_from(NAMES), max_size=1),
-          quorum=st.sampled_from([True, True, True, False]))
+          quorum=st.booleans())
     def restart(self, grow: bool, unreachable: set[str], quorum: bool = True) -> None:
         """The engine stops (or crashes), 3 or 5 replicas are configured, a new one starts,
-        mostly in quorum mode (`engine-commit-quorum` may have been turned off). Replicas
-        are not removed while they are every member of the newest set: they may hold the
-        only copy of a write (an engine not in quorum mode commits any set), which no rule
-        can bring back once they are deleted."""
+        mostly in quorum mode (`engine-commit-quorum` may have been turned off). A replica
+        is removed only once the newest set no longer names it (an engine committed a set
+        without it first): deleted, it may hold the only copy of a write — which no rule
+        can bring back."""
         self.engine_up = False
         self.quorum = quorum
         top = max(r.generation for r in self.reps.values())
         named = set().union(*(r.members for r in self.reps.values() if r.generation == top))
-        self._set_voters(set(SPARES) if grow or named <= set(SPARES) else set())
+        self._set_voters(set(SPARES) if grow or named & set(SPARES) else set())
         super().start_engine(None, unreachable, move=True)
 
     @precondition(lambda self: self._up())
@@ -819,44 +819,43 @@ class _JointOnlyInQuorum(VotersMachine):
         super()._commit(require_quorum)
 
 
-@pytest.mark.parametrize(("machine", "examples"), [
-    (type("VotersIgnored", (VotersMachine,), {"choose": staticmethod(_voters_ignored)}), 2000),
-    (type("NotJoint", (VotersMachine,), {"joint": False}), 4000),
-    (_JointOnlyInQuorum, 4000),
+@pytest.mark.parametrize("machine", [
+    type("VotersIgnored", (VotersMachine,), {"choose": staticmethod(_voters_ignored)}),
+    _JointOnlyInQuorum,
 ])
-def test_random_search_finds_a_rule_blind_to_voter_changes(machine, examples) -> None:
+def test_random_search_finds_a_rule_blind_to_voter_changes(machine) -> None:
     """Five replicas shrunk to three: a start that counts two of the three at the top
     generation without looking at their voters (five) misses the commit the other three
-    made. Three grown to five and back: without the first commit's majority of the old
-    voters, the same two witnesses with voters equal to the configured ones again miss it;
-    so they do when an engine with the quorum turned off skips that majority (its minority
-    commits name no voters, but its first one leaves the old witnesses behind)."""
+    made. The quorum turned off and on again: an engine without quorum whose first commit
+    skips a majority of the voters its start saw leaves two witnesses behind whose voters
+    equal the configured ones, and the quorum start after it trusts them. Derandomized:
+    these take a longer sequence than the other mutants, and a fixed search (1 s and 8 s
+    here) cannot pass by luck one run and fail the next."""
     case = machine.TestCase
-    case.settings = settings(max_examples=examples, stateful_step_count=30, deadline=None,
-                             phases=(Phase.generate,), database=None,
+    case.settings = settings(max_examples=4000, stateful_step_count=20, deadline=None,
+                             phases=(Phase.generate,), database=None, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow])
     with pytest.raises(AssertionError, match="lacks acknowledged writes"):
         case().runTest()
 
 
-def _there_and_back(m: VotersMachine) -> None:
-    """a and b fail a write (not acknowledged: c alone is no majority); five replicas are
-    configured; the new engine trusts c only (a and b are behind) and resyncs d and e; a
-    write; three replicas again, and c does not answer: a and b carry the voters of their
-    commit, a, b, c — the configured ones again."""
+def _quorum_off_and_on(m: VotersMachine) -> None:
+    """a and c fail a write (not acknowledged: b alone is no majority); the quorum is turned
+    off; the new engine trusts b only (a and c are behind) and writes; the quorum on again,
+    and b does not answer: a and c carry the voters of their commit, a, b, c — the
+    configured ones."""
     m.setup(use_record=False)
     m.restart(False, set())
-    m.write({"a", "b"})
+    m.write({"a", "c"})
     assert not m.acked
-    m.restart(True, set())
-    m.resync(set(SPARES))
+    m.restart(False, set(), quorum=False)
     m.write(set())
-    m.restart(False, {"c"})
+    m.restart(False, {"b"})
 
 
-def test_the_first_commit_after_a_voter_change_needs_the_old_majority_too() -> None:
+def test_the_first_commit_without_quorum_needs_the_voters_majority_too() -> None:
     m = VotersMachine()
-    _there_and_back(m)          # c, d, e never committed without a or b: nothing acknowledged
+    _quorum_off_and_on(m)       # b alone never committed: nothing acknowledged
     assert not m.acked and m.engine_up
     with pytest.raises(AssertionError, match="lacks acknowledged writes"):
-        _there_and_back(type("NotJoint", (VotersMachine,), {"joint": False})())
+        _quorum_off_and_on(type("NotJoint", (VotersMachine,), {"joint": False})())

@@ -114,8 +114,9 @@ def log_quorum(eng: Engine, in_sync: int, short: list[frozenset[str]] | None = N
         return
     note = quorum_reason(eng, in_sync) if eng.cfg.quorum and in_sync < eng.majority else ""
     if short and not note:
-        note = (f"volume {eng.cfg.volume}: the replicas changed since the last commit; the "
-                "first commit needs a majority of the replicas before the change too ("
+        note = (f"volume {eng.cfg.volume}: the replicas or the commit quorum changed since "
+                "the last quorum commit; the first commit needs a majority of its replicas "
+                "too ("
                 + "; ".join(f"{len(eng._rw_set & v)} of {', '.join(sorted(v))}"
                             for v in short)
                 + "): writes fail until a resync brings one back")

@@ -144,8 +144,8 @@ class Engine:
         # Quorum mode: the (RW set, joiners) left unwritten because it is not a majority.
         self._unwritten: tuple[frozenset[str], frozenset[str]] | None = None
         self._adopt_pending = ""        # quorum mode: the suspect source, adopted once committed
-        # Quorum mode: voter sets the first commit must hold a majority of too (the replicas
-        # changed since the newest commit the start saw: generation.prior_voters).
+        # Voter sets the first commit must hold a majority of too (the replicas or the quorum
+        # setting changed since the newest commit the start saw: generation.prior_voters).
         self.prior_voters: list[frozenset[str]] = []
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
@@ -198,7 +198,8 @@ class Engine:
         for r in chosen:
             if r.stat["size"] < self.size and r.client:
                 r.stat = r.client.control({"op": "expand", "size": self.size})
-        if decision.adopt and self.cfg.quorum and len(decision.rw) < self.majority:
+        if decision.adopt and ((self.cfg.quorum and len(decision.rw) < self.majority)
+                               or self.prior_voters):
             # Adopted now, the suspect source could clear its Dirty flag (a flush) while the
             # last commit still names replicas at its revision with other content: adopted
             # only right after the first commit this engine writes (engine/commit.py).

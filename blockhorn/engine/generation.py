@@ -95,8 +95,9 @@ class Decision:
     adopt: bool                     # the source is suspect: the engine adopts it explicitly
     resync: list[str] = field(default_factory=list)   # reachable replicas to resync
     why: str = ""
-    # Quorum mode: the voters of the newest commit seen, where they differ from this engine's
-    # (the replicas changed since): its first commit must hold a majority of each as well.
+    # The voters of the newest commit seen, where they differ from this engine's (the
+    # replicas changed since) or this engine is not in quorum mode: its first commit must
+    # hold a majority of each as well (`prior_voters`).
     prior_voters: list[frozenset[str]] = field(default_factory=list)
 
 
