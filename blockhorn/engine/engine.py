@@ -143,6 +143,8 @@ class Engine:
         # member), and replica -> the last migration's target and progress.
         self.shadows: dict[str, ReplicaState] = {}
         self.migrations: dict[str, dict[str, Any]] = {}
+        self.fenced = ""   # why every request fails now (engine/ping.py fence_if_lease_lost)
+        self.fenced_at = 0.0
 
     # --- start / stop ------------------------------------------------------------------------
 
@@ -391,6 +393,8 @@ class Engine:
     # --- data path ---------------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> None:
+        if self.fenced:
+            raise ReplicaUnavailable(self.fenced)
         if offset < 0 or length < 0:
             raise InvalidArgument(f"bad range {offset}+{length}")
         if offset + length > self.size:
@@ -426,6 +430,8 @@ class Engine:
                     return None
                 op, offset, length, data = self._widen(op, offset, length, data)
             targets = self._targets
+            if self.fenced:
+                raise ReplicaUnavailable(self.fenced)
             if self.no_quorum():
                 # Not sent at all: nothing could be acknowledged, and a replica (the source,
                 # not adopted yet) must not change under a commit that names others.
@@ -574,7 +580,8 @@ class Engine:
         readers = self._readers
         local = readers[0].local if readers else None
         view = memoryview(buf).cast("B")
-        if local is None or len(local.fds) != 1 or offset < 0 or offset + len(view) > self.size:
+        if local is None or len(local.fds) != 1 or offset < 0 or offset + len(view) > self.size \
+                or self.fenced:
             return False
         try:
             if os.preadv(local.head, [view], offset, os.RWF_NOWAIT) != len(view):
