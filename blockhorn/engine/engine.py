@@ -38,12 +38,7 @@ from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.commit import NoQuorum
 from blockhorn.engine.limits import Limits
 from blockhorn.engine.local import LocalChain
-from blockhorn.engine.ping import (
-    MAINT_TICK_S,
-    PING_INTERVAL_S,
-    fence_if_lease_lost,
-    ping_replicas,
-)
+from blockhorn.engine.ping import maintain
 from blockhorn.engine.rebuild import progress_of, rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
@@ -61,7 +56,6 @@ from blockhorn.types import (
 
 log = logging.getLogger("blockhorn.engine")
 
-REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
 LOCAL_RETIRE_S = 60.0        # replaced local-read descriptors are closed after this long
 MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
 PURGE_WAIT_S = 3600.0        # purge(wait=True) gives up after this long
@@ -225,7 +219,8 @@ class Engine:
         for r in stale:
             r.mode = ReplicaMode.ERR
             self.rebuild(r.ref.name)
-        self._maint = threading.Thread(target=self._maintain, name="maintain", daemon=True)
+        self._maint = threading.Thread(target=maintain, args=(self,), name="maintain",
+                                       daemon=True)
         self._maint.start()
 
     # --- generations -------------------------------------------------------------------------
@@ -766,45 +761,6 @@ class Engine:
         return {"size": self.size}
 
     # --- maintenance and status --------------------------------------------------------------
-
-    def _maintain(self) -> None:
-        """Ping live replicas; retry ERR ones (a restarted process, a healed network)."""
-        last_retry = last_chores = time.monotonic()
-        while not self._stop.wait(MAINT_TICK_S):
-            if self.cfg.beat_file:
-                fence_if_lease_lost(self)
-            ping_replicas(self)
-            if time.monotonic() - last_chores < PING_INTERVAL_S:
-                continue
-            last_chores = time.monotonic()
-            self._close_retired()
-            self._refresh_local()
-            # A replica lost while idle: record it before the next write needs to. Not while
-            # another thread commits (its commit covers it): waiting here would stop the pings.
-            if not self.commit_lock.locked():
-                try:
-                    self.commit_if_needed(require_quorum=False)
-                except BlockhornError as e:
-                    log.error("volume %s: commit failed: %s", self.cfg.volume, e)
-            if time.monotonic() - last_retry >= REBUILD_RETRY_S:
-                last_retry = time.monotonic()
-                for r in list(self.replicas.values()):
-                    if r.mode == ReplicaMode.ERR and (
-                            r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
-                        self.rebuild(r.ref.name)
-
-    def _refresh_local(self) -> None:
-        """A purge changes a replica's chain behind the engine's back: when the chain the
-        replica reports (STAT, every ping) differs from the files open here, reopen them —
-        the old descriptors would keep folded-away files alive on disk."""
-        for r in list(self.replicas.values()):
-            local = r.local
-            if local is not None and r.mode == ReplicaMode.RW \
-                    and local.names != list(r.stat.get("chain") or []):
-                with self.state_lock:
-                    if r.local is local and r.mode == ReplicaMode.RW:
-                        self._open_local(r)
-                        self._update_readers()
 
     def status(self) -> dict[str, Any]:
         replicas = []

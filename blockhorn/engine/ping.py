@@ -26,6 +26,7 @@ log = logging.getLogger("blockhorn.engine")
 
 PING_INTERVAL_S = 2.0        # every live replica is pinged (STAT) this often to notice hangs
 FENCED_EXIT_S = 2.0          # seconds a self-fenced engine fails requests before it exits
+REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) this often
 MAINT_TICK_S = 0.25          # how often outstanding pings are looked at (and a commit's wait)
 
 
@@ -97,3 +98,46 @@ def fence_if_lease_lost(eng: Engine) -> None:
     log.critical("%s and nobody fenced this engine (its daemon and dead man's switch are gone, "
                  "or cut off): the volume may move to another node; every request fails from "
                  "now on, and the engine stops in %.0f s", eng.fenced, FENCED_EXIT_S)
+
+
+def maintain(eng: Engine) -> None:
+    """The engine's maintenance thread: ping live replicas; retry ERR ones (a restarted
+    process, a healed network); on a cluster node, fence the engine when the node's lease
+    may run out."""
+    last_retry = last_chores = time.monotonic()
+    while not eng._stop.wait(MAINT_TICK_S):
+        if eng.cfg.beat_file:
+            fence_if_lease_lost(eng)
+        ping_replicas(eng)
+        if time.monotonic() - last_chores < PING_INTERVAL_S:
+            continue
+        last_chores = time.monotonic()
+        eng._close_retired()
+        refresh_local(eng)
+        # A replica lost while idle: record it before the next write needs to. Not while
+        # another thread commits (its commit covers it): waiting here would stop the pings.
+        if not eng.commit_lock.locked():
+            try:
+                eng.commit_if_needed(require_quorum=False)
+            except BlockhornError as e:
+                log.error("volume %s: commit failed: %s", eng.cfg.volume, e)
+        if time.monotonic() - last_retry >= REBUILD_RETRY_S:
+            last_retry = time.monotonic()
+            for r in list(eng.replicas.values()):
+                if r.mode == ReplicaMode.ERR and (
+                        r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
+                    eng.rebuild(r.ref.name)
+
+
+def refresh_local(eng: Engine) -> None:
+    """A purge changes a replica's chain behind the engine's back: when the chain the
+    replica reports (STAT, every ping) differs from the files open here, reopen them — the
+    old descriptors would keep folded-away files alive on disk."""
+    for r in list(eng.replicas.values()):
+        local = r.local
+        if local is not None and r.mode == ReplicaMode.RW \
+                and local.names != list(r.stat.get("chain") or []):
+            with eng.state_lock:
+                if r.local is local and r.mode == ReplicaMode.RW:
+                    eng._open_local(r)
+                    eng._update_readers()
