@@ -161,8 +161,17 @@ def lookup(name: str) -> Setting:
 class Settings:
     """The settings of one daemon home, over its state store."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, values: dict[str, str] | None = None) -> None:
         self.store = store
+        self._values = values   # a snapshot (`snapshot`), else the store is read each time
+
+    @classmethod
+    def snapshot(cls, store: StateStore) -> Settings:
+        """The settings as stored now, read once (on etcd, one round trip for many gets)."""
+        return cls(store, store.setting_values())
+
+    def _stored(self) -> dict[str, str]:
+        return self._values if self._values is not None else self.store.setting_values()
 
     def get(self, name: str) -> bool | int | str:
         value: bool | int | str = self.describe(name)["value"]
@@ -181,10 +190,10 @@ class Settings:
         return value
 
     def describe(self, name: str) -> dict[str, Any]:
-        return self._describe(lookup(name), self.store.setting_values())
+        return self._describe(lookup(name), self._stored())
 
     def list(self) -> list[dict[str, Any]]:
-        stored = self.store.setting_values()
+        stored = self._stored()
         return [self._describe(REGISTRY[n], stored) for n in sorted(REGISTRY)]
 
     def set(self, name: str, value: Any) -> dict[str, Any]:

@@ -241,6 +241,7 @@ class VolumeManager:
     def write_configs(self, name: str) -> None:
         vol = self.store.volume(name)
         reps = self.store.replicas(name)
+        settings = Settings.snapshot(self.store)
         for r in reps:
             if self.is_local(r):   # another node writes its replicas' configs
                 self.write_replica_config(name, vol.size, r)
@@ -249,12 +250,11 @@ class VolumeManager:
                      key_file=self.home.key, control_socket=self.home.control_socket(name),
                      record=self.home.generation_record(name),
                      rebuild_limits=self.home.rebuild_limits,
-                     timeout_s=float(Settings(self.store).get_int(ENGINE_REPLICA_TIMEOUT)),
+                     timeout_s=float(settings.get_int(ENGINE_REPLICA_TIMEOUT)),
                      epoch=vol.epoch,   # the replicas refuse engines of older attachments
                      salvage=(vol.salvage or {}).get("replica", ""),
                      salvage_id=(vol.salvage or {}).get("id", ""),
-                     quorum=commit_quorum(Settings(self.store), self.cluster is not None,
-                                          len(reps)),
+                     quorum=commit_quorum(settings, self.cluster is not None, len(reps)),
                      # A cluster node's engine stops itself when its node's fence is due
                      # and nobody ran it (engine/ping.py fence_if_lease_lost).
                      beat_file=liveness.beat_path(self.home.root) if self.cluster else "",
