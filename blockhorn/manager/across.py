@@ -166,6 +166,8 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str,
             raise Busy(f"node {node!r} is down: attach the volume on a node that is up")
         if vol.standby:
             raise Busy(f"volume {name!r} is a DR standby: activate it first")
+        from blockhorn.manager.maintenance import check_attachable
+        check_attachable(vol)   # attached here for a moment by a snapshot/expand/restore
         if vol.desired == "attached":
             old = vol.node or vm.me or ""
             if vm.cluster.is_up(old) or vol.access_mode == "rwx":

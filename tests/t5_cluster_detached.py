@@ -1,0 +1,203 @@
+"""Tier 5: a detached volume whose replicas live on other nodes, worked on from a node that
+holds none of them (three namespace hosts, tests/support/cluster_site.py):
+
+- snapshot create/ls/rm, expand and purge asked of that node run through a maintenance
+  attach there (manager/maintenance.py): the data reads the same afterwards (checksums), the
+  volume is detached again with every replica stopped, and a user's attach while one runs
+  is refused with the maintenance named;
+- revert and clone, which need every replica directory on the node asked, are refused with
+  what to do instead, nothing changed;
+- a backup asked of that node (the volume detached, then attached there: the engine's node
+  holds no replica) reads the snapshot from a node that holds one (manager/backup_peer.py);
+  a restore into a new volume of the cluster writes through an engine over NBD: checksums
+  equal.
+
+The cluster is module-scoped and the tests run in this order (they share the volume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import nbd
+import pytest
+from conftest import needs_root
+from support.cluster_site import ROOT, Site, cluster_site, wait_until
+
+pytestmark = needs_root()
+
+MiB = 1 << 20
+VOL = "dv"
+state: dict[str, Any] = {}   # what the tests in order hand on (checksums, backup URL)
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd not installed (apt-get install etcd-server)")
+    root = os.path.join("/tmp", f"bhd{os.getpid()}")   # short: sockets live under the homes
+    try:
+        with cluster_site(root, 3) as s:
+            yield s
+    finally:
+        if not os.environ.get("BLOCKHORN_KEEP_SITE"):
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def digest(uri: str, length: int | None = None, write_seed: int | None = None) -> str:
+    """sha256 of the volume's first `length` bytes (all: None), after writing a pattern of
+    spread 64 KiB blocks and flushing when `write_seed` is given."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        size = h.get_size()
+        if write_seed is not None:
+            block = 64 * 1024
+            for i in range(48):
+                off = (i * 7919 * block) % (size - block)
+                h.pwrite(hashlib.sha256(f"{write_seed}-{i}".encode()).digest() * (block // 32),
+                         off - off % 4096)
+            h.flush()
+        d = hashlib.sha256()
+        end = size if length is None else length
+        for off in range(0, end, 4 * MiB):
+            d.update(h.pread(min(4 * MiB, end - off), off))
+        return d.hexdigest()
+    finally:
+        h.shutdown()
+
+
+def attach_sum(site: Site, volume: str, host: Any, length: int | None = None,
+               write_seed: int | None = None) -> str:
+    """Attach `volume` on `host` (no device), checksum (after writing), detach."""
+    site.cli(host, "volume", "attach", volume, "--frontend", "none")
+    try:
+        return digest(site.show(host, volume)["endpoint"], length, write_seed)
+    finally:
+        site.cli(host, "volume", "detach", volume)
+        wait_stopped(site, host, volume)
+
+
+def wait_stopped(site: Site, host: Any, volume: str) -> None:
+    wait_until(lambda: all(r["pid"] is None for r in site.show(host, volume)["replicas"]),
+               20, f"every replica of {volume} stopped")
+
+
+def assert_detached(site: Site, host: Any, volume: str) -> None:
+    v = site.show(host, volume)
+    assert v["state"] == "detached" and not v["message"], v
+    assert all(r["pid"] is None for r in v["replicas"]), v
+
+
+def test_snapshots_and_expand_of_a_detached_volume_from_a_node_without_replicas(
+        site: Site) -> None:
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, VOL, 2, [a]) == {b.name, c.name}
+    before = attach_sum(site, VOL, b, write_seed=1)
+    t0 = time.monotonic()
+    site.cli(a, "snapshot", "create", VOL, "s1")
+    assert_detached(site, a, VOL)
+    t_snap = time.monotonic() - t0
+    assert [s["name"] for s in site.json(a, "snapshot", "ls", VOL)] == ["s1"]
+    site.cli(a, "volume", "expand", VOL, "--size", "48MiB")
+    assert site.show(b, VOL)["size"] == 48 * MiB
+    site.cli(a, "snapshot", "create", VOL, "s2")
+    site.cli(a, "snapshot", "rm", VOL, "s1")
+    site.cli(a, "snapshot", "purge", VOL)
+    assert [s["name"] for s in site.json(c, "snapshot", "ls", VOL)] == ["s2"]
+    assert_detached(site, a, VOL)
+    # A name taken is refused through the same maintenance attach, and ends it too.
+    dup = site.cli(a, "snapshot", "create", VOL, "s2", check=False)
+    assert dup.returncode != 0 and "already exists" in dup.stderr, dup.stderr
+    assert_detached(site, a, VOL)
+
+    # The data: the first 32 MiB as written, the new 16 MiB zeros.
+    zeros = hashlib.sha256(bytes(16 * MiB)).hexdigest()
+    site.cli(c, "volume", "attach", VOL, "--frontend", "none")
+    try:
+        uri = site.show(c, VOL)["endpoint"]
+        assert digest(uri, 32 * MiB) == before
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            assert h.get_size() == 48 * MiB
+            assert hashlib.sha256(h.pread(16 * MiB, 32 * MiB)).hexdigest() == zeros
+        finally:
+            h.shutdown()
+        state["sum"] = digest(uri)
+    finally:
+        site.cli(c, "volume", "detach", VOL)
+        wait_stopped(site, a, VOL)
+    print(f"snapshot create through a maintenance attach: {t_snap:.1f} s")
+
+
+def test_attach_during_maintenance_is_refused(site: Site) -> None:
+    a, b, c = site.hosts
+    env = site.env()
+    proc = subprocess.Popen([sys.executable, "-m", "blockhorn", "--home", a.home, "snapshot",
+                             "create", VOL, "busy"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (site.show(b, VOL)["message"] or "").startswith(
+            "maintenance on node"), 30, "the maintenance attach marked")
+        refused = site.cli(b, "volume", "attach", VOL, "--frontend", "none", check=False)
+        assert refused.returncode != 0
+        assert f"maintenance on node {a.name}: snapshot create busy" in refused.stderr, \
+            refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert_detached(site, a, VOL)
+
+
+def test_revert_and_clone_refused_with_what_to_do(site: Site) -> None:
+    a, b, c = site.hosts
+    r = site.cli(a, "snapshot", "revert", VOL, "s2", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "needs every replica" in r.stderr and "backup restore" in r.stderr, r.stderr
+    r = site.cli(a, "volume", "create", "cl", "--from-snapshot", f"{VOL}/s2", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "backup restore" in r.stderr, r.stderr
+    assert "cl" not in {v["name"] for v in site.json(a, "volume", "ls")}
+    assert_detached(site, a, VOL)
+
+
+def test_backup_from_a_node_without_replicas_and_restore(site: Site) -> None:
+    a, b, c = site.hosts
+    target = os.path.join(site.root, "backups")
+    os.makedirs(target)
+    site.cli(a, "backup", "target", "set", "default", f"file://{target}")
+    t0 = time.monotonic()
+    detached = site.json(a, "backup", "create", VOL)   # a new snapshot, then the backup
+    t_backup = time.monotonic() - t0
+    assert detached["state"] == "complete", detached
+    assert_detached(site, a, VOL)
+
+    # Attached on a: the engine's node holds no replica; the backup reads b's or c's.
+    site.cli(a, "volume", "attach", VOL, "--frontend", "none")
+    try:
+        attached = site.json(a, "backup", "create", VOL)
+    finally:
+        site.cli(a, "volume", "detach", VOL)
+        wait_stopped(site, a, VOL)
+    assert attached["state"] == "complete" and attached["incremental"], attached
+
+    t0 = time.monotonic()
+    site.cli(a, "backup", "restore", attached["url"], "rv", "--replicas", "2")
+    t_restore = time.monotonic() - t0
+    rv = site.show(a, "rv")
+    assert rv["state"] == "detached" and not rv["message"], rv
+    assert {r["node"] for r in rv["replicas"]} != {a.name}   # at least one elsewhere
+    assert attach_sum(site, "rv", c) == state["sum"]
+    print(f"backup (detached, read from another node): {t_backup:.1f} s; "
+          f"restore through a maintenance attach: {t_restore:.1f} s")
+    site.cli(a, "volume", "rm", "rv")
+    site.cli(a, "volume", "rm", VOL)
