@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import nbd
 import pytest
 from conftest import needs_root
-from support.cluster_site import ROOT, Site, cluster_site, wait_until
+from support.cluster_site import ROOT, Site, module_site, wait_until
 
 pytestmark = needs_root()
 
@@ -40,15 +39,8 @@ state: dict[str, Any] = {}   # what the tests in order hand on (checksums, backu
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
-    if shutil.which("etcd") is None:
-        pytest.skip("etcd not installed (apt-get install etcd-server)")
-    root = os.path.join("/tmp", f"bhd{os.getpid()}")   # short: sockets live under the homes
-    try:
-        with cluster_site(root, 3) as s:
-            yield s
-    finally:
-        if not os.environ.get("BLOCKHORN_KEEP_SITE"):
-            shutil.rmtree(root, ignore_errors=True)
+    with module_site("bhd") as s:
+        yield s
 
 
 def digest(uri: str, length: int | None = None, write_seed: int | None = None) -> str:
