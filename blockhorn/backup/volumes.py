@@ -194,6 +194,9 @@ class ReplicaSink:
         self.replicas = []
 
 
+NBD_ZERO_MAX = 1 << 30   # bytes zeroed per NBD request
+
+
 class NbdSink:
     """A volume's engine, written over NBD (libnbd: one handle, whose calls may come from
     several threads). Only what the restore writes is sent: holes stay holes."""
@@ -212,9 +215,11 @@ class NbdSink:
             self.handle.pwrite(bytes(data), offset)
 
     def zero(self, offset: int, length: int) -> None:
-        length = min(length, self.size - offset)   # the last block may pass the end
-        if length > 0:
-            self.handle.zero(length, offset)
+        end = min(offset + length, self.size)   # the last block may pass the end
+        while offset < end:   # NBD requests carry a 32-bit length
+            n = min(end - offset, NBD_ZERO_MAX)
+            self.handle.zero(n, offset)
+            offset += n
 
     def flush(self) -> None:
         self.handle.flush()

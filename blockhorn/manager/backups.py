@@ -431,24 +431,16 @@ class BackupService:
                 if self.store.volume(volume).desired == "attached":
                     raise Busy(f"volume {volume!r} is attached: detach it before restoring "
                                "into it")
-                if not maintenance.needed(self.volumes, volume):
-                    sink: Any = bk.ReplicaSink(self._local_dirs(volume))
-                    return self._restore(target, parsed, sink, job, last_backup)
-                # Replicas on other nodes: through an engine here, which writes them all.
-                with maintenance.attached_here(self.volumes, volume,
-                                               f"restore of backup {parsed.backup}"):
-                    sink = bk.NbdSink(self.volumes._uri(self.store.engine(volume).nbd_socket))
+                with maintenance.restore_sink(self.volumes, volume,
+                                              f"restore of backup {parsed.backup}") as sink:
                     return self._restore(target, parsed, sink, job, last_backup)
         finally:
             target.close()
 
     def _restore(self, target: bk.Target, parsed: bk.BackupURL, sink: Any,
                  job: dict[str, Any] | None, last_backup: str | None) -> dict[str, Any]:
-        try:
-            prog = self._progress(job) if job else None
-            if last_backup:
-                return bk.incremental_restore(target, parsed.volume, parsed.backup,
-                                              last_backup, sink, progress=prog)
-            return bk.restore(target, parsed.volume, parsed.backup, sink, progress=prog)
-        finally:
-            sink.close()
+        prog = self._progress(job) if job else None
+        if last_backup:
+            return bk.incremental_restore(target, parsed.volume, parsed.backup, last_backup,
+                                          sink, progress=prog)
+        return bk.restore(target, parsed.volume, parsed.backup, sink, progress=prog)

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blockhorn.types import Busy
 
@@ -77,12 +77,36 @@ def attached_here(vm: VolumeManager, name: str, what: str) -> Iterator[None]:
         log.info("volume %s: maintenance for %s over", name, what)
 
 
+@contextmanager
+def restore_sink(vm: VolumeManager, name: str, what: str) -> Iterator[Any]:
+    """Where a restore into detached volume `name` writes (a blockhorn.backup Sink, closed
+    after): its replica directories when they are all here (one host), else its engine over
+    NBD in a maintenance attach here (the engine writes every replica). The caller holds
+    vm.locked(name)."""
+    from blockhorn import backup as bk
+    if not needed(vm, name):
+        sink: Any = bk.ReplicaSink([r.directory for r in vm.store.replicas(name)])
+        try:
+            yield sink
+        finally:
+            sink.close()
+        return
+    with attached_here(vm, name, what):
+        sink = bk.NbdSink(vm._uri(vm.store.engine(name).nbd_socket))
+        try:
+            yield sink
+        finally:
+            sink.close()
+
+
 def _wait_remote_stopped(vm: VolumeManager, name: str) -> None:
     """Until every other node that is up stopped its replica (its supervisor does, within a
     tick): the next attach must not find one still stopping."""
     assert vm.cluster is not None
     deadline = time.monotonic() + STOP_WAIT_S
     while time.monotonic() < deadline:
+        if vm.store.volume(name).desired == "attached":
+            return   # attached again meanwhile (a user's attach): its replicas stay up
         running = [r for r in vm.store.replicas(name) if not vm.is_local(r)
                    and r.process is not None and vm.cluster.is_up(r.node or "")]
         if not running:
