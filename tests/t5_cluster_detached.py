@@ -196,58 +196,47 @@ def test_backup_from_a_node_without_replicas_and_restore(site: Site) -> None:
         wait_stopped(site, a, VOL)
     assert attached["state"] == "complete" and attached["incremental"], attached
 
-    # The data of the expanded volume: as written, the new 16 MiB zeros.
-    site.cli(c, "volume", "attach", VOL, "--frontend", "none")
-    try:
-        uri = site.show(c, VOL)["endpoint"]
-        assert digest(uri, 32 * MiB) == state["written"]
-        h = nbd.NBD()
-        h.connect_uri(uri)
-        try:
-            assert h.get_size() == 48 * MiB
-            assert not any(h.pread(16 * MiB, 32 * MiB))
-        finally:
-            h.shutdown()
-        whole = digest(uri)
-    finally:
-        site.cli(c, "volume", "detach", VOL)
-        wait_stopped(site, a, VOL)
-
     t0 = time.monotonic()
     site.cli(a, "backup", "restore", attached["url"], "rv", "--replicas", "2")
     t_restore = time.monotonic() - t0
     rv = site.show(a, "rv")
     assert rv["state"] == "detached" and not rv["message"], rv
     assert {r["node"] for r in rv["replicas"]} != {a.name}   # at least one elsewhere
-    assert attach_sum(site, "rv", c) == whole
-    print(f"backup (detached, read from another node): {t_backup:.1f} s; "
-          f"restore through a maintenance attach: {t_restore:.1f} s")
-    site.cli(a, "volume", "rm", "rv")
-
-    # A DR standby on the cluster, asked of a: restored in full, then one incremental step
-    # (new data, and a range of old data overwritten with zeros) through maintenance attaches.
+    # A DR standby on the cluster, asked of a: restored in full (the same backup) now.
     site.cli(a, "volume", "create", "sb", "--standby-from", f"file://{target}?volume={VOL}",
              "--replicas", "2")
+    assert_detached(site, a, "sb")
+
     site.cli(c, "volume", "attach", VOL, "--frontend", "none")
     try:
         uri = site.show(c, VOL)["endpoint"]
+        # The data of the expanded volume: as written, the new 16 MiB zeros.
+        assert digest(uri, 32 * MiB) == state["written"]
         h = nbd.NBD()
         h.connect_uri(uri)
         try:
-            h.pwrite(bytes(2 * MiB), 0)                    # held data: zeros now
-            h.pwrite(b"standby" * 4096, 40 * MiB)          # in the expanded part
+            assert h.get_size() == 48 * MiB
+            assert not any(h.pread(16 * MiB, 32 * MiB))
+            whole = digest(uri)
+            # For the standby's incremental step: old data zeroed, new data.
+            h.pwrite(bytes(2 * MiB), 0)
+            h.pwrite(b"standby" * 4096, 40 * MiB)
             h.flush()
         finally:
             h.shutdown()
         changed = digest(uri)
+        site.json(a, "backup", "create", VOL)   # forwarded to c, which holds a replica
     finally:
         site.cli(c, "volume", "detach", VOL)
         wait_stopped(site, a, VOL)
-    site.json(a, "backup", "create", VOL)
+
+    assert attach_sum(site, "rv", c) == whole
+    print(f"backup (detached, read from another node): {t_backup:.1f} s; "
+          f"restore through a maintenance attach: {t_restore:.1f} s")
     st = site.json(a, "volume", "standby-sync", "sb")
     assert st["applied_now"] and not st["error"], st
     assert_detached(site, a, "sb")
     site.cli(a, "volume", "activate", "sb")
     assert attach_sum(site, "sb", b) == changed
-    site.cli(a, "volume", "rm", "sb")
-    site.cli(a, "volume", "rm", VOL)
+    for v in ("rv", "sb", VOL):
+        site.cli(a, "volume", "rm", v)
