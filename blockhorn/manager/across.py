@@ -166,11 +166,11 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str,
             raise Busy(f"node {node!r} is down: attach the volume on a node that is up")
         if vol.standby:
             raise Busy(f"volume {name!r} is a DR standby: activate it first")
-        from blockhorn.manager.maintenance import check_attachable
-        check_attachable(vol)   # attached here for a moment by a snapshot/expand/restore
         if vol.desired == "attached":
             old = vol.node or vm.me or ""
             if vm.cluster.is_up(old) or vol.access_mode == "rwx":
+                from blockhorn.manager.maintenance import check_attachable
+                check_attachable(vol)   # attached there for a snapshot/expand/restore
                 raise Busy(f"volume {name!r} is already attached (on node {old}): detach it "
                            "first" + (" (an RWX share moves by itself)"
                                       if vol.access_mode == "rwx" else ""))
