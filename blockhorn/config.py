@@ -132,11 +132,18 @@ class EngineConfig(_Loadable):
     # may get: past that the engine kills itself (engine/ping.py fence_if_lease_lost). "": none.
     beat_file: str = ""
     fence_after_s: float = 0.0
+    # Moves the daemon has not finished (a drain's: engine/migrate.py): each the target of
+    # the replica of the same name, which may have been swapped in before this start.
+    moving: list[ReplicaRef] = field(default_factory=list)
 
     def validate(self) -> None:
         check_name(self.volume)
         self.replicas = [r if isinstance(r, ReplicaRef) else ReplicaRef(**r)
                          for r in self.replicas]
+        self.moving = [r if isinstance(r, ReplicaRef) else ReplicaRef(**r)
+                       for r in self.moving]
+        if {r.name for r in self.moving} - {r.name for r in self.replicas}:
+            raise InvalidArgument("moving: a move target of a replica the volume does not have")
         if not self.replicas:
             raise InvalidArgument("engine config lists no replicas")
         for r in self.replicas:

@@ -20,6 +20,10 @@ record of the last one is not there) — also while the old one runs on, fenced 
 the new one reached (`take_over`, `zombie_write`: what it acknowledges counts); the leader
 replaces a replica (a new, empty directory under the same name) while an engine runs; the
 voters change (a replica added or removed) between two engines.
+
+Both machines also move a replica the way `node drain` does (`migrate`: rebuilt beside it,
+swapped in under its name; a start before the store is pointed at the new directory resolves
+the move as engine/migrate.py's `resolve_at_start`, with the target reachable or not).
 """
 
 from __future__ import annotations
@@ -95,6 +99,8 @@ class GenerationMachine(RuleBasedStateMachine):
     quorum = False
     fence = True          # replicas refuse an engine of an older attach epoch
     defer_adopt = True    # quorum mode: a start without a majority adopts after its commit
+    mark_old = True       # migrate: the old directory is marked Rebuilding at the swap
+    hide_old = True       # a start: an old directory whose target is unreachable hides
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
@@ -117,6 +123,9 @@ class GenerationMachine(RuleBasedStateMachine):
         self.flushed: set[int] = set()
         self.pending_join: set[str] = set()
         self.crash_at: int | None = None      # commit steps left before the engine crashes
+        # Moves marked but not finished in the store (`migrate`): name -> (old, new) directory.
+        # `reps[name]` is the one the running (or last) engine uses for the name.
+        self.moves: dict[str, tuple[Rep, Rep]] = {}
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -191,18 +200,36 @@ class GenerationMachine(RuleBasedStateMachine):
 
     # --- rules ------------------------------------------------------------------------------
 
+    def _resolve_moves(self, unreachable: set[str], target_down: bool) -> set[str]:
+        """engine/migrate.py resolve_at_start for every unfinished move: sets `reps[name]`
+        to the directory that answers for the name; returns names that must not answer."""
+        hidden = set()
+        for name, (old, new) in self.moves.items():
+            old_up = old.running and not old.lost and name not in unreachable
+            new_up = new.running and not new.lost and not target_down
+            self.reps[name] = old
+            if not old_up or not old.rebuilding:
+                continue           # not probed (unreachable), or the old one is current
+            if new_up and not new.rebuilding:
+                self.reps[name] = new          # swapped in and joined before this start
+            elif not new_up and self.hide_old:
+                hidden.add(name)               # the target may carry newer commits
+        return hidden
+
     @precondition(lambda self: not self.engine_up)
     @rule(crash_at=crash(6), unreachable=UNREACHABLE,
-          move=st.booleans())
+          move=st.booleans(), target_down=st.booleans())
     def start_engine(self, crash_at: int | None, unreachable: set[str] = frozenset(),
-                     move: bool = False) -> None:
+                     move: bool = False, target_down: bool = False) -> None:
         """A new engine: replicas in `unreachable` do not answer it. `move` (quorum mode: a
-        cluster): it runs on another node, where the last engine's record is not."""
+        cluster): it runs on another node, where the last engine's record is not.
+        `target_down`: the targets of unfinished moves do not answer it."""
         self.crash_at = crash_at
         self.send_fail = None
         self.fenced = set()
         if self.quorum and move:
             self.record = None
+        unreachable = set(unreachable) | self._resolve_moves(set(unreachable), target_down)
         seen = [r.seen() for r in self.reps.values()
                 if r.running and not r.lost and r.name not in unreachable]
         if self.zombie is not None:     # the handshake fences before the rule reads
@@ -332,6 +359,50 @@ class GenerationMachine(RuleBasedStateMachine):
         except (Crash, ReplicaUnavailable):
             self.engine_up = False
 
+    @precondition(lambda self: self._up() and self.zombie is None)
+    @rule(name=st.sampled_from(NAMES), crash_at=crash(8))
+    def migrate(self, name: str, crash_at: int | None) -> None:
+        """node drain (engine/migrate.py): a copy of RW replica `name` rebuilt in a new
+        directory beside it (writes meanwhile reach both: the same as copying after them),
+        then the swap: the old one marked Rebuilding, the new one takes the name and joins.
+        The store names the old directory until `finish_move`."""
+        self.crash_at = crash_at
+        self.send_fail = None
+        old = self.reps.get(name)
+        if old is None or name not in self.rw or name in self.pending_join \
+                or name in self.moves or not old.running or self._no_quorum():
+            return
+        new = Rep(name, members=frozenset(), rebuilding=True)
+        try:
+            self._step()
+            new.data = list(old.data)          # in sync; its final FLUSH
+            new.durable = len(new.data)
+            new.revision = new.persisted_rev = old.revision
+            self._step()
+            old.rebuilding = self.mark_old     # durable before the swap
+            self.moves[name] = (old, new)
+            self.reps[name] = new
+            self._step()
+        except Crash:
+            if name not in self.moves:
+                return                          # the target is never trusted: dropped
+            self.reps[name] = old
+            return
+        self.pending_join.add(name)             # the slot stays RW; the join commit follows
+        try:
+            self._commit(require_quorum=False)
+        except (Crash, ReplicaUnavailable):
+            self.engine_up = False
+
+    @precondition(lambda self: self.engine_up and bool(self.moves))
+    @rule()
+    def finish_move(self) -> None:
+        """The daemon saw the swap in the engine's status: the store names the new directory;
+        the old one is removed."""
+        for name, (_old, new) in list(self.moves.items()):
+            if self.reps[name] is new:
+                del self.moves[name]
+
     @precondition(lambda self: self._up())
     @rule(name=st.sampled_from(NAMES))
     def notice_lost(self, name: str) -> None:
@@ -366,7 +437,9 @@ class GenerationMachine(RuleBasedStateMachine):
         """Every host loses power: of what was not flushed, some prefix may have reached the
         disk anyway (writeback); processes restart, the engine dies."""
         self.engine_up = False
-        for r, k in zip(self.reps.values(), kept, strict=False):
+        others = [d for pair in self.moves.values() for d in pair
+                  if all(d is not r for r in self.reps.values())]
+        for r, k in zip([*self.reps.values(), *others], kept + [0] * len(others), strict=False):
             r.data = r.data[:min(len(r.data), r.durable + k)]
             r.durable = len(r.data)
             r.suspect = True
@@ -395,6 +468,7 @@ class GenerationMachine(RuleBasedStateMachine):
         empty directory under the same name, Rebuilding (its old disk is never asked again)."""
         if name in self.voters and name not in self.rw:
             self.reps[name] = Rep(name, members=frozenset(), rebuilding=True)
+            self.moves.pop(name, None)    # move_replica gives a move up
             self.pending_join.discard(name)
             if self.zombie is not None:   # an old engine knows only the old address
                 self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
@@ -405,7 +479,8 @@ class GenerationMachine(RuleBasedStateMachine):
     def _engine_state(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.ENGINE}
 
-    @precondition(lambda self: self.quorum and self._up() and self.zombie is None)
+    @precondition(lambda self: self.quorum and self._up() and self.zombie is None
+                  and not self.moves)
     @rule(crash_at=crash(6), unreachable=UNREACHABLE)
     def take_over(self, crash_at: int | None, unreachable: set[str]) -> None:
         """The engine's node is declared dead but its engine runs on (paused, cut off): a
@@ -718,3 +793,43 @@ def test_a_start_without_a_majority_adopts_only_after_its_commit() -> None:
     early = type("Early", (QuorumMachine,), {"defer_adopt": False})()
     with pytest.raises(AssertionError, match="RW replicas differ"):
         _adopted_without_commit(early)
+
+
+# --- moving a replica (node drain): both parts of the swap's argument are needed -----------
+
+def _move_then_old_answers(m: GenerationMachine) -> None:
+    """Moved and joined, a write acknowledged and flushed after the swap; the engine dies
+    before the store names the new directory; the next start reaches only the old one."""
+    m.setup(use_record=True)
+    m.start_engine(crash_at=None)
+    m.write(fails=frozenset(), torn=False, crash_at=None)
+    m.migrate("c", crash_at=None)
+    m.write(fails=frozenset(), torn=False, crash_at=None)
+    m.flush(crash_at=None)
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, unreachable={"a", "b"})
+
+
+def _move_then_target_down(m: GenerationMachine) -> None:
+    """Moved and joined; the others fail a write, which the new directory alone takes; the
+    engine dies before finish_move; a start on another node (no record) cannot reach the
+    target: the old directory must not answer for the name."""
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.write(fails=frozenset(), torn=False, crash_at=None)
+    m.migrate("c", crash_at=None)
+    m.write(fails=frozenset({"a", "b"}), torn=False, crash_at=None)
+    m.flush(crash_at=None)
+    m.crash_engine(True)
+    m.start_engine(crash_at=None, target_down=True)
+
+
+@pytest.mark.parametrize(("scenario", "part"), [
+    (_move_then_old_answers, "mark_old"),
+    (_move_then_target_down, "hide_old"),
+])
+def test_each_part_of_the_move_is_needed(scenario, part) -> None:
+    scenario(GenerationMachine())        # as built: no acknowledged write lost
+    without = type("Without", (GenerationMachine,), {part: False})()
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        scenario(without)

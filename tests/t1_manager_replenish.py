@@ -112,6 +112,7 @@ def test_version1_store_gains_failed_since(tmp_path: object) -> None:
     db.close()
     store = SqliteStore(path)
     assert store.replicas("v")[0].failed_since is None
+    assert store.replicas("v")[0].moving is None        # schema 7's column, added
     store.set_replica_failed_since("v-r0", 7.0)
     assert SqliteStore(path).replicas("v")[0].failed_since == 7.0
     with sqlite3.connect(path) as db:

@@ -426,3 +426,46 @@ def test_watch_reports_what_supervision_acts_on(kind: str, store: StateStore,
         assert woken.wait(5), "a node coming up did not wake the watcher"
     finally:
         stop()
+
+
+def test_replica_move_start_finish_cancel(kind: str, store: StateStore) -> None:
+    """A drain's move of an attached volume's replica: the row keeps the old replica with a
+    `moving` target until finish_move points it at the target in one step (the target's
+    process and port the replica's, the old directory a leftover: etcd); cancel_move drops
+    the target (its directory a leftover of its node: etcd)."""
+    from blockhorn.control.store import move_port_owner
+    from blockhorn.types import Busy
+    store.add_volume("m", 1 << 20, [("m-r0", "/d0/replicas/m/m-r0", "10.0.0.1:0", "n1"),
+                                    ("m-r1", "/d1/replicas/m/m-r1", "10.0.0.2:0", "n2")],
+                     ("/run/m/nbd.sock", "/run/m/c.sock"), is_free=lambda p: True)
+    old = store.replicas("m")[1]
+    port = store.allocate_port("m", move_port_owner("m-r1"), lambda p: True)
+    store.start_move("m-r1", "n3", "/d3/replicas/m/m-r1", f"10.0.0.3:{port}")
+    store.start_move("m-r1", "n3", "/d3/replicas/m/m-r1", f"10.0.0.3:{port}")   # same: no-op
+    with pytest.raises(Busy):
+        store.start_move("m-r1", "n4", "/d4/replicas/m/m-r1", "10.0.0.4:1")
+    row = store.replicas("m")[1]
+    assert (row.node, row.directory, row.address) == (old.node, old.directory, old.address)
+    assert row.moving is not None and (row.moving.node, row.moving.directory,
+                                       row.moving.process) == ("n3", "/d3/replicas/m/m-r1", None)
+    store.set_move_process("m-r1", ProcessRecord(77, 2.5))
+    assert store.replicas("m")[1].moving.process == ProcessRecord(77, 2.5)  # type: ignore[union-attr]
+    assert store.leftovers("n2") == store.leftovers("n3") == []
+    store.finish_move("m-r1")
+    store.finish_move("m-r1")     # twice (a daemon restarted after the first): no-op
+    row = store.replicas("m")[1]
+    assert (row.node, row.directory, row.address, row.process, row.moving) == \
+        ("n3", "/d3/replicas/m/m-r1", f"10.0.0.3:{port}", ProcessRecord(77, 2.5), None)
+    ports = store.ports("m")
+    assert ports["m-r1"] == port and move_port_owner("m-r1") not in ports
+    if kind == "etcd":
+        assert [x.directory for x in store.leftovers("n2")] == ["/d1/replicas/m/m-r1"]
+    # A move given up: the target's port released, its directory a leftover of its node.
+    port2 = store.allocate_port("m", move_port_owner("m-r0"), lambda p: True)
+    store.start_move("m-r0", "n4", "/d4/replicas/m/m-r0", f"10.0.0.4:{port2}")
+    store.cancel_move("m-r0")
+    row = store.replicas("m")[0]
+    assert (row.node, row.directory, row.moving) == ("n1", "/d0/replicas/m/m-r0", None)
+    assert move_port_owner("m-r0") not in store.ports("m")
+    if kind == "etcd":
+        assert [x.directory for x in store.leftovers("n4")] == ["/d4/replicas/m/m-r0"]

@@ -7,8 +7,11 @@ home, disk and node daemon, on a three-member etcd across three of them
   with what is missing, and nothing is created;
 - a volume written through an engine on host A, detached (asked of host B), attached on host
   B (asked of host A), reads the same: checksums equal;
-- `node drain`: refused with the reason while no node has room (nothing changed), then each
-  replica rebuilt on another node, the data the same;
+- `node drain`: refused with the reason while no node has room (nothing changed), then, under
+  writes, each replica rebuilt on another node before the old one is dropped (the target
+  node's daemon restarted meanwhile): the volume healthy with all its replicas RW at every
+  look during the drain, every acknowledged write read back, the replicas identical
+  (`volume verify`), the old directory removed;
 - `upgrade --all` asked of any node: every node upgrades its engines, reported per node;
 - a node killed (every process, and its link down) under writes: `down` in `node ls`, a
   leader among the live nodes replaces its replica after the (short) replenishment wait, the
@@ -27,6 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -35,7 +40,10 @@ import psutil
 import pytest
 from conftest import needs_root
 from netns_util import set_link
-from support.cluster_site import Site, cluster_site, wait_until
+from support.cluster_site import Site, Writer, cluster_site, wait_until
+
+from blockhorn.engine.control import ControlClient
+from blockhorn.manager.paths import Home
 
 pytestmark = needs_root()
 
@@ -228,19 +236,63 @@ def test_drain_refused_without_room_then_moves_each_replica(site: Site) -> None:
     site.cli(a, "volume", "create", "dr", "--size", "32MiB", "--replicas", "3")
     assert site.nodes_of(a, "dr") == {a.name, b.name, c.name}
     site.cli(a, "volume", "attach", "dr", "--frontend", "none")
-    before = write_pattern(site.show(a, "dr")["endpoint"], seed=2)
+    write_pattern(site.show(a, "dr")["endpoint"], seed=2)
     bad = site.cli(b, "node", "drain", c.name, check=False)
     assert bad.returncode != 0 and f"cannot drain node {c.name}" in bad.stderr, bad.stderr
     assert "no node for a replacement" in bad.stderr
     assert site.json(a, "node", "show", c.name)["schedulable"] is True   # nothing changed
     site.cli(a, "node", "update", d.name, "--schedulable", "yes")
+    # The drain under writes, polling the volume meanwhile: the replica is rebuilt on d before
+    # c's is dropped, so the volume never has fewer than 3 RW replicas. The copy is slowed
+    # down (MiB/s) so that d's daemon can be killed and started again during the move: the
+    # new daemon adopts the target process, whether or not the swap happened meanwhile.
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "2")
+    w = Writer(site.show(a, "dr")["endpoint"])
+    w.start()
+    wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
     t0 = time.monotonic()
-    out = site.cli(b, "node", "drain", c.name).stdout
-    print(f"drain of one replica: {time.monotonic() - t0:.1f} s")
+    drained: list[subprocess.CompletedProcess[str]] = []
+    th = threading.Thread(target=lambda: drained.append(site.cli(b, "node", "drain", c.name,
+                                                                 check=False)))
+    th.start()
+    # The engine's own status (its control socket on a, every 50 ms), and the daemon's view.
+    engine = ControlClient(Home(a.home).control_socket("dr"))
+    seen: list[tuple[str, int]] = []
+    migrated = False
+    restart: threading.Thread | None = None
+
+    def restart_d() -> None:
+        assert d.proc is not None
+        d.proc.kill()
+        d.proc.wait(10)
+        site.start(d)
+
+    while th.is_alive():
+        st = engine.call({"op": "status"})
+        seen.append((st["robustness"], sum(r["mode"] == "RW" for r in st["replicas"])))
+        migrated |= any(r.get("migration") for r in st["replicas"])
+        if restart is None and any((r.get("migration") or {}).get("state") == "running"
+                                   for r in st["replicas"]):
+            restart = threading.Thread(target=restart_d)
+            restart.start()
+        th.join(0.05)
+    assert restart is not None, "the migration was not seen running"
+    restart.join(60)
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "0")
+    v = site.show(a, "dr")
+    seen.append((v["robustness"], sum(r["mode"] == "RW" for r in v["replicas"])))
+    w.finish()
+    assert drained and drained[0].returncode == 0, drained
+    out = drained[0].stdout
+    print(f"drain of one replica under {w.count} writes: {time.monotonic() - t0:.1f} s, "
+          f"{len(seen)} looks at the volume")
+    assert migrated and all(s == ("healthy", 3) for s in seen), seen
     assert f"moved to {d.name}" in out
     assert site.healthy_on(a, "dr", {a.name, b.name, d.name})
+    assert w.check(site.show(a, "dr")["endpoint"]) == 0
+    verify = site.cli(a, "volume", "verify", "dr", check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     assert site.json(a, "node", "show", c.name)["schedulable"] is False
-    assert volume_sum(site.show(a, "dr")["endpoint"]) == before
     # c's daemon stopped its replica process (no longer its own).
     moved = next(r for r in site.show(a, "dr")["replicas"] if r["node"] == d.name)
     assert moved["disk"] == d.disk

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,13 +33,19 @@ from blockhorn.sharemgr.config import ShareConfig
 pytestmark = pytest.mark.skipif(bool(MISSING) or not IS_ROOT,
                                 reason="needs root, NFS-Ganesha and libnfs-utils")
 
-NET = "10.77.0"
+# Names and subnet unique per run (two runs on one machine never meet): namespaces
+# bs<tok>a..e, bridge bs<tok>br, a /24 in 10.192-199.x (support/cluster_site.py takes
+# 10.128-191.x, t5_fault_link_cut 10.64-127.x, t2_sharemgr_address 10.200-249.x).
+TOK = secrets.token_hex(2)
+_rnd = random.Random(TOK)
+NET = f"10.{_rnd.randrange(192, 200)}.{_rnd.randrange(256)}"
 SERVICE = f"{NET}.100/24"
 PORT = 20490
 # servers A and B, clients C and D, E outside the allow-list
-HOSTS = {"bhfa": f"{NET}.1/24", "bhfb": f"{NET}.2/24", "bhfc": f"{NET}.3/24",
-         "bhfd": f"{NET}.4/24", "bhfe": f"{NET}.5/24"}
-BRIDGE = "bhfbr0"
+A, B, C, D, E = (f"bs{TOK}{x}" for x in "abcde")
+HOSTS = {A: f"{NET}.1/24", B: f"{NET}.2/24", C: f"{NET}.3/24", D: f"{NET}.4/24",
+         E: f"{NET}.5/24"}
+BRIDGE = f"bs{TOK}br"
 MiB = 1 << 20
 
 
@@ -76,7 +84,7 @@ def client(ns: str, *argv: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, timeout=20)
 
 
-def client_put(name: str, data: bytes, tmp: str, ns: str = "bhfc") -> bool:
+def client_put(name: str, data: bytes, tmp: str, ns: str = C) -> bool:
     src = os.path.join(tmp, f"src-{ns}")
     with open(src, "wb") as f:
         f.write(data)
@@ -99,7 +107,7 @@ def volume(tmp_path: object) -> Iterator[tuple[ShareConfig, str]]:
     cfg = ShareConfig(volume="vol", device=dev, mount_dir=os.path.join(tmp, "export"),
                       state_dir=os.path.join(tmp, "state"), port=PORT,
                       clients=[{"cidr": HOSTS[ns].split("/")[0] + "/32", "access": "rw"}
-                               for ns in ("bhfc", "bhfd")],
+                               for ns in (C, D)],
                       mkfs_options=["-E", "root_owner=1000:1000"], minor_versions=[0, 1, 2],
                       service_address=SERVICE, interface="eth0")
     cfg.validate()
@@ -125,19 +133,19 @@ def test_clients_on_two_hosts_share_files_third_host_refused(
         hosts: None, volume: tuple[ShareConfig, str], tmp_path: object) -> None:
     cfg, path = volume
     tmp = str(tmp_path)
-    procs = [serve("bhfa", path, os.path.join(tmp, "a.log"))]
+    procs = [serve(A, path, os.path.join(tmp, "a.log"))]
     try:
         wait_until(lambda: status(cfg).get("state") == "serving", 60, "host A serving")
-        assert client_put("from-c", b"client C", tmp, "bhfc")
-        assert client_put("from-d", b"client D", tmp, "bhfd")
-        for ns in ("bhfc", "bhfd"):
+        assert client_put("from-c", b"client C", tmp, C)
+        assert client_put("from-d", b"client D", tmp, D)
+        for ns in (C, D):
             listing = client(ns, "nfs-ls", url("")).stdout.decode()
             assert "from-c" in listing and "from-d" in listing, listing
-        assert client("bhfc", "nfs-cat", url("from-d")).stdout == b"client D"
-        assert client("bhfd", "nfs-cat", url("from-c")).stdout == b"client C"
+        assert client(C, "nfs-cat", url("from-d")).stdout == b"client D"
+        assert client(D, "nfs-cat", url("from-c")).stdout == b"client C"
         # Host E reaches the service address over the same bridge but is not on the list.
-        assert not client_put("from-e", b"client E", tmp, "bhfe")
-        refused = client("bhfe", "nfs-ls", url(""))
+        assert not client_put("from-e", b"client E", tmp, E)
+        refused = client(E, "nfs-ls", url(""))
         assert refused.returncode != 0 and b"from-c" not in refused.stdout
     finally:
         stop(procs)
@@ -149,7 +157,7 @@ def test_failover_to_another_host_moves_service_address(
     tmp = str(tmp_path)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        procs.append(serve("bhfa", path, os.path.join(tmp, "a.log")))
+        procs.append(serve(A, path, os.path.join(tmp, "a.log")))
         wait_until(lambda: status(cfg).get("state") == "serving", 60, "host A serving")
         assert client_put("before", b"written through host A", tmp)
 
@@ -160,9 +168,9 @@ def test_failover_to_another_host_moves_service_address(
         os.kill(ganesha_a, signal.SIGKILL)
         died = time.monotonic()
         from pyroute2 import netns
-        netns.remove("bhfa")
+        netns.remove(A)
 
-        procs.append(serve("bhfb", path, os.path.join(tmp, "b.log")))
+        procs.append(serve(B, path, os.path.join(tmp, "b.log")))
         wait_until(lambda: status(cfg).get("state") == "serving" and
                    status(cfg).get("pid") == procs[1].pid, 60, "host B serving")
         serving = time.monotonic() - died
@@ -172,7 +180,7 @@ def test_failover_to_another_host_moves_service_address(
         print(f"\nfailover: host B serving after {serving:.1f} s, client writes again after "
               f"{outage:.1f} s (grace {cfg.grace_s} s)")
         assert serving < 20 and outage < 60
-        got = client("bhfc", "nfs-cat", url("before"))
+        got = client(C, "nfs-cat", url("before"))
         assert got.stdout == b"written through host A", got.stderr
     finally:
         stop(procs)

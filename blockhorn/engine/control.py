@@ -2,7 +2,9 @@
 
 Requests: {"op": "status"}, {"op": "rebuild", "replica": NAME}, {"op": "replace_replica",
 "replica": NAME, "address": ADDRESS, "path": DIR} (the daemon's replacement of a failed
-replica: Engine.replace_replica), {"op": "snapshot", "name": N,
+replica: Engine.replace_replica), {"op": "migrate_replica", "replica": NAME, "address":
+ADDRESS, "path": DIR} (a drain's move of an in-sync replica: engine/migrate.py; its progress
+is the replica's `migration` in `status`), {"op": "snapshot", "name": N,
 "labels": {...}}, {"op": "snapshot_rm", "name": N}, {"op": "snapshots"}, {"op": "purge",
 "wait": bool}, {"op": "expand", "size": BYTES}, {"op": "verify", "repair": bool,
 "rate_mib_s": MiB/s, "wait": seconds} (starts a scrub: engine/verify.py), {"op":
@@ -84,6 +86,10 @@ class ControlServer:
                 return self.engine.status()
             if op == "replace_replica":
                 self.engine.replace_replica(ReplicaRef(str(req["replica"]), str(req["address"]),
+                                                       str(req["path"])))
+                return self.engine.status()
+            if op == "migrate_replica":
+                self.engine.migrate_replica(ReplicaRef(str(req["replica"]), str(req["address"]),
                                                        str(req["path"])))
                 return self.engine.status()
             if op == "snapshot":

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blockhorn.config import EngineConfig, ReplicaRef
-from blockhorn.engine import commit, generation
+from blockhorn.engine import commit, generation, migrate
 from blockhorn.engine.client import Call, Receiver, ReplicaClient
 from blockhorn.engine.commit import NoQuorum
 from blockhorn.engine.limits import Limits
@@ -44,7 +44,7 @@ from blockhorn.engine.ping import (
     fence_if_lease_lost,
     ping_replicas,
 )
-from blockhorn.engine.rebuild import rebuild_replica
+from blockhorn.engine.rebuild import progress_of, rebuild_replica
 from blockhorn.keys import load_key
 from blockhorn.replica.proto import FLAG_FUA, FLAG_MAY_TRIM, Op, handshake_name
 from blockhorn.replica.proto import encode_json as proto_json
@@ -92,22 +92,7 @@ class ReplicaState:
     # answered one was sent (`Engine._ping`).
     ping: tuple[float, ReplicaClient, Call, bytearray] | None = None
     last_ping: float = 0.0
-
-
-def _progress(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A rebuild's state for `status`: while it copies, with its rate (bytes of the plan
-    per second since the copy began) and an ETA."""
-    if not rebuild:
-        return None
-    out = dict(rebuild)
-    began = out.get("started_copy")
-    if out.get("state") == "running" and began:
-        elapsed = max(time.time() - began, 1e-3)
-        rate = out.get("done", 0) / elapsed
-        out["rate"] = rate
-        left = max(out.get("total", 0) - out.get("done", 0), 0)
-        out["eta_s"] = left / rate if rate > 0 else None
-    return out
+    shadow_of: str = ""     # a migration target (engine/migrate.py): the replica it replaces
 
 
 class Engine:
@@ -147,6 +132,10 @@ class Engine:
         self._adopt_pending = ""        # quorum mode: the suspect source, adopted once committed
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
+        # Migrations (engine/migrate.py): replica -> its target while one runs (WO, never a
+        # member), and replica -> the last migration's target and progress.
+        self.shadows: dict[str, ReplicaState] = {}
+        self.migrations: dict[str, dict[str, Any]] = {}
 
     # --- start / stop ------------------------------------------------------------------------
 
@@ -155,6 +144,7 @@ class Engine:
         in-sync set, and resync every other reachable replica from the source."""
         with ThreadPoolExecutor(max_workers=len(self.replicas)) as pool:
             list(pool.map(self.connect_replica, self.replicas.values()))
+        migrate.resolve_at_start(self)
         reachable = [r for r in self.replicas.values() if r.client]
         seen = [generation.Seen.from_stat(r.ref.name, r.stat) for r in reachable]
         salvage = self.cfg.salvage
@@ -296,7 +286,7 @@ class Engine:
                 self.flush()
         except BlockhornError as e:
             log.warning("final flush failed: %s", e)
-        for r in self.replicas.values():
+        for r in [*self.replicas.values(), *self.shadows.values()]:
             if r.client:
                 r.client.close()
             self._close_local(r)
@@ -306,7 +296,7 @@ class Engine:
     # --- modes -------------------------------------------------------------------------------
 
     def _writable(self) -> list[ReplicaState]:
-        return [r for r in self.replicas.values()
+        return [r for r in [*self.replicas.values(), *self.shadows.values()]
                 if r.mode in (ReplicaMode.RW, ReplicaMode.WO) and r.client]
 
     def _update_readers(self) -> None:
@@ -357,7 +347,8 @@ class Engine:
             r.client.close(reason)
 
     def _on_lost(self, client: ReplicaClient, reason: str) -> None:
-        r = self.replicas.get(client.name)
+        r = self.replicas.get(client.name) or next(
+            (s for s in list(self.shadows.values()) if s.client is client), None)
         if r is not None and r.client is client:
             self.set_error(r, reason)
 
@@ -599,6 +590,11 @@ class Engine:
                     ref.address)
         self.rebuild(ref.name)
 
+    def migrate_replica(self, ref: ReplicaRef) -> None:
+        """Move replica `ref.name` to a new directory without leaving the in-sync set: rebuild
+        it there beside the old one, then swap (engine/migrate.py)."""
+        migrate.start(self, ref)
+
     def _rebuild(self, r: ReplicaState) -> None:
         assert r.rebuild is not None
         progress = r.rebuild
@@ -780,7 +776,8 @@ class Engine:
                 "name": r.ref.name, "address": r.ref.address, "path": r.ref.path,
                 "mode": str(r.mode), "error": r.error or None, "local": r.local is not None,
                 "revision": r.stat.get("revision"),
-                "rebuild": _progress(r.rebuild),
+                "rebuild": progress_of(r.rebuild),
+                "migration": migrate.status_of(self, r.ref.name),
             })
         # Quorum mode: how many are in sync of how many needed; writes fail while below.
         quorum = ({"in_sync": len(self._rw_set), "majority": self.majority,

@@ -24,6 +24,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from blockhorn.engine import migrate
 from blockhorn.engine.client import Call, ReplicaClient
 from blockhorn.engine.limits import RateLimiter
 from blockhorn.replica import digest, proto
@@ -46,6 +47,22 @@ PUNCH_BATCH = 512            # changed ranges one resync punch request covers
 VECTOR_PIECES = 256          # small pieces one resync vector copy carries at most,
 VECTOR_BYTES = 1 << 20       # and bytes
 PURGE_WAIT_S = 600.0         # how long a rebuild waits for a running purge on its source
+
+
+def progress_of(rebuild: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rebuild's state for `status`: while it copies, with its rate (bytes of the plan
+    per second since the copy began) and an ETA."""
+    if not rebuild:
+        return None
+    out = dict(rebuild)
+    began = out.get("started_copy")
+    if out.get("state") == "running" and began:
+        elapsed = max(time.time() - began, 1e-3)
+        rate = out.get("done", 0) / elapsed
+        out["rate"] = rate
+        left = max(out.get("total", 0) - out.get("done", 0), 0)
+        out["eta_s"] = left / rate if rate > 0 else None
+    return out
 
 
 def rebuild_replica(eng: Engine, r: ReplicaState, progress: dict[str, Any]) -> None:
@@ -386,13 +403,16 @@ def _span(extents: list[tuple[int, int]], i: int, end: int) -> int:
 
 def _finish(eng: Engine, r: ReplicaState, target: ReplicaClient, source: ReplicaClient) -> None:
     """Under the order lock: a final FLUSH, the source's revision, then RW (the join commit
-    follows in Engine._rebuild)."""
+    follows in Engine._rebuild), or for a migration target the swap (engine/migrate.py)."""
     with eng.order_lock:
         final = source.stat()
         target.request(Op.FLUSH, timeout=eng.cfg.timeout_s * 4)
         target.control({"op": "finish_rebuild", "revision": final["revision"]})
         r.stat = target.stat()
-        eng.set_mode(r, ReplicaMode.RW, order_held=True)
+        if r.shadow_of:
+            migrate.swap(eng, r)     # a migration target takes its replica's slot
+        else:
+            eng.set_mode(r, ReplicaMode.RW, order_held=True)
 
 
 def _submit_control(client: ReplicaClient, req: dict[str, Any]) -> Call:

@@ -78,6 +78,9 @@ def stop_strays(vm: VolumeManager) -> None:
             if _exists(vm, volume) else []
         if rows and vm.is_local(rows[0]) and rows[0].process == rec:
             continue
+        m = rows[0].moving if rows else None
+        if m is not None and vm.here(m.node) and m.process == rec:
+            continue   # the target of a move to this node (manager/moves.py)
         vm.started.pop(name, None)
         if process.alive(rec):
             log.warning("replica %s of %s is no longer this node's: stopping pid %d", name,

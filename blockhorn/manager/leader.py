@@ -4,15 +4,28 @@ One node daemon at a time leads (manager/nodes.py: the store's `try_lead`, on et
 key under the leader's liveness lease, so it passes to another node once the leader's lease
 expires). Only the leader replaces replicas; `node drain` runs on whichever node is asked.
 
-Moving a replica (`move`) is one store change: the replica keeps its name and gets a node, a
-disk directory and an address (a port on the new node) chosen by the scheduler among the nodes
-that hold no replica of the volume. The rest follows from each node reconciling its share:
+Replacing a replica (`move`, the leader's answer to a dead node, and a drain's of a detached
+volume) is one store change: the replica keeps its name and gets a node, a disk directory and
+an address (a port on the new node) chosen by the scheduler among the nodes that hold no
+replica of the volume. The rest follows from each node reconciling its share:
 - the new node's supervisor creates the directory (empty and `Rebuilding`: no engine start
   trusts it before its first resync, manager/across.py) and starts the replica process;
 - the old node, if it is alive, stops its process of the replica (no longer its own);
 - the engine's node sees the engine's path for the replica differ from the store's and, once
   the engine holds the old one ERR, tells it `replace_replica`: the engine rebuilds the new
   replica from a current one (engine/rebuild.py).
+A detached volume's replica moved so is rebuilt at the next attach; its old directory is a
+leftover of the old node (removed once that node sees the record).
+
+A drain of an attached volume must not run it short (the old replica is alive, unlike a dead
+node's), so it *moves* the replica instead (`start_move`, docs/DURABILITY.md "Moving a
+replica"): the store row keeps pointing at the old replica and gets a `moving` target; the
+target node's supervisor creates the directory there (empty, `Rebuilding`) and runs a second
+process of the replica in it; the engine's node asks the engine to `migrate_replica`, which
+rebuilds the target beside the old one and swaps it in while the replica stays RW; seeing the
+swap in the engine's status, the engine's node calls `finish_move` (the row points at the new
+directory, the old one becomes a leftover); then the old node stops the old process and
+removes its directory. The volume stays healthy throughout.
 
 A replica of a down node is moved once its node has been down (as this leader saw it, or the
 replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for
@@ -36,7 +49,7 @@ import os
 import time
 
 from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
-from blockhorn.control.store import ReplicaRow, StateStore, VolumeRow
+from blockhorn.control.store import MoveTarget, ReplicaRow, VolumeRow, move_port_owner
 from blockhorn.manager.across import ATTACHING
 from blockhorn.manager.nodes import NODE_DOWN_AFTER_S, NodeService
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
@@ -45,8 +58,8 @@ from blockhorn.types import BlockhornError, NotFound
 log = logging.getLogger("blockhorn.manager")
 
 RETRY_S = 10.0          # seconds between attempts to place a replacement that did not fit
-DRAIN_WAIT_S = 300.0    # seconds one replica's rebuild may take during a drain
-MIN_WAIT_S = 3.0        # seconds: a few supervision passes of the engine's node
+DRAIN_WAIT_S = 300.0    # seconds one replica's move (its rebuild) may take during a drain
+DRAIN_POLL_S = 0.2      # seconds between two looks at a move in progress
 
 
 class Leader:
@@ -78,6 +91,10 @@ class Leader:
                 continue
             reps = self.store.replicas(vol.name)
             for r in reps:
+                if r.moving is not None and r.moving.node not in live:
+                    log.warning("replica %s of %s: its move target's node %s is down: the "
+                                "move is given up", r.name, vol.name, r.moving.node)
+                    self.store.cancel_move(r.name)
                 if r.node is None or r.node in live:
                     self._down_since.pop(r.name, None)
                     continue
@@ -190,11 +207,24 @@ def move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRo
     return p
 
 
+def start_move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, p: Placement) -> MoveTarget:
+    """Begin moving replica `r` of attached `vol` to placement `p` (module docstring): the
+    target's port is held under the move's own owner until `finish_move`."""
+    directory = os.path.join(p.disk, "replicas", vol.name, r.name)
+    port = nodes.store.allocate_port(vol.name, move_port_owner(r.name), lambda _port: True)
+    address = f"{nodes.address_of(p.node)}:{port}"
+    nodes.store.start_move(r.name, p.node, directory, address)
+    log.warning("replica %s of %s: moving from node %s to %s (%s, %s)", r.name, vol.name,
+                r.node, p.node, directory, address)
+    return MoveTarget(p.node, directory, address)
+
+
 def drain(nodes: NodeService, node: str) -> dict[str, object]:
     """Move every replica off `node`: plan every move first (refused, nothing changed, when
-    one has no room), mark the node unschedulable, then move one replica at a time and wait
-    until its volume is healthy again before the next (a detached volume's replica is moved
-    at once: its engine resyncs it at the next attach)."""
+    one has no room), mark the node unschedulable, then move one replica at a time. A replica
+    of an attached volume is rebuilt on its new node before the old one is dropped, and the
+    drain waits for that before the next (`_wait_moved`); a detached volume's replica is
+    moved at once (its engine resyncs it at the next attach)."""
     store = nodes.store
     store.node(node)   # NotFound
     todo = [(v, r, store.replicas(v.name)) for v in store.volumes()
@@ -208,33 +238,50 @@ def drain(nodes: NodeService, node: str) -> dict[str, object]:
     store.update_node(node, schedulable=False)
     moved = []
     for (v, r, reps), (p, _) in zip(todo, planned, strict=True):
-        move(nodes, v, r, reps, p)
-        moved.append({"replica": r.name, "volume": v.name, "node": p.node, "disk": p.disk})
         if v.desired == "attached":
-            # Not healthy until the engine's node reports the swap done: a swap and rebuild
-            # can pass between two of its supervision passes, unseen.
-            store.update_volume(v.name, robustness="degraded",
-                                message=f"replica {r.name} moving to node {p.node} (drain)")
-            _wait_rebuilt(store, v.name, r.name)
+            t0 = time.monotonic()
+            target = start_move(nodes, v, r, p)
+            store.update_volume(v.name, message=f"replica {r.name} moving to node {p.node} "
+                                "(drain)")
+            if _wait_moved(nodes, v, r, reps, p, target):
+                store.update_volume(v.name, message=f"replica {r.name} moved from node {node} "
+                                    f"to {p.node} in {time.monotonic() - t0:.0f} s (drain)")
+        else:
+            move(nodes, v, r, reps, p)
+        moved.append({"replica": r.name, "volume": v.name, "node": p.node, "disk": p.disk})
     log.info("node %s drained: %d replicas moved", node, len(moved))
     return {"node": node, "moved": moved}
 
 
-def _wait_rebuilt(store: StateStore, volume: str, rname: str) -> None:
-    """Wait until the engine's node reports the volume healthy again: its supervisor stores
-    the engine's robustness once the engine runs the moved replica (the first pass after the
-    move only swaps it in, so MIN_WAIT_S covers a pass that read the engine before the move)."""
+def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],
+                p: Placement, target: MoveTarget) -> bool:
+    """Wait until the engine's node finished the move of `r` (the row points at the target).
+    A volume detached meanwhile has its replica moved at once (as a detached volume's);
+    one removed: nothing to wait for (False). A move given up elsewhere (its target's node
+    died), or one that did not finish within DRAIN_WAIT_S (then given up here), fails the
+    drain with the reason."""
+    store = nodes.store
     start = time.monotonic()
-    while time.monotonic() - start < DRAIN_WAIT_S:
+    while True:
         try:
-            vol = store.volume(volume)
+            v = store.volume(vol.name)
+            row = next((x for x in store.replicas(vol.name) if x.name == r.name), None)
         except NotFound:
-            return   # removed meanwhile: nothing left to wait for
-        if vol.desired != "attached":
-            return
-        if vol.robustness == "healthy" and time.monotonic() - start >= MIN_WAIT_S:
-            return
-        time.sleep(0.5)
-    raise BlockhornError(f"replica {rname} of {volume} was moved but its volume is not healthy "
-                         f"after {DRAIN_WAIT_S:.0f} s: see `blockhorn volume show {volume}`",
-                         errno.ETIMEDOUT)
+            return False
+        if row is None:
+            return False
+        if row.moving is None:
+            if (row.node, row.directory) == (target.node, target.directory):
+                return True
+            raise BlockhornError(f"the move of replica {r.name} of {vol.name} to node "
+                                 f"{target.node} was given up (its node went down?): see "
+                                 f"`blockhorn volume show {vol.name}`; drain again", errno.EIO)
+        if v.desired != "attached":
+            move(nodes, v, row, reps, p)   # gives the move up: the target is the replica now
+            return False
+        if time.monotonic() - start > DRAIN_WAIT_S:
+            store.cancel_move(r.name)
+            raise BlockhornError(f"replica {r.name} of {vol.name} was not moved to node "
+                                 f"{target.node} within {DRAIN_WAIT_S:.0f} s: the move is given "
+                                 f"up (see `blockhorn volume show {vol.name}`)", errno.ETIMEDOUT)
+        time.sleep(DRAIN_POLL_S)

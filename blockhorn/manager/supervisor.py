@@ -48,7 +48,7 @@ import psutil
 import trio
 
 from blockhorn.control.store import ProcessRecord, ReplicaRow, VolumeRow
-from blockhorn.manager import across, leftovers, process, replenish
+from blockhorn.manager import across, leftovers, moves, process, replenish
 from blockhorn.manager.leader import Leader
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.manager.volumes import (
@@ -245,6 +245,8 @@ class Supervisor:
                     return   # an attach/detach/rm is working on it; look next tick
                 vol = self.store.volume(vol.name)
                 across.create_missing_replicas(self.volumes, vol)
+                if vol.desired != "attached":
+                    moves.stop_targets(self, vol)
                 if leftovers and vol.desired != "attached":
                     log.info("volume %s was detached: stopping this node's part", vol.name)
                     self.volumes._teardown(vol.name)
@@ -288,6 +290,9 @@ class Supervisor:
                 w = self._restart_replica(vol, r, engine_up, eng.control_socket)
                 if w:
                     waiting[r.name] = w
+            if r.moving is not None and self.volumes.cluster is not None \
+                    and self.volumes.here(r.moving.node):
+                moves.serve_target(self, vol, r)
         if not here:
             return   # the engine's node supervises the rest
         if not engine_up:
@@ -308,6 +313,10 @@ class Supervisor:
             told = False
             for r in self.store.replicas(name):
                 st = modes.get(r.name, {})
+                if r.moving is not None and moves.engine_pass(self, vol, r, st,
+                                                              eng.control_socket):
+                    told = True
+                    continue
                 if self.volumes.cluster is not None and st.get("path") \
                         and st["path"] != r.directory:
                     # Moved to another node (manager/leader.py): once the engine holds the old

@@ -259,6 +259,8 @@ class VolumeManager:
                      # and nobody ran it (engine/ping.py fence_if_lease_lost).
                      beat_file=liveness.beat_path(self.home.root) if self.cluster else "",
                      fence_after_s=liveness.SELF_FENCE_AFTER_S if self.cluster else 0.0,
+                     moving=[ReplicaRef(r.name, r.moving.address, r.moving.directory)
+                             for r in reps if r.moving is not None],
                      ).save(self.home.engine_config(name))
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
@@ -625,8 +627,11 @@ class VolumeManager:
             up = self.running(r)
             from blockhorn.manager.replenish import disk_of
             # An engine that still runs a replica's old directory (moved to another node and
-            # not yet swapped in) describes the old one: no mode for the new one yet.
-            current = st.get("path") in (None, r.directory)
+            # not yet swapped in) describes the old one: no mode for the new one yet. A
+            # drain's move (manager/moves.py) swaps the replica while it stays in sync.
+            m = r.moving
+            current = st.get("path") in (None, r.directory) or (
+                m is not None and st.get("path") == m.directory)
             replicas.append({
                 "name": r.name, "mode": st.get("mode") if engine_up and current else None,
                 "address": r.address, "path": r.directory,
@@ -634,6 +639,8 @@ class VolumeManager:
                 "pid": r.process.pid if up and r.process else None,
                 "revision": st.get("revision"), "rebuild": st.get("rebuild"),
                 "restarts": r.restarts, "failed_since": r.failed_since,
+                "moving": ({"node": m.node, "path": m.directory, "address": m.address,
+                            "migration": st.get("migration")} if m is not None else None),
             })
         endpoints = []
         from blockhorn.nbd import tls as nbdtls

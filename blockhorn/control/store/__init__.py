@@ -6,13 +6,20 @@ given (`blockhorn daemon run --etcd URL[,URL...]`). Nothing outside this package
 
 from __future__ import annotations
 
-from blockhorn.control.store.base import PORT_RANGE, NewReplica, StateStore, now_rfc3339
+from blockhorn.control.store.base import (
+    PORT_RANGE,
+    NewReplica,
+    StateStore,
+    move_port_owner,
+    now_rfc3339,
+)
 from blockhorn.control.store.records import (
     BackupTargetRow,
     DiskRow,
     EngineRow,
     JobRow,
     LeftoverRow,
+    MoveTarget,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
@@ -36,5 +43,6 @@ def open_store(db_path: str, etcd: str | None = None,
 
 
 __all__ = ["DEFAULT_ETCD_PREFIX", "PORT_RANGE", "BackupTargetRow", "DiskRow", "EngineRow", "LeftoverRow",
-           "JobRow", "NewReplica", "NodeRow", "ProcessRecord", "ReplicaRow", "RunRow",
-           "ShareRow", "SqliteStore", "StateStore", "VolumeRow", "now_rfc3339", "open_store"]
+           "JobRow", "MoveTarget", "NewReplica", "NodeRow", "ProcessRecord", "ReplicaRow", "RunRow",
+           "ShareRow", "SqliteStore", "StateStore", "VolumeRow", "move_port_owner", "now_rfc3339",
+           "open_store"]

@@ -35,6 +35,13 @@ from blockhorn.control.store.records import (
 from blockhorn.types import NoSpace
 
 PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
+MOVE_PORT = "~move"   # suffix of the port owner of a replica's move target (start_move)
+
+
+def move_port_owner(replica: str) -> str:
+    """The `ports` owner of replica `replica`'s move target: its own port stays held by the
+    old replica until `finish_move` hands the target's over."""
+    return replica + MOVE_PORT
 
 # (name, directory, address, [node]): address None is `127.0.0.1:PORT` with a port allocated,
 # `HOST:0` is `HOST:PORT` (a replica on another node); node None: this host.
@@ -107,7 +114,22 @@ class StateStore(Protocol):
         """Point replica `name` at a new directory (a replacement); its failure is over."""
     def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
         """Replica `name` now lives on `node` in `directory` at `address` (a replacement on
-        another node): its process record and failure are cleared in the same step."""
+        another node): its process record and failure are cleared in the same step, and a
+        move in progress is given up (as `cancel_move`)."""
+    def start_move(self, name: str, node: str, directory: str, address: str) -> None:
+        """Begin moving replica `name` (of an attached volume) to `node`, `directory`,
+        `address`: the row keeps pointing at the old replica and gets a `moving` target
+        (records.MoveTarget). Busy when it is moving elsewhere already; the same target
+        again is a no-op."""
+    def set_move_process(self, name: str, proc: ProcessRecord | None) -> None:
+        """The process of replica `name`'s move target (no-op when it is not moving)."""
+    def finish_move(self, name: str) -> None:
+        """The engine swapped the move target in: in one step the row points at it (its
+        process record too), `moving` is cleared, the target's port becomes the replica's
+        and the old directory is left behind like `move_replica`'s. No-op when not moving."""
+    def cancel_move(self, name: str) -> None:
+        """Give the move up: `moving` cleared, the target's port released, its directory
+        left behind (etcd: a leftover record of the target node). No-op when not moving."""
     def engine(self, volume: str) -> EngineRow: ...
     def set_engine_sockets(self, volume: str, nbd_socket: str, control_socket: str) -> None:
         """The engine's sockets on the node it now runs on (paths in that node's home)."""

@@ -4,10 +4,12 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
 
     <p>meta/schema               "1"
     <p>volumes/<name>            VolumeRow fields
-    <p>replicas/<name>           ReplicaRow fields (with `volume`, `idx`)
+    <p>replicas/<name>           ReplicaRow fields (with `volume`, `idx`; `moving`: a
+                                 MoveTarget's to_dict() while a drain moves it, else null)
     <p>engines/<volume>          EngineRow fields
     <p>ports/<port>              {"volume", "owner"}: a TCP port held (one key per port, so
-                                 two allocations of one port cannot both succeed)
+                                 two allocations of one port cannot both succeed); owner
+                                 `<replica>~move`: that replica's move target's
     <p>shares/<volume>           ShareRow fields
     <p>share-records/<volume>    Ganesha's client recovery records of the share (a JSON tree)
     <p>settings/<name>           the setting's JSON text
@@ -41,7 +43,14 @@ from typing import Any
 from urllib.parse import quote
 
 from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_delete, op_put
-from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port, port_host, unpack_new
+from blockhorn.control.store.base import (
+    NewReplica,
+    move_port_owner,
+    now_rfc3339,
+    pick_port,
+    port_host,
+    unpack_new,
+)
 from blockhorn.control.store.records import (
     DISK_FIELDS,
     NODE_FIELDS,
@@ -51,6 +60,7 @@ from blockhorn.control.store.records import (
     EngineRow,
     JobRow,
     LeftoverRow,
+    MoveTarget,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
@@ -108,7 +118,8 @@ def _volume(d: Doc) -> VolumeRow:
 
 def _replica(d: Doc) -> ReplicaRow:
     return ReplicaRow(d["name"], d["volume"], d["idx"], d["directory"], d["address"],
-                      _proc(d), d.get("restarts", 0), d.get("failed_since"), d.get("node"))
+                      _proc(d), d.get("restarts", 0), d.get("failed_since"), d.get("node"),
+                      MoveTarget.from_dict(d.get("moving")))
 
 
 def _run(d: Doc) -> RunRow:
@@ -334,14 +345,100 @@ class EtcdStore:
             if d is None:
                 return None
             vol, _ = self._get(f"volumes/{d['volume']}")
-            put: dict[str, Any] = {rel: {
-                **d, "node": node, "directory": directory, "address": address, "pid": None,
-                "create_time": None, "failed_since": None}}
+            created = (vol or {}).get("created", "")
+            read, put, gone = self._drop_move(d, created, keep=(node, directory))
+            read[rel] = rev
+            put[rel] = {**d, "node": node, "directory": directory, "address": address,
+                        "pid": None, "create_time": None, "failed_since": None,
+                        "moving": None}
             if d.get("node") and (d["node"], d["directory"]) != (node, directory):
                 # The old node removes the old directory (manager/leftovers.py).
-                put.update([_leftover(d, (vol or {}).get("created", ""))])
-            return self._commit({rel: rev}, put)
+                put.update([_leftover(d, created)])
+            return self._commit(read, put, gone)
         self._retry(step, f"move replica {name}")
+
+    def _move_ports(self, name: str) -> tuple[list[tuple[str, int]], list[tuple[str, Doc, int]]]:
+        """(the replica's own port keys, its move target's port keys with their documents),
+        each with its mod revision."""
+        own, target = [], []
+        for k, d, rev in self._list("ports/"):
+            if d.get("owner") == name:
+                own.append((k, rev))
+            elif d.get("owner") == move_port_owner(name):
+                target.append((k, d, rev))
+        return own, target
+
+    def _drop_move(self, d: Doc, created: str, keep: tuple[str, str] | None = None
+                   ) -> tuple[dict[str, int], dict[str, Any], list[str]]:
+        """(read, put, delete) that give up replica document `d`'s move: the target's port
+        released, its directory a leftover of its node (unless it is `keep`)."""
+        m = MoveTarget.from_dict(d.get("moving"))
+        if m is None:
+            return {}, {}, []
+        _, target = self._move_ports(d["name"])
+        read = {k: rev for k, _, rev in target}
+        put: dict[str, Any] = {}
+        if (m.node, m.directory) != keep:
+            put.update([_leftover({**d, "node": m.node, "directory": m.directory}, created)])
+        return read, put, [k for k, _, _ in target]
+
+    def start_move(self, name: str, node: str, directory: str, address: str) -> None:
+        def change(d: Doc) -> Doc | None:
+            cur = MoveTarget.from_dict(d.get("moving"))
+            if cur is not None:
+                if (cur.node, cur.directory, cur.address) == (node, directory, address):
+                    return None
+                raise Busy(f"replica {name} is being moved to node {cur.node} already")
+            return {**d, "moving": MoveTarget(node, directory, address, None,
+                                              time.time()).to_dict()}
+        self._update(f"replicas/{name}", change)
+
+    def set_move_process(self, name: str, proc: ProcessRecord | None) -> None:
+        def change(d: Doc) -> Doc | None:
+            cur = MoveTarget.from_dict(d.get("moving"))
+            if cur is None:
+                return None
+            cur.process = proc
+            return {**d, "moving": cur.to_dict()}
+        self._update(f"replicas/{name}", change)
+
+    def finish_move(self, name: str) -> None:
+        rel = f"replicas/{name}"
+
+        def step() -> bool | None:
+            d, rev = self._get(rel)
+            m = MoveTarget.from_dict((d or {}).get("moving"))
+            if d is None or m is None:
+                return None
+            vol, _ = self._get(f"volumes/{d['volume']}")
+            own, target = self._move_ports(name)
+            read = {rel: rev, **dict(own), **{k: r for k, _, r in target}}
+            put: dict[str, Any] = {rel: {
+                **d, "node": m.node, "directory": m.directory, "address": m.address,
+                "pid": m.process.pid if m.process else None,
+                "create_time": m.process.create_time if m.process else None,
+                "failed_since": None, "moving": None}}
+            # The target's port is the replica's now; the old one's is free.
+            put.update({k: {**pd, "owner": name} for k, pd, _ in target})
+            if d.get("node") and (d["node"], d["directory"]) != (m.node, m.directory):
+                # The old node stops the old process and removes its directory.
+                put.update([_leftover(d, (vol or {}).get("created", ""))])
+            return self._commit(read, put, [k for k, _ in own])
+        self._retry(step, f"finish the move of replica {name}")
+
+    def cancel_move(self, name: str) -> None:
+        rel = f"replicas/{name}"
+
+        def step() -> bool | None:
+            d, rev = self._get(rel)
+            if d is None or not d.get("moving"):
+                return None
+            vol, _ = self._get(f"volumes/{d['volume']}")
+            read, put, gone = self._drop_move(d, (vol or {}).get("created", ""))
+            read[rel] = rev
+            put[rel] = {**d, "moving": None}
+            return self._commit(read, put, gone)
+        self._retry(step, f"cancel the move of replica {name}")
 
     def leftovers(self, node: str) -> list[LeftoverRow]:
         return [LeftoverRow(**d) for _, d, _ in self._list(f"leftovers/{node}/")]

@@ -13,6 +13,9 @@ Vocabulary:
 - a replica's *node* is the host it lives on (its directory is a path there, its address one
   of that host's); a volume's *node* is the host its engine runs on while attached. A process
   record is meaningful on that node only. None (a home made before nodes existed): this host.
+- a replica's *moving* target (`MoveTarget`): a drain moves a replica of an attached volume
+  by rebuilding a copy elsewhere before the old one is dropped; until the engine swapped it
+  in and the engine's node called `finish_move`, the row still points at the old one.
 - a volume is *fresh* from `create` until its first attach: only then may a node create its
   replicas as empty members of the in-sync set (a replica directory missing later is lost).
 """
@@ -30,6 +33,35 @@ class ProcessRecord:
 
 
 @dataclass
+class MoveTarget:
+    """Where a replica of an attached volume is being moved (`node drain`: manager/leader.py).
+    The replica keeps its name; its node runs a second replica process (the *shadow*) in
+    `directory` at `address`, which the engine rebuilds and swaps in for the old one
+    (engine/migrate.py). `process` is the shadow's, recorded by `node`."""
+
+    node: str
+    directory: str
+    address: str
+    process: ProcessRecord | None = None
+    started: float = 0.0        # wall-clock seconds: when the move was asked for
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "directory": self.directory, "address": self.address,
+                "pid": self.process.pid if self.process else None,
+                "create_time": self.process.create_time if self.process else None,
+                "started": self.started}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> MoveTarget | None:
+        if not d:
+            return None
+        proc = (ProcessRecord(int(d["pid"]), float(d.get("create_time") or 0.0))
+                if d.get("pid") is not None else None)
+        return cls(str(d["node"]), str(d["directory"]), str(d["address"]), proc,
+                   float(d.get("started") or 0.0))
+
+
+@dataclass
 class ReplicaRow:
     name: str
     volume: str
@@ -40,6 +72,7 @@ class ReplicaRow:
     restarts: int = 0
     failed_since: float | None = None
     node: str | None = None     # the node it lives on; None: this host (a single-host home)
+    moving: MoveTarget | None = None   # a move in progress (start_move .. finish_move)
 
 
 @dataclass

@@ -15,7 +15,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from blockhorn.control.store.base import NewReplica, now_rfc3339, pick_port, port_host, unpack_new
+from blockhorn.control.store.base import (
+    NewReplica,
+    move_port_owner,
+    now_rfc3339,
+    pick_port,
+    port_host,
+    unpack_new,
+)
 from blockhorn.control.store.records import (
     DISK_FIELDS,
     NODE_FIELDS,
@@ -25,6 +32,7 @@ from blockhorn.control.store.records import (
     EngineRow,
     JobRow,
     LeftoverRow,
+    MoveTarget,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
@@ -34,9 +42,9 @@ from blockhorn.control.store.records import (
 )
 from blockhorn.types import AlreadyExists, Busy, NotFound
 
-SCHEMA_VERSION = 6   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
+SCHEMA_VERSION = 7   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
 # 4: volumes.node/fresh, replicas.node (NULL in an older home: everything on this host).
-# 5: volumes.node_selector/disk_selector. 6: volumes.salvage.
+# 5: volumes.node_selector/disk_selector. 6: volumes.salvage. 7: replicas.moving.
 # New tables (shares, share_records, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
 # adds them to any home, and an older blockhorn ignores them.
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
@@ -74,7 +82,8 @@ CREATE TABLE IF NOT EXISTS replicas (
     create_time REAL,
     restarts    INTEGER NOT NULL DEFAULT 0,
     failed_since REAL,             -- see the module docstring; NULL: not failed (schema 2)
-    node        TEXT               -- the node it lives on; NULL: this host (schema 4)
+    node        TEXT,              -- the node it lives on; NULL: this host (schema 4)
+    moving      TEXT               -- JSON of records.MoveTarget; NULL: not moving (schema 7)
 );
 CREATE TABLE IF NOT EXISTS engines (
     volume         TEXT PRIMARY KEY REFERENCES volumes(name) ON DELETE CASCADE,
@@ -153,7 +162,7 @@ CREATE TABLE IF NOT EXISTS backup_targets (
 _ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT"), ("node", "TEXT"),
                               ("fresh", "INTEGER"), ("node_selector", "TEXT"),
                               ("disk_selector", "TEXT"), ("salvage", "TEXT")],
-                  "replicas": [("failed_since", "REAL"), ("node", "TEXT")]}
+                  "replicas": [("failed_since", "REAL"), ("node", "TEXT"), ("moving", "TEXT")]}
 
 
 def _proc(row: sqlite3.Row) -> ProcessRecord | None:
@@ -194,7 +203,8 @@ def _run(r: sqlite3.Row) -> RunRow:
 def _replica(row: sqlite3.Row) -> ReplicaRow:
     return ReplicaRow(row["name"], row["volume"], row["idx"], row["directory"],
                       row["address"], _proc(row), row["restarts"], row["failed_since"],
-                      row["node"])
+                      row["node"],
+                      MoveTarget.from_dict(json.loads(row["moving"]) if row["moving"] else None))
 
 
 class SqliteStore:
@@ -350,9 +360,52 @@ class SqliteStore:
 
     def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
         with self.tx() as db:
+            _drop_move_port(db, name)
             db.execute("UPDATE replicas SET node=?, directory=?, address=?, pid=NULL, "
-                       "create_time=NULL, failed_since=NULL WHERE name=?",
+                       "create_time=NULL, failed_since=NULL, moving=NULL WHERE name=?",
                        (node, directory, address, name))
+
+    def _moving(self, db: sqlite3.Connection, name: str) -> MoveTarget | None:
+        row = db.execute("SELECT moving FROM replicas WHERE name=?", (name,)).fetchone()
+        return MoveTarget.from_dict(json.loads(row["moving"])) if row and row["moving"] \
+            else None
+
+    def start_move(self, name: str, node: str, directory: str, address: str) -> None:
+        with self.tx() as db:
+            cur = self._moving(db, name)
+            if cur is not None:
+                if (cur.node, cur.directory, cur.address) == (node, directory, address):
+                    return
+                raise Busy(f"replica {name} is being moved to node {cur.node} already")
+            target = MoveTarget(node, directory, address, None, time.time())
+            db.execute("UPDATE replicas SET moving=? WHERE name=?",
+                       (json.dumps(target.to_dict(), sort_keys=True), name))
+
+    def set_move_process(self, name: str, proc: ProcessRecord | None) -> None:
+        with self.tx() as db:
+            cur = self._moving(db, name)
+            if cur is not None:
+                cur.process = proc
+                db.execute("UPDATE replicas SET moving=? WHERE name=?",
+                           (json.dumps(cur.to_dict(), sort_keys=True), name))
+
+    def finish_move(self, name: str) -> None:
+        with self.tx() as db:
+            cur = self._moving(db, name)
+            if cur is None:
+                return
+            pid, ct = (cur.process.pid, cur.process.create_time) if cur.process else (None, None)
+            db.execute("UPDATE replicas SET node=?, directory=?, address=?, pid=?, "
+                       "create_time=?, failed_since=NULL, moving=NULL WHERE name=?",
+                       (cur.node, cur.directory, cur.address, pid, ct, name))
+            # The target's port is the replica's now; the old one's is free.
+            db.execute("DELETE FROM ports WHERE owner=?", (name,))
+            db.execute("UPDATE ports SET owner=? WHERE owner=?", (name, move_port_owner(name)))
+
+    def cancel_move(self, name: str) -> None:
+        with self.tx() as db:
+            _drop_move_port(db, name)
+            db.execute("UPDATE replicas SET moving=NULL WHERE name=?", (name,))
 
     def leftovers(self, node: str) -> list[LeftoverRow]:
         return []   # one host: `volume rm` removes every replica directory itself
@@ -630,6 +683,10 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _drop_move_port(db: sqlite3.Connection, name: str) -> None:
+    db.execute("DELETE FROM ports WHERE owner=?", (move_port_owner(name),))
 
 
 def _allocate(db: sqlite3.Connection, volume: str, owner: str,
