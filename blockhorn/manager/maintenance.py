@@ -32,6 +32,10 @@ log = logging.getLogger("blockhorn.manager")
 
 MAINTENANCE = "maintenance on node "   # the volume's message while one runs
 STOP_WAIT_S = 30.0                     # seconds the other nodes get to stop their replicas
+# Seconds the other nodes get to start theirs: a node's supervisor backs off restarting a
+# replica up to 30 s (supervisor.BACKOFF_MAX_S), longer than bring_up waits for one to
+# answer; an engine started without it would leave it stale or refuse to start.
+START_WAIT_S = 45.0
 
 
 def needed(vm: VolumeManager, name: str) -> bool:
@@ -61,6 +65,7 @@ def attached_here(vm: VolumeManager, name: str, what: str) -> Iterator[None]:
                               device_stale=False, salvage=None,
                               message=f"{MAINTENANCE}{vm.me}: {what}")
     try:
+        _wait_remote_started(vm, name)
         vm.bring_up(name, "none", "rwo")   # no share: nobody mounts it meanwhile
         yield
     finally:
@@ -97,6 +102,19 @@ def restore_sink(vm: VolumeManager, name: str, what: str) -> Iterator[Any]:
             yield sink
         finally:
             sink.close()
+
+
+def _wait_remote_started(vm: VolumeManager, name: str) -> None:
+    """Until every other node that is up recorded its replica process started."""
+    assert vm.cluster is not None
+    deadline = time.monotonic() + START_WAIT_S
+    while time.monotonic() < deadline:
+        if all(r.process is not None for r in vm.store.replicas(name)
+               if not vm.is_local(r) and vm.cluster.is_up(r.node or "")):
+            return
+        time.sleep(0.1)
+    log.warning("volume %s: replicas of other nodes not started after %.0f s", name,
+                START_WAIT_S)
 
 
 def _wait_remote_stopped(vm: VolumeManager, name: str) -> None:
