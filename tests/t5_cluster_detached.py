@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -162,6 +164,51 @@ def test_attach_during_maintenance_is_refused(site: Site) -> None:
         api.close()
     assert f"maintenance on node {a.name}: snapshot create busy" in refused, refused
     assert_detached(site, a, VOL)
+
+
+def test_daemon_killed_during_maintenance_leaves_an_attached_volume(site: Site) -> None:
+    """The daemon of the node asked dies in the middle of a maintenance attach: the volume
+    is left attached there (its engine restarted by the daemon's next start), an attach is
+    refused, a detach ends it, and the data is as written."""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "dk", 2, [a]) == {b.name, c.name}
+    before = attach_sum(site, "dk", b, write_seed=3)
+    api = httpx.Client(transport=httpx.HTTPTransport(uds=os.path.join(a.home, "daemon.sock")),
+                       base_url="http://blockhorn", timeout=60)
+    # Straight to the API, not the CLI: a CLI that loses its daemon may start one itself.
+    asked = threading.Thread(target=_post_quietly,
+                             args=(api, "/v1/volumes/dk/snapshots", {"name": "k1"}))
+    try:
+        asked.start()
+        deadline = time.monotonic() + 30
+        while not (api.get("/v1/volumes/dk").json().get("message") or "").startswith(
+                "maintenance on node"):
+            assert time.monotonic() < deadline, "no maintenance attach seen"
+            time.sleep(0.01)
+        assert a.proc is not None
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        asked.join(30)
+    finally:
+        api.close()
+    site.start(a)
+    v = site.show(b, "dk")
+    assert v["state"] == "attached" and v["node"] == a.name, v
+    # Marked until a's supervisor restarts the engine and says so instead; refused either way.
+    r = site.cli(b, "volume", "attach", "dk", "--frontend", "none", check=False)
+    assert r.returncode != 0 and "detach" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    site.cli(a, "volume", "detach", "dk")
+    wait_stopped(site, b, "dk")
+    assert_detached(site, b, "dk")
+    assert attach_sum(site, "dk", c) == before
+    site.cli(a, "volume", "rm", "dk")
+
+
+def _post_quietly(api: httpx.Client, path: str, body: dict[str, Any]) -> None:
+    try:
+        api.post(path, json=body)
+    except httpx.HTTPError:
+        pass   # the daemon was killed under it
 
 
 def test_revert_and_clone_refused_with_what_to_do(site: Site) -> None:

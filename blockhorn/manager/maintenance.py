@@ -11,7 +11,7 @@ volume is detached again, every node's replica stopped, before the call returns.
 While it runs the volume is attached on this node with the message `maintenance on node N:
 WHAT`; a user's attach is refused with that message (`check_attachable`). A daemon that dies
 in the middle leaves nothing worse than that attached volume: its supervisor restarts the
-engine when it starts again, and `volume detach` ends it.
+engine when it starts again (and its message replaces the mark), and `volume detach` ends it.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def attached_here(vm: VolumeManager, name: str, what: str) -> Iterator[None]:
                               tcp_port=None, robustness=None, attachment=None,
                               device_stale=False, salvage=None,
                               message=f"{MAINTENANCE}{vm.me}: {what}")
+    # At once (bring_up sets them too, later): a daemon that dies before must restart the
+    # engine on this node's sockets, not on those of the node that ran it last.
+    vm.store.set_engine_sockets(name, vm.home.nbd_socket(name), vm.home.control_socket(name))
     try:
         _wait_remote_started(vm, name)
         vm.bring_up(name, "none", "rwo")   # no share: nobody mounts it meanwhile
