@@ -51,6 +51,7 @@ class SnapshotManager:
         directory is on this host, as on one host)."""
         self.store = store
         self.volumes = volumes
+        self._maintained: set[str] = set()   # volumes in a maintenance attach (session)
 
     # --- where the work happens ----------------------------------------------------------
 
@@ -80,7 +81,11 @@ class SnapshotManager:
             yield eng
             return
         with maintenance.attached_here(self.volumes, name, what):
-            yield self._engine(name)
+            self._maintained.add(name)
+            try:
+                yield self._engine(name)
+            finally:
+                self._maintained.discard(name)
 
     def _local_only(self, name: str, what: str, instead: str) -> None:
         """Refuse `what` on a cluster volume with replicas on other nodes."""
@@ -143,6 +148,9 @@ class SnapshotManager:
             self.find(name, snap)
             if eng is not None:
                 eng.call({"op": "snapshot_rm", "name": snap})
+                if name in self._maintained:
+                    # Folded before the detach, as a detached volume's rm does on one host.
+                    eng.call({"op": "purge", "wait": True})
             else:
                 def rm(r: Replica) -> None:
                     store_snaps.mark_removed(r, snap)
