@@ -135,6 +135,11 @@ class EngineConfig(_Loadable):
     # Moves the daemon has not finished (a drain's: engine/migrate.py): each the target of
     # the replica of the same name, which may have been swapped in before this start.
     moving: list[ReplicaRef] = field(default_factory=list)
+    # Replicas on nodes the store knew were down (lease expired) when the manager wrote this
+    # config: the start gives each only a short try (DOWN_CONNECT_TIMEOUT_S in engine.py)
+    # instead of waiting for a dead host's connection to time out. Only an engine's speed
+    # depends on it: a replica the start does not reach is one the rule counts unreachable.
+    down: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check_name(self.volume)
@@ -160,5 +165,8 @@ class EngineConfig(_Loadable):
             raise InvalidArgument("fence_after_s must be positive with a beat_file")
         if not isinstance(self.quorum, bool):
             raise InvalidArgument("quorum must be true or false")
+        if not isinstance(self.down, list) or \
+                set(self.down) - {r.name for r in self.replicas}:
+            raise InvalidArgument(f"down: {self.down!r} must list replicas of this volume")
         if self.salvage and self.salvage not in {r.name for r in self.replicas}:
             raise InvalidArgument(f"salvage: {self.salvage!r} is not a replica of this volume")

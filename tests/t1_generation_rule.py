@@ -19,7 +19,9 @@ the replica recorded it); a new engine starts from any reachable subset, on anot
 record of the last one is not there) — also while the old one runs on, fenced by the replicas
 the new one reached (`take_over`, `zombie_write`: what it acknowledges counts); the leader
 replaces a replica (a new, empty directory under the same name) while an engine runs; the
-voters change (a replica added or removed) between two engines.
+voters change (a replica added or removed) between two engines. `VotersMachine` changes them
+between 3 and 5 replicas, and turns the quorum off now and then, with only the steps that
+make that matter (the first commit after a change needs a majority of the old voters too).
 
 Both machines also move a replica the way `node drain` does (`migrate`: rebuilt beside it,
 swapped in under its name; a start before the store is pointed at the new directory resolves
@@ -41,6 +43,7 @@ from blockhorn.types import ReplicaUnavailable
 
 NAMES = ["a", "b", "c"]
 SPARE = "d"       # QuorumMachine: the replica added to (and removed from) the voters
+SPARES = ["d", "e"]   # VotersMachine: the replicas added to (and removed from) the voters
 
 
 ALL = NAMES + [SPARE]
@@ -101,6 +104,7 @@ class GenerationMachine(RuleBasedStateMachine):
     defer_adopt = True    # quorum mode: a start without a majority adopts after its commit
     mark_old = True       # migrate: the old directory is marked Rebuilding at the swap
     hide_old = True       # a start: an old directory whose target is unreachable hides
+    joint = True          # quorum mode: a first commit after a voter change needs both
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
@@ -111,6 +115,7 @@ class GenerationMachine(RuleBasedStateMachine):
         self.send_fail: tuple[str, bool] | None = None   # (replica, recorded anyway)
         self.fenced: set[str] = set()     # replicas that refuse this engine (a newer one's)
         self.adopt_pending = ""
+        self.prior_voters: list[frozenset[str]] = []    # Decision.prior_voters
         self.zombie: dict[str, object] | None = None     # QuorumMachine.take_over
         self.record: Record | None = Record(0, frozenset(NAMES)) if self.use_record else None
         self.engine_up = False
@@ -149,6 +154,9 @@ class GenerationMachine(RuleBasedStateMachine):
                 raise ReplicaUnavailable("faulted")
             if self.quorum and len(members) < majority:
                 break
+            if not self.committed and any(
+                    len(members & v) < generation.majority(len(v)) for v in self.prior_voters):
+                break       # the first commit after a voter change: a majority of both
             gen = max(self.gen, self.attempted) + 1
             self.attempted = gen
             if self.use_record:
@@ -187,11 +195,12 @@ class GenerationMachine(RuleBasedStateMachine):
             self.gen = gen
             self.committed = members
             self.pending_join -= joining
-        if require_quorum and self.quorum and \
-                min(len(self.rw), len(self.committed)) < majority:
+        if require_quorum and self._no_quorum():
             raise NoQuorum
 
     def _no_quorum(self) -> bool:
+        if self.prior_voters and not self.committed:
+            return True     # the first commit after a voter change is not written yet
         return self.quorum and min(len(self.rw), len(self.committed)) < \
             generation.majority(len(self.voters))
 
@@ -227,7 +236,7 @@ class GenerationMachine(RuleBasedStateMachine):
         self.crash_at = crash_at
         self.send_fail = None
         self.fenced = set()
-        if self.quorum and move:
+        if type(self).quorum and move:      # a cluster: the record is on the old node
             self.record = None
         unreachable = set(unreachable) | self._resolve_moves(set(unreachable), target_down)
         seen = [r.seen() for r in self.reps.values()
@@ -238,7 +247,7 @@ class GenerationMachine(RuleBasedStateMachine):
             if self.quorum:
                 d = self.choose(sorted(self.voters), seen, self.record, quorum=True)
             else:
-                d = self.choose(NAMES, seen, self.record)
+                d = self.choose(sorted(self.voters), seen, self.record)
         except ReplicaUnavailable:
             return
         src = self.reps[d.source]
@@ -247,8 +256,9 @@ class GenerationMachine(RuleBasedStateMachine):
         datas = {n: self.reps[n].data for n in d.rw}
         assert len({tuple(v) for v in datas.values()}) == 1, f"RW replicas differ: {datas}"
         self.adopt_pending = ""
-        if d.adopt and self.quorum and self.defer_adopt \
-                and len(d.rw) < generation.majority(len(self.voters)):
+        self.prior_voters = list(d.prior_voters) if self.joint else []
+        if d.adopt and self.defer_adopt and (self.prior_voters or (
+                self.quorum and len(d.rw) < generation.majority(len(self.voters)))):
             self.adopt_pending = d.source      # Engine.start: adopted once a commit is written
         elif d.adopt:
             src.suspect = src.halted = False
@@ -474,7 +484,7 @@ class GenerationMachine(RuleBasedStateMachine):
                 self.zombie["fenced"].add(name)  # type: ignore[attr-defined]
 
     ENGINE = ("engine_up", "rw", "gen", "committed", "pending_join", "attempted", "record",
-              "fenced", "crash_at", "send_fail", "adopt_pending")
+              "fenced", "crash_at", "send_fail", "adopt_pending", "prior_voters")
 
     def _engine_state(self) -> dict[str, object]:
         return {k: getattr(self, k) for k in self.ENGINE}
@@ -519,12 +529,18 @@ class GenerationMachine(RuleBasedStateMachine):
     @rule()
     def change_voters(self) -> None:
         """A replica added (empty, Rebuilding) or removed: the next engine's U differs."""
-        if SPARE in self.voters:
-            self.voters = self.voters - {SPARE}
-            del self.reps[SPARE]
-        else:
-            self.voters = self.voters | {SPARE}
-            self.reps[SPARE] = Rep(SPARE, members=frozenset(), rebuilding=True)
+        self._set_voters(set() if SPARE in self.voters else {SPARE})
+
+    def _set_voters(self, spares: set[str]) -> None:
+        """The next engine's U: a, b, c and `spares`; replicas added empty and Rebuilding,
+        removed ones gone. Two at once (VotersMachine: 3 → 5 or back), a majority of the old
+        U and one of the new may miss each other."""
+        voters = frozenset(NAMES) | spares
+        for n in self.voters - voters:
+            del self.reps[n]
+        for n in voters - self.voters:
+            self.reps[n] = Rep(n, members=frozenset(), rebuilding=True)
+        self.voters = voters
 
     @invariant()
     def rw_replicas_agree(self) -> None:
@@ -574,6 +590,63 @@ QuorumSettings = settings(max_examples=300, stateful_step_count=100, deadline=No
                           suppress_health_check=[HealthCheck.too_slow])
 TestQuorumRule = QuorumMachine.TestCase
 TestQuorumRule.settings = QuorumSettings
+
+
+class VotersMachine(QuorumMachine):
+    """Quorum mode with the voters changing between 3 and 5 replicas and only the steps that
+    make it matter: writes failing on some replicas, resyncs of some, and an engine replaced
+    by a new one (on another node, some replicas not answering) with the replicas changed or
+    not. What breaks a rule that ignores the voters takes a dozen steps of the full machine
+    in one order, which its random walks, busy with every other fault, almost never take."""
+
+    @rule(grow=st.booleans(), unreachable=st.sets(st.sampled_from(NAMES), max_size=1),
+          quorum=st.booleans())
+    def restart(self, grow: bool, unreachable: set[str], quorum: bool = True) -> None:
+        """The engine stops (or crashes), 3 or 5 replicas are configured, a new one starts,
+        mostly in quorum mode (`engine-commit-quorum` may have been turned off). A replica
+        is removed only once the newest set no longer names it (an engine committed a set
+        without it first): deleted, it may hold the only copy of a write — which no rule
+        can bring back."""
+        self.engine_up = False
+        self.quorum = quorum
+        top = max(r.generation for r in self.reps.values())
+        named = set().union(*(r.members for r in self.reps.values() if r.generation == top))
+        self._set_voters(set(SPARES) if grow or named & set(SPARES) else set())
+        super().start_engine(None, unreachable, move=True)
+
+    @precondition(lambda self: self._up())
+    @rule(fails=st.sets(st.sampled_from(NAMES), max_size=2))
+    def write(self, fails: set[str]) -> None:   # type: ignore[override]
+        super().write(fails, False, None)
+
+    @precondition(lambda self: self._up())
+    @rule(names=st.one_of(st.just(set(SPARES)),
+                          st.sets(st.sampled_from(NAMES + SPARES), min_size=1)))
+    def resync(self, names: set[str]) -> None:   # type: ignore[override]
+        """The new replicas, or any: one after the other."""
+        for n in sorted(names):
+            if self._up():
+                super().resync(n, None)
+
+    # Not rules here: the other steps of the full machines.
+    def start_engine(self, *_: object, **__: object) -> None: ...   # type: ignore[override]
+    def crash_engine(self, *_: object) -> None: ...   # type: ignore[override]
+    def change_voters(self, *_: object) -> None: ...   # type: ignore[override]
+    def flush(self, *_: object) -> None: ...   # type: ignore[override]
+    def power_cut(self, *_: object) -> None: ...   # type: ignore[override]
+    def lose_disk(self, *_: object) -> None: ...   # type: ignore[override]
+    def take_over(self, *_: object) -> None: ...   # type: ignore[override]
+    def zombie_write(self, *_: object) -> None: ...   # type: ignore[override]
+    def zombie_dies(self) -> None: ...   # type: ignore[override]
+    def kill_replica(self, *_: object) -> None: ...   # type: ignore[override]
+    def restart_replica(self, *_: object) -> None: ...   # type: ignore[override]
+    def notice_lost(self, *_: object) -> None: ...   # type: ignore[override]
+    def replace_replica(self, *_: object) -> None: ...   # type: ignore[override]
+
+
+TestVotersRule = VotersMachine.TestCase
+TestVotersRule.settings = settings(max_examples=300, stateful_step_count=30, deadline=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
 
 
 # --- mutants: each weakened rule must be caught -------------------------------------------
@@ -833,3 +906,71 @@ def test_each_part_of_the_move_is_needed(scenario, part) -> None:
     without = type("Without", (GenerationMachine,), {part: False})()
     with pytest.raises(AssertionError, match="lacks acknowledged writes"):
         scenario(without)
+
+
+def _voters_ignored(configured: list[str], seen: list[Seen], record: Record | None,
+                    quorum: bool = False):
+    """The quorum path not comparing the witnesses' voters with the configured replicas:
+    it counts the configured replicas at the top generation, whoever they voted with."""
+    real = generation.quorum_witnesses
+
+    def ignoring(configured: list[str], seen: list[Seen], g: int):
+        return (len({s.name for s in seen if s.generation == g} & set(configured)),
+                len(configured))
+    generation.quorum_witnesses = ignoring
+    try:
+        return generation.choose(configured, seen, record, quorum=quorum)
+    finally:
+        generation.quorum_witnesses = real
+
+
+class _JointOnlyInQuorum(VotersMachine):
+    """An engine not in quorum mode completes its first commit without the old voters'
+    majority."""
+
+    def _commit(self, require_quorum: bool = True) -> None:
+        if not self.quorum:
+            self.prior_voters = []
+        super()._commit(require_quorum)
+
+
+@pytest.mark.parametrize("machine", [
+    type("VotersIgnored", (VotersMachine,), {"choose": staticmethod(_voters_ignored)}),
+    _JointOnlyInQuorum,
+])
+def test_random_search_finds_a_rule_blind_to_voter_changes(machine) -> None:
+    """Five replicas shrunk to three: a start that counts two of the three at the top
+    generation without looking at their voters (five) misses the commit the other three
+    made. The quorum turned off and on again: an engine without quorum whose first commit
+    skips a majority of the voters its start saw leaves two witnesses behind whose voters
+    equal the configured ones, and the quorum start after it trusts them. Derandomized:
+    these take a longer sequence than the other mutants, and a fixed search (1 s and 8 s
+    here) cannot pass by luck one run and fail the next."""
+    case = machine.TestCase
+    case.settings = settings(max_examples=4000, stateful_step_count=20, deadline=None,
+                             phases=(Phase.generate,), database=None, derandomize=True,
+                             suppress_health_check=[HealthCheck.too_slow])
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        case().runTest()
+
+
+def _quorum_off_and_on(m: VotersMachine) -> None:
+    """a and c fail a write (not acknowledged: b alone is no majority); the quorum is turned
+    off; the new engine trusts b only (a and c are behind) and writes; the quorum on again,
+    and b does not answer: a and c carry the voters of their commit, a, b, c — the
+    configured ones."""
+    m.setup(use_record=False)
+    m.restart(False, set())
+    m.write({"a", "c"})
+    assert not m.acked
+    m.restart(False, set(), quorum=False)
+    m.write(set())
+    m.restart(False, {"b"})
+
+
+def test_the_first_commit_without_quorum_needs_the_voters_majority_too() -> None:
+    m = VotersMachine()
+    _quorum_off_and_on(m)       # b alone never committed: nothing acknowledged
+    assert not m.acked and m.engine_up
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        _quorum_off_and_on(type("NotJoint", (VotersMachine,), {"joint": False})())

@@ -4,13 +4,15 @@ itself"): real replica processes and nbdkit, the engine config's `beat_file` wri
 node daemon writes it (blockhorn/liveness.py).
 
 - while the beat is renewed, the engine serves writes well past `fence_after_s`;
-- once the beats stop (the daemon and its dead man's switch gone), the engine kills itself
-  within `fence_after_s` and a maintenance tick or two, and says why in its log;
+- once the beats stop (the daemon and its dead man's switch gone), every request fails with
+  EIO from `fence_after_s` on (within a maintenance tick or two), and FENCED_EXIT_S later the
+  engine kills itself; its log says why;
 - every write it acknowledged before reads back from the replicas through the next engine.
 """
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 
@@ -19,6 +21,7 @@ from harness import Cluster
 from t3_engine_quorum import read_back, write
 
 from blockhorn import liveness
+from blockhorn.engine.ping import FENCED_EXIT_S
 
 MiB = 1 << 20
 FENCE_AFTER_S = 2.0
@@ -52,21 +55,28 @@ def test_an_engine_whose_node_lease_is_overdue_stops_itself(tmp_path) -> None:
         last = time.monotonic()
         h = nbd.NBD()
         h.connect_uri(c.uri)
+        fenced_at, first_error = 0.0, None
         try:
-            deadline = last + FENCE_AFTER_S + SLACK_S + 5
+            deadline = last + FENCE_AFTER_S + FENCED_EXIT_S + SLACK_S + 5
             while c.engine.poll() is None and time.monotonic() < deadline:
                 try:
-                    h.pwrite(b"x" * 4096, 15 * MiB)   # not tracked: may land or not
+                    h.pread(4096, 0)                      # served locally until fenced
+                    h.pwrite(b"x" * 4096, 15 * MiB)       # not tracked: may land or not
                     h.flush()
-                except nbd.Error:
-                    break   # the engine is gone mid-request
+                except nbd.Error as e:
+                    if first_error is None:
+                        fenced_at, first_error = time.monotonic(), e
                 time.sleep(0.05)
             c.engine.wait(max(0.1, deadline - time.monotonic()))
         finally:
             del h   # closes the connection (libnbd has no close of its own)
         gone = time.monotonic() - last
+        # Fenced at the deadline: requests fail with EIO (a share's Ganesha is not left
+        # waiting on the device); FENCED_EXIT_S later the process is gone, SIGKILLed.
+        assert first_error is not None and first_error.errnum == errno.EIO, first_error
+        assert FENCE_AFTER_S - 0.5 <= fenced_at - last <= FENCE_AFTER_S + SLACK_S, fenced_at
         assert c.engine.returncode == -9, c.engine.returncode   # SIGKILL, as the fence
-        assert FENCE_AFTER_S - 0.5 <= gone <= FENCE_AFTER_S + SLACK_S, gone
+        assert FENCED_EXIT_S - 0.5 <= gone - (fenced_at - last) <= FENCED_EXIT_S + SLACK_S, gone
         with open(c.engine_log) as f:
             assert "the node's lease was last renewed" in f.read()
 
@@ -75,8 +85,9 @@ def test_an_engine_whose_node_lease_is_overdue_stops_itself(tmp_path) -> None:
         c.write_engine_config()
         c.start_engine()
         assert read_back(c.uri, acked) == acked
-        print(f"\nengine stopped itself {gone:.2f} s after the last renewal "
-              f"(fence_after_s {FENCE_AFTER_S}); {len(acked)} acknowledged blocks equal")
+        print(f"\nengine fenced itself {fenced_at - last:.2f} s after the last renewal "
+              f"(fence_after_s {FENCE_AFTER_S}), gone after {gone:.2f} s; {len(acked)} "
+              "acknowledged blocks equal")
     finally:
         stop_beats.set()
         c.stop()

@@ -6,13 +6,16 @@ processes and nbdkit: an engine in quorum mode with 3 replicas.
 - the engine killed and the replica holding a member of the newest set gone with it (its
   node died), no generation record (the next engine runs on another node): the next engine
   starts from the two others by the quorum path, and every acknowledged block reads back;
-- one replica left of three: the start is refused (a majority must answer).
+- one replica left of three: the start is refused (a majority must answer);
+- a replica the manager marks down (its node's lease expired) is given a short try at start
+  (EngineConfig.down), not a connection timeout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import time
 
@@ -22,6 +25,8 @@ from harness import Cluster
 from t3_engine_review import _wait_rebuilt
 from t3_engine_stale_connection import BLOCK, data, poll, replica_contents
 
+from blockhorn.engine.client import CONNECT_TIMEOUT_S
+from blockhorn.engine.engine import DOWN_CONNECT_TIMEOUT_S
 from blockhorn.nbd.attach import start_engine
 
 MiB = 1 << 20
@@ -130,3 +135,38 @@ def test_writes_need_a_majority_and_a_majority_starts(qc: Cluster) -> None:
         proc.wait(10)
     if os.path.exists(c.control_socket):
         os.unlink(c.control_socket)
+
+
+def test_a_start_gives_a_replica_of_a_down_node_a_short_try(qc: Cluster) -> None:
+    """A replica the manager marks down (`EngineConfig.down`: its node's lease expired) is
+    tried only briefly at start: a silent host (here a stopped process, whose kernel accepts
+    the connection and never answers) does not hold the start for a connection timeout. The
+    rule decides without it (the quorum path, as if it were gone); it is resynced later."""
+    c = qc
+    r0, r1, r2 = c.reps
+    acked: dict[int, str] = {}
+    write(c.uri, acked, "before", 8)
+    c.stop_engine(signal.SIGKILL)
+    os.unlink(c.record)          # the next engine runs on another node
+    r2.kill(signal.SIGSTOP)
+    try:
+        c.write_engine_config(quorum=True, down=[r2.cfg.name])
+        c.start_engine()
+        log = log_text(c)
+        m = re.search(r"2 of 3 replicas answered in ([0-9.]+) s \(on nodes known down: "
+                      + re.escape(r2.cfg.name), log)
+        assert m, log[-3000:]
+        assert "its node was down when the engine was configured" in log, log[-3000:]
+        assert "quorum: 2 of 3 voters answered" in log, log[-3000:]
+        waited = float(m.group(1))
+        print(f"start with a replica of a down node: its replicas answered after {waited} s "
+              f"(a short try of {DOWN_CONNECT_TIMEOUT_S} s, not {CONNECT_TIMEOUT_S} s)")
+        assert waited < CONNECT_TIMEOUT_S - 1.0
+        write(c.uri, acked, "after", 8)      # two of three in sync: writes go on
+    finally:
+        r2.kill(signal.SIGCONT)
+    c.control().call({"op": "rebuild", "replica": r2.cfg.name})
+    _wait_rebuilt(c, r2.cfg.name)
+    assert read_back(c.uri, acked) == acked
+    for r in c.reps:
+        assert replica_contents(r, acked) == acked

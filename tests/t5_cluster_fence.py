@@ -13,6 +13,9 @@
   generation rule with what is missing (the volume detached, nothing trusted that may be
   stale); `volume attach --salvage REPLICA` starts it from the replica left, once, and the
   dead node's replica, back, is resynced from it; the data reads the same.
+- a dead node holding one of 3 replicas: the volume starts elsewhere by the commit quorum;
+- 2 of 3 replicas of an attached volume silent (their processes stopped, their nodes up):
+  writes fail with EIO, reads go on; one back and resynced: writes resume.
 
 Module-scoped site; the tests run in this order and each leaves every host up.
 """
@@ -20,8 +23,10 @@ Module-scoped site; the tests run in this order and each leaves every host up.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +34,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import nbd
 import psutil
 import pytest
 from conftest import needs_root
@@ -39,6 +45,8 @@ from t5_cluster_hosts import volume_sum, write_pattern
 from blockhorn.config import ReplicaRef
 from blockhorn.engine.client import ReplicaClient
 from blockhorn.keys import load_key
+from blockhorn.manager.paths import Home
+from blockhorn.manager.volumes import engine_status
 from blockhorn.replica.proto import handshake_name
 from blockhorn.types import AuthError
 
@@ -248,28 +256,114 @@ def test_dead_node_with_a_member_three_replicas_moves_by_the_quorum(site: Site) 
     t0 = time.monotonic()
     site.kill(a)
     try:
+        def started() -> tuple[Host, str] | None:
+            """(host, engine log) once an engine on another host than a decided."""
+            for h in (b, c, d):
+                path = os.path.join(h.home, "logs", "qm-engine.log")
+                with contextlib.suppress(FileNotFoundError), open(path) as f:
+                    log = f.read()
+                    if "start rule" in log or "unreachable" in log:
+                        return h, log
+            return None
+        new, log = wait_until(started, 60, "a new engine's start rule")
+        t_started = time.monotonic() - t0
         w = wait_until(lambda: (lambda x: x if x and x["node"] not in (None, a.name)
                                 and x["endpoint"] and x["state"] == "attached" else None)(
                                     show_or_none(site, b, "qm")), 60,
                        "the volume attached on another node")
         t_moved = time.monotonic() - t0
-        new = site.host(w["node"])
-        assert w["epoch"] > epoch, w
-        def started() -> str | None:
-            with open(os.path.join(new.home, "logs", "qm-engine.log")) as f:
-                log = f.read()
-            return log if "start rule" in log or "unreachable" in log else None
-        log = wait_until(started, 30, "the new engine's start rule")
+        assert w["node"] == new.name and w["epoch"] > epoch, w
         assert "quorum: 2 of 3 voters answered" in log, log[-3000:]
+        # The dead node's replica is given a short try only (EngineConfig.down).
+        waited = re.search(r"replicas answered in ([0-9.]+) s", log)
+        assert waited and "on nodes known down" in log, log[-3000:]
         assert volume_sum(w["endpoint"]) == before
         # Writes go on (two of three in sync); after the wait a's replica moves to d.
         after = write_pattern(w["endpoint"], seed=9)
         wait_until(lambda: site.healthy_on(new, "qm", {b.name, c.name, d.name}), 60,
                    "healthy with a's replica replaced")
         assert volume_sum(site.show(new, "qm")["endpoint"]) == after
-        print(f"node with a member died: volume up on {new.name} by the quorum path "
-              f"after {t_moved:.1f} s")
+        print(f"node with a member died: the engine on {new.name} started by the quorum "
+              f"path {t_started:.1f} s after the kill (its replicas answered in "
+              f"{waited.group(1)} s), attached as shown after {t_moved:.1f} s")
     finally:
         site.revive(a)
     wait_until(lambda: site.states(b)[a.name] == "up", 20, f"{a.name} up again")
     detach_and_remove(site, b, "qm")
+
+
+def nbd_blocks(uri: str, acked: dict[int, str], seed: str, count: int) -> None:
+    """Write `count` 4 KiB blocks (offsets 0, 64 KiB, ...), flush; record what each holds."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        for i in range(count):
+            data = hashlib.sha512(f"{seed}-{i}".encode()).digest() * 64
+            h.pwrite(data, i * 65536)
+            acked[i * 65536] = hashlib.sha256(data).hexdigest()
+        h.flush()
+    finally:
+        h.shutdown()
+
+
+def nbd_sums(uri: str, offsets: list[int]) -> dict[int, str]:
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return {off: hashlib.sha256(h.pread(4096, off)).hexdigest() for off in offsets}
+    finally:
+        h.shutdown()
+
+
+def test_two_of_three_replicas_silent_writes_fail_until_one_returns(site: Site) -> None:
+    """The commit quorum on a running engine: 2 of the 3 replicas stop answering. Stopped
+    (SIGSTOP), not killed or cut off: their nodes stay up, so no node daemon restarts them,
+    no lease expires and no etcd member is lost (two of the three members' hosts cut off
+    would stop the control plane and make every node fence itself); the engine sees what a
+    cut link shows it — replicas that accept connections and never answer. A write then
+    fails with EIO within the replica timeout (it reached one replica: never acknowledged),
+    reads go on, the engine reports the quorum lost; one replica back is resynced (the
+    engine's node daemon asks for it) and writes resume; every acknowledged block reads
+    back the same, and once all are back the replicas agree (`volume verify`)."""
+    a, b, c, d = site.hosts
+    assert site.create_avoiding(a, "qs", 3, [d]) == {a.name, b.name, c.name}
+    site.cli(a, "volume", "attach", "qs", "--frontend", "none")
+    v = site.show(a, "qs")
+    uri = v["endpoint"]
+    control = Home(a.home).control_socket("qs")
+    acked: dict[int, str] = {}
+    nbd_blocks(uri, acked, "all", 16)
+    silent = [psutil.Process(r["pid"]) for r in v["replicas"] if r["node"] in (b.name, c.name)]
+    assert len(silent) == 2, v["replicas"]
+    for p in silent:
+        p.suspend()
+    try:
+        t0 = time.monotonic()
+        code = ("import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); "
+                "h.pwrite(b'M' * 4096, 4096); h.flush(); print('written')")
+        res = subprocess.run([sys.executable, "-c", code, uri], capture_output=True,
+                             text=True, timeout=90)
+        t_failed = time.monotonic() - t0
+        assert "written" not in res.stdout and "Input/output error" in res.stderr, res
+        status = engine_status(control)
+        assert status["quorum"] == {"in_sync": 1, "majority": 2, "writable": False}, status
+        assert nbd_sums(uri, sorted(acked)) == acked      # reads go on (a's replica)
+        # One back: the engine's node daemon asks for its resync; writes resume.
+        silent[0].resume()
+        wait_until(lambda: engine_status(control)["quorum"]["writable"], 60,
+                   "writes allowed again after one replica's resync")
+        t_back = time.monotonic() - t0
+        nbd_blocks(uri, acked, "two", 16)
+        assert nbd_sums(uri, sorted(acked)) == acked
+    finally:
+        for p in silent:
+            with contextlib.suppress(psutil.Error):
+                p.resume()
+    wait_until(lambda: site.healthy_on(a, "qs", {a.name, b.name, c.name}), 60,
+               "healthy with every replica back")
+    assert nbd_sums(uri, sorted(acked)) == acked
+    verify = site.cli(a, "volume", "verify", "qs", check=False)   # the replicas agree
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"2 of 3 replicas silent: a write failed with EIO after {t_failed:.1f} s; writes "
+          f"resumed {t_back - t_failed:.1f} s after one came back")
+    detach_and_remove(site, a, "qs")

@@ -28,6 +28,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -210,9 +211,13 @@ def test_share_host_holding_a_replica_moves_by_the_quorum(site: Site,
     with open(os.path.join(new.home, "logs", "sq-engine.log")) as f:
         log = f.read()
     assert "quorum: 2 of 3 voters answered" in log, log[-3000:]
+    # The dead host's replica had a short try only (EngineConfig.down): the new engine does
+    # not wait for a connection to the dead host to time out.
+    waited = re.search(r"2 of 3 replicas answered in ([0-9.]+) s \(on nodes known down", log)
+    assert waited, log[-3000:]
     print(f"{d.name} (holding a replica) killed: served again on {new.name} after "
-          f"{t['serving']:.1f} s by the quorum path; files read back after "
-          f"{t['readable']:.1f} s")
+          f"{t['serving']:.1f} s by the quorum path (its replicas answered in "
+          f"{waited.group(1)} s); files read back after {t['readable']:.1f} s")
     site.revive(d)
     wait_until(lambda: service not in addresses(d.name), 20,
                f"{d.name} dropping the service address")

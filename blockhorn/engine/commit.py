@@ -46,14 +46,18 @@ def commit_changes(eng: Engine) -> None:
                 names = frozenset(r.ref.name for r in members)
                 joining = {n for n in eng._joining if n in names}
                 wanted = (eng._rw_set, frozenset(eng._joining))
-            if eng.cfg.quorum and len(names) < eng.majority:
+            short = [v for v in eng.prior_voters if not eng._started
+                     and len(names & v) < generation.majority(len(v))]
+            if (eng.cfg.quorum and len(names) < eng.majority) or short:
                 # Not written at all: a commit of a minority would complete nothing, and
                 # one left on replicas at the same generation as another engine's later
                 # commit could leave no replica named by both (generation.newest_set).
                 # Who left stays named by the last commit; they hold every acknowledged
                 # write, since nothing is acknowledged from now until a majority is back.
+                # The first commit after a change of the replicas also needs a majority of
+                # the voters before it (generation.prior_voters).
                 eng._unwritten = wanted
-                log_quorum(eng, len(names))
+                log_quorum(eng, len(names), short)
                 return
             if len(names) < eng.cfg.min_rw:
                 raise ReplicaUnavailable(f"volume {eng.cfg.volume} is faulted: fewer than "
@@ -103,11 +107,19 @@ def commit_changes(eng: Engine) -> None:
             log_quorum(eng, len(names))
 
 
-def log_quorum(eng: Engine, in_sync: int) -> None:
-    """Log when writes stop for want of a majority, and when they resume (once each)."""
-    if not eng.cfg.quorum:
+def log_quorum(eng: Engine, in_sync: int, short: list[frozenset[str]] | None = None) -> None:
+    """Log when writes stop for want of a majority, and when they resume (once each).
+    `short`: earlier voter sets the first commit lacks a majority of."""
+    if not eng.cfg.quorum and not short and not eng._quorum_note:
         return
-    note = quorum_reason(eng, in_sync) if in_sync < eng.majority else ""
+    note = quorum_reason(eng, in_sync) if eng.cfg.quorum and in_sync < eng.majority else ""
+    if short and not note:
+        note = (f"volume {eng.cfg.volume}: the replicas or the commit quorum changed since "
+                "the last quorum commit; the first commit needs a majority of its replicas "
+                "too ("
+                + "; ".join(f"{len(eng._rw_set & v)} of {', '.join(sorted(v))}"
+                            for v in short)
+                + "): writes fail until a resync brings one back")
     if note != eng._quorum_note:
         if note:
             log.error("%s", note)

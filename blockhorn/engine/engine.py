@@ -65,6 +65,10 @@ REBUILD_RETRY_S = 10.0       # an ERR replica is retried (reconnect + rebuild) t
 LOCAL_RETIRE_S = 60.0        # replaced local-read descriptors are closed after this long
 MAINT_WAIT_S = 5.0           # a snapshot/purge/expand waits this long for a running one
 PURGE_WAIT_S = 3600.0        # purge(wait=True) gives up after this long
+# Seconds a start gives a replica on a node known down (`EngineConfig.down`) to connect and
+# answer its claim: a live host answers in milliseconds; a dead one would hold the start for
+# the full connection timeout (client.CONNECT_TIMEOUT_S).
+DOWN_CONNECT_TIMEOUT_S = 1.0
 
 
 _COUNTER: dict[int, str] = {Op.WRITE: "writes", Op.FLUSH: "flushes", Op.TRIM: "trims", Op.ZERO: "zeros"}
@@ -130,22 +134,38 @@ class Engine:
         # Quorum mode: the (RW set, joiners) left unwritten because it is not a majority.
         self._unwritten: tuple[frozenset[str], frozenset[str]] | None = None
         self._adopt_pending = ""        # quorum mode: the suspect source, adopted once committed
+        # Voter sets the first commit must hold a majority of too (the replicas or the quorum
+        # setting changed since the newest commit the start saw: generation.prior_voters).
+        self.prior_voters: list[frozenset[str]] = []
         self.decision: generation.Decision | None = None
         self.rebuild_limits = Limits(cfg.rebuild_limits)
         # Migrations (engine/migrate.py): replica -> its target while one runs (WO, never a
         # member), and replica -> the last migration's target and progress.
         self.shadows: dict[str, ReplicaState] = {}
         self.migrations: dict[str, dict[str, Any]] = {}
+        self.fenced = ""   # why every request fails now (engine/ping.py fence_if_lease_lost)
+        self.fenced_at = 0.0
 
     # --- start / stop ------------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect to every replica, choose the source by the generation rule, commit the new
         in-sync set, and resync every other reachable replica from the source."""
+        # A replica whose node the manager knew was down gets a short try only: its host's
+        # silence would hold the start for a whole connection timeout, and the rule treats a
+        # replica not reached like one that is gone (docs/DURABILITY.md, "The commit quorum",
+        # "Not waiting for a dead node"). The maintenance thread retries it as any ERR one.
+        down = set(self.cfg.down)
+        began = time.monotonic()
         with ThreadPoolExecutor(max_workers=len(self.replicas)) as pool:
-            list(pool.map(self.connect_replica, self.replicas.values()))
+            list(pool.map(lambda r: self.connect_replica(
+                r, DOWN_CONNECT_TIMEOUT_S if r.ref.name in down else None),
+                self.replicas.values()))
         migrate.resolve_at_start(self)
         reachable = [r for r in self.replicas.values() if r.client]
+        log.info("volume %s: %d of %d replicas answered in %.1f s%s", self.cfg.volume,
+                 len(reachable), len(self.replicas), time.monotonic() - began,
+                 f" (on nodes known down: {', '.join(sorted(down))})" if down else "")
         seen = [generation.Seen.from_stat(r.ref.name, r.stat) for r in reachable]
         salvage = self.cfg.salvage
         if salvage and generation.salvaged(self.cfg.record, self.cfg.salvage_id):
@@ -167,13 +187,16 @@ class Engine:
                                                    if not r.client)) from None
         log.info("volume %s: start rule: %s", self.cfg.volume, decision.why)
         self.decision = decision
+        if not salvage:   # a salvage is the operator's override
+            self.prior_voters = decision.prior_voters
         chosen = [self.replicas[n] for n in decision.rw]
         # An expansion a replica missed (it was down) is caught up here: the largest wins.
         self.size = max([self.size] + [r.stat["size"] for r in reachable])
         for r in chosen:
             if r.stat["size"] < self.size and r.client:
                 r.stat = r.client.control({"op": "expand", "size": self.size})
-        if decision.adopt and self.cfg.quorum and len(decision.rw) < self.majority:
+        if decision.adopt and ((self.cfg.quorum and len(decision.rw) < self.majority)
+                               or self.prior_voters):
             # Adopted now, the suspect source could clear its Dirty flag (a flush) while the
             # last commit still names replicas at its revision with other content: adopted
             # only right after the first commit this engine writes (engine/commit.py).
@@ -214,6 +237,8 @@ class Engine:
     def no_quorum(self) -> bool:
         """Quorum mode: the RW set (or the last commit's, before the first) is not a majority:
         nothing is acknowledged."""
+        if self.prior_voters and not self._started:
+            return True     # the first commit after a change of the voters is not written
         return self.cfg.quorum and min(len(self._rw_set), len(self._committed)) < self.majority
 
     def started(self) -> bool:
@@ -237,17 +262,24 @@ class Engine:
         if require_quorum and self.no_quorum():
             raise NoQuorum(commit.quorum_reason(self, len(self._rw_set)))
 
-    def connect_replica(self, r: ReplicaState) -> None:
+    def connect_replica(self, r: ReplicaState, timeout: float | None = None) -> None:
+        """Connect and claim `r` (its STAT in `r.stat`); on failure `r.client` stays None.
+        `timeout`: seconds for the connection and for the claim each (None: the defaults)."""
         client = ReplicaClient(r.ref, self.key, handshake_name(self.cfg.volume, self.cfg.epoch),
                                on_lost=self._on_lost,
                                send_timeout=self.cfg.timeout_s, receiver=self.receiver)
         try:
-            client.connect()
-            r.stat = client.claim()
+            if timeout is None:
+                client.connect()
+                r.stat = client.claim()
+            else:
+                client.connect(timeout)
+                r.stat = client.claim(timeout)
         except BlockhornError as e:
             client.close()
-            r.error = str(e)
-            log.warning("replica %s unavailable: %s", r.ref.name, e)
+            r.error = str(e) + (" (its node was down when the engine was configured)"
+                                if timeout is not None else "")
+            log.warning("replica %s unavailable: %s", r.ref.name, r.error)
             return
         r.client = client
         r.error = ""
@@ -361,6 +393,8 @@ class Engine:
     # --- data path ---------------------------------------------------------------------------
 
     def _check_range(self, offset: int, length: int) -> None:
+        if self.fenced:
+            raise ReplicaUnavailable(self.fenced)
         if offset < 0 or length < 0:
             raise InvalidArgument(f"bad range {offset}+{length}")
         if offset + length > self.size:
@@ -396,6 +430,8 @@ class Engine:
                     return None
                 op, offset, length, data = self._widen(op, offset, length, data)
             targets = self._targets
+            if self.fenced:
+                raise ReplicaUnavailable(self.fenced)
             if self.no_quorum():
                 # Not sent at all: nothing could be acknowledged, and a replica (the source,
                 # not adopted yet) must not change under a commit that names others.
@@ -544,7 +580,8 @@ class Engine:
         readers = self._readers
         local = readers[0].local if readers else None
         view = memoryview(buf).cast("B")
-        if local is None or len(local.fds) != 1 or offset < 0 or offset + len(view) > self.size:
+        if local is None or len(local.fds) != 1 or offset < 0 or offset + len(view) > self.size \
+                or self.fenced:
             return False
         try:
             if os.preadv(local.head, [view], offset, os.RWF_NOWAIT) != len(view):

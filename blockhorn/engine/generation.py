@@ -26,7 +26,13 @@ completes only with a majority of U in its set, so no write is acknowledged by a
 Then, when members of the newest set are unreachable, a start may still trust the reachable
 ones if a majority of U answered *at the top generation T* with the same voters: any commit
 above T that completed reached a majority of U, hence one of those replicas, which would carry
-it (docs/DURABILITY.md, "The commit quorum").
+it (docs/DURABILITY.md, "The commit quorum"). That needs one more thing when U changes (a
+replica added or removed between two engines): the first commit of an engine whose U differs
+from the voters V of the newest commit it saw — or that is not in quorum mode at all (the
+setting turned off: its later commits may be minorities) — completes only with a majority
+of V as well (`prior_voters`), so the first commit above any generation always meets a
+majority of the voters written there — also when U changes back to V later (V → U → V, or
+quorum off and on again), which the equality of voters alone cannot tell from no change.
 
 The functions here are pure (no I/O but the record file), so the rule is checked by a
 hypothesis state machine (tests/t1_generation_rule.py).
@@ -89,6 +95,10 @@ class Decision:
     adopt: bool                     # the source is suspect: the engine adopts it explicitly
     resync: list[str] = field(default_factory=list)   # reachable replicas to resync
     why: str = ""
+    # The voters of the newest commit seen, where they differ from this engine's (the
+    # replicas changed since) or this engine is not in quorum mode: its first commit must
+    # hold a majority of each as well (`prior_voters`).
+    prior_voters: list[frozenset[str]] = field(default_factory=list)
 
 
 def newest_set(seen: list[Seen], record: Record | None
@@ -121,6 +131,17 @@ def quorum_witnesses(configured: list[str], seen: list[Seen], generation: int
     if not u or u != frozenset(configured):
         return 0, len(configured)
     return len({s.name for s in top} & u), len(u)
+
+
+def prior_voters(configured: list[str], seen: list[Seen], quorum: bool
+                 ) -> list[frozenset[str]]:
+    """The voter sets that the replicas at the highest generation seen carry, other than
+    the configured replicas in quorum mode: an engine whose replicas changed since that
+    commit, or one not in quorum mode (its later commits may be minorities), completes its
+    first commit only with a majority of each of them too (module docstring)."""
+    top = max((s.generation for s in seen), default=0)
+    return sorted({s.voters for s in seen if s.generation == top and s.voters
+                   and not (quorum and s.voters == frozenset(configured))}, key=sorted)
 
 
 def choose(configured: list[str], seen: list[Seen], record: Record | None,
@@ -169,7 +190,10 @@ def choose(configured: list[str], seen: list[Seen], record: Record | None,
     resync = [s.name for s in seen if s.name not in rw]
     why = (f"generation {generation}, members {sorted(members)}, revision {best}; "
            f"{'clean' if clean else 'suspect'} source {source}{path}")
-    return Decision(generation, rw, source, not clean, resync, why)
+    # Also without quorum: an engine of a volume whose quorum was turned off must not
+    # complete a commit that misses a majority of the voters a later quorum start counts.
+    return Decision(generation, rw, source, not clean, resync, why,
+                    prior_voters(configured, seen, quorum))
 
 
 def salvage(seen: list[Seen], name: str) -> Decision:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockhorn.engine")
 
 PING_INTERVAL_S = 2.0        # every live replica is pinged (STAT) this often to notice hangs
+FENCED_EXIT_S = 2.0          # seconds a self-fenced engine fails requests before it exits
 MAINT_TICK_S = 0.25          # how often outstanding pings are looked at (and a commit's wait)
 
 
@@ -78,14 +79,21 @@ def fence_if_lease_lost(eng: Engine) -> None:
     When both are gone (killed, with the host up), nobody would: the lease then expires, the
     leader attaches the volume elsewhere, and this engine, which the replicas refuse by epoch
     for anything they serve, could still answer reads from its local replica's files, which
-    no longer change. So it kills itself, as the fence would."""
+    no longer change. So it fences itself: every request fails with EIO from then on (a
+    share's Ganesha, killed by its share manager at the same deadline, is not left waiting on
+    the device), and FENCED_EXIT_S later the process kills itself, as the fence would."""
+    if eng.fenced:
+        if time.monotonic() - eng.fenced_at >= FENCED_EXIT_S:
+            for h in logging.getLogger().handlers + log.handlers:
+                h.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
     due = liveness.overdue_in(eng.cfg.beat_file, eng.cfg.fence_after_s)
     if due > 0:
         return
-    log.critical("volume %s: the node's lease was last renewed %.1f s ago and nobody fenced "
-                 "this engine (its daemon and dead man's switch are gone, or cut off): the "
-                 "volume may move to another node; stopping now", eng.cfg.volume,
-                 eng.cfg.fence_after_s - due)
-    for h in logging.getLogger().handlers + log.handlers:
-        h.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    eng.fenced_at = time.monotonic()
+    eng.fenced = (f"volume {eng.cfg.volume}: fenced: the node's lease was last renewed "
+                  f"{eng.cfg.fence_after_s - due:.1f} s ago")
+    log.critical("%s and nobody fenced this engine (its daemon and dead man's switch are gone, "
+                 "or cut off): the volume may move to another node; every request fails from "
+                 "now on, and the engine stops in %.0f s", eng.fenced, FENCED_EXIT_S)

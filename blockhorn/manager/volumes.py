@@ -261,7 +261,17 @@ class VolumeManager:
                      fence_after_s=liveness.SELF_FENCE_AFTER_S if self.cluster else 0.0,
                      moving=[ReplicaRef(r.name, r.moving.address, r.moving.directory)
                              for r in reps if r.moving is not None],
+                     down=self._down_replicas(reps),
                      ).save(self.home.engine_config(name))
+
+    def _down_replicas(self, reps: list[ReplicaRow]) -> list[str]:
+        """Replicas on nodes whose lease expired (a cluster): an engine started from this
+        config gives them only a short try (EngineConfig.down). A node that comes back before
+        the engine starts only costs its replica that short try."""
+        cluster = self.cluster
+        if cluster is None:
+            return []
+        return [r.name for r in reps if r.node and not cluster.is_up(r.node)]
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
         ReplicaConfig(volume=name, name=r.name, directory=r.directory, size=size,
