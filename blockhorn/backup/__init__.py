@@ -12,6 +12,7 @@ Sources and sinks (blockhorn.backup.volumes)
     `open_snapshot(replica_dirs, snapshot) -> ReplicaSnapshot` — a snapshot to back up, read
     offline from one replica directory; `.close()` it.
     `ReplicaSink(replica_dirs)` — every replica of a new *detached* volume, written offline;
+    `NbdSink(uri)` — a volume's engine over NBD (a cluster's restore);
     `FileSink(path, size)` — a sparse image file. `.close()` them.
 
 Operations (all synchronous; run them in a thread; each takes the store lock it needs)
@@ -59,10 +60,17 @@ from blockhorn.backup.manage import (
 )
 from blockhorn.backup.restore import incremental_restore, load_volume, restore
 from blockhorn.backup.targets import Target, TargetError, open_target, read_credential_file
-from blockhorn.backup.volumes import FileSink, ReplicaSink, ReplicaSnapshot, open_snapshot
+from blockhorn.backup.volumes import (
+    FileSink,
+    NbdSink,
+    ReplicaSink,
+    ReplicaSnapshot,
+    open_snapshot,
+)
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE", "LARGE_BLOCK_SIZE", "BackupCorrupt", "BackupURL", "FileSink",
+    "NbdSink",
     "Progress", "ReplicaSink", "ReplicaSnapshot", "Target", "TargetError", "VolumeCfg",
     "collect_garbage", "create_backup", "decode_backup_url", "delete_backup",
     "encode_backup_url", "incremental_restore", "list_backups", "list_volumes", "load_volume",

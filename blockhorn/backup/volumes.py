@@ -16,7 +16,10 @@ in a backup. If P is no longer on S's chain (removed and folded), every block ho
 read and dedup against the previous backup's block list keeps the upload small.
 
 Writing: a restore writes into every replica directory of a new, detached volume through
-`Replica.write` (only blocks that hold data: holes stay holes), then flushes.
+`Replica.write` (only blocks that hold data: holes stay holes), then flushes. On a cluster,
+where those directories are on other nodes, it writes to the volume's engine over NBD
+(`NbdSink`; the engine replicates each write), the same blocks, zeroed ranges as NBD zero
+requests, and one flush at the end.
 """
 
 from __future__ import annotations
@@ -189,6 +192,45 @@ class ReplicaSink:
         for r in self.replicas:
             r.close()
         self.replicas = []
+
+
+NBD_ZERO_MAX = 1 << 30   # bytes zeroed per NBD request
+
+
+class NbdSink:
+    """A volume's engine, written over NBD (libnbd: one handle, whose calls may come from
+    several threads). Only what the restore writes is sent: holes stay holes."""
+
+    def __init__(self, uri: str) -> None:
+        import nbd  # libnbd's Python binding (Debian python3-libnbd)
+        self.handle: Any = nbd.NBD()
+        try:
+            self.handle.connect_uri(uri)
+        except nbd.Error as e:
+            raise BlockhornError(f"cannot reach the volume's engine at {uri}: {e}") from None
+        self.size = int(self.handle.get_size())
+
+    def write(self, offset: int, data: bytes) -> None:
+        if data:
+            self.handle.pwrite(bytes(data), offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        end = min(offset + length, self.size)   # the last block may pass the end
+        while offset < end:   # NBD requests carry a 32-bit length
+            n = min(end - offset, NBD_ZERO_MAX)
+            self.handle.zero(n, offset)
+            offset += n
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            try:
+                handle.shutdown()
+            except Exception:   # noqa: BLE001 - the engine may be gone; nothing left to send
+                pass
 
 
 class FileSink:

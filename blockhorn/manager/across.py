@@ -172,6 +172,8 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str,
         if vol.desired == "attached":
             old = vol.node or vm.me or ""
             if vm.cluster.is_up(old) or vol.access_mode == "rwx":
+                from blockhorn.manager.maintenance import check_attachable
+                check_attachable(vol)   # attached there for a snapshot/expand/restore
                 raise Busy(f"volume {name!r} is already attached (on node {old}): detach it "
                            "first" + (" (an RWX share moves by itself)"
                                       if vol.access_mode == "rwx" else ""))

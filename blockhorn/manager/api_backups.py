@@ -10,12 +10,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from blockhorn.manager.backups import BackupService
 from blockhorn.manager.volumes import VolumeManager
-from blockhorn.types import InvalidArgument
+from blockhorn.types import BlockhornError, InvalidArgument
 
 Run = Callable[..., Awaitable[Any]]
 
@@ -95,6 +95,33 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
             raise InvalidArgument("garbage collection needs a volume")
         return await run(svc.collect_garbage, str(data["volume"]), data.get("target"))
 
+    def _int(request: Request, key: str, default: int | None = None) -> int:
+        raw = request.query_params.get(key)
+        if raw is None and default is not None:
+            return default
+        try:
+            return int(raw or "")
+        except ValueError:
+            raise InvalidArgument(f"{key} must be an integer") from None
+
+    @endpoint
+    async def snapshot_source(request: Request) -> Any:
+        """This node's replica's snapshot, for another node's backup (backup_peer.py)."""
+        q, p = request.query_params, request.path_params
+        return await run(svc.snapshot_source, p["name"], p["snap"], q.get("blocks"),
+                         q.get("since"), _int(request, "block_size", 0))
+
+    async def snapshot_data(request: Request) -> Response:
+        """Bytes of this node's replica's snapshot (raw, not JSON: `endpoint` sends JSON)."""
+        p = request.path_params
+        try:
+            data = await run(svc.snapshot_data, p["name"], p["snap"], _int(request, "offset"),
+                             _int(request, "length"))
+        except BlockhornError as e:
+            from blockhorn.manager.api import error_response
+            return error_response(e)
+        return Response(data, media_type="application/octet-stream")
+
     @endpoint
     async def list_jobs(request: Request) -> Any:
         return {"jobs": await run(svc.jobs)}
@@ -115,4 +142,8 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
         Route(f"{prefix}/backups/gc", collect_garbage, methods=["POST"]),
         Route(f"{prefix}/backups/jobs", list_jobs, methods=["GET"]),
         Route(f"{prefix}/backups/jobs/{{id}}", show_job, methods=["GET"]),
+        Route(f"{prefix}/volumes/{{name}}/snapshots/{{snap}}/source", snapshot_source,
+              methods=["GET"]),
+        Route(f"{prefix}/volumes/{{name}}/snapshots/{{snap}}/data", snapshot_data,
+              methods=["GET"]),
     ]

@@ -27,7 +27,7 @@ Run = Callable[..., Awaitable[Any]]
 
 def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, only: Any,
                     prefix: str) -> list[Route]:
-    snaps = SnapshotManager(volumes.store)
+    snaps = SnapshotManager(volumes.store, volumes)
 
     def locked(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         with volumes.locked(name):
@@ -36,17 +36,19 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
     def create_checked(name: str, snap: str | None, labels: dict[str, str]) -> Any:
         taken = (f"snapshot {snap!r} already exists on volume {name!r}: pick another name, "
                  f"or remove it first (`blockhorn snapshot rm {name} {snap}`)")
-        if snap is not None and any(s["name"] == snap for s in snaps.list(name)):
-            raise AlreadyExists(taken)
-        try:
-            return snaps.create(name, snap, labels)
-        except BlockhornError as e:
-            if e.errno != errno.EEXIST:
-                raise
-            # Not listed, yet its layer file exists: removed, and not folded yet.
-            raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} was removed and is "
-                                f"still being folded: run `blockhorn snapshot purge {name}` "
-                                "or pick another name") from None
+        # One maintenance attach for both steps on a cluster (snapshots.py `session`).
+        with snaps.session(name, f"snapshot create {snap or ''}".strip()):
+            if snap is not None and any(s["name"] == snap for s in snaps.list(name)):
+                raise AlreadyExists(taken)
+            try:
+                return snaps.create(name, snap, labels)
+            except BlockhornError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                # Not listed, yet its layer file exists: removed, and not folded yet.
+                raise AlreadyExists(f"snapshot {snap!r} of volume {name!r} was removed and "
+                                    f"is still being folded: run `blockhorn snapshot purge "
+                                    f"{name}` or pick another name") from None
 
     @endpoint
     async def list_snapshots(request: Request) -> Any:
@@ -79,7 +81,9 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
         """Refuse a size the replica disks cannot hold before any replica is touched: the
         engine would otherwise set every replica ERR on EFBIG (a faulted volume)."""
         new = parse_size(size)
-        check_disk_room(new, [r.directory for r in volumes.store.replicas(name)])
+        # This node's disks only: another node's directory is not at the same path here.
+        check_disk_room(new, [r.directory for r in volumes.store.replicas(name)
+                              if volumes.is_local(r)])
         return int(snaps.expand(name, new, volumes.write_configs))
 
     @endpoint
@@ -100,6 +104,7 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
         if not sep or not source or not snap:
             raise InvalidArgument("clone source must be VOLUME/SNAPSHOT")
         src = volumes.store.volume(source)
+        await run(snaps.check_clone_source, source, snap)   # before anything is created
         size = data.get("size") or src.size
         await run(volumes.create, name, size, replicas=data.get("replicas", 3),
                   disks=data.get("disks") or [], transport=data.get("transport", "auto"))

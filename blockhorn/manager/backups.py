@@ -8,6 +8,11 @@ AWS_* KEY=VALUE lines (Longhorn's credential-secret names) and is read at each u
 secrets are never copied into the state database. A backup URL names its target by URL; the
 named target with that URL supplies its credentials (else the daemon's environment does).
 
+On a cluster (manager/backup_peer.py, manager/maintenance.py): a backup reads the snapshot
+from this node's replica when it holds one, else from a node that does, through that node's
+API (`snapshot_source`, `snapshot_data` serve it); a restore into a volume with replicas on
+other nodes attaches it here for the restore (no device) and writes to its engine over NBD.
+
 Jobs live in memory; what survives a crash is the backup's journal under
 `<home>/backup-journal/`: when the daemon starts it resumes every journal it finds (the same
 backup name, skipping the blocks already uploaded).
@@ -41,6 +46,7 @@ from blockhorn import backup as bk
 from blockhorn.backup.backup import Progress
 from blockhorn.backup.format import check_store_name
 from blockhorn.control.store import BackupTargetRow, now_rfc3339
+from blockhorn.manager import maintenance
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import (
@@ -63,7 +69,7 @@ class BackupService:
     def __init__(self, volumes: VolumeManager, resume: bool = True) -> None:
         self.volumes = volumes
         self.store = volumes.store
-        self.snaps = SnapshotManager(volumes.store)
+        self.snaps = SnapshotManager(volumes.store, volumes)
         self.journal_dir = os.path.join(volumes.home.root, "backup-journal")
         self._jobs: dict[str, dict[str, Any]] = {}
         self._guard = threading.Lock()
@@ -237,19 +243,80 @@ class BackupService:
                    **options: Any) -> dict[str, Any]:
         """Back up synchronously (a job's body; recurring jobs may call it directly).
         `options` go to `blockhorn.backup.create_backup` (compression, block_size, full)."""
-        dirs = [r.directory for r in self.store.replicas(volume)]
-        target = self.open(t)
+        source = self._open_source(volume, snapshot)
         try:
-            source = bk.open_snapshot(dirs, snapshot)
+            target = self.open(t)
             try:
                 return bk.create_backup(target, volume, source, labels=labels,
                                         journal_dir=self.journal_dir,
                                         progress=self._progress(job) if job else None,
                                         **options)
             finally:
-                source.close()
+                target.close()
         finally:
-            target.close()
+            source.close()
+
+    def _local_dirs(self, volume: str) -> list[str]:
+        """This node's replica directories of `volume` (on one host: all of them)."""
+        return [r.directory for r in self.store.replicas(volume) if self.volumes.is_local(r)]
+
+    def _open_source(self, volume: str, snapshot: str) -> Any:
+        """The snapshot to back up: from this node's replica, else (a cluster) from a node
+        that is up and holds one (manager/backup_peer.py)."""
+        vm = self.volumes
+        local = self._local_dirs(volume)
+        if vm.cluster is None:
+            return bk.open_snapshot(local, snapshot)
+        errors = []
+        if local:
+            try:
+                return bk.open_snapshot(local, snapshot)
+            except NotFound as e:
+                errors.append(f"node {vm.me}: {e}")
+        from blockhorn.manager.backup_peer import PeerSnapshot
+        for node in sorted({r.node or "" for r in self.store.replicas(volume)
+                            if not vm.is_local(r)}):
+            if not vm.cluster.is_up(node):
+                errors.append(f"node {node}: down")
+                continue
+            try:
+                source = PeerSnapshot(vm, node, volume, snapshot)
+            except BlockhornError as e:
+                errors.append(str(e))
+                continue
+            log.info("backup of %s/%s reads node %s's replica", volume, snapshot, node)
+            return source
+        raise NotFound(f"no node holding a replica of {volume!r} can read snapshot "
+                       f"{snapshot!r}: {'; '.join(errors) or 'it has no replicas'}")
+
+    # --- a snapshot served to another node's backup (manager/backup_peer.py) --------------
+
+    def snapshot_source(self, volume: str, snapshot: str, blocks: str | None = None,
+                        since: str | None = None, block_size: int = 0) -> dict[str, Any]:
+        """This node's replica's snapshot: name, size, created; with `blocks` "all" or
+        "changed" (since snapshot `since`) the offsets of those blocks of `block_size`."""
+        source = bk.open_snapshot(self._local_dirs(volume), snapshot)
+        try:
+            out: dict[str, Any] = {"name": source.name, "size": source.size,
+                                   "created": source.created}
+            if blocks is not None:
+                if block_size <= 0 or blocks not in ("all", "changed"):
+                    raise InvalidArgument("blocks is all or changed, with a block_size")
+                out["blocks"] = source.allocated_blocks(block_size) if blocks == "all" \
+                    else source.changed_blocks(since, block_size)
+            return out
+        finally:
+            source.close()
+
+    def snapshot_data(self, volume: str, snapshot: str, offset: int, length: int) -> bytes:
+        from blockhorn.manager.backup_peer import MAX_READ
+        if offset < 0 or not 0 < length <= MAX_READ:
+            raise InvalidArgument(f"read 1 to {MAX_READ} bytes at an offset of 0 or more")
+        source = bk.open_snapshot(self._local_dirs(volume), snapshot)
+        try:
+            return bytes(source.read(offset, length))
+        finally:
+            source.close()
 
     def _resume_all(self) -> None:
         """Resume every interrupted backup whose journal names a known target and volume."""
@@ -364,16 +431,16 @@ class BackupService:
                 if self.store.volume(volume).desired == "attached":
                     raise Busy(f"volume {volume!r} is attached: detach it before restoring "
                                "into it")
-                dirs = [r.directory for r in self.store.replicas(volume)]
-                sink = bk.ReplicaSink(dirs)
-                try:
-                    prog = self._progress(job) if job else None
-                    if last_backup:
-                        return bk.incremental_restore(target, parsed.volume, parsed.backup,
-                                                      last_backup, sink, progress=prog)
-                    return bk.restore(target, parsed.volume, parsed.backup, sink,
-                                      progress=prog)
-                finally:
-                    sink.close()
+                with maintenance.restore_sink(self.volumes, volume,
+                                              f"restore of backup {parsed.backup}") as sink:
+                    return self._restore(target, parsed, sink, job, last_backup)
         finally:
             target.close()
+
+    def _restore(self, target: bk.Target, parsed: bk.BackupURL, sink: Any,
+                 job: dict[str, Any] | None, last_backup: str | None) -> dict[str, Any]:
+        prog = self._progress(job) if job else None
+        if last_backup:
+            return bk.incremental_restore(target, parsed.volume, parsed.backup, last_backup,
+                                          sink, progress=prog)
+        return bk.restore(target, parsed.volume, parsed.backup, sink, progress=prog)

@@ -4,6 +4,12 @@ While a volume is attached, the engine coordinates every replica (blockhorn.engi
 is detached no process holds the replica directories, and the daemon works on them directly
 with the same store code. Revert is offline only: the data under a mounted file system cannot
 change beneath it.
+
+On a cluster a detached volume's replica directories may be on other nodes: snapshot create,
+list, rm, purge and expand then run through a maintenance attach on the node asked
+(manager/maintenance.py). Revert and clone need every replica directory (of the volume, of the
+clone's source) on the node asked; otherwise they are refused with what to do instead. No
+other node's directory is ever opened by its path here: the same path on this node is not it.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from blockhorn.control.store import StateStore
 from blockhorn.engine import generation
 from blockhorn.engine.control import ControlClient
-from blockhorn.manager import process
+from blockhorn.manager import maintenance, process
 from blockhorn.replica import snapshots as store_snaps
 from blockhorn.replica.store import Replica
 from blockhorn.types import (
@@ -29,6 +36,9 @@ from blockhorn.types import (
     parse_size,
 )
 
+if TYPE_CHECKING:
+    from blockhorn.manager.volumes import VolumeManager
+
 log = logging.getLogger("blockhorn.manager")
 
 CONTROL_TIMEOUT_S = 120.0    # snapshot/purge/expand through the engine may take this long
@@ -36,8 +46,12 @@ CLONE_CHUNK = 4 << 20        # bytes copied per step of a clone
 
 
 class SnapshotManager:
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, volumes: VolumeManager | None = None) -> None:
+        """`volumes`: the daemon's, for a cluster's maintenance attach (None: every replica
+        directory is on this host, as on one host)."""
         self.store = store
+        self.volumes = volumes
+        self._maintained: set[str] = set()   # volumes in a maintenance attach (session)
 
     # --- where the work happens ----------------------------------------------------------
 
@@ -45,9 +59,43 @@ class SnapshotManager:
         """The engine's control client when the volume is attached, else None."""
         vol = self.store.volume(name)
         eng = self.store.engine(name)
+        vm = self.volumes
+        if vm is not None and vm.cluster is not None and vol.desired == "attached" \
+                and not vm.engine_here(vol):
+            # Forwarded to the engine's node normally (manager/forward.py); this one came in
+            # while the volume moved. Its pid is another node's: never probe it here.
+            raise Busy(f"volume {name!r} is attached on node {vol.node}: ask that node")
         if vol.desired == "attached" and process.alive(eng.process):
             return ControlClient(eng.control_socket, timeout=CONTROL_TIMEOUT_S)
         return None
+
+    @contextmanager
+    def session(self, name: str, what: str) -> Iterator[ControlClient | None]:
+        """The engine to talk to for `what`, or None: work on the replica directories here.
+        A detached cluster volume with replicas on other nodes is attached here for the
+        block (maintenance.attached_here); calls inside it find that engine. The caller
+        holds the volume's lock."""
+        eng = self._engine(name)
+        if eng is not None or self.volumes is None \
+                or not maintenance.needed(self.volumes, name):
+            yield eng
+            return
+        with maintenance.attached_here(self.volumes, name, what):
+            self._maintained.add(name)
+            try:
+                yield self._engine(name)
+            finally:
+                self._maintained.discard(name)
+
+    def _local_only(self, name: str, what: str, instead: str) -> None:
+        """Refuse `what` on a cluster volume with replicas on other nodes."""
+        vm = self.volumes
+        if vm is None or not maintenance.needed(vm, name):
+            return
+        nodes = sorted({r.node or "" for r in self.store.replicas(name) if not vm.is_local(r)})
+        raise InvalidArgument(f"{what} works on the replica directories and needs every "
+                              f"replica of {name!r} on the node asked; it has replicas on "
+                              f"node(s) {', '.join(nodes)}: {instead}")
 
     def _offline(self, name: str) -> list[Replica]:
         """Open every replica directory of a detached volume (no replica process may run)."""
@@ -73,20 +121,21 @@ class SnapshotManager:
         for k in labels or {}:
             if not k or "=" in k:
                 raise InvalidArgument(f"bad label key {k!r}")
-        eng = self._engine(name)
-        if eng is not None:
-            eng.call({"op": "snapshot", "name": snap, "labels": labels or {}})
-        else:
-            self._each_offline(name, lambda r: store_snaps.create_snapshot(r, snap, True, labels))
-        log.info("snapshot %s of %s created", snap, name)
-        return self.find(name, snap)
+        with self.session(name, f"snapshot create {snap}") as eng:
+            if eng is not None:
+                eng.call({"op": "snapshot", "name": snap, "labels": labels or {}})
+            else:
+                self._each_offline(name, lambda r: store_snaps.create_snapshot(r, snap, True,
+                                                                               labels))
+            log.info("snapshot %s of %s created", snap, name)
+            return self.find(name, snap)
 
     def list(self, name: str) -> list[dict[str, Any]]:
-        eng = self._engine(name)
-        if eng is not None:
-            tree: list[dict[str, Any]] = eng.call({"op": "snapshots"})["snapshots"]
-            return tree
-        return self._each_offline(name, store_snaps.list_snapshots)[0]
+        with self.session(name, "snapshot ls") as eng:
+            if eng is not None:
+                tree: list[dict[str, Any]] = eng.call({"op": "snapshots"})["snapshots"]
+                return tree
+            return self._each_offline(name, store_snaps.list_snapshots)[0]
 
     def find(self, name: str, snap: str) -> dict[str, Any]:
         for s in self.list(name):
@@ -95,28 +144,34 @@ class SnapshotManager:
         raise NotFound(f"volume {name!r} has no snapshot {snap!r}")
 
     def remove(self, name: str, snap: str) -> None:
-        self.find(name, snap)
-        eng = self._engine(name)
-        if eng is not None:
-            eng.call({"op": "snapshot_rm", "name": snap})
-        else:
-            def rm(r: Replica) -> None:
-                store_snaps.mark_removed(r, snap)
-                store_snaps.purge(r)
-            self._each_offline(name, rm)
+        with self.session(name, f"snapshot rm {snap}") as eng:
+            self.find(name, snap)
+            if eng is not None:
+                eng.call({"op": "snapshot_rm", "name": snap})
+                if name in self._maintained:
+                    # Folded before the detach, as a detached volume's rm does on one host.
+                    eng.call({"op": "purge", "wait": True})
+            else:
+                def rm(r: Replica) -> None:
+                    store_snaps.mark_removed(r, snap)
+                    store_snaps.purge(r)
+                self._each_offline(name, rm)
         log.info("snapshot %s of %s removed", snap, name)
 
     def purge(self, name: str) -> dict[str, Any]:
-        eng = self._engine(name)
-        if eng is not None:
-            return eng.call({"op": "purge", "wait": True})
-        folded = self._each_offline(name, store_snaps.purge)
-        return {"folded": folded[0] if folded else []}
+        with self.session(name, "snapshot purge") as eng:
+            if eng is not None:
+                return eng.call({"op": "purge", "wait": True})
+            folded = self._each_offline(name, store_snaps.purge)
+            return {"folded": folded[0] if folded else []}
 
     def revert(self, name: str, snap: str) -> None:
         if self._engine(name) is not None or self.store.volume(name).desired == "attached":
             raise Busy(f"volume {name!r} is attached: unmount and detach it, then revert "
                        f"(its data would change under the file system)")
+        self._local_only(name, "snapshot revert", "restore the snapshot from a backup "
+                         f"instead (`blockhorn backup create {name} --snapshot {snap}`, then "
+                         "`blockhorn backup restore URL NEWVOLUME`)")
         self.find(name, snap)
         self._each_offline(name, lambda r: store_snaps.revert(r, snap))
         log.info("volume %s reverted to snapshot %s", name, snap)
@@ -129,24 +184,34 @@ class SnapshotManager:
                                   f"asked for {new}")
         if new == vol.size:
             return new
-        eng = self._engine(name)
-        if eng is not None:
-            eng.call({"op": "expand", "size": new})
-        else:
-            self._each_offline(name, lambda r: store_snaps.expand(r, new))
-        self.store.update_volume(name, size=new)
-        write_configs(name)
+        with self.session(name, f"expand to {new} bytes") as eng:
+            if eng is not None:
+                eng.call({"op": "expand", "size": new})
+            else:
+                self._each_offline(name, lambda r: store_snaps.expand(r, new))
+            self.store.update_volume(name, size=new)
+            write_configs(name)
         log.info("volume %s expanded to %d bytes", name, new)
-        if eng is not None and vol.attachment:
+        vol = self.store.volume(name)
+        if eng is not None and vol.desired == "attached" and vol.attachment:
             from blockhorn.nbd.attach import Attachment, refresh_size
             if refresh_size(Attachment.from_dict(vol.attachment), new):
                 log.info("device of %s resized online", name)
         return new
 
+    def check_clone_source(self, source: str, snap: str, target: str | None = None) -> None:
+        """Refuse a clone whose source (or target) replicas are not all on this node."""
+        instead = (f"back the snapshot up and restore it into a new volume instead "
+                   f"(`blockhorn backup create {source} --snapshot {snap}`, then `blockhorn "
+                   "backup restore URL NEWVOLUME`)")
+        for name in [source] + ([target] if target else []):
+            self._local_only(name, "clone", instead)
+
     def clone_into(self, source: str, snap: str, target: str,
                    progress: Callable[[int, int], None] | None = None) -> int:
         """Copy snapshot `snap` of `source` into every replica of the new, detached volume
         `target` (sparse: only ranges holding data are copied). Returns bytes copied."""
+        self.check_clone_source(source, snap, target)
         self.find(source, snap)
         view = None
         # Only replicas the start rule trusts: a rebuilding or stale one may read as zeros.

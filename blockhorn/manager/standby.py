@@ -138,12 +138,10 @@ class StandbyManager:
 
     @contextmanager
     def _sink(self, name: str) -> Iterator[Any]:
-        from blockhorn.backup import ReplicaSink
-        sink = ReplicaSink([r.directory for r in self.store.replicas(name)])
-        try:
+        """Its replica directories, or on a cluster its engine in a maintenance attach."""
+        from blockhorn.manager.maintenance import restore_sink
+        with restore_sink(self.volumes, name, "standby restore") as sink:
             yield sink
-        finally:
-            sink.close()
 
     def _progress(self, name: str, report: Callable[[str], None] | None) -> Any:
         def progress(p: Any) -> None:

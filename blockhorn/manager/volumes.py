@@ -311,6 +311,8 @@ class VolumeManager:
                 raise Busy(f"volume {name!r} is a DR standby (it follows "
                            f"{vol.standby.get('source')}): `blockhorn volume activate {name}` "
                            "first")
+            from blockhorn.manager.maintenance import check_attachable
+            check_attachable(vol)   # a snapshot/expand/restore of a cluster's detached volume
             if vol.desired == "attached":
                 where = (vol.attachment or {}).get("device") or self._endpoint(name)
                 raise Busy(f"volume {name!r} is already attached"

@@ -439,3 +439,24 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
             _unmount_under(root)
             _detach_loops(root)
             release_fuse(orphaned_fuse(before))
+
+
+@contextlib.contextmanager
+def module_site(tag: str, n: int = 3, settings: dict[str, str] | None = None,
+                tools: tuple[str, ...] = ("etcd",)) -> Iterator[Site]:
+    """A test module's cluster_site under a short /tmp root (replica and engine sockets live
+    under the homes), skipped when a tool is missing; the root is removed after, unless
+    BLOCKHORN_KEEP_SITE keeps its logs for a post-mortem."""
+    import shutil
+
+    import pytest
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    root = os.path.join("/tmp", f"{tag}{os.getpid()}")
+    try:
+        with cluster_site(root, n, settings) as s:
+            yield s
+    finally:
+        if not os.environ.get("BLOCKHORN_KEEP_SITE"):
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,289 @@
+"""Tier 5: a detached volume whose replicas live on other nodes, worked on from a node that
+holds none of them (three namespace hosts, tests/support/cluster_site.py):
+
+- snapshot create/ls/rm, expand and purge asked of that node run through a maintenance
+  attach there (manager/maintenance.py): the data reads the same afterwards (checksums), the
+  volume is detached again with every replica stopped, and a user's attach while one runs
+  is refused with the maintenance named;
+- revert and clone, which need every replica directory on the node asked, are refused with
+  what to do instead, nothing changed;
+- a backup asked of that node (the volume detached, then attached there: the engine's node
+  holds no replica) reads the snapshot from a node that holds one (manager/backup_peer.py);
+  a restore into a new volume of the cluster writes through an engine over NBD: checksums
+  equal; so does a DR standby, created in full and then stepped incrementally (new data and
+  zeroed old data): after its activation it reads as the source.
+
+The cluster is module-scoped and the tests run in this order (they share the volume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import nbd
+import pytest
+from conftest import needs_root
+from support.cluster_site import ROOT, Site, module_site, wait_until
+
+pytestmark = needs_root()
+
+MiB = 1 << 20
+VOL = "dv"
+state: dict[str, Any] = {}   # what the tests in order hand on (checksums, backup URL)
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    with module_site("bhd") as s:
+        yield s
+
+
+def digest(uri: str, length: int | None = None, write_seed: int | None = None) -> str:
+    """sha256 of the volume's first `length` bytes (all: None), after writing a pattern of
+    spread 64 KiB blocks and flushing when `write_seed` is given."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        size = h.get_size()
+        if write_seed is not None:
+            block = 64 * 1024
+            for i in range(48):
+                off = (i * 7919 * block) % (size - block)
+                h.pwrite(hashlib.sha256(f"{write_seed}-{i}".encode()).digest() * (block // 32),
+                         off - off % 4096)
+            h.flush()
+        d = hashlib.sha256()
+        end = size if length is None else length
+        for off in range(0, end, 4 * MiB):
+            d.update(h.pread(min(4 * MiB, end - off), off))
+        return d.hexdigest()
+    finally:
+        h.shutdown()
+
+
+def attach_sum(site: Site, volume: str, host: Any, length: int | None = None,
+               write_seed: int | None = None) -> str:
+    """Attach `volume` on `host` (no device), checksum (after writing), detach."""
+    site.cli(host, "volume", "attach", volume, "--frontend", "none")
+    try:
+        return digest(site.show(host, volume)["endpoint"], length, write_seed)
+    finally:
+        site.cli(host, "volume", "detach", volume)
+        wait_stopped(site, host, volume)
+
+
+def wait_stopped(site: Site, host: Any, volume: str) -> None:
+    wait_until(lambda: all(r["pid"] is None for r in site.show(host, volume)["replicas"]),
+               20, f"every replica of {volume} stopped")
+
+
+def assert_detached(site: Site, host: Any, volume: str) -> None:
+    v = site.show(host, volume)
+    assert v["state"] == "detached" and not v["message"], v
+    assert all(r["pid"] is None for r in v["replicas"]), v
+
+
+def test_snapshots_of_a_detached_volume_from_a_node_without_replicas(site: Site) -> None:
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "ds", 2, [a]) == {b.name, c.name}
+    before = attach_sum(site, "ds", b, write_seed=1)
+    t0 = time.monotonic()
+    site.cli(a, "snapshot", "create", "ds", "s1")
+    t_snap = time.monotonic() - t0
+    assert_detached(site, a, "ds")
+    site.cli(a, "snapshot", "create", "ds", "s2")
+    assert [s["name"] for s in site.json(a, "snapshot", "ls", "ds")] == ["s1", "s2"]
+    site.cli(a, "snapshot", "rm", "ds", "s1")
+    site.cli(a, "snapshot", "purge", "ds")
+    assert_detached(site, a, "ds")
+    site.cli(c, "volume", "attach", "ds", "--frontend", "none")
+    try:
+        # Attached: asked of a, forwarded to c's engine (no maintenance attach).
+        assert [s["name"] for s in site.json(a, "snapshot", "ls", "ds")] == ["s2"]
+        assert digest(site.show(c, "ds")["endpoint"]) == before
+    finally:
+        site.cli(c, "volume", "detach", "ds")
+        wait_stopped(site, a, "ds")
+    site.cli(a, "volume", "rm", "ds")
+    print(f"snapshot create through a maintenance attach: {t_snap:.1f} s")
+
+
+def test_expand_of_a_detached_volume_from_a_node_without_replicas(site: Site) -> None:
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, VOL, 2, [a]) == {b.name, c.name}
+    state["written"] = attach_sum(site, VOL, b, write_seed=2)
+    t0 = time.monotonic()
+    site.cli(a, "volume", "expand", VOL, "--size", "48MiB")
+    print(f"expand through a maintenance attach: {time.monotonic() - t0:.1f} s")
+    assert site.show(b, VOL)["size"] == 48 * MiB
+    assert_detached(site, a, VOL)
+
+
+def test_attach_during_maintenance_is_refused(site: Site) -> None:
+    """A user's attach (asked of b, straight to its API socket to hit the short window)
+    while a snapshot create on a holds the volume: refused, naming the maintenance. Should
+    the maintenance have ended just before, the attach is undone and the round repeated."""
+    a, b, c = site.hosts
+    api = httpx.Client(transport=httpx.HTTPTransport(uds=os.path.join(b.home, "daemon.sock")),
+                       base_url="http://blockhorn", timeout=60)
+    refused = ""
+    try:
+        for attempt in range(3):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "blockhorn", "--home", a.home, "snapshot", "create",
+                 VOL, f"busy{attempt}"], env=site.env(), cwd=ROOT, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True)
+            try:
+                deadline = time.monotonic() + 30
+                while proc.poll() is None and time.monotonic() < deadline:
+                    v = api.get(f"/v1/volumes/{VOL}").json()
+                    if (v.get("message") or "").startswith("maintenance on node"):
+                        r = api.post(f"/v1/volumes/{VOL}/attach", json={"frontend": "none"})
+                        if r.status_code == 200:   # it ended in between: undo, again
+                            site.cli(b, "volume", "detach", VOL)
+                            wait_stopped(site, b, VOL)
+                        else:
+                            refused = r.json()["error"]["message"]
+                        break
+                    time.sleep(0.01)
+            finally:
+                _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            if refused:
+                break
+    finally:
+        api.close()
+    assert f"maintenance on node {a.name}: snapshot create busy" in refused, refused
+    assert_detached(site, a, VOL)
+
+
+def test_daemon_killed_during_maintenance_leaves_an_attached_volume(site: Site) -> None:
+    """The daemon of the node asked dies in the middle of a maintenance attach: the volume
+    is left attached there (its engine restarted by the daemon's next start), an attach is
+    refused, a detach ends it, and the data is as written."""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "dk", 2, [a]) == {b.name, c.name}
+    before = attach_sum(site, "dk", b, write_seed=3)
+    api = httpx.Client(transport=httpx.HTTPTransport(uds=os.path.join(a.home, "daemon.sock")),
+                       base_url="http://blockhorn", timeout=60)
+    # Straight to the API, not the CLI: a CLI that loses its daemon may start one itself.
+    asked = threading.Thread(target=_post_quietly,
+                             args=(api, "/v1/volumes/dk/snapshots", {"name": "k1"}))
+    try:
+        asked.start()
+        deadline = time.monotonic() + 30
+        while not (api.get("/v1/volumes/dk").json().get("message") or "").startswith(
+                "maintenance on node"):
+            assert time.monotonic() < deadline, "no maintenance attach seen"
+            time.sleep(0.01)
+        assert a.proc is not None
+        os.kill(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        asked.join(30)
+    finally:
+        api.close()
+    site.start(a)
+    v = site.show(b, "dk")
+    assert v["state"] == "attached" and v["node"] == a.name, v
+    # Marked until a's supervisor restarts the engine and says so instead; refused either way.
+    r = site.cli(b, "volume", "attach", "dk", "--frontend", "none", check=False)
+    assert r.returncode != 0 and "detach" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    site.cli(a, "volume", "detach", "dk")
+    wait_stopped(site, b, "dk")
+    assert_detached(site, b, "dk")
+    assert attach_sum(site, "dk", c) == before
+    site.cli(a, "volume", "rm", "dk")
+
+
+def _post_quietly(api: httpx.Client, path: str, body: dict[str, Any]) -> None:
+    try:
+        api.post(path, json=body)
+    except httpx.HTTPError:
+        pass   # the daemon was killed under it
+
+
+def test_revert_and_clone_refused_with_what_to_do(site: Site) -> None:
+    a, b, c = site.hosts
+    r = site.cli(a, "snapshot", "revert", VOL, "busy0", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "needs every replica" in r.stderr and "backup restore" in r.stderr, r.stderr
+    r = site.cli(a, "volume", "create", "cl", "--from-snapshot", f"{VOL}/busy0", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "backup restore" in r.stderr, r.stderr
+    assert "cl" not in {v["name"] for v in site.json(a, "volume", "ls")}
+    assert_detached(site, a, VOL)
+
+
+def test_backup_from_a_node_without_replicas_and_restore(site: Site) -> None:
+    a, b, c = site.hosts
+    target = os.path.join(site.root, "backups")
+    os.makedirs(target)
+    site.cli(a, "backup", "target", "set", "default", f"file://{target}")
+    t0 = time.monotonic()
+    detached = site.json(a, "backup", "create", VOL)   # a new snapshot, then the backup
+    t_backup = time.monotonic() - t0
+    assert detached["state"] == "complete", detached
+    assert_detached(site, a, VOL)
+
+    # Attached on a: the engine's node holds no replica; the backup reads b's or c's.
+    site.cli(a, "volume", "attach", VOL, "--frontend", "none")
+    try:
+        attached = site.json(a, "backup", "create", VOL)
+    finally:
+        site.cli(a, "volume", "detach", VOL)
+        wait_stopped(site, a, VOL)
+    assert attached["state"] == "complete" and attached["incremental"], attached
+
+    t0 = time.monotonic()
+    site.cli(a, "backup", "restore", attached["url"], "rv", "--replicas", "2")
+    t_restore = time.monotonic() - t0
+    rv = site.show(a, "rv")
+    assert rv["state"] == "detached" and not rv["message"], rv
+    assert {r["node"] for r in rv["replicas"]} != {a.name}   # at least one elsewhere
+    # A DR standby on the cluster, asked of a: restored in full (the same backup) now.
+    site.cli(a, "volume", "create", "sb", "--standby-from", f"file://{target}?volume={VOL}",
+             "--replicas", "2")
+    assert_detached(site, a, "sb")
+
+    site.cli(c, "volume", "attach", VOL, "--frontend", "none")
+    try:
+        uri = site.show(c, VOL)["endpoint"]
+        # The data of the expanded volume: as written, the new 16 MiB zeros.
+        assert digest(uri, 32 * MiB) == state["written"]
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        try:
+            assert h.get_size() == 48 * MiB
+            assert not any(h.pread(16 * MiB, 32 * MiB))
+            whole = digest(uri)
+            # For the standby's incremental step: old data zeroed, new data.
+            h.pwrite(bytes(2 * MiB), 0)
+            h.pwrite(b"standby" * 4096, 40 * MiB)
+            h.flush()
+        finally:
+            h.shutdown()
+        changed = digest(uri)
+        site.json(a, "backup", "create", VOL)   # forwarded to c, which holds a replica
+    finally:
+        site.cli(c, "volume", "detach", VOL)
+        wait_stopped(site, a, VOL)
+
+    assert attach_sum(site, "rv", c) == whole
+    print(f"backup (detached, read from another node): {t_backup:.1f} s; "
+          f"restore through a maintenance attach: {t_restore:.1f} s")
+    st = site.json(a, "volume", "standby-sync", "sb")
+    assert st["applied_now"] and not st["error"], st
+    assert_detached(site, a, "sb")
+    site.cli(a, "volume", "activate", "sb")
+    assert attach_sum(site, "sb", b) == changed
+    for v in ("rv", "sb", VOL):
+        site.cli(a, "volume", "rm", v)
