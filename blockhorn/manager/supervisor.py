@@ -20,7 +20,8 @@ this order:
   another disk (manager/replenish.py) while another replica is RW to resync it from. The time
   it was first seen failed is in the state store, so the wait survives a daemon restart.
 Every restart retries forever with exponential back-off (BACKOFF_FIRST_S doubling up to
-BACKOFF_MAX_S), reset once the replica is RW again or the engine answers; meanwhile the
+BACKOFF_MAX_S), reset once the replica is RW again or the engine answers (on a node without
+the volume's engine, once the replica's process has run STABLE_S); meanwhile the
 volume's message starts with "waiting for " and says what for. Asking the engine to resync a
 running ERR replica backs off only up to RESYNC_RETRY_MAX_S: a replica cut off by its network
 is back within a few seconds of its link (tests/t5_fault_link_cut.py).
@@ -65,6 +66,7 @@ TICK_S = 1.0              # seconds between supervision passes
 MIN_PASS_GAP_S = 0.2      # seconds from one pass's start to the next at least (store changes)
 BACKOFF_FIRST_S = 1.0     # seconds before retrying a failed restart
 BACKOFF_MAX_S = 30.0
+STABLE_S = 10.0           # seconds a replica process of another node's engine runs: started well
 # Seconds, cap of the back-off between resync requests for a running ERR replica. One request
 # costs the engine at most a connect timeout (5 s) when the replica is unreachable; with the
 # 30 s cap a replica whose link returned after two minutes waited up to 30 s more.
@@ -104,6 +106,8 @@ class Supervisor:
         self.store = volumes.store
         self.leader = leader   # a cluster's: replaces replicas of down nodes while leading
         self._next_try: dict[str, tuple[float, float]] = {}   # key -> (monotonic time, delay)
+        # volume -> its replicas' back-off keys on this node, ended when it is seen detached
+        self._backoff_of: dict[str, set[str]] = {}
         self._replace_error: dict[str, str] = {}   # replica -> why its last replacement failed
         # The running engines the last pass saw here: their exit ends the wait for the next.
         self._engines: list[ProcessRecord] = []
@@ -231,6 +235,11 @@ class Supervisor:
     def _cluster_pass(self, vol: VolumeRow) -> None:
         """A cluster node's own share of a volume beyond supervision: create its replicas of
         a volume made elsewhere; stop its processes of a volume detached elsewhere."""
+        if vol.desired != "attached":
+            # Detached: its replicas were stopped on purpose, so the next attach starts them
+            # at once; their back-off counted restarts of this attachment's processes.
+            for key in self._backoff_of.pop(vol.name, ()):
+                self._succeeded(key)
         try:
             leftovers = vol.desired != "attached" and self.volumes.local_leftovers(vol)
             if leftovers and not self.volumes.engine_here(vol) \
@@ -290,6 +299,12 @@ class Supervisor:
                 w = self._restart_replica(vol, r, engine_up, eng.control_socket)
                 if w:
                     waiting[r.name] = w
+            elif not here and r.process is not None and self.volumes.is_local(r) \
+                    and time.time() - r.process.create_time >= STABLE_S:
+                # Its restart back-off ends once it has run a while: the engine's node ends
+                # it when the engine holds the replica RW, which this node cannot see, and
+                # kept, every attach here (a detach stops the process) waited longer.
+                self._succeeded(f"replica/{r.name}")
             if r.moving is not None and self.volumes.cluster is not None \
                     and self.volumes.here(r.moving.node):
                 moves.serve_target(self, vol, r)
@@ -351,6 +366,7 @@ class Supervisor:
         if not self._due(key):
             return f"replica {r.name} to start (next try in {self._wait_left(key):.0f} s)"
         delay = self._attempted(key)
+        self._backoff_of[vol.name] = self._backoff_of.get(vol.name, set()) | {key}
         try:
             log.warning("replica %s of %s (pid %s) is not running: starting it", r.name,
                         vol.name, r.process.pid if r.process else "-")
