@@ -17,6 +17,7 @@ from blockhorn.control.store import (
     DiskRow,
     NodeRow,
     ProcessRecord,
+    SlotTaken,
     SqliteStore,
     StateStore,
     open_store,
@@ -229,7 +230,12 @@ def test_jobs_and_runs(store: StateStore) -> None:
            for i in range(1, 5)]
     assert ids == sorted(ids) and len(set(ids)) == 4
     assert store.job("h").last_slot == 1000.0 + 3600 * 4
-    store.start_run("h", 5.0, 9.0, "failed", "skipped", keep=3)   # an older slot: kept max
+    # A slot is claimed once (every node of a cluster sees it due): the same or an older one
+    # again is refused, nothing recorded.
+    for slot in (1000.0 + 3600 * 4, 5.0):
+        with pytest.raises(SlotTaken):
+            store.start_run("h", slot, 9.0, "running", None, keep=3)
+    store.start_run("h", None, 9.0, "failed", "skipped", keep=3)   # `job run`: no slot
     assert store.job("h").last_slot == 1000.0 + 3600 * 4
     runs = store.job_runs("h", 10)
     assert len(runs) == 3 and runs[0].state == "failed" and runs[0].finished == 9.0
@@ -240,9 +246,14 @@ def test_jobs_and_runs(store: StateStore) -> None:
         ("ok", {"v": {"made": "s1"}}, 3000.0)
     store.finish_run(ids[2], "failed", "boom", None, 3001.0)
     assert (store.job("h").runs, store.job("h").failures) == (2, 1)
-    store.start_run("a", None, 1.0, "running", None, keep=3)
-    assert store.interrupt_running(4000.0) == 1
-    assert store.job_runs("a", 5)[0].state == "interrupted"
+    store.start_run("a", None, 1.0, "running", None, keep=3, node="n1")
+    store.start_run("a", None, 2.0, "running", None, keep=3, node="n2")
+    # A starting daemon interrupts its own node's runs only: another node's may be going on.
+    # One host (SQLite) has no other node: every run.
+    one_host = isinstance(store, SqliteStore)
+    assert store.interrupt_running(4000.0, "n1") == (2 if one_host else 1)
+    states = [r.state for r in store.job_runs("a", 5)]   # newest first
+    assert states == ["interrupted" if one_host else "running", "interrupted"], states
     store.remove_job("h")
     assert store.job_runs("h", 10) == [] and store.job_run(ids[3]) is None
     store.finish_run(ids[3], "ok", None, None, 1.0)   # its job is gone: a no-op

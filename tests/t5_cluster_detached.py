@@ -11,7 +11,10 @@ holds none of them (three namespace hosts, tests/support/cluster_site.py):
   holds no replica) reads the snapshot from a node that holds one (manager/backup_peer.py);
   a restore into a new volume of the cluster writes through an engine over NBD: checksums
   equal; so does a DR standby, created in full and then stepped incrementally (new data and
-  zeroed old data): after its activation it reads as the source.
+  zeroed old data): after its activation it reads as the source;
+- a recurring job runs once per slot though every node's scheduler sees it due, its steps
+  for a volume attached elsewhere on the engine's node, for a detached one through a
+  maintenance attach.
 
 The cluster is module-scoped and the tests run in this order (they share the volume).
 """
@@ -287,3 +290,51 @@ def test_backup_from_a_node_without_replicas_and_restore(site: Site) -> None:
     assert attach_sum(site, "sb", b) == changed
     for v in ("rv", "sb", VOL):
         site.cli(a, "volume", "rm", v)
+
+
+def test_recurring_job_once_per_slot_on_the_engines_node(site: Site) -> None:
+    """A recurring job on a cluster: every node's scheduler sees each slot due, and exactly
+    one claims it (the store's start_run); a node that runs it for a volume attached on
+    another node runs the job's steps there (POST /v1/jobs/JOB/volumes/VOL/run). `job run`
+    of a detached volume asked of a node without its replicas goes through a maintenance
+    attach. (Two claims of one slot race only when the nodes read the job within the same
+    few milliseconds, which a handful of slots rarely shows: the store's rule that the second
+    claim fails is tested on its own in t2_control_store.)"""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "dj", 2, [a]) == {b.name, c.name}
+    site.cli(b, "volume", "attach", "dj", "--frontend", "none")
+    try:
+        # Every 3 s (a sixth cron field gives seconds), seen due by three schedulers.
+        site.cli(a, "job", "create", "every3", "--cron", "* * * * * */3", "--task",
+                 "snapshot", "--retain", "2", "--volume", "dj")
+        try:
+            wait_until(lambda: sum(r["state"] == "ok" for r in
+                                   site.json(c, "job", "show", "every3")["history"]) >= 4,
+                       60, "four runs of the job")
+            runs = site.json(c, "job", "show", "every3")["history"]
+        finally:
+            site.cli(c, "job", "rm", "every3")
+        slots = [r["slot"] for r in runs]
+        assert len(slots) == len(set(slots)), runs          # one run per slot, not one per node
+        for r in runs:
+            if r["state"] == "ok":
+                assert r["result"]["volumes"]["dj"].get("node", b.name) == b.name, r
+        # Asked of a (no engine there): the steps run on b, where the engine is.
+        site.cli(a, "job", "create", "once", "--cron", "0 0 1 1 *", "--task", "snapshot",
+                 "--retain", "5", "--volume", "dj")
+        got = site.json(a, "job", "run", "once")
+        assert got["state"] == "ok" and got["result"]["volumes"]["dj"]["node"] == b.name, got
+        snap = got["result"]["volumes"]["dj"]["snapshot"]
+        listed = {s["name"]: s for s in site.json(a, "snapshot", "ls", "dj")}
+        assert listed[snap]["labels"] == {"RecurringJob": "once"}, listed
+    finally:
+        site.cli(b, "volume", "detach", "dj")
+        wait_stopped(site, a, "dj")
+    # Detached, asked of a, which holds no replica: a maintenance attach there.
+    got = site.json(a, "job", "run", "once")
+    assert got["state"] == "ok" and "node" not in got["result"]["volumes"]["dj"], got
+    assert_detached(site, a, "dj")
+    assert got["result"]["volumes"]["dj"]["snapshot"] in {
+        s["name"] for s in site.json(a, "snapshot", "ls", "dj")}
+    site.cli(a, "job", "rm", "once")
+    site.cli(a, "volume", "rm", "dj")

@@ -50,6 +50,15 @@ def job_routes(volumes: VolumeManager, sched: JobScheduler, run: Run, endpoint: 
         return await sched.run_now(request.path_params["name"], wait)
 
     @endpoint
+    async def run_for_volume(request: Request) -> Any:
+        """Another node's run of a job, for a volume whose engine runs here: the job's steps
+        for that volume, here (job_tasks.JobTasks.one); its result."""
+        if sched.run_volume is None:
+            raise InvalidArgument("this daemon runs no job steps for other nodes")
+        row = await run(jobs.get, request.path_params["name"])
+        return await run(sched.run_volume, row.spec, request.path_params["volume"], True)
+
+    @endpoint
     async def set_groups(request: Request) -> Any:
         """Add and remove recurring-job groups of a volume: {"add": [...], "remove": [...]}."""
         name = request.path_params["name"]
@@ -74,5 +83,7 @@ def job_routes(volumes: VolumeManager, sched: JobScheduler, run: Run, endpoint: 
         Route(f"{prefix}/jobs/{{name}}", show_job, methods=["GET"]),
         Route(f"{prefix}/jobs/{{name}}", remove_job, methods=["DELETE"]),
         Route(f"{prefix}/jobs/{{name}}/run", run_job, methods=["POST"]),
+        Route(f"{prefix}/jobs/{{name}}/volumes/{{volume}}/run", run_for_volume,
+              methods=["POST"]),
         Route(f"{prefix}/volumes/{{name}}/groups", set_groups, methods=["POST"]),
     ]

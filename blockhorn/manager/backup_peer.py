@@ -15,13 +15,9 @@ its HTTP client.
 from __future__ import annotations
 
 import errno
-import ssl
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-
-from blockhorn.keys import load_key
 from blockhorn.manager import remote
 from blockhorn.types import BlockhornError
 
@@ -37,24 +33,14 @@ class PeerSnapshot:
     """Snapshot `snapshot` of `volume`, read from node `node`'s replica through its API."""
 
     def __init__(self, vm: VolumeManager, node: str, volume: str, snapshot: str) -> None:
-        from blockhorn.manager.forward import FORWARDED_HEADER
-        peer = vm.store.node(node)
-        if not peer.api or not peer.api_ca:
-            raise BlockhornError(f"node {node} has no API endpoint (it runs with "
-                                 "--api-listen none)", errno.EHOSTDOWN)
         self.node = node
         self.name = snapshot
         self._path = f"/v1/volumes/{quote(volume, safe='')}/snapshots/{quote(snapshot, safe='')}"
-        self._http = httpx.Client(
-            base_url=peer.api.rstrip("/"), verify=ssl.create_default_context(cadata=peer.api_ca),
-            timeout=httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
-            headers={"Authorization": f"Bearer {remote.cluster_token(load_key(vm.home.key))}",
-                     # served by that node itself, never passed on to the engine's node
-                     FORWARDED_HEADER.decode(): "1"})
+        self._peer = remote.Peer(vm.store, vm.home, node, REQUEST_TIMEOUT_S, CONNECT_TIMEOUT_S)
         try:
             info = self._get_json("source", {})
         except BaseException:
-            self._http.close()
+            self._peer.close()
             raise
         self.created = str(info.get("created") or "")
         self._size = int(info["size"])
@@ -63,20 +49,8 @@ class PeerSnapshot:
     def size(self) -> int:
         return self._size
 
-    def _get(self, what: str, params: dict[str, Any]) -> httpx.Response:
-        try:
-            r = self._http.get(f"{self._path}/{what}", params=params)
-        except httpx.HTTPError as e:
-            raise BlockhornError(f"node {self.node} does not answer: {e}",
-                                 errno.EHOSTDOWN) from None
-        if r.status_code != 200:
-            try:
-                err = r.json()["error"]
-                message, code = str(err["message"]), int(err["errno"])
-            except (ValueError, KeyError, TypeError):
-                message, code = f"HTTP {r.status_code}", errno.EIO
-            raise BlockhornError(f"node {self.node}: {message}", code)
-        return r
+    def _get(self, what: str, params: dict[str, Any]) -> Any:
+        return self._peer.request("GET", f"{self._path}/{what}", params=params)
 
     def _get_json(self, what: str, params: dict[str, Any]) -> dict[str, Any]:
         data = self._get(what, params).json()
@@ -107,4 +81,4 @@ class PeerSnapshot:
         return bytes(out)
 
     def close(self) -> None:
-        self._http.close()
+        self._peer.close()

@@ -25,7 +25,9 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
+from blockhorn.manager import remote
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.jobs import JobFailed, JobScheduler, JobSpec, JobStore, group_members
 from blockhorn.manager.snapshots import SnapshotManager
@@ -35,6 +37,7 @@ from blockhorn.types import AlreadyExists, BlockhornError, Busy, NotFound
 log = logging.getLogger("blockhorn.manager")
 
 JOB_LABEL = "RecurringJob"
+TASK_TIMEOUT_S = 6 * 3600.0   # seconds a job's steps for one volume may take on another node
 
 Backup = Callable[[JobSpec, str, str], dict[str, Any]]
 
@@ -47,7 +50,9 @@ class JobTasks:
     def __init__(self, volumes: VolumeManager, backup: Backup | None = None) -> None:
         self.volumes = volumes
         self.store = volumes.store
-        self.snaps = SnapshotManager(volumes.store)
+        # With the volume manager: a detached cluster volume with replicas on other nodes is
+        # attached here for the snapshot steps (manager/maintenance.py).
+        self.snaps = SnapshotManager(volumes.store, volumes)
         self.jobs = JobStore(volumes.store)
         self.backup = backup
 
@@ -79,6 +84,29 @@ class JobTasks:
         return result
 
     def _one(self, spec: JobSpec, name: str) -> dict[str, Any]:
+        vol = self.store.volume(name)
+        if self.volumes.cluster is not None and vol.desired == "attached" \
+                and not self.volumes.engine_here(vol):
+            return self._on_engine_node(spec, name, vol.node or "")
+        return self.one(spec, name)
+
+    def _on_engine_node(self, spec: JobSpec, name: str, node: str) -> dict[str, Any]:
+        """A cluster volume attached on another node: its engine is there, so the job's
+        steps for it run there (POST /v1/jobs/JOB/volumes/VOL/run, with the cluster token)."""
+        path = f"/v1/jobs/{quote(spec.name, safe='')}/volumes/{quote(name, safe='')}/run"
+        with remote.Peer(self.store, self.volumes.home, node, TASK_TIMEOUT_S) as peer:
+            done: dict[str, Any] = peer.request("POST", path, json={}).json()
+        return {**done, "node": node}
+
+    def one(self, spec: JobSpec, name: str, here_only: bool = False) -> dict[str, Any]:
+        """The job's steps for volume `name`, on this node. `here_only` (asked by another
+        node): refused when the volume's engine is not here (moved meanwhile), never
+        passed on again."""
+        if here_only and self.volumes.cluster is not None:
+            vol = self.store.volume(name)
+            if vol.desired == "attached" and not self.volumes.engine_here(vol):
+                raise Busy(f"volume {name!r} is attached on node {vol.node}, not here: the "
+                           "job's next run goes there")
         if spec.task == "snapshot-cleanup":
             with self.volumes.locked(name):
                 return self._cleanup(name, spec.retain)
@@ -159,4 +187,7 @@ def make_scheduler(volumes: VolumeManager, adapter: BackupAdapter) -> JobSchedul
                 "deleted_backups": deleted}
 
     tasks = JobTasks(volumes, backup)
-    return JobScheduler(volumes.store, tasks.execute, check_target=adapter.resolve_target)
+    sched = JobScheduler(volumes.store, tasks.execute, check_target=adapter.resolve_target,
+                         node=volumes.me or "")
+    sched.run_volume = tasks.one
+    return sched

@@ -36,7 +36,7 @@ import trio
 from croniter import croniter
 
 from blockhorn.control.store import JobRow as StoredJob
-from blockhorn.control.store import RunRow, StateStore
+from blockhorn.control.store import RunRow, SlotTaken, StateStore
 from blockhorn.types import BlockhornError, Busy, InvalidArgument, NotFound
 from blockhorn.types import check_name as _check_name
 
@@ -171,8 +171,9 @@ def group_members(store: StateStore, group: str) -> list[str]:
 class JobStore:
     """Jobs and their runs in the daemon's state store (control/store), as JobSpecs."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, node: str = "") -> None:
         self.store = store
+        self.node = node   # a cluster's: the node whose runs these are (interrupt_running)
 
     @staticmethod
     def _row(r: StoredJob) -> JobRow:
@@ -193,7 +194,7 @@ class JobStore:
     def start_run(self, name: str, slot: float | None, now: float,
                   state: str = "running", message: str | None = None) -> int:
         """Record a run (and, for a scheduled one, mark its slot handled) in one transaction."""
-        return self.store.start_run(name, slot, now, state, message, HISTORY_RUNS)
+        return self.store.start_run(name, slot, now, state, message, HISTORY_RUNS, self.node)
 
     def finish_run(self, run_id: int, state: str, message: str | None,
                    result: dict[str, Any] | None, now: float) -> None:
@@ -201,7 +202,7 @@ class JobStore:
 
     def interrupt_running(self, now: float) -> int:
         """Runs a previous daemon left `running` died with it: say so."""
-        return self.store.interrupt_running(now)
+        return self.store.interrupt_running(now, self.node)
 
     def runs(self, name: str, limit: int = HISTORY_RUNS) -> list[dict[str, Any]]:
         return [_run(r) for r in self.store.job_runs(name, limit)]
@@ -243,12 +244,15 @@ class JobScheduler:
     def __init__(self, store: StateStore, execute: Execute,
                  clock: Callable[[], float] = time.time,
                  check_target: Callable[[str | None], str] | None = None,
-                 sleep_until: SleepUntil | None = None) -> None:
+                 sleep_until: SleepUntil | None = None, node: str = "") -> None:
         self.store = store
         self.sleep_until = sleep_until or self._sleep_until
         self.check_target = check_target   # validates a backup job's target when it is created
-        self.jobs = JobStore(store)
+        self.jobs = JobStore(store, node)
         self.execute = execute
+        # The job's steps for one volume on this node (job_tasks.JobTasks.one), for another
+        # node of a cluster whose volume's engine runs here (POST .../volumes/VOL/run).
+        self.run_volume: Callable[..., dict[str, Any]] | None = None
         self.clock = clock
         self._running: dict[str, int] = {}     # job name -> run id
         self._idle = trio.Event()               # set while no run is in flight
@@ -293,17 +297,20 @@ class JobScheduler:
             due = next_slot(spec.cron, row.last_slot)
             if due <= now:
                 slot = latest_slot(spec.cron, now)   # missed slots collapse into one run
-                if spec.name in self._running:
-                    log.warning("job %s: slot %s skipped, the previous run is still going",
-                                spec.name, rfc3339(slot))
-                    await trio.to_thread.run_sync(
-                        self.jobs.start_run, spec.name, slot, now, "skipped",
-                        "the previous run was still going")
-                else:
-                    run_id = await trio.to_thread.run_sync(self.jobs.start_run, spec.name,
-                                                           slot, now)
-                    self._begin(spec.name, run_id)
-                    nursery.start_soon(self._execute, spec, run_id, None)
+                try:
+                    if spec.name in self._running:
+                        log.warning("job %s: slot %s skipped, the previous run is still going",
+                                    spec.name, rfc3339(slot))
+                        await trio.to_thread.run_sync(
+                            self.jobs.start_run, spec.name, slot, now, "skipped",
+                            "the previous run was still going")
+                    else:
+                        run_id = await trio.to_thread.run_sync(self.jobs.start_run, spec.name,
+                                                               slot, now)
+                        self._begin(spec.name, run_id)
+                        nursery.start_soon(self._execute, spec, run_id, None)
+                except SlotTaken:
+                    log.debug("job %s: slot %s runs on another node", spec.name, rfc3339(slot))
                 due = next_slot(spec.cron, slot)
             wake_at = min(wake_at, due)
         return wake_at

@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import socket
+import ssl
 from typing import Any
 
 from blockhorn.fsutil import atomic_write
@@ -29,6 +30,7 @@ from blockhorn.manager.paths import Home
 from blockhorn.types import BlockhornError, InvalidArgument
 
 TOKEN_FILE = "api.token"
+PEER_CONNECT_TIMEOUT_S = 5.0         # seconds to reach another node's API
 DEFAULT_PORT = 9443                   # a cluster node's TCP API unless --api-listen says
 TOKEN_BYTES = 32                      # 256 bits of randomness
 CERT_DAYS = 3650                      # validity of a generated CA and server certificate
@@ -200,3 +202,53 @@ async def _refuse(send: Any, message: str) -> None:
                             (b"www-authenticate", b'Bearer realm="blockhorn"'),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+class Peer:
+    """Another node's API (its URL and CA in its node record), with the cluster token; what
+    it is asked it serves itself, never passing it on (manager/forward.py FORWARDED_HEADER).
+    Errors are BlockhornErrors: EHOSTDOWN when it has no endpoint or does not answer, else
+    the peer's own message and errno."""
+
+    def __init__(self, store: Any, home: Home, node: str, timeout_s: float,
+                 connect_s: float = PEER_CONNECT_TIMEOUT_S) -> None:
+        import httpx
+
+        from blockhorn.keys import load_key
+        from blockhorn.manager.forward import FORWARDED_HEADER
+        row = store.node(node)
+        if not row.api or not row.api_ca:
+            raise BlockhornError(f"node {node} has no API endpoint (it runs with "
+                                 "--api-listen none)", errno.EHOSTDOWN)
+        self.node = node
+        self.http = httpx.Client(
+            base_url=row.api.rstrip("/"), verify=ssl.create_default_context(cadata=row.api_ca),
+            timeout=httpx.Timeout(timeout_s, connect=connect_s),
+            headers={"Authorization": f"Bearer {cluster_token(load_key(home.key))}",
+                     FORWARDED_HEADER.decode(): "1"})
+
+    def request(self, method: str, path: str, **kw: Any) -> Any:
+        """The response (httpx.Response) of a request answered 2xx."""
+        import httpx
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise BlockhornError(f"node {self.node} does not answer: {e}",
+                                 errno.EHOSTDOWN) from None
+        if not 200 <= r.status_code < 300:
+            try:
+                err = r.json()["error"]
+                message, code = str(err["message"]), int(err["errno"])
+            except (ValueError, KeyError, TypeError):
+                message, code = f"HTTP {r.status_code}", errno.EIO
+            raise BlockhornError(f"node {self.node}: {message}", code)
+        return r
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -41,6 +41,7 @@ log = logging.getLogger("blockhorn.manager")
 
 DEFAULT_INTERVAL_S = 300     # seconds between checks of a standby's backup volume
 MIN_INTERVAL_S = 1
+FOLLOWER_RECHECK_S = 5.0     # seconds a cluster node that does not lead waits to look again
 MAX_SLEEP_S = 600.0          # seconds the follower sleeps at most (wall-clock steps)
 
 OpenTarget = Callable[[str], Any]
@@ -242,6 +243,13 @@ class StandbyManager:
             # created meanwhile) ends the coming sleep at once instead of being lost.
             self._wake = wake = trio.Event()
             wake_at = self.clock() + MAX_SLEEP_S
+            cluster = self.volumes.cluster
+            if cluster is not None and not cluster.is_leader:
+                # On a cluster the leader follows every standby (one node, so no two
+                # step the same standby at once); the others look again in a while.
+                with trio.move_on_after(FOLLOWER_RECHECK_S):
+                    await wake.wait()
+                continue
             try:
                 vols = await trio.to_thread.run_sync(self.store.volumes)
                 for vol in vols:

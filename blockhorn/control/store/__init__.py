@@ -9,6 +9,7 @@ from __future__ import annotations
 from blockhorn.control.store.base import (
     PORT_RANGE,
     NewReplica,
+    SlotTaken,
     StateStore,
     move_port_owner,
     now_rfc3339,
@@ -44,5 +45,5 @@ def open_store(db_path: str, etcd: str | None = None,
 
 __all__ = ["DEFAULT_ETCD_PREFIX", "PORT_RANGE", "BackupTargetRow", "DiskRow", "EngineRow", "LeftoverRow",
            "JobRow", "MoveTarget", "NewReplica", "NodeRow", "ProcessRecord", "ReplicaRow", "RunRow",
-           "ShareRow", "SqliteStore", "StateStore", "VolumeRow", "move_port_owner", "now_rfc3339",
+           "ShareRow", "SlotTaken", "SqliteStore", "StateStore", "VolumeRow", "move_port_owner", "now_rfc3339",
            "open_store"]

@@ -32,7 +32,12 @@ from blockhorn.control.store.records import (
     ShareRow,
     VolumeRow,
 )
-from blockhorn.types import NoSpace
+from blockhorn.types import AlreadyExists, NoSpace
+
+
+class SlotTaken(AlreadyExists):
+    """A job's slot was claimed already (`start_run`): another node of a cluster runs it."""
+
 
 PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
 MOVE_PORT = "~move"   # suffix of the port owner of a replica's move target (start_move)
@@ -171,14 +176,18 @@ class StateStore(Protocol):
     def remove_job(self, name: str) -> None:
         """Remove a job and its runs."""
     def start_run(self, name: str, slot: float | None, now: float, state: str,
-                  message: str | None, keep: int) -> int:
+                  message: str | None, keep: int, node: str = "") -> int:
         """Record a run (and, for a scheduled one, raise the job's last_slot to `slot`) in one
-        step; keep the job's newest `keep` runs. Returns the run's id (ids only grow)."""
+        step; keep the job's newest `keep` runs. Returns the run's id (ids only grow). A
+        scheduled slot is claimed once: SlotTaken when last_slot is `slot` or later already
+        (on a cluster every node's scheduler sees the slot due; the first claim runs it).
+        `node`: the node that runs it (a cluster's: `interrupt_running`)."""
     def finish_run(self, run_id: int, state: str, message: str | None,
                    result: dict[str, Any] | None, now: float) -> None:
         """End a run and count it in its job (no-op if the job was removed meanwhile)."""
-    def interrupt_running(self, now: float) -> int:
-        """Mark every `running` run `interrupted`; how many there were."""
+    def interrupt_running(self, now: float, node: str = "") -> int:
+        """Mark every `running` run of `node` (and runs that name no node) `interrupted`;
+        how many there were. One host: every running run."""
     def job_runs(self, name: str, limit: int) -> list[RunRow]:
         """The job's newest runs, newest first."""
     def job_run(self, run_id: int) -> RunRow | None: ...

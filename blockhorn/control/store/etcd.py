@@ -45,6 +45,7 @@ from urllib.parse import quote
 from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_delete, op_put
 from blockhorn.control.store.base import (
     NewReplica,
+    SlotTaken,
     move_port_owner,
     now_rfc3339,
     pick_port,
@@ -568,7 +569,7 @@ class EtcdStore:
         self._retry(step, f"remove job {name}")
 
     def start_run(self, name: str, slot: float | None, now: float, state: str,
-                  message: str | None, keep: int) -> int:
+                  message: str | None, keep: int, node: str = "") -> int:
         got: list[int] = []
 
         def step() -> bool:
@@ -578,7 +579,9 @@ class EtcdStore:
             seq, seq_rev = self._get("meta/run-seq")
             run_id = int((seq or {}).get("last", 0)) + 1
             if slot is not None:
-                job["last_slot"] = max(job["last_slot"], slot)
+                if job["last_slot"] >= slot:   # another node's scheduler claimed it first
+                    raise SlotTaken(f"job {name}: slot {slot} was claimed already")
+                job["last_slot"] = slot
             old = sorted(k for k, _, _ in self._runs_of(name))   # keys sort by id
             got[:] = [run_id]
             return self._commit(
@@ -586,6 +589,7 @@ class EtcdStore:
                 {f"jobs/{name}": job, "meta/run-seq": {"last": run_id},
                  f"runs/{run_id:016d}": {"id": run_id, "job": name, "slot": slot,
                                          "started": now, "state": state, "message": message,
+                                         "node": node or None,
                                          "finished": None if state == "running" else now,
                                          "result": None}},
                 old[:max(0, len(old) - keep + 1)])
@@ -610,12 +614,13 @@ class EtcdStore:
                                 {key: run, f"jobs/{run['job']}": job})
         self._retry(step, f"finish run {run_id}")
 
-    def interrupt_running(self, now: float) -> int:
+    def interrupt_running(self, now: float, node: str = "") -> int:
         count: list[int] = [0]
 
         def step() -> bool | None:
+            # Only this node's: another node's runs may be going on right now.
             running = [(k, d, rev) for k, d, rev in self._list("runs/")
-                       if d["state"] == "running"]
+                       if d["state"] == "running" and d.get("node") in (None, node)]
             count[0] = len(running)
             if not running:
                 return None

@@ -17,6 +17,7 @@ from typing import Any
 
 from blockhorn.control.store.base import (
     NewReplica,
+    SlotTaken,
     move_port_owner,
     now_rfc3339,
     pick_port,
@@ -527,11 +528,13 @@ class SqliteStore:
                 raise NotFound(f"job {name!r} does not exist")
 
     def start_run(self, name: str, slot: float | None, now: float, state: str,
-                  message: str | None, keep: int) -> int:
+                  message: str | None, keep: int, node: str = "") -> int:
         with self.tx() as db:
             if slot is not None:
-                db.execute("UPDATE jobs SET last_slot=MAX(last_slot, ?) WHERE name=?",
-                           (slot, name))
+                row = db.execute("SELECT last_slot FROM jobs WHERE name=?", (name,)).fetchone()
+                if row is not None and row["last_slot"] >= slot:
+                    raise SlotTaken(f"job {name}: slot {slot} was claimed already")
+                db.execute("UPDATE jobs SET last_slot=? WHERE name=?", (slot, name))
             cur = db.execute("INSERT INTO job_runs (job, slot, started, state, message, "
                              "finished) VALUES (?, ?, ?, ?, ?, ?)",
                              (name, slot, now, state, message,
@@ -552,7 +555,7 @@ class SqliteStore:
             db.execute("UPDATE jobs SET runs=runs+1, failures=failures+? WHERE name=?",
                        (int(state == "failed"), r["job"]))
 
-    def interrupt_running(self, now: float) -> int:
+    def interrupt_running(self, now: float, node: str = "") -> int:
         with self.tx() as db:
             cur = db.execute("UPDATE job_runs SET state='interrupted', finished=?, message="
                              "'the daemon stopped during the run' WHERE state='running'", (now,))
