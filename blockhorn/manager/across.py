@@ -123,7 +123,7 @@ def stop_moved_engines(vm: VolumeManager) -> int:
     if vm.cluster is None:
         return 0
     moved = [v.name for v in vm.store.volumes()
-             if v.desired == "attached" and v.node and not vm.engine_here(v)]
+             if vm.engine_elsewhere(v)]
     return fence(vm.home, moved, "the volume moved to another node") if moved else 0
 
 

@@ -18,13 +18,13 @@ import errno
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from blockhorn.keys import load_key
 from blockhorn.manager import remote
 from blockhorn.types import BlockhornError
 
 if TYPE_CHECKING:
     from blockhorn.manager.volumes import VolumeManager
 
-CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 60.0     # seconds for one block (16 MiB at most) or one block list
 MAX_READ = 16 << 20          # bytes a peer sends per data request (the largest block size)
 
@@ -36,7 +36,8 @@ class PeerSnapshot:
         self.node = node
         self.name = snapshot
         self._path = f"/v1/volumes/{quote(volume, safe='')}/snapshots/{quote(snapshot, safe='')}"
-        self._peer = remote.Peer(vm.store, vm.home, node, REQUEST_TIMEOUT_S, CONNECT_TIMEOUT_S)
+        self._peer = remote.Peer(vm.store, node, remote.cluster_token(load_key(vm.home.key)),
+                                 REQUEST_TIMEOUT_S)
         try:
             info = self._get_json("source", {})
         except BaseException:

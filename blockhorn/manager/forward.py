@@ -13,7 +13,7 @@ it runs, and the answer reports per node.
 A forwarded request carries FORWARDED_HEADER and is never forwarded again (two nodes whose
 views of the store differ for a moment must not bounce it between them). A node that is down
 or has no API endpoint gets a clear error (EHOSTDOWN), never a hang: connecting is bounded
-by CONNECT_TIMEOUT_S.
+by remote.PEER_CONNECT_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -22,12 +22,11 @@ import errno
 import json
 import logging
 import re
-import ssl
 from typing import Any
 
-import httpx
 import trio
 
+from blockhorn.manager import remote
 from blockhorn.manager.client import UPGRADE_ALL_TIMEOUT_S
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import BlockhornError, NotFound
@@ -35,7 +34,6 @@ from blockhorn.types import BlockhornError, NotFound
 log = logging.getLogger("blockhorn.manager")
 
 FORWARDED_HEADER = b"x-blockhorn-forwarded"
-CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 180.0   # seconds; as the CLI's: an expand or a snapshot revert may take long
 MAX_JOBS = 1000             # forwarded backup job ids remembered (for `backup job show`)
 
@@ -122,9 +120,7 @@ class Forward:
             vol = self.volumes.store.volume(volume)
         except NotFound:
             return None   # the app says so
-        if vol.desired != "attached" or not vol.node or self.volumes.engine_here(vol):
-            return None
-        return vol.node
+        return self.volumes.engine_elsewhere(vol)
 
     async def _upgrade_everywhere(self, scope: Scope, receive: Any, send: Any) -> None:
         """`upgrade --all` on a cluster: every node upgrades the engines it runs, one node
@@ -163,7 +159,8 @@ class Forward:
     def _nodes(self) -> list[tuple[str, bool]]:
         cluster = self.volumes.cluster
         assert cluster is not None
-        return [(n.name, cluster.is_up(n.name)) for n in self.volumes.store.nodes()]
+        up = cluster.up_nodes()
+        return [(n.name, n.name in up) for n in self.volumes.store.nodes()]
 
     def _forward(self, node: str, method: str, path: str, query: bytes, body: bytes,
                  where: str = "", timeout: float = REQUEST_TIMEOUT_S
@@ -175,23 +172,10 @@ class Forward:
             raise BlockhornError(f"{where}, which is down: this request needs the engine; "
                                  "wait for the node, or detach the volume and attach it on "
                                  "a node that is up", errno.EHOSTDOWN)
-        peer = self.volumes.store.node(node)
-        if not peer.api or not peer.api_ca:
-            raise BlockhornError(f"{where}, which has no API endpoint to forward this request "
-                                 "to: it runs with --api-listen none (or an older version)",
-                                 errno.EHOSTDOWN)
-        ctx = ssl.create_default_context(cadata=peer.api_ca)
         url = path + (f"?{query.decode()}" if query else "")
-        try:
-            with httpx.Client(base_url=peer.api.rstrip("/"), verify=ctx, timeout=httpx.Timeout(
-                    timeout, connect=CONNECT_TIMEOUT_S)) as http:
-                r = http.request(method, url, content=body or None, headers={
-                    "Authorization": f"Bearer {self.token}",
-                    FORWARDED_HEADER.decode(): "1",
-                    "Content-Type": "application/json"})
-        except httpx.HTTPError as e:
-            raise BlockhornError(f"{where}, whose API at {peer.api} does not answer: {e}",
-                                 errno.EHOSTDOWN) from None
+        with remote.Peer(self.volumes.store, node, self.token, timeout, where=where) as peer:
+            r = peer.send(method, url, content=body or None,
+                          headers={"Content-Type": "application/json"})
         keep = [(k.encode(), v.encode()) for k, v in r.headers.items()
                 if k.lower() in ("content-type", "content-length")]
         log.info("%s %s forwarded to node %s: HTTP %d", method, path, node, r.status_code)

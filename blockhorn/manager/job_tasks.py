@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from blockhorn.keys import load_key
 from blockhorn.manager import remote
 from blockhorn.manager.backup_adapter import BackupAdapter
 from blockhorn.manager.jobs import JobFailed, JobScheduler, JobSpec, JobStore, group_members
@@ -84,17 +85,17 @@ class JobTasks:
         return result
 
     def _one(self, spec: JobSpec, name: str) -> dict[str, Any]:
-        vol = self.store.volume(name)
-        if self.volumes.cluster is not None and vol.desired == "attached" \
-                and not self.volumes.engine_here(vol):
-            return self._on_engine_node(spec, name, vol.node or "")
+        node = self.volumes.engine_elsewhere(self.store.volume(name))
+        if node:
+            return self._on_engine_node(spec, name, node)
         return self.one(spec, name)
 
     def _on_engine_node(self, spec: JobSpec, name: str, node: str) -> dict[str, Any]:
         """A cluster volume attached on another node: its engine is there, so the job's
         steps for it run there (POST /v1/jobs/JOB/volumes/VOL/run, with the cluster token)."""
         path = f"/v1/jobs/{quote(spec.name, safe='')}/volumes/{quote(name, safe='')}/run"
-        with remote.Peer(self.store, self.volumes.home, node, TASK_TIMEOUT_S) as peer:
+        token = remote.cluster_token(load_key(self.volumes.home.key))
+        with remote.Peer(self.store, node, token, TASK_TIMEOUT_S) as peer:
             done: dict[str, Any] = peer.request("POST", path, json={}).json()
         return {**done, "node": node}
 
@@ -102,11 +103,10 @@ class JobTasks:
         """The job's steps for volume `name`, on this node. `here_only` (asked by another
         node): refused when the volume's engine is not here (moved meanwhile), never
         passed on again."""
-        if here_only and self.volumes.cluster is not None:
-            vol = self.store.volume(name)
-            if vol.desired == "attached" and not self.volumes.engine_here(vol):
-                raise Busy(f"volume {name!r} is attached on node {vol.node}, not here: the "
-                           "job's next run goes there")
+        node = self.volumes.engine_elsewhere(self.store.volume(name)) if here_only else None
+        if node:
+            raise Busy(f"volume {name!r} is attached on node {node}, not here: the job's "
+                       "next run goes there")
         if spec.task == "snapshot-cleanup":
             with self.volumes.locked(name):
                 return self._cleanup(name, spec.retain)

@@ -51,7 +51,7 @@ import time
 from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
 from blockhorn.control.store import MoveTarget, ReplicaRow, VolumeRow, move_port_owner
 from blockhorn.manager.across import ATTACHING
-from blockhorn.manager.nodes import NODE_DOWN_AFTER_S, NodeService
+from blockhorn.manager.nodes import NodeService
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.types import BlockhornError, NotFound
 
@@ -73,7 +73,7 @@ class Leader:
         """Replace the replicas of down nodes whose wait is over (only while leading)."""
         if not self.nodes.is_leader:
             return
-        live = self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.nodes.name}
+        live = self.nodes.up_nodes()
         wait = Settings(self.store).get_int(REPLENISHMENT_WAIT)
         now = time.time()
         for vol in self.store.volumes():

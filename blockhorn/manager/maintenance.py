@@ -32,9 +32,9 @@ log = logging.getLogger("blockhorn.manager")
 
 MAINTENANCE = "maintenance on node "   # the volume's message while one runs
 STOP_WAIT_S = 30.0                     # seconds the other nodes get to stop their replicas
-# Seconds the other nodes get to start theirs: a node's supervisor backs off restarting a
-# replica up to 30 s (supervisor.BACKOFF_MAX_S), longer than bring_up waits for one to
-# answer; an engine started without it would leave it stale or refuse to start.
+# Seconds the other nodes get to start theirs: a replica's restart back-off (supervisor.py;
+# it ends when the volume is seen detached) can exceed what bring_up waits for one to
+# answer, and an engine started without it would leave it stale or refuse to start.
 START_WAIT_S = 45.0
 
 
@@ -72,11 +72,7 @@ def attached_here(vm: VolumeManager, name: str, what: str) -> Iterator[None]:
         vm.bring_up(name, "none", "rwo")   # no share: nobody mounts it meanwhile
         yield
     finally:
-        robustness = vm._robustness_from_engine(name)
-        errors = vm._teardown(name)
-        vm.store.update_volume(name, desired="detached", tcp_port=None, frontend=None,
-                               robustness=robustness, device_stale=False,
-                               message="; ".join(errors) or None)
+        errors = vm.stop_here(name, frontend=None)
         if errors:
             log.error("volume %s: detach after %s incomplete: %s", name, what,
                       "; ".join(errors))
@@ -112,8 +108,9 @@ def _wait_remote_started(vm: VolumeManager, name: str) -> None:
     assert vm.cluster is not None
     deadline = time.monotonic() + START_WAIT_S
     while time.monotonic() < deadline:
+        up = vm.cluster.up_nodes()
         if all(r.process is not None for r in vm.store.replicas(name)
-               if not vm.is_local(r) and vm.cluster.is_up(r.node or "")):
+               if not vm.is_local(r) and r.node in up):
             return
         time.sleep(0.1)
     log.warning("volume %s: replicas of other nodes not started after %.0f s", name,
@@ -128,8 +125,9 @@ def _wait_remote_stopped(vm: VolumeManager, name: str) -> None:
     while time.monotonic() < deadline:
         if vm.store.volume(name).desired == "attached":
             return   # attached again meanwhile (a user's attach): its replicas stay up
+        up = vm.cluster.up_nodes()
         running = [r for r in vm.store.replicas(name) if not vm.is_local(r)
-                   and r.process is not None and vm.cluster.is_up(r.node or "")]
+                   and r.process is not None and r.node in up]
         if not running:
             return
         time.sleep(0.1)

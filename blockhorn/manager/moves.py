@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from typing import TYPE_CHECKING, Any
 
 from blockhorn.control.store import ReplicaRow, VolumeRow
@@ -78,9 +77,7 @@ def serve_target(sup: Supervisor, vol: VolumeRow, r: ReplicaRow) -> None:
         os.makedirs(vm.home.run_dir(vol.name), mode=0o700, exist_ok=True)
         vm.write_replica_config(vol.name, vol.size, row)
         log_path = vm.home.log(f"{r.name}.log")
-        argv = [sys.executable, "-m", "blockhorn", "replica", "serve",
-                "--config", vm.home.replica_config(vol.name, r.name)]
-        rec = process.spawn(argv, log_path)
+        rec = vm.spawn_replica(vol.name, r.name)
         try:
             process.wait_ready(f"move target of replica {r.name}", m.address, rec, log_path)
         except BaseException:

@@ -254,7 +254,7 @@ class NodeService:
         down by its lease; nodes named in `exclude` count as down (a drained node)."""
         rows = self.store.disks()
         scheduled = self._scheduled()
-        live = self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.name}
+        live = self.up_nodes()
         nodes = []
         for n in self.store.nodes():
             disks = []
@@ -282,7 +282,11 @@ class NodeService:
         return self.address if node == self.name else self.store.node(node).address
 
     def is_up(self, node: str) -> bool:
-        return node == self.name or node in self.store.live_nodes(NODE_DOWN_AFTER_S)
+        return node in self.up_nodes()
+
+    def up_nodes(self) -> set[str]:
+        """The nodes whose lease is live, this one included (one store read)."""
+        return self.store.live_nodes(NODE_DOWN_AFTER_S) | {self.name}
 
 
 def _usage(path: str) -> tuple[int, int]:

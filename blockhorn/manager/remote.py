@@ -205,36 +205,42 @@ async def _refuse(send: Any, message: str) -> None:
 
 
 class Peer:
-    """Another node's API (its URL and CA in its node record), with the cluster token; what
-    it is asked it serves itself, never passing it on (manager/forward.py FORWARDED_HEADER).
-    Errors are BlockhornErrors: EHOSTDOWN when it has no endpoint or does not answer, else
-    the peer's own message and errno."""
+    """Another node's API (its URL and CA in its node record), with the cluster token `token`
+    (`cluster_token`); what it is asked it serves itself, never passing it on
+    (manager/forward.py FORWARDED_HEADER). Errors are BlockhornErrors naming `where` (default
+    "node N"): EHOSTDOWN when it has no endpoint or does not answer, else (`request`) the
+    peer's own message and errno."""
 
-    def __init__(self, store: Any, home: Home, node: str, timeout_s: float,
-                 connect_s: float = PEER_CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, store: Any, node: str, token: str, timeout_s: float,
+                 connect_s: float = PEER_CONNECT_TIMEOUT_S, where: str = "") -> None:
         import httpx
 
-        from blockhorn.keys import load_key
         from blockhorn.manager.forward import FORWARDED_HEADER
+        self.node = node
+        self.where = where or f"node {node}"
         row = store.node(node)
         if not row.api or not row.api_ca:
-            raise BlockhornError(f"node {node} has no API endpoint (it runs with "
-                                 "--api-listen none)", errno.EHOSTDOWN)
-        self.node = node
+            raise BlockhornError(f"{self.where}, which has no API endpoint to forward this "
+                                 "request to: it runs with --api-listen none (or an older "
+                                 "version)", errno.EHOSTDOWN)
+        self.api = row.api
         self.http = httpx.Client(
             base_url=row.api.rstrip("/"), verify=ssl.create_default_context(cadata=row.api_ca),
             timeout=httpx.Timeout(timeout_s, connect=connect_s),
-            headers={"Authorization": f"Bearer {cluster_token(load_key(home.key))}",
-                     FORWARDED_HEADER.decode(): "1"})
+            headers={"Authorization": f"Bearer {token}", FORWARDED_HEADER.decode(): "1"})
+
+    def send(self, method: str, path: str, **kw: Any) -> Any:
+        """The response (httpx.Response), whatever its status."""
+        import httpx
+        try:
+            return self.http.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise BlockhornError(f"{self.where}, whose API at {self.api} does not answer: {e}",
+                                 errno.EHOSTDOWN) from None
 
     def request(self, method: str, path: str, **kw: Any) -> Any:
         """The response (httpx.Response) of a request answered 2xx."""
-        import httpx
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise BlockhornError(f"node {self.node} does not answer: {e}",
-                                 errno.EHOSTDOWN) from None
+        r = self.send(method, path, **kw)
         if not 200 <= r.status_code < 300:
             try:
                 err = r.json()["error"]

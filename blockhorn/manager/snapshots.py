@@ -60,8 +60,7 @@ class SnapshotManager:
         vol = self.store.volume(name)
         eng = self.store.engine(name)
         vm = self.volumes
-        if vm is not None and vm.cluster is not None and vol.desired == "attached" \
-                and not vm.engine_here(vol):
+        if vm is not None and vm.engine_elsewhere(vol):
             # Forwarded to the engine's node normally (manager/forward.py); this one came in
             # while the volume moved. Its pid is another node's: never probe it here.
             raise Busy(f"volume {name!r} is attached on node {vol.node}: ask that node")

@@ -111,6 +111,11 @@ class VolumeManager:
     def engine_here(self, vol: VolumeRow) -> bool:
         return self.here(vol.node)
 
+    def engine_elsewhere(self, vol: VolumeRow) -> str | None:
+        """The other node that runs attached `vol`'s engine; None when it is detached or its
+        engine runs here (on one host, always)."""
+        return vol.node if vol.desired == "attached" and not self.engine_here(vol) else None
+
     def running(self, r: ReplicaRow) -> bool:
         """A local replica's process runs; a remote one's is recorded by its node."""
         return process.alive(r.process) if self.is_local(r) else r.process is not None
@@ -268,10 +273,10 @@ class VolumeManager:
         """Replicas on nodes whose lease expired (a cluster): an engine started from this
         config gives them only a short try (EngineConfig.down). A node that comes back before
         the engine starts only costs its replica that short try."""
-        cluster = self.cluster
-        if cluster is None:
+        if self.cluster is None:
             return []
-        return [r.name for r in reps if r.node and not cluster.is_up(r.node)]
+        up = self.cluster.up_nodes()
+        return [r.name for r in reps if r.node and r.node not in up]
 
     def write_replica_config(self, name: str, size: int, r: ReplicaRow) -> None:
         ReplicaConfig(volume=name, name=r.name, directory=r.directory, size=size,
@@ -392,9 +397,7 @@ class VolumeManager:
             self.write_replica_config(name, size, r)
             address = self._usable_address(name, r)
             log_path = self.home.log(f"{r.name}.log")   # replica names start with the volume name
-            argv = [sys.executable, "-m", "blockhorn", "replica", "serve",
-                    "--config", self.home.replica_config(name, r.name)]
-            rec = process.spawn(argv, log_path)
+            rec = self.spawn_replica(name, r.name)
             self.store.set_replica_process(r.name, rec, restarted=restarted)
             if self.cluster is not None:
                 self.started[r.name] = (name, rec)
@@ -402,6 +405,13 @@ class VolumeManager:
             started.append((r.name, address, rec, log_path))
         for rname, address, rec, log_path in started:
             process.wait_ready(f"replica {rname}", address, rec, log_path)
+
+    def spawn_replica(self, name: str, replica: str) -> ProcessRecord:
+        """Start the process of replica `replica` of volume `name` from its config file
+        (written before), logging to <home>/logs/<replica>.log; not waited for."""
+        argv = [sys.executable, "-m", "blockhorn", "replica", "serve",
+                "--config", self.home.replica_config(name, replica)]
+        return process.spawn(argv, self.home.log(f"{replica}.log"))
 
     def _usable_address(self, name: str, r: ReplicaRow) -> str:
         """The replica's address, with a new TCP port if something else took the stored one
@@ -504,7 +514,7 @@ class VolumeManager:
     def detach(self, name: str) -> dict[str, Any]:
         with self.locked(name):
             vol = self.store.volume(name)
-            remote = not self.engine_here(vol) and vol.desired == "attached"
+            remote = self.engine_elsewhere(vol) is not None
             if remote:   # its node's supervisor stops the engine, then its replicas' nodes
                 self.store.update_volume(name, desired="detached")
         if remote:
@@ -518,10 +528,7 @@ class VolumeManager:
                                          if self.is_local(r)])
             return self.show(name)
         with self.locked(name):
-            last = self._robustness_from_engine(name)
-            errors = self._teardown(name)
-            self.store.update_volume(name, desired="detached", tcp_port=None,
-                                     robustness=last, device_stale=False, message="; ".join(errors) or None)
+            errors = self.stop_here(name)
             from blockhorn.nbd import tls as nbdtls
             nbdtls.remove(self.home.volume_dir(name))
         if errors:
@@ -529,6 +536,16 @@ class VolumeManager:
                                  "run detach again after fixing the cause", errno.EIO)
         log.info("detached volume %s", name)
         return self.show(name)
+
+    def stop_here(self, name: str, **fields: Any) -> list[str]:
+        """Stop this node's part of volume `name` (`_teardown`) and record it detached, with
+        `fields` too; returns what failed. The caller holds the volume's lock."""
+        last = self._robustness_from_engine(name)
+        errors = self._teardown(name)
+        self.store.update_volume(name, desired="detached", tcp_port=None, robustness=last,
+                                 device_stale=False, message="; ".join(errors) or None,
+                                 **fields)
+        return errors
 
     def _teardown(self, name: str) -> list[str]:
         """Device, engine, replicas, in that order; every step tried; returns the errors.
@@ -590,7 +607,7 @@ class VolumeManager:
         with self.locked(name):
             vol = self.store.volume(name)
             reps = self.store.replicas(name)
-            if vol.desired == "attached" and not self.engine_here(vol):
+            if self.engine_elsewhere(vol):
                 raise Busy(f"volume {name!r} is attached on node {vol.node}: detach it first")
             if vol.desired == "attached" or self._any_alive(name):
                 if not force:

@@ -302,11 +302,19 @@ def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: in
     return argv
 
 
+def nbd_connected(dev: str) -> bool:
+    """Whether kernel NBD device `dev` is connected (its size is not 0)."""
+    try:
+        with open(f"/sys/block/{os.path.basename(dev)}/size") as f:
+            return f.read().strip() != "0"
+    except OSError:
+        return False
+
+
 def _attach_nbd(uri: str) -> Attachment:
     socket_path = uri.split("socket=", 1)[1]
     for dev in sorted(glob.glob("/dev/nbd[0-9]*")):
-        size_file = f"/sys/block/{os.path.basename(dev)}/size"
-        if os.path.exists(size_file) and open(size_file).read().strip() != "0":
+        if nbd_connected(dev):
             continue  # in use
         _run(nbd_client_argv(dev, socket_path=socket_path, connections=NBD_CONNECTIONS))
         return Attachment(device=dev, frontend="nbd")

@@ -133,14 +133,13 @@ def release(home: Home, names: list[str]) -> list[str]:
 def _nbd_device(home: Home, name: str) -> str:
     """Volume `name`'s kernel NBD device (Home.nbd_device, written at attach), if it is
     still connected: an empty string otherwise."""
+    from blockhorn.nbd.attach import nbd_connected
     try:
         with open(home.nbd_device(name)) as f:
             device = f.read().strip()
-        with open(f"/sys/block/{os.path.basename(device)}/size") as f:
-            connected = f.read().strip() != "0"
     except OSError:
         return ""
-    return device if device.startswith("/dev/nbd") and connected else ""
+    return device if device.startswith("/dev/nbd") and nbd_connected(device) else ""
 
 
 def _bounded(argv: list[str], timeout: float = RELEASE_STEP_S) -> bool:
