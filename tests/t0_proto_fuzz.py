@@ -150,17 +150,19 @@ def test_frame_mac_detects_any_change(frames: list[bytes], data: st.DataObject) 
 
 @fuzz
 @given(st.lists(st.integers(0, proto.BULK_MIN + 3000) | st.integers(0, 5000), min_size=1,
-                max_size=4), st.sampled_from(["none", "hmac", "gmac"]), st.data())
+                max_size=4), st.sampled_from(["none", "hmac", "gmac", "direct"]), st.data())
 def test_one_call_forms_agree_with_the_streaming_form(sizes: list[int], form: str,
                                                       data: st.DataObject) -> None:
     """What the engine and the replica use on the data path (`tag_header` with the payload's
     digest, `check_header` for a bare reply, `check_frame` for a frame at hand) gives the tag
     of the streaming form (`begin`/`update`/`finish`), in both tag forms; a flipped bit of
     any frame fails `check_frame` and `check_header`. `form`: without payload digests, with
-    them (HMAC-SHA256 tags), with them and FEATURE_GMAC_TAGS (GMAC tags)."""
-    dg = (proto.PayloadDigest(proto.digest_key(KEY), form == "gmac") if form != "none"
-          else None)
-    stream, fast, rx = (proto.FrameMac(SESSION_KEY, dg) for _ in range(3))
+    them (HMAC-SHA256 tags), with them and FEATURE_GMAC_TAGS (GMAC tags), and with
+    FEATURE_DIRECT_TAGS too (a small frame's tag over its payload, through `tag`)."""
+    dg = (proto.PayloadDigest(proto.digest_key(KEY), form in ("gmac", "direct"))
+          if form != "none" else None)
+    direct = form == "direct"
+    stream, fast, rx = (proto.FrameMac(SESSION_KEY, dg, direct) for _ in range(3))
     frames = []
     for seq, n in enumerate(sizes):
         head = proto.pack(proto.Op.WRITE if n else proto.Op.PING, seq, 0, n, n)
@@ -169,7 +171,9 @@ def test_one_call_forms_agree_with_the_streaming_form(sizes: list[int], form: st
         m.update(head)
         m.update(payload)
         want = stream.finish(m)
-        if dg is not None or not n:
+        if direct and n and n < proto.BULK_MIN:
+            got = fast.tag([head, payload])
+        elif dg is not None or not n:
             got = fast.tag_header(head, dg.of((payload,), n) if dg is not None else b"")
         else:
             got = fast.tag([head, payload])
@@ -181,7 +185,7 @@ def test_one_call_forms_agree_with_the_streaming_form(sizes: list[int], form: st
             bit = data.draw(st.integers(0, len(frame) * 8 - 1))
             forged = bytearray(frame)
             forged[bit // 8] ^= 1 << (bit % 8)
-            bad = proto.FrameMac(SESSION_KEY, dg)
+            bad = proto.FrameMac(SESSION_KEY, dg, direct)
             bad.counter = rx.counter
             try:
                 if len(forged) == proto.HEADER_SIZE and data.draw(st.booleans()):

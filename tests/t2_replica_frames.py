@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from harness import Cluster, ReplicaProc
 from support.mitm import Mitm, flip_at
+from support.old_replica import BEFORE_DIRECT as OLD_BEFORE_DIRECT
 from support.old_replica import BEFORE_GMAC as OLD_BEFORE_GMAC
 from support.old_replica import PROGRAM as OLD_REPLICA
 from support.rawpeer import RawPeer
@@ -227,13 +228,17 @@ def test_engine_client_survives_an_oversized_reply(tmp_path, replica) -> None:
 
 
 def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path) -> None:
-    """FEATURE_PAYLOAD_DIGEST and FEATURE_GMAC_TAGS: a current replica takes both; one of the
-    release before GMAC tags takes the digest only, one of the release before that neither
-    (tests/support/old_replica.py): each refusal is WELCOME 3, and the client connects again
-    offering one feature less. Frame MACs are on either way, and small and bulk frames in
-    both directions carry the data intact."""
+    """FEATURE_PAYLOAD_DIGEST, GMAC_TAGS and DIRECT_TAGS: a current replica takes all three;
+    one of the release before direct tags the first two, one of the release before GMAC tags
+    the digest only, one of the release before that none (tests/support/old_replica.py):
+    each refusal is WELCOME 3, and the client connects again offering one feature less.
+    Frame MACs are on either way, and small and bulk frames in both directions carry the
+    data intact."""
     digest, gmac = proto.FEATURE_PAYLOAD_DIGEST, proto.FEATURE_GMAC_TAGS
-    for name, program, features in (("current", ("-m", "blockhorn.replica"), digest | gmac),
+    direct = proto.FEATURE_DIRECT_TAGS
+    for name, program, features in (("current", ("-m", "blockhorn.replica"),
+                                     digest | gmac | direct),
+                                    ("before-direct", OLD_BEFORE_DIRECT, digest | gmac),
                                     ("before-gmac", OLD_BEFORE_GMAC, digest),
                                     ("previous", OLD_REPLICA, 0)):
         digested = bool(features & digest)
@@ -246,6 +251,7 @@ def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path)
             assert c.tx is not None and (c.tx.digest is not None) == digested
             assert c.offer == features
             assert c.tx.digest is None or c.tx.digest.gmac == bool(features & gmac)
+            assert c.tx.direct == c.rx.direct == bool(features & direct)
             for n in (4096, MiB):
                 data = os.urandom(n)
                 c.request(Op.WRITE, 0, n, data)

@@ -137,6 +137,44 @@ def test_gmac_tags_examples_verify() -> None:
     rx.check_frame(memoryview(small), small_tag)
 
 
+def test_direct_tags_examples_verify() -> None:
+    """FORMAT.md's DIRECT_TAGS examples: the small WRITE of the same session tagged over its
+    payload (one-call and streaming forms agree), which is not its GMAC_TAGS tag; a changed
+    payload bit fails; and a READ reply of 512 bytes, received in pieces as the engine does."""
+    blocks = hex_blocks()
+    gmac_small, direct_small, read_tag = blocks[15], blocks[16], blocks[17]
+    key, server_nonce, client_nonce = bytes(32), bytes(range(32)), bytes(range(32, 64))
+    keys = proto.digest_key(key)
+    c2s, s2c = proto.session_keys(key, server_nonce, client_nonce, "vol")
+
+    def at(counter: int, k: bytes = c2s) -> proto.FrameMac:
+        mac = proto.FrameMac(k, proto.PayloadDigest(keys, gmac=True), direct=True)
+        mac.counter = counter
+        return mac
+
+    small = proto.pack(Op.WRITE, 3, 32768, 4096, 4096) + bytes(4096)
+    head, payload = small[:proto.HEADER_SIZE], small[proto.HEADER_SIZE:]
+    assert direct_small != gmac_small
+    assert at(2).tag([head, payload]) == direct_small
+    m = at(2).begin(4096)
+    m.update(small[:5])
+    m.update(small[5:])
+    assert at(2).finish(m) == direct_small
+    with pytest.raises(ProtocolError):
+        at(2).check_frame(small[:-1] + b"\x01", direct_small)
+    at(2).check_frame(memoryview(small), direct_small)
+    reply = proto.pack(Op.READ | REPLY, 4, 0, 512, 512) + bytes(512)
+    with open(DOC) as f:
+        assert reply[:proto.HEADER_SIZE].hex() in f.read().replace(" ", "")
+    rx = at(3, s2c)
+    m = rx.begin(512)
+    m.update(reply[:proto.HEADER_SIZE])
+    m.update(reply[proto.HEADER_SIZE:])
+    rx.check(m, read_tag)
+    with pytest.raises(ValueError):     # direct tags only with GMAC tags
+        proto.FrameMac(c2s, proto.PayloadDigest(keys), direct=True)
+
+
 def test_message_examples() -> None:
     write, reply, failed = hex_blocks()[3:6]
     h = proto.unpack(write)

@@ -99,9 +99,10 @@ class ReplicaClient:
         self.error = ""
         # The session features this client offers beyond frame MACs; a replica of an older
         # release refuses what it does not know (WELCOME 3) and the client connects again
-        # offering less: first without FEATURE_GMAC_TAGS, then without PAYLOAD_DIGEST too.
+        # offering less: first without FEATURE_DIRECT_TAGS, then without GMAC_TAGS, then
+        # without PAYLOAD_DIGEST too.
         self.offer = proto.FEATURE_PAYLOAD_DIGEST | (
-            proto.FEATURE_GMAC_TAGS if proto.fast_gmac() else 0)
+            proto.GMAC_FEATURES if proto.fast_gmac() else 0)
         # Frame MACs (proto.FrameMac), when the handshake turned them on: `tx` tags requests
         # in send order (under send_lock), `rx` checks replies (receiver thread only).
         self.tx: proto.FrameMac | None = None
@@ -130,8 +131,8 @@ class ReplicaClient:
                     raise
             # A replica of an older release (mid-upgrade): again, offering one feature less.
             # Frame MACs stay as negotiated; only the tag's form differs.
-            drop = (proto.FEATURE_GMAC_TAGS if self.offer & proto.FEATURE_GMAC_TAGS
-                    else proto.FEATURE_PAYLOAD_DIGEST)
+            drop = next(f for f in (proto.FEATURE_DIRECT_TAGS, proto.FEATURE_GMAC_TAGS,
+                                    proto.FEATURE_PAYLOAD_DIGEST) if self.offer & f)
             log.info("replica %s does not take feature 0x%04x: connecting without",
                      self.name, drop)
             self.offer &= ~drop
@@ -185,7 +186,9 @@ class ReplicaClient:
             dg = (proto.PayloadDigest(proto.digest_key(self.key),
                                       bool(features & proto.FEATURE_GMAC_TAGS))
                   if features & proto.FEATURE_PAYLOAD_DIGEST else None)
-            self.tx, self.rx = proto.FrameMac(c2s, dg), proto.FrameMac(s2c, dg)
+            direct = bool(features & proto.FEATURE_DIRECT_TAGS)
+            self.tx, self.rx = (proto.FrameMac(c2s, dg, direct),
+                                proto.FrameMac(s2c, dg, direct))
 
     def close(self, reason: str = "closed") -> None:
         """Drop the connection; pending calls fail with EIO. Safe to call more than once."""
@@ -256,7 +259,8 @@ class ReplicaClient:
                     if tx is not None:       # tags follow the send order: under send_lock
                         if len(item) == 1:
                             item.append(tx.tag_header(item[0]))
-                        elif tx.digest is not None and len(item[1]):
+                        elif tx.digest is not None and len(item[1]) and not (
+                                tx.direct and len(item[1]) < proto.BULK_MIN):
                             item.append(tx.tag_header(item[0], self._digest(item, call, tx)))
                         else:
                             item.append(tx.tag(item))

@@ -129,7 +129,14 @@ FEATURE_PAYLOAD_DIGEST = 0x0002
 # frame with `cryptography` >= 42. Offered and taken only where that is at hand (`fast_gmac`);
 # refused (WELCOME 3) by older replicas, and the engine connects again without it.
 FEATURE_GMAC_TAGS = 0x0004
-KNOWN_FEATURES = FEATURE_FRAME_MAC | FEATURE_PAYLOAD_DIGEST | FEATURE_GMAC_TAGS
+# With GMAC_TAGS: a frame whose payload is shorter than BULK_MIN is tagged over the payload
+# itself (one GMAC of header | payload), not through its digest (two): FORMAT.md §2, "Direct
+# tags". Inside the data path each crypto call costs several times its warm cost, so one call
+# less per small frame is what counts. Negotiated as GMAC_TAGS (an older replica refuses it).
+FEATURE_DIRECT_TAGS = 0x0008
+KNOWN_FEATURES = (FEATURE_FRAME_MAC | FEATURE_PAYLOAD_DIGEST | FEATURE_GMAC_TAGS
+                  | FEATURE_DIRECT_TAGS)
+GMAC_FEATURES = FEATURE_GMAC_TAGS | FEATURE_DIRECT_TAGS   # offered and taken with `fast_gmac`
 FRAME_AUTH_SETTINGS = ("auto", "on", "off")
 
 
@@ -233,7 +240,8 @@ def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes, body: bytes,
     if base != volume:
         raise AuthError("handshake refused: wrong cluster key or volume name")
     if features & ~known or hello_features & ~features or (
-            features & FEATURE_GMAC_TAGS and not features & FEATURE_PAYLOAD_DIGEST
+            features & FEATURE_DIRECT_TAGS and not features & FEATURE_GMAC_TAGS
+            or features & FEATURE_GMAC_TAGS and not features & FEATURE_PAYLOAD_DIGEST
             or features & FEATURE_PAYLOAD_DIGEST and not features & FEATURE_FRAME_MAC):
         raise FeatureRefused(f"handshake refused: features 0x{features:04x} asked, "
                              f"0x{hello_features:04x} required")
@@ -294,6 +302,13 @@ def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: b
 # d never crosses the wire. With a secret key both digests are almost-universal hashes (the
 # GMAC one with its fixed nonce is GHASH plus a constant): changing the payload without
 # changing d needs the key; the per-session, counted HMAC over d is what is sent.
+#
+# With FEATURE_GMAC_TAGS, GMAC replaces HMAC-SHA256 in both (FORMAT.md §2): d is the
+# fixed-nonce GMAC at every size, tag = GMAC(session AES key, nonce i u64 | 01 00 00 00,
+# header | d). With FEATURE_DIRECT_TAGS as well, a frame with a payload under BULK_MIN skips d:
+#   tag = GMAC(session AES key, nonce i u64 | 01 00 00 00, header | payload)
+# one call per small frame instead of two (what a small write costs in the data path is the
+# number of crypto calls, not the bytes).
 
 TAG_SIZE = 16            # bytes; a 128-bit tag
 BULK_MIN = 32 << 10      # payload bytes from which a frame is tagged with GMAC
@@ -443,6 +458,20 @@ def session_keys(key: bytes, server_nonce: bytes, client_nonce: bytes,
     return blocks[0] + blocks[2], blocks[1] + blocks[3]
 
 
+class _Gathered:
+    """A small frame with FEATURE_DIRECT_TAGS, fed in pieces: gathered (under BULK_MIN bytes of
+    payload), then tagged in one call."""
+
+    __slots__ = ("counter", "frame")
+
+    def __init__(self, counter: bytes) -> None:
+        self.counter = counter
+        self.frame = bytearray()
+
+    def update(self, b: bytes | bytearray | memoryview) -> None:
+        self.frame += b
+
+
 class _Gmac:
     """GMAC of a bulk frame, with the `update`/`digest` of a hashlib object."""
 
@@ -477,9 +506,11 @@ class FrameMac:
     here, a bare frame's tag 0.86 us instead of 1.27, its check 0.83 instead of 0.96; a
     4 KiB frame's check (4.5 us) is the SHA-256 of its payload."""
 
-    __slots__ = ("_inner", "_outer", "_aes", "_gcm", "_gmac_tags", "counter", "digest")
+    __slots__ = ("_inner", "_outer", "_aes", "_gcm", "_gmac_tags", "counter", "digest",
+                 "direct")
 
-    def __init__(self, key: bytes, digest: PayloadDigest | None = None) -> None:
+    def __init__(self, key: bytes, digest: PayloadDigest | None = None,
+                 direct: bool = False) -> None:
         # Imported here: only sessions with frame MACs need `cryptography`.
         from cryptography.hazmat.primitives.ciphers import algorithms
 
@@ -491,12 +522,18 @@ class FrameMac:
         self.counter = 0
         self.digest = digest      # set: the session uses FEATURE_PAYLOAD_DIGEST
         self._gmac_tags = digest is not None and digest.gmac     # FEATURE_GMAC_TAGS
+        # FEATURE_DIRECT_TAGS: a payload under BULK_MIN is tagged by one GMAC over the frame
+        self.direct = direct
+        if direct and not self._gmac_tags:
+            raise ValueError("direct tags need GMAC tags")
 
     def begin(self, payload: int) -> Any:
         """The MAC of the next frame, whose payload has `payload` bytes: feed it the header
         and the payload (`update`), then `finish` (sender) or `check` (receiver)."""
         counter = self.counter.to_bytes(8, "little")
         self.counter += 1
+        if self.direct and payload < BULK_MIN:
+            return _Gathered(counter)
         if self.digest is not None:
             return _Digested(counter, self.digest, payload)
         if payload < BULK_MIN:
@@ -509,6 +546,8 @@ class FrameMac:
 
     def finish(self, m: Any) -> bytes:
         """The tag of a frame whose bytes `m` (from `begin`) has seen."""
+        if type(m) is _Gathered:
+            return gmac(self._gcm, self._aes, m.counter + TAG_NONCE_SUFFIX, m.frame)
         if type(m) is _Digested:
             d = m.digest.finish(m.d) if m.d is not None else b""
             return self._digested(m.counter, m.header, d)
@@ -519,9 +558,9 @@ class FrameMac:
         return outer.digest()[:TAG_SIZE]
 
     def _digested(self, counter: bytes, header: Any, d: bytes) -> bytes:
-        if self._gmac_tags:
+        if self._gmac_tags:     # (without d, no copy: `header` may be a whole small frame)
             return gmac(self._gcm, self._aes, counter + TAG_NONCE_SUFFIX,
-                        b"".join((header, d)))
+                        b"".join((header, d)) if d else header)
         m = self._inner.copy()
         m.update(counter + header + d)
         outer = self._outer.copy()
@@ -549,6 +588,10 @@ class FrameMac:
         digest when the caller has it already (the same write to several replicas)."""
         if len(buffers) == 1 and len(buffers[0]) == HEADER_SIZE:
             return self.tag_header(buffers[0])      # no payload: the same in both forms
+        if self.direct:
+            frame = b"".join(buffers)
+            if len(frame) - HEADER_SIZE < BULK_MIN:     # one GMAC over the whole frame
+                return self.tag_header(frame)
         if self.digest is not None and len(buffers[0]) == HEADER_SIZE:
             if d is None:
                 d = self.digest.of(buffers[1:], sum(map(len, buffers)) - HEADER_SIZE)
@@ -582,6 +625,9 @@ class FrameMac:
                     tag: bytes | bytearray | memoryview) -> None:
         """Check the tag of the next frame, given whole (header and payload, contiguous)."""
         payload = len(frame) - HEADER_SIZE
+        if self.direct and payload < BULK_MIN:
+            self.check_header(frame, b"", tag)   # one GMAC over the whole frame
+            return
         if self.digest is not None and payload:
             self.check_header(frame[:HEADER_SIZE],
                               self.digest.of((frame[HEADER_SIZE:],), payload), tag)

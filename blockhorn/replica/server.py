@@ -104,7 +104,7 @@ class ReplicaServer:
         # The session features this server takes (tests run a server of an older release
         # with fewer); FEATURE_PAYLOAD_DIGEST's keys, derived once.
         self.features = proto.KNOWN_FEATURES if proto.fast_gmac() else (
-            proto.KNOWN_FEATURES & ~proto.FEATURE_GMAC_TAGS)
+            proto.KNOWN_FEATURES & ~proto.GMAC_FEATURES)
         self.digest_keys = proto.digest_key(key)
 
     async def serve(self, listen: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -224,7 +224,8 @@ class ReplicaServer:
         c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, name)
         dg = (proto.PayloadDigest(self.digest_keys, bool(features & proto.FEATURE_GMAC_TAGS))
               if features & proto.FEATURE_PAYLOAD_DIGEST else None)
-        return Session(epoch, proto.FrameMac(c2s, dg), proto.FrameMac(s2c, dg))
+        direct = bool(features & proto.FEATURE_DIRECT_TAGS)
+        return Session(epoch, proto.FrameMac(c2s, dg, direct), proto.FrameMac(s2c, dg, direct))
 
     async def loop(self, sock: trio.socket.SocketType, session: Session) -> None:
         """Hand the authenticated connection to a worker thread running `serve_blocking`;
