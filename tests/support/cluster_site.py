@@ -106,6 +106,7 @@ class Host:
     home: str
     disk: str
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)   # extra variables of its daemon
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Site:
             ["ip", "netns", "exec", h.name, sys.executable, "-m", "blockhorn", "--home", h.home,
              "daemon", "run", "--quiet", "--etcd", self.etcd, "--etcd-prefix", self.prefix,
              "--node", h.name, "--address", h.ip],   # the API on h.ip:API_PORT by default
-            stdout=log, stderr=log, cwd=ROOT, env=self.env(), start_new_session=True)
+            stdout=log, stderr=log, cwd=ROOT, env=self.env() | h.env, start_new_session=True)
         log.close()
 
         def up() -> bool:

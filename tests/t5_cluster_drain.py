@@ -1,0 +1,247 @@
+"""Tier 5: the fault cases of `node drain`'s replica move (manager/leader.py `start_move`,
+manager/moves.py, engine/migrate.py; docs/DURABILITY.md, "Moving a replica"), on four
+namespace hosts with their node daemons on etcd (tests/support/cluster_site.py), under
+writes, each ending with every acknowledged write read back and `volume verify`:
+
+- the move's target node dies mid-copy: the leader gives the move up, the engine drops its
+  connection to the target (no socket left to the dead address, writes go on), the volume
+  stays healthy on its old replicas at every look, the drain fails saying the move was
+  given up, and a second drain moves the replica to another node;
+- the target node dies after the engine's swap, before the engine's node finished the move
+  in the store (the window held open by BLOCKHORN_TEST_MOVE_FINISH_DELAY_S on that node's
+  daemon): the leader gives the move up, the engine goes back to the old directory, which the
+  swap marked Rebuilding, and resyncs it instead of reading its stale data;
+- the engine node's daemon killed (SIGKILL) mid-copy and started again within its lease:
+  the migration goes on in the engine, the new daemon finishes the move, the old replica's
+  process and directory go, one process per replica is left.
+
+The cluster is module-scoped and the tests run in this order (each uses the hosts the one
+before left up).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import nbd
+import psutil
+import pytest
+from conftest import needs_root
+from support.cluster_site import BLOCK, WRITE_SPAN, Host, Site, Writer, module_site, wait_until
+
+from blockhorn.config import REPLICA_TIMEOUT_S
+from blockhorn.engine.control import ControlClient
+from blockhorn.manager.paths import Home
+
+pytestmark = needs_root()
+
+MiB = 1 << 20
+SLOW_COPY = "1"          # MiB/s: the rebuild bandwidth limit while a move must be caught
+FINISH_DELAY_S = 12.0    # seconds the engine's node of test 2 waits between swap and finish
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    with module_site("bhm", 4) as s:
+        yield s
+
+
+class Drain(threading.Thread):
+    """`node drain NODE` asked of `asker`, in the background."""
+
+    def __init__(self, site: Site, asker: Host, node: str) -> None:
+        super().__init__(daemon=True)
+        self.site, self.asker, self.node = site, asker, node
+        self.result: subprocess.CompletedProcess[str] | None = None
+
+    def run(self) -> None:
+        self.result = self.site.cli(self.asker, "node", "drain", self.node, check=False,
+                                    timeout=120)
+
+    def outcome(self, timeout: float = 90.0) -> subprocess.CompletedProcess[str]:
+        self.join(timeout)
+        assert self.result is not None, f"the drain of {self.node} did not end in {timeout} s"
+        return self.result
+
+
+def engine_status(h: Host, volume: str) -> dict[str, Any]:
+    return dict(ControlClient(Home(h.home).control_socket(volume)).call({"op": "status"}))
+
+
+def migration(st: dict[str, Any], replica: str) -> dict[str, Any]:
+    r = next(x for x in st["replicas"] if x["name"] == replica)
+    return dict(r.get("migration") or {})
+
+
+def copying_for(st: dict[str, Any], replica: str) -> float:
+    """Seconds the replica's migration has been copying (its progress counts only at the
+    end of a copy this small: every chunk fits the copy window), or -1."""
+    m = migration(st, replica)
+    began = m.get("started_copy")
+    return time.time() - began if m.get("state") == "running" and began else -1.0
+
+
+def prefill(w: Writer, uri: str) -> None:
+    """Write the writer's whole span (so the move has WRITE_SPAN bytes to copy) and count
+    it as acknowledged."""
+    rnd = random.Random(11)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        for off in range(0, WRITE_SPAN, MiB):
+            data = rnd.randbytes(MiB)
+            h.pwrite(data, off)
+            for b in range(0, MiB, BLOCK):
+                w.acked[off + b] = data[b:b + BLOCK]
+        h.flush()
+    finally:
+        h.shutdown()
+
+
+def sockets_to(pid: int, address: str) -> int:
+    """How many descriptors of process `pid` (the engine's keeper) and its children (nbdkit,
+    the engine) are TCP sockets connected to `address` (ip:port), read in their network
+    namespace."""
+    ip, port = address.rsplit(":", 1)
+    host = int.from_bytes(bytes(int(x) for x in ip.split(".")), "little")
+    want = f"{host:08X}:{int(port):04X}"
+    inodes = set()
+    with open(f"/proc/{pid}/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[2] == want:
+                inodes.add(fields[9])
+    n = 0
+    for p in [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]:
+        for fd in os.listdir(f"/proc/{p}/fd"):
+            try:
+                link = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                n += 1
+    return n
+
+
+def replica_processes(site: Site, volume: str) -> list[tuple[str, int]]:
+    """(host, pid) of every replica process of `volume` on any host."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "replica" in cmd and "serve" in cmd:
+            cfg = cmd[cmd.index("--config") + 1] if "--config" in cmd else ""
+            for h in site.hosts:
+                if cfg.startswith(os.path.join(h.home, "volumes", volume) + "/"):
+                    out.append((h.name, p.pid))
+    return sorted(out)
+
+
+class Stall:
+    """The longest time the writer's count stood still, as seen by `look`."""
+
+    def __init__(self, w: Writer) -> None:
+        self.w, self.count, self.since, self.longest = w, w.count, time.monotonic(), 0.0
+
+    def look(self) -> bool:
+        now = time.monotonic()
+        if self.w.count != self.count:
+            self.count, self.since = self.w.count, now
+        self.longest = max(self.longest, now - self.since)
+        return True
+
+
+class Looks:
+    """What `volume show` (on the engine's node) says at each look during a move."""
+
+    def __init__(self, site: Site, h: Host, volume: str) -> None:
+        self.site, self.h, self.volume = site, h, volume
+        self.seen: list[tuple[str, int, str | None]] = []
+
+    def look(self) -> dict[str, Any]:
+        v = self.site.show(self.h, self.volume)
+        moving = next((r["moving"]["node"] for r in v["replicas"] if r["moving"]), None)
+        self.seen.append((v["robustness"], sum(r["mode"] == "RW" for r in v["replicas"]),
+                          moving))
+        return v
+
+
+def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -> None:
+    a, b, c, d = site.hosts
+    vol = "mv1"
+    assert site.create_avoiding(a, vol, 2, [c, d]) == {a.name, b.name}
+    site.cli(a, "node", "update", d.name, "--schedulable", "no")   # the target: c
+    site.cli(a, "volume", "attach", vol, "--frontend", "none")
+    uri = site.show(a, vol)["endpoint"]
+    w = Writer(uri)
+    prefill(w, uri)
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", SLOW_COPY)
+    w.start()
+    wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
+    looks = Looks(site, a, vol)
+    replica = next(r["name"] for r in site.show(a, vol)["replicas"] if r["node"] == b.name)
+    t0 = time.monotonic()
+    drain = Drain(site, a, b.name)
+    drain.start()
+    wait_until(lambda: copying_for(engine_status(a, vol), replica) >= 1.0, 30,
+               "the migration copying for a second")
+    v = looks.look()
+    target = next(r["moving"] for r in v["replicas"] if r["name"] == replica)
+    assert target["node"] == c.name and target["migration"]["state"] == "running", target
+    engine_pid = v["engine"]["pid"]
+    assert sockets_to(engine_pid, target["address"]) == 1
+    t_kill = time.monotonic()
+    print(f"migration copying after {t_kill - t0:.1f} s: killing {c.name}, the target")
+    site.kill(c)
+    stall = Stall(w)
+    while drain.is_alive() and time.monotonic() - t_kill < 60:
+        looks.look()
+        stall.look()
+        drain.join(0.3)
+    got = drain.outcome(5)
+    t_given_up = time.monotonic() - t_kill
+    print(f"drain ended {t_given_up:.1f} s after the kill: exit {got.returncode}: "
+          f"{got.stderr.strip()}")
+    assert got.returncode != 0 and "was given up" in got.stderr, got
+    assert f"blockhorn volume show {vol}" in got.stderr
+    # The volume never ran short: its old replicas RW at every look.
+    looks.look()
+    assert all(s[:2] == ("healthy", 2) for s in looks.seen), looks.seen
+    assert looks.seen[-1][2] is None and site.nodes_of(a, vol) == {a.name, b.name}
+    # The engine dropped the target: the migration failed, no socket to the dead address
+    # is left, and the writes go on.
+    wait_until(lambda: stall.look() and migration(engine_status(a, vol), replica)["state"]
+               == "failed", 20, "the engine dropping the migration")
+    t_dropped = time.monotonic() - t_kill
+    wait_until(lambda: sockets_to(engine_pid, target["address"]) == 0, 15,
+               "the engine closing its connection to the dead target")
+    n = w.count
+    wait_until(lambda: stall.look() and (w.count >= n + 50 or w.error), 15,
+               "writes after the move was given up")
+    print(f"the engine dropped the target {t_dropped:.1f} s after the kill; the longest "
+          f"pause of the writes: {stall.longest:.1f} s")
+    # Writes wait for a dead target as for any replica (the replica timeout), no longer: a
+    # sender blocked on the dead socket no longer holds them (engine/client.py close).
+    assert stall.longest < REPLICA_TIMEOUT_S + 2, stall.longest
+    # Drained again with d schedulable: the replica goes there.
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "0")
+    site.cli(a, "node", "update", d.name, "--schedulable", "yes")
+    t1 = time.monotonic()
+    again = site.cli(a, "node", "drain", b.name, check=False, timeout=120)
+    print(f"second drain: {time.monotonic() - t1:.1f} s: {again.stdout.strip()}")
+    assert again.returncode == 0 and f"moved to {d.name}" in again.stdout, again
+    w.finish()
+    assert site.healthy_on(a, vol, {a.name, d.name})
+    bad = w.check(site.show(a, vol)["endpoint"])
+    assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
+    verify = site.cli(a, "volume", "verify", vol, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"{w.count} writes, {len(w.acked)} blocks read back the same; verify clean")
+    site.cli(a, "volume", "detach", vol)
+    site.cli(a, "volume", "rm", vol)
+    site.cli(a, "node", "update", b.name, "--schedulable", "yes")
