@@ -35,6 +35,7 @@ import pytest
 from conftest import needs_root
 from support.cluster_site import BLOCK, WRITE_SPAN, Host, Site, Writer, module_site, wait_until
 
+from blockhorn import liveness
 from blockhorn.config import REPLICA_TIMEOUT_S
 from blockhorn.engine.control import ControlClient
 from blockhorn.manager.paths import Home
@@ -44,11 +45,15 @@ pytestmark = needs_root()
 MiB = 1 << 20
 SLOW_COPY = "1"          # MiB/s: the rebuild bandwidth limit while a move must be caught
 FINISH_DELAY_S = 12.0    # seconds the engine's node of test 2 waits between swap and finish
+# Seconds: the node leases. Longer than the site's default 4 s: test 3 restarts a daemon,
+# which must renew its node's lease before the node's dead man's switch fences it (5.5 s
+# after the last renewal, instead of 3.7 s).
+NODE_TTL_S = 6
 
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
-    with module_site("bhm", 4) as s:
+    with module_site("bhm", 4, node_ttl_s=NODE_TTL_S) as s:
         yield s
 
 
@@ -175,7 +180,9 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
     a, b, c, d = site.hosts
     vol = "mv1"
     assert site.create_avoiding(a, vol, 2, [c, d]) == {a.name, b.name}
-    site.cli(a, "node", "update", d.name, "--schedulable", "no")   # the target: c
+    # The target: d, not an etcd member (c is): with the site's short leases, an etcd
+    # election could outlast a node's lease renewal and fence it (a real TTL is 15 s).
+    site.cli(a, "node", "update", c.name, "--schedulable", "no")
     site.cli(a, "volume", "attach", vol, "--frontend", "none")
     uri = site.show(a, vol)["endpoint"]
     w = Writer(uri)
@@ -192,12 +199,12 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
                "the migration copying for a second")
     v = looks.look()
     target = next(r["moving"] for r in v["replicas"] if r["name"] == replica)
-    assert target["node"] == c.name and target["migration"]["state"] == "running", target
+    assert target["node"] == d.name and target["migration"]["state"] == "running", target
     engine_pid = v["engine"]["pid"]
     assert sockets_to(engine_pid, target["address"]) == 1
     t_kill = time.monotonic()
-    print(f"migration copying after {t_kill - t0:.1f} s: killing {c.name}, the target")
-    site.kill(c)
+    print(f"migration copying after {t_kill - t0:.1f} s: killing {d.name}, the target")
+    site.kill(d)
     stall = Stall(w)
     while drain.is_alive() and time.monotonic() - t_kill < 60:
         looks.look()
@@ -228,15 +235,15 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
     # Writes wait for a dead target as for any replica (the replica timeout), no longer: a
     # sender blocked on the dead socket no longer holds them (engine/client.py close).
     assert stall.longest < REPLICA_TIMEOUT_S + 2, stall.longest
-    # Drained again with d schedulable: the replica goes there.
+    # Drained again with c schedulable: the replica goes there.
     site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "0")
-    site.cli(a, "node", "update", d.name, "--schedulable", "yes")
+    site.cli(a, "node", "update", c.name, "--schedulable", "yes")
     t1 = time.monotonic()
     again = site.cli(a, "node", "drain", b.name, check=False, timeout=120)
     print(f"second drain: {time.monotonic() - t1:.1f} s: {again.stdout.strip()}")
-    assert again.returncode == 0 and f"moved to {d.name}" in again.stdout, again
+    assert again.returncode == 0 and f"moved to {c.name}" in again.stdout, again
     w.finish()
-    assert site.healthy_on(a, vol, {a.name, d.name})
+    assert site.healthy_on(a, vol, {a.name, c.name})
     bad = w.check(site.show(a, vol)["endpoint"])
     assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
     verify = site.cli(a, "volume", "verify", vol, check=False)
@@ -245,3 +252,123 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
     site.cli(a, "volume", "detach", vol)
     site.cli(a, "volume", "rm", vol)
     site.cli(a, "node", "update", b.name, "--schedulable", "yes")
+
+
+def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Site) -> None:
+    a, b, c, d = site.hosts
+    vol = "mv2"
+    # b, the engine's node, finishes a move only FINISH_DELAY_S after it saw the swap: the
+    # target's node (d, killed by the test before, back) dies inside that window.
+    assert b.proc is not None
+    b.proc.kill()
+    b.proc.wait(10)
+    b.env["BLOCKHORN_TEST_MOVE_FINISH_DELAY_S"] = str(FINISH_DELAY_S)
+    site.start(b)
+    site.revive(d)
+    wait_until(lambda: site.states(a)[d.name] == "up", 30, f"{d.name} up again")
+    assert site.create_avoiding(b, vol, 2, [c, d]) == {a.name, b.name}
+    site.cli(b, "node", "update", c.name, "--schedulable", "no")   # the target: d
+    site.cli(b, "volume", "attach", vol, "--frontend", "none")
+    uri = site.show(b, vol)["endpoint"]
+    w = Writer(uri)
+    prefill(w, uri)
+    w.start()
+    wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
+    old = next(r for r in site.show(b, vol)["replicas"] if r["node"] == a.name)
+    t0 = time.monotonic()
+    drain = Drain(site, c, a.name)
+    drain.start()
+
+    def swapped() -> dict[str, Any] | None:
+        r = next(x for x in engine_status(b, vol)["replicas"] if x["name"] == old["name"])
+        return r if r["path"] != old["path"] else None
+    now = wait_until(swapped, 30, "the engine's swap")
+    target = next(r["moving"] for r in site.show(b, vol)["replicas"] if r["moving"])
+    assert now["path"] == target["path"] and target["node"] == d.name
+    print(f"swapped after {time.monotonic() - t0:.1f} s: killing {d.name}, the target, "
+          "before the move is finished in the store")
+    t_kill = time.monotonic()
+    site.kill(d)
+    got = drain.outcome(60)
+    print(f"drain ended {time.monotonic() - t_kill:.1f} s after the kill: exit "
+          f"{got.returncode}: {got.stderr.strip()}")
+    assert got.returncode != 0 and "was given up" in got.stderr, got
+    # The store still names the old directory; the engine goes back to it and resyncs it in
+    # full (the swap marked it Rebuilding: it misses the writes acknowledged since).
+    wait_until(lambda: site.healthy_on(b, vol, {a.name, b.name}), 60,
+               "healthy on the old replicas again")
+    t_healthy = time.monotonic() - t_kill
+    v = site.show(b, vol)
+    back = next(r for r in v["replicas"] if r["name"] == old["name"])
+    assert back["path"] == old["path"] and back["moving"] is None, back
+    st = next(x for x in engine_status(b, vol)["replicas"] if x["name"] == old["name"])
+    assert st["path"] == old["path"] and st["rebuild"]["state"] == "done", st
+    assert st["rebuild"]["mode"] == "full", st["rebuild"]
+    w.finish()
+    bad = w.check(site.show(b, vol)["endpoint"])
+    assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
+    verify = site.cli(b, "volume", "verify", vol, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"healthy on the old directory again {t_healthy:.1f} s after the kill (resynced in "
+          f"full); {w.count} writes, {len(w.acked)} blocks read back the same; verify clean")
+    site.cli(b, "volume", "detach", vol)
+    site.cli(b, "volume", "rm", vol)
+    site.cli(b, "node", "update", a.name, "--schedulable", "yes")
+    site.cli(b, "node", "update", c.name, "--schedulable", "yes")
+
+
+def test_engine_node_daemon_killed_mid_move_resumed(site: Site) -> None:
+    a, b, c, d = site.hosts   # d is down (killed by the test before)
+    vol = "mv3"
+    assert site.create_avoiding(a, vol, 2, [c]) == {a.name, b.name}
+    site.cli(a, "volume", "attach", vol, "--frontend", "none")
+    uri = site.show(a, vol)["endpoint"]
+    w = Writer(uri)
+    prefill(w, uri)
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", SLOW_COPY)
+    w.start()
+    wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
+    v = site.show(a, vol)
+    engine_pid = v["engine"]["pid"]
+    old = next(r for r in v["replicas"] if r["node"] == b.name)
+    drain = Drain(site, c, b.name)
+    drain.start()
+    wait_until(lambda: copying_for(engine_status(a, vol), old["name"]) >= 1.0, 30,
+               "the migration copying for a second")
+    # The engine's node's daemon killed and started again before its dead man's switch
+    # would fence the node (the lease's TTL less a margin: blockhorn/liveness.py): the
+    # engine runs on, the new daemon adopts it and finishes the move.
+    assert a.proc is not None
+    beat = liveness.beat_path(a.home)
+    before = liveness.last_beat(beat)
+    wait_until(lambda: liveness.last_beat(beat) != before, 10, f"a lease renewal of {a.name}")
+    t_kill = time.monotonic()
+    a.proc.kill()
+    a.proc.wait(10)
+    site.start(a)
+    restart = time.monotonic() - t_kill
+    budget = liveness.self_fence_after(NODE_TTL_S)
+    print(f"the daemon of {a.name} killed and started again in {restart:.1f} s, mid-copy "
+          f"(its switch fences {budget:.1f} s after the last renewal)")
+    assert restart < budget, "the daemon started too slowly: its node fenced itself"
+    got = drain.outcome(60)
+    t_moved = time.monotonic() - t_kill
+    assert got.returncode == 0 and f"moved to {c.name}" in got.stdout, got
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "0")
+    assert site.show(a, vol)["engine"]["pid"] == engine_pid   # adopted, not fenced
+    wait_until(lambda: site.healthy_on(a, vol, {a.name, c.name}), 30, "healthy on a and c")
+    st = next(x for x in engine_status(a, vol)["replicas"] if x["name"] == old["name"])
+    assert st["path"].startswith(c.disk + "/") and st["migration"]["state"] == "done", st
+    # One process per replica is left: b's old one stopped, its directory removed.
+    wait_until(lambda: [h for h, _ in replica_processes(site, vol)] == sorted([a.name, c.name]),
+               15, f"{b.name} stopping the old replica process")
+    wait_until(lambda: not os.path.exists(old["path"]), 15, f"{b.name} removing {old['path']}")
+    w.finish()
+    bad = w.check(site.show(a, vol)["endpoint"])
+    assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
+    verify = site.cli(a, "volume", "verify", vol, check=False)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    print(f"moved {t_moved:.1f} s after the kill; {w.count} writes, {len(w.acked)} blocks "
+          "read back the same; verify clean")
+    site.cli(a, "volume", "detach", vol)
+    site.cli(a, "volume", "rm", vol)
