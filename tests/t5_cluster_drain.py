@@ -214,8 +214,10 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
     t_given_up = time.monotonic() - t_kill
     print(f"drain ended {t_given_up:.1f} s after the kill: exit {got.returncode}: "
           f"{got.stderr.strip()}")
-    assert got.returncode != 0 and "was given up" in got.stderr, got
+    assert got.returncode != 0 and f"was given up (node {d.name} is down)" in got.stderr, got
     assert f"blockhorn volume show {vol}" in got.stderr
+    message = site.show(a, vol)["message"]
+    assert f"its move to node {d.name} was given up (the node is down)" in message, message
     # The volume never ran short: its old replicas RW at every look.
     looks.look()
     assert all(s[:2] == ("healthy", 2) for s in looks.seen), looks.seen
@@ -292,7 +294,7 @@ def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Sit
     got = drain.outcome(60)
     print(f"drain ended {time.monotonic() - t_kill:.1f} s after the kill: exit "
           f"{got.returncode}: {got.stderr.strip()}")
-    assert got.returncode != 0 and "was given up" in got.stderr, got
+    assert got.returncode != 0 and f"was given up (node {d.name} is down)" in got.stderr, got
     # The store still names the old directory; the engine goes back to it and resyncs it in
     # full (the swap marked it Rebuilding: it misses the writes acknowledged since).
     wait_until(lambda: site.healthy_on(b, vol, {a.name, b.name}), 60,
