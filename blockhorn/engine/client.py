@@ -197,6 +197,7 @@ class ReplicaClient:
             # them) with it: a shutdown wakes it at once (EPIPE). (A drain's target killed
             # mid-copy kept the volume's writes waiting 14 s longer: t5_cluster_drain.)
             with contextlib.suppress(OSError):
+                early.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 early.shutdown(socket.SHUT_RDWR)
         with self.send_lock:
             if self.closed:
