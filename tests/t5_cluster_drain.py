@@ -10,7 +10,10 @@ writes, each ending with every acknowledged write read back and `volume verify`:
 - the target node dies after the engine's swap, before the engine's node finished the move
   in the store (the window held open by BLOCKHORN_TEST_MOVE_FINISH_DELAY_S on that node's
   daemon): the leader gives the move up, the engine goes back to the old directory, which the
-  swap marked Rebuilding, and resyncs it instead of reading its stale data;
+  swap marked Rebuilding, and resyncs it instead of reading its stale data; then the same
+  again into the same target directory (its leftover record kept), with the engine killed
+  too: the restarted engine counts the replica unreachable, starts from the other one and
+  resyncs the old directory;
 - the engine node's daemon killed (SIGKILL) mid-copy and started again within its lease:
   the migration goes on in the engine, the new daemon finishes the move, the old replica's
   process and directory go, one process per replica is left.
@@ -246,6 +249,8 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
     assert again.returncode == 0 and f"moved to {c.name}" in again.stdout, again
     w.finish()
     assert site.healthy_on(a, vol, {a.name, c.name})
+    wait_until(lambda: [h for h, _ in replica_processes(site, vol)] == sorted([a.name, c.name]),
+               15, f"{b.name} stopping the old replica process")
     bad = w.check(site.show(a, vol)["endpoint"])
     assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
     verify = site.cli(a, "volume", "verify", vol, check=False)
@@ -257,6 +262,13 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
 
 
 def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Site) -> None:
+    """Twice on one volume: the target's node killed after the swap (the running engine goes
+    back to the old directory); then the replica drained to the same node and directory
+    again (d's leftover record of it kept: manager/leftovers.py), and after the swap the
+    engine killed too: the restarted engine reads the move from its config
+    (migrate.resolve_at_start), the old directory Rebuilding and the target unreachable, so
+    the replica counts as unreachable, never as a source; it starts from the other replica
+    with its generation record and resyncs the old directory once the move is given up."""
     a, b, c, d = site.hosts
     vol = "mv2"
     # b, the engine's node, finishes a move only FINISH_DELAY_S after it saw the swap: the
@@ -268,6 +280,9 @@ def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Sit
     site.start(b)
     site.revive(d)
     wait_until(lambda: site.states(a)[d.name] == "up", 30, f"{d.name} up again")
+    # The directory of the move given up while d was down (a leftover): d removes it.
+    wait_until(lambda: not os.path.exists(os.path.join(d.disk, "replicas", "mv1")), 15,
+               f"{d.name} removing the target directory of the move given up")
     assert site.create_avoiding(b, vol, 2, [c, d]) == {a.name, b.name}
     site.cli(b, "node", "update", c.name, "--schedulable", "no")   # the target: d
     site.cli(b, "volume", "attach", vol, "--frontend", "none")
@@ -306,13 +321,57 @@ def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Sit
     st = next(x for x in engine_status(b, vol)["replicas"] if x["name"] == old["name"])
     assert st["path"] == old["path"] and st["rebuild"]["state"] == "done", st
     assert st["rebuild"]["mode"] == "full", st["rebuild"]
-    w.finish()
-    bad = w.check(site.show(b, vol)["endpoint"])
-    assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
+    assert [h for h, _ in replica_processes(site, vol)] == sorted([a.name, b.name])
+    print(f"healthy on the old directory again {t_healthy:.1f} s after the kill (resynced in "
+          "full)")
+
+    site.revive(d)
+    wait_until(lambda: site.states(a)[d.name] == "up", 30, f"{d.name} up again")
+    engine_pid = site.show(b, vol)["engine"]["pid"]
+    drain = Drain(site, c, a.name)
+    drain.start()
+    wait_until(swapped, 30, "the engine's second swap")
+    assert next(r["moving"] for r in site.show(b, vol)["replicas"]
+                if r["moving"])["path"] == target["path"]    # the same directory again
+    # Writes acknowledged after the swap: on the target and the other replica only.
+    n = w.count
+    wait_until(lambda: w.count >= n + 30 or w.error, 10, "writes after the swap")
+    w.finish()   # none in flight when the engine dies: each was acknowledged or not sent
+    t_kill = time.monotonic()
+    site.kill(d)
+    os.kill(engine_pid, 9)
+    print(f"swapped again, {w.count - n} writes acknowledged since: killed {d.name} (the "
+          "target) and the engine")
+    got = drain.outcome(60)
+    assert got.returncode != 0 and f"was given up (node {d.name} is down)" in got.stderr, got
+
+    def restarted() -> str | None:
+        v = site.show(b, vol)
+        pid = v["engine"]["pid"]
+        return v["endpoint"] if pid not in (None, engine_pid) and v["endpoint"] else None
+    uri = wait_until(restarted, 30, "the engine restarted")
+    t_up = time.monotonic() - t_kill
+    log = os.path.join(b.home, "logs", f"{vol}-engine.log")
+    wait_until(lambda: f"{old['name']}: the old directory was swapped out for"
+               in open(log).read(), 20, "the restarted engine resolving the move")
+    w2 = Writer(uri)
+    w2.acked = dict(w.acked)
+    w2.start()
+    wait_until(lambda: site.healthy_on(b, vol, {a.name, b.name}), 60,
+               "healthy on the old replicas again")
+    t_healthy = time.monotonic() - t_kill
+    st = next(x for x in engine_status(b, vol)["replicas"] if x["name"] == old["name"])
+    assert st["path"] == old["path"] and st["rebuild"]["mode"] == "full", st
+    assert [h for h, _ in replica_processes(site, vol)] == sorted([a.name, b.name])
+    wait_until(lambda: w2.count >= 50 or w2.error, 20, "writes after the restart")
+    w2.finish()
+    bad = w2.check(uri)
+    assert bad == 0, f"{bad} of {len(w2.acked)} acknowledged blocks read back different"
     verify = site.cli(b, "volume", "verify", vol, check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    print(f"healthy on the old directory again {t_healthy:.1f} s after the kill (resynced in "
-          f"full); {w.count} writes, {len(w.acked)} blocks read back the same; verify clean")
+    print(f"the engine up again {t_up:.1f} s after the kills, the volume healthy on the old "
+          f"directory {t_healthy:.1f} s after; {w.count + w2.count} writes, {len(w2.acked)} "
+          "blocks read back the same; verify clean")
     site.cli(b, "volume", "detach", vol)
     site.cli(b, "volume", "rm", vol)
     site.cli(b, "node", "update", a.name, "--schedulable", "yes")
@@ -327,7 +386,9 @@ def test_engine_node_daemon_killed_mid_move_resumed(site: Site) -> None:
     uri = site.show(a, vol)["endpoint"]
     w = Writer(uri)
     prefill(w, uri)
-    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", SLOW_COPY)
+    # 2 MiB/s: the kill comes 1 s into a 4 s copy (the restart may outlast the copy: the new
+    # daemon finishes the move either way).
+    site.cli(a, "setting", "set", "replica-rebuilding-bandwidth-limit", "2")
     w.start()
     wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
     v = site.show(a, vol)

@@ -39,7 +39,7 @@ RETRY_MAX_S = 5.0     # seconds, cap of the back-off between two asks of a faile
 # in unfinished, doing nothing else for the replica meanwhile: it holds open the window between
 # the engine's swap and finish_move that a daemon otherwise crosses within one pass. 0: none.
 FINISH_DELAY_S = float(os.environ.get("BLOCKHORN_TEST_MOVE_FINISH_DELAY_S") or 0)
-_swap_seen: dict[str, float] = {}   # replica -> when FINISH_DELAY_S began (monotonic)
+_swap_seen: dict[str, float] = {}   # replica@move start -> when FINISH_DELAY_S began
 
 
 def engine_migrate(control_socket: str, replica: str, address: str,
@@ -127,9 +127,8 @@ def engine_pass(sup: Supervisor, vol: VolumeRow, r: ReplicaRow, st: dict[str, An
     key = f"move/{r.name}"
     if (st.get("path"), st.get("address")) == (m.directory, m.address):
         if FINISH_DELAY_S and time.monotonic() - _swap_seen.setdefault(
-                r.name, time.monotonic()) < FINISH_DELAY_S:
+                f"{r.name}@{m.started}", time.monotonic()) < FINISH_DELAY_S:
             return True    # as if this pass had not looked (the status is not recorded)
-        _swap_seen.pop(r.name, None)
         sup.store.finish_move(r.name)
         sup.volumes.write_configs(vol.name)    # a restarted engine opens the new directory
         sup._succeeded(key)
