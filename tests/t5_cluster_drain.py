@@ -47,7 +47,7 @@ pytestmark = needs_root()
 
 MiB = 1 << 20
 SLOW_COPY = "1"          # MiB/s: the rebuild bandwidth limit while a move must be caught
-FINISH_DELAY_S = 12.0    # seconds the engine's node of test 2 waits between swap and finish
+FINISH_DELAY_S = 20.0    # seconds the engine's node of test 2 waits between swap and finish
 # Seconds: the node leases. Longer than the site's default 4 s: test 3 restarts a daemon,
 # which must renew its node's lease before the node's dead man's switch fences it (5.5 s
 # after the last renewal, instead of 3.7 s).
