@@ -6,18 +6,16 @@ directory on the old node. The store records each such directory (`LeftoverRow`,
 the same transaction as the removal or the move: control/store/etcd.py), and every node's
 supervisor calls `sweep` each tick for its own records:
 
-1. a directory the store assigns to a replica of this node again, or to a move target on this
-   node (a drain's move given up, and the replica moved here again: the same path), is kept
-   and nothing is stopped;
-2. the replica's process, if one runs here, is stopped (found by its config file
+1. the replica's process, if one runs here, is stopped first (found by its config file
    `<home>/volumes/<vol>/<replica>.json` on its command line, so also one an earlier daemon
-   started) — unless the replica is moving here, whose target's process that is; the
-   directory is not touched while it runs;
-3. the directory is removed, but only when it is where this node's registered disks keep
+   started); the directory is not touched while it runs. Not when the replica is moving
+   here: that process and config are its move target's, and a directory that is the move
+   target (a drain's move given up, and the replica moved here again: the same path) is kept;
+2. the directory is removed, but only when it is where this node's registered disks keep
    replicas (`<disk>/replicas/<vol>/<replica>`, the disk registered for this node, no symlink
-   on the way);
-4. the replica's config in the home (and, when the volume is gone, its home directories);
-5. then the record is forgotten.
+   on the way) and the store does not assign it to a replica of this node again;
+3. the replica's config in the home (and, when the volume is gone, its home directories);
+4. then the record is forgotten.
 Every step can be done twice, so a daemon that dies between two steps does the rest at its
 next start; a node that was down during the `volume rm` finds its records when it is back.
 """
@@ -63,29 +61,20 @@ def _remove(vm: VolumeManager, row: LeftoverRow, disks: set[str]) -> bool:
     except NotFound:
         vol = None
     reps = vm.store.replicas(vol.name) if vol is not None else []
-    # The store's again, before any process is stopped: the replica's process found by its
-    # name (its config path) is then the store's own. A move target counts: a drain's move
-    # given up (its directory a leftover here) and the same replica moved here again take the
-    # same directory, and a sweep that had not run in between stopped the new target's
-    # process, then removed its directory under the engine's migration.
-    mine_again = vol is not None and any(
-        (r.directory == row.directory and vm.is_local(r))
-        or (r.moving is not None and r.moving.directory == row.directory
-            and vm.here(r.moving.node)) for r in reps)
-    if mine_again and not (vol is not None and vol.fresh
-                           and vol.created != row.volume_created):
-        # Moved back here, or the same volume's replica again: the store's now. (A volume
-        # re-created under the old name while this node was down and not yet attached gets
-        # the old directory removed: its own replica is created afresh right after.)
-        log.info("replica directory %s is this node's again: kept", row.directory)
+    # The replica moving here: its process and config here are the move target's (same name,
+    # same config path), not this record's to stop or remove; a process of the record's
+    # directory was stopped when its move was given up, or by stop_strays when this node's
+    # daemon started. A drain's move given up (its directory a leftover here) and the same
+    # replica moved here again take the same directory: kept. (Before, a sweep that had not
+    # run in between stopped the new target's process, then removed its directory under the
+    # engine's migration.)
+    target = next((r.moving for r in reps if r.name == row.replica and r.moving is not None
+                   and vm.here(r.moving.node)), None)
+    if target is not None and target.directory == row.directory:
+        log.info("replica directory %s is a move target of this node again: kept",
+                 row.directory)
         return True
-    # The replica moving here (to another directory): its process and config here are the
-    # move target's (same name, same config path), not this record's to stop or remove. A
-    # process of the record's directory was stopped when its move was given up, or by
-    # stop_strays when this node's daemon started.
-    target_here = any(r.name == row.replica and r.moving is not None
-                      and vm.here(r.moving.node) for r in reps)
-    pids = [] if target_here else [
+    pids = [] if target is not None else [
         rec for volume, name, rec in replica_processes(vm.home)
         if (volume, name) == (row.volume, row.replica) and process.alive(rec)]
     if pids:
@@ -93,8 +82,17 @@ def _remove(vm: VolumeManager, row: LeftoverRow, disks: set[str]) -> bool:
                     row.replica, row.volume, ", ".join(str(p.pid) for p in pids))
         process.terminate(list[ProcessRecord | None](pids))
         return False   # look again next tick: the directory goes once nothing runs there
-    if not target_here:
+    if target is None:
         vm.started.pop(row.replica, None)
+    mine_again = vol is not None and any(
+        r.directory == row.directory and vm.is_local(r) for r in reps)
+    if mine_again and not (vol is not None and vol.fresh
+                           and vol.created != row.volume_created):
+        # Moved back here, or the same volume's replica again: the store's now. (A volume
+        # re-created under the old name while this node was down and not yet attached gets
+        # the old directory removed: its own replica is created afresh right after.)
+        log.info("replica directory %s is this node's again: kept", row.directory)
+        return True
     if not _inside_disk(row, disks):
         log.error("not removing %s (replica %s of %s): not a replica directory of a disk "
                   "registered for this node", row.directory, row.replica, row.volume)
@@ -107,7 +105,7 @@ def _remove(vm: VolumeManager, row: LeftoverRow, disks: set[str]) -> bool:
         os.rmdir(os.path.dirname(row.directory))
     except OSError:
         pass   # not empty (another replica of the volume on this disk) or gone already
-    if not mine_again and not target_here:
+    if not mine_again and target is None:
         cfg = vm.home.replica_config(row.volume, row.replica)
         if os.path.exists(cfg):
             os.unlink(cfg)
