@@ -6,7 +6,8 @@ base64; 64-bit numbers come back as JSON strings. Every request has a bounded ti
 several endpoints (`http://a:2379,http://b:2379`) a request that cannot reach one tries the next.
 
 Errors: `EtcdUnavailable` when no endpoint answers (connection refused, timeout), `LeaseNotFound`
-when a lease has expired or was revoked, `EtcdError` for any other refusal by etcd.
+when a lease has expired or was revoked, `EtcdError` for any other refusal by etcd. A read
+refused because the members are electing a leader is tried again for a few seconds first.
 
 A watch would need the gateway's streaming endpoint; callers poll instead (`range` is cheap),
 which bounds how late they see a change by their poll interval.
@@ -19,6 +20,7 @@ import errno
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,10 @@ log = logging.getLogger("blockhorn.etcd")
 
 TIMEOUT_S = 2.0         # seconds per request (connect, read, write)
 WATCH_RETRY_S = 1.0     # seconds between a broken watch stream and the next try
-GRPC_NOT_FOUND = 5      # gRPC status code in the gateway's error body
+GRPC_NOT_FOUND = 5      # gRPC status codes in the gateway's error body
+GRPC_UNAVAILABLE = 14   # "leader changed", "no leader": the members are electing a leader
+ELECTION_RETRY_S = 5.0  # seconds a read is retried through a leader election
+ELECTION_POLL_S = 0.2   # seconds between two rounds of tries meanwhile
 
 
 class EtcdError(BlockhornError):
@@ -45,6 +50,10 @@ class EtcdUnavailable(EtcdError):
 
 class LeaseNotFound(EtcdError):
     errno = errno.ENOENT
+
+
+class _Electing(EtcdError):
+    """etcd answered UNAVAILABLE: no leader at the moment (Etcd._call)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,22 @@ class Etcd:
         self.close()
 
     def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One request, to the first endpoint that answers. A read that meets a leader
+        election (a member died) is tried again for up to ELECTION_RETRY_S: it changes
+        nothing, and a caller polling the store (a drain waiting for its move) must not fail
+        on a blip. A write is not: it may have been applied before the leader changed, and
+        its caller decides (the store's transactions re-read and compare)."""
+        deadline = time.monotonic() + ELECTION_RETRY_S
+        while True:
+            try:
+                return self._call_once(path, body)
+            except _Electing as e:
+                if path != "/v3/kv/range" or time.monotonic() > deadline:
+                    raise EtcdError(str(e)) from None
+                log.info("%s; trying again", e)
+                time.sleep(ELECTION_POLL_S)
+
+    def _call_once(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
         # A copy: other threads reorder the list meanwhile (iterating it while they do
         # tried one endpoint three times and never the others).
@@ -169,6 +194,8 @@ class Etcd:
                 message = data.get("message") or data.get("error") or f"HTTP {r.status_code}"
                 if data.get("code") == GRPC_NOT_FOUND and "lease" in message:
                     raise LeaseNotFound(f"etcd: {message}")
+                if data.get("code") == GRPC_UNAVAILABLE:
+                    raise _Electing(f"etcd {base}{path}: {message}")
                 raise EtcdError(f"etcd {base}{path}: {message}")
             if base != order[0]:   # this one answered: try it first next time
                 with self._order:

@@ -95,6 +95,9 @@ class Leader:
                     log.warning("replica %s of %s: its move target's node %s is down: the "
                                 "move is given up", r.name, vol.name, r.moving.node)
                     self.store.cancel_move(r.name)
+                    self.store.update_volume(vol.name, message=(
+                        f"replica {r.name}: its move to node {r.moving.node} was given up "
+                        f"(the node is down); it stays on {r.node or self.nodes.name}"))
                 if r.node is None or r.node in live:
                     self._down_since.pop(r.name, None)
                     continue
@@ -273,9 +276,12 @@ def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[Re
         if row.moving is None:
             if (row.node, row.directory) == (target.node, target.directory):
                 return True
+            why = (f"node {target.node} is down" if target.node not in nodes.up_nodes()
+                   else "given up elsewhere")
             raise BlockhornError(f"the move of replica {r.name} of {vol.name} to node "
-                                 f"{target.node} was given up (its node went down?): see "
-                                 f"`blockhorn volume show {vol.name}`; drain again", errno.EIO)
+                                 f"{target.node} was given up ({why}); the replica stays on "
+                                 f"{row.node or nodes.name}: see `blockhorn volume show "
+                                 f"{vol.name}`; drain again", errno.EIO)
         if v.desired != "attached":
             move(nodes, v, row, reps, p)   # gives the move up: the target is the replica now
             return False

@@ -8,7 +8,9 @@ supervisor calls `sweep` each tick for its own records:
 
 1. the replica's process, if one runs here, is stopped first (found by its config file
    `<home>/volumes/<vol>/<replica>.json` on its command line, so also one an earlier daemon
-   started); the directory is not touched while it runs;
+   started); the directory is not touched while it runs. Not when the replica is moving
+   here: that process and config are its move target's, and a directory that is the move
+   target (a drain's move given up, and the replica moved here again: the same path) is kept;
 2. the directory is removed, but only when it is where this node's registered disks keep
    replicas (`<disk>/replicas/<vol>/<replica>`, the disk registered for this node, no symlink
    on the way) and the store does not assign it to a replica of this node again;
@@ -54,20 +56,36 @@ def sweep(vm: VolumeManager) -> None:
 
 def _remove(vm: VolumeManager, row: LeftoverRow, disks: set[str]) -> bool:
     """Do the steps for one record; True when it may be forgotten."""
-    pids = [rec for volume, name, rec in replica_processes(vm.home)
-            if (volume, name) == (row.volume, row.replica) and process.alive(rec)]
+    try:
+        vol = vm.store.volume(row.volume)
+    except NotFound:
+        vol = None
+    reps = vm.store.replicas(vol.name) if vol is not None else []
+    # The replica moving here: its process and config here are the move target's (same name,
+    # same config path), not this record's to stop or remove; a process of the record's
+    # directory was stopped when its move was given up, or by stop_strays when this node's
+    # daemon started. A drain's move given up (its directory a leftover here) and the same
+    # replica moved here again take the same directory: kept. (Before, a sweep that had not
+    # run in between stopped the new target's process, then removed its directory under the
+    # engine's migration.)
+    target = next((r.moving for r in reps if r.name == row.replica and r.moving is not None
+                   and vm.here(r.moving.node)), None)
+    if target is not None and target.directory == row.directory:
+        log.info("replica directory %s is a move target of this node again: kept",
+                 row.directory)
+        return True
+    pids = [] if target is not None else [
+        rec for volume, name, rec in replica_processes(vm.home)
+        if (volume, name) == (row.volume, row.replica) and process.alive(rec)]
     if pids:
         log.warning("replica %s of %s is no longer this node's: stopping pid(s) %s",
                     row.replica, row.volume, ", ".join(str(p.pid) for p in pids))
         process.terminate(list[ProcessRecord | None](pids))
         return False   # look again next tick: the directory goes once nothing runs there
-    vm.started.pop(row.replica, None)
-    try:
-        vol = vm.store.volume(row.volume)
-    except NotFound:
-        vol = None
+    if target is None:
+        vm.started.pop(row.replica, None)
     mine_again = vol is not None and any(
-        r.directory == row.directory and vm.is_local(r) for r in vm.store.replicas(vol.name))
+        r.directory == row.directory and vm.is_local(r) for r in reps)
     if mine_again and not (vol is not None and vol.fresh
                            and vol.created != row.volume_created):
         # Moved back here, or the same volume's replica again: the store's now. (A volume
@@ -87,7 +105,7 @@ def _remove(vm: VolumeManager, row: LeftoverRow, disks: set[str]) -> bool:
         os.rmdir(os.path.dirname(row.directory))
     except OSError:
         pass   # not empty (another replica of the volume on this disk) or gone already
-    if not mine_again:
+    if not mine_again and target is None:
         cfg = vm.home.replica_config(row.volume, row.replica)
         if os.path.exists(cfg):
             os.unlink(cfg)

@@ -106,6 +106,7 @@ class Host:
     home: str
     disk: str
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)   # extra variables of its daemon
 
 
 @dataclass
@@ -116,12 +117,13 @@ class Site:
     hosts: list[Host] = field(default_factory=list)
     members: dict[str, subprocess.Popen[bytes] | None] = field(default_factory=dict)
     initial_cluster: str = ""
+    node_ttl_s: int = NODE_TTL_S   # seconds: the daemons' node leases
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         for k in ("BLOCKHORN_HOME", "NOTIFY_SOCKET", "BLOCKHORN_ETCD", "BLOCKHORN_NODE"):
             env.pop(k, None)
-        env["BLOCKHORN_NODE_TTL_S"] = str(NODE_TTL_S)
+        env["BLOCKHORN_NODE_TTL_S"] = str(self.node_ttl_s)
         return env
 
     def host(self, name: str) -> Host:
@@ -218,7 +220,7 @@ class Site:
             ["ip", "netns", "exec", h.name, sys.executable, "-m", "blockhorn", "--home", h.home,
              "daemon", "run", "--quiet", "--etcd", self.etcd, "--etcd-prefix", self.prefix,
              "--node", h.name, "--address", h.ip],   # the API on h.ip:API_PORT by default
-            stdout=log, stderr=log, cwd=ROOT, env=self.env(), start_new_session=True)
+            stdout=log, stderr=log, cwd=ROOT, env=self.env() | h.env, start_new_session=True)
         log.close()
 
         def up() -> bool:
@@ -388,9 +390,10 @@ def _detach_loops(root: str) -> None:
 
 
 @contextlib.contextmanager
-def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
-                 ) -> Iterator[Site]:
-    """`n` hosts with daemons up, each with one disk registered; `settings` set once."""
+def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None,
+                 node_ttl_s: int = NODE_TTL_S) -> Iterator[Site]:
+    """`n` hosts with daemons up, each with one disk registered; `settings` set once;
+    node leases of `node_ttl_s` seconds."""
     tok = secrets.token_hex(2)
     rnd = random.Random(tok)
     subnet = f"10.{rnd.randrange(128, 192)}.{rnd.randrange(256)}"
@@ -399,7 +402,7 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
     before = fuse_connections()
     with hosts_on_bridge(names, f"bc{tok}b", f"{subnet}.1/24"):
         os.makedirs(os.path.join(root, "etcd"), exist_ok=True)
-        site = Site(root, "", f"/bh-{tok}/")
+        site = Site(root, "", f"/bh-{tok}/", node_ttl_s=node_ttl_s)
         try:
             for i, ns in enumerate(names):
                 base = os.path.join(root, f"h{i}")
@@ -443,7 +446,8 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None
 
 @contextlib.contextmanager
 def module_site(tag: str, n: int = 3, settings: dict[str, str] | None = None,
-                tools: tuple[str, ...] = ("etcd",)) -> Iterator[Site]:
+                tools: tuple[str, ...] = ("etcd",), node_ttl_s: int = NODE_TTL_S
+                ) -> Iterator[Site]:
     """A test module's cluster_site under a short /tmp root (replica and engine sockets live
     under the homes), skipped when a tool is missing; the root is removed after, unless
     BLOCKHORN_KEEP_SITE keeps its logs for a post-mortem."""
@@ -455,7 +459,7 @@ def module_site(tag: str, n: int = 3, settings: dict[str, str] | None = None,
         pytest.skip(f"not installed: {', '.join(missing)}")
     root = os.path.join("/tmp", f"{tag}{os.getpid()}")
     try:
-        with cluster_site(root, n, settings) as s:
+        with cluster_site(root, n, settings, node_ttl_s) as s:
             yield s
     finally:
         if not os.environ.get("BLOCKHORN_KEEP_SITE"):
