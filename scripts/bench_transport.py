@@ -41,11 +41,16 @@ REPLICAS = 3
 
 def run_once(workdir: str, variant: str, size: int, runtime: int,
              ramp: int) -> dict[str, float]:
-    """`variant`: tcp (frame MACs on, TCP's default and what the targets are for), unix, or
-    tcp-nomac (MACs off on both sides: what TCP costs without them)."""
+    """`variant`: tcp (frame MACs on, TCP's default and what the targets are for), unix,
+    tcp-nomac (MACs off on both sides: what TCP costs without them), or tcp-old (MACs on,
+    replicas of the release before DIRECT_TAGS and REPLY_RUNS: what those two save)."""
     os.makedirs(workdir)
+    extra = {}
+    if variant == "tcp-old":
+        from support.old_replica import BEFORE_DIRECT
+        extra["replica_program"] = BEFORE_DIRECT
     cluster = Cluster(home=workdir, size=size, replicas=REPLICAS,
-                      transport="unix" if variant == "unix" else "tcp")
+                      transport="unix" if variant == "unix" else "tcp", **extra)
     if variant != "unix":
         set_frame_auth(cluster, "on" if variant == "tcp" else "off")
     return measure(cluster, size, [job[:5] for job in JOBS], runtime, ramp)
@@ -61,13 +66,17 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--nomac", action="store_true",
                     help="also TCP with frame MACs off on both sides, in every round")
+    ap.add_argument("--old", action="store_true",
+                    help="also TCP with MACs against replicas of the release before the "
+                    "DIRECT_TAGS and REPLY_RUNS features, in every round")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     runtime = args.runtime or (5 if args.quick else 10)
     ramp = 1 if args.quick else 2
     size = args.size or (256 << 20 if args.quick else 512 << 20)
     work = tempfile.mkdtemp(prefix="blockhorn-bench-transport-", dir=args.dir)
-    variants = ["tcp", "unix", *(["tcp-nomac"] if args.nomac else [])]
+    variants = ["tcp", "unix", *(["tcp-nomac"] if args.nomac else []),
+                *(["tcp-old"] if args.old else [])]
     raw: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
     print(f"transport bench: {REPLICAS} replicas, tcp (frame MACs on) vs unix, {rounds} "
           f"round(s), {runtime} s per job, {size >> 20} MiB", flush=True)
@@ -107,10 +116,11 @@ def main() -> int:
             ratios[k] = {"median": round(med, 3), "min": round(lo, 3), "max": round(hi, 3)}
             if target is not None:
                 ratios[k] |= {"target": target, "pass": ok}
-            if "tcp-nomac" in raw:
-                nm, nlo, nhi = spread("tcp-nomac", "unix", k)
-                ratios[k] |= {"nomac_median": round(nm, 3), "nomac_min": round(nlo, 3),
-                              "nomac_max": round(nhi, 3)}
+            for other in ("nomac", "old"):
+                if f"tcp-{other}" in raw:
+                    nm, nlo, nhi = spread(f"tcp-{other}", "unix", k)
+                    ratios[k] |= {f"{other}_median": round(nm, 3), f"{other}_min": round(nlo, 3),
+                                  f"{other}_max": round(nhi, 3)}
             lines.append(fmt.format(
                 k, f"{statistics.median(raw['tcp'][k]):.0f}",
                 f"{statistics.median(raw['unix'][k]):.0f}", unit,
@@ -119,11 +129,13 @@ def main() -> int:
     text = "\n".join(lines) + (f"\n(medians of {rounds} round(s), the variants alternating; a "
                                "ratio is taken per round; CPU: engine + replicas per request, "
                                "where above 100 % means TCP costs more)")
-    if "tcp-nomac" in raw:
-        text += "\nTCP with frame MACs off, against unix: " + ", ".join(
-            f"{key} {100 * ratios[key]['nomac_median']:.0f} % "
-            f"[{100 * ratios[key]['nomac_min']:.0f}-{100 * ratios[key]['nomac_max']:.0f}]"
-            for key, *_ in JOBS)
+    for other, what in (("nomac", "TCP with frame MACs off"),
+                        ("old", "TCP with MACs, replicas before DIRECT_TAGS/REPLY_RUNS")):
+        if f"tcp-{other}" in raw:
+            text += f"\n{what}, against unix: " + ", ".join(
+                f"{k} {100 * ratios[k][f'{other}_median']:.0f} % "
+                f"[{100 * ratios[k][f'{other}_min']:.0f}-{100 * ratios[k][f'{other}_max']:.0f}]"
+                for key, *_ in JOBS for k in (key, f"{key}-cpu"))
     print("\n" + text)
     write_results("bench-transport", {"rounds": rounds, "runtime_s": runtime, "size": size,
                                       "replicas": REPLICAS, "all": raw, "ratios": ratios}, text)
