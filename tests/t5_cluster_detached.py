@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,3 +339,125 @@ def test_recurring_job_once_per_slot_on_the_engines_node(site: Site) -> None:
         s["name"] for s in site.json(a, "snapshot", "ls", "dj")}
     site.cli(a, "job", "rm", "once")
     site.cli(a, "volume", "rm", "dj")
+
+
+def _replica_on(site: Site, asked: Any, volume: str, node: Any) -> dict[str, Any]:
+    return next(r for r in site.show(asked, volume)["replicas"] if r["node"] == node.name)
+
+
+REBUILDS = "concurrent-replica-rebuild-per-node-limit"
+
+
+def test_backup_reads_only_an_in_sync_replica(site: Site) -> None:
+    """Attached on a (no replica there), b's replica stale: killed while no rebuild may run
+    (REBUILDS 0), it comes back with its files as they were and stays ERR while the engine
+    goes on with c's: snapshot s1 removed and made again with other data. A backup of s1
+    asked of a reads c's replica, the one in sync, not b's older s1 (b's node sorts first,
+    which is where the reader looked before): the restored backup is the data acknowledged
+    before the second s1. With c's daemon down the one in-sync replica cannot be read: the
+    backup is refused naming it, b is not read, nothing is written. Rebuilds allowed again,
+    b resyncs and the volume reads as acknowledged."""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "bf", 2, [a]) == {b.name, c.name}
+    target = os.path.join(site.root, "backups-fresh")
+    os.makedirs(target)
+    site.cli(a, "backup", "target", "set", "fresh", f"file://{target}")
+    site.cli(a, "volume", "attach", "bf", "--frontend", "none")
+    try:
+        uri = site.show(a, "bf")["endpoint"]
+        digest(uri, write_seed=21)
+        site.cli(a, "snapshot", "create", "bf", "s1")
+        site.cli(a, "snapshot", "create", "bf", "s2")   # s1 folds into it when removed
+        site.cli(a, "setting", "set", REBUILDS, "0")
+        rb, rc = (_replica_on(site, a, "bf", h) for h in (b, c))
+        os.kill(rb["pid"], signal.SIGKILL)
+        wait_until(lambda: _replica_on(site, a, "bf", b)["mode"] not in (None, "RW"), 30,
+                   "b's replica out of the in-sync set")
+        site.cli(a, "snapshot", "rm", "bf", "s1")
+        site.cli(a, "snapshot", "purge", "bf")
+        fresh = digest(uri, write_seed=22)
+        site.cli(a, "snapshot", "create", "bf", "s1")   # the same name, newer data
+        assert _replica_on(site, a, "bf", b)["mode"] != "RW"
+
+        t0 = time.monotonic()
+        got = site.json(a, "backup", "create", "bf", "--snapshot", "s1", "--target", "fresh")
+        t_backup = time.monotonic() - t0
+        assert got["state"] == "complete", got
+        assert restored_digest(target, got["url"], 32 * MiB) == fresh
+
+        assert c.proc is not None
+        os.kill(c.proc.pid, signal.SIGKILL)
+        c.proc.wait(10)
+        try:
+            r = site.cli(a, "backup", "create", "bf", "--snapshot", "s1", "--target", "fresh",
+                         check=False)
+        finally:
+            site.start(c)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"no in-sync replica of 'bf' ({rc['name']})" in r.stderr, r.stderr
+        assert len(site.json(a, "backup", "ls", "bf", "--target", "fresh")) == 1
+
+        site.cli(a, "setting", "set", REBUILDS, "5")
+        wait_until(lambda: site.healthy_on(a, "bf", {b.name, c.name}), 60, "b resynced")
+        assert digest(uri) == fresh
+    finally:
+        site.cli(a, "setting", "set", REBUILDS, "5")
+        site.cli(a, "volume", "detach", "bf")
+        wait_stopped(site, a, "bf")
+    site.cli(a, "volume", "rm", "bf")
+    print(f"backup with a stale replica, read from the in-sync one: {t_backup:.1f} s")
+
+
+def restored_digest(target_dir: str, url: str, size: int) -> str:
+    """sha256 of backup `url` restored into a file of `size` bytes."""
+    from blockhorn import backup as bk
+    parsed = bk.decode_backup_url(url)
+    t = bk.open_target(f"file://{target_dir}")
+    path = os.path.join(target_dir, "..", "restored.img")
+    sink = bk.FileSink(path, size)
+    try:
+        bk.restore(t, parsed.volume, str(parsed.backup), sink)
+    finally:
+        sink.close()
+        t.close()
+    d = hashlib.sha256()
+    with open(path, "rb") as f:
+        d.update(f.read())
+    os.unlink(path)
+    return d.hexdigest()
+
+
+def test_expand_checks_every_replicas_disk(site: Site) -> None:
+    """Expand asked of a, which holds no replica: b's disk of the volume promises only 40 MiB
+    (the rest reserved), so 48 MiB is refused naming b and that disk, the size and data
+    unchanged; 40 MiB fits, and the data reads back."""
+    a, b, c = site.hosts
+    tight = {h.name: os.path.join(site.root, f"tight-{h.name}") for h in (b, c)}
+    for path in tight.values():
+        os.makedirs(path)
+    # 40 MiB promisable on b's: capacity less the reserve (a multiple of 4 KiB).
+    reserve = (shutil.disk_usage(tight[b.name]).total - 40 * MiB) // 4096 * 4096
+    site.cli(b, "disk", "add", tight[b.name], "--tags", "tight", "--reserve", str(reserve))
+    site.cli(c, "disk", "add", tight[c.name], "--tags", "tight")
+    try:
+        site.cli(a, "volume", "create", "dx", "--size", "32MiB", "--replicas", "2",
+                 "--disk-selector", "tight")
+        reps = site.show(a, "dx")["replicas"]
+        assert {(r["node"], r["disk"]) for r in reps} == set(tight.items()), reps
+        written = attach_sum(site, "dx", b, write_seed=31)
+
+        r = site.cli(a, "volume", "expand", "dx", "--size", "48MiB", check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"disk {tight[b.name]} of node {b.name}" in r.stderr, r.stderr
+        assert tight[c.name] not in r.stderr and "the limit of 40" in r.stderr, r.stderr
+        assert site.show(a, "dx")["size"] == 32 * MiB
+        assert_detached(site, a, "dx")
+
+        site.cli(a, "volume", "expand", "dx", "--size", "40MiB")
+        assert site.show(a, "dx")["size"] == 40 * MiB
+        assert_detached(site, a, "dx")
+        assert attach_sum(site, "dx", c, 32 * MiB) == written
+        site.cli(a, "volume", "rm", "dx")
+    finally:
+        for name, path in tight.items():
+            site.cli(site.host(name), "disk", "rm", path, check=False)

@@ -32,6 +32,7 @@ worker thread:
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -55,6 +56,7 @@ from blockhorn.types import (
     Busy,
     InvalidArgument,
     NotFound,
+    ReplicaUnavailable,
     check_name,
     parse_size,
 )
@@ -262,40 +264,75 @@ class BackupService:
 
     def _open_source(self, volume: str, snapshot: str) -> Any:
         """The snapshot to back up: from this node's replica, else (a cluster) from a node
-        that is up and holds one (manager/backup_peer.py)."""
+        that is up and holds one (manager/backup_peer.py); on a cluster only a replica in
+        sync (backup_peer.readable_replicas), so never a Rebuilding, ERR or stale one."""
         vm = self.volumes
-        local = self._local_dirs(volume)
         if vm.cluster is None:
-            return bk.open_snapshot(local, snapshot)
+            return bk.open_snapshot(self._local_dirs(volume), snapshot)
+        from blockhorn.manager.backup_peer import PeerSnapshot, readable_replicas
+        readable = readable_replicas(vm, volume)
         errors = []
+        local = [r.directory for r in readable if vm.is_local(r)]
         if local:
             try:
                 return bk.open_snapshot(local, snapshot)
             except NotFound as e:
                 errors.append(f"node {vm.me}: {e}")
-        from blockhorn.manager.backup_peer import PeerSnapshot
-        for node in sorted({r.node or "" for r in self.store.replicas(volume)
-                            if not vm.is_local(r)}):
+        for r in sorted((r for r in readable if not vm.is_local(r)),
+                        key=lambda r: (r.node or "", r.name)):
+            node = r.node or ""
             if not vm.cluster.is_up(node):
                 errors.append(f"node {node}: down")
                 continue
             try:
-                source = PeerSnapshot(vm, node, volume, snapshot)
+                source = PeerSnapshot(vm, node, volume, snapshot, r.name)
             except BlockhornError as e:
                 errors.append(str(e))
                 continue
-            log.info("backup of %s/%s reads node %s's replica", volume, snapshot, node)
+            log.info("backup of %s/%s reads replica %s on node %s", volume, snapshot, r.name,
+                     node)
             return source
-        raise NotFound(f"no node holding a replica of {volume!r} can read snapshot "
-                       f"{snapshot!r}: {'; '.join(errors) or 'it has no replicas'}")
+        raise NotFound(f"no in-sync replica of {volume!r} ({', '.join(r.name for r in readable)})"
+                       f" can read snapshot {snapshot!r}: {'; '.join(errors)}")
 
     # --- a snapshot served to another node's backup (manager/backup_peer.py) --------------
 
+    def replica_state(self, volume: str) -> dict[str, Any]:
+        """What this node's replicas of `volume` say of themselves on disk (the generation
+        rule's view, engine/generation.py `seen_on_disk`), for another node's backup."""
+        from blockhorn.engine.generation import seen_on_disk
+        from blockhorn.manager.backup_peer import seen_to_json
+        seen = [seen_on_disk(r.name, r.directory) for r in self.store.replicas(volume)
+                if self.volumes.is_local(r)]
+        return {"replicas": [seen_to_json(s) for s in seen if s is not None]}
+
+    def _served_dirs(self, volume: str, replica: str | None) -> list[str]:
+        """This node's replica directories of `volume` (only `replica`'s, when named) whose
+        files say they are whole: not Rebuilding, not in error."""
+        from blockhorn.engine.generation import seen_on_disk
+        dirs, why = [], []
+        for r in self.store.replicas(volume):
+            if not self.volumes.is_local(r) or replica not in (None, r.name):
+                continue
+            s = seen_on_disk(r.name, r.directory)
+            if s is None or s.rebuilding or s.error:
+                why.append(f"{r.name}: " + ("unreadable" if s is None else
+                                           "rebuilding" if s.rebuilding else "in error"))
+                continue
+            dirs.append(r.directory)
+        if not dirs:
+            raise ReplicaUnavailable(
+                f"node {self.volumes.me} holds no whole replica of {volume!r}"
+                + (f" named {replica!r}" if replica else "")
+                + (f" ({'; '.join(why)})" if why else ""))
+        return dirs
+
     def snapshot_source(self, volume: str, snapshot: str, blocks: str | None = None,
-                        since: str | None = None, block_size: int = 0) -> dict[str, Any]:
+                        since: str | None = None, block_size: int = 0,
+                        replica: str | None = None) -> dict[str, Any]:
         """This node's replica's snapshot: name, size, created; with `blocks` "all" or
         "changed" (since snapshot `since`) the offsets of those blocks of `block_size`."""
-        source = bk.open_snapshot(self._local_dirs(volume), snapshot)
+        source = bk.open_snapshot(self._served_dirs(volume, replica), snapshot)
         try:
             out: dict[str, Any] = {"name": source.name, "size": source.size,
                                    "created": source.created}
@@ -308,15 +345,26 @@ class BackupService:
         finally:
             source.close()
 
-    def snapshot_data(self, volume: str, snapshot: str, offset: int, length: int) -> bytes:
+    def snapshot_data(self, volume: str, snapshot: str, offset: int, length: int,
+                      replica: str | None = None) -> bytes:
+        from blockhorn.engine.generation import seen_on_disk
         from blockhorn.manager.backup_peer import MAX_READ
         if offset < 0 or not 0 < length <= MAX_READ:
             raise InvalidArgument(f"read 1 to {MAX_READ} bytes at an offset of 0 or more")
-        source = bk.open_snapshot(self._local_dirs(volume), snapshot)
+        source = bk.open_snapshot(self._served_dirs(volume, replica), snapshot)
         try:
-            return bytes(source.read(offset, length))
+            before = seen_on_disk("", source.directory)
+            data = bytes(source.read(offset, length))
+            # A rebuild that began during the read resets the layers (Rebuilding is set
+            # first) and one that also ended there moved the generation (its join commit).
+            after = seen_on_disk("", source.directory)
         finally:
             source.close()
+        if before is None or after is None or after.rebuilding or after.error \
+                or after.generation != before.generation:
+            raise BlockhornError(f"the replica at {source.directory} changed during the read "
+                                 "(a rebuild or a commit): read it again", errno.EAGAIN)
+        return data
 
     def _resume_all(self) -> None:
         """Resume every interrupted backup whose journal names a known target and volume."""
