@@ -22,6 +22,7 @@ The cluster is module-scoped and the tests run in this order (they share the vol
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -346,6 +347,15 @@ def _replica_on(site: Site, asked: Any, volume: str, node: Any) -> dict[str, Any
 
 
 REBUILDS = "concurrent-replica-rebuild-per-node-limit"
+BANDWIDTH = "replica-rebuilding-bandwidth-limit"
+
+
+def _rebuilding(meta: str) -> bool:
+    try:
+        with open(meta) as f:
+            return bool(json.load(f).get("Rebuilding"))
+    except (OSError, ValueError):   # replaced at this moment
+        return False
 
 
 def test_backup_reads_only_an_in_sync_replica(site: Site) -> None:
@@ -355,8 +365,10 @@ def test_backup_reads_only_an_in_sync_replica(site: Site) -> None:
     asked of a reads c's replica, the one in sync, not b's older s1 (b's node sorts first,
     which is where the reader looked before): the restored backup is the data acknowledged
     before the second s1. With c's daemon down the one in-sync replica cannot be read: the
-    backup is refused naming it, b is not read, nothing is written. Rebuilds allowed again,
-    b resyncs and the volume reads as acknowledged."""
+    backup is refused naming it, b is not read, nothing is written. Rebuilds allowed again
+    but slow, b is Rebuilding: its node refuses to serve its snapshot, and a backup then
+    reads c's (the acknowledged data again). Then b resyncs and the volume reads as
+    acknowledged."""
     a, b, c = site.hosts
     assert site.create_avoiding(a, "bf", 2, [a]) == {b.name, c.name}
     target = os.path.join(site.root, "backups-fresh")
@@ -397,10 +409,30 @@ def test_backup_reads_only_an_in_sync_replica(site: Site) -> None:
         assert f"no in-sync replica of 'bf' ({rc['name']})" in r.stderr, r.stderr
         assert len(site.json(a, "backup", "ls", "bf", "--target", "fresh")) == 1
 
+        # Rebuilds allowed again, at 1 MiB/s: b is Rebuilding (its layers copied in part)
+        # for seconds. Its node refuses to serve it; a backup meanwhile reads c's.
+        site.cli(a, "setting", "set", BANDWIDTH, "1")
         site.cli(a, "setting", "set", REBUILDS, "5")
+        meta = os.path.join(rb["path"], "volume.meta")
+        wait_until(lambda: _rebuilding(meta), 30, "b's replica rebuilding")
+        api = httpx.Client(transport=httpx.HTTPTransport(
+            uds=os.path.join(b.home, "daemon.sock")), base_url="http://blockhorn", timeout=30)
+        try:   # as another node's backup asks it (served there, not forwarded)
+            served = api.get("/v1/volumes/bf/snapshots/s1/source",
+                             headers={"x-blockhorn-forwarded": "1"})
+        finally:
+            api.close()
+        assert _rebuilding(meta)   # still: the refusal was for this
+        assert served.status_code >= 400 and "rebuilding" in served.text, served.text
+        during = site.json(a, "backup", "create", "bf", "--snapshot", "s1", "--target",
+                           "fresh")
+        assert during["state"] == "complete", during
+        assert restored_digest(target, during["url"], 32 * MiB) == fresh
+        site.cli(a, "setting", "set", BANDWIDTH, "0")
         wait_until(lambda: site.healthy_on(a, "bf", {b.name, c.name}), 60, "b resynced")
         assert digest(uri) == fresh
     finally:
+        site.cli(a, "setting", "set", BANDWIDTH, "0")
         site.cli(a, "setting", "set", REBUILDS, "5")
         site.cli(a, "volume", "detach", "bf")
         wait_stopped(site, a, "bf")
