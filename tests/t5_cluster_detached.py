@@ -493,3 +493,43 @@ def test_expand_checks_every_replicas_disk(site: Site) -> None:
     finally:
         for name, path in tight.items():
             site.cli(site.host(name), "disk", "rm", path, check=False)
+
+
+def test_replica_gone_from_its_disk_is_not_made_again_empty(site: Site) -> None:
+    """b's replica stale (kept out while writes went to c's alone), the volume detached, then
+    c's replica directory gone (a disk lost or not mounted): c's node must not make an empty
+    replica in its place. It did: the start rule then counted it as the member it asks for,
+    started from b's older replica and resynced c's from it, losing acknowledged writes. Now
+    nothing is made there (an attach meanwhile would be refused naming c's replica as
+    unreachable, after waiting for it: the start rule's refusal, tested elsewhere); with the
+    directory back the volume attaches and reads as acknowledged."""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "hz", 2, [a]) == {b.name, c.name}
+    site.cli(a, "volume", "attach", "hz", "--frontend", "none")
+    try:
+        uri = site.show(a, "hz")["endpoint"]
+        digest(uri, write_seed=41)
+        site.cli(a, "setting", "set", REBUILDS, "0")
+        rb, rc = (_replica_on(site, a, "hz", h) for h in (b, c))
+        os.kill(rb["pid"], signal.SIGKILL)
+        wait_until(lambda: _replica_on(site, a, "hz", b)["mode"] not in (None, "RW"), 30,
+                   "b's replica out of the in-sync set")
+        acked = digest(uri, write_seed=42)   # on c's replica only
+    finally:
+        site.cli(a, "volume", "detach", "hz")
+        site.cli(a, "setting", "set", REBUILDS, "5")
+    wait_stopped(site, a, "hz")
+    os.rename(rc["path"], rc["path"] + ".lost")
+    log = os.path.join(c.home, "logs", "daemon.log")
+    wait_until(lambda: f"replica {rc['name']} of hz is gone" in open(log).read()
+               or os.path.exists(rc["path"]), 20, "c's node to notice its replica gone")
+    assert not os.path.exists(rc["path"]), "an empty replica made in place of the lost one"
+    os.rename(rc["path"] + ".lost", rc["path"])
+    site.cli(a, "volume", "attach", "hz", "--frontend", "none")
+    try:
+        wait_until(lambda: site.healthy_on(a, "hz", {b.name, c.name}), 60, "b resynced")
+        assert digest(site.show(a, "hz")["endpoint"]) == acked
+    finally:
+        site.cli(a, "volume", "detach", "hz")
+        wait_stopped(site, a, "hz")
+    site.cli(a, "volume", "rm", "hz")
