@@ -15,6 +15,13 @@ holds none of them (three namespace hosts, tests/support/cluster_site.py):
 - a recurring job runs once per slot though every node's scheduler sees it due, its steps
   for a volume attached elsewhere on the engine's node, for a detached one through a
   maintenance attach.
+- a backup reads only a replica in sync: not a stale one (ERR, holding an older snapshot of
+  the same name) nor a Rebuilding one, whose node refuses to serve it; with the in-sync one
+  unreadable it is refused (checksums of the restored backups against acknowledged data);
+- an expand is checked against every replica's disk as the store reports it (a reserve
+  leaving too little room: refused, nothing changed; a fitting one done, data as written);
+- a replica gone from its disk while the volume is detached is not made again empty (the
+  start rule would then trust an older replica and lose acknowledged writes).
 
 The cluster is module-scoped and the tests run in this order (they share the volume).
 """
