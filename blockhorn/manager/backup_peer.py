@@ -19,8 +19,8 @@ RW (`volume show` on the engine's node). Detached, the engine start's rule does
 reports what its replicas' files say (`GET .../replica-state`), and only the replicas a start
 would open RW are read; when the rule cannot decide (a member of the newest set unreachable)
 the backup is refused with its reason. The serving node refuses too: a replica that is
-Rebuilding or in error, and a read during which a rebuild began or that replica's generation
-changed (EAGAIN: the reader asks again, a few times).
+Rebuilding or in error, and a read (a block list or a block) during which a rebuild began or
+that replica's generation changed (EAGAIN: the reader asks again, a few times).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 REQUEST_TIMEOUT_S = 60.0     # seconds for one block (16 MiB at most) or one block list
 STATE_TIMEOUT_S = 10.0       # seconds for a node to report its replicas' state
 MAX_READ = 16 << 20          # bytes a peer sends per data request (the largest block size)
-READ_ATTEMPTS = 3            # data requests refused with EAGAIN (a commit during the read)
+READ_ATTEMPTS = 3            # tries of a request refused with EAGAIN (a commit during the read)
 
 
 def _quoted(volume: str) -> str:
@@ -160,7 +160,12 @@ class PeerSnapshot:
     def _get(self, what: str, params: dict[str, Any]) -> Any:
         if self.replica is not None:
             params = {**params, "replica": self.replica}
-        return self._peer.request("GET", f"{self._path}/{what}", params=params)
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return self._peer.request("GET", f"{self._path}/{what}", params=params)
+            except BlockhornError as e:   # EAGAIN: the replica changed during that read
+                if e.errno != errno.EAGAIN or attempt == READ_ATTEMPTS - 1:
+                    raise
 
     def _get_json(self, what: str, params: dict[str, Any]) -> dict[str, Any]:
         data = self._get(what, params).json()
@@ -183,13 +188,7 @@ class PeerSnapshot:
         out = bytearray()
         while len(out) < length:
             n = min(MAX_READ, length - len(out))
-            for attempt in range(READ_ATTEMPTS):
-                try:
-                    data = self._get("data", {"offset": offset + len(out), "length": n}).content
-                    break
-                except BlockhornError as e:
-                    if e.errno != errno.EAGAIN or attempt == READ_ATTEMPTS - 1:
-                        raise
+            data = self._get("data", {"offset": offset + len(out), "length": n}).content
             if len(data) != n:
                 raise BlockhornError(f"node {self.node} sent {len(data)} bytes of {n} at "
                                      f"{offset + len(out)}", errno.EIO)

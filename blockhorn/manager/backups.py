@@ -32,6 +32,7 @@ worker thread:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -40,7 +41,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from blockhorn import backup as bk
@@ -66,6 +67,21 @@ log = logging.getLogger("blockhorn.manager")
 JOBS_KEPT = 100        # finished jobs remembered for `GET /v1/backups/jobs`
 DELETE_WAIT_S = 120.0  # a delete waits this long for running backups: less than the CLI's
                        # request timeout (180 s), so the user gets EBUSY, not a timeout
+
+@contextlib.contextmanager
+def _unchanged(directory: str) -> Iterator[None]:
+    """Around a read of a replica's snapshot served to another node: EAGAIN (read it again)
+    when the replica began a rebuild meanwhile (Rebuilding is set before its layers are
+    reset) or went through one (its join commit moved the generation), or is in error."""
+    from blockhorn.engine.generation import seen_on_disk
+    before = seen_on_disk("", directory)
+    yield
+    after = seen_on_disk("", directory)
+    if before is None or after is None or after.rebuilding or after.error \
+            or after.generation != before.generation:
+        raise BlockhornError(f"the replica at {directory} changed during the read (a rebuild "
+                             "or a commit): read it again", errno.EAGAIN)
+
 
 class BackupService:
     def __init__(self, volumes: VolumeManager, resume: bool = True) -> None:
@@ -332,39 +348,31 @@ class BackupService:
                         replica: str | None = None) -> dict[str, Any]:
         """This node's replica's snapshot: name, size, created; with `blocks` "all" or
         "changed" (since snapshot `since`) the offsets of those blocks of `block_size`."""
+        if blocks is not None and (block_size <= 0 or blocks not in ("all", "changed")):
+            raise InvalidArgument("blocks is all or changed, with a block_size")
         source = bk.open_snapshot(self._served_dirs(volume, replica), snapshot)
         try:
             out: dict[str, Any] = {"name": source.name, "size": source.size,
                                    "created": source.created}
-            if blocks is not None:
-                if block_size <= 0 or blocks not in ("all", "changed"):
-                    raise InvalidArgument("blocks is all or changed, with a block_size")
-                out["blocks"] = source.allocated_blocks(block_size) if blocks == "all" \
-                    else source.changed_blocks(since, block_size)
+            with _unchanged(source.directory):
+                if blocks is not None:
+                    out["blocks"] = source.allocated_blocks(block_size) if blocks == "all" \
+                        else source.changed_blocks(since, block_size)
             return out
         finally:
             source.close()
 
     def snapshot_data(self, volume: str, snapshot: str, offset: int, length: int,
                       replica: str | None = None) -> bytes:
-        from blockhorn.engine.generation import seen_on_disk
         from blockhorn.manager.backup_peer import MAX_READ
         if offset < 0 or not 0 < length <= MAX_READ:
             raise InvalidArgument(f"read 1 to {MAX_READ} bytes at an offset of 0 or more")
         source = bk.open_snapshot(self._served_dirs(volume, replica), snapshot)
         try:
-            before = seen_on_disk("", source.directory)
-            data = bytes(source.read(offset, length))
-            # A rebuild that began during the read resets the layers (Rebuilding is set
-            # first) and one that also ended there moved the generation (its join commit).
-            after = seen_on_disk("", source.directory)
+            with _unchanged(source.directory):
+                return bytes(source.read(offset, length))
         finally:
             source.close()
-        if before is None or after is None or after.rebuilding or after.error \
-                or after.generation != before.generation:
-            raise BlockhornError(f"the replica at {source.directory} changed during the read "
-                                 "(a rebuild or a commit): read it again", errno.EAGAIN)
-        return data
 
     def _resume_all(self) -> None:
         """Resume every interrupted backup whose journal names a known target and volume."""
