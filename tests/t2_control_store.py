@@ -480,3 +480,52 @@ def test_replica_move_start_finish_cancel(kind: str, store: StateStore) -> None:
     assert move_port_owner("m-r0") not in store.ports("m")
     if kind == "etcd":
         assert [x.directory for x in store.leftovers("n4")] == ["/d4/replicas/m/m-r0"]
+
+
+def test_slot_claimed_once_among_racing_nodes(etcd_url: str) -> None:
+    """Real etcd: CLAIMERS schedulers, each with its own store client (as every node of a
+    cluster has), claim each of SLOTS slots of one job at the same moment (a barrier), as
+    their schedulers do when all see the slot due: exactly one wins each slot, the others get
+    SlotTaken, and the store holds one run per slot, the winner's."""
+    claimers, slots = 4, 40
+    prefix = f"/bh-test-{uuid.uuid4().hex[:12]}/"
+    stores = [EtcdStore(etcd_url, prefix) for _ in range(claimers)]
+    try:
+        stores[0].add_job("race", {"name": "race", "cron": "* * * * *", "task": "snapshot",
+                                   "retain": 1}, 0.0)
+        barrier = threading.Barrier(claimers)
+        won: dict[int, list[int]] = {i: [] for i in range(claimers)}
+        failed: list[BaseException] = []
+
+        def claim(i: int) -> None:
+            try:
+                for k in range(1, slots + 1):
+                    barrier.wait(timeout=30)
+                    try:
+                        stores[i].start_run("race", 60.0 * k, 60.0 * k + 1, "running",
+                                            f"n{i}", keep=slots + 1, node=f"n{i}")
+                        won[i].append(k)
+                    except SlotTaken:
+                        pass
+            except BaseException as e:   # reported below
+                failed.append(e)
+                barrier.abort()
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(claimers)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not failed, failed
+        winners = {k: [i for i in won if k in won[i]] for k in range(1, slots + 1)}
+        assert all(len(w) == 1 for w in winners.values()), winners
+        runs = stores[1].job_runs("race", slots + 10)
+        assert sorted((r.slot, r.message) for r in runs) == sorted(
+            (60.0 * k, f"n{w[0]}") for k, w in winners.items())
+        assert stores[2].job("race").last_slot == 60.0 * slots
+        print(f"{slots} slots, {claimers} claimers: {time.monotonic() - t0:.2f} s; wins per "
+              f"claimer {[len(won[i]) for i in range(claimers)]}")
+    finally:
+        for s in stores:
+            s.close()

@@ -15,6 +15,13 @@ holds none of them (three namespace hosts, tests/support/cluster_site.py):
 - a recurring job runs once per slot though every node's scheduler sees it due, its steps
   for a volume attached elsewhere on the engine's node, for a detached one through a
   maintenance attach.
+- a backup reads only a replica in sync: not a stale one (ERR, holding an older snapshot of
+  the same name) nor a Rebuilding one, whose node refuses to serve it; with the in-sync one
+  unreadable it is refused (checksums of the restored backups against acknowledged data);
+- an expand is checked against every replica's disk as the store reports it (a reserve
+  leaving too little room: refused, nothing changed; a fitting one done, data as written);
+- a replica gone from its disk while the volume is detached is not made again empty (the
+  start rule would then trust an older replica and lose acknowledged writes).
 
 The cluster is module-scoped and the tests run in this order (they share the volume).
 """
@@ -22,7 +29,9 @@ The cluster is module-scoped and the tests run in this order (they share the vol
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -338,3 +347,196 @@ def test_recurring_job_once_per_slot_on_the_engines_node(site: Site) -> None:
         s["name"] for s in site.json(a, "snapshot", "ls", "dj")}
     site.cli(a, "job", "rm", "once")
     site.cli(a, "volume", "rm", "dj")
+
+
+def _replica_on(site: Site, asked: Any, volume: str, node: Any) -> dict[str, Any]:
+    return next(r for r in site.show(asked, volume)["replicas"] if r["node"] == node.name)
+
+
+REBUILDS = "concurrent-replica-rebuild-per-node-limit"
+BANDWIDTH = "replica-rebuilding-bandwidth-limit"
+
+
+def _rebuilding(meta: str) -> bool:
+    try:
+        with open(meta) as f:
+            return bool(json.load(f).get("Rebuilding"))
+    except (OSError, ValueError):   # replaced at this moment
+        return False
+
+
+def test_backup_reads_only_an_in_sync_replica(site: Site) -> None:
+    """Attached on a (no replica there), b's replica stale: killed while no rebuild may run
+    (REBUILDS 0), it comes back with its files as they were and stays ERR while the engine
+    goes on with c's: snapshot s1 removed and made again with other data. A backup of s1
+    asked of a reads c's replica, the one in sync, not b's older s1 (b's node sorts first,
+    which is where the reader looked before): the restored backup is the data acknowledged
+    before the second s1. With c's daemon down the one in-sync replica cannot be read: the
+    backup is refused naming it, b is not read, nothing is written. Rebuilds allowed again
+    but slow, b is Rebuilding: its node refuses to serve its snapshot, and a backup then
+    reads c's (the acknowledged data again). Then b resyncs and the volume reads as
+    acknowledged."""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "bf", 2, [a]) == {b.name, c.name}
+    target = os.path.join(site.root, "backups-fresh")
+    os.makedirs(target)
+    site.cli(a, "backup", "target", "set", "fresh", f"file://{target}")
+    site.cli(a, "volume", "attach", "bf", "--frontend", "none")
+    try:
+        uri = site.show(a, "bf")["endpoint"]
+        digest(uri, write_seed=21)
+        site.cli(a, "snapshot", "create", "bf", "s1")
+        site.cli(a, "snapshot", "create", "bf", "s2")   # s1 folds into it when removed
+        site.cli(a, "setting", "set", REBUILDS, "0")
+        rb, rc = (_replica_on(site, a, "bf", h) for h in (b, c))
+        os.kill(rb["pid"], signal.SIGKILL)
+        wait_until(lambda: _replica_on(site, a, "bf", b)["mode"] not in (None, "RW"), 30,
+                   "b's replica out of the in-sync set")
+        site.cli(a, "snapshot", "rm", "bf", "s1")
+        site.cli(a, "snapshot", "purge", "bf")
+        fresh = digest(uri, write_seed=22)
+        site.cli(a, "snapshot", "create", "bf", "s1")   # the same name, newer data
+        assert _replica_on(site, a, "bf", b)["mode"] != "RW"
+
+        t0 = time.monotonic()
+        got = site.json(a, "backup", "create", "bf", "--snapshot", "s1", "--target", "fresh")
+        t_backup = time.monotonic() - t0
+        assert got["state"] == "complete", got
+        assert restored_digest(target, got["url"], 32 * MiB) == fresh
+
+        assert c.proc is not None
+        os.kill(c.proc.pid, signal.SIGKILL)
+        c.proc.wait(10)
+        try:
+            r = site.cli(a, "backup", "create", "bf", "--snapshot", "s1", "--target", "fresh",
+                         check=False)
+        finally:
+            site.start(c)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"no in-sync replica of 'bf' ({rc['name']})" in r.stderr, r.stderr
+        assert len(site.json(a, "backup", "ls", "bf", "--target", "fresh")) == 1
+
+        # Rebuilds allowed again, at 1 MiB/s: b is Rebuilding (its layers copied in part)
+        # for seconds. Its node refuses to serve it; a backup meanwhile reads c's.
+        site.cli(a, "setting", "set", BANDWIDTH, "1")
+        site.cli(a, "setting", "set", REBUILDS, "5")
+        meta = os.path.join(rb["path"], "volume.meta")
+        wait_until(lambda: _rebuilding(meta), 30, "b's replica rebuilding")
+        api = httpx.Client(transport=httpx.HTTPTransport(
+            uds=os.path.join(b.home, "daemon.sock")), base_url="http://blockhorn", timeout=30)
+        try:   # as another node's backup asks it (served there, not forwarded)
+            served = api.get("/v1/volumes/bf/snapshots/s1/source",
+                             headers={"x-blockhorn-forwarded": "1"})
+        finally:
+            api.close()
+        assert _rebuilding(meta)   # still: the refusal was for this
+        assert served.status_code >= 400 and "rebuilding" in served.text, served.text
+        during = site.json(a, "backup", "create", "bf", "--snapshot", "s1", "--target",
+                           "fresh")
+        assert during["state"] == "complete", during
+        assert restored_digest(target, during["url"], 32 * MiB) == fresh
+        site.cli(a, "setting", "set", BANDWIDTH, "0")
+        wait_until(lambda: site.healthy_on(a, "bf", {b.name, c.name}), 60, "b resynced")
+        assert digest(uri) == fresh
+    finally:
+        site.cli(a, "setting", "set", BANDWIDTH, "0")
+        site.cli(a, "setting", "set", REBUILDS, "5")
+        site.cli(a, "volume", "detach", "bf")
+        wait_stopped(site, a, "bf")
+    site.cli(a, "volume", "rm", "bf")
+    print(f"backup with a stale replica, read from the in-sync one: {t_backup:.1f} s")
+
+
+def restored_digest(target_dir: str, url: str, size: int) -> str:
+    """sha256 of backup `url` restored into a file of `size` bytes."""
+    from blockhorn import backup as bk
+    parsed = bk.decode_backup_url(url)
+    t = bk.open_target(f"file://{target_dir}")
+    path = os.path.join(target_dir, "..", "restored.img")
+    sink = bk.FileSink(path, size)
+    try:
+        bk.restore(t, parsed.volume, str(parsed.backup), sink)
+    finally:
+        sink.close()
+        t.close()
+    d = hashlib.sha256()
+    with open(path, "rb") as f:
+        d.update(f.read())
+    os.unlink(path)
+    return d.hexdigest()
+
+
+def test_expand_checks_every_replicas_disk(site: Site) -> None:
+    """Expand asked of a, which holds no replica: b's disk of the volume promises only 40 MiB
+    (the rest reserved), so 48 MiB is refused naming b and that disk, the size and data
+    unchanged; 40 MiB fits, and the data reads back."""
+    a, b, c = site.hosts
+    tight = {h.name: os.path.join(site.root, f"tight-{h.name}") for h in (b, c)}
+    for path in tight.values():
+        os.makedirs(path)
+    # 40 MiB promisable on b's: capacity less the reserve (a multiple of 4 KiB).
+    reserve = (shutil.disk_usage(tight[b.name]).total - 40 * MiB) // 4096 * 4096
+    site.cli(b, "disk", "add", tight[b.name], "--tags", "tight", "--reserve", str(reserve))
+    site.cli(c, "disk", "add", tight[c.name], "--tags", "tight")
+    try:
+        site.cli(a, "volume", "create", "dx", "--size", "32MiB", "--replicas", "2",
+                 "--disk-selector", "tight")
+        reps = site.show(a, "dx")["replicas"]
+        assert {(r["node"], r["disk"]) for r in reps} == set(tight.items()), reps
+        written = attach_sum(site, "dx", b, write_seed=31)
+
+        r = site.cli(a, "volume", "expand", "dx", "--size", "48MiB", check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert f"disk {tight[b.name]} of node {b.name}" in r.stderr, r.stderr
+        assert tight[c.name] not in r.stderr and "the limit of 40" in r.stderr, r.stderr
+        assert site.show(a, "dx")["size"] == 32 * MiB
+        assert_detached(site, a, "dx")
+
+        site.cli(a, "volume", "expand", "dx", "--size", "40MiB")
+        assert site.show(a, "dx")["size"] == 40 * MiB
+        assert_detached(site, a, "dx")
+        assert attach_sum(site, "dx", c, 32 * MiB) == written
+        site.cli(a, "volume", "rm", "dx")
+    finally:
+        for name, path in tight.items():
+            site.cli(site.host(name), "disk", "rm", path, check=False)
+
+
+def test_replica_gone_from_its_disk_is_not_made_again_empty(site: Site) -> None:
+    """b's replica stale (kept out while writes went to c's alone), the volume detached, then
+    c's replica directory gone (a disk lost or not mounted): c's node must not make an empty
+    replica in its place. It did: the start rule then counted it as the member it asks for,
+    started from b's older replica and resynced c's from it, losing acknowledged writes. Now
+    nothing is made there (an attach meanwhile would be refused naming c's replica as
+    unreachable, after waiting for it: the start rule's refusal, tested elsewhere); with the
+    directory back the volume attaches and reads as acknowledged."""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "hz", 2, [a]) == {b.name, c.name}
+    site.cli(a, "volume", "attach", "hz", "--frontend", "none")
+    try:
+        uri = site.show(a, "hz")["endpoint"]
+        digest(uri, write_seed=41)
+        site.cli(a, "setting", "set", REBUILDS, "0")
+        rb, rc = (_replica_on(site, a, "hz", h) for h in (b, c))
+        os.kill(rb["pid"], signal.SIGKILL)
+        wait_until(lambda: _replica_on(site, a, "hz", b)["mode"] not in (None, "RW"), 30,
+                   "b's replica out of the in-sync set")
+        acked = digest(uri, write_seed=42)   # on c's replica only
+    finally:
+        site.cli(a, "volume", "detach", "hz")
+        site.cli(a, "setting", "set", REBUILDS, "5")
+    wait_stopped(site, a, "hz")
+    os.rename(rc["path"], rc["path"] + ".lost")
+    log = os.path.join(c.home, "logs", "daemon.log")
+    wait_until(lambda: f"replica {rc['name']} of hz is gone" in open(log).read()
+               or os.path.exists(rc["path"]), 20, "c's node to notice its replica gone")
+    assert not os.path.exists(rc["path"]), "an empty replica made in place of the lost one"
+    os.rename(rc["path"] + ".lost", rc["path"])
+    site.cli(a, "volume", "attach", "hz", "--frontend", "none")
+    try:
+        wait_until(lambda: site.healthy_on(a, "hz", {b.name, c.name}), 60, "b resynced")
+        assert digest(site.show(a, "hz")["endpoint"]) == acked
+    finally:
+        site.cli(a, "volume", "detach", "hz")
+        wait_stopped(site, a, "hz")
+    site.cli(a, "volume", "rm", "hz")

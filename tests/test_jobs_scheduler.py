@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import datetime
 import threading
+import uuid
 from typing import Any
 
+import pytest
 import trio
 
 from blockhorn.control.store import SqliteStore
+from blockhorn.control.store.etcd import EtcdStore
 from blockhorn.manager.jobs import JobScheduler, JobSpec, JobStore, rfc3339
+from blockhorn.types import Busy
 
 T0 = datetime.datetime(2026, 1, 1, 0, 30, tzinfo=datetime.UTC).timestamp()
 HOUR = 3600.0
@@ -118,3 +122,41 @@ async def test_run_now_and_interrupted_runs(tmp_path: Any) -> None:
     assert run["state"] == "ok" and run["slot"] is None and run["started"] == rfc3339(T0)
     assert jobs.run(left)["state"] == "interrupted"
     assert sched.jobs.get("h").last_slot == T0   # run-now leaves the schedule alone
+
+
+async def test_a_run_going_on_another_node_skips_the_slot(etcd_url: str) -> None:
+    """A cluster (real etcd): node n1 runs job h, claimed for 01:00 (its run row `running`).
+    n2's scheduler sees 02:00 due: it records the slot skipped, naming n1, and runs nothing,
+    and `job run` is refused (one run per job at a time across the cluster; before, n2 ran it
+    beside n1's). With n1 down (its run ended with it) n2 runs 03:00."""
+    store = EtcdStore(etcd_url, f"/bh-test-{uuid.uuid4().hex[:12]}/")
+    live = {"n1", "n2"}
+    try:
+        JobStore(store, "n1").add(JobSpec("h", "0 * * * *", "snapshot", 1, volume="v"), T0)
+        JobStore(store, "n1").start_run("h", T0 + 1800, T0 + 1800)   # 01:00, on n1
+        for end, start in ((T0 + 5460, T0 + 1800), (T0 + 9060, T0 + 5460)):
+            vt = VirtualTime(end)
+            vt.now = start
+            sched = JobScheduler(store, vt.execute, clock=vt.clock,
+                                 sleep_until=vt.sleep_until, node="n2",
+                                 live_nodes=live.copy)
+            vt.sched = sched
+            async with trio.open_nursery() as n:
+                await n.start(sched.run)
+                if "n1" in live:
+                    with pytest.raises(Busy, match="on node n1"):
+                        await sched.run_now("h")
+                with trio.fail_after(SETTLE_TIMEOUT_S):
+                    await vt.done.wait()
+                n.cancel_scope.cancel()
+            if "n1" in live:
+                assert vt.calls == []
+                runs = sched.jobs.runs("h")   # newest first
+                assert [(r["slot"], r["state"]) for r in runs] == [
+                    ("2026-01-01T02:00:00Z", "skipped"), ("2026-01-01T01:00:00Z", "running")]
+                assert runs[0]["message"] == "the previous run was still going on node n1"
+                live.discard("n1")   # n1 down
+            else:
+                assert [round(t - T0) for _, t in vt.calls] == [9000]   # 03:00
+    finally:
+        store.close()

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from blockhorn.control.store import ProcessRecord, StateStore, VolumeRow
+from blockhorn.fsutil import atomic_write
 from blockhorn.manager import process
 from blockhorn.manager.paths import Home
 from blockhorn.manager.volumes import FRONTENDS, VolumeManager, check_system
@@ -50,24 +51,67 @@ def create_missing_replicas(vm: VolumeManager, vol: VolumeRow) -> None:
     While the volume is fresh (never attached) a replica is created as a member of the
     in-sync set at generation 0, like the creating node's; afterwards it is created empty
     and `Rebuilding`, so no engine trusts it before its first resync. Only on a disk that
-    is there (mounted): a missing disk must not be filled in underneath its mount point."""
+    is there (mounted): a missing disk must not be filled in underneath its mount point.
+
+    Not a replica this node held in that very directory before (its note, Home.replica_made)
+    and whose directory is gone (a disk lost, not mounted, or wiped), unless an engine has
+    started since the volume was attached (robustness reported; its start commit left the
+    gone replica out): otherwise the empty one would answer under the name the start rule
+    asks for (a member of the newest in-sync set, which may be the only one holding the
+    newest writes) and the rule would start from an older replica and resync the empty one
+    from it, losing acknowledged writes. The start then names the replica to bring back, or
+    an explicit salvage decides (docs/DURABILITY.md, "Generations")."""
     if vm.cluster is None:
         return   # one host: `create` made every replica; a missing one is replenishment's
     from blockhorn.manager.replenish import disk_of
     from blockhorn.replica.store import Replica
     reps = vm.store.replicas(vol.name)
     for r in reps:
-        if not vm.is_local(r) or r.process is not None or os.path.exists(r.directory):
+        if not vm.is_local(r):
+            continue
+        note = vm.home.replica_made(vol.name, r.name)
+        if os.path.exists(os.path.join(r.directory, "volume.meta")):
+            _note_made(note, r.directory)
+            continue
+        if r.process is not None or os.path.exists(r.directory):
             continue
         disk = disk_of(r.directory)
         if disk is None or not os.path.isdir(disk):
             continue
+        if not vol.fresh and _made_here(note) == r.directory and not (
+                vol.desired == "attached" and vol.robustness is not None):
+            if (vol.name, r.name) not in _warned:
+                _warned.add((vol.name, r.name))
+                log.error("replica %s of %s is gone from %s (a disk lost or not mounted?): "
+                          "not made again empty while the volume's start may need it; the "
+                          "next attach names it as missing (bring it back, or salvage)",
+                          r.name, vol.name, r.directory)
+            continue
         os.makedirs(os.path.dirname(r.directory), mode=0o700, exist_ok=True)
         meta = {"Members": [x.name for x in reps]} if vol.fresh else {"Rebuilding": True}
         Replica.create(r.directory, vol.size, vol.name, meta).close()
+        _note_made(note, r.directory)
+        _warned.discard((vol.name, r.name))
         vm.write_replica_config(vol.name, vol.size, r)
         log.info("created replica %s of %s in %s%s", r.name, vol.name, r.directory,
                  "" if vol.fresh else " (empty, to be rebuilt)")
+
+
+_warned: set[tuple[str, str]] = set()   # (volume, replica) logged as gone: once each
+
+
+def _made_here(note: str) -> str | None:
+    try:
+        with open(note) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _note_made(note: str, directory: str) -> None:
+    if _made_here(note) != directory:
+        os.makedirs(os.path.dirname(note), mode=0o700, exist_ok=True)
+        atomic_write(note, directory.encode() + b"\n")
 
 
 def stop_strays(vm: VolumeManager) -> None:

@@ -109,14 +109,19 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
         """This node's replica's snapshot, for another node's backup (backup_peer.py)."""
         q, p = request.query_params, request.path_params
         return await run(svc.snapshot_source, p["name"], p["snap"], q.get("blocks"),
-                         q.get("since"), _int(request, "block_size", 0))
+                         q.get("since"), _int(request, "block_size", 0), q.get("replica"))
+
+    @endpoint
+    async def replica_state(request: Request) -> Any:
+        """This node's replicas' own view of themselves, for another node's backup."""
+        return await run(svc.replica_state, request.path_params["name"])
 
     async def snapshot_data(request: Request) -> Response:
         """Bytes of this node's replica's snapshot (raw, not JSON: `endpoint` sends JSON)."""
         p = request.path_params
         try:
             data = await run(svc.snapshot_data, p["name"], p["snap"], _int(request, "offset"),
-                             _int(request, "length"))
+                             _int(request, "length"), request.query_params.get("replica"))
         except BlockhornError as e:
             from blockhorn.manager.api import error_response
             return error_response(e)
@@ -146,4 +151,5 @@ def backup_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, on
               methods=["GET"]),
         Route(f"{prefix}/volumes/{{name}}/snapshots/{{snap}}/data", snapshot_data,
               methods=["GET"]),
+        Route(f"{prefix}/volumes/{{name}}/replica-state", replica_state, methods=["GET"]),
     ]

@@ -32,6 +32,8 @@ worker thread:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import logging
@@ -39,7 +41,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from blockhorn import backup as bk
@@ -55,6 +57,7 @@ from blockhorn.types import (
     Busy,
     InvalidArgument,
     NotFound,
+    ReplicaUnavailable,
     check_name,
     parse_size,
 )
@@ -64,6 +67,21 @@ log = logging.getLogger("blockhorn.manager")
 JOBS_KEPT = 100        # finished jobs remembered for `GET /v1/backups/jobs`
 DELETE_WAIT_S = 120.0  # a delete waits this long for running backups: less than the CLI's
                        # request timeout (180 s), so the user gets EBUSY, not a timeout
+
+@contextlib.contextmanager
+def _unchanged(directory: str) -> Iterator[None]:
+    """Around a read of a replica's snapshot served to another node: EAGAIN (read it again)
+    when the replica began a rebuild meanwhile (Rebuilding is set before its layers are
+    reset) or went through one (its join commit moved the generation), or is in error."""
+    from blockhorn.engine.generation import seen_on_disk
+    before = seen_on_disk("", directory)
+    yield
+    after = seen_on_disk("", directory)
+    if before is None or after is None or after.rebuilding or after.error \
+            or after.generation != before.generation:
+        raise BlockhornError(f"the replica at {directory} changed during the read (a rebuild "
+                             "or a commit): read it again", errno.EAGAIN)
+
 
 class BackupService:
     def __init__(self, volumes: VolumeManager, resume: bool = True) -> None:
@@ -262,59 +280,97 @@ class BackupService:
 
     def _open_source(self, volume: str, snapshot: str) -> Any:
         """The snapshot to back up: from this node's replica, else (a cluster) from a node
-        that is up and holds one (manager/backup_peer.py)."""
+        that is up and holds one (manager/backup_peer.py); on a cluster only a replica in
+        sync (backup_peer.readable_replicas), so never a Rebuilding, ERR or stale one."""
         vm = self.volumes
-        local = self._local_dirs(volume)
         if vm.cluster is None:
-            return bk.open_snapshot(local, snapshot)
+            return bk.open_snapshot(self._local_dirs(volume), snapshot)
+        from blockhorn.manager.backup_peer import PeerSnapshot, readable_replicas
+        readable = readable_replicas(vm, volume)
         errors = []
+        local = [r.directory for r in readable if vm.is_local(r)]
         if local:
             try:
                 return bk.open_snapshot(local, snapshot)
             except NotFound as e:
                 errors.append(f"node {vm.me}: {e}")
-        from blockhorn.manager.backup_peer import PeerSnapshot
-        for node in sorted({r.node or "" for r in self.store.replicas(volume)
-                            if not vm.is_local(r)}):
+        for r in sorted((r for r in readable if not vm.is_local(r)),
+                        key=lambda r: (r.node or "", r.name)):
+            node = r.node or ""
             if not vm.cluster.is_up(node):
                 errors.append(f"node {node}: down")
                 continue
             try:
-                source = PeerSnapshot(vm, node, volume, snapshot)
+                source = PeerSnapshot(vm, node, volume, snapshot, r.name)
             except BlockhornError as e:
                 errors.append(str(e))
                 continue
-            log.info("backup of %s/%s reads node %s's replica", volume, snapshot, node)
+            log.info("backup of %s/%s reads replica %s on node %s", volume, snapshot, r.name,
+                     node)
             return source
-        raise NotFound(f"no node holding a replica of {volume!r} can read snapshot "
-                       f"{snapshot!r}: {'; '.join(errors) or 'it has no replicas'}")
+        raise NotFound(f"no in-sync replica of {volume!r} ({', '.join(r.name for r in readable)})"
+                       f" can read snapshot {snapshot!r}: {'; '.join(errors)}")
 
     # --- a snapshot served to another node's backup (manager/backup_peer.py) --------------
 
+    def replica_state(self, volume: str) -> dict[str, Any]:
+        """What this node's replicas of `volume` say of themselves on disk (the generation
+        rule's view, engine/generation.py `seen_on_disk`), for another node's backup."""
+        from blockhorn.engine.generation import seen_on_disk
+        from blockhorn.manager.backup_peer import seen_to_json
+        seen = [seen_on_disk(r.name, r.directory) for r in self.store.replicas(volume)
+                if self.volumes.is_local(r)]
+        return {"replicas": [seen_to_json(s) for s in seen if s is not None]}
+
+    def _served_dirs(self, volume: str, replica: str | None) -> list[str]:
+        """This node's replica directories of `volume` (only `replica`'s, when named) whose
+        files say they are whole: not Rebuilding, not in error."""
+        from blockhorn.engine.generation import seen_on_disk
+        dirs, why = [], []
+        for r in self.store.replicas(volume):
+            if not self.volumes.is_local(r) or replica not in (None, r.name):
+                continue
+            s = seen_on_disk(r.name, r.directory)
+            if s is None or s.rebuilding or s.error:
+                why.append(f"{r.name}: " + ("unreadable" if s is None else
+                                           "rebuilding" if s.rebuilding else "in error"))
+                continue
+            dirs.append(r.directory)
+        if not dirs:
+            raise ReplicaUnavailable(
+                f"node {self.volumes.me} holds no whole replica of {volume!r}"
+                + (f" named {replica!r}" if replica else "")
+                + (f" ({'; '.join(why)})" if why else ""))
+        return dirs
+
     def snapshot_source(self, volume: str, snapshot: str, blocks: str | None = None,
-                        since: str | None = None, block_size: int = 0) -> dict[str, Any]:
+                        since: str | None = None, block_size: int = 0,
+                        replica: str | None = None) -> dict[str, Any]:
         """This node's replica's snapshot: name, size, created; with `blocks` "all" or
         "changed" (since snapshot `since`) the offsets of those blocks of `block_size`."""
-        source = bk.open_snapshot(self._local_dirs(volume), snapshot)
+        if blocks is not None and (block_size <= 0 or blocks not in ("all", "changed")):
+            raise InvalidArgument("blocks is all or changed, with a block_size")
+        source = bk.open_snapshot(self._served_dirs(volume, replica), snapshot)
         try:
             out: dict[str, Any] = {"name": source.name, "size": source.size,
                                    "created": source.created}
-            if blocks is not None:
-                if block_size <= 0 or blocks not in ("all", "changed"):
-                    raise InvalidArgument("blocks is all or changed, with a block_size")
-                out["blocks"] = source.allocated_blocks(block_size) if blocks == "all" \
-                    else source.changed_blocks(since, block_size)
+            with _unchanged(source.directory):
+                if blocks is not None:
+                    out["blocks"] = source.allocated_blocks(block_size) if blocks == "all" \
+                        else source.changed_blocks(since, block_size)
             return out
         finally:
             source.close()
 
-    def snapshot_data(self, volume: str, snapshot: str, offset: int, length: int) -> bytes:
+    def snapshot_data(self, volume: str, snapshot: str, offset: int, length: int,
+                      replica: str | None = None) -> bytes:
         from blockhorn.manager.backup_peer import MAX_READ
         if offset < 0 or not 0 < length <= MAX_READ:
             raise InvalidArgument(f"read 1 to {MAX_READ} bytes at an offset of 0 or more")
-        source = bk.open_snapshot(self._local_dirs(volume), snapshot)
+        source = bk.open_snapshot(self._served_dirs(volume, replica), snapshot)
         try:
-            return bytes(source.read(offset, length))
+            with _unchanged(source.directory):
+                return bytes(source.read(offset, length))
         finally:
             source.close()
 

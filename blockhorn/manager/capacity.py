@@ -6,7 +6,10 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from collections.abc import Sequence
 
+from blockhorn.control.scheduler import Node, Policy, room_left
+from blockhorn.control.store import ReplicaRow
 from blockhorn.types import BlockhornError, NoSpace, TooLarge, format_size
 
 
@@ -58,3 +61,46 @@ def check_disk_room(size: int, directories: list[str]) -> str | None:
         return None
     return (f"thin volume of {format_size(size)}: {'; '.join(warnings)}; writes fail with "
             "ENOSPC once a replica's disk is full")
+
+
+def check_expand_room(volume: str, old: int, new: int, replicas: Sequence[ReplicaRow],
+                      nodes: Sequence[Node], policy: Policy) -> None:
+    """Before `volume` grows from `old` to `new` bytes on a cluster: every replica's disk, as
+    the store reports it (any node's, not only this one's), must take the extra bytes under
+    the scheduler's own rule (control/scheduler.py `room_left`: what is promised stays within
+    storage-over-provisioning-percentage of capacity less reserve, and the disk has more free
+    than storage-minimal-available-percentage). NoSpace naming each disk that cannot, with
+    its numbers; nothing is changed. A replica outside the `<disk>/replicas/` layout (a
+    directory given by hand) has no disk record: check_disk_room covers this node's."""
+    from blockhorn.manager.replenish import disk_of
+    if new <= old:
+        return
+    disks = {(n.name, d.path): d for n in nodes for d in n.disks}
+    on_disk: dict[tuple[str, str], list[str]] = {}
+    for r in replicas:
+        path = disk_of(r.directory)
+        if r.node is not None and path is not None and (r.node, path) in disks:
+            on_disk.setdefault((r.node, path), []).append(r.name)
+    short = []
+    for (node, path), names in sorted(on_disk.items()):
+        d = disks[(node, path)]
+        more = (new - old) * len(names)
+        if room_left(d, policy, more) is not None:
+            continue
+        limit = (d.capacity - d.reserved) * policy.over_provisioning_pct // 100
+        why = []
+        if d.scheduled + more > limit:
+            why.append(f"{format_size(d.scheduled)} is promised already and "
+                       f"{format_size(more)} more would pass the limit of {format_size(limit)} "
+                       f"({policy.over_provisioning_pct} % of capacity {format_size(d.capacity)}"
+                       f" less reserve {format_size(d.reserved)})")
+        if d.available * 100 <= d.capacity * policy.minimal_available_pct:
+            why.append(f"only {format_size(d.available)} of {format_size(d.capacity)} is "
+                       f"free, not more than the {policy.minimal_available_pct} % minimum")
+        short.append(f"disk {path} of node {node} (replica {', '.join(names)}): "
+                     + " and ".join(why))
+    if short:
+        raise NoSpace(f"cannot expand {volume!r} from {format_size(old)} to {format_size(new)}: "
+                      + "; ".join(short) + " (settings storage-over-provisioning-percentage, "
+                      "storage-minimal-available-percentage; a disk's --reserve): nothing was "
+                      "changed")

@@ -188,6 +188,7 @@ def make_scheduler(volumes: VolumeManager, adapter: BackupAdapter) -> JobSchedul
 
     tasks = JobTasks(volumes, backup)
     sched = JobScheduler(volumes.store, tasks.execute, check_target=adapter.resolve_target,
-                         node=volumes.me or "")
+                         node=volumes.me or "",
+                         live_nodes=volumes.cluster.up_nodes if volumes.cluster else None)
     sched.run_volume = tasks.one
     return sched

@@ -17,7 +17,9 @@ Invariants:
   leaves in `running` is turned into `interrupted` when the next daemon starts.
 - Slots missed while the daemon was down are collapsed: on start the job runs once, for the
   latest missed slot, never once per slot.
-- One run per job at a time; different jobs run in parallel (each in a worker thread; the
+- One run per job at a time, also across a cluster's nodes (a run row `running` on another
+  node that is up counts; each node's scheduler would otherwise start the next slot while
+  another node's run of the job still goes on); different jobs run in parallel (each in a worker thread; the
   volume lock serialises them with the API's operations on the same volume).
 - The scheduler sleeps until the earliest due time (capped, see MAX_SLEEP_S); creating,
   removing or running a job wakes it. An idle daemon does no work for jobs.
@@ -200,6 +202,14 @@ class JobStore:
                    result: dict[str, Any] | None, now: float) -> None:
         self.store.finish_run(run_id, state, message, result, now)
 
+    def running_on(self, name: str, live: set[str]) -> str | None:
+        """Another node of a cluster that runs job `name` now (a run row of it `running`,
+        that node up: a down node's run ended with it); None when there is none."""
+        for r in self.store.job_runs(name, HISTORY_RUNS):
+            if r.state == "running" and r.node and r.node != self.node and r.node in live:
+                return r.node
+        return None
+
     def interrupt_running(self, now: float) -> int:
         """Runs a previous daemon left `running` died with it: say so."""
         return self.store.interrupt_running(now, self.node)
@@ -244,8 +254,12 @@ class JobScheduler:
     def __init__(self, store: StateStore, execute: Execute,
                  clock: Callable[[], float] = time.time,
                  check_target: Callable[[str | None], str] | None = None,
-                 sleep_until: SleepUntil | None = None, node: str = "") -> None:
+                 sleep_until: SleepUntil | None = None, node: str = "",
+                 live_nodes: Callable[[], set[str]] | None = None) -> None:
         self.store = store
+        # A cluster's nodes that are up: a run of a job going on another of them counts as
+        # this job's run in flight (one run per job at a time across the cluster).
+        self.live_nodes = live_nodes
         self.sleep_until = sleep_until or self._sleep_until
         self.check_target = check_target   # validates a backup job's target when it is created
         self.jobs = JobStore(store, node)
@@ -298,12 +312,15 @@ class JobScheduler:
             if due <= now:
                 slot = latest_slot(spec.cron, now)   # missed slots collapse into one run
                 try:
-                    if spec.name in self._running:
-                        log.warning("job %s: slot %s skipped, the previous run is still going",
-                                    spec.name, rfc3339(slot))
+                    elsewhere = None if spec.name in self._running else \
+                        await trio.to_thread.run_sync(self._running_elsewhere, spec.name)
+                    if spec.name in self._running or elsewhere:
+                        where = f" on node {elsewhere}" if elsewhere else ""
+                        log.warning("job %s: slot %s skipped, the previous run is still going%s",
+                                    spec.name, rfc3339(slot), where)
                         await trio.to_thread.run_sync(
                             self.jobs.start_run, spec.name, slot, now, "skipped",
-                            "the previous run was still going")
+                            f"the previous run was still going{where}")
                     else:
                         run_id = await trio.to_thread.run_sync(self.jobs.start_run, spec.name,
                                                                slot, now)
@@ -325,6 +342,9 @@ class JobScheduler:
             raise Busy("the job scheduler has not started: see daemon.log")
         if name in self._running:
             raise Busy(f"job {name!r} is running already (run {self._running[name]})")
+        elsewhere = await trio.to_thread.run_sync(self._running_elsewhere, name)
+        if elsewhere:
+            raise Busy(f"job {name!r} is running already, on node {elsewhere}")
         run_id = await trio.to_thread.run_sync(self.jobs.start_run, name, None, self.clock())
         self._begin(name, run_id)
         done = trio.Event()
@@ -333,6 +353,10 @@ class JobScheduler:
         if wait:
             await done.wait()
         return await trio.to_thread.run_sync(self.jobs.run, run_id)
+
+    def _running_elsewhere(self, name: str) -> str | None:
+        return None if self.live_nodes is None else self.jobs.running_on(name,
+                                                                         self.live_nodes())
 
     def _begin(self, name: str, run_id: int) -> None:
         if not self._running:

@@ -106,9 +106,10 @@ def _remove(vm: VolumeManager, row: LeftoverRow, disks: set[str]) -> bool:
     except OSError:
         pass   # not empty (another replica of the volume on this disk) or gone already
     if not mine_again and target is None:
-        cfg = vm.home.replica_config(row.volume, row.replica)
-        if os.path.exists(cfg):
-            os.unlink(cfg)
+        for cfg in (vm.home.replica_config(row.volume, row.replica),
+                    vm.home.replica_made(row.volume, row.replica)):
+            if os.path.exists(cfg):
+                os.unlink(cfg)
     if vol is None:   # the volume's home files here (configs, sockets) go with it
         for path in (vm.home.volume_dir(row.volume), vm.home.run_dir(row.volume)):
             shutil.rmtree(path, ignore_errors=True)

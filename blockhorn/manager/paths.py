@@ -83,6 +83,12 @@ class Home:
     def replica_config(self, vol: str, replica: str) -> str:
         return self._p("volumes", vol, f"{replica}.json")
 
+    def replica_made(self, vol: str, replica: str) -> str:
+        """A cluster node's note of the directory where it holds (held) that replica
+        (manager/across.py create_missing_replicas: a replica gone from it is not made again
+        empty while the start rule may still need it)."""
+        return self._p("volumes", vol, f"{replica}.made")
+
     def run_dir(self, vol: str) -> str:
         return self._p("run", vol)
 

@@ -125,7 +125,7 @@ def _replica(d: Doc) -> ReplicaRow:
 
 def _run(d: Doc) -> RunRow:
     return RunRow(d["id"], d["job"], d.get("slot"), d["started"], d.get("finished"),
-                  d["state"], d.get("message"), d.get("result"))
+                  d["state"], d.get("message"), d.get("result"), d.get("node"))
 
 
 def _job(d: Doc) -> JobRow:

@@ -160,6 +160,7 @@ class RunRow:
     state: str
     message: str | None
     result: dict[str, Any] | None
+    node: str | None = None     # the node that runs it (a cluster; None: this host)
 
 
 @dataclass
