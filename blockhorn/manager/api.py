@@ -195,7 +195,8 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
         Route(f"{API_PREFIX}/volumes/{{name}}/share", show_share, methods=["GET"]),
         Route(f"{API_PREFIX}/daemon/stop", stop_daemon, methods=["POST"]),
     ]
-    routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
+    backups = backups or BackupService(volumes)
+    routes += snapshot_routes(volumes, run, endpoint, _body, _only, API_PREFIX, backups)
     routes += verify_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += upgrade_routes(volumes, run, endpoint, _body, _only, API_PREFIX)
     routes += setting_routes(volumes, run, endpoint, _body, _only, API_PREFIX)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -22,12 +22,17 @@ from blockhorn.types import (
     parse_size,
 )
 
+if TYPE_CHECKING:
+    from blockhorn.manager.backups import BackupService
+
 Run = Callable[..., Awaitable[Any]]
 
 
 def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, only: Any,
-                    prefix: str) -> list[Route]:
-    snaps = SnapshotManager(volumes.store, volumes)
+                    prefix: str, backups: BackupService | None = None) -> list[Route]:
+    # A clone across a cluster's nodes reads the snapshot as a backup does.
+    snaps = SnapshotManager(volumes.store, volumes,
+                            backups.open_source if backups is not None else None)
 
     def locked(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         with volumes.locked(name):

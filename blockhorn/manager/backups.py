@@ -261,7 +261,7 @@ class BackupService:
                    **options: Any) -> dict[str, Any]:
         """Back up synchronously (a job's body; recurring jobs may call it directly).
         `options` go to `blockhorn.backup.create_backup` (compression, block_size, full)."""
-        source = self._open_source(volume, snapshot)
+        source = self.open_source(volume, snapshot)
         try:
             target = self.open(t)
             try:
@@ -278,10 +278,11 @@ class BackupService:
         """This node's replica directories of `volume` (on one host: all of them)."""
         return [r.directory for r in self.store.replicas(volume) if self.volumes.is_local(r)]
 
-    def _open_source(self, volume: str, snapshot: str) -> Any:
-        """The snapshot to back up: from this node's replica, else (a cluster) from a node
-        that is up and holds one (manager/backup_peer.py); on a cluster only a replica in
-        sync (backup_peer.readable_replicas), so never a Rebuilding, ERR or stale one."""
+    def open_source(self, volume: str, snapshot: str) -> Any:
+        """The snapshot to back up (or to clone, manager/snapshots.py): from this node's
+        replica, else (a cluster) from a node that is up and holds one
+        (manager/backup_peer.py); on a cluster only a replica in sync
+        (backup_peer.readable_replicas), so never a Rebuilding, ERR or stale one."""
         vm = self.volumes
         if vm.cluster is None:
             return bk.open_snapshot(self._local_dirs(volume), snapshot)

@@ -7,8 +7,10 @@ change beneath it.
 
 On a cluster a detached volume's replica directories may be on other nodes: snapshot create,
 list, rm, purge and expand then run through a maintenance attach on the node asked
-(manager/maintenance.py). Revert and clone need every replica directory (of the volume, of the
-clone's source) on the node asked; otherwise they are refused with what to do instead. No
+(manager/maintenance.py). A clone then reads the snapshot from an in-sync replica, here or on
+a node that holds one (the backup reader, manager/backup_peer.py), and writes the new volume's
+replicas here or through a maintenance attach of it (maintenance.restore_sink). Revert needs
+every replica directory on the node asked; otherwise it is refused with what to do instead. No
 other node's directory is ever opened by its path here: the same path on this node is not it.
 """
 
@@ -46,11 +48,15 @@ CLONE_CHUNK = 4 << 20        # bytes copied per step of a clone
 
 
 class SnapshotManager:
-    def __init__(self, store: StateStore, volumes: VolumeManager | None = None) -> None:
+    def __init__(self, store: StateStore, volumes: VolumeManager | None = None,
+                 open_source: Callable[[str, str], Any] | None = None) -> None:
         """`volumes`: the daemon's, for a cluster's maintenance attach (None: every replica
-        directory is on this host, as on one host)."""
+        directory is on this host, as on one host). `open_source(volume, snapshot)`: the
+        snapshot as a backup source from an in-sync replica on any node (BackupService's),
+        for a clone across nodes (None: such a clone is refused)."""
         self.store = store
         self.volumes = volumes
+        self.open_source = open_source
         self._maintained: set[str] = set()   # volumes in a maintenance attach (session)
 
     # --- where the work happens ----------------------------------------------------------
@@ -198,19 +204,30 @@ class SnapshotManager:
                 log.info("device of %s resized online", name)
         return new
 
+    def _across(self, *names: str) -> bool:
+        """Does a clone of these volumes need other nodes (a cluster volume with replicas
+        elsewhere)?"""
+        vm = self.volumes
+        return vm is not None and any(maintenance.needed(vm, n) for n in names)
+
     def check_clone_source(self, source: str, snap: str, target: str | None = None) -> None:
-        """Refuse a clone whose source (or target) replicas are not all on this node."""
-        instead = (f"back the snapshot up and restore it into a new volume instead "
-                   f"(`blockhorn backup create {source} --snapshot {snap}`, then `blockhorn "
-                   "backup restore URL NEWVOLUME`)")
-        for name in [source] + ([target] if target else []):
-            self._local_only(name, "clone", instead)
+        """Before anything is created: the snapshot can be read. Across nodes, through
+        `open_source`; without it, a clone needing other nodes is refused."""
+        if not self._across(source, *([target] if target else [])):
+            self.find(source, snap)
+            return
+        if self.open_source is None:
+            for name in [source] + ([target] if target else []):
+                self._local_only(name, "clone", "ask the daemon's API (a node) to clone")
+            return
+        self.open_source(source, snap).close()
 
     def clone_into(self, source: str, snap: str, target: str,
                    progress: Callable[[int, int], None] | None = None) -> int:
         """Copy snapshot `snap` of `source` into every replica of the new, detached volume
         `target` (sparse: only ranges holding data are copied). Returns bytes copied."""
-        self.check_clone_source(source, snap, target)
+        if self._across(source, target):
+            return self._clone_across(source, snap, target, progress)
         self.find(source, snap)
         view = None
         # Only replicas the start rule trusts: a rebuilding or stale one may read as zeros.
@@ -248,4 +265,37 @@ class SnapshotManager:
         finally:
             for layer in view.layers:
                 os.close(layer.fd)
+        return done
+
+    def _clone_across(self, source: str, snap: str, target: str,
+                      progress: Callable[[int, int], None] | None) -> int:
+        """A clone on a cluster: the snapshot read from an in-sync replica (here or another
+        node's, `open_source`), written to the target's replicas here or through a
+        maintenance attach of it; blocks of zeros are left as holes (the target is new)."""
+        assert self.volumes is not None
+        if self.open_source is None:
+            self.check_clone_source(source, snap, target)   # refuses
+        assert self.open_source is not None
+        src = self.open_source(source, snap)
+        try:
+            blocks = src.allocated_blocks(CLONE_CHUNK)
+            total = min(len(blocks) * CLONE_CHUNK, src.size)
+            done = 0
+            with self.volumes.locked(target), maintenance.restore_sink(
+                    self.volumes, target, f"clone from {source}/{snap}") as sink:
+                if sink.size < src.size:
+                    raise InvalidArgument(f"volume {target!r} is smaller than the snapshot")
+                for offset in blocks:
+                    n = min(CLONE_CHUNK, src.size - offset)
+                    data = src.read(offset, n)
+                    if data.count(0) != n:
+                        sink.write(offset, data)
+                    done += n
+                    if progress:
+                        progress(done, total)
+                sink.flush()
+        finally:
+            src.close()
+        log.info("volume %s cloned from %s/%s across nodes: %d bytes", target, source, snap,
+                 done)
         return done
