@@ -79,6 +79,8 @@ class Leader:
         for vol in self.store.volumes():
             if vol.desired != "attached" or (vol.node or self.nodes.name) in live:
                 self._down_since.pop(f"engine/{vol.name}", None)   # a later death waits anew
+            if vol.desired == "attached":
+                self._give_up_moves(vol, live)
             if vol.desired == "attached" and (vol.node or self.nodes.name) not in live:
                 self._move_engine(vol, live, wait, now)
                 continue   # a rebuild needs a running engine: once it runs elsewhere
@@ -91,13 +93,6 @@ class Leader:
                 continue
             reps = self.store.replicas(vol.name)
             for r in reps:
-                if r.moving is not None and r.moving.node not in live:
-                    log.warning("replica %s of %s: its move target's node %s is down: the "
-                                "move is given up", r.name, vol.name, r.moving.node)
-                    self.store.cancel_move(r.name)
-                    self.store.update_volume(vol.name, message=(
-                        f"replica {r.name}: its move to node {r.moving.node} was given up "
-                        f"(the node is down); it stays on {r.node or self.nodes.name}"))
                 if r.node is None or r.node in live:
                     self._down_since.pop(r.name, None)
                     continue
@@ -124,6 +119,20 @@ class Leader:
                     f"replica {r.name}: node {r.node} down for {now - since:.0f} s; "
                     f"replaced on {p.node} ({p.disk})"))
 
+
+    def _give_up_moves(self, vol: VolumeRow, live: set[str]) -> None:
+        """A move whose target's node is down is to be given up — but not by the leader: the
+        engine may have swapped the target in already (it may then hold the only current
+        copy: the other replicas failed after the swap), and only the engine's node can tell
+        (its engine's status). So the leader only asks (`give_up_move`); the engine's node
+        cancels the move when it certainly did not swap, else finishes it (manager/moves.py,
+        docs/DURABILITY.md "Moving a replica"). Whatever the volume's robustness reads."""
+        for r in self.store.replicas(vol.name):
+            m = r.moving
+            if m is not None and m.give_up is None and m.node not in live:
+                log.warning("replica %s of %s: its move target's node %s is down: asking "
+                            "for the move to be given up", r.name, vol.name, m.node)
+                self.store.give_up_move(r.name, "the node is down")
 
     def _move_engine(self, vol: VolumeRow, live: set[str], wait: int, now: float) -> None:
         """A volume whose engine's node is down is attached on a live node instead
@@ -260,9 +269,11 @@ def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[Re
                 p: Placement, target: MoveTarget) -> bool:
     """Wait until the engine's node finished the move of `r` (the row points at the target).
     A volume detached meanwhile has its replica moved at once (as a detached volume's);
-    one removed: nothing to wait for (False). A move given up elsewhere (its target's node
-    died), or one that did not finish within DRAIN_WAIT_S (then given up here), fails the
-    drain with the reason."""
+    one removed: nothing to wait for (False). A move given up (its target's node died: asked
+    by the leader, carried out by the engine's node once the engine certainly did not swap)
+    fails the drain with the reason; one finished on the target's node although that node
+    died (the engine had swapped it in) is a move done. One that did not finish within
+    DRAIN_WAIT_S is asked to be given up here and fails the drain."""
     store = nodes.store
     start = time.monotonic()
     while True:
@@ -286,8 +297,10 @@ def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[Re
             move(nodes, v, row, reps, p)   # gives the move up: the target is the replica now
             return False
         if time.monotonic() - start > DRAIN_WAIT_S:
-            store.cancel_move(r.name)
+            # Asked, not done: the engine may have swapped the target in (Leader._give_up_moves).
+            store.give_up_move(r.name, f"not moved within {DRAIN_WAIT_S:.0f} s")
             raise BlockhornError(f"replica {r.name} of {vol.name} was not moved to node "
-                                 f"{target.node} within {DRAIN_WAIT_S:.0f} s: the move is given "
-                                 f"up (see `blockhorn volume show {vol.name}`)", errno.ETIMEDOUT)
+                                 f"{target.node} within {DRAIN_WAIT_S:.0f} s: the move is being "
+                                 f"given up (see `blockhorn volume show {vol.name}`)",
+                                 errno.ETIMEDOUT)
         time.sleep(DRAIN_POLL_S)

@@ -42,6 +42,31 @@ FINISH_DELAY_S = float(os.environ.get("BLOCKHORN_TEST_MOVE_FINISH_DELAY_S") or 0
 _swap_seen: dict[str, float] = {}   # replica@move start -> when FINISH_DELAY_S began
 
 
+def give_up(sup: Supervisor, vol: VolumeRow, r: ReplicaRow, st: dict[str, Any]) -> bool:
+    """Cancel the move of `r` that the leader or a drain asked to give up (`m.give_up`), but
+    only once the engine certainly does not need the target: its status shows the replica
+    RW at the old directory (the caller saw no migration that could still swap). RW in the
+    running engine means the old directory holds every acknowledged write (the engine
+    started from a source that held them, and keeps every RW replica current), so the target
+    is not needed, swapped in before or not; and with no migration running, nothing swaps it
+    in later (engine_pass asks for none while the move is to be given up). Otherwise (an
+    engine started after the swap counts the replica unreachable: the target may hold writes
+    the old directory lacks) the move waits: for the old directory's resync, or for the
+    target's node to come back (docs/DURABILITY.md, "Moving a replica"). True once given
+    up."""
+    m = r.moving
+    assert m is not None
+    if st.get("path") != r.directory or st.get("mode") != ReplicaMode.RW:
+        return False
+    sup.store.cancel_move(r.name)
+    log.warning("replica %s of %s: its move to node %s is given up (%s); it stays on %s",
+                r.name, vol.name, m.node, m.give_up, r.node)
+    sup.store.update_volume(vol.name, message=(
+        f"replica {r.name}: its move to node {m.node} was given up ({m.give_up}); it stays "
+        f"on {r.node or sup.volumes.me}"))
+    return True
+
+
 def engine_migrate(control_socket: str, replica: str, address: str,
                    path: str) -> dict[str, Any]:
     from blockhorn.engine.control import ControlClient
@@ -129,15 +154,32 @@ def engine_pass(sup: Supervisor, vol: VolumeRow, r: ReplicaRow, st: dict[str, An
         if FINISH_DELAY_S and time.monotonic() - _swap_seen.setdefault(
                 f"{r.name}@{m.started}", time.monotonic()) < FINISH_DELAY_S:
             return True    # as if this pass had not looked (the status is not recorded)
+        # Swapped in: finished, also when the move is to be given up (its node died): the
+        # target may hold the only current copy, and given up it would be a leftover of its
+        # node, removed when the node is back. Finished, it is the replica, on a down node.
         sup.store.finish_move(r.name)
         sup.volumes.write_configs(vol.name)    # a restarted engine opens the new directory
         sup._succeeded(key)
-        log.warning("replica %s of %s moved from node %s (%s) to node %s (%s)", r.name,
-                    vol.name, r.node, r.directory, m.node, m.directory)
+        log.warning("replica %s of %s moved from node %s (%s) to node %s (%s)%s", r.name,
+                    vol.name, r.node, r.directory, m.node, m.directory,
+                    f" although asked to give it up ({m.give_up}): the engine had swapped it "
+                    "in" if m.give_up else "")
+        if m.give_up:
+            sup.store.update_volume(vol.name, message=(
+                f"replica {r.name}: moved to node {m.node} (the engine had swapped it in) "
+                f"although the move was to be given up ({m.give_up}); it is that node's "
+                "replica now"))
         return True
     mig = st.get("migration") or {}
     if mig.get("to") == m.directory and mig.get("state") in ("queued", "running"):
-        return False
+        return False     # it may still swap
+    if m.give_up:
+        # No new migration: a move to be given up is never swapped in again. "done" with the
+        # old path: the status was read across the swap (path before, migration after; it
+        # is not one snapshot): swapped, the next pass sees the target's path.
+        if mig.get("to") == m.directory and mig.get("state") == "done":
+            return False
+        return give_up(sup, vol, r, st)
     if m.process is None or st.get("mode") != ReplicaMode.RW or st.get("path") != r.directory \
             or not sup._due(key):
         return False    # the target is not running yet, or the replica is not in sync
