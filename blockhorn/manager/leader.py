@@ -256,8 +256,14 @@ def drain(nodes: NodeService, node: str) -> dict[str, object]:
             store.update_volume(v.name, message=f"replica {r.name} moving to node {p.node} "
                                 "(drain)")
             if _wait_moved(nodes, v, r, reps, p, target):
+                # Its node may have died after the engine's swap: the move was finished all
+                # the same (the target may hold the only current copy: manager/moves.py).
+                down = ("" if p.node in nodes.up_nodes() else
+                        f"; node {p.node} is down (it died after the engine's swap): the "
+                        "replica is that node's, rebuilt or replaced as any of a down node")
                 store.update_volume(v.name, message=f"replica {r.name} moved from node {node} "
-                                    f"to {p.node} in {time.monotonic() - t0:.0f} s (drain)")
+                                    f"to {p.node} in {time.monotonic() - t0:.0f} s (drain)"
+                                    + down)
         else:
             move(nodes, v, r, reps, p)
         moved.append({"replica": r.name, "volume": v.name, "node": p.node, "disk": p.disk})
