@@ -3,17 +3,18 @@ manager/moves.py, engine/migrate.py; docs/DURABILITY.md, "Moving a replica"), on
 namespace hosts with their node daemons on etcd (tests/support/cluster_site.py), under
 writes, each ending with every acknowledged write read back and `volume verify`:
 
-- the move's target node dies mid-copy: the leader gives the move up, the engine drops its
-  connection to the target (no socket left to the dead address, writes go on), the volume
-  stays healthy on its old replicas at every look, the drain fails saying the move was
-  given up, and a second drain moves the replica to another node;
+- the move's target node dies mid-copy: the leader asks for the move to be given up, the
+  engine drops its connection to the target (no socket left to the dead address, writes go
+  on), the engine's node then gives the move up (the replica RW at the old directory), the
+  volume stays healthy on its old replicas at every look, the drain fails saying the move
+  was given up, and a second drain moves the replica to another node;
 - the target node dies after the engine's swap, before the engine's node finished the move
   in the store (the window held open by BLOCKHORN_TEST_MOVE_FINISH_DELAY_S on that node's
-  daemon): the leader gives the move up, the engine goes back to the old directory, which the
-  swap marked Rebuilding, and resyncs it instead of reading its stale data; then the same
-  again into the same target directory (its leftover record kept), with the engine killed
-  too: the restarted engine counts the replica unreachable, starts from the other one and
-  resyncs the old directory;
+  daemon), twice (test 2's docstring): with the engine killed too (the restarted engine
+  resyncs the old directory, never trusting it; only then is the move given up), and with
+  the other replica stopped, so that the target holds the only current copy: the move is
+  finished on the down node instead of given up, and its directory survives the node's
+  return (the leader used to give such a move up, and the node then removed the directory);
 - the engine node's daemon killed (SIGKILL) mid-copy and started again within its lease:
   the migration goes on in the engine, the new daemon finishes the move, the old replica's
   process and directory go, one process per replica is left.

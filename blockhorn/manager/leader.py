@@ -25,7 +25,10 @@ process of the replica in it; the engine's node asks the engine to `migrate_repl
 rebuilds the target beside the old one and swaps it in while the replica stays RW; seeing the
 swap in the engine's status, the engine's node calls `finish_move` (the row points at the new
 directory, the old one becomes a leftover); then the old node stops the old process and
-removes its directory. The volume stays healthy throughout.
+removes its directory. The volume stays healthy throughout. A move whose target's node died
+is not given up here: only the engine's node knows whether the engine swapped the target in
+(then it may hold the only current copy), so the leader asks (`_give_up_moves`) and the
+engine's node cancels or finishes the move (manager/moves.py).
 
 A replica of a down node is moved once its node has been down (as this leader saw it, or the
 replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for

@@ -9,7 +9,12 @@
   is RW and the target runs (again, with back-off, after a failed migration); once the
   engine's status shows the replica at the target's directory (swapped in), calls
   `finish_move`: the row points at the target and the old directory becomes a leftover, so
-  only now does the old node stop the old process and remove the directory.
+  only now does the old node stop the old process and remove the directory. A move the
+  leader or a drain asked to give up (`moving.give_up`: its target's node died, or the
+  drain's wait ran out) is decided here, where the engine's status shows whether the target
+  was swapped in: swapped, the move is finished all the same (the target may hold the only
+  current copy); the replica RW at the old directory with no migration that could still swap,
+  it is cancelled (`give_up`); else it waits.
 A daemon restarted in between finds the same store and does the same: a running migration is
 left alone, a finished one is finished in the store, an interrupted one is asked again. The
 engine's config names the move target from the first ask on, so an engine restarted after the
