@@ -82,8 +82,10 @@ class Leader:
         for vol in self.store.volumes():
             if vol.desired != "attached" or (vol.node or self.nodes.name) in live:
                 self._down_since.pop(f"engine/{vol.name}", None)   # a later death waits anew
+            reps: list[ReplicaRow] | None = None
             if vol.desired == "attached":
-                self._give_up_moves(vol, live)
+                reps = self.store.replicas(vol.name)
+                self._give_up_moves(vol, reps, live)
             if vol.desired == "attached" and (vol.node or self.nodes.name) not in live:
                 self._move_engine(vol, live, wait, now)
                 continue   # a rebuild needs a running engine: once it runs elsewhere
@@ -94,7 +96,8 @@ class Leader:
                 # of the newest in-sync set that the rule is waiting for. Moved now, it would
                 # answer under its name, empty, and the rule would stop asking for the old one.
                 continue
-            reps = self.store.replicas(vol.name)
+            if reps is None:
+                reps = self.store.replicas(vol.name)
             for r in reps:
                 if r.node is None or r.node in live:
                     self._down_since.pop(r.name, None)
@@ -123,14 +126,14 @@ class Leader:
                     f"replaced on {p.node} ({p.disk})"))
 
 
-    def _give_up_moves(self, vol: VolumeRow, live: set[str]) -> None:
+    def _give_up_moves(self, vol: VolumeRow, reps: list[ReplicaRow], live: set[str]) -> None:
         """A move whose target's node is down is to be given up — but not by the leader: the
         engine may have swapped the target in already (it may then hold the only current
         copy: the other replicas failed after the swap), and only the engine's node can tell
         (its engine's status). So the leader only asks (`give_up_move`); the engine's node
         cancels the move when it certainly did not swap, else finishes it (manager/moves.py,
         docs/DURABILITY.md "Moving a replica"). Whatever the volume's robustness reads."""
-        for r in self.store.replicas(vol.name):
+        for r in reps:
             m = r.moving
             if m is not None and m.give_up is None and m.node not in live:
                 log.warning("replica %s of %s: its move target's node %s is down: asking "
