@@ -42,7 +42,8 @@ log = logging.getLogger("blockhorn.manager")
 RETRY_MAX_S = 5.0     # seconds, cap of the back-off between two asks of a failed migration
 # Test only (tests/t5_cluster_drain.py): seconds the engine's node leaves a move it saw swapped
 # in unfinished, doing nothing else for the replica meanwhile: it holds open the window between
-# the engine's swap and finish_move that a daemon otherwise crosses within one pass. 0: none.
+# the engine's swap and finish_move that a daemon otherwise crosses within one pass, until the
+# move is asked to be given up (what the window is held open for) at the latest. 0: none.
 FINISH_DELAY_S = float(os.environ.get("BLOCKHORN_TEST_MOVE_FINISH_DELAY_S") or 0)
 _swap_seen: dict[str, float] = {}   # replica@move start -> when FINISH_DELAY_S began
 
@@ -156,7 +157,7 @@ def engine_pass(sup: Supervisor, vol: VolumeRow, r: ReplicaRow, st: dict[str, An
     assert m is not None
     key = f"move/{r.name}"
     if (st.get("path"), st.get("address")) == (m.directory, m.address):
-        if FINISH_DELAY_S and time.monotonic() - _swap_seen.setdefault(
+        if FINISH_DELAY_S and not m.give_up and time.monotonic() - _swap_seen.setdefault(
                 f"{r.name}@{m.started}", time.monotonic()) < FINISH_DELAY_S:
             return True    # as if this pass had not looked (the status is not recorded)
         # Swapped in: finished, also when the move is to be given up (its node died): the
