@@ -443,7 +443,8 @@ def test_replica_move_start_finish_cancel(kind: str, store: StateStore) -> None:
     """A drain's move of an attached volume's replica: the row keeps the old replica with a
     `moving` target until finish_move points it at the target in one step (the target's
     process and port the replica's, the old directory a leftover: etcd); cancel_move drops
-    the target (its directory a leftover of its node: etcd)."""
+    the target (its directory a leftover of its node: etcd); give_up_move only records why
+    the move is to be given up (the engine's node cancels or finishes it)."""
     from blockhorn.control.store import move_port_owner
     from blockhorn.types import Busy
     store.add_volume("m", 1 << 20, [("m-r0", "/d0/replicas/m/m-r0", "10.0.0.1:0", "n1"),
@@ -474,7 +475,15 @@ def test_replica_move_start_finish_cancel(kind: str, store: StateStore) -> None:
     # A move given up: the target's port released, its directory a leftover of its node.
     port2 = store.allocate_port("m", move_port_owner("m-r0"), lambda p: True)
     store.start_move("m-r0", "n4", "/d4/replicas/m/m-r0", f"10.0.0.4:{port2}")
+    # Asked first (the leader: its node is down), carried out by the engine's node: the
+    # first reason kept; the same move asked again is refused while it waits.
+    store.give_up_move("m-r0", "the node is down")
+    store.give_up_move("m-r0", "not moved within 300 s")
+    assert store.replicas("m")[0].moving.give_up == "the node is down"  # type: ignore[union-attr]
+    with pytest.raises(Busy):
+        store.start_move("m-r0", "n4", "/d4/replicas/m/m-r0", f"10.0.0.4:{port2}")
     store.cancel_move("m-r0")
+    store.give_up_move("m-r0", "late")     # not moving: no-op
     row = store.replicas("m")[0]
     assert (row.node, row.directory, row.moving) == ("n1", "/d0/replicas/m/m-r0", None)
     assert move_port_owner("m-r0") not in store.ports("m")

@@ -3,17 +3,18 @@ manager/moves.py, engine/migrate.py; docs/DURABILITY.md, "Moving a replica"), on
 namespace hosts with their node daemons on etcd (tests/support/cluster_site.py), under
 writes, each ending with every acknowledged write read back and `volume verify`:
 
-- the move's target node dies mid-copy: the leader gives the move up, the engine drops its
-  connection to the target (no socket left to the dead address, writes go on), the volume
-  stays healthy on its old replicas at every look, the drain fails saying the move was
-  given up, and a second drain moves the replica to another node;
+- the move's target node dies mid-copy: the leader asks for the move to be given up, the
+  engine drops its connection to the target (no socket left to the dead address, writes go
+  on), the engine's node then gives the move up (the replica RW at the old directory), the
+  volume stays healthy on its old replicas at every look, the drain fails saying the move
+  was given up, and a second drain moves the replica to another node;
 - the target node dies after the engine's swap, before the engine's node finished the move
   in the store (the window held open by BLOCKHORN_TEST_MOVE_FINISH_DELAY_S on that node's
-  daemon): the leader gives the move up, the engine goes back to the old directory, which the
-  swap marked Rebuilding, and resyncs it instead of reading its stale data; then the same
-  again into the same target directory (its leftover record kept), with the engine killed
-  too: the restarted engine counts the replica unreachable, starts from the other one and
-  resyncs the old directory;
+  daemon), twice (test 2's docstring): with the engine killed too (the restarted engine
+  resyncs the old directory, never trusting it; only then is the move given up), and with
+  the other replica stopped, so that the target holds the only current copy: the move is
+  finished on the down node instead of given up, and its directory survives the node's
+  return (the leader used to give such a move up, and the node then removed the directory);
 - the engine node's daemon killed (SIGKILL) mid-copy and started again within its lease:
   the migration goes on in the engine, the new daemon finishes the move, the old replica's
   process and directory go, one process per replica is left.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -47,7 +49,9 @@ pytestmark = needs_root()
 
 MiB = 1 << 20
 SLOW_COPY = "1"          # MiB/s: the rebuild bandwidth limit while a move must be caught
-FINISH_DELAY_S = 20.0    # seconds the engine's node of test 2 waits between swap and finish
+# Seconds the engine's node of test 2 waits between swap and finish (ended early once the
+# leader asked for the move to be given up: the window the test holds open for it).
+FINISH_DELAY_S = 30.0
 # Seconds: the node leases. Longer than the site's default 4 s: test 3 restarts a daemon,
 # which must renew its node's lease before the node's dead man's switch fences it (5.5 s
 # after the last renewal, instead of 3.7 s).
@@ -261,14 +265,22 @@ def test_target_dies_mid_copy_move_given_up_then_drained_elsewhere(site: Site) -
     site.cli(a, "node", "update", b.name, "--schedulable", "yes")
 
 
-def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Site) -> None:
-    """Twice on one volume: the target's node killed after the swap (the running engine goes
-    back to the old directory); then the replica drained to the same node and directory
-    again (d's leftover record of it kept: manager/leftovers.py), and after the swap the
-    engine killed too: the restarted engine reads the move from its config
-    (migrate.resolve_at_start), the old directory Rebuilding and the target unreachable, so
-    the replica counts as unreachable, never as a source; it starts from the other replica
-    with its generation record and resyncs the old directory once the move is given up."""
+def test_target_dies_after_the_swap_finished_there_never_swept(site: Site) -> None:
+    """Twice on one volume, the target's node (d) killed after the engine's swap and before
+    the engine's node (b) finished the move in the store (FINISH_DELAY_S holds that open):
+    1. with the engine killed too: the restarted engine reads the move from its config
+       (migrate.resolve_at_start), the old directory Rebuilding and the target unreachable,
+       so the replica counts as unreachable, never as a source; it starts from the other
+       replica with its generation record and resyncs the old directory; only then does b
+       give the move up (the leader only asked: it cannot see whether the engine swapped);
+    2. into the same target directory again, with the other replica stopped (SIGSTOP) after
+       the swap, so that the target holds the only current copy when d dies: the leader
+       asks for the move to be given up, but b sees the swap and finishes the move instead
+       (the row points at d's directory: a replica on a down node). The old behaviour gave
+       the move up, made the target directory a leftover of d and removed it when d came
+       back: every write acknowledged after the other replica stopped was lost. Now d comes
+       back with the directory, the engine restarted starts from it and every acknowledged
+       write reads back."""
     a, b, c, d = site.hosts
     vol = "mv2"
     # b, the engine's node, finishes a move only FINISH_DELAY_S after it saw the swap: the
@@ -291,7 +303,10 @@ def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Sit
     prefill(w, uri)
     w.start()
     wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
-    old = next(r for r in site.show(b, vol)["replicas"] if r["node"] == a.name)
+    v = site.show(b, vol)
+    old = next(r for r in v["replicas"] if r["node"] == a.name)
+    other = next(r for r in v["replicas"] if r["node"] == b.name)
+    engine_pid = v["engine"]["pid"]
     t0 = time.monotonic()
     drain = Drain(site, c, a.name)
     drain.start()
@@ -302,37 +317,6 @@ def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Sit
     now = wait_until(swapped, 30, "the engine's swap")
     target = next(r["moving"] for r in site.show(b, vol)["replicas"] if r["moving"])
     assert now["path"] == target["path"] and target["node"] == d.name
-    print(f"swapped after {time.monotonic() - t0:.1f} s: killing {d.name}, the target, "
-          "before the move is finished in the store")
-    t_kill = time.monotonic()
-    site.kill(d)
-    got = drain.outcome(60)
-    print(f"drain ended {time.monotonic() - t_kill:.1f} s after the kill: exit "
-          f"{got.returncode}: {got.stderr.strip()}")
-    assert got.returncode != 0 and f"was given up (node {d.name} is down)" in got.stderr, got
-    # The store still names the old directory; the engine goes back to it and resyncs it in
-    # full (the swap marked it Rebuilding: it misses the writes acknowledged since).
-    wait_until(lambda: site.healthy_on(b, vol, {a.name, b.name}), 60,
-               "healthy on the old replicas again")
-    t_healthy = time.monotonic() - t_kill
-    v = site.show(b, vol)
-    back = next(r for r in v["replicas"] if r["name"] == old["name"])
-    assert back["path"] == old["path"] and back["moving"] is None, back
-    st = next(x for x in engine_status(b, vol)["replicas"] if x["name"] == old["name"])
-    assert st["path"] == old["path"] and st["rebuild"]["state"] == "done", st
-    assert st["rebuild"]["mode"] == "full", st["rebuild"]
-    assert [h for h, _ in replica_processes(site, vol)] == sorted([a.name, b.name])
-    print(f"healthy on the old directory again {t_healthy:.1f} s after the kill (resynced in "
-          "full)")
-
-    site.revive(d)
-    wait_until(lambda: site.states(a)[d.name] == "up", 30, f"{d.name} up again")
-    engine_pid = site.show(b, vol)["engine"]["pid"]
-    drain = Drain(site, c, a.name)
-    drain.start()
-    wait_until(swapped, 30, "the engine's second swap")
-    assert next(r["moving"] for r in site.show(b, vol)["replicas"]
-                if r["moving"])["path"] == target["path"]    # the same directory again
     # Writes acknowledged after the swap: on the target and the other replica only.
     n = w.count
     wait_until(lambda: w.count >= n + 30 or w.error, 10, "writes after the swap")
@@ -340,8 +324,8 @@ def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Sit
     t_kill = time.monotonic()
     site.kill(d)
     os.kill(engine_pid, 9)
-    print(f"swapped again, {w.count - n} writes acknowledged since: killed {d.name} (the "
-          "target) and the engine")
+    print(f"swapped after {t_kill - t0:.1f} s, {w.count - n} writes acknowledged since: "
+          f"killed {d.name} (the target) and the engine")
     got = drain.outcome(60)
     assert got.returncode != 0 and f"was given up (node {d.name} is down)" in got.stderr, got
 
@@ -360,18 +344,83 @@ def test_target_dies_after_the_swap_old_directory_resynced_not_trusted(site: Sit
     wait_until(lambda: site.healthy_on(b, vol, {a.name, b.name}), 60,
                "healthy on the old replicas again")
     t_healthy = time.monotonic() - t_kill
+    v = site.show(b, vol)
+    back = next(r for r in v["replicas"] if r["name"] == old["name"])
+    assert back["path"] == old["path"] and back["moving"] is None, back
+    assert f"its move to node {d.name} was given up (the node is down)" in v["message"], v
     st = next(x for x in engine_status(b, vol)["replicas"] if x["name"] == old["name"])
     assert st["path"] == old["path"] and st["rebuild"]["mode"] == "full", st
     assert [h for h, _ in replica_processes(site, vol)] == sorted([a.name, b.name])
     wait_until(lambda: w2.count >= 50 or w2.error, 20, "writes after the restart")
-    w2.finish()
+    print(f"the engine up again {t_up:.1f} s after the kills, the volume healthy on the old "
+          f"directory {t_healthy:.1f} s after (resynced in full), the move given up then")
+
+    # 2. The target holds the only current copy when its node dies.
+    site.revive(d)
+    wait_until(lambda: site.states(a)[d.name] == "up", 30, f"{d.name} up again")
+    v = site.show(b, vol)
+    engine_pid = v["engine"]["pid"]
+    other_pid = next(r for r in v["replicas"] if r["name"] == other["name"])["pid"]
+    drain = Drain(site, c, a.name)
+    drain.start()
+    wait_until(swapped, 30, "the engine's second swap")
+    t_swap = time.monotonic()
+    assert next(r["moving"] for r in site.show(b, vol)["replicas"]
+                if r["moving"])["path"] == target["path"]    # the same directory again
+    os.kill(other_pid, signal.SIGSTOP)
+    try:
+        def other_failed() -> bool:
+            st = engine_status(b, vol)
+            return next(x for x in st["replicas"] if x["name"] == other["name"])["mode"] \
+                == "ERR"
+        wait_until(other_failed, REPLICA_TIMEOUT_S + 10, "the engine failing the stopped "
+                   "replica")
+        n = w2.count
+        wait_until(lambda: w2.count >= n + 30 or w2.error, 10, "writes on the target alone")
+        w2.finish()
+        st = engine_status(b, vol)
+        modes = {x["path"]: x["mode"] for x in st["replicas"]}
+        assert modes == {target["path"]: "RW", other["path"]: "ERR"}, modes
+        t_kill = time.monotonic()
+        site.kill(d)
+        print(f"{t_kill - t_swap:.1f} s after the swap, {w2.count - n} writes acknowledged "
+              f"by the target alone: killed {d.name}")
+        # The leader asks for the move to be given up (the old leader gave it up here), which
+        # ends b's finish delay; b, seeing the swap, finishes the move instead: the replica
+        # is d's, on a down node. Finished before the delay ran out: only the ask ends it.
+        got = drain.outcome(FINISH_DELAY_S + 30)
+        assert time.monotonic() - t_swap < FINISH_DELAY_S, "finished without the ask"
+        t_done = time.monotonic() - t_kill
+        assert got.returncode == 0 and f"moved to {d.name}" in got.stdout, got
+        v = site.show(b, vol)
+        row = next(r for r in v["replicas"] if r["name"] == old["name"])
+        assert (row["node"], row["path"], row["moving"]) == (d.name, target["path"], None), row
+        assert f"node {d.name} is down (it died after the engine's swap)" in v["message"], v
+        print(f"the move finished on the down node {t_done:.1f} s after the kill")
+        site.revive(d)
+        wait_until(lambda: site.states(a)[d.name] == "up", 30, f"{d.name} up again")
+        wait_until(lambda: d.name in [h for h, _ in replica_processes(site, vol)], 20,
+                   f"{d.name} starting the replica again")
+    finally:
+        os.kill(other_pid, signal.SIGCONT)
+    # d's daemon swept its leftovers meanwhile: the directory is the replica's, kept.
+    assert os.path.exists(os.path.join(target["path"], "volume.meta")), target
+    # The running engine lost every replica in sync: restarted, it starts from the target
+    # (the newest in-sync set is the target alone) and resyncs the other one.
+    os.kill(engine_pid, 9)
+    uri = wait_until(restarted, 30, "the engine restarted")
+    wait_until(lambda: site.healthy_on(b, vol, {b.name, d.name}), 60,
+               f"healthy on {b.name} and {d.name}")
+    t_healthy = time.monotonic() - t_kill
+    assert os.path.exists(target["path"])
+    wait_until(lambda: not os.path.exists(old["path"]), 15, f"{a.name} removing {old['path']}")
     bad = w2.check(uri)
     assert bad == 0, f"{bad} of {len(w2.acked)} acknowledged blocks read back different"
     verify = site.cli(b, "volume", "verify", vol, check=False)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    print(f"the engine up again {t_up:.1f} s after the kills, the volume healthy on the old "
-          f"directory {t_healthy:.1f} s after; {w.count + w2.count} writes, {len(w2.acked)} "
-          "blocks read back the same; verify clean")
+    print(f"healthy on {b.name} and {d.name} {t_healthy:.1f} s after the kill; "
+          f"{w.count + w2.count} writes, {len(w2.acked)} blocks read back the same; verify "
+          "clean")
     site.cli(b, "volume", "detach", vol)
     site.cli(b, "volume", "rm", vol)
     site.cli(b, "node", "update", a.name, "--schedulable", "yes")

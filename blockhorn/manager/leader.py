@@ -25,7 +25,10 @@ process of the replica in it; the engine's node asks the engine to `migrate_repl
 rebuilds the target beside the old one and swaps it in while the replica stays RW; seeing the
 swap in the engine's status, the engine's node calls `finish_move` (the row points at the new
 directory, the old one becomes a leftover); then the old node stops the old process and
-removes its directory. The volume stays healthy throughout.
+removes its directory. The volume stays healthy throughout. A move whose target's node died
+is not given up here: only the engine's node knows whether the engine swapped the target in
+(then it may hold the only current copy), so the leader asks (`_give_up_moves`) and the
+engine's node cancels or finishes the move (manager/moves.py).
 
 A replica of a down node is moved once its node has been down (as this leader saw it, or the
 replica's failed_since if earlier) longer than `replica-replenishment-wait-interval`; only for
@@ -79,6 +82,10 @@ class Leader:
         for vol in self.store.volumes():
             if vol.desired != "attached" or (vol.node or self.nodes.name) in live:
                 self._down_since.pop(f"engine/{vol.name}", None)   # a later death waits anew
+            reps: list[ReplicaRow] | None = None
+            if vol.desired == "attached":
+                reps = self.store.replicas(vol.name)
+                self._give_up_moves(vol, reps, live)
             if vol.desired == "attached" and (vol.node or self.nodes.name) not in live:
                 self._move_engine(vol, live, wait, now)
                 continue   # a rebuild needs a running engine: once it runs elsewhere
@@ -89,15 +96,9 @@ class Leader:
                 # of the newest in-sync set that the rule is waiting for. Moved now, it would
                 # answer under its name, empty, and the rule would stop asking for the old one.
                 continue
-            reps = self.store.replicas(vol.name)
+            if reps is None:
+                reps = self.store.replicas(vol.name)
             for r in reps:
-                if r.moving is not None and r.moving.node not in live:
-                    log.warning("replica %s of %s: its move target's node %s is down: the "
-                                "move is given up", r.name, vol.name, r.moving.node)
-                    self.store.cancel_move(r.name)
-                    self.store.update_volume(vol.name, message=(
-                        f"replica {r.name}: its move to node {r.moving.node} was given up "
-                        f"(the node is down); it stays on {r.node or self.nodes.name}"))
                 if r.node is None or r.node in live:
                     self._down_since.pop(r.name, None)
                     continue
@@ -124,6 +125,20 @@ class Leader:
                     f"replica {r.name}: node {r.node} down for {now - since:.0f} s; "
                     f"replaced on {p.node} ({p.disk})"))
 
+
+    def _give_up_moves(self, vol: VolumeRow, reps: list[ReplicaRow], live: set[str]) -> None:
+        """A move whose target's node is down is to be given up — but not by the leader: the
+        engine may have swapped the target in already (it may then hold the only current
+        copy: the other replicas failed after the swap), and only the engine's node can tell
+        (its engine's status). So the leader only asks (`give_up_move`); the engine's node
+        cancels the move when it certainly did not swap, else finishes it (manager/moves.py,
+        docs/DURABILITY.md "Moving a replica"). Whatever the volume's robustness reads."""
+        for r in reps:
+            m = r.moving
+            if m is not None and m.give_up is None and m.node not in live:
+                log.warning("replica %s of %s: its move target's node %s is down: asking "
+                            "for the move to be given up", r.name, vol.name, m.node)
+                self.store.give_up_move(r.name, "the node is down")
 
     def _move_engine(self, vol: VolumeRow, live: set[str], wait: int, now: float) -> None:
         """A volume whose engine's node is down is attached on a live node instead
@@ -247,8 +262,14 @@ def drain(nodes: NodeService, node: str) -> dict[str, object]:
             store.update_volume(v.name, message=f"replica {r.name} moving to node {p.node} "
                                 "(drain)")
             if _wait_moved(nodes, v, r, reps, p, target):
+                # Its node may have died after the engine's swap: the move was finished all
+                # the same (the target may hold the only current copy: manager/moves.py).
+                down = ("" if p.node in nodes.up_nodes() else
+                        f"; node {p.node} is down (it died after the engine's swap): the "
+                        "replica is that node's, rebuilt or replaced as any of a down node")
                 store.update_volume(v.name, message=f"replica {r.name} moved from node {node} "
-                                    f"to {p.node} in {time.monotonic() - t0:.0f} s (drain)")
+                                    f"to {p.node} in {time.monotonic() - t0:.0f} s (drain)"
+                                    + down)
         else:
             move(nodes, v, r, reps, p)
         moved.append({"replica": r.name, "volume": v.name, "node": p.node, "disk": p.disk})
@@ -260,9 +281,11 @@ def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[Re
                 p: Placement, target: MoveTarget) -> bool:
     """Wait until the engine's node finished the move of `r` (the row points at the target).
     A volume detached meanwhile has its replica moved at once (as a detached volume's);
-    one removed: nothing to wait for (False). A move given up elsewhere (its target's node
-    died), or one that did not finish within DRAIN_WAIT_S (then given up here), fails the
-    drain with the reason."""
+    one removed: nothing to wait for (False). A move given up (its target's node died: asked
+    by the leader, carried out by the engine's node once the engine certainly did not swap)
+    fails the drain with the reason; one finished on the target's node although that node
+    died (the engine had swapped it in) is a move done. One that did not finish within
+    DRAIN_WAIT_S is asked to be given up here and fails the drain."""
     store = nodes.store
     start = time.monotonic()
     while True:
@@ -286,8 +309,10 @@ def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[Re
             move(nodes, v, row, reps, p)   # gives the move up: the target is the replica now
             return False
         if time.monotonic() - start > DRAIN_WAIT_S:
-            store.cancel_move(r.name)
+            # Asked, not done: the engine may have swapped the target in (Leader._give_up_moves).
+            store.give_up_move(r.name, f"not moved within {DRAIN_WAIT_S:.0f} s")
             raise BlockhornError(f"replica {r.name} of {vol.name} was not moved to node "
-                                 f"{target.node} within {DRAIN_WAIT_S:.0f} s: the move is given "
-                                 f"up (see `blockhorn volume show {vol.name}`)", errno.ETIMEDOUT)
+                                 f"{target.node} within {DRAIN_WAIT_S:.0f} s: the move is being "
+                                 f"given up (see `blockhorn volume show {vol.name}`)",
+                                 errno.ETIMEDOUT)
         time.sleep(DRAIN_POLL_S)

@@ -667,7 +667,8 @@ class VolumeManager:
                 "revision": st.get("revision"), "rebuild": st.get("rebuild"),
                 "restarts": r.restarts, "failed_since": r.failed_since,
                 "moving": ({"node": m.node, "path": m.directory, "address": m.address,
-                            "migration": st.get("migration")} if m is not None else None),
+                            "migration": st.get("migration"), "give_up": m.give_up}
+                           if m is not None else None),
             })
         endpoints = []
         from blockhorn.nbd import tls as nbdtls

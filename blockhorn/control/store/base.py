@@ -132,8 +132,12 @@ class StateStore(Protocol):
         """The engine swapped the move target in: in one step the row points at it (its
         process record too), `moving` is cleared, the target's port becomes the replica's
         and the old directory is left behind like `move_replica`'s. No-op when not moving."""
+    def give_up_move(self, name: str, reason: str) -> None:
+        """Ask for the move of replica `name` to be given up (`reason`: why), by the engine's
+        node: it cancels the move when the engine certainly did not swap the target in, else
+        finishes it (manager/moves.py). The first reason is kept; no-op when not moving."""
     def cancel_move(self, name: str) -> None:
-        """Give the move up: `moving` cleared, the target's port released, its directory
+        """Give the move up (only the engine's node: `give_up_move`): `moving` cleared, the target's port released, its directory
         left behind (etcd: a leftover record of the target node). No-op when not moving."""
     def engine(self, volume: str) -> EngineRow: ...
     def set_engine_sockets(self, volume: str, nbd_socket: str, control_socket: str) -> None:

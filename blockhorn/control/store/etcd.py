@@ -387,8 +387,12 @@ class EtcdStore:
         def change(d: Doc) -> Doc | None:
             cur = MoveTarget.from_dict(d.get("moving"))
             if cur is not None:
-                if (cur.node, cur.directory, cur.address) == (node, directory, address):
+                if (cur.node, cur.directory, cur.address) == (node, directory, address) \
+                        and cur.give_up is None:
                     return None
+                if cur.give_up is not None:
+                    raise Busy(f"replica {name}: its move to node {cur.node} is being given "
+                               f"up ({cur.give_up}): try again once it is")
                 raise Busy(f"replica {name} is being moved to node {cur.node} already")
             return {**d, "moving": MoveTarget(node, directory, address, None,
                                               time.time()).to_dict()}
@@ -400,6 +404,15 @@ class EtcdStore:
             if cur is None:
                 return None
             cur.process = proc
+            return {**d, "moving": cur.to_dict()}
+        self._update(f"replicas/{name}", change)
+
+    def give_up_move(self, name: str, reason: str) -> None:
+        def change(d: Doc) -> Doc | None:
+            cur = MoveTarget.from_dict(d.get("moving"))
+            if cur is None or cur.give_up is not None:
+                return None
+            cur.give_up = reason
             return {**d, "moving": cur.to_dict()}
         self._update(f"replicas/{name}", change)
 

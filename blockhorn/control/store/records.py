@@ -44,12 +44,16 @@ class MoveTarget:
     address: str
     process: ProcessRecord | None = None
     started: float = 0.0        # wall-clock seconds: when the move was asked for
+    # Why the move is to be given up (its target's node died, the drain's wait ran out), or
+    # None. Set by the leader or the drain (`give_up_move`), carried out only by the engine's
+    # node, which alone knows whether the engine swapped the target in (manager/moves.py).
+    give_up: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, "directory": self.directory, "address": self.address,
                 "pid": self.process.pid if self.process else None,
                 "create_time": self.process.create_time if self.process else None,
-                "started": self.started}
+                "started": self.started, "give_up": self.give_up}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> MoveTarget | None:
@@ -58,7 +62,8 @@ class MoveTarget:
         proc = (ProcessRecord(int(d["pid"]), float(d.get("create_time") or 0.0))
                 if d.get("pid") is not None else None)
         return cls(str(d["node"]), str(d["directory"]), str(d["address"]), proc,
-                   float(d.get("started") or 0.0))
+                   float(d.get("started") or 0.0),
+                   str(d["give_up"]) if d.get("give_up") else None)
 
 
 @dataclass

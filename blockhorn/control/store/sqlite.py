@@ -375,8 +375,12 @@ class SqliteStore:
         with self.tx() as db:
             cur = self._moving(db, name)
             if cur is not None:
-                if (cur.node, cur.directory, cur.address) == (node, directory, address):
+                if (cur.node, cur.directory, cur.address) == (node, directory, address) \
+                        and cur.give_up is None:
                     return
+                if cur.give_up is not None:
+                    raise Busy(f"replica {name}: its move to node {cur.node} is being given "
+                               f"up ({cur.give_up}): try again once it is")
                 raise Busy(f"replica {name} is being moved to node {cur.node} already")
             target = MoveTarget(node, directory, address, None, time.time())
             db.execute("UPDATE replicas SET moving=? WHERE name=?",
@@ -387,6 +391,14 @@ class SqliteStore:
             cur = self._moving(db, name)
             if cur is not None:
                 cur.process = proc
+                db.execute("UPDATE replicas SET moving=? WHERE name=?",
+                           (json.dumps(cur.to_dict(), sort_keys=True), name))
+
+    def give_up_move(self, name: str, reason: str) -> None:
+        with self.tx() as db:
+            cur = self._moving(db, name)
+            if cur is not None and cur.give_up is None:
+                cur.give_up = reason
                 db.execute("UPDATE replicas SET moving=? WHERE name=?",
                            (json.dumps(cur.to_dict(), sort_keys=True), name))
 
