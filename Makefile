@@ -34,7 +34,7 @@ demo-cluster: setup
 # kernel built by `make vm`; `make test VM=0` skips it (and the image build).
 VM ?= 1
 test: setup lint $(if $(filter 0,$(VM)),,vm)
-	$(VENV)/bin/pytest -q -ra $(if $(filter 0,$(VM)),-m "not vm",) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -ra --durations=25 $(if $(filter 0,$(VM)),-m "not vm",) $(PYTEST_ARGS)
 
 # The guest kernel + initramfs under .vm/, from Debian packages (apt-get download, unpacked,
 # never installed). Idempotent: a stamp skips it when built (no network at test time).

@@ -555,3 +555,24 @@ def test_replica_gone_from_its_disk_is_not_made_again_empty(site: Site) -> None:
         site.cli(a, "volume", "detach", "hz")
         wait_stopped(site, a, "hz")
     site.cli(a, "volume", "rm", "hz")
+
+
+def test_a_dead_replica_process_record_goes_once_detached(site: Site) -> None:
+    """A replica process that died while attached, the volume detached before its node's
+    daemon restarted it (the daemon paused here): once that daemon runs again, the record
+    of the dead process goes, so `volume show` no longer names its pid and waiting for the
+    volume's replicas to stop ends. (The record stayed for good: seen in a CI run.)"""
+    a, b, c = site.hosts
+    assert site.create_avoiding(a, "dz", 2, [a]) == {b.name, c.name}
+    site.cli(a, "volume", "attach", "dz", "--frontend", "none")
+    assert b.proc is not None
+    pid = _replica_on(site, a, "dz", b)["pid"]
+    os.kill(b.proc.pid, signal.SIGSTOP)     # briefly: well within its node lease
+    try:
+        os.kill(pid, signal.SIGKILL)
+        site.cli(a, "volume", "detach", "dz")
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    wait_stopped(site, a, "dz")
+    assert_detached(site, a, "dz")
+    site.cli(a, "volume", "rm", "dz")

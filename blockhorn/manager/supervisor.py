@@ -256,11 +256,24 @@ class Supervisor:
                 across.create_missing_replicas(self.volumes, vol)
                 if vol.desired != "attached":
                     moves.stop_targets(self, vol)
+                    self._forget_dead_replicas(vol)
                 if leftovers and vol.desired != "attached":
                     log.info("volume %s was detached: stopping this node's part", vol.name)
                     self.volumes._teardown(vol.name)
         except (BlockhornError, OSError) as e:
             log.error("volume %s: %s", vol.name, e)
+
+    def _forget_dead_replicas(self, vol: VolumeRow) -> None:
+        """A detached volume's replica of this node whose recorded process is dead (it died
+        or was killed, and the detach came before its restart): the record goes, as a
+        detach's stop clears it for a live one. Else `volume show` shows the dead pid for
+        good, and waiting for a detached volume's replicas to stop never ends."""
+        for r in self.store.replicas(vol.name):
+            if r.process is not None and self.volumes.is_local(r) \
+                    and not process.alive(r.process):
+                log.info("replica %s of detached %s: its process %d is gone", r.name,
+                         vol.name, r.process.pid)
+                self.store.set_replica_process(r.name, None)
 
     def _due(self, key: str) -> bool:
         when, _ = self._next_try.get(key, (0.0, 0.0))
