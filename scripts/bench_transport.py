@@ -52,7 +52,7 @@ def run_once(workdir: str, variant: str, size: int, runtime: int,
     cluster = Cluster(home=workdir, size=size, replicas=REPLICAS,
                       transport="unix" if variant == "unix" else "tcp", **extra)
     if variant != "unix":
-        set_frame_auth(cluster, "on" if variant == "tcp" else "off")
+        set_frame_auth(cluster, "off" if variant == "tcp-nomac" else "on")
     return measure(cluster, size, [job[:5] for job in JOBS], runtime, ramp)
 
 
