@@ -43,7 +43,7 @@ def run_once(workdir: str, variant: str, size: int, runtime: int,
              ramp: int) -> dict[str, float]:
     """`variant`: tcp (frame MACs on, TCP's default and what the targets are for), unix,
     tcp-nomac (MACs off on both sides: what TCP costs without them), or tcp-old (MACs on,
-    replicas of the release before DIRECT_TAGS and REPLY_RUNS: what those two save)."""
+    replicas of the release before DIRECT_TAGS: what that feature saves)."""
     os.makedirs(workdir)
     extra = {}
     if variant == "tcp-old":
@@ -68,7 +68,7 @@ def main() -> int:
                     help="also TCP with frame MACs off on both sides, in every round")
     ap.add_argument("--old", action="store_true",
                     help="also TCP with MACs against replicas of the release before the "
-                    "DIRECT_TAGS and REPLY_RUNS features, in every round")
+                    "DIRECT_TAGS feature, in every round")
     args = ap.parse_args()
     rounds = args.rounds or (2 if args.quick else 5)
     runtime = args.runtime or (5 if args.quick else 10)
@@ -130,7 +130,7 @@ def main() -> int:
                                "ratio is taken per round; CPU: engine + replicas per request, "
                                "where above 100 % means TCP costs more)")
     for other, what in (("nomac", "TCP with frame MACs off"),
-                        ("old", "TCP with MACs, replicas before DIRECT_TAGS/REPLY_RUNS")):
+                        ("old", "TCP with MACs, replicas before DIRECT_TAGS")):
         if f"tcp-{other}" in raw:
             text += f"\n{what}, against unix: " + ", ".join(
                 f"{k} {100 * ratios[k][f'{other}_median']:.0f} % "

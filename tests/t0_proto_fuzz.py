@@ -5,9 +5,7 @@ FUZZ_EXAMPLES raises the example count (`make fuzz`)."""
 
 from __future__ import annotations
 
-import errno
 import os
-from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -202,62 +200,3 @@ def test_one_call_forms_agree_with_the_streaming_form(sizes: list[int], form: st
             rx.check_header(memoryview(frame), b"", tag)
         else:
             rx.check_frame(memoryview(frame), tag)
-
-
-def run_client() -> tuple[Any, proto.FrameMac]:
-    """An engine-side ReplicaClient with a REPLY_RUNS session (no socket: the test feeds its
-    receive buffer) and the replica's side of the tags."""
-    from blockhorn.config import ReplicaRef
-    from blockhorn.engine.client import ReplicaClient
-
-    dg = proto.PayloadDigest(proto.digest_key(KEY), gmac=True)
-    client = ReplicaClient(ReplicaRef("r1", "127.0.0.1:1"), KEY, "vol")
-    client.rx, client.runs = proto.FrameMac(SESSION_KEY, dg, direct=True), True
-    return client, proto.FrameMac(SESSION_KEY, dg, direct=True)
-
-
-@fuzz
-@given(st.lists(st.integers(1, 6), min_size=1, max_size=4), st.integers(1, 64), st.data())
-def test_reply_runs_complete_only_under_a_good_tag(runs: list[int], chunk: int,
-                                                   data: st.DataObject) -> None:
-    """The engine's receiver takes bare replies in runs (FEATURE_REPLY_RUNS), the bytes
-    arriving in pieces of any size: each call completes with its status once its run's tag
-    checks; with one bit flipped anywhere (a header, its TAG_LATER flag, a tag) the parser
-    raises (or, the last reply's flag or a payload length set, waits for bytes that never
-    come: those calls time out), the runs wholly before the flipped byte are answered and no
-    later call is."""
-    from blockhorn.engine.client import Call
-
-    client, tx = run_client()
-    wire, calls, ends, seq = bytearray(), [], [], 0
-    for k in runs:
-        heads = []
-        for _ in range(k):
-            seq += 1
-            heads.append(proto.pack(proto.Op.WRITE | proto.REPLY, seq, status=seq % 3))
-            call = Call(1)
-            client.pending[seq] = (call, None)
-            calls.append(call)
-        wire += b"".join(tx.tag_run(heads))
-        ends += [len(wire)] * k         # where each call's run ends on the wire
-    flip = data.draw(st.none() | st.integers(0, len(wire) * 8 - 1))
-    if flip is not None:
-        wire[flip // 8] ^= 1 << (flip % 8)
-    failed = False
-    for at in range(0, len(wire), chunk):
-        piece = wire[at:at + chunk]
-        client._view[client._filled:client._filled + len(piece)] = piece
-        client._filled += len(piece)
-        try:
-            client._parse()
-        except BlockhornError as e:
-            assert e.errno
-            failed = True
-            break
-    answered = [i for i, c in enumerate(calls) if c.results.get("r1", errno.EIO) != errno.EIO]
-    if flip is None:
-        assert not failed
-        assert [c.results for c in calls] == [{"r1": i % 3} for i in range(1, seq + 1)]
-    else:   # refused, or (the last header's TAG_LATER set) waiting for a tag that never comes
-        assert failed or client._run or client._cur is not None
-        assert answered == [i for i, end in enumerate(ends) if end <= flip // 8]

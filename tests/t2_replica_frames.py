@@ -16,7 +16,6 @@ from harness import Cluster, ReplicaProc
 from support.mitm import Mitm, flip_at
 from support.old_replica import BEFORE_DIRECT as OLD_BEFORE_DIRECT
 from support.old_replica import BEFORE_GMAC as OLD_BEFORE_GMAC
-from support.old_replica import BEFORE_RUNS as OLD_BEFORE_RUNS
 from support.old_replica import PROGRAM as OLD_REPLICA
 from support.rawpeer import RawPeer
 
@@ -26,7 +25,6 @@ from blockhorn.keys import load_key
 from blockhorn.nbd.attach import wait_for
 from blockhorn.replica import proto, server
 from blockhorn.replica.proto import Op
-from blockhorn.sockio import recv_exact
 from blockhorn.types import AuthError, BlockhornError
 
 MiB = 1 << 20
@@ -230,16 +228,16 @@ def test_engine_client_survives_an_oversized_reply(tmp_path, replica) -> None:
 
 
 def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path) -> None:
-    """FEATURE_PAYLOAD_DIGEST, GMAC_TAGS, DIRECT_TAGS and REPLY_RUNS: a current replica takes
-    all four; each older release (tests/support/old_replica.py) one less, down to none:
+    """FEATURE_PAYLOAD_DIGEST, GMAC_TAGS and DIRECT_TAGS: a current replica takes all three;
+    one of the release before direct tags the first two, one of the release before GMAC tags
+    the digest only, one of the release before that none (tests/support/old_replica.py):
     each refusal is WELCOME 3, and the client connects again offering one feature less.
     Frame MACs are on either way, and small and bulk frames in both directions carry the
     data intact."""
     digest, gmac = proto.FEATURE_PAYLOAD_DIGEST, proto.FEATURE_GMAC_TAGS
-    direct, runs = proto.FEATURE_DIRECT_TAGS, proto.FEATURE_REPLY_RUNS
+    direct = proto.FEATURE_DIRECT_TAGS
     for name, program, features in (("current", ("-m", "blockhorn.replica"),
-                                     digest | gmac | direct | runs),
-                                    ("before-runs", OLD_BEFORE_RUNS, digest | gmac | direct),
+                                     digest | gmac | direct),
                                     ("before-direct", OLD_BEFORE_DIRECT, digest | gmac),
                                     ("before-gmac", OLD_BEFORE_GMAC, digest),
                                     ("previous", OLD_REPLICA, 0)):
@@ -254,50 +252,13 @@ def test_payload_digest_is_used_and_an_older_replica_is_served_without(tmp_path)
             assert c.offer == features
             assert c.tx.digest is None or c.tx.digest.gmac == bool(features & gmac)
             assert c.tx.direct == c.rx.direct == bool(features & direct)
-            assert c.runs == bool(features & runs)
             for n in (4096, MiB):
                 data = os.urandom(n)
                 c.request(Op.WRITE, 0, n, data)
                 assert read_back(c, 0, n) == data
-            # Writes in flight together: their replies come back in runs where taken.
-            calls = [Call(1) for _ in range(16)]
-            for i, call in enumerate(calls):
-                c.submit(call, Op.WRITE, i * 4096, 4096, bytes([i]) * 4096)
-            assert all(call.wait(10) and call.results == {c.name: 0} for call in calls)
-            assert read_back(c, 0, 16 * 4096) == b"".join(bytes([i]) * 4096
-                                                          for i in range(16))
             c.close()
         finally:
             rep.stop()
-
-
-def test_replies_sent_together_go_as_one_run_under_one_tag(tmp_path) -> None:
-    """FEATURE_REPLY_RUNS: requests that arrive together are answered by one run of bare
-    replies, every one but the last flagged TAG_LATER, and one tag over all their headers;
-    a session without the feature gets one tag per reply (the other tests here)."""
-    rep = start(str(tmp_path))
-    features = proto.FEATURE_FRAME_MAC | proto.FEATURE_PAYLOAD_DIGEST | proto.GMAC_FEATURES
-    peer = RawPeer(rep.cfg.listen, load_key(rep.cfg.key_file), features=features)
-    try:
-        assert peer.status == 0 and peer.tx is not None and peer.rx is not None
-        frames = b""
-        for seq in range(1, 6):
-            frame = proto.pack(Op.WRITE, seq, seq * 4096, 4096, 4096) + bytes([seq]) * 4096
-            frames += frame + peer.tx.tag([frame])
-        peer.sock.sendall(frames)           # one segment on loopback: one receive
-        heads = [recv_exact(peer.sock, proto.HEADER_SIZE)]
-        while proto.unpack(heads[-1]).flags & proto.FLAG_TAG_LATER:
-            heads.append(recv_exact(peer.sock, proto.HEADER_SIZE))
-        tag = recv_exact(peer.sock, proto.TAG_SIZE)
-        assert [(h.seq, h.status) for h in map(proto.unpack, heads)] == [
-            (seq, 0) for seq in range(1, 6)]
-        peer.rx.check_header(b"".join(heads), b"", tag)
-        h, got = peer.call(Op.READ, 6, 4096, 5 * 4096)
-        assert (h.seq, h.status) == (6, 0)
-        assert got == b"".join(bytes([seq]) * 4096 for seq in range(1, 6))
-    finally:
-        peer.close()
-        rep.stop()
 
 
 def test_a_large_frame_arriving_slowly_over_tcp_is_received_whole(tmp_path) -> None:

@@ -175,26 +175,6 @@ def test_direct_tags_examples_verify() -> None:
         proto.FrameMac(c2s, proto.PayloadDigest(keys), direct=True)
 
 
-def test_reply_runs_example_verifies() -> None:
-    """FORMAT.md's REPLY_RUNS example: two replies as one run (the first flagged TAG_LATER)
-    under one tag, as `tag_run` makes it and as the engine's receiver checks it."""
-    block = hex_blocks()[18]
-    first, second, tag = (block[:proto.HEADER_SIZE], block[proto.HEADER_SIZE:-proto.TAG_SIZE],
-                          block[-proto.TAG_SIZE:])
-    assert proto.unpack(first).flags == proto.FLAG_TAG_LATER and proto.unpack(first).seq == 5
-    assert proto.unpack(second).flags == 0 and proto.unpack(second).seq == 6
-    key, server_nonce, client_nonce = bytes(32), bytes(range(32)), bytes(range(32, 64))
-    _, s2c = proto.session_keys(key, server_nonce, client_nonce, "vol")
-    keys = proto.digest_key(key)
-    tx = proto.FrameMac(s2c, proto.PayloadDigest(keys, gmac=True), direct=True)
-    tx.counter = 4
-    assert b"".join(tx.tag_run([proto.pack(Op.WRITE | REPLY, 5),
-                                proto.pack(Op.WRITE | REPLY, 6)])) == block
-    rx = proto.FrameMac(s2c, proto.PayloadDigest(keys, gmac=True), direct=True)
-    rx.counter = 4
-    rx.check_header(first + second, b"", tag)
-
-
 def test_message_examples() -> None:
     write, reply, failed = hex_blocks()[3:6]
     h = proto.unpack(write)

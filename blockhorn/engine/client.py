@@ -99,8 +99,8 @@ class ReplicaClient:
         self.error = ""
         # The session features this client offers beyond frame MACs; a replica of an older
         # release refuses what it does not know (WELCOME 3) and the client connects again
-        # offering less: first without FEATURE_REPLY_RUNS, then without DIRECT_TAGS, then
-        # without GMAC_TAGS, then without PAYLOAD_DIGEST too.
+        # offering less: first without FEATURE_DIRECT_TAGS, then without GMAC_TAGS, then
+        # without PAYLOAD_DIGEST too.
         self.offer = proto.FEATURE_PAYLOAD_DIGEST | (
             proto.GMAC_FEATURES if proto.fast_gmac() else 0)
         # Frame MACs (proto.FrameMac), when the handshake turned them on: `tx` tags requests
@@ -110,10 +110,6 @@ class ReplicaClient:
         self._mac: Any = None               # the MAC of the reply being received
         self._tag = bytearray(proto.TAG_SIZE)
         self._tag_have = 0
-        # FEATURE_REPLY_RUNS: the bare replies of a run received so far (header bytes, header),
-        # completed once the run's tag checks
-        self._run: list[tuple[bytes, proto.Header]] = []
-        self.runs = False
         # Reply parser state (only the receiver thread touches it).
         self._buf = bytearray(RECV_BUFFER)
         self._view = memoryview(self._buf)
@@ -135,9 +131,8 @@ class ReplicaClient:
                     raise
             # A replica of an older release (mid-upgrade): again, offering one feature less.
             # Frame MACs stay as negotiated; only the tag's form differs.
-            drop = next(f for f in (proto.FEATURE_REPLY_RUNS, proto.FEATURE_DIRECT_TAGS,
-                                    proto.FEATURE_GMAC_TAGS, proto.FEATURE_PAYLOAD_DIGEST)
-                        if self.offer & f)
+            drop = next(f for f in (proto.FEATURE_DIRECT_TAGS, proto.FEATURE_GMAC_TAGS,
+                                    proto.FEATURE_PAYLOAD_DIGEST) if self.offer & f)
             log.info("replica %s does not take feature 0x%04x: connecting without",
                      self.name, drop)
             self.offer &= ~drop
@@ -191,7 +186,6 @@ class ReplicaClient:
             dg = (proto.PayloadDigest(proto.digest_key(self.key),
                                       bool(features & proto.FEATURE_GMAC_TAGS))
                   if features & proto.FEATURE_PAYLOAD_DIGEST else None)
-            self.runs = bool(features & proto.FEATURE_REPLY_RUNS)
             direct = bool(features & proto.FEATURE_DIRECT_TAGS)
             self.tx, self.rx = (proto.FrameMac(c2s, dg, direct),
                                 proto.FrameMac(s2c, dg, direct))
@@ -422,23 +416,11 @@ class ReplicaClient:
                 h = proto.unpack(view, pos)
                 if not h.op & REPLY:
                     raise ProtocolError(f"expected a reply, got op {h.op}")
-                if h.flags & proto.FLAG_TAG_LATER:
-                    # A reply of a run (FEATURE_REPLY_RUNS): completed when the run's tag,
-                    # after its last reply, checks.
-                    if not self.runs or h.payload or len(self._run) >= proto.MAX_RUN:
-                        raise ProtocolError("unexpected reply without a tag")
-                    self._run.append((bytes(view[pos:pos + HEADER_SIZE]), h))
-                    pos += HEADER_SIZE
-                    continue
                 if not h.payload and (self.rx is None or filled - pos >= HEADER_SIZE
                                       + proto.TAG_SIZE):
                     # A bare reply (every write's acknowledgement) with its tag at hand: the
                     # whole reply in one step, without the streaming state below.
                     end = pos + HEADER_SIZE
-                    if self._run:
-                        self._end_run(view[pos:end], view[end:end + proto.TAG_SIZE])
-                        pos = end + proto.TAG_SIZE
-                        continue
                     entry = self.pending.pop(h.seq, None)
                     if self.rx is not None:
                         try:
@@ -453,10 +435,6 @@ class ReplicaClient:
                     if entry is not None:
                         entry[0].complete(self.name, h.status)
                     continue
-                if self._run:
-                    if not h.payload:
-                        break       # the run's last reply: its tag is not all in yet
-                    raise ProtocolError("a run of replies ends in a reply with payload")
                 if self.rx is not None:
                     self._mac = self.rx.begin(h.payload)
                     self._mac.update(view[pos:pos + HEADER_SIZE])
@@ -486,25 +464,6 @@ class ReplicaClient:
             self._pos, self._filled = 0, filled - pos
         else:
             self._pos = pos
-
-    def _end_run(self, last: memoryview, tag: memoryview) -> None:
-        """The last reply of a run and the run's tag: check it over every header of the run,
-        then complete their calls (a bad tag fails them all and drops the connection)."""
-        run, self._run = self._run, []
-        run.append((bytes(last), proto.unpack(last)))
-        assert self.rx is not None     # runs are negotiated with frame MACs only
-        try:
-            self.rx.check_header(b"".join(raw for raw, _ in run), b"", tag)
-        except ProtocolError:
-            for _, h in run:
-                entry = self.pending.pop(h.seq, None)
-                if entry is not None:
-                    entry[0].complete(self.name, errno.EIO)
-            raise
-        for _, h in run:
-            entry = self.pending.pop(h.seq, None)
-            if entry is not None:
-                entry[0].complete(self.name, h.status)
 
     def _finish(self) -> None:
         """The current reply is complete: check its tag (frame MACs), complete its call. A

@@ -37,8 +37,6 @@ REPLY = 0x80
 FLAG_FUA = 0x0001          # WRITE/ZERO: data durable (fdatasync) before the reply
 FLAG_MAY_TRIM = 0x0002     # ZERO: the replica may punch a hole instead of writing zeros
 FLAG_VECTOR = 0x0004       # READ_LAYER/WRITE_LAYER: many ranges in one request (a resync)
-FLAG_TAG_LATER = 0x0008    # a bare reply without its tag: the next tag covers it (REPLY_RUNS)
-MAX_RUN = 64               # replies in one run (REPLY_RUNS); a longer one is a protocol error
 VECTOR_RANGE = struct.Struct("<QI")    # one range of a vector request: offset, length
 MAX_VECTOR = 4096                      # ranges one vector request may carry
 MAX_PAYLOAD = MAX_REQUEST + 4096
@@ -136,14 +134,9 @@ FEATURE_GMAC_TAGS = 0x0004
 # tags". Inside the data path each crypto call costs several times its warm cost, so one call
 # less per small frame is what counts. Negotiated as GMAC_TAGS (an older replica refuses it).
 FEATURE_DIRECT_TAGS = 0x0008
-# With GMAC_TAGS: the bare replies a replica sends together may go as one run under one tag
-# (FLAG_TAG_LATER on all but the last; FORMAT.md §2, "Reply runs"): one GMAC per run instead of
-# one per reply, in the replica and in the engine that checks them.
-FEATURE_REPLY_RUNS = 0x0010
 KNOWN_FEATURES = (FEATURE_FRAME_MAC | FEATURE_PAYLOAD_DIGEST | FEATURE_GMAC_TAGS
-                  | FEATURE_DIRECT_TAGS | FEATURE_REPLY_RUNS)
-# offered and taken with `fast_gmac`, in the order an engine gives them up for an older replica
-GMAC_FEATURES = FEATURE_GMAC_TAGS | FEATURE_DIRECT_TAGS | FEATURE_REPLY_RUNS
+                  | FEATURE_DIRECT_TAGS)
+GMAC_FEATURES = FEATURE_GMAC_TAGS | FEATURE_DIRECT_TAGS   # offered and taken with `fast_gmac`
 FRAME_AUTH_SETTINGS = ("auto", "on", "off")
 
 
@@ -247,8 +240,7 @@ def verify_auth_epoch(key: bytes, volume: str, server_nonce: bytes, body: bytes,
     if base != volume:
         raise AuthError("handshake refused: wrong cluster key or volume name")
     if features & ~known or hello_features & ~features or (
-            features & (FEATURE_DIRECT_TAGS | FEATURE_REPLY_RUNS)
-            and not features & FEATURE_GMAC_TAGS
+            features & FEATURE_DIRECT_TAGS and not features & FEATURE_GMAC_TAGS
             or features & FEATURE_GMAC_TAGS and not features & FEATURE_PAYLOAD_DIGEST
             or features & FEATURE_PAYLOAD_DIGEST and not features & FEATURE_FRAME_MAC):
         raise FeatureRefused(f"handshake refused: features 0x{features:04x} asked, "
@@ -316,9 +308,7 @@ def verify_welcome(key: bytes, volume: str, server_nonce: bytes, client_nonce: b
 # header | d). With FEATURE_DIRECT_TAGS as well, a frame with a payload under BULK_MIN skips d:
 #   tag = GMAC(session AES key, nonce i u64 | 01 00 00 00, header | payload)
 # one call per small frame instead of two (what a small write costs in the data path is the
-# number of crypto calls, not the bytes). With FEATURE_REPLY_RUNS, bare replies sent together
-# form a run: all but the last carry FLAG_TAG_LATER and no tag, and the run's one tag (one
-# counter) is that of a frame whose header is the concatenation of the run's headers.
+# number of crypto calls, not the bytes).
 
 TAG_SIZE = 16            # bytes; a 128-bit tag
 BULK_MIN = 32 << 10      # payload bytes from which a frame is tagged with GMAC
@@ -586,18 +576,6 @@ class FrameMac:
         counter = self.counter.to_bytes(8, "little")
         self.counter += 1
         return self._digested(counter, header, d)
-
-    def tag_run(self, headers: list[bytes]) -> list[bytes]:
-        """The wire buffers of bare replies sent together (FEATURE_REPLY_RUNS): every header
-        but the last with FLAG_TAG_LATER, then one tag over all of them (`tag_header` of their
-        concatenation: one counter, one GMAC)."""
-        if len(headers) == 1:
-            return [headers[0], self.tag_header(headers[0])]
-        out = [h[:4] + (int.from_bytes(h[4:6], "little") | FLAG_TAG_LATER).to_bytes(2, "little")
-               + h[6:] for h in headers[:-1]]
-        out.append(headers[-1])
-        out.append(self.tag_header(b"".join(out)))
-        return out
 
     def check_header(self, header: Any, d: bytes, tag: bytes | bytearray | memoryview) -> None:
         """Check the tag of the next frame, whose form `tag_header` describes."""

@@ -76,7 +76,6 @@ class Session:
     rx: proto.FrameMac | None = None      # checks request tags (frame MACs on)
     tx: proto.FrameMac | None = None      # tags replies
     admitted: int = 0                     # the server's `claims` when it was admitted
-    runs: bool = False                    # FEATURE_REPLY_RUNS: bare replies in runs
 
 
 class ReplicaServer:
@@ -226,8 +225,7 @@ class ReplicaServer:
         dg = (proto.PayloadDigest(self.digest_keys, bool(features & proto.FEATURE_GMAC_TAGS))
               if features & proto.FEATURE_PAYLOAD_DIGEST else None)
         direct = bool(features & proto.FEATURE_DIRECT_TAGS)
-        return Session(epoch, proto.FrameMac(c2s, dg, direct), proto.FrameMac(s2c, dg, direct),
-                       runs=bool(features & proto.FEATURE_REPLY_RUNS))
+        return Session(epoch, proto.FrameMac(c2s, dg, direct), proto.FrameMac(s2c, dg, direct))
 
     async def loop(self, sock: trio.socket.SocketType, session: Session) -> None:
         """Hand the authenticated connection to a worker thread running `serve_blocking`;
@@ -261,7 +259,6 @@ class ReplicaServer:
         session = session or Session(0, admitted=self.claims)
         rx, tx = session.rx, session.tx
         tag = proto.TAG_SIZE if rx is not None else 0
-        runs = session.runs      # FEATURE_REPLY_RUNS: bare replies sent together share a tag
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         filled = 0
@@ -302,7 +299,6 @@ class ReplicaServer:
             filled += n
             pos = partial = 0
             replies: list[Any] = []
-            run: list[bytes] = []     # bare replies not tagged yet (REPLY_RUNS)
             fenced = False
             while filled - pos >= HEADER_SIZE and not fenced:
                 h = proto.unpack(buf, pos)
@@ -329,21 +325,9 @@ class ReplicaServer:
                     reply = [proto.pack(h.op | REPLY, h.seq, h.offset, h.length,
                                         status=e.errno)]
                     fenced = True
-                if tx is None:
-                    replies += reply
-                elif runs and len(reply) == 1:
-                    run.append(reply[0])
-                    if len(run) == proto.MAX_RUN:
-                        replies += tx.tag_run(run)
-                        run = []
-                else:
-                    if run:
-                        replies += tx.tag_run(run)
-                        run = []
+                if tx is not None:
                     reply.append(tx.tag_header(reply[0]) if len(reply) == 1 else tx.tag(reply))
-                    replies += reply
-            if run:
-                replies += tx.tag_run(run)      # type: ignore[union-attr]  # runs: tx set
+                replies += reply
             if pos:
                 buf[:filled - pos] = view[pos:filled]
                 filled -= pos

@@ -1,12 +1,10 @@
 """A replica server as an older release: before FEATURE_PAYLOAD_DIGEST it takes frame MACs but
 refuses the payload digest (WELCOME 3), as an older replica does during a rolling upgrade;
 with `--before-gmac`, as the release after that and before FEATURE_GMAC_TAGS; with
-`--before-direct`, as the release after that and before FEATURE_DIRECT_TAGS; with
-`--before-runs`, as the release after that and before FEATURE_REPLY_RUNS.
+`--before-direct`, as the release after that and before FEATURE_DIRECT_TAGS.
 
-Run as `python tests/support/old_replica.py [--before-gmac|--before-direct|--before-runs]
-CONFIG.json` (harness `replica_program=PROGRAM`, `BEFORE_GMAC`, `BEFORE_DIRECT` or
-`BEFORE_RUNS`).
+Run as `python tests/support/old_replica.py [--before-gmac|--before-direct] CONFIG.json`
+(harness `replica_program=PROGRAM`, `BEFORE_GMAC` or `BEFORE_DIRECT`).
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from blockhorn.replica.server import ReplicaServer, main  # noqa: E402
 PROGRAM = (os.path.abspath(__file__),)
 BEFORE_GMAC = (os.path.abspath(__file__), "--before-gmac")
 BEFORE_DIRECT = (os.path.abspath(__file__), "--before-direct")
-BEFORE_RUNS = (os.path.abspath(__file__), "--before-runs")
 
 
 class OldReplicaServer(ReplicaServer):
@@ -45,20 +42,11 @@ class BeforeDirectReplicaServer(ReplicaServer):
                          | proto.FEATURE_GMAC_TAGS)
 
 
-class BeforeRunsReplicaServer(ReplicaServer):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.features = proto.KNOWN_FEATURES & ~proto.FEATURE_REPLY_RUNS
-
-
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--before-gmac":
         sys.exit(main(sys.argv[2], BeforeGmacReplicaServer))
     if len(sys.argv) == 3 and sys.argv[1] == "--before-direct":
         sys.exit(main(sys.argv[2], BeforeDirectReplicaServer))
-    if len(sys.argv) == 3 and sys.argv[1] == "--before-runs":
-        sys.exit(main(sys.argv[2], BeforeRunsReplicaServer))
     if len(sys.argv) != 2:
-        sys.exit("usage: old_replica.py [--before-gmac|--before-direct|--before-runs] "
-                 "CONFIG.json")
+        sys.exit("usage: old_replica.py [--before-gmac|--before-direct] CONFIG.json")
     sys.exit(main(sys.argv[1], OldReplicaServer))

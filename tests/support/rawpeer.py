@@ -48,11 +48,7 @@ class RawPeer:
         self.tx = self.rx = None
         if self.status == 0 and self.features & proto.FEATURE_FRAME_MAC:
             c2s, s2c = proto.session_keys(key, server_nonce, client_nonce, raw)
-            f = self.features
-            dg = (proto.PayloadDigest(proto.digest_key(key), bool(f & proto.FEATURE_GMAC_TAGS))
-                  if f & proto.FEATURE_PAYLOAD_DIGEST else None)
-            direct = bool(f & proto.FEATURE_DIRECT_TAGS)
-            self.tx, self.rx = proto.FrameMac(c2s, dg, direct), proto.FrameMac(s2c, dg, direct)
+            self.tx, self.rx = proto.FrameMac(c2s), proto.FrameMac(s2c)
 
     def send(self, op: int, seq: int = 1, offset: int = 0, length: int = 0,
              payload: bytes = b"", flags: int = 0) -> None:
