@@ -182,13 +182,9 @@ class ReplicaClient:
         proto.verify_welcome(self.key, self.volume, server_nonce, client_nonce,
                              recv_exact(sock, proto.WELCOME_SIZE), features)
         if features & proto.FEATURE_FRAME_MAC:
-            c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, self.volume)
-            dg = (proto.PayloadDigest(proto.digest_key(self.key),
-                                      bool(features & proto.FEATURE_GMAC_TAGS))
-                  if features & proto.FEATURE_PAYLOAD_DIGEST else None)
-            direct = bool(features & proto.FEATURE_DIRECT_TAGS)
-            self.tx, self.rx = (proto.FrameMac(c2s, dg, direct),
-                                proto.FrameMac(s2c, dg, direct))
+            self.tx, self.rx = proto.session_macs(
+                features, proto.session_keys(self.key, server_nonce, client_nonce, self.volume),
+                proto.digest_key(self.key))
 
     def close(self, reason: str = "closed") -> None:
         """Drop the connection; pending calls fail with EIO. Safe to call more than once."""

@@ -23,7 +23,7 @@ import os
 import time
 from typing import Any
 
-from blockhorn.control.store import ProcessRecord, StateStore, VolumeRow
+from blockhorn.control.store import ProcessRecord, ReplicaRow, StateStore, VolumeRow
 from blockhorn.fsutil import atomic_write
 from blockhorn.manager import process
 from blockhorn.manager.paths import Home
@@ -45,7 +45,8 @@ def attach_requested(vm: VolumeManager, vol: VolumeRow) -> bool:
             and vm.store.engine(vol.name).process is None)
 
 
-def create_missing_replicas(vm: VolumeManager, vol: VolumeRow) -> None:
+def create_missing_replicas(vm: VolumeManager, vol: VolumeRow,
+                            reps: list[ReplicaRow] | None = None) -> None:
     """Create this node's replicas that have no directory yet: of a volume made on another
     node (`volume create` writes only the store there), or moved here (manager/leader.py).
     While the volume is fresh (never attached) a replica is created as a member of the
@@ -60,12 +61,14 @@ def create_missing_replicas(vm: VolumeManager, vol: VolumeRow) -> None:
     asks for (a member of the newest in-sync set, which may be the only one holding the
     newest writes) and the rule would start from an older replica and resync the empty one
     from it, losing acknowledged writes. The start then names the replica to bring back, or
-    an explicit salvage decides (docs/DURABILITY.md, "Generations")."""
+    an explicit salvage decides (docs/DURABILITY.md, "Generations"). `reps`: the volume's
+    replicas when the caller read them already."""
     if vm.cluster is None:
         return   # one host: `create` made every replica; a missing one is replenishment's
     from blockhorn.manager.replenish import disk_of
     from blockhorn.replica.store import Replica
-    reps = vm.store.replicas(vol.name)
+    if reps is None:
+        reps = vm.store.replicas(vol.name)
     for r in reps:
         if not vm.is_local(r):
             continue

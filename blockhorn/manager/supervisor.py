@@ -253,22 +253,24 @@ class Supervisor:
                 if not got:
                     return   # an attach/detach/rm is working on it; look next tick
                 vol = self.store.volume(vol.name)
-                across.create_missing_replicas(self.volumes, vol)
+                reps = self.store.replicas(vol.name)
+                across.create_missing_replicas(self.volumes, vol, reps)
                 if vol.desired != "attached":
                     moves.stop_targets(self, vol)
-                    self._forget_dead_replicas(vol)
+                    self._forget_dead_replicas(vol, reps)
                 if leftovers and vol.desired != "attached":
                     log.info("volume %s was detached: stopping this node's part", vol.name)
                     self.volumes._teardown(vol.name)
         except (BlockhornError, OSError) as e:
             log.error("volume %s: %s", vol.name, e)
 
-    def _forget_dead_replicas(self, vol: VolumeRow) -> None:
+    def _forget_dead_replicas(self, vol: VolumeRow, reps: list[ReplicaRow]) -> None:
         """A detached volume's replica of this node whose recorded process is dead (it died
         or was killed, and the detach came before its restart): the record goes, as a
         detach's stop clears it for a live one. Else `volume show` shows the dead pid for
-        good, and waiting for a detached volume's replicas to stop never ends."""
-        for r in self.store.replicas(vol.name):
+        good, and waiting for a detached volume's replicas to stop never ends. `reps`: read
+        under the volume's lock (only this node starts its replicas, under that lock)."""
+        for r in reps:
             if r.process is not None and self.volumes.is_local(r) \
                     and not process.alive(r.process):
                 log.info("replica %s of detached %s: its process %d is gone", r.name,

@@ -458,6 +458,16 @@ def session_keys(key: bytes, server_nonce: bytes, client_nonce: bytes,
     return blocks[0] + blocks[2], blocks[1] + blocks[3]
 
 
+def session_macs(features: int, keys: tuple[bytes, bytes],
+                 digest_keys: bytes) -> tuple[FrameMac, FrameMac]:
+    """The (client->server, server->client) MACs of a session using frame MACs with
+    `features`, from `session_keys` and the cluster's `digest_key`."""
+    dg = (PayloadDigest(digest_keys, bool(features & FEATURE_GMAC_TAGS))
+          if features & FEATURE_PAYLOAD_DIGEST else None)
+    direct = bool(features & FEATURE_DIRECT_TAGS)
+    return FrameMac(keys[0], dg, direct), FrameMac(keys[1], dg, direct)
+
+
 class _Gathered:
     """A small frame with FEATURE_DIRECT_TAGS, fed in pieces: gathered (under BULK_MIN bytes of
     payload), then tagged in one call."""
@@ -588,10 +598,8 @@ class FrameMac:
         digest when the caller has it already (the same write to several replicas)."""
         if len(buffers) == 1 and len(buffers[0]) == HEADER_SIZE:
             return self.tag_header(buffers[0])      # no payload: the same in both forms
-        if self.direct:
-            frame = b"".join(buffers)
-            if len(frame) - HEADER_SIZE < BULK_MIN:     # one GMAC over the whole frame
-                return self.tag_header(frame)
+        if self.direct and sum(map(len, buffers)) - HEADER_SIZE < BULK_MIN:
+            return self.tag_header(b"".join(buffers))   # one GMAC over the whole frame
         if self.digest is not None and len(buffers[0]) == HEADER_SIZE:
             if d is None:
                 d = self.digest.of(buffers[1:], sum(map(len, buffers)) - HEADER_SIZE)

@@ -221,11 +221,10 @@ class ReplicaServer:
                                                  features=features)])
         if not features & proto.FEATURE_FRAME_MAC:
             return Session(epoch)
-        c2s, s2c = proto.session_keys(self.key, server_nonce, client_nonce, name)
-        dg = (proto.PayloadDigest(self.digest_keys, bool(features & proto.FEATURE_GMAC_TAGS))
-              if features & proto.FEATURE_PAYLOAD_DIGEST else None)
-        direct = bool(features & proto.FEATURE_DIRECT_TAGS)
-        return Session(epoch, proto.FrameMac(c2s, dg, direct), proto.FrameMac(s2c, dg, direct))
+        rx, tx = proto.session_macs(
+            features, proto.session_keys(self.key, server_nonce, client_nonce, name),
+            self.digest_keys)
+        return Session(epoch, rx, tx)
 
     async def loop(self, sock: trio.socket.SocketType, session: Session) -> None:
         """Hand the authenticated connection to a worker thread running `serve_blocking`;
