@@ -561,10 +561,12 @@ def test_a_dead_replica_process_record_goes_once_detached(site: Site) -> None:
     """A replica process that died while attached, the volume detached before its node's
     daemon restarted it (the daemon paused here): once that daemon runs again, the record
     of the dead process goes, so `volume show` no longer names its pid and waiting for the
-    volume's replicas to stop ends. (The record stayed for good: seen in a CI run.)"""
+    volume's replicas to stop ends; the data written before reads back. (The record stayed
+    for good: seen in a CI run.)"""
     a, b, c = site.hosts
     assert site.create_avoiding(a, "dz", 2, [a]) == {b.name, c.name}
     site.cli(a, "volume", "attach", "dz", "--frontend", "none")
+    acked = digest(site.show(a, "dz")["endpoint"], write_seed=51)
     assert b.proc is not None
     pid = _replica_on(site, a, "dz", b)["pid"]
     os.kill(b.proc.pid, signal.SIGSTOP)     # briefly: well within its node lease
@@ -575,4 +577,5 @@ def test_a_dead_replica_process_record_goes_once_detached(site: Site) -> None:
         os.kill(b.proc.pid, signal.SIGCONT)
     wait_stopped(site, a, "dz")
     assert_detached(site, a, "dz")
+    assert attach_sum(site, "dz", c) == acked
     site.cli(a, "volume", "rm", "dz")
