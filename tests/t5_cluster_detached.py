@@ -29,7 +29,6 @@ The cluster is module-scoped and the tests run in this order (they share the vol
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,8 @@ import httpx
 import nbd
 import pytest
 from conftest import needs_root
+from support.backup_util import restored_url_digest as restored_digest
+from support.backup_util import volume_digest as digest
 from support.cluster_site import ROOT, Site, module_site, wait_until
 
 pytestmark = needs_root()
@@ -58,29 +59,6 @@ state: dict[str, Any] = {}   # what the tests in order hand on (checksums, backu
 def site() -> Iterator[Site]:
     with module_site("bhd") as s:
         yield s
-
-
-def digest(uri: str, length: int | None = None, write_seed: int | None = None) -> str:
-    """sha256 of the volume's first `length` bytes (all: None), after writing a pattern of
-    spread 64 KiB blocks and flushing when `write_seed` is given."""
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        size = h.get_size()
-        if write_seed is not None:
-            block = 64 * 1024
-            for i in range(48):
-                off = (i * 7919 * block) % (size - block)
-                h.pwrite(hashlib.sha256(f"{write_seed}-{i}".encode()).digest() * (block // 32),
-                         off - off % 4096)
-            h.flush()
-        d = hashlib.sha256()
-        end = size if length is None else length
-        for off in range(0, end, 4 * MiB):
-            d.update(h.pread(min(4 * MiB, end - off), off))
-        return d.hexdigest()
-    finally:
-        h.shutdown()
 
 
 def attach_sum(site: Site, volume: str, host: Any, length: int | None = None,
@@ -460,25 +438,6 @@ def test_backup_reads_only_an_in_sync_replica(site: Site) -> None:
         wait_stopped(site, a, "bf")
     site.cli(a, "volume", "rm", "bf")
     print(f"backup with a stale replica, read from the in-sync one: {t_backup:.1f} s")
-
-
-def restored_digest(target_dir: str, url: str, size: int) -> str:
-    """sha256 of backup `url` restored into a file of `size` bytes."""
-    from blockhorn import backup as bk
-    parsed = bk.decode_backup_url(url)
-    t = bk.open_target(f"file://{target_dir}")
-    path = os.path.join(target_dir, "..", "restored.img")
-    sink = bk.FileSink(path, size)
-    try:
-        bk.restore(t, parsed.volume, str(parsed.backup), sink)
-    finally:
-        sink.close()
-        t.close()
-    d = hashlib.sha256()
-    with open(path, "rb") as f:
-        d.update(f.read())
-    os.unlink(path)
-    return d.hexdigest()
 
 
 def test_expand_checks_every_replicas_disk(site: Site) -> None:

@@ -484,3 +484,39 @@ def test_engine_node_daemon_killed_mid_move_resumed(site: Site) -> None:
           "read back the same; verify clean")
     site.cli(a, "volume", "detach", vol)
     site.cli(a, "volume", "rm", vol)
+
+
+def test_detached_volume_drained_with_its_data(site: Site) -> None:
+    """A detached volume's replica is copied before its node is emptied: the drain attaches
+    the volume on the node asked for the move (a maintenance attach). Its only replica is
+    the one drained, so the old way (the replica pointed at once at an empty directory on
+    the new node, the old one removed as a leftover) lost every block; the engine refusing
+    to start, or no room, would have failed the drain and changed nothing."""
+    a, b, c, d = site.hosts   # d is down when run after test 2
+    vol = "mv4"
+    site.cli(a, "node", "update", b.name, "--schedulable", "yes")   # drained by test 3
+    assert site.create_avoiding(a, vol, 1, [a, c, d]) == {b.name}
+    site.cli(a, "volume", "attach", vol, "--frontend", "none")
+    uri = site.show(a, vol)["endpoint"]
+    w = Writer(uri)
+    prefill(w, uri)
+    site.cli(a, "volume", "detach", vol)
+    (old,) = site.show(a, vol)["replicas"]
+    t0 = time.monotonic()
+    got = site.cli(c, "node", "drain", b.name, check=False, timeout=60)
+    took = time.monotonic() - t0
+    assert got.returncode == 0, got.stdout + got.stderr
+    v = site.show(a, vol)
+    (new,) = v["replicas"]
+    assert new["node"] in {a.name, c.name} and new["path"] != old["path"], new
+    assert v["state"] == "detached" and f"moved from node {b.name}" in (v["message"] or ""), v
+    wait_until(lambda: not os.path.exists(old["path"]), 15, f"{b.name} removing {old['path']}")
+    wait_until(lambda: not replica_processes(site, vol), 30, "the replica processes stopped")
+    site.cli(a, "volume", "attach", vol, "--frontend", "none")
+    bad = w.check(site.show(a, vol)["endpoint"])
+    assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
+    print(f"detached 1-replica volume drained from {b.name} to {new['node']} in {took:.1f} s; "
+          f"{len(w.acked)} blocks read back the same after the attach")
+    site.cli(a, "volume", "detach", vol)
+    site.cli(a, "volume", "rm", vol)
+    site.cli(a, "node", "update", b.name, "--schedulable", "yes")

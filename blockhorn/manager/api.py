@@ -206,5 +206,5 @@ def make_app(volumes: VolumeManager, shutdown: Callable[[], None],
         routes += standby_routes(standby, run, endpoint, _body, _only, API_PREFIX)
     routes += backup_routes(volumes, run, endpoint, _body, _only, API_PREFIX, backups)
     if nodes is not None:
-        routes += node_routes(nodes, run, endpoint, _body, _only, API_PREFIX)
+        routes += node_routes(nodes, run, endpoint, _body, _only, API_PREFIX, volumes)
     return Starlette(routes=routes)

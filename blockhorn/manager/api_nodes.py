@@ -11,13 +11,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from blockhorn.manager.nodes import NodeService
+from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import InvalidArgument
 
 Run = Callable[..., Awaitable[Any]]
 
 
 def node_routes(nodes: NodeService, run: Run, endpoint: Any, body: Any, only: Any,
-                prefix: str) -> list[Route]:
+                prefix: str, volumes: VolumeManager | None = None) -> list[Route]:
+    """`volumes`: this node's, for a drain's maintenance attach of a detached volume."""
     @endpoint
     async def list_nodes(request: Request) -> Any:
         return {"nodes": await run(nodes.list_nodes), "this": nodes.name}
@@ -35,7 +37,7 @@ def node_routes(nodes: NodeService, run: Run, endpoint: Any, body: Any, only: An
     async def drain_node(request: Request) -> Any:
         from blockhorn.manager.leader import drain
         only(await body(request), set())
-        return await run(drain, nodes, request.path_params["name"])
+        return await run(drain, nodes, request.path_params["name"], volumes)
 
     @endpoint
     async def list_disks(request: Request) -> Any:

@@ -274,18 +274,14 @@ class BackupService:
         finally:
             source.close()
 
-    def _local_dirs(self, volume: str) -> list[str]:
-        """This node's replica directories of `volume` (on one host: all of them)."""
-        return [r.directory for r in self.store.replicas(volume) if self.volumes.is_local(r)]
-
     def open_source(self, volume: str, snapshot: str) -> Any:
-        """The snapshot to back up (or to clone, manager/snapshots.py): from this node's
-        replica, else (a cluster) from a node that is up and holds one
-        (manager/backup_peer.py); on a cluster only a replica in sync
-        (backup_peer.readable_replicas), so never a Rebuilding, ERR or stale one."""
+        """The snapshot to back up (or to clone, manager/snapshots.py): only from a replica
+        in sync (backup_peer.readable_replicas: the engine's RW ones, or for a detached
+        volume those the generation rule would start from), so never a Rebuilding, ERR or
+        stale one — on one host too, where a stale replica may hold an older snapshot of the
+        same name; this node's, else (a cluster) one on a node that is up
+        (manager/backup_peer.py)."""
         vm = self.volumes
-        if vm.cluster is None:
-            return bk.open_snapshot(self._local_dirs(volume), snapshot)
         from blockhorn.manager.backup_peer import PeerSnapshot, readable_replicas
         readable = readable_replicas(vm, volume)
         errors = []
@@ -298,7 +294,7 @@ class BackupService:
         for r in sorted((r for r in readable if not vm.is_local(r)),
                         key=lambda r: (r.node or "", r.name)):
             node = r.node or ""
-            if not vm.cluster.is_up(node):
+            if vm.cluster is None or not vm.cluster.is_up(node):
                 errors.append(f"node {node}: down")
                 continue
             try:

@@ -4,21 +4,21 @@ One node daemon at a time leads (manager/nodes.py: the store's `try_lead`, on et
 key under the leader's liveness lease, so it passes to another node once the leader's lease
 expires). Only the leader replaces replicas; `node drain` runs on whichever node is asked.
 
-Replacing a replica (`move`, the leader's answer to a dead node, and a drain's of a detached
-volume) is one store change: the replica keeps its name and gets a node, a disk directory and
-an address (a port on the new node) chosen by the scheduler among the nodes that hold no
-replica of the volume. The rest follows from each node reconciling its share:
+Replacing a replica (`move`, the leader's answer to a dead node, and a drain's of a replica
+on a down node) is one store change: the replica keeps its name and gets a node, a disk
+directory and an address (a port on the new node) chosen by the scheduler among the nodes
+that hold no replica of the volume. The rest follows from each node reconciling its share:
 - the new node's supervisor creates the directory (empty and `Rebuilding`: no engine start
   trusts it before its first resync, manager/across.py) and starts the replica process;
 - the old node, if it is alive, stops its process of the replica (no longer its own);
 - the engine's node sees the engine's path for the replica differ from the store's and, once
   the engine holds the old one ERR, tells it `replace_replica`: the engine rebuilds the new
   replica from a current one (engine/rebuild.py).
-A detached volume's replica moved so is rebuilt at the next attach; its old directory is a
-leftover of the old node (removed once that node sees the record).
+Its old directory is a leftover of the old node (removed once that node sees the record).
 
-A drain of an attached volume must not run it short (the old replica is alive, unlike a dead
-node's), so it *moves* the replica instead (`start_move`, docs/DURABILITY.md "Moving a
+A drain must not run a volume short (the old replica is alive, unlike a dead node's; it may
+hold the only current copy), so it *moves* the replica instead — a detached volume's inside a
+maintenance attach on the node asked (manager/maintenance.py) (`start_move`, docs/DURABILITY.md "Moving a
 replica"): the store row keeps pointing at the old replica and gets a `moving` target; the
 target node's supervisor creates the directory there (empty, `Rebuilding`) and runs a second
 process of the replica in it; the engine's node asks the engine to `migrate_replica`, which
@@ -50,13 +50,18 @@ import errno
 import logging
 import os
 import time
+from typing import TYPE_CHECKING, Any
 
 from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
 from blockhorn.control.store import MoveTarget, ReplicaRow, VolumeRow, move_port_owner
 from blockhorn.manager.across import ATTACHING
 from blockhorn.manager.nodes import NodeService
+from blockhorn.manager.replenish import disk_of
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
 from blockhorn.types import BlockhornError, NotFound
+
+if TYPE_CHECKING:
+    from blockhorn.manager.volumes import VolumeManager
 
 log = logging.getLogger("blockhorn.manager")
 
@@ -237,55 +242,130 @@ def start_move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, p: Placement) 
     return MoveTarget(p.node, directory, address)
 
 
-def drain(nodes: NodeService, node: str) -> dict[str, object]:
+def drain(nodes: NodeService, node: str, volumes: VolumeManager | None = None
+          ) -> dict[str, object]:
     """Move every replica off `node`: plan every move first (refused, nothing changed, when
-    one has no room), mark the node unschedulable, then move one replica at a time. A replica
-    of an attached volume is rebuilt on its new node before the old one is dropped, and the
-    drain waits for that before the next (`_wait_moved`); a detached volume's replica is
-    moved at once (its engine resyncs it at the next attach)."""
+    one has no room), mark the node unschedulable, then move one replica at a time, each
+    copied before the old one is dropped: a replica of an attached volume is rebuilt on its
+    new node by the volume's engine (`start_move`) and the drain waits for that
+    (`_wait_moved`) before the next; a detached volume is attached on this node for the
+    length of its moves (a maintenance attach: `volumes`, manager/maintenance.py) and moved
+    the same way. (Moved at once without its data, as it once was, the replica could hold
+    the only current copy: docs/DURABILITY.md, "Moving a replica".) A replica already moving
+    (a drain that failed and is asked again) keeps its target."""
     store = nodes.store
     store.node(node)   # NotFound
     todo = [(v, r, store.replicas(v.name)) for v in store.volumes()
             for r in store.replicas(v.name) if (r.node or nodes.name) == node]
-    planned: list[tuple[Placement, int]] = []
+    planned: list[tuple[Placement, int]] = []   # new placements, counted by the next plans
+    where: list[MoveTarget | Placement] = []
     for v, r, reps in todo:
+        if r.moving is not None and r.moving.give_up is None:
+            where.append(r.moving)
+            continue
         try:
-            planned.append((plan(nodes, v, r, reps, planned), v.size))
+            p = plan(nodes, v, r, reps, planned)
         except Unschedulable as e:
             raise Unschedulable(f"cannot drain node {node}: {e}") from None
+        planned.append((p, v.size))
+        where.append(p)
     store.update_node(node, schedulable=False)
     moved = []
-    for (v, r, reps), (p, _) in zip(todo, planned, strict=True):
+    for (v, r, _), to in zip(todo, where, strict=True):
+        v = store.volume(v.name)
         if v.desired == "attached":
-            t0 = time.monotonic()
-            target = start_move(nodes, v, r, p)
-            store.update_volume(v.name, message=f"replica {r.name} moving to node {p.node} "
-                                "(drain)")
-            if _wait_moved(nodes, v, r, reps, p, target):
-                # Its node may have died after the engine's swap: the move was finished all
-                # the same (the target may hold the only current copy: manager/moves.py).
-                down = ("" if p.node in nodes.up_nodes() else
-                        f"; node {p.node} is down (it died after the engine's swap): the "
-                        "replica is that node's, rebuilt or replaced as any of a down node")
-                store.update_volume(v.name, message=f"replica {r.name} moved from node {node} "
-                                    f"to {p.node} in {time.monotonic() - t0:.0f} s (drain)"
-                                    + down)
+            done = _move_one(nodes, v, r, to, node, None)
+        elif volumes is None:
+            raise BlockhornError(f"volume {v.name} is detached: a drain of it needs the "
+                                 "node's volume manager", errno.EINVAL)
         else:
-            move(nodes, v, r, reps, p)
-        moved.append({"replica": r.name, "volume": v.name, "node": p.node, "disk": p.disk})
+            from blockhorn.manager import maintenance
+            with maintenance.attached_here(volumes, v.name, f"drain of node {node}",
+                                           supervised=True):
+                done = _move_one(nodes, store.volume(v.name), r, to, node,
+                                 store.engine(v.name).control_socket)
+        if done:   # (after the maintenance attach: its detach clears the message)
+            store.update_volume(v.name, message=done)
+        disk = to.disk if isinstance(to, Placement) else (disk_of(to.directory) or "")
+        moved.append({"replica": r.name, "volume": v.name, "node": to.node, "disk": disk})
     log.info("node %s drained: %d replicas moved", node, len(moved))
     return {"node": node, "moved": moved}
 
 
-def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],
-                p: Placement, target: MoveTarget) -> bool:
+def _move_one(nodes: NodeService, v: VolumeRow, r: ReplicaRow, to: MoveTarget | Placement,
+              node: str, engine_here: str | None) -> str | None:
+    """Move replica `r` of attached volume `v` (attached for the drain only when
+    `engine_here`, its engine's control socket on this node, is given) to `to`: a
+    placement, or the target of its move begun before. On a live node the replica is
+    rebuilt at `to` beside the old one, which stays in the volume until the swap
+    (`start_move`); on a down node there is nothing to copy from: it is replaced as the
+    leader replaces a dead node's replica, from the replicas the running engine started
+    from. Returns the volume's message on what was done."""
+    store = nodes.store
+    t0 = time.monotonic()
+    if node not in nodes.up_nodes():
+        if isinstance(to, MoveTarget):
+            raise BlockhornError(
+                f"replica {r.name} of {v.name} was being moved to node {to.node} and its node "
+                f"{node} is down: the leader replaces it after the replenishment wait",
+                errno.EAGAIN)
+        _replace_down(nodes, v, r, to, node, engine_here)
+        return (f"replica {r.name}: its node {node} is down; replaced on {to.node} in "
+                f"{time.monotonic() - t0:.0f} s (drain)")
+    target = to if isinstance(to, MoveTarget) else start_move(nodes, v, r, to)
+    store.update_volume(v.name, message=f"replica {r.name} moving to node {target.node} "
+                        "(drain)")
+    if not _wait_moved(nodes, v, r, target):
+        return None
+    # Its node may have died after the engine's swap: the move was finished all the same
+    # (the target may hold the only current copy: manager/moves.py).
+    down = ("" if target.node in nodes.up_nodes() else
+            f"; node {target.node} is down (it died after the engine's swap): the replica "
+            "is that node's, rebuilt or replaced as any of a down node")
+    return (f"replica {r.name} moved from node {node} to {target.node} in "
+            f"{time.monotonic() - t0:.0f} s (drain)" + down)
+
+
+def _replace_down(nodes: NodeService, v: VolumeRow, r: ReplicaRow, p: Placement, node: str,
+                  engine_here: str | None) -> None:
+    """Replica `r` of `v` is on down node `node`: point it at `p` (`move`), once an engine
+    of `v` started without it — the generation rule then found the data current elsewhere
+    (a replica it still waits for must not be swapped for an empty one of the same name:
+    the module docstring). For a volume attached for the drain only, wait until its engine
+    rebuilt the new replica (RW at the new directory), so that it is detached whole."""
+    if engine_here is None and (v.robustness not in ("healthy", "degraded")
+                                or (v.message or "").startswith(ATTACHING)):
+        raise BlockhornError(f"replica {r.name} of {v.name} is on down node {node} and no "
+                             f"engine of {v.name} has started since its attach (it may wait "
+                             "for that replica): drain again once it runs", errno.EAGAIN)
+    reps = nodes.store.replicas(v.name)
+    move(nodes, v, r, reps, p)
+    if engine_here is None:
+        return    # the engine's node has the engine rebuild it (supervisor)
+    from blockhorn.manager.volumes import engine_status
+    directory = os.path.join(p.disk, "replicas", v.name, r.name)
+    start = time.monotonic()
+    while True:
+        st: dict[str, Any] = next((x for x in engine_status(engine_here).get("replicas", [])
+                   if x.get("name") == r.name), {})
+        if st.get("path") == directory and st.get("mode") == "RW":
+            return
+        if time.monotonic() - start > DRAIN_WAIT_S:
+            raise BlockhornError(f"replica {r.name} of {v.name} was not rebuilt on node "
+                                 f"{p.node} within {DRAIN_WAIT_S:.0f} s (it is that node's "
+                                 "now, rebuilt at the next attach)", errno.ETIMEDOUT)
+        time.sleep(DRAIN_POLL_S)
+
+
+def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, target: MoveTarget) -> bool:
     """Wait until the engine's node finished the move of `r` (the row points at the target).
-    A volume detached meanwhile has its replica moved at once (as a detached volume's);
-    one removed: nothing to wait for (False). A move given up (its target's node died: asked
-    by the leader, carried out by the engine's node once the engine certainly did not swap)
-    fails the drain with the reason; one finished on the target's node although that node
-    died (the engine had swapped it in) is a move done. One that did not finish within
-    DRAIN_WAIT_S is asked to be given up here and fails the drain."""
+    A volume removed meanwhile: nothing to wait for (False); one detached meanwhile fails
+    the drain, the move left to its next attach (a detached volume's replica is never moved
+    without its data). A move given up (its target's node died: asked by the leader,
+    carried out by the engine's node once the engine certainly did not swap) fails the
+    drain with the reason; one finished on the target's node although that node died (the
+    engine had swapped it in) is a move done. One that did not finish within DRAIN_WAIT_S
+    is asked to be given up here and fails the drain."""
     store = nodes.store
     start = time.monotonic()
     while True:
@@ -306,8 +386,9 @@ def _wait_moved(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[Re
                                  f"{row.node or nodes.name}: see `blockhorn volume show "
                                  f"{vol.name}`; drain again", errno.EIO)
         if v.desired != "attached":
-            move(nodes, v, row, reps, p)   # gives the move up: the target is the replica now
-            return False
+            raise BlockhornError(f"volume {vol.name} was detached while its replica {r.name} "
+                                 f"was moving to node {target.node}: the move goes on when it "
+                                 "is attached; drain again to finish it now", errno.EAGAIN)
         if time.monotonic() - start > DRAIN_WAIT_S:
             # Asked, not done: the engine may have swapped the target in (Leader._give_up_moves).
             store.give_up_move(r.name, f"not moved within {DRAIN_WAIT_S:.0f} s")

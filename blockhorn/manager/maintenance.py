@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from blockhorn.types import Busy
@@ -53,26 +53,39 @@ def check_attachable(vol: VolumeRow) -> None:
 
 
 @contextmanager
-def attached_here(vm: VolumeManager, name: str, what: str) -> Iterator[None]:
+def attached_here(vm: VolumeManager, name: str, what: str,
+                  supervised: bool = False) -> Iterator[None]:
     """Attach detached volume `name` on this node with no device for the block, then detach
-    it again (also when the block or the attach fails). The caller holds vm.locked(name)."""
-    vol = vm.store.volume(name)
-    if vol.desired == "attached":
-        raise Busy(f"volume {name!r} is attached on node {vol.node}: ask that node")
-    log.info("volume %s: maintenance attach on %s for %s", name, vm.me, what)
-    vm.store.claim_attachment(name, vm.me, vol.node, desired="attached", frontend="none",
-                              tcp_port=None, robustness=None, attachment=None,
-                              device_stale=False, salvage=None,
-                              message=f"{MAINTENANCE}{vm.me}: {what}")
-    # At once (bring_up sets them too, later): a daemon that dies before must restart the
-    # engine on this node's sockets, not on those of the node that ran it last.
-    vm.store.set_engine_sockets(name, vm.home.nbd_socket(name), vm.home.control_socket(name))
+    it again (also when the block or the attach fails). The caller holds vm.locked(name);
+    with `supervised` it does not, and the lock is held while attaching and while detaching
+    only: the block needs this node's supervision pass, which leaves a locked volume alone
+    (a drain's move: the pass asks the engine to migrate the replica, manager/moves.py).
+    Meanwhile a user's attach is refused by the volume's mark, and a user's detach ends the
+    maintenance attach early (the block sees the volume detached)."""
+    def held() -> AbstractContextManager[Any]:
+        return vm.locked(name) if supervised else nullcontext()
+
+    with held():
+        vol = vm.store.volume(name)
+        if vol.desired == "attached":
+            raise Busy(f"volume {name!r} is attached on node {vol.node}: ask that node")
+        log.info("volume %s: maintenance attach on %s for %s", name, vm.me, what)
+        vm.store.claim_attachment(name, vm.me, vol.node, desired="attached", frontend="none",
+                                  tcp_port=None, robustness=None, attachment=None,
+                                  device_stale=False, salvage=None,
+                                  message=f"{MAINTENANCE}{vm.me}: {what}")
+        # At once (bring_up sets them too, later): a daemon that dies before must restart
+        # the engine on this node's sockets, not on those of the node that ran it last.
+        vm.store.set_engine_sockets(name, vm.home.nbd_socket(name),
+                                    vm.home.control_socket(name))
     try:
-        _wait_remote_started(vm, name)
-        vm.bring_up(name, "none", "rwo")   # no share: nobody mounts it meanwhile
+        with held():
+            _wait_remote_started(vm, name)
+            vm.bring_up(name, "none", "rwo")   # no share: nobody mounts it meanwhile
         yield
     finally:
-        errors = vm.stop_here(name, frontend=None)
+        with held():
+            errors = vm.stop_here(name, frontend=None)
         if errors:
             log.error("volume %s: detach after %s incomplete: %s", name, what,
                       "; ".join(errors))

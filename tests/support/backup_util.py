@@ -10,6 +10,9 @@ import random
 import subprocess
 import sys
 
+import nbd
+
+from blockhorn import backup as bk
 from blockhorn.replica import snapshots as store_snaps
 from blockhorn.replica.store import Replica
 
@@ -115,3 +118,44 @@ src = bk.open_snapshot([{directory!r}], {snap!r})
 bk.create_backup(t, "vol", src, journal_dir={journal!r}, workers=1, on_upload=hook)
 """
     return subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True)
+
+
+def volume_digest(uri: str, length: int | None = None, write_seed: int | None = None) -> str:
+    """sha256 of the volume's first `length` bytes (all: None), after writing a pattern of
+    spread 64 KiB blocks and flushing when `write_seed` is given."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        size = h.get_size()
+        if write_seed is not None:
+            block = 64 * 1024
+            for i in range(48):
+                off = (i * 7919 * block) % (size - block)
+                h.pwrite(hashlib.sha256(f"{write_seed}-{i}".encode()).digest() * (block // 32),
+                         off - off % 4096)
+            h.flush()
+        d = hashlib.sha256()
+        end = size if length is None else length
+        for off in range(0, end, 4 * MiB):
+            d.update(h.pread(min(4 * MiB, end - off), off))
+        return d.hexdigest()
+    finally:
+        h.shutdown()
+
+
+def restored_url_digest(target_dir: str, url: str, size: int) -> str:
+    """sha256 of backup `url` restored into a file of `size` bytes."""
+    parsed = bk.decode_backup_url(url)
+    t = bk.open_target(f"file://{target_dir}")
+    path = os.path.join(target_dir, "..", "restored.img")
+    sink = bk.FileSink(path, size)
+    try:
+        bk.restore(t, parsed.volume, str(parsed.backup), sink)
+    finally:
+        sink.close()
+        t.close()
+    d = hashlib.sha256()
+    with open(path, "rb") as f:
+        d.update(f.read())
+    os.unlink(path)
+    return d.hexdigest()
