@@ -17,7 +17,10 @@ writes, each ending with every acknowledged write read back and `volume verify`:
   return (the leader used to give such a move up, and the node then removed the directory);
 - the engine node's daemon killed (SIGKILL) mid-copy and started again within its lease:
   the migration goes on in the engine, the new daemon finishes the move, the old replica's
-  process and directory go, one process per replica is left.
+  process and directory go, one process per replica is left;
+- a detached 1-replica volume drained: copied through a maintenance attach, every block
+  read back after the next attach (moved at once, as before, it lost them all);
+- a drain of a dead node: its replica replaced at once and rebuilt from the other one.
 
 The cluster is module-scoped and the tests run in this order (each uses the hosts the one
 before left up).
@@ -520,3 +523,53 @@ def test_detached_volume_drained_with_its_data(site: Site) -> None:
     site.cli(a, "volume", "detach", vol)
     site.cli(a, "volume", "rm", vol)
     site.cli(a, "node", "update", b.name, "--schedulable", "yes")
+
+
+def test_drain_of_a_dead_node_replaces_its_replica_at_once(site: Site) -> None:
+    """A drain of a node that died: its replica of an attached volume cannot be copied, so it
+    is replaced as the leader replaces a dead node's (pointed at a new node, rebuilt by the
+    running engine from the other replica), without the replenishment wait (600 s here).
+    Before, the drain began a move that waited for the dead replica to be in sync: 300 s,
+    then it failed."""
+    a, b, c, d = site.hosts
+    vol = "mv5"
+    for h in (b, d):
+        site.cli(a, "node", "update", h.name, "--schedulable", "yes")
+    assert site.create_avoiding(a, vol, 2, [a, b]) == {c.name, d.name}
+    site.cli(a, "volume", "attach", vol, "--frontend", "none")
+    uri = site.show(a, vol)["endpoint"]
+    w = Writer(uri)
+    prefill(w, uri)
+    w.start()
+    wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the kill")
+    site.kill(d)   # not an etcd member
+    t_kill = time.monotonic()
+    try:
+        wait_until(lambda: site.states(a)[d.name] == "down", 30, f"{d.name} down")
+        got = site.cli(a, "node", "drain", d.name, check=False, timeout=60)
+        t_drained = time.monotonic() - t_kill
+        assert got.returncode == 0, got.stdout + got.stderr
+        v = site.show(a, vol)
+        new = {r["node"] for r in v["replicas"]}
+        assert d.name not in new and c.name in new, v["replicas"]
+        assert f"its node {d.name} is down; replaced on" in (v["message"] or ""), v
+        wait_until(lambda: site.healthy_on(a, vol, new), 60, "healthy on the new nodes")
+        t_healthy = time.monotonic() - t_kill
+        w.finish()
+        bad = w.check(uri)
+        assert bad == 0, f"{bad} of {len(w.acked)} acknowledged blocks read back different"
+        verify = site.cli(a, "volume", "verify", vol, check=False)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        w.finish()
+        site.revive(d)
+    # Back, d removes its old directory: the replica is another node's now.
+    wait_until(lambda: site.states(a)[d.name] == "up", 30, f"{d.name} up again")
+    wait_until(lambda: not os.path.exists(os.path.join(d.disk, "replicas", vol)), 20,
+               f"{d.name} removing its old directory of {vol}")
+    print(f"dead node drained {t_drained:.1f} s after the kill, healthy on "
+          f"{', '.join(sorted(new))} {t_healthy:.1f} s after; {w.count} writes, "
+          f"{len(w.acked)} blocks read back the same; verify clean")
+    site.cli(a, "volume", "detach", vol)
+    site.cli(a, "volume", "rm", vol)
+    site.cli(a, "node", "update", d.name, "--schedulable", "yes")
