@@ -83,6 +83,33 @@ def _unchanged(directory: str) -> Iterator[None]:
                              "or a commit): read it again", errno.EAGAIN)
 
 
+class _Checked:
+    """A snapshot read from a replica on this node, every block list and block inside
+    `_unchanged`, as a read served to another node is: a replica that began or went through
+    a rebuild or resync during the backup fails it with EAGAIN (run it again: it resumes)
+    rather than give a block of a layer rewritten under the read."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self.name, self.created, self.size = source.name, source.created, source.size
+        self.directory = source.directory
+
+    def changed_blocks(self, since: str | None, block_size: int) -> list[int] | None:
+        with _unchanged(self.directory):
+            return self._source.changed_blocks(since, block_size)
+
+    def allocated_blocks(self, block_size: int) -> list[int]:
+        with _unchanged(self.directory):
+            return self._source.allocated_blocks(block_size)
+
+    def read(self, offset: int, length: int) -> bytearray:
+        with _unchanged(self.directory):
+            return self._source.read(offset, length)
+
+    def close(self) -> None:
+        self._source.close()
+
+
 class BackupService:
     def __init__(self, volumes: VolumeManager, resume: bool = True) -> None:
         self.volumes = volumes
@@ -288,7 +315,7 @@ class BackupService:
         local = [r.directory for r in readable if vm.is_local(r)]
         if local:
             try:
-                return bk.open_snapshot(local, snapshot)
+                return _Checked(bk.open_snapshot(local, snapshot))
             except NotFound as e:
                 errors.append(f"node {vm.me}: {e}")
         for r in sorted((r for r in readable if not vm.is_local(r)),
