@@ -119,6 +119,18 @@ def prefill(w: Writer, uri: str) -> None:
         h.shutdown()
 
 
+def writing(site: Site, h: Host, volume: str, what: str) -> tuple[str, Writer]:
+    """Attach `volume` on `h` (no device), prefill it and start writing: (NBD URI, writer)
+    once 50 writes were acknowledged."""
+    site.cli(h, "volume", "attach", volume, "--frontend", "none")
+    uri = site.show(h, volume)["endpoint"]
+    w = Writer(uri)
+    prefill(w, uri)
+    w.start()
+    wait_until(lambda: w.count >= 50 or w.error, 20, f"writes before {what}")
+    return uri, w
+
+
 def sockets_to(pid: int, address: str) -> int:
     """How many descriptors of process `pid` (the engine's keeper) and its children (nbdkit,
     the engine) are TCP sockets connected to `address` (ip:port), read in their network
@@ -300,12 +312,7 @@ def test_target_dies_after_the_swap_finished_there_never_swept(site: Site) -> No
                f"{d.name} removing the target directory of the move given up")
     assert site.create_avoiding(b, vol, 2, [c, d]) == {a.name, b.name}
     site.cli(b, "node", "update", c.name, "--schedulable", "no")   # the target: d
-    site.cli(b, "volume", "attach", vol, "--frontend", "none")
-    uri = site.show(b, vol)["endpoint"]
-    w = Writer(uri)
-    prefill(w, uri)
-    w.start()
-    wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the drain")
+    uri, w = writing(site, b, vol, "the drain")
     v = site.show(b, vol)
     old = next(r for r in v["replicas"] if r["node"] == a.name)
     other = next(r for r in v["replicas"] if r["node"] == b.name)
@@ -536,12 +543,7 @@ def test_drain_of_a_dead_node_replaces_its_replica_at_once(site: Site) -> None:
     for h in (b, d):
         site.cli(a, "node", "update", h.name, "--schedulable", "yes")
     assert site.create_avoiding(a, vol, 2, [a, b]) == {c.name, d.name}
-    site.cli(a, "volume", "attach", vol, "--frontend", "none")
-    uri = site.show(a, vol)["endpoint"]
-    w = Writer(uri)
-    prefill(w, uri)
-    w.start()
-    wait_until(lambda: w.count >= 50 or w.error, 20, "writes before the kill")
+    uri, w = writing(site, a, vol, "the kill")
     site.kill(d)   # not an etcd member
     t_kill = time.monotonic()
     try:
