@@ -329,6 +329,7 @@ def revert(r: Replica, name: str) -> None:
     crash in the middle leaves the replica suspect), the revision is bumped and persisted
     after the commit, and the change log starts anew at it (its history is not this
     content's: a sibling behind it is rebuilt in full, never resynced from the log)."""
+    check_name(name, "snapshot")     # from the wire too: never a path
     snap = snap_file(name)
     meta_path = os.path.join(r.directory, snap + ".meta")
     if not os.path.exists(meta_path) or read_json(meta_path).get("Removed"):
