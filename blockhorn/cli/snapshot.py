@@ -99,8 +99,11 @@ def run_snapshot(args: argparse.Namespace, home: Home) -> int:
         elif args.action == "purge":
             c.request("POST", f"{base}/purge")
         elif args.action == "revert":
-            c.request("POST", f"{base}/{args.name}/revert")
+            done = c.request("POST", f"{base}/{args.name}/revert")
             print(f"volume {args.volume} reverted to {args.name}")
+            for rep, why in sorted((done.get("left_out") or {}).items()):
+                print(f"replica {rep} did not revert ({why}): it is out of sync and is "
+                      "rebuilt from the reverted replicas at the next attach", file=sys.stderr)
     return 0
 
 

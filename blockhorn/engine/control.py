@@ -6,7 +6,8 @@ replica: Engine.replace_replica), {"op": "migrate_replica", "replica": NAME, "ad
 ADDRESS, "path": DIR} (a drain's move of an in-sync replica: engine/migrate.py; its progress
 is the replica's `migration` in `status`), {"op": "snapshot", "name": N,
 "labels": {...}}, {"op": "snapshot_rm", "name": N}, {"op": "snapshots"}, {"op": "purge",
-"wait": bool}, {"op": "expand", "size": BYTES}, {"op": "verify", "repair": bool,
+"wait": bool}, {"op": "expand", "size": BYTES}, {"op": "revert", "name": N} (the daemon's
+maintenance attach only, no frontend: engine/revert.py), {"op": "verify", "repair": bool,
 "rate_mib_s": MiB/s, "wait": seconds} (starts a scrub: engine/verify.py), {"op":
 "verify_status"}, {"op": "handover"} (nbd/plugin.py: the engine drains and closes for a live
 upgrade behind the TLS proxy). Reply: a JSON object; errors are {"error": message, "errno": n}.
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockhorn.config import ReplicaRef
+from blockhorn.engine import revert
 from blockhorn.engine.engine import Engine
 from blockhorn.engine.verify import Verifier
 from blockhorn.types import BlockhornError
@@ -104,6 +106,8 @@ class ControlServer:
                 return self.engine.purge(wait=bool(req.get("wait", True)))
             if op == "expand":
                 return self.engine.expand(int(req["size"]))
+            if op == "revert":
+                return revert.revert(self.engine, str(req["name"]))
             if op == "verify":
                 return self.verifier.start(bool(req.get("repair")),
                                            float(req.get("rate_mib_s") or 0),

@@ -79,8 +79,9 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
 
     @endpoint
     async def revert(request: Request) -> Any:
-        await run(locked, request.path_params["name"], snaps.revert, request.path_params["snap"])
-        return {"reverted": request.path_params["snap"]}
+        done = await run(locked, request.path_params["name"], snaps.revert,
+                         request.path_params["snap"])
+        return {"reverted": request.path_params["snap"], **done}
 
     def expand_checked(name: str, size: Any) -> int:
         """Refuse a size the replica disks cannot hold before any replica is touched: the

@@ -2,20 +2,22 @@
 
 While a volume is attached, the engine coordinates every replica (blockhorn.engine); while it
 is detached no process holds the replica directories, and the daemon works on them directly
-with the same store code. Revert is offline only: the data under a mounted file system cannot
-change beneath it.
+with the same store code. Revert needs the volume detached: the data under a mounted file
+system cannot change beneath it.
 
 On a cluster a detached volume's replica directories may be on other nodes: snapshot create,
 list, rm, purge and expand then run through a maintenance attach on the node asked
 (manager/maintenance.py). A clone then reads the snapshot from an in-sync replica, here or on
 a node that holds one (the backup reader, manager/backup_peer.py), and writes the new volume's
-replicas here or through a maintenance attach of it (maintenance.restore_sink). Revert needs
-every replica directory on the node asked; otherwise it is refused with what to do instead. No
-other node's directory is ever opened by its path here: the same path on this node is not it.
+replicas here or through a maintenance attach of it (maintenance.restore_sink). A revert
+goes through a maintenance attach too: the engine reverts every in-sync replica and commits
+those that did; the others are rebuilt from them (engine/revert.py). No other node's
+directory is ever opened by its path here: the same path on this node is not it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -45,6 +47,7 @@ log = logging.getLogger("blockhorn.manager")
 
 CONTROL_TIMEOUT_S = 120.0    # snapshot/purge/expand through the engine may take this long
 CLONE_CHUNK = 4 << 20        # bytes copied per step of a clone
+REVERT_RETRY_S = 0.5         # a revert waiting for a resync right after the attach asks again
 
 
 class SnapshotManager:
@@ -170,16 +173,49 @@ class SnapshotManager:
             folded = self._each_offline(name, store_snaps.purge)
             return {"folded": folded[0] if folded else []}
 
-    def revert(self, name: str, snap: str) -> None:
+    def revert(self, name: str, snap: str) -> dict[str, Any]:
+        """Revert detached volume `name` to `snap`. Returns {"replicas": reverted,
+        "left_out": {replica: why}} (left out: rebuilt from the others at the next attach).
+        On a cluster with replicas elsewhere, through a maintenance attach here: the engine
+        reverts every in-sync replica and commits those that did (engine/revert.py)."""
+        # The store's attachment (etcd on a cluster: every node's), not only this node's
+        # engine; a user's attach while the maintenance attach runs is refused by
+        # maintenance.check_attachable.
         if self._engine(name) is not None or self.store.volume(name).desired == "attached":
             raise Busy(f"volume {name!r} is attached: unmount and detach it, then revert "
                        f"(its data would change under the file system)")
-        self._local_only(name, "snapshot revert", "restore the snapshot from a backup "
-                         f"instead (`blockhorn backup create {name} --snapshot {snap}`, then "
-                         "`blockhorn backup restore URL NEWVOLUME`)")
+        if self.volumes is not None and maintenance.needed(self.volumes, name):
+            return self._revert_across(name, snap)
         self.find(name, snap)
+        # Each replica counts the revert as a mutation (store_snaps.revert): a daemon that
+        # dies between two replicas leaves the reverted ones at a higher revision, which the
+        # next start trusts, rebuilding the others (docs/DURABILITY.md, "Revert").
         self._each_offline(name, lambda r: store_snaps.revert(r, snap))
         log.info("volume %s reverted to snapshot %s", name, snap)
+        return {"replicas": sorted(r.name for r in self.store.replicas(name)), "left_out": {}}
+
+    def _revert_across(self, name: str, snap: str) -> dict[str, Any]:
+        with self.session(name, f"snapshot revert {snap}") as eng:
+            if eng is None:   # pragma: no cover - session attaches it here
+                raise Busy(f"volume {name!r}: no engine for the revert")
+            self.find(name, snap)
+            deadline = time.monotonic() + CONTROL_TIMEOUT_S
+            while True:
+                try:
+                    reply = eng.call({"op": "revert", "name": snap})
+                    break
+                except BlockhornError as e:
+                    # Replicas that came up stale are being resynced right after the
+                    # attach (EBUSY while one is): the revert waits for them.
+                    if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise
+                    time.sleep(REVERT_RETRY_S)
+        left = dict(reply.get("left_out") or {})
+        log.info("volume %s reverted to snapshot %s on %s%s", name, snap,
+                 ", ".join(reply["reverted"]),
+                 "".join(f"; {n} left out ({why}): rebuilt at the next attach"
+                         for n, why in sorted(left.items())))
+        return {"replicas": list(reply["reverted"]), "left_out": left}
 
     def expand(self, name: str, size: int | str, write_configs: Callable[[str], None]) -> int:
         new = parse_size(size)

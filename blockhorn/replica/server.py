@@ -625,6 +625,14 @@ class ReplicaServer:
             self.start_purge()
         elif op == "expand":
             snapshots.expand(r, field(req, "size", int))
+        elif op == "revert":
+            # The engine's revert of a detached volume (engine/revert.py): a new empty head
+            # on the snapshot, counted as a mutation (snapshots.revert). A purge folding
+            # layers beside it would race the chain it replaces: EBUSY, nothing changed.
+            if self.purge_state.get("state") == "running":
+                raise BlockhornError("revert: a purge is running, try again when it ends",
+                                     errno.EBUSY)
+            snapshots.revert(r, field(req, "name", str))
         else:
             raise InvalidArgument(f"unknown control op {op!r}")
         return dict(r.stat(), connections=self.connections)

@@ -322,20 +322,40 @@ def _punch_under_head(r: Replica, snap: str) -> None:
 # --- revert and expand ---------------------------------------------------------------------
 
 def revert(r: Replica, name: str) -> None:
-    """Start a new, empty head on snapshot `name`; the old head's data is dropped."""
+    """Start a new, empty head on snapshot `name`; the old head's data is dropped.
+
+    Counted as one mutation (docs/DURABILITY.md, "Revert"), so a replica that reverted never
+    looks in sync with one that did not: `Dirty` is set durably before anything changes (a
+    crash in the middle leaves the replica suspect), the revision is bumped and persisted
+    after the commit, and the change log starts anew at it (its history is not this
+    content's: a sibling behind it is rebuilt in full, never resynced from the log)."""
+    check_name(name, "snapshot")     # from the wire too: never a path
     snap = snap_file(name)
     meta_path = os.path.join(r.directory, snap + ".meta")
     if not os.path.exists(meta_path) or read_json(meta_path).get("Removed"):
         raise NotFound(f"snapshot {name!r} does not exist")
+    r._mutating()     # refuses a halted replica; Dirty durable before the first change
     old, new = r.head, _next_head(r)
-    _hook(r, "revert:new-head")
-    new_head_file(r.directory, new, snap, r.size)
-    _hook(r, "revert:commit")
-    r.update_meta(Head=new)
-    _hook(r, "revert:cleanup")
-    _remove_files(r.directory, old.name)
-    fsync_dir(r.directory)
-    r.reload()
+    try:
+        _hook(r, "revert:new-head")
+        new_head_file(r.directory, new, snap, r.size)
+        _hook(r, "revert:commit")
+        r.update_meta(Head=new)
+        _hook(r, "revert:cleanup")
+        _remove_files(r.directory, old.name)
+        fsync_dir(r.directory)
+        r.reload()
+        _hook(r, "revert:revision")
+        r.revision += 1
+        r.flush()     # the new head (empty) and the revision counter, durable
+    except BaseException as e:
+        # Part-way: reverted or not, it must not be trusted beside the others (as a failed
+        # write halts a replica: store.py).
+        r.halted = f"revert failed: {type(e).__name__}: {e}"
+        r.suspect = True
+        raise
+    r.changes.reset(r.revision)
+    r.log_generation = None
 
 
 def expand(r: Replica, size: int) -> None:

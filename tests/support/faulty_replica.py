@@ -7,6 +7,8 @@ hooks (a later `fault` replaces them; `{"op": "fault"}` heals):
 - `delay_s`: sleep that long before executing each request (under the store lock, as a slow
   disk would), so requests queue up on the connection;
 - `fail_control`: CONTROL op names answered EIO, to exercise the engine's error paths;
+- `old_control`: CONTROL op names answered as a replica of an older release that does not
+  know them (EINVAL "unknown control op"), nothing changed;
 - `hold_write_at`: the first WRITE at that offset is received and then held: the server
   SIGSTOPs itself before executing it (outside the store lock), and once continued the
   connection's thread waits until a `release` op (any connection) before it executes it, as
@@ -92,6 +94,8 @@ class FaultyReplicaServer(ReplicaServer):
         self._stop_point(op)
         if op in self.fault.get("fail_control", ()):
             raise BlockhornError(f"injected failure of {op}", errno.EIO)
+        if op in self.fault.get("old_control", ()):
+            raise BlockhornError(f"unknown control op {op!r}", errno.EINVAL)
         return super().control(req)
 
 
