@@ -105,6 +105,7 @@ class GenerationMachine(RuleBasedStateMachine):
     mark_old = True       # migrate: the old directory is marked Rebuilding at the swap
     hide_old = True       # a start: an old directory whose target is unreachable hides
     joint = True          # quorum mode: a first commit after a voter change needs both
+    give_up_by_store = False   # a move given up from the store's view (the leader, before)
 
     @initialize(use_record=st.booleans())
     def setup(self, use_record: bool) -> None:
@@ -412,6 +413,32 @@ class GenerationMachine(RuleBasedStateMachine):
         for name, (_old, new) in list(self.moves.items()):
             if self.reps[name] is new:
                 del self.moves[name]
+
+    @precondition(lambda self: bool(self.moves))
+    @rule()
+    def give_up_move(self) -> None:
+        """A move whose target's node died is to be given up (manager/moves.py; docs/
+        DURABILITY.md, "Moving a replica"), decided only by the engine's node from the
+        running engine's view: the target swapped in (it answers for the name) → the move
+        is finished, the target is the replica; the old directory RW in the engine → the
+        move is cancelled and the target directory removed; anything else (no engine, the
+        name not RW) → it waits. `give_up_by_store` is what the leader did before: with no
+        engine to ask it cancelled from the store's view — the row names the old directory
+        again, and the target directory, a leftover of its node, is removed."""
+        for name, (old, new) in list(self.moves.items()):
+            if self.give_up_by_store:
+                if not self.engine_up:
+                    del self.moves[name]
+                    self.reps[name] = old
+                    new.lost, new.running = True, False
+                continue
+            if not self.engine_up:
+                continue
+            if self.reps[name] is new:
+                del self.moves[name]
+            elif self.reps[name] is old and name in self.rw and name not in self.pending_join:
+                del self.moves[name]
+                new.lost, new.running = True, False
 
     @precondition(lambda self: self._up())
     @rule(name=st.sampled_from(NAMES))
@@ -897,6 +924,21 @@ def _move_then_target_down(m: GenerationMachine) -> None:
     m.start_engine(crash_at=None, target_down=True)
 
 
+def _given_up_after_the_swap(m: GenerationMachine) -> None:
+    """Moved and joined; the others fail a write that the target alone takes; the engine
+    dies, and the target's node too: the move is to be given up. The next start (the
+    target's node back) must take the target for the name."""
+    m.setup(use_record=False)
+    m.start_engine(crash_at=None)
+    m.write(fails=frozenset(), torn=False, crash_at=None)
+    m.migrate("c", crash_at=None)
+    m.write(fails=frozenset({"a", "b"}), torn=False, crash_at=None)
+    m.flush(crash_at=None)
+    m.crash_engine(True)
+    m.give_up_move()
+    m.start_engine(crash_at=None)
+
+
 @pytest.mark.parametrize(("scenario", "part"), [
     (_move_then_old_answers, "mark_old"),
     (_move_then_target_down, "hide_old"),
@@ -974,3 +1016,14 @@ def test_the_first_commit_without_quorum_needs_the_voters_majority_too() -> None
     assert not m.acked and m.engine_up
     with pytest.raises(AssertionError, match="lacks acknowledged writes"):
         _quorum_off_and_on(type("NotJoint", (VotersMachine,), {"joint": False})())
+
+
+def test_a_move_is_given_up_only_by_the_engines_view() -> None:
+    """The leader giving a move up from the store's view (its target's node died, no engine
+    running) lost the writes the target alone held after the swap; the engine's node's rule
+    waits for an engine, whose start takes the target (tests/t5_cluster_drain.py runs the
+    same on real hosts)."""
+    _given_up_after_the_swap(GenerationMachine())
+    with pytest.raises(AssertionError, match="lacks acknowledged writes"):
+        _given_up_after_the_swap(type("ByStore", (GenerationMachine,),
+                                      {"give_up_by_store": True})())
