@@ -9,7 +9,8 @@ Vocabulary:
   a lease of that TTL, on SQLite a heartbeat time); this node always is: it answers.
   BLOCKHORN_NODE_TTL_S (seconds, at least 3) changes that TTL for every daemon started with it.
 - a disk's `scheduled` bytes are the sizes of the volumes with a replica in it
-  (`<disk>/replicas/<volume>/<replica>`, the layout of manager/paths.py).
+  (`<disk>/replicas/<volume>/<replica>`, the layout of manager/paths.py), an expand in
+  progress counting with its new size and a replica being moved on both its disks.
 
 `place(size, count)` is what `volume create` without `--disk` calls: the scheduler over the
 registered disks of every node with the settings' policy, this node preferred (data
@@ -158,9 +159,13 @@ class NodeService:
         out: dict[tuple[str, str], int] = {}
         for vol in self.store.volumes():
             for r in self.store.replicas(vol.name):
-                root = os.path.dirname(os.path.dirname(os.path.dirname(r.directory)))
-                key = (r.node or self.name, root)
-                out[key] = out.get(key, 0) + vol.size
+                where = [(r.node, r.directory)]
+                if r.moving is not None:   # the target is promised from start_move on
+                    where.append((r.moving.node, r.moving.directory))
+                for node, directory in where:
+                    root = os.path.dirname(os.path.dirname(os.path.dirname(directory)))
+                    key = (node or self.name, root)
+                    out[key] = out.get(key, 0) + vol.promised
         return out
 
     def _disk(self, d: DiskRow, scheduled: dict[tuple[str, str], int]) -> dict[str, Any]:

@@ -23,11 +23,15 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
     <p>leftovers/<node>/<sha256 of the directory, 16 hex>   LeftoverRow fields: a replica
                                  directory that node's daemon removes (manager/leftovers.py)
     <p>meta/cluster-key          the cluster key (hex) every node's engines and replicas use
+    <p>meta/schedule             {"changes": n}: the scheduling mark (its mod revision), put by
+                                 every change that promises disk room (base.py `guarded`)
 
 Every change is one etcd transaction guarded by compare-and-swap on the mod revisions of the
 keys it read (mod revision 0: "the key does not exist"): read, compute, commit if nobody
 changed those keys meanwhile, else read again and retry. So a change is atomic and never lost
-to a concurrent writer on another thread or host, without locks.
+to a concurrent writer on another thread or host, without locks. A change that promises disk
+room also puts `meta/schedule`, and with a `guard` (the mod revision a scheduling decision
+read) compares it: the decision's reads and its write are then one step too.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_d
 from blockhorn.control.store.base import (
     NewReplica,
     SlotTaken,
+    Stale,
     move_port_owner,
     now_rfc3339,
     pick_port,
@@ -77,6 +82,7 @@ SCHEMA_VERSION = 1
 # Key prefixes (relative) whose changes `watch` reports: what a node's supervision acts on.
 WATCHED = ("volumes/", "replicas/", "live/")
 CAS_ATTEMPTS = 100   # retries of one change lost to concurrent writers before giving up
+SCHEDULE = "meta/schedule"   # the scheduling mark's key
 
 Doc = dict[str, Any]
 
@@ -114,7 +120,7 @@ def _volume(d: Doc) -> VolumeRow:
                      bool(d.get("device_stale")), list(d.get("groups") or []),
                      d.get("standby"), d.get("node"), bool(d.get("fresh")),
                      list(d.get("node_selector") or []), list(d.get("disk_selector") or []),
-                     int(d.get("epoch") or 0), d.get("salvage"))
+                     int(d.get("epoch") or 0), d.get("salvage"), d.get("expanding"))
 
 
 def _replica(d: Doc) -> ReplicaRow:
@@ -210,10 +216,42 @@ class EtcdStore:
             return None if new is None else self._commit({rel: rev}, {rel: new})
         self._retry(step, f"update {rel}")
 
+    # --- scheduling ------------------------------------------------------------------------
+
+    def schedule_mark(self) -> int:
+        return self._get(SCHEDULE)[1]
+
+    def _promise(self, read: dict[str, int], put: dict[str, Any], guard: int | None,
+                 what: str) -> None:
+        """Add to a change (read, put) the move of the scheduling mark; Stale when `guard`
+        is given and the mark moved since."""
+        doc, rev = self._get(SCHEDULE)
+        if guard is not None and rev != guard:
+            raise Stale(f"{what}: the disks' promised room changed since it was decided")
+        read[SCHEDULE] = rev
+        put[SCHEDULE] = {"changes": int((doc or {}).get("changes", 0)) + 1}
+
+    def reserve_expand(self, name: str, size: int, guard: int | None = None) -> None:
+        vkey = f"volumes/{name}"
+
+        def step() -> bool:
+            d, rev = self._get(vkey)
+            if d is None:
+                raise NotFound(f"volume {name!r} does not exist")
+            read, put = {vkey: rev}, {vkey: {**d, "expanding": size}}
+            self._promise(read, put, guard, f"expand {name}")
+            return self._commit(read, put)
+        self._retry(step, f"reserve room for the expand of {name}")
+
+    def end_expand(self, name: str, size: int) -> None:
+        self._update(f"volumes/{name}", lambda d: {**d, "expanding": None}
+                     if d.get("expanding") == size else None)
+
     # --- volumes ---------------------------------------------------------------------------
 
     def add_volume(self, name: str, size: int, replicas: list[NewReplica],
-                   engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
+                   engine: tuple[str, str], is_free: Callable[[int], bool],
+                   guard: int | None = None) -> VolumeRow:
         created = now_rfc3339()
 
         def step() -> bool:
@@ -242,6 +280,7 @@ class EtcdStore:
                                             "directory": directory, "address": address,
                                             "pid": None, "restarts": 0, "failed_since": None,
                                             "node": node}
+            self._promise(read, put, guard, f"create volume {name}")
             return self._commit(read, put)
         self._retry(step, f"create volume {name}")
         return self.volume(name)
@@ -260,8 +299,24 @@ class EtcdStore:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         if "device_stale" in fields:
             fields["device_stale"] = bool(fields["device_stale"])
-        self._update(f"volumes/{name}", lambda d: {**d, **fields},
-                     NotFound(f"volume {name!r} does not exist"))
+        if "size" not in fields:
+            self._update(f"volumes/{name}", lambda d: {**d, **fields},
+                         NotFound(f"volume {name!r} does not exist"))
+            return
+        vkey = f"volumes/{name}"
+
+        def step() -> bool:   # a size grown promises room: the mark moves with it
+            d, rev = self._get(vkey)
+            if d is None:
+                raise NotFound(f"volume {name!r} does not exist")
+            new = {**d, **fields}
+            if (new.get("expanding") or 0) <= new["size"]:
+                new["expanding"] = None   # the reservation is the size now
+            read, put = {vkey: rev}, {vkey: new}
+            if new["size"] > d["size"]:
+                self._promise(read, put, None, f"expand {name}")
+            return self._commit(read, put)
+        self._retry(step, f"update volume {name}")
 
     def claim_attachment(self, name: str, node: str | None, expect: str | None,
                          **fields: Any) -> int:
@@ -335,10 +390,19 @@ class EtcdStore:
         self._retry(step, f"clear failures of {volume}")
 
     def set_replica_directory(self, name: str, directory: str) -> None:
-        self._update(f"replicas/{name}",
-                     lambda d: {**d, "directory": directory, "failed_since": None})
+        rel = f"replicas/{name}"
 
-    def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
+        def step() -> bool | None:
+            d, rev = self._get(rel)
+            if d is None:
+                return None
+            read, put = {rel: rev}, {rel: {**d, "directory": directory, "failed_since": None}}
+            self._promise(read, put, None, f"replace replica {name}")
+            return self._commit(read, put)
+        self._retry(step, f"replace replica {name}")
+
+    def move_replica(self, name: str, node: str, directory: str, address: str,
+                     guard: int | None = None) -> None:
         rel = f"replicas/{name}"
 
         def step() -> bool | None:
@@ -355,6 +419,7 @@ class EtcdStore:
             if d.get("node") and (d["node"], d["directory"]) != (node, directory):
                 # The old node removes the old directory (manager/leftovers.py).
                 put.update([_leftover(d, created)])
+            self._promise(read, put, guard, f"move replica {name}")
             return self._commit(read, put, gone)
         self._retry(step, f"move replica {name}")
 
@@ -383,8 +448,14 @@ class EtcdStore:
             put.update([_leftover({**d, "node": m.node, "directory": m.directory}, created)])
         return read, put, [k for k, _, _ in target]
 
-    def start_move(self, name: str, node: str, directory: str, address: str) -> None:
-        def change(d: Doc) -> Doc | None:
+    def start_move(self, name: str, node: str, directory: str, address: str,
+                   guard: int | None = None) -> None:
+        rel = f"replicas/{name}"
+
+        def step() -> bool | None:
+            d, rev = self._get(rel)
+            if d is None:
+                return None
             cur = MoveTarget.from_dict(d.get("moving"))
             if cur is not None:
                 if (cur.node, cur.directory, cur.address) == (node, directory, address) \
@@ -394,9 +465,12 @@ class EtcdStore:
                     raise Busy(f"replica {name}: its move to node {cur.node} is being given "
                                f"up ({cur.give_up}): try again once it is")
                 raise Busy(f"replica {name} is being moved to node {cur.node} already")
-            return {**d, "moving": MoveTarget(node, directory, address, None,
-                                              time.time()).to_dict()}
-        self._update(f"replicas/{name}", change)
+            read = {rel: rev}
+            put: dict[str, Any] = {rel: {**d, "moving": MoveTarget(
+                node, directory, address, None, time.time()).to_dict()}}
+            self._promise(read, put, guard, f"move replica {name}")
+            return self._commit(read, put)
+        self._retry(step, f"start moving replica {name}")
 
     def set_move_process(self, name: str, proc: ProcessRecord | None) -> None:
         def change(d: Doc) -> Doc | None:

@@ -1,0 +1,164 @@
+"""Tier 2: the disk-room decision and the write that promises the room are one atomic step
+across nodes (control/store/base.py `guarded`, docs/DURABILITY.md "Scheduling").
+
+Several store clients, each with its own node service and volume manager (what several node
+daemons are), create volumes on the same nearly-full disks at one moment (threads released
+together by a barrier), for many rounds, on a real etcd; and the same on one host's SQLite
+store, where the daemon's API threads race the same way. Without the guard two creators read
+the same `scheduled` bytes, both pass storage-over-provisioning-percentage and together
+promise more than the disk has; with it a loser re-decides on fresh state: a placement
+elsewhere, or a clear ENOSPC. A refused create leaves nothing behind: no volume, no replica
+row, no directory. Then a create racing an expand of another volume on the same disk: one
+of them gets the last room.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from blockhorn.control.store import StateStore, open_store
+from blockhorn.keys import ensure_key
+from blockhorn.manager.nodes import NodeService
+from blockhorn.manager.paths import Home
+from blockhorn.manager.settings import MINIMAL_AVAILABLE, Settings
+from blockhorn.manager.volumes import VolumeManager
+from blockhorn.types import BlockhornError
+
+MiB = 1 << 20
+SIZE = 64 * MiB        # bytes of each volume
+ROOM = 2               # volumes of SIZE each disk may be promised
+NODES = 3              # store clients / node services / volume managers
+THREADS_PER_NODE = 2   # concurrent creates asked of each
+ROUNDS = 6
+BARRIER_S = 30.0       # seconds the racing threads may wait for each other
+
+
+@dataclass
+class Site:
+    stores: list[StateStore]
+    nodes: list[NodeService]
+    vms: list[VolumeManager]
+    disks: dict[tuple[str, str], int]   # (node, path) -> bytes that may be promised there
+
+
+@pytest.fixture(params=["etcd", "sqlite"])
+def site(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[Site]:
+    kind = str(request.param)
+    url = request.getfixturevalue("etcd_url") if kind == "etcd" else None
+    prefix = f"/bh-race-{uuid.uuid4().hex[:12]}/"
+    count = NODES if kind == "etcd" else 1   # one host: one daemon, many API threads
+    stores = [open_store(f"{tmp_path}/state.db", url, prefix) for _ in range(count)]
+    nodes = [NodeService(s, f"n{i}") for i, s in enumerate(stores)]
+    for n in nodes:
+        n.register()
+    Settings(stores[0]).set(MINIMAL_AVAILABLE, 0)   # whatever this machine's disk holds
+    disks: dict[tuple[str, str], int] = {}
+    for n in nodes[:2]:   # two disks (on two nodes of etcd's), each with room for ROOM
+        path = os.path.join(str(tmp_path), f"disk-{n.name}")
+        os.makedirs(path)
+        cap = os.statvfs(path).f_blocks * os.statvfs(path).f_frsize
+        n.add_disk(path, reserve=cap - ROOM * SIZE)
+        disks[(n.name, path)] = ROOM * SIZE
+    vms = []
+    for i, (s, n) in enumerate(zip(stores, nodes, strict=True)):
+        home = Home(os.path.join(str(tmp_path), f"home{i}"))
+        home.ensure()
+        ensure_key(home.key)   # as the daemon does at start (not per create)
+        vm = VolumeManager(home, s)
+        vm.placer = n.place
+        vm.cluster = n if url else None
+        vms.append(vm)
+    try:
+        yield Site(stores, nodes, vms, disks)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def race(calls: list[Callable[[], object]]) -> list[BaseException | None]:
+    """Run every call in its own thread, all released at one moment; each one's error."""
+    barrier = threading.Barrier(len(calls))
+    out: list[BaseException | None] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait(BARRIER_S)
+        try:
+            calls[i]()
+        except BaseException as e:  # noqa: BLE001 (what each racer got is the result)
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(BARRIER_S * 2)
+        assert not t.is_alive(), "a racing create hung"
+    return out
+
+
+def promised(site: Site) -> dict[tuple[str, str], int]:
+    """Bytes promised per registered disk, from the store (replica rows and volume sizes)."""
+    out = dict.fromkeys(site.disks, 0)
+    store = site.stores[0]
+    for v in store.volumes():
+        for r in store.replicas(v.name):
+            disk = os.path.dirname(os.path.dirname(os.path.dirname(r.directory)))
+            key = (r.node or site.nodes[0].name, disk)
+            assert key in out, f"replica {r.name} outside the registered disks: {r.directory}"
+            out[key] += max(v.size, getattr(v, "expanding", None) or 0)
+    return out
+
+
+def on_disk(site: Site) -> set[str]:
+    """The volume directories under the disks' replicas/ (what creates left on disk)."""
+    return {v for _, path in site.disks for v in
+            (os.listdir(os.path.join(path, "replicas"))
+             if os.path.isdir(os.path.join(path, "replicas")) else [])}
+
+
+def empty(site: Site, names: list[str]) -> None:
+    """Remove the volumes, each through the node holding its replica (which removes the
+    directory there), so that the next round starts from empty disks."""
+    by_name = {n.name: vm for n, vm in zip(site.nodes, site.vms, strict=True)}
+    for name in names:
+        (r,) = site.stores[0].replicas(name)
+        by_name.get(r.node or "", site.vms[0]).remove(name, force=True)
+    assert on_disk(site) == set()
+
+
+def test_concurrent_creates_never_over_commit(site: Site) -> None:
+    racers = len(site.disks) * ROOM + 2 * len(site.vms)   # more than fits
+    racers = max(racers, len(site.vms) * THREADS_PER_NODE)
+    over = []
+    outcomes = {"won": 0, "ENOSPC": 0, "EBUSY": 0}
+    for rnd in range(ROUNDS):
+        for n in site.nodes:   # leases live (15 s TTL) whatever this machine's speed
+            n.beat()
+        names = [f"r{rnd}-{i}" for i in range(racers)]
+        vms = [site.vms[i % len(site.vms)] for i in range(racers)]
+        errors = race([lambda vm=vm, n=n: vm.create(n, SIZE, 1)
+                       for vm, n in zip(vms, names, strict=True)])
+        won = sorted(n for n, e in zip(names, errors, strict=True) if e is None)
+        for n, e in zip(names, errors, strict=True):
+            if e is not None:   # a clear error, never a traceback of a half-made volume
+                assert isinstance(e, BlockhornError), f"{n}: {e!r}"
+                assert e.errno in (errno.ENOSPC, errno.EBUSY), f"{n}: {e}"
+                outcomes[errno.errorcode[e.errno]] += 1
+        outcomes["won"] += len(won)
+        per_disk = promised(site)
+        over += [(rnd, d, b) for d, b in per_disk.items() if b > site.disks[d]]
+        store = site.stores[0]
+        assert sorted(v.name for v in store.volumes()) == won
+        assert on_disk(site) <= set(won), "a refused create left a directory behind"
+        for n in won:
+            assert len(store.replicas(n)) == 1
+        empty(site, won)
+    print(f"{ROUNDS} rounds of {racers} racing creates into room for "
+          f"{len(site.disks) * ROOM}: {outcomes}; {len(over)} disk(s) over-committed")
+    assert not over, f"disks promised more than they may hold: {over}"
