@@ -51,12 +51,13 @@ import logging
 import os
 import time
 
-from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
-from blockhorn.control.store import MoveTarget, ReplicaRow, VolumeRow, move_port_owner
+from blockhorn.control.scheduler import Placement, Unschedulable, place, room_left, schedule
+from blockhorn.control.store import MoveTarget, ReplicaRow, VolumeRow, guarded, move_port_owner
 from blockhorn.manager.across import ATTACHING
 from blockhorn.manager.nodes import NodeService
+from blockhorn.manager.replenish import disk_of
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
-from blockhorn.types import BlockhornError, NotFound
+from blockhorn.types import BlockhornError, NotFound, format_size
 
 log = logging.getLogger("blockhorn.manager")
 
@@ -212,14 +213,45 @@ def plan(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRo
     return p
 
 
+def check_room(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, p: Placement) -> None:
+    """Placement `p`, planned for replica `r` earlier (a drain plans every move first), has
+    room for it on what the store says now: Unschedulable when another create, expand or
+    move took the room meanwhile. A disk `r`'s own move holds already is fine."""
+    if r.moving is not None and (r.moving.node, disk_of(r.moving.directory)) == (p.node, p.disk):
+        return
+    size = nodes.store.volume(vol.name).promised
+    for n in nodes.nodes_for_scheduling():
+        for d in n.disks if n.name == p.node else ():
+            if d.path == p.disk and room_left(d, nodes.policy(), size) is not None:
+                return
+    raise Unschedulable(f"replica {r.name} of {vol.name} was planned on disk {p.disk} of node "
+                        f"{p.node}, which has no room for {format_size(size)} any more "
+                        "(another create, expand or move took it meanwhile): nothing was "
+                        "moved; plan again")
+
+
 def move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],
          to: Placement | None = None) -> Placement:
-    """Point replica `r` at a new node and directory (module docstring); returns where."""
-    p = to or plan(nodes, vol, r, reps)
-    directory = os.path.join(p.disk, "replicas", vol.name, r.name)
-    port = nodes.store.allocate_port(vol.name, r.name, lambda _port: True)
-    address = f"{nodes.address_of(p.node)}:{port}"
-    nodes.store.move_replica(r.name, p.node, directory, address)
+    """Point replica `r` at a new node and directory (module docstring); returns where. The
+    room is checked and promised in one step (control/store/base.py `guarded`): placed
+    again (`to` None) or refused (`to`, a planned one) when the room went meanwhile."""
+    ports: list[int] = []
+
+    def decide() -> Placement:
+        if to is None:
+            return plan(nodes, vol, r, reps)
+        check_room(nodes, vol, r, to)
+        return to
+
+    def commit(p: Placement, mark: int) -> tuple[Placement, str, str]:
+        if not ports:   # once: the replica's port record changes with the allocation
+            ports.append(nodes.store.allocate_port(vol.name, r.name, lambda _port: True))
+        directory = os.path.join(p.disk, "replicas", vol.name, r.name)
+        address = f"{nodes.address_of(p.node)}:{ports[0]}"
+        nodes.store.move_replica(r.name, p.node, directory, address, guard=mark)
+        return p, directory, address
+
+    p, directory, address = guarded(nodes.store, decide, commit, f"move replica {r.name}")
     log.warning("replica %s of %s moved from node %s to %s (%s, %s)", r.name, vol.name, r.node,
                 p.node, directory, address)
     return p
@@ -227,11 +259,21 @@ def move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRo
 
 def start_move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, p: Placement) -> MoveTarget:
     """Begin moving replica `r` of attached `vol` to placement `p` (module docstring): the
-    target's port is held under the move's own owner until `finish_move`."""
+    target's port is held under the move's own owner until `finish_move`. The room on `p`
+    is checked again and promised in one step (Unschedulable when it went meanwhile)."""
     directory = os.path.join(p.disk, "replicas", vol.name, r.name)
-    port = nodes.store.allocate_port(vol.name, move_port_owner(r.name), lambda _port: True)
-    address = f"{nodes.address_of(p.node)}:{port}"
-    nodes.store.start_move(r.name, p.node, directory, address)
+    ports: list[int] = []
+
+    def commit(_: None, mark: int) -> str:
+        if not ports:
+            ports.append(nodes.store.allocate_port(vol.name, move_port_owner(r.name),
+                                                   lambda _port: True))
+        address = f"{nodes.address_of(p.node)}:{ports[0]}"
+        nodes.store.start_move(r.name, p.node, directory, address, guard=mark)
+        return address
+
+    address = guarded(nodes.store, lambda: check_room(nodes, vol, r, p), commit,
+                      f"move replica {r.name}")
     log.warning("replica %s of %s: moving from node %s to %s (%s, %s)", r.name, vol.name,
                 r.node, p.node, directory, address)
     return MoveTarget(p.node, directory, address)
