@@ -1,5 +1,6 @@
 """Tier 2: the disk-room decision and the write that promises the room are one atomic step
-across nodes (control/store/base.py `guarded`, docs/DURABILITY.md "Scheduling").
+across nodes (control/store/base.py `guarded`; docs/OPERATIONS.md "Nodes, disks and
+scheduling").
 
 Several store clients, each with its own node service and volume manager (what several node
 daemons are), create volumes on the same nearly-full disks at one moment (threads released

@@ -5,9 +5,9 @@ and the store write that promises its room (`add_volume`) are one step across no
 write carries the scheduling mark the placement was decided at, and a create that lost to
 another create, expand or move (on any node, or another API thread here) decides again on
 fresh state: another disk, or the scheduler's clear refusal (control/store/base.py `guarded`,
-docs/DURABILITY.md "Scheduling"). Nothing is written before that step and nothing is left
-after a refusal: the replica directories of this node are made only once the store holds
-the volume, and removed with its records if making them fails.
+docs/OPERATIONS.md "Nodes, disks and scheduling"). Nothing is written before that step and
+nothing is left after a refusal: the replica directories of this node are made only once the
+store holds the volume, and removed with its records if making them fails.
 """
 
 from __future__ import annotations
