@@ -9,8 +9,10 @@ store, where the daemon's API threads race the same way. Without the guard two c
 the same `scheduled` bytes, both pass storage-over-provisioning-percentage and together
 promise more than the disk has; with it a loser re-decides on fresh state: a placement
 elsewhere, or a clear ENOSPC. A refused create leaves nothing behind: no volume, no replica
-row, no directory. Then a create racing an expand of another volume on the same disk: one
-of them gets the last room.
+row, no directory. Then a create racing an expand of another volume on the same disk, and
+one racing the leader's replacement of a replica: one of them gets the last room, the other
+a clear ENOSPC; and a drain-style move planned earlier is refused once its room went. The
+store contract of guarded writes (both stores) first names what moves the mark.
 """
 
 from __future__ import annotations

@@ -90,26 +90,28 @@ def create_volume(vm: VolumeManager, name: str, size: int | str, replicas: int,
         transport = "unix" if fits else "tcp"
     ensure_key(vm.home.key)
     given = [os.path.abspath(d) for d in disks or []]
-    scheduled = not given and vm.placer is not None
+    Plan = tuple[list[str], list[str | None], bool]   # disks, their nodes, by the scheduler
 
-    def decide() -> tuple[list[str], list[str | None]]:
+    def decide() -> Plan:
         """(disk, node) of each replica: the scheduler's on what the store says now."""
-        if scheduled and vm.placer is not None:
+        if not given and vm.placer is not None:
             placed = vm.placer(size, replicas, node_sel, disk_sel)
             if placed:
-                return [p.disk for p in placed], [p.node for p in placed]
-        return given, [vm.me] * len(given)
+                return [p.disk for p in placed], [p.node for p in placed], True
+        return given, [vm.me] * len(given), False
 
-    def commit(plan: tuple[list[str], list[str | None]], mark: int) -> _Layout:
-        layout = _layout(vm, name, size, names, plan[0], plan[1], transport)
+    def commit(plan: Plan, mark: int) -> _Layout:
+        disks, where, scheduled = plan
+        layout = _layout(vm, name, size, names, disks, where, transport)
         addresses: list[str | None] = [
             None if transport == "tcp" else f"unix:{vm.home.replica_socket(name, r)}"
             for r in names]
-        nodes = plan[1] if plan[0] else [vm.me] * replicas
+        nodes = where if disks else [vm.me] * replicas
         if vm.cluster is not None:   # HOST:0: a port is allocated for the replica's node
             addresses = [f"{vm.cluster.address_of(n or vm.cluster.name)}:0" for n in nodes]
-        # Explicit --disk directories are not scheduled (no room rule to keep), but the
-        # write still moves the mark: a concurrent scheduled create re-counts them.
+        # Directories given with --disk (or the home, no disk registered) have no room
+        # rule to keep: unguarded, but the write still moves the mark, so a concurrent
+        # scheduled create counts them.
         vm.store.add_volume(
             name, size, list(zip(names, layout.dirs, addresses, nodes, strict=True)),
             (vm.home.nbd_socket(name), vm.home.control_socket(name)),
