@@ -194,6 +194,7 @@ def test_guarded_writes_refuse_a_moved_mark(site: Site) -> None:
         store.reserve_expand("nope", 2 * SIZE, mark)
     store.reserve_expand("g1", 3 * SIZE, mark)
     assert (store.volume("g1").expanding, store.volume("g1").promised) == (3 * SIZE, 3 * SIZE)
+    assert site.nodes[0]._scheduled()[("n0", "/d")] == 3 * SIZE   # counted from now on
     with pytest.raises(Stale):
         store.reserve_expand("g1", 4 * SIZE, mark)
     assert store.volume("g1").expanding == 3 * SIZE
@@ -221,11 +222,17 @@ def test_guarded_writes_refuse_a_moved_mark(site: Site) -> None:
     mark = store.schedule_mark()
     store.start_move("g1-r0", "n9", "/e/replicas/g1/g1-r0", "127.0.0.1:9", guard=mark)
     assert store.replicas("g1")[0].moving is not None
+    # A replica being moved is promised on both disks (what the scheduler counts).
+    sched = site.nodes[0]._scheduled()
+    assert (sched[("n0", "/d")], sched[("n9", "/e")]) == (3 * SIZE + SIZE, 3 * SIZE)  # + g3
     mark2 = store.schedule_mark()
     assert mark2 != mark
     store.move_replica("g1-r0", "n8", "/f/replicas/g1/g1-r0", "127.0.0.1:8", guard=mark2)
     assert store.replicas("g1")[0].directory == "/f/replicas/g1/g1-r0"
     assert store.schedule_mark() != mark2
+    # What a decision counts, in one read: every volume's replicas.
+    assert [(r.volume, r.name) for r in store.all_replicas()] == [
+        ("g1", "g1-r0"), ("g3", "g3-r0")]
     mark = store.schedule_mark()
     store.delete_volume("g3")   # frees room: no decision can over-commit by it
     assert store.schedule_mark() == mark

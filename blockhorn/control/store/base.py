@@ -162,6 +162,9 @@ class StateStore(Protocol):
 
     # --- replicas and engines --------------------------------------------------------------
     def replicas(self, volume: str) -> list[ReplicaRow]: ...
+    def all_replicas(self) -> list[ReplicaRow]:
+        """Every volume's replicas in one read (by volume, then index): what a scheduling
+        decision counts, without one read per volume."""
     def set_replica_process(self, name: str, proc: ProcessRecord | None,
                             restarted: bool = False) -> None: ...
     def set_replica_address(self, name: str, address: str) -> None: ...

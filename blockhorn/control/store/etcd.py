@@ -365,6 +365,10 @@ class EtcdStore:
         return sorted((_replica(d) for _, d, _ in self._list("replicas/")
                        if d["volume"] == volume), key=lambda r: r.idx)
 
+    def all_replicas(self) -> list[ReplicaRow]:
+        return sorted((_replica(d) for _, d, _ in self._list("replicas/")),
+                      key=lambda r: (r.volume, r.idx))
+
     def set_replica_process(self, name: str, proc: ProcessRecord | None,
                             restarted: bool = False) -> None:
         self._update(f"replicas/{name}", lambda d: _set_proc(d, proc, restarted))

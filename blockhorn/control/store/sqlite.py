@@ -363,6 +363,10 @@ class SqliteStore:
             rows = db.execute("SELECT * FROM replicas WHERE volume=? ORDER BY idx", (volume,))
             return [_replica(r) for r in rows]
 
+    def all_replicas(self) -> list[ReplicaRow]:
+        with self.tx() as db:
+            return [_replica(r) for r in db.execute("SELECT * FROM replicas ORDER BY volume, idx")]
+
     def set_replica_process(self, name: str, proc: ProcessRecord | None,
                             restarted: bool = False) -> None:
         pid, ct = (proc.pid, proc.create_time) if proc else (None, None)
