@@ -41,7 +41,7 @@ SIZE = 64 * MiB        # bytes of each volume
 ROOM = 2               # volumes of SIZE each disk may be promised
 NODES = 3              # store clients / node services / volume managers
 THREADS_PER_NODE = 2   # concurrent creates asked of each
-ROUNDS = 6
+ROUNDS = 4
 BARRIER_S = 30.0       # seconds the racing threads may wait for each other
 
 
