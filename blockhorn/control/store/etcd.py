@@ -31,7 +31,8 @@ keys it read (mod revision 0: "the key does not exist"): read, compute, commit i
 changed those keys meanwhile, else read again and retry. So a change is atomic and never lost
 to a concurrent writer on another thread or host, without locks. A change that promises disk
 room also puts `meta/schedule`, and with a `guard` (the mod revision a scheduling decision
-read) compares it: the decision's reads and its write are then one step too.
+read) compares it: the decision's reads and its write are then one step too. The machinery
+is in control/store/etcd_cas.py, the jobs and runs in control/store/etcd_jobs.py.
 """
 
 from __future__ import annotations
@@ -46,10 +47,9 @@ from dataclasses import asdict
 from typing import Any
 from urllib.parse import quote
 
-from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_delete, op_put
+from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound
 from blockhorn.control.store.base import (
     NewReplica,
-    SlotTaken,
     Stale,
     move_port_owner,
     now_rfc3339,
@@ -57,6 +57,8 @@ from blockhorn.control.store.base import (
     port_host,
     unpack_new,
 )
+from blockhorn.control.store.etcd_cas import Doc
+from blockhorn.control.store.etcd_jobs import EtcdJobs
 from blockhorn.control.store.records import (
     DISK_FIELDS,
     NODE_FIELDS,
@@ -64,13 +66,11 @@ from blockhorn.control.store.records import (
     BackupTargetRow,
     DiskRow,
     EngineRow,
-    JobRow,
     LeftoverRow,
     MoveTarget,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
-    RunRow,
     ShareRow,
     VolumeRow,
 )
@@ -81,14 +81,7 @@ log = logging.getLogger("blockhorn.control")
 SCHEMA_VERSION = 1
 # Key prefixes (relative) whose changes `watch` reports: what a node's supervision acts on.
 WATCHED = ("volumes/", "replicas/", "live/")
-CAS_ATTEMPTS = 100   # retries of one change lost to concurrent writers before giving up
 SCHEDULE = "meta/schedule"   # the scheduling mark's key
-
-Doc = dict[str, Any]
-
-
-class Conflict(EtcdError):
-    """A change lost its compare-and-swap CAS_ATTEMPTS times in a row."""
 
 
 def _proc(d: Doc) -> ProcessRecord | None:
@@ -129,17 +122,7 @@ def _replica(d: Doc) -> ReplicaRow:
                       MoveTarget.from_dict(d.get("moving")))
 
 
-def _run(d: Doc) -> RunRow:
-    return RunRow(d["id"], d["job"], d.get("slot"), d["started"], d.get("finished"),
-                  d["state"], d.get("message"), d.get("result"), d.get("node"))
-
-
-def _job(d: Doc) -> JobRow:
-    return JobRow(d["name"], d["spec"], d["created"], d["last_slot"], d.get("runs", 0),
-                  d.get("failures", 0))
-
-
-class EtcdStore:
+class EtcdStore(EtcdJobs):
     def __init__(self, urls: str | list[str], prefix: str = "/blockhorn/") -> None:
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts and ends with /")
@@ -171,50 +154,6 @@ class EtcdStore:
         threading.Thread(target=self.etcd.watch, args=(self.prefix, changed, stop),
                          name="etcd-watch", daemon=True).start()
         return stop.set
-
-    # --- the compare-and-swap machinery ----------------------------------------------------
-
-    def _k(self, rel: str) -> str:
-        return self.prefix + rel
-
-    def _get(self, rel: str) -> tuple[Doc | None, int]:
-        kv = self.etcd.get(self._k(rel))
-        return (json.loads(kv.value), kv.mod_revision) if kv else (None, 0)
-
-    def _list(self, rel: str) -> list[tuple[str, Doc, int]]:
-        """(key relative to the prefix, document, mod revision) of every key under `rel`."""
-        return [(kv.key.decode()[len(self.prefix):], json.loads(kv.value), kv.mod_revision)
-                for kv in self.etcd.get_prefix(self._k(rel))]
-
-    def _commit(self, read: dict[str, int], put: dict[str, Any],
-                delete: list[str] | None = None) -> bool:
-        """Put/delete (relative keys) if every key in `read` still has its mod revision."""
-        won, _ = self.etcd.txn([cmp_mod(self._k(k), rev) for k, rev in read.items()],
-                               [op_put(self._k(k), json.dumps(v, sort_keys=True))
-                                for k, v in put.items()]
-                               + [op_delete(self._k(k)) for k in delete or []])
-        return won
-
-    def _retry(self, step: Callable[[], bool | None], what: str) -> None:
-        """Run `step` (read, compute, _commit) until it commits or has nothing to do (None)."""
-        for _ in range(CAS_ATTEMPTS):
-            if step() is not False:
-                return
-        raise Conflict(f"{what}: lost {CAS_ATTEMPTS} compare-and-swaps in a row to other "
-                       "writers; try again")
-
-    def _update(self, rel: str, change: Callable[[Doc], Doc | None],
-                missing: Exception | None = None) -> None:
-        """Apply `change` to one document (None from it: leave the document alone)."""
-        def step() -> bool | None:
-            doc, rev = self._get(rel)
-            if doc is None:
-                if missing is not None:
-                    raise missing
-                return None
-            new = change(doc)
-            return None if new is None else self._commit({rel: rev}, {rel: new})
-        self._retry(step, f"update {rel}")
 
     # --- scheduling ------------------------------------------------------------------------
 
@@ -628,107 +567,6 @@ class EtcdStore:
             return stored
         self._retry(step, f"store the NFS client records of {volume}")
         return stored
-
-    # --- jobs ------------------------------------------------------------------------------
-
-    def add_job(self, name: str, spec: dict[str, Any], now: float) -> JobRow:
-        doc = {"name": name, "spec": spec, "created": now, "last_slot": now, "runs": 0,
-               "failures": 0}
-        if not self._commit({f"jobs/{name}": 0}, {f"jobs/{name}": doc}):
-            raise AlreadyExists(f"job {name!r} already exists")
-        return _job(doc)
-
-    def job(self, name: str) -> JobRow:
-        d, _ = self._get(f"jobs/{name}")
-        if d is None:
-            raise NotFound(f"job {name!r} does not exist")
-        return _job(d)
-
-    def jobs(self) -> list[JobRow]:
-        return sorted((_job(d) for _, d, _ in self._list("jobs/")), key=lambda j: j.name)
-
-    def _runs_of(self, job: str) -> list[tuple[str, Doc, int]]:
-        return [(k, d, rev) for k, d, rev in self._list("runs/") if d["job"] == job]
-
-    def remove_job(self, name: str) -> None:
-        def step() -> bool:
-            _, rev = self._get(f"jobs/{name}")
-            if rev == 0:
-                raise NotFound(f"job {name!r} does not exist")
-            return self._commit({f"jobs/{name}": rev}, {},
-                                [f"jobs/{name}"] + [k for k, _, _ in self._runs_of(name)])
-        self._retry(step, f"remove job {name}")
-
-    def start_run(self, name: str, slot: float | None, now: float, state: str,
-                  message: str | None, keep: int, node: str = "") -> int:
-        got: list[int] = []
-
-        def step() -> bool:
-            job, job_rev = self._get(f"jobs/{name}")
-            if job is None:
-                raise NotFound(f"job {name!r} does not exist")
-            seq, seq_rev = self._get("meta/run-seq")
-            run_id = int((seq or {}).get("last", 0)) + 1
-            if slot is not None:
-                if job["last_slot"] >= slot:   # another node's scheduler claimed it first
-                    raise SlotTaken(f"job {name}: slot {slot} was claimed already")
-                job["last_slot"] = slot
-            old = sorted(k for k, _, _ in self._runs_of(name))   # keys sort by id
-            got[:] = [run_id]
-            return self._commit(
-                {f"jobs/{name}": job_rev, "meta/run-seq": seq_rev},
-                {f"jobs/{name}": job, "meta/run-seq": {"last": run_id},
-                 f"runs/{run_id:016d}": {"id": run_id, "job": name, "slot": slot,
-                                         "started": now, "state": state, "message": message,
-                                         "node": node or None,
-                                         "finished": None if state == "running" else now,
-                                         "result": None}},
-                old[:max(0, len(old) - keep + 1)])
-        self._retry(step, f"start a run of job {name}")
-        return got[0]
-
-    def finish_run(self, run_id: int, state: str, message: str | None,
-                   result: dict[str, Any] | None, now: float) -> None:
-        key = f"runs/{run_id:016d}"
-
-        def step() -> bool | None:
-            run, run_rev = self._get(key)
-            if run is None:
-                return None   # the job was removed while it ran
-            job, job_rev = self._get(f"jobs/{run['job']}")
-            if job is None:
-                return None
-            job["runs"] += 1
-            job["failures"] += int(state == "failed")
-            run.update(state=state, message=message, result=result or None, finished=now)
-            return self._commit({key: run_rev, f"jobs/{run['job']}": job_rev},
-                                {key: run, f"jobs/{run['job']}": job})
-        self._retry(step, f"finish run {run_id}")
-
-    def interrupt_running(self, now: float, node: str = "") -> int:
-        count: list[int] = [0]
-
-        def step() -> bool | None:
-            # Only this node's: another node's runs may be going on right now.
-            running = [(k, d, rev) for k, d, rev in self._list("runs/")
-                       if d["state"] == "running" and d.get("node") in (None, node)]
-            count[0] = len(running)
-            if not running:
-                return None
-            return self._commit({k: rev for k, _, rev in running},
-                                {k: {**d, "state": "interrupted", "finished": now,
-                                     "message": "the daemon stopped during the run"}
-                                 for k, d, _ in running})
-        self._retry(step, "interrupt running job runs")
-        return count[0]
-
-    def job_runs(self, name: str, limit: int) -> list[RunRow]:
-        runs = sorted((_run(d) for _, d, _ in self._runs_of(name)), key=lambda r: -r.id)
-        return runs[:limit]
-
-    def job_run(self, run_id: int) -> RunRow | None:
-        d, _ = self._get(f"runs/{run_id:016d}")
-        return None if d is None else _run(d)
 
     # --- nodes and disks -------------------------------------------------------------------
 
