@@ -12,6 +12,7 @@ import ctypes.util
 import errno
 import json
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,7 +37,7 @@ def fsync_dir(path: str) -> None:
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` atomically and durably."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"   # threads of one process too
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from blockhorn.manager.capacity import check_disk_room, check_expand_room
+from blockhorn.manager.capacity import check_disk_room, expand_reservation
 from blockhorn.manager.snapshots import SnapshotManager
 from blockhorn.manager.volumes import VolumeManager
 from blockhorn.types import (
@@ -90,10 +90,10 @@ def snapshot_routes(volumes: VolumeManager, run: Run, endpoint: Any, body: Any, 
         reps = volumes.store.replicas(name)
         # This node's disks only: another node's directory is not at the same path here.
         check_disk_room(new, [r.directory for r in reps if volumes.is_local(r)])
-        if volumes.cluster is not None:   # every replica's disk as the store reports it
-            check_expand_room(name, volumes.store.volume(name).size, new, reps,
-                              volumes.cluster.nodes_for_scheduling(), volumes.cluster.policy())
-        return int(snaps.expand(name, new, volumes.write_configs))
+        # A cluster: every replica's disk as the store reports it, checked and promised
+        # in one step (capacity.py), before any replica grows.
+        with expand_reservation(volumes, name, new):
+            return int(snaps.expand(name, new, volumes.write_configs))
 
     @endpoint
     async def expand(request: Request) -> Any:

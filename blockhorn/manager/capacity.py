@@ -1,16 +1,27 @@
 """Whether the replica disks can hold a volume of a given size, asked before any replica file
-is made or grown (create, clone, expand)."""
+is made or grown (create, clone, expand).
+
+On a cluster an expand's room check and the promise of that room are one step across nodes
+(`expand_reservation`: control/store/base.py `guarded`), as a create's placement is
+(manager/create.py): two expansions, or an expansion and a create, asked at one moment on
+two nodes cannot both pass on the same free room.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from blockhorn.control.scheduler import Node, Policy, room_left
-from blockhorn.control.store import ReplicaRow
+from blockhorn.control.store import ReplicaRow, guarded
 from blockhorn.types import BlockhornError, NoSpace, TooLarge, format_size
+
+if TYPE_CHECKING:
+    from blockhorn.manager.volumes import VolumeManager
 
 
 def _existing_ancestor(path: str) -> str:
@@ -104,3 +115,30 @@ def check_expand_room(volume: str, old: int, new: int, replicas: Sequence[Replic
                       + "; ".join(short) + " (settings storage-over-provisioning-percentage, "
                       "storage-minimal-available-percentage; a disk's --reserve): nothing was "
                       "changed")
+
+
+@contextmanager
+def expand_reservation(volumes: VolumeManager, name: str, new: int) -> Iterator[None]:
+    """Around an expand of `name` to `new` bytes on a cluster: `check_expand_room` on what
+    the store says now and the promise of the room (the store's `reserve_expand`) in one
+    step, decided again if another create, expand or move promised room meanwhile; the
+    promise ends with the block (the size then holds it, or the expand failed). One host:
+    nothing to check here (check_disk_room covers this node's disks)."""
+    cluster, store = volumes.cluster, volumes.store
+    if cluster is None or new <= store.volume(name).size:
+        yield   # nothing grows, or no disks of other nodes to keep promises on
+        return
+
+    def decide() -> None:
+        vol = store.volume(name)
+        # From what is promised already: a reservation an earlier expand left (a daemon
+        # that died during it) is counted once, not twice.
+        check_expand_room(name, vol.promised, new, store.replicas(name),
+                          cluster.nodes_for_scheduling(), cluster.policy())
+
+    guarded(store, decide, lambda _, mark: store.reserve_expand(name, new, mark),
+            f"expand {name}")
+    try:
+        yield
+    finally:
+        store.end_expand(name, new)

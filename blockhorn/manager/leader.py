@@ -52,13 +52,13 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from blockhorn.control.scheduler import Placement, Unschedulable, place, schedule
-from blockhorn.control.store import MoveTarget, ReplicaRow, VolumeRow, move_port_owner
+from blockhorn.control.scheduler import Placement, Unschedulable, place, room_left, schedule
+from blockhorn.control.store import MoveTarget, ReplicaRow, VolumeRow, guarded, move_port_owner
 from blockhorn.manager.across import ATTACHING
 from blockhorn.manager.nodes import NodeService
 from blockhorn.manager.replenish import disk_of
 from blockhorn.manager.settings import REPLENISHMENT_WAIT, Settings
-from blockhorn.types import BlockhornError, NotFound
+from blockhorn.types import BlockhornError, NotFound, format_size
 
 if TYPE_CHECKING:
     from blockhorn.manager.volumes import VolumeManager
@@ -217,14 +217,45 @@ def plan(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRo
     return p
 
 
+def check_room(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, p: Placement) -> None:
+    """Placement `p`, planned for replica `r` earlier (a drain plans every move first), has
+    room for it on what the store says now: Unschedulable when another create, expand or
+    move took the room meanwhile. A disk `r`'s own move holds already is fine."""
+    if r.moving is not None and (r.moving.node, disk_of(r.moving.directory)) == (p.node, p.disk):
+        return
+    size = nodes.store.volume(vol.name).promised
+    for n in nodes.nodes_for_scheduling():
+        for d in n.disks if n.name == p.node else ():
+            if d.path == p.disk and room_left(d, nodes.policy(), size) is not None:
+                return
+    raise Unschedulable(f"replica {r.name} of {vol.name} was planned on disk {p.disk} of node "
+                        f"{p.node}, which has no room for {format_size(size)} any more "
+                        "(another create, expand or move took it meanwhile): nothing was "
+                        "moved; plan again")
+
+
 def move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRow],
          to: Placement | None = None) -> Placement:
-    """Point replica `r` at a new node and directory (module docstring); returns where."""
-    p = to or plan(nodes, vol, r, reps)
-    directory = os.path.join(p.disk, "replicas", vol.name, r.name)
-    port = nodes.store.allocate_port(vol.name, r.name, lambda _port: True)
-    address = f"{nodes.address_of(p.node)}:{port}"
-    nodes.store.move_replica(r.name, p.node, directory, address)
+    """Point replica `r` at a new node and directory (module docstring); returns where. The
+    room is checked and promised in one step (control/store/base.py `guarded`): placed
+    again (`to` None) or refused (`to`, a planned one) when the room went meanwhile."""
+    ports: list[int] = []
+
+    def decide() -> Placement:
+        if to is None:
+            return plan(nodes, vol, r, reps)
+        check_room(nodes, vol, r, to)
+        return to
+
+    def commit(p: Placement, mark: int) -> tuple[Placement, str, str]:
+        if not ports:   # once: the replica's port record changes with the allocation
+            ports.append(nodes.store.allocate_port(vol.name, r.name, lambda _port: True))
+        directory = os.path.join(p.disk, "replicas", vol.name, r.name)
+        address = f"{nodes.address_of(p.node)}:{ports[0]}"
+        nodes.store.move_replica(r.name, p.node, directory, address, guard=mark)
+        return p, directory, address
+
+    p, directory, address = guarded(nodes.store, decide, commit, f"move replica {r.name}")
     log.warning("replica %s of %s moved from node %s to %s (%s, %s)", r.name, vol.name, r.node,
                 p.node, directory, address)
     return p
@@ -232,11 +263,21 @@ def move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, reps: list[ReplicaRo
 
 def start_move(nodes: NodeService, vol: VolumeRow, r: ReplicaRow, p: Placement) -> MoveTarget:
     """Begin moving replica `r` of attached `vol` to placement `p` (module docstring): the
-    target's port is held under the move's own owner until `finish_move`."""
+    target's port is held under the move's own owner until `finish_move`. The room on `p`
+    is checked again and promised in one step (Unschedulable when it went meanwhile)."""
     directory = os.path.join(p.disk, "replicas", vol.name, r.name)
-    port = nodes.store.allocate_port(vol.name, move_port_owner(r.name), lambda _port: True)
-    address = f"{nodes.address_of(p.node)}:{port}"
-    nodes.store.start_move(r.name, p.node, directory, address)
+    ports: list[int] = []
+
+    def commit(_: None, mark: int) -> str:
+        if not ports:
+            ports.append(nodes.store.allocate_port(vol.name, move_port_owner(r.name),
+                                                   lambda _port: True))
+        address = f"{nodes.address_of(p.node)}:{ports[0]}"
+        nodes.store.start_move(r.name, p.node, directory, address, guard=mark)
+        return address
+
+    address = guarded(nodes.store, lambda: check_room(nodes, vol, r, p), commit,
+                      f"move replica {r.name}")
     log.warning("replica %s of %s: moving from node %s to %s (%s, %s)", r.name, vol.name,
                 r.node, p.node, directory, address)
     return MoveTarget(p.node, directory, address)
@@ -286,8 +327,10 @@ def drain(nodes: NodeService, node: str, volumes: VolumeManager | None = None
                                  store.engine(v.name).control_socket)
         if done:   # (after the maintenance attach: its detach clears the message)
             store.update_volume(v.name, message=done)
-        disk = to.disk if isinstance(to, Placement) else (disk_of(to.directory) or "")
-        moved.append({"replica": r.name, "volume": v.name, "node": to.node, "disk": disk})
+        row = next((x for x in store.replicas(v.name) if x.name == r.name), None)
+        if row is not None:   # where it is now (planned again if its room went meanwhile)
+            moved.append({"replica": r.name, "volume": v.name, "node": row.node,
+                          "disk": disk_of(row.directory) or ""})
     log.info("node %s drained: %d replicas moved", node, len(moved))
     return {"node": node, "moved": moved}
 
@@ -309,10 +352,10 @@ def _move_one(nodes: NodeService, v: VolumeRow, r: ReplicaRow, to: MoveTarget | 
                 f"replica {r.name} of {v.name} was being moved to node {to.node} and its node "
                 f"{node} is down: the leader replaces it after the replenishment wait",
                 errno.EAGAIN)
-        _replace_down(nodes, v, r, to, node, engine_here)
-        return (f"replica {r.name}: its node {node} is down; replaced on {to.node} in "
+        p = _replace_down(nodes, v, r, to, node, engine_here)
+        return (f"replica {r.name}: its node {node} is down; replaced on {p.node} in "
                 f"{time.monotonic() - t0:.0f} s (drain)")
-    target = to if isinstance(to, MoveTarget) else start_move(nodes, v, r, to)
+    target = to if isinstance(to, MoveTarget) else _start_planned(nodes, v, r, to)
     store.update_volume(v.name, message=f"replica {r.name} moving to node {target.node} "
                         "(drain)")
     if not _wait_moved(nodes, v, r, target):
@@ -326,8 +369,18 @@ def _move_one(nodes: NodeService, v: VolumeRow, r: ReplicaRow, to: MoveTarget | 
             f"{time.monotonic() - t0:.0f} s (drain)" + down)
 
 
+def _start_planned(nodes: NodeService, v: VolumeRow, r: ReplicaRow, p: Placement
+                   ) -> MoveTarget:
+    """`start_move` to planned `p`, planned again once when a create, expand or move took
+    its room since the drain planned it (Unschedulable when there is none left)."""
+    try:
+        return start_move(nodes, v, r, p)
+    except Unschedulable:
+        return start_move(nodes, v, r, plan(nodes, v, r, nodes.store.replicas(v.name)))
+
+
 def _replace_down(nodes: NodeService, v: VolumeRow, r: ReplicaRow, p: Placement, node: str,
-                  engine_here: str | None) -> None:
+                  engine_here: str | None) -> Placement:
     """Replica `r` of `v` is on down node `node`: point it at `p` (`move`), once an engine
     of `v` started without it — the generation rule then found the data current elsewhere
     (a replica it still waits for must not be swapped for an empty one of the same name:
@@ -339,9 +392,12 @@ def _replace_down(nodes: NodeService, v: VolumeRow, r: ReplicaRow, p: Placement,
                              f"engine of {v.name} has started since its attach (it may wait "
                              "for that replica): drain again once it runs", errno.EAGAIN)
     reps = nodes.store.replicas(v.name)
-    move(nodes, v, r, reps, p)
+    try:
+        move(nodes, v, r, reps, p)
+    except Unschedulable:   # its room went since the drain planned it: placed again
+        p = move(nodes, v, r, reps)
     if engine_here is None:
-        return    # the engine's node has the engine rebuild it (supervisor)
+        return p    # the engine's node has the engine rebuild it (supervisor)
     from blockhorn.manager.volumes import engine_status
     directory = os.path.join(p.disk, "replicas", v.name, r.name)
     start = time.monotonic()
@@ -349,7 +405,7 @@ def _replace_down(nodes: NodeService, v: VolumeRow, r: ReplicaRow, p: Placement,
         st: dict[str, Any] = next((x for x in engine_status(engine_here).get("replicas", [])
                    if x.get("name") == r.name), {})
         if st.get("path") == directory and st.get("mode") == "RW":
-            return
+            return p
         if time.monotonic() - start > DRAIN_WAIT_S:
             raise BlockhornError(f"replica {r.name} of {v.name} was not rebuilt on node "
                                  f"{p.node} within {DRAIN_WAIT_S:.0f} s (it is that node's "

@@ -9,7 +9,8 @@ Vocabulary:
   a lease of that TTL, on SQLite a heartbeat time); this node always is: it answers.
   BLOCKHORN_NODE_TTL_S (seconds, at least 3) changes that TTL for every daemon started with it.
 - a disk's `scheduled` bytes are the sizes of the volumes with a replica in it
-  (`<disk>/replicas/<volume>/<replica>`, the layout of manager/paths.py).
+  (`<disk>/replicas/<volume>/<replica>`, the layout of manager/paths.py), an expand in
+  progress counting with its new size and a replica being moved on both its disks.
 
 `place(size, count)` is what `volume create` without `--disk` calls: the scheduler over the
 registered disks of every node with the settings' policy, this node preferred (data
@@ -156,11 +157,19 @@ class NodeService:
         """Bytes promised per (node, disk root) of replica directories `<disk>/replicas/...`
         (a replica without a node is on this one: a home made before nodes existed)."""
         out: dict[tuple[str, str], int] = {}
-        for vol in self.store.volumes():
-            for r in self.store.replicas(vol.name):
-                root = os.path.dirname(os.path.dirname(os.path.dirname(r.directory)))
-                key = (r.node or self.name, root)
-                out[key] = out.get(key, 0) + vol.size
+        # Two reads, not one per volume: the shorter a scheduling decision, the fewer
+        # concurrent ones it has to be decided again after (control/store/base.py `guarded`).
+        volumes = {v.name: v for v in self.store.volumes()}
+        for r in self.store.all_replicas():
+            vol = volumes.get(r.volume)
+            if vol is not None:   # a volume created after the first read: the mark moved
+                where = [(r.node, r.directory)]
+                if r.moving is not None:   # the target is promised from start_move on
+                    where.append((r.moving.node, r.moving.directory))
+                for node, directory in where:
+                    root = os.path.dirname(os.path.dirname(os.path.dirname(directory)))
+                    key = (node or self.name, root)
+                    out[key] = out.get(key, 0) + vol.promised
         return out
 
     def _disk(self, d: DiskRow, scheduled: dict[tuple[str, str], int]) -> dict[str, Any]:

@@ -27,21 +27,16 @@ from blockhorn import liveness
 from blockhorn.config import EngineConfig, ReplicaConfig, ReplicaRef, parse_address
 from blockhorn.control.store import ProcessRecord, ReplicaRow, StateStore, VolumeRow
 from blockhorn.fsutil import atomic_write
-from blockhorn.keys import ensure_key
 from blockhorn.manager import process
-from blockhorn.manager.capacity import check_disk_room
-from blockhorn.manager.nodes import parse_tags
-from blockhorn.manager.paths import UNIX_PATH_MAX, Home
+from blockhorn.manager.paths import Home
 from blockhorn.manager.settings import ENGINE_REPLICA_TIMEOUT, Settings, commit_quorum
 from blockhorn.sharemgr.control import NotShared, ShareControl
 from blockhorn.types import (
-    AlreadyExists,
     BlockhornError,
     Busy,
     InvalidArgument,
     NotFound,
     check_name,
-    parse_size,
 )
 
 if TYPE_CHECKING:
@@ -51,12 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockhorn.manager")
 
 FRONTENDS = ("auto", "nbdfuse", "nbd", "fuse", "fuse-nbd", "none")
-TRANSPORTS = ("auto", "tcp", "unix")
-# auto: unix sockets for replicas on this host (measured ~40 % more 1 MiB write bandwidth
-# with 3 replicas than TCP loopback), TCP when a socket path would be too long.
-ACCESS_MODES = ("rwo", "rwx")   # rwx: exported over NFSv4 by a share manager (blockhorn.sharemgr)
 DEFAULT_REPLICAS = 3
-MAX_REPLICAS = 16
 STATUS_TIMEOUT_S = 3.0     # seconds to wait for the engine's status answer in `show`
 
 
@@ -138,110 +128,10 @@ class VolumeManager:
                disks: list[str] | None = None, transport: str = "auto", access: str = "rwo",
                share: dict[str, Any] | None = None, node_selector: Any = None,
                disk_selector: Any = None) -> dict[str, Any]:
-        check_name(name)
-        size = parse_size(size)
-        share_opts = _share_options(access, size, share)
-        if not isinstance(disks or [], list) or not all(isinstance(d, str) for d in disks or []):
-            raise InvalidArgument("disks must be a list of directories")
-        node_sel, disk_sel = parse_tags(node_selector or []), parse_tags(disk_selector or [])
-        if (node_sel or disk_sel) and disks:
-            raise InvalidArgument("--node-selector and --disk-selector choose among the "
-                                  "registered disks (`blockhorn disk add`); they do not go with "
-                                  "--disk, which names the directories itself")
-        if (node_sel or disk_sel) and self.placer is None:
-            raise InvalidArgument("--node-selector and --disk-selector need the daemon's "
-                                  "scheduler")
-        where: list[str | None] = []   # each replica's node (None: this one)
-        if not disks and self.placer is not None and isinstance(replicas, int) \
-                and 1 <= replicas <= MAX_REPLICAS:
-            placed = self.placer(size, replicas, node_sel, disk_sel)
-            disks, where = [p.disk for p in placed], [p.node for p in placed]
-        disks = [os.path.abspath(d) for d in disks or []]
-        where = where or [self.me] * len(disks)
-        if (isinstance(replicas, bool) or not isinstance(replicas, int)
-                or not 1 <= replicas <= MAX_REPLICAS):
-            raise InvalidArgument(f"invalid replica count {replicas!r}: use 1 to {MAX_REPLICAS}")
-        if transport not in TRANSPORTS:
-            raise InvalidArgument(f"invalid transport {transport!r}: use auto, tcp or unix")
-        for d, n in zip(disks, where, strict=True):
-            if self.here(n) and not os.path.isdir(d):
-                raise InvalidArgument(f"disk {d} is not a directory")
-        if len(set(disks)) != len(disks):
-            raise InvalidArgument("the same --disk was given twice: each replica needs its own")
-        if disks and replicas > len(disks):
-            raise InvalidArgument(
-                f"{replicas} replicas need {replicas} disks (one per replica) but only "
-                f"{len(disks)} given with --disk: add disks or use --replicas {len(disks)}")
-        names = [f"{name}-r{i}" for i in range(replicas)]
-        for rname in names:
-            check_name(rname, "replica")   # the suffix may push a long volume name over 63
-        try:
-            self.store.volume(name)
-        except NotFound:
-            pass
-        else:
-            raise AlreadyExists(f"volume {name!r} already exists")
-        dirs = [self.home.replica_dir(name, r, disks[i] if disks else None)
-                for i, r in enumerate(names)]
-        nodes = [where[i] if disks else self.me for i in range(replicas)]
-        # Replicas on other nodes are created by their nodes' daemons (manager/supervisor.py).
-        local = [d for d, n in zip(dirs, nodes, strict=True) if self.here(n)]
-        for d in local:
-            if os.path.exists(d) and os.listdir(d):
-                raise AlreadyExists(f"replica directory {d} already exists and is not empty: "
-                                    "remove it or use another disk")
-        room_warning = check_disk_room(size, local)
-        if self.cluster is not None:
-            if transport == "unix":
-                raise InvalidArgument("on a cluster (daemon run --etcd) replicas are reached "
-                                      "over TCP: drop --transport unix")
-            transport = "tcp"   # an engine on any node must reach every replica
-        sockets = [self.home.nbd_socket(name), self.home.control_socket(name)]
-        if transport == "auto":
-            fits = all(len(self.home.replica_socket(name, r).encode()) <= UNIX_PATH_MAX
-                       for r in names)
-            transport = "unix" if fits else "tcp"
-        if transport == "unix":
-            sockets += [self.home.replica_socket(name, r) for r in names]
-        for s in sockets:
-            if len(s.encode()) > UNIX_PATH_MAX:
-                raise InvalidArgument(f"socket path {s} is longer than {UNIX_PATH_MAX} bytes: "
-                                      "use a shorter --home or volume name")
-        ensure_key(self.home.key)
-        addresses: list[str | None] = [
-            None if transport == "tcp" else f"unix:{self.home.replica_socket(name, r)}"
-            for r in names]
-        if self.cluster is not None:   # HOST:0: a port is allocated for the replica's node
-            addresses = [f"{self.cluster.address_of(n or self.cluster.name)}:0" for n in nodes]
-        self.store.add_volume(
-            name, size, list(zip(names, dirs, addresses, nodes, strict=True)),
-            (self.home.nbd_socket(name), self.home.control_socket(name)),
-            is_free=process.tcp_port_free)
-        created: list[str] = []
-        try:
-            from blockhorn.replica.store import Replica
-            for d in local:
-                created.append(d)
-                # In sync at generation 0 with each other (engine/generation.py).
-                Replica.create(d, size, name, {"Members": names}).close()
-            self.write_configs(name)
-            if share_opts is not None:
-                self.store.update_volume(name, access_mode="rwx")
-                self.shares.add(name, share_opts)
-            if room_warning:
-                self.store.update_volume(name, message=room_warning)
-            if node_sel or disk_sel:
-                self.store.update_volume(name, node_selector=node_sel, disk_selector=disk_sel)
-        except BaseException:
-            for d in created:
-                shutil.rmtree(d, ignore_errors=True)
-                _rmdir_if_empty(os.path.dirname(d))
-            shutil.rmtree(self.home.volume_dir(name), ignore_errors=True)
-            self.store.delete_volume(name)
-            raise
-        log.info("created volume %s: %d bytes, %d replicas in %s", name, size, replicas,
-                 ", ".join(dirs))
-        return self.show(name)
+        """Create volume `name` (manager/create.py: placed and recorded in one step)."""
+        from blockhorn.manager.create import create_volume
+        return create_volume(self, name, size, replicas, disks, transport, access, share,
+                             node_selector, disk_selector)
 
     def write_configs(self, name: str) -> None:
         vol = self.store.volume(name)
@@ -750,26 +640,6 @@ def _versions(home: Home, name: str, engine_up: bool) -> dict[str, Any]:
     from blockhorn.manager.upgrade import installed_version, running_version
     return {"version": running_version(home, name) if engine_up else None,
             "installed_version": installed_version()}
-
-
-def _share_options(access: str, size: int,
-                   share: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Validated share settings for an RWX volume; None for RWO (which takes none)."""
-    from blockhorn.sharemgr.config import share_options
-    from blockhorn.sharemgr.device import MIN_SIZE
-    if access not in ACCESS_MODES:
-        raise InvalidArgument(f"invalid access mode {access!r}: use rwo or rwx")
-    if access == "rwo":
-        if share:
-            raise InvalidArgument("NFS share settings need --access rwx")
-        return None
-    if size < MIN_SIZE:
-        raise InvalidArgument(f"an RWX volume needs at least {MIN_SIZE >> 20} MiB (ext4 with "
-                              f"a journal): {size >> 20} MiB is too small")
-    try:
-        return share_options(**(share or {}))
-    except TypeError as e:
-        raise InvalidArgument(f"bad share settings: {e}") from None
 
 
 def check_system(frontend: str) -> None:

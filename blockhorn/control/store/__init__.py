@@ -10,7 +10,9 @@ from blockhorn.control.store.base import (
     PORT_RANGE,
     NewReplica,
     SlotTaken,
+    Stale,
     StateStore,
+    guarded,
     move_port_owner,
     now_rfc3339,
 )
@@ -45,5 +47,5 @@ def open_store(db_path: str, etcd: str | None = None,
 
 __all__ = ["DEFAULT_ETCD_PREFIX", "PORT_RANGE", "BackupTargetRow", "DiskRow", "EngineRow", "LeftoverRow",
            "JobRow", "MoveTarget", "NewReplica", "NodeRow", "ProcessRecord", "ReplicaRow", "RunRow",
-           "ShareRow", "SlotTaken", "SqliteStore", "StateStore", "VolumeRow", "move_port_owner", "now_rfc3339",
-           "open_store"]
+           "ShareRow", "SlotTaken", "SqliteStore", "Stale", "StateStore", "VolumeRow", "guarded",
+           "move_port_owner", "now_rfc3339", "open_store"]

@@ -9,7 +9,11 @@ Contract (tests/t2_control_store.py runs the same suite against both):
 - a missing volume/job is NotFound, a second volume/job of one name AlreadyExists; updates of
   a replica/engine/share that does not exist are no-ops (it was removed meanwhile);
 - removing a volume removes its replicas, engine record, share and ports with it;
-- every method may be called from any thread.
+- every method may be called from any thread;
+- a change that promises disk room (a new replica, a volume growing, a replica moved or
+  being moved to another disk) moves the store's *scheduling mark*, and one made with
+  `guard=mark` is refused (Stale, nothing written) when the mark moved since `mark` was read:
+  the room decision and its write are one atomic step across nodes (`guarded`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from blockhorn.control.store.records import (
     BackupTargetRow,
@@ -32,11 +36,46 @@ from blockhorn.control.store.records import (
     ShareRow,
     VolumeRow,
 )
-from blockhorn.types import AlreadyExists, NoSpace
+from blockhorn.types import AlreadyExists, Busy, NoSpace
 
 
 class SlotTaken(AlreadyExists):
     """A job's slot was claimed already (`start_run`): another node of a cluster runs it."""
+
+
+class Stale(Busy):
+    """A guarded scheduling change (`guard=`) found the scheduling mark moved since the
+    decision read it: another create, expand or move promised room meanwhile. Nothing was
+    written; `guarded` decides again on fresh state."""
+
+
+SCHEDULE_ATTEMPTS = 20      # decisions re-run after losing to concurrent ones, then Busy
+SCHEDULE_BACKOFF_S = 0.05   # at most this many seconds (random) between two attempts
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def guarded(store: StateStore, decide: Callable[[], T], commit: Callable[[T, int], R],
+            what: str) -> R:
+    """Where a decision about disk room and the write that promises it must be one step
+    (create, expand, a replica's move): read the store's scheduling mark, then `decide` on
+    what the store says now (it raises when there is no room: Unschedulable, NoSpace), then
+    `commit(decision, mark)`, which writes with `guard=mark`. A Stale commit (someone else
+    promised room in between, on any node) decides again from fresh state: a placement
+    elsewhere, or the decision's own clear refusal. The mark is read before the decision's
+    reads, so every change it does not see moves the mark. Busy after SCHEDULE_ATTEMPTS."""
+    for attempt in range(SCHEDULE_ATTEMPTS):
+        mark = store.schedule_mark()
+        decision = decide()
+        try:
+            return commit(decision, mark)
+        except Stale:
+            # Concurrent deciders would otherwise collide again in lockstep.
+            time.sleep(random.uniform(0, SCHEDULE_BACKOFF_S * min(attempt + 1, 4) / 4))
+    raise Busy(f"{what}: other creates, expansions or moves kept changing the disks' "
+               f"promised room while this one decided ({SCHEDULE_ATTEMPTS} attempts); "
+               "try again")
 
 
 PORT_RANGE = (10000, 20000)  # [first, last) TCP ports handed to replica servers
@@ -88,12 +127,27 @@ def pick_port(taken: set[int], is_free: Callable[[int], bool], owner: str) -> in
 
 
 class StateStore(Protocol):
+    # --- scheduling (the module docstring; `guarded`) ---------------------------------------
+    def schedule_mark(self) -> int:
+        """The scheduling mark now: moved by every change that promises disk room
+        (add_volume, reserve_expand, a size grown by update_volume, move_replica,
+        start_move, set_replica_directory), guarded or not. Opaque: compare, never compute."""
+    def reserve_expand(self, name: str, size: int, guard: int | None = None) -> None:
+        """Promise the room for volume `name` growing to `size` bytes before any replica
+        grows (the volume's `expanding`, counted as scheduled until the size reaches it or
+        `end_expand`); Stale when `guard` is not the mark, NotFound without the volume."""
+    def end_expand(self, name: str, size: int) -> None:
+        """Drop the promise of `reserve_expand(name, size)` (the expand is over, done or not;
+        a newer reservation of another size is left alone; no-op without the volume)."""
+
     # --- volumes ---------------------------------------------------------------------------
     def add_volume(self, name: str, size: int, replicas: list[NewReplica],
-                   engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
+                   engine: tuple[str, str], is_free: Callable[[int], bool],
+                   guard: int | None = None) -> VolumeRow:
         """Insert a volume with its replicas [(name, directory, address)] and its engine
         (nbd_socket, control_socket), atomically. A replica address of None gets
-        `127.0.0.1:PORT` with a port allocated in the same step."""
+        `127.0.0.1:PORT` with a port allocated in the same step. `guard`: the scheduling
+        mark the placement was decided at (Stale, nothing written, when it moved)."""
     def volume(self, name: str) -> VolumeRow: ...
     def volumes(self) -> list[VolumeRow]: ...
     def update_volume(self, name: str, **fields: Any) -> None: ...
@@ -108,6 +162,9 @@ class StateStore(Protocol):
 
     # --- replicas and engines --------------------------------------------------------------
     def replicas(self, volume: str) -> list[ReplicaRow]: ...
+    def all_replicas(self) -> list[ReplicaRow]:
+        """Every volume's replicas in one read (by volume, then index): what a scheduling
+        decision counts, without one read per volume."""
     def set_replica_process(self, name: str, proc: ProcessRecord | None,
                             restarted: bool = False) -> None: ...
     def set_replica_address(self, name: str, address: str) -> None: ...
@@ -117,15 +174,17 @@ class StateStore(Protocol):
     def clear_failed(self, volume: str) -> None: ...
     def set_replica_directory(self, name: str, directory: str) -> None:
         """Point replica `name` at a new directory (a replacement); its failure is over."""
-    def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
+    def move_replica(self, name: str, node: str, directory: str, address: str,
+                     guard: int | None = None) -> None:
         """Replica `name` now lives on `node` in `directory` at `address` (a replacement on
         another node): its process record and failure are cleared in the same step, and a
-        move in progress is given up (as `cancel_move`)."""
-    def start_move(self, name: str, node: str, directory: str, address: str) -> None:
+        move in progress is given up (as `cancel_move`). `guard`: as add_volume's."""
+    def start_move(self, name: str, node: str, directory: str, address: str,
+                   guard: int | None = None) -> None:
         """Begin moving replica `name` (of an attached volume) to `node`, `directory`,
         `address`: the row keeps pointing at the old replica and gets a `moving` target
-        (records.MoveTarget). Busy when it is moving elsewhere already; the same target
-        again is a no-op."""
+        (records.MoveTarget; its disk counts as scheduled from now). Busy when it is moving
+        elsewhere already; the same target again is a no-op. `guard`: as add_volume's."""
     def set_move_process(self, name: str, proc: ProcessRecord | None) -> None:
         """The process of replica `name`'s move target (no-op when it is not moving)."""
     def finish_move(self, name: str) -> None:

@@ -23,11 +23,16 @@ Layout: one JSON document per record, under a prefix (default `/blockhorn/`):
     <p>leftovers/<node>/<sha256 of the directory, 16 hex>   LeftoverRow fields: a replica
                                  directory that node's daemon removes (manager/leftovers.py)
     <p>meta/cluster-key          the cluster key (hex) every node's engines and replicas use
+    <p>meta/schedule             {"changes": n}: the scheduling mark (its mod revision), put by
+                                 every change that promises disk room (base.py `guarded`)
 
 Every change is one etcd transaction guarded by compare-and-swap on the mod revisions of the
 keys it read (mod revision 0: "the key does not exist"): read, compute, commit if nobody
 changed those keys meanwhile, else read again and retry. So a change is atomic and never lost
-to a concurrent writer on another thread or host, without locks.
+to a concurrent writer on another thread or host, without locks. A change that promises disk
+room also puts `meta/schedule`, and with a `guard` (the mod revision a scheduling decision
+read) compares it: the decision's reads and its write are then one step too. The machinery
+is in control/store/etcd_cas.py, the jobs and runs in control/store/etcd_jobs.py.
 """
 
 from __future__ import annotations
@@ -42,16 +47,18 @@ from dataclasses import asdict
 from typing import Any
 from urllib.parse import quote
 
-from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound, cmp_mod, op_delete, op_put
+from blockhorn.cluster.etcd import Etcd, EtcdError, LeaseNotFound
 from blockhorn.control.store.base import (
     NewReplica,
-    SlotTaken,
+    Stale,
     move_port_owner,
     now_rfc3339,
     pick_port,
     port_host,
     unpack_new,
 )
+from blockhorn.control.store.etcd_cas import Doc
+from blockhorn.control.store.etcd_jobs import EtcdJobs
 from blockhorn.control.store.records import (
     DISK_FIELDS,
     NODE_FIELDS,
@@ -59,13 +66,11 @@ from blockhorn.control.store.records import (
     BackupTargetRow,
     DiskRow,
     EngineRow,
-    JobRow,
     LeftoverRow,
     MoveTarget,
     NodeRow,
     ProcessRecord,
     ReplicaRow,
-    RunRow,
     ShareRow,
     VolumeRow,
 )
@@ -76,13 +81,7 @@ log = logging.getLogger("blockhorn.control")
 SCHEMA_VERSION = 1
 # Key prefixes (relative) whose changes `watch` reports: what a node's supervision acts on.
 WATCHED = ("volumes/", "replicas/", "live/")
-CAS_ATTEMPTS = 100   # retries of one change lost to concurrent writers before giving up
-
-Doc = dict[str, Any]
-
-
-class Conflict(EtcdError):
-    """A change lost its compare-and-swap CAS_ATTEMPTS times in a row."""
+SCHEDULE = "meta/schedule"   # the scheduling mark's key
 
 
 def _proc(d: Doc) -> ProcessRecord | None:
@@ -114,7 +113,7 @@ def _volume(d: Doc) -> VolumeRow:
                      bool(d.get("device_stale")), list(d.get("groups") or []),
                      d.get("standby"), d.get("node"), bool(d.get("fresh")),
                      list(d.get("node_selector") or []), list(d.get("disk_selector") or []),
-                     int(d.get("epoch") or 0), d.get("salvage"))
+                     int(d.get("epoch") or 0), d.get("salvage"), d.get("expanding"))
 
 
 def _replica(d: Doc) -> ReplicaRow:
@@ -123,17 +122,7 @@ def _replica(d: Doc) -> ReplicaRow:
                       MoveTarget.from_dict(d.get("moving")))
 
 
-def _run(d: Doc) -> RunRow:
-    return RunRow(d["id"], d["job"], d.get("slot"), d["started"], d.get("finished"),
-                  d["state"], d.get("message"), d.get("result"), d.get("node"))
-
-
-def _job(d: Doc) -> JobRow:
-    return JobRow(d["name"], d["spec"], d["created"], d["last_slot"], d.get("runs", 0),
-                  d.get("failures", 0))
-
-
-class EtcdStore:
+class EtcdStore(EtcdJobs):
     def __init__(self, urls: str | list[str], prefix: str = "/blockhorn/") -> None:
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise InvalidArgument(f"bad etcd key prefix {prefix!r}: it starts and ends with /")
@@ -166,54 +155,42 @@ class EtcdStore:
                          name="etcd-watch", daemon=True).start()
         return stop.set
 
-    # --- the compare-and-swap machinery ----------------------------------------------------
+    # --- scheduling ------------------------------------------------------------------------
 
-    def _k(self, rel: str) -> str:
-        return self.prefix + rel
+    def schedule_mark(self) -> int:
+        return self._get(SCHEDULE)[1]
 
-    def _get(self, rel: str) -> tuple[Doc | None, int]:
-        kv = self.etcd.get(self._k(rel))
-        return (json.loads(kv.value), kv.mod_revision) if kv else (None, 0)
+    def _promise(self, read: dict[str, int], put: dict[str, Any], guard: int | None,
+                 what: str) -> None:
+        """Add to a change (read, put) the move of the scheduling mark; Stale when `guard`
+        is given and the mark moved since."""
+        doc, rev = self._get(SCHEDULE)
+        if guard is not None and rev != guard:
+            raise Stale(f"{what}: the disks' promised room changed since it was decided")
+        read[SCHEDULE] = rev
+        put[SCHEDULE] = {"changes": int((doc or {}).get("changes", 0)) + 1}
 
-    def _list(self, rel: str) -> list[tuple[str, Doc, int]]:
-        """(key relative to the prefix, document, mod revision) of every key under `rel`."""
-        return [(kv.key.decode()[len(self.prefix):], json.loads(kv.value), kv.mod_revision)
-                for kv in self.etcd.get_prefix(self._k(rel))]
+    def reserve_expand(self, name: str, size: int, guard: int | None = None) -> None:
+        vkey = f"volumes/{name}"
 
-    def _commit(self, read: dict[str, int], put: dict[str, Any],
-                delete: list[str] | None = None) -> bool:
-        """Put/delete (relative keys) if every key in `read` still has its mod revision."""
-        won, _ = self.etcd.txn([cmp_mod(self._k(k), rev) for k, rev in read.items()],
-                               [op_put(self._k(k), json.dumps(v, sort_keys=True))
-                                for k, v in put.items()]
-                               + [op_delete(self._k(k)) for k in delete or []])
-        return won
+        def step() -> bool:
+            d, rev = self._get(vkey)
+            if d is None:
+                raise NotFound(f"volume {name!r} does not exist")
+            read, put = {vkey: rev}, {vkey: {**d, "expanding": size}}
+            self._promise(read, put, guard, f"expand {name}")
+            return self._commit(read, put)
+        self._retry(step, f"reserve room for the expand of {name}")
 
-    def _retry(self, step: Callable[[], bool | None], what: str) -> None:
-        """Run `step` (read, compute, _commit) until it commits or has nothing to do (None)."""
-        for _ in range(CAS_ATTEMPTS):
-            if step() is not False:
-                return
-        raise Conflict(f"{what}: lost {CAS_ATTEMPTS} compare-and-swaps in a row to other "
-                       "writers; try again")
-
-    def _update(self, rel: str, change: Callable[[Doc], Doc | None],
-                missing: Exception | None = None) -> None:
-        """Apply `change` to one document (None from it: leave the document alone)."""
-        def step() -> bool | None:
-            doc, rev = self._get(rel)
-            if doc is None:
-                if missing is not None:
-                    raise missing
-                return None
-            new = change(doc)
-            return None if new is None else self._commit({rel: rev}, {rel: new})
-        self._retry(step, f"update {rel}")
+    def end_expand(self, name: str, size: int) -> None:
+        self._update(f"volumes/{name}", lambda d: {**d, "expanding": None}
+                     if d.get("expanding") == size else None)
 
     # --- volumes ---------------------------------------------------------------------------
 
     def add_volume(self, name: str, size: int, replicas: list[NewReplica],
-                   engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
+                   engine: tuple[str, str], is_free: Callable[[int], bool],
+                   guard: int | None = None) -> VolumeRow:
         created = now_rfc3339()
 
         def step() -> bool:
@@ -242,6 +219,7 @@ class EtcdStore:
                                             "directory": directory, "address": address,
                                             "pid": None, "restarts": 0, "failed_since": None,
                                             "node": node}
+            self._promise(read, put, guard, f"create volume {name}")
             return self._commit(read, put)
         self._retry(step, f"create volume {name}")
         return self.volume(name)
@@ -260,8 +238,24 @@ class EtcdStore:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         if "device_stale" in fields:
             fields["device_stale"] = bool(fields["device_stale"])
-        self._update(f"volumes/{name}", lambda d: {**d, **fields},
-                     NotFound(f"volume {name!r} does not exist"))
+        if "size" not in fields:
+            self._update(f"volumes/{name}", lambda d: {**d, **fields},
+                         NotFound(f"volume {name!r} does not exist"))
+            return
+        vkey = f"volumes/{name}"
+
+        def step() -> bool:   # a size grown promises room: the mark moves with it
+            d, rev = self._get(vkey)
+            if d is None:
+                raise NotFound(f"volume {name!r} does not exist")
+            new = {**d, **fields}
+            if (new.get("expanding") or 0) <= new["size"]:
+                new["expanding"] = None   # the reservation is the size now
+            read, put = {vkey: rev}, {vkey: new}
+            if new["size"] > d["size"]:
+                self._promise(read, put, None, f"expand {name}")
+            return self._commit(read, put)
+        self._retry(step, f"update volume {name}")
 
     def claim_attachment(self, name: str, node: str | None, expect: str | None,
                          **fields: Any) -> int:
@@ -310,6 +304,10 @@ class EtcdStore:
         return sorted((_replica(d) for _, d, _ in self._list("replicas/")
                        if d["volume"] == volume), key=lambda r: r.idx)
 
+    def all_replicas(self) -> list[ReplicaRow]:
+        return sorted((_replica(d) for _, d, _ in self._list("replicas/")),
+                      key=lambda r: (r.volume, r.idx))
+
     def set_replica_process(self, name: str, proc: ProcessRecord | None,
                             restarted: bool = False) -> None:
         self._update(f"replicas/{name}", lambda d: _set_proc(d, proc, restarted))
@@ -335,10 +333,19 @@ class EtcdStore:
         self._retry(step, f"clear failures of {volume}")
 
     def set_replica_directory(self, name: str, directory: str) -> None:
-        self._update(f"replicas/{name}",
-                     lambda d: {**d, "directory": directory, "failed_since": None})
+        rel = f"replicas/{name}"
 
-    def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
+        def step() -> bool | None:
+            d, rev = self._get(rel)
+            if d is None:
+                return None
+            read, put = {rel: rev}, {rel: {**d, "directory": directory, "failed_since": None}}
+            self._promise(read, put, None, f"replace replica {name}")
+            return self._commit(read, put)
+        self._retry(step, f"replace replica {name}")
+
+    def move_replica(self, name: str, node: str, directory: str, address: str,
+                     guard: int | None = None) -> None:
         rel = f"replicas/{name}"
 
         def step() -> bool | None:
@@ -355,6 +362,7 @@ class EtcdStore:
             if d.get("node") and (d["node"], d["directory"]) != (node, directory):
                 # The old node removes the old directory (manager/leftovers.py).
                 put.update([_leftover(d, created)])
+            self._promise(read, put, guard, f"move replica {name}")
             return self._commit(read, put, gone)
         self._retry(step, f"move replica {name}")
 
@@ -383,8 +391,14 @@ class EtcdStore:
             put.update([_leftover({**d, "node": m.node, "directory": m.directory}, created)])
         return read, put, [k for k, _, _ in target]
 
-    def start_move(self, name: str, node: str, directory: str, address: str) -> None:
-        def change(d: Doc) -> Doc | None:
+    def start_move(self, name: str, node: str, directory: str, address: str,
+                   guard: int | None = None) -> None:
+        rel = f"replicas/{name}"
+
+        def step() -> bool | None:
+            d, rev = self._get(rel)
+            if d is None:
+                return None
             cur = MoveTarget.from_dict(d.get("moving"))
             if cur is not None:
                 if (cur.node, cur.directory, cur.address) == (node, directory, address) \
@@ -394,9 +408,12 @@ class EtcdStore:
                     raise Busy(f"replica {name}: its move to node {cur.node} is being given "
                                f"up ({cur.give_up}): try again once it is")
                 raise Busy(f"replica {name} is being moved to node {cur.node} already")
-            return {**d, "moving": MoveTarget(node, directory, address, None,
-                                              time.time()).to_dict()}
-        self._update(f"replicas/{name}", change)
+            read = {rel: rev}
+            put: dict[str, Any] = {rel: {**d, "moving": MoveTarget(
+                node, directory, address, None, time.time()).to_dict()}}
+            self._promise(read, put, guard, f"move replica {name}")
+            return self._commit(read, put)
+        self._retry(step, f"start moving replica {name}")
 
     def set_move_process(self, name: str, proc: ProcessRecord | None) -> None:
         def change(d: Doc) -> Doc | None:
@@ -550,107 +567,6 @@ class EtcdStore:
             return stored
         self._retry(step, f"store the NFS client records of {volume}")
         return stored
-
-    # --- jobs ------------------------------------------------------------------------------
-
-    def add_job(self, name: str, spec: dict[str, Any], now: float) -> JobRow:
-        doc = {"name": name, "spec": spec, "created": now, "last_slot": now, "runs": 0,
-               "failures": 0}
-        if not self._commit({f"jobs/{name}": 0}, {f"jobs/{name}": doc}):
-            raise AlreadyExists(f"job {name!r} already exists")
-        return _job(doc)
-
-    def job(self, name: str) -> JobRow:
-        d, _ = self._get(f"jobs/{name}")
-        if d is None:
-            raise NotFound(f"job {name!r} does not exist")
-        return _job(d)
-
-    def jobs(self) -> list[JobRow]:
-        return sorted((_job(d) for _, d, _ in self._list("jobs/")), key=lambda j: j.name)
-
-    def _runs_of(self, job: str) -> list[tuple[str, Doc, int]]:
-        return [(k, d, rev) for k, d, rev in self._list("runs/") if d["job"] == job]
-
-    def remove_job(self, name: str) -> None:
-        def step() -> bool:
-            _, rev = self._get(f"jobs/{name}")
-            if rev == 0:
-                raise NotFound(f"job {name!r} does not exist")
-            return self._commit({f"jobs/{name}": rev}, {},
-                                [f"jobs/{name}"] + [k for k, _, _ in self._runs_of(name)])
-        self._retry(step, f"remove job {name}")
-
-    def start_run(self, name: str, slot: float | None, now: float, state: str,
-                  message: str | None, keep: int, node: str = "") -> int:
-        got: list[int] = []
-
-        def step() -> bool:
-            job, job_rev = self._get(f"jobs/{name}")
-            if job is None:
-                raise NotFound(f"job {name!r} does not exist")
-            seq, seq_rev = self._get("meta/run-seq")
-            run_id = int((seq or {}).get("last", 0)) + 1
-            if slot is not None:
-                if job["last_slot"] >= slot:   # another node's scheduler claimed it first
-                    raise SlotTaken(f"job {name}: slot {slot} was claimed already")
-                job["last_slot"] = slot
-            old = sorted(k for k, _, _ in self._runs_of(name))   # keys sort by id
-            got[:] = [run_id]
-            return self._commit(
-                {f"jobs/{name}": job_rev, "meta/run-seq": seq_rev},
-                {f"jobs/{name}": job, "meta/run-seq": {"last": run_id},
-                 f"runs/{run_id:016d}": {"id": run_id, "job": name, "slot": slot,
-                                         "started": now, "state": state, "message": message,
-                                         "node": node or None,
-                                         "finished": None if state == "running" else now,
-                                         "result": None}},
-                old[:max(0, len(old) - keep + 1)])
-        self._retry(step, f"start a run of job {name}")
-        return got[0]
-
-    def finish_run(self, run_id: int, state: str, message: str | None,
-                   result: dict[str, Any] | None, now: float) -> None:
-        key = f"runs/{run_id:016d}"
-
-        def step() -> bool | None:
-            run, run_rev = self._get(key)
-            if run is None:
-                return None   # the job was removed while it ran
-            job, job_rev = self._get(f"jobs/{run['job']}")
-            if job is None:
-                return None
-            job["runs"] += 1
-            job["failures"] += int(state == "failed")
-            run.update(state=state, message=message, result=result or None, finished=now)
-            return self._commit({key: run_rev, f"jobs/{run['job']}": job_rev},
-                                {key: run, f"jobs/{run['job']}": job})
-        self._retry(step, f"finish run {run_id}")
-
-    def interrupt_running(self, now: float, node: str = "") -> int:
-        count: list[int] = [0]
-
-        def step() -> bool | None:
-            # Only this node's: another node's runs may be going on right now.
-            running = [(k, d, rev) for k, d, rev in self._list("runs/")
-                       if d["state"] == "running" and d.get("node") in (None, node)]
-            count[0] = len(running)
-            if not running:
-                return None
-            return self._commit({k: rev for k, _, rev in running},
-                                {k: {**d, "state": "interrupted", "finished": now,
-                                     "message": "the daemon stopped during the run"}
-                                 for k, d, _ in running})
-        self._retry(step, "interrupt running job runs")
-        return count[0]
-
-    def job_runs(self, name: str, limit: int) -> list[RunRow]:
-        runs = sorted((_run(d) for _, d, _ in self._runs_of(name)), key=lambda r: -r.id)
-        return runs[:limit]
-
-    def job_run(self, run_id: int) -> RunRow | None:
-        d, _ = self._get(f"runs/{run_id:016d}")
-        return None if d is None else _run(d)
 
     # --- nodes and disks -------------------------------------------------------------------
 

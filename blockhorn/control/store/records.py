@@ -119,6 +119,15 @@ class VolumeRow:
     # {"replica": name, "id": token}; cleared once an engine started from it (the engine
     # also records the token, so a restart before the clear does not salvage twice).
     salvage: dict[str, Any] | None = None
+    # The size (bytes) an expand in progress grows the volume to: promised on its replicas'
+    # disks from the room check on (`reserve_expand`) until the size reaches it or the
+    # expand ends (`end_expand`); None: no expand in progress.
+    expanding: int | None = None
+
+    @property
+    def promised(self) -> int:
+        """Bytes each of its replicas' disks promises it (the scheduler's `scheduled`)."""
+        return max(self.size, self.expanding or 0)
 
 
 # What update_volume may change.

@@ -18,6 +18,7 @@ from typing import Any
 from blockhorn.control.store.base import (
     NewReplica,
     SlotTaken,
+    Stale,
     move_port_owner,
     now_rfc3339,
     pick_port,
@@ -43,9 +44,10 @@ from blockhorn.control.store.records import (
 )
 from blockhorn.types import AlreadyExists, Busy, NotFound
 
-SCHEMA_VERSION = 7   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
+SCHEMA_VERSION = 8   # 2: replicas.failed_since or volumes.groups/standby + jobs; 3: both;
 # 4: volumes.node/fresh, replicas.node (NULL in an older home: everything on this host).
 # 5: volumes.node_selector/disk_selector. 6: volumes.salvage. 7: replicas.moving.
+# 8: volumes.expanding (an older blockhorn ignores it: it only adds to promised room).
 # New tables (shares, share_records, backup_targets, nodes, disks) need no version: CREATE IF NOT EXISTS
 # adds them to any home, and an older blockhorn ignores them.
 BUSY_TIMEOUT_S = 10.0       # seconds a writer waits for another writer's transaction
@@ -71,7 +73,8 @@ CREATE TABLE IF NOT EXISTS volumes (
     fresh         INTEGER,         -- 1: never attached (schema 4); NULL: attached, or older
     node_selector TEXT,            -- JSON list of tags; NULL: none (schema 5)
     disk_selector TEXT,            -- JSON list of tags; NULL: none (schema 5)
-    salvage       TEXT             -- JSON {"replica", "id"} for the next start (schema 6)
+    salvage       TEXT,            -- JSON {"replica", "id"} for the next start (schema 6)
+    expanding     INTEGER          -- bytes an expand in progress grows it to (schema 8)
 );
 CREATE TABLE IF NOT EXISTS replicas (
     name        TEXT PRIMARY KEY,
@@ -162,7 +165,8 @@ CREATE TABLE IF NOT EXISTS backup_targets (
 # Columns added after schema 1, with their declarations: an old home gets them on open.
 _ADDED_COLUMNS = {"volumes": [("groups", "TEXT"), ("standby", "TEXT"), ("node", "TEXT"),
                               ("fresh", "INTEGER"), ("node_selector", "TEXT"),
-                              ("disk_selector", "TEXT"), ("salvage", "TEXT")],
+                              ("disk_selector", "TEXT"), ("salvage", "TEXT"),
+                              ("expanding", "INTEGER")],
                   "replicas": [("failed_since", "REAL"), ("node", "TEXT"), ("moving", "TEXT")]}
 
 
@@ -183,7 +187,8 @@ def _volume(row: sqlite3.Row) -> VolumeRow:
                      json.loads(row["standby"]) if row["standby"] else None, row["node"],
                      bool(row["fresh"]), json.loads(row["node_selector"] or "[]"),
                      json.loads(row["disk_selector"] or "[]"),
-                     salvage=json.loads(row["salvage"]) if row["salvage"] else None)
+                     salvage=json.loads(row["salvage"]) if row["salvage"] else None,
+                     expanding=row["expanding"])
 
 
 def _node(r: sqlite3.Row) -> NodeRow:
@@ -254,10 +259,30 @@ class SqliteStore:
     def watch(self, on_change: Callable[[], None]) -> Callable[[], None] | None:
         return None   # one daemon makes every change: nothing to hear of
 
+    # --- scheduling: the mark is a counter in `meta`, moved in the same transaction ---------
+
+    def schedule_mark(self) -> int:
+        with self.tx() as db:
+            return _mark(db)
+
+    def reserve_expand(self, name: str, size: int, guard: int | None = None) -> None:
+        with self.tx() as db:
+            _promise(db, guard, f"expand {name}")
+            if db.execute("UPDATE volumes SET expanding=? WHERE name=?",
+                          (size, name)).rowcount == 0:
+                raise NotFound(f"volume {name!r} does not exist")
+
+    def end_expand(self, name: str, size: int) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE volumes SET expanding=NULL WHERE name=? AND expanding=?",
+                       (name, size))
+
     def add_volume(self, name: str, size: int, replicas: list[NewReplica],
-                   engine: tuple[str, str], is_free: Callable[[int], bool]) -> VolumeRow:
+                   engine: tuple[str, str], is_free: Callable[[int], bool],
+                   guard: int | None = None) -> VolumeRow:
         created = now_rfc3339()
         with self.tx() as db:
+            _promise(db, guard, f"create volume {name}")
             if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"volume {name!r} already exists")
             db.execute("INSERT INTO volumes (name, size, replica_count, created, fresh) "
@@ -297,13 +322,21 @@ class SqliteStore:
             if k in fields and fields[k] is not None:
                 fields[k] = json.dumps(fields[k], sort_keys=True)
         sets = ", ".join(f"{k}=?" for k in fields)
+        values = list(fields.values())
+        if "size" in fields:   # an expand's reservation is the size itself once it reaches it
+            sets += ", expanding=CASE WHEN expanding <= ? THEN NULL ELSE expanding END"
+            values.append(fields["size"])
         with self.tx() as db:
+            if "size" in fields:   # a size grown promises room: the mark moves with it
+                row = db.execute("SELECT size FROM volumes WHERE name=?", (name,)).fetchone()
+                if row is not None and fields["size"] > row["size"]:
+                    _promise(db, None, f"expand {name}")
             if expect is not _ANY:
                 row = db.execute("SELECT node FROM volumes WHERE name=?", (name,)).fetchone()
                 if row is not None and row["node"] != expect:
                     raise Busy(f"volume {name!r} is now attached on node {row['node']}, not "
                                f"{expect}: someone else moved it")
-            cur = db.execute(f"UPDATE volumes SET {sets} WHERE name=?", (*fields.values(), name))
+            cur = db.execute(f"UPDATE volumes SET {sets} WHERE name=?", (*values, name))
             if cur.rowcount == 0:
                 raise NotFound(f"volume {name!r} does not exist")
             if clear_engine:
@@ -329,6 +362,10 @@ class SqliteStore:
         with self.tx() as db:
             rows = db.execute("SELECT * FROM replicas WHERE volume=? ORDER BY idx", (volume,))
             return [_replica(r) for r in rows]
+
+    def all_replicas(self) -> list[ReplicaRow]:
+        with self.tx() as db:
+            return [_replica(r) for r in db.execute("SELECT * FROM replicas ORDER BY volume, idx")]
 
     def set_replica_process(self, name: str, proc: ProcessRecord | None,
                             restarted: bool = False) -> None:
@@ -356,11 +393,14 @@ class SqliteStore:
 
     def set_replica_directory(self, name: str, directory: str) -> None:
         with self.tx() as db:
+            _promise(db, None, f"replace replica {name}")
             db.execute("UPDATE replicas SET directory=?, failed_since=NULL WHERE name=?",
                        (directory, name))
 
-    def move_replica(self, name: str, node: str, directory: str, address: str) -> None:
+    def move_replica(self, name: str, node: str, directory: str, address: str,
+                     guard: int | None = None) -> None:
         with self.tx() as db:
+            _promise(db, guard, f"move replica {name}")
             _drop_move_port(db, name)
             db.execute("UPDATE replicas SET node=?, directory=?, address=?, pid=NULL, "
                        "create_time=NULL, failed_since=NULL, moving=NULL WHERE name=?",
@@ -371,8 +411,10 @@ class SqliteStore:
         return MoveTarget.from_dict(json.loads(row["moving"])) if row and row["moving"] \
             else None
 
-    def start_move(self, name: str, node: str, directory: str, address: str) -> None:
+    def start_move(self, name: str, node: str, directory: str, address: str,
+                   guard: int | None = None) -> None:
         with self.tx() as db:
+            _promise(db, guard, f"move replica {name}")
             cur = self._moving(db, name)
             if cur is not None:
                 if (cur.node, cur.directory, cur.address) == (node, directory, address) \
@@ -698,6 +740,21 @@ def _migrate(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+def _mark(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key='schedule_mark'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _promise(db: sqlite3.Connection, guard: int | None, what: str) -> None:
+    """Move the scheduling mark in transaction `db`; Stale (the transaction rolls back) when
+    `guard` is given and the mark moved since. BEGIN IMMEDIATE makes the check and the
+    change one step against every other writer, this process's threads included."""
+    mark = _mark(db)
+    if guard is not None and mark != guard:
+        raise Stale(f"{what}: the disks' promised room changed since it was decided")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schedule_mark', ?)", (str(mark + 1),))
 
 
 def _drop_move_port(db: sqlite3.Connection, name: str) -> None:
