@@ -409,6 +409,23 @@ def test_claim_attachment_moves_once_and_bumps_the_epoch(kind: str, store: State
         store.claim_attachment("nope", "n1", None)
 
 
+def test_an_attach_of_a_detached_volume_claims_it_only_while_detached(
+        kind: str, store: StateStore) -> None:
+    """Two attaches of a detached volume (a user's and a maintenance attach, or users on two
+    nodes) both read it detached on the node it was last on: the second claim must not take
+    over the first one's attachment."""
+    make(store, "d")
+    store.claim_attachment("d", "n1", None, detached=True, desired="attached")
+    with pytest.raises(Busy, match="was attached on node n1 meanwhile"):
+        store.claim_attachment("d", "n1", "n1", detached=True, desired="attached",
+                               message="maintenance on node n1: x")
+    v = store.volume("d")
+    assert (v.node, v.desired, v.message) == ("n1", "attached", None)
+    store.update_volume("d", desired="detached")
+    store.claim_attachment("d", "n2", "n1", detached=True, desired="attached")
+    assert store.volume("d").node == "n2"
+
+
 def test_watch_reports_what_supervision_acts_on(kind: str, store: StateStore,
                                                  reopen: object) -> None:
     """etcd: a change another node makes to a volume wakes the watcher (the supervisor's

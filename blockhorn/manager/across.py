@@ -228,7 +228,7 @@ def attach_on(vm: VolumeManager, name: str, frontend: str, node: str,
             # that died"); the new epoch fences the old engine.
             move_attachment(vm.store, vol, node, "asked by an operator", frontend, salvage)
         else:
-            vm.store.claim_attachment(name, node, vol.node, desired="attached",
+            vm.store.claim_attachment(name, node, vol.node, detached=True, desired="attached",
                                       frontend=frontend, tcp_port=None, robustness=None,
                                       attachment=None, device_stale=False,
                                       message=ATTACHING + node, salvage=salvage)
@@ -254,7 +254,7 @@ def move_attachment(store: StateStore, vol: VolumeRow, node: str, why: str,
     epoch: the new engine presents it, and every replica it reaches refuses the old engine
     from then on. Busy when someone else moved it first. Returns the new epoch."""
     old = vol.node
-    more = {"frontend": frontend} if frontend else {}   # else the same kind as before
+    more: dict[str, Any] = {"frontend": frontend} if frontend else {}   # else the same kind
     epoch = store.claim_attachment(vol.name, node, old, desired="attached", tcp_port=None,
                                    **more,
                                    robustness=None, attachment=None, device_stale=False,

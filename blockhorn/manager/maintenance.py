@@ -70,7 +70,8 @@ def attached_here(vm: VolumeManager, name: str, what: str,
         if vol.desired == "attached":
             raise Busy(f"volume {name!r} is attached on node {vol.node}: ask that node")
         log.info("volume %s: maintenance attach on %s for %s", name, vm.me, what)
-        vm.store.claim_attachment(name, vm.me, vol.node, desired="attached", frontend="none",
+        vm.store.claim_attachment(name, vm.me, vol.node, detached=True, desired="attached",
+                                  frontend="none",
                                   tcp_port=None, robustness=None, attachment=None,
                                   device_stale=False, salvage=None,
                                   message=f"{MAINTENANCE}{vm.me}: {what}")

@@ -225,7 +225,7 @@ class VolumeManager:
                     log.warning("volume %s: NBD over TLS on every interface (%s:%d), as asked",
                                 name, tcp["address"], tcp["port"])
                 nbdtls.save(self.home.volume_dir(name), tcp)
-            self.store.claim_attachment(name, self.me, vol.node, desired="attached",
+            self.store.claim_attachment(name, self.me, vol.node, detached=True, desired="attached",
                                         frontend=frontend, tcp_port=tcp_port, robustness=None,
                                         message=None, attachment=None, device_stale=False,
                                         salvage=request)

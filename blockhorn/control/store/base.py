@@ -153,9 +153,11 @@ class StateStore(Protocol):
     def update_volume(self, name: str, **fields: Any) -> None: ...
     def delete_volume(self, name: str) -> None: ...
     def claim_attachment(self, name: str, node: str | None, expect: str | None,
-                         **fields: Any) -> int:
+                         *, detached: bool = False, **fields: Any) -> int:
         """Attach volume `name` on `node` in one compare-and-swap: only while its engine's
-        node is still `expect` (Busy otherwise: someone else moved it), with `fields`
+        node is still `expect` and, with `detached`, while it is detached (Busy otherwise:
+        someone else moved or attached it — two attaches of a detached volume on different
+        nodes, or one and a maintenance attach, both read it detached), with `fields`
         (update_volume's) and the engine's process record cleared in the same step; bumps
         and returns the attach epoch. On one host
         (SQLite) the epoch stays 0: one daemon runs one engine, no fencing needed."""

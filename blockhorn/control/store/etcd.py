@@ -258,7 +258,7 @@ class EtcdStore(EtcdJobs):
         self._retry(step, f"update volume {name}")
 
     def claim_attachment(self, name: str, node: str | None, expect: str | None,
-                         **fields: Any) -> int:
+                         *, detached: bool = False, **fields: Any) -> int:
         if set(fields) - VOLUME_FIELDS:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         epoch = 0
@@ -272,6 +272,8 @@ class EtcdStore(EtcdJobs):
             if d.get("node") != expect:
                 raise Busy(f"volume {name!r} is now attached on node {d.get('node')}, not "
                            f"{expect}: someone else moved it")
+            if detached and d.get("desired") == "attached":
+                raise Busy(f"volume {name!r} was attached on node {d.get('node')} meanwhile")
             epoch = int(d.get("epoch") or 0) + 1
             # The engine record goes in the same step: the new node must never see itself
             # asked to attach with the old node's engine pid still recorded.

@@ -314,7 +314,7 @@ class SqliteStore:
         self._update_volume(name, _ANY, fields)
 
     def _update_volume(self, name: str, expect: object, fields: dict[str, Any],
-                       clear_engine: bool = False) -> None:
+                       clear_engine: bool = False, detached: bool = False) -> None:
         if not fields or set(fields) - VOLUME_FIELDS:
             raise ValueError(f"cannot update volume fields {sorted(set(fields) - VOLUME_FIELDS)}")
         for k in ("attachment", "groups", "standby", "node_selector", "disk_selector",
@@ -332,10 +332,13 @@ class SqliteStore:
                 if row is not None and fields["size"] > row["size"]:
                     _promise(db, None, f"expand {name}")
             if expect is not _ANY:
-                row = db.execute("SELECT node FROM volumes WHERE name=?", (name,)).fetchone()
+                row = db.execute("SELECT node, desired FROM volumes WHERE name=?",
+                                 (name,)).fetchone()
                 if row is not None and row["node"] != expect:
                     raise Busy(f"volume {name!r} is now attached on node {row['node']}, not "
                                f"{expect}: someone else moved it")
+                if row is not None and detached and row["desired"] == "attached":
+                    raise Busy(f"volume {name!r} was attached on node {row['node']} meanwhile")
             cur = db.execute(f"UPDATE volumes SET {sets} WHERE name=?", (*values, name))
             if cur.rowcount == 0:
                 raise NotFound(f"volume {name!r} does not exist")
@@ -344,9 +347,10 @@ class SqliteStore:
                            (name,))
 
     def claim_attachment(self, name: str, node: str | None, expect: str | None,
-                         **fields: Any) -> int:
+                         *, detached: bool = False, **fields: Any) -> int:
         # Check, change and the engine record cleared: one transaction.
-        self._update_volume(name, expect, {**fields, "node": node}, clear_engine=True)
+        self._update_volume(name, expect, {**fields, "node": node}, clear_engine=True,
+                            detached=detached)
         return 0
 
     def delete_volume(self, name: str) -> None:
