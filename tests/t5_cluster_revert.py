@@ -14,47 +14,23 @@ a maintenance attach (manager/maintenance.py) and its engine reverts every in-sy
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import nbd
 import pytest
 from conftest import needs_root
+from support.backup_util import volume_digest
 from support.cluster_site import Site, module_site, wait_until
 
 pytestmark = needs_root()
 
-MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
 def site() -> Iterator[Site]:
     with module_site("bhv") as s:
         yield s
-
-
-def digest(uri: str, write_seed: int | None = None) -> str:
-    """sha256 of the whole volume, after writing a pattern of spread 64 KiB blocks (and a
-    flush) when `write_seed` is given."""
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    try:
-        size = h.get_size()
-        if write_seed is not None:
-            block = 64 * 1024
-            for i in range(48):
-                off = (i * 7919 * block) % (size - block)
-                h.pwrite(hashlib.sha256(f"{write_seed}-{i}".encode()).digest() * (block // 32),
-                         off - off % 4096)
-            h.flush()
-        d = hashlib.sha256()
-        for off in range(0, size, 4 * MiB):
-            d.update(h.pread(min(4 * MiB, size - off), off))
-        return d.hexdigest()
-    finally:
-        h.shutdown()
 
 
 def detach(site: Site, host: Any, volume: str) -> None:
@@ -66,7 +42,7 @@ def detach(site: Site, host: Any, volume: str) -> None:
 def attach_sum(site: Site, volume: str, host: Any, write_seed: int | None = None) -> str:
     site.cli(host, "volume", "attach", volume, "--frontend", "none")
     try:
-        return digest(site.show(host, volume)["endpoint"], write_seed)
+        return volume_digest(site.show(host, volume)["endpoint"], write_seed=write_seed)
     finally:
         detach(site, host, volume)
 
@@ -80,7 +56,7 @@ def check_reads(site: Site, volume: str, host: Any, want: str) -> set[str]:
         nodes = site.nodes_of(host, volume)
         wait_until(lambda: site.healthy_on(host, volume, nodes), 60,
                    f"{volume} healthy on {host.name}")
-        assert digest(site.show(host, volume)["endpoint"]) == want
+        assert volume_digest(site.show(host, volume)["endpoint"]) == want
         verify = site.cli(host, "volume", "verify", volume, check=False)
         assert verify.returncode == 0, verify.stdout + verify.stderr
         return {r["node"] for r in site.show(host, volume)["replicas"] if r.get("rebuild")}
