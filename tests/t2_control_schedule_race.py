@@ -238,13 +238,12 @@ def test_guarded_writes_refuse_a_moved_mark(site: Site) -> None:
     assert store.schedule_mark() == mark
 
 
+@pytest.mark.parametrize("site", ["etcd"], indirect=True)   # a cluster's only
 def test_create_races_an_expand_for_the_last_room(site: Site) -> None:
     """A volume on a disk with room for one more SIZE grows by SIZE while another node
     creates a volume of SIZE there, at one moment: exactly one gets the room; the other
     gets a clear ENOSPC and changes nothing (a cluster: one host's expand has no room
     rule to keep)."""
-    if site.vms[0].cluster is None:
-        pytest.skip("an expand's room rule is a cluster's (check_expand_room)")
     (n0, d0), (n1, d1) = sorted(site.disks)
     site.stores[0].update_disk(n1, d1, schedulable=False)   # one disk: the contested one
     store = site.stores[0]
@@ -277,13 +276,12 @@ def test_create_races_an_expand_for_the_last_room(site: Site) -> None:
     print(f"{ROUNDS} rounds of create against expand for the last room: won {outcome}")
 
 
+@pytest.mark.parametrize("site", ["etcd"], indirect=True)   # a cluster's only
 def test_replacement_and_planned_move_race_a_create(site: Site) -> None:
     """The leader's replacement of a replica (manager/leader.py `move`) and a create race
     for the last room of a disk: one gets it, the other a clear ENOSPC. A move planned
     earlier (a drain plans every move first) whose room a create took since is refused,
     nothing moved (`start_move`)."""
-    if site.vms[0].cluster is None:
-        pytest.skip("replacements and drains are a cluster's")
     from blockhorn.manager.leader import move, plan, start_move
     (n0, d0), (n1, d1) = sorted(site.disks)
     store, leader = site.stores[0], site.nodes[2]
