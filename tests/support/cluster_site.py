@@ -365,15 +365,28 @@ def orphaned_fuse(since: set[int]) -> list[int]:
     return sorted(fuse_connections() - since - mounted)
 
 
+KILL_WAIT_S = 10.0        # seconds for the processes of a killed host to be gone
+
+
+def dead(pid: int) -> bool:
+    """Gone or a zombie: a zombie holds no file, socket or mount any more. A killed daemon's
+    children (its dead man's switch) are reaped by init, and this machine's init reaps late
+    (~2 s): waiting for the reaping cost each killed host that long."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def kill_netns(ns: str) -> int:
     pids = netns_pids(ns)
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
-    for p in pids:
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(p).wait(10)
-    return len(pids)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while not all(dead(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(pids)   # our own children among them (daemon, etcd) are reaped by their waits
 
 
 def _unmount_under(root: str) -> None:
