@@ -50,7 +50,7 @@ pytestmark = needs_root()
 
 CHUNK = 1800     # bytes; the largest file nfs-cp (libnfs, NFSv4) writes in one call
 FILES = 6
-GRACE_S = 10     # seconds; the share's NFSv4 grace period (the default is 15)
+GRACE_S = 5      # seconds; the share's NFSv4 grace period (the default is 15): short, still waited out
 MOVE_TIMEOUT_S = 60.0   # seconds from the kill until a file must read back
 
 

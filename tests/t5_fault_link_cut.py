@@ -1,12 +1,13 @@
-"""Scenario 5 (issue 9): a replica's network link cut for 20 s, and another's for 120 s.
+"""Scenario 5 (issue 9): a replica's network link cut for 20 s, and another's for longer.
 
 The replicas run in network namespaces of their own (pyroute2, tests/netns_util.py), reached by
 the engine over TCP through a bridge; every name (namespaces, bridge, veths) and the subnet are
 unique per run and removed even when the test fails. A cut is the replica's `eth0` going down:
 its packets vanish silently (no RST), the way a pulled cable or a dead switch port looks.
 
-Both cuts overlap in one test (to save time): r1 is cut for 20 s, r2 for LONG_CUT_S (120 s by
-default, as the issue asks), and r0 stays the last RW replica meanwhile. What must happen:
+Both cuts overlap in one test (to save time): r1 is cut for 20 s, r2 for LONG_CUT_S (40 s in
+`make test`; `make bench` runs it with the issue's 120 s), and r0 stays the last RW replica
+meanwhile. What must happen:
 
 - the engine sets each cut replica ERR after its timeout (8 s, the default), commits it out of
   the in-sync set, and I/O goes on without an error on r0;
@@ -16,12 +17,15 @@ default, as the issue asks), and r0 stays the last RW replica meanwhile. What mu
 - when a link is back, the replica resyncs *incrementally*: the bytes copied are at most twice
   the bytes written while it was away (asserted), and it rejoins.
 
-Why 120 s: the long cut outlasts the engine's timeouts and any back-off (the daemon's longest
-is 30 s), so many reconnect attempts meet a silent link, and the two absences overlap. It
-stays below `replica-replenishment-wait-interval` (default 600 s), within which a returning
-replica must catch up rather than be replaced; replacement after the wait is tested with the
-daemon in tests/t5_system_heal.py. Ends with checksums of everything acknowledged and replicas
-compared. BLOCKHORN_LONG_CUT_S shortens the long cut for development.
+Why 40 s: the long cut outlasts the engine's timeouts (8 s, connect 5 s) and any back-off (the
+daemon's longest is 30 s, this supervisor's 5 s), so many reconnect attempts (~8) meet a
+silent link, the two absences overlap, and r2 is still cut off when r1 has resynced. A longer
+cut adds waiting, not a state the engine or the replica could be in: `make bench`
+(scripts/bench_faults.py) sets BLOCKHORN_LONG_CUT_S=120, the issue's figure, and measures its
+recovery. Either stays below `replica-replenishment-wait-interval` (default 600 s), within
+which a returning replica must catch up rather than be replaced; replacement after the wait is
+tested with the daemon in tests/t5_system_heal.py. Ends with checksums of everything
+acknowledged and replicas compared.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ SIZE = 64 * MiB
 WRITES_PER_S = 100            # paced load: a shared machine, and a bounded change log
 FLUSH_EVERY = 32
 SHORT_CUT_S = 20.0
-LONG_CUT_S = float(os.environ.get("BLOCKHORN_LONG_CUT_S", "120"))
+# seconds; > the daemon's longest back-off (30 s); make bench runs 120 (see the docstring)
+LONG_CUT_S = float(os.environ.get("BLOCKHORN_LONG_CUT_S", "40"))
 PORT = 7410                   # each namespace has its own port space
 
 

@@ -41,6 +41,7 @@ _rnd = random.Random(TOK)
 NET = f"10.{_rnd.randrange(192, 200)}.{_rnd.randrange(256)}"
 SERVICE = f"{NET}.100/24"
 PORT = 20490
+GRACE_S = 5        # seconds; the share's NFSv4 grace period after a failover (default 15)
 # servers A and B, clients C and D, E outside the allow-list
 A, B, C, D, E = (f"bs{TOK}{x}" for x in "abcde")
 HOSTS = {A: f"{NET}.1/24", B: f"{NET}.2/24", C: f"{NET}.3/24", D: f"{NET}.4/24",
@@ -109,7 +110,9 @@ def volume(tmp_path: object) -> Iterator[tuple[ShareConfig, str]]:
                       clients=[{"cidr": HOSTS[ns].split("/")[0] + "/32", "access": "rw"}
                                for ns in (C, D)],
                       mkfs_options=["-E", "root_owner=1000:1000"], minor_versions=[0, 1, 2],
-                      service_address=SERVICE, interface="eth0")
+                      service_address=SERVICE, interface="eth0",
+                      # short (default 15 s): host B still waits it out for A's client
+                      grace_s=GRACE_S)
     cfg.validate()
     path = os.path.join(tmp, "share.json")
     cfg.save(path)

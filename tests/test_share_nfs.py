@@ -48,6 +48,10 @@ UID = 1000          # the clients' user; the filesystem root is made theirs at m
 # libnfs speaks only NFSv4.0: the test volumes add minor version 0 to the default 1, 2.
 RWX = ["--access", "rwx", "--replicas", "1", "--size", "64MiB", "--nfs-minor-versions", "0,1,2",
        "--mkfs-options", f"-E root_owner={UID}:{UID}"]
+# The restart tests: a short NFSv4 lease and grace period (seconds; defaults 10 and 15), so
+# that waiting out a restarted Ganesha's grace costs 5 s, not 15; the grace is still there
+# and still waited out (t7_vm_nfs.py does the same).
+RWX_RESTART = [*RWX, "--lease", "5", "--grace", "5"]
 
 
 @contextlib.contextmanager
@@ -293,7 +297,7 @@ def test_service_address_added_while_serving_and_removed_at_detach(env: Env, tmp
 def test_ganesha_killed_under_writes_restarted_no_acknowledged_loss(
         env: Env, tmp_path: object) -> None:
     tmp = str(tmp_path)
-    env.cli("volume", "create", "crash", *RWX)
+    env.cli("volume", "create", "crash", *RWX_RESTART)
     env.cli("volume", "attach", "crash")
     share = share_of(env, "crash")
     acked: dict[str, bytes] = {}
@@ -381,7 +385,7 @@ def test_share_bad_inputs_are_clear_errors_nothing_formatted(env: Env) -> None:
 def test_share_manager_killed_restarted_and_readonly_fs_remounted(env: Env, tmp_path: object
                                                                    ) -> None:
     tmp = str(tmp_path)
-    env.cli("volume", "create", "heal", *RWX)
+    env.cli("volume", "create", "heal", *RWX_RESTART)
     env.cli("volume", "attach", "heal")
     first = share_of(env, "heal")
     # The filesystem goes read-only (as ext4 does after an I/O error): the health check

@@ -365,15 +365,36 @@ def orphaned_fuse(since: set[int]) -> list[int]:
     return sorted(fuse_connections() - since - mounted)
 
 
-def kill_netns(ns: str) -> int:
+KILL_WAIT_S = 10.0        # seconds for the processes of a killed host to be gone
+
+
+def dead(pid: int) -> bool:
+    """Gone or a zombie: a zombie holds no file, socket or mount any more. A killed daemon's
+    children (its dead man's switch) are reaped by init, and this machine's init reaps late
+    (~2 s): waiting for the reaping cost each host of a site's teardown that long."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def kill_netns(ns: str, reaped: bool = True) -> int:
+    """SIGKILL every process of namespace `ns` and wait until they are gone: `reaped`, until
+    init has reaped them (a host's death in a test: tests/t5_cluster_drain.py's timing was
+    tuned with that wait, ~2 s here), else until they are zombies (the site's teardown)."""
     pids = netns_pids(ns)
     for p in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
-    for p in pids:
-        with contextlib.suppress(psutil.Error):
-            psutil.Process(p).wait(10)
-    return len(pids)
+    if reaped:
+        for p in pids:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(p).wait(KILL_WAIT_S)
+        return len(pids)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while not all(dead(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(pids)   # our own children among them (daemon, etcd) are reaped by their waits
 
 
 def _unmount_under(root: str) -> None:
@@ -429,7 +450,7 @@ def cluster_site(root: str, n: int = 3, settings: dict[str, str] | None = None,
         finally:
             for h in site.hosts:
                 conns = host_fuse_connections(h)
-                kill_netns(h.name)
+                kill_netns(h.name, reaped=False)
                 release_fuse(conns)
                 if h.proc is not None and h.proc.poll() is None:
                     h.proc.kill()
