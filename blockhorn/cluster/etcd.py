@@ -32,7 +32,13 @@ from blockhorn.types import BlockhornError, InvalidArgument
 
 log = logging.getLogger("blockhorn.etcd")
 
-TIMEOUT_S = 2.0         # seconds per request (connect, read, write)
+TIMEOUT_S = 2.0         # seconds per request (read, write)
+# Seconds to connect to a member. A live member's kernel completes the handshake at once,
+# however busy etcd is; a dead host's address (its link down) answers nothing, and a request
+# then waited the whole 2 s there before trying the next member. A node's heartbeat that met
+# a member in election (2 s) and then the dead one (2 s more) came back after its node's
+# dead man's switch had fenced it (`make demo-cluster`, 6 s leases).
+CONNECT_TIMEOUT_S = 0.5
 WATCH_RETRY_S = 1.0     # seconds between a broken watch stream and the next try
 GRPC_NOT_FOUND = 5      # gRPC status codes in the gateway's error body
 GRPC_UNAVAILABLE = 14   # "leader changed", "no leader": the members are electing a leader
@@ -145,7 +151,8 @@ class Etcd:
     def __init__(self, urls: str | list[str], timeout: float = TIMEOUT_S) -> None:
         self.endpoints = parse_endpoints(urls) if isinstance(urls, str) else list(urls)
         self.timeout = timeout
-        self._http = httpx.Client(timeout=timeout)
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout,
+                                                         connect=min(timeout, CONNECT_TIMEOUT_S)))
         self._order = threading.Lock()   # guards the order of self.endpoints
 
     def close(self) -> None:
@@ -280,7 +287,8 @@ class Etcd:
         p = prefix.encode() if isinstance(prefix, str) else prefix
         body = {"create_request": {"key": _enc(p), "range_end": _enc(prefix_end(p))}}
         # Its own client: the stream's read waits as long as nothing changes.
-        with httpx.Client(timeout=httpx.Timeout(self.timeout, read=None)) as client:
+        with httpx.Client(timeout=httpx.Timeout(self.timeout, read=None, connect=min(
+                self.timeout, CONNECT_TIMEOUT_S))) as client:
             tries = 0
             while not stop.is_set():
                 with self._order:
