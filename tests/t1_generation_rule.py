@@ -910,10 +910,9 @@ def _move_then_old_answers(m: GenerationMachine) -> None:
     m.start_engine(crash_at=None, unreachable={"a", "b"})
 
 
-def _move_then_target_down(m: GenerationMachine) -> None:
-    """Moved and joined; the others fail a write, which the new directory alone takes; the
-    engine dies before finish_move; a start on another node (no record) cannot reach the
-    target: the old directory must not answer for the name."""
+def _swapped_then_target_alone(m: GenerationMachine) -> None:
+    """Moved and joined (no record: a cluster); the others fail a write, which the new
+    directory alone takes and flushes; the engine dies before finish_move."""
     m.setup(use_record=False)
     m.start_engine(crash_at=None)
     m.write(fails=frozenset(), torn=False, crash_at=None)
@@ -921,20 +920,19 @@ def _move_then_target_down(m: GenerationMachine) -> None:
     m.write(fails=frozenset({"a", "b"}), torn=False, crash_at=None)
     m.flush(crash_at=None)
     m.crash_engine(True)
+
+
+def _move_then_target_down(m: GenerationMachine) -> None:
+    """`_swapped_then_target_alone`; a start on another node (no record) cannot reach the
+    target: the old directory must not answer for the name."""
+    _swapped_then_target_alone(m)
     m.start_engine(crash_at=None, target_down=True)
 
 
 def _given_up_after_the_swap(m: GenerationMachine) -> None:
-    """Moved and joined; the others fail a write that the target alone takes; the engine
-    dies, and the target's node too: the move is to be given up. The next start (the
-    target's node back) must take the target for the name."""
-    m.setup(use_record=False)
-    m.start_engine(crash_at=None)
-    m.write(fails=frozenset(), torn=False, crash_at=None)
-    m.migrate("c", crash_at=None)
-    m.write(fails=frozenset({"a", "b"}), torn=False, crash_at=None)
-    m.flush(crash_at=None)
-    m.crash_engine(True)
+    """`_swapped_then_target_alone`, and the target's node dies too: the move is to be
+    given up. The next start (the target's node back) must take the target for the name."""
+    _swapped_then_target_alone(m)
     m.give_up_move()
     m.start_engine(crash_at=None)
 

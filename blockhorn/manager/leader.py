@@ -402,8 +402,8 @@ def _replace_down(nodes: NodeService, v: VolumeRow, r: ReplicaRow, p: Placement,
     directory = os.path.join(p.disk, "replicas", v.name, r.name)
     start = time.monotonic()
     while True:
-        st: dict[str, Any] = next((x for x in engine_status(engine_here).get("replicas", [])
-                   if x.get("name") == r.name), {})
+        replicas = engine_status(engine_here).get("replicas", [])
+        st: dict[str, Any] = next((x for x in replicas if x.get("name") == r.name), {})
         if st.get("path") == directory and st.get("mode") == "RW":
             return p
         if time.monotonic() - start > DRAIN_WAIT_S:

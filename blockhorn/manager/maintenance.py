@@ -70,11 +70,11 @@ def attached_here(vm: VolumeManager, name: str, what: str,
         if vol.desired == "attached":
             raise Busy(f"volume {name!r} is attached on node {vol.node}: ask that node")
         log.info("volume %s: maintenance attach on %s for %s", name, vm.me, what)
-        vm.store.claim_attachment(name, vm.me, vol.node, detached=True, desired="attached",
-                                  frontend="none",
-                                  tcp_port=None, robustness=None, attachment=None,
-                                  device_stale=False, salvage=None,
-                                  message=f"{MAINTENANCE}{vm.me}: {what}")
+        epoch = vm.store.claim_attachment(name, vm.me, vol.node, detached=True,
+                                          desired="attached", frontend="none", tcp_port=None,
+                                          robustness=None, attachment=None,
+                                          device_stale=False, salvage=None,
+                                          message=f"{MAINTENANCE}{vm.me}: {what}")
         # At once (bring_up sets them too, later): a daemon that dies before must restart
         # the engine on this node's sockets, not on those of the node that ran it last.
         vm.store.set_engine_sockets(name, vm.home.nbd_socket(name),
@@ -86,8 +86,15 @@ def attached_here(vm: VolumeManager, name: str, what: str,
         yield
     finally:
         with held():
-            errors = vm.stop_here(name, frontend=None)
-        if errors:
+            # Still this attachment (its epoch)? With `supervised` a user's detach may have
+            # ended it meanwhile, and a user's attach after that is not ours to stop.
+            now = vm.store.volume(name)
+            ours = now.desired == "attached" and now.epoch == epoch
+            errors = vm.stop_here(name, frontend=None) if ours else []
+        if not ours:
+            log.info("volume %s: the maintenance attach for %s was ended by a detach "
+                     "meanwhile", name, what)
+        elif errors:
             log.error("volume %s: detach after %s incomplete: %s", name, what,
                       "; ".join(errors))
         else:
