@@ -115,17 +115,44 @@ def terminate(recs: list[ProcessRecord | None], timeout: float = STOP_TIMEOUT_S)
             procs.append(p)
         except psutil.NoSuchProcess:
             pass   # exited between the check and the signal: what we wanted
-    # wait_procs waitpid()s our own children, so they leave no zombies; reap() then finds
-    # their Popen objects finished (Popen treats ECHILD as exited).
-    _, left = psutil.wait_procs(procs, timeout=timeout)
+    left = wait_exited(procs, timeout)
     for p in left:
         log.warning("pid %d ignored SIGTERM for %.0f s: SIGKILL", p.pid, timeout)
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass   # exited just now
-    psutil.wait_procs(left, timeout=timeout)
+    wait_exited(left, timeout)
     reap()
+
+
+def wait_exited(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to `timeout` s until every process in `procs` has exited; return those left.
+    Our own children are waitpid()ed here, so they leave no zombies (reap() then finds their
+    Popen objects finished: Popen treats ECHILD as exited). Another's (adopted from a previous
+    daemon: init's) counts as exited once it is a zombie, as alive() has it: init may reap
+    late (~2 s in some containers, per process), and a zombie holds nothing any more."""
+    deadline = time.monotonic() + timeout
+    left = list(procs)
+    while True:
+        left = [p for p in left if not _exited(p)]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.01)
+
+
+def _exited(p: psutil.Process) -> bool:
+    try:
+        p.wait(0)   # reaps our own child; TimeoutExpired while any process runs
+        return True
+    except psutil.TimeoutExpired:
+        pass
+    except psutil.NoSuchProcess:
+        return True
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
