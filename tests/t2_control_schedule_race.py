@@ -209,6 +209,15 @@ def test_guarded_writes_refuse_a_moved_mark(site: Site) -> None:
     store.reserve_expand("g1", 4 * SIZE)
     store.end_expand("g1", 4 * SIZE)   # the expand failed: the promise ends
     assert store.volume("g1").promised == 3 * SIZE
+    # A daemon that died during an expand: its promise ends as that node's daemon starts
+    # again (manager/daemon.py), another node's is left alone (etcd; SQLite is one daemon's).
+    store.reserve_expand("g1", 5 * SIZE, node="n1")
+    cluster = len(site.stores) > 1
+    assert store.end_expands_of("n2") == ([] if cluster else ["g1"])
+    if cluster:
+        assert store.volume("g1").expanding == 5 * SIZE
+        assert store.end_expands_of("n1") == ["g1"]
+    assert store.volume("g1").promised == 3 * SIZE and store.end_expands_of("n1") == []
     stale = store.schedule_mark()
     new("g3", None)   # unguarded (explicit --disk): still moves the mark
     for change in (lambda: store.move_replica("g1-r0", "n9", "/e/replicas/g1/g1-r0",

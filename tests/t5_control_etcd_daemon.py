@@ -33,10 +33,19 @@ def test_daemon_state_lives_in_etcd(etcd_url: str) -> None:
             with Etcd(etcd_url) as e:
                 doc = json.loads(e.get(f"{prefix}volumes/ev").value)   # type: ignore[union-attr]
                 assert doc["size"] == 16 << 20 and doc["replica_count"] == 1
+                # As an expand that hostb's daemon ran and died in leaves it (capacity.py):
+                # room promised for 32 MiB, released when hostb's daemon starts again.
+                e.put(f"{prefix}volumes/ev", json.dumps({**doc, "expanding": 32 << 20,
+                                                         "expanding_node": "hostb"}))
         # Another home (another host) on the same etcd: the same cluster state.
         with daemon(b, "--etcd", etcd_url, "--etcd-prefix", prefix, "--node", "hostb",
                     "--api-listen", "none"):
             assert [v["name"] for v in b.ls()] == ["ev"]
+            with Etcd(etcd_url) as e:
+                doc = json.loads(e.get(f"{prefix}volumes/ev").value)   # type: ignore[union-attr]
+                assert (doc["expanding"], doc["expanding_node"]) == (None, None), doc
+            with open(b.home.log("daemon.log")) as f:
+                assert "expand that a previous daemon left unfinished" in f.read()
             got = json.loads(b.cli("setting", "get", "replica-replenishment-wait-interval",
                                    "--json").stdout)
             assert got["value"] == 30

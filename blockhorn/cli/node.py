@@ -106,6 +106,8 @@ def run_node(args: argparse.Namespace, home: Home) -> int:
         for m in got["moved"]:
             print(f"replica {m['replica']} of {m['volume']}: moved to {m['node']} "
                   f"({m['disk']})")
+            if m.get("message"):   # how (the volume's message then; later events replace it)
+                print(f"  {m['message']}")
         print(f"node {args.name} drained ({len(got['moved'])} replicas moved)")
         return 0
     with connect(home) as c:

@@ -136,7 +136,7 @@ def expand_reservation(volumes: VolumeManager, name: str, new: int) -> Iterator[
         check_expand_room(name, vol.promised, new, store.replicas(name),
                           cluster.nodes_for_scheduling(), cluster.policy())
 
-    guarded(store, decide, lambda _, mark: store.reserve_expand(name, new, mark),
+    guarded(store, decide, lambda _, mark: store.reserve_expand(name, new, mark, cluster.name),
             f"expand {name}")
     try:
         yield

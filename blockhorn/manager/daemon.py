@@ -125,6 +125,11 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
     if etcd:   # the dead man's switch reads when the lease was last renewed (node/fence.py)
         nodes.on_beat = lambda began: fence.record_beat(home, began)
     nodes.register()
+    # An expand runs in its daemon's API: one that died during it left its room promised
+    # (manager/capacity.py expand_reservation); no expand of this node runs yet.
+    for name in store.end_expands_of(nodes.name):
+        log.warning("volume %s: the room promised for an expand that a previous daemon "
+                    "left unfinished is released (run the expand again)", name)
     volumes = VolumeManager(home, store)
     volumes.placer = nodes.place   # volume create without --disk: the registered disks
     switch: tuple[subprocess.Popen[bytes], int] | None = None

@@ -330,7 +330,7 @@ def drain(nodes: NodeService, node: str, volumes: VolumeManager | None = None
         row = next((x for x in store.replicas(v.name) if x.name == r.name), None)
         if row is not None:   # where it is now (planned again if its room went meanwhile)
             moved.append({"replica": r.name, "volume": v.name, "node": row.node,
-                          "disk": disk_of(row.directory) or ""})
+                          "disk": disk_of(row.directory) or "", "message": done})
     log.info("node %s drained: %d replicas moved", node, len(moved))
     return {"node": node, "moved": moved}
 

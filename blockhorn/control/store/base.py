@@ -132,13 +132,19 @@ class StateStore(Protocol):
         """The scheduling mark now: moved by every change that promises disk room
         (add_volume, reserve_expand, a size grown by update_volume, move_replica,
         start_move, set_replica_directory), guarded or not. Opaque: compare, never compute."""
-    def reserve_expand(self, name: str, size: int, guard: int | None = None) -> None:
+    def reserve_expand(self, name: str, size: int, guard: int | None = None,
+                       node: str | None = None) -> None:
         """Promise the room for volume `name` growing to `size` bytes before any replica
         grows (the volume's `expanding`, counted as scheduled until the size reaches it or
-        `end_expand`); Stale when `guard` is not the mark, NotFound without the volume."""
+        `end_expand`), for an expand that the daemon of `node` runs; Stale when `guard` is
+        not the mark, NotFound without the volume."""
     def end_expand(self, name: str, size: int) -> None:
         """Drop the promise of `reserve_expand(name, size)` (the expand is over, done or not;
         a newer reservation of another size is left alone; no-op without the volume)."""
+    def end_expands_of(self, node: str | None) -> list[str]:
+        """Drop the promises of every expand that the daemon of `node` ran (the volumes'
+        names): called as that daemon starts, when none of them runs any more — one that
+        died during an expand left its promise behind. One host (SQLite): every promise."""
 
     # --- volumes ---------------------------------------------------------------------------
     def add_volume(self, name: str, size: int, replicas: list[NewReplica],

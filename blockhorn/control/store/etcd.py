@@ -170,21 +170,36 @@ class EtcdStore(EtcdJobs):
         read[SCHEDULE] = rev
         put[SCHEDULE] = {"changes": int((doc or {}).get("changes", 0)) + 1}
 
-    def reserve_expand(self, name: str, size: int, guard: int | None = None) -> None:
+    def reserve_expand(self, name: str, size: int, guard: int | None = None,
+                       node: str | None = None) -> None:
         vkey = f"volumes/{name}"
 
         def step() -> bool:
             d, rev = self._get(vkey)
             if d is None:
                 raise NotFound(f"volume {name!r} does not exist")
-            read, put = {vkey: rev}, {vkey: {**d, "expanding": size}}
+            read = {vkey: rev}
+            put = {vkey: {**d, "expanding": size, "expanding_node": node}}
             self._promise(read, put, guard, f"expand {name}")
             return self._commit(read, put)
         self._retry(step, f"reserve room for the expand of {name}")
 
     def end_expand(self, name: str, size: int) -> None:
-        self._update(f"volumes/{name}", lambda d: {**d, "expanding": None}
+        self._update(f"volumes/{name}", lambda d: {**d, "expanding": None,
+                                                   "expanding_node": None}
                      if d.get("expanding") == size else None)
+
+    def end_expands_of(self, node: str | None) -> list[str]:
+        def end(size: int) -> Callable[[Doc], Doc | None]:
+            return lambda d: ({**d, "expanding": None, "expanding_node": None}
+                              if (d.get("expanding"), d.get("expanding_node")) == (size, node)
+                              else None)
+        ended = []
+        for rel, d, _ in self._list("volumes/"):
+            if d.get("expanding") is not None and d.get("expanding_node") == node:
+                self._update(rel, end(d["expanding"]))
+                ended.append(str(d["name"]))
+        return ended
 
     # --- volumes ---------------------------------------------------------------------------
 
@@ -250,7 +265,7 @@ class EtcdStore(EtcdJobs):
                 raise NotFound(f"volume {name!r} does not exist")
             new = {**d, **fields}
             if (new.get("expanding") or 0) <= new["size"]:
-                new["expanding"] = None   # the reservation is the size now
+                new["expanding"] = new["expanding_node"] = None   # the size holds it now
             read, put = {vkey: rev}, {vkey: new}
             if new["size"] > d["size"]:
                 self._promise(read, put, None, f"expand {name}")

@@ -265,7 +265,8 @@ class SqliteStore:
         with self.tx() as db:
             return _mark(db)
 
-    def reserve_expand(self, name: str, size: int, guard: int | None = None) -> None:
+    def reserve_expand(self, name: str, size: int, guard: int | None = None,
+                       node: str | None = None) -> None:
         with self.tx() as db:
             _promise(db, guard, f"expand {name}")
             if db.execute("UPDATE volumes SET expanding=? WHERE name=?",
@@ -276,6 +277,14 @@ class SqliteStore:
         with self.tx() as db:
             db.execute("UPDATE volumes SET expanding=NULL WHERE name=? AND expanding=?",
                        (name, size))
+
+    def end_expands_of(self, node: str | None) -> list[str]:
+        # One host, one daemon (its home's lock): every promise is that daemon's.
+        with self.tx() as db:
+            names = [r[0] for r in db.execute(
+                "SELECT name FROM volumes WHERE expanding IS NOT NULL ORDER BY name")]
+            db.execute("UPDATE volumes SET expanding=NULL WHERE expanding IS NOT NULL")
+        return names
 
     def add_volume(self, name: str, size: int, replicas: list[NewReplica],
                    engine: tuple[str, str], is_free: Callable[[int], bool],
