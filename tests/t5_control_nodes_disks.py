@@ -77,6 +77,21 @@ def test_nodes_disks_and_scheduled_create() -> None:
         assert all(os.path.exists(os.path.join(p, "volume.meta")) for p in paths)
         listed = json.loads(env.cli("disk", "ls", "--json").stdout)
         assert [d["scheduled"] for d in listed] == [16 * MiB, 16 * MiB]
+        # An expand follows the scheduler's rules on one host too (capacity.py): 1 % of the
+        # disk may be promised, and 1 % of this filesystem is less than the size asked.
+        big = listed[0]["capacity"] // 50 // MiB * MiB
+        with Client(env.home) as c:
+            c.request("PUT", "/settings/storage-over-provisioning-percentage", {"value": 1})
+        no = env.cli("volume", "expand", "v1", "--size", f"{big // MiB}MiB", check=False)
+        assert no.returncode == 1 and "cannot expand 'v1'" in no.stderr, no.stderr
+        assert "storage-over-provisioning-percentage" in no.stderr and \
+            "nothing was changed" in no.stderr, no.stderr
+        with Client(env.home) as c:
+            assert c.show("v1")["size"] == 16 * MiB
+            c.request("PUT", "/settings/storage-over-provisioning-percentage", {"value": 100})
+        env.cli("volume", "expand", "v1", "--size", "32MiB")
+        listed = json.loads(env.cli("disk", "ls", "--json").stdout)
+        assert [d["scheduled"] for d in listed] == [32 * MiB, 32 * MiB]
         assert "SCHEDULED" in env.cli("disk", "ls").stdout
         no = env.cli("volume", "create", "v2", "--size", "16MiB", "--replicas", "3",
                      check=False)

@@ -75,9 +75,10 @@ def check_disk_room(size: int, directories: list[str]) -> str | None:
 
 
 def check_expand_room(volume: str, old: int, new: int, replicas: Sequence[ReplicaRow],
-                      nodes: Sequence[Node], policy: Policy) -> None:
-    """Before `volume` grows from `old` to `new` bytes on a cluster: every replica's disk, as
-    the store reports it (any node's, not only this one's), must take the extra bytes under
+                      nodes: Sequence[Node], policy: Policy, here: str | None = None) -> None:
+    """Before `volume` grows from `old` to `new` bytes: every replica's disk registered with
+    `disk add`, as the store reports it (any node's, not only this one's; a replica with no
+    node is on node `here`: one host's), must take the extra bytes under
     the scheduler's own rule (control/scheduler.py `room_left`: what is promised stays within
     storage-over-provisioning-percentage of capacity less reserve, and the disk has more free
     than storage-minimal-available-percentage). NoSpace naming each disk that cannot, with
@@ -90,8 +91,9 @@ def check_expand_room(volume: str, old: int, new: int, replicas: Sequence[Replic
     on_disk: dict[tuple[str, str], list[str]] = {}
     for r in replicas:
         path = disk_of(r.directory)
-        if r.node is not None and path is not None and (r.node, path) in disks:
-            on_disk.setdefault((r.node, path), []).append(r.name)
+        node = r.node or here
+        if node is not None and path is not None and (node, path) in disks:
+            on_disk.setdefault((node, path), []).append(r.name)
     short = []
     for (node, path), names in sorted(on_disk.items()):
         d = disks[(node, path)]
@@ -119,14 +121,15 @@ def check_expand_room(volume: str, old: int, new: int, replicas: Sequence[Replic
 
 @contextmanager
 def expand_reservation(volumes: VolumeManager, name: str, new: int) -> Iterator[None]:
-    """Around an expand of `name` to `new` bytes on a cluster: `check_expand_room` on what
-    the store says now and the promise of the room (the store's `reserve_expand`) in one
-    step, decided again if another create, expand or move promised room meanwhile; the
-    promise ends with the block (the size then holds it, or the expand failed). One host:
-    nothing to check here (check_disk_room covers this node's disks)."""
-    cluster, store = volumes.cluster, volumes.store
-    if cluster is None or new <= store.volume(name).size:
-        yield   # nothing grows, or no disks of other nodes to keep promises on
+    """Around an expand of `name` to `new` bytes: `check_expand_room` on what the store says
+    now and the promise of the room (the store's `reserve_expand`) in one step, decided again
+    if another create, expand or move promised room meanwhile; the promise ends with the
+    block (the size then holds it, or the expand failed). On one host as across nodes: the
+    registered disks follow the scheduler's rules (replicas given by `--disk` have no disk
+    record: check_disk_room covers them). Without a node service (no daemon): nothing."""
+    nodes, store = volumes.cluster or volumes.nodes, volumes.store
+    if nodes is None or new <= store.volume(name).size:
+        yield   # nothing grows, or no disk records to keep promises on
         return
 
     def decide() -> None:
@@ -134,9 +137,9 @@ def expand_reservation(volumes: VolumeManager, name: str, new: int) -> Iterator[
         # From what is promised already: a reservation an earlier expand left (a daemon
         # that died during it) is counted once, not twice.
         check_expand_room(name, vol.promised, new, store.replicas(name),
-                          cluster.nodes_for_scheduling(), cluster.policy())
+                          nodes.nodes_for_scheduling(), nodes.policy(), nodes.name)
 
-    guarded(store, decide, lambda _, mark: store.reserve_expand(name, new, mark, cluster.name),
+    guarded(store, decide, lambda _, mark: store.reserve_expand(name, new, mark, nodes.name),
             f"expand {name}")
     try:
         yield

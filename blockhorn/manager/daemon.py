@@ -132,6 +132,7 @@ async def run(home: Home, etcd: str | None = None, etcd_prefix: str = DEFAULT_ET
                     "left unfinished is released (run the expand again)", name)
     volumes = VolumeManager(home, store)
     volumes.placer = nodes.place   # volume create without --disk: the registered disks
+    volumes.nodes = nodes
     switch: tuple[subprocess.Popen[bytes], int] | None = None
     if etcd:   # a cluster: one key for every node's engines and replicas; peers over TCP
         adopt_key(home.key, store.shared_key(load_key(home.key)))

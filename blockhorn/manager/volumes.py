@@ -79,6 +79,9 @@ class VolumeManager:
         # Set by the daemon on a cluster (`daemon run --etcd`): this node, its peers' addresses
         # and liveness. None: one host, where every replica and engine is local.
         self.cluster: NodeService | None = None
+        # Set by the daemon, one host or many: this node's registered disks and the
+        # scheduler's view of them (an expand's room: manager/capacity.py).
+        self.nodes: NodeService | None = None
         # replica -> (volume, process) of the replica processes this daemon started on a
         # cluster: one moved to another node is stopped here (manager/across.py stop_strays)
         self.started: dict[str, tuple[str, ProcessRecord]] = {}
