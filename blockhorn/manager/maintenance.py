@@ -9,9 +9,11 @@ operation talks to the engine (its control socket, or its NBD socket for a resto
 volume is detached again, every node's replica stopped, before the call returns.
 
 While it runs the volume is attached on this node with the message `maintenance on node N:
-WHAT`; a user's attach is refused with that message (`check_attachable`). A daemon that dies
-in the middle leaves nothing worse than that attached volume: its supervisor restarts the
-engine when it starts again (and its message replaces the mark), and `volume detach` ends it.
+WHAT` and the mark `{"maintenance": WHAT, "node": N}` as its attachment (it has no device; the
+message is replaced by what happens meanwhile, the mark stays until the detach); a user's
+attach is refused naming it (`check_attachable`). A daemon that dies in the middle leaves
+nothing worse than that attached volume: its supervisor restarts the engine when it starts
+again, and `volume detach` ends it.
 """
 
 from __future__ import annotations
@@ -43,13 +45,21 @@ def needed(vm: VolumeManager, name: str) -> bool:
     return vm.cluster is not None and any(not vm.is_local(r) for r in vm.store.replicas(name))
 
 
+def mark(vol: VolumeRow) -> dict[str, Any] | None:
+    """The maintenance attach holding `vol`, if one does: {"maintenance": what, "node"}."""
+    att = vol.attachment or {}
+    return att if vol.desired == "attached" and "maintenance" in att else None
+
+
 def check_attachable(vol: VolumeRow) -> None:
     """Refuse a user's attach while a maintenance attach holds the volume (clearer than
     "already attached": the operator did not attach it)."""
-    if vol.desired == "attached" and (vol.message or "").startswith(MAINTENANCE):
-        raise Busy(f"volume {vol.name!r} is busy: {vol.message}; attach it when that ends "
-                   f"(if the daemon of node {vol.node} died meanwhile it stays attached "
-                   f"there: `blockhorn volume detach {vol.name}` ends it)")
+    m = mark(vol)
+    if m is not None:
+        raise Busy(f"volume {vol.name!r} is busy: {MAINTENANCE}{m.get('node') or vol.node}: "
+                   f"{m['maintenance']}; attach it when that ends (if the daemon of node "
+                   f"{vol.node} died meanwhile it stays attached there: `blockhorn volume "
+                   f"detach {vol.name}` ends it)")
 
 
 @contextmanager
@@ -72,7 +82,8 @@ def attached_here(vm: VolumeManager, name: str, what: str,
         log.info("volume %s: maintenance attach on %s for %s", name, vm.me, what)
         epoch = vm.store.claim_attachment(name, vm.me, vol.node, detached=True,
                                           desired="attached", frontend="none", tcp_port=None,
-                                          robustness=None, attachment=None,
+                                          robustness=None,
+                                          attachment={"maintenance": what, "node": vm.me},
                                           device_stale=False, salvage=None,
                                           message=f"{MAINTENANCE}{vm.me}: {what}")
         # At once (bring_up sets them too, later): a daemon that dies before must restart

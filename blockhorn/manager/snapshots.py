@@ -234,7 +234,8 @@ class SnapshotManager:
             write_configs(name)
         log.info("volume %s expanded to %d bytes", name, new)
         vol = self.store.volume(name)
-        if eng is not None and vol.desired == "attached" and vol.attachment:
+        if eng is not None and vol.desired == "attached" and vol.attachment \
+                and "maintenance" not in vol.attachment:   # a device (maintenance.py: none)
             from blockhorn.nbd.attach import Attachment, refresh_size
             if refresh_size(Attachment.from_dict(vol.attachment), new):
                 log.info("device of %s resized online", name)

@@ -452,7 +452,9 @@ class VolumeManager:
             errors += self.shares.stop(name)   # Ganesha and the mount go before the device
             if self.cluster is not None:
                 self.shares.drop_records(name, vol.epoch)
-        if vol.attachment:
+        if vol.attachment and "maintenance" in vol.attachment:   # no device: maintenance.py
+            self.store.update_volume(name, attachment=None)
+        elif vol.attachment:
             try:
                 from blockhorn.nbd.attach import Attachment, detach_device
                 detach_device(Attachment.from_dict(vol.attachment))
