@@ -65,17 +65,20 @@ class Result:
 class Guest:
     def __init__(self, workdir: str, script: str, files: dict[str, bytes] | None = None,
                  name: str = "guest", memory_mib: int = GUEST_MEMORY_MIB,
-                 modules: tuple[str, ...] = (), host_root: bool = False) -> None:
+                 modules: tuple[str, ...] = (), host_root: bool = False,
+                 cpus: int = 1) -> None:
         """`modules`: the kernel modules the script needs, of build_vm.MODULES (their
         dependencies come along; virtio-net always); none named: all of them. `host_root`:
         the host's / shared read-only over virtio-9p as mount tag `hostroot` (HOST_ROOT_SETUP
-        mounts it as a writable root to chroot into)."""
+        mounts it as a writable root to chroot into). `cpus`: virtual CPUs, each a host thread
+        (QEMU's multi-threaded TCG): 2 for a guest running many processes of its own."""
         self.dir = os.path.join(workdir, name)
         os.makedirs(self.dir, exist_ok=True)
         self.name = name
         self.out_path = os.path.join(self.dir, "out.log")
         self.console_path = os.path.join(self.dir, "console.log")
         self.memory_mib = memory_mib
+        self.cpus = cpus
         self.host_root = host_root
         extra = Cpio()
         # A host name of its own: the kernel's NFSv4 client names itself to the server by it
@@ -100,7 +103,7 @@ class Guest:
         require_vm()
         for p in (self.out_path, self.console_path):
             open(p, "wb").close()
-        argv = [QEMU, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1",
+        argv = [QEMU, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", str(self.cpus),
                 "-m", str(self.memory_mib), "-nographic", "-no-reboot", "-monitor", "none",
                 "-kernel", KERNEL, "-initrd", self.initrd,
                 # panic=-1: a guest kernel panic reboots at once, which -no-reboot turns into
