@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -119,3 +123,61 @@ def loop(fc: FuseCluster, tmp_path) -> Iterator[Attachment]:
         yield att
     finally:
         detach_device(att)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After the whole run (with pytest-xdist: in the controller, once every worker is done,
+    so no test is half-way through a teardown): a FUSE connection that nothing mounts any more
+    is a dead FUSE file, usually with a loop device still on it, left by some test's cleanup.
+    It is said, with the devices, and released — aborted and detached — so that no later
+    `sync` on this machine waits for it for ever."""
+    if hasattr(session.config, "workerinput") or os.geteuid() != 0:
+        return
+    from support.cluster_site import orphaned_fuse
+    left = orphaned_fuse(set())
+    if not left:
+        return
+    loops = [dev for dev, on in loop_devices() if on is None or on in left]
+    for c in left:
+        with contextlib.suppress(OSError):
+            with open(f"/sys/fs/fuse/connections/{c}/abort", "w") as f:
+                f.write("1")
+    for dev in loops:
+        subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
+    msg = (f"LEFT BEHIND by a test: FUSE connection(s) {left} with no mount, loop device(s) "
+           f"{loops or 'none'} on them: released now")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(msg, yellow=True)
+    else:
+        print(msg, file=sys.stderr)
+
+
+LOOP_GET_STATUS64 = 0x4C05   # <linux/loop.h>; struct loop_info64 is 232 bytes, lo_device first
+
+
+def loop_devices() -> list[tuple[str, int | None]]:
+    """(device, FUSE connection of its file) of every bound loop device whose file is on a
+    FUSE mount (major 0), from the kernel: the connection is the minor of the file's device,
+    None when the kernel answers ENOTCONN (its FUSE server is dead). Not losetup's
+    BACK-MAJ:MIN, which stats the file's path: a lazily unmounted FUSE file has none
+    ("/volume")."""
+    out: list[tuple[str, int | None]] = []
+    for name in sorted(os.listdir("/sys/block")):
+        if not name.startswith("loop"):
+            continue
+        try:
+            fd = os.open(f"/dev/{name}", os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            raw = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(232))
+            dev = struct.unpack_from("=Q", raw)[0]
+            if os.major(dev) == 0:
+                out.append((f"/dev/{name}", os.minor(dev)))
+        except OSError as e:   # ENXIO: not bound
+            if e.errno == errno.ENOTCONN:
+                out.append((f"/dev/{name}", None))
+        finally:
+            os.close(fd)
+    return out
