@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import assert_replicas_identical, needs_root
+from conftest import assert_replicas_identical, loop_bound_to, needs_root
 from fuse_harness import FuseCluster
 from harness import Cluster
 
@@ -70,7 +70,7 @@ def test_mkfs_mount_write_detach_attach_read_back(cluster, tmp_path) -> None:
         subprocess.run(["umount", mnt], capture_output=True)
         detach_device(att)
     assert not is_mounted(fuse_dir(cluster, tmp_path))
-    assert f"{att.device}:" not in sh("losetup", "-a")   # "/dev/loop2" is in "/dev/loop20:"
+    assert not loop_bound_to(att.device, fuse_dir(cluster, tmp_path))
     cluster.stop_engine()   # the fuse engine exits after its unmount: wait for its last FLUSH
     assert_replicas_identical(cluster)
 
@@ -99,7 +99,7 @@ def test_detach_cleans_up_after_frontend_crash(cluster, tmp_path) -> None:
     time.sleep(0.2)
     detach_device(att)           # must not raise, must release the loop device and the mount
     assert not is_mounted(fuse_dir(cluster, tmp_path))
-    assert f"{att.device}:" not in sh("losetup", "-a")   # "/dev/loop2" is in "/dev/loop20:"
+    assert not loop_bound_to(att.device, fuse_dir(cluster, tmp_path))
     if isinstance(cluster, FuseCluster):
         cluster.start_engine()
     att = attach(cluster, tmp_path)

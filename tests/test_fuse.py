@@ -11,7 +11,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import assert_replicas_identical, needs_root
+from conftest import assert_replicas_identical, loop_bound_to, needs_root
 from daemon_util import Env, wait_until
 from fuse_harness import FuseCluster
 
@@ -195,8 +195,7 @@ def test_daemon_attach_fuse_frontend(tmp_path) -> None:
         assert env.show("v")["counters"]["flushes"] >= 1
         env.cli("volume", "detach", "v")
         assert not is_mounted(env.home.fuse_dir("v"))
-        assert f"{dev}:" not in subprocess.run(["losetup", "-a"], capture_output=True,
-                                               text=True).stdout
+        assert not loop_bound_to(dev, env.home.fuse_dir("v"))
 
         dev = env.cli("volume", "attach", "v", "--frontend", "fuse").stdout.strip()
         with open(dev, "rb") as f:
@@ -215,8 +214,7 @@ def test_daemon_attach_fuse_frontend(tmp_path) -> None:
         assert not is_mounted(env.home.fuse_dir("v"))
         # The dead engine's loop device went with its mount: none is left holding the dead
         # FUSE connection (its backing file would read "/volume").
-        assert f"{dev}:" not in subprocess.run(["losetup", "-a"], capture_output=True,
-                                               text=True).stdout
+        assert not loop_bound_to(dev, env.home.fuse_dir("v"))
 
 
 def test_expand_grows_the_file_and_the_loop_device(fc: FuseCluster, loop: Attachment) -> None:
