@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -133,15 +132,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     `sync` on this machine waits for it for ever."""
     if hasattr(session.config, "workerinput") or os.geteuid() != 0:
         return
-    from support.cluster_site import orphaned_fuse
+    from support.cluster_site import orphaned_fuse, release_fuse
     left = orphaned_fuse(set())
     if not left:
         return
     loops = [dev for dev, on in loop_devices() if on is None or on in left]
-    for c in left:
-        with contextlib.suppress(OSError):
-            with open(f"/sys/fs/fuse/connections/{c}/abort", "w") as f:
-                f.write("1")
+    release_fuse(left)   # aborted (its detach by losetup's BACK-MAJ:MIN misses these)
     for dev in loops:
         subprocess.run(["losetup", "-d", dev], capture_output=True, check=False)
     msg = (f"LEFT BEHIND by a test: FUSE connection(s) {left} with no mount, loop device(s) "
