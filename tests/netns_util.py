@@ -56,11 +56,15 @@ def _create(hosts: dict[str, str], bridge: str, bridge_cidr: str) -> None:
         ip.link("set", index=br, state="up")
         for ns, cidr in hosts.items():
             netns.create(ns)
-            ip.link("add", ifname=f"{ns}-v", kind="veth", peer="eth0tmp")
+            # The peer is made in this namespace, then moved into the host's and renamed
+            # eth0: its name here is the host's own, as another site may be making hosts
+            # at the same time (two test files at once).
+            peer = f"{ns}-p"
+            ip.link("add", ifname=f"{ns}-v", kind="veth", peer=peer)
             ip.link("set", index=ip.link_lookup(ifname=f"{ns}-v")[0], master=br, state="up")
-            ip.link("set", index=ip.link_lookup(ifname="eth0tmp")[0], net_ns_fd=ns)
+            ip.link("set", index=ip.link_lookup(ifname=peer)[0], net_ns_fd=ns)
             with NetNS(ns) as nsip:
-                idx = nsip.link_lookup(ifname="eth0tmp")[0]
+                idx = nsip.link_lookup(ifname=peer)[0]
                 nsip.link("set", index=idx, ifname="eth0", state="up")
                 addr, prefix = cidr.split("/")
                 nsip.addr("add", index=idx, address=addr, prefixlen=int(prefix))

@@ -26,8 +26,8 @@ MiB = 1 << 20
 
 
 def replace(c, name: str, address: str, path: str, timeout: float = 20.0) -> dict:
-    """The control op; EBUSY (the engine's own retry of the ERR replica is running) is
-    retried, as the daemon retries it on its next pass."""
+    """The control op; EBUSY (the replica is not ERR yet) is retried, as the daemon retries
+    it on its next pass."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -93,4 +93,72 @@ def test_replace_replica_resyncs_a_new_directory(cluster_factory, tmp_path) -> N
     c.stop_engine()
     meta = read_json(os.path.join(new_dir, "volume.meta"))   # the server still has it open
     assert not meta["Rebuilding"] and "vol-r1" in meta["Members"]
+    assert_replicas_identical(c)
+
+
+def test_replacement_told_during_a_resync_attempt_is_taken_when_it_ends(
+        cluster_factory, tmp_path) -> None:
+    """The engine retries an ERR replica by itself (every REBUILD_RETRY_S); an attempt at an
+    unreachable one lasts up to its timeouts. A replacement told meanwhile is not refused (the
+    daemon's retries could keep missing the gaps between attempts: a node's replica that
+    moved stayed unsynced for minutes) but waits for the attempt to end and is taken then."""
+    import socket
+    c = cluster_factory(size=16 * MiB, replicas=2)
+    h = nbd.NBD()
+    h.connect_uri(c.uri)
+    rng = random.Random(5)
+    model = bytearray(c.size)
+    data = rng.randbytes(4 * MiB)
+    h.pwrite(data, 0)
+    model[:4 * MiB] = data
+    h.flush()
+
+    old = c.reps[1]
+    old.kill()
+    c.wait_modes({"vol-r0": "RW", "vol-r1": "ERR"})
+    # Its address now answers TCP but never the protocol: a resync attempt hangs in the claim
+    # for its timeout (10 s) — what a peer that is not there any more can cost.
+    host, port = old.cfg.listen.rsplit(":", 1)
+    hole = socket.socket()
+    hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    hole.bind((host, int(port)))
+    hole.listen(8)
+    try:
+        c.control().call({"op": "rebuild", "replica": "vol-r1"})
+
+        def attempt() -> dict:
+            st = c.control().call({"op": "status"})
+            return next(r for r in st["replicas"] if r["name"] == "vol-r1")
+        deadline = time.monotonic() + 10
+        while (attempt()["rebuild"] or {}).get("state") not in ("queued", "running"):
+            assert time.monotonic() < deadline, attempt()
+            time.sleep(0.05)
+
+        new_dir = str(tmp_path / "spare" / "vol-r1")
+        os.makedirs(os.path.dirname(new_dir))
+        cfg = ReplicaConfig(c.volume, old.cfg.name, new_dir, c.size,
+                            f"127.0.0.1:{free_port()}", c.key_file)
+        cfg_path = str(tmp_path / "vol-r1-new.json")
+        cfg.save(cfg_path)
+        Replica.create(new_dir, c.size, c.volume, {"Rebuilding": True}).close()
+        new = ReplicaProc(cfg, cfg_path, str(tmp_path / "vol-r1-new.log"))
+        c.reps[1] = new
+        new.start()
+        # Told once, while the attempt runs: accepted (no EBUSY), waiting for the attempt.
+        st = c.control().call({"op": "replace_replica", "replica": cfg.name,
+                               "address": cfg.listen, "path": new_dir})
+        r1 = next(r for r in st["replicas"] if r["name"] == cfg.name)
+        assert r1["replacement"] == new_dir and r1["path"] == old.cfg.directory, r1
+        more = rng.randbytes(1 * MiB)            # written while the old one is still named
+        h.pwrite(more, 8 * MiB)
+        model[8 * MiB:9 * MiB] = more
+        c.wait_modes({"vol-r0": "RW", "vol-r1": "RW"}, timeout=60)
+    finally:
+        hole.close()
+    r1 = attempt()
+    assert (r1["path"], r1["address"], r1["replacement"]) == (new_dir, cfg.listen, None)
+    h.flush()
+    assert h.pread(c.size, 0) == bytes(model)
+    h.shutdown()
+    c.stop_engine()
     assert_replicas_identical(c)

@@ -91,6 +91,9 @@ class ReplicaState:
     ping: tuple[float, ReplicaClient, Call, bytearray] | None = None
     last_ping: float = 0.0
     shadow_of: str = ""     # a migration target (engine/migrate.py): the replica it replaces
+    # A replacement (replace_replica) told while a resync attempt of the old one ran: taken
+    # when that attempt ends.
+    replacement: ReplicaRef | None = None
 
 
 class Engine:
@@ -603,16 +606,26 @@ class Engine:
 
     def replace_replica(self, ref: ReplicaRef) -> None:
         """Point replica `ref.name` at a new replica (the daemon's replacement: another
-        directory, created Rebuilding) and resync it fully. Only an ERR replica that no
-        rebuild is working on can be replaced (else EBUSY: try again later)."""
+        directory, created Rebuilding) and resync it fully. Only an ERR replica can be
+        replaced (else EBUSY). While a resync attempt of the old one runs — the maintenance
+        thread retries an unreachable replica every REBUILD_RETRY_S, each attempt up to the
+        connect timeout — the replacement waits for that attempt to end and is taken then,
+        unless the attempt brought the old replica back RW: a replacement refused in that
+        window, retried by the daemon every tick, could keep missing it."""
         r = self.replicas.get(ref.name)
         if r is None:
             raise InvalidArgument(f"volume {self.cfg.volume} has no replica {ref.name!r}")
         with self.state_lock:
-            busy = r.rebuild is not None and r.rebuild.get("state") in ("queued", "running")
-            if r.mode != ReplicaMode.ERR or busy:
-                raise Busy(f"replica {ref.name} is {r.mode}{', rebuilding' if busy else ''}: "
-                           "only a failed replica can be replaced")
+            if r.mode != ReplicaMode.ERR:
+                raise Busy(f"replica {ref.name} is {r.mode}: only a failed replica can be "
+                           "replaced")
+            if r.rebuild is not None and r.rebuild.get("state") in ("queued", "running"):
+                if r.replacement != ref:
+                    log.warning("replica %s: replacement by %s (%s) waits for the running "
+                                "resync attempt to end", ref.name, ref.path, ref.address)
+                r.replacement = ref
+                return
+            r.replacement = None
             old, r.client = r.client, None
             r.ref, r.stat, r.error = ref, {}, "replaced: waiting for its resync"
             self._close_local(r)
@@ -621,6 +634,22 @@ class Engine:
         log.warning("replica %s replaced by %s (%s): resyncing it", ref.name, ref.path,
                     ref.address)
         self.rebuild(ref.name)
+
+    def _take_replacement(self, r: ReplicaState) -> None:
+        """After a resync attempt of `r` ended: the replacement told meanwhile, if any."""
+        with self.state_lock:
+            ref, r.replacement = r.replacement, None
+        if ref is None:
+            return
+        if r.mode != ReplicaMode.ERR:
+            log.warning("replica %s is RW again at %s: its replacement by %s is dropped (the "
+                        "daemon tells it again if it is still wanted)", r.ref.name,
+                        r.ref.address, ref.path)
+            return
+        try:
+            self.replace_replica(ref)
+        except BlockhornError as e:
+            log.error("replacing replica %s by %s: %s", r.ref.name, ref.path, e)
 
     def migrate_replica(self, ref: ReplicaRef) -> None:
         """Move replica `ref.name` to a new directory without leaving the in-sync set: rebuild
@@ -640,6 +669,8 @@ class Engine:
             progress.update(state="failed", error=str(e))
             log.error("rebuild of %s failed: %s", r.ref.name, e)
             self.set_error(r, f"rebuild failed: {e}")
+        finally:
+            self._take_replacement(r)
 
     # --- snapshots and expansion -------------------------------------------------------------
 
@@ -771,6 +802,7 @@ class Engine:
                 "revision": r.stat.get("revision"),
                 "rebuild": progress_of(r.rebuild),
                 "migration": migrate.status_of(self, r.ref.name),
+                "replacement": r.replacement.path if r.replacement else None,
             })
         # Quorum mode: how many are in sync of how many needed; writes fail while below.
         quorum = ({"in_sync": len(self._rw_set), "majority": self.majority,

@@ -13,7 +13,8 @@ that hold no replica of the volume. The rest follows from each node reconciling 
 - the old node, if it is alive, stops its process of the replica (no longer its own);
 - the engine's node sees the engine's path for the replica differ from the store's and, once
   the engine holds the old one ERR, tells it `replace_replica`: the engine rebuilds the new
-  replica from a current one (engine/rebuild.py).
+  replica from a current one (engine/rebuild.py) — after its own resync attempt of the old one
+  ends, when one is running (Engine.replace_replica).
 Its old directory is a leftover of the old node (removed once that node sees the record).
 
 A drain must not run a volume short (the old replica is alive, unlike a dead node's; it may

@@ -199,11 +199,13 @@ class Site:
         def moved() -> set[str] | None:
             now = {r["node"] for r in self.show(engine, volume)["replicas"]}
             return now if victim.name not in now else None
-        after = wait_until(moved, 120, "the replica moved")
+        with self.post_mortem(volume, engine):
+            after = wait_until(moved, 120, "the replica moved")
         t_moved = time.monotonic() - t0
         say(f"the leader placed the replacement on {', '.join(sorted(after - before))} after "
             f"{t_moved:.1f} s")
-        wait_until(lambda: self.healthy_on(engine, volume, after), 180, "healthy again")
+        with self.post_mortem(volume, engine):
+            wait_until(lambda: self.healthy_on(engine, volume, after), 180, "healthy again")
         healthy = time.monotonic() - t0
         say(f"{volume} is healthy again after {healthy:.1f} s")
         w.finish()
@@ -211,6 +213,27 @@ class Site:
         assert bad == 0, f"{bad} acknowledged blocks read back different"
         say(f"{w.count} writes went on meanwhile; every acknowledged block reads back the same")
         return {"down": down, "moved": t_moved, "healthy": healthy, "writes": float(w.count)}
+
+    @contextlib.contextmanager
+    def post_mortem(self, volume: str, engine: Host, lines: int = 25) -> Iterator[None]:
+        """A wait that times out says why: the volume as `engine` shows it, and the last
+        `lines` lines naming `volume` of every live host's daemon log and of the engine's
+        log (a CI run keeps nothing but its output)."""
+        try:
+            yield
+        except AssertionError as e:
+            parts = [str(e)]
+            with contextlib.suppress(Exception):
+                parts.append("volume show: " + json.dumps(self.show(engine, volume)))
+            for h in self.hosts:
+                for log in ("daemon.log", f"{volume}-engine.log"):
+                    path = os.path.join(h.home, "logs", log)
+                    tail: list[str] = []
+                    with contextlib.suppress(OSError), open(path, errors="replace") as f:
+                        tail = [x for x in f if volume in x or log != "daemon.log"][-lines:]
+                    if tail:
+                        parts.append(f"--- {h.name}: {path}\n" + "".join(tail))
+            raise AssertionError("\n".join(parts)) from None
 
     # --- daemons ---------------------------------------------------------------------------
 
