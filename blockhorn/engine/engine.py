@@ -639,7 +639,7 @@ class Engine:
         """After a resync attempt of `r` ended: the replacement told meanwhile, if any."""
         with self.state_lock:
             ref, r.replacement = r.replacement, None
-        if ref is None:
+        if ref is None or self.stopping():
             return
         if r.mode != ReplicaMode.ERR:
             log.warning("replica %s is RW again at %s: its replacement by %s is dropped (the "
