@@ -39,6 +39,23 @@ def replace(c, name: str, address: str, path: str, timeout: float = 20.0) -> dic
             time.sleep(0.1)
 
 
+def start_spare(c, old: ReplicaProc, tmp_path) -> tuple[ReplicaConfig, str]:
+    """A new replica for `old`'s name in another directory and on another port, created
+    Rebuilding as `replica create` makes it, started (in place of `old` in the cluster, which
+    stops it at the end); returns its config and directory."""
+    new_dir = str(tmp_path / "spare" / old.cfg.name)
+    os.makedirs(os.path.dirname(new_dir))
+    cfg = ReplicaConfig(c.volume, old.cfg.name, new_dir, c.size, f"127.0.0.1:{free_port()}",
+                        c.key_file)
+    cfg_path = str(tmp_path / f"{old.cfg.name}-new.json")
+    cfg.save(cfg_path)
+    Replica.create(new_dir, c.size, c.volume, {"Rebuilding": True}).close()
+    new = ReplicaProc(cfg, cfg_path, str(tmp_path / f"{old.cfg.name}-new.log"))
+    c.reps[c.reps.index(old)] = new
+    new.start()
+    return cfg, new_dir
+
+
 def test_replace_replica_resyncs_a_new_directory(cluster_factory, tmp_path) -> None:
     c = cluster_factory(size=16 * MiB, replicas=2)
     h = nbd.NBD()
@@ -66,16 +83,7 @@ def test_replace_replica_resyncs_a_new_directory(cluster_factory, tmp_path) -> N
     h.pwrite(more, 10 * MiB)
     model[10 * MiB:12 * MiB] = more
 
-    new_dir = str(tmp_path / "spare" / "vol-r1")
-    os.makedirs(os.path.dirname(new_dir))
-    cfg = ReplicaConfig(c.volume, old.cfg.name, new_dir, c.size, f"127.0.0.1:{free_port()}",
-                        c.key_file)
-    cfg_path = str(tmp_path / "vol-r1-new.json")
-    cfg.save(cfg_path)
-    Replica.create(new_dir, c.size, c.volume, {"Rebuilding": True}).close()
-    new = ReplicaProc(cfg, cfg_path, str(tmp_path / "vol-r1-new.log"))
-    c.reps[1] = new                              # the cluster stops it at the end
-    new.start()
+    cfg, new_dir = start_spare(c, old, tmp_path)
     st = replace(c, cfg.name, cfg.listen, new_dir)
     r1 = next(r for r in st["replicas"] if r["name"] == cfg.name)
     assert (r1["path"], r1["address"]) == (new_dir, cfg.listen)
@@ -134,16 +142,7 @@ def test_replacement_told_during_a_resync_attempt_is_taken_when_it_ends(
             assert time.monotonic() < deadline, attempt()
             time.sleep(0.05)
 
-        new_dir = str(tmp_path / "spare" / "vol-r1")
-        os.makedirs(os.path.dirname(new_dir))
-        cfg = ReplicaConfig(c.volume, old.cfg.name, new_dir, c.size,
-                            f"127.0.0.1:{free_port()}", c.key_file)
-        cfg_path = str(tmp_path / "vol-r1-new.json")
-        cfg.save(cfg_path)
-        Replica.create(new_dir, c.size, c.volume, {"Rebuilding": True}).close()
-        new = ReplicaProc(cfg, cfg_path, str(tmp_path / "vol-r1-new.log"))
-        c.reps[1] = new
-        new.start()
+        cfg, new_dir = start_spare(c, old, tmp_path)
         # Told once, while the attempt runs: accepted (no EBUSY), waiting for the attempt.
         st = c.control().call({"op": "replace_replica", "replica": cfg.name,
                                "address": cfg.listen, "path": new_dir})
