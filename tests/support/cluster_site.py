@@ -192,7 +192,8 @@ class Site:
         else:
             say(f"killing every process of {victim.name} and taking its link down")
             self.kill(victim)
-        wait_until(lambda: self.states(engine)[victim.name] == "down", 60, "the node down")
+        with self.post_mortem(volume, engine):
+            wait_until(lambda: self.states(engine)[victim.name] == "down", 60, "the node down")
         down = time.monotonic() - t0
         say(f"{victim.name} is down after {down:.1f} s")
 
