@@ -95,6 +95,11 @@ class ReplicaState:
     # when that attempt ends.
     replacement: ReplicaRef | None = None
 
+    @property
+    def resyncing(self) -> bool:
+        """A resync (rebuild) of this replica is queued or running."""
+        return self.rebuild is not None and self.rebuild.get("state") in ("queued", "running")
+
 
 class Engine:
     def __init__(self, cfg: EngineConfig) -> None:
@@ -598,8 +603,7 @@ class Engine:
         if r is None:
             raise InvalidArgument(f"volume {self.cfg.volume} has no replica {name!r}")
         with self.state_lock:
-            busy = r.rebuild is not None and r.rebuild.get("state") in ("queued", "running")
-            if r.mode == ReplicaMode.RW or busy:
+            if r.mode == ReplicaMode.RW or r.resyncing:
                 return
             r.rebuild = {"state": "queued", "done": 0, "total": 0, "started": time.time()}
         self._rebuilds.submit(self._rebuild, r)
@@ -619,7 +623,7 @@ class Engine:
             if r.mode != ReplicaMode.ERR:
                 raise Busy(f"replica {ref.name} is {r.mode}: only a failed replica can be "
                            "replaced")
-            if r.rebuild is not None and r.rebuild.get("state") in ("queued", "running"):
+            if r.resyncing:
                 if r.replacement != ref:
                     log.warning("replica %s: replacement by %s (%s) waits for the running "
                                 "resync attempt to end", ref.name, ref.path, ref.address)

@@ -124,8 +124,7 @@ def maintain(eng: Engine) -> None:
         if time.monotonic() - last_retry >= REBUILD_RETRY_S:
             last_retry = time.monotonic()
             for r in list(eng.replicas.values()):
-                if r.mode == ReplicaMode.ERR and (
-                        r.rebuild is None or r.rebuild.get("state") in ("done", "failed")):
+                if r.mode == ReplicaMode.ERR and not r.resyncing:
                     eng.rebuild(r.ref.name)
 
 
