@@ -184,10 +184,6 @@ def loop_bound_to(dev: str, fuse_dir: str) -> bool:
     or, that mount gone, to what the kernel then names its file ("/volume", "/nbd": a dead
     FUSE file). Not whether the name `dev` is bound at all: a test running beside this one
     (pytest-xdist) may have taken the freed name for a file of its own."""
-    from blockhorn.nbd.attach import IMAGE_NAMES
-    try:
-        with open(f"/sys/block/{os.path.basename(dev)}/loop/backing_file") as f:
-            name = f.read().strip()
-    except OSError:
-        return False   # not bound
-    return name.startswith(fuse_dir.rstrip("/") + "/") or name in {f"/{n}" for n in IMAGE_NAMES}
+    from blockhorn.nbd.attach import IMAGE_NAMES, loops_on
+    return any(dev in loops_on(os.path.join(fuse_dir, n)) or dev in loops_on(f"/{n}")
+               for n in IMAGE_NAMES)

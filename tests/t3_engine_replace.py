@@ -39,6 +39,21 @@ def replace(c, name: str, address: str, path: str, timeout: float = 20.0) -> dic
             time.sleep(0.1)
 
 
+def written(cluster_factory, seed: int, offset: int, length: int):
+    """A started 16 MiB volume of two replicas, `length` random bytes written at `offset` and
+    flushed: the cluster, its NBD handle, the random source and the model of its contents."""
+    c = cluster_factory(size=16 * MiB, replicas=2)
+    h = nbd.NBD()
+    h.connect_uri(c.uri)
+    rng = random.Random(seed)
+    model = bytearray(c.size)
+    data = rng.randbytes(length)
+    h.pwrite(data, offset)
+    model[offset:offset + length] = data
+    h.flush()
+    return c, h, rng, model
+
+
 def start_spare(c, old: ReplicaProc, tmp_path) -> tuple[ReplicaConfig, str]:
     """A new replica for `old`'s name in another directory and on another port, created
     Rebuilding as `replica create` makes it, started (in place of `old` in the cluster, which
@@ -57,15 +72,7 @@ def start_spare(c, old: ReplicaProc, tmp_path) -> tuple[ReplicaConfig, str]:
 
 
 def test_replace_replica_resyncs_a_new_directory(cluster_factory, tmp_path) -> None:
-    c = cluster_factory(size=16 * MiB, replicas=2)
-    h = nbd.NBD()
-    h.connect_uri(c.uri)
-    rng = random.Random(3)
-    model = bytearray(c.size)
-    data = rng.randbytes(8 * MiB)
-    h.pwrite(data, MiB)
-    model[MiB:9 * MiB] = data
-    h.flush()
+    c, h, rng, model = written(cluster_factory, 3, MiB, 8 * MiB)
 
     old = c.reps[1]
     with pytest.raises(BlockhornError) as e:     # an RW replica is not replaced
@@ -111,15 +118,7 @@ def test_replacement_told_during_a_resync_attempt_is_taken_when_it_ends(
     daemon's retries could keep missing the gaps between attempts: a node's replica that
     moved stayed unsynced for minutes) but waits for the attempt to end and is taken then."""
     import socket
-    c = cluster_factory(size=16 * MiB, replicas=2)
-    h = nbd.NBD()
-    h.connect_uri(c.uri)
-    rng = random.Random(5)
-    model = bytearray(c.size)
-    data = rng.randbytes(4 * MiB)
-    h.pwrite(data, 0)
-    model[:4 * MiB] = data
-    h.flush()
+    c, h, rng, model = written(cluster_factory, 5, 0, 4 * MiB)
 
     old = c.reps[1]
     old.kill()

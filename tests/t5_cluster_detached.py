@@ -186,7 +186,6 @@ def test_daemon_killed_during_maintenance_leaves_an_attached_volume(site: Site) 
     assert v["state"] == "attached" and v["node"] == a.name, v
     # Refused naming the maintenance attach, also where a's supervisor restarted the engine
     # and its message replaced the mark's (the mark is the attachment: maintenance.py).
-    print(f"message after the restart: {site.show(b, 'dk').get('message')!r}")
     r = site.cli(b, "volume", "attach", "dk", "--frontend", "none", check=False)
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert f"busy: maintenance on node {a.name}: snapshot create k1" in r.stderr and \
