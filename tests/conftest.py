@@ -8,6 +8,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,6 +19,7 @@ from fuse_harness import FuseCluster  # noqa: E402
 from harness import Cluster  # noqa: E402
 
 from blockhorn.nbd.attach import Attachment, attach_device, detach_device  # noqa: E402
+from blockhorn.types import BlockhornError  # noqa: E402
 
 
 def needs_root() -> pytest.MarkDecorator:
@@ -97,8 +99,53 @@ def head_digest(directory: str) -> str:
     return h.hexdigest()
 
 
+def _running(proc: subprocess.Popen[bytes] | None) -> bool:
+    """Alive and not stopped (a test's SIGSTOP)."""
+    if proc is None or proc.poll() is not None:
+        return False
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in "TtZ"
+    except OSError:
+        return False
+
+
+def wait_in_sync(c: Cluster, names: list[str] | None = None, timeout: float = 90.0) -> None:
+    """Before comparing replica files: wait until the engine holds each of them RW. On a loaded
+    machine (CI: two workers beside QEMU guests) a replica can miss the answer timeout and go
+    ERR; the engine resyncs it by itself (every ping.REBUILD_RETRY_S), and until then its file
+    is behind, which the engine knows: it reads and acknowledges without it. Such a replica is
+    reported (stderr) with the engine's reason. Not waited for: an engine that is not running
+    or not answering, a replica whose process is gone or stopped (the test's own fault)."""
+    if not _running(c.engine):
+        return
+    procs = {r.cfg.name: r.proc for r in c.reps}
+    deadline = time.monotonic() + timeout
+    reported: set[str] = set()
+    while True:
+        try:
+            status = c.status()
+        except BlockhornError:
+            return       # no control socket: the engine is going away (a detach stops it)
+        behind = [r for r in status["replicas"]
+                  if (names is None or r["name"] in names) and r["mode"] != "RW"
+                  and _running(procs.get(r["name"]))]
+        if not behind:
+            return
+        for r in behind:
+            if r["name"] not in reported:
+                reported.add(r["name"])
+                print(f"replica {r['name']} is {r['mode']} ({r['error']}), rebuild "
+                      f"{r['rebuild']}: waiting for the engine's resync", file=sys.stderr)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replicas not back in sync within {timeout:g} s: {status}")
+        time.sleep(0.2)
+
+
 def assert_replicas_identical(c: Cluster, names: list[str] | None = None) -> None:
-    """The invariant after every data test: RW replicas hold the same bytes."""
+    """The invariant after every data test: RW replicas hold the same bytes (once a replica
+    the engine set ERR under load is resynced: `wait_in_sync`)."""
+    wait_in_sync(c, names)
     digests = {r.cfg.name: head_digest(r.cfg.directory) for r in c.reps
                if names is None or r.cfg.name in names}
     assert len(set(digests.values())) == 1, f"replicas differ: {digests}"

@@ -11,7 +11,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import assert_replicas_identical, loop_bound_to, needs_root
+from conftest import assert_replicas_identical, loop_bound_to, needs_root, wait_in_sync
 from daemon_util import Env, wait_until
 from fuse_harness import FuseCluster
 
@@ -22,6 +22,8 @@ MiB = 1 << 20
 
 
 def replica_bytes(fc: FuseCluster, offset: int, length: int) -> bytes:
+    """What the first replica's head file holds, once the engine holds every replica in sync."""
+    wait_in_sync(fc)
     with open(os.path.join(fc.reps[0].cfg.directory, "volume-head-000.img"), "rb") as f:
         f.seek(offset)
         return f.read(length).ljust(length, b"\0")   # a sparse tail reads short

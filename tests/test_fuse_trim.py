@@ -13,7 +13,7 @@ import subprocess
 
 import pyfuse3
 import pytest
-from conftest import assert_replicas_identical, needs_root
+from conftest import assert_replicas_identical, needs_root, wait_in_sync
 from daemon_util import wait_until
 from fuse_harness import FuseCluster
 
@@ -68,6 +68,8 @@ def write_direct(path: str, data: bytes, offset: int) -> None:
 
 
 def replica_files(fc: FuseCluster) -> list[str]:
+    """The replicas' head files, once the engine holds every replica in sync."""
+    wait_in_sync(fc)
     return [os.path.join(r.cfg.directory, HEAD) for r in fc.reps]
 
 
