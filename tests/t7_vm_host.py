@@ -7,11 +7,13 @@ overlayfs with a tmpfs upper layer (support/vm.py HOST_ROOT_SETUP); the guest ch
 and runs this checkout's own daemon and CLI (.venv), nbdkit and Debian's nbd-client, with the
 blockhorn home, the replicas and everything written on tmpfs in the guest.
 
-In the guest: the daemon (started by the first CLI command), a 2-replica volume attached with `--frontend auto` (must be `nbd`,
-through the local relay: manager/nbdproxy.py), ext4, a verifying write load (fsync'd 512 KiB
-files, each a copy of a known source file), kill -9 of the engine's nbdkit under it, then a live
-`volume upgrade` under it; then: no failed write, no kernel I/O error, ext4 still rw, the engine
-restarted once, and after detach + a fresh attach every file reads back equal to its source.
+In the guest: the daemon (started by the first CLI command), a 2-replica volume attached with
+`--frontend auto` (must be `nbd`, through the local relay: manager/nbdproxy.py), ext4, a
+verifying write load (fsync'd 512 KiB files, each a copy of a known source file), kill -9 of the
+engine's nbdkit under it, then a live `volume upgrade` under it, then the engine stopped
+(SIGSTOP) for 40 s, past the kernel's default request timeout; then: no failed write, no request
+timeout, no kernel I/O error, ext4 still rw, the engine restarted once, and after detach + a
+fresh attach every file reads back equal to its source.
 Last, the node's fence (node/fence.py) with kernel NBD: the engine and the local relay are
 killed and /dev/nbd0 is disconnected, so a reader gets nothing instead of waiting.
 """
@@ -30,8 +32,9 @@ pytestmark = pytest.mark.vm
 
 GUEST_MEMORY_MIB = 1024   # four Python processes (daemon, 2 replicas, relay) + nbdkit + tmpfs
 GUEST_CPUS = 2            # those processes on two TCG threads: 136 -> 108 s measured
-TIMEOUT_S = 300.0         # the whole guest; measured ~100 s on 2 loaded cores (TCG)
+TIMEOUT_S = 400.0         # the whole guest; measured ~150 s on 2 loaded cores (TCG)
 PHASE_S = 3               # seconds of load after each event, and before the first
+FREEZE_S = 40             # the engine stopped this long: past the kernel's default 30 s
 
 # Runs in the chroot (the host's root, writable through the overlay). Every step prints a
 # line the test looks for; any failure exits non-zero with what failed.
@@ -112,12 +115,24 @@ echo "EVENT upgrade $a $b"
 step upgrade
 echo "UPGRADE $(tr -d '\n' </tmp/upgrade.json)"
 sleep {phase}
+# The engine frozen (SIGSTOP: a paused VM, a swap storm) longer than the kernel's default
+# request timeout: the relay's connection to it stays up, so requests just wait; the kernel
+# must keep both its connections (nbd-client -t, attach.NBD_REQUEST_TIMEOUT_S).
+old=$(engine_nbdkit) || die no engine nbdkit after the upgrade
+a=$(now)
+kill -STOP $old
+sleep {freeze}
+kill -CONT $old
+b=$(now)
+echo "EVENT freeze $a $b"
+step freeze
+sleep {phase}
 touch /tmp/stop; wait $load
 cat /tmp/load.out
 step loadstop
 grep ' /mnt ' /proc/mounts
 umount /mnt || die umount
-# The kernel's NBD messages (the attach sets no request timeout: none may have fired).
+# The kernel's NBD messages (none may say a request timed out: the attach sets -t 180).
 dmesg | grep -i 'nbd' | sed 's/^/KERNEL /' | tail -n 8
 # Where the kill's pause went: the daemon's lines about the restart (log clock = guest clock).
 grep -E "is not running|started engine|engine restarted" $H/logs/daemon.log | tail -n 4
@@ -172,7 +187,7 @@ step end
 def test_local_nbd_frontend_survives_engine_kill_and_upgrade(tmp_path) -> None:
     script = vm.HOST_ROOT_SETUP + (
         "cat >/hostroot/tmp/inner.sh <<'INNER_EOF'\n"
-        + INNER.format(root=vm.ROOT, phase=PHASE_S)
+        + INNER.format(root=vm.ROOT, phase=PHASE_S, freeze=FREEZE_S)
         + "INNER_EOF\nchroot /hostroot /bin/bash /tmp/inner.sh\n")
     t0 = time.monotonic()
     with vm.Guest(str(tmp_path), script, modules=("nbd", "ext4", "9p", "9pnet_virtio",
@@ -207,20 +222,23 @@ def test_local_nbd_frontend_survives_engine_kill_and_upgrade(tmp_path) -> None:
     upgrade = re.search(r'"pause_s": ([0-9.]+)', out)
     events = {e: (int(a), int(b)) for e, a, b in re.findall(r"^EVENT (\S+) (\d+) (\d+)$", out,
                                                               re.M)}
-    assert upgrade and set(events) == {"kill", "upgrade"}, out
+    assert upgrade and set(events) == {"kill", "upgrade", "freeze"}, out
     pauses = event_pauses(out, events)
     print(f"\nvm host (local nbd frontend): boot {res.boot_s:.1f} s, script {res.run_s:.1f} s, "
           f"total {time.monotonic() - t0:.1f} s; steps (ms from start) {steps}; "
           f"{load.group(1)} writes; kill -9 to new engine "
           f"{(events['kill'][1] - events['kill'][0]) / 1e6:.2f} s; daemon's upgrade pause "
           f"{float(upgrade.group(1)):.2f} s; longest write+fsync through the kill "
-          f"{pauses['kill']:.2f} s, through the upgrade {pauses['upgrade']:.2f} s")
+          f"{pauses['kill']:.2f} s, through the upgrade {pauses['upgrade']:.2f} s, through "
+          f"the {FREEZE_S} s freeze {pauses['freeze']:.2f} s")
     timeline = re.findall(r"^(?:KILLED at \S+|\S+ \S+ (?:ERROR|INFO|WARNING) .*(?:is not running|"
                           r"started engine|engine restarted).*)$", out, re.M)
     print("restart after the kill (guest clock):\n  " + "\n  ".join(timeline))
     print("kernel's NBD messages:\n  " + kernel.replace("\n", "\n  "))
-    # Every write through each event finished (the relay's limit is 60 s without an engine).
-    assert all(0 < p < 60 for p in pauses.values()), pauses
+    # Every write through each event finished (the relay's limit is 60 s without an engine);
+    # one waited through the freeze, longer than the kernel's default request timeout.
+    assert 0 < pauses["kill"] < 60 and 0 < pauses["upgrade"] < 60, pauses
+    assert 30 < pauses["freeze"] < FREEZE_S + 30, pauses
 
 
 def event_pauses(out: str, events: dict[str, tuple[int, int]]) -> dict[str, float]:

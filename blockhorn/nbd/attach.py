@@ -262,6 +262,14 @@ NBD_BLOCK_SIZE = 4096   # the kernel device's logical block size (a filesystem's
 # FLUSH covers the writes of every connection), and the local relay serves each on its own
 # worker threads (tls.PROXY_THREADS).
 NBD_CONNECTIONS = 2
+# The kernel's limit for one request (nbd-client -t), longer than every wait of ours: the
+# relay's 60 s for an engine to come back (fuse/holder.py RECONNECT_DEADLINE_S) plus the
+# engine's own answer timeout. Without -t the kernel does not wait forever once there is more
+# than one connection: the block layer's default (30 s) applies, and at that timeout the NBD
+# driver shuts that connection down and re-queues the request on another; after the last one
+# every request fails (EIO). An engine paused for 30 s (SIGSTOP, a frozen VM, a swap storm)
+# cost a connection that way: tests/t7_vm_host.py freezes it for 40 s.
+NBD_REQUEST_TIMEOUT_S = 180
 # File names in a client certificate directory: libnbd's (nbd_set_tls_certificates), so one
 # directory serves nbdsh/nbdcopy and nbd-client alike.
 CLIENT_CERT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
@@ -276,7 +284,8 @@ def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: in
     `tls_hostname` is the name checked against the server's certificate when the host is
     reached by another address (a NAT, QEMU's 10.0.2.2). `export` names the export (`-N`;
     the engine serves one whatever the name, but without -N nbd-client 3.24 warns about the
-    oldstyle protocol). `connections` > 1: that many connections (`-C`, netlink only).
+    oldstyle protocol). `connections` > 1: that many connections (`-C`, netlink only). The
+    request timeout is NBD_REQUEST_TIMEOUT_S (`-t`) either way.
     The real-kernel tier (tests/t7_vm_nbd.py, t7_vm_host.py) runs exactly this command line
     in a guest."""
     argv = [nbd_client or require("nbd-client")]
@@ -286,7 +295,7 @@ def nbd_client_argv(device: str, socket_path: str = "", host: str = "", port: in
         argv += [host, str(port)]
     else:
         raise BlockhornError("nbd-client needs a unix socket or a host and port", errno.EINVAL)
-    argv += [device, "-b", str(NBD_BLOCK_SIZE)]
+    argv += [device, "-b", str(NBD_BLOCK_SIZE), "-t", str(NBD_REQUEST_TIMEOUT_S)]
     if connections > 1:
         argv += ["-C", str(connections)]
     if export:
