@@ -171,6 +171,29 @@ def loop(fc: FuseCluster, tmp_path) -> Iterator[Attachment]:
         detach_device(att)
 
 
+def any_shared_mount() -> bool:
+    """Whether any mount of this mount namespace propagates (a `shared:N` tag)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(" shared:" in line.split(" - ", 1)[0] for line in f)
+
+
+made_shared = pytest.StashKey[bool]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Mount propagation as on a systemd host, where `/` is recursively shared. A process a test
+    runs in a network namespace (`ip netns exec`: a cluster site's daemons, an etcd) gets a
+    mount namespace of its own holding a copy of every mount, a slave of it. With every mount
+    private (this machine has no systemd to share `/` at boot), another test's ext4 or FUSE
+    mount copied into one of them outlives that test's umount: its loop device stays "in use"
+    (e2fsck and resize2fs refuse it: stop 22's CI) until the namespaced process ends. Shared,
+    the umount reaches the copies too. Undone at the end of the run when this run did it."""
+    if os.geteuid() != 0 or any_shared_mount():
+        return
+    subprocess.run(["mount", "--make-rshared", "/"], check=True, capture_output=True)
+    session.config.stash[made_shared] = not hasattr(session.config, "workerinput")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After the whole run (with pytest-xdist: in the controller, once every worker is done,
     so no test is half-way through a teardown): a FUSE connection that nothing mounts any more
@@ -179,6 +202,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     `sync` on this machine waits for it for ever."""
     if hasattr(session.config, "workerinput") or os.geteuid() != 0:
         return
+    if session.config.stash.get(made_shared, False):
+        subprocess.run(["mount", "--make-rprivate", "/"], check=False, capture_output=True)
     from support.cluster_site import orphaned_fuse, release_fuse
     left = orphaned_fuse(set())
     if not left:
