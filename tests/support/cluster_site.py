@@ -138,8 +138,25 @@ class Site:
                               cwd=ROOT)
         if check and proc.returncode != 0:
             raise AssertionError(f"[{h.name}] blockhorn {' '.join(args)} exited "
-                                 f"{proc.returncode}:\n{proc.stdout}{proc.stderr}")
+                                 f"{proc.returncode}:\n{proc.stdout}{proc.stderr}"
+                                 + (self.tracebacks() if "internal error" in proc.stderr
+                                    else ""))
         return proc
+
+    def tracebacks(self, lines: int = 40) -> str:
+        """The last traceback in each host's daemon log: an "internal error" says only "see
+        daemon.log", and a CI run keeps nothing but its output."""
+        out = []
+        for h in self.hosts:
+            path = os.path.join(h.home, "logs", "daemon.log")
+            log: list[str] = []
+            with contextlib.suppress(OSError), open(path, errors="replace") as f:
+                log = f.readlines()
+            starts = [i for i, x in enumerate(log) if x.startswith("Traceback")]
+            if starts:
+                first = max(0, starts[-1] - 1)   # the line that logged it
+                out.append(f"--- {h.name}: {path}\n" + "".join(log[first:first + lines]))
+        return "\n" + "\n".join(out) if out else ""
 
     def json(self, h: Host, *args: str) -> Any:
         return json.loads(self.cli(h, *args, "--json").stdout)
