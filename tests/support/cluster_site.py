@@ -139,9 +139,17 @@ class Site:
         if check and proc.returncode != 0:
             raise AssertionError(f"[{h.name}] blockhorn {' '.join(args)} exited "
                                  f"{proc.returncode}:\n{proc.stdout}{proc.stderr}"
+                                 + self.log_tail(h)
                                  + (self.tracebacks() if "internal error" in proc.stderr
                                     else ""))
         return proc
+
+    def log_tail(self, h: Host, lines: int = 30) -> str:
+        """The last lines of `h`'s daemon log: what its daemon did up to a refusal."""
+        path = os.path.join(h.home, "logs", "daemon.log")
+        with contextlib.suppress(OSError), open(path, errors="replace") as f:
+            return f"\n--- {h.name}: {path}\n" + "".join(f.readlines()[-lines:])
+        return ""
 
     def tracebacks(self, lines: int = 40) -> str:
         """The last traceback in each host's daemon log: an "internal error" says only "see
