@@ -6,6 +6,7 @@ so lower-tier tests exercise the same command lines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -27,6 +28,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of `pid` is stopped. SIGSTOP is asynchronous: the kernel wakes one
+    thread to start the group stop, and until that thread runs the others go on. On a loaded
+    machine a replica's data thread could still receive a request and answer it after kill()
+    returned (t3_engine_two_silent saw a replica stopped before a write acknowledge it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if any(s in "tT" for s in states) and all(s in "tTZX" for s in states):
+            return      # (a thread exiting meanwhile is Z or X)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} not stopped {timeout:g} s after SIGSTOP: "
+                                 f"thread states {states}")
+        time.sleep(0.002)
 
 
 def connectable(address: str) -> bool:
@@ -73,6 +94,8 @@ class ReplicaProc:
             if sig in (signal.SIGTERM, signal.SIGINT):
                 self.proc.send_signal(signal.SIGCONT)   # a stopped replica ignores SIGTERM
             self.proc.send_signal(sig)
+            if sig == signal.SIGSTOP:
+                wait_stopped(self.proc.pid)
             if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
                 try:
                     self.proc.wait(10)
