@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fuse_harness import FuseCluster  # noqa: E402
-from harness import Cluster  # noqa: E402
+from harness import Cluster, proc_state  # noqa: E402
 
 from blockhorn.nbd.attach import Attachment, attach_device, detach_device  # noqa: E402
 from blockhorn.types import BlockhornError  # noqa: E402
@@ -104,8 +104,7 @@ def _running(proc: subprocess.Popen[bytes] | None) -> bool:
     if proc is None or proc.poll() is not None:
         return False
     try:
-        with open(f"/proc/{proc.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in "TtZ"
+        return proc_state(proc.pid) not in "TtZ"
     except OSError:
         return False
 

@@ -30,6 +30,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def proc_state(pid: int, tid: int | str | None = None) -> str:
+    """The state letter (R, S, D, T, t, Z, X) of process `pid`, or of its thread `tid`, from
+    /proc (after the command name's closing parenthesis: the name may hold spaces)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def wait_stopped(pid: int, timeout: float = 10.0) -> None:
     """Until every thread of `pid` is stopped. SIGSTOP is asynchronous: the kernel wakes one
     thread to start the group stop, and until that thread runs the others go on. On a loaded
@@ -40,8 +48,8 @@ def wait_stopped(pid: int, timeout: float = 10.0) -> None:
         states = []
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+                with contextlib.suppress(OSError):
+                    states.append(proc_state(pid, tid))
         if any(s in "tT" for s in states) and all(s in "tTZX" for s in states):
             return      # (a thread exiting meanwhile is Z or X)
         if time.monotonic() > deadline:

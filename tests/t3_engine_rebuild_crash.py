@@ -15,6 +15,7 @@ import time
 import nbd
 import pytest
 from conftest import assert_replicas_identical
+from harness import proc_state
 from support.faulty_replica import PROGRAM
 from t3_engine_rebuild_resume import empty_replica, wait_for
 
@@ -58,8 +59,7 @@ class Volume:
 
 
 def stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    return proc_state(pid) == "T"
 
 
 def converged(c) -> bool:

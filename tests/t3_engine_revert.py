@@ -28,7 +28,7 @@ from typing import Any
 
 import nbd
 import pytest
-from harness import Cluster, wait_for
+from harness import Cluster, proc_state, wait_for
 from support.faulty_replica import PROGRAM as FAULTY
 
 from blockhorn.config import ReplicaRef
@@ -111,8 +111,7 @@ def side(c: Cluster, i: int) -> ReplicaClient:
 
 
 def stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    return proc_state(pid) == "T"
 
 
 def revision(c: Cluster, i: int) -> int:

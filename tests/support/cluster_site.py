@@ -144,22 +144,25 @@ class Site:
                                     else ""))
         return proc
 
+    @staticmethod
+    def log_lines(h: Host, name: str = "daemon.log") -> tuple[str, list[str]]:
+        """(path, lines) of log `name` in `h`'s home; no lines when it cannot be read."""
+        path = os.path.join(h.home, "logs", name)
+        with contextlib.suppress(OSError), open(path, errors="replace") as f:
+            return path, f.readlines()
+        return path, []
+
     def log_tail(self, h: Host, lines: int = 30) -> str:
         """The last lines of `h`'s daemon log: what its daemon did up to a refusal."""
-        path = os.path.join(h.home, "logs", "daemon.log")
-        with contextlib.suppress(OSError), open(path, errors="replace") as f:
-            return f"\n--- {h.name}: {path}\n" + "".join(f.readlines()[-lines:])
-        return ""
+        path, log = self.log_lines(h)
+        return f"\n--- {h.name}: {path}\n" + "".join(log[-lines:]) if log else ""
 
     def tracebacks(self, lines: int = 40) -> str:
         """The last traceback in each host's daemon log: an "internal error" says only "see
         daemon.log", and a CI run keeps nothing but its output."""
         out = []
         for h in self.hosts:
-            path = os.path.join(h.home, "logs", "daemon.log")
-            log: list[str] = []
-            with contextlib.suppress(OSError), open(path, errors="replace") as f:
-                log = f.readlines()
+            path, log = self.log_lines(h)
             starts = [i for i, x in enumerate(log) if x.startswith("Traceback")]
             if starts:
                 first = max(0, starts[-1] - 1)   # the line that logged it
@@ -253,10 +256,8 @@ class Site:
                 parts.append("volume show: " + json.dumps(self.show(engine, volume)))
             for h in self.hosts:
                 for log in ("daemon.log", f"{volume}-engine.log"):
-                    path = os.path.join(h.home, "logs", log)
-                    tail: list[str] = []
-                    with contextlib.suppress(OSError), open(path, errors="replace") as f:
-                        tail = [x for x in f if volume in x or log != "daemon.log"][-lines:]
+                    path, got = self.log_lines(h, log)
+                    tail = [x for x in got if volume in x or log != "daemon.log"][-lines:]
                     if tail:
                         parts.append(f"--- {h.name}: {path}\n" + "".join(tail))
             raise AssertionError("\n".join(parts)) from None
